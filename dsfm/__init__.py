@@ -1,0 +1,3 @@
+"""dsfm: pretraining scientific foundation models with DeepSpeed."""
+
+__version__ = "0.1.0"

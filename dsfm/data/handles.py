@@ -1,0 +1,75 @@
+"""Open HDF5 files once per process, keep a bounded number open, close them on exit.
+
+Upstream reopens a file (and re-reads its attributes) for every sample. Here each process keeps
+its handles: a file is opened on first use, stays open for later windows, and the least recently
+used handle is closed when more than `max_open` would be open. Handles are never shared across a
+fork: a pool used in a new process (a DataLoader worker) starts empty.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import weakref
+from collections import OrderedDict
+
+import h5py
+
+from dsfm.data.well_format import open_h5
+
+_pools: "weakref.WeakSet[H5Pool]" = weakref.WeakSet()
+
+#: HDF5 chunk cache per open file: enough for a window of a chunked 256² multi-field dataset.
+CHUNK_CACHE_BYTES = 64 * 1024 * 1024
+
+
+class H5Pool:
+    """An LRU set of read-only h5py.File handles, owned by the process that opened them."""
+
+    def __init__(self, max_open: int = 64, chunk_cache_bytes: int = CHUNK_CACHE_BYTES):
+        if max_open < 1:
+            raise ValueError(f"max_open must be >= 1, got {max_open}")
+        self.max_open = max_open
+        self.chunk_cache_bytes = chunk_cache_bytes
+        self._files: OrderedDict[str, h5py.File] = OrderedDict()
+        self._pid = os.getpid()
+        _pools.add(self)
+
+    def get(self, path: str) -> h5py.File:
+        if self._pid != os.getpid():          # inherited through fork: not ours to use or close
+            self._files = OrderedDict()
+            self._pid = os.getpid()
+        f = self._files.get(path)
+        if f is not None and f.id.valid:
+            self._files.move_to_end(path)
+            return f
+        while len(self._files) >= self.max_open:
+            _, old = self._files.popitem(last=False)
+            old.close()
+        f = open_h5(path, rdcc_nbytes=self.chunk_cache_bytes)
+        self._files[path] = f
+        return f
+
+    @property
+    def n_open(self) -> int:
+        return sum(1 for f in self._files.values() if f.id.valid) \
+            if self._pid == os.getpid() else 0
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for f in self._files.values():
+                if f.id.valid:
+                    f.close()
+        self._files = OrderedDict()
+
+    def __getstate__(self):
+        return {"max_open": self.max_open, "chunk_cache_bytes": self.chunk_cache_bytes}
+
+    def __setstate__(self, state):
+        self.__init__(**state)
+
+
+@atexit.register
+def _close_all() -> None:
+    for pool in list(_pools):
+        pool.close()

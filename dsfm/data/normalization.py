@@ -1,0 +1,155 @@
+"""Field normalization from a dataset's stats.yaml (z-score or RMS), upstream-compatible.
+
+`ZScoreNormalization` and `RMSNormalization` take the constructor arguments of the_well's classes
+of the same names and give bit-identical results; they also hand out per-channel (shift, scale)
+vectors so the loaders can normalize a whole window, or a batch on the GPU, in one operation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Sequence
+
+import numpy as np
+import torch
+import yaml
+
+from dsfm.errors import ConfigError, StatsError
+
+MIN_DENOM = 1e-4
+
+
+def load_stats(path: str) -> dict:
+    """Read a stats.yaml, with errors that name the file."""
+    if not os.path.isfile(path):
+        raise StatsError(f"{path}: stats file not found; normalization needs it "
+                         "(write it with dsfm.data.stats.write_stats or set use_normalization=False)")
+    try:
+        with open(path) as fh:
+            stats = yaml.safe_load(fh)
+    except yaml.YAMLError as exc:
+        raise StatsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(stats, dict):
+        raise StatsError(f"{path}: expected a mapping with keys mean, std, rms, ..., got "
+                         f"{type(stats).__name__}")
+    stats["__path__"] = path
+    return stats
+
+
+class _Normalization:
+    required: tuple[str, ...] = ()
+    delta_keys: tuple[str, ...] = ()
+
+    def __init__(self, stats: dict, core_field_names: Sequence[str],
+                 core_constant_field_names: Sequence[str], min_denom: float = MIN_DENOM):
+        self.path = stats.get("__path__", "stats.yaml")
+        self.core_field_names = list(core_field_names)
+        self.core_constant_field_names = list(core_constant_field_names)
+        self.min_denom = min_denom
+        missing = [k for k in self.required if k not in stats]
+        if missing:
+            raise StatsError(f"{self.path}: missing key '{missing[0]}' "
+                             f"({type(self).__name__} needs {', '.join(self.required)})")
+        self._stats = stats
+
+    def _get(self, key: str, name: str, default=None) -> torch.Tensor:
+        table = self._stats[key]
+        if not isinstance(table, dict) or (name not in table and default is None):
+            raise StatsError(f"{self.path}: '{key}' has no entry for field '{name}'")
+        try:
+            return torch.as_tensor(table.get(name, default), dtype=torch.float32)
+        except (TypeError, ValueError):
+            raise StatsError(f"{self.path}: '{key}.{name}' is not a number or nested list of "
+                             f"numbers: {table.get(name)!r}") from None
+
+    # per-field tensors, filled by subclasses: shift and scale such that y = (x - shift) / scale
+    shift: dict[str, torch.Tensor]
+    scale: dict[str, torch.Tensor]
+    delta_shift: dict[str, torch.Tensor]
+    delta_scale: dict[str, torch.Tensor]
+
+    def normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        return (x - self.shift[field]) / self.scale[field]
+
+    def denormalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        return x * self.scale[field] + self.shift[field]
+
+    def delta_normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        return (x - self.delta_shift[field]) / self.delta_scale[field]
+
+    def channel_vectors(self, fields, delta: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """(shift, scale) per channel, float32, for FieldLayouts in channel order."""
+        shifts, scales = [], []
+        for fl in fields:
+            shift = (self.delta_shift if delta else self.shift)[fl.name]
+            scale = (self.delta_scale if delta else self.scale)[fl.name]
+            n = fl.n_channels
+            for t in (shift, scale):
+                if t.numel() not in (1, n):
+                    raise StatsError(f"{self.path}: statistics of '{fl.name}' have {t.numel()} "
+                                     f"values, the field has {n} channels")
+            shifts.append(shift.reshape(-1).expand(n))
+            scales.append(scale.reshape(-1).expand(n))
+        if not shifts:
+            return np.zeros(0, np.float32), np.ones(0, np.float32)
+        return torch.cat(shifts).numpy().copy(), torch.cat(scales).numpy().copy()
+
+
+class ZScoreNormalization(_Normalization):
+    """(x - mean) / max(std, min_denom), per field and tensor component."""
+
+    required = ("mean", "std", "mean_delta", "std_delta")
+
+    def __init__(self, stats, core_field_names, core_constant_field_names, min_denom=MIN_DENOM):
+        super().__init__(stats, core_field_names, core_constant_field_names, min_denom)
+        names = self.core_field_names + self.core_constant_field_names
+        self.shift = {n: self._get("mean", n) for n in names}
+        self.scale = {n: torch.clip(self._get("std", n), min=min_denom) for n in names}
+        self.delta_shift = {n: self._get("mean_delta", n) for n in self.core_field_names}
+        self.delta_scale = {n: torch.clip(self._get("std_delta", n, min_denom), min=min_denom)
+                            for n in self.core_field_names}
+
+
+class RMSNormalization(_Normalization):
+    """x / max(rms, min_denom), per field and tensor component."""
+
+    required = ("rms", "rms_delta")
+
+    def __init__(self, stats, core_field_names, core_constant_field_names, min_denom=MIN_DENOM):
+        super().__init__(stats, core_field_names, core_constant_field_names, min_denom)
+        names = self.core_field_names + self.core_constant_field_names
+        self.scale = {n: torch.clip(self._get("rms", n), min=min_denom) for n in names}
+        self.shift = {n: torch.zeros_like(v) for n, v in self.scale.items()}
+        self.delta_scale = {n: torch.clip(self._get("rms_delta", n, min_denom), min=min_denom)
+                            for n in self.core_field_names}
+        self.delta_shift = {n: torch.zeros_like(v) for n, v in self.delta_scale.items()}
+
+    def normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
+        return x / self.scale[field]
+
+
+NORMALIZATIONS = {"zscore": ZScoreNormalization, "rms": RMSNormalization}
+
+
+def resolve_normalization(kind) -> type | None:
+    """Map "zscore"/"rms", dsfm's classes or upstream's classes of the same names to a class.
+
+    Any other class with upstream's constructor and `normalize(x, field)` is used as given.
+    """
+    if kind is None:
+        return None
+    if isinstance(kind, str):
+        try:
+            return NORMALIZATIONS[kind.lower()]
+        except KeyError:
+            raise ConfigError(f"normalization_type {kind!r} is not one of "
+                              f"{', '.join(NORMALIZATIONS)}") from None
+    name = getattr(kind, "__name__", "")
+    if name == "ZScoreNormalization":
+        return ZScoreNormalization
+    if name == "RMSNormalization":
+        return RMSNormalization
+    if callable(kind):
+        return kind
+    raise ConfigError(f"normalization_type must be 'zscore', 'rms' or a normalization class, "
+                      f"got {kind!r}")

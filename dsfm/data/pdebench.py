@@ -1,0 +1,353 @@
+"""PDEBench's 2D HDF5 layouts, as Multiple Physics Pretraining used them, behind WellDataset's
+sample interface.
+
+Layouts (detected from the file, or named with `kind`):
+
+    swe         2D_rdb_*.h5          one group per trajectory: data [T,H,W,1] (h), grid/{x,y,t}
+    diff_react  2D_diff-react_*.h5   one group per trajectory: data [T,H,W,2] (activator,
+                                     inhibitor), grid/{x,y,t}
+    incomp_ns   ns_incom_*.h5        velocity [N,T,H,W,2], particles [N,T,H,W,1], force [N,H,W,2],
+                                     t [N,T]
+    comp_ns     2D_CFD_*.hdf5        Vx, Vy, density, pressure [N,T,H,W], t-coordinate [T+1],
+                                     x-coordinate [H], y-coordinate [W]
+
+Boundaries: shallow water uses transmissive (open) boundaries, diffusion–reaction no-flux
+(wall), incompressible NS no-slip (wall); compressible NS is periodic unless its file name says
+`outgoing`/`trans` (open). A file name containing `periodic` marks any layout periodic. Trajectories of every file are split into train/valid/test by the
+fractions `train_val_test` (as MPP splits by sample), so the three splits never share one.
+"""
+
+from __future__ import annotations
+
+import glob
+import math
+import os
+from dataclasses import dataclass
+
+import h5py
+import numpy as np
+import torch
+import yaml
+from torch.utils.data import Dataset
+
+from dsfm.data.handles import H5Pool
+from dsfm.data.normalization import load_stats, resolve_normalization
+from dsfm.data.stats import RunningMoments
+from dsfm.data.well import SPLITS, windows_per_trajectory
+from dsfm.data.well_format import BoundaryCondition, FieldLayout, open_h5
+from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError, SchemaError
+
+FIELDS = {
+    "swe": ("h",),
+    "diff_react": ("activator", "inhibitor"),
+    "incomp_ns": ("Vx", "Vy", "particles"),
+    "comp_ns": ("Vx", "Vy", "density", "pressure"),
+}
+DATASET_NAMES = {"swe": "pdebench_swe", "diff_react": "pdebench_diff_react",
+                 "incomp_ns": "pdebench_incomp_ns", "comp_ns": "pdebench_comp_ns"}
+BOUNDARY = {"swe": "OPEN", "diff_react": "WALL", "incomp_ns": "WALL", "comp_ns": "PERIODIC"}
+
+
+def detect_kind(f: h5py.File, path: str) -> str:
+    keys = set(f.keys())
+    if {"Vx", "Vy", "density", "pressure"} <= keys:
+        return "comp_ns"
+    if "velocity" in keys:
+        return "incomp_ns"
+    groups = [k for k in keys if isinstance(f[k], h5py.Group)]
+    if groups:
+        first = f[sorted(groups)[0]]
+        data = first.get("data")
+        if isinstance(data, h5py.Dataset) and data.ndim == 4:
+            channels = data.shape[-1]
+            if channels in (1, 2):
+                return "swe" if channels == 1 else "diff_react"
+    raise SchemaError(f"{path}: not a PDEBench 2D layout (expected groups holding data[T,H,W,C], "
+                      "'velocity' and 'particles', or 'Vx','Vy','density','pressure')")
+
+
+@dataclass
+class PDEBenchFile:
+    path: str
+    kind: str
+    n_trajectories: int
+    n_steps: int
+    spatial_shape: tuple[int, int]
+    groups: list[str]              # trajectory groups (swe, diff_react)
+    boundary: str
+
+
+def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = None
+                     ) -> PDEBenchFile:
+    with open_h5(path) as f:
+        kind = kind or detect_kind(f, path)
+        if kind not in FIELDS:
+            raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
+        groups: list[str] = []
+        if kind in ("swe", "diff_react"):
+            groups = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
+            shapes = set()
+            for g in groups:
+                d = f[g].get("data")
+                if not isinstance(d, h5py.Dataset):
+                    raise SchemaError(f"{path}: /{g}/data is missing")
+                shapes.add(d.shape)
+            if len(shapes) != 1:
+                raise SchemaError(f"{path}: trajectory groups disagree on data shape: "
+                                  f"{sorted(shapes)}")
+            t, h, w, c = shapes.pop()
+            if c != len(FIELDS[kind]):
+                raise SchemaError(f"{path}: /{groups[0]}/data has {c} channels, {kind} has "
+                                  f"{len(FIELDS[kind])} ({', '.join(FIELDS[kind])})")
+            n = len(groups)
+        elif kind == "incomp_ns":
+            for name in ("velocity", "particles"):
+                if name not in f:
+                    raise SchemaError(f"{path}: dataset '/{name}' is missing")
+            n, t, h, w, c = f["velocity"].shape
+            if c != 2 or f["particles"].shape != (n, t, h, w, 1):
+                raise SchemaError(f"{path}: velocity {f['velocity'].shape} and particles "
+                                  f"{f['particles'].shape} must be [N,T,H,W,2] and [N,T,H,W,1]")
+        else:
+            shapes = {name: f[name].shape for name in FIELDS[kind]}
+            if len(set(shapes.values())) != 1 or len(shapes["Vx"]) != 4:
+                raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "
+                                  f"shape, got {shapes}")
+            n, t, h, w = shapes["Vx"]
+    if boundary is None:
+        boundary = BOUNDARY[kind]
+        name = os.path.basename(path).lower()
+        if "periodic" in name:
+            boundary = "PERIODIC"
+        elif kind == "comp_ns" and ("outgoing" in name or "trans" in name):
+            boundary = "OPEN"
+    return PDEBenchFile(path, kind, n, t, (h, w), groups, boundary.upper())
+
+
+def split_trajectories(n: int, split: str, fractions=(0.8, 0.1, 0.1)) -> range:
+    """Trajectories of one split: ceil(fraction·n) for train and valid, the rest for test."""
+    counts = [math.ceil(fractions[0] * n), math.ceil(fractions[1] * n)]
+    counts.append(max(n - sum(counts), 0))
+    start = sum(counts[:SPLITS.index(split)])
+    return range(min(start, n), min(start + counts[SPLITS.index(split)], n))
+
+
+class PDEBenchDataset(Dataset):
+    """Windows of PDEBench trajectories with WellDataset's keys and layout.
+
+    `path` is a PDEBench file or a directory of files of one layout; items are dicts with
+    `input_fields` [T_in, H, W, C], `output_fields` [T_out, H, W, C], `boundary_conditions`
+    [2, 2], optionally `constant_fields` (incompressible NS forcing), `space_grid` and time grids.
+    """
+
+    def __init__(self, path: str, split: str = "train", n_steps_input: int = 1,
+                 n_steps_output: int = 1, dt_stride: int = 1,
+                 train_val_test: tuple[float, float, float] = (0.8, 0.1, 0.1),
+                 kind: str | None = None, boundary: str | None = None, return_grid: bool = True,
+                 use_normalization: bool = False, normalization_type=None,
+                 normalization_path: str | None = None, check_finite: bool = True,
+                 max_open_files: int = 64):
+        if split not in SPLITS:
+            raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        if boundary is not None and boundary.upper() not in BoundaryCondition.__members__:
+            raise ConfigError(f"boundary {boundary!r} is not one of PERIODIC, WALL, OPEN")
+        if n_steps_input < 1 or n_steps_output < 0 or dt_stride < 1:
+            raise ConfigError("need n_steps_input >= 1, n_steps_output >= 0, dt_stride >= 1")
+        files = [path] if os.path.isfile(path) else sorted(
+            glob.glob(os.path.join(path, "*.h5")) + glob.glob(os.path.join(path, "*.hdf5")))
+        if not files:
+            raise EmptySplitError(f"{path}: no PDEBench .h5/.hdf5 files")
+        self.files = [inspect_pdebench(p, kind, boundary) for p in files]
+        first = self.files[0]
+        for pf in self.files[1:]:
+            if (pf.kind, pf.spatial_shape) != (first.kind, first.spatial_shape):
+                raise SchemaError(f"{pf.path}: {pf.kind} at {pf.spatial_shape} differs from "
+                                  f"{first.kind} at {first.spatial_shape} in {first.path}")
+        self.kind = first.kind
+        self.dataset_name = DATASET_NAMES[self.kind]
+        self.field_names = {0: list(FIELDS[self.kind]), 1: [], 2: []}
+        self.n_steps_input, self.n_steps_output = n_steps_input, n_steps_output
+        self.dt_stride = dt_stride
+        self.return_grid = return_grid
+        self.check_finite = check_finite
+        self.split = split
+        self.trajectories = [split_trajectories(pf.n_trajectories, split, train_val_test)
+                             for pf in self.files]
+        self.n_windows = []
+        for pf in self.files:
+            w = windows_per_trajectory(pf.n_steps, n_steps_input, n_steps_output, dt_stride)
+            if w <= 0:
+                raise SchemaError(f"{pf.path}: {pf.n_steps} time steps are not enough for "
+                                  f"{n_steps_input}+{n_steps_output} steps at stride {dt_stride}")
+            self.n_windows.append(w)
+        counts = [len(r) * w for r, w in zip(self.trajectories, self.n_windows)]
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self.len = int(self.offsets[-1])
+        self.norm = None
+        self._shift = self._scale = None
+        if use_normalization and normalization_type:
+            stats_path = normalization_path or os.path.join(
+                path if os.path.isdir(path) else os.path.dirname(path), "stats.yaml")
+            cls = resolve_normalization(normalization_type)
+            self.norm = cls(load_stats(stats_path), list(FIELDS[self.kind]), [])
+            layouts = [FieldLayout(n, 0, True, True, (True, True), (), (n,))
+                       for n in FIELDS[self.kind]]
+            self._shift, self._scale = self.norm.channel_vectors(layouts)
+        self._pool = H5Pool(max_open_files)
+        self._grid_cache: dict[int, torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return self.len
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(file index, trajectory index in the file, first time step) of window `index`."""
+        if not -self.len <= index < self.len:
+            raise IndexError(f"index {index} out of range for {self.len} windows")
+        index %= self.len
+        fi = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        local = index - int(self.offsets[fi])
+        w = self.n_windows[fi]
+        return fi, self.trajectories[fi][local // w], local % w
+
+    def _read(self, f: h5py.File, pf: PDEBenchFile, traj: int, tsel: slice, n_t: int):
+        h, w = pf.spatial_shape
+        names = FIELDS[pf.kind]
+        out = np.empty((n_t, h, w, len(names)), dtype=np.float32)
+        try:
+            if pf.kind in ("swe", "diff_react"):
+                f[pf.groups[traj]]["data"].read_direct(out, np.s_[tsel])
+            elif pf.kind == "incomp_ns":
+                buf = np.empty((n_t, h, w, 2), dtype=np.float32)
+                f["velocity"].read_direct(buf, np.s_[traj, tsel])
+                out[..., :2] = buf
+                buf1 = np.empty((n_t, h, w, 1), dtype=np.float32)
+                f["particles"].read_direct(buf1, np.s_[traj, tsel])
+                out[..., 2:] = buf1
+            else:
+                buf = np.empty((n_t, h, w), dtype=np.float32)
+                for c, name in enumerate(names):
+                    f[name].read_direct(buf, np.s_[traj, tsel])
+                    out[..., c] = buf
+        except OSError as exc:
+            raise CorruptFileError(f"{pf.path}: reading trajectory {traj} time "
+                                   f"{tsel.start}:{tsel.stop}:{tsel.step} failed ({exc})") from None
+        if self.check_finite and not np.isfinite(out.sum(dtype=np.float64)):
+            bad = np.argwhere(~np.isfinite(out))[0]
+            raise NonFiniteError(f"{pf.path}: field '{names[bad[-1]]}' has NaN/Inf at trajectory "
+                                 f"{traj}, time index {tsel.start + int(bad[0]) * tsel.step}")
+        if self._shift is not None:
+            np.subtract(out, self._shift, out=out)
+            np.divide(out, self._scale, out=out)
+        return out
+
+    def _grids(self, f: h5py.File, pf: PDEBenchFile, fi: int, traj: int, tsel: slice):
+        if fi not in self._grid_cache:
+            h, w = pf.spatial_shape
+            if pf.kind in ("swe", "diff_react"):
+                g = f[pf.groups[0]].get("grid")
+                x, y = (np.asarray(g["x"]), np.asarray(g["y"])) if g is not None else (None, None)
+            elif pf.kind == "comp_ns":
+                x, y = np.asarray(f["x-coordinate"]), np.asarray(f["y-coordinate"])
+            else:
+                x = y = None
+            if x is None:
+                x, y = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+            coords = [torch.as_tensor(np.asarray(c, dtype=np.float32)) for c in (x, y)]
+            self._grid_cache[fi] = torch.stack(torch.meshgrid(*coords, indexing="ij"), -1)
+        if pf.kind in ("swe", "diff_react"):
+            t = np.asarray(f[pf.groups[traj]]["grid"]["t"]) if "grid" in f[pf.groups[traj]] \
+                else np.arange(pf.n_steps, dtype=np.float32)
+        elif pf.kind == "incomp_ns":
+            t = np.asarray(f["t"][traj]) if "t" in f else np.arange(pf.n_steps, dtype=np.float32)
+        else:
+            t = np.asarray(f["t-coordinate"])[:pf.n_steps]
+        t = torch.as_tensor(np.asarray(t, dtype=np.float32)[tsel])
+        return self._grid_cache[fi], t - t.min()
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        fi, traj, t0 = self.locate(index)
+        pf = self.files[fi]
+        n_steps = self.n_steps_input + self.n_steps_output
+        tsel = slice(t0, t0 + (n_steps - 1) * self.dt_stride + 1, self.dt_stride)
+        f = self._pool.get(pf.path)
+        fields = torch.from_numpy(self._read(f, pf, traj, tsel, n_steps))
+        n_in = self.n_steps_input
+        sample = {"input_fields": fields[:n_in], "output_fields": fields[n_in:]}
+        if pf.kind == "incomp_ns" and "force" in f:
+            sample["constant_fields"] = torch.as_tensor(np.asarray(f["force"][traj],
+                                                                   dtype=np.float32))
+        sample["boundary_conditions"] = torch.full(
+            (2, 2), float(BoundaryCondition[pf.boundary].value))
+        if self.return_grid:
+            space, time = self._grids(f, pf, fi, traj, tsel)
+            sample["space_grid"] = space
+            sample["input_time_grid"] = time[:n_in]
+            sample["output_time_grid"] = time[n_in:]
+        return {k: v for k, v in sample.items() if v.numel() > 0}
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def write_pdebench_stats(path: str, split: str = "train", kind: str | None = None,
+                         train_val_test=(0.8, 0.1, 0.1)) -> str:
+    """Per-field mean/std/rms (and of one-step differences) over one split, as stats.yaml
+    beside the files, with the names PDEBenchDataset uses."""
+    ds = PDEBenchDataset(path, split, 1, 0, kind=kind, train_val_test=train_val_test,
+                         return_grid=False)
+    names = FIELDS[ds.kind]
+    mom, dmom = RunningMoments(len(names)), RunningMoments(len(names))
+    for fi, pf in enumerate(ds.files):
+        f = ds._pool.get(pf.path)
+        for traj in ds.trajectories[fi]:
+            x = ds._read(f, pf, traj, slice(0, pf.n_steps, 1), pf.n_steps)
+            mom.update(x)
+            dmom.update(np.diff(x, axis=0))
+    ds.close()
+    stats: dict[str, dict] = {}
+    for key, m in (("", mom), ("_delta", dmom)):
+        stats["mean" + key] = dict(zip(names, map(float, m.mean)))
+        stats["std" + key] = dict(zip(names, map(float, m.std)))
+        stats["rms" + key] = dict(zip(names, map(float, m.rms)))
+    out = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "stats.yaml")
+    with open(out, "w") as fh:
+        yaml.safe_dump(stats, fh, sort_keys=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------ writing
+
+
+def write_pdebench(path: str, kind: str, fields: dict[str, np.ndarray], x: np.ndarray,
+                   y: np.ndarray, t: np.ndarray, force: np.ndarray | None = None) -> None:
+    """Write trajectories in a PDEBench layout. `fields` maps FIELDS[kind] names to [N,T,H,W]."""
+    names = FIELDS[kind]
+    missing = [n for n in names if n not in fields]
+    if missing:
+        raise ConfigError(f"{kind} needs fields {names}, missing {missing}")
+    arrays = [np.asarray(fields[n], dtype=np.float32) for n in names]
+    n = arrays[0].shape[0]
+    with h5py.File(path, "w") as f:
+        if kind in ("swe", "diff_react"):
+            stacked = np.stack(arrays, axis=-1)
+            for i in range(n):
+                g = f.create_group(f"{i:04d}")
+                g.create_dataset("data", data=stacked[i])
+                grid = g.create_group("grid")
+                grid.create_dataset("x", data=np.asarray(x, np.float32))
+                grid.create_dataset("y", data=np.asarray(y, np.float32))
+                grid.create_dataset("t", data=np.asarray(t, np.float32))
+        elif kind == "incomp_ns":
+            f.create_dataset("velocity", data=np.stack(arrays[:2], axis=-1))
+            f.create_dataset("particles", data=arrays[2][..., None])
+            f.create_dataset("t", data=np.broadcast_to(np.asarray(t, np.float32),
+                                                       (n, len(t))).copy())
+            if force is not None:
+                f.create_dataset("force", data=np.asarray(force, np.float32))
+        else:
+            for name, arr in zip(names, arrays):
+                f.create_dataset(name, data=arr)
+            dt = float(t[1] - t[0]) if len(t) > 1 else 1.0
+            f.create_dataset("t-coordinate", data=np.append(t, t[-1] + dt).astype(np.float32))
+            f.create_dataset("x-coordinate", data=np.asarray(x, np.float32))
+            f.create_dataset("y-coordinate", data=np.asarray(y, np.float32))

@@ -1,0 +1,110 @@
+"""stats.yaml: per-field mean, std and RMS, and the same for one-step differences (`*_delta`).
+
+Statistics run per tensor component (a t1 field gets a list of D numbers, a t2 field a D×D nested
+list) over every trajectory, time step and grid point of the given files, accumulated in float64
+with Chan's pairwise update so large means do not swamp small variances. Differences are taken
+between consecutive saved steps of each trajectory, for time-varying fields only (constant fields
+have no `*_delta` entry, as in The Well's published files).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable
+
+import numpy as np
+import yaml
+
+from dsfm.data.well_format import FieldLayout, open_h5, read_layout
+from dsfm.errors import EmptySplitError
+
+KEYS = ("mean", "std", "rms", "mean_delta", "std_delta", "rms_delta")
+
+
+class RunningMoments:
+    """Count, mean and sum of squared deviations per channel, mergeable chunk by chunk."""
+
+    def __init__(self, n_channels: int):
+        self.n = 0
+        self.mean = np.zeros(n_channels)
+        self.m2 = np.zeros(n_channels)
+
+    def update(self, x: np.ndarray) -> None:
+        """x: [..., n_channels]"""
+        x = x.reshape(-1, x.shape[-1]).astype(np.float64, copy=False)
+        n_b = x.shape[0]
+        if n_b == 0:
+            return
+        mean_b = x.mean(axis=0)
+        m2_b = ((x - mean_b) ** 2).sum(axis=0)
+        n = self.n + n_b
+        delta = mean_b - self.mean
+        self.mean = self.mean + delta * n_b / n
+        self.m2 = self.m2 + m2_b + delta ** 2 * self.n * n_b / n
+        self.n = n
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n, 1))
+
+    @property
+    def rms(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(self.n, 1) + self.mean ** 2)
+
+
+def _shaped(values: np.ndarray, fl: FieldLayout, n_dims: int):
+    """Plain Python numbers shaped as the field's tensor: float, [D] or [[D]*D]."""
+    if fl.order == 0:
+        return float(values[0])
+    return np.asarray(values).reshape((n_dims,) * fl.order).tolist()
+
+
+def compute_stats(paths: Iterable[str]) -> dict:
+    """Statistics of every field over the given Well files (one dataset)."""
+    moments: dict[str, RunningMoments] = {}
+    deltas: dict[str, RunningMoments] = {}
+    layouts: dict[str, FieldLayout] = {}
+    n_dims = 0
+    for path in paths:
+        with open_h5(path) as f:
+            lay = read_layout(f, path)
+            n_dims = lay.n_spatial_dims
+            for fl in lay.fields:
+                layouts.setdefault(fl.name, fl)
+                mom = moments.setdefault(fl.name, RunningMoments(fl.n_channels))
+                dset = f[fl.path]
+                chunks = range(lay.n_trajectories) if fl.sample_varying else [None]
+                for i in chunks:
+                    x = np.asarray(dset[i] if i is not None else dset[()], dtype=np.float64)
+                    x = x.reshape(x.shape[:x.ndim - fl.order] + (fl.n_channels,))
+                    mom.update(x)
+                    if fl.time_varying and x.shape[0] > 1:
+                        d = deltas.setdefault(fl.name, RunningMoments(fl.n_channels))
+                        d.update(np.diff(x, axis=0))
+    stats: dict[str, dict] = {k: {} for k in KEYS}
+    for name, fl in layouts.items():
+        m = moments[name]
+        stats["mean"][name] = _shaped(m.mean, fl, n_dims)
+        stats["std"][name] = _shaped(m.std, fl, n_dims)
+        stats["rms"][name] = _shaped(m.rms, fl, n_dims)
+        if name in deltas:
+            d = deltas[name]
+            stats["mean_delta"][name] = _shaped(d.mean, fl, n_dims)
+            stats["std_delta"][name] = _shaped(d.std, fl, n_dims)
+            stats["rms_delta"][name] = _shaped(d.rms, fl, n_dims)
+    return stats
+
+
+def write_stats(dataset_dir: str, split: str = "train") -> str:
+    """Compute stats over one split of a dataset directory and write <dataset_dir>/stats.yaml."""
+    from dsfm.data.well import list_hdf5
+
+    files = list_hdf5(os.path.join(dataset_dir, "data", split))
+    if not files:
+        raise EmptySplitError(f"{os.path.join(dataset_dir, 'data', split)}: no HDF5 files to "
+                              "compute statistics from")
+    stats = compute_stats(files)
+    out = os.path.join(dataset_dir, "stats.yaml")
+    with open(out, "w") as fh:
+        yaml.safe_dump(stats, fh, sort_keys=True)
+    return out

@@ -1,0 +1,498 @@
+"""The Well's HDF5 format: what a file must hold, how to read its layout, how to write one.
+
+One file holds `n_trajectories` simulations of one system on one grid:
+
+    /  attrs dataset_name, grid_type, n_spatial_dims, n_trajectories, simulation_parameters, <param>…
+    dimensions/            attrs spatial_dims; datasets time [T] or [N,T], x [nx] or [N,nx], …
+    boundary_conditions/   one group per boundary: attrs bc_type, associated_dims, …; dataset mask
+    scalars/               attrs field_names; datasets [N?, T?] with sample/time_varying flags
+    t0_fields/ t1_fields/ t2_fields/
+                           attrs field_names; datasets [N?, T?, *varying dims, *(D,)*order]
+                           with flags sample_varying, time_varying, dim_varying
+
+`inspect_file` reads this layout (no bulk data) into a `FileLayout` and lists every way a file
+departs from it, so the reader can refuse a file with one clear line and the checker can list all
+problems. `write_well_file` writes the format and validates shapes with the same rules.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Iterable, Sequence
+
+import h5py
+import numpy as np
+
+from dsfm.errors import CorruptFileError, SchemaError
+
+GROUPS = ("dimensions", "boundary_conditions", "scalars", "t0_fields", "t1_fields", "t2_fields")
+ROOT_ATTRS = ("dataset_name", "grid_type", "n_spatial_dims", "n_trajectories",
+              "simulation_parameters")
+GRID_TYPES = ("cartesian", "spherical")
+
+
+class BoundaryCondition(Enum):
+    """Boundary codes, numbered as the upstream reader numbers them."""
+
+    WALL = 0
+    OPEN = 1
+    PERIODIC = 2
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _names(value) -> list[str]:
+    """An attribute holding a list of names (h5py gives arrays of str or bytes, or one str)."""
+    if isinstance(value, (str, bytes)):
+        return [_text(value)]
+    return [_text(v) for v in np.asarray(value).ravel()]
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """One field dataset: its flags, stored shape and the channels it becomes."""
+
+    name: str
+    order: int                      # tensor order: 0 scalar, 1 vector, 2 tensor field
+    time_varying: bool
+    sample_varying: bool
+    dim_varying: tuple[bool, ...]
+    shape: tuple[int, ...]
+    channel_names: tuple[str, ...]  # e.g. velocity_x, velocity_y; flattened row-major for t2
+
+    @property
+    def n_channels(self) -> int:
+        return len(self.channel_names)
+
+    @property
+    def path(self) -> str:
+        return f"t{self.order}_fields/{self.name}"
+
+
+@dataclass(frozen=True)
+class ScalarLayout:
+    name: str
+    time_varying: bool
+    sample_varying: bool
+    shape: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class BoundaryLayout:
+    name: str
+    bc_type: str                    # upper case: PERIODIC, WALL or OPEN
+    associated_dims: tuple[str, ...]
+    mask_shape: tuple[int, ...]
+
+
+@dataclass
+class FileLayout:
+    """Everything about a file except its bulk data."""
+
+    path: str
+    dataset_name: str
+    grid_type: str
+    n_spatial_dims: int
+    n_trajectories: int
+    simulation_parameters: dict[str, float]
+    spatial_dims: tuple[str, ...]
+    spatial_shape: tuple[int, ...]
+    n_steps: int
+    time_sample_varying: bool
+    coord_sample_varying: dict[str, bool]
+    fields: list[FieldLayout] = field(default_factory=list)
+    scalars: list[ScalarLayout] = field(default_factory=list)
+    boundaries: list[BoundaryLayout] = field(default_factory=list)
+    boundary_codes: np.ndarray | None = None   # [n_spatial_dims, 2] float32, padding convention
+
+    @property
+    def variable_fields(self) -> list[FieldLayout]:
+        return [f for f in self.fields if f.time_varying]
+
+    @property
+    def constant_fields(self) -> list[FieldLayout]:
+        return [f for f in self.fields if not f.time_varying]
+
+    def signature(self) -> tuple:
+        """What must agree between files of one dataset."""
+        return (self.dataset_name, self.n_spatial_dims, self.spatial_dims, self.spatial_shape,
+                tuple((f.name, f.order, f.time_varying, f.dim_varying) for f in self.fields),
+                tuple((s.name, s.time_varying) for s in self.scalars))
+
+
+def channel_names(name: str, order: int, spatial_dims: Sequence[str]) -> tuple[str, ...]:
+    """Channel names of a field: `u` (t0), `u_x, u_y` (t1), `u_xx, u_xy, u_yx, u_yy` (t2)."""
+    if order == 0:
+        return (name,)
+    return tuple(f"{name}_{''.join(c)}" for c in itertools.product(spatial_dims, repeat=order))
+
+
+def expected_field_shape(n_trajectories: int, n_steps: int, spatial_shape: Sequence[int],
+                         order: int, time_varying: bool, sample_varying: bool,
+                         dim_varying: Sequence[bool]) -> tuple[int, ...]:
+    """The stored shape the flags imply: [N?, T?, *varying dims, *(D,)*order]."""
+    shape: tuple[int, ...] = ()
+    if sample_varying:
+        shape += (n_trajectories,)
+    if time_varying:
+        shape += (n_steps,)
+    shape += tuple(n for n, used in zip(spatial_shape, dim_varying) if used)
+    return shape + (len(spatial_shape),) * order
+
+
+def _flag(obj, key: str, where: str, problems: list[str]) -> bool | None:
+    if key not in obj.attrs:
+        problems.append(f"{where}: missing attribute '{key}'")
+        return None
+    return bool(np.asarray(obj.attrs[key]).all())
+
+
+def open_h5(path: str, **kwargs) -> h5py.File:
+    """Open read-only, turning HDF5's low-level failures into one readable line."""
+    try:
+        return h5py.File(path, "r", **kwargs)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        raise CorruptFileError(
+            f"{path}: cannot be opened as HDF5 ({reason}); the file is truncated or corrupt, "
+            "regenerate or re-download it") from None
+
+
+def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]:
+    """Read a file's layout and list every problem found (each names the item and the issue).
+
+    Returns (layout, problems); the layout is None when the file is too broken to describe.
+    """
+    problems: list[str] = []
+    missing_root = [a for a in ROOT_ATTRS if a not in f.attrs]
+    for a in missing_root:
+        problems.append(f"{path}: root attribute '{a}' is missing")
+    missing_groups = [g for g in GROUPS if not isinstance(f.get(g), h5py.Group)]
+    for g in missing_groups:
+        problems.append(f"{path}: group '/{g}' is missing")
+    if "dimensions" in missing_groups or {"n_spatial_dims", "n_trajectories"} & set(missing_root):
+        return None, problems
+
+    n_dims = int(np.asarray(f.attrs["n_spatial_dims"]))
+    n_traj = int(np.asarray(f.attrs["n_trajectories"]))
+    dataset_name = _text(f.attrs.get("dataset_name", ""))
+    grid_type = _text(f.attrs.get("grid_type", "cartesian"))
+    if "grid_type" in f.attrs and grid_type not in GRID_TYPES:
+        problems.append(f"{path}: root attribute 'grid_type' is '{grid_type}', "
+                        f"expected one of {', '.join(GRID_TYPES)}")
+    params: dict[str, float] = {}
+    for p in _names(f.attrs.get("simulation_parameters", [])):
+        if p not in f.attrs:
+            problems.append(f"{path}: simulation parameter '{p}' is listed in "
+                            "'simulation_parameters' but has no root attribute")
+        else:
+            params[p] = np.asarray(f.attrs[p]).item() if np.asarray(f.attrs[p]).size == 1 \
+                else np.asarray(f.attrs[p]).tolist()
+
+    dims = f["dimensions"]
+    if "spatial_dims" not in dims.attrs:
+        problems.append(f"{path}: /dimensions: missing attribute 'spatial_dims'")
+        return None, problems
+    spatial_dims = tuple(_names(dims.attrs["spatial_dims"]))
+    if len(spatial_dims) != n_dims:
+        problems.append(f"{path}: /dimensions: spatial_dims {list(spatial_dims)} has "
+                        f"{len(spatial_dims)} entries but n_spatial_dims is {n_dims}")
+        return None, problems
+    for name in ("time",) + spatial_dims:
+        if not isinstance(dims.get(name), h5py.Dataset):
+            problems.append(f"{path}: dataset '/dimensions/{name}' is missing")
+    if any(p.startswith(f"{path}: dataset '/dimensions/") for p in problems):
+        return None, problems
+
+    def sample_flag(name: str) -> bool:
+        d = dims[name]
+        flag = _flag(d, "sample_varying", f"{path}: /dimensions/{name}", problems)
+        if flag is None:
+            flag = d.ndim == 2
+        expected_ndim = 2 if flag else 1
+        if d.ndim != expected_ndim or (flag and d.shape[0] != n_traj):
+            problems.append(
+                f"{path}: /dimensions/{name} has shape {d.shape}, expected "
+                f"{'[n_trajectories=' + str(n_traj) + ', n]' if flag else '[n]'} "
+                f"(sample_varying={flag})")
+        if bool(np.asarray(d.attrs.get("time_varying", False)).all()) and name != "time":
+            problems.append(f"{path}: /dimensions/{name}: time-varying grids are not supported")
+        return flag
+
+    time_sv = sample_flag("time")
+    coord_sv = {d: sample_flag(d) for d in spatial_dims}
+    spatial_shape = tuple(int(dims[d].shape[-1]) for d in spatial_dims)
+    n_steps = int(dims["time"].shape[-1])
+    if n_steps < 1:
+        problems.append(f"{path}: /dimensions/time is empty")
+
+    layout = FileLayout(path=path, dataset_name=dataset_name, grid_type=grid_type,
+                        n_spatial_dims=n_dims, n_trajectories=n_traj,
+                        simulation_parameters=params, spatial_dims=spatial_dims,
+                        spatial_shape=spatial_shape, n_steps=n_steps,
+                        time_sample_varying=time_sv, coord_sample_varying=coord_sv)
+
+    for order in range(3):
+        gname = f"t{order}_fields"
+        if gname in missing_groups:
+            continue
+        group = f[gname]
+        if "field_names" not in group.attrs:
+            problems.append(f"{path}: /{gname}: missing attribute 'field_names'")
+            continue
+        for name in _names(group.attrs["field_names"]):
+            where = f"{path}: /{gname}/{name}"
+            dset = group.get(name)
+            if not isinstance(dset, h5py.Dataset):
+                problems.append(f"{where}: listed in field_names but the dataset is missing")
+                continue
+            tv = _flag(dset, "time_varying", where, problems)
+            sv = _flag(dset, "sample_varying", where, problems)
+            if "dim_varying" not in dset.attrs:
+                problems.append(f"{where}: missing attribute 'dim_varying'")
+                continue
+            dv = tuple(bool(v) for v in np.atleast_1d(np.asarray(dset.attrs["dim_varying"])))
+            if tv is None or sv is None:
+                continue
+            if len(dv) != n_dims:
+                problems.append(f"{where}: dim_varying has {len(dv)} entries, expected "
+                                f"{n_dims} (one per spatial dim)")
+                continue
+            want = expected_field_shape(n_traj, n_steps, spatial_shape, order, tv, sv, dv)
+            if tuple(dset.shape) != want:
+                problems.append(f"{where}: shape {tuple(dset.shape)} contradicts its flags "
+                                f"(sample_varying={sv}, time_varying={tv}, dim_varying="
+                                f"{list(dv)}, tensor order {order}): expected {want}")
+                continue
+            if dset.dtype.kind != "f":
+                problems.append(f"{where}: dtype {dset.dtype} is not floating point")
+                continue
+            layout.fields.append(FieldLayout(name, order, tv, sv, dv, tuple(dset.shape),
+                                             channel_names(name, order, spatial_dims)))
+
+    if "scalars" not in missing_groups:
+        group = f["scalars"]
+        for name in _names(group.attrs.get("field_names", [])):
+            where = f"{path}: /scalars/{name}"
+            dset = group.get(name)
+            if not isinstance(dset, h5py.Dataset):
+                problems.append(f"{where}: listed in field_names but the dataset is missing")
+                continue
+            tv = _flag(dset, "time_varying", where, problems)
+            sv = _flag(dset, "sample_varying", where, problems)
+            if tv is None or sv is None:
+                continue
+            want = (n_traj,) * sv + (n_steps,) * tv
+            shape = tuple(dset.shape)
+            if shape != want and not (want == () and shape == (1,)):
+                problems.append(f"{where}: shape {shape} contradicts its flags "
+                                f"(sample_varying={sv}, time_varying={tv}): expected {want}")
+                continue
+            layout.scalars.append(ScalarLayout(name, tv, sv, shape))
+
+    if "boundary_conditions" not in missing_groups:
+        codes = np.ones((n_dims, 2), dtype=np.float32)      # open unless a boundary says otherwise
+        for name, bc in f["boundary_conditions"].items():
+            where = f"{path}: /boundary_conditions/{name}"
+            if not isinstance(bc, h5py.Group):
+                problems.append(f"{where}: expected a group")
+                continue
+            missing = [a for a in ("bc_type", "associated_dims") if a not in bc.attrs]
+            if missing:
+                problems.append(f"{where}: missing attribute '{missing[0]}'")
+                continue
+            bc_type = _text(bc.attrs["bc_type"]).upper()
+            if bc_type not in BoundaryCondition.__members__:
+                problems.append(f"{where}: bc_type '{_text(bc.attrs['bc_type'])}' is not one of "
+                                "PERIODIC, WALL, OPEN")
+                continue
+            assoc = tuple(_names(bc.attrs["associated_dims"]))
+            unknown = [d for d in assoc if d not in spatial_dims]
+            if unknown:
+                problems.append(f"{where}: associated_dims {list(assoc)} names "
+                                f"{unknown[0]!r}, not a spatial dim {list(spatial_dims)}")
+                continue
+            mask = bc.get("mask")
+            if not isinstance(mask, h5py.Dataset):
+                problems.append(f"{where}: dataset 'mask' is missing")
+                continue
+            want = tuple(spatial_shape[spatial_dims.index(d)] for d in assoc)
+            if tuple(mask.shape) != want:
+                problems.append(f"{where}/mask: shape {tuple(mask.shape)}, expected {want} "
+                                f"(the sizes of {list(assoc)})")
+                continue
+            layout.boundaries.append(BoundaryLayout(name, bc_type, assoc, want))
+            _apply_boundary(codes, bc_type, assoc, np.asarray(mask[()]), spatial_dims)
+        layout.boundary_codes = codes
+
+    if n_traj < 1:
+        problems.append(f"{path}: root attribute 'n_trajectories' is {n_traj}, expected >= 1")
+    return layout, problems
+
+
+def _apply_boundary(codes: np.ndarray, bc_type: str, assoc: Sequence[str], mask: np.ndarray,
+                    spatial_dims: Sequence[str]) -> None:
+    """Padding convention (as upstream): per axis and side, a wall needs the whole face masked,
+    open or periodic need any point of it."""
+    agg = np.min if bc_type == "WALL" else np.max
+    value = BoundaryCondition[bc_type].value
+    for axis, dim in enumerate(assoc):
+        for side, pos in ((0, 0), (1, -1)):
+            face = np.take(mask, pos, axis=axis)
+            if agg(face):
+                codes[spatial_dims.index(dim), side] = value
+
+
+def layout_mismatch(a: FileLayout, b: FileLayout) -> str:
+    """One line naming the first way two files of one dataset disagree."""
+    for what, x, y in (("dataset_name", a.dataset_name, b.dataset_name),
+                       ("n_spatial_dims", a.n_spatial_dims, b.n_spatial_dims),
+                       ("spatial_dims", a.spatial_dims, b.spatial_dims),
+                       ("spatial resolution", a.spatial_shape, b.spatial_shape),
+                       ("fields", [(f.name, f.order, f.time_varying, f.dim_varying)
+                                   for f in a.fields],
+                        [(f.name, f.order, f.time_varying, f.dim_varying) for f in b.fields]),
+                       ("scalars", [(s.name, s.time_varying) for s in a.scalars],
+                        [(s.name, s.time_varying) for s in b.scalars])):
+        if x != y:
+            return (f"{b.path}: {what} {y} differs from {x} in {a.path}; all files of one "
+                    "dataset must agree")
+    return f"{b.path}: layout differs from {a.path}"
+
+
+def read_layout(f: h5py.File, path: str) -> FileLayout:
+    """The layout of a valid file; raises SchemaError naming the first problem otherwise."""
+    layout, problems = inspect_file(f, path)
+    if problems:
+        more = f" (and {len(problems) - 1} more problems: run python -m dsfm.data.check {path})" \
+            if len(problems) > 1 else ""
+        raise SchemaError(problems[0] + more)
+    assert layout is not None
+    return layout
+
+
+# --------------------------------------------------------------------------------------------
+# Writing
+
+
+@dataclass
+class Field:
+    """A field to write. `data` has the stored shape its flags imply (see expected_field_shape)."""
+
+    name: str
+    data: np.ndarray
+    order: int = 0
+    time_varying: bool = True
+    sample_varying: bool = True
+    dim_varying: tuple[bool, ...] | None = None      # None: varies along every spatial dim
+    symmetric: bool = False                          # t2 only: the tensor is symmetric
+
+
+@dataclass
+class Scalar:
+    name: str
+    data: np.ndarray | float
+    time_varying: bool = False
+    sample_varying: bool = False
+
+
+@dataclass
+class Boundary:
+    name: str
+    bc_type: str
+    associated_dims: tuple[str, ...]
+    mask: np.ndarray
+
+
+def boundaries_all(bc_type: str, spatial_dims: Sequence[str],
+                   spatial_shape: Sequence[int]) -> list[Boundary]:
+    """One boundary per axis, both faces of the given type (e.g. a fully periodic box)."""
+    out = []
+    for dim, n in zip(spatial_dims, spatial_shape):
+        mask = np.zeros(n, dtype=bool)
+        mask[[0, -1]] = True
+        out.append(Boundary(f"{dim}_{bc_type.lower()}", bc_type.upper(), (dim,), mask))
+    return out
+
+
+def write_well_file(path: str, *, dataset_name: str, spatial_dims: Sequence[str],
+                    coords: dict[str, np.ndarray], time: np.ndarray, n_trajectories: int,
+                    fields: Iterable[Field], scalars: Iterable[Scalar] = (),
+                    boundaries: Iterable[Boundary] = (),
+                    simulation_parameters: dict[str, float] | None = None,
+                    grid_type: str = "cartesian") -> None:
+    """Write one Well-format file. Coordinates or time given as 2-D arrays are sample-varying."""
+    spatial_dims = tuple(spatial_dims)
+    time = np.asarray(time)
+    shape = tuple(int(np.asarray(coords[d]).shape[-1]) for d in spatial_dims)
+    n_steps = int(time.shape[-1])
+    params = dict(simulation_parameters or {})
+    with h5py.File(path, "w") as f:
+        f.attrs["dataset_name"] = dataset_name
+        f.attrs["grid_type"] = grid_type
+        f.attrs["n_spatial_dims"] = len(spatial_dims)
+        f.attrs["n_trajectories"] = n_trajectories
+        f.attrs["simulation_parameters"] = list(params)
+        for k, v in params.items():
+            f.attrs[k] = v
+
+        dims = f.create_group("dimensions")
+        dims.attrs["spatial_dims"] = list(spatial_dims)
+        t = dims.create_dataset("time", data=time.astype(np.float32))
+        t.attrs["sample_varying"] = time.ndim == 2
+        for d in spatial_dims:
+            c = np.asarray(coords[d], dtype=np.float32)
+            ds = dims.create_dataset(d, data=c)
+            ds.attrs["sample_varying"] = c.ndim == 2
+            ds.attrs["time_varying"] = False
+
+        bcs = f.create_group("boundary_conditions")
+        for b in boundaries:
+            g = bcs.create_group(b.name)
+            g.attrs["associated_dims"] = list(b.associated_dims)
+            g.attrs["associated_fields"] = []
+            g.attrs["bc_type"] = b.bc_type.upper()
+            g.attrs["sample_varying"] = False
+            g.attrs["time_varying"] = False
+            g.create_dataset("mask", data=np.asarray(b.mask, dtype=bool))
+
+        sg = f.create_group("scalars")
+        scalars = list(scalars)
+        sg.attrs["field_names"] = [s.name for s in scalars]
+        for s in scalars:
+            data = np.asarray(s.data)
+            want = (n_trajectories,) * s.sample_varying + (n_steps,) * s.time_varying
+            if data.shape != want:
+                raise SchemaError(f"{path}: scalar '{s.name}' has shape {data.shape}, "
+                                  f"its flags imply {want}")
+            ds = sg.create_dataset(s.name, data=data)
+            ds.attrs["time_varying"] = s.time_varying
+            ds.attrs["sample_varying"] = s.sample_varying
+
+        groups = [f.create_group(f"t{i}_fields") for i in range(3)]
+        by_order: list[list[Field]] = [[], [], []]
+        for fl in fields:
+            by_order[fl.order].append(fl)
+        for order, group in enumerate(groups):
+            group.attrs["field_names"] = [fl.name for fl in by_order[order]]
+            for fl in by_order[order]:
+                dv = tuple(fl.dim_varying) if fl.dim_varying is not None \
+                    else (True,) * len(spatial_dims)
+                want = expected_field_shape(n_trajectories, n_steps, shape, order,
+                                            fl.time_varying, fl.sample_varying, dv)
+                if tuple(fl.data.shape) != want:
+                    raise SchemaError(f"{path}: field '{fl.name}' has shape {fl.data.shape}, "
+                                      f"its flags imply {want}")
+                ds = group.create_dataset(fl.name, data=np.asarray(fl.data, dtype=np.float32))
+                ds.attrs["dim_varying"] = np.array(dv, dtype=bool)
+                ds.attrs["sample_varying"] = fl.sample_varying
+                ds.attrs["time_varying"] = fl.time_varying
+                if order == 2:
+                    ds.attrs["symmetric"] = fl.symmetric
+                    ds.attrs["antisymmetric"] = False

@@ -1,0 +1,38 @@
+"""The exceptions dsfm users see.
+
+Every message says what is wrong, where (file, group or dataset, field, index) and, where there is
+one, what to do. Callers catch `DsfmError` to handle any of them.
+"""
+
+
+class DsfmError(Exception):
+    """Base of every error dsfm raises on purpose."""
+
+
+class ConfigError(DsfmError, ValueError):
+    """An argument or configuration value is invalid."""
+
+
+class DataError(DsfmError):
+    """Something is wrong with data on disk."""
+
+
+class CorruptFileError(DataError):
+    """A file cannot be opened or read as HDF5 (truncated, damaged, not HDF5)."""
+
+
+class SchemaError(DataError):
+    """A file is readable but does not follow the declared format (missing group, attribute or
+    dataset, or a shape that contradicts its flags)."""
+
+
+class NonFiniteError(DataError):
+    """NaN or Inf found in field data."""
+
+
+class StatsError(DataError):
+    """stats.yaml is missing, unreadable or lacks keys the normalization needs."""
+
+
+class EmptySplitError(DataError):
+    """A split directory has no HDF5 files."""

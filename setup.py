@@ -1,0 +1,28 @@
+"""dsfm: pretraining scientific foundation models (MPP, AION-style) with DeepSpeed."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="dsfm",
+    version="0.1.0",
+    description="DeepSpeed stack for pretraining scientific foundation models on The Well, "
+                "PDEBench and tokenized astronomy data",
+    python_requires=">=3.10",
+    packages=find_packages(include=["dsfm", "dsfm.*", "perf", "perf.*"]),
+    package_data={"dsfm": ["configs/*.yaml"], "perf": ["profiles/*.yaml"]},
+    install_requires=[
+        "torch>=2.4",
+        "deepspeed>=0.16",
+        "h5py>=3.8",
+        "numpy>=1.24",
+        "nvidia-ml-py>=12.535",
+        "tensorboard>=2.14",
+        "pyyaml>=6",
+        "tqdm>=4.60",
+        "matplotlib>=3.7",
+    ],
+    extras_require={
+        "mpi": ["mpi4py>=3.1"],
+        "test": ["pytest>=7", "the-well==1.2.0"],
+    },
+)

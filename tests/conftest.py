@@ -1,0 +1,32 @@
+"""Shared fixtures: the demo datasets, generated once per session by the real CLI."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO_DATASETS = ("navier_stokes_2d", "shallow_water_2d", "gray_scott_reaction_diffusion",
+                 "euler_2d")
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: multi-process or long-running test (runs in CI)")
+
+
+def run(args, **kwargs):
+    """Run a command from the repository root, returning the CompletedProcess."""
+    kwargs.setdefault("capture_output", True)
+    kwargs.setdefault("text", True)
+    return subprocess.run(args, cwd=REPO, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def demo_base(tmp_path_factory):
+    """`python -m dsfm.sim --preset demo --out BASE`, once per test session."""
+    base = tmp_path_factory.mktemp("well")
+    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--out", str(base),
+                "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return str(base)

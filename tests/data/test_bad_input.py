@@ -1,0 +1,256 @@
+"""Broken files and directories give one clear line naming the file and the item."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import yaml
+
+from dsfm.data import WellDataset
+from dsfm.errors import (CorruptFileError, DsfmError, EmptySplitError, NonFiniteError,
+                         SchemaError, StatsError)
+from tests.conftest import REPO
+
+NAME = "shallow_water_2d"
+
+
+@pytest.fixture
+def dataset(demo_base, tmp_path):
+    """A private copy of one demo dataset, free to break."""
+    dst = tmp_path / NAME
+    shutil.copytree(os.path.join(demo_base, NAME), dst)
+    return dst
+
+
+def train_file(dataset):
+    return sorted((dataset / "data" / "train").glob("*.hdf5"))[0]
+
+
+def open_ds(dataset, **kw):
+    return WellDataset(path=str(dataset), well_split_name="train", n_steps_input=2, **kw)
+
+
+def check(*paths):
+    return subprocess.run([sys.executable, "-m", "dsfm.data.check", *map(str, paths)], cwd=REPO,
+                          capture_output=True, text=True)
+
+
+def assert_one_line(exc, *needles):
+    msg = str(exc.value)
+    assert "\n" not in msg, msg
+    for n in needles:
+        assert n in msg, f"{n!r} not in {msg!r}"
+
+
+def test_valid_dataset_passes_the_checker(demo_base):
+    proc = check(demo_base)
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout == ""
+    assert "valid" in proc.stderr
+
+
+def test_truncated_file(dataset):
+    path = train_file(dataset)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 3])
+    with pytest.raises(CorruptFileError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), "truncated or corrupt")
+    proc = check(dataset)
+    assert proc.returncode == 1
+    assert str(path) in proc.stdout and "truncated" in proc.stdout
+
+
+def test_not_hdf5_at_all(dataset):
+    path = train_file(dataset)
+    path.write_bytes(b"this is not an HDF5 file" * 100)
+    with pytest.raises(CorruptFileError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path))
+
+
+def test_corrupt_data_block_is_reported_on_read(dataset):
+    """Damage the bytes of a field's data (not the metadata): the read names file and item."""
+    path = train_file(dataset)
+    with h5py.File(path) as f:
+        offset = f["t0_fields/height"].id.get_offset()
+    ds = open_ds(dataset)
+    with open(path, "r+b") as fh:       # turn the stored floats into NaN patterns
+        fh.seek(offset)
+        fh.write(b"\xff" * 4096)
+    with pytest.raises(NonFiniteError) as exc:
+        ds[0]
+    assert_one_line(exc, str(path), "t0_fields/height", "trajectory 0", "time index 0")
+
+
+@pytest.mark.parametrize("group", ["t1_fields", "dimensions", "boundary_conditions"])
+def test_missing_group(dataset, group):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        del f[group]
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), f"'/{group}' is missing")
+    proc = check(path)
+    assert proc.returncode == 1 and f"'/{group}' is missing" in proc.stdout
+
+
+@pytest.mark.parametrize("obj,attr", [("/", "n_trajectories"), ("/", "dataset_name"),
+                                      ("t0_fields/height", "time_varying"),
+                                      ("t1_fields/velocity", "dim_varying"),
+                                      ("dimensions", "spatial_dims")])
+def test_missing_attribute(dataset, obj, attr):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        del f[obj].attrs[attr]
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), f"'{attr}'")
+
+
+def test_shape_contradicts_flags(dataset):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        f["t0_fields/height"].attrs["sample_varying"] = False
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), "/t0_fields/height", "contradicts its flags")
+
+
+def test_wrong_vector_components(dataset):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        v = f["t1_fields/velocity"][()]
+        attrs = dict(f["t1_fields/velocity"].attrs)
+        del f["t1_fields/velocity"]
+        d = f["t1_fields"].create_dataset("velocity", data=v[..., :1])
+        d.attrs.update(attrs)
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, "/t1_fields/velocity", "tensor order 1")
+
+
+@pytest.mark.parametrize("value", [np.nan, np.inf])
+def test_nan_or_inf_in_a_field(dataset, value):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        f["t1_fields/velocity"][1, 5, 3, 4, 0] = value
+    ds = open_ds(dataset)
+    ds[0]                                     # trajectory 0 is clean
+    bad = [i for i in range(len(ds)) if ds.locate(i)[:2] == (0, 1) and ds.locate(i)[2] <= 5]
+    with pytest.raises(NonFiniteError) as exc:
+        ds[bad[-1]]
+    kind = "NaN" if np.isnan(value) else "Inf"
+    assert_one_line(exc, str(path), "/t1_fields/velocity", kind, "trajectory 1", "time index 5")
+    proc = check(dataset)
+    assert proc.returncode == 1
+    assert f"first {kind} at trajectory 1, time index 5" in proc.stdout
+
+
+def test_nan_check_can_be_disabled(dataset):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        f["t0_fields/height"][0, 0, 0, 0] = np.nan
+    item = open_ds(dataset, check_finite=False)[0]
+    assert item["input_fields"].isnan().sum() == 1
+
+
+@pytest.mark.parametrize("key", ["std", "mean_delta"])
+def test_stats_missing_key(dataset, key):
+    stats_path = dataset / "stats.yaml"
+    stats = yaml.safe_load(stats_path.read_text())
+    del stats[key]
+    stats_path.write_text(yaml.safe_dump(stats))
+    with pytest.raises(StatsError) as exc:
+        open_ds(dataset, use_normalization=True, normalization_type="zscore")
+    assert_one_line(exc, str(stats_path), f"'{key}'")
+    open_ds(dataset, use_normalization=True, normalization_type="rms")   # rms does not need it
+    proc = check(dataset)
+    assert proc.returncode == 1 and f"key '{key}' is missing" in proc.stdout
+
+
+def test_stats_missing_field(dataset):
+    stats_path = dataset / "stats.yaml"
+    stats = yaml.safe_load(stats_path.read_text())
+    del stats["rms"]["velocity"]
+    stats_path.write_text(yaml.safe_dump(stats))
+    with pytest.raises(StatsError) as exc:
+        open_ds(dataset, use_normalization=True, normalization_type="rms")
+    assert_one_line(exc, str(stats_path), "'rms'", "'velocity'")
+
+
+def test_stats_file_missing(dataset):
+    os.remove(dataset / "stats.yaml")
+    with pytest.raises(StatsError) as exc:
+        open_ds(dataset, use_normalization=True, normalization_type="zscore")
+    assert_one_line(exc, "stats.yaml", "not found")
+    open_ds(dataset)          # without normalization the stats are not needed
+
+
+def test_empty_split_directory(dataset):
+    for p in (dataset / "data" / "valid").glob("*"):
+        p.unlink()
+    with pytest.raises(EmptySplitError) as exc:
+        WellDataset(path=str(dataset), well_split_name="valid")
+    assert_one_line(exc, str(dataset / "data" / "valid"), "no .h5 or .hdf5 files")
+    proc = check(dataset)
+    assert proc.returncode == 1 and "valid: split directory has no" in proc.stdout
+
+
+def test_missing_split_directory(dataset):
+    shutil.rmtree(dataset / "data" / "test")
+    with pytest.raises(EmptySplitError) as exc:
+        WellDataset(path=str(dataset), well_split_name="test")
+    assert_one_line(exc, "directory not found")
+
+
+def test_files_of_one_dataset_must_agree(dataset, demo_base):
+    other = sorted((dataset / "data" / "train").glob("*.hdf5"))[1]
+    with h5py.File(other, "r+") as f:
+        for g in ("t0_fields", "t1_fields"):
+            for name in list(f[g]):
+                data, attrs = f[g][name][()], dict(f[g][name].attrs)
+                del f[g][name]
+                f[g].create_dataset(name, data=data[:, :, :16]).attrs.update(attrs)
+        x = f["dimensions/x"][()]
+        attrs = dict(f["dimensions/x"].attrs)
+        del f["dimensions/x"]
+        f["dimensions"].create_dataset("x", data=x[:16]).attrs.update(attrs)
+        mask = f["boundary_conditions/x_periodic/mask"][:16]
+        del f["boundary_conditions/x_periodic/mask"]
+        f["boundary_conditions/x_periodic"].create_dataset("mask", data=mask)
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(other), "spatial resolution", "must agree")
+    proc = check(dataset)
+    assert proc.returncode == 1 and "spatial resolution" in proc.stdout
+
+
+def test_every_error_is_a_dsfm_error():
+    for cls in (CorruptFileError, SchemaError, NonFiniteError, StatsError, EmptySplitError):
+        assert issubclass(cls, DsfmError)
+
+
+def test_checker_lists_every_problem_one_per_line(dataset):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        del f.attrs["grid_type"]
+        f["t0_fields/height"].attrs["time_varying"] = False
+        f["boundary_conditions/x_periodic"].attrs["bc_type"] = "SLIPPERY"
+    proc = check(path)
+    lines = proc.stdout.strip().splitlines()
+    assert proc.returncode == 1
+    assert len(lines) == 3, lines
+    assert all(line.startswith(str(path)) for line in lines)
+    assert any("'grid_type'" in line for line in lines)
+    assert any("/t0_fields/height" in line and "contradicts" in line for line in lines)
+    assert any("SLIPPERY" in line for line in lines)
+
+
+def test_checker_on_missing_path(tmp_path):
+    proc = check(tmp_path / "nope.hdf5")
+    assert proc.returncode == 1 and "no such file" in proc.stdout
