@@ -36,3 +36,11 @@ class StatsError(DataError):
 
 class EmptySplitError(DataError):
     """A split directory has no HDF5 files."""
+
+
+class SimulationError(DsfmError, FloatingPointError):
+    """A simulator produced non-finite values: the time step or resolution is inadequate."""
+
+
+class PositivityError(SimulationError):
+    """Density, depth or pressure reached zero: the flow is too violent for the grid."""

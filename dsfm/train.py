@@ -24,7 +24,8 @@ DEFAULT_DATA = os.environ.get("DSFM_DATA", os.path.join("data", "demo"))
 
 
 def datasets_in(base: str) -> list[str]:
-    return sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d, "stats.yaml")))
+    return sorted(d for d in os.listdir(base)
+                  if os.path.isfile(os.path.join(base, d, "stats.yaml")))
 
 
 def ensure_demo_data(base: str, rank: int) -> list[str]:

@@ -156,7 +156,8 @@ def check_dataset(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsfm.data.check", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dsfm.data.check",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", metavar="PATH")
     ap.add_argument("--no-data", action="store_true",
                     help="check the layout only, skip scanning field data for NaN/Inf")

@@ -23,7 +23,8 @@ def load_stats(path: str) -> dict:
     """Read a stats.yaml, with errors that name the file."""
     if not os.path.isfile(path):
         raise StatsError(f"{path}: stats file not found; normalization needs it "
-                         "(write it with dsfm.data.stats.write_stats or set use_normalization=False)")
+                         "(write it with dsfm.data.stats.write_stats, or set "
+                         "use_normalization=False)")
     try:
         with open(path) as fh:
             stats = yaml.safe_load(fh)

@@ -13,8 +13,9 @@ Layouts (detected from the file, or named with `kind`):
 
 Boundaries: shallow water uses transmissive (open) boundaries, diffusion–reaction no-flux
 (wall), incompressible NS no-slip (wall); compressible NS is periodic unless its file name says
-`outgoing`/`trans` (open). A file name containing `periodic` marks any layout periodic. Trajectories of every file are split into train/valid/test by the
-fractions `train_val_test` (as MPP splits by sample), so the three splits never share one.
+`outgoing`/`trans` (open). A file name containing `periodic` marks any layout periodic.
+Trajectories of every file are split into train/valid/test by the fractions `train_val_test`
+(as MPP splits by sample), so the three splits never share one.
 """
 
 from __future__ import annotations

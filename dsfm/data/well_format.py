@@ -2,7 +2,8 @@
 
 One file holds `n_trajectories` simulations of one system on one grid:
 
-    /  attrs dataset_name, grid_type, n_spatial_dims, n_trajectories, simulation_parameters, <param>…
+    /  attrs dataset_name, grid_type, n_spatial_dims, n_trajectories, simulation_parameters,
+           and one attribute per simulation parameter
     dimensions/            attrs spatial_dims; datasets time [T] or [N,T], x [nx] or [N,nx], …
     boundary_conditions/   one group per boundary: attrs bc_type, associated_dims, …; dataset mask
     scalars/               attrs field_names; datasets [N?, T?] with sample/time_varying flags

@@ -14,8 +14,8 @@ import numpy as np
 class Trajectories:
     """N trajectories of one system at one parameter set.
 
-    Arrays are float32. Spatial axes are ordered as `coords` (x first, then y): a field sampled on an
-    nx × ny grid has shape [N, T, nx, ny]; vector (t1) fields add a trailing component axis
+    Arrays are float32. Spatial axes are ordered as `coords` (x first, then y): a field sampled on
+    an nx × ny grid has shape [N, T, nx, ny]; vector (t1) fields add a trailing component axis
     [N, T, nx, ny, 2] in the order (x, y).
     """
 

@@ -12,7 +12,7 @@ PRESETS: dict[str, dict[str, DatasetSpec]] = {
     "demo": {
         "navier_stokes": DatasetSpec(
             "navier_stokes", n=32, n_steps=24, splits=(4, 1, 1),
-            parameter_sets=[{"viscosity": 2e-3}, {"viscosity": 1e-2}],
+            parameter_sets=[{"viscosity": 1e-2}, {"viscosity": 2e-2}],
             options={"dt_save": 0.1}),
         "shallow_water": DatasetSpec(
             "shallow_water", n=32, n_steps=24, splits=(4, 1, 1),
@@ -28,8 +28,8 @@ PRESETS: dict[str, dict[str, DatasetSpec]] = {
     "small": {
         "navier_stokes": DatasetSpec(
             "navier_stokes", n=128, n_steps=60, splits=(32, 4, 4),
-            parameter_sets=[{"viscosity": 1e-3}, {"viscosity": 5e-3}],
-            options={"dt_save": 0.1}),
+            parameter_sets=[{"viscosity": 1e-3}, {"viscosity": 3e-3}],
+            options={"dt_save": 0.1, "k_peak": 4.0}),
         "shallow_water": DatasetSpec(
             "shallow_water", n=64, n_steps=60, splits=(32, 4, 4),
             parameter_sets=[{"g": 1.0}, {"g": 4.0}]),

@@ -10,7 +10,7 @@ import numpy as np
 
 
 def wavenumbers(n: int, length: float) -> tuple[np.ndarray, np.ndarray]:
-    """Angular wavenumbers (kx [n, 1], ky [1, n // 2 + 1]) of an rfft2 on a square of side `length`."""
+    """Angular wavenumbers (kx [n, 1], ky [1, n // 2 + 1]) of rfft2 on a square of side `length`."""
     scale = 2 * np.pi / length
     kx = scale * np.fft.fftfreq(n, 1.0 / n)
     ky = scale * np.arange(n // 2 + 1)

@@ -11,8 +11,14 @@ import pytest
 import yaml
 
 from dsfm.data import WellDataset
-from dsfm.errors import (CorruptFileError, DsfmError, EmptySplitError, NonFiniteError,
-                         SchemaError, StatsError)
+from dsfm.errors import (
+    CorruptFileError,
+    DsfmError,
+    EmptySplitError,
+    NonFiniteError,
+    SchemaError,
+    StatsError,
+)
 from tests.conftest import REPO
 
 NAME = "shallow_water_2d"

@@ -2,7 +2,6 @@
 sample interface."""
 
 import glob
-import os
 import sys
 
 import h5py
@@ -10,8 +9,13 @@ import numpy as np
 import pytest
 import torch
 
-from dsfm.data.pdebench import (FIELDS, PDEBenchDataset, split_trajectories,
-                                write_pdebench, write_pdebench_stats)
+from dsfm.data.pdebench import (
+    FIELDS,
+    PDEBenchDataset,
+    split_trajectories,
+    write_pdebench,
+    write_pdebench_stats,
+)
 from dsfm.errors import SchemaError
 from tests.conftest import run
 

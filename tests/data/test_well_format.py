@@ -10,9 +10,16 @@ import yaml
 from torch.utils.data import DataLoader
 
 from dsfm.data import WellDataset
-from dsfm.data.stats import RunningMoments, compute_stats
-from dsfm.data.well_format import (Boundary, Field, boundaries_all, channel_names,
-                                   expected_field_shape, inspect_file, write_well_file)
+from dsfm.data.stats import RunningMoments
+from dsfm.data.well_format import (
+    Boundary,
+    Field,
+    boundaries_all,
+    channel_names,
+    expected_field_shape,
+    inspect_file,
+    write_well_file,
+)
 from dsfm.errors import SchemaError
 from tests.conftest import DEMO_DATASETS
 from tests.data.well_fixtures import cube_3d_file, make_dataset, rich_2d_file

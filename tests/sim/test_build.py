@@ -1,0 +1,116 @@
+"""`python -m dsfm.sim`: layout of the written datasets, splits, determinism, options."""
+
+import dataclasses
+import glob
+import os
+import sys
+
+import h5py
+import numpy as np
+import pytest
+
+from dsfm.data import WellDataset
+from dsfm.sim.build import build, file_stem
+from dsfm.sim.presets import PRESETS
+from tests.conftest import DEMO_DATASETS, run
+
+
+def read_all(root):
+    """{relative file path: {dataset path: array}} for every HDF5 file under root."""
+    out = {}
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.hdf5"), recursive=True)):
+        arrays = {}
+        with h5py.File(path) as f:
+            f.visititems(lambda name, obj: arrays.__setitem__(name, obj[()])
+                         if isinstance(obj, h5py.Dataset) else None)
+        out[os.path.relpath(path, root)] = arrays
+    return out
+
+
+def assert_same_files(a, b):
+    assert a.keys() == b.keys()
+    for name in a:
+        assert a[name].keys() == b[name].keys()
+        for k in a[name]:
+            np.testing.assert_array_equal(a[name][k], b[name][k], err_msg=f"{name}:{k}")
+
+
+def test_demo_layout(demo_base):
+    assert sorted(os.listdir(demo_base)) == sorted(DEMO_DATASETS)
+    for name in DEMO_DATASETS:
+        spec = next(s for s in PRESETS["demo"].values() if s.dataset_name == name)
+        assert os.path.isfile(os.path.join(demo_base, name, "stats.yaml"))
+        for split, count in zip(("train", "valid", "test"), spec.splits):
+            files = glob.glob(os.path.join(demo_base, name, "data", split, "*.hdf5"))
+            assert len(files) == len(spec.parameter_sets)
+            for params in spec.parameter_sets:
+                path = os.path.join(demo_base, name, "data", split,
+                                    file_stem(name, params) + ".hdf5")
+                with h5py.File(path) as f:
+                    assert f.attrs["n_trajectories"] == count
+                    assert f.attrs["dataset_name"] == name
+                    for k, v in params.items():
+                        assert f.attrs[k] == pytest.approx(v)
+                        assert f["scalars"][k][()] == pytest.approx(v)
+
+
+def test_splits_hold_different_trajectories(demo_base):
+    """Split by trajectory: no initial condition appears in two splits."""
+    firsts = []
+    for split in ("train", "valid", "test"):
+        ds = WellDataset(path=os.path.join(demo_base, "euler_2d"), well_split_name=split,
+                         full_trajectory_mode=True)
+        firsts += [ds[i]["input_fields"][0].numpy() for i in range(len(ds))]
+    for i in range(len(firsts)):
+        for j in range(i):
+            assert not np.array_equal(firsts[i], firsts[j])
+
+
+def small_specs():
+    """Two datasets of the demo preset, shrunk further, to keep repeated builds fast."""
+    return {k: dataclasses.replace(PRESETS["demo"][k], n=16, n_steps=6)
+            for k in ("navier_stokes", "euler")}
+
+
+def test_deterministic_given_seed_and_independent_of_workers(tmp_path):
+    build(small_specs(), str(tmp_path / "a"), seed=7, workers=1, progress=False)
+    build(small_specs(), str(tmp_path / "b"), seed=7, workers=2, progress=False)
+    build(small_specs(), str(tmp_path / "c"), seed=8, workers=2, progress=False)
+    a, b, c = (read_all(str(tmp_path / x)) for x in "abc")
+    assert_same_files(a, b)
+    key = next(k for k in a if "navier" in k)
+    assert not np.array_equal(a[key]["t0_fields/vorticity"], c[key]["t0_fields/vorticity"])
+
+
+def test_existing_datasets_are_kept_unless_overwrite(tmp_path):
+    specs = {"euler": small_specs()["euler"]}
+    build(specs, str(tmp_path), seed=1, progress=False)
+    stats = tmp_path / "euler_2d" / "stats.yaml"
+    stamp = stats.stat().st_mtime_ns
+    build(specs, str(tmp_path), seed=2, progress=False)
+    assert stats.stat().st_mtime_ns == stamp
+    build(specs, str(tmp_path), seed=2, overwrite=True, progress=False)
+    assert stats.stat().st_mtime_ns != stamp
+    assert sorted(os.listdir(tmp_path)) == ["euler_2d"]       # no partial directories left
+
+
+def test_cli_mach_numbers_and_dataset_subset(tmp_path):
+    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--out", str(tmp_path),
+                "--datasets", "euler", "--mach", "0.1", "1.0", "2.0", "--seed", "3"])
+    assert proc.returncode == 0, proc.stderr
+    assert "simulating" in proc.stderr                        # the progress bar
+    files = sorted(os.listdir(tmp_path / "euler_2d" / "data" / "train"))
+    assert files == ["euler_2d_mach_0.1.hdf5", "euler_2d_mach_1.hdf5", "euler_2d_mach_2.hdf5"]
+    for name in files:
+        with h5py.File(tmp_path / "euler_2d" / "data" / "train" / name) as f:
+            u = f["t1_fields/velocity"][:, 0]
+            rho, p = f["t0_fields/density"][:, 0], f["t0_fields/pressure"][:, 0]
+            mach = np.sqrt((u ** 2).sum(-1).mean((1, 2))) / np.sqrt(
+                1.4 * p.mean((1, 2)) / rho.mean((1, 2)))
+            np.testing.assert_allclose(mach, f.attrs["mach"], rtol=1e-4)
+    assert os.listdir(tmp_path) == ["euler_2d"]
+
+
+def test_cli_rejects_unknown_dataset(tmp_path):
+    proc = run([sys.executable, "-m", "dsfm.sim", "--out", str(tmp_path), "--datasets", "mhd"])
+    assert proc.returncode != 0 and "unknown dataset 'mhd'" in proc.stderr
