@@ -32,23 +32,35 @@ class H5Pool:
         self.max_open = max_open
         self.chunk_cache_bytes = chunk_cache_bytes
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
+        self._datasets: dict[str, dict[str, h5py.Dataset]] = {}
         self._pid = os.getpid()
         _pools.add(self)
 
     def get(self, path: str) -> h5py.File:
         if self._pid != os.getpid():          # inherited through fork: not ours to use or close
-            self._files = OrderedDict()
+            self._files, self._datasets = OrderedDict(), {}
             self._pid = os.getpid()
         f = self._files.get(path)
         if f is not None and f.id.valid:
             self._files.move_to_end(path)
             return f
         while len(self._files) >= self.max_open:
-            _, old = self._files.popitem(last=False)
+            old_path, old = self._files.popitem(last=False)
+            self._datasets.pop(old_path, None)
             old.close()
         f = open_h5(path, rdcc_nbytes=self.chunk_cache_bytes)
         self._files[path] = f
+        self._datasets[path] = {}
         return f
+
+    def dataset(self, path: str, name: str) -> h5py.Dataset:
+        """A dataset of an open file, looked up once per open (h5py lookups cost tens of µs)."""
+        f = self.get(path)
+        table = self._datasets[path]
+        d = table.get(name)
+        if d is None:
+            d = table[name] = f[name]
+        return d
 
     @property
     def n_open(self) -> int:
@@ -60,7 +72,7 @@ class H5Pool:
             for f in self._files.values():
                 if f.id.valid:
                     f.close()
-        self._files = OrderedDict()
+        self._files, self._datasets = OrderedDict(), {}
 
     def __getstate__(self):
         return {"max_open": self.max_open, "chunk_cache_bytes": self.chunk_cache_bytes}

@@ -296,21 +296,20 @@ class WellDataset(Dataset):
             self._vectors[key] = self.norm.channel_vectors(fields)
         return self._vectors[key]
 
-    def _read_fields(self, f, lay: FileLayout, fields: list[FieldLayout], sample_idx: int,
+    def _read_fields(self, lay: FileLayout, fields: list[FieldLayout], sample_idx: int,
                      tsel: slice | None, n_t: int, key: str) -> np.ndarray:
         """Read `fields` (one hyperslab each) into one channel-last array, normalized."""
         lead = (n_t,) if tsel is not None else ()
+        dsets = [self._pool.dataset(lay.path, fl.path) for fl in fields]
         n_ch = sum(fl.n_channels for fl in fields)
-        dtype = np.result_type(np.float32, *(f[fl.path].dtype for fl in fields)) if fields \
-            else np.float32
+        dtype = np.result_type(np.float32, *(d.dtype for d in dsets))
         out = np.empty(lead + lay.spatial_shape + (n_ch,), dtype=dtype)
         shift = scale = None
         generic = self.norm is not None and not hasattr(self.norm, "channel_vectors")
         if self.norm is not None and not generic:
             shift, scale = self._norm_vectors(fields, key)
         c = 0
-        for fl in fields:
-            dset = f[fl.path]
+        for fl, dset in zip(fields, dsets):
             sel = (sample_idx,) * fl.sample_varying + ((tsel,) if tsel is not None else ())
             stored = lead + tuple(n for n, used in zip(lay.spatial_shape, fl.dim_varying) if used)
             buf = np.empty(stored + (lay.n_spatial_dims,) * fl.order, dtype=dset.dtype)
@@ -334,7 +333,7 @@ class WellDataset(Dataset):
                 target[...] = view
             c += fl.n_channels
         if self.check_finite and out.size and not np.isfinite(out.sum(dtype=np.float64)):
-            self._raise_nonfinite(f, lay, fields, sample_idx, tsel)
+            self._raise_nonfinite(self._pool.get(lay.path), lay, fields, sample_idx, tsel)
         return out
 
     def _raise_nonfinite(self, f, lay, fields, sample_idx, tsel):
@@ -394,7 +393,7 @@ class WellDataset(Dataset):
         cache = self._file_cache[file_idx]
         if not sample_varying and "constant" in cache:
             return cache["constant"]
-        out = torch.from_numpy(self._read_fields(f, lay, fields, sample_idx, None, 0, "const"))
+        out = torch.from_numpy(self._read_fields(lay, fields, sample_idx, None, 0, "const"))
         if not sample_varying:
             cache["constant"] = out
         return out
@@ -410,8 +409,8 @@ class WellDataset(Dataset):
         tsel = slice(time_idx, min(time_idx + n_steps * dt, lay.n_steps), dt)
         n_t = len(range(tsel.start, tsel.stop, tsel.step))
         f = self._pool.get(lay.path)
-        fields = torch.from_numpy(self._read_fields(f, lay, self._var_fields, sample_idx, tsel,
-                                                    n_t, "var"))
+        fields = torch.from_numpy(self._read_fields(lay, lay.variable_fields, sample_idx, tsel, n_t,
+                                                    "var"))
         var_scalars, const_scalars = self._scalars(f, lay, file_idx, sample_idx, tsel)
         n_in = self.n_steps_input
         sample = {
