@@ -325,12 +325,10 @@ class WellDataset(Dataset):
             bshape = lead + tuple(n if used else 1 for n, used in
                                   zip(lay.spatial_shape, fl.dim_varying)) + (fl.n_channels,)
             view = buf.reshape(bshape)
-            target = out[..., c:c + fl.n_channels]
-            if shift is not None:
-                np.subtract(view, shift[c:c + fl.n_channels], out=target)
-                np.divide(target, scale[c:c + fl.n_channels], out=target)
-            else:
-                target[...] = view
+            if shift is not None:        # in place on the contiguous buffer: the fast passes
+                np.subtract(view, shift[c:c + fl.n_channels], out=view)
+                np.divide(view, scale[c:c + fl.n_channels], out=view)
+            out[..., c:c + fl.n_channels] = view
             c += fl.n_channels
         if self.check_finite and out.size and not np.isfinite(out.sum(dtype=np.float64)):
             self._raise_nonfinite(self._pool.get(lay.path), lay, fields, sample_idx, tsel)
