@@ -17,7 +17,8 @@ import sys
 if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): make dsfm importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsfm.data.well import SPLITS, WellDataset  # noqa: E402
+from dsfm.data.index import SPLITS  # noqa: E402
+from dsfm.data.well import WellDataset  # noqa: E402
 from dsfm.errors import DsfmError  # noqa: E402
 
 DEFAULT_DATA = os.environ.get("DSFM_DATA", os.path.join("data", "demo"))

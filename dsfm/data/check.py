@@ -15,7 +15,7 @@ import sys
 import numpy as np
 import yaml
 
-from dsfm.data.well import SPLITS, list_hdf5
+from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.well_format import FileLayout, inspect_file, layout_mismatch, open_h5
 from dsfm.errors import CorruptFileError
 

@@ -97,7 +97,7 @@ def compute_stats(paths: Iterable[str]) -> dict:
 
 def write_stats(dataset_dir: str, split: str = "train") -> str:
     """Compute stats over one split of a dataset directory and write <dataset_dir>/stats.yaml."""
-    from dsfm.data.well import list_hdf5
+    from dsfm.data.index import list_hdf5
 
     files = list_hdf5(os.path.join(dataset_dir, "data", split))
     if not files:

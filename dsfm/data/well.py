@@ -14,7 +14,6 @@ windows are checked for NaN/Inf (`check_finite`).
 
 from __future__ import annotations
 
-import glob
 import os
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -24,11 +23,17 @@ import torch
 from torch.utils.data import Dataset
 
 from dsfm.data.handles import H5Pool
+from dsfm.data.index import (
+    SPLITS,
+    WindowIndex,
+    list_hdf5,
+    max_stride_at,
+    read_layouts,
+    windows_per_trajectory,
+)
 from dsfm.data.normalization import load_stats, resolve_normalization
-from dsfm.data.well_format import FieldLayout, FileLayout, layout_mismatch, open_h5, read_layout
+from dsfm.data.well_format import FieldLayout, FileLayout
 from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError, SchemaError
-
-SPLITS = ("train", "valid", "test")
 
 
 @dataclass
@@ -72,21 +77,6 @@ class WellMetadata:
                 "input_scalars": [self.n_scalars], "output_scalars": [self.n_scalars],
                 "constant_scalars": [self.n_constant_scalars],
                 "space_grid": [*res, self.n_spatial_dims]}
-
-
-def windows_per_trajectory(n_steps: int, n_in: int, n_out: int, stride: int) -> int:
-    """Start times t0 such that n_in + n_out steps, `stride` apart, fit in the trajectory."""
-    return max(0, n_steps - (1 + stride * (n_in + n_out - 1)) + 1)
-
-
-def max_stride_at(time_idx: int, n_steps: int, n_in: int, n_out: int) -> int:
-    """Largest stride that still fits n_in + n_out steps starting at time_idx."""
-    return max(0, (n_steps - time_idx - 1) // (n_in + n_out - 1))
-
-
-def list_hdf5(directory: str) -> list[str]:
-    return sorted(glob.glob(os.path.join(directory, "*.h5"))
-                  + glob.glob(os.path.join(directory, "*.hdf5")))
 
 
 class WellDataset(Dataset):
@@ -179,7 +169,7 @@ class WellDataset(Dataset):
                                   + (" match the include/exclude filters" if include_filters
                                      or exclude_filters else ""))
         self.files_paths = files
-        self._layouts = [self._read_layout(p) for p in files]
+        self._layouts = read_layouts(files)
         self._build_index()
         self.metadata = self._metadata()
         if name_override is not None:
@@ -196,19 +186,8 @@ class WellDataset(Dataset):
 
     # ---------------------------------------------------------------- index
 
-    @staticmethod
-    def _read_layout(path: str) -> FileLayout:
-        with open_h5(path) as f:
-            try:
-                return read_layout(f, path)
-            except (KeyError, OSError) as exc:
-                raise SchemaError(f"{path}: unreadable metadata ({exc})") from None
-
     def _build_index(self) -> None:
         first = self._layouts[0]
-        for lay in self._layouts[1:]:
-            if lay.signature() != first.signature():
-                raise SchemaError(layout_mismatch(first, lay))
         n_in, n_out, stride = self.n_steps_input, self.n_steps_output, self.min_dt_stride
         self.n_trajectories_per_file = [lay.n_trajectories for lay in self._layouts]
         self.n_steps_per_trajectory = [lay.n_steps for lay in self._layouts]
@@ -230,9 +209,8 @@ class WellDataset(Dataset):
             windows = [1] * len(self._layouts)
             self.n_steps_per_trajectory = [lowest] * len(self._layouts)
         self.n_windows_per_trajectory = windows
-        counts = np.array([n * w for n, w in zip(self.n_trajectories_per_file, windows)])
-        self.file_index_offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.len = int(self.file_index_offsets[-1])
+        self.index = WindowIndex(self.n_trajectories_per_file, windows)
+        self.len = len(self.index)
 
         self.dataset_name = first.dataset_name
         self.n_spatial_dims = first.n_spatial_dims
@@ -265,13 +243,7 @@ class WellDataset(Dataset):
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(file index, trajectory, first time step) of window `index`, in upstream's order."""
-        if not -self.len <= index < self.len:
-            raise IndexError(f"index {index} out of range for {self.len} windows")
-        index = index % self.len
-        file_idx = int(np.searchsorted(self.file_index_offsets, index, side="right") - 1)
-        local = index - int(self.file_index_offsets[file_idx])
-        w = self.n_windows_per_trajectory[file_idx]
-        return file_idx, local // w, local % w
+        return self.index.locate(index)
 
     def __len__(self) -> int:
         return self.len

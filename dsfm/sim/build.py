@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 import numpy as np
 from tqdm import tqdm
 
+from dsfm.data.index import SPLITS
 from dsfm.data.stats import write_stats
-from dsfm.data.well import SPLITS
 from dsfm.data.well_format import Field, Scalar, boundaries_all, write_well_file
 from dsfm.sim.base import Trajectories
 

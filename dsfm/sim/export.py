@@ -14,7 +14,7 @@ import os
 import numpy as np
 from tqdm import tqdm
 
-from dsfm.data.pdebench import write_pdebench
+from dsfm.data.pdebench_format import write_pdebench
 from dsfm.sim.build import DatasetSpec, simulate_parameter_set
 
 

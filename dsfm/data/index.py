@@ -1,0 +1,71 @@
+"""Where windows live: splits, file lists, layouts of a dataset, and window → (file, trajectory,
+time) arithmetic. Free of torch, so reader processes that import it start fast and stay small."""
+
+from __future__ import annotations
+
+import glob
+import os
+from typing import Sequence
+
+import numpy as np
+
+from dsfm.data.well_format import FileLayout, layout_mismatch, open_h5, read_layout
+from dsfm.errors import SchemaError
+
+SPLITS = ("train", "valid", "test")
+
+
+def list_hdf5(directory: str) -> list[str]:
+    return sorted(glob.glob(os.path.join(directory, "*.h5"))
+                  + glob.glob(os.path.join(directory, "*.hdf5")))
+
+
+def windows_per_trajectory(n_steps: int, n_in: int, n_out: int, stride: int) -> int:
+    """Start times t0 such that n_in + n_out steps, `stride` apart, fit in the trajectory."""
+    return max(0, n_steps - (1 + stride * (n_in + n_out - 1)) + 1)
+
+
+def max_stride_at(time_idx: int, n_steps: int, n_in: int, n_out: int) -> int:
+    """Largest stride that still fits n_in + n_out steps starting at time_idx."""
+    return max(0, (n_steps - time_idx - 1) // (n_in + n_out - 1))
+
+
+def read_layouts(paths: Sequence[str]) -> list[FileLayout]:
+    """Layouts of the files of one dataset, refusing files that disagree with the first."""
+    layouts = []
+    for path in paths:
+        with open_h5(path) as f:
+            try:
+                layouts.append(read_layout(f, path))
+            except (KeyError, OSError) as exc:
+                raise SchemaError(f"{path}: unreadable metadata ({exc})") from None
+    for lay in layouts[1:]:
+        if lay.signature() != layouts[0].signature():
+            raise SchemaError(layout_mismatch(layouts[0], lay))
+    return layouts
+
+
+class WindowIndex:
+    """Windows numbered file by file, trajectory by trajectory, start time by start time
+    (upstream the_well's order)."""
+
+    def __init__(self, n_trajectories: Sequence[int], windows: Sequence[int]):
+        self.n_trajectories = list(n_trajectories)
+        self.windows = list(windows)
+        counts = np.array([n * w for n, w in zip(self.n_trajectories, self.windows)],
+                          dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(counts)])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def locate(self, index: int) -> tuple[int, int, int]:
+        """(file index, trajectory, window within the trajectory) of window `index`."""
+        n = len(self)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} windows")
+        index %= n
+        file_idx = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        local = index - int(self.offsets[file_idx])
+        w = self.windows[file_idx]
+        return file_idx, local // w, local % w

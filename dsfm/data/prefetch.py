@@ -1,0 +1,648 @@
+"""`WellLoader`: reader processes → shared ring → (pinned) → device, for multi-physics batches.
+
+    sampler (rank, step → dataset, windows)
+      → reader processes: persistent HDF5 handles, one hyperslab per stored array per window,
+        straight into a slot of a shared-memory ring (native layout, no copies, no torch)
+      → CUDA: the ring is page-locked once (cudaHostRegister); a side stream copies a slot to the
+        device without blocking and assembles it there; an event per batch makes the compute
+        stream wait only when data is late, and a slot is reused only after its copy finished
+      → on the device: layout [B, T, C, *spatial], broadcasting, normalization (stats.yaml)
+
+Without CUDA the same path yields CPU tensors. Processes, not threads: h5py serialises every call
+behind one lock. The ring lives in a file under /dev/shm that is unlinked as soon as every reader
+has mapped it, so no crash can leak it; readers ignore Ctrl-C, are killed by the kernel if the
+training process dies (PR_SET_PDEATHSIG) and also exit when their parent is gone.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import queue
+import secrets
+import subprocess
+import sys
+import tempfile
+import time
+import weakref
+from dataclasses import dataclass, field
+from multiprocessing.connection import Connection, wait
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from dsfm import errors
+from dsfm.data.fields import FieldVocabulary
+from dsfm.data.handles import H5Pool
+from dsfm.data.index import SPLITS, list_hdf5, read_layouts
+from dsfm.data.normalization import load_stats, resolve_normalization
+from dsfm.data.pdebench_format import DATASET_NAMES, FIELDS, inspect_pdebench
+from dsfm.data.readers import FLOAT_BYTES, assembled_views
+from dsfm.data.sampler import MixtureSampler
+from dsfm.data.well_format import BoundaryCondition, FieldLayout
+from dsfm.data.windows import WindowSource, assembly_plan, pdebench_source, well_source
+from dsfm.errors import ConfigError, DataError, EmptySplitError, NonFiniteError
+
+POLL_S = 0.2
+
+
+class WorkerError(DataError):
+    """A reader process died or stopped answering."""
+
+
+@dataclass
+class Batch:
+    """One micro-batch, all from one dataset.
+
+    x [B, T_in, C, *spatial] and y [B, T_out, C, *spatial] are fp32 and normalized;
+    field_ids [C] are the columns of the global field vocabulary; bcs [B, n_dims, 2] are boundary
+    codes (0 wall, 1 open, 2 periodic) per axis and side.
+    """
+
+    x: torch.Tensor
+    y: torch.Tensor
+    field_ids: torch.Tensor
+    bcs: torch.Tensor
+    dataset: str
+    step: int
+    windows: np.ndarray = field(repr=False)
+
+
+@dataclass
+class _Dataset:
+    """Main-process view of one source: the reader part plus what the device needs."""
+
+    source: WindowSource
+    boundary_codes: np.ndarray            # [n_files, n_dims, 2]
+    shift: np.ndarray | None              # [C] or None (no normalization)
+    scale: np.ndarray | None
+    field_ids: list[int]
+    device_cache: dict = field(default_factory=dict)
+
+
+# ------------------------------------------------------------------------------- sources
+
+
+def _is_well_dataset(path: str) -> bool:
+    return os.path.isdir(os.path.join(path, "data"))
+
+
+def _well_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
+                  normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
+    files = list_hdf5(os.path.join(path, "data", split))
+    if not files:
+        raise EmptySplitError(f"{os.path.join(path, 'data', split)}: no .h5 or .hdf5 files")
+    layouts = read_layouts(files)
+    source = well_source(layouts, n_in, n_out, stride)
+    codes = np.stack([lay.boundary_codes for lay in layouts])
+    shift = scale = None
+    if normalization:
+        fields = layouts[0].variable_fields
+        norm = resolve_normalization(normalization)(
+            load_stats(os.path.join(path, "stats.yaml")),
+            list(dict.fromkeys(f.name for f in fields)), [])
+        shift, scale = norm.channel_vectors(fields)
+    return source, codes, shift, scale
+
+
+def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
+                      normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
+    paths = [path] if os.path.isfile(path) else list_hdf5(path)
+    if not paths:
+        raise EmptySplitError(f"{path}: neither a Well dataset (<name>/data/<split>/) nor "
+                              "PDEBench files")
+    files = [inspect_pdebench(p) for p in paths]
+    kinds = {pf.kind for pf in files}
+    if len(kinds) != 1:
+        raise ConfigError(f"{path}: mixes PDEBench layouts {sorted(kinds)}; give one directory "
+                          "per layout")
+    kind = kinds.pop()
+    source = pdebench_source(DATASET_NAMES[kind], files, split, n_in, n_out, stride)
+    codes = np.stack([np.full((2, 2), BoundaryCondition[pf.boundary].value, np.float32)
+                      for pf in files])
+    shift = scale = None
+    if normalization:
+        stats_dir = path if os.path.isdir(path) else os.path.dirname(path)
+        names = list(FIELDS[kind])
+        norm = resolve_normalization(normalization)(
+            load_stats(os.path.join(stats_dir, "stats.yaml")), names, [])
+        shift, scale = norm.channel_vectors(
+            [FieldLayout(n, 0, True, True, (True, True), (), (n,)) for n in names])
+    return source, codes, shift, scale
+
+
+# ------------------------------------------------------------------------------- ring
+
+
+class _Ring:
+    """n_slots × slot_bytes of shared memory in a file that is unlinked once readers map it."""
+
+    def __init__(self, n_slots: int, slot_bytes: int):
+        self.n_slots, self.slot_bytes = n_slots, slot_bytes
+        self.nbytes = n_slots * slot_bytes
+        root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
+        self.path = os.path.join(root, f"dsfm-ring-{os.getpid()}-{secrets.token_hex(4)}")
+        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        try:
+            os.ftruncate(fd, self.nbytes)
+            self._mm = mmap.mmap(fd, self.nbytes)
+        finally:
+            os.close(fd)
+        self.array = np.frombuffer(self._mm, dtype=np.uint8)
+        self.pinned = False
+
+    def unlink(self) -> None:
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def slot(self, i: int) -> np.ndarray:
+        return self.array[i * self.slot_bytes:(i + 1) * self.slot_bytes]
+
+    def pin(self) -> None:
+        """Page-lock the whole ring once, so host-to-device copies run at full speed."""
+        ptr = self.array.ctypes.data
+        err = torch.cuda.cudart().cudaHostRegister(ptr, self.nbytes, 0)
+        if int(err) != 0:
+            raise WorkerError(f"cudaHostRegister of the {self.nbytes / 2**20:.0f} MiB loader ring "
+                              f"failed (error {int(err)}); lower ring_slots or batch size")
+        self.pinned = True
+
+    def close(self) -> None:
+        if self.pinned:
+            torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
+            self.pinned = False
+        self.unlink()
+        self.array = None
+        try:
+            self._mm.close()
+        except BufferError:       # a tensor still views the ring; the mapping dies with it
+            pass
+
+
+# ------------------------------------------------------------------------------- assembly
+
+
+def assemble(flat: torch.Tensor, source: WindowSource, batch: int, n_in: int,
+             shift: torch.Tensor | None, scale: torch.Tensor | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot contents (float32, native block layouts) → normalized x [B, T_in, C, *spatial] and
+    y [B, T_out, C, *spatial], on `flat`'s device: the torch twin of `assemble_numpy`. The
+    layout change and the subtraction are one pass (written straight into x and y), the division
+    a second."""
+    n, spatial, c_total = source.n_steps, source.spatial_shape, source.n_channels
+    x = torch.empty((batch, n_in, c_total) + spatial, dtype=torch.float32, device=flat.device)
+    y = torch.empty((batch, n - n_in, c_total) + spatial, dtype=torch.float32, device=flat.device)
+    view = (1, 1, -1) + (1,) * len(spatial)
+    for offset, k, shape, c0, c1 in assembly_plan(source, batch):
+        t = flat[offset:offset + k].view(shape).movedim(-1, 2)
+        t = t.expand((batch, n, c1 - c0) + spatial)
+        for out, part in ((x, t[:, :n_in]), (y, t[:, n_in:])):
+            if shift is None:
+                out[:, :, c0:c1].copy_(part)
+            else:
+                torch.sub(part, shift[c0:c1].view(view), out=out[:, :, c0:c1])
+    if scale is not None:
+        x.div_(scale.view(view))
+        y.div_(scale.view(view))
+    return x, y
+
+
+def all_finite(*tensors: torch.Tensor) -> torch.Tensor | bool:
+    """Every element is finite: a 0-d bool tensor on a GPU (no host sync), a bool on the CPU
+    (where NumPy's check is several times faster than torch's)."""
+    if tensors[0].device.type == "cpu":
+        return all(bool(np.isfinite(t.numpy()).all()) for t in tensors)
+    return torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+
+
+# ------------------------------------------------------------------------------- loader
+
+
+def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
+    if rank is not None and world_size is not None:
+        return rank, world_size
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return (torch.distributed.get_rank() if rank is None else rank,
+                torch.distributed.get_world_size() if world_size is None else world_size)
+    return rank or 0, world_size or 1
+
+
+class WellLoader:
+    """Endless micro-batches from a mixture of Well datasets and PDEBench sources.
+
+    datasets: Well dataset directories (`<base>/<name>` with `data/<split>/` and `stats.yaml`)
+    and PDEBench files or directories. Each micro-batch comes from one dataset (MPP balancing),
+    drawn with `weights` (uniform by default), the same on all ranks if
+    `same_dataset_across_ranks`. rank/world_size default to torch.distributed's (or 0/1).
+    device: where batches go (default: this rank's CUDA device if CUDA is available, else CPU).
+    normalization: "zscore", "rms" or None, from each dataset's stats.yaml, done on the device.
+    ring_slots: micro-batches buffered in shared memory (default 2·num_workers + 2); the ring's
+    size is ring_slots × the largest micro-batch, and nothing else grows.
+    assemble_on: where the layout change, broadcasting and normalization run. "device" (the
+    default with CUDA): readers only read and the device assembles; "readers" (the default on
+    CPU): readers assemble in parallel and batches are handed out without a copy, leasing their
+    ring slot until their tensors are freed (.clone() what you keep for long).
+    """
+
+    def __init__(self, datasets: Sequence[str], split: str = "train", n_steps_input: int = 4,
+                 n_steps_output: int = 1, batch_size: int = 8, num_workers: int = 2,
+                 seed: int = 0, rank: int | None = None, world_size: int | None = None,
+                 device: str | torch.device | None = None, normalization: str | None = "zscore",
+                 weights: Sequence[float] | None = None, same_dataset_across_ranks: bool = False,
+                 dt_stride: int = 1, ring_slots: int | None = None, check_finite: bool = True,
+                 vocabulary: FieldVocabulary | None = None, max_open_files: int = 64,
+                 assemble_on: str = "auto",
+                 worker_start_timeout_s: float = 120.0, read_timeout_s: float = 600.0):
+        if split not in SPLITS:
+            raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
+        if num_workers < 1:
+            raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
+        if n_steps_input < 1 or n_steps_output < 0:
+            raise ConfigError("need n_steps_input >= 1 and n_steps_output >= 0")
+        if isinstance(datasets, str):
+            datasets = [datasets]
+        self.n_steps_input, self.n_steps_output = n_steps_input, n_steps_output
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.check_finite = check_finite
+        self.read_timeout_s = read_timeout_s
+        if device is None:
+            device = torch.device("cuda", torch.cuda.current_device()) \
+                if torch.cuda.is_available() else torch.device("cpu")
+        self.device = torch.device(device)
+        self.cuda = self.device.type == "cuda"
+        if assemble_on not in ("auto", "readers", "device"):
+            raise ConfigError(f"assemble_on {assemble_on!r} is not one of auto, readers, device")
+        if self.cuda and assemble_on == "readers":
+            raise ConfigError("assemble_on='readers' is for CPU training; on CUDA the device "
+                              "assembles")
+        self.readers_assemble = assemble_on == "readers" or (assemble_on == "auto"
+                                                             and not self.cuda)
+        self.vocabulary = vocabulary if vocabulary is not None else FieldVocabulary()
+
+        self.datasets: list[_Dataset] = []
+        for path in datasets:
+            make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
+            source, codes, shift, scale = make(path, split, n_steps_input, n_steps_output,
+                                               dt_stride, normalization)
+            ids = self.vocabulary.add(source.name, source.channel_names)
+            self.datasets.append(_Dataset(source, codes, shift, scale, ids))
+        names = [d.source.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"dataset names repeat: {names}")
+        rank, world_size = _dist_rank_world(rank, world_size)
+        self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,
+                                      rank, world_size, weights, same_dataset_across_ranks, names)
+
+        per_window = [max(d.source.window_floats, d.source.assembled_floats)
+                      if self.readers_assemble else d.source.window_floats
+                      for d in self.datasets]
+        slot_bytes = max(per_window) * batch_size * FLOAT_BYTES
+        slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
+        self.ring_slots = ring_slots or 2 * num_workers + 2
+        if self.ring_slots < 2:
+            raise ConfigError(f"ring_slots must be >= 2, got {self.ring_slots}")
+        self._ring = _Ring(self.ring_slots, slot_bytes)
+        self._workers: list[subprocess.Popen] = []
+        self._closed = False
+        try:
+            self._start_workers(max_open_files, worker_start_timeout_s)
+            if self.cuda:
+                self._ring.pin()
+                self._stream = torch.cuda.Stream(self.device)
+        except BaseException:
+            self.close()
+            raise
+        self._free = list(range(self.ring_slots))
+        self._returned: queue.SimpleQueue = queue.SimpleQueue()
+        self._leases: dict[int, int] = {}         # slot -> parts of a CPU batch still alive
+        self._outstanding = [0] * num_workers
+        self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
+        self._done: set[int] = set()
+        self._ready: dict[int, tuple] = {}        # step -> (Batch, copy event) on CUDA
+        self._copying: list[tuple[Any, int]] = []  # (copy event, slot)
+        self._snapshots: dict[int, dict] = {}
+        self._next_submit = 0
+        self._next_yield = 0
+        self._pending_check: tuple | None = None
+        self._state = self.sampler.state_dict()
+        self.wait_s = 0.0
+        self.last_wait_s = 0.0
+
+    # ---------------------------------------------------------------- workers
+
+    def _start_workers(self, max_open_files: int, timeout_s: float) -> None:
+        sources = [d.source for d in self.datasets]
+        env = dict(os.environ)
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        self._tasks: list[Connection] = []
+        self._results: list[Connection] = []
+        for wid in range(self.num_workers):
+            task_r, task_w = os.pipe()
+            res_r, res_w = os.pipe()
+            try:
+                proc = subprocess.Popen([sys.executable, "-m", "dsfm.data.readers", str(task_r),
+                                         str(res_w)], pass_fds=(task_r, res_w), env=env)
+            finally:
+                os.close(task_r)
+                os.close(res_w)
+            self._workers.append(proc)
+            self._tasks.append(Connection(task_w, readable=False))
+            self._results.append(Connection(res_r, writable=False))
+            self._tasks[-1].send(("init", wid, self._ring.path, self._ring.nbytes,
+                                  self._ring.slot_bytes, sources, os.getpid(), max_open_files,
+                                  self.readers_assemble, self.n_steps_input,
+                                  [(d.shift, d.scale) for d in self.datasets],
+                                  self.check_finite))
+        waiting = set(range(self.num_workers))
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            for conn in wait([self._results[w] for w in waiting], timeout=POLL_S):
+                wid = self._results.index(conn)
+                try:
+                    msg = conn.recv()
+                except EOFError:
+                    msg = ("eof",)
+                if msg[0] == "ready":
+                    waiting.discard(wid)
+            self._check_alive("starting")
+            if waiting and time.monotonic() > deadline:
+                raise WorkerError(f"reader processes did not start within {timeout_s:.0f} s")
+        self._ring.unlink()          # every reader has it mapped: nothing can leak it now
+
+    @property
+    def worker_pids(self) -> list[int]:
+        return [p.pid for p in self._workers]
+
+    def _check_alive(self, doing: str) -> None:
+        for wid, p in enumerate(self._workers):
+            if p.poll() is not None:
+                what = [f"step {s} ({self.datasets[v[1]].source.name})"
+                        for s, v in self._inflight.items() if v[3] == wid]
+                code = p.returncode
+                how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
+                self.close()
+                raise WorkerError(
+                    f"reader process {wid} (pid {p.pid}) died ({how}) while {doing}"
+                    + (f"; it was reading {', '.join(what)}" if what else "")
+                    + ("; SIGKILL usually means the machine ran out of memory" if code == -9
+                       else ""))
+
+    def _submit(self) -> None:
+        while True:                       # slots whose leased CPU batches were freed
+            try:
+                slot = self._returned.get_nowait()
+            except queue.Empty:
+                break
+            self._leases[slot] -= 1
+            if self._leases[slot] == 0:
+                del self._leases[slot]
+                self._free.append(slot)
+        if not self._free and self._next_yield == self._next_submit:
+            self.close()
+            raise ConfigError(
+                f"all {self.ring_slots} ring slots are held by batches that are still "
+                "referenced; .clone() the tensors of batches you keep, or raise ring_slots")
+        while self._free:
+            slot = self._free.pop()
+            d, windows = self.sampler.next()
+            step = self._next_submit
+            self._snapshots[step] = self.sampler.state_dict()
+            wid = int(np.argmin(self._outstanding))
+            self._outstanding[wid] += 1
+            self._inflight[step] = (slot, d, windows, wid, time.monotonic())
+            self._tasks[wid].send((step, slot, d, windows))
+            self._next_submit += 1
+
+    def _poll(self, timeout: float) -> bool:
+        """Take the messages the readers have sent; False if none came within `timeout`."""
+        ready = wait(self._results, timeout=timeout)
+        if not ready:
+            self._check_alive(f"the trainer waited for step {self._next_yield}")
+            _, d, _, wid, t0 = self._inflight[self._next_yield]
+            if time.monotonic() - t0 > self.read_timeout_s:
+                self.close()
+                raise WorkerError(f"reader process {wid} has not finished step "
+                                  f"{self._next_yield} ({self.datasets[d].source.name}) in "
+                                  f"{self.read_timeout_s:.0f} s; is the file system stalled?")
+            return False
+        for conn in ready:
+            try:
+                msg = conn.recv()
+            except (EOFError, OSError):
+                self._check_alive(f"the trainer waited for step {self._next_yield}")
+                continue
+            kind, wid, step = msg[0], msg[1], msg[2]
+            if kind == "error":
+                exc_name, text = msg[4], msg[5]
+                self.close()
+                cls = getattr(errors, exc_name, None)
+                if not (isinstance(cls, type) and issubclass(cls, errors.DsfmError)):
+                    cls = DataError
+                raise cls(f"{text} (reader process {wid}, step {step})")
+            self._outstanding[wid] -= 1
+            self._done.add(step)
+            if self.cuda:
+                self._launch_copy(step)
+        return True
+
+    # ---------------------------------------------------------------- device
+
+    def _device_tensors(self, ds: _Dataset):
+        cache = ds.device_cache
+        if "ids" not in cache:
+            cache["ids"] = torch.tensor(ds.field_ids, dtype=torch.long, device=self.device)
+            cache["shift"] = None if ds.shift is None else torch.from_numpy(ds.shift).to(
+                self.device)
+            cache["scale"] = None if ds.scale is None else torch.from_numpy(ds.scale).to(
+                self.device)
+            cache["codes"] = torch.from_numpy(ds.boundary_codes)
+        return cache
+
+    def _bcs(self, ds: _Dataset, windows: np.ndarray) -> torch.Tensor:
+        files = [ds.source.index.locate(int(w))[0] for w in windows]
+        return self._device_tensors(ds)["codes"][files]
+
+    def _make_batch(self, step: int, flat: torch.Tensor) -> Batch:
+        slot, d, windows, _, _ = self._inflight[step]
+        ds = self.datasets[d]
+        dev = self._device_tensors(ds)
+        x, y = assemble(flat, ds.source, len(windows), self.n_steps_input, dev["shift"],
+                        dev["scale"])
+        bcs = self._bcs(ds, windows).to(self.device, non_blocking=True)
+        return Batch(x, y, dev["ids"], bcs, ds.source.name, step, windows)
+
+    def _slot_tensor(self, step: int) -> torch.Tensor:
+        slot, d, windows, _, _ = self._inflight[step]
+        n = len(windows) * self.datasets[d].source.window_floats
+        return torch.from_numpy(self._ring.slot(slot)[:n * FLOAT_BYTES].view(np.float32))
+
+    def _launch_copy(self, step: int) -> None:
+        """CUDA: copy the slot to the device and assemble the batch there, on the side stream."""
+        host = self._slot_tensor(step)
+        with torch.cuda.stream(self._stream):
+            flat = host.to(self.device, non_blocking=True)
+            copied = torch.cuda.Event()
+            copied.record(self._stream)
+            batch = self._make_batch(step, flat)
+            ready = torch.cuda.Event()
+            ready.record(self._stream)
+        self._copying.append((copied, self._inflight[step][0]))
+        self._ready[step] = (batch, ready)
+
+    def _reclaim(self, block: bool) -> None:
+        """Return slots whose host-to-device copy has finished."""
+        still = []
+        for event, slot in self._copying:
+            if event.query():
+                self._free.append(slot)
+            else:
+                still.append((event, slot))
+        self._copying = still
+        if block and not self._free and self._copying:
+            event, slot = self._copying.pop(0)
+            event.synchronize()
+            self._free.append(slot)
+
+    # ---------------------------------------------------------------- iteration
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Batch:
+        if self._closed:
+            raise StopIteration
+        if self.cuda:
+            self._reclaim(block=False)
+            self._check_deferred()
+        self._submit()
+        step = self._next_yield
+        start = time.perf_counter()
+        while step not in self._done:
+            self._poll(POLL_S)
+        while self._poll(0):            # drain finished work so its copies start early
+            pass
+        self.last_wait_s = time.perf_counter() - start
+        self.wait_s += self.last_wait_s
+        slot = self._inflight[step][0]
+        if self.cuda:
+            batch, ready = self._ready.pop(step)
+            compute = torch.cuda.current_stream(self.device)
+            compute.wait_event(ready)
+            for t in (batch.x, batch.y, batch.bcs):
+                t.record_stream(compute)
+            if self.check_finite:
+                self._pending_check = (all_finite(batch.x, batch.y), step, self._inflight[step])
+        elif self.readers_assemble:
+            batch = self._lease(step, slot)
+        else:                           # CPU device: the device path without the copy engine
+            batch = self._make_batch(step, self._slot_tensor(step))
+            if self.check_finite and not bool(all_finite(batch.x, batch.y)):
+                self._explain_nonfinite(self._inflight[step])
+            self._free.append(slot)
+        self._done.discard(step)
+        if not (self.cuda and self.check_finite):
+            del self._inflight[step]
+        self._state = self._snapshots.pop(step)
+        self._next_yield += 1
+        return batch
+
+    def _lease(self, step: int, slot: int) -> Batch:
+        """CPU: the readers assembled the batch in its slot; hand it out without copying and
+        return the slot to the ring when the batch's tensors are garbage-collected."""
+        _, d, windows, _, _ = self._inflight[step]
+        ds = self.datasets[d]
+        x_np, y_np = assembled_views(self._ring.slot(slot), ds.source, len(windows),
+                                     self.n_steps_input)
+        self._leases[slot] = 2
+        for part in (x_np, y_np):
+            weakref.finalize(part, self._returned.put, slot)
+        dev = self._device_tensors(ds)
+        return Batch(torch.from_numpy(x_np), torch.from_numpy(y_np), dev["ids"],
+                     self._bcs(ds, windows), ds.source.name, step, windows)
+
+    def _check_deferred(self) -> None:
+        """CUDA: look at the previous batch's finiteness flag once it is surely computed."""
+        if self._pending_check is None:
+            return
+        flag, step, info = self._pending_check
+        self._pending_check = None
+        self._inflight.pop(step, None)
+        if not bool(flag):
+            self._explain_nonfinite(info)
+
+    def _explain_nonfinite(self, info: tuple) -> None:
+        """Find and name the first NaN/Inf of a batch by rereading its windows on the host."""
+        _, d, windows, _, _ = info
+        source = self.datasets[d].source
+        pool = H5Pool(4)
+        try:
+            for w in windows:
+                bufs = [np.empty(b.shape, np.float32) for b in source.blocks]
+                source.read(pool, int(w), bufs)
+                for blk, buf in zip(source.blocks, bufs):
+                    bad = ~np.isfinite(buf)
+                    if bad.any():
+                        fi, traj, t0 = source.locate(int(w))
+                        t = t0 + int(np.argwhere(bad)[0][0]) * source.stride
+                        self.close()
+                        raise NonFiniteError(f"{source.files[fi]}: /{blk.path} has NaN/Inf at "
+                                             f"trajectory {traj}, time index {t}")
+        finally:
+            pool.close()
+        self.close()
+        raise NonFiniteError(f"{source.name}: normalization produced NaN/Inf (check its "
+                             "stats.yaml)")
+
+    # ---------------------------------------------------------------- state and lifetime
+
+    def state_dict(self) -> dict:
+        """Sampler state after the last batch handed out: a resumed loader continues there."""
+        return {"sampler": dict(self._state)}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self._next_submit:
+            raise ConfigError("load_state_dict must be called before the first batch is drawn")
+        self.sampler.load_state_dict(state["sampler"])
+        self._state = self.sampler.state_dict()
+
+    @property
+    def ring_bytes(self) -> int:
+        return self._ring.nbytes
+
+    def close(self) -> None:
+        """Stop the readers, release the ring. Safe to call more than once."""
+        if self._closed:
+            return
+        self._closed = True
+        for conn in getattr(self, "_tasks", []):
+            try:
+                conn.send(None)
+            except OSError:
+                pass
+        deadline = time.monotonic() + 5.0
+        for p in self._workers:
+            try:
+                p.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(5.0)
+        if self.cuda and getattr(self, "_stream", None) is not None:
+            self._stream.synchronize()
+        getattr(self, "_ready", {}).clear()
+        self._ring.close()
+        for conn in list(getattr(self, "_tasks", [])) + list(getattr(self, "_results", [])):
+            conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        if not getattr(self, "_closed", True):
+            self.close()

@@ -1,0 +1,131 @@
+"""The prefetcher's reader process: `python -m dsfm.data.readers TASK_FD RESULT_FD`.
+
+Started by `WellLoader` as a plain subprocess (not multiprocessing's spawn, which would re-import
+the training script and torch in every reader): it imports only numpy and h5py, maps the shared
+ring, and then reads the windows it is sent, each stored array with one hyperslab straight into
+its place in a ring slot. Messages are pickled over two pipes:
+
+    in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
+          assemble here?, n_steps_input, per-source (shift, scale), check finite?)
+         (step, slot, source index, window ids) ... None
+    out: ("ready", wid, pid)  ("done", wid, step, slot)  ("error", wid, step, slot, type, text)
+
+For a CUDA trainer the reader leaves each window in its native layout and the device assembles
+the batch; for a CPU trainer it also assembles (layout, broadcasting, normalization, NaN check)
+into the slot, so that work runs in parallel instead of in the training process.
+It ignores Ctrl-C (the training process decides), asks the kernel to kill it when its parent
+dies, and also exits when it finds its parent gone or its task pipe closed.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+import numpy as np
+
+from dsfm import errors
+from dsfm.data.handles import H5Pool
+from dsfm.data.windows import WindowSource, assemble_numpy, assembly_plan, first_nonfinite
+
+FLOAT_BYTES = 4
+
+
+def block_views(flat: np.ndarray, source: WindowSource, batch: int) -> list[np.ndarray]:
+    """Per block, a [batch, *native shape] view of a flat float32 buffer (blocks in order)."""
+    return [flat[offset:offset + k].reshape((batch,) + blk.shape)
+            for blk, (offset, k, _, _, _) in zip(source.blocks, assembly_plan(source, batch))]
+
+
+def assembled_views(slot: np.ndarray, source: WindowSource, batch: int, n_in: int
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """x [B, T_in, C, *spatial] then y [B, T_out, C, *spatial], contiguous, at a slot's start."""
+    per = source.n_channels * int(np.prod(source.spatial_shape))
+    nx, ny = batch * n_in * per, batch * (source.n_steps - n_in) * per
+    flat = slot[:(nx + ny) * FLOAT_BYTES].view(np.float32)
+    tail = (source.n_channels,) + source.spatial_shape
+    return (flat[:nx].reshape((batch, n_in) + tail),
+            flat[nx:].reshape((batch, source.n_steps - n_in) + tail))
+
+
+def _die_with_parent() -> None:
+    """Ask Linux to SIGKILL this process when the process that started it exits."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def serve(tasks: Connection, results: Connection) -> None:
+    (_, wid, ring_path, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
+     norms, check_finite) = tasks.recv()
+    if os.getppid() != parent:
+        return
+    fd = os.open(ring_path, os.O_RDWR)
+    mm = mmap.mmap(fd, ring_bytes)
+    os.close(fd)
+    ring = np.frombuffer(mm, dtype=np.uint8)
+    pool = H5Pool(max_open)
+    scratch = np.empty(0, np.float32)
+    results.send(("ready", wid, os.getpid()))
+    try:
+        while True:
+            if not tasks.poll(0.5):
+                if os.getppid() != parent:
+                    break
+                continue
+            task = tasks.recv()
+            if task is None:
+                break
+            step, slot, src_idx, windows = task
+            source = sources[src_idx]
+            batch = len(windows)
+            slot_mem = ring[slot * slot_bytes:(slot + 1) * slot_bytes]
+            try:
+                if assemble_here:       # CPU training: the readers do the assembly in parallel
+                    need = batch * source.window_floats
+                    if scratch.size < need:
+                        scratch = np.empty(need, np.float32)
+                    flat = scratch[:need]
+                else:                   # the device assembles; readers only fill the ring
+                    flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
+                views = block_views(flat, source, batch)
+                for b, w in enumerate(windows):
+                    source.read(pool, int(w), [v[b] for v in views])
+                del views
+                if assemble_here:
+                    x, y = assembled_views(slot_mem, source, batch, n_in)
+                    shift, scale = norms[src_idx]
+                    assemble_numpy(flat, source, batch, n_in, shift, scale, x, y)
+                    if check_finite and not (np.isfinite(x).all() and np.isfinite(y).all()):
+                        where = first_nonfinite(source, windows, flat) or (
+                            f"{source.name}: normalization produced NaN/Inf (check stats.yaml)")
+                        raise errors.NonFiniteError(where)
+                    del x, y
+                results.send(("done", wid, step, slot))
+            except errors.DsfmError as exc:
+                results.send(("error", wid, step, slot, type(exc).__name__, str(exc)))
+            except Exception as exc:  # noqa: BLE001 - anything else must still reach the trainer
+                results.send(("error", wid, step, slot, type(exc).__name__,
+                              f"{source.name}: {type(exc).__name__}: {exc}"))
+    except (EOFError, BrokenPipeError, ConnectionResetError):
+        pass                                  # the training process went away
+    finally:
+        pool.close()                          # the ring mapping goes with the process
+
+
+def main(argv: list[str]) -> int:
+    _die_with_parent()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    tasks = Connection(int(argv[0]), writable=False)
+    results = Connection(int(argv[1]), readable=False)
+    serve(tasks, results)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,108 @@
+"""Which windows each rank reads at each step: MPP-style balanced multi-dataset sampling.
+
+Every micro-batch comes from one dataset, drawn with configurable weights (uniform by default),
+optionally the same dataset on all ranks at a given step. Each dataset's windows are shuffled
+per epoch and dealt to ranks without overlap (rank r takes every world_size-th window, so all
+ranks hold the same number and nobody shares one); a dataset that runs out starts its next epoch
+with a fresh shuffle. Everything is a function of (seed, step, rank, per-dataset epoch and
+cursor), so `state_dict()` / `load_state_dict()` make a resumed run continue with exactly the
+batches it would have seen.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+from dsfm.errors import ConfigError
+
+_DATASET_STREAM = 0x5EED      # separates the dataset-choice stream from the shuffles
+
+
+class MixtureSampler:
+    def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
+                 world_size: int = 1, weights: Sequence[float] | None = None,
+                 same_dataset_across_ranks: bool = False, names: Sequence[str] | None = None):
+        if batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ConfigError(f"rank {rank} is not in [0, world_size={world_size})")
+        self.sizes = [int(s) for s in sizes]
+        self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
+        if not self.sizes:
+            raise ConfigError("no datasets to sample from")
+        for name, size in zip(self.names, self.sizes):
+            if size // world_size < batch_size:
+                raise ConfigError(
+                    f"dataset {name} has {size} windows: fewer than batch_size {batch_size} per "
+                    f"rank with {world_size} ranks; lower the batch size or add data")
+        w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
+        if w.shape != (len(self.sizes),) or (w < 0).any() or w.sum() <= 0:
+            raise ConfigError(f"weights {list(w)} must be {len(self.sizes)} non-negative numbers "
+                              "with a positive sum")
+        self.weights = w / w.sum()
+        self.batch_size = batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.same_dataset_across_ranks = same_dataset_across_ranks
+        self.step = 0
+        self.epochs = [0] * len(self.sizes)
+        self.cursors = [0] * len(self.sizes)
+        self._shards: dict[int, np.ndarray] = {}
+
+    def shard(self, dataset: int, epoch: int) -> np.ndarray:
+        """This rank's windows of `dataset` in epoch `epoch`, in reading order."""
+        per_rank = self.sizes[dataset] // self.world_size
+        perm = np.random.default_rng([self.seed, dataset, epoch]).permutation(self.sizes[dataset])
+        return perm[self.rank::self.world_size][:per_rank]
+
+    def _current_shard(self, dataset: int) -> np.ndarray:
+        key = dataset
+        cached = self._shards.get(key)
+        if cached is None or cached[0] != self.epochs[dataset]:
+            cached = (self.epochs[dataset], self.shard(dataset, self.epochs[dataset]))
+            self._shards[key] = cached
+        return cached[1]
+
+    def choose_dataset(self, step: int) -> int:
+        key = [self.seed, _DATASET_STREAM, step]
+        if not self.same_dataset_across_ranks:
+            key.append(self.rank)
+        return int(np.random.default_rng(key).choice(len(self.sizes), p=self.weights))
+
+    def next(self) -> tuple[int, np.ndarray]:
+        """(dataset index, window ids) of the next micro-batch; advances the state."""
+        d = self.choose_dataset(self.step)
+        shard = self._current_shard(d)
+        if self.cursors[d] + self.batch_size > len(shard):
+            self.epochs[d] += 1
+            self.cursors[d] = 0
+            shard = self._current_shard(d)
+        ids = shard[self.cursors[d]:self.cursors[d] + self.batch_size]
+        self.cursors[d] += self.batch_size
+        self.step += 1
+        return d, ids
+
+    def __iter__(self):
+        while True:
+            yield self.next()
+
+    def state_dict(self) -> dict:
+        return {"step": self.step, "epochs": list(self.epochs), "cursors": list(self.cursors),
+                "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
+                "sizes": list(self.sizes), "batch_size": self.batch_size,
+                "weights": self.weights.tolist(),
+                "same_dataset_across_ranks": self.same_dataset_across_ranks}
+
+    def load_state_dict(self, state: dict) -> None:
+        for key in ("seed", "rank", "world_size", "sizes", "batch_size",
+                    "same_dataset_across_ranks"):
+            if state[key] != getattr(self, key):
+                raise ConfigError(f"sampler state has {key}={state[key]!r} but this run has "
+                                  f"{getattr(self, key)!r}: resume with the same data and layout")
+        if not np.allclose(state["weights"], self.weights):
+            raise ConfigError(f"sampler state has weights {state['weights']} but this run has "
+                              f"{self.weights.tolist()}")
+        self.step = int(state["step"])
+        self.epochs = [int(e) for e in state["epochs"]]
+        self.cursors = [int(c) for c in state["cursors"]]

@@ -1,0 +1,214 @@
+"""Windows as the prefetcher's reader processes see them: which stored arrays make a window and
+how to read each with one hyperslab straight into shared memory.
+
+A `WindowSource` describes one dataset split (The Well or a PDEBench layout) as a list of
+`Block`s, one per stored array (a Well field, PDEBench's `data`, `velocity`, ...). A window of
+block k is read in its native layout [T, *stored spatial axes, *components] into the slot, block
+after block; the layout change to [T, C, H, W], broadcasting of axes a field does not vary along,
+and normalization happen later, on the device. Torch-free, so reader processes stay light.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from dsfm.data.handles import H5Pool
+from dsfm.data.index import WindowIndex, windows_per_trajectory
+from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_trajectories
+from dsfm.data.well_format import FileLayout
+from dsfm.errors import ConfigError, CorruptFileError, SchemaError
+
+
+@dataclass(frozen=True)
+class Block:
+    """One stored array of a window.
+
+    `path` is the HDF5 dataset path, with `{group}` replaced by the trajectory's group for
+    PDEBench layouts that store one group per trajectory. `indexed` says whether the array has a
+    leading trajectory axis. `shape` is the window's native shape, `bshape` the same data with a
+    1 for every spatial axis it does not vary along and the components flattened last:
+    [T, *spatial or 1, n_channels].
+    """
+
+    path: str
+    indexed: bool
+    shape: tuple[int, ...]
+    bshape: tuple[int, ...]
+
+    @property
+    def n_channels(self) -> int:
+        return self.bshape[-1]
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape))
+
+
+@dataclass
+class WindowSource:
+    """Everything a reader process needs to read windows of one dataset split."""
+
+    name: str
+    files: list[str]
+    index: WindowIndex
+    trajectories: list[list[int]]      # per file: stored index of each trajectory of the split
+    groups: list[list[str]]            # per file: trajectory groups ({group} in Block.path)
+    blocks: list[Block]
+    n_steps: int                       # n_steps_input + n_steps_output
+    stride: int
+    spatial_shape: tuple[int, ...]
+    channel_names: list[str]
+
+    @property
+    def window_floats(self) -> int:
+        return sum(b.size for b in self.blocks)
+
+    @property
+    def n_channels(self) -> int:
+        return sum(b.n_channels for b in self.blocks)
+
+    @property
+    def assembled_floats(self) -> int:
+        """Floats of one window once assembled: n_steps × C × spatial."""
+        return self.n_steps * self.n_channels * int(np.prod(self.spatial_shape))
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def locate(self, window: int) -> tuple[int, int, int]:
+        """(file index, stored trajectory index, first time step) of a window."""
+        fi, traj, t0 = self.index.locate(window)
+        return fi, self.trajectories[fi][traj], t0
+
+    def read(self, pool: H5Pool, window: int, dest: list[np.ndarray]) -> None:
+        """Read window `window` into `dest` (one float32 array per block, native shapes)."""
+        fi, traj, t0 = self.locate(window)
+        path = self.files[fi]
+        tsel = slice(t0, t0 + (self.n_steps - 1) * self.stride + 1, self.stride)
+        group = self.groups[fi][traj] if self.groups[fi] else ""
+        for block, out in zip(self.blocks, dest):
+            name = block.path.replace("{group}", group)
+            sel = (traj, tsel) if block.indexed else (tsel,)
+            where = (f"reading /{name} trajectory {traj} time index {t0} (steps "
+                     f"{t0}..{tsel.stop - 1} every {self.stride})")
+            try:
+                pool.dataset(path, name).read_direct(out, np.s_[sel])
+            except CorruptFileError as exc:
+                raise CorruptFileError(f"{exc} [while {where}]") from None
+            except (OSError, KeyError, TypeError, ValueError) as exc:
+                raise CorruptFileError(f"{path}: {where} failed: "
+                                       f"{str(exc).splitlines()[0]}") from None
+
+
+def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
+                stride: int = 1) -> WindowSource:
+    """The time-varying fields of a Well dataset split (its files' layouts), one block each."""
+    first = layouts[0]
+    n = n_in + n_out
+    windows = []
+    for lay in layouts:
+        w = windows_per_trajectory(lay.n_steps, n_in, n_out, stride)
+        if w <= 0:
+            raise SchemaError(f"{lay.path}: {lay.n_steps} time steps are not enough for {n_in} "
+                              f"input and {n_out} output steps at stride {stride}")
+        windows.append(w)
+        for fl in lay.variable_fields:
+            if not fl.sample_varying:
+                raise ConfigError(f"{lay.path}: /{fl.path} is time-varying but not "
+                                  "sample-varying; the loader needs one value per trajectory")
+    blocks = []
+    for fl in first.variable_fields:
+        spatial = tuple(s for s, used in zip(first.spatial_shape, fl.dim_varying) if used)
+        shape = (n,) + spatial + (first.n_spatial_dims,) * fl.order
+        bshape = (n,) + tuple(s if used else 1 for s, used in
+                              zip(first.spatial_shape, fl.dim_varying)) + (fl.n_channels,)
+        blocks.append(Block(fl.path, True, shape, bshape))
+    return WindowSource(
+        name=first.dataset_name, files=[lay.path for lay in layouts],
+        index=WindowIndex([lay.n_trajectories for lay in layouts], windows),
+        trajectories=[list(range(lay.n_trajectories)) for lay in layouts],
+        groups=[[] for _ in layouts], blocks=blocks, n_steps=n, stride=stride,
+        spatial_shape=first.spatial_shape,
+        channel_names=[c for fl in first.variable_fields for c in fl.channel_names])
+
+
+def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int, n_out: int,
+                    stride: int = 1, fractions=(0.8, 0.1, 0.1)) -> WindowSource:
+    """A PDEBench layout as blocks: `data`, or `velocity` + `particles`, or one per variable."""
+    first = files[0]
+    n = n_in + n_out
+    h, w = first.spatial_shape
+    kind = first.kind
+    trajectories = [list(split_trajectories(pf.n_trajectories, split, fractions)) for pf in files]
+    windows = []
+    for pf in files:
+        count = windows_per_trajectory(pf.n_steps, n_in, n_out, stride)
+        if count <= 0:
+            raise SchemaError(f"{pf.path}: {pf.n_steps} time steps are not enough for {n_in}+"
+                              f"{n_out} steps at stride {stride}")
+        windows.append(count)
+    if kind in ("swe", "diff_react"):
+        c = len(FIELDS[kind])
+        blocks = [Block("{group}/data", False, (n, h, w, c), (n, h, w, c))]
+    elif kind == "incomp_ns":
+        blocks = [Block("velocity", True, (n, h, w, 2), (n, h, w, 2)),
+                  Block("particles", True, (n, h, w, 1), (n, h, w, 1))]
+    else:
+        blocks = [Block(v, True, (n, h, w), (n, h, w, 1)) for v in FIELDS[kind]]
+    return WindowSource(
+        name=name, files=[pf.path for pf in files],
+        index=WindowIndex([len(t) for t in trajectories], windows), trajectories=trajectories,
+        groups=[pf.groups for pf in files], blocks=blocks, n_steps=n, stride=stride,
+        spatial_shape=(h, w), channel_names=list(FIELDS[kind]))
+
+
+def assembly_plan(source: WindowSource, batch: int) -> list[tuple[int, int, tuple, int, int]]:
+    """Per block: (offset, length, [batch, *bshape], first channel, last channel) in a flat
+    buffer holding `batch` windows block after block. The one description of the native slot
+    layout, shared by the NumPy assembler (reader processes) and the torch one (the device)."""
+    plan, offset, c = [], 0, 0
+    for blk in source.blocks:
+        k = batch * blk.size
+        plan.append((offset, k, (batch,) + blk.bshape, c, c + blk.n_channels))
+        offset += k
+        c += blk.n_channels
+    return plan
+
+
+def assemble_numpy(flat: np.ndarray, source: WindowSource, batch: int, n_in: int,
+                   shift: np.ndarray | None, scale: np.ndarray | None, x: np.ndarray,
+                   y: np.ndarray) -> None:
+    """Native blocks in `flat` → x [B, T_in, C, *spatial], y [B, T_out, C, *spatial] (given
+    arrays), broadcast along axes a field does not vary along, normalized (x − shift) / scale.
+    The same arithmetic as the device assembler, in NumPy for reader processes."""
+    n, spatial = source.n_steps, source.spatial_shape
+    view = (1, 1, -1) + (1,) * len(spatial)
+    for offset, k, shape, c0, c1 in assembly_plan(source, batch):
+        t = np.moveaxis(flat[offset:offset + k].reshape(shape), -1, 2)
+        t = np.broadcast_to(t, (batch, n, c1 - c0) + spatial)
+        for out, part in ((x, t[:, :n_in]), (y, t[:, n_in:])):
+            if shift is None:
+                out[:, :, c0:c1] = part
+            else:
+                np.subtract(part, shift[c0:c1].reshape(view), out=out[:, :, c0:c1])
+    if scale is not None:
+        np.divide(x, scale.reshape(view), out=x)
+        np.divide(y, scale.reshape(view), out=y)
+
+
+def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str | None:
+    """Name the first NaN/Inf in native blocks of `windows` (file, array, trajectory, time)."""
+    plan = assembly_plan(source, len(windows))
+    for b, w in enumerate(windows):
+        for blk, (offset, k, shape, _, _) in zip(source.blocks, plan):
+            per = k // len(windows)
+            bad = ~np.isfinite(flat[offset + b * per:offset + (b + 1) * per].reshape(shape[1:]))
+            if bad.any():
+                fi, traj, t0 = source.locate(int(w))
+                t = t0 + int(np.argwhere(bad)[0][0]) * source.stride
+                group = source.groups[fi][traj] if source.groups[fi] else ""
+                return (f"{source.files[fi]}: /{blk.path.replace('{group}', group)} has NaN/Inf "
+                        f"at trajectory {traj}, time index {t}")
+    return None

@@ -1,0 +1,290 @@
+"""Input pipeline benchmark: `python -m perf.loader_bench --base BASE [--workers 2] [--json F]`.
+
+On the same files, with the same number of worker processes, batch size and window (4 input +
+1 output steps, z-score normalization), per dataset under BASE:
+
+  (a) dsfm      dsfm.data.WellLoader (reader processes → shared ring → device)
+  (b) upstream  the_well WellDataset + torch DataLoader (shuffle; pin_memory when CUDA)
+  (c) h5py      a plain h5py Dataset (handles kept per worker, numpy stacking) + DataLoader
+  (d) raw       one process doing back-to-back hyperslab reads of the same windows: the bound
+                (and the same reads split over as many processes as workers)
+
+Each variant runs once per round, rounds interleave the variants, and the median round counts
+(this kind of VM drifts in speed). Also `dsfm (1w)`: WellLoader with one reader, against the raw
+bound of one process. Prints samples/s, MB/s and per-batch latency (median, p95), writes JSON. `--rss-batches N`
+also runs WellLoader over the whole mixture for N batches and records the resident memory of the
+trainer and its readers. With CUDA it measures pinned and pageable host-to-device bandwidth and
+the loader's own copy bandwidth in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import time
+from concurrent.futures import ProcessPoolExecutor
+from datetime import date
+from multiprocessing import get_context
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from dsfm.data import WellLoader
+from dsfm.data.index import list_hdf5, read_layouts
+from dsfm.data.windows import well_source
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    ms = sorted(1e3 * t for t in latencies)
+    return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
+
+
+def _consume(iterator, n_batches: int, to_device) -> tuple[float, list[float]]:
+    """Time n_batches from an iterator: (seconds, per-batch latencies)."""
+    lat = []
+    start = last = time.perf_counter()
+    for _ in range(n_batches):
+        to_device(next(iterator))
+        now = time.perf_counter()
+        lat.append(now - last)
+        last = now
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, lat
+
+
+def _summary(runs: list[tuple[float, list[float]]], n_batches: int, batch: int,
+             sample_bytes: int) -> dict:
+    """Median over rounds of samples/s (this VM's speed drifts), latencies pooled."""
+    rates = sorted(n_batches * batch / t for t, _ in runs)
+    rate = statistics.median(rates)
+    med, p95 = _percentiles([x for _, lat in runs for x in lat])
+    return {"samples_per_s": rate, "mb_per_s": rate * sample_bytes / 1e6,
+            "batch_ms_median": med, "batch_ms_p95": p95, "rounds": rates}
+
+
+class PlainH5Dataset(Dataset):
+    """What a user writes with h5py alone: keep files open per worker, slice, stack."""
+
+    def __init__(self, source):
+        self.source = source
+        self._files = {}
+
+    def __len__(self):
+        return len(self.source)
+
+    def __getitem__(self, i):
+        fi, traj, t0 = self.source.locate(i)
+        path = self.source.files[fi]
+        f = self._files.get(path)
+        if f is None:
+            f = self._files[path] = h5py.File(path, "r")
+        n = self.source.n_steps
+        parts = []
+        for blk in self.source.blocks:
+            a = f[blk.path][traj, t0:t0 + n]
+            a = a.reshape(a.shape[:3] + (-1,)) if a.ndim > 3 else a[..., None]
+            parts.append(np.moveaxis(a, -1, 1))
+        return torch.from_numpy(np.concatenate(parts, axis=1))
+
+
+def raw_bound(source, windows: np.ndarray) -> float:
+    """Seconds for back-to-back hyperslab reads of `windows` in one process, handles open."""
+    files = {p: h5py.File(p, "r") for p in source.files}
+    dsets = [[files[p][blk.path] for blk in source.blocks] for p in source.files]
+    bufs = [np.empty(b.shape, np.float32) for b in source.blocks]
+    n = source.n_steps
+
+    def read(ws):
+        for w in ws:
+            fi, traj, t0 = source.locate(int(w))
+            for dset, buf in zip(dsets[fi], bufs):
+                dset.read_direct(buf, np.s_[traj, t0:t0 + n])
+
+    read(windows[:20])
+    start = time.perf_counter()
+    read(windows)
+    elapsed = time.perf_counter() - start
+    for f in files.values():
+        f.close()
+    return elapsed
+
+
+def _raw_task(args) -> float:
+    source, windows = args
+    return raw_bound(source, windows)
+
+
+def raw_parallel(pool, source, windows: np.ndarray, processes: int) -> float:
+    """Wall seconds for `processes` processes splitting the same windows' raw reads."""
+    parts = np.array_split(windows, processes)
+    start = time.perf_counter()
+    list(pool.map(_raw_task, [(source, p) for p in parts]))
+    return time.perf_counter() - start
+
+
+def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: int,
+                  device) -> dict:
+    from the_well.data import WellDataset as UpstreamWellDataset
+    from the_well.data.normalization import ZScoreNormalization
+
+    layouts = read_layouts(list_hdf5(os.path.join(path, "data", "train")))
+    source = well_source(layouts, 4, 1)
+    sample_bytes = source.window_floats * 4
+    cuda = device.type == "cuda"
+    move = (lambda b: b.to(device, non_blocking=True)) if cuda else (lambda b: b)
+    up = UpstreamWellDataset(path=path, well_split_name="train", n_steps_input=4,
+                             n_steps_output=1, use_normalization=True,
+                             normalization_type=ZScoreNormalization)
+    variants = {
+        "dsfm": (WellLoader([path], batch_size=batch, num_workers=workers, device=device),
+                 lambda b: b),
+        "dsfm_1w": (WellLoader([path], batch_size=batch, num_workers=1, device=device),
+                    lambda b: b),
+        "upstream": (DataLoader(up, batch_size=batch, shuffle=True, num_workers=workers,
+                                pin_memory=cuda, persistent_workers=True, drop_last=True),
+                     lambda b: move(b["input_fields"])),
+        "h5py": (DataLoader(PlainH5Dataset(source), batch_size=batch, shuffle=True,
+                            num_workers=workers, pin_memory=cuda, persistent_workers=True,
+                            drop_last=True), move),
+    }
+    iters = {k: iter(v) if isinstance(v, WellLoader) else _forever(v)
+             for k, (v, _) in variants.items()}
+    for k, (_, to_device) in variants.items():
+        _consume(iters[k], 10, to_device)                   # start-up and page cache
+    runs = {k: [] for k in variants}
+    raw, raw_w = [], []
+    rng = np.random.default_rng(0)
+    with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+        raw_parallel(pool, source, rng.permutation(len(source))[:4 * workers], workers)
+        for _ in range(rounds):
+            for k, (_, to_device) in variants.items():
+                runs[k].append(_consume(iters[k], n_batches, to_device))
+            windows = rng.permutation(len(source))[:n_batches * batch]
+            raw.append(raw_bound(source, windows))
+            raw_w.append(raw_parallel(pool, source, windows, workers))
+    for k in ("dsfm", "dsfm_1w"):
+        variants[k][0].close()
+    rows = {"dataset": source.name, "window": [5, source.n_channels, *source.spatial_shape],
+            "sample_mb": sample_bytes / 1e6}
+    for k in variants:
+        rows[k] = _summary(runs[k], n_batches, batch, sample_bytes)
+    raw_rate = statistics.median(n_batches * batch / t for t in raw)
+    rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6}
+    raw_w_rate = statistics.median(n_batches * batch / t for t in raw_w)
+    rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
+    rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
+    rows["dsfm_vs_upstream"] = rows["dsfm"]["samples_per_s"] / rows["upstream"]["samples_per_s"]
+    rows["dsfm_per_worker_vs_raw"] = rows["dsfm"]["samples_per_s"] / workers / raw_rate
+    rows["dsfm_1w_vs_raw"] = rows["dsfm_1w"]["samples_per_s"] / raw_rate
+    return rows
+
+
+def _forever(loader):
+    while True:
+        yield from loader
+
+
+def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) -> dict:
+    import psutil
+
+    def rss(loader):
+        procs = [psutil.Process()] + [psutil.Process(p) for p in loader.worker_pids]
+        return sum(p.memory_info().rss for p in procs) / 2**20
+
+    samples = []
+    with WellLoader(paths, batch_size=batch, num_workers=workers, device=device) as loader:
+        it = iter(loader)
+        for i in range(n_batches):
+            next(it)
+            if i % max(1, n_batches // 20) == 0 or i == n_batches - 1:
+                samples.append((i + 1, rss(loader)))
+        ring = loader.ring_bytes / 2**20
+    after_warmup = [m for i, m in samples if i > n_batches // 10]
+    return {"batches": n_batches, "ring_mib": ring, "rss_mib": samples,
+            "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
+            "rss_growth_after_warmup_mib": after_warmup[-1] - after_warmup[0]}
+
+
+def h2d_bandwidth(device, mib: int = 256) -> dict:
+    """Pinned vs pageable host-to-device copy bandwidth, GB/s, median of 10."""
+    out = {}
+    dst = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
+    for kind in ("pageable", "pinned"):
+        src = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=(kind == "pinned"))
+        times = []
+        for _ in range(12):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            dst.copy_(src, non_blocking=True)
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        out[f"{kind}_gb_s"] = mib * 2**20 / statistics.median(times[2:]) / 1e9
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m perf.loader_bench",
+                                 description=__doc__.split("\n")[0])
+    ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim --preset small)")
+    ap.add_argument("--datasets", help="comma-separated subset of the datasets under BASE")
+    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--batches", type=int, default=60, help="timed batches per variant, round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; each variant once per round")
+    ap.add_argument("--rss-batches", type=int, default=0,
+                    help="also run the mixture this many batches and record memory")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    names = args.datasets.split(",") if args.datasets else sorted(
+        d for d in os.listdir(args.base) if os.path.isfile(os.path.join(args.base, d,
+                                                                         "stats.yaml")))
+    paths = [os.path.join(args.base, n) for n in names]
+    report = {"machine": platform.node(), "cpus": os.cpu_count(), "date": str(date.today()),
+              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+              "workers": args.workers, "batch": args.batch, "rows": []}
+    if device.type == "cuda":
+        report["h2d"] = h2d_bandwidth(device)
+    for path in paths:
+        report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
+                                            args.rounds, device))
+    print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}")
+    print(f"{'dataset':30s} {'variant':9s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
+          f"{'p95 ms':>7s}")
+    for r in report["rows"]:
+        for v in ("dsfm", "dsfm_1w", "upstream", "h5py", "raw", "raw_w"):
+            m = r[v]
+            lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
+                else f"{'-':>7s} {'-':>7s}"
+            label = {"raw": "raw (1p)", "raw_w": f"raw ({args.workers}p)",
+                     "dsfm_1w": "dsfm (1w)"}.get(v, v)
+            print(f"{r['dataset']:30s} {label:9s} {m['samples_per_s']:9.0f} "
+                  f"{m['mb_per_s']:7.0f} {lat}")
+        print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | per worker vs raw 1p: "
+              f"{r['dsfm_per_worker_vs_raw']:.2f}x | 1 worker vs raw 1p: "
+              f"{r['dsfm_1w_vs_raw']:.2f}x | vs raw {args.workers}p: "
+              f"{r['dsfm_vs_raw_same_processes']:.2f}x")
+    if device.type == "cuda":
+        print(f"host-to-device: pinned {report['h2d']['pinned_gb_s']:.1f} GB/s, pageable "
+              f"{report['h2d']['pageable_gb_s']:.1f} GB/s")
+    if args.rss_batches:
+        report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
+        r = report["rss"]
+        print(f"memory over {r['batches']} mixture batches: ring {r['ring_mib']:.0f} MiB, RSS "
+              f"(trainer + readers) {r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB, "
+              f"growth after warm-up {r['rss_growth_after_warmup_mib']:+.1f} MiB")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(report, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

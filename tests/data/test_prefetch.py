@@ -1,0 +1,285 @@
+"""WellLoader on CPU: values, layout, sharding, resume, bounded ring, and faults."""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from dsfm.data import PDEBenchDataset, WellDataset, WellLoader
+from dsfm.data.pdebench import write_pdebench_stats
+from dsfm.errors import CorruptFileError, NonFiniteError, SchemaError
+from tests.conftest import DEMO_DATASETS, REPO, run
+from tests.data.well_fixtures import cube_3d_file, make_dataset, partial_dims_file
+
+pytestmark = pytest.mark.slow
+
+
+def reference(ds, window, n_in):
+    """The same window from the drop-in reader, in the loader's [T, C, *spatial] layout."""
+    item = ds[window]
+    move = lambda t: t.movedim(-1, 1)  # noqa: E731
+    return move(item["input_fields"]), move(item["output_fields"])
+
+
+@pytest.mark.parametrize("assemble_on", ["readers", "device"])
+@pytest.mark.parametrize("normalization", ["zscore", "rms", None])
+def test_batches_equal_the_drop_in_reader(demo_base, normalization, assemble_on):
+    """Both assembly paths: in the readers (CPU default) and the device path on CPU tensors."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    refs = {}
+    for p in paths:
+        kw = dict(use_normalization=True, normalization_type=normalization) if normalization \
+            else {}
+        ds = WellDataset(path=p, well_split_name="train", n_steps_input=3, n_steps_output=2, **kw)
+        refs[ds.dataset_name] = ds
+    with WellLoader(paths, n_steps_input=3, n_steps_output=2, batch_size=5, num_workers=2,
+                    seed=11, normalization=normalization, assemble_on=assemble_on) as loader:
+        seen = set()
+        for _, batch in zip(range(24), loader):
+            seen.add(batch.dataset)
+            ds = refs[batch.dataset]
+            assert batch.x.shape == (5, 3, sum(map(len, ds.field_names.values())), 32, 32)
+            assert batch.y.shape[1] == 2 and batch.x.dtype == torch.float32
+            names = [c for order in ds.field_names.values() for c in order]
+            assert batch.field_ids.tolist() == loader.vocabulary.ids(batch.dataset, names)
+            for b, w in enumerate(batch.windows):
+                x, y = reference(ds, int(w), 3)
+                assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
+                assert torch.equal(batch.bcs[b], ds[int(w)]["boundary_conditions"])
+    assert seen == set(refs)            # all four datasets appear, one per micro-batch
+
+
+def test_field_vocabulary_gives_each_dataset_field_its_own_column(demo_base):
+    paths = [os.path.join(demo_base, n) for n in ("euler_2d", "navier_stokes_2d")]
+    with WellLoader(paths, batch_size=2, num_workers=1) as loader:
+        assert loader.vocabulary.keys[:5] == ["euler_2d/density", "euler_2d/pressure",
+                                              "euler_2d/energy", "euler_2d/velocity_x",
+                                              "euler_2d/velocity_y"]
+        assert len(loader.vocabulary) == 10
+
+
+def test_pdebench_sources_in_the_mixture(tmp_path):
+    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--format", "pdebench",
+                "--datasets", "gray_scott,euler", "--out", str(tmp_path), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    paths = [str(tmp_path / "pdebench" / k) for k in ("diff_react", "comp_ns")]
+    for p in paths:
+        write_pdebench_stats(p)
+    refs = {PDEBenchDataset(p).dataset_name: PDEBenchDataset(
+        p, "train", 2, 1, use_normalization=True, normalization_type="zscore") for p in paths}
+    with WellLoader(paths, n_steps_input=2, n_steps_output=1, batch_size=3,
+                    num_workers=2) as loader:
+        for _, batch in zip(range(10), loader):
+            ds = refs[batch.dataset]
+            for b, w in enumerate(batch.windows):
+                x, y = reference(ds, int(w), 2)
+                assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
+
+
+def test_3d_and_partially_varying_fields(tmp_path):
+    cube = make_dataset(str(tmp_path), "cube_3d", cube_3d_file)
+    partial = make_dataset(str(tmp_path), "partial", partial_dims_file)
+    refs = {"cube_3d": WellDataset(path=cube, well_split_name="train", n_steps_input=2,
+                                   use_normalization=True, normalization_type="zscore"),
+            "partial": WellDataset(path=partial, well_split_name="train", n_steps_input=2,
+                                   use_normalization=True, normalization_type="zscore")}
+    with WellLoader([cube, partial], n_steps_input=2, batch_size=2, num_workers=1) as loader:
+        kinds = set()
+        for _, batch in zip(range(12), loader):
+            kinds.add(batch.dataset)
+            if batch.dataset == "cube_3d":
+                assert batch.x.shape == (2, 2, 13, 8, 6, 5) and batch.bcs.shape == (2, 3, 2)
+            for b, w in enumerate(batch.windows):
+                x, _ = reference(refs[batch.dataset], int(w), 2)
+                assert torch.equal(batch.x[b], x)
+    assert kinds == {"cube_3d", "partial"}
+
+
+def test_ranks_read_disjoint_windows(demo_base):
+    path = os.path.join(demo_base, "shallow_water_2d")
+    per_rank = []
+    for rank in range(2):
+        with WellLoader([path], batch_size=4, num_workers=1, rank=rank, world_size=2,
+                        seed=3) as loader:
+            per_rank.append({int(w) for _, b in zip(range(10), loader) for w in b.windows})
+    assert len(per_rank[0]) == len(per_rank[1]) == 40
+    assert not per_rank[0] & per_rank[1]
+
+
+def test_resume_gives_exactly_the_next_batches(demo_base):
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, batch_size=3, num_workers=2, seed=5) as a:
+        for _ in range(7):
+            next(a)
+        state = a.state_dict()
+        expected = [next(a) for _ in range(6)]
+    with WellLoader(paths, batch_size=3, num_workers=2, seed=5) as b:
+        b.load_state_dict(state)
+        got = [next(b) for _ in range(6)]
+    for e, g in zip(expected, got):
+        assert e.dataset == g.dataset and np.array_equal(e.windows, g.windows)
+        assert torch.equal(e.x, g.x) and torch.equal(e.y, g.y)
+
+
+def test_ring_is_bounded(demo_base):
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, batch_size=4, num_workers=2, ring_slots=3) as loader:
+        window = 5 * 5 * 32 * 32 * 4                   # largest: 5 steps x 5 channels x 32² fp32
+        assert loader.ring_bytes == 3 * -(-4 * window // 4096) * 4096
+        for _ in range(30):
+            next(loader)
+        assert not [f for f in os.listdir("/dev/shm") if f.startswith("dsfm-ring")
+                    and f.split("-")[2] == str(os.getpid())]     # unlinked once mapped
+
+
+def test_inconsistent_files_are_rejected_at_indexing(demo_base, tmp_path):
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    path = sorted((ds / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(path, "r+") as f:
+        f["t1_fields/velocity"].attrs["dim_varying"] = [True, False]
+    with pytest.raises(SchemaError, match="contradicts its flags"):
+        WellLoader([str(ds)], batch_size=2, num_workers=1)
+
+
+def test_corrupt_file_surfaces_with_file_trajectory_and_time(demo_base, tmp_path):
+    ds = tmp_path / "gray_scott_reaction_diffusion"
+    shutil.copytree(os.path.join(demo_base, "gray_scott_reaction_diffusion"), ds)
+    files = sorted((ds / "data" / "train").glob("*.hdf5"))
+    loader = WellLoader([str(ds)], batch_size=2, num_workers=1, seed=0)
+    for p in files:                     # damaged after indexing, before any reader opened it
+        data = p.read_bytes()
+        p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CorruptFileError) as exc:
+        for _ in range(5):
+            next(loader)
+    msg = str(exc.value)
+    assert "\n" not in msg and "gray_scott_reaction_diffusion" in msg
+    assert "trajectory" in msg and "time index" in msg and "reader process 0" in msg
+    assert all(p.poll() is not None for p in loader._workers)       # readers stopped
+
+
+@pytest.mark.parametrize("assemble_on", ["readers", "device"])
+def test_nan_in_a_window_is_named(demo_base, tmp_path, assemble_on):
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    for p in (ds / "data" / "train").glob("*.hdf5"):
+        with h5py.File(p, "r+") as f:
+            f["t0_fields/pressure"][:, 7] = np.nan
+    with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
+                    assemble_on=assemble_on) as loader:
+        with pytest.raises(NonFiniteError) as exc:
+            for _ in range(40):
+                next(loader)
+    assert "/t0_fields/pressure has NaN/Inf" in str(exc.value)
+    assert "time index 7" in str(exc.value)
+
+
+def test_a_dead_reader_is_detected_within_seconds(demo_base):
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    loader = WellLoader(paths, batch_size=2, num_workers=2)
+    next(loader)
+    os.kill(loader.worker_pids[0], signal.SIGKILL)
+    start = time.monotonic()
+    with pytest.raises(Exception) as exc:
+        for _ in range(1000):
+            next(loader)
+    assert time.monotonic() - start < 5
+    assert type(exc.value).__name__ == "WorkerError"
+    assert "died (killed by signal 9)" in str(exc.value)
+    assert all(p.poll() is not None for p in loader._workers)
+
+
+TRAINER = textwrap.dedent("""
+    import os, sys, time
+    from dsfm.data import WellLoader
+    loader = WellLoader(sys.argv[1:], batch_size=2, num_workers=2)
+    print(" ".join(map(str, loader.worker_pids)), flush=True)
+    while True:
+        next(loader)
+        time.sleep(0.01)
+""")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_ctrl_c_and_sigterm_leave_no_orphans_and_no_shared_memory(demo_base, sig):
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    proc = subprocess.Popen([sys.executable, "-c", TRAINER, *paths], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    pids = [int(p) for p in proc.stdout.readline().split()]
+    assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
+    time.sleep(1.0)                     # mid-training
+    os.killpg(proc.pid, sig)            # as a terminal's Ctrl-C or a scheduler's SIGTERM would
+    proc.wait(20)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids), "reader processes outlived the trainer"
+    leaked = [f for f in os.listdir("/dev/shm") if f.startswith(f"dsfm-ring-{proc.pid}-")]
+    assert not leaked
+    if sig == signal.SIGINT:
+        assert "KeyboardInterrupt" in proc.stderr.read()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base):
+    """The torch assembler (what runs on the GPU) and the NumPy one (readers, CPU training)
+    give identical batches from the same native slot contents."""
+    from dsfm.data.handles import H5Pool
+    from dsfm.data.index import list_hdf5, read_layouts
+    from dsfm.data.prefetch import assemble
+    from dsfm.data.readers import block_views
+    from dsfm.data.windows import assemble_numpy, well_source
+
+    roots = [make_dataset(str(tmp_path), "cube_3d", cube_3d_file),
+             make_dataset(str(tmp_path), "partial", partial_dims_file),
+             os.path.join(demo_base, "navier_stokes_2d")]
+    pool = H5Pool()
+    rng = np.random.default_rng(0)
+    for root in roots:
+        source = well_source(read_layouts(list_hdf5(os.path.join(root, "data", "train"))), 3, 2)
+        windows = rng.choice(len(source), 3, replace=False)
+        flat = np.empty(3 * source.window_floats, np.float32)
+        for b, (w, view) in enumerate(zip(windows, zip(*block_views(flat, source, 3)))):
+            source.read(pool, int(w), list(view))
+        shift = rng.normal(size=source.n_channels).astype(np.float32)
+        scale = rng.uniform(0.5, 2, size=source.n_channels).astype(np.float32)
+        n_sp = source.spatial_shape
+        x = np.empty((3, 3, source.n_channels) + n_sp, np.float32)
+        y = np.empty((3, 2, source.n_channels) + n_sp, np.float32)
+        assemble_numpy(flat, source, 3, 3, shift, scale, x, y)
+        tx, ty = assemble(torch.from_numpy(flat), source, 3, 3, torch.from_numpy(shift),
+                          torch.from_numpy(scale))
+        assert torch.equal(tx, torch.from_numpy(x)) and torch.equal(ty, torch.from_numpy(y))
+    pool.close()
+
+
+def test_cpu_batches_lease_their_slot_until_released(demo_base):
+    path = os.path.join(demo_base, "euler_2d")
+    with WellLoader([path], batch_size=2, num_workers=1, ring_slots=3) as loader:
+        kept = [next(loader) for _ in range(3)]       # hold every slot
+        before = kept[0].x.clone()
+        with pytest.raises(Exception, match="ring slots are held by batches"):
+            next(loader)
+        assert torch.equal(kept[0].x, before)         # nobody overwrote a held batch
+    with WellLoader([path], batch_size=2, num_workers=1, ring_slots=3) as loader:
+        for _ in range(20):                           # dropping batches frees their slots
+            batch = next(loader)
+        xs = [next(loader).x.clone() for _ in range(10)]   # clones keep nothing leased
+        assert len(xs) == 10 and batch.x.shape[0] == 2
