@@ -10,11 +10,14 @@ On the same files, with the same number of worker processes, batch size and wind
                 (and the same reads split over as many processes as workers)
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
-(this kind of VM drifts in speed). Also `dsfm (1w)`: WellLoader with one reader, against the raw
-bound of one process. Prints samples/s, MB/s and per-batch latency (median, p95), writes JSON. `--rss-batches N`
-also runs WellLoader over the whole mixture for N batches and records the resident memory of the
-trainer and its readers. With CUDA it measures pinned and pageable host-to-device bandwidth and
-the loader's own copy bandwidth in the same run.
+(this kind of VM drifts in speed). `dsfm (1w)` is WellLoader with one reader, against the raw
+bound of one process. For dsfm the rate of the readers' own hyperslab reads (the time they spend
+in them, in situ) is also compared with the raw bound: on a CPU trainer the readers also assemble
+and normalize, which on a GPU trainer the device does. Prints samples/s, MB/s and per-batch
+latency (median, p95), writes JSON. `--rss-batches N` also runs WellLoader over the whole mixture
+for N batches and records the resident memory of the trainer and its readers. With CUDA it also
+measures pinned and pageable host-to-device bandwidth and the loader's own copy bandwidth (CUDA
+events around its copies) in the same run.
 """
 
 from __future__ import annotations
@@ -168,8 +171,11 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             windows = rng.permutation(len(source))[:n_batches * batch]
             raw.append(raw_bound(source, windows))
             raw_w.append(raw_parallel(pool, source, windows, workers))
+    reader_rates = {}
     for k in ("dsfm", "dsfm_1w"):
-        variants[k][0].close()
+        loader = variants[k][0]
+        reader_rates[k] = [n / t for n, t in zip(loader.windows_read, loader.read_s)]
+        loader.close()
     rows = {"dataset": source.name, "window": [5, source.n_channels, *source.spatial_shape],
             "sample_mb": sample_bytes / 1e6}
     for k in variants:
@@ -179,6 +185,9 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     raw_w_rate = statistics.median(n_batches * batch / t for t in raw_w)
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
+    for k, rates in reader_rates.items():       # in situ: time readers spent in hyperslab reads
+        rows[k]["reader_read_per_s"] = rates
+        rows[k]["reader_read_vs_raw"] = [r / raw_rate for r in rates]
     rows["dsfm_vs_upstream"] = rows["dsfm"]["samples_per_s"] / rows["upstream"]["samples_per_s"]
     rows["dsfm_per_worker_vs_raw"] = rows["dsfm"]["samples_per_s"] / workers / raw_rate
     rows["dsfm_1w_vs_raw"] = rows["dsfm_1w"]["samples_per_s"] / raw_rate
@@ -252,6 +261,14 @@ def main(argv=None) -> int:
               "workers": args.workers, "batch": args.batch, "rows": []}
     if device.type == "cuda":
         report["h2d"] = h2d_bandwidth(device)
+        with WellLoader(paths, batch_size=args.batch, num_workers=args.workers,
+                        device=device) as loader:
+            loader.time_copies = True
+            for _ in range(100):
+                next(loader)
+            report["h2d"]["loader_copy_gb_s"] = loader.copy_bandwidth()
+        report["h2d"]["loader_vs_pinned"] = report["h2d"]["loader_copy_gb_s"] / \
+            report["h2d"]["pinned_gb_s"]
     for path in paths:
         report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
                                             args.rounds, device))
@@ -271,9 +288,14 @@ def main(argv=None) -> int:
               f"{r['dsfm_per_worker_vs_raw']:.2f}x | 1 worker vs raw 1p: "
               f"{r['dsfm_1w_vs_raw']:.2f}x | vs raw {args.workers}p: "
               f"{r['dsfm_vs_raw_same_processes']:.2f}x")
+        print(f"{'':30s} readers' own hyperslab reads vs raw 1p: "
+              f"{', '.join(f'{x:.2f}x' for x in r['dsfm']['reader_read_vs_raw'])} "
+              f"({args.workers} workers), {r['dsfm_1w']['reader_read_vs_raw'][0]:.2f}x (1 worker)")
     if device.type == "cuda":
-        print(f"host-to-device: pinned {report['h2d']['pinned_gb_s']:.1f} GB/s, pageable "
-              f"{report['h2d']['pageable_gb_s']:.1f} GB/s")
+        h = report["h2d"]
+        print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "
+              f"{h['pageable_gb_s']:.1f} GB/s, WellLoader copies {h['loader_copy_gb_s']:.1f} GB/s "
+              f"({h['loader_vs_pinned']:.0%} of pinned)")
     if args.rss_batches:
         report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
         r = report["rss"]

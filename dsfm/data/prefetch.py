@@ -328,8 +328,12 @@ class WellLoader:
         self._next_yield = 0
         self._pending_check: tuple | None = None
         self._state = self.sampler.state_dict()
-        self.wait_s = 0.0
+        self.wait_s = 0.0                          # trainer time spent waiting for data
         self.last_wait_s = 0.0
+        self.time_copies = False                   # CUDA: time each host-to-device copy
+        self.copies: list[tuple[int, Any, Any]] = []   # (bytes, start event, end event)
+        self.read_s = [0.0] * num_workers          # per reader: seconds in hyperslab reads
+        self.windows_read = [0] * num_workers
 
     # ---------------------------------------------------------------- workers
 
@@ -444,6 +448,8 @@ class WellLoader:
                     cls = DataError
                 raise cls(f"{text} (reader process {wid}, step {step})")
             self._outstanding[wid] -= 1
+            self.read_s[wid] += msg[4]
+            self.windows_read[wid] += len(self._inflight[step][2])
             self._done.add(step)
             if self.cuda:
                 self._launch_copy(step)
@@ -484,9 +490,14 @@ class WellLoader:
         """CUDA: copy the slot to the device and assemble the batch there, on the side stream."""
         host = self._slot_tensor(step)
         with torch.cuda.stream(self._stream):
+            if self.time_copies:
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(self._stream)
             flat = host.to(self.device, non_blocking=True)
-            copied = torch.cuda.Event()
+            copied = torch.cuda.Event(enable_timing=self.time_copies)
             copied.record(self._stream)
+            if self.time_copies:
+                self.copies.append((host.numel() * FLOAT_BYTES, began, copied))
             batch = self._make_batch(step, flat)
             ready = torch.cuda.Event()
             ready.record(self._stream)
@@ -608,6 +619,13 @@ class WellLoader:
             raise ConfigError("load_state_dict must be called before the first batch is drawn")
         self.sampler.load_state_dict(state["sampler"])
         self._state = self.sampler.state_dict()
+
+    def copy_bandwidth(self) -> float:
+        """GB/s of the timed host-to-device copies so far (set time_copies = True first)."""
+        torch.cuda.synchronize(self.device)
+        nbytes = sum(b for b, _, _ in self.copies)
+        seconds = sum(s.elapsed_time(e) for _, s, e in self.copies) / 1e3
+        return nbytes / seconds / 1e9 if seconds else float("nan")
 
     @property
     def ring_bytes(self) -> int:

@@ -8,7 +8,8 @@ its place in a ring slot. Messages are pickled over two pipes:
     in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
           assemble here?, n_steps_input, per-source (shift, scale), check finite?)
          (step, slot, source index, window ids) ... None
-    out: ("ready", wid, pid)  ("done", wid, step, slot)  ("error", wid, step, slot, type, text)
+    out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent in hyperslab reads)
+         ("error", wid, step, slot, type, text)
 
 For a CUDA trainer the reader leaves each window in its native layout and the device assembles
 the batch; for a CPU trainer it also assembles (layout, broadcasting, normalization, NaN check)
@@ -24,6 +25,7 @@ import mmap
 import os
 import signal
 import sys
+import time
 from multiprocessing.connection import Connection
 
 import numpy as np
@@ -94,8 +96,10 @@ def serve(tasks: Connection, results: Connection) -> None:
                 else:                   # the device assembles; readers only fill the ring
                     flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
                 views = block_views(flat, source, batch)
+                start = time.perf_counter()
                 for b, w in enumerate(windows):
                     source.read(pool, int(w), [v[b] for v in views])
+                read_s = time.perf_counter() - start
                 del views
                 if assemble_here:
                     x, y = assembled_views(slot_mem, source, batch, n_in)
@@ -106,7 +110,7 @@ def serve(tasks: Connection, results: Connection) -> None:
                             f"{source.name}: normalization produced NaN/Inf (check stats.yaml)")
                         raise errors.NonFiniteError(where)
                     del x, y
-                results.send(("done", wid, step, slot))
+                results.send(("done", wid, step, slot, read_s))
             except errors.DsfmError as exc:
                 results.send(("error", wid, step, slot, type(exc).__name__, str(exc)))
             except Exception as exc:  # noqa: BLE001 - anything else must still reach the trainer

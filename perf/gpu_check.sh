@@ -1,0 +1,17 @@
+#!/bin/bash
+# Every GPU check of the data pipeline, in one run on the offline GPU machine (see
+# ../shared/gpu/README.md). Prepare here first: echo /.whl/ >> .git/info/exclude &&
+# ../shared/gpu/pack_wheels.sh ; then run with the device tool: bash perf/gpu_check.sh
+set -uo pipefail
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
+pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null || true
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+python3 -m pytest -q tests/data/test_prefetch_cuda.py 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
+python3 -m dsfm.sim --preset small --datasets navier_stokes,gray_scott --out /tmp/small \
+  --workers 16 --quiet
+python3 -m perf.loader_bench --base /tmp/small --workers 14 --batches 50 --rounds 2 \
+  --rss-batches 2000 --json "$OUT/loader_gpu.json" 2>&1 | tee "$OUT/loader_gpu.txt"
+echo "== summary =="; tail -3 "$OUT/cuda_tests.txt"; grep -E "dsfm/upstream|host-to-device|memory" \
+  "$OUT/loader_gpu.txt"
