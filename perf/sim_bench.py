@@ -49,7 +49,8 @@ def run(preset: str, workers: int | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.sim_bench", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.sim_bench",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--workers", type=int, default=None)
     ap.add_argument("--json", help="write the rows here")

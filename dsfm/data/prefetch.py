@@ -296,7 +296,7 @@ class WellLoader:
         self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,
                                       rank, world_size, weights, same_dataset_across_ranks, names)
 
-        per_window = [max(d.source.window_floats, d.source.assembled_floats)
+        per_window = [d.source.window_floats + d.source.assembled_floats
                       if self.readers_assemble else d.source.window_floats
                       for d in self.datasets]
         slot_bytes = max(per_window) * batch_size * FLOAT_BYTES

@@ -72,7 +72,6 @@ def serve(tasks: Connection, results: Connection) -> None:
     os.close(fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
     pool = H5Pool(max_open)
-    scratch = np.empty(0, np.float32)
     results.send(("ready", wid, os.getpid()))
     try:
         while True:
@@ -88,18 +87,16 @@ def serve(tasks: Connection, results: Connection) -> None:
             batch = len(windows)
             slot_mem = ring[slot * slot_bytes:(slot + 1) * slot_bytes]
             try:
-                if assemble_here:       # CPU training: the readers do the assembly in parallel
-                    need = batch * source.window_floats
-                    if scratch.size < need:
-                        scratch = np.empty(need, np.float32)
-                    flat = scratch[:need]
-                else:                   # the device assembles; readers only fill the ring
-                    flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
+                # windows land in the slot in their native layout: at its start when the device
+                # assembles, after the room for the assembled batch when this reader does
+                start = batch * source.assembled_floats * FLOAT_BYTES if assemble_here else 0
+                flat = slot_mem[start:start + batch * source.window_floats * FLOAT_BYTES] \
+                    .view(np.float32)
                 views = block_views(flat, source, batch)
-                start = time.perf_counter()
+                began = time.perf_counter()
                 for b, w in enumerate(windows):
                     source.read(pool, int(w), [v[b] for v in views])
-                read_s = time.perf_counter() - start
+                read_s = time.perf_counter() - began
                 del views
                 if assemble_here:
                     x, y = assembled_views(slot_mem, source, batch, n_in)

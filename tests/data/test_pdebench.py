@@ -79,7 +79,8 @@ def test_splits_are_disjoint_and_complete(pdebench_base):
 def test_default_boundaries_and_normalization(tmp_path):
     rng = np.random.default_rng(0)
     n, t, h, w = 5, 6, 8, 8
-    fields = {"activator": rng.normal(2, 3, (n, t, h, w)), "inhibitor": rng.normal(size=(n, t, h, w))}
+    fields = {"activator": rng.normal(2, 3, (n, t, h, w)),
+              "inhibitor": rng.normal(size=(n, t, h, w))}
     path = tmp_path / "2D_diff-react_NA_NA.h5"
     write_pdebench(str(path), "diff_react", fields, np.arange(h), np.arange(w), np.arange(t))
     ds = PDEBenchDataset(str(path), "train", n_steps_input=2)

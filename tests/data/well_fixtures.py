@@ -78,7 +78,8 @@ def cube_3d_file(path, rng, n_traj=2, n_steps=7, shape=(8, 6, 5)):
 
 def partial_dims_file(path, rng, n_traj=2, n_steps=6, shape=(10, 7)):
     """A profile that varies along x only (dim_varying [True, False]) beside a full field."""
-    coords = {"x": np.arange(shape[0], dtype=np.float32), "y": np.arange(shape[1], dtype=np.float32)}
+    coords = {"x": np.arange(shape[0], dtype=np.float32),
+              "y": np.arange(shape[1], dtype=np.float32)}
     write_well_file(
         path, dataset_name="partial", spatial_dims=("x", "y"), coords=coords,
         time=np.arange(n_steps, dtype=np.float32), n_trajectories=n_traj,
