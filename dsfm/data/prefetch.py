@@ -296,9 +296,8 @@ class WellLoader:
         self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,
                                       rank, world_size, weights, same_dataset_across_ranks, names)
 
-        per_window = [d.source.window_floats + d.source.assembled_floats
-                      if self.readers_assemble else d.source.window_floats
-                      for d in self.datasets]
+        per_window = [d.source.assembled_floats if self.readers_assemble
+                      else d.source.window_floats for d in self.datasets]
         slot_bytes = max(per_window) * batch_size * FLOAT_BYTES
         slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
         self.ring_slots = ring_slots or 2 * num_workers + 2
@@ -395,6 +394,17 @@ class WellLoader:
                     + ("; SIGKILL usually means the machine ran out of memory" if code == -9
                        else ""))
 
+    def _reader_gone(self, wid: int, doing: str) -> None:
+        """A reader's pipe broke: wait briefly for its exit status, then report it."""
+        try:
+            self._workers[wid].wait(2.0)
+        except subprocess.TimeoutExpired:
+            pass
+        self._check_alive(doing)
+        self.close()
+        raise WorkerError(f"reader process {wid} (pid {self._workers[wid].pid}) closed its "
+                          f"pipe while {doing}")
+
     def _submit(self) -> None:
         while True:                       # slots whose leased CPU batches were freed
             try:
@@ -418,8 +428,11 @@ class WellLoader:
             wid = int(np.argmin(self._outstanding))
             self._outstanding[wid] += 1
             self._inflight[step] = (slot, d, windows, wid, time.monotonic())
-            self._tasks[wid].send((step, slot, d, windows))
             self._next_submit += 1
+            try:
+                self._tasks[wid].send((step, slot, d, windows))
+            except OSError:                  # its pipe is closed: the reader has died
+                self._reader_gone(wid, f"being sent step {step}")
 
     def _poll(self, timeout: float) -> bool:
         """Take the messages the readers have sent; False if none came within `timeout`."""
@@ -437,8 +450,8 @@ class WellLoader:
             try:
                 msg = conn.recv()
             except (EOFError, OSError):
-                self._check_alive(f"the trainer waited for step {self._next_yield}")
-                continue
+                self._reader_gone(self._results.index(conn),
+                                  f"the trainer waited for step {self._next_yield}")
             kind, wid, step = msg[0], msg[1], msg[2]
             if kind == "error":
                 exc_name, text = msg[4], msg[5]

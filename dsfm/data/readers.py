@@ -72,6 +72,7 @@ def serve(tasks: Connection, results: Connection) -> None:
     os.close(fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
     pool = H5Pool(max_open)
+    scratch = np.empty(0, np.float32)
     results.send(("ready", wid, os.getpid()))
     try:
         while True:
@@ -87,11 +88,15 @@ def serve(tasks: Connection, results: Connection) -> None:
             batch = len(windows)
             slot_mem = ring[slot * slot_bytes:(slot + 1) * slot_bytes]
             try:
-                # windows land in the slot in their native layout: at its start when the device
-                # assembles, after the room for the assembled batch when this reader does
-                start = batch * source.assembled_floats * FLOAT_BYTES if assemble_here else 0
-                flat = slot_mem[start:start + batch * source.window_floats * FLOAT_BYTES] \
-                    .view(np.float32)
+                if assemble_here:
+                    # CPU trainer: windows go to this reader's own buffer (reused, so it stays
+                    # in cache), the assembled batch to the slot: one layout copy either way
+                    need = batch * source.window_floats
+                    if scratch.size < need:
+                        scratch = np.empty(need, np.float32)
+                    flat = scratch[:need]
+                else:           # the device assembles: windows go straight into the slot
+                    flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
                 views = block_views(flat, source, batch)
                 began = time.perf_counter()
                 for b, w in enumerate(windows):

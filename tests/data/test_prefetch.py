@@ -133,8 +133,7 @@ def test_ring_is_bounded(demo_base):
     paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
     with WellLoader(paths, batch_size=4, num_workers=2, ring_slots=3) as loader:
         window = 5 * 5 * 32 * 32 * 4                   # largest: 5 steps x 5 channels x 32² fp32
-        # each slot: 4 windows as read, then room for them assembled
-        assert loader.ring_bytes == 3 * -(-4 * 2 * window // 4096) * 4096
+        assert loader.ring_bytes == 3 * -(-4 * window // 4096) * 4096
         for _ in range(30):
             next(loader)
         assert not [f for f in os.listdir("/dev/shm") if f.startswith("dsfm-ring")
