@@ -272,7 +272,8 @@ class WellDataset(Dataset):
                      tsel: slice | None, n_t: int, key: str) -> np.ndarray:
         """Read `fields` (one hyperslab each) into one channel-last array, normalized."""
         lead = (n_t,) if tsel is not None else ()
-        dsets = [self._pool.dataset(lay.path, fl.path) for fl in fields]
+        slabs = [self._pool.slab(lay.path, fl.path) for fl in fields]
+        dsets = [slab.dset for slab in slabs]
         n_ch = sum(fl.n_channels for fl in fields)
         dtype = np.result_type(np.float32, *(d.dtype for d in dsets))
         out = np.empty(lead + lay.spatial_shape + (n_ch,), dtype=dtype)
@@ -281,13 +282,14 @@ class WellDataset(Dataset):
         if self.norm is not None and not generic:
             shift, scale = self._norm_vectors(fields, key)
         c = 0
-        for fl, dset in zip(fields, dsets):
-            sel = (sample_idx,) * fl.sample_varying + ((tsel,) if tsel is not None else ())
+        for fl, slab in zip(fields, slabs):
+            sel = ((sample_idx, 1, 1),) * fl.sample_varying + (
+                ((tsel.start, n_t, tsel.step),) if tsel is not None else ())
             stored = lead + tuple(n for n, used in zip(lay.spatial_shape, fl.dim_varying) if used)
-            buf = np.empty(stored + (lay.n_spatial_dims,) * fl.order, dtype=dset.dtype)
+            buf = np.empty(stored + (lay.n_spatial_dims,) * fl.order, dtype=slab.dset.dtype)
             try:
                 if buf.size:
-                    dset.read_direct(buf, np.s_[sel] if sel else None)
+                    slab.read(sel, buf)
             except OSError as exc:
                 raise CorruptFileError(
                     f"{lay.path}: reading /{fl.path} trajectory {sample_idx} "

@@ -87,14 +87,15 @@ class WindowSource:
         fi, traj, t0 = self.locate(window)
         path = self.files[fi]
         tsel = slice(t0, t0 + (self.n_steps - 1) * self.stride + 1, self.stride)
+        time = (t0, self.n_steps, self.stride)
         group = self.groups[fi][traj] if self.groups[fi] else ""
         for block, out in zip(self.blocks, dest):
             name = block.path.replace("{group}", group)
-            sel = (traj, tsel) if block.indexed else (tsel,)
+            lead = ((traj, 1, 1), time) if block.indexed else (time,)
             where = (f"reading /{name} trajectory {traj} time index {t0} (steps "
                      f"{t0}..{tsel.stop - 1} every {self.stride})")
             try:
-                pool.dataset(path, name).read_direct(out, np.s_[sel])
+                pool.slab(path, name).read(lead, out)
             except CorruptFileError as exc:
                 raise CorruptFileError(f"{exc} [while {where}]") from None
             except (OSError, KeyError, TypeError, ValueError) as exc:
