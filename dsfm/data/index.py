@@ -25,6 +25,20 @@ def windows_per_trajectory(n_steps: int, n_in: int, n_out: int, stride: int) -> 
     return max(0, n_steps - (1 + stride * (n_in + n_out - 1)) + 1)
 
 
+def count_windows(files: Sequence[tuple[str, int]], n_in: int, n_out: int,
+                  stride: int) -> list[int]:
+    """Windows per trajectory of each (path, steps per trajectory); refuses a file too short
+    for even one window, naming it."""
+    counts = []
+    for path, n_steps in files:
+        w = windows_per_trajectory(n_steps, n_in, n_out, stride)
+        if w <= 0:
+            raise SchemaError(f"{path}: {n_steps} time steps are not enough for {n_in} input and "
+                              f"{n_out} output steps with a stride of {stride}")
+        counts.append(w)
+    return counts
+
+
 def max_stride_at(time_idx: int, n_steps: int, n_in: int, n_out: int) -> int:
     """Largest stride that still fits n_in + n_out steps starting at time_idx."""
     return max(0, (n_steps - time_idx - 1) // (n_in + n_out - 1))

@@ -20,7 +20,6 @@ Trajectories of every file are split into train/valid/test by the fractions `tra
 
 from __future__ import annotations
 
-import glob
 import os
 
 import h5py
@@ -30,7 +29,7 @@ import yaml
 from torch.utils.data import Dataset
 
 from dsfm.data.handles import H5Pool
-from dsfm.data.index import SPLITS, windows_per_trajectory
+from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.normalization import load_stats, resolve_normalization
 from dsfm.data.pdebench_format import (
     BOUNDARY,
@@ -44,7 +43,8 @@ from dsfm.data.pdebench_format import (
 )
 from dsfm.data.stats import RunningMoments
 from dsfm.data.well_format import BoundaryCondition, FieldLayout
-from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError, SchemaError
+from dsfm.data.windows import WindowSource, assembly_plan, first_nonfinite, pdebench_source
+from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError
 
 __all__ = ["BOUNDARY", "DATASET_NAMES", "FIELDS", "PDEBenchDataset", "PDEBenchFile",
            "detect_kind", "inspect_pdebench", "split_trajectories", "write_pdebench",
@@ -72,8 +72,7 @@ class PDEBenchDataset(Dataset):
             raise ConfigError(f"boundary {boundary!r} is not one of PERIODIC, WALL, OPEN")
         if n_steps_input < 1 or n_steps_output < 0 or dt_stride < 1:
             raise ConfigError("need n_steps_input >= 1, n_steps_output >= 0, dt_stride >= 1")
-        files = [path] if os.path.isfile(path) else sorted(
-            glob.glob(os.path.join(path, "*.h5")) + glob.glob(os.path.join(path, "*.hdf5")))
+        files = [path] if os.path.isfile(path) else list_hdf5(path)
         if not files:
             raise EmptySplitError(f"{path}: no PDEBench .h5/.hdf5 files")
         self.files = [inspect_pdebench(p, kind, boundary) for p in files]
@@ -90,20 +89,12 @@ class PDEBenchDataset(Dataset):
         self.return_grid = return_grid
         self.check_finite = check_finite
         self.split = split
-        self.trajectories = [split_trajectories(pf.n_trajectories, split, train_val_test)
-                             for pf in self.files]
-        self.n_windows = []
-        for pf in self.files:
-            w = windows_per_trajectory(pf.n_steps, n_steps_input, n_steps_output, dt_stride)
-            if w <= 0:
-                raise SchemaError(f"{pf.path}: {pf.n_steps} time steps are not enough for "
-                                  f"{n_steps_input}+{n_steps_output} steps at stride {dt_stride}")
-            self.n_windows.append(w)
-        counts = [len(r) * w for r, w in zip(self.trajectories, self.n_windows)]
-        self.offsets = np.concatenate([[0], np.cumsum(counts)])
-        self.len = int(self.offsets[-1])
+        self.source = pdebench_source(self.dataset_name, self.files, split, n_steps_input,
+                                      n_steps_output, dt_stride, train_val_test)
+        self.trajectories = self.source.trajectories
+        self.len = len(self.source)
         self.norm = None
-        self._shift = self._scale = None
+        self.shift = self.scale = None       # per channel: y = (x - shift) / scale
         if use_normalization and normalization_type:
             stats_path = normalization_path or os.path.join(
                 path if os.path.isdir(path) else os.path.dirname(path), "stats.yaml")
@@ -111,7 +102,7 @@ class PDEBenchDataset(Dataset):
             self.norm = cls(load_stats(stats_path), list(FIELDS[self.kind]), [])
             layouts = [FieldLayout(n, 0, True, True, (True, True), (), (n,))
                        for n in FIELDS[self.kind]]
-            self._shift, self._scale = self.norm.channel_vectors(layouts)
+            self.shift, self.scale = self.norm.channel_vectors(layouts)
         self._pool = H5Pool(max_open_files)
         self._grid_cache: dict[int, torch.Tensor] = {}
 
@@ -120,43 +111,14 @@ class PDEBenchDataset(Dataset):
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(file index, trajectory index in the file, first time step) of window `index`."""
-        if not -self.len <= index < self.len:
-            raise IndexError(f"index {index} out of range for {self.len} windows")
-        index %= self.len
-        fi = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        local = index - int(self.offsets[fi])
-        w = self.n_windows[fi]
-        return fi, self.trajectories[fi][local // w], local % w
+        return self.source.locate(index)
 
-    def _read(self, f: h5py.File, pf: PDEBenchFile, traj: int, tsel: slice, n_t: int):
-        h, w = pf.spatial_shape
-        names = FIELDS[pf.kind]
-        out = np.empty((n_t, h, w, len(names)), dtype=np.float32)
-        try:
-            if pf.kind in ("swe", "diff_react"):
-                f[pf.groups[traj]]["data"].read_direct(out, np.s_[tsel])
-            elif pf.kind == "incomp_ns":
-                buf = np.empty((n_t, h, w, 2), dtype=np.float32)
-                f["velocity"].read_direct(buf, np.s_[traj, tsel])
-                out[..., :2] = buf
-                buf1 = np.empty((n_t, h, w, 1), dtype=np.float32)
-                f["particles"].read_direct(buf1, np.s_[traj, tsel])
-                out[..., 2:] = buf1
-            else:
-                buf = np.empty((n_t, h, w), dtype=np.float32)
-                for c, name in enumerate(names):
-                    f[name].read_direct(buf, np.s_[traj, tsel])
-                    out[..., c] = buf
-        except OSError as exc:
-            raise CorruptFileError(f"{pf.path}: reading trajectory {traj} time "
-                                   f"{tsel.start}:{tsel.stop}:{tsel.step} failed ({exc})") from None
-        if self.check_finite and not np.isfinite(out.sum(dtype=np.float64)):
-            bad = np.argwhere(~np.isfinite(out))[0]
-            raise NonFiniteError(f"{pf.path}: field '{names[bad[-1]]}' has NaN/Inf at trajectory "
-                                 f"{traj}, time index {tsel.start + int(bad[0]) * tsel.step}")
-        if self._shift is not None:
-            np.subtract(out, self._shift, out=out)
-            np.divide(out, self._scale, out=out)
+    def _read(self, window: int) -> np.ndarray:
+        """One window, channel-last [T, H, W, C], normalized."""
+        out = read_channels_last(self.source, self._pool, window, self.check_finite)
+        if self.shift is not None:
+            np.subtract(out, self.shift, out=out)
+            np.divide(out, self.scale, out=out)
         return out
 
     def _grids(self, f: h5py.File, pf: PDEBenchFile, fi: int, traj: int, tsel: slice):
@@ -188,8 +150,8 @@ class PDEBenchDataset(Dataset):
         pf = self.files[fi]
         n_steps = self.n_steps_input + self.n_steps_output
         tsel = slice(t0, t0 + (n_steps - 1) * self.dt_stride + 1, self.dt_stride)
+        fields = torch.from_numpy(self._read(index))
         f = self._pool.get(pf.path)
-        fields = torch.from_numpy(self._read(f, pf, traj, tsel, n_steps))
         n_in = self.n_steps_input
         sample = {"input_fields": fields[:n_in], "output_fields": fields[n_in:]}
         if pf.kind == "incomp_ns" and "force" in f:
@@ -208,6 +170,20 @@ class PDEBenchDataset(Dataset):
         self._pool.close()
 
 
+def read_channels_last(source: WindowSource, pool: H5Pool, window: int,
+                       check_finite: bool = True) -> np.ndarray:
+    """A window of a PDEBench source as [T, H, W, C]: its blocks (one hyperslab each) side by
+    side in channel order; NaN/Inf refused with file, array, trajectory and time."""
+    flat = np.empty(source.window_floats, np.float32)
+    source.read_batch(pool, [window], flat)
+    if check_finite and not np.isfinite(flat).all():
+        raise NonFiniteError(first_nonfinite(source, [window], flat))
+    out = np.empty((source.n_steps,) + source.spatial_shape + (source.n_channels,), np.float32)
+    for offset, k, shape, c0, c1 in assembly_plan(source, 1):
+        out[..., c0:c1] = flat[offset:offset + k].reshape(shape[1:])
+    return out
+
+
 def write_pdebench_stats(path: str, split: str = "train", kind: str | None = None,
                          train_val_test=(0.8, 0.1, 0.1)) -> str:
     """Per-field mean/std/rms (and of one-step differences) over one split, as stats.yaml
@@ -216,10 +192,10 @@ def write_pdebench_stats(path: str, split: str = "train", kind: str | None = Non
                          return_grid=False)
     names = FIELDS[ds.kind]
     mom, dmom = RunningMoments(len(names)), RunningMoments(len(names))
-    for fi, pf in enumerate(ds.files):
-        f = ds._pool.get(pf.path)
-        for traj in ds.trajectories[fi]:
-            x = ds._read(f, pf, traj, slice(0, pf.n_steps, 1), pf.n_steps)
+    for pf in ds.files:           # whole trajectories: one window of all steps each
+        source = pdebench_source(ds.dataset_name, [pf], split, pf.n_steps, 0, 1, train_val_test)
+        for window in range(len(source)):
+            x = read_channels_last(source, ds._pool, window)
             mom.update(x)
             dmom.update(np.diff(x, axis=0))
     ds.close()

@@ -35,14 +35,19 @@ import torch
 from dsfm import errors
 from dsfm.data.fields import FieldVocabulary
 from dsfm.data.handles import H5Pool
-from dsfm.data.index import SPLITS, list_hdf5, read_layouts
-from dsfm.data.normalization import load_stats, resolve_normalization
-from dsfm.data.pdebench_format import DATASET_NAMES, FIELDS, inspect_pdebench
+from dsfm.data.index import SPLITS
+from dsfm.data.pdebench import PDEBenchDataset
 from dsfm.data.readers import FLOAT_BYTES, assembled_views
 from dsfm.data.sampler import MixtureSampler
-from dsfm.data.well_format import BoundaryCondition, FieldLayout
-from dsfm.data.windows import WindowSource, assembly_plan, pdebench_source, well_source
-from dsfm.errors import ConfigError, DataError, EmptySplitError, NonFiniteError
+from dsfm.data.well import WellDataset
+from dsfm.data.well_format import BoundaryCondition
+from dsfm.data.windows import (
+    WindowSource,
+    assembly_plan,
+    first_nonfinite,
+    well_source,
+)
+from dsfm.errors import ConfigError, DataError, NonFiniteError
 
 POLL_S = 0.2
 
@@ -90,46 +95,23 @@ def _is_well_dataset(path: str) -> bool:
 
 def _well_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
                   normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
-    files = list_hdf5(os.path.join(path, "data", split))
-    if not files:
-        raise EmptySplitError(f"{os.path.join(path, 'data', split)}: no .h5 or .hdf5 files")
-    layouts = read_layouts(files)
-    source = well_source(layouts, n_in, n_out, stride)
-    codes = np.stack([lay.boundary_codes for lay in layouts])
-    shift = scale = None
-    if normalization:
-        fields = layouts[0].variable_fields
-        norm = resolve_normalization(normalization)(
-            load_stats(os.path.join(path, "stats.yaml")),
-            list(dict.fromkeys(f.name for f in fields)), [])
-        shift, scale = norm.channel_vectors(fields)
+    ds = WellDataset(path=path, well_split_name=split, n_steps_input=n_in, n_steps_output=n_out,
+                     min_dt_stride=stride, use_normalization=bool(normalization),
+                     normalization_type=normalization)
+    source = well_source(ds.layouts, n_in, n_out, stride)
+    codes = np.stack([lay.boundary_codes for lay in ds.layouts])
+    shift, scale = ds.norm.channel_vectors(ds.layouts[0].variable_fields) if ds.norm \
+        else (None, None)
     return source, codes, shift, scale
 
 
 def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
                       normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
-    paths = [path] if os.path.isfile(path) else list_hdf5(path)
-    if not paths:
-        raise EmptySplitError(f"{path}: neither a Well dataset (<name>/data/<split>/) nor "
-                              "PDEBench files")
-    files = [inspect_pdebench(p) for p in paths]
-    kinds = {pf.kind for pf in files}
-    if len(kinds) != 1:
-        raise ConfigError(f"{path}: mixes PDEBench layouts {sorted(kinds)}; give one directory "
-                          "per layout")
-    kind = kinds.pop()
-    source = pdebench_source(DATASET_NAMES[kind], files, split, n_in, n_out, stride)
+    ds = PDEBenchDataset(path, split, n_in, n_out, stride, return_grid=False,
+                         use_normalization=bool(normalization), normalization_type=normalization)
     codes = np.stack([np.full((2, 2), BoundaryCondition[pf.boundary].value, np.float32)
-                      for pf in files])
-    shift = scale = None
-    if normalization:
-        stats_dir = path if os.path.isdir(path) else os.path.dirname(path)
-        names = list(FIELDS[kind])
-        norm = resolve_normalization(normalization)(
-            load_stats(os.path.join(stats_dir, "stats.yaml")), names, [])
-        shift, scale = norm.channel_vectors(
-            [FieldLayout(n, 0, True, True, (True, True), (), (n,)) for n in names])
-    return source, codes, shift, scale
+                      for pf in ds.files])
+    return ds.source, codes, ds.shift, ds.scale
 
 
 # ------------------------------------------------------------------------------- ring
@@ -602,24 +584,15 @@ class WellLoader:
         """Find and name the first NaN/Inf of a batch by rereading its windows on the host."""
         _, d, windows, _, _ = info
         source = self.datasets[d].source
+        flat = np.empty(len(windows) * source.window_floats, np.float32)
         pool = H5Pool(4)
         try:
-            for w in windows:
-                bufs = [np.empty(b.shape, np.float32) for b in source.blocks]
-                source.read(pool, int(w), bufs)
-                for blk, buf in zip(source.blocks, bufs):
-                    bad = ~np.isfinite(buf)
-                    if bad.any():
-                        fi, traj, t0 = source.locate(int(w))
-                        t = t0 + int(np.argwhere(bad)[0][0]) * source.stride
-                        self.close()
-                        raise NonFiniteError(f"{source.files[fi]}: /{blk.path} has NaN/Inf at "
-                                             f"trajectory {traj}, time index {t}")
+            source.read_batch(pool, windows, flat)
         finally:
             pool.close()
         self.close()
-        raise NonFiniteError(f"{source.name}: normalization produced NaN/Inf (check its "
-                             "stats.yaml)")
+        raise NonFiniteError(first_nonfinite(source, windows, flat) or (
+            f"{source.name}: normalization produced NaN/Inf (check its stats.yaml)"))
 
     # ---------------------------------------------------------------- state and lifetime
 

@@ -32,15 +32,9 @@ import numpy as np
 
 from dsfm import errors
 from dsfm.data.handles import H5Pool
-from dsfm.data.windows import WindowSource, assemble_numpy, assembly_plan, first_nonfinite
+from dsfm.data.windows import WindowSource, assemble_numpy, first_nonfinite
 
 FLOAT_BYTES = 4
-
-
-def block_views(flat: np.ndarray, source: WindowSource, batch: int) -> list[np.ndarray]:
-    """Per block, a [batch, *native shape] view of a flat float32 buffer (blocks in order)."""
-    return [flat[offset:offset + k].reshape((batch,) + blk.shape)
-            for blk, (offset, k, _, _, _) in zip(source.blocks, assembly_plan(source, batch))]
 
 
 def assembled_views(slot: np.ndarray, source: WindowSource, batch: int, n_in: int
@@ -97,12 +91,9 @@ def serve(tasks: Connection, results: Connection) -> None:
                     flat = scratch[:need]
                 else:           # the device assembles: windows go straight into the slot
                     flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
-                views = block_views(flat, source, batch)
                 began = time.perf_counter()
-                for b, w in enumerate(windows):
-                    source.read(pool, int(w), [v[b] for v in views])
+                source.read_batch(pool, windows, flat)
                 read_s = time.perf_counter() - began
-                del views
                 if assemble_here:
                     x, y = assembled_views(slot_mem, source, batch, n_in)
                     shift, scale = norms[src_idx]

@@ -26,14 +26,14 @@ from dsfm.data.handles import H5Pool
 from dsfm.data.index import (
     SPLITS,
     WindowIndex,
+    count_windows,
     list_hdf5,
     max_stride_at,
     read_layouts,
-    windows_per_trajectory,
 )
 from dsfm.data.normalization import load_stats, resolve_normalization
 from dsfm.data.well_format import FieldLayout, FileLayout
-from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError, SchemaError
+from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError
 
 
 @dataclass
@@ -191,14 +191,8 @@ class WellDataset(Dataset):
         n_in, n_out, stride = self.n_steps_input, self.n_steps_output, self.min_dt_stride
         self.n_trajectories_per_file = [lay.n_trajectories for lay in self._layouts]
         self.n_steps_per_trajectory = [lay.n_steps for lay in self._layouts]
-        windows = []
-        for lay in self._layouts:
-            w = windows_per_trajectory(lay.n_steps, n_in, n_out, stride)
-            if w <= 0:
-                raise SchemaError(
-                    f"{lay.path}: {lay.n_steps} time steps are not enough for {n_in} input and "
-                    f"{n_out} output steps with a minimum stride of {stride}")
-            windows.append(w)
+        windows = count_windows([(lay.path, lay.n_steps) for lay in self._layouts], n_in, n_out,
+                                stride)
         lowest = min(self.n_steps_per_trajectory)
         if self.full_trajectory_mode:
             self.n_steps_output = (lowest - max(n_in * stride, self.start_output_steps_at_t)) \
@@ -240,6 +234,11 @@ class WellDataset(Dataset):
             boundary_condition_types=self.bc_types, n_files=len(self.files_paths),
             n_trajectories_per_file=self.n_trajectories_per_file,
             n_steps_per_trajectory=self.n_steps_per_trajectory, grid_type=first.grid_type)
+
+    @property
+    def layouts(self) -> list[FileLayout]:
+        """The layout of every file, in index order."""
+        return self._layouts
 
     def locate(self, index: int) -> tuple[int, int, int]:
         """(file index, trajectory, first time step) of window `index`, in upstream's order."""

@@ -15,10 +15,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from dsfm.data.handles import H5Pool
-from dsfm.data.index import WindowIndex, windows_per_trajectory
+from dsfm.data.index import WindowIndex, count_windows
 from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_trajectories
 from dsfm.data.well_format import FileLayout
-from dsfm.errors import ConfigError, CorruptFileError, SchemaError
+from dsfm.errors import ConfigError, CorruptFileError
 
 
 @dataclass(frozen=True)
@@ -82,6 +82,12 @@ class WindowSource:
         fi, traj, t0 = self.index.locate(window)
         return fi, self.trajectories[fi][traj], t0
 
+    def read_batch(self, pool: H5Pool, windows, flat: np.ndarray) -> None:
+        """Read `windows` into a flat float32 buffer, block after block (see `block_views`)."""
+        views = block_views(flat, self, len(windows))
+        for b, w in enumerate(windows):
+            self.read(pool, int(w), [v[b] for v in views])
+
     def read(self, pool: H5Pool, window: int, dest: list[np.ndarray]) -> None:
         """Read window `window` into `dest` (one float32 array per block, native shapes)."""
         fi, traj, t0 = self.locate(window)
@@ -108,13 +114,8 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
     """The time-varying fields of a Well dataset split (its files' layouts), one block each."""
     first = layouts[0]
     n = n_in + n_out
-    windows = []
+    windows = count_windows([(lay.path, lay.n_steps) for lay in layouts], n_in, n_out, stride)
     for lay in layouts:
-        w = windows_per_trajectory(lay.n_steps, n_in, n_out, stride)
-        if w <= 0:
-            raise SchemaError(f"{lay.path}: {lay.n_steps} time steps are not enough for {n_in} "
-                              f"input and {n_out} output steps at stride {stride}")
-        windows.append(w)
         for fl in lay.variable_fields:
             if not fl.sample_varying:
                 raise ConfigError(f"{lay.path}: /{fl.path} is time-varying but not "
@@ -143,13 +144,7 @@ def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int,
     h, w = first.spatial_shape
     kind = first.kind
     trajectories = [list(split_trajectories(pf.n_trajectories, split, fractions)) for pf in files]
-    windows = []
-    for pf in files:
-        count = windows_per_trajectory(pf.n_steps, n_in, n_out, stride)
-        if count <= 0:
-            raise SchemaError(f"{pf.path}: {pf.n_steps} time steps are not enough for {n_in}+"
-                              f"{n_out} steps at stride {stride}")
-        windows.append(count)
+    windows = count_windows([(pf.path, pf.n_steps) for pf in files], n_in, n_out, stride)
     if kind in ("swe", "diff_react"):
         c = len(FIELDS[kind])
         blocks = [Block("{group}/data", False, (n, h, w, c), (n, h, w, c))]
@@ -176,6 +171,12 @@ def assembly_plan(source: WindowSource, batch: int) -> list[tuple[int, int, tupl
         offset += k
         c += blk.n_channels
     return plan
+
+
+def block_views(flat: np.ndarray, source: WindowSource, batch: int) -> list[np.ndarray]:
+    """Per block, a [batch, *native shape] view of a flat float32 buffer (blocks in order)."""
+    return [flat[offset:offset + k].reshape((batch,) + blk.shape)
+            for blk, (offset, k, _, _, _) in zip(source.blocks, assembly_plan(source, batch))]
 
 
 def assemble_numpy(flat: np.ndarray, source: WindowSource, batch: int, n_in: int,

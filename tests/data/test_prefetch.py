@@ -244,7 +244,6 @@ def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base):
     from dsfm.data.handles import H5Pool
     from dsfm.data.index import list_hdf5, read_layouts
     from dsfm.data.prefetch import assemble
-    from dsfm.data.readers import block_views
     from dsfm.data.windows import assemble_numpy, well_source
 
     roots = [make_dataset(str(tmp_path), "cube_3d", cube_3d_file),
@@ -256,8 +255,7 @@ def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base):
         source = well_source(read_layouts(list_hdf5(os.path.join(root, "data", "train"))), 3, 2)
         windows = rng.choice(len(source), 3, replace=False)
         flat = np.empty(3 * source.window_floats, np.float32)
-        for b, (w, view) in enumerate(zip(windows, zip(*block_views(flat, source, 3)))):
-            source.read(pool, int(w), list(view))
+        source.read_batch(pool, windows, flat)
         shift = rng.normal(size=source.n_channels).astype(np.float32)
         scale = rng.uniform(0.5, 2, size=source.n_channels).astype(np.float32)
         n_sp = source.spatial_shape
