@@ -10,6 +10,16 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+def cell_centres(n: int, length: float, origin: float = 0.0) -> np.ndarray:
+    """Coordinates of the centres of n equal cells covering [origin, origin + length), float32."""
+    return ((np.arange(n) + 0.5) * length / n + origin).astype(np.float32)
+
+
+def save_times(n_steps: int, dt_save: float) -> np.ndarray:
+    """Times of the saved steps, from 0, float32."""
+    return (np.arange(n_steps) * dt_save).astype(np.float32)
+
+
 @dataclass
 class Trajectories:
     """N trajectories of one system at one parameter set.

@@ -10,7 +10,7 @@ given Mach number: at M = 0.1 sound waves run through a slowly drifting flow, at
 
 import numpy as np
 
-from dsfm.sim.base import Trajectories
+from dsfm.sim.base import Trajectories, cell_centres, save_times
 from dsfm.sim.finite_volume import FiniteVolume
 from dsfm.sim.spectral import random_field
 
@@ -111,9 +111,9 @@ def simulate(rng: np.random.Generator, n_trajectories: int, n: int, n_steps: int
         velocity[part, t] = np.moveaxis(w[:, 1:3], 1, -1)
 
     system.run(q, n_steps, dt_save, record)
-    centres = ((np.arange(n) + 0.5) * LENGTH / n).astype(np.float32)
+    centres = cell_centres(n, LENGTH)
     return Trajectories(
-        time=(np.arange(n_steps) * dt_save).astype(np.float32),
+        time=save_times(n_steps, dt_save),
         coords={"x": centres, "y": centres.copy()},
         t0_fields={"density": density, "pressure": pressure, "energy": energy},
         t1_fields={"velocity": velocity},

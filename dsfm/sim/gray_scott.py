@@ -10,7 +10,7 @@ integrating-factor RK4 step; the constant feed and A B² are evaluated on the gr
 import numpy as np
 
 from dsfm.errors import SimulationError
-from dsfm.sim.base import Trajectories
+from dsfm.sim.base import Trajectories, cell_centres, save_times
 from dsfm.sim.batching import chunks
 from dsfm.sim.spectral import if_rk4_step, wavenumbers
 
@@ -101,9 +101,9 @@ def simulate(rng: np.random.Generator, n_trajectories: int, n: int, n_steps: int
             if t > 0:
                 state = solver.advance(state, dt_save, dt)
             fields[part, t] = state
-    centres = ((np.arange(n) + 0.5) * length / n - length / 2).astype(np.float32)
+    centres = cell_centres(n, length, -length / 2)
     return Trajectories(
-        time=(np.arange(n_steps) * dt_save).astype(np.float32),
+        time=save_times(n_steps, dt_save),
         coords={"x": centres, "y": centres.copy()},
         t0_fields={"A": np.ascontiguousarray(fields[:, :, 0]),
                    "B": np.ascontiguousarray(fields[:, :, 1])},

@@ -13,7 +13,7 @@ wavenumbers integers.
 import numpy as np
 
 from dsfm.errors import SimulationError
-from dsfm.sim.base import Trajectories
+from dsfm.sim.base import Trajectories, cell_centres, save_times
 from dsfm.sim.batching import chunks
 from dsfm.sim.spectral import dealias_mask, if_rk4_step, random_field, wavenumbers
 
@@ -140,9 +140,9 @@ def simulate(rng: np.random.Generator, n_trajectories: int, n: int, n_steps: int
             vorticity[part, t], tracer[part, t] = grid[:, 0], grid[:, 1]
             pressure[part, t] = flow.pressure(state_hat)
             velocity[part, t] = np.stack(flow.velocity(state_hat), axis=-1)
-    centres = ((np.arange(n) + 0.5) * LENGTH / n).astype(np.float32)
+    centres = cell_centres(n, LENGTH)
     return Trajectories(
-        time=(np.arange(n_steps) * dt_save).astype(np.float32),
+        time=save_times(n_steps, dt_save),
         coords={"x": centres, "y": centres.copy()},
         t0_fields={"vorticity": vorticity, "pressure": pressure, "tracer": tracer},
         t1_fields={"velocity": velocity},

@@ -9,7 +9,7 @@ waves (speed √(g h)) that steepen into bores at larger amplitudes.
 
 import numpy as np
 
-from dsfm.sim.base import Trajectories
+from dsfm.sim.base import Trajectories, cell_centres, save_times
 from dsfm.sim.finite_volume import FiniteVolume, hll_flux
 
 DATASET_NAME = "shallow_water_2d"
@@ -89,9 +89,9 @@ def simulate(rng: np.random.Generator, n_trajectories: int, n: int, n_steps: int
         velocity[part, t] = np.moveaxis(w[:, 1:3], 1, -1)
 
     system.run(q, n_steps, dt_save, record)
-    centres = ((np.arange(n) + 0.5) * LENGTH / n).astype(np.float32)
+    centres = cell_centres(n, LENGTH)
     return Trajectories(
-        time=(np.arange(n_steps) * dt_save).astype(np.float32),
+        time=save_times(n_steps, dt_save),
         coords={"x": centres, "y": centres.copy()},
         t0_fields={"height": height},
         t1_fields={"velocity": velocity},
