@@ -24,13 +24,10 @@ events around its copies) in the same run.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import time
 from concurrent.futures import ProcessPoolExecutor
-from datetime import date
 from multiprocessing import get_context
 
 import h5py
@@ -41,6 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsfm.data import WellLoader
 from dsfm.data.index import list_hdf5, read_layouts
 from dsfm.data.windows import well_source
+from perf.report import write_json
 
 
 def _percentiles(latencies: list[float]) -> tuple[float, float]:
@@ -266,8 +264,7 @@ def main(argv=None) -> int:
         d for d in os.listdir(args.base) if os.path.isfile(os.path.join(args.base, d,
                                                                          "stats.yaml")))
     paths = [os.path.join(args.base, n) for n in names]
-    report = {"machine": platform.node(), "cpus": os.cpu_count(), "date": str(date.today()),
-              "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+    report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "workers": args.workers, "batch": args.batch, "rows": []}
     if device.type == "cuda":
         report["h2d"] = h2d_bandwidth(device)
@@ -313,8 +310,7 @@ def main(argv=None) -> int:
               f"(trainer + readers) {r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB, "
               f"growth after warm-up {r['rss_growth_after_warmup_mib']:+.1f} MiB")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=1)
+        write_json(args.json, report)
     return 0
 
 

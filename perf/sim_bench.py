@@ -8,15 +8,14 @@ a table: seconds, trajectories, MB written, and MB/s.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import shutil
 import tempfile
 import time
 
 from dsfm.sim.build import build
 from dsfm.sim.presets import PRESETS
+from perf.report import write_json
 
 
 def _size_mb(path: str) -> float:
@@ -62,9 +61,7 @@ def main(argv=None) -> int:
         print(f"{r['dataset']:32s} {r['grid']:>8s} {str(r['steps']):>5s} {r['trajectories']:5d} "
               f"{r['workers']:7d} {r['seconds']:8.2f} {r['mb']:7.1f} {r['mb'] / r['seconds']:6.1f}")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": platform.node(), "cpus": os.cpu_count(), "preset": args.preset,
-                       "rows": rows}, fh, indent=1)
+        write_json(args.json, {"preset": args.preset, "rows": rows})
     return 0
 
 

@@ -10,14 +10,13 @@ with worker processes and batches is `perf.loader_bench` (issue 3).
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import time
 
 import numpy as np
 
 from dsfm.data import WellDataset
+from perf.report import write_json
 
 
 def _time(ds, order) -> tuple[float, int]:
@@ -72,9 +71,7 @@ def main(argv=None) -> int:
               f"{r['dsfm_per_s']:8.0f} {r['upstream_mb_s']:8.1f} {r['dsfm_mb_s']:9.1f} "
               f"{r['speedup']:5.1f}x")
     if args.json:
-        with open(args.json, "w") as fh:
-            json.dump({"machine": platform.node(), "cpus": os.cpu_count(), "base": args.base,
-                       "rows": rows}, fh, indent=1)
+        write_json(args.json, {"base": args.base, "rows": rows})
     return 0
 
 
