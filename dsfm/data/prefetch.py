@@ -591,8 +591,7 @@ class WellLoader:
         finally:
             pool.close()
         self.close()
-        raise NonFiniteError(first_nonfinite(source, windows, flat) or (
-            f"{source.name}: normalization produced NaN/Inf (check its stats.yaml)"))
+        raise NonFiniteError(first_nonfinite(source, windows, flat))
 
     # ---------------------------------------------------------------- state and lifetime
 

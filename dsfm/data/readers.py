@@ -99,9 +99,7 @@ def serve(tasks: Connection, results: Connection) -> None:
                     shift, scale = norms[src_idx]
                     assemble_numpy(flat, source, batch, n_in, shift, scale, x, y)
                     if check_finite and not (np.isfinite(x).all() and np.isfinite(y).all()):
-                        where = first_nonfinite(source, windows, flat) or (
-                            f"{source.name}: normalization produced NaN/Inf (check stats.yaml)")
-                        raise errors.NonFiniteError(where)
+                        raise errors.NonFiniteError(first_nonfinite(source, windows, flat))
                     del x, y
                 results.send(("done", wid, step, slot, read_s))
             except errors.DsfmError as exc:

@@ -200,8 +200,9 @@ def assemble_numpy(flat: np.ndarray, source: WindowSource, batch: int, n_in: int
         np.divide(y, scale.reshape(view), out=y)
 
 
-def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str | None:
-    """Name the first NaN/Inf in native blocks of `windows` (file, array, trajectory, time)."""
+def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str:
+    """Name the first NaN/Inf in native blocks of `windows` (file, array, trajectory, time);
+    if the stored data are finite, the normalization made it."""
     plan = assembly_plan(source, len(windows))
     for b, w in enumerate(windows):
         for blk, (offset, k, shape, _, _) in zip(source.blocks, plan):
@@ -213,4 +214,4 @@ def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str | No
                 group = source.groups[fi][traj] if source.groups[fi] else ""
                 return (f"{source.files[fi]}: /{blk.path.replace('{group}', group)} has NaN/Inf "
                         f"at trajectory {traj}, time index {t}")
-    return None
+    return f"{source.name}: normalization produced NaN/Inf (check its stats.yaml)"
