@@ -272,9 +272,8 @@ class WellDataset(Dataset):
         """Read `fields` (one hyperslab each) into one channel-last array, normalized."""
         lead = (n_t,) if tsel is not None else ()
         slabs = [self._pool.slab(lay.path, fl.path) for fl in fields]
-        dsets = [slab.dset for slab in slabs]
         n_ch = sum(fl.n_channels for fl in fields)
-        dtype = np.result_type(np.float32, *(d.dtype for d in dsets))
+        dtype = np.result_type(np.float32, *(slab.dset.dtype for slab in slabs))
         out = np.empty(lead + lay.spatial_shape + (n_ch,), dtype=dtype)
         shift = scale = None
         generic = self.norm is not None and not hasattr(self.norm, "channel_vectors")
@@ -303,7 +302,7 @@ class WellDataset(Dataset):
                 np.divide(view, scale[c:c + fl.n_channels], out=view)
             out[..., c:c + fl.n_channels] = view
             c += fl.n_channels
-        if self.check_finite and out.size and not np.isfinite(out.sum(dtype=np.float64)):
+        if self.check_finite and not np.isfinite(out).all():
             self._raise_nonfinite(self._pool.get(lay.path), lay, fields, sample_idx, tsel)
         return out
 
