@@ -1,90 +1,304 @@
-"""The main job: `deepspeed dsfm/train.py --ds_config ds_configs/zero2.json`.
+"""The main job: MPP-style multi-physics pretraining of an Axial ViT under DeepSpeed.
 
-With no data given, it makes sure the embedded `demo` datasets exist (generating them once, under
-a file lock so that every rank of a multi-process launch finds them complete) and reports what it
-found. Pretraining the AViT under DeepSpeed lands with issue 4; until then the run stops after
-the data step.
+    deepspeed dsfm/train.py --ds_config ds_configs/zero2.json          # the embedded demo
+    deepspeed --hostfile hostfiles/raphael dsfm/train.py --ds_config ds_configs/zero2.json \
+        --config dsfm/configs/mpp_b.yaml
+
+Also runs as `python dsfm/train.py` (one process), under torchrun, mpirun or srun. The story of
+a run: read the config, start the process group, find (or simulate) the data, build the field
+vocabulary, the loader and the model, wrap it in a DeepSpeed engine, resume if asked, then train:
+each micro-batch comes from one dataset, the loss is MPP's normalized MSE, checkpoints are
+written every N steps and on SIGTERM/SIGUSR1, and the valid split is evaluated as NRMSE/VRMSE
+one step ahead and over an autoregressive rollout.
 """
 
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
 import os
 import sys
+import time
+from dataclasses import asdict
 
 if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): make dsfm importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from dsfm.data.index import SPLITS  # noqa: E402
-from dsfm.data.well import WellDataset  # noqa: E402
-from dsfm.errors import DsfmError  # noqa: E402
+import torch  # noqa: E402
 
-DEFAULT_DATA = os.environ.get("DSFM_DATA", os.path.join("data", "demo"))
-
-
-def datasets_in(base: str) -> list[str]:
-    return sorted(d for d in os.listdir(base)
-                  if os.path.isfile(os.path.join(base, d, "stats.yaml")))
+from dsfm.config import RunConfig, dump, load_config  # noqa: E402
+from dsfm.errors import ConfigError, DsfmError  # noqa: E402
+from dsfm.runtime import checkpoint, schedule  # noqa: E402
+from dsfm.runtime.engine import all_reduce_, build_engine, init_process_group  # noqa: E402
+from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
 
-def ensure_demo_data(base: str, rank: int) -> list[str]:
-    """Generate the demo datasets under `base` if it holds no dataset; safe with concurrent
-    ranks (the first takes a file lock and generates, the others wait and find them)."""
-    from dsfm.sim.build import build
-    from dsfm.sim.presets import PRESETS
-
-    os.makedirs(base, exist_ok=True)
-    with open(os.path.join(base, ".generate.lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not datasets_in(base):
-            build(PRESETS["demo"], base, progress=rank == 0)
-        fcntl.flock(lock, fcntl.LOCK_UN)
-    return datasets_in(base)
-
-
-def describe(base: str, name: str) -> str:
-    parts = []
-    for split in SPLITS:
-        ds = WellDataset(path=os.path.join(base, name), well_split_name=split, n_steps_input=4,
-                         n_steps_output=1)
-        parts.append(f"{split} {sum(ds.n_trajectories_per_file)} traj/{len(ds)} windows")
-        fields = [c for order in ds.field_names.values() for c in order]
-        res = "×".join(map(str, ds.size_tuple))
-        ds.close()
-    return f"{name:32s} {res:>8s}  {len(fields)} ch ({', '.join(fields)})  " + ", ".join(parts)
-
-
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config")
-    ap.add_argument("--data-dir", default=DEFAULT_DATA,
-                    help=f"Well base directory (default {DEFAULT_DATA}; demo data is generated "
-                         "there if missing)")
-    ap.add_argument("--local_rank", type=int, default=int(os.environ.get("LOCAL_RANK", 0)))
-    args = ap.parse_args(argv)
-    rank = int(os.environ.get("RANK", 0))
+    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (batch, "
+                    "accumulation, clipping, optimizer, schedule, ZeRO stage)")
+    ap.add_argument("--config", default=None, help="run preset YAML (default: "
+                    "dsfm/configs/demo.yaml; a bare name is looked up in dsfm/configs/)")
+    ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
+    ap.add_argument("--run-dir", default=None, help="output folder (default "
+                    "runs/<name>-<timestamp>)")
+    ap.add_argument("--resume", action="store_true", help="continue from the newest "
+                    "checkpoint in --run-dir (default: the newest runs/<name>-* folder)")
+    ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)
+    return ap.parse_args(argv)
+
+
+def read_configs(args: argparse.Namespace) -> tuple[RunConfig, dict]:
+    sets = list(args.sets)
+    if os.environ.get("DSFM_DATA"):
+        sets.insert(0, f"data.base={os.environ['DSFM_DATA']}")
+    cfg = load_config(args.config, sets)
     try:
         with open(args.ds_config) as fh:
             ds_config = json.load(fh)
-    except (OSError, json.JSONDecodeError) as exc:
-        print(f"error: --ds_config {args.ds_config}: {exc}", file=sys.stderr)
-        return 2
+    except OSError as exc:
+        raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
+    return cfg, schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config)
+
+
+def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:
+    """--run-dir, or for --resume the newest runs/<name>-*, or a new runs/<name>-<time>; rank
+    0 decides and tells the others so a timestamp cannot differ between ranks."""
+    import torch.distributed as td
+
+    choice = [args.run_dir]
+    if td.get_rank() == 0 and choice[0] is None:
+        if args.resume:
+            prefix = f"{cfg.name}-"
+            old = sorted(d for d in os.listdir("runs") if d.startswith(prefix)) \
+                if os.path.isdir("runs") else []
+            if not old:
+                raise ConfigError(f"--resume: no runs/{prefix}* folder; give --run-dir")
+            choice = [os.path.join("runs", old[-1])]
+        else:
+            choice = [os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")]
+    td.broadcast_object_list(choice, src=0)
+    return choice[0]
+
+
+def build_vocabulary_and_model(cfg: RunConfig, paths: list[str], loader_factory, log):
+    """The field vocabulary (from a pretrained checkpoint first, if fine-tuning), the loader
+    that extends it with the mixture's fields, and the AViT sized for it."""
+    from dsfm.data.fields import FieldVocabulary
+    from dsfm.models.avit import AViT, AViTConfig, n_parameters
+
+    pretrained = checkpoint.load_pretrained(cfg.train.init_from) if cfg.train.init_from else None
+    vocab = FieldVocabulary.from_state_dict(pretrained["vocabulary"]) if pretrained \
+        else FieldVocabulary(shared=cfg.data.shared_field_names)
+    loader = loader_factory(vocab)
+    torch.manual_seed(cfg.train.seed)
+    if pretrained:
+        model = AViT(AViTConfig(**{**pretrained["model_config"],
+                                   "drop_path": cfg.model.drop_path}))
+        model.load_state_dict(pretrained["model"])
+        model.add_fields(len(vocab) - model.n_fields)
+        log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
+                 f"({len(pretrained['vocabulary']['keys'])} pretrained)")
+    else:
+        n_fields = cfg.model.n_fields or len(vocab)
+        if n_fields < len(vocab):
+            raise ConfigError(f"model.n_fields={n_fields} but the mixture has {len(vocab)} "
+                              "fields; raise it or leave it unset")
+        dim, heads, blocks = cfg.model_shape()
+        model = AViT(AViTConfig(n_fields, dim, heads, blocks, cfg.model.drop_path))
+    {"middle": model.freeze_middle, "processor": model.freeze_processor,
+     "none": model.unfreeze}[cfg.train.freeze]()
+    log.text(f"model: AViT dim {model.config.dim}, {model.config.heads} heads, "
+             f"{model.config.blocks} blocks, {model.n_fields} field columns: "
+             f"{n_parameters(model):,} parameters ({n_parameters(model, True):,} trainable)")
+    return vocab, loader, model
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     try:
-        names = ensure_demo_data(args.data_dir, rank)
-        if rank == 0:
-            print(f"data: {args.data_dir} ({len(names)} datasets)")
-            for name in names:
-                print("  " + describe(args.data_dir, name))
-            zero = ds_config.get("zero_optimization", {}).get("stage", 0)
-            print(f"deepspeed config: {args.ds_config} (ZeRO stage {zero}, micro-batch "
-                  f"{ds_config.get('train_micro_batch_size_per_gpu')})")
-            print("training: not implemented yet (issue 4); stopping after the data step")
+        cfg, ds_config = read_configs(args)
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    env = init_process_group()
+    log = None
+    try:
+        run_dir = choose_run_dir(args, cfg)
+        log = MetricsLogger(run_dir, env.rank)
+        if env.rank == 0:
+            with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
+                fh.write(dump(cfg))
+            with open(os.path.join(run_dir, "ds_config.json"), "w") as fh:
+                json.dump(ds_config, fh, indent=2)
+        for warning in schedule.precision_warnings(ds_config):
+            log.text(f"warning: {warning}")
+        log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.launcher}, "
+                 f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
+                 f"{ds_config.get('zero_optimization', {}).get('stage', 0)}")
+        return train(cfg, ds_config, args, env, run_dir, log)
+    except DsfmError as exc:
+        msg = f"error (rank {env.rank}): {exc}"
+        print(msg, file=sys.stderr)
+        if log is not None:
+            log.text(msg, console=False)
         return 1
-    return 0
+    finally:
+        if log is not None:
+            log.close()
+
+
+def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: MetricsLogger) -> int:
+    import torch.distributed as td
+    from tqdm import tqdm
+
+    from dsfm.data.prefetch import WellLoader
+    from dsfm.data.prepare import dataset_paths
+    from dsfm.eval import evaluate, format_table, nmse
+
+    micro, accum = schedule.micro_batch(ds_config), schedule.accumulation(ds_config)
+    data = cfg.data
+    if env.rank == 0:
+        paths = dataset_paths(data.base, data.datasets, data.pdebench, data.generate,
+                              progress=cfg.train.progress)
+    td.barrier()                                   # the others wait while rank 0 generates
+    if env.rank != 0:
+        paths = dataset_paths(data.base, data.datasets, data.pdebench)
+
+    def make_loader(vocab):
+        return WellLoader(paths, split="train", n_steps_input=data.n_steps_input,
+                          n_steps_output=1, batch_size=micro, num_workers=data.num_workers,
+                          seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
+                          normalization=data.normalization, weights=data.weights,
+                          same_dataset_across_ranks=data.same_dataset_across_ranks,
+                          dt_stride=data.dt_stride, ring_slots=data.ring_slots,
+                          vocabulary=vocab)
+
+    vocab, loader, model = build_vocabulary_and_model(cfg, paths, make_loader, log)
+    try:
+        names = [d.source.name for d in loader.datasets]
+        log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
+                                      for n, d in zip(names, loader.datasets)))
+        engine, _, _ = build_engine(model, ds_config)
+        client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
+                        "config": cfg.model_dump()}
+
+        step = 0
+        if args.resume:
+            resumed = checkpoint.load_latest(engine, run_dir)
+            if resumed is None:
+                log.text(f"--resume: no checkpoint in {run_dir}; starting from step 0")
+            else:
+                client, rank_state = resumed
+                if client["vocabulary"] != vocab.state_dict():
+                    raise ConfigError(f"--resume: the checkpoint's field vocabulary differs "
+                                      f"from this run's datasets ({run_dir})")
+                loader.load_state_dict(rank_state["loader"])
+                step = int(client["step"])
+                log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
+
+        def save(at: int) -> None:
+            path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
+                                   {"loader": loader.state_dict(), "step": at},
+                                   cfg.train.keep_checkpoints)
+            log.text(f"checkpoint: {path}", console=False)
+
+        def run_eval(at: int) -> None:
+            if not cfg.train.eval_batches:
+                return
+            results = evaluate(engine, paths, n_steps_input=data.n_steps_input,
+                               rollout_steps=cfg.train.rollout_steps, batch_size=micro,
+                               batches=cfg.train.eval_batches, vocabulary=vocab,
+                               seed=cfg.train.seed, rank=env.rank,
+                               world_size=env.world_size, normalization=data.normalization,
+                               dt_stride=data.dt_stride)
+            k = cfg.train.rollout_steps
+            scalars = {}
+            for name, fields in results.items():
+                for fname, m in fields.items():
+                    for key in ("nrmse_1step", "vrmse_1step", f"nrmse_rollout{k}",
+                                f"vrmse_rollout{k}"):
+                        scalars[f"eval/{name}/{fname}/{key}"] = m[key]
+            log.scalars(at, scalars)
+            log.text(f"evaluation at step {at} (valid split, physical units):\n"
+                     + format_table(results, k))
+            if env.rank == 0:
+                with open(os.path.join(run_dir, f"eval_step{at:08d}.json"), "w") as fh:
+                    json.dump(results, fh, indent=2)
+
+        dev = engine.device
+        preemption = checkpoint.Preemption(dev)
+        loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
+        loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
+        samples_per_step = micro * accum * env.world_size
+        bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
+                   disable=env.rank != 0 or not cfg.train.progress, file=sys.stdout)
+        t_log, steps_since = time.perf_counter(), 0
+        stop = False
+        engine.train()
+        it = iter(loader)
+        while step < cfg.train.max_steps and not stop:
+            for _ in range(accum):
+                batch = next(it)
+                pred = engine(batch.x, batch.field_ids, batch.bcs)
+                loss = nmse(pred, batch.y[:, 0])
+                engine.backward(loss)
+                engine.step()
+                d = names.index(batch.dataset)
+                loss_sum[d] += loss.detach().double()
+                loss_n[d] += 1
+                del batch, pred, loss
+            step += 1
+            steps_since += 1
+            bar.update(1)
+            if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()
+                per = sums[:len(names)] / sums[len(names):].clamp(min=1)
+                elapsed = time.perf_counter() - t_log
+                mean = float(sums[:len(names)].sum() / sums[len(names):].sum())
+                grad_norm = engine.get_global_grad_norm()
+                scalars = {"train/loss": mean, "train/lr": float(engine.get_lr()[0]),
+                           "train/grad_norm": None if grad_norm is None else float(grad_norm),
+                           "perf/samples_per_sec": steps_since * samples_per_step / elapsed}
+                for i, name in enumerate(names):
+                    if sums[len(names) + i] > 0:
+                        scalars[f"train/loss/{name}"] = float(per[i])
+                log.scalars(step, scalars)
+                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                log.text(f"step {step:>7d}  loss {mean:.5f}  lr {scalars['train/lr']:.3e}  "
+                         f"grad {scalars['train/grad_norm'] or 0:.3f}  "
+                         f"{scalars['perf/samples_per_sec']:.1f} samples/s", console=False)
+                loss_sum.zero_()
+                loss_n.zero_()
+                t_log, steps_since = time.perf_counter(), 0
+            signal_flag = preemption.requested()
+            if signal_flag:
+                log.text(f"signal received: checkpointing at step {step}"
+                         + (" and stopping" if signal_flag == 2 else ""))
+                save(step)
+                stop = signal_flag == 2
+            elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
+                save(step)
+            if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not stop:
+                run_eval(step)
+        bar.close()
+        if stop:
+            log.text(f"stopped at step {step} on a signal; resume with --resume --run-dir "
+                     f"{run_dir}")
+            return 0
+        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+            save(step)
+        if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            run_eval(step)
+        log.text(f"done: {step} steps; run directory {run_dir}")
+        return 0
+    finally:
+        loader.close()
+        if "preemption" in locals():
+            preemption.restore()
 
 
 if __name__ == "__main__":

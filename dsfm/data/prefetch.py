@@ -593,6 +593,20 @@ class WellLoader:
         self.close()
         raise NonFiniteError(first_nonfinite(source, windows, flat))
 
+    def denormalize(self, dataset: str, t: torch.Tensor) -> torch.Tensor:
+        """Undo this loader's normalization of `dataset` on fields [..., C, *space] (for
+        metrics in physical units)."""
+        ds = next((d for d in self.datasets if d.source.name == dataset), None)
+        if ds is None:
+            raise ConfigError(f"dataset {dataset!r} is not in this loader")
+        dev = self._device_tensors(ds)
+        view = (-1,) + (1,) * len(ds.source.spatial_shape)
+        if dev["scale"] is not None:
+            t = t * dev["scale"].to(t.device).view(view)
+        if dev["shift"] is not None:
+            t = t + dev["shift"].to(t.device).view(view)
+        return t
+
     # ---------------------------------------------------------------- state and lifetime
 
     def state_dict(self) -> dict:

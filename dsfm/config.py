@@ -1,0 +1,170 @@
+"""The run config: a typed tree read from YAML, every value overridable with `--set a.b=value`.
+
+Validated in full before any process group waits, and strict: an unknown key (in the file or in
+a `--set`) is an error that names it and lists the keys that exist there. DeepSpeed settings
+(micro-batch size, accumulation, clipping, optimizer, ZeRO stage) are not repeated here: they live
+in the `--ds_config` JSON and the run reads them from the engine.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from dsfm.errors import ConfigError
+
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+DEFAULT_CONFIG = os.path.join(PRESETS_DIR, "demo.yaml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class DataConfig(_Strict):
+    base: str = Field("data/demo", description="directory holding Well datasets "
+                      "(<base>/<name>/data/<split>/*.hdf5 and stats.yaml); relative to the "
+                      "working directory; $DSFM_DATA replaces the default")
+    generate: Optional[Literal["demo", "small"]] = Field(
+        None, description="simulate this dsfm.sim preset into `base` when it holds no dataset")
+    datasets: list[str] = Field(default_factory=list, description="dataset names under `base` "
+                                "or paths to dataset directories; empty: every dataset in base")
+    pdebench: list[str] = Field(default_factory=list, description="PDEBench HDF5 files or "
+                                "directories, mixed in after the Well datasets")
+    weights: Optional[list[float]] = Field(None, description="mixture weights in the order of "
+                                           "the datasets (uniform when unset)")
+    n_steps_input: int = Field(4, ge=1, description="input frames per window (read by the "
+                               "index, the loader and the model)")
+    dt_stride: int = Field(1, ge=1)
+    normalization: Optional[Literal["zscore", "rms"]] = "zscore"
+    same_dataset_across_ranks: bool = Field(True, description="all ranks draw the same dataset "
+                                            "at a step, as MPP does")
+    shared_field_names: bool = Field(False, description="fields with equal names share one "
+                                     "embedding column across datasets")
+    num_workers: int = Field(2, ge=1, description="reader processes per rank")
+    ring_slots: Optional[int] = Field(None, ge=2)
+
+
+class ModelConfig(_Strict):
+    size: Optional[Literal["Ti", "S", "B", "L"]] = Field(
+        "Ti", description="MPP's published sizes; unset to give dim/heads/blocks yourself")
+    dim: Optional[int] = Field(None, ge=4)
+    heads: Optional[int] = Field(None, ge=1)
+    blocks: Optional[int] = Field(None, ge=1)
+    n_fields: Optional[int] = Field(None, ge=1, description="field-embedding columns; unset: "
+                                    "the fields of the training mixture (spare columns leave "
+                                    "room for fine-tuning)")
+    drop_path: float = Field(0.2, ge=0.0, lt=1.0)
+
+
+class TrainConfig(_Strict):
+    seed: int = 0
+    max_steps: int = Field(200, ge=1, description="optimizer steps (the run ends there)")
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(100, ge=0, description="0: only at the end and on signals")
+    keep_checkpoints: int = Field(3, ge=1)
+    eval_every: int = Field(0, ge=0, description="0: evaluate once, at the end")
+    eval_batches: int = Field(4, ge=0, description="valid micro-batches per dataset and rank; "
+                              "0 disables evaluation")
+    rollout_steps: int = Field(4, ge=1, description="autoregressive steps in evaluation")
+    init_from: Optional[str] = Field(None, description="pretrained weights to fine-tune: an "
+                                     "exported .pt file or a run directory")
+    freeze: Literal["none", "middle", "processor"] = Field(
+        "none", description="middle: train only field embedding and output head; processor: "
+        "freeze the space-time blocks")
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "run"
+    data: DataConfig = Field(default_factory=DataConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+
+    def model_shape(self) -> tuple[int, int, int]:
+        """(dim, heads, blocks), from the size preset with explicit values winning."""
+        from dsfm.models.avit import SIZES
+        base = SIZES[self.model.size] if self.model.size else (None, None, None)
+        dim, heads, blocks = (v if v is not None else b for v, b in
+                              zip((self.model.dim, self.model.heads, self.model.blocks), base))
+        if None in (dim, heads, blocks):
+            raise ConfigError("model: set model.size, or all of model.dim, model.heads and "
+                              "model.blocks")
+        return dim, heads, blocks
+
+
+def _known_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def apply_set(raw: dict, assignment: str) -> None:
+    """Apply one `key.path=value` to the raw config dict; the value is parsed as YAML (numbers,
+    booleans, null, lists)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.max_steps=20")
+    key, text = assignment.split("=", 1)
+    parts = key.strip().split(".")
+    node_model: type[BaseModel] = RunConfig
+    node = raw
+    for depth, part in enumerate(parts):
+        fields = node_model.model_fields
+        if part not in fields:
+            where = ".".join(parts[:depth]) or "the top level"
+            raise ConfigError(f"--set {key}: unknown key {part!r} at {where}; known keys: "
+                              f"{', '.join(_known_keys(node_model))}")
+        if depth == len(parts) - 1:
+            try:
+                node[part] = yaml.safe_load(text) if text.strip() else None
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"--set {key}: cannot parse {text!r}: {exc}") from None
+            return
+        sub = fields[part].annotation
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a "
+                              "section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+        node_model = sub
+
+
+def _describe(error: ValidationError, source: str) -> str:
+    lines = []
+    for e in error.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{source}: unknown key {loc}")
+        else:
+            lines.append(f"{source}: {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "\n".join(lines)
+
+
+def load_config(path: str | None = None, sets: list[str] = ()) -> RunConfig:
+    """Read the YAML preset (default: the embedded demo), apply `--set`s, validate."""
+    path = path or DEFAULT_CONFIG
+    if not os.path.isfile(path) and os.path.isfile(os.path.join(PRESETS_DIR, path)):
+        path = os.path.join(PRESETS_DIR, path)
+    try:
+        with open(path) as fh:
+            raw: Any = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+    for s in sets:
+        apply_set(raw, s)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path + (" with --set" if sets else ""))) from None
+    cfg.model_shape()
+    return cfg
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)

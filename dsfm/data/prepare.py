@@ -1,0 +1,51 @@
+"""Which datasets a run reads: names or paths from the run config, generated when asked."""
+
+from __future__ import annotations
+
+import fcntl
+import os
+
+from dsfm.errors import ConfigError
+
+
+def datasets_in(base: str) -> list[str]:
+    """Names of the Well datasets directly under `base` (directories with a stats.yaml)."""
+    if not os.path.isdir(base):
+        return []
+    return sorted(d for d in os.listdir(base)
+                  if os.path.isfile(os.path.join(base, d, "stats.yaml")))
+
+
+def generate_if_missing(base: str, preset: str, progress: bool = False) -> None:
+    """Simulate `preset` into `base` unless it already holds datasets; safe with concurrent
+    ranks (the first takes a file lock and generates, the others wait and then find them)."""
+    from dsfm.sim.build import build
+    from dsfm.sim.presets import PRESETS
+
+    os.makedirs(base, exist_ok=True)
+    with open(os.path.join(base, ".generate.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if not datasets_in(base):
+                build(PRESETS[preset], base, progress=progress)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def dataset_paths(base: str, names: list[str], pdebench: list[str],
+                  generate: str | None = None, progress: bool = False) -> list[str]:
+    """Paths of the Well datasets (by name under `base`, or given as paths) then the PDEBench
+    sources; every one must exist."""
+    if generate:
+        generate_if_missing(base, generate, progress)
+    names = names or datasets_in(base)
+    paths = [n if os.path.isabs(n) or os.sep in n else os.path.join(base, n) for n in names]
+    missing = [p for p in paths + list(pdebench) if not os.path.exists(p)]
+    if missing:
+        raise ConfigError(f"data: not found: {', '.join(missing)} (data.base is {base!r}; "
+                          "generate demo data with python -m dsfm.sim --preset demo --out "
+                          f"{base}, or set data.generate: demo)")
+    if not paths and not pdebench:
+        raise ConfigError(f"data: no datasets in {base!r} and none listed; set data.datasets, "
+                          "data.pdebench or data.generate")
+    return paths + list(pdebench)

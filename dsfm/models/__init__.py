@@ -1,0 +1,1 @@
+"""Models: MPP's Axial ViT (avit.py) and its layers (layers.py)."""

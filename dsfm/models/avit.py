@@ -1,0 +1,143 @@
+"""MPP's Axial ViT (Multiple Physics Pretraining): one surrogate for many PDE systems.
+
+A micro-batch holds windows of one dataset: x [B, T, C, H, W] (C of the vocabulary's fields,
+named by `field_ids`), boundary codes [B, 2, 2]. The model
+  1. normalizes each sample and channel over time and space (RevIN), undone on the output;
+  2. embeds the present fields through the shared field embedding (`space_bag`);
+  3. patchifies every frame with the hMLP stem (patch 16);
+  4. runs blocks of temporal attention then axial spatial attention, drop path rising linearly
+     to `drop_path` over the blocks;
+  5. decodes the last frame only with the hMLP decoder, whose output channels are the present
+     fields' slices,
+and returns the next state [B, C, H, W].
+
+`avit(size, n_fields)` builds the published sizes; with 12 field columns Ti/S/B/L have exactly
+7,285,884 / 28,979,436 / 115,608,012 / 407,055,628 parameters.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from dsfm.errors import ConfigError
+from dsfm.models.layers import PERIODIC_CODE, FieldEmbedding, HMLPDecoder, HMLPStem, SpaceTimeBlock
+
+PATCH = 16
+SIZES: dict[str, tuple[int, int, int]] = {        # dim, heads, blocks
+    "Ti": (192, 3, 12),
+    "S": (384, 6, 12),
+    "B": (768, 12, 12),
+    "L": (1024, 16, 24),
+}
+
+
+@dataclass(frozen=True)
+class AViTConfig:
+    n_fields: int
+    dim: int = 192
+    heads: int = 3
+    blocks: int = 12
+    drop_path: float = 0.2
+    revin_eps: float = 1e-7
+
+    def __post_init__(self):
+        if self.n_fields < 1:
+            raise ConfigError(f"model.n_fields must be >= 1, got {self.n_fields}")
+        if self.dim % 4 or self.dim % self.heads:
+            raise ConfigError(f"model dim {self.dim} must be divisible by 4 and by heads "
+                              f"{self.heads}")
+        if self.blocks < 1 or not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"need blocks >= 1 and 0 <= drop_path < 1 (got {self.blocks}, "
+                              f"{self.drop_path})")
+
+
+class AViT(nn.Module):
+    def __init__(self, config: AViTConfig):
+        super().__init__()
+        self.config = config
+        dim = config.dim
+        self.space_bag = FieldEmbedding(config.n_fields, dim // 4)
+        self.embed = HMLPStem(dim)
+        n = config.blocks
+        rates = [config.drop_path * i / max(n - 1, 1) for i in range(n)]
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r) for r in rates)
+        self.debed = HMLPDecoder(dim, config.n_fields)
+
+    @property
+    def n_fields(self) -> int:
+        return self.space_bag.weight.shape[1]
+
+    def forward(self, x: torch.Tensor, field_ids: torch.Tensor,
+                bcs: torch.Tensor | None = None) -> torch.Tensor:
+        b, t, c, h, w = x.shape
+        if h % PATCH or w % PATCH or h * w < 2 * PATCH * PATCH:
+            raise ConfigError(f"AViT needs H and W multiples of {PATCH} with at least two "
+                              f"patches, got {h}×{w}")
+        if field_ids.numel() != c:
+            raise ConfigError(f"{c} channels but {field_ids.numel()} field ids")
+        with torch.no_grad():
+            std, mean = torch.std_mean(x, dim=(1, 3, 4), keepdim=True)
+            std = std + self.config.revin_eps
+        z = (x - mean) / std
+        z = self.space_bag(z.reshape(b * t, c, h, w), field_ids)
+        z = self.embed(z)
+        z = z.reshape(b, t, *z.shape[1:])
+        if bcs is None:
+            periodic = torch.zeros(b, 2, dtype=torch.bool, device=x.device)
+        else:
+            periodic = (bcs == PERIODIC_CODE).any(dim=-1).to(x.device)    # [B, 2]: H, W axes
+        for block in self.blocks:
+            z = block(z, periodic)
+        out = self.debed(z[:, -1], field_ids)
+        return out * std[:, 0] + mean[:, 0]
+
+    # ------------------------------------------------------------ fine-tuning helpers
+
+    def add_fields(self, n_new: int) -> None:
+        """Append `n_new` field columns to the embedding and output head (new fields of a
+        fine-tuning set); the existing columns keep their trained values."""
+        if n_new < 1:
+            return
+        fresh = AViT(AViTConfig(**{**asdict(self.config), "n_fields": n_new,
+                                   "blocks": 1}))
+        dev = self.space_bag.weight.device
+        with torch.no_grad():
+            self.space_bag.weight = nn.Parameter(torch.cat(
+                [self.space_bag.weight, fresh.space_bag.weight.to(dev)], dim=1))
+            self.debed.out_kernel = nn.Parameter(torch.cat(
+                [self.debed.out_kernel, fresh.debed.out_kernel.to(dev)], dim=1))
+            self.debed.out_bias = nn.Parameter(torch.cat(
+                [self.debed.out_bias, fresh.debed.out_bias.to(dev)]))
+        self.config = AViTConfig(**{**asdict(self.config),
+                                    "n_fields": self.config.n_fields + n_new})
+
+    def unfreeze(self) -> None:
+        for p in self.parameters():
+            p.requires_grad_(True)
+
+    def freeze_middle(self) -> None:
+        """Train only the field embedding and the output head (the cheapest transfer)."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(name.startswith("space_bag.")
+                            or name in ("debed.out_kernel", "debed.out_bias"))
+
+    def freeze_processor(self) -> None:
+        """Freeze the space-time blocks; embeddings, stem and decoder train."""
+        for name, p in self.named_parameters():
+            p.requires_grad_(not name.startswith("blocks."))
+
+
+def avit(size: str, n_fields: int, drop_path: float = 0.2) -> AViT:
+    """MPP's published sizes: Ti, S, B, L (case-insensitive)."""
+    key = {k.lower(): k for k in SIZES}.get(size.lower())
+    if key is None:
+        raise ConfigError(f"AViT size {size!r} is not one of {', '.join(SIZES)}")
+    dim, heads, blocks = SIZES[key]
+    return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path))
+
+
+def n_parameters(model: nn.Module, trainable_only: bool = False) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)

@@ -1,0 +1,256 @@
+"""The building blocks of MPP's Axial ViT, channels-first ([N, C, H, W]) throughout.
+
+Parameter names follow the published MPP model (see shared/reference/mpp_avit_parameters.md), so
+counts match exactly and the structure reads the same: hMLP stem and decoder, temporal attention
+block, axial spatial attention block, T5-style relative position bias.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
+
+
+class RMSInstanceNorm2d(nn.Module):
+    """Divides each sample and channel by its spatial standard deviation (no centring), then
+    scales per channel. The `bias` parameter exists in MPP's checkpoints but is not applied; it
+    is kept so parameter names and counts match."""
+
+    def __init__(self, dim: int, eps: float = 1e-8):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        std = torch.std(x, dim=(-2, -1), keepdim=True)
+        return x / (std + self.eps) * self.weight[:, None, None]
+
+
+class DropPath(nn.Module):
+    """Stochastic depth: drops the whole residual branch of a sample with probability p."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = float(p)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p:.3f}"
+
+
+class RelativePositionBias(nn.Module):
+    """T5's bucketed relative position bias: 32 buckets (16 per direction, exact up to 8, then
+    logarithmic up to `max_distance`), one learned value per bucket and head. On a periodic axis
+    the offset is taken the short way round the circle, so the first and last cells are
+    neighbours."""
+
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128):
+        super().__init__()
+        self.num_buckets, self.max_distance = num_buckets, max_distance
+        self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
+        self._buckets: dict[tuple[int, bool, str], torch.Tensor] = {}
+
+    def buckets(self, length: int, periodic: bool, device: torch.device) -> torch.Tensor:
+        key = (length, periodic, str(device))
+        if key not in self._buckets:
+            pos = torch.arange(length, device=device)
+            rel = pos[None, :] - pos[:, None]                    # key - query
+            if periodic:
+                half = length // 2
+                rel = torch.remainder(rel + half, length) - half
+            half_buckets = self.num_buckets // 2
+            bucket = (rel > 0).long() * half_buckets
+            n = rel.abs()
+            exact = half_buckets // 2
+            far = exact + (torch.log(n.float().clamp(min=1) / exact)
+                           / math.log(self.max_distance / exact)
+                           * (half_buckets - exact)).long()
+            far = far.clamp(max=half_buckets - 1)
+            self._buckets[key] = bucket + torch.where(n < exact, n, far)
+        return self._buckets[key]
+
+    def forward(self, length: int, periodic: bool = False) -> torch.Tensor:
+        """[heads, length, length] additive attention bias."""
+        idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
+        return self.relative_attention_bias(idx).permute(2, 0, 1)
+
+
+class MLP(nn.Module):
+    def __init__(self, dim: int, ratio: int = 4):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, ratio * dim)
+        self.fc2 = nn.Linear(ratio * dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+def _qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """[N, 3·dim, ...] → q, k, v of [N, heads, ..., head_dim] (per head: q, k, v contiguous,
+    as MPP splits its fused projection)."""
+    n, c3 = x.shape[:2]
+    x = x.reshape(n, heads, c3 // heads, *x.shape[2:]).movedim(2, -1)
+    return x.chunk(3, dim=-1)
+
+
+class TemporalAttention(nn.Module):
+    """Attention along time at every patch position: instance norm, fused 1×1 QKV, QK-norm,
+    T5 relative bias (non-periodic), instance norm, 1×1 output, LayerScale, residual."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, layer_scale: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.InstanceNorm2d(dim, affine=True)
+        self.norm2 = nn.InstanceNorm2d(dim, affine=True)
+        self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
+        self.input_head = nn.Conv2d(dim, 3 * dim, 1)
+        self.output_head = nn.Conv2d(dim, dim, 1)
+        self.qnorm = nn.LayerNorm(dim // heads)
+        self.knorm = nn.LayerNorm(dim // heads)
+        self.rel_pos_bias = RelativePositionBias(heads)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: [B, T, C, H, W]."""
+        b, t, c, h, w = x.shape
+        z = self.input_head(self.norm1(x.reshape(b * t, c, h, w)))
+        z = z.reshape(b, t, 3 * c, h, w).permute(0, 3, 4, 2, 1)      # [B, H, W, 3C, T]
+        q, k, v = _qkv(z.reshape(b * h * w, 3 * c, t), self.heads)    # [BHW, heads, T, hd]
+        z = F.scaled_dot_product_attention(self.qnorm(q), self.knorm(k), v,
+                                           attn_mask=self.rel_pos_bias(t)[None])
+        z = z.transpose(2, 3).reshape(b, h, w, c, t).permute(0, 4, 3, 1, 2)
+        z = self.output_head(self.norm2(z.reshape(b * t, c, h, w))).reshape(b, t, c, h, w)
+        return x + self.drop_path(z * self.gamma[:, None, None])
+
+
+class AxialSpatialAttention(nn.Module):
+    """Attention along W and along H with one fused QKV projection and one relative-position
+    table shared by both axes (periodic-aware per sample from the boundary codes); the two
+    results are averaged. Then a 4× MLP, both branches with LayerScale and drop path."""
+
+    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, layer_scale: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.norm1 = RMSInstanceNorm2d(dim)
+        self.norm2 = RMSInstanceNorm2d(dim)
+        self.gamma_att = nn.Parameter(layer_scale * torch.ones(dim))
+        self.gamma_mlp = nn.Parameter(layer_scale * torch.ones(dim))
+        self.input_head = nn.Conv2d(dim, 3 * dim, 1)
+        self.output_head = nn.Conv2d(dim, dim, 1)
+        self.qnorm = nn.LayerNorm(dim // heads)
+        self.knorm = nn.LayerNorm(dim // heads)
+        self.rel_pos_bias = RelativePositionBias(heads)
+        self.mlp = MLP(dim)
+        self.mlp_norm = RMSInstanceNorm2d(dim)
+        self.drop_path = DropPath(drop_path)
+
+    def _axis_bias(self, length: int, periodic: torch.Tensor, n_other: int) -> torch.Tensor:
+        """Attention bias for one axis: [1, heads, L, L] when all samples agree on periodicity,
+        else [N·n_other, heads, L, L] picking per sample."""
+        if bool(periodic.all()) or not bool(periodic.any()):
+            return self.rel_pos_bias(length, bool(periodic[0]))[None]
+        both = torch.stack([self.rel_pos_bias(length, False), self.rel_pos_bias(length, True)])
+        per_sample = both[periodic.long()]                         # [N, heads, L, L]
+        return per_sample.repeat_interleave(n_other, dim=0)
+
+    def forward(self, x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, H, W]; periodic: [N, 2] bool (axis H, axis W)."""
+        n, c, h, w = x.shape
+        q, k, v = _qkv(self.input_head(self.norm1(x)), self.heads)   # [N, heads, H, W, hd]
+        q, k = self.qnorm(q), self.knorm(k)
+
+        # along W: sequences of length W for every (sample, row)
+        qw, kw, vw = (t.permute(0, 2, 1, 3, 4).reshape(n * h, self.heads, w, -1)
+                      for t in (q, k, v))
+        zw = F.scaled_dot_product_attention(qw, kw, vw,
+                                            attn_mask=self._axis_bias(w, periodic[:, 1], h))
+        zw = zw.reshape(n, h, self.heads, w, -1).permute(0, 2, 4, 1, 3)   # [N, heads, hd, H, W]
+        # along H: sequences of length H for every (sample, column)
+        qh, kh, vh = (t.permute(0, 3, 1, 2, 4).reshape(n * w, self.heads, h, -1)
+                      for t in (q, k, v))
+        zh = F.scaled_dot_product_attention(qh, kh, vh,
+                                            attn_mask=self._axis_bias(h, periodic[:, 0], w))
+        zh = zh.reshape(n, w, self.heads, h, -1).permute(0, 2, 4, 3, 1)
+        z = ((zw + zh) / 2).reshape(n, c, h, w)
+        x = x + self.drop_path(self.output_head(self.norm2(z)) * self.gamma_att[:, None, None])
+        z = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.drop_path(self.mlp_norm(z) * self.gamma_mlp[:, None, None])
+
+
+class SpaceTimeBlock(nn.Module):
+    def __init__(self, dim: int, heads: int, drop_path: float = 0.0):
+        super().__init__()
+        self.temporal = TemporalAttention(dim, heads, drop_path)
+        self.spatial = AxialSpatialAttention(dim, heads, drop_path)
+
+    def forward(self, x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
+        b, t, c, h, w = x.shape
+        x = self.temporal(x)
+        x = self.spatial(x.reshape(b * t, c, h, w), periodic.repeat_interleave(t, dim=0))
+        return x.reshape(b, t, c, h, w)
+
+
+class HMLPStem(nn.Module):
+    """Patch 16 as three bias-free strided convolutions (4, 2, 2) with RMS instance norm and
+    GELU between them: a hierarchical MLP on each 16×16 patch."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        q = dim // 4
+        self.in_proj = nn.Sequential(
+            nn.Conv2d(q, q, 4, stride=4, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
+            nn.Conv2d(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
+            nn.Conv2d(q, dim, 2, stride=2, bias=False), RMSInstanceNorm2d(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.in_proj(x)
+
+
+class HMLPDecoder(nn.Module):
+    """The stem mirrored with transposed convolutions; the last 4×4 layer's kernel and bias have
+    one slice per vocabulary field and only the present fields' slices are used."""
+
+    def __init__(self, dim: int, n_fields: int):
+        super().__init__()
+        q = dim // 4
+        self.out_proj = nn.Sequential(
+            nn.ConvTranspose2d(dim, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
+            nn.ConvTranspose2d(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU())
+        head = nn.ConvTranspose2d(q, n_fields, 4, stride=4)
+        self.out_kernel = nn.Parameter(head.weight.detach().clone())
+        self.out_bias = nn.Parameter(head.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor, field_ids: torch.Tensor) -> torch.Tensor:
+        return F.conv_transpose2d(self.out_proj(x), self.out_kernel[:, field_ids],
+                                  self.out_bias[field_ids], stride=4)
+
+
+class FieldEmbedding(nn.Module):
+    """MPP's shared field embedding ("space bag"): a linear map from the vocabulary's fields to
+    dim/4 channels of which only the present fields' columns are used, rescaled by
+    sqrt(n_vocabulary / n_present) so the embedding's scale does not depend on how many fields a
+    dataset has."""
+
+    def __init__(self, n_fields: int, out_dim: int):
+        super().__init__()
+        lin = nn.Linear(n_fields, out_dim)
+        self.weight = nn.Parameter(lin.weight.detach().clone())
+        self.bias = nn.Parameter(lin.bias.detach().clone())
+
+    def forward(self, x: torch.Tensor, field_ids: torch.Tensor) -> torch.Tensor:
+        """x: [N, C, H, W] with C = len(field_ids) → [N, out_dim, H, W]."""
+        scale = math.sqrt(self.weight.shape[1] / field_ids.numel())
+        w = self.weight[:, field_ids] * scale
+        return F.conv2d(x, w[:, :, None, None], self.bias)

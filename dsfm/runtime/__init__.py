@@ -1,0 +1,1 @@
+"""Running a job: process groups, DeepSpeed engine, checkpoints and cluster launch helpers."""

@@ -1,0 +1,51 @@
+"""Process group and DeepSpeed engine set-up, whatever launched us."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from dsfm.runtime import dist
+
+
+def init_process_group() -> dist.DistEnv:
+    """Discover rank and world from the launcher (deepspeed, torchrun, mpirun, srun or none),
+    then start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    env = dist.discover()
+    dist.export(env)
+    if torch.cuda.is_available():
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        backend = "nccl"
+    else:
+        backend = "gloo"
+    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
+    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    return env
+
+
+def build_engine(model: torch.nn.Module, ds_config: dict):
+    """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
+    scheduler)."""
+    import deepspeed
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
+                                                           config=ds_config)
+    return engine, optimizer, scheduler
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
+    """In-place all-reduce (sum by default) that is a no-op in a world of one."""
+    import torch.distributed as td
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.all_reduce(t, op=op or td.ReduceOp.SUM)
+    return t

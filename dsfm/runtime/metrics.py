@@ -1,0 +1,56 @@
+"""Where a run's numbers go: TensorBoard scalars, metrics.jsonl and train.log in the run
+directory, and the console. Rank 0 writes; the other ranks hold a logger that does nothing."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+
+
+class MetricsLogger:
+    def __init__(self, run_dir: str, rank: int, echo: bool = True):
+        self.enabled = rank == 0
+        self.echo = echo
+        self._tb = None
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        os.makedirs(run_dir, exist_ok=True)
+        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+        self._log = open(os.path.join(run_dir, "train.log"), "a")
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._tb.add_scalar(tag, value, step)
+        self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
+        self._jsonl.flush()
+
+    def text(self, message: str, console: bool = True) -> None:
+        if not self.enabled:
+            return
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+        for line in message.splitlines():
+            self._log.write(f"{stamp} {line}\n")
+        self._log.flush()
+        if console and self.echo:
+            from tqdm import tqdm
+            tqdm.write(message, file=sys.stdout)
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            self._tb.close()
+            self._jsonl.close()
+            self._log.close()
+            self.enabled = False

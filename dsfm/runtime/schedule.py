@@ -1,0 +1,64 @@
+"""The learning-rate schedule and batch geometry, taken from the DeepSpeed config.
+
+The DeepSpeed JSON owns micro-batch size, accumulation, clipping, optimizer and scheduler; the
+run config owns the run length. `"auto"` in the scheduler's step counts is filled from the run
+length here (total = train.max_steps, warmup = 5% of it), so one JSON serves runs of any length.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from dsfm.errors import ConfigError
+
+WARMUP_FRACTION = 0.05
+_STEP_KEYS = {
+    "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
+    "WarmupDecayLR": ("total_num_steps", "warmup_num_steps"),
+    "WarmupLR": (None, "warmup_num_steps"),
+}
+
+
+def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config") -> dict:
+    """A copy of `ds_config` with "auto" step counts filled in and the batch keys checked."""
+    cfg = copy.deepcopy(ds_config)
+    if "train_micro_batch_size_per_gpu" not in cfg:
+        raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (the loader's batch "
+                          "size is read from it)")
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = cfg.get(key, 1)
+        if not isinstance(value, int) or value < 1:
+            raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    sched = cfg.get("scheduler")
+    if sched:
+        params = sched.setdefault("params", {})
+        total_key, warm_key = _STEP_KEYS.get(sched.get("type"), (None, None))
+        for key, value in ((total_key, max_steps),
+                           (warm_key, max(1, round(WARMUP_FRACTION * max_steps)))):
+            if key and params.get(key, "auto") == "auto":
+                params[key] = value
+        left = [k for k, v in params.items() if v == "auto"]
+        if left:
+            raise ConfigError(f"{source}: scheduler.params {', '.join(left)} = \"auto\" is not "
+                              "understood; give numbers")
+    return cfg
+
+
+def micro_batch(ds_config: dict) -> int:
+    return int(ds_config["train_micro_batch_size_per_gpu"])
+
+
+def accumulation(ds_config: dict) -> int:
+    return int(ds_config.get("gradient_accumulation_steps", 1))
+
+
+def precision_warnings(ds_config: dict) -> list[str]:
+    """dsfm trains in fp32 on purpose (see docs/training.md); say so if a config turns on a
+    reduced precision."""
+    out = []
+    for key in ("fp16", "bf16"):
+        if ds_config.get(key, {}).get("enabled"):
+            out.append(f"{key} is enabled in the DeepSpeed config: the physics models are "
+                       "trained in fp32 by default because small field increments vanish in "
+                       "16-bit mantissas; expect worse rollouts")
+    return out

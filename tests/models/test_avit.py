@@ -1,0 +1,192 @@
+"""MPP's AViT: exact parameter counts and names, and the properties its parts promise."""
+
+import os
+import re
+
+import pytest
+import torch
+
+from dsfm.errors import ConfigError
+from dsfm.models.avit import AViT, AViTConfig, avit, n_parameters
+from dsfm.models.layers import FieldEmbedding, RelativePositionBias
+
+REFERENCE = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "reference",
+                         "mpp_avit_parameters.md")
+
+
+@pytest.mark.parametrize("size,expected", [("Ti", 7_285_884), ("S", 28_979_436),
+                                           ("B", 115_608_012), ("L", 407_055_628)])
+def test_published_sizes_have_exactly_mpps_parameter_counts(size, expected):
+    with torch.device("meta"):
+        model = avit(size, n_fields=12)
+    assert n_parameters(model) == expected
+
+
+def test_parameter_names_and_shapes_match_the_reference_table():
+    if not os.path.isfile(REFERENCE):
+        pytest.skip(f"reference table not found at {REFERENCE}")
+    rows = re.findall(r"\| `([^`]+)` \| `\(([^)]*)\)` \|", open(REFERENCE).read())
+    expected = {name: tuple(int(v) for v in shape.split(",") if v.strip())
+                for name, shape in rows}
+    assert len(expected) > 50
+    model = avit("Ti", 12)
+    mine = {name: tuple(p.shape) for name, p in model.named_parameters()
+            if not name.startswith("blocks.") or name.startswith("blocks.0.")}
+    assert mine == expected
+    assert len(model.blocks) == 12
+
+
+def test_drop_path_rises_linearly_to_its_maximum():
+    model = avit("Ti", 4, drop_path=0.2)
+    rates = [b.spatial.drop_path.p for b in model.blocks]
+    assert rates[0] == 0.0 and rates[-1] == pytest.approx(0.2)
+    assert all(b - a == pytest.approx(0.2 / 11) for a, b in zip(rates, rates[1:]))
+
+
+def small(n_fields=6, drop_path=0.0):
+    """A small AViT whose blocks matter: LayerScale starts at 1e-6, which would hide them."""
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(n_fields, dim=48, heads=3, blocks=2, drop_path=drop_path)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.rsplit(".", 1)[-1].startswith("gamma"):
+                p.fill_(0.5)
+    return model
+
+
+def sample(b=2, t=3, c=3, h=32, w=48, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(b, t, c, h, w, generator=g, dtype=torch.float64).float()
+
+
+def periodic_bcs(b, h_periodic=True, w_periodic=True):
+    codes = torch.zeros(b, 2, 2)
+    codes[:, 0] = 2.0 if h_periodic else 0.0
+    codes[:, 1] = 2.0 if w_periodic else 1.0
+    return codes
+
+
+def test_output_is_the_next_frame_of_the_present_fields():
+    model = small()
+    x = sample()
+    out = model(x, torch.tensor([4, 0, 2]), periodic_bcs(2))
+    assert out.shape == (2, 3, 32, 48) and torch.isfinite(out).all()
+
+
+def test_revin_makes_the_model_equivariant_to_per_channel_affine_changes():
+    """Normalizing each sample and channel over time and space, and undoing it on the output,
+    means model(a·x + b) = a·model(x) + b for a > 0, per channel."""
+    model = small()
+    x = sample()
+    ids, bcs = torch.tensor([1, 3, 5]), periodic_bcs(2)
+    a = torch.tensor([3.0, 0.5, 40.0]).view(1, 1, 3, 1, 1)
+    b = torch.tensor([-7.0, 100.0, 0.5]).view(1, 1, 3, 1, 1)
+    with torch.no_grad():
+        ref = model(x, ids, bcs)
+        moved = model(a * x + b, ids, bcs)
+    torch.testing.assert_close((moved - b[:, 0]) / a[:, 0], ref, rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(moved, ref, atol=1e-2)
+
+
+def test_fields_are_addressed_by_id_not_position():
+    """Shuffling the channels together with their field ids shuffles the output the same way."""
+    model = small()
+    x, ids, bcs = sample(), torch.tensor([1, 3, 5]), periodic_bcs(2)
+    perm = torch.tensor([2, 0, 1])
+    with torch.no_grad():
+        ref = model(x, ids, bcs)
+        shuffled = model(x[:, :, perm], ids[perm], bcs)
+    torch.testing.assert_close(shuffled, ref[:, perm], rtol=1e-4, atol=1e-5)
+    with torch.no_grad():
+        other = model(x, torch.tensor([0, 3, 5]), bcs)
+    assert not torch.allclose(other, ref, atol=1e-4)       # a different field is a different input
+
+
+def test_periodic_axes_make_the_model_equivariant_to_patch_shifts():
+    """With periodic boundaries the relative positions wrap around, so rolling the input by
+    whole patches rolls the output; with walls the edges are special and it does not."""
+    model = small()
+    x, ids = sample(b=1, h=32, w=64), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        for h_per, w_per in ((True, True), (False, False)):
+            bcs = periodic_bcs(1, h_per, w_per)
+            ref = model(x, ids, bcs)
+            rolled = model(torch.roll(x, 16, dims=-1), ids, bcs)
+            same = torch.allclose(rolled, torch.roll(ref, 16, dims=-1), rtol=1e-4, atol=1e-4)
+            assert same == w_per
+
+
+def test_relative_position_buckets_wrap_on_periodic_axes():
+    rpb = RelativePositionBias(n_heads=2)
+    plain = rpb.buckets(8, periodic=False, device=torch.device("cpu"))
+    wrapped = rpb.buckets(8, periodic=True, device=torch.device("cpu"))
+    assert plain[0, 7] != plain[0, 1] and wrapped[0, 7] == plain[1, 0]   # 7 ahead = 1 behind
+    for shift in range(8):                                          # circulant
+        assert torch.equal(torch.roll(wrapped, (shift, shift), dims=(0, 1)), wrapped)
+    assert plain.min() >= 0 and plain.max() < 32
+    long = rpb.buckets(300, periodic=False, device=torch.device("cpu"))
+    assert long.max() == 31 and long[0, 1:8].tolist() == list(range(17, 24))
+
+
+def test_field_embedding_rescales_by_vocabulary_over_present_fields():
+    emb = FieldEmbedding(n_fields=8, out_dim=4)
+    with torch.no_grad():
+        emb.bias.zero_()
+    x = torch.zeros(1, 2, 1, 1)
+    x[0, 0] = 1.0
+    out = emb(x, torch.tensor([5, 6]))
+    torch.testing.assert_close(out[0, :, 0, 0], emb.weight[:, 5] * 2.0)   # sqrt(8 / 2)
+
+
+def test_input_too_small_for_the_patch_is_refused():
+    model = small()
+    with pytest.raises(ConfigError, match="multiples of 16"):
+        model(sample(h=24, w=32), torch.tensor([0, 1, 2]))
+    with pytest.raises(ConfigError, match="field ids"):
+        model(sample(), torch.tensor([0, 1]))
+
+
+def test_add_fields_keeps_trained_fields_and_freezing_selects_parameters():
+    model = small(n_fields=4)
+    x, ids, bcs = sample(), torch.tensor([0, 2, 3]), periodic_bcs(2)
+    with torch.no_grad():
+        before = model(x, ids, bcs)
+    model.add_fields(3)
+    assert model.n_fields == 7 and model.space_bag.weight.shape == (12, 7)
+    assert model.debed.out_kernel.shape[1] == 7 and model.debed.out_bias.shape == (7,)
+    with torch.no_grad():
+        after = model(x, ids, bcs)
+        new = model(x, torch.tensor([0, 5, 6]), bcs)
+    # the embedding's scale is sqrt(n_vocabulary / n_present): the same fields, rescaled input
+    assert after.shape == before.shape and torch.isfinite(new).all()
+
+    model.freeze_middle()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"space_bag.weight", "space_bag.bias", "debed.out_kernel",
+                         "debed.out_bias"}
+    model.freeze_processor()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith("blocks.") for n in trainable)
+    assert "embed.in_proj.0.weight" in trainable and "debed.out_proj.0.weight" in trainable
+    model.unfreeze()
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_drop_path_is_active_in_training_and_off_in_evaluation():
+    model = small(drop_path=0.5)
+    x, ids = sample(), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        model.eval()
+        a, b = model(x, ids), model(x, ids)
+        assert torch.equal(a, b)
+        model.train()
+        torch.manual_seed(0)
+        c = model(x, ids)
+        torch.manual_seed(1)
+        d = model(x, ids)
+    assert not torch.allclose(c, d)
+
+
+def test_unknown_size_is_refused():
+    with pytest.raises(ConfigError, match="Ti, S, B, L"):
+        avit("XL", 12)
