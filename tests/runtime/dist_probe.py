@@ -1,0 +1,43 @@
+"""One rank of a launcher test: discover, export, join a gloo group, all-reduce the ranks.
+
+Run under a real launcher (torchrun, deepspeed, mpirun) or alone. Each rank prints one line
+`DIST_PROBE {json}`; the test reads them back. `--init deepspeed` joins through
+deepspeed.init_distributed(auto_mpi_discovery=False), the call the trainer makes.
+"""
+
+import argparse
+import dataclasses
+import datetime
+import json
+import sys
+
+import torch
+import torch.distributed as dist
+
+from dsfm.runtime.dist import discover, export
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--init", choices=("torch", "deepspeed"), default="torch")
+    args, _ = parser.parse_known_args()      # the deepspeed launcher appends --local_rank=N
+    env = discover()
+    export(env)
+    if args.init == "deepspeed":
+        import deepspeed
+        deepspeed.init_distributed(dist_backend="gloo", auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(seconds=120))
+    else:
+        dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=120))
+    total = torch.tensor([env.rank], dtype=torch.int64)
+    dist.all_reduce(total)
+    record = dataclasses.asdict(env)
+    record.update(rank_sum=int(total.item()), group_rank=dist.get_rank(),
+                  group_size=dist.get_world_size())
+    sys.stdout.write(f"DIST_PROBE {json.dumps(record)}\n")   # one write: ranks share the pipe
+    sys.stdout.flush()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
