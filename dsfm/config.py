@@ -70,6 +70,8 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(4, ge=0, description="valid micro-batches per dataset and rank; "
                               "0 disables evaluation")
     rollout_steps: int = Field(4, ge=1, description="autoregressive steps in evaluation")
+    eval_at_start: bool = Field(False, description="also evaluate before the first step: the "
+                                "baseline the run improves on")
     init_from: Optional[str] = Field(None, description="pretrained weights to fine-tune: an "
                                      "exported .pt file or a run directory")
     freeze: Literal["none", "middle", "processor"] = Field(

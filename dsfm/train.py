@@ -238,6 +238,8 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                    disable=env.rank != 0 or not cfg.train.progress, file=sys.stdout)
         t_log, steps_since = time.perf_counter(), 0
         stop = False
+        if cfg.train.eval_at_start and step == 0:
+            run_eval(0)
         engine.train()
         it = iter(loader)
         while step < cfg.train.max_steps and not stop:

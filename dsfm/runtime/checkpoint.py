@@ -124,14 +124,22 @@ def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
     if tag not in found:
         raise ConfigError(f"{ckpt_dir}: no complete checkpoint {tag!r} (have {', '.join(found)})")
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    client = torch.load(os.path.join(ckpt_dir, tag, "mp_rank_00_model_states.pt"),
-                        weights_only=False, map_location="cpu")
+    client = _client_state(os.path.join(ckpt_dir, tag))
     payload = {"model": {k: v.float().clone() for k, v in state.items()},
                "model_config": client["model_config"], "vocabulary": client["vocabulary"],
                "step": client["step"], "source": os.path.join(ckpt_dir, tag)}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     torch.save(payload, out)
     return out
+
+
+def _client_state(tag_dir: str) -> dict:
+    """The client state DeepSpeed saved beside the model (ZeRO-3 names its file per rank)."""
+    for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_model_states.pt"):
+        path = os.path.join(tag_dir, name)
+        if os.path.isfile(path):
+            return torch.load(path, weights_only=False, map_location="cpu")
+    raise ConfigError(f"{tag_dir}: no DeepSpeed model-states file; is it a checkpoint?")
 
 
 def load_pretrained(path: str) -> dict:

@@ -1,0 +1,36 @@
+"""python -m dsfm.runtime.export RUN_DIR [--tag stepNNNNNNNN] [--out FILE]
+
+Consolidates a run's checkpoint (ZeRO-2 or ZeRO-3 partitions, any world size) into one fp32
+state dict with the model shape and field vocabulary beside it: what `train.init_from` loads to
+fine-tune, and what an inference script needs. Runs on CPU, no process group needed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from dsfm.errors import DsfmError
+from dsfm.runtime.checkpoint import export_fp32
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+    ap.add_argument("run_dir", help="run directory (or its checkpoints/ folder)")
+    ap.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
+    ap.add_argument("--out", default=None, help="output file (default RUN_DIR/export/"
+                    "model_fp32.pt)")
+    args = ap.parse_args(argv)
+    out = args.out or os.path.join(args.run_dir, "export", "model_fp32.pt")
+    try:
+        export_fp32(args.run_dir, out, args.tag)
+    except DsfmError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
