@@ -169,10 +169,21 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     stage_file = tmp_path.parent / f"final_weights_zero{stage}.pt"
     torch.save(payload["model"], stage_file)
     other = tmp_path.parent / f"final_weights_zero{5 - stage}.pt"
-    if other.exists():   # ZeRO-2 and ZeRO-3 end with the same weights (Adam: lr-sized noise)
+    if other.exists():
+        # ZeRO-2 and ZeRO-3 end with the same weights: their difference is a tiny fraction of
+        # how far training moved them (per element, Adam turns reduction-order noise in
+        # near-zero gradients into lr-sized steps, so compare whole tensors)
         theirs = torch.load(other)
+        torch.manual_seed(0)
+        init = AViT(AViTConfig(**payload["model_config"])).state_dict()
+        moved_all = differ_all = 0.0
         for name, value in payload["model"].items():
-            torch.testing.assert_close(value, theirs[name], rtol=1e-3, atol=5e-4)
+            moved = float((value - init[name]).norm())
+            differ = float((value - theirs[name]).norm())
+            moved_all, differ_all = moved_all + moved ** 2, differ_all + differ ** 2
+            if moved > 1e-3:                # tensors whose gradients are not all ~0
+                assert differ < 0.05 * moved, (name, differ, moved)
+        assert differ_all ** 0.5 < 0.01 * moved_all ** 0.5
 
 
 @pytest.mark.slow
