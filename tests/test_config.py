@@ -1,0 +1,124 @@
+"""The run config: YAML presets, --set overrides, strict validation; DeepSpeed schedule
+resolution."""
+
+import os
+
+import pytest
+import yaml
+
+from dsfm.config import PRESETS_DIR, apply_set, dump, load_config
+from dsfm.errors import ConfigError
+from dsfm.runtime import schedule
+
+
+def test_every_preset_validates_and_names_a_model():
+    names = sorted(f for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))
+    assert names == ["demo.yaml", "mpp_b.yaml", "mpp_l.yaml", "mpp_s.yaml", "mpp_ti.yaml"]
+    for name in names:
+        cfg = load_config(name)
+        dim, heads, blocks = cfg.model_shape()
+        assert dim % heads == 0 and blocks >= 1
+    assert load_config("mpp_l.yaml").model_shape() == (1024, 16, 24)
+    assert load_config().name == "demo"
+
+
+def test_set_overrides_with_yaml_typed_values():
+    cfg = load_config(None, ["train.max_steps=20", "train.log_every=1", "model.drop_path=0",
+                             "data.datasets=[euler_2d, gray_scott_reaction_diffusion]",
+                             "data.normalization=null", "train.progress=false"])
+    assert cfg.train.max_steps == 20 and cfg.train.log_every == 1
+    assert cfg.model.drop_path == 0.0 and cfg.data.normalization is None
+    assert cfg.data.datasets == ["euler_2d", "gray_scott_reaction_diffusion"]
+    assert cfg.train.progress is False
+    again = yaml.safe_load(dump(cfg))
+    assert again["train"]["max_steps"] == 20
+
+
+@pytest.mark.parametrize("assignment,words", [
+    ("train.max_stpes=3", ["unknown key 'max_stpes' at train", "max_steps"]),
+    ("trian.max_steps=3", ["unknown key 'trian'", "train"]),
+    ("train=3", ["train"]),
+    ("train.max_steps.x=3", ["train.max_steps is a value"]),
+    ("max_steps", ["expected key=value"]),
+])
+def test_unknown_or_malformed_keys_are_named(assignment, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [assignment])
+    for w in words:
+        assert w in str(err.value)
+
+
+@pytest.mark.parametrize("assignment,words", [
+    ("train.max_steps=0", ["train.max_steps", "greater than or equal to 1"]),
+    ("model.size=XL", ["model.size"]),
+    ("model.drop_path=1.5", ["model.drop_path"]),
+    ("data.normalization=minmax", ["data.normalization"]),
+    ("train.freeze=everything", ["train.freeze"]),
+])
+def test_bad_values_are_named_with_what_was_given(assignment, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(None, [assignment])
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ntrain:\n  max_steps: 5\n  warmup: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key train.warmup"):
+        load_config(str(path))
+    path.write_text("- just\n- a list\n")
+    with pytest.raises(ConfigError, match="mapping"):
+        load_config(str(path))
+    with pytest.raises(ConfigError, match="nope.yaml"):
+        load_config(str(tmp_path / "nope.yaml"))
+
+
+def test_custom_model_shape_needs_all_three_numbers():
+    cfg = load_config(None, ["model.size=null", "model.dim=64", "model.heads=4",
+                             "model.blocks=2"])
+    assert cfg.model_shape() == (64, 4, 2)
+    with pytest.raises(ConfigError, match="model.dim, model.heads and model.blocks"):
+        load_config(None, ["model.size=null", "model.dim=64", "model.heads=null"])
+    raw = {}
+    apply_set(raw, "model.dim=128")
+    assert raw == {"model": {"dim": 128}}
+    assert load_config("mpp_s.yaml", ["model.blocks=6"]).model_shape() == (384, 6, 6)
+
+
+def test_auto_schedule_steps_come_from_the_run_length():
+    ds = {"train_micro_batch_size_per_gpu": 4,
+          "scheduler": {"type": "WarmupCosineLR",
+                        "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
+    out = schedule.resolve(ds, max_steps=400)
+    assert out["scheduler"]["params"] == {"total_num_steps": 400, "warmup_num_steps": 20}
+    assert ds["scheduler"]["params"]["total_num_steps"] == "auto"       # input untouched
+    fixed = schedule.resolve({**ds, "scheduler": {"type": "WarmupCosineLR", "params": {
+        "total_num_steps": 50, "warmup_num_steps": 5}}}, max_steps=400)
+    assert fixed["scheduler"]["params"] == {"total_num_steps": 50, "warmup_num_steps": 5}
+    with pytest.raises(ConfigError, match="cos_min_ratio"):
+        schedule.resolve({**ds, "scheduler": {"type": "WarmupCosineLR", "params": {
+            "cos_min_ratio": "auto"}}}, max_steps=10)
+    with pytest.raises(ConfigError, match="train_micro_batch_size_per_gpu"):
+        schedule.resolve({}, max_steps=10)
+    with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
+        schedule.resolve({"train_micro_batch_size_per_gpu": 2,
+                          "gradient_accumulation_steps": 0}, max_steps=10)
+    assert schedule.precision_warnings({"bf16": {"enabled": True}})
+    assert not schedule.precision_warnings({"bf16": {"enabled": False}})
+
+
+def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
+    import json
+    root = os.path.join(os.path.dirname(PRESETS_DIR), "..", "ds_configs")
+    stages = {}
+    for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
+        with open(os.path.join(root, name)) as fh:
+            ds = json.load(fh)
+        out = schedule.resolve(ds, max_steps=1000)
+        assert not schedule.precision_warnings(out)
+        assert out["gradient_clipping"] == 1.0 and out["optimizer"]["type"] == "AdamW"
+        assert out["scheduler"]["type"] == "WarmupCosineLR"
+        stages[name] = out["zero_optimization"]
+    assert stages["zero2.json"]["stage"] == 2 and stages["zero3.json"]["stage"] == 3
+    assert stages["zero3_offload.json"]["offload_optimizer"]["device"] == "cpu"
