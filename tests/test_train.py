@@ -313,6 +313,20 @@ def test_mpirun_launch_discovers_ranks_through_mpi4py(demo_base, tmp_path):
     assert sorted(os.listdir(run_dir / "checkpoints" / "step00000003")).count("COMPLETE") == 1
 
 
+@pytest.mark.slow
+def test_torchrun_launch(demo_base, tmp_path):
+    ds = ds_config(tmp_path, 3)
+    run_dir = tmp_path / "torchrun"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+           "2", "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir)]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=3"]:
+        cmd += ["--set", s]
+    proc = run(cmd, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 rank(s) via torchrun" in proc.stdout and "ZeRO stage 3" in proc.stdout
+    assert sorted(losses(run_dir)) == [1, 2, 3]
+
+
 def test_bad_config_is_refused_before_any_process_group(tmp_path):
     base = [sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json"]
     proc = run(base + ["--set", "train.max_stpes=3"])
