@@ -1,5 +1,5 @@
 #!/bin/bash
-# Every GPU check of the data pipeline, in one run on the offline GPU machine (see
+# Every GPU check of the data pipeline and the main job, in one run on the offline GPU machine (see
 # ../shared/gpu/README.md). Prepare here first: echo /.whl/ >> .git/info/exclude &&
 # ../shared/gpu/pack_wheels.sh ; then run with the device tool: bash perf/gpu_check.sh
 set -uo pipefail
@@ -13,5 +13,12 @@ python3 -m dsfm.sim --preset small --datasets navier_stokes,gray_scott --out /tm
   --workers 16 --quiet
 python3 -m perf.loader_bench --base /tmp/small --workers 14 --batches 50 --rounds 2 \
   --rss-batches 2000 --json "$OUT/loader_gpu.json" 2>&1 | tee "$OUT/loader_gpu.txt"
-echo "== summary =="; tail -3 "$OUT/cuda_tests.txt"; grep -E "dsfm/upstream|host-to-device|memory" \
-  "$OUT/loader_gpu.txt"
+python3 dsfm/train.py --ds_config ds_configs/zero2.json --run-dir /tmp/run_gpu \
+  --set train.max_steps=60 --set train.progress=false 2>&1 | tail -25 | tee "$OUT/train_gpu.txt"
+python3 -m perf.train_bench --base /tmp/small --size B --batch 8 --workers 8 --steps 40 \
+  --json "$OUT/train_bench_gpu.json" 2>&1 | tail -6 | tee "$OUT/train_bench_gpu.txt"
+echo "== summary =="
+tail -3 "$OUT/cuda_tests.txt"
+grep -E "dsfm/upstream|host-to-device|memory" "$OUT/loader_gpu.txt"
+grep -E "via|done:" "$OUT/train_gpu.txt"
+tail -2 "$OUT/train_bench_gpu.txt"
