@@ -15,6 +15,19 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long-running test (runs in CI)")
 
 
+def pytest_sessionstart(session):
+    """DeepSpeed compiles its CPU shared-memory communication op the first time a process group
+    starts on CPU (minutes on two cores, then cached in ~/.cache/torch_extensions): build it
+    once here, not inside whichever multi-rank test comes first and under its timeout."""
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator = get_accelerator()
+    if accelerator.device_name() == "cpu":
+        builder = accelerator.create_op_builder("ShareMemCommBuilder")
+        if builder is not None:
+            builder.load()
+
+
 def run(args, **kwargs):
     """Run a command from the repository root, returning the CompletedProcess."""
     kwargs.setdefault("capture_output", True)
