@@ -230,7 +230,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                     json.dump(results, fh, indent=2)
 
         dev = engine.device
-        preemption = checkpoint.Preemption(dev)
+        preemption = checkpoint.Preemption()
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
         loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
         samples_per_step = micro * accum * env.world_size
@@ -276,7 +276,8 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                 loss_sum.zero_()
                 loss_n.zero_()
                 t_log, steps_since = time.perf_counter(), 0
-            signal_flag = preemption.requested()
+            signal_flag = preemption.requested() \
+                if step % cfg.train.signal_check_every == 0 else 0
             if signal_flag:
                 log.text(f"signal received: checkpointing at step {step}"
                          + (" and stopping" if signal_flag == 2 else ""))

@@ -258,6 +258,53 @@ def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
+    """SIGUSR1 to rank 1 only, later SIGTERM to rank 0 only: both ranks checkpoint at the same
+    steps (they agree through an all-reduce) and both stop."""
+    import psutil
+
+    ds = ds_config(tmp_path, 2)
+    run_dir = tmp_path / "run"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
+           "--ds_config", ds, "--run-dir", str(run_dir)]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=2000",
+                     "train.checkpoint_every=0", "train.signal_check_every=2"]:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 180
+        while time.time() < deadline and (not metrics.exists() or
+                                          len(metrics.read_text().splitlines()) < 3):
+            time.sleep(0.1)
+        ranks = {}
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            cmdline = " ".join(child.cmdline())
+            if "dsfm/train.py" in cmdline and "--local_rank" in cmdline:
+                ranks[int(cmdline.split("--local_rank=")[1].split()[0])] = child
+        assert sorted(ranks) == [0, 1], ranks
+        ranks[1].send_signal(signal.SIGUSR1)
+        deadline = time.time() + 60
+        while time.time() < deadline and not (run_dir / "checkpoints").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        ranks[0].send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    assert len(tags) == 2, tags
+    for tag in tags:                                  # written by both ranks, complete
+        files = os.listdir(run_dir / "checkpoints" / tag)
+        assert {"dsfm_rank0.pt", "dsfm_rank1.pt", "COMPLETE"} <= set(files)
+        assert int(tag[4:]) % 2 == 0
+    assert "stopped at step" in out
+
+
+@pytest.mark.slow
 def test_fine_tuning_adds_new_fields_and_freezes_the_processor(demo_base, tmp_path):
     ds = ds_config(tmp_path, 2, micro=4)
     pre = tmp_path / "pre"

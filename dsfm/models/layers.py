@@ -156,33 +156,28 @@ class AxialSpatialAttention(nn.Module):
         self.mlp_norm = RMSInstanceNorm2d(dim)
         self.drop_path = DropPath(drop_path)
 
-    def _axis_bias(self, length: int, periodic: torch.Tensor, n_other: int) -> torch.Tensor:
-        """Attention bias for one axis: [1, heads, L, L] when all samples agree on periodicity,
-        else [N·n_other, heads, L, L] picking per sample."""
-        if bool(periodic.all()) or not bool(periodic.any()):
-            return self.rel_pos_bias(length, bool(periodic[0]))[None]
-        both = torch.stack([self.rel_pos_bias(length, False), self.rel_pos_bias(length, True)])
-        per_sample = both[periodic.long()]                         # [N, heads, L, L]
-        return per_sample.repeat_interleave(n_other, dim=0)
+    def _axis_bias(self, length: int, periodic: torch.Tensor) -> torch.Tensor:
+        """[N, 1, heads, L, L] attention bias for one axis, periodic or not per sample; chosen
+        on the device (no host synchronization), broadcast over the other axis."""
+        plain = self.rel_pos_bias(length, False)
+        wrapped = self.rel_pos_bias(length, True)
+        return torch.where(periodic[:, None, None, None, None], wrapped, plain)
 
     def forward(self, x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
         """x: [N, C, H, W]; periodic: [N, 2] bool (axis H, axis W)."""
         n, c, h, w = x.shape
         q, k, v = _qkv(self.input_head(self.norm1(x)), self.heads)   # [N, heads, H, W, hd]
         q, k = self.qnorm(q), self.knorm(k)
-
-        # along W: sequences of length W for every (sample, row)
-        qw, kw, vw = (t.permute(0, 2, 1, 3, 4).reshape(n * h, self.heads, w, -1)
-                      for t in (q, k, v))
+        # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
+        qw, kw, vw = (t.transpose(1, 2) for t in (q, k, v))
         zw = F.scaled_dot_product_attention(qw, kw, vw,
-                                            attn_mask=self._axis_bias(w, periodic[:, 1], h))
-        zw = zw.reshape(n, h, self.heads, w, -1).permute(0, 2, 4, 1, 3)   # [N, heads, hd, H, W]
-        # along H: sequences of length H for every (sample, column)
-        qh, kh, vh = (t.permute(0, 3, 1, 2, 4).reshape(n * w, self.heads, h, -1)
-                      for t in (q, k, v))
+                                            attn_mask=self._axis_bias(w, periodic[:, 1]))
+        zw = zw.permute(0, 2, 4, 1, 3)                               # [N, heads, hd, H, W]
+        # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
+        qh, kh, vh = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))
         zh = F.scaled_dot_product_attention(qh, kh, vh,
-                                            attn_mask=self._axis_bias(h, periodic[:, 0], w))
-        zh = zh.reshape(n, w, self.heads, h, -1).permute(0, 2, 4, 3, 1)
+                                            attn_mask=self._axis_bias(h, periodic[:, 0]))
+        zh = zh.permute(0, 2, 4, 3, 1)
         z = ((zw + zh) / 2).reshape(n, c, h, w)
         x = x + self.drop_path(self.output_head(self.norm2(z)) * self.gamma_att[:, None, None])
         z = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)

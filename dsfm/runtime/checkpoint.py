@@ -163,12 +163,19 @@ def load_pretrained(path: str) -> dict:
 class Preemption:
     """SIGTERM and SIGUSR1 set a flag; `requested()` is collective, so every rank checkpoints
     at the same step even when the signal reached only some of them. SIGTERM also ends the
-    run after the checkpoint; SIGUSR1 (SLURM's --signal warning) checkpoints and carries on."""
+    run after the checkpoint; SIGUSR1 (SLURM's --signal warning) checkpoints and carries on.
+
+    The agreement is an all-reduce of one integer over a CPU (gloo) group, so it never waits
+    for the GPU: with NCCL training a side gloo group is made for it."""
 
     SIGNALS = {signal.SIGTERM: "stop", signal.SIGUSR1: "checkpoint"}
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self):
+        import torch.distributed as td
+
+        self._group = None
+        if td.is_initialized() and td.get_backend() != "gloo":
+            self._group = td.new_group(backend="gloo")
         self._flag = 0              # 1 = checkpoint, 2 = checkpoint and stop
         self._previous = {}
         for sig in self.SIGNALS:
@@ -180,10 +187,9 @@ class Preemption:
     def requested(self) -> int:
         import torch.distributed as td
 
-        from dsfm.runtime.engine import all_reduce_
-
-        t = torch.tensor([self._flag], dtype=torch.int32, device=self.device)
-        all_reduce_(t, td.ReduceOp.MAX if td.is_initialized() else None)
+        t = torch.tensor([self._flag], dtype=torch.int32)
+        if td.is_initialized() and td.get_world_size() > 1:
+            td.all_reduce(t, op=td.ReduceOp.MAX, group=self._group)
         flag, self._flag = int(t.item()), 0
         return flag
 

@@ -190,3 +190,18 @@ def test_drop_path_is_active_in_training_and_off_in_evaluation():
 def test_unknown_size_is_refused():
     with pytest.raises(ConfigError, match="Ti, S, B, L"):
         avit("XL", 12)
+
+
+def test_boundary_codes_apply_per_sample_within_a_batch():
+    """A batch mixing periodic and walled samples gives each sample the result it gets alone."""
+    model = small()
+    x, ids = sample(b=2, h=32, w=64), torch.tensor([0, 1, 2])
+    bcs = torch.cat([periodic_bcs(1, True, True), periodic_bcs(1, False, False)])
+    with torch.no_grad():
+        both = model(x, ids, bcs)
+        first = model(x[:1], ids, bcs[:1])
+        second = model(x[1:], ids, bcs[1:])
+        second_as_periodic = model(x[1:], ids, bcs[:1])
+    torch.testing.assert_close(both[:1], first, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(second, second_as_periodic, atol=1e-4)
