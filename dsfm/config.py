@@ -66,6 +66,8 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end and on signals")
     keep_checkpoints: int = Field(3, ge=1)
+    max_nonfinite: int = Field(5, ge=1, description="non-finite losses in a row before the run "
+                               "stops (each one skips its micro-batch)")
     signal_check_every: int = Field(10, ge=1, description="steps between the ranks' agreement "
                                     "on a pending SIGTERM/SIGUSR1 (one tiny CPU all-reduce)")
     eval_every: int = Field(0, ge=0, description="0: evaluate once, at the end")

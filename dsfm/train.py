@@ -29,7 +29,8 @@ import torch  # noqa: E402
 from dsfm.config import RunConfig, dump, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
-from dsfm.runtime.engine import all_reduce_, build_engine, init_process_group  # noqa: E402
+from dsfm.runtime.engine import (all_reduce_, build_engine, discover,  # noqa: E402
+                                 init_process_group)
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
 
@@ -49,7 +50,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def read_configs(args: argparse.Namespace) -> tuple[RunConfig, dict]:
+def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, dict]:
     sets = list(args.sets)
     if os.environ.get("DSFM_DATA"):
         sets.insert(0, f"data.base={os.environ['DSFM_DATA']}")
@@ -61,7 +62,19 @@ def read_configs(args: argparse.Namespace) -> tuple[RunConfig, dict]:
         raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
-    return cfg, schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config)
+    return cfg, schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
+
+
+def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
+    """What can be refused before any process group waits: data paths (unless they are to be
+    simulated) and a checkpoint of another model in the run directory to resume."""
+    from dsfm.data.prepare import dataset_paths, datasets_in
+
+    data = cfg.data
+    if not data.generate or datasets_in(data.base):
+        dataset_paths(data.base, data.datasets, data.pdebench)
+    if args.resume and args.run_dir and not cfg.train.init_from:
+        checkpoint.check_resumable(args.run_dir, cfg.model_shape())
 
 
 def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:
@@ -98,7 +111,12 @@ def build_vocabulary_and_model(cfg: RunConfig, paths: list[str], loader_factory,
     if pretrained:
         model = AViT(AViTConfig(**{**pretrained["model_config"],
                                    "drop_path": cfg.model.drop_path}))
-        model.load_state_dict(pretrained["model"])
+        try:
+            model.load_state_dict(pretrained["model"])
+        except RuntimeError as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ConfigError(f"train.init_from {cfg.train.init_from}: weights do not fit the "
+                              f"saved model shape ({first})") from None
         model.add_fields(len(vocab) - model.n_fields)
         log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
                  f"({len(pretrained['vocabulary']['keys'])} pretrained)")
@@ -120,11 +138,13 @@ def build_vocabulary_and_model(cfg: RunConfig, paths: list[str], loader_factory,
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        cfg, ds_config = read_configs(args)
+        env = discover()
+        cfg, ds_config = read_configs(args, env.world_size)
+        check_inputs(cfg, args)
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    env = init_process_group()
+    init_process_group(env)
     log = None
     try:
         run_dir = choose_run_dir(args, cfg)
@@ -159,7 +179,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
     from dsfm.data.prepare import dataset_paths
     from dsfm.eval import evaluate, format_table, nmse
 
-    micro, accum = schedule.micro_batch(ds_config), schedule.accumulation(ds_config)
+    micro = schedule.micro_batch(ds_config)
     data = cfg.data
     if env.rank == 0:
         paths = dataset_paths(data.base, data.datasets, data.pdebench, data.generate,
@@ -183,6 +203,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
         engine, _, _ = build_engine(model, ds_config)
+        accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump()}
 
@@ -242,16 +263,34 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
             run_eval(0)
         engine.train()
         it = iter(loader)
+        bad_in_a_row = 0
         while step < cfg.train.max_steps and not stop:
-            for _ in range(accum):
+            done = 0
+            while done < accum:
                 batch = next(it)
                 pred = engine(batch.x, batch.field_ids, batch.bcs)
                 loss = nmse(pred, batch.y[:, 0])
+                finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+                all_reduce_(finite, td.ReduceOp.MIN)
+                if not finite.item():            # every rank skips this micro-batch together
+                    bad_in_a_row += 1
+                    log.text(f"warning: non-finite loss at step {step + 1} (dataset "
+                             f"{batch.dataset} on some rank): micro-batch skipped "
+                             f"({bad_in_a_row} in a row)")
+                    del batch, pred, loss
+                    if bad_in_a_row >= cfg.train.max_nonfinite:
+                        raise DsfmError(
+                            f"{bad_in_a_row} non-finite losses in a row at step {step + 1}: the "
+                            "run diverged; lower the learning rate or resume from an earlier "
+                            f"checkpoint in {checkpoint.checkpoint_dir(run_dir)}")
+                    continue
+                bad_in_a_row = 0
                 engine.backward(loss)
                 engine.step()
                 d = names.index(batch.dataset)
                 loss_sum[d] += loss.detach().double()
                 loss_n[d] += 1
+                done += 1
                 del batch, pred, loss
             step += 1
             steps_since += 1

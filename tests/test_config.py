@@ -122,3 +122,15 @@ def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
         stages[name] = out["zero_optimization"]
     assert stages["zero2.json"]["stage"] == 2 and stages["zero3.json"]["stage"] == 3
     assert stages["zero3_offload.json"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_train_batch_size_must_match_the_world():
+    ds = {"train_micro_batch_size_per_gpu": 4, "gradient_accumulation_steps": 2,
+          "train_batch_size": 64}
+    assert schedule.resolve(ds, 10, world_size=8)["train_batch_size"] == 64
+    with pytest.raises(ConfigError, match=r"64 != micro-batch 4 × accumulation 2 × 4 ranks"):
+        schedule.resolve(ds, 10, world_size=4)
+    derived = {"train_micro_batch_size_per_gpu": 4, "train_batch_size": 96}
+    assert schedule.resolve(derived, 10, world_size=24)
+    with pytest.raises(ConfigError, match="not a multiple"):
+        schedule.resolve(derived, 10, world_size=5)

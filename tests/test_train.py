@@ -392,7 +392,52 @@ def test_missing_data_names_the_path(tmp_path):
     proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
                 "--run-dir", str(tmp_path / "r"), "--set", f"data.base={tmp_path / 'none'}",
                 "--set", "data.generate=null", "--set", "data.datasets=[euler_2d]"])
-    assert proc.returncode == 1 and str(tmp_path / "none" / "euler_2d") in proc.stderr
+    assert proc.returncode == 2 and str(tmp_path / "none" / "euler_2d") in proc.stderr
+    assert not (tmp_path / "r").exists()            # refused before the run started
+
+
+def test_batch_sizes_that_do_not_fit_the_world_are_refused(tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4,
+                              "gradient_accumulation_steps": 1, "train_batch_size": 16}))
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", str(ds)])
+    assert proc.returncode == 2
+    assert "train_batch_size 16 != micro-batch 4 × accumulation 1 × 1 ranks" in proc.stderr
+
+
+def test_resuming_a_checkpoint_of_another_model_is_refused(demo_base, tmp_path):
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "r"
+    train(ds, run_dir, ["train.max_steps=2"], data=demo_base)
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir),
+           "--resume"]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=4", "model.dim=96"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "dim/heads/blocks (48, 3, 2), this run builds (96, 3, 2)" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path):
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 1e30}},
+                              "scheduler": {"type": "WarmupLR", "params": {
+                                  "warmup_num_steps": 1, "warmup_min_lr": 1e30,
+                                  "warmup_max_lr": 1e30}},
+                              "zero_optimization": {"stage": 2}}))
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", str(ds), "--run-dir",
+           str(tmp_path / "r")]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=50", "train.max_nonfinite=3"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "3 non-finite losses in a row" in proc.stderr and "lower the learning rate" in \
+        proc.stderr
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert log.count("non-finite loss at step") == 3
+    assert "micro-batch skipped (1 in a row)" in log
 
 
 def test_resume_with_another_world_size_is_refused(demo_base, tmp_path):

@@ -12,6 +12,7 @@ checkpoint at the next step boundary; all ranks agree on it through one all-redu
 from __future__ import annotations
 
 import glob
+import json
 import os
 import random
 import re
@@ -24,6 +25,7 @@ import torch
 from dsfm.errors import ConfigError
 
 TAG = "step{:08d}"
+META = "dsfm_meta.json"           # step, model shape, vocabulary: readable without torch.load
 _TAG_RE = re.compile(r"^step(\d{8})$")
 
 
@@ -74,6 +76,10 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     if rank == 0:
+        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary")
+                if k in client_state}
+        with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
+            json.dump(meta, fh, indent=1)
         with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
             fh.write(f"{step}\n")
         for old in tags(ckpt_dir)[:-keep]:
@@ -81,6 +87,25 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     return os.path.join(ckpt_dir, tag)
+
+
+def check_resumable(run_dir: str, model_shape: tuple[int, int, int]) -> None:
+    """Refuse, before any engine exists, a checkpoint written by a different model: every rank
+    reads the small metadata file and raises the same one-line error."""
+    found = tags(checkpoint_dir(run_dir))
+    if not found:
+        return
+    path = os.path.join(checkpoint_dir(run_dir), found[-1], META)
+    try:
+        with open(path) as fh:
+            saved = json.load(fh)["model_config"]
+    except (OSError, ValueError, KeyError):
+        raise ConfigError(f"{path}: missing or unreadable; is {run_dir} a dsfm run?") from None
+    have = (saved["dim"], saved["heads"], saved["blocks"])
+    if have != tuple(model_shape):
+        raise ConfigError(f"--resume: {os.path.dirname(path)} holds an AViT with dim/heads/blocks "
+                          f"{have}, this run builds {tuple(model_shape)}; use the run's own "
+                          "--config, or start a new run with train.init_from")
 
 
 def load_latest(engine, run_dir: str) -> tuple[dict, dict] | None:

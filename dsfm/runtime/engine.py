@@ -2,26 +2,29 @@
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from dsfm.runtime import dist
 
 
-def init_process_group() -> dist.DistEnv:
-    """Discover rank and world from the launcher (deepspeed, torchrun, mpirun, srun or none),
-    then start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU."""
-    import deepspeed
-
+def discover() -> dist.DistEnv:
+    """Rank and world from the launcher (deepspeed, torchrun, mpirun, srun or none), before any
+    process group exists, so configs can be checked against the world size first."""
     env = dist.discover()
     dist.export(env)
+    return env
+
+
+def init_process_group(env: dist.DistEnv | None = None) -> dist.DistEnv:
+    """Start torch.distributed through DeepSpeed: NCCL on GPUs, gloo on CPU."""
+    import deepspeed
+
+    env = env or discover()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
         backend = "nccl"
     else:
         backend = "gloo"
-    os.environ.setdefault("LOCAL_SIZE", str(env.local_world_size))
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     return env
 

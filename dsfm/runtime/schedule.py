@@ -19,16 +19,31 @@ _STEP_KEYS = {
 }
 
 
-def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config") -> dict:
-    """A copy of `ds_config` with "auto" step counts filled in and the batch keys checked."""
+def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config",
+            world_size: int = 1) -> dict:
+    """A copy of `ds_config` with "auto" step counts filled in and the batch keys checked
+    against the world size (DeepSpeed needs train_batch_size = micro × accumulation × world)."""
     cfg = copy.deepcopy(ds_config)
     if "train_micro_batch_size_per_gpu" not in cfg:
         raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (the loader's batch "
                           "size is read from it)")
-    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+                "train_batch_size"):
         value = cfg.get(key, 1)
-        if not isinstance(value, int) or value < 1:
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps")
+    if "train_batch_size" in cfg:
+        total = cfg["train_batch_size"]
+        if accum is None:
+            if total % (micro * world_size):
+                raise ConfigError(f"{source}: train_batch_size {total} is not a multiple of "
+                                  f"micro-batch {micro} × {world_size} ranks")
+        elif total != micro * accum * world_size:
+            raise ConfigError(f"{source}: train_batch_size {total} != micro-batch {micro} × "
+                              f"accumulation {accum} × {world_size} ranks "
+                              f"(= {micro * accum * world_size}); drop train_batch_size or fix "
+                              "it for this world size")
     sched = cfg.get("scheduler")
     if sched:
         params = sched.setdefault("params", {})
@@ -46,10 +61,6 @@ def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config") -> dic
 
 def micro_batch(ds_config: dict) -> int:
     return int(ds_config["train_micro_batch_size_per_gpu"])
-
-
-def accumulation(ds_config: dict) -> int:
-    return int(ds_config.get("gradient_accumulation_steps", 1))
 
 
 def precision_warnings(ds_config: dict) -> list[str]:
