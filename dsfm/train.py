@@ -29,8 +29,7 @@ import torch  # noqa: E402
 from dsfm.config import RunConfig, dump, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
-from dsfm.runtime.engine import (all_reduce_, build_engine, discover,  # noqa: E402
-                                 init_process_group)
+from dsfm.runtime.engine import all_reduce_, build_engine, discover, init_process_group  # noqa: E402
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
 
