@@ -1,21 +1,22 @@
-"""python -m perf.train_bench: is the AViT training step fed? Data wait against step time.
+"""python -m perf.train_bench: the AViT training step, per size, numerics and wrapper.
 
-Runs the real training step (AViT of a given size in a single-rank DeepSpeed engine, fp32,
-ZeRO-2, AdamW, clipping) fed two ways in the same process:
-  (a) WellLoader: reader processes, shared ring, pinned copies, normalization on the device;
-  (b) resident: one batch per dataset prepared beforehand on the device (no data path at all),
-      the bound a loader can at best reach.
-and reports per-step time, samples/s, and the share of step time spent waiting for data in (a)
-(WellLoader's own wait clock). The target (issue 3): data wait under 2 % of the step time with
-AViT-B on a GPU.
+One training step (forward, backward, AdamW with clipping 1.0) of dsfm's AViT on synthetic
+inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L: 4; 16 input
+frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
+only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
+ZeRO-3 engine, all in one run. Reports median ms/step, samples/s, achieved TFLOP/s (FLOPs of one
+step counted by torch.utils.flop_counter), MFU against the card's dense peak, and peak memory;
+prints a table and writes JSON.
 
-    python -m perf.train_bench --base /tmp/small --size B --batch 8 --steps 40 --json out.json
+    python -m perf.train_bench --json out.json                      # the reference shapes, GPU
+    python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import gc
+import resource
 import statistics
 import sys
 import time
@@ -24,99 +25,159 @@ import torch
 
 from perf.report import write_json
 
+# Dense peak TFLOP/s per card: (fp32 on CUDA cores, TF32 on tensor cores). Vendor datasheets.
+PEAK_TFLOPS = {
+    "H100": (67.0, 494.7),          # SXM5
+    "H200": (67.0, 494.7),
+    "A100": (19.5, 156.0),
+}
+
+
+def peak_tflops(device_name: str, numerics: str) -> float | None:
+    for card, (fp32, tf32) in PEAK_TFLOPS.items():
+        if card in device_name:
+            return tf32 if numerics == "tf32" else fp32
+    return None
+
 
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
 
 
+def step_flops(model, x, ids, bcs, y) -> float:
+    """FLOPs of one forward + backward, counted on the real operators."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsfm.eval import nmse
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nmse(model(x, ids, bcs), y).backward()
+    model.zero_grad(set_to_none=True)
+    return float(counter.get_total_flops())
+
+
+def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
+    from dsfm.eval import nmse
+    from dsfm.models.avit import avit
+
+    cuda = device.type == "cuda"
+    torch.backends.cuda.matmul.allow_tf32 = numerics == "tf32"
+    torch.backends.cudnn.allow_tf32 = numerics == "tf32"
+    batch = args.batch if args.batch else (4 if size == "L" else 8)
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, args.frames, args.fields, args.res, args.res, generator=g)
+    y = torch.randn(batch, args.fields, args.res, args.res, generator=g)
+    ids = torch.arange(args.fields)
+    bcs = torch.full((batch, 2, 2), 2.0)
+    x, y, ids, bcs = (t.to(device) for t in (x, y, ids, bcs))
+    model = avit(size, 12, drop_path=0.0).to(device)
+    if args.compile:
+        model = torch.compile(model)
+    if cuda:
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+    flops = step_flops(model, x, ids, bcs, y) if not args.compile else float("nan")
+
+    if wrapper == "plain":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+
+        def step():
+            loss = nmse(model(x, ids, bcs), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    else:
+        from dsfm.runtime.engine import build_engine
+        stage = {"zero2": 2, "zero3": 3}[wrapper]
+        engine, _, _ = build_engine(model, {
+            "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9})
+
+        def step():
+            loss = nmse(engine(x, ids, bcs), y)
+            engine.backward(loss)
+            engine.step()
+
+    times = []
+    for i in range(args.warmup + args.steps):
+        sync()
+        t0 = time.perf_counter()
+        step()
+        sync()
+        if i >= args.warmup:
+            times.append(time.perf_counter() - t0)
+    ms = 1e3 * statistics.median(times)
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    peak = peak_tflops(name, numerics) if cuda else None
+    tflops = flops / (ms / 1e3) / 1e12
+    row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
+           "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
+           "tflop_per_step": flops / 1e12, "tflops": tflops,
+           "mfu": tflops / peak if peak else None,
+           "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
+           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    del model, x, y
+    gc.collect()
+    if cuda:
+        torch.cuda.empty_cache()
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim preset)")
-    ap.add_argument("--datasets", nargs="*", default=None)
-    ap.add_argument("--size", default="B", help="AViT size: Ti, S, B, L")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n-in", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--sizes", default="Ti,S,B,L")
+    ap.add_argument("--wrappers", default="plain,zero2,zero3")
+    ap.add_argument("--numerics", default=None, help="fp32,tf32 (default: both on CUDA, fp32 "
+                    "on CPU)")
+    ap.add_argument("--batch", type=int, default=0, help="default 8 (L: 4)")
+    ap.add_argument("--frames", type=int, default=16)
+    ap.add_argument("--fields", type=int, default=4)
+    ap.add_argument("--res", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from dsfm.data.fields import FieldVocabulary
-    from dsfm.data.prefetch import WellLoader
-    from dsfm.data.prepare import dataset_paths
-    from dsfm.eval import nmse
-    from dsfm.models.avit import avit, n_parameters
-    from dsfm.runtime.engine import build_engine, init_process_group
+    from dsfm.runtime.engine import init_process_group
 
     init_process_group()
-    paths = dataset_paths(args.base, args.datasets or [], [])
-    vocab = FieldVocabulary()
-    loader = WellLoader(paths, batch_size=args.batch, n_steps_input=args.n_in,
-                        num_workers=args.workers, seed=0, vocabulary=vocab,
-                        same_dataset_across_ranks=True)
-    torch.manual_seed(0)
-    model = avit(args.size, len(vocab), drop_path=0.0)
-    ds_config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                 "zero_optimization": {"stage": 2}}
-    engine, _, _ = build_engine(model, ds_config)
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
+    numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
+    rows = []
+    for size in args.sizes.split(","):
+        for num in numerics:
+            for wrapper in args.wrappers.split(","):
+                rows.append(run_variant(size, wrapper, num, args, device))
+                r = rows[-1]
+                print(f"  {size:3s} {num:5s} {wrapper:6s} {r['ms_per_step']:9.1f} ms", 
+                      file=sys.stderr, flush=True)
 
-    def step(x, ids, bcs, y) -> None:
-        loss = nmse(engine(x, ids, bcs), y[:, 0])
-        engine.backward(loss)
-        engine.step()
-
-    it = iter(loader)
-    resident = {}
-    for _ in range(4 * len(paths)):
-        b = next(it)
-        resident.setdefault(b.dataset, (b.x.clone(), b.field_ids.clone(), b.bcs.clone(),
-                                        b.y.clone()))
-        del b
-    rows = {}
-    for variant in ("resident", "WellLoader"):
-        times, waits = [], []
-        for i in range(args.warmup + args.steps):
-            sync()
-            t0 = time.perf_counter()
-            if variant == "WellLoader":
-                b = next(it)
-                step(b.x, b.field_ids, b.bcs, b.y)
-                wait = loader.last_wait_s
-                del b
-            else:
-                x, ids, bcs, y = resident[list(resident)[i % len(resident)]]
-                step(x, ids, bcs, y)
-                wait = 0.0
-            sync()
-            if i >= args.warmup:
-                times.append(time.perf_counter() - t0)
-                waits.append(wait)
-        total = sum(times)
-        rows[variant] = {"step_ms_median": 1e3 * statistics.median(times),
-                         "step_ms_mean": 1e3 * total / len(times),
-                         "samples_per_sec": args.batch * len(times) / total,
-                         "data_wait_share": sum(waits) / total}
-    loader.close()
-
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({os.cpu_count()} cores)"
-    print(f"AViT-{args.size} ({n_parameters(model) / 1e6:.1f} M parameters), batch "
-          f"{args.batch}, {args.n_in} input steps, {len(paths)} datasets, {args.workers} "
-          f"readers, {device}")
-    print(f"{'feed':12s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s}")
-    for name, r in rows.items():
-        print(f"{name:12s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
-              f"{100 * r['data_wait_share']:9.2f}%")
-    ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]
-    print(f"WellLoader reaches {100 * ratio:.1f}% of the resident-batch rate; data wait "
-          f"{100 * rows['WellLoader']['data_wait_share']:.2f}% of step time (target < 2%)")
+    name = torch.cuda.get_device_name() if cuda else "CPU"
+    print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
+          f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0")
+    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'batch':>5s} {'ms/step':>9s} "
+            f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s}")
+    print(head)
+    print("-" * len(head))
+    plain = {(r["size"], r["numerics"]): r["ms_per_step"] for r in rows
+             if r["wrapper"] == "plain"}
+    for r in rows:
+        base = plain.get((r["size"], r["numerics"]))
+        over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {r['batch']:5d} "
+              f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
+              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s}")
     if args.json:
-        write_json(args.json, {"size": args.size, "batch": args.batch, "n_in": args.n_in,
-                               "workers": args.workers, "device": device, "variants": rows,
-                               "loader_over_resident": ratio})
+        write_json(args.json, {"device": name, "frames": args.frames, "fields": args.fields,
+                               "res": args.res, "compile": args.compile, "rows": rows})
     return 0
 
 

@@ -205,3 +205,23 @@ def test_boundary_codes_apply_per_sample_within_a_batch():
     torch.testing.assert_close(both[:1], first, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(both[1:], second, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(second, second_as_periodic, atol=1e-4)
+
+
+@pytest.mark.parametrize("size,batch,reference_tflop", [("Ti", 8, 0.395), ("B", 8, 6.19),
+                                                        ("L", 4, 10.46)])
+def test_training_step_flops_match_mpps_model(size, batch, reference_tflop):
+    """FLOPs of one forward + backward at the reference shapes (16 frames, 4 fields, 128²),
+    counted on the real operators, match those counted for MPP's own AViT (shared/reference/
+    gpu_anchors.md) within 3%: the same computation, minus the decoder on discarded frames."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dsfm.eval import nmse
+    with torch.device("meta"):
+        model = avit(size, 12, drop_path=0.0)
+        x, y = torch.randn(batch, 16, 4, 128, 128), torch.randn(batch, 4, 128, 128)
+        ids, bcs = torch.arange(4), torch.full((batch, 2, 2), 2.0)
+    counter = FlopCounterMode(display=False)
+    with counter:
+        nmse(model(x, ids, bcs), y).backward()
+    tflop = counter.get_total_flops() / 1e12
+    assert 0.97 * reference_tflop < tflop <= reference_tflop

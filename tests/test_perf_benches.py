@@ -1,0 +1,38 @@
+"""The benchmarks under perf/ run end to end and report what they promise."""
+
+import json
+import sys
+
+import pytest
+
+from tests.conftest import run
+
+
+@pytest.mark.slow
+def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", demo_base, "--size", "Ti",
+                "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "data wait" in proc.stdout and "resident-batch rate" in proc.stdout
+    rec = json.loads(out.read_text())
+    assert set(rec["variants"]) == {"resident", "WellLoader"}
+    for r in rec["variants"].values():
+        assert r["samples_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
+    assert rec["variants"]["resident"]["data_wait_share"] == 0
+    assert rec["cpus"] and rec["date"]
+
+
+@pytest.mark.slow
+def test_train_bench_compares_wrappers(tmp_path):
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
+                "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [r["wrapper"] for r in rec["rows"]] == ["plain", "zero2", "zero3"]
+    for r in rec["rows"]:
+        assert r["ms_per_step"] > 0 and r["tflop_per_step"] > 0 and r["mfu"] is None
+    assert "vs plain" in proc.stdout
