@@ -118,7 +118,8 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 it = iter(loader)
                 for _ in range(batches):
                     batch = next(it)
-                    pred = rollout(engine, batch.x, batch.field_ids, batch.bcs, rollout_steps)
+                    pred = rollout(engine, batch.x, batch.field_ids, batch.bcs_host,
+                                   rollout_steps)
                     sums.add(loader.denormalize(name, pred), loader.denormalize(name, batch.y))
                     del batch
                 dev = next(engine.module.parameters()).device

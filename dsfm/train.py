@@ -267,7 +267,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
             done = 0
             while done < accum:
                 batch = next(it)
-                pred = engine(batch.x, batch.field_ids, batch.bcs)
+                pred = engine(batch.x, batch.field_ids, batch.bcs_host)
                 loss = nmse(pred, batch.y[:, 0])
                 finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
                 all_reduce_(finite, td.ReduceOp.MIN)

@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
     resident = {}
     for _ in range(4 * len(paths)):
         b = next(it)
-        resident.setdefault(b.dataset, (b.x.clone(), b.field_ids.clone(), b.bcs.clone(),
+        resident.setdefault(b.dataset, (b.x.clone(), b.field_ids.clone(),
+                                        b.bcs_host.clone(),
                                         b.y.clone()))
         del b
     rows = {}
@@ -83,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
             t0 = time.perf_counter()
             if variant == "WellLoader":
                 b = next(it)
-                step(b.x, b.field_ids, b.bcs, b.y)
+                step(b.x, b.field_ids, b.bcs_host, b.y)
                 wait = loader.last_wait_s
                 del b
             else:

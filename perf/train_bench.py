@@ -121,10 +121,6 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
            "mfu": tflops / peak if peak else None,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
-    del model, x, y
-    gc.collect()
-    if cuda:
-        torch.cuda.empty_cache()
     return row
 
 
@@ -155,8 +151,10 @@ def main(argv: list[str] | None = None) -> int:
         for num in numerics:
             for wrapper in args.wrappers.split(","):
                 rows.append(run_variant(size, wrapper, num, args, device))
-                r = rows[-1]
-                print(f"  {size:3s} {num:5s} {wrapper:6s} {r['ms_per_step']:9.1f} ms", 
+                gc.collect()                # the variant's model and optimizer are gone
+                if cuda:
+                    torch.cuda.empty_cache()
+                print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms",
                       file=sys.stderr, flush=True)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"

@@ -62,7 +62,8 @@ class Batch:
 
     x [B, T_in, C, *spatial] and y [B, T_out, C, *spatial] are fp32 and normalized;
     field_ids [C] are the columns of the global field vocabulary; bcs [B, n_dims, 2] are boundary
-    codes (0 wall, 1 open, 2 periodic) per axis and side.
+    codes (0 wall, 1 open, 2 periodic) per axis and side, on the batch's device; bcs_host is
+    the same on the CPU, so a model can branch on them without waiting for the GPU.
     """
 
     x: torch.Tensor
@@ -72,6 +73,7 @@ class Batch:
     dataset: str
     step: int
     windows: np.ndarray = field(repr=False)
+    bcs_host: torch.Tensor | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -473,8 +475,9 @@ class WellLoader:
         dev = self._device_tensors(ds)
         x, y = assemble(flat, ds.source, len(windows), self.n_steps_input, dev["shift"],
                         dev["scale"])
-        bcs = self._bcs(ds, windows).to(self.device, non_blocking=True)
-        return Batch(x, y, dev["ids"], bcs, ds.source.name, step, windows)
+        host = self._bcs(ds, windows)
+        bcs = host.to(self.device, non_blocking=True)
+        return Batch(x, y, dev["ids"], bcs, ds.source.name, step, windows, host)
 
     def _slot_tensor(self, step: int) -> torch.Tensor:
         slot, d, windows, _, _ = self._inflight[step]
@@ -567,8 +570,9 @@ class WellLoader:
         for part in (x_np, y_np):
             weakref.finalize(part, self._returned.put, slot)
         dev = self._device_tensors(ds)
-        return Batch(torch.from_numpy(x_np), torch.from_numpy(y_np), dev["ids"],
-                     self._bcs(ds, windows), ds.source.name, step, windows)
+        bcs = self._bcs(ds, windows)
+        return Batch(torch.from_numpy(x_np), torch.from_numpy(y_np), dev["ids"], bcs,
+                     ds.source.name, step, windows, bcs)
 
     def _check_deferred(self) -> None:
         """CUDA: look at the previous batch's finiteness flag once it is surely computed."""

@@ -85,14 +85,24 @@ class AViT(nn.Module):
         z = self.space_bag(z.reshape(b * t, c, h, w), field_ids)
         z = self.embed(z)
         z = z.reshape(b, t, *z.shape[1:])
-        if bcs is None:
-            periodic = torch.zeros(b, 2, dtype=torch.bool, device=x.device)
-        else:
-            periodic = (bcs == PERIODIC_CODE).any(dim=-1).to(x.device)    # [B, 2]: H, W axes
+        periodic = self.periodicity(bcs, x.device)
         for block in self.blocks:
             z = block(z, periodic)
         out = self.debed(z[:, -1], field_ids)
         return out * std[:, 0] + mean[:, 0]
+
+    @staticmethod
+    def periodicity(bcs: torch.Tensor | None, device: torch.device
+                    ) -> tuple[bool, bool] | torch.Tensor:
+        """Which spatial axes are periodic: (H, W) bools when the whole batch agrees and the
+        codes are on the CPU (the loader's `bcs_host`: no GPU wait, fused attention kernels),
+        else a [B, 2] bool tensor on the device."""
+        if bcs is None:
+            return (False, False)
+        flags = (bcs == PERIODIC_CODE).any(dim=-1)                 # [B, 2]: H, W axes
+        if flags.device.type == "cpu" and bool((flags == flags[:1]).all()):
+            return bool(flags[0, 0]), bool(flags[0, 1])
+        return flags.to(device, non_blocking=True)
 
     # ------------------------------------------------------------ fine-tuning helpers
 

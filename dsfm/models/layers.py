@@ -163,20 +163,38 @@ class AxialSpatialAttention(nn.Module):
         wrapped = self.rel_pos_bias(length, True)
         return torch.where(periodic[:, None, None, None, None], wrapped, plain)
 
-    def forward(self, x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W]; periodic: [N, 2] bool (axis H, axis W)."""
+    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
+                ) -> torch.Tensor:
+        """x: [N, C, H, W]; periodic: (H axis, W axis) for the whole batch, or [N, 2] bool per
+        sample. The first keeps attention 4-D with one [1, heads, L, L] bias, which the fused
+        (memory-efficient) kernels take; the second broadcasts a per-sample bias over 5-D
+        inputs."""
         n, c, h, w = x.shape
         q, k, v = _qkv(self.input_head(self.norm1(x)), self.heads)   # [N, heads, H, W, hd]
         q, k = self.qnorm(q), self.knorm(k)
-        # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
-        qw, kw, vw = (t.transpose(1, 2) for t in (q, k, v))
-        zw = F.scaled_dot_product_attention(qw, kw, vw,
-                                            attn_mask=self._axis_bias(w, periodic[:, 1]))
+        hd = c // self.heads
+        uniform = isinstance(periodic, tuple)
+        # along W: for every (sample, row) a sequence of W tokens
+        qw, kw, vw = (t.transpose(1, 2) for t in (q, k, v))          # [N, H, heads, W, hd]
+        if uniform:
+            zw = F.scaled_dot_product_attention(
+                *(t.reshape(n * h, self.heads, w, hd) for t in (qw, kw, vw)),
+                attn_mask=self.rel_pos_bias(w, periodic[1])[None]).reshape(n, h, self.heads,
+                                                                           w, hd)
+        else:
+            zw = F.scaled_dot_product_attention(qw, kw, vw,
+                                                attn_mask=self._axis_bias(w, periodic[:, 1]))
         zw = zw.permute(0, 2, 4, 1, 3)                               # [N, heads, hd, H, W]
-        # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
-        qh, kh, vh = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))
-        zh = F.scaled_dot_product_attention(qh, kh, vh,
-                                            attn_mask=self._axis_bias(h, periodic[:, 0]))
+        # along H: for every (sample, column) a sequence of H tokens
+        qh, kh, vh = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))   # [N, W, heads, H, hd]
+        if uniform:
+            zh = F.scaled_dot_product_attention(
+                *(t.reshape(n * w, self.heads, h, hd) for t in (qh, kh, vh)),
+                attn_mask=self.rel_pos_bias(h, periodic[0])[None]).reshape(n, w, self.heads,
+                                                                           h, hd)
+        else:
+            zh = F.scaled_dot_product_attention(qh, kh, vh,
+                                                attn_mask=self._axis_bias(h, periodic[:, 0]))
         zh = zh.permute(0, 2, 4, 3, 1)
         z = ((zw + zh) / 2).reshape(n, c, h, w)
         x = x + self.drop_path(self.output_head(self.norm2(z)) * self.gamma_att[:, None, None])
@@ -190,10 +208,13 @@ class SpaceTimeBlock(nn.Module):
         self.temporal = TemporalAttention(dim, heads, drop_path)
         self.spatial = AxialSpatialAttention(dim, heads, drop_path)
 
-    def forward(self, x: torch.Tensor, periodic: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
+                ) -> torch.Tensor:
         b, t, c, h, w = x.shape
         x = self.temporal(x)
-        x = self.spatial(x.reshape(b * t, c, h, w), periodic.repeat_interleave(t, dim=0))
+        if not isinstance(periodic, tuple):
+            periodic = periodic.repeat_interleave(t, dim=0)
+        x = self.spatial(x.reshape(b * t, c, h, w), periodic)
         return x.reshape(b, t, c, h, w)
 
 

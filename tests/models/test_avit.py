@@ -225,3 +225,18 @@ def test_training_step_flops_match_mpps_model(size, batch, reference_tflop):
         nmse(model(x, ids, bcs), y).backward()
     tflop = counter.get_total_flops() / 1e12
     assert 0.97 * reference_tflop < tflop <= reference_tflop
+
+
+def test_uniform_and_per_sample_boundary_paths_agree():
+    """Whole-batch flags (4-D attention, fused kernels) and per-sample flags (5-D, broadcast
+    bias) are two routes to the same numbers."""
+    from dsfm.models.layers import AxialSpatialAttention
+    torch.manual_seed(0)
+    block = AxialSpatialAttention(48, 3).eval()
+    with torch.no_grad():
+        block.gamma_att.fill_(1.0)
+        x = torch.randn(3, 48, 4, 6)
+        for flags in ((True, False), (False, True)):
+            per_sample = torch.tensor([flags] * 3)
+            torch.testing.assert_close(block(x, flags), block(x, per_sample), rtol=1e-5,
+                                       atol=1e-6)
