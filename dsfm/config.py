@@ -84,11 +84,19 @@ class TrainConfig(_Strict):
     progress: bool = True
 
 
+class MonitorConfig(_Strict):
+    interval_s: float = Field(1.0, gt=0, description="sampling period of the NVML and psutil "
+                              "samplers (background threads)")
+    gpu: bool = Field(True, description="sample this rank's GPU through NVML")
+    system: bool = Field(True, description="sample CPU, memory, network and disk (psutil)")
+
+
 class RunConfig(_Strict):
     name: str = "run"
     data: DataConfig = Field(default_factory=DataConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
+    monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
     def model_shape(self) -> tuple[int, int, int]:
         """(dim, heads, blocks), from the size preset with explicit values winning."""

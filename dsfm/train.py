@@ -28,6 +28,8 @@ import torch  # noqa: E402
 
 from dsfm.config import RunConfig, dump, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError  # noqa: E402
+from dsfm.monitor import board  # noqa: E402
+from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
 from dsfm.runtime.engine import all_reduce_, build_engine, discover, init_process_group  # noqa: E402
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
@@ -250,13 +252,14 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                     json.dump(results, fh, indent=2)
 
         dev = engine.device
+        monitor = RunMonitor(model.config, dev, cfg.monitor.interval_s, cfg.monitor.gpu,
+                             cfg.monitor.system, notice=log.text)
+        log.custom_scalars(board.layout(names))
         preemption = checkpoint.Preemption()
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
         loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
-        samples_per_step = micro * accum * env.world_size
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=env.rank != 0 or not cfg.train.progress, file=sys.stdout)
-        t_log, steps_since = time.perf_counter(), 0
         stop = False
         if cfg.train.eval_at_start and step == 0:
             run_eval(0)
@@ -265,8 +268,10 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
         bad_in_a_row = 0
         while step < cfg.train.max_steps and not stop:
             done = 0
+            monitor.timer.begin_step()
             while done < accum:
                 batch = next(it)
+                monitor.timer.start()
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)
                 loss = nmse(pred, batch.y[:, 0])
                 finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
@@ -284,36 +289,42 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                             f"checkpoint in {checkpoint.checkpoint_dir(run_dir)}")
                     continue
                 bad_in_a_row = 0
+                monitor.timer.lap("forward")
                 engine.backward(loss)
+                monitor.timer.lap("backward")
                 engine.step()
+                monitor.timer.lap("optimizer")
+                monitor.micro_batch(tuple(batch.x.shape), loader.last_wait_s)
                 d = names.index(batch.dataset)
                 loss_sum[d] += loss.detach().double()
                 loss_n[d] += 1
                 done += 1
                 del batch, pred, loss
+            monitor.timer.end_step()
             step += 1
-            steps_since += 1
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()
                 per = sums[:len(names)] / sums[len(names):].clamp(min=1)
-                elapsed = time.perf_counter() - t_log
                 mean = float(sums[:len(names)].sum() / sums[len(names):].sum())
                 grad_norm = engine.get_global_grad_norm()
                 scalars = {"train/loss": mean, "train/lr": float(engine.get_lr()[0]),
-                           "train/grad_norm": None if grad_norm is None else float(grad_norm),
-                           "perf/samples_per_sec": steps_since * samples_per_step / elapsed}
+                           "train/grad_norm": None if grad_norm is None else float(grad_norm)}
                 for i, name in enumerate(names):
                     if sums[len(names) + i] > 0:
                         scalars[f"train/loss/{name}"] = float(per[i])
+                everyone = board.gather(monitor.collect())       # collective: all ranks
+                if everyone is not None:
+                    scalars.update(board.combine(everyone))
                 log.scalars(step, scalars)
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scalars['train/lr']:.2e}")
                 log.text(f"step {step:>7d}  loss {mean:.5f}  lr {scalars['train/lr']:.3e}  "
                          f"grad {scalars['train/grad_norm'] or 0:.3f}  "
-                         f"{scalars['perf/samples_per_sec']:.1f} samples/s", console=False)
+                         f"{scalars.get('perf/samples_per_sec', 0):.1f} samples/s  "
+                         f"step {scalars.get('time/step_ms', 0):.1f} ms (data wait "
+                         f"{scalars.get('perf/data_wait_pct', 0):.1f}%)", console=False)
                 loss_sum.zero_()
                 loss_n.zero_()
-                t_log, steps_since = time.perf_counter(), 0
             signal_flag = preemption.requested() \
                 if step % cfg.train.signal_check_every == 0 else 0
             if signal_flag:
@@ -340,6 +351,8 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
         loader.close()
         if "preemption" in locals():
             preemption.restore()
+        if "monitor" in locals():
+            monitor.close()
 
 
 if __name__ == "__main__":

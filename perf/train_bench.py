@@ -23,21 +23,8 @@ import time
 
 import torch
 
+from dsfm.monitor.steps import peak_tflops
 from perf.report import write_json
-
-# Dense peak TFLOP/s per card: (fp32 on CUDA cores, TF32 on tensor cores). Vendor datasheets.
-PEAK_TFLOPS = {
-    "H100": (67.0, 494.7),          # SXM5
-    "H200": (67.0, 494.7),
-    "A100": (19.5, 156.0),
-}
-
-
-def peak_tflops(device_name: str, numerics: str) -> float | None:
-    for card, (fp32, tf32) in PEAK_TFLOPS.items():
-        if card in device_name:
-            return tf32 if numerics == "tf32" else fp32
-    return None
 
 
 def sync() -> None:

@@ -221,6 +221,34 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
     assert lrs[0] > lrs[-1] > 0                     # cosine decay from the JSON's schedule
     assert (run_dir / "train.log").read_text().count("step ") >= 3
 
+    # dashboards: the CPU path of the monitor, cross-rank statistics, the layout, the report
+    assert "GPU metrics unavailable" in proc.stdout
+    assert {"time/data_wait_ms", "time/forward_ms", "time/backward_ms", "time/optimizer_ms",
+            "time/step_ms", "time/step_ms/min", "time/step_ms/max", "perf/tflops",
+            "perf/patches_per_sec", "perf/data_wait_pct", "system/cpu_pct",
+            "system/process_cpu_pct", "system/rss_gib", "ranks/step_ms/r0",
+            "ranks/step_ms/r1", "ranks/slowest"} <= tags
+    assert not any(t.startswith("gpu/") for t in tags)
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from tensorboard.util import tensor_util
+    config = acc.Tensors("custom_scalars__config__")[0]
+    lay = layout_pb2.Layout()
+    lay.ParseFromString(tensor_util.make_ndarray(config.tensor_proto).item())
+    assert {"GPU", "Throughput", "Step time", "Loss"} <= {c.title for c in lay.category}
+    step_ms = [e.value for e in acc.Scalars("time/step_ms")]
+    lows = [e.value for e in acc.Scalars("time/step_ms/min")]
+    highs = [e.value for e in acc.Scalars("time/step_ms/max")]
+    assert all(lo <= mid <= hi for lo, mid, hi in zip(lows, step_ms, highs))
+    phases = sum(acc.Scalars(f"time/{p}_ms")[-1].value for p in ("forward", "backward",
+                                                                  "optimizer", "data_wait"))
+    assert 0.5 * step_ms[-1] < phases <= 1.01 * step_ms[-1]
+
+    report = run([sys.executable, "-m", "dsfm.monitor.report", str(run_dir)])
+    assert report.returncode == 0, report.stderr
+    assert (run_dir / "report.png").stat().st_size > 10_000
+    assert "slowest rank:" in report.stdout and "of 2" in report.stdout
+    assert "data wait" in report.stdout and "mean CPU" in report.stdout
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,stops", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])

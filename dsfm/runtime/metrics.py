@@ -33,6 +33,11 @@ class MetricsLogger:
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
 
+    def custom_scalars(self, layout: dict) -> None:
+        """The TensorBoard custom_scalars dashboard layout (written once, at start)."""
+        if self.enabled:
+            self._tb.add_custom_scalars(layout)
+
     def text(self, message: str, console: bool = True) -> None:
         if not self.enabled:
             return

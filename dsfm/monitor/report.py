@@ -1,0 +1,160 @@
+"""python -m dsfm.monitor.report RUN_DIR [--out FILE.png]
+
+Reads a run's TensorBoard events back and draws one PNG: utilization (GPU, or CPU on a CPU run),
+throughput, the step-time breakdown and the step time per rank, over training steps; then prints
+a short summary: mean utilization, MFU, data-wait share, and the slowest rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+
+
+def load_scalars(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import (
+        SCALARS,
+        EventAccumulator,
+    )
+
+    logdir = os.path.join(run_dir, "tb") if os.path.isdir(os.path.join(run_dir, "tb")) \
+        else run_dir
+    acc = EventAccumulator(logdir, size_guidance={SCALARS: 0})
+    acc.Reload()
+    out = {}
+    for tag in acc.Tags().get("scalars", []):
+        events = acc.Scalars(tag)
+        out[tag] = ([e.step for e in events], [e.value for e in events])
+    return out
+
+
+def _mean(values: list[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(s: dict) -> dict:
+    """The numbers people ask first, from the scalars of a run (the first log interval, which
+    holds start-up and warm-up, is left out when there are more than two)."""
+    def series(tag):
+        values = s.get(tag, ([], []))[1]
+        return values[1:] if len(values) > 2 else values
+
+    util_tag = "gpu/util_pct" if "gpu/util_pct" in s else "system/process_cpu_pct"
+    ranks = {}
+    for tag in s:
+        m = re.fullmatch(r"ranks/step_ms/r(\d+)", tag)
+        if m and series(tag):
+            ranks[int(m.group(1))] = _mean(series(tag))
+    step = _mean(series("time/step_ms"))
+    wait = _mean(series("time/data_wait_ms"))
+    return {
+        "utilization": _mean(series(util_tag)), "utilization_tag": util_tag,
+        "sm_active": _mean(series("gpu/sm_active_pct")),
+        "mfu": _mean(series("perf/mfu")),
+        "samples_per_sec": _mean(series("perf/samples_per_sec")),
+        "tflops": _mean(series("perf/tflops")),
+        "step_ms": step,
+        "data_wait_share": (wait / step) if wait is not None and step else None,
+        "slowest_rank": max(ranks, key=ranks.get) if ranks else None,
+        "rank_step_ms": ranks,
+    }
+
+
+def _fmt(value, pattern: str, missing: str = "n/a") -> str:
+    return missing if value is None else pattern.format(value)
+
+
+def draw(s: dict, out: str, title: str) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, 2, figsize=(13, 8), constrained_layout=True)
+    fig.suptitle(title)
+
+    ax = axes[0, 0]
+    gpu = "gpu/util_pct" in s
+    for tag, label in ((("gpu/util_pct", "GPU utilization (NVML)"),
+                        ("gpu/sm_active_pct", "SM active (GPM)"),
+                        ("gpu/tensor_active_pct", "tensor cores active (GPM)")) if gpu else
+                       (("system/cpu_pct", "machine CPU"),
+                        ("system/process_cpu_pct", "trainer + readers CPU"))):
+        if tag in s:
+            steps, values = s[tag]
+            ax.plot(steps, values, label=label)
+            if f"{tag}/min" in s and f"{tag}/max" in s:
+                ax.fill_between(s[f"{tag}/min"][0], s[f"{tag}/min"][1], s[f"{tag}/max"][1],
+                                alpha=0.2)
+    ax.set(title="Utilization % (mean; band: min-max over ranks)", xlabel="step", ylabel="%")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="lower right", fontsize=8)
+
+    ax = axes[0, 1]
+    if "perf/samples_per_sec" in s:
+        ax.plot(*s["perf/samples_per_sec"], color="tab:green", label="samples/s")
+        ax.set_ylabel("samples/s (all ranks)")
+    if "perf/tflops" in s:
+        twin = ax.twinx()
+        twin.plot(*s["perf/tflops"], color="tab:purple", label="TFLOP/s")
+        twin.set_ylabel("achieved TFLOP/s")
+    ax.set(title="Throughput", xlabel="step")
+
+    ax = axes[1, 0]
+    phases = [("time/data_wait_ms", "data wait"), ("time/forward_ms", "forward"),
+              ("time/backward_ms", "backward + reduction"), ("time/optimizer_ms", "optimizer")]
+    present = [(tag, label) for tag, label in phases if tag in s]
+    if present:
+        steps = s[present[0][0]][0]
+        ax.stackplot(steps, *[s[tag][1][:len(steps)] for tag, _ in present],
+                     labels=[label for _, label in present], alpha=0.8)
+        if "time/step_ms" in s:
+            ax.plot(*s["time/step_ms"], color="black", lw=1, label="step (wall)")
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set(title="Step time breakdown (ms, mean over ranks)", xlabel="step", ylabel="ms")
+
+    ax = axes[1, 1]
+    for tag in sorted(t for t in s if re.fullmatch(r"ranks/step_ms/r\d+", t)):
+        ax.plot(*s[tag], lw=1, label=tag.rsplit("/", 1)[1])
+    ax.set(title="Step time per rank (ms)", xlabel="step", ylabel="ms")
+    if sum(1 for t in s if t.startswith("ranks/step_ms/")) <= 16:
+        ax.legend(loc="upper right", fontsize=7, ncol=2)
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+    ap.add_argument("run_dir")
+    ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/report.png)")
+    args = ap.parse_args(argv)
+    if not os.path.isdir(args.run_dir):
+        print(f"error: {args.run_dir}: no such run directory", file=sys.stderr)
+        return 2
+    s = load_scalars(args.run_dir)
+    if not s:
+        print(f"error: {args.run_dir}: no TensorBoard scalars found (looked in tb/)",
+              file=sys.stderr)
+        return 1
+    out = args.out or os.path.join(args.run_dir, "report.png")
+    draw(s, out, os.path.basename(os.path.normpath(args.run_dir)))
+    r = summarize(s)
+    what = "GPU utilization" if r["utilization_tag"].startswith("gpu") else "CPU (trainer)"
+    print(f"report: {out}")
+    print(f"mean {what}: {_fmt(r['utilization'], '{:.1f}%')}"
+          + (f", SM active {r['sm_active']:.1f}%" if r["sm_active"] is not None else ""))
+    print(f"throughput: {_fmt(r['samples_per_sec'], '{:.1f}')} samples/s, "
+          f"{_fmt(r['tflops'], '{:.3f}')} TFLOP/s, MFU {_fmt(r['mfu'], '{:.1%}')}")
+    print(f"step: {_fmt(r['step_ms'], '{:.1f} ms')}, data wait "
+          f"{_fmt(r['data_wait_share'], '{:.1%}')} of it")
+    if r["slowest_rank"] is not None:
+        ms = r["rank_step_ms"]
+        fastest = min(ms.values())
+        print(f"slowest rank: {r['slowest_rank']} ({ms[r['slowest_rank']]:.1f} ms/step, "
+              f"fastest {fastest:.1f} ms) of {len(ms)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

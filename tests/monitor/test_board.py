@@ -1,0 +1,80 @@
+"""Cross-rank statistics, the dashboard layout, step timing and FLOPs: on literal inputs."""
+
+import time
+
+import pytest
+import torch
+
+from dsfm.models.avit import AViTConfig
+from dsfm.monitor import board
+from dsfm.monitor.steps import ModelFlops, StepTimer, peak_tflops
+
+
+def test_combine_gives_mean_min_max_sums_rates_and_names_the_straggler():
+    ranks = [{"time/step_ms": 100.0, "gpu/util_pct": 90.0, "perf/samples_per_sec": 40.0,
+              "train/loss": 0.5},
+             {"time/step_ms": 160.0, "gpu/util_pct": 60.0, "perf/samples_per_sec": 25.0,
+              "train/loss": 0.5},
+             {"time/step_ms": 110.0, "gpu/util_pct": float("nan"),
+              "perf/samples_per_sec": 38.0}]
+    out = board.combine(ranks)
+    assert out["time/step_ms"] == pytest.approx(370 / 3)
+    assert out["time/step_ms/min"] == 100.0 and out["time/step_ms/max"] == 160.0
+    assert out["gpu/util_pct"] == 75.0                          # NaN (unavailable) left out
+    assert out["perf/samples_per_sec"] == 103.0                 # rates add up over ranks
+    assert out["ranks/step_ms/r1"] == 160.0 and out["ranks/gpu_util_pct/r0"] == 90.0
+    assert out["ranks/slowest"] == 1.0
+    assert out["train/loss"] == 0.5 and "train/loss/min" not in out
+    single = board.combine([{"time/step_ms": 5.0}])
+    assert single == {"time/step_ms": 5.0, "ranks/step_ms/r0": 5.0, "ranks/slowest": 0.0}
+
+
+def test_layout_has_the_four_dashboards_with_valid_charts():
+    lay = board.layout(["euler_2d", "navier_stokes_2d"])
+    assert {"GPU", "Throughput", "Step time", "Loss"} <= set(lay)
+    for charts in lay.values():
+        for kind, tags in charts.values():
+            assert kind in ("Multiline", "Margin") and tags
+            if kind == "Margin":
+                assert len(tags) == 3 and tags[1] == tags[0] + "/min"
+    assert lay["Loss"]["Loss per dataset"][1] == ["train/loss/euler_2d$",
+                                                  "train/loss/navier_stokes_2d$"]
+
+
+def test_step_timer_splits_phases_on_host_clocks():
+    timer = StepTimer(torch.device("cpu"))
+    for _ in range(2):
+        timer.begin_step()
+        timer.data(0.01)
+        timer.start()
+        time.sleep(0.02)
+        timer.lap("forward")
+        time.sleep(0.04)
+        timer.lap("backward")
+        time.sleep(0.01)
+        timer.lap("optimizer")
+        timer.end_step()
+    out = timer.collect()
+    assert out["time/forward_ms"] == pytest.approx(20, abs=8)
+    assert out["time/backward_ms"] == pytest.approx(40, abs=8)
+    assert out["time/optimizer_ms"] == pytest.approx(10, abs=8)
+    assert out["time/data_wait_ms"] == pytest.approx(10)
+    assert out["time/step_ms"] >= 70
+    assert out["perf/data_wait_pct"] == pytest.approx(100 * 10 / out["time/step_ms"])
+    assert timer.collect() == {}                    # nothing since the last collect
+
+
+def test_model_flops_are_counted_per_shape_and_patches_follow_the_grid():
+    flops = ModelFlops(AViTConfig(12, 192, 3, 12, 0.0))
+    tflop = flops.step((8, 16, 4, 128, 128)) / 1e12
+    assert 0.97 * 0.395 < tflop < 0.395                  # MPP's AViT-Ti: 0.395 TFLOP/step
+    assert flops.step((4, 16, 4, 128, 128)) == pytest.approx(flops.step((8, 16, 4, 128, 128))
+                                                             / 2, rel=0.01)
+    assert flops.patches((8, 16, 4, 128, 64)) == 8 * 16 * 8 * 4
+
+
+def test_peak_table():
+    assert peak_tflops("NVIDIA H200", "fp32") == 67.0
+    assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
+    assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    assert peak_tflops("Some GPU", "fp32") is None
