@@ -1,0 +1,1 @@
+"""Run monitoring: NVML/GPM GPU samplers, host samplers, step timers and TensorBoard dashboards."""

@@ -1,0 +1,99 @@
+"""Standalone monitor: `python -m dsfm.monitor --logdir DIR [--interval 1.0] [--duration S]`.
+
+Samples every local GPU (tags `gpu0/…`, `gpu1/…` by NVML index) and the host (`system/…`) into
+TensorBoard, step = sample index, wall time real, until SIGINT/SIGTERM or `--duration` seconds;
+exits 0 either way. Use it beside jobs that do not log themselves, or to watch a whole node. A
+custom_scalars layout written at start puts each GPU metric of all GPUs in one chart ("GPU") and
+the host metrics in "System". Without NVML it still logs system/ and says once why GPU metrics
+are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import signal
+import sys
+import threading
+import time
+
+from dsfm.monitor.nvml import GPU_KEYS, GpuSampler, all_local_gpus, nvml_problem
+from dsfm.monitor.system import SystemSampler
+
+SYSTEM_CHARTS = {
+    "CPU % (machine, this monitor)": ["system/cpu_pct", "system/process_cpu_pct"],
+    "Memory GiB": ["system/mem_used_gib", "system/rss_gib"],
+    "Memory %": ["system/mem_pct"],
+    "Load (1 min)": ["system/load1"],
+    "Network MB/s": ["system/net_rx_mbps", "system/net_tx_mbps"],
+    "Disk MB/s": ["system/disk_read_mbps", "system/disk_write_mbps"],
+}
+
+
+def gpu_tag(key: str, index: int) -> str:
+    """`gpu/util_pct` of GPU 3 → `gpu3/util_pct`."""
+    return f"gpu{index}/{key.removeprefix('gpu/')}"
+
+
+def layout() -> dict:
+    """custom_scalars layout: one chart per GPU metric across GPUs, and the host charts (tags
+    are regular expressions)."""
+    gpu = {key.removeprefix("gpu/"): ["Multiline", [rf"^gpu\d+/{key.removeprefix('gpu/')}$"]]
+           for key in GPU_KEYS}
+    system = {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
+              for title, tags in SYSTEM_CHARTS.items()}
+    return {"GPU": gpu, "System": system}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m dsfm.monitor", description=__doc__.split("\n")[0])
+    ap.add_argument("--logdir", required=True, help="TensorBoard log directory")
+    ap.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
+    ap.add_argument("--duration", type=float, default=None,
+                    help="stop after this many seconds (default: until SIGINT/SIGTERM)")
+    args = ap.parse_args(argv)
+    if not args.interval > 0:
+        ap.error("--interval must be > 0")
+
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    gpus = all_local_gpus()
+    if not gpus:
+        print(f"GPU metrics unavailable: {nvml_problem() or 'NVML lists no GPU'}; "
+              "logging system/ only", flush=True)
+    samplers = [(i, GpuSampler(nvml_index=i, interval_s=args.interval)) for i in gpus]
+    system = SystemSampler(interval_s=args.interval)
+    writer = SummaryWriter(args.logdir)
+    writer.add_custom_scalars(layout())
+    print(f"dsfm.monitor: {len(gpus)} GPU(s) and the host every {args.interval:g} s "
+          f"→ {args.logdir}", flush=True)
+
+    step = 0
+    deadline = None if args.duration is None else time.monotonic() + args.duration
+    next_t = time.monotonic() + args.interval       # each sample covers the interval before it
+    try:
+        while ((deadline is None or next_t <= deadline)
+               and not stop.wait(max(next_t - time.monotonic(), 0.0))):
+            walltime = time.time()
+            values = dict(system.sample())
+            for index, sampler in samplers:
+                values.update({gpu_tag(k, index): v for k, v in sampler.sample().items()})
+            for tag, value in sorted(values.items()):
+                writer.add_scalar(tag, value, step, walltime=walltime)
+            step += 1
+            next_t = max(next_t + args.interval, time.monotonic())
+    finally:
+        writer.close()
+        for _, sampler in samplers:
+            sampler.stop()
+        system.stop()
+    print(f"dsfm.monitor: {step} samples written", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

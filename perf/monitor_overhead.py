@@ -1,0 +1,134 @@
+"""What the monitor's samplers cost a training step: `python -m perf.monitor_overhead [--json F]`.
+
+A fixed matmul workload (the "step": `--matmuls` products of two `--size`² fp32 matrices, on CPU,
+or on the GPU when there is one) is timed with no sampler running, then with SystemSampler and
+GpuSampler sampling on their threads at 1 Hz and at 10 Hz. Rounds interleave the variants and
+the median round counts (this kind of VM drifts in speed); the overhead is the median step time
+against the no-sampler median (goal: under 1 % at 1 Hz). It also times one `sample()` call of
+each sampler on its own, which says what the sampler costs wherever the workload is not CPU
+bound: the cost on a GPU machine is whatever this prints there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from dsfm.monitor.nvml import GpuSampler
+from dsfm.monitor.system import SystemSampler
+from perf.report import write_json
+
+
+def _workload(size: int, matmuls: int, device: torch.device):
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device) / size ** 0.5
+
+    def step():
+        x = a
+        for _ in range(matmuls):
+            x = x @ b
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return x
+
+    return step
+
+
+def _timed(step, steps: int) -> float:
+    """Mean seconds per step over `steps` steps (the mean, since a sampler that stalls the loop
+    now and then shows in the mean and not in a median)."""
+    t = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - t) / steps
+
+
+def _sample_cost(sampler, calls: int) -> float | None:
+    """Mean microseconds of one sample() call in this thread (None when unavailable)."""
+    if not sampler.available:
+        return None
+    sampler.sample()
+    t = time.perf_counter()
+    for _ in range(calls):
+        sampler.sample()
+    return (time.perf_counter() - t) / calls * 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", type=int, default=384)
+    ap.add_argument("--matmuls", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=4.0, help="per variant per round")
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    step = _workload(args.size, args.matmuls, device)
+    one = []
+    for _ in range(20):                     # warm up, and the fastest step sets the count
+        t = time.perf_counter()
+        step()
+        one.append(time.perf_counter() - t)
+    steps = max(5, int(args.seconds / min(one)))
+
+    t = time.perf_counter()
+    probe = GpuSampler(device=0 if device.type == "cuda" else None, notice=lambda _: None)
+    construct_us = (time.perf_counter() - t) * 1e6
+    costs = {"system sample() us": _sample_cost(SystemSampler(), 200),
+             "gpu sample() us": _sample_cost(probe, 200),
+             "gpu construct us": construct_us,
+             "gpu available": probe.available}
+    probe.stop()
+
+    variants = {"off": None, "1 Hz": 1.0, "10 Hz": 0.1}
+    per_round: dict[str, list[float]] = {name: [] for name in variants}
+    samples: dict[str, int] = {name: 0 for name in variants}
+    for _ in range(args.rounds):
+        for name, interval in variants.items():
+            samplers = [] if interval is None else [
+                SystemSampler(interval_s=interval),
+                GpuSampler(device=0 if device.type == "cuda" else None, interval_s=interval,
+                           notice=lambda _: None)]
+            for s in samplers:
+                s.start()
+            per_round[name].append(_timed(step, steps))
+            for s in samplers:
+                s.stop()
+                samples[name] += s.samples
+
+    base = statistics.median(per_round["off"])
+    rows = []
+    for name, times in per_round.items():
+        med = statistics.median(times)
+        rows.append({"variant": name, "ms_per_step": med * 1e3,
+                     "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
+                     "overhead_pct": 100.0 * (med / base - 1.0), "samples": samples[name]})
+
+    print(f"workload: {args.matmuls} x matmul {args.size}² fp32 on {device.type}, "
+          f"{steps} steps per variant per round, {args.rounds} rounds, "
+          f"{torch.get_num_threads()} torch threads")
+    print(f"{'samplers':<10}{'ms/step':>10}{'min':>9}{'max':>9}{'overhead':>10}{'samples':>9}")
+    for r in rows:
+        print(f"{r['variant']:<10}{r['ms_per_step']:>10.2f}{r['min_ms']:>9.2f}{r['max_ms']:>9.2f}"
+              f"{r['overhead_pct']:>+9.2f}%{r['samples']:>9d}")
+    for key, value in costs.items():
+        shown = "n/a (NVML unavailable)" if value is None else (
+            f"{value:.1f}" if isinstance(value, float) else value)
+        print(f"{key}: {shown}")
+    sample_us = sum(costs[k] or 0.0 for k in ("system sample() us", "gpu sample() us"))
+    costs["sampling share of one core at 1 Hz, %"] = sample_us / 1e4
+    print(f"sampling (both samplers) takes {sample_us / 1e4:.3f} % of one core at 1 Hz, "
+          f"{sample_us / 1e3:.2f} % at 10 Hz")
+    if args.json:
+        write_json(args.json, {"device": device.type, "size": args.size,
+                               "matmuls": args.matmuls, "steps": steps, "rounds": args.rounds,
+                               "rows": rows, "sample_costs": costs})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
