@@ -2,11 +2,12 @@
 
 A fixed matmul workload (the "step": `--matmuls` products of two `--size`² fp32 matrices, on CPU,
 or on the GPU when there is one) is timed with no sampler running, then with SystemSampler and
-GpuSampler sampling on their threads at 1 Hz and at 10 Hz. Rounds interleave the variants and
-the median round counts (this kind of VM drifts in speed); the overhead is the median step time
-against the no-sampler median (goal: under 1 % at 1 Hz). It also times one `sample()` call of
-each sampler on its own, which says what the sampler costs wherever the workload is not CPU
-bound: the cost on a GPU machine is whatever this prints there.
+GpuSampler sampling on their threads at 1 Hz and at 10 Hz. Rounds interleave the variants (in
+rotating order) and the median counts, since this kind of VM drifts in speed: the overhead is
+the median over rounds of the step time against the no-sampler run of the same round (goal:
+under 1 % at 1 Hz). It also times one `sample()` call of each sampler on its own, which says
+what sampling costs wherever the workload leaves a core free: on a GPU machine, whatever this
+prints there.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def main(argv: list[str] | None = None) -> int:
     variants = {"off": None, "1 Hz": 1.0, "10 Hz": 0.1}
     per_round: dict[str, list[float]] = {name: [] for name in variants}
     samples: dict[str, int] = {name: 0 for name in variants}
-    for _ in range(args.rounds):
-        for name, interval in variants.items():
+    names = list(variants)
+    for r in range(args.rounds):
+        for name in names[r % 3:] + names[:r % 3]:     # rotate: no variant always goes first
+            interval = variants[name]
             samplers = [] if interval is None else [
                 SystemSampler(interval_s=interval),
                 GpuSampler(device=0 if device.type == "cuda" else None, interval_s=interval,
@@ -100,13 +103,14 @@ def main(argv: list[str] | None = None) -> int:
                 s.stop()
                 samples[name] += s.samples
 
-    base = statistics.median(per_round["off"])
     rows = []
     for name, times in per_round.items():
-        med = statistics.median(times)
-        rows.append({"variant": name, "ms_per_step": med * 1e3,
+        # paired with the no-sampler run of the same round, so slow drifts of the VM cancel
+        ratios = [t / off for t, off in zip(times, per_round["off"])]
+        rows.append({"variant": name, "ms_per_step": statistics.median(times) * 1e3,
                      "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3,
-                     "overhead_pct": 100.0 * (med / base - 1.0), "samples": samples[name]})
+                     "overhead_pct": 100.0 * (statistics.median(ratios) - 1.0),
+                     "samples": samples[name], "rounds_ms": [t * 1e3 for t in times]})
 
     print(f"workload: {args.matmuls} x matmul {args.size}² fp32 on {device.type}, "
           f"{steps} steps per variant per round, {args.rounds} rounds, "
