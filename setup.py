@@ -16,6 +16,7 @@ setup(
         "h5py>=3.8",
         "numpy>=1.24",
         "nvidia-ml-py>=12.535",
+        "psutil>=5.9",
         "tensorboard>=2.14",
         "pyyaml>=6",
         "tqdm>=4.60",
