@@ -1,0 +1,125 @@
+"""perf.allreduce_sweep on local CPU ranks with gloo: everything but NCCL."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.conftest import REPO, run
+
+SWEEP = [sys.executable, "-m", "perf.allreduce_sweep"]
+
+
+@pytest.mark.slow
+def test_ci_command_runs_checks_and_writes_every_output(tmp_path):
+    out = tmp_path / "sweep"
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-e", "1M", "--out", str(out),
+                        "--json", str(tmp_path / "r.json")], timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "# Avg bus bandwidth" in proc.stdout and "# Out of bounds values : 0 OK" in proc.stdout
+    records = json.loads((tmp_path / "r.json").read_text())
+    sizes = sorted({r["size"] for r in records})
+    assert sizes[0] == 8 and sizes[-1] == 2 ** 20 and len(sizes) == 18
+    for r in records:
+        assert {"collective", "size", "world_size", "algbw", "busbw", "time_us",
+                "wrong"} <= set(r)
+        assert r["wrong"] == 0 and r["world_size"] == 2
+        assert r["busbw"] == pytest.approx(r["algbw"] * 2 * (2 - 1) / 2)      # 2(n-1)/n
+        assert r["algbw"] == pytest.approx(r["size"] / (r["time_us"] * 1e-6) / 1e9, rel=1e-6)
+    assert (out / "results.csv").read_text().startswith("profile,split,collective,size")
+    assert (out / "busbw.png").stat().st_size > 5000
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(out / "tb"))
+    acc.Reload()
+    assert "sweep/default/world/all_reduce/busbw" in acc.Tags()["scalars"]
+
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-e", "4K", "--out",
+                        str(tmp_path / "s2"), "--min-busbw", "1e6"], timeout=300)
+    assert proc.returncode == 1 and "below --min-busbw" in proc.stderr
+
+
+@pytest.mark.slow
+def test_all_collectives_and_splits_are_correct(tmp_path):
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "4", "--ranks-per-node", "2",
+                        "-b", "64", "-e", "64K", "-f", "32", "-w", "1", "-n", "3",
+                        "-c", "all_reduce,reduce_scatter,all_gather,broadcast,all_to_all",
+                        "--splits", "world,intra,rail", "--profiles", "ring,tree",
+                        "--out", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")],
+               timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    seen = {(r["profile"], r["split"], r["collective"], r["world_size"]) for r in records}
+    for profile in ("ring", "tree"):
+        for coll in ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all"):
+            assert (profile, "world", coll, 4) in seen
+            assert (profile, "intra", coll, 2) in seen and (profile, "rail", coll, 2) in seen
+    assert all(r["wrong"] == 0 for r in records)
+    factors = {"all_reduce": 2 * 3 / 4, "reduce_scatter": 3 / 4, "all_gather": 3 / 4,
+               "all_to_all": 3 / 4, "broadcast": 1.0}
+    for r in records:
+        if r["world_size"] == 4:
+            assert r["busbw"] == pytest.approx(r["algbw"] * factors[r["collective"]])
+    assert "profile ring: ring algorithm forced NCCL_ALGO=Ring" in proc.stdout
+
+
+@pytest.mark.parametrize("args,words", [
+    (["--profiles", "nope"], ["unknown profile 'nope'", "semi_rail"]),
+    (["-c", "all_reduce,allreduce"], ["unknown collective 'allreduce'"]),
+    (["-b", "1M", "-e", "1K"], ["sizes out of order"]),
+    (["-b", "12Q"], ["size '12Q'"]),
+    (["--splits", "world,node"], ["unknown split 'node'"]),
+])
+def test_bad_requests_are_refused_in_one_line(args, words, tmp_path):
+    proc = run(SWEEP + ["--backend", "gloo", "--out", str(tmp_path / "s")] + args)
+    assert proc.returncode == 2
+    assert len(proc.stderr.strip().splitlines()) == 1
+    for w in words:
+        assert w in proc.stderr
+
+
+def test_unreachable_hostfile_host_is_named(tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("# two nodes\nlocalhost slots=1\nno-such-node.invalid slots=4\n")
+    proc = run(SWEEP + ["--backend", "gloo", "--launcher", "deepspeed", "--hostfile",
+                        str(hostfile), "--out", str(tmp_path / "s")])
+    assert proc.returncode == 2 and "'no-such-node.invalid' does not resolve" in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_frozen_rank_is_named_and_partial_results_are_kept(tmp_path):
+    import psutil
+
+    out = tmp_path / "s"
+    proc = subprocess.Popen(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-b", "8",
+                                     "-e", "8M", "-f", "2", "-n", "200", "--timeout-s", "6",
+                                     "--out", str(out)], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        target = None
+        while time.time() < deadline and target is None:
+            time.sleep(0.2)
+            rank0 = out / "default" / "rank0.jsonl"
+            if rank0.exists() and rank0.read_text().count("\n") >= 2:
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    try:
+                        if child.environ().get("RANK") == "1":
+                            target = child
+                    except psutil.Error:
+                        pass
+        assert target is not None
+        target.send_signal(signal.SIGSTOP)
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1, stdout[-2000:] + stderr[-2000:]
+    assert "ranks that stopped responding: 1 (" in stderr
+    assert "ranks [0] alive but waiting in world all_reduce" in stderr
+    assert "partial results in" in stderr
+    records = (out / "default" / "rank0.jsonl").read_text().splitlines()
+    assert len(records) >= 2 and (out / "results.csv").exists()
+    assert not psutil.pid_exists(target.pid) or target.status() == psutil.STATUS_ZOMBIE
