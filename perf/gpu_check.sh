@@ -23,6 +23,9 @@ python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 --workers 8 --st
   --json "$OUT/feed_bench_gpu.json" 2>&1 | tail -6 | tee "$OUT/feed_bench_gpu.txt"
 timeout 300 python3 -m perf.train_bench --steps 6 --warmup 2 --json "$OUT/train_bench_gpu.json" \
   2>/dev/null | tee "$OUT/train_bench_gpu.txt"
+python3 -m perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M -c all_reduce,all_gather \
+  --out /tmp/sweep_gpu 2>&1 | tail -12 | tee "$OUT/sweep_gpu.txt"
+mkdir -p "$OUT/nccl_logs" && cp /tmp/sweep_gpu/default/nccl.*.log "$OUT/nccl_logs/" 2>/dev/null
 echo "== summary =="
 tail -3 "$OUT/cuda_tests.txt"
 grep -E "dsfm/upstream|host-to-device|memory" "$OUT/loader_gpu.txt"
@@ -30,3 +33,4 @@ grep -E "via|done:" "$OUT/train_gpu.txt"
 cat "$OUT/report_gpu.txt"; tail -1 "$OUT/monitor_tests.txt"; tail -2 "$OUT/monitor_overhead.txt"
 tail -2 "$OUT/feed_bench_gpu.txt"
 grep -E "^(Ti|S|B|L) " "$OUT/train_bench_gpu.txt"
+grep -E "Avg bus|flag" "$OUT/sweep_gpu.txt"
