@@ -1,0 +1,781 @@
+"""What NCCL actually did, read back from its own logs.
+
+A sweep profile asks for SHARP, a list of HCAs, an algorithm or a NIC policy through NCCL_*
+variables; NCCL may quietly do something else (the CollNet plugin did not load, the HCA names
+matched nothing, the algorithm was not eligible). Run the job with
+
+    NCCL_DEBUG=INFO NCCL_DEBUG_SUBSYS=INIT,ENV,GRAPH,NET,TUNING,COLL NCCL_DEBUG_FILE=dir/%h.%p.log
+
+and `parse_logs` turns the per-rank files (or one shared stdout) into a `LogReport`: NCCL
+version, communicators, network plugin and HCAs, GPUDirect RDMA, the echoed NCCL_* variables,
+the CollNet state, the topology graphs and connections, and for every collective call the byte
+size and the algorithm/protocol NCCL chose. `verify` compares a profile's environment with the
+report and returns one readable line per request that did not take effect.
+
+    python -m perf.nccl_log runs/sweep/sharp_on/ [--profile sharp_on] [--json]
+
+The line formats follow NCCL's source (NVIDIA/nccl), which changed over releases; both forms
+are read where they differ:
+  - prefix (debug.cc): "host:pid:tid [cudaDev] NCCL INFO msg"; WARN adds "file:line" (and
+    "(func)" in recent releases) before "NCCL WARN", after an empty line;
+  - COLL (enqueue.cc, every rank): "AllReduce: opCount %lx sendbuff %p recvbuff %p count %zu
+    datatype %d op %d root %d comm %p [nranks=%d] stream %p" (RCCL appends "task %d globalrank
+    %d"); bytes = count x ncclTypeSize(datatype);
+  - TUNING (enqueue.cc, rank 0 of each communicator only): the 2.28 source prints "AllReduce:
+    1048576 Bytes -> Algo RING proto SIMPLE channel{Lo..Hi}={0..7}" (later sources append
+    fields; the form dates from about 2.23); the 2.19-2.22 sources print "1048576 Bytes -> Algo
+    1 proto 2 time 39.8" without the collective name, AllGather and ReduceScatter counting
+    nranks x the per-rank bytes; before 2.19 the line is TRACE only and is not read. Unnamed
+    lines are matched to the same process's COLL lines by size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+from collections import Counter, defaultdict, deque
+from dataclasses import dataclass, field
+
+# ncclDataType_t (nccl.h.in): value -> (name, bytes); the fp8 types 10-11 came with NCCL 2.24.
+DATATYPES = {
+    0: ("ncclInt8", 1), 1: ("ncclUint8", 1), 2: ("ncclInt32", 4), 3: ("ncclUint32", 4),
+    4: ("ncclInt64", 8), 5: ("ncclUint64", 8), 6: ("ncclFloat16", 2), 7: ("ncclFloat32", 4),
+    8: ("ncclFloat64", 8), 9: ("ncclBfloat16", 2), 10: ("ncclFloat8e4m3", 1),
+    11: ("ncclFloat8e5m2", 1),
+}
+# NCCL_ALGO_* indices (src/include/plugin/nccl_tuner.h, formerly device.h/nccl_common.h) with
+# the names ncclAlgoToString() prints (index order unchanged since CollNet split in two; PAT
+# was appended last).
+ALGORITHMS = ("TREE", "RING", "COLLNET_DIRECT", "COLLNET_CHAIN", "NVLS", "NVLS_TREE", "PAT")
+PROTOCOLS = ("LL", "LL128", "SIMPLE")  # NCCL_PROTO_LL=0, LL128=1, SIMPLE=2
+# Names NCCL_ALGO / NCCL_PROTO accept (ncclAlgoStr / ncclProtoStr, case-insensitive); "collnet"
+# is the single CollNet algorithm of releases before 2.14.
+_ALGO_NAMES = {"tree": {"TREE"}, "ring": {"RING"}, "collnetdirect": {"COLLNET_DIRECT"},
+               "collnetchain": {"COLLNET_CHAIN"}, "nvls": {"NVLS"}, "nvlstree": {"NVLS_TREE"},
+               "pat": {"PAT"}, "collnet": {"COLLNET_DIRECT", "COLLNET_CHAIN"}}
+_PROTO_NAMES = {"ll": {"LL"}, "ll128": {"LL128"}, "simple": {"SIMPLE"}}
+# NCCL_TOPO_PATTERN_* (src/include/graph.h)
+PATTERNS = {1: "BALANCED_TREE", 2: "SPLIT_TREE", 3: "TREE", 4: "RING", 5: "NVLS",
+            6: "COLLNET_DIRECT"}
+
+_PREFIX = re.compile(r"(?P<host>[\w.\-]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<dev>\d+)\] "
+                     r"(?:(?P<src>\S+:\d+)(?: \([^)]*\))? )?"
+                     r"NCCL (?P<level>INFO|WARN) ?(?P<msg>.*)$")
+_BARE = re.compile(r"(?:^|[\s\]>:])NCCL (?P<level>INFO|WARN) (?P<msg>.*)$")
+_VERSION = re.compile(r"NCCL version (?P<v>\d+\.\d+\.\d+\S*)")
+_COLL = re.compile(r"^(?P<func>[A-Za-z]+): opCount [0-9a-fA-F]+ sendbuff \S+ recvbuff \S+ "
+                   r"count (?P<count>\d+) datatype (?P<dtype>\d+) op \d+ root -?\d+ comm \S+ "
+                   r"\[nranks=(?P<nranks>\d+)\]")
+_COLL_START = re.compile(r"^[A-Za-z]+: opCount")
+_TUNE_NAMED = re.compile(r"^(?:(?P<func>[A-Za-z]+): )?(?P<bytes>\d+) Bytes -> Algo "
+                         r"(?P<algo>[A-Za-z][A-Za-z_]*) proto (?P<proto>[A-Za-z][A-Za-z0-9_]*)")
+_TUNE_NUMERIC = re.compile(r"^(?:(?P<func>[A-Za-z]+): )?(?P<bytes>\d+) Bytes -> Algo "
+                           r"(?P<algo>\d+) proto (?P<proto>\d+)")
+_TUNE_START = re.compile(r"^(?:[A-Za-z]+: )?\d+ Bytes\b")
+_ENV = re.compile(r"^(?P<name>NCCL_[A-Z0-9_]+) set (?:by environment )?to (?P<value>.*?)\s*$")
+_COMM_INFO = re.compile(r"^comm (?P<comm>\S+) rank (?P<rank>\d+) nRanks (?P<nranks>\d+) "
+                        r"nNodes (?P<nnodes>\d+) localRanks (?P<local>\d+)")
+_COMM_INIT = re.compile(r"(?:^|\s)comm (?P<comm>\S+) rank (?P<rank>\d+) nranks (?P<nranks>\d+)"
+                        r".* - Init (?P<phase>START|COMPLETE)")
+_COMM_ID = re.compile(r"commId (0x[0-9a-fA-F]+)")
+_NET_IB = re.compile(r"^NET/IB ?: Using(?P<devs>.*?)(?:; OOB \S+)?$")
+_HCA = re.compile(r"\[\d+\] ?(?P<name>[\w.\-]+):(?P<port>\d+)/(?P<link>IB|RoCE)")
+_GDR = re.compile(r"^NET/\S+ ?: GPU Direct RDMA (?P<state>Enabled|Disabled) for HCA \d+ ")
+_CHAN_NET = re.compile(r"^Channel \d+(?:/\d+)? : \d+\[\w+\] -> \d+\[\w+\] \[(?:send|receive)\] "
+                       r"via NET/(?P<net>[^/\s]+)/\d+(?:\(\d+\))?(?P<flags>\S*)")
+_CHAN_LOCAL = re.compile(r"^Channel \d+(?:/\d+)? : \d+\[\w+\] -> \d+\[\w+\] via "
+                         r"(?P<kind>P2P|SHM)/(?P<how>[A-Za-z]+)")
+_CHAN_COLLNET = re.compile(r"^Coll(?:Net)? \d+(?:/\d+)? : \d+ \[(?:send|receive)\] via "
+                           r"COLLNET/(?P<net>[^/\s]+)/\d+")
+_RING = re.compile(r"^Channel (?P<c>\d+)/(?P<n>\d+) :(?P<ranks>(?: +-?\d+)+) *$")
+_GRAPH = re.compile(r"^Pattern (?P<pattern>\d+), crossNic (?P<cross>\d+), nChannels (?P<nch>\d+)"
+                    r"(?:, (?:bw|speed) (?P<bwi>[\d.]+)/(?P<bwe>[\d.]+), type "
+                    r"(?P<ti>\w+)/(?P<te>\w+))?")
+_CHANNELS = re.compile(r"(?P<coll>\d+) coll channels, (?:(?P<collnet>\d+) collnet channels, )?"
+                       r"(?:(?P<nvls>\d+) nvls channels, )?(?P<p2p>\d+) p2p channels")
+_PLUGIN_NET = re.compile(r"^NET/Plugin ?: Loaded net plugin (?P<name>\S+)")
+_PLUGIN_COLL = re.compile(r"^NET/Plugin ?: Loaded coll(?:net)? plugin (?P<name>\S+)")
+_PLUGIN_FAIL = re.compile(r"^(?:NET/Plugin ?: (?!Loaded|Plugin name set|Closing|Failed to find "
+                          r"ncclNetPlugin_v)|Failed to initialize NET plugin|External network "
+                          r"plugin .* is unsupported)")
+_SHARP_INIT = re.compile(r"SHARP rank \d+/\d+ initialized")
+_COLLNET_SETUP = re.compile(r"^(?:Collnet Chains|Connected collnet|rank \d+ Connected CollNet)")
+_NVLS = re.compile(r"^NVLS multicast support is (?P<not>not )?available")
+# NCCL's and the SHARP plugin's ways of saying CollNet could not be set up
+_COLLNET_FAIL = re.compile(r"Cannot initialize CollNet|CollNet is not supported|SHARP coll init "
+                           r"error|SHARP group create|^SHARP: (?:Group size|Set to disable)")
+
+_PENDING_WINDOW = 512   # unmatched COLL lines a TUNING line is looked up among (per process)
+_PENDING_MAX = 4096     # oldest unmatched COLL lines are dropped beyond this (ranks != 0)
+
+
+@dataclass
+class CollNet:
+    """CollNet (SHARP) as NCCL reported it. `requested` is NCCL's echo of NCCL_COLLNET_ENABLE:
+    releases up to 2.22 echo it only when a CollNet plugin is present."""
+    requested: bool | None = None
+    plugin_loaded: bool = False
+    initialized: bool = False
+    reason: str | None = None
+    plugin: str | None = None
+
+
+@dataclass
+class Graph:
+    """One "Pattern %d, crossNic %d, nChannels %d, bw %f/%f, type %s/%s" line (graph/search.cc)."""
+    pattern: int
+    cross_nic: int
+    n_channels: int
+    bw_intra: float | None = None
+    bw_inter: float | None = None
+    type_intra: str | None = None
+    type_inter: str | None = None
+
+    @property
+    def name(self) -> str:
+        return PATTERNS.get(self.pattern, f"pattern {self.pattern}")
+
+
+@dataclass
+class Communicator:
+    comm: str
+    host: str
+    pid: int
+    rank: int | None = None
+    nranks: int | None = None
+    nnodes: int | None = None
+    local_ranks: int | None = None
+    comm_id: str | None = None
+    complete: bool = False
+
+
+@dataclass
+class LogReport:
+    sources: list[str] = field(default_factory=list)
+    nccl_lines: int = 0
+    processes: int = 0
+    version: str | None = None
+    network: str | None = None          # "Using network %s": IB, Socket, IBext_v8, ...
+    net_plugin: str | None = None       # external net plugin that loaded
+    transports: list[str] = field(default_factory=list)  # NET/IB, NET/Socket, P2P/CUMEM, ...
+    hcas: list[str] = field(default_factory=list)        # "mlx5_0:1/IB" from NET/IB : Using
+    merged_nics: bool = False           # NET/IB listed a merged device "[0]={...}"
+    ib_missing: bool = False            # "NET/IB : No device found."
+    gdr: bool | None = None             # GPUDirect RDMA on the network connections
+    env: dict[str, str] = field(default_factory=dict)
+    collnet: CollNet = field(default_factory=CollNet)
+    graphs: list[Graph] = field(default_factory=list)
+    rings: dict[int, list[int]] = field(default_factory=dict)
+    trees: int = 0                      # "Trees [0] ..." lines
+    channels: dict[str, int] = field(default_factory=dict)
+    rings_connected: bool = False
+    trees_connected: bool = False
+    nvls_connected: bool = False
+    nvls_available: bool | None = None
+    communicators: list[Communicator] = field(default_factory=list)
+    calls: dict[tuple[str, int], int] = field(default_factory=dict)
+    choices: dict[tuple[str, int], Counter] = field(default_factory=dict)
+    nccl_warnings: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def nnodes(self) -> int | None:
+        counts = [c.nnodes for c in self.communicators if c.nnodes is not None]
+        return max(counts) if counts else None
+
+    @property
+    def algorithms(self) -> Counter:
+        """Calls per algorithm over every collective that has a TUNING line."""
+        total: Counter = Counter()
+        for counter in self.choices.values():
+            for (algo, _), n in counter.items():
+                total[algo] += n
+        return total
+
+    def summary_rows(self) -> list[tuple[str, int, str, str, int]]:
+        """(collective, bytes, algorithm, protocol, calls); "-" where no TUNING line said."""
+        rows = []
+        for key in sorted(set(self.calls) | set(self.choices)):
+            chosen = self.choices.get(key)
+            if chosen:
+                for (algo, proto), n in sorted(chosen.items()):
+                    rows.append((key[0], key[1], algo, proto, n))
+            else:
+                rows.append((key[0], key[1], "-", "-", self.calls[key]))
+        return rows
+
+    def to_dict(self) -> dict:
+        return {
+            "sources": self.sources, "nccl_lines": self.nccl_lines, "processes": self.processes,
+            "version": self.version, "network": self.network, "net_plugin": self.net_plugin,
+            "transports": self.transports, "hcas": self.hcas, "merged_nics": self.merged_nics,
+            "ib_missing": self.ib_missing, "gdr": self.gdr, "env": self.env,
+            "collnet": vars(self.collnet),
+            "graphs": [dict(vars(g), name=g.name) for g in self.graphs],
+            "rings": {str(k): v for k, v in sorted(self.rings.items())}, "trees": self.trees,
+            "channels": self.channels, "rings_connected": self.rings_connected,
+            "trees_connected": self.trees_connected, "nvls_connected": self.nvls_connected,
+            "nvls_available": self.nvls_available, "nnodes": self.nnodes,
+            "communicators": [vars(c) for c in self.communicators],
+            "collectives": [{"collective": f, "bytes": b, "algorithm": a, "protocol": p,
+                             "count": n} for f, b, a, p, n in self.summary_rows()],
+            "nccl_warnings": self.nccl_warnings, "warnings": self.warnings,
+        }
+
+
+def _canon_algo(name: str) -> str:
+    if name.isdigit():
+        i = int(name)
+        return ALGORITHMS[i] if i < len(ALGORITHMS) else f"ALGO{i}"
+    key = name.replace("_", "").lower()
+    names = _ALGO_NAMES.get(key)
+    return next(iter(names)) if names and len(names) == 1 else name.upper()
+
+
+def _canon_proto(name: str) -> str:
+    if name.isdigit():
+        i = int(name)
+        return PROTOCOLS[i] if i < len(PROTOCOLS) else f"PROTO{i}"
+    return name.upper()
+
+
+class _Parser:
+    """Accumulates one LogReport over any number of sources; per-process state is keyed by
+    (source, host, pid, cudaDev) so interleaved ranks in one file stay apart."""
+
+    def __init__(self):
+        self.r = LogReport()
+        self.processes: set = set()
+        self.transports: set = set()
+        self.hcas: dict[str, None] = {}
+        self.env_seen: dict[str, tuple[str, str]] = {}
+        self.comms: dict[tuple, Communicator] = {}
+        self.pending: dict[tuple, deque] = defaultdict(deque)
+        self.calls: dict[tuple, Counter] = defaultdict(Counter)
+        self.choices: dict[tuple, Counter] = defaultdict(Counter)
+        self.graphs: dict[tuple, Graph] = {}
+        self.gdr = {"channel": Counter(), "hca": Counter()}  # evidence -> {True: n, False: n}
+        self.truncated = Counter()
+        self.unknown_dtypes: set = set()
+        self.collnet_setup = False
+        self.collnet_failed: list[str] = []
+        self.plugin_failure: str | None = None
+        self.collnet_symbol_missing = False
+        self.warn_seen: set = set()
+
+    # ------------------------------------------------------------------ lines
+    def feed(self, source: str, lines) -> None:
+        self.r.sources.append(source)
+        for raw in lines:
+            line = raw.rstrip("\r\n")
+            if not line or line.startswith("#"):
+                continue
+            m = _PREFIX.search(line)
+            if m:
+                proc = (source, m["host"], int(m["pid"]), int(m["dev"]))
+                host, pid, level, msg = m["host"], int(m["pid"]), m["level"], m["msg"]
+            else:
+                m = _BARE.search(line)
+                if not m:
+                    v = _VERSION.search(line)   # VERSION level prints the bare version string
+                    if v and self.r.version is None:
+                        self.r.version = v["v"]
+                    continue
+                proc = (source, "?", 0, 0)
+                host, pid, level, msg = "?", 0, m["level"], m["msg"]
+            self.r.nccl_lines += 1
+            self.processes.add(proc)
+            if level == "WARN":
+                self._warn(host, msg.strip())
+            else:
+                self._info(proc, host, pid, msg.strip())
+
+    def _warn(self, host: str, msg: str) -> None:
+        if msg not in self.warn_seen:
+            self.warn_seen.add(msg)
+            self.r.nccl_warnings.append(f"{host}: {msg}")
+        self._collnet_failure(msg)
+
+    def _collnet_failure(self, msg: str) -> None:
+        if _COLLNET_FAIL.search(msg) and msg not in self.collnet_failed:
+            self.collnet_failed.append(msg)
+
+    def _info(self, proc, host: str, pid: int, msg: str) -> None:
+        if _COLL_START.match(msg):
+            m = _COLL.match(msg)
+            if m:
+                self._coll(proc, m)
+            else:
+                self.truncated["COLL"] += 1
+        elif _TUNE_START.match(msg):
+            m = _TUNE_NAMED.match(msg) or _TUNE_NUMERIC.match(msg)
+            if m:
+                self._tuning(proc, m)
+            else:
+                self.truncated["TUNING"] += 1
+        else:
+            self._collnet_failure(msg)
+            self._init_line(proc, host, pid, msg)
+
+    def _coll(self, proc, m) -> None:
+        func, dtype, count = m["func"], int(m["dtype"]), int(m["count"])
+        if dtype not in DATATYPES:
+            self.unknown_dtypes.add(dtype)
+            return
+        nbytes = count * DATATYPES[dtype][1]
+        self.calls[proc][(func, nbytes)] += 1
+        if func not in ("Send", "Recv"):
+            pend = self.pending[proc]
+            pend.append((func, nbytes, int(m["nranks"])))
+            if len(pend) > _PENDING_MAX:
+                pend.popleft()
+
+    def _tuning(self, proc, m) -> None:
+        func, nbytes = m["func"], int(m["bytes"])
+        named = not m["algo"].isdigit()
+        pend = self.pending[proc]
+        for i, (pfunc, pbytes, nranks) in enumerate(pend):
+            if i >= _PENDING_WINDOW:
+                break
+            if func is not None and pfunc != func:
+                continue
+            scaled = pfunc in ("AllGather", "ReduceScatter") and nbytes == pbytes * nranks
+            if nbytes == pbytes or (not named and scaled):
+                del pend[i]
+                func, nbytes = pfunc, pbytes
+                break
+        key = (func or "?", nbytes)
+        self.choices[key][(_canon_algo(m["algo"]), _canon_proto(m["proto"]))] += 1
+
+    def _init_line(self, proc, host: str, pid: int, msg: str) -> None:
+        if (m := _VERSION.match(msg)) and self.r.version is None:
+            self.r.version = m["v"]
+        elif m := _ENV.match(msg):
+            value = m["value"]
+            if re.fullmatch(r"-?\d+\.", value):
+                value = value[:-1]
+            name = m["name"]
+            if name in self.r.env and self.r.env[name] != value:
+                first = self.env_seen[name]
+                self._note(f"{name} differs between ranks: {self.r.env[name]!r} on {first[0]}, "
+                           f"{value!r} on {host}:{pid}")
+            else:
+                self.r.env.setdefault(name, value)
+                self.env_seen.setdefault(name, (f"{host}:{proc[2]}", value))
+        elif msg.startswith("Using network "):
+            self.r.network = msg.split()[2]
+        elif m := _PLUGIN_NET.match(msg):
+            self.r.net_plugin = m["name"]
+        elif m := _PLUGIN_COLL.match(msg):
+            self.r.collnet.plugin_loaded = True
+            self.r.collnet.plugin = m["name"]
+        elif msg.startswith("NET/Plugin") and "ncclCollNetPlugin" in msg:
+            self.collnet_symbol_missing = True
+        elif msg.startswith("Successfully loaded external network plugin"):
+            self.r.net_plugin = self.r.net_plugin or msg.split()[-1]
+        elif _PLUGIN_FAIL.match(msg):
+            if self.plugin_failure is None or "Using internal" in self.plugin_failure:
+                self.plugin_failure = msg
+        elif m := _NET_IB.match(msg):
+            devs = m["devs"]
+            self.r.merged_nics |= "={" in devs
+            for h in _HCA.finditer(devs):
+                self.hcas.setdefault(f"{h['name']}:{h['port']}/{h['link']}")
+        elif msg.startswith("NET/IB : No device found"):
+            self.r.ib_missing = True
+        elif m := _GDR.match(msg):
+            self.gdr["hca"][m["state"] == "Enabled"] += 1
+        elif m := _CHAN_NET.match(msg):
+            self.transports.add(f"NET/{m['net']}")
+            self.gdr["channel"]["/GDRDMA" in m["flags"]] += 1
+        elif m := _CHAN_LOCAL.match(msg):
+            self.transports.add(f"{m['kind']}/{m['how']}")
+        elif m := _CHAN_COLLNET.match(msg):
+            self.transports.add(f"COLLNET/{m['net']}")
+            self.collnet_setup = True
+        elif m := _RING.match(msg):
+            self.r.rings.setdefault(int(m["c"]), [int(v) for v in m["ranks"].split()])
+        elif msg.startswith("Trees "):
+            self.r.trees += 1
+        elif m := _GRAPH.match(msg):
+            g = Graph(int(m["pattern"]), int(m["cross"]), int(m["nch"]),
+                      float(m["bwi"]) if m["bwi"] else None, float(m["bwe"]) if m["bwe"] else None,
+                      m["ti"], m["te"])
+            self.graphs.setdefault((g.pattern, g.cross_nic, g.n_channels, g.bw_intra,
+                                    g.bw_inter, g.type_intra, g.type_inter), g)
+        elif msg.startswith("Connected all rings"):
+            self.r.rings_connected = True
+        elif msg.startswith("Connected all trees"):
+            self.r.trees_connected = True
+        elif msg.startswith("Connected NVLS"):
+            self.r.nvls_connected = True
+        elif _COLLNET_SETUP.match(msg) or _SHARP_INIT.search(msg):
+            self.collnet_setup = True
+        elif m := _NVLS.match(msg):
+            available = not m["not"]
+            self.r.nvls_available = bool(self.r.nvls_available) or available
+        elif m := _CHANNELS.search(msg):
+            for k in ("coll", "collnet", "nvls", "p2p"):
+                if m[k] is not None:
+                    self.r.channels[k] = max(self.r.channels.get(k, 0), int(m[k]))
+        elif m := _COMM_INFO.match(msg):
+            c = self._comm(proc, host, pid, m["comm"])
+            c.rank, c.nranks = int(m["rank"]), int(m["nranks"])
+            c.nnodes, c.local_ranks = int(m["nnodes"]), int(m["local"])
+        elif (m := _COMM_INIT.search(msg)) is not None:
+            c = self._comm(proc, host, pid, m["comm"])
+            c.rank, c.nranks = int(m["rank"]), int(m["nranks"])
+            if idm := _COMM_ID.search(msg):
+                c.comm_id = idm[1]
+            c.complete |= m["phase"] == "COMPLETE"
+
+    def _comm(self, proc, host: str, pid: int, comm: str) -> Communicator:
+        key = (proc, comm)
+        if key not in self.comms:
+            self.comms[key] = Communicator(comm=comm, host=host, pid=pid)
+        return self.comms[key]
+
+    def _note(self, text: str) -> None:
+        if text not in self.r.warnings:
+            self.r.warnings.append(text)
+
+    # ------------------------------------------------------------------ result
+    def finish(self) -> LogReport:
+        r = self.r
+        r.processes = len(self.processes)
+        r.transports = sorted(self.transports)
+        r.hcas = list(self.hcas)
+        # the connections say whether GDR was used; the per-HCA lines only whether it could be
+        seen = self.gdr["channel"] or self.gdr["hca"]
+        r.gdr = None if not seen or len(seen) > 1 else next(iter(seen))
+        r.graphs = list(self.graphs.values())
+        r.communicators = sorted(self.comms.values(),
+                                 key=lambda c: (c.comm_id or "", c.rank if c.rank is not None
+                                                else -1, c.host, c.pid))
+        # every rank makes the same calls: the busiest process counts them
+        calls: Counter = Counter()
+        for per_proc in self.calls.values():
+            for key, n in per_proc.items():
+                calls[key] = max(calls[key], n)
+        r.calls = dict(calls)
+        r.choices = {k: v for k, v in self.choices.items()}
+        self._collnet()
+        if r.nccl_lines == 0:
+            self._note("no NCCL INFO lines in " + (", ".join(r.sources) or "the input")
+                       + " (was the job run with NCCL_DEBUG=INFO?)")
+        for kind, n in sorted(self.truncated.items()):
+            self._note(f"{n} truncated or unreadable {kind} line(s) skipped")
+        if self.unknown_dtypes:
+            self._note("COLL lines with unknown datatype(s) "
+                       f"{sorted(self.unknown_dtypes)} skipped (newer NCCL than this parser?)")
+        if r.calls and not r.choices:
+            self._note("COLL lines but no TUNING lines: algorithm and protocol unknown (add TUNING "
+                       "to NCCL_DEBUG_SUBSYS; NCCL up to 2.18 prints them only at TRACE level)")
+        if r.nccl_lines and r.version is None:
+            self._note("no 'NCCL version' line: the log may start late or be an excerpt")
+        return r
+
+    def _collnet(self) -> None:
+        cn = self.r.collnet
+        echoed = self.r.env.get("NCCL_COLLNET_ENABLE")
+        cn.requested = None if echoed is None else echoed.strip() == "1"
+        if self.collnet_setup:
+            cn.plugin_loaded = True
+        cn.initialized = self.collnet_setup and not self.collnet_failed
+        if cn.initialized:
+            return
+        if self.collnet_failed:
+            cn.reason = "; ".join(self.collnet_failed[:2])
+        elif not cn.plugin_loaded:
+            if self.plugin_failure:
+                cn.reason = f"no CollNet plugin loaded ({self.plugin_failure})"
+            elif self.collnet_symbol_missing:
+                cn.reason = "the net plugin that loaded has no CollNet symbol"
+            elif self.r.net_plugin is None and self.r.network is not None:
+                cn.reason = f"no CollNet plugin loaded (network {self.r.network} is NCCL's own)"
+            else:
+                cn.reason = "no CollNet plugin loaded"
+        elif self.r.nnodes == 1:
+            cn.reason = "single-node communicator (CollNet needs NCCL_COLLNET_NODE_THRESHOLD nodes)"
+        else:
+            cn.reason = "CollNet plugin loaded but no CollNet setup was logged"
+
+
+def _open_sources(source) -> list[tuple[str, list[str]]]:
+    """(name, lines) for a path, a directory of logs, a list of paths, or the log text itself."""
+    if isinstance(source, os.PathLike):
+        items = [os.fspath(source)]
+    elif isinstance(source, str):
+        if not source or "\n" in source or (not os.path.exists(source) and "NCCL" in source):
+            return [("<text>", source.splitlines())]
+        items = [source]
+    else:
+        items = [os.fspath(s) for s in source]
+    out = []
+    for path in items:
+        if os.path.isdir(path):
+            names = sorted(n for n in os.listdir(path) if not n.startswith("."))
+            paths = [os.path.join(path, n) for n in names
+                     if os.path.isfile(os.path.join(path, n))]
+        elif os.path.isfile(path):
+            paths = [path]
+        else:
+            raise FileNotFoundError(f"NCCL log {path!r} does not exist")
+        for p in paths:
+            with open(p, encoding="utf-8", errors="replace") as fh:
+                out.append((p, fh.read().splitlines()))
+    return out
+
+
+def parse_logs(source) -> LogReport:
+    """Parse NCCL logs: one path, a directory (every file in it), a list of paths, or the text.
+
+    An empty or unrelated input gives a report whose `warnings` say so; it does not raise."""
+    parser = _Parser()
+    for name, lines in _open_sources(source):
+        parser.feed(name, lines)
+    return parser.finish()
+
+
+# ---------------------------------------------------------------------------------- verify
+def _enabled(spec: str, names: dict[str, set], every: set) -> dict[str | None, set]:
+    """NCCL's parseList() semantics (graph/tuning.cc): "a,b", "^a", and per-function entries
+    "allreduce:tree;broadcast:ring" where a first entry without a prefix applies to all."""
+    out: dict[str | None, set] = {}
+    for part in spec.split(";"):
+        part = part.strip()
+        if not part:
+            continue
+        prefix, _, elems = part.rpartition(":")
+        negate = elems.strip().startswith("^")
+        chosen: set = set()
+        for tok in elems.strip().lstrip("^").split(","):
+            chosen |= names.get(tok.strip().replace("_", "").lower(), set())
+        out[prefix.strip().lower() or None] = (every - chosen) if negate else chosen
+    return out
+
+
+def _size(n: int) -> str:
+    for unit, step in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= step and n % step == 0:
+            return f"{n // step} {unit}"
+    return f"{n} B"
+
+
+def _listing(items: dict, fmt=str) -> str:
+    return ", ".join(f"{fmt(k)} x{n}" for k, n in sorted(items.items()))
+
+
+def _check_choice(report: LogReport, var: str, spec: str, names: dict, every: tuple,
+                  index: int, all_functions: bool) -> list[str]:
+    allowed = _enabled(spec, names, set(every))
+    bad: dict[str, Counter] = defaultdict(Counter)
+    for (func, size), counter in report.choices.items():
+        f = func.lower()
+        if f in allowed:
+            ok = allowed[f]
+        elif None in allowed and (all_functions or f == "allreduce"):
+            ok = allowed[None]
+        else:
+            continue
+        for choice, n in counter.items():
+            if choice[index] not in ok:
+                bad[f"{func} used {choice[index]}"][size] += n
+    return [f"{var}={spec} but {what} for {_listing(sizes, _size)}"
+            for what, sizes in sorted(bad.items())]
+
+
+def _hca_allowed(spec: str, name: str, port: str) -> bool:
+    """NCCL_IB_HCA matching (transport/net_ib): '^' excludes, '=' asks for exact names,
+    otherwise each entry is a name prefix; ':port' restricts the port."""
+    negate = spec.startswith("^")
+    spec = spec.lstrip("^")
+    exact = spec.startswith("=")
+    hit = False
+    for entry in spec.lstrip("=").split(","):
+        ename, _, eport = entry.strip().partition(":")
+        if not ename:
+            continue
+        name_ok = name == ename if exact else name.startswith(ename)
+        if name_ok and (not eport or eport == port):
+            hit = True
+    return not hit if negate else hit
+
+
+def _same(a: str, b: str) -> bool:
+    a, b = a.strip(), b.strip()
+    try:
+        return int(a, 0) == int(b, 0)
+    except ValueError:
+        return a.lower() == b.lower()
+
+
+def verify(report: LogReport, profile_env: dict) -> list[str]:
+    """One readable line per request in `profile_env` (NCCL_* name -> value) that the logs show
+    did not take effect, or cannot be confirmed from them. An empty list means all held."""
+    env = {k: str(v).strip() for k, v in profile_env.items() if v is not None}
+    if report.nccl_lines == 0:
+        return [f"no NCCL INFO lines in {', '.join(report.sources) or 'the logs'}: nothing can be "
+                "verified (run with NCCL_DEBUG=INFO)"]
+    flags = []
+    for name, want in sorted(env.items()):
+        got = report.env.get(name)
+        if name.startswith("NCCL_") and got is not None and not _same(got, want):
+            flags.append(f"{name}={want} requested but NCCL reported {name}={got}")
+        elif got is None and report.env and name in ("NCCL_ALGO", "NCCL_PROTO"):
+            flags.append(f"{name}={want} requested but NCCL never echoed {name} (did the "
+                         "variable reach the ranks?)")
+    flags += _verify_collnet(report, env)
+    for var, names, every, index, all_functions in (
+            ("NCCL_ALGO", _ALGO_NAMES, ALGORITHMS, 0, False),
+            ("NCCL_PROTO", _PROTO_NAMES, PROTOCOLS, 1, True)):
+        if var in env:
+            if not report.choices:
+                flags.append(f"{var}={env[var]} cannot be confirmed: the logs have no TUNING "
+                             "lines (add TUNING to NCCL_DEBUG_SUBSYS)")
+            else:
+                flags += _check_choice(report, var, env[var], names, every, index, all_functions)
+    flags += _verify_ib(report, env)
+    return flags
+
+
+def _verify_collnet(report: LogReport, env: dict) -> list[str]:
+    want = env.get("NCCL_COLLNET_ENABLE")
+    if want is None:
+        return []
+    cn = report.collnet
+    used = {a: n for a, n in report.algorithms.items() if a.startswith("COLLNET")}
+    flags = []
+    if want == "1":
+        if not cn.initialized:
+            flags.append(f"NCCL_COLLNET_ENABLE=1 but CollNet was not initialized: {cn.reason}")
+        if not report.choices:
+            flags.append("NCCL_COLLNET_ENABLE=1 cannot be confirmed per collective: the logs "
+                         "have no TUNING lines (add TUNING to NCCL_DEBUG_SUBSYS)")
+        elif not used:
+            flags.append("NCCL_COLLNET_ENABLE=1 but no collective used COLLNET_DIRECT or "
+                         f"COLLNET_CHAIN (chosen: {_listing(report.algorithms)})")
+    elif want == "0" and (used or cn.initialized):
+        flags.append("NCCL_COLLNET_ENABLE=0 but CollNet was set up"
+                     + (f" and used ({_listing(used)})" if used else ""))
+    return flags
+
+
+def _verify_ib(report: LogReport, env: dict) -> list[str]:
+    flags = []
+    spec = env.get("NCCL_IB_HCA")
+    socket = (report.network or "").lower() == "socket" or (
+        "NET/Socket" in report.transports and not any(
+            t.startswith("NET/") and t != "NET/Socket" for t in report.transports))
+    if spec:
+        if socket:
+            why = "; NET/IB : No device found" if report.ib_missing else ""
+            flags.append(f"NCCL_IB_HCA={spec} requested but NCCL used the Socket transport{why}")
+        elif report.hcas:
+            stray = [h for h in report.hcas
+                     if not _hca_allowed(spec, *h.split("/")[0].split(":"))]
+            if stray:
+                flags.append(f"NCCL_IB_HCA={spec} requested but NCCL listed "
+                             f"{', '.join(stray)}")
+        elif report.network is None:
+            flags.append(f"NCCL_IB_HCA={spec} cannot be confirmed: no NET lines in the logs (add "
+                         "NET to NCCL_DEBUG_SUBSYS)")
+    cross = env.get("NCCL_CROSS_NIC")
+    if cross in ("0", "1") and (report.nnodes or 2) > 1 and len(report.hcas) > 1:
+        graphs = [g for g in report.graphs if g.pattern in (1, 2, 4)]
+        if not graphs:
+            flags.append(f"NCCL_CROSS_NIC={cross} cannot be confirmed: no GRAPH lines in the logs")
+        for g in graphs:
+            if g.cross_nic != int(cross):
+                flags.append(f"NCCL_CROSS_NIC={cross} but the {g.name} graph was built with "
+                             f"crossNic {g.cross_nic}")
+    if env.get("NCCL_IB_MERGE_NICS") == "0" and report.merged_nics:
+        flags.append("NCCL_IB_MERGE_NICS=0 but NET/IB listed merged devices")
+    return flags
+
+
+# ---------------------------------------------------------------------------------- CLI
+def summary(report: LogReport) -> str:
+    cn = report.collnet
+    state = "initialized" if cn.initialized else (
+        "plugin loaded, not initialized" if cn.plugin_loaded else "no plugin")
+    lines = [
+        f"NCCL {report.version or '?'}: {report.nccl_lines} lines from {report.processes} "
+        f"process(es), {len(report.sources)} source(s), nodes {report.nnodes or '?'}",
+        f"network {report.network or '?'}"
+        + (f" (plugin {report.net_plugin})" if report.net_plugin else "")
+        + f"; transports {', '.join(report.transports) or '-'}; GDR "
+        + {None: "?", True: "yes", False: "no"}[report.gdr],
+        f"HCAs {', '.join(report.hcas) or '-'}" + (" (merged)" if report.merged_nics else ""),
+        f"CollNet: {state}" + (f" [{cn.plugin}]" if cn.plugin else "")
+        + (f" - {cn.reason}" if cn.reason and not cn.initialized else ""),
+        "graphs: " + ("; ".join(f"{g.name} crossNic {g.cross_nic} nChannels {g.n_channels}"
+                                for g in report.graphs) or "-"),
+        f"connected: rings {report.rings_connected}, trees {report.trees_connected}, "
+        f"NVLS {report.nvls_connected}",
+        "env: " + (", ".join(f"{k}={v}" for k, v in sorted(report.env.items())) or "-"),
+        "",
+        f"{'collective':<14s} {'bytes':>12s} {'size':>9s} {'algorithm':<15s} {'protocol':<8s} "
+        f"{'count':>6s}",
+    ]
+    for func, nbytes, algo, proto, n in report.summary_rows():
+        lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} {proto:<8s} "
+                     f"{n:6d}")
+    lines += [f"NCCL WARN {w}" for w in report.nccl_warnings]
+    lines += [f"warning: {w}" for w in report.warnings]
+    return "\n".join(lines)
+
+
+def _profile_env(name: str) -> dict:
+    import yaml
+
+    path = name if os.path.exists(name) else os.path.join(
+        os.path.dirname(os.path.abspath(__file__)), "profiles", f"{name}.yaml")
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"--profile {name!r}: no such file or perf/profiles/{name}.yaml")
+    with open(path) as fh:
+        doc = yaml.safe_load(fh) or {}
+    if not isinstance(doc.get("env"), dict):
+        raise ValueError(f"profile {path}: needs an 'env' mapping of NCCL_* variables")
+    return doc["env"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(
+        prog="python -m perf.nccl_log",
+        description="Summarise NCCL_DEBUG=INFO logs: what NCCL chose per collective, and which "
+                    "requests did not take effect. Exit status 1 when a request is flagged.")
+    ap.add_argument("logs", nargs="+", help="per-rank log files or directories of them")
+    ap.add_argument("--profile", help="sweep profile name or YAML whose env is verified "
+                                      "(default: the NCCL_* values NCCL itself echoed)")
+    ap.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
+                    help="a requested variable to verify (repeatable; adds to --profile)")
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    try:
+        report = parse_logs(args.logs)
+        env = _profile_env(args.profile) if args.profile else dict(report.env)
+        for item in args.env:
+            name, sep, value = item.partition("=")
+            if not sep:
+                raise ValueError(f"--env {item!r}: expected NAME=VALUE")
+            env[name.strip()] = value
+    except (OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    flags = verify(report, env)
+    if args.json:
+        print(json.dumps(dict(report.to_dict(), requested=env, flags=flags), indent=1,
+                         default=str))
+    else:
+        print(summary(report))
+        for f in flags:
+            print(f"flag: {f}")
+    return 1 if flags else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

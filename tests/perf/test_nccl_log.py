@@ -1,0 +1,367 @@
+"""perf.nccl_log against NCCL log excerpts composed from NCCL's source formats (tests/perf/
+nccl_logs/*.log; each file's header says which release's formats and that it was not captured
+on hardware): the facts each excerpt holds, verify() on working and fallen-back runs, and
+robustness to what real logs contain (other output, cut lines, interleaved ranks, nothing)."""
+
+import json
+import os
+import random
+import re
+import sys
+from collections import Counter
+
+import pytest
+
+from perf.nccl_log import (
+    ALGORITHMS,
+    DATATYPES,
+    PROTOCOLS,
+    main,
+    parse_logs,
+    verify,
+)
+from tests.conftest import run
+
+LOGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "nccl_logs")
+SHARP_OK = os.path.join(LOGS, "ib_collnet_sharp_2n4g.log")
+SHARP_FALLBACK = os.path.join(LOGS, "ib_collnet_fallback_2n4g.log")
+SHARP_INITFAIL = os.path.join(LOGS, "ib_collnet_sharp_initfail_2n4g.log")
+NVLINK = os.path.join(LOGS, "nvlink_1n4g.log")
+SOCKET = os.path.join(LOGS, "socket_2n4g.log")
+SHARP_ON = {"NCCL_COLLNET_ENABLE": 1}          # perf/profiles/sharp_on.yaml
+RAIL = {"NCCL_CROSS_NIC": 0, "NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1"}
+MiB = 1 << 20
+PREFIX = re.compile(r"^([\w.\-]+):(\d+):\d+ \[\d+\] ")
+
+
+def read(path):
+    with open(path) as fh:
+        return fh.read()
+
+
+def choices(report):
+    return {key: dict(counter) for key, counter in report.choices.items()}
+
+
+def by_process(text):
+    """The excerpt's NCCL lines grouped per host:pid, in their original order."""
+    groups = {}
+    for line in text.splitlines():
+        m = PREFIX.match(line)
+        if m:
+            groups.setdefault(f"{m[1]}.{m[2]}", []).append(line)
+    return groups
+
+
+# ------------------------------------------------------------------------------ tables
+def test_tables_follow_nccl_enums():
+    assert {k: v[1] for k, v in DATATYPES.items()} == {
+        0: 1, 1: 1, 2: 4, 3: 4, 4: 8, 5: 8, 6: 2, 7: 4, 8: 8, 9: 2, 10: 1, 11: 1}
+    assert DATATYPES[7][0] == "ncclFloat32" and DATATYPES[9][0] == "ncclBfloat16"
+    assert ALGORITHMS.index("TREE") == 0 and ALGORITHMS.index("RING") == 1
+    assert ALGORITHMS.index("COLLNET_DIRECT") == 2 and ALGORITHMS.index("COLLNET_CHAIN") == 3
+    assert ALGORITHMS.index("NVLS") == 4 and ALGORITHMS.index("NVLS_TREE") == 5
+    assert ALGORITHMS.index("PAT") == 6
+    assert PROTOCOLS == ("LL", "LL128", "SIMPLE")
+
+
+def test_every_excerpt_says_it_was_composed_not_captured():
+    names = sorted(os.listdir(LOGS))
+    assert len(names) == 5 and all(n.endswith(".log") for n in names)
+    for name in names:
+        header = [ln for ln in read(os.path.join(LOGS, name)).splitlines() if ln.startswith("#")]
+        text = " ".join(header)
+        assert "NOT CAPTURED ON HARDWARE" in text and "NCCL 2." in text, name
+
+
+# ------------------------------------------------------------------------------ excerpts
+def test_working_sharp_run():
+    r = parse_logs(SHARP_OK)
+    assert r.version == "2.28.3+cuda12.9"
+    assert r.processes == 8 and r.nnodes == 2 and not r.warnings
+    assert r.network == "IBext_v8" and r.net_plugin == "IBext_v8"
+    assert r.hcas == [f"mlx5_{i}:1/IB" for i in range(4)] and not r.merged_nics
+    assert r.transports == ["COLLNET/SHARP", "NET/IBext_v8", "P2P/CUMEM"]
+    assert r.gdr is True
+    assert r.env == {"NCCL_COLLNET_ENABLE": "1", "NCCL_SOCKET_IFNAME": "ib0"}
+    cn = r.collnet
+    assert (cn.requested, cn.plugin_loaded, cn.initialized, cn.reason, cn.plugin) == \
+        (True, True, True, None, "SHARP")
+    assert {(g.name, g.cross_nic, g.n_channels) for g in r.graphs} == {
+        ("RING", 0, 4), ("BALANCED_TREE", 0, 4), ("TREE", 0, 4), ("COLLNET_DIRECT", 0, 4)}
+    assert r.rings == {c: list(range(8)) for c in range(8)}
+    assert r.trees == 8
+    assert r.channels == {"coll": 8, "collnet": 8, "nvls": 0, "p2p": 8}
+    assert (r.rings_connected, r.trees_connected, r.nvls_connected) == (True, True, False)
+    assert r.nvls_available is False
+    comms = r.communicators
+    assert sorted(c.rank for c in comms) == list(range(8))
+    assert {(c.nranks, c.nnodes, c.local_ranks, c.comm_id, c.complete) for c in comms} == {
+        (8, 2, 4, "0x7f3a9c2b5d1e4f60", True)}
+    # bytes = count x sizeof(float32); one TUNING line per call, on rank 0 only
+    assert r.calls == {("Broadcast", MiB): 1, ("AllReduce", 4096): 2, ("AllReduce", MiB): 2,
+                       ("AllReduce", 16 * MiB): 2, ("AllReduce", 256 * MiB): 2}
+    assert choices(r) == {
+        ("Broadcast", MiB): {("RING", "SIMPLE"): 1},
+        ("AllReduce", 4096): {("TREE", "LL"): 2},
+        ("AllReduce", MiB): {("COLLNET_CHAIN", "SIMPLE"): 2},
+        ("AllReduce", 16 * MiB): {("COLLNET_DIRECT", "SIMPLE"): 2},
+        ("AllReduce", 256 * MiB): {("COLLNET_DIRECT", "SIMPLE"): 2}}
+    assert ("AllReduce", 256 * MiB, "COLLNET_DIRECT", "SIMPLE", 2) in r.summary_rows()
+
+
+def test_fallback_run_older_numeric_tuning_format():
+    r = parse_logs(SHARP_FALLBACK)
+    assert r.version == "2.22.3+cuda12.4" and r.nnodes == 2
+    assert r.network == "IB" and r.net_plugin is None and r.transports == ["NET/IB", "P2P/CUMEM"]
+    assert r.hcas == [f"mlx5_{i}:1/IB" for i in range(4)] and r.gdr is True
+    # NCCL <= 2.22 echoes NCCL_COLLNET_ENABLE only when a CollNet plugin is present
+    assert "NCCL_COLLNET_ENABLE" not in r.env
+    cn = r.collnet
+    assert (cn.requested, cn.plugin_loaded, cn.initialized) == (None, False, False)
+    assert "libsharp_coll.so.5: cannot open shared object file" in cn.reason
+    assert r.channels["collnet"] == 0
+    # "%ld Bytes -> Algo %d proto %d time %f": indices mapped, collective taken from the COLL
+    # line; the AllGather TUNING line counts 8 ranks x 1 MiB but is reported per rank
+    assert choices(r) == {
+        ("AllReduce", 4096): {("TREE", "LL"): 2},
+        ("AllReduce", MiB): {("TREE", "LL128"): 2},
+        ("AllReduce", 16 * MiB): {("RING", "SIMPLE"): 2},
+        ("AllReduce", 256 * MiB): {("RING", "SIMPLE"): 2},
+        ("AllGather", MiB): {("RING", "SIMPLE"): 1}}
+    assert not r.warnings
+
+
+def test_single_node_nvlink_run():
+    r = parse_logs(NVLINK)
+    assert r.version == "2.28.3+cuda12.9" and r.processes == 4 and r.nnodes == 1
+    assert r.transports == ["P2P/CUMEM"] and r.gdr is None
+    assert not r.collnet.plugin_loaded and not r.collnet.initialized
+    assert r.nvls_available is False and not r.nvls_connected
+    assert r.rings_connected and r.trees_connected
+    assert r.rings == {c: [0, 1, 2, 3] for c in range(4)}
+    assert [(g.name, g.n_channels) for g in r.graphs] == [("RING", 16), ("BALANCED_TREE", 16)]
+    assert choices(r) == {
+        ("AllReduce", 4096): {("RING", "LL"): 2},
+        ("AllReduce", MiB): {("RING", "LL128"): 2},
+        ("AllReduce", 256 * MiB): {("RING", "SIMPLE"): 2},
+        ("ReduceScatter", 4 * MiB): {("RING", "SIMPLE"): 1},
+        ("AllGather", 4 * MiB): {("RING", "SIMPLE"): 1}}     # 2097152 bfloat16 = 4 MiB
+
+
+def test_socket_run():
+    r = parse_logs(SOCKET)
+    assert r.network == "Socket" and r.ib_missing and r.hcas == []
+    assert r.transports == ["NET/Socket", "P2P/CUMEM"] and r.gdr is False
+    assert r.env["NCCL_IB_HCA"] == RAIL["NCCL_IB_HCA"] and r.env["NCCL_CROSS_NIC"] == "0"
+    assert set(choices(r)) == {("AllReduce", 4096), ("AllReduce", MiB), ("AllReduce", 256 * MiB)}
+
+
+def test_sharp_plugin_loads_but_collnet_setup_fails():
+    r = parse_logs(SHARP_INITFAIL)
+    cn = r.collnet
+    assert cn.requested is True and cn.plugin_loaded and not cn.initialized
+    assert "Cannot create SHARP job" in cn.reason
+    assert len(r.nccl_warnings) == 2
+    assert any("Cannot initialize CollNet" in w for w in r.nccl_warnings)
+
+
+# ------------------------------------------------------------------------------ verify
+def test_verify_passes_the_working_run_and_flags_the_fallback():
+    assert verify(parse_logs(SHARP_OK), SHARP_ON) == []
+    flags = verify(parse_logs(SHARP_FALLBACK), SHARP_ON)
+    assert len(flags) == 2
+    assert "CollNet was not initialized" in flags[0] and "libsharp_coll" in flags[0]
+    assert "no collective used COLLNET_DIRECT or COLLNET_CHAIN" in flags[1]
+    assert "RING x5" in flags[1] and "TREE x4" in flags[1]
+
+
+def test_verify_collnet_setup_failure_and_collnet_disabled():
+    flags = verify(parse_logs(SHARP_INITFAIL), SHARP_ON)
+    assert any("not initialized" in f and "SHARP job" in f for f in flags)
+    flags = verify(parse_logs(SHARP_OK), {"NCCL_COLLNET_ENABLE": 0})
+    assert any("reported NCCL_COLLNET_ENABLE=1" in f for f in flags)
+    assert any("COLLNET_ENABLE=0 but CollNet was set up and used" in f for f in flags)
+    assert verify(parse_logs(SHARP_FALLBACK), {"NCCL_COLLNET_ENABLE": 0}) == []
+
+
+def test_verify_algorithm_and_protocol_requests():
+    r = parse_logs(NVLINK)
+    flags = verify(r, {"NCCL_ALGO": "Tree"})
+    assert flags == [
+        "NCCL_ALGO=Tree requested but NCCL never echoed NCCL_ALGO (did the variable reach the "
+        "ranks?)",
+        "NCCL_ALGO=Tree but AllReduce used RING for 4 KiB x2, 1 MiB x2, 256 MiB x2"]
+    # NCCL_ALGO applies to AllReduce unless a function prefix says otherwise
+    assert verify(r, {"NCCL_ALGO": "Ring"})[1:] == []
+    assert verify(r, {"NCCL_ALGO": "^Tree"})[1:] == []
+    assert "AllGather used RING" in verify(r, {"NCCL_ALGO": "ring;allgather:pat"})[1]
+    flags = verify(r, {"NCCL_PROTO": "^LL128"})[1:]
+    assert flags == ["NCCL_PROTO=^LL128 but AllReduce used LL128 for 1 MiB x2"]
+    ok = parse_logs(SHARP_OK)
+    assert verify(ok, {"NCCL_ALGO": "Tree,CollnetDirect,CollnetChain,Ring"})[1:] == []
+
+
+def test_verify_hca_and_cross_nic_requests():
+    assert verify(parse_logs(SHARP_OK), RAIL) == []
+    assert verify(parse_logs(SOCKET), RAIL) == [
+        f"NCCL_IB_HCA={RAIL['NCCL_IB_HCA']} requested but NCCL used the Socket transport; "
+        "NET/IB : No device found"]
+    flags = verify(parse_logs(SHARP_OK), {"NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1"})
+    assert flags == ["NCCL_IB_HCA==mlx5_0:1,mlx5_1:1 requested but NCCL listed mlx5_2:1/IB, "
+                     "mlx5_3:1/IB"]
+    assert verify(parse_logs(SHARP_OK), {"NCCL_IB_HCA": "mlx5"}) == []
+    assert verify(parse_logs(SHARP_OK), {"NCCL_IB_HCA": "^mlx5_4"}) == []
+    crossed = read(SHARP_OK).replace("Pattern 4, crossNic 0", "Pattern 4, crossNic 1")
+    flags = verify(parse_logs(crossed), RAIL)
+    assert flags == ["NCCL_CROSS_NIC=0 but the RING graph was built with crossNic 1"]
+    # one node: no NIC in the graph, nothing to compare
+    assert verify(parse_logs(NVLINK), {"NCCL_CROSS_NIC": 1}) == []
+
+
+def test_verify_merge_nics():
+    merged = read(SHARP_FALLBACK).replace(
+        "Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB",
+        "Using [0]={[0] mlx5_0:1/IB, [1] mlx5_1:1/IB}")
+    r = parse_logs(merged)
+    assert r.merged_nics and r.hcas[:2] == ["mlx5_0:1/IB", "mlx5_1:1/IB"]
+    assert verify(r, {"NCCL_IB_MERGE_NICS": 0}) == [
+        "NCCL_IB_MERGE_NICS=0 but NET/IB listed merged devices"]
+    assert verify(r, {"NCCL_IB_MERGE_NICS": 1}) == []
+
+
+def test_verify_without_tuning_lines_cannot_confirm():
+    text = "\n".join(ln for ln in read(SHARP_OK).splitlines() if "Bytes -> Algo" not in ln)
+    r = parse_logs(text)
+    assert r.calls and not r.choices
+    assert any("no TUNING lines" in w for w in r.warnings)
+    assert ("AllReduce", 4096, "-", "-", 2) in r.summary_rows()
+    flags = verify(r, dict(SHARP_ON, NCCL_ALGO="Ring"))
+    assert any("NCCL_COLLNET_ENABLE=1 cannot be confirmed" in f for f in flags)
+    assert any("NCCL_ALGO=Ring cannot be confirmed" in f for f in flags)
+
+
+# ------------------------------------------------------------------------------ robustness
+def test_per_rank_files_equal_the_interleaved_file(tmp_path):
+    text = read(SHARP_OK)
+    for name, lines in by_process(text).items():
+        (tmp_path / f"nccl.{name}.log").write_text("\n".join(lines) + "\n")
+    whole = parse_logs(SHARP_OK)
+    split = parse_logs(sorted(str(p) for p in tmp_path.iterdir()))
+    by_dir = parse_logs(str(tmp_path))
+    for r in (split, by_dir):
+        assert len(r.sources) == 8 and r.processes == 8
+        assert choices(r) == choices(whole) and r.calls == whole.calls
+        assert r.collnet == whole.collnet and r.env == whole.env and r.hcas == whole.hcas
+        assert r.version == whole.version and r.rings == whole.rings
+
+
+def test_ranks_interleaved_in_any_order():
+    groups = list(by_process(read(SHARP_FALLBACK)).values())
+    rng = random.Random(7)
+    cursors = [0] * len(groups)
+    mixed = []
+    while any(c < len(g) for c, g in zip(cursors, groups)):
+        i = rng.choice([i for i, g in enumerate(groups) if cursors[i] < len(g)])
+        mixed.append(groups[i][cursors[i]])
+        cursors[i] += 1
+    r = parse_logs("\n".join(mixed))
+    assert choices(r) == choices(parse_logs(SHARP_FALLBACK))
+
+
+def test_unrelated_output_and_launcher_prefixes():
+    lines = []
+    for i, line in enumerate(read(SHARP_OK).splitlines()):
+        if line.startswith("#"):
+            continue
+        lines.append(f"[{i % 8}]<stdout>:{line}" if i % 3 == 0 else line)
+        if i % 10 == 0:
+            lines.append("#       size         count      type   redop    root     time   algbw")
+            lines.append("Traceback (most recent call last): NCCL is fine, this line is not it")
+            lines.append("[rank3]: loss 2.31 step 40 NCCL_ALGO=Tree in the app's own banner")
+    r = parse_logs("\n".join(lines))
+    assert choices(r) == choices(parse_logs(SHARP_OK))
+    assert r.collnet.initialized and "NCCL_ALGO" not in r.env and not r.warnings
+
+
+def test_truncated_lines_are_skipped_and_counted():
+    lines = read(NVLINK).splitlines()
+    coll = next(i for i, ln in enumerate(lines) if "opCount" in ln)
+    tune = next(i for i, ln in enumerate(lines) if "Bytes -> Algo" in ln)
+    lines[coll] = lines[coll][:lines[coll].index("count ")]          # cut mid-line
+    lines[tune] = lines[tune][:lines[tune].index(" proto")]
+    lines.append(lines[-1][:25])                                      # and at the very end
+    r = parse_logs("\n".join(lines))
+    assert "1 truncated or unreadable COLL line(s) skipped" in r.warnings
+    assert "1 truncated or unreadable TUNING line(s) skipped" in r.warnings
+    assert r.choices[("AllReduce", 4096)] == Counter({("RING", "LL"): 1})
+    assert r.choices[("AllReduce", MiB)] == Counter({("RING", "LL128"): 2})
+
+
+def test_empty_or_unrelated_input_reports_instead_of_raising(tmp_path):
+    empty = tmp_path / "nccl.empty.log"
+    empty.write_text("")
+    for source in (str(empty), "", "hello\nworld\n"):
+        r = parse_logs(source)
+        assert r.nccl_lines == 0 and r.choices == {} and r.version is None
+        assert any("no NCCL INFO lines" in w for w in r.warnings)
+        assert verify(r, SHARP_ON)[0].startswith("no NCCL INFO lines")
+    with pytest.raises(FileNotFoundError, match="nccl.missing.log"):
+        parse_logs([str(empty), str(tmp_path / "nccl.missing.log")])
+
+
+def test_other_releases_line_variants():
+    text = "\n".join([
+        "h:1:1 [0] NCCL INFO NCCL version 2.16.2+cuda11.8",
+        "h:1:1 [0] NCCL INFO NET/Plugin : No plugin found (libnccl-net.so), using internal "
+        "implementation",
+        "h:1:1 [0] NCCL INFO NET/IB : Using [0]mlx5_0:1/RoCE ; OOB eth0:10.0.0.1<0>",
+        # RCCL appends task/globalrank to the COLL line
+        "h:1:1 [0] NCCL INFO AllGather: opCount 0 sendbuff 0x7f00 recvbuff 0x7f80 count 1024 "
+        "datatype 9 op 0 root 0 comm 0x55 [nranks=4] stream 0x56 task 0 globalrank 0",
+        # later releases append fields to the named TUNING line
+        "h:1:1 [0] NCCL INFO AllGather: 2048 Bytes -> Algo PAT proto SIMPLE "
+        "channel{Lo..Hi}={0..0} cgaClusterSize 1",
+        "h:1:1 [0] NCCL INFO Reduce: opCount 1 sendbuff 0x7f00 recvbuff 0x7f80 count 8 "
+        "datatype 8 op 0 root 0 comm 0x55 [nranks=4] stream 0x56",
+        "h:1:1 [0] NCCL INFO 64 Bytes -> Algo 1 proto 0 time 9.5",
+        "h:1:1 [0] NCCL INFO Connected NVLS tree",
+        "h:1:1 [0] NCCL INFO NVLS multicast support is available on dev 0",
+    ])
+    r = parse_logs(text)
+    assert r.version == "2.16.2+cuda11.8"
+    assert r.hcas == ["mlx5_0:1/RoCE"] and r.nvls_connected and r.nvls_available
+    assert "No plugin found" in r.collnet.reason
+    assert choices(r) == {("AllGather", 2048): {("PAT", "SIMPLE"): 1},
+                          ("Reduce", 64): {("RING", "LL"): 1}}
+
+
+# ------------------------------------------------------------------------------ command line
+def test_cli_table_flags_and_exit_status(capsys, tmp_path):
+    profile = tmp_path / "sharp_on.yaml"
+    profile.write_text("description: SHARP through CollNet\nenv:\n  NCCL_COLLNET_ENABLE: 1\n")
+    assert main([SHARP_OK]) == 0
+    out = capsys.readouterr().out
+    assert "CollNet: initialized [SHARP]" in out
+    assert re.search(r"AllReduce\s+268435456\s+256 MiB COLLNET_DIRECT\s+SIMPLE\s+2", out)
+    assert "flag:" not in out
+    assert main([SHARP_FALLBACK, "--profile", str(profile)]) == 1
+    out = capsys.readouterr().out
+    assert out.count("flag: NCCL_COLLNET_ENABLE=1") == 2
+    assert main([NVLINK, "--env", "NCCL_ALGO=Tree"]) == 1
+    assert "flag: NCCL_ALGO=Tree but AllReduce used RING" in capsys.readouterr().out
+    assert main([os.path.join(LOGS, "nope.log")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_cli_json_as_a_module():
+    proc = run([sys.executable, "-m", "perf.nccl_log", SOCKET, "--json", "--env",
+                f"NCCL_IB_HCA={RAIL['NCCL_IB_HCA']}", "--env", "NCCL_CROSS_NIC=0"])
+    assert proc.returncode == 1, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["network"] == "Socket" and doc["version"] == "2.28.3+cuda12.9"
+    assert doc["requested"]["NCCL_CROSS_NIC"] == "0"
+    assert doc["flags"] == [f"NCCL_IB_HCA={RAIL['NCCL_IB_HCA']} requested but NCCL used the "
+                            "Socket transport; NET/IB : No device found"]
+    assert {"collective": "AllReduce", "bytes": 4096, "algorithm": "TREE", "protocol": "LL",
+            "count": 2} in doc["collectives"]
