@@ -350,18 +350,33 @@ def launch(args, profile: dict, job_dir: str, sizes: list[int]) -> list[subproce
                "--module", "perf.allreduce_sweep"] + wargs
     elif args.launcher == "mpirun":
         hosts = read_hostfile(args.hostfile)
-        total = sum(s for _, s in hosts)
-        hostlist = ",".join(f"{h}:{s}" for h, s in hosts)
-        cmd = ["mpirun", "-np", str(total), "-H", hostlist]
-        for key in list(profile["env"]) + ["PYTHONPATH"] + \
-                (["NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"]
-                 if args.backend == "nccl" else []):
-            cmd += ["-x", key]
-        cmd += [sys.executable, "-m", "perf.allreduce_sweep"] + wargs
+        keys = list(profile["env"]) + ["PYTHONPATH"] + \
+            (["NCCL_DEBUG", "NCCL_DEBUG_SUBSYS", "NCCL_DEBUG_FILE"] if args.backend == "nccl"
+             else [])
+        cmd = mpirun_command(hosts, keys) + [sys.executable, "-m", "perf.allreduce_sweep"] \
+            + wargs
     else:                                                # srun inside an allocation
         cmd = ["srun", "--export=ALL", sys.executable, "-m", "perf.allreduce_sweep"] + wargs
     return [subprocess.Popen(cmd, env=env, cwd=repo, stdout=stdout, stderr=subprocess.STDOUT,
                              start_new_session=True)]
+
+
+def mpirun_command(hosts: list[tuple[str, int]], env_keys: list[str]) -> list[str]:
+    """mpirun's host list and environment forwarding in its own dialect: Open MPI (-H, -x) or
+    MPICH/Intel MPI's Hydra (-hosts, -genvlist)."""
+    total = sum(s for _, s in hosts)
+    hostlist = ",".join(f"{h}:{s}" for h, s in hosts)
+    try:
+        version = subprocess.run(["mpirun", "--version"], capture_output=True, text=True,
+                                 timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise SweepError(f"--launcher mpirun: cannot run mpirun ({exc})") from None
+    if "Open MPI" in version or "OpenRTE" in version:
+        cmd = ["mpirun", "-np", str(total), "-H", hostlist]
+        for key in env_keys:
+            cmd += ["-x", key]
+        return cmd
+    return ["mpirun", "-np", str(total), "-hosts", hostlist, "-genvlist", ",".join(env_keys)]
 
 
 def _progress(job_dir: str) -> dict[int, int]:

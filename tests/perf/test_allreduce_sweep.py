@@ -1,6 +1,7 @@
 """perf.allreduce_sweep on local CPU ranks with gloo: everything but NCCL."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -123,3 +124,24 @@ def test_a_frozen_rank_is_named_and_partial_results_are_kept(tmp_path):
     records = (out / "default" / "rank0.jsonl").read_text().splitlines()
     assert len(records) >= 2 and (out / "results.csv").exists()
     assert not psutil.pid_exists(target.pid) or target.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.slow
+def test_mpirun_launcher_runs_a_profile_over_a_hostfile(tmp_path):
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if not (os.access(beside, os.X_OK) or shutil.which("mpirun")):
+        pytest.skip("no mpirun: pip install -e '.[test]' brings MPICH")
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""), OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = run(SWEEP + ["--backend", "gloo", "--launcher", "mpirun", "--hostfile",
+                        str(hostfile), "--profiles", "tree", "-b", "1K", "-e", "16K", "-f", "4",
+                        "--out", str(tmp_path / "s"), "--json", str(tmp_path / "r.json")],
+               env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert {r["world_size"] for r in records} == {2} and all(r["wrong"] == 0 for r in records)
+    assert {r["profile"] for r in records} == {"tree"}
