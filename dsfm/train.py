@@ -31,7 +31,7 @@ from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
-from dsfm.runtime.engine import all_reduce_, build_engine, discover, init_process_group  # noqa: E402
+from dsfm.runtime.engine import all_reduce_, build_engine, discover, init_process_group, release_shm  # noqa: E402
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
 
@@ -170,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if log is not None:
             log.close()
+        release_shm(env)
 
 
 def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: MetricsLogger) -> int:

@@ -48,9 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     from dsfm.data.prepare import dataset_paths
     from dsfm.eval import nmse
     from dsfm.models.avit import avit, n_parameters
-    from dsfm.runtime.engine import build_engine, init_process_group
+    from dsfm.runtime.engine import build_engine, init_process_group, release_shm
 
-    init_process_group()
+    env = init_process_group()
     paths = dataset_paths(args.base, args.datasets or [], [])
     vocab = FieldVocabulary()
     loader = WellLoader(paths, batch_size=args.batch, n_steps_input=args.n_in,
@@ -118,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, {"size": args.size, "batch": args.batch, "n_in": args.n_in,
                                "workers": args.workers, "device": device, "variants": rows,
                                "loader_over_resident": ratio})
+    release_shm(env)
     return 0
 
 

@@ -127,9 +127,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from dsfm.runtime.engine import init_process_group
+    from dsfm.runtime.engine import init_process_group, release_shm
 
-    init_process_group()
+    env = init_process_group()
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
@@ -163,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         write_json(args.json, {"device": name, "frames": args.frames, "fields": args.fields,
                                "res": args.res, "compile": args.compile, "rows": rows})
+    release_shm(env)
     return 0
 
 

@@ -484,3 +484,12 @@ def test_resume_with_another_world_size_is_refused(demo_base, tmp_path):
         cmd += ["--set", s]
     proc = run(cmd)
     assert proc.returncode == 1 and "written by 2 ranks; this run has 1" in proc.stderr
+
+
+def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
+    """DeepSpeed's CPU all-reduce buffer in /dev/shm is released when the run ends."""
+    import glob
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    ds = ds_config(tmp_path, 2, micro=4)
+    train(ds, tmp_path / "r", ["train.max_steps=1"], data=demo_base)
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before

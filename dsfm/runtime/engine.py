@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from dsfm.runtime import dist
@@ -36,8 +38,35 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
 
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
-                                                           config=ds_config)
+                                                           config=cpu_optimizer(ds_config))
     return engine, optimizer, scheduler
+
+
+def release_shm(env: dist.DistEnv) -> None:
+    """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce, which DeepSpeed never
+    removes (each CPU run would otherwise leave tens of MB per rank in memory). The name is
+    unlinked only; ranks that still map it keep it until they exit."""
+    if torch.cuda.is_available():
+        return
+    name = (f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_{env.master_addr}_"
+            f"{env.master_port}_{env.rank}")
+    try:
+        os.unlink(name)
+    except OSError:
+        pass
+
+
+def cpu_optimizer(ds_config: dict) -> dict:
+    """On CPU, Adam/AdamW run as torch's own (`torch_adam`): DeepSpeed's fused CPU kernel would
+    be compiled first (minutes on two cores) for no gain at test sizes. GPUs keep FusedAdam."""
+    opt = ds_config.get("optimizer") or {}
+    if torch.cuda.is_available() or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+        return ds_config
+    offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer")
+    if offload:                                     # DeepSpeedCPUAdam is the point of offload
+        return ds_config
+    params = {"torch_adam": True, **(opt.get("params") or {})}
+    return {**ds_config, "optimizer": {**opt, "params": params}}
 
 
 def device() -> torch.device:
