@@ -156,45 +156,36 @@ class AxialSpatialAttention(nn.Module):
         self.mlp_norm = RMSInstanceNorm2d(dim)
         self.drop_path = DropPath(drop_path)
 
-    def _axis_bias(self, length: int, periodic: torch.Tensor) -> torch.Tensor:
-        """[N, 1, heads, L, L] attention bias for one axis, periodic or not per sample; chosen
-        on the device (no host synchronization), broadcast over the other axis."""
-        plain = self.rel_pos_bias(length, False)
-        wrapped = self.rel_pos_bias(length, True)
-        return torch.where(periodic[:, None, None, None, None], wrapped, plain)
+    def _along(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               periodic: bool | torch.Tensor) -> torch.Tensor:
+        """Attention along the second-to-last axis of [N, M, heads, L, hd] inputs. A bool (the
+        whole batch agrees) keeps it 4-D with one [1, heads, L, L] bias, which the fused
+        (memory-efficient) kernels take; an [N] bool tensor picks the bias per sample on the
+        device (no host synchronization) and broadcasts it over 5-D inputs."""
+        n, m, heads, length, hd = q.shape
+        if isinstance(periodic, bool):
+            out = F.scaled_dot_product_attention(
+                *(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
+                attn_mask=self.rel_pos_bias(length, periodic)[None])
+            return out.reshape(n, m, heads, length, hd)
+        bias = torch.where(periodic[:, None, None, None, None],
+                           self.rel_pos_bias(length, True), self.rel_pos_bias(length, False))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
                 ) -> torch.Tensor:
         """x: [N, C, H, W]; periodic: (H axis, W axis) for the whole batch, or [N, 2] bool per
-        sample. The first keeps attention 4-D with one [1, heads, L, L] bias, which the fused
-        (memory-efficient) kernels take; the second broadcasts a per-sample bias over 5-D
-        inputs."""
+        sample."""
         n, c, h, w = x.shape
         q, k, v = _qkv(self.input_head(self.norm1(x)), self.heads)   # [N, heads, H, W, hd]
         q, k = self.qnorm(q), self.knorm(k)
-        hd = c // self.heads
-        uniform = isinstance(periodic, tuple)
-        # along W: for every (sample, row) a sequence of W tokens
-        qw, kw, vw = (t.transpose(1, 2) for t in (q, k, v))          # [N, H, heads, W, hd]
-        if uniform:
-            zw = F.scaled_dot_product_attention(
-                *(t.reshape(n * h, self.heads, w, hd) for t in (qw, kw, vw)),
-                attn_mask=self.rel_pos_bias(w, periodic[1])[None]).reshape(n, h, self.heads,
-                                                                           w, hd)
-        else:
-            zw = F.scaled_dot_product_attention(qw, kw, vw,
-                                                attn_mask=self._axis_bias(w, periodic[:, 1]))
+        # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
+        zw = self._along(*(t.transpose(1, 2) for t in (q, k, v)), periodic[1]
+                         if isinstance(periodic, tuple) else periodic[:, 1])
         zw = zw.permute(0, 2, 4, 1, 3)                               # [N, heads, hd, H, W]
-        # along H: for every (sample, column) a sequence of H tokens
-        qh, kh, vh = (t.permute(0, 3, 1, 2, 4) for t in (q, k, v))   # [N, W, heads, H, hd]
-        if uniform:
-            zh = F.scaled_dot_product_attention(
-                *(t.reshape(n * w, self.heads, h, hd) for t in (qh, kh, vh)),
-                attn_mask=self.rel_pos_bias(h, periodic[0])[None]).reshape(n, w, self.heads,
-                                                                           h, hd)
-        else:
-            zh = F.scaled_dot_product_attention(qh, kh, vh,
-                                                attn_mask=self._axis_bias(h, periodic[:, 0]))
+        # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
+        zh = self._along(*(t.permute(0, 3, 1, 2, 4) for t in (q, k, v)), periodic[0]
+                         if isinstance(periodic, tuple) else periodic[:, 0])
         zh = zh.permute(0, 2, 4, 3, 1)
         z = ((zw + zh) / 2).reshape(n, c, h, w)
         x = x + self.drop_path(self.output_head(self.norm2(z)) * self.gamma_att[:, None, None])
