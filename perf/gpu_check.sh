@@ -28,7 +28,7 @@ python3 -m perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M -c all_reduce,a
 mkdir -p "$OUT/nccl_logs" && cp /tmp/sweep_gpu/default/nccl.*.log "$OUT/nccl_logs/" 2>/dev/null
 echo "== summary =="
 tail -3 "$OUT/cuda_tests.txt"
-grep -E "dsfm/upstream|host-to-device|memory" "$OUT/loader_gpu.txt"
+grep -E "dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$OUT/loader_gpu.txt"
 grep -E "via|done:" "$OUT/train_gpu.txt"
 cat "$OUT/report_gpu.txt"; tail -1 "$OUT/monitor_tests.txt"; tail -2 "$OUT/monitor_overhead.txt"
 tail -2 "$OUT/feed_bench_gpu.txt"

@@ -8,22 +8,29 @@ On the same files, with the same number of worker processes, batch size and wind
   (c) h5py      a plain h5py Dataset (handles kept per worker, numpy stacking) + DataLoader
   (d) raw       one process doing back-to-back hyperslab reads of the same windows with h5py,
                 handles open: the faster of read_direct into reused buffers and
-                `dset[selection]` (also split over as many processes as workers)
+                `dset[selection]` (also split over as many processes as workers); and, to show
+                what the storage itself allows, the same windows as positioned reads (preadv)
+                of the files into a reused buffer (`raw pread`)
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
-(this kind of VM drifts in speed). `dsfm (1w)` is WellLoader with one reader, against the raw
-bound of one process. For dsfm the rate of the readers' own hyperslab reads (the time they spend
-in them, in situ) is also compared with the raw bound: on a CPU trainer the readers also assemble
-and normalize, which on a GPU trainer the device does. Prints samples/s, MB/s and per-batch
-latency (median, p95), writes JSON. `--rss-batches N` also runs WellLoader over the whole mixture
-for N batches and records the resident memory of the trainer and its readers. With CUDA it also
-measures pinned and pageable host-to-device bandwidth and the loader's own copy bandwidth (CUDA
-events around its copies) in the same run.
+(this kind of VM drifts in speed). Per worker, WellLoader with one reader is compared with the
+raw bound of one process, in three forms: `dsfm 1r` (the CPU default: the reader also lays out,
+normalizes and checks each window), `dsfm 1r read` (the GPU configuration: the reader only
+reads, and the trainer process assembles; on CPU it does so in parallel with the reader) and
+`dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of positioned
+reads). The readers' own busy time (in situ) is also turned into a rate per reader. The
+benchmark's own process runs torch on `--trainer-threads` threads (default 1: beside a GPU the
+training process does not assemble on the CPU, so it should not take the readers' cores). Prints
+samples/s, MB/s and per-batch latency (median, p95), writes JSON. `--rss-batches N` also runs
+WellLoader over the whole mixture for N batches and records the resident memory of the trainer
+and its readers. With CUDA it also measures pinned and pageable host-to-device bandwidth and the
+loader's own copy bandwidth (CUDA events around its copies) in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import statistics
 import time
@@ -122,6 +129,72 @@ def raw_bound(source, windows: np.ndarray, fresh: bool = False) -> float:
     return elapsed
 
 
+def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=None,
+                 scale=None) -> float:
+    """Seconds for a reader process's own work on the same windows, in this process and without
+    the pipes: `read_batch` into a shared-memory slot (the GPU configuration), or with
+    `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check)."""
+    from dsfm.data.handles import H5Pool
+
+    n_in = source.n_steps - 1
+    per = source.assembled_floats if assemble else source.window_floats
+    mem = mmap.mmap(-1, batch * per * 4)
+    slot = np.frombuffer(mem, np.float32)
+    slot[:] = 0
+    x = slot[:batch * n_in * per // source.n_steps].reshape(
+        (batch, n_in, source.n_channels) + source.spatial_shape)
+    y = slot[x.size:].reshape((batch, 1, source.n_channels) + source.spatial_shape)
+    scratch = np.empty(max(b.size for b in source.blocks), np.float32)
+    pool = H5Pool()
+
+    def run(ws):
+        for i in range(0, len(ws) - batch + 1, batch):
+            if assemble:
+                source.read_assembled(pool, ws[i:i + batch], n_in, x, y, shift, scale, scratch)
+            else:
+                source.read_batch(pool, ws[i:i + batch], slot)
+
+    run(windows[:2 * batch])
+    start = time.perf_counter()
+    run(windows)
+    elapsed = time.perf_counter() - start
+    pool.close()
+    x = y = slot = None        # drop the views of the mapping before closing it
+    mem.close()
+    return elapsed
+
+
+def raw_pread(source, windows: np.ndarray) -> float:
+    """Seconds for the same windows as positioned reads (os.preadv) of each field's byte range
+    into a reused buffer: what the files allow with no HDF5 library call at all."""
+    from dsfm.data.handles import direct_offset
+
+    fds, where = {}, []
+    for p in source.files:
+        fds[p] = os.open(p, os.O_RDONLY)
+        with h5py.File(p, "r") as f:
+            where.append([(direct_offset(f[b.path]), f[b.path].shape) for b in source.blocks])
+    if any(off is None for blocks in where for off, _ in blocks):
+        return float("nan")
+    bufs = [np.empty(b.shape, np.float32) for b in source.blocks]
+
+    def read(ws):
+        for w in ws:
+            fi, traj, t0 = source.locate(int(w))
+            fd = fds[source.files[fi]]
+            for (off, shape), buf in zip(where[fi], bufs):
+                frame = 4 * int(np.prod(shape[2:]))
+                os.preadv(fd, [buf], off + (traj * shape[1] + t0) * frame)
+
+    read(windows[:20])
+    start = time.perf_counter()
+    read(windows)
+    elapsed = time.perf_counter() - start
+    for fd in fds.values():
+        os.close(fd)
+    return elapsed
+
+
 def _raw_task(args) -> float:
     source, windows, fresh = args
     return raw_bound(source, windows, fresh)
@@ -153,6 +226,10 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                  lambda b: b),
         "dsfm_1w": (WellLoader([path], batch_size=batch, num_workers=1, device=device),
                     lambda b: b),
+        "dsfm_1w_read": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
+                                    assemble_on="device"), lambda b: b),
+        "dsfm_1w_hdf5": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
+                                    direct_reads=False), lambda b: b),
         "upstream": (DataLoader(up, batch_size=batch, shuffle=True, num_workers=workers,
                                 pin_memory=cuda, persistent_workers=True, drop_last=True),
                      lambda b: move(b["input_fields"])),
@@ -165,7 +242,9 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     for k, (_, to_device) in variants.items():
         _consume(iters[k], 10, to_device)                   # start-up and page cache
     runs = {k: [] for k in variants}
-    raw = {"direct": [], "new": [], "direct_w": [], "new_w": []}
+    raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
+           "alone_asm": []}
+    shift, scale = variants["dsfm"][0].datasets[0].shift, variants["dsfm"][0].datasets[0].scale
     rng = np.random.default_rng(0)
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
         raw_parallel(pool, source, rng.permutation(len(source))[:4 * workers], workers, True)
@@ -175,10 +254,13 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             windows = rng.permutation(len(source))[:n_batches * batch]
             raw["direct"].append(raw_bound(source, windows))
             raw["new"].append(raw_bound(source, windows, fresh=True))
+            raw["pread"].append(raw_pread(source, windows))
+            raw["alone_read"].append(reader_alone(source, windows, batch, False))
+            raw["alone_asm"].append(reader_alone(source, windows, batch, True, shift, scale))
             raw["direct_w"].append(raw_parallel(pool, source, windows, workers, False))
             raw["new_w"].append(raw_parallel(pool, source, windows, workers, True))
     reader_rates = {}
-    for k in ("dsfm", "dsfm_1w"):
+    for k in LOADERS:
         loader = variants[k][0]
         reader_rates[k] = [n / t for n, t in zip(loader.windows_read, loader.read_s)]
         loader.close()
@@ -192,14 +274,25 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6,
                    "read_direct_per_s": rate["direct"], "getitem_per_s": rate["new"]}
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
+    for k in ("pread", "alone_read", "alone_asm"):
+        rows[f"raw_{k}"] = {"samples_per_s": rate[k], "mb_per_s": rate[k] * sample_bytes / 1e6,
+                            "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
-    for k, rates in reader_rates.items():       # in situ: time readers spent in hyperslab reads
-        rows[k]["reader_read_per_s"] = rates
-        rows[k]["reader_read_vs_raw"] = [r / raw_rate for r in rates]
+    for k, rates in reader_rates.items():       # in situ: windows per second a reader is busy
+        rows[k]["reader_busy_per_s"] = rates
+        rows[k]["reader_busy_vs_raw"] = [r / raw_rate for r in rates]
     rows["dsfm_vs_upstream"] = rows["dsfm"]["samples_per_s"] / rows["upstream"]["samples_per_s"]
     rows["dsfm_per_worker_vs_raw"] = rows["dsfm"]["samples_per_s"] / workers / raw_rate
-    rows["dsfm_1w_vs_raw"] = rows["dsfm_1w"]["samples_per_s"] / raw_rate
+    for k in LOADERS[1:]:
+        rows[f"{k}_vs_raw"] = rows[k]["samples_per_s"] / raw_rate
+        rows[f"{k}_vs_raw_pread"] = rows[k]["samples_per_s"] / rate["pread"]
     return rows
+
+
+LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5")
+LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_read": "dsfm 1r read", "dsfm_1w_hdf5": "dsfm 1r hdf5",
+          "raw": "raw (1p)", "raw_pread": "raw pread", "raw_alone_read": "reader alone",
+          "raw_alone_asm": "reader alone asm"}
 
 
 def _forever(loader):
@@ -258,14 +351,18 @@ def main(argv=None) -> int:
     ap.add_argument("--rss-batches", type=int, default=0,
                     help="also run the mixture this many batches and record memory")
     ap.add_argument("--json")
+    ap.add_argument("--trainer-threads", type=int, default=1,
+                    help="torch threads of this (the training) process")
     args = ap.parse_args(argv)
+    torch.set_num_threads(args.trainer_threads)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     names = args.datasets.split(",") if args.datasets else sorted(
         d for d in os.listdir(args.base) if os.path.isfile(os.path.join(args.base, d,
                                                                          "stats.yaml")))
     paths = [os.path.join(args.base, n) for n in names]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "workers": args.workers, "batch": args.batch, "rows": []}
+              "workers": args.workers, "batch": args.batch,
+              "trainer_threads": args.trainer_threads, "rows": []}
     if device.type == "cuda":
         report["h2d"] = h2d_bandwidth(device)
         with WellLoader(paths, batch_size=args.batch, num_workers=args.workers,
@@ -280,24 +377,28 @@ def main(argv=None) -> int:
         report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
                                             args.rounds, device))
     print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}")
-    print(f"{'dataset':30s} {'variant':9s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
+    print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
           f"{'p95 ms':>7s}")
     for r in report["rows"]:
-        for v in ("dsfm", "dsfm_1w", "upstream", "h5py", "raw", "raw_w"):
+        for v in LOADERS + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
+                            "raw_alone_asm"):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
-            label = {"raw": "raw (1p)", "raw_w": f"raw ({args.workers}p)",
-                     "dsfm_1w": "dsfm (1w)"}.get(v, v)
-            print(f"{r['dataset']:30s} {label:9s} {m['samples_per_s']:9.0f} "
+            label = LABELS.get(v, f"raw ({args.workers}p)" if v == "raw_w" else v)
+            print(f"{r['dataset']:30s} {label:16s} {m['samples_per_s']:9.0f} "
                   f"{m['mb_per_s']:7.0f} {lat}")
-        print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | per worker vs raw 1p: "
-              f"{r['dsfm_per_worker_vs_raw']:.2f}x | 1 worker vs raw 1p: "
-              f"{r['dsfm_1w_vs_raw']:.2f}x | vs raw {args.workers}p: "
-              f"{r['dsfm_vs_raw_same_processes']:.2f}x")
-        print(f"{'':30s} readers' own hyperslab reads vs raw 1p: "
-              f"{', '.join(f'{x:.2f}x' for x in r['dsfm']['reader_read_vs_raw'])} "
-              f"({args.workers} workers), {r['dsfm_1w']['reader_read_vs_raw'][0]:.2f}x (1 worker)")
+        print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | dsfm vs raw "
+              f"{args.workers}p: {r['dsfm_vs_raw_same_processes']:.2f}x")
+        print(f"{'':30s} 1 reader vs raw 1p (vs raw pread): " + ", ".join(
+            f"{LABELS[k]} {r[f'{k}_vs_raw']:.2f}x ({r[f'{k}_vs_raw_pread']:.2f}x)"
+            for k in LOADERS[1:]))
+        print(f"{'':30s} a reader's work alone vs raw 1p: read "
+              f"{r['raw_alone_read']['vs_raw']:.2f}x, read + assemble "
+              f"{r['raw_alone_asm']['vs_raw']:.2f}x")
+        print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(
+            f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
+            for k in LOADERS))
     if device.type == "cuda":
         h = report["h2d"]
         print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "

@@ -2,18 +2,22 @@
 
 Started by `WellLoader` as a plain subprocess (not multiprocessing's spawn, which would re-import
 the training script and torch in every reader): it imports only numpy and h5py, maps the shared
-ring, and then reads the windows it is sent, each stored array with one hyperslab straight into
-its place in a ring slot. Messages are pickled over two pipes:
+ring, and then reads the windows it is sent, each stored array of a window with one read
+straight into its place in a ring slot (a positioned read of the file when the array is stored
+contiguously as float32, an HDF5 hyperslab read otherwise; see `dsfm.data.handles.Slab`).
+Messages are pickled over two pipes:
 
     in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
-          assemble here?, n_steps_input, per-source (shift, scale), check finite?)
+          assemble here?, n_steps_input, per-source (shift, scale), check finite?,
+          direct reads? (None: the default))
          (step, slot, source index, window ids) ... None
     out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent in hyperslab reads)
          ("error", wid, step, slot, type, text)
 
 For a CUDA trainer the reader leaves each window in its native layout and the device assembles
-the batch; for a CPU trainer it also assembles (layout, broadcasting, normalization, NaN check)
-into the slot, so that work runs in parallel instead of in the training process.
+the batch; for a CPU trainer it reads each window straight into its place in the assembled batch
+and also normalizes and checks it (layout, broadcasting, normalization, NaN check), so that work
+runs in parallel instead of in the training process.
 It ignores Ctrl-C (the training process decides), asks the kernel to kill it when its parent
 dies, and also exits when it finds its parent gone or its task pipe closed.
 """
@@ -32,7 +36,7 @@ import numpy as np
 
 from dsfm import errors
 from dsfm.data.handles import H5Pool
-from dsfm.data.windows import WindowSource, assemble_numpy, first_nonfinite
+from dsfm.data.windows import WindowSource, first_nonfinite
 
 FLOAT_BYTES = 4
 
@@ -58,15 +62,15 @@ def _die_with_parent() -> None:
 
 def serve(tasks: Connection, results: Connection) -> None:
     (_, wid, ring_path, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
-     norms, check_finite) = tasks.recv()
+     norms, check_finite, direct) = tasks.recv()
     if os.getppid() != parent:
         return
     fd = os.open(ring_path, os.O_RDWR)
     mm = mmap.mmap(fd, ring_bytes)
     os.close(fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
-    pool = H5Pool(max_open)
-    scratch = np.empty(0, np.float32)
+    pool = H5Pool(max_open, direct=direct)
+    scratch = [np.empty(max(b.size for b in s.blocks), np.float32) for s in sources]
     results.send(("ready", wid, os.getpid()))
     try:
         while True:
@@ -82,25 +86,24 @@ def serve(tasks: Connection, results: Connection) -> None:
             batch = len(windows)
             slot_mem = ring[slot * slot_bytes:(slot + 1) * slot_bytes]
             try:
-                if assemble_here:
-                    # CPU trainer: windows go to this reader's own buffer (reused, so it stays
-                    # in cache), the assembled batch to the slot: one layout copy either way
-                    need = batch * source.window_floats
-                    if scratch.size < need:
-                        scratch = np.empty(need, np.float32)
-                    flat = scratch[:need]
-                else:           # the device assembles: windows go straight into the slot
-                    flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
                 began = time.perf_counter()
-                source.read_batch(pool, windows, flat)
-                read_s = time.perf_counter() - began
                 if assemble_here:
+                    # CPU trainer: read each window straight into its place in the assembled
+                    # batch and normalize it there while it is in cache
                     x, y = assembled_views(slot_mem, source, batch, n_in)
                     shift, scale = norms[src_idx]
-                    assemble_numpy(flat, source, batch, n_in, shift, scale, x, y)
-                    if check_finite and not (np.isfinite(x).all() and np.isfinite(y).all()):
-                        raise errors.NonFiniteError(first_nonfinite(source, windows, flat))
+                    bad = source.read_assembled(pool, windows, n_in, x, y, shift, scale,
+                                                scratch[src_idx], check_finite)
                     del x, y
+                    if bad is not None:
+                        native = np.empty(source.window_floats, np.float32)
+                        source.read_batch(pool, windows[bad:bad + 1], native)
+                        raise errors.NonFiniteError(
+                            first_nonfinite(source, windows[bad:bad + 1], native))
+                else:           # the device assembles: windows go straight into the slot
+                    flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
+                    source.read_batch(pool, windows, flat)
+                read_s = time.perf_counter() - began
                 results.send(("done", wid, step, slot, read_s))
             except errors.DsfmError as exc:
                 results.send(("error", wid, step, slot, type(exc).__name__, str(exc)))

@@ -88,26 +88,92 @@ class WindowSource:
         for b, w in enumerate(windows):
             self.read(pool, int(w), [v[b] for v in views])
 
+    def _where(self, window: int) -> tuple[str, int, int, tuple, str]:
+        """(file, stored trajectory, first step, time selection, group) of a window."""
+        fi, traj, t0 = self.locate(window)
+        group = self.groups[fi][traj] if self.groups[fi] else ""
+        return self.files[fi], traj, t0, (t0, self.n_steps, self.stride), group
+
+    def _slabs(self, pool: H5Pool, path: str, traj: int, t0: int):
+        """The file's name → Slab lookup, failures named with the window's place."""
+        try:
+            return pool.slabs(path)
+        except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+            raise self._failed(path, "", traj, t0, exc) from None
+
+    def _slab(self, slabs, path: str, block: Block, traj: int, t0: int, group: str,
+              time: tuple):
+        name = block.path.replace("{group}", group) if group else block.path
+        lead = ((traj, 1, 1), time) if block.indexed else (time,)
+        try:
+            return slabs(name), lead
+        except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+            raise self._failed(path, name, traj, t0, exc) from None
+
+    def _failed(self, path: str, name: str, traj: int, t0: int, exc: Exception) -> Exception:
+        what = f"/{name} " if name else ""
+        where = (f"reading {what}trajectory {traj} time index {t0} (steps "
+                 f"{t0}..{t0 + (self.n_steps - 1) * self.stride} every {self.stride})")
+        if isinstance(exc, CorruptFileError):
+            return CorruptFileError(f"{exc} [while {where}]")
+        return CorruptFileError(f"{path}: {where} failed: {str(exc).splitlines()[0]}")
+
     def read(self, pool: H5Pool, window: int, dest: list[np.ndarray]) -> None:
         """Read window `window` into `dest` (one float32 array per block, native shapes)."""
-        fi, traj, t0 = self.locate(window)
-        path = self.files[fi]
-        tsel = slice(t0, t0 + (self.n_steps - 1) * self.stride + 1, self.stride)
-        time = (t0, self.n_steps, self.stride)
-        group = self.groups[fi][traj] if self.groups[fi] else ""
+        path, traj, t0, time, group = self._where(window)
+        slabs = self._slabs(pool, path, traj, t0)
         for block, out in zip(self.blocks, dest):
-            name = block.path.replace("{group}", group)
-            lead = ((traj, 1, 1), time) if block.indexed else (time,)
-            where = (f"reading /{name} trajectory {traj} time index {t0} (steps "
-                     f"{t0}..{tsel.stop - 1} every {self.stride})")
+            slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
             try:
-                pool.slab(path, name).read(lead, out)
-            except CorruptFileError as exc:
-                raise CorruptFileError(f"{exc} [while {where}]") from None
-            except (OSError, KeyError, TypeError, ValueError) as exc:
-                raise CorruptFileError(f"{path}: {where} failed: "
-                                       f"{str(exc).splitlines()[0]}") from None
+                slab.read(lead, out)
+            except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+                raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0, exc) from None
 
+    def read_assembled(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
+                       shift: np.ndarray | None, scale: np.ndarray | None,
+                       scratch: np.ndarray, check_finite: bool = True) -> int | None:
+        """Read `windows` straight into x [B, T_in, C, *spatial] and y [B, T_out, C, *spatial],
+        normalized (x − shift) / scale: the reader-side twin of the device assembler
+        (`dsfm.data.prefetch.assemble`), with the same arithmetic and no native staging buffer.
+        A scalar field that varies along every axis is one positioned read per window scattered
+        over its T time-step slices of x and y (the layout change costs nothing); other blocks
+        go through `scratch` (at least one window of the largest block) and are moved into
+        place. Each window is normalized right after it is read, while it is in cache. Returns
+        the index of the first window with a NaN/Inf after normalization (when
+        `check_finite`), else None."""
+        spatial = self.spatial_shape
+        view = (1, -1) + (1,) * len(spatial)
+        shift_v = None if shift is None else shift.reshape(view)
+        scale_v = None if scale is None else scale.reshape(view)
+        for b, w in enumerate(windows):
+            path, traj, t0, time, group = self._where(int(w))
+            slabs = self._slabs(pool, path, traj, t0)
+            c = 0
+            for block in self.blocks:
+                slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
+                c1 = c + block.n_channels
+                try:
+                    if slab.direct and block.n_channels == 1 and block.bshape[1:-1] == spatial:
+                        slab.read_scatter(lead, list(x[b, :, c]) + list(y[b, :, c]))
+                    else:
+                        native = scratch[:block.size].reshape(block.shape)
+                        slab.read(lead, native)
+                        t = np.broadcast_to(np.moveaxis(native.reshape(block.bshape), -1, 1),
+                                            (self.n_steps, c1 - c) + spatial)
+                        x[b, :, c:c1] = t[:n_in]
+                        y[b, :, c:c1] = t[n_in:]
+                except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+                    raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0,
+                                       exc) from None
+                c = c1
+            for part in (x[b], y[b]):
+                if shift_v is not None:
+                    np.subtract(part, shift_v, out=part)
+                if scale_v is not None:
+                    np.divide(part, scale_v, out=part)
+            if check_finite and not (np.isfinite(x[b]).all() and np.isfinite(y[b]).all()):
+                return b
+        return None
 
 def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
                 stride: int = 1) -> WindowSource:
@@ -163,7 +229,7 @@ def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int,
 def assembly_plan(source: WindowSource, batch: int) -> list[tuple[int, int, tuple, int, int]]:
     """Per block: (offset, length, [batch, *bshape], first channel, last channel) in a flat
     buffer holding `batch` windows block after block. The one description of the native slot
-    layout, shared by the NumPy assembler (reader processes) and the torch one (the device)."""
+    layout, shared by the readers and the torch assembler (the device)."""
     plan, offset, c = [], 0, 0
     for blk in source.blocks:
         k = batch * blk.size
@@ -177,27 +243,6 @@ def block_views(flat: np.ndarray, source: WindowSource, batch: int) -> list[np.n
     """Per block, a [batch, *native shape] view of a flat float32 buffer (blocks in order)."""
     return [flat[offset:offset + k].reshape((batch,) + blk.shape)
             for blk, (offset, k, _, _, _) in zip(source.blocks, assembly_plan(source, batch))]
-
-
-def assemble_numpy(flat: np.ndarray, source: WindowSource, batch: int, n_in: int,
-                   shift: np.ndarray | None, scale: np.ndarray | None, x: np.ndarray,
-                   y: np.ndarray) -> None:
-    """Native blocks in `flat` → x [B, T_in, C, *spatial], y [B, T_out, C, *spatial] (given
-    arrays), broadcast along axes a field does not vary along, normalized (x − shift) / scale.
-    The same arithmetic as the device assembler, in NumPy for reader processes."""
-    n, spatial = source.n_steps, source.spatial_shape
-    view = (1, 1, -1) + (1,) * len(spatial)
-    for offset, k, shape, c0, c1 in assembly_plan(source, batch):
-        t = np.moveaxis(flat[offset:offset + k].reshape(shape), -1, 2)
-        t = np.broadcast_to(t, (batch, n, c1 - c0) + spatial)
-        for out, part in ((x, t[:, :n_in]), (y, t[:, n_in:])):
-            if shift is None:
-                out[:, :, c0:c1] = part
-            else:
-                np.subtract(part, shift[c0:c1].reshape(view), out=out[:, :, c0:c1])
-    if scale is not None:
-        np.divide(x, scale.reshape(view), out=x)
-        np.divide(y, scale.reshape(view), out=y)
 
 
 def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str:

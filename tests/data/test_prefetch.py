@@ -238,33 +238,40 @@ def _alive(pid):
         return False
 
 
-def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base):
-    """The torch assembler (what runs on the GPU) and the NumPy one (readers, CPU training)
-    give identical batches from the same native slot contents."""
+@pytest.mark.parametrize("direct", [True, False])
+def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base, direct):
+    """The torch assembler (what runs on the GPU, from native slot contents) and the readers'
+    own path (CPU training: each window read straight into the assembled batch) give identical
+    batches, with positioned reads and through the HDF5 library, time stride 1 and 2."""
     from dsfm.data.handles import H5Pool
     from dsfm.data.index import list_hdf5, read_layouts
     from dsfm.data.prefetch import assemble
-    from dsfm.data.windows import assemble_numpy, well_source
+    from dsfm.data.windows import well_source
 
     roots = [make_dataset(str(tmp_path), "cube_3d", cube_3d_file),
              make_dataset(str(tmp_path), "partial", partial_dims_file),
              os.path.join(demo_base, "navier_stokes_2d")]
-    pool = H5Pool()
+    pool = H5Pool(direct=direct)
     rng = np.random.default_rng(0)
-    for root in roots:
-        source = well_source(read_layouts(list_hdf5(os.path.join(root, "data", "train"))), 3, 2)
+    for root, (n_in, n_out, stride) in [(r, k) for r in roots for k in ((3, 2, 1), (2, 1, 2))]:
+        source = well_source(read_layouts(list_hdf5(os.path.join(root, "data", "train"))), n_in,
+                             n_out, stride)
         windows = rng.choice(len(source), 3, replace=False)
         flat = np.empty(3 * source.window_floats, np.float32)
         source.read_batch(pool, windows, flat)
         shift = rng.normal(size=source.n_channels).astype(np.float32)
         scale = rng.uniform(0.5, 2, size=source.n_channels).astype(np.float32)
         n_sp = source.spatial_shape
-        x = np.empty((3, 3, source.n_channels) + n_sp, np.float32)
-        y = np.empty((3, 2, source.n_channels) + n_sp, np.float32)
-        assemble_numpy(flat, source, 3, 3, shift, scale, x, y)
-        tx, ty = assemble(torch.from_numpy(flat), source, 3, 3, torch.from_numpy(shift),
+        x = np.full((3, n_in, source.n_channels) + n_sp, np.nan, np.float32)
+        y = np.full((3, n_out, source.n_channels) + n_sp, np.nan, np.float32)
+        scratch = np.empty(max(b.size for b in source.blocks), np.float32)
+        assert source.read_assembled(pool, windows, n_in, x, y, shift, scale, scratch) is None
+        tx, ty = assemble(torch.from_numpy(flat), source, 3, n_in, torch.from_numpy(shift),
                           torch.from_numpy(scale))
         assert torch.equal(tx, torch.from_numpy(x)) and torch.equal(ty, torch.from_numpy(y))
+        scatterable = [b for b in source.blocks if b.n_channels == 1 and b.bshape[1:-1] == n_sp]
+        assert scatterable and all(pool.slab(source.files[0], b.path).direct == direct
+                                   for b in source.blocks)
     pool.close()
 
 
