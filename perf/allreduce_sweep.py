@@ -107,6 +107,10 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
+def is_local(host: str) -> bool:
+    return host in ("localhost", "127.0.0.1", socket.gethostname())
+
+
 def check_reachable(hosts: list[tuple[str, int]], timeout_s: float = 5.0) -> None:
     """Every host must resolve and accept ssh (pdsh and mpirun go through it)."""
     for host, _ in hosts:
@@ -114,7 +118,7 @@ def check_reachable(hosts: list[tuple[str, int]], timeout_s: float = 5.0) -> Non
             socket.gethostbyname(host)
         except OSError:
             raise SweepError(f"hostfile host {host!r} does not resolve") from None
-        if host in ("localhost", "127.0.0.1", socket.gethostname()):
+        if is_local(host):
             continue
         try:
             with socket.create_connection((host, 22), timeout=timeout_s):
@@ -346,8 +350,12 @@ def launch(args, profile: dict, job_dir: str, sizes: list[int]) -> list[subproce
                                           stderr=subprocess.STDOUT, start_new_session=True))
         return procs
     if args.launcher == "deepspeed":
-        cmd = ["deepspeed", "--hostfile", args.hostfile, "--master_port", str(_free_port()),
-               "--module", "perf.allreduce_sweep"] + wargs
+        cmd = ["deepspeed", "--hostfile", args.hostfile, "--master_port", str(_free_port())]
+        hosts = read_hostfile(args.hostfile)
+        if len(hosts) == 1 and is_local(hosts[0][0]):
+            # this machine only: DeepSpeed launches locally, so skip its ssh probe of the host
+            cmd += ["--no_ssh_check", "--master_addr", "127.0.0.1"]
+        cmd += ["--no_local_rank", "--module", "perf.allreduce_sweep"] + wargs   # LOCAL_RANK: env
     elif args.launcher == "mpirun":
         hosts = read_hostfile(args.hostfile)
         keys = list(profile["env"]) + ["PYTHONPATH"] + \

@@ -145,3 +145,23 @@ def test_mpirun_launcher_runs_a_profile_over_a_hostfile(tmp_path):
     records = json.loads((tmp_path / "r.json").read_text())
     assert {r["world_size"] for r in records} == {2} and all(r["wrong"] == 0 for r in records)
     assert {r["profile"] for r in records} == {"tree"}
+
+
+@pytest.mark.slow
+def test_deepspeed_launcher_runs_two_profiles_over_a_local_hostfile(tmp_path):
+    """The deepspeed launcher path (DeepSpeed's runner → launch.py → workers) on a hostfile
+    that names only this machine: no ssh needed, results of both profiles merged."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    proc = run(SWEEP + ["--backend", "gloo", "--launcher", "deepspeed", "--hostfile",
+                        str(hostfile), "--profiles", "ring,tree", "-b", "1K", "-e", "16K",
+                        "-f", "4", "-c", "all_reduce,all_gather", "--out", str(tmp_path / "s"),
+                        "--json", str(tmp_path / "r.json")], env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    assert {r["world_size"] for r in records} == {2} and all(r["wrong"] == 0 for r in records)
+    assert {(r["profile"], r["collective"]) for r in records} == {
+        (p, c) for p in ("ring", "tree") for c in ("all_reduce", "all_gather")}
+    assert "deepspeed.launcher.launch" in (tmp_path / "s" / "ring" / "launcher.log").read_text()
