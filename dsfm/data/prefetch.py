@@ -10,7 +10,8 @@
 
 Without CUDA the same path yields CPU tensors. Processes, not threads: h5py serialises every call
 behind one lock. The ring lives in a file under /dev/shm that is unlinked as soon as every reader
-has mapped it, so no crash can leak it; readers ignore Ctrl-C, are killed by the kernel if the
+has mapped it, so no crash can leak it; readers ignore Ctrl-C, SIGTERM and SIGUSR1/2 (Slurm
+signals every process of a job step; the trainer decides), are killed by the kernel if the
 training process dies (PR_SET_PDEATHSIG) and also exit when their parent is gone.
 """
 

@@ -18,8 +18,9 @@ For a CUDA trainer the reader leaves each window in its native layout and the de
 the batch; for a CPU trainer it reads each window straight into its place in the assembled batch
 and also normalizes and checks it (layout, broadcasting, normalization, NaN check), so that work
 runs in parallel instead of in the training process.
-It ignores Ctrl-C (the training process decides), asks the kernel to kill it when its parent
-dies, and also exits when it finds its parent gone or its task pipe closed.
+It ignores Ctrl-C, SIGTERM and SIGUSR1/2 (the training process decides; Slurm signals every
+process of a job step), asks the kernel to kill it when its parent dies, and also exits when it
+finds its parent gone or its task pipe closed.
 """
 
 from __future__ import annotations
@@ -118,7 +119,12 @@ def serve(tasks: Connection, results: Connection) -> None:
 
 def main(argv: list[str]) -> int:
     _die_with_parent()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # The training process decides when readers stop. Ctrl-C reaches the whole process group,
+    # and Slurm delivers scancel/--signal (USR1 before a preemption, TERM at it) to every
+    # process of a job step: a reader that died of them would fail the trainer's very next
+    # batch instead of letting it checkpoint. Readers still end with their pipe or their parent.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_IGN)
     tasks = Connection(int(argv[0]), writable=False)
     results = Connection(int(argv[1]), readable=False)
     serve(tasks, results)

@@ -288,3 +288,19 @@ def test_cpu_batches_lease_their_slot_until_released(demo_base):
             batch = next(loader)
         xs = [next(loader).x.clone() for _ in range(10)]   # clones keep nothing leased
         assert len(xs) == 10 and batch.x.shape[0] == 2
+
+
+def test_scheduler_signals_to_readers_do_not_stop_the_loader(demo_base):
+    """Slurm's scancel/--signal reaches every process of a job step, readers included: they
+    must keep serving so that the trainer can checkpoint (it decides when they stop)."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, batch_size=2, num_workers=2) as loader:
+        next(loader)
+        for pid in loader.worker_pids:
+            for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT, signal.SIGUSR2):
+                os.kill(pid, sig)
+        time.sleep(0.5)
+        for _ in range(20):
+            next(loader)
+        assert all(p.poll() is None for p in loader._workers)
+    assert all(p.poll() is not None for p in loader._workers)
