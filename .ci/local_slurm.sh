@@ -6,8 +6,9 @@ set -euo pipefail
 [ "$(id -u)" = 0 ] || { echo "local_slurm: needs root" >&2; exit 1; }
 if ! command -v slurmctld >/dev/null || ! command -v slurmd >/dev/null; then
   export DEBIAN_FRONTEND=noninteractive
-  apt-get update -q >/dev/null
-  apt-get install -y -q --no-install-recommends slurmd slurmctld slurm-client munge >/dev/null
+  timeout 300 apt-get update -q >/dev/null
+  timeout 600 apt-get install -y -q --no-install-recommends slurmd slurmctld slurm-client munge \
+    >/dev/null
 fi
 host=$(hostname -s)
 cpus=$(nproc)
