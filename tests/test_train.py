@@ -324,7 +324,7 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
             proc.kill()
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
     tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
-    assert len(tags) == 2, tags
+    assert len(tags) == 2, (tags, out[-2000:])
     for tag in tags:                                  # written by both ranks, complete
         files = os.listdir(run_dir / "checkpoints" / tag)
         assert {"dsfm_rank0.pt", "dsfm_rank1.pt", "COMPLETE"} <= set(files)

@@ -201,22 +201,27 @@ class Preemption:
         self._group = None
         if td.is_initialized() and td.get_backend() != "gloo":
             self._group = td.new_group(backend="gloo")
-        self._flag = 0              # 1 = checkpoint, 2 = checkpoint and stop
+        # levels of the signals not yet acted on (1 = checkpoint, 2 = checkpoint and stop); the
+        # handler only appends, so a signal that lands while a check runs stays for the next
+        self._pending: list[int] = []
         self._previous = {}
         for sig in self.SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame) -> None:
-        self._flag = max(self._flag, 2 if self.SIGNALS[signum] == "stop" else 1)
+        self._pending.append(2 if self.SIGNALS[signum] == "stop" else 1)
 
     def requested(self) -> int:
+        """Collective: the highest level any rank received since the last check (0: none)."""
         import torch.distributed as td
 
-        t = torch.tensor([self._flag], dtype=torch.int32)
+        n = len(self._pending)
+        local = max(self._pending[:n], default=0)
+        del self._pending[:n]          # only what was read: later arrivals are kept
+        t = torch.tensor([local], dtype=torch.int32)
         if td.is_initialized() and td.get_world_size() > 1:
             td.all_reduce(t, op=td.ReduceOp.MAX, group=self._group)
-        flag, self._flag = int(t.item()), 0
-        return flag
+        return int(t.item())
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
