@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dsfm.runtime.dist import discover, export
+from dsfm.runtime.engine import release_shm
 
 
 def main() -> None:
@@ -37,6 +38,8 @@ def main() -> None:
     sys.stdout.write(f"DIST_PROBE {json.dumps(record)}\n")   # one write: ranks share the pipe
     sys.stdout.flush()
     dist.destroy_process_group()
+    if args.init == "deepspeed":
+        release_shm(env)          # DeepSpeed's CPU all-reduce buffer, as the trainer does
 
 
 if __name__ == "__main__":
