@@ -119,6 +119,9 @@ class Slab:
         if self.fd is not None and out.dtype == _NATIVE_F4 and out.flags.c_contiguous and \
                 all(n == 1 for _, n, _ in lead[:-1]):
             offsets, run = self._runs(lead)
+            if out.nbytes != run * len(offsets):
+                raise ValueError(f"destination of {out.shape} does not hold the selection "
+                                 f"{lead} of /{self.dset.name.lstrip('/')} {self.dims}")
             if len(offsets) == 1:
                 self._pread([out], offsets[0], out.nbytes)
             else:
@@ -147,6 +150,10 @@ class Slab:
         if len(buffers) != (lead[-1][1] if lead else 1):
             raise ValueError(f"{len(buffers)} buffers for {lead[-1][1]} selected elements")
         offsets, run = self._runs(lead)
+        per = run // len(buffers) if len(offsets) == 1 else run
+        if any(b.nbytes != per for b in buffers):
+            raise ValueError(f"scattered read of /{self.dset.name.lstrip('/')}: every buffer "
+                             f"must hold {per} bytes")
         if len(offsets) == 1:
             self._pread(buffers, offsets[0], run)
         else:

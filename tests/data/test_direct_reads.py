@@ -83,6 +83,10 @@ def test_out_of_range_selections_are_refused_not_read_from_neighbours(h5file):
     for lead in [((0, 1, 1), (8, 5, 1)), ((3, 1, 1), (0, 5, 1)), ((0, 1, 1), (0, 5, 3))]:
         with pytest.raises(ValueError, match="out of range"):
             slab.read(lead, out)
+    with pytest.raises(ValueError, match="does not hold"):      # larger than the selection
+        slab.read(((0, 1, 1), (0, 4, 1)), out)
+    with pytest.raises(ValueError, match="every buffer"):
+        slab.read_scatter(((0, 1, 1), (0, 2, 1)), [out[0], out[1:3]])
     pool.close()
 
 
