@@ -66,22 +66,37 @@ def test_field_vocabulary_gives_each_dataset_field_its_own_column(demo_base):
         assert len(loader.vocabulary) == 10
 
 
-def test_pdebench_sources_in_the_mixture(tmp_path):
+@pytest.fixture(scope="module")
+def pdebench_all(tmp_path_factory):
+    """All four PDEBench layouts: per-trajectory groups (swe), channel-last data
+    (diff_react), velocity + particles (incomp_ns) and one array per variable (comp_ns)."""
+    out = tmp_path_factory.mktemp("pdebench_all")
     proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--format", "pdebench",
-                "--datasets", "gray_scott,euler", "--out", str(tmp_path), "--quiet"])
+                "--datasets", "gray_scott,euler,shallow_water,navier_stokes", "--out", str(out),
+                "--quiet"])
     assert proc.returncode == 0, proc.stderr
-    paths = [str(tmp_path / "pdebench" / k) for k in ("diff_react", "comp_ns")]
+    paths = [str(out / "pdebench" / k) for k in ("diff_react", "comp_ns", "swe", "incomp_ns")]
     for p in paths:
         write_pdebench_stats(p)
+    return paths
+
+
+@pytest.mark.parametrize("assemble_on,direct", [("readers", True), ("readers", False),
+                                                ("device", True)])
+def test_pdebench_sources_in_the_mixture(pdebench_all, assemble_on, direct):
+    paths = pdebench_all
     refs = {PDEBenchDataset(p).dataset_name: PDEBenchDataset(
         p, "train", 2, 1, use_normalization=True, normalization_type="zscore") for p in paths}
-    with WellLoader(paths, n_steps_input=2, n_steps_output=1, batch_size=3,
-                    num_workers=2) as loader:
-        for _, batch in zip(range(10), loader):
+    seen = set()
+    with WellLoader(paths, n_steps_input=2, n_steps_output=1, batch_size=3, num_workers=2,
+                    assemble_on=assemble_on, direct_reads=direct) as loader:
+        for _, batch in zip(range(24), loader):
+            seen.add(batch.dataset)
             ds = refs[batch.dataset]
             for b, w in enumerate(batch.windows):
                 x, y = reference(ds, int(w), 2)
                 assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
+    assert seen == set(refs)
 
 
 def test_3d_and_partially_varying_fields(tmp_path):
