@@ -1,11 +1,13 @@
 """Windows as the prefetcher's reader processes see them: which stored arrays make a window and
-how to read each with one hyperslab straight into shared memory.
+how to read each with one read straight into shared memory.
 
 A `WindowSource` describes one dataset split (The Well or a PDEBench layout) as a list of
-`Block`s, one per stored array (a Well field, PDEBench's `data`, `velocity`, ...). A window of
-block k is read in its native layout [T, *stored spatial axes, *components] into the slot, block
-after block; the layout change to [T, C, H, W], broadcasting of axes a field does not vary along,
-and normalization happen later, on the device. Torch-free, so reader processes stay light.
+`Block`s, one per stored array (a Well field, PDEBench's `data`, `velocity`, ...). For a GPU
+trainer a window of block k is read in its native layout [T, *stored spatial axes, *components]
+into the slot, block after block (`read_batch`), and the layout change to [T, C, H, W],
+broadcasting of axes a field does not vary along, and normalization happen on the device. For a
+CPU trainer `read_assembled` reads each window straight into its place in [B, T, C, H, W] and
+normalizes it there. Torch-free, so reader processes stay light.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class WindowSource:
             if check_finite and not (np.isfinite(x[b]).all() and np.isfinite(y[b]).all()):
                 return b
         return None
+
 
 def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
                 stride: int = 1) -> WindowSource:
