@@ -51,8 +51,8 @@ class Slab:
     h5py's read_direct rebuilds selection objects and looks up the memory type on every call,
     which costs more than copying a 1 MB window; here the file space, the memory spaces and the
     memory type are made once and only the hyperslab changes between reads. Better still, when
-    the data are stored contiguously, unfiltered and as native float32 (how The Well and
-    PDEBench files are written), a window is one byte range of the file: it is read with one
+    the data are stored contiguously, unfiltered and as native float32 (HDF5's default layout,
+    and how dsfm.sim writes The Well's and PDEBench's formats), a window is one byte range of the file: it is read with one
     positioned read (`preadv`) straight into its destination, with no HDF5 call at all, and can
     be scattered over several destination buffers by the same system call.
     """
