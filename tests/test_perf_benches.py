@@ -36,3 +36,24 @@ def test_train_bench_compares_wrappers(tmp_path):
     for r in rec["rows"]:
         assert r["ms_per_step"] > 0 and r["tflop_per_step"] > 0 and r["mfu"] is None
     assert "vs plain" in proc.stdout
+
+
+@pytest.mark.slow
+def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_path):
+    out = tmp_path / "loader.json"
+    proc = run([sys.executable, "-m", "perf.loader_bench", "--base", demo_base, "--datasets",
+                "euler_2d", "--workers", "2", "--batch", "2", "--batches", "4", "--rounds", "1",
+                "--rss-batches", "30", "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    [row] = rec["rows"]
+    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5", "upstream", "h5py", "raw",
+              "raw_w", "raw_pread", "raw_alone_read", "raw_alone_asm"):
+        assert row[k]["samples_per_s"] > 0, k
+    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5"):
+        busy = row[k]["reader_busy_per_s"]
+        assert len(busy) == (2 if k == "dsfm" else 1) and all(b > 0 for b in busy), k
+    assert row["raw_alone_read"]["vs_raw"] == pytest.approx(
+        row["raw_alone_read"]["samples_per_s"] / row["raw"]["samples_per_s"])
+    assert rec["rss"]["ring_mib"] > 0 and rec["rss"]["batches"] == 30
+    assert "1 reader vs raw 1p" in proc.stdout and "in situ" in proc.stdout
