@@ -1,36 +1,72 @@
 #!/bin/bash
-# Every GPU check of the data pipeline and the main job, in one run on the offline GPU machine (see
-# ../shared/gpu/README.md). Prepare here first: echo /.whl/ >> .git/info/exclude &&
-# ../shared/gpu/pack_wheels.sh ; then run with the device tool: bash perf/gpu_check.sh
+# Every GPU check of issues 3-6 in one run on the offline GPU machine (../shared/gpu/README.md).
+# Prepare here first: echo /.whl/ >> .git/info/exclude && ../shared/gpu/pack_wheels.sh
+# Then, with the device tool: run(command="bash perf/gpu_check.sh", carry=[".whl"],
+# timeout_s=560). The steps run most-wanted first, each under its own time limit, and everything
+# they write is packed into $OUT/gpu_results.tar.gz after every step (the device tool brings back
+# at most 8 files, and only what is already under $OUT if the run is cut short). The summary
+# table is printed last and kept as $OUT/summary.txt.
 set -uo pipefail
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
-  && export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 || exit 1
-pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null || true
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -m pytest -q tests/data/test_prefetch_cuda.py 2>&1 | tail -5 | tee "$OUT/cuda_tests.txt"
-python3 -m dsfm.sim --preset small --datasets navier_stokes,gray_scott --out /tmp/small \
-  --workers 16 --quiet
-python3 -m perf.loader_bench --base /tmp/small --workers 14 --batches 50 --rounds 2 \
-  --rss-batches 2000 --json "$OUT/loader_gpu.json" 2>&1 | tee "$OUT/loader_gpu.txt"
-python3 dsfm/train.py --ds_config ds_configs/zero2.json --run-dir /tmp/run_gpu \
-  --set train.max_steps=60 --set train.progress=false 2>&1 | tail -25 | tee "$OUT/train_gpu.txt"
-python3 -m dsfm.monitor.report /tmp/run_gpu --out "$OUT/report_gpu.png" | tee "$OUT/report_gpu.txt"
-cp -r /tmp/run_gpu/tb "$OUT/run_gpu_tb"          # for a TensorBoard screenshot back home
-python3 -m pytest -q tests/monitor 2>&1 | tail -3 | tee "$OUT/monitor_tests.txt"
-timeout 60 python3 -m perf.monitor_overhead 2>&1 | tail -8 | tee "$OUT/monitor_overhead.txt"
-python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 --workers 8 --steps 40 \
-  --json "$OUT/feed_bench_gpu.json" 2>&1 | tail -6 | tee "$OUT/feed_bench_gpu.txt"
-timeout 300 python3 -m perf.train_bench --steps 6 --warmup 2 --json "$OUT/train_bench_gpu.json" \
-  2>/dev/null | tee "$OUT/train_bench_gpu.txt"
-python3 -m perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M -c all_reduce,all_gather \
-  --out /tmp/sweep_gpu 2>&1 | tail -12 | tee "$OUT/sweep_gpu.txt"
-mkdir -p "$OUT/nccl_logs" && cp /tmp/sweep_gpu/default/nccl.*.log "$OUT/nccl_logs/" 2>/dev/null
-echo "== summary =="
-tail -3 "$OUT/cuda_tests.txt"
-grep -E "dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$OUT/loader_gpu.txt"
-grep -E "via|done:" "$OUT/train_gpu.txt"
-cat "$OUT/report_gpu.txt"; tail -1 "$OUT/monitor_tests.txt"; tail -2 "$OUT/monitor_overhead.txt"
-tail -2 "$OUT/feed_bench_gpu.txt"
-grep -E "^(Ti|S|B|L) " "$OUT/train_bench_gpu.txt"
-grep -E "Avg bus|flag" "$OUT/sweep_gpu.txt"
+T0=$SECONDS
+if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then      # 1: a plumbing rehearsal on a CPU machine
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site:$PWD || exit 1
+  pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null || true
+fi
+export PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; mkdir -p "$OUT" "$R"
+
+pack() { tar czf "$OUT/gpu_results.tar.gz" -C /tmp gpu_results 2>/dev/null; }
+step() {   # step NAME LIMIT_S COMMAND...: run with a limit, log to $R/NAME.txt, then pack
+  local name=$1 limit=$2; shift 2
+  echo "== $name (limit ${limit}s, at $((SECONDS - T0))s)"
+  timeout --kill-after=10 "$limit" "$@" > "$R/$name.txt" 2>&1
+  local rc=$?
+  tail -4 "$R/$name.txt"
+  echo "== $name: rc=$rc, done at $((SECONDS - T0))s" | tee -a "$R/steps.txt"
+  pack
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/gpu.txt"
+# loader data, simulated on the CPU cores while the GPU runs the training benchmark
+(python3 -m dsfm.sim --preset small --datasets navier_stokes --out /tmp/small --workers 12 \
+  --quiet > "$R/sim.txt" 2>&1; echo "sim rc=$? at $((SECONDS - T0))s" >> "$R/sim.txt") &
+SIM=$!
+
+# issue 4: ms/step, samples/s, TFLOP/s, MFU, memory; sizes with MPP reference figures
+step train_bench 200 python3 -m perf.train_bench --sizes Ti,B,L --steps 6 --warmup 2 \
+  --json "$R/train_bench.json"
+# issue 3: CUDA path of the loader
+step cuda_tests 60 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py
+# issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser
+step sweep 45 python3 -m perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M \
+  -c all_reduce,all_gather --out "$R/sweep"
+wait $SIM; cat "$R/sim.txt"
+# issue 3: copy rate against pinned bandwidth, readers in situ, RSS
+step loader_bench 110 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
+  --batches 30 --rounds 2 --rss-batches 1000 --json "$R/loader_bench.json"
+# issue 3: data wait of an AViT-B step fed by WellLoader
+step feed_bench 90 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
+  --workers 8 --steps 30 --json "$R/feed_bench.json"
+# issues 4 and 5: the main job on the GPU, its dashboards and report
+step train_demo 100 python3 dsfm/train.py --ds_config ds_configs/zero2.json --run-dir "$R/run" \
+  --set train.max_steps=60 --set train.progress=false
+step report 30 python3 -m dsfm.monitor.report "$R/run" --out "$R/report.png"
+rm -rf "$R/run/checkpoints"                    # weights are not needed back
+# issue 5: NVML/GPM paths and the sampler's cost
+step monitor_tests 60 python3 -m pytest -q tests/monitor
+step monitor_overhead 60 python3 -m perf.monitor_overhead
+
+{
+  echo "== summary (at $((SECONDS - T0))s)"
+  cat "$R/gpu.txt" "$R/steps.txt"
+  grep -E "^(Ti|B|L) " "$R/train_bench.txt"
+  tail -2 "$R/cuda_tests.txt"
+  grep -E "dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$R/loader_bench.txt"
+  tail -2 "$R/feed_bench.txt"
+  grep -E "via|done:" "$R/train_demo.txt"
+  cat "$R/report.txt"; tail -1 "$R/monitor_tests.txt"; tail -2 "$R/monitor_overhead.txt"
+  grep -E "Avg bus|flag" "$R/sweep.txt"
+} 2>/dev/null | tee "$OUT/summary.txt"
+cp "$R/report.png" "$OUT/" 2>/dev/null
+pack
