@@ -301,11 +301,20 @@ def _forever(loader):
 
 
 def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) -> dict:
+    """Memory of the trainer and its readers over n_batches of the whole mixture. The sum of
+    RSS counts the shared ring once per process that has touched a page of it, so it climbs
+    until every reader has written every slot; the sum of PSS (each shared page divided among
+    the processes mapping it) is the memory really in use, and is what must stay flat."""
     import psutil
 
-    def rss(loader):
+    def memory(loader):
         procs = [psutil.Process()] + [psutil.Process(p) for p in loader.worker_pids]
-        return sum(p.memory_info().rss for p in procs) / 2**20
+        rss = sum(p.memory_info().rss for p in procs) / 2**20
+        try:
+            pss = sum(p.memory_full_info().pss for p in procs) / 2**20
+        except (psutil.AccessDenied, AttributeError):
+            pss = float("nan")
+        return rss, pss
 
     samples = []
     with WellLoader(paths, batch_size=batch, num_workers=workers, device=device) as loader:
@@ -313,12 +322,14 @@ def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) 
         for i in range(n_batches):
             next(it)
             if i % max(1, n_batches // 20) == 0 or i == n_batches - 1:
-                samples.append((i + 1, rss(loader)))
+                samples.append((i + 1, *memory(loader)))
         ring = loader.ring_bytes / 2**20
-    after_warmup = [m for i, m in samples if i > n_batches // 10]
-    return {"batches": n_batches, "ring_mib": ring, "rss_mib": samples,
+    after = [(rss, pss) for i, rss, pss in samples if i > n_batches // 10]
+    return {"batches": n_batches, "ring_mib": ring, "samples": samples,
             "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
-            "rss_growth_after_warmup_mib": after_warmup[-1] - after_warmup[0]}
+            "pss_first_mib": samples[0][2], "pss_last_mib": samples[-1][2],
+            "rss_growth_after_warmup_mib": after[-1][0] - after[0][0],
+            "pss_growth_after_warmup_mib": after[-1][1] - after[0][1]}
 
 
 def h2d_bandwidth(device, mib: int = 256) -> dict:
@@ -407,9 +418,11 @@ def main(argv=None) -> int:
     if args.rss_batches:
         report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
         r = report["rss"]
-        print(f"memory over {r['batches']} mixture batches: ring {r['ring_mib']:.0f} MiB, RSS "
-              f"(trainer + readers) {r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB, "
-              f"growth after warm-up {r['rss_growth_after_warmup_mib']:+.1f} MiB")
+        print(f"memory over {r['batches']} mixture batches (trainer + readers): ring "
+              f"{r['ring_mib']:.0f} MiB; PSS {r['pss_first_mib']:.0f} → {r['pss_last_mib']:.0f} "
+              f"MiB, growth after warm-up {r['pss_growth_after_warmup_mib']:+.1f} MiB; RSS sum "
+              f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB (counts the shared ring "
+              f"once per reader that touched it)")
     if args.json:
         write_json(args.json, report)
     return 0
