@@ -52,9 +52,10 @@ class Slab:
     which costs more than copying a 1 MB window; here the file space, the memory spaces and the
     memory type are made once and only the hyperslab changes between reads. Better still, when
     the data are stored contiguously, unfiltered and as native float32 (HDF5's default layout,
-    and how dsfm.sim writes The Well's and PDEBench's formats), a window is one byte range of the file: it is read with one
-    positioned read (`preadv`) straight into its destination, with no HDF5 call at all, and can
-    be scattered over several destination buffers by the same system call.
+    and how dsfm.sim writes The Well's and PDEBench's formats), a window is one byte range of
+    the file: it is read with one positioned read (`preadv`) straight into its destination, with
+    no HDF5 call at all, and can be scattered over several destination buffers by the same
+    system call.
     """
 
     __slots__ = ("dset", "fspace", "mspaces", "fd", "offset", "dims", "axis_bytes")

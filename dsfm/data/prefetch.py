@@ -17,10 +17,12 @@ training process dies (PR_SET_PDEATHSIG) and also exit when their parent is gone
 
 from __future__ import annotations
 
+import errno
 import mmap
 import os
 import queue
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -131,11 +133,34 @@ class _Ring:
         fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
         try:
             os.ftruncate(fd, self.nbytes)
+            self._reserve(fd, root)
             self._mm = mmap.mmap(fd, self.nbytes)
+        except BaseException:
+            self.unlink()
+            raise
         finally:
             os.close(fd)
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
+        self.array[::mmap.PAGESIZE] = 0      # map every page here: memory is taken up front
         self.pinned = False
+
+    def _reserve(self, fd: int, root: str) -> None:
+        """Allocate the whole ring now. A sparse file would take its pages as readers first
+        write them, and a too small /dev/shm (a container's 64 MB default) would then kill a
+        reader with SIGBUS in the middle of training instead of failing here."""
+        try:
+            os.posix_fallocate(fd, 0, self.nbytes)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EINVAL):
+                return                           # a file system without fallocate: stay sparse
+            if exc.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
+                free = shutil.disk_usage(root).free
+                raise ConfigError(
+                    f"the loader's ring needs {self.nbytes / 2**20:.0f} MiB of shared memory "
+                    f"but {root} has {free / 2**20:.0f} MiB free; lower ring_slots or "
+                    "batch_size, or give the machine or container more shared memory "
+                    "(docker run --shm-size)") from None
+            raise
 
     def unlink(self) -> None:
         try:

@@ -319,3 +319,32 @@ def test_scheduler_signals_to_readers_do_not_stop_the_loader(demo_base):
             next(loader)
         assert all(p.poll() is None for p in loader._workers)
     assert all(p.poll() is not None for p in loader._workers)
+
+
+def test_a_ring_larger_than_shared_memory_is_refused_up_front(demo_base):
+    """The ring is allocated when the loader is built: one that cannot fit fails then, with a
+    clear line, instead of a reader dying of SIGBUS mid-training when /dev/shm runs out."""
+    st = os.statvfs("/dev/shm")
+    total = st.f_blocks * st.f_frsize
+    path = os.path.join(demo_base, "euler_2d")
+    with WellLoader([path], batch_size=2, num_workers=1) as probe:
+        slot = probe.ring_bytes // probe.ring_slots
+    before = set(os.listdir("/dev/shm"))
+    with pytest.raises(Exception) as exc:
+        WellLoader([path], batch_size=2, num_workers=1, ring_slots=total // slot + 2)
+    assert type(exc.value).__name__ == "ConfigError"
+    assert "shared memory" in str(exc.value) and "--shm-size" in str(exc.value)
+    assert set(os.listdir("/dev/shm")) <= before          # nothing left behind
+
+
+def test_the_ring_is_allocated_when_the_loader_is_built(demo_base):
+    """Memory of the ring is taken at construction (the trainer's resident memory grows by the
+    ring right away), so it cannot grow later as readers first write each slot."""
+    import psutil
+
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    me = psutil.Process()
+    before = me.memory_info().rss
+    with WellLoader(paths, batch_size=4, num_workers=1, ring_slots=128) as loader:
+        grown = me.memory_info().rss - before
+        assert loader.ring_bytes > 40 * 2**20 and grown >= 0.9 * loader.ring_bytes
