@@ -30,6 +30,7 @@ loader's own copy bandwidth (CUDA events around its copies) in the same run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import mmap
 import os
 import statistics
@@ -75,6 +76,24 @@ def _summary(runs: list[tuple[float, list[float]]], n_batches: int, batch: int,
     med, p95 = _percentiles([x for _, lat in runs for x in lat])
     return {"samples_per_s": rate, "mb_per_s": rate * sample_bytes / 1e6,
             "batch_ms_median": med, "batch_ms_p95": p95, "rounds": rates}
+
+
+_CPUS = sorted(os.sched_getaffinity(0))
+READER_CPU = _CPUS[-1:]                  # the core the `dsfm_1w_read_own` reader runs on
+
+
+@contextlib.contextmanager
+def _own_core(variant: str):
+    """While `dsfm_1w_read_own` is consumed, keep this (the training) process off its reader's
+    core, as on a GPU host where each rank's readers have cores of their own."""
+    if variant != "dsfm_1w_read_own" or len(_CPUS) < 2:
+        yield
+        return
+    os.sched_setaffinity(0, _CPUS[:-1])
+    try:
+        yield
+    finally:
+        os.sched_setaffinity(0, _CPUS)
 
 
 class PlainH5Dataset(Dataset):
@@ -230,6 +249,11 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                                     assemble_on="device"), lambda b: b),
         "dsfm_1w_hdf5": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
                                     direct_reads=False), lambda b: b),
+        # the GPU configuration with the reader on a core of its own: the trainer keeps the
+        # others while it consumes this variant (see `_own_core`)
+        "dsfm_1w_read_own": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
+                                        assemble_on="device", reader_cpus=READER_CPU),
+                             lambda b: b),
         "upstream": (DataLoader(up, batch_size=batch, shuffle=True, num_workers=workers,
                                 pin_memory=cuda, persistent_workers=True, drop_last=True),
                      lambda b: move(b["input_fields"])),
@@ -240,7 +264,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     iters = {k: iter(v) if isinstance(v, WellLoader) else _forever(v)
              for k, (v, _) in variants.items()}
     for k, (_, to_device) in variants.items():
-        _consume(iters[k], 10, to_device)                   # start-up and page cache
+        with _own_core(k):
+            _consume(iters[k], 10, to_device)               # start-up and page cache
     runs = {k: [] for k in variants}
     raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
            "alone_asm": []}
@@ -250,7 +275,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
         raw_parallel(pool, source, rng.permutation(len(source))[:4 * workers], workers, True)
         for _ in range(rounds):
             for k, (_, to_device) in variants.items():
-                runs[k].append(_consume(iters[k], n_batches, to_device))
+                with _own_core(k):
+                    runs[k].append(_consume(iters[k], n_batches, to_device))
             windows = rng.permutation(len(source))[:n_batches * batch]
             raw["direct"].append(raw_bound(source, windows))
             raw["new"].append(raw_bound(source, windows, fresh=True))
@@ -289,8 +315,9 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     return rows
 
 
-LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5")
+LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_read_own", "dsfm_1w_hdf5")
 LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_read": "dsfm 1r read", "dsfm_1w_hdf5": "dsfm 1r hdf5",
+          "dsfm_1w_read_own": "dsfm 1r read own",
           "raw": "raw (1p)", "raw_pread": "raw pread", "raw_alone_read": "reader alone",
           "raw_alone_asm": "reader alone asm"}
 

@@ -47,10 +47,10 @@ def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     [row] = rec["rows"]
-    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5", "upstream", "h5py", "raw",
-              "raw_w", "raw_pread", "raw_alone_read", "raw_alone_asm"):
+    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_read_own", "dsfm_1w_hdf5", "upstream",
+              "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read", "raw_alone_asm"):
         assert row[k]["samples_per_s"] > 0, k
-    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_hdf5"):
+    for k in ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_read_own", "dsfm_1w_hdf5"):
         busy = row[k]["reader_busy_per_s"]
         assert len(busy) == (2 if k == "dsfm" else 1) and all(b > 0 for b in busy), k
     assert row["raw_alone_read"]["vs_raw"] == pytest.approx(

@@ -258,6 +258,8 @@ class WellLoader:
     direct_reads: read arrays stored contiguously as float32 with positioned reads of the file
     instead of through the HDF5 library (same values, less overhead; default on, or
     DSFM_HDF5_DIRECT=0 to turn off).
+    reader_cpus: CPU ids the reader processes may run on (default: wherever this process may),
+    for instance the cores of the GPU's NUMA node that the training process does not use.
     """
 
     def __init__(self, datasets: Sequence[str], split: str = "train", n_steps_input: int = 4,
@@ -268,6 +270,7 @@ class WellLoader:
                  dt_stride: int = 1, ring_slots: int | None = None, check_finite: bool = True,
                  vocabulary: FieldVocabulary | None = None, max_open_files: int = 64,
                  assemble_on: str = "auto", direct_reads: bool | None = None,
+                 reader_cpus: Sequence[int] | None = None,
                  worker_start_timeout_s: float = 120.0, read_timeout_s: float = 600.0):
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -292,6 +295,13 @@ class WellLoader:
             raise ConfigError("assemble_on='readers' is for CPU training; on CUDA the device "
                               "assembles")
         self.direct_reads = direct_reads
+        self.reader_cpus = None if reader_cpus is None else sorted(set(int(c) for c in
+                                                                        reader_cpus))
+        if self.reader_cpus is not None:
+            allowed = os.sched_getaffinity(0)
+            if not self.reader_cpus or not set(self.reader_cpus) <= allowed:
+                raise ConfigError(f"reader_cpus {self.reader_cpus} must be a non-empty subset of "
+                                  f"the CPUs this process may use ({sorted(allowed)})")
         self.readers_assemble = assemble_on == "readers" or (assemble_on == "auto"
                                                              and not self.cuda)
         self.vocabulary = vocabulary if vocabulary is not None else FieldVocabulary()
@@ -373,7 +383,7 @@ class WellLoader:
                                   self._ring.slot_bytes, sources, os.getpid(), max_open_files,
                                   self.readers_assemble, self.n_steps_input,
                                   [(d.shift, d.scale) for d in self.datasets],
-                                  self.check_finite, self.direct_reads))
+                                  self.check_finite, self.direct_reads, self.reader_cpus))
         waiting = set(range(self.num_workers))
         deadline = time.monotonic() + timeout_s
         while waiting:

@@ -9,7 +9,7 @@ Messages are pickled over two pipes:
 
     in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
           assemble here?, n_steps_input, per-source (shift, scale), check finite?,
-          direct reads? (None: the default))
+          direct reads? (None: the default), CPUs to run on (None: any))
          (step, slot, source index, window ids) ... None
     out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent in hyperslab reads)
          ("error", wid, step, slot, type, text)
@@ -63,9 +63,11 @@ def _die_with_parent() -> None:
 
 def serve(tasks: Connection, results: Connection) -> None:
     (_, wid, ring_path, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
-     norms, check_finite, direct) = tasks.recv()
+     norms, check_finite, direct, cpus) = tasks.recv()
     if os.getppid() != parent:
         return
+    if cpus is not None:
+        os.sched_setaffinity(0, cpus)
     fd = os.open(ring_path, os.O_RDWR)
     mm = mmap.mmap(fd, ring_bytes)
     os.close(fd)

@@ -348,3 +348,16 @@ def test_the_ring_is_allocated_when_the_loader_is_built(demo_base):
     with WellLoader(paths, batch_size=4, num_workers=1, ring_slots=128) as loader:
         grown = me.memory_info().rss - before
         assert loader.ring_bytes > 40 * 2**20 and grown >= 0.9 * loader.ring_bytes
+
+
+def test_readers_run_on_the_cpus_they_are_given(demo_base):
+    path = os.path.join(demo_base, "euler_2d")
+    cpus = sorted(os.sched_getaffinity(0))
+    with WellLoader([path], batch_size=2, num_workers=2, reader_cpus=cpus[-1:]) as loader:
+        next(loader)
+        for pid in loader.worker_pids:
+            assert os.sched_getaffinity(pid) == {cpus[-1]}
+        assert os.sched_getaffinity(0) == set(cpus)          # the trainer is left alone
+    with pytest.raises(Exception, match="reader_cpus") as exc:
+        WellLoader([path], batch_size=2, num_workers=1, reader_cpus=[max(cpus) + 1000])
+    assert type(exc.value).__name__ == "ConfigError"
