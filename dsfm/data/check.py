@@ -3,7 +3,9 @@
 PATH may be an HDF5 file, a directory of HDF5 files, a dataset directory
 (`<dataset>/data/{train,valid,test}/*.hdf5` and `<dataset>/stats.yaml`) or a directory of datasets.
 Prints one line per problem, naming the file, the group or dataset, and what is wrong, and exits
-1 if there was any; exits 0 when everything is valid.
+1 if there was any; exits 0 when everything is valid. On stderr it also says how the training
+loader will read the time-varying fields: with positioned reads of the file (contiguous, native
+float32) or through the HDF5 library (chunked, compressed, other types), which is slower.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import sys
 import numpy as np
 import yaml
 
+from dsfm.data.handles import why_not_direct
 from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.well_format import FileLayout, inspect_file, layout_mismatch, open_h5
 from dsfm.errors import CorruptFileError
@@ -40,6 +43,10 @@ def _scan_finite(f, lay: FileLayout) -> list[str]:
     return problems
 
 
+#: how the loader will read each time-varying array checked: (file, array, None or why not direct)
+READ_PATHS: list[tuple[str, str, str | None]] = []
+
+
 def check_file(path: str, scan_data: bool = True) -> tuple[FileLayout | None, list[str]]:
     """Problems of one file (schema, and NaN/Inf unless scan_data is False)."""
     try:
@@ -51,6 +58,9 @@ def check_file(path: str, scan_data: bool = True) -> tuple[FileLayout | None, li
             layout, problems = inspect_file(f, path)
             if layout is not None and scan_data and not problems:
                 problems += _scan_finite(f, layout)
+            if layout is not None and not problems:
+                READ_PATHS.extend((path, fl.path, why_not_direct(f[fl.path]))
+                                  for fl in layout.variable_fields)
         except (OSError, KeyError) as exc:
             return None, [f"{path}: unreadable while checking ({exc}); the file is damaged"]
     return layout, problems
@@ -162,6 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-data", action="store_true",
                     help="check the layout only, skip scanning field data for NaN/Inf")
     args = ap.parse_args(argv)
+    READ_PATHS.clear()
     n_files, problems = 0, []
     for path in args.paths:
         if os.path.isdir(path):
@@ -174,6 +185,15 @@ def main(argv: list[str] | None = None) -> int:
         problems += probs
     for line in problems:
         print(line)
+    slow = [(p, a, why) for p, a, why in READ_PATHS if why]
+    if READ_PATHS:
+        print(f"read path: {len(READ_PATHS) - len(slow)} of {len(READ_PATHS)} time-varying "
+              "arrays take positioned reads" + ("; through the HDF5 library (slower):" if slow
+                                                else ""), file=sys.stderr)
+        for p, a, why in slow[:8]:
+            print(f"  {p}: /{a}: {why}", file=sys.stderr)
+        if len(slow) > 8:
+            print(f"  ... and {len(slow) - 8} more", file=sys.stderr)
     status = f"{len(problems)} problem(s)" if problems else "valid"
     print(f"checked {n_files} file(s): {status}", file=sys.stderr)
     return 1 if problems else 0

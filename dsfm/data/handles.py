@@ -31,18 +31,35 @@ _NATIVE_F4 = np.dtype(np.float32)
 
 def direct_offset(dset: h5py.Dataset) -> int | None:
     """Byte offset of a dataset's data in its file when plain positioned reads give exactly
-    what HDF5 would: contiguous storage, allocated, no filters or external files, native float32
-    (so no type conversion), a file opened with the default POSIX driver. Otherwise None."""
+    what HDF5 would (see `why_not_direct`). Otherwise None."""
+    return None if why_not_direct(dset) else dset.id.get_offset()
+
+
+def why_not_direct(dset: h5py.Dataset) -> str | None:
+    """Why a dataset cannot be read with positioned reads, or None when it can: it must be
+    stored contiguously and allocated, with no filters or external files, as native float32
+    (so no type conversion), in a file opened with the default POSIX driver."""
     try:
-        if dset.file.driver != "sec2" or dset.dtype != _NATIVE_F4 or dset.size == 0:
-            return None
+        if dset.file.driver != "sec2":
+            return f"the file is opened with the {dset.file.driver} driver"
+        if dset.dtype != _NATIVE_F4:
+            return f"stored as {dset.dtype.str}, not native float32"
+        if dset.size == 0:
+            return "empty"
         plist = dset.id.get_create_plist()
-        if plist.get_layout() != h5d.CONTIGUOUS or plist.get_nfilters() or \
-                plist.get_external_count():
-            return None
-        return dset.id.get_offset()
-    except (OSError, ValueError, AttributeError):
+        if plist.get_layout() != h5d.CONTIGUOUS:
+            chunks = f" in chunks of {dset.chunks}" if dset.chunks else ""
+            filters = f", {dset.compression} compressed" if dset.compression else ""
+            return f"stored{chunks}{filters}" if chunks or filters else "not contiguous"
+        if plist.get_nfilters():
+            return "filtered"
+        if plist.get_external_count():
+            return "stored in external files"
+        if dset.id.get_offset() is None:
+            return "not allocated (never written)"
         return None
+    except (OSError, ValueError, AttributeError) as exc:
+        return f"not inspectable ({exc})"
 
 
 class Slab:

@@ -129,3 +129,31 @@ def test_descriptors_follow_the_handles(h5file, tmp_path):
     assert pool.n_open == 2
     pool.close()
     assert fds() == before
+
+
+def test_the_checker_says_which_arrays_miss_the_fast_read_path(demo_base, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    check = [sys.executable, "-m", "dsfm.data.check", "--no-data", str(ds)]
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0 and "read path:" in proc.stderr
+    n = int(proc.stderr.split("read path: ")[1].split()[0])
+    assert f"{n} of {n} time-varying arrays take positioned reads" in proc.stderr
+    path = list_hdf5(str(ds / "data" / "train"))[0]
+    with h5py.File(path, "r+") as f:             # the same values, stored chunked and gzipped
+        data, attrs = f["t0_fields/density"][()], dict(f["t0_fields/density"].attrs)
+        del f["t0_fields/density"]
+        d = f.create_dataset("t0_fields/density", data=data, chunks=(1, 4) + data.shape[2:],
+                             compression="gzip")
+        d.attrs.update(attrs)
+    proc = subprocess.run(check, cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout          # slower, not wrong
+    assert f"{n - 1} of {n} time-varying arrays take positioned reads" in proc.stderr
+    assert f"{path}: /t0_fields/density: stored in chunks of" in proc.stderr
+    assert "gzip compressed" in proc.stderr
