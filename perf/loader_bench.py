@@ -14,9 +14,10 @@ On the same files, with the same number of worker processes, batch size and wind
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
 (this kind of VM drifts in speed). Per worker, WellLoader with one reader is compared with the
-raw bound of one process, in three forms: `dsfm 1r` (the CPU default: the reader also lays out,
+raw bound of one process, in four forms: `dsfm 1r` (the CPU default: the reader also lays out,
 normalizes and checks each window), `dsfm 1r read` (the GPU configuration: the reader only
-reads, and the trainer process assembles; on CPU it does so in parallel with the reader) and
+reads, and the trainer process assembles; on CPU it does so in parallel with the reader),
+`dsfm 1r read own` (the same with the reader on a core the trainer stays off) and
 `dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of positioned
 reads). The readers' own busy time (in situ) is also turned into a rate per reader. The
 benchmark's own process runs torch on `--trainer-threads` threads (default 1: beside a GPU the
@@ -192,8 +193,11 @@ def raw_pread(source, windows: np.ndarray) -> float:
     for p in source.files:
         fds[p] = os.open(p, os.O_RDONLY)
         with h5py.File(p, "r") as f:
-            where.append([(direct_offset(f[b.path]), f[b.path].shape) for b in source.blocks])
-    if any(off is None for blocks in where for off, _ in blocks):
+            # per block: (byte offset, bytes per trajectory, bytes per time step)
+            where.append([(direct_offset(d), 4 * int(np.prod(d.shape[1:])),
+                           4 * int(np.prod(d.shape[2:])))
+                          for d in (f[b.path] for b in source.blocks)])
+    if any(off is None for blocks in where for off, _, _ in blocks):
         return float("nan")
     bufs = [np.empty(b.shape, np.float32) for b in source.blocks]
 
@@ -201,9 +205,8 @@ def raw_pread(source, windows: np.ndarray) -> float:
         for w in ws:
             fi, traj, t0 = source.locate(int(w))
             fd = fds[source.files[fi]]
-            for (off, shape), buf in zip(where[fi], bufs):
-                frame = 4 * int(np.prod(shape[2:]))
-                os.preadv(fd, [buf], off + (traj * shape[1] + t0) * frame)
+            for (off, per_traj, frame), buf in zip(where[fi], bufs):
+                os.preadv(fd, [buf], off + traj * per_traj + t0 * frame)
 
     read(windows[:20])
     start = time.perf_counter()

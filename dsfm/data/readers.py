@@ -11,7 +11,7 @@ Messages are pickled over two pipes:
           assemble here?, n_steps_input, per-source (shift, scale), check finite?,
           direct reads? (None: the default), CPUs to run on (None: any))
          (step, slot, source index, window ids) ... None
-    out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent in hyperslab reads)
+    out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent on the batch)
          ("error", wid, step, slot, type, text)
 
 For a CUDA trainer the reader leaves each window in its native layout and the device assembles
