@@ -9,7 +9,8 @@ setup(
                 "PDEBench and tokenized astronomy data",
     python_requires=">=3.10",
     packages=find_packages(include=["dsfm", "dsfm.*", "perf", "perf.*"]),
-    package_data={"dsfm": ["configs/*.yaml"], "perf": ["profiles/*.yaml"]},
+    # normalize.c: the fused kernel dsfm.data.native compiles on first use
+    package_data={"dsfm": ["configs/*.yaml", "data/*.c"], "perf": ["profiles/*.yaml"]},
     install_requires=[
         "torch>=2.4",
         "deepspeed>=0.16",

@@ -14,12 +14,13 @@ On the same files, with the same number of worker processes, batch size and wind
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
 (this kind of VM drifts in speed). Per worker, WellLoader with one reader is compared with the
-raw bound of one process, in four forms: `dsfm 1r` (the CPU default: the reader also lays out,
-normalizes and checks each window), `dsfm 1r read` (the GPU configuration: the reader only
-reads, and the trainer process assembles; on CPU it does so in parallel with the reader),
-`dsfm 1r read own` (the same with the reader on a core the trainer stays off) and
-`dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of positioned
-reads). The readers' own busy time (in situ) is also turned into a rate per reader. The
+raw bound of one process, in five forms: `dsfm 1r` (the CPU default: the reader also lays out,
+normalizes and checks each window, in one pass with dsfm's C kernel), `dsfm 1r numpy` (the
+same with NumPy doing that work, as where the kernel cannot be built), `dsfm 1r read` (the GPU
+configuration: the reader only reads, and the trainer process assembles; on CPU it does so in
+parallel with the reader), `dsfm 1r read own` (the same with the reader on a core the trainer
+stays off) and `dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of
+positioned reads). The readers' own busy time (in situ) is also turned into a rate per reader. The
 benchmark's own process runs torch on `--trainer-threads` threads (default 1: beside a GPU the
 training process does not assemble on the CPU, so it should not take the readers' cores). Prints
 samples/s, MB/s and per-batch latency (median, p95), writes JSON. `--rss-batches N` also runs
@@ -44,7 +45,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from dsfm.data import WellLoader
+from dsfm.data import WellLoader, native
 from dsfm.data.index import list_hdf5, read_layouts
 from dsfm.data.windows import well_source
 from perf.report import write_json
@@ -150,10 +151,11 @@ def raw_bound(source, windows: np.ndarray, fresh: bool = False) -> float:
 
 
 def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=None,
-                 scale=None) -> float:
+                 scale=None, kernel=None) -> float:
     """Seconds for a reader process's own work on the same windows, in this process and without
     the pipes: `read_batch` into a shared-memory slot (the GPU configuration), or with
-    `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check)."""
+    `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check; with the
+    fused `kernel`, else NumPy)."""
     from dsfm.data.handles import H5Pool
 
     n_in = source.n_steps - 1
@@ -164,13 +166,14 @@ def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=
     x = slot[:batch * n_in * per // source.n_steps].reshape(
         (batch, n_in, source.n_channels) + source.spatial_shape)
     y = slot[x.size:].reshape((batch, 1, source.n_channels) + source.spatial_shape)
-    scratch = np.empty(max(b.size for b in source.blocks), np.float32)
+    scratch = np.empty(source.window_floats, np.float32)
     pool = H5Pool()
 
     def run(ws):
         for i in range(0, len(ws) - batch + 1, batch):
             if assemble:
-                source.read_assembled(pool, ws[i:i + batch], n_in, x, y, shift, scale, scratch)
+                source.read_assembled(pool, ws[i:i + batch], n_in, x, y, shift, scale, scratch,
+                                      kernel=kernel)
             else:
                 source.read_batch(pool, ws[i:i + batch], slot)
 
@@ -248,6 +251,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                  lambda b: b),
         "dsfm_1w": (WellLoader([path], batch_size=batch, num_workers=1, device=device),
                     lambda b: b),
+        "dsfm_1w_numpy": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
+                                     native_kernel=False), lambda b: b),
         "dsfm_1w_read": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
                                     assemble_on="device"), lambda b: b),
         "dsfm_1w_hdf5": (WellLoader([path], batch_size=batch, num_workers=1, device=device,
@@ -271,7 +276,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             _consume(iters[k], 10, to_device)               # start-up and page cache
     runs = {k: [] for k in variants}
     raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
-           "alone_asm": []}
+           "alone_asm": [], "alone_asm_numpy": []}
+    kernel = native.load()
     shift, scale = variants["dsfm"][0].datasets[0].shift, variants["dsfm"][0].datasets[0].scale
     rng = np.random.default_rng(0)
     with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
@@ -285,7 +291,10 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             raw["new"].append(raw_bound(source, windows, fresh=True))
             raw["pread"].append(raw_pread(source, windows))
             raw["alone_read"].append(reader_alone(source, windows, batch, False))
-            raw["alone_asm"].append(reader_alone(source, windows, batch, True, shift, scale))
+            raw["alone_asm"].append(reader_alone(source, windows, batch, True, shift, scale,
+                                                 kernel))
+            raw["alone_asm_numpy"].append(reader_alone(source, windows, batch, True, shift,
+                                                       scale))
             raw["direct_w"].append(raw_parallel(pool, source, windows, workers, False))
             raw["new_w"].append(raw_parallel(pool, source, windows, workers, True))
     reader_rates = {}
@@ -294,7 +303,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
         reader_rates[k] = [n / t for n, t in zip(loader.windows_read, loader.read_s)]
         loader.close()
     rows = {"dataset": source.name, "window": [5, source.n_channels, *source.spatial_shape],
-            "sample_mb": sample_bytes / 1e6}
+            "sample_mb": sample_bytes / 1e6,
+            "native_kernel_used": {k: variants[k][0].native_kernel_used for k in LOADERS}}
     for k in variants:
         rows[k] = _summary(runs[k], n_batches, batch, sample_bytes)
     rate = {k: statistics.median(n_batches * batch / t for t in v) for k, v in raw.items()}
@@ -303,7 +313,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6,
                    "read_direct_per_s": rate["direct"], "getitem_per_s": rate["new"]}
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
-    for k in ("pread", "alone_read", "alone_asm"):
+    for k in ("pread", "alone_read", "alone_asm", "alone_asm_numpy"):
         rows[f"raw_{k}"] = {"samples_per_s": rate[k], "mb_per_s": rate[k] * sample_bytes / 1e6,
                             "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
@@ -318,11 +328,13 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     return rows
 
 
-LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_read", "dsfm_1w_read_own", "dsfm_1w_hdf5")
-LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_read": "dsfm 1r read", "dsfm_1w_hdf5": "dsfm 1r hdf5",
+LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_numpy", "dsfm_1w_read", "dsfm_1w_read_own",
+           "dsfm_1w_hdf5")
+LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_numpy": "dsfm 1r numpy", "dsfm_1w_read": "dsfm 1r read",
+          "dsfm_1w_hdf5": "dsfm 1r hdf5",
           "dsfm_1w_read_own": "dsfm 1r read own",
           "raw": "raw (1p)", "raw_pread": "raw pread", "raw_alone_read": "reader alone",
-          "raw_alone_asm": "reader alone asm"}
+          "raw_alone_asm": "reader alone asm", "raw_alone_asm_numpy": "alone asm numpy"}
 
 
 def _forever(loader):
@@ -417,12 +429,15 @@ def main(argv=None) -> int:
     for path in paths:
         report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
                                             args.rounds, device))
-    print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}")
+    why = native.why_unavailable()
+    report["native_kernel"] = why or "available"
+    print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}"
+          f"; fused C kernel: {why or 'available'}")
     print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
           f"{'p95 ms':>7s}")
     for r in report["rows"]:
         for v in LOADERS + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
-                            "raw_alone_asm"):
+                            "raw_alone_asm", "raw_alone_asm_numpy"):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
@@ -436,7 +451,8 @@ def main(argv=None) -> int:
             for k in LOADERS[1:]))
         print(f"{'':30s} a reader's work alone vs raw 1p: read "
               f"{r['raw_alone_read']['vs_raw']:.2f}x, read + assemble "
-              f"{r['raw_alone_asm']['vs_raw']:.2f}x")
+              f"{r['raw_alone_asm']['vs_raw']:.2f}x (NumPy: "
+              f"{r['raw_alone_asm_numpy']['vs_raw']:.2f}x)")
         print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(
             f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
             for k in LOADERS))

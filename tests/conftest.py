@@ -43,3 +43,19 @@ def demo_base(tmp_path_factory):
                 "--quiet"])
     assert proc.returncode == 0, proc.stderr
     return str(base)
+
+
+@pytest.fixture(scope="session")
+def normalize_kernel():
+    """dsfm's fused normalization kernel (`dsfm.data.native`), built with this machine's C
+    compiler. Skips only where there is no compiler at all (CI has one); a compiler that fails
+    to build it, or a build that differs from NumPy, fails the test."""
+    import shutil
+
+    from dsfm.data import native
+
+    if shutil.which(os.environ.get("CC") or "cc") is None:
+        pytest.skip("no C compiler on PATH")
+    kernel = native.load(True)
+    assert kernel is not None, native.why_unavailable(True)
+    return kernel

@@ -3,6 +3,7 @@ time) arithmetic. Free of torch, so reader processes that import it start fast a
 
 from __future__ import annotations
 
+import bisect
 import glob
 import os
 from typing import Sequence
@@ -69,6 +70,7 @@ class WindowIndex:
         counts = np.array([n * w for n, w in zip(self.n_trajectories, self.windows)],
                           dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._bounds = self.offsets.tolist()     # bisect on a list: readers locate per window
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -79,7 +81,7 @@ class WindowIndex:
         if not -n <= index < n:
             raise IndexError(f"index {index} out of range for {n} windows")
         index %= n
-        file_idx = int(np.searchsorted(self.offsets, index, side="right") - 1)
-        local = index - int(self.offsets[file_idx])
+        file_idx = bisect.bisect_right(self._bounds, index) - 1
+        local = index - self._bounds[file_idx]
         w = self.windows[file_idx]
         return file_idx, local // w, local % w

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from dsfm import errors
+from dsfm.data import native
 from dsfm.data.fields import FieldVocabulary
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import SPLITS
@@ -260,6 +261,10 @@ class WellLoader:
     DSFM_HDF5_DIRECT=0 to turn off).
     reader_cpus: CPU ids the reader processes may run on (default: wherever this process may),
     for instance the cores of the GPU's NUMA node that the training process does not use.
+    native_kernel: when readers assemble, normalize and check each window in one pass with the
+    C kernel of `dsfm.data.native` (same values as NumPy, built with the system C compiler on
+    first use). None (default): if it builds, else NumPy; DSFM_NATIVE=0 turns it off; True:
+    a ConfigError saying why when it cannot be used. `native_kernel_used` tells what ran.
     """
 
     def __init__(self, datasets: Sequence[str], split: str = "train", n_steps_input: int = 4,
@@ -270,7 +275,7 @@ class WellLoader:
                  dt_stride: int = 1, ring_slots: int | None = None, check_finite: bool = True,
                  vocabulary: FieldVocabulary | None = None, max_open_files: int = 64,
                  assemble_on: str = "auto", direct_reads: bool | None = None,
-                 reader_cpus: Sequence[int] | None = None,
+                 reader_cpus: Sequence[int] | None = None, native_kernel: bool | None = None,
                  worker_start_timeout_s: float = 120.0, read_timeout_s: float = 600.0):
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
@@ -304,6 +309,12 @@ class WellLoader:
                                   f"the CPUs this process may use ({sorted(allowed)})")
         self.readers_assemble = assemble_on == "readers" or (assemble_on == "auto"
                                                              and not self.cuda)
+        # built here once, so that the readers only load it
+        self._use_native = self.readers_assemble and native.load(native_kernel) is not None
+        if native_kernel and self.readers_assemble and not self._use_native:
+            raise ConfigError(f"native_kernel=True, but the kernel is unavailable: "
+                              f"{native.why_unavailable(True)}")
+        self.native_kernel_used = False          # set from the readers once they are up
         self.vocabulary = vocabulary if vocabulary is not None else FieldVocabulary()
 
         self.datasets: list[_Dataset] = []
@@ -383,8 +394,10 @@ class WellLoader:
                                   self._ring.slot_bytes, sources, os.getpid(), max_open_files,
                                   self.readers_assemble, self.n_steps_input,
                                   [(d.shift, d.scale) for d in self.datasets],
-                                  self.check_finite, self.direct_reads, self.reader_cpus))
+                                  self.check_finite, self.direct_reads, self.reader_cpus,
+                                  self._use_native))
         waiting = set(range(self.num_workers))
+        kernels = [False] * self.num_workers
         deadline = time.monotonic() + timeout_s
         while waiting:
             for conn in wait([self._results[w] for w in waiting], timeout=POLL_S):
@@ -395,9 +408,11 @@ class WellLoader:
                     msg = ("eof",)
                 if msg[0] == "ready":
                     waiting.discard(wid)
+                    kernels[wid] = msg[3]
             self._check_alive("starting")
             if waiting and time.monotonic() > deadline:
                 raise WorkerError(f"reader processes did not start within {timeout_s:.0f} s")
+        self.native_kernel_used = all(kernels)
         self._ring.unlink()          # every reader has it mapped: nothing can leak it now
 
     @property

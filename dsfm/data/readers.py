@@ -9,15 +9,18 @@ Messages are pickled over two pipes:
 
     in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
           assemble here?, n_steps_input, per-source (shift, scale), check finite?,
-          direct reads? (None: the default), CPUs to run on (None: any))
+          direct reads? (None: the default), CPUs to run on (None: any),
+          fused normalization kernel? (None: if it builds))
          (step, slot, source index, window ids) ... None
-    out: ("ready", wid, pid)  ("done", wid, step, slot, seconds spent on the batch)
+    out: ("ready", wid, pid, using the fused kernel?)
+         ("done", wid, step, slot, seconds spent on the batch)
          ("error", wid, step, slot, type, text)
 
 For a CUDA trainer the reader leaves each window in its native layout and the device assembles
 the batch; for a CPU trainer it reads each window straight into its place in the assembled batch
 and also normalizes and checks it (layout, broadcasting, normalization, NaN check), so that work
-runs in parallel instead of in the training process.
+runs in parallel instead of in the training process: in one pass per plane with the compiled
+kernel of `dsfm.data.native` where it builds, else with NumPy.
 It ignores Ctrl-C, SIGTERM and SIGUSR1/2 (the training process decides; Slurm signals every
 process of a job step), asks the kernel to kill it when its parent dies, and also exits when it
 finds its parent gone or its task pipe closed.
@@ -36,6 +39,7 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from dsfm import errors
+from dsfm.data import native
 from dsfm.data.handles import H5Pool
 from dsfm.data.windows import WindowSource, first_nonfinite
 
@@ -63,7 +67,7 @@ def _die_with_parent() -> None:
 
 def serve(tasks: Connection, results: Connection) -> None:
     (_, wid, ring_path, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
-     norms, check_finite, direct, cpus) = tasks.recv()
+     norms, check_finite, direct, cpus, use_native) = tasks.recv()
     if os.getppid() != parent:
         return
     if cpus is not None:
@@ -73,8 +77,9 @@ def serve(tasks: Connection, results: Connection) -> None:
     os.close(fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
     pool = H5Pool(max_open, direct=direct)
-    scratch = [np.empty(max(b.size for b in s.blocks), np.float32) for s in sources]
-    results.send(("ready", wid, os.getpid()))
+    kernel = native.load(use_native) if assemble_here else None
+    scratch = [np.empty(s.window_floats, np.float32) for s in sources] if assemble_here else []
+    results.send(("ready", wid, os.getpid(), kernel is not None))
     try:
         while True:
             if not tasks.poll(0.5):
@@ -96,13 +101,13 @@ def serve(tasks: Connection, results: Connection) -> None:
                     x, y = assembled_views(slot_mem, source, batch, n_in)
                     shift, scale = norms[src_idx]
                     bad = source.read_assembled(pool, windows, n_in, x, y, shift, scale,
-                                                scratch[src_idx], check_finite)
+                                                scratch[src_idx], check_finite, kernel)
                     del x, y
                     if bad is not None:
-                        native = np.empty(source.window_floats, np.float32)
-                        source.read_batch(pool, windows[bad:bad + 1], native)
+                        stored = np.empty(source.window_floats, np.float32)
+                        source.read_batch(pool, windows[bad:bad + 1], stored)
                         raise errors.NonFiniteError(
-                            first_nonfinite(source, windows[bad:bad + 1], native))
+                            first_nonfinite(source, windows[bad:bad + 1], stored))
                 else:           # the device assembles: windows go straight into the slot
                     flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
                     source.read_batch(pool, windows, flat)

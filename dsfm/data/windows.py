@@ -18,6 +18,7 @@ import numpy as np
 
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import WindowIndex, count_windows
+from dsfm.data.native import PLANE, NormalizeKernel
 from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_trajectories
 from dsfm.data.well_format import FileLayout
 from dsfm.errors import ConfigError, CorruptFileError
@@ -133,16 +134,23 @@ class WindowSource:
 
     def read_assembled(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
                        shift: np.ndarray | None, scale: np.ndarray | None,
-                       scratch: np.ndarray, check_finite: bool = True) -> int | None:
+                       scratch: np.ndarray, check_finite: bool = True,
+                       kernel: NormalizeKernel | None = None) -> int | None:
         """Read `windows` straight into x [B, T_in, C, *spatial] and y [B, T_out, C, *spatial],
         normalized (x − shift) / scale: the reader-side twin of the device assembler
-        (`dsfm.data.prefetch.assemble`), with the same arithmetic and no native staging buffer.
-        A scalar field that varies along every axis is one positioned read per window scattered
-        over its T time-step slices of x and y (the layout change costs nothing); other blocks
-        go through `scratch` (at least one window of the largest block) and are moved into
-        place. Each window is normalized right after it is read, while it is in cache. Returns
-        the index of the first window with a NaN/Inf after normalization (when
-        `check_finite`), else None."""
+        (`dsfm.data.prefetch.assemble`), with the same arithmetic. A scalar field that varies
+        along every axis is one positioned read per window scattered over its T time-step
+        slices of x and y (the layout change costs nothing); other blocks are read into
+        `scratch` (`window_floats` floats). Each window is normalized right after it is read,
+        while it is in cache: with `kernel` (`dsfm.data.native`) in one pass that also takes
+        vector components apart and checks for NaN/Inf, else with NumPy. Returns the index of
+        the first window with a NaN/Inf after normalization (when `check_finite`), else None."""
+        if scratch.size < self.window_floats:
+            raise ValueError(f"scratch holds {scratch.size} floats, a window of {self.name} "
+                             f"needs {self.window_floats}")
+        if kernel is not None and self.fusable:
+            return self._read_fused(pool, windows, n_in, x, y, shift, scale, scratch,
+                                    check_finite, kernel)
         spatial = self.spatial_shape
         view = (1, -1) + (1,) * len(spatial)
         shift_v = None if shift is None else shift.reshape(view)
@@ -174,6 +182,87 @@ class WindowSource:
                 if scale_v is not None:
                     np.divide(part, scale_v, out=part)
             if check_finite and not (np.isfinite(x[b]).all() and np.isfinite(y[b]).all()):
+                return b
+        return None
+
+    @property
+    def fusable(self) -> bool:
+        """Whether the fused kernel applies: every block varies along every spatial axis
+        (a field constant along an axis is broadcast, which only the NumPy path does)."""
+        return all(b.bshape[1:-1] == self.spatial_shape for b in self.blocks)
+
+    def planes(self, n_in: int, scattered: tuple[bool, ...]) -> np.ndarray:
+        """The fused kernel's work for one window (`dsfm.data.native.PLANE` rows): per time
+        step and channel, the output plane in x (base 0) or y (base 1) and its input, the plane
+        itself for a block read straight into place (`scattered`), else the block's native
+        [T, *spatial, k] copy in scratch (base 2, every k-th float). Made once per pattern."""
+        cache = self.__dict__.setdefault("_planes", {})
+        key = (n_in, scattered)
+        if key not in cache:
+            per = int(np.prod(self.spatial_shape))
+            rows, c, staged = [], 0, 0
+            for block, in_place in zip(self.blocks, scattered):
+                k = block.n_channels
+                for t in range(self.n_steps):
+                    base, tt = (0, t) if t < n_in else (1, t - n_in)
+                    for j in range(k):
+                        dst = 4 * (tt * self.n_channels + c + j) * per
+                        if in_place:
+                            rows.append((dst, dst, base, base, 1, c + j))
+                        else:
+                            rows.append((dst, 4 * (staged + t * per * k + j), base, 2, k, c + j))
+                staged += block.size
+                c += k
+            cache[key] = np.array(rows, PLANE)
+        return cache[key]
+
+    def _read_fused(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
+                    shift: np.ndarray | None, scale: np.ndarray | None, scratch: np.ndarray,
+                    check_finite: bool, kernel: NormalizeKernel) -> int | None:
+        spatial = self.spatial_shape
+        n_out = self.n_steps - n_in
+        tail = (self.n_channels,) + spatial
+        if x.shape[1:] != (n_in,) + tail or y.shape[1:] != (n_out,) + tail or \
+                not (x.flags.c_contiguous and y.flags.c_contiguous and
+                     scratch.flags.c_contiguous and x.dtype == y.dtype == np.float32):
+            raise ValueError(f"x {x.shape} and y {y.shape} must be C-contiguous float32 "
+                             f"[B, T, {', '.join(map(str, tail))}]")
+        shift = np.zeros(self.n_channels, np.float32) if shift is None else \
+            np.ascontiguousarray(shift, np.float32).reshape(-1)
+        scale = np.ones(self.n_channels, np.float32) if scale is None else \
+            np.ascontiguousarray(scale, np.float32).reshape(-1)
+        per = int(np.prod(spatial))
+        bases = np.array([x.ctypes.data, y.ctypes.data, scratch.ctypes.data], np.uint64)
+        bases_at, shift_at, scale_at = bases.ctypes.data, shift.ctypes.data, scale.ctypes.data
+        x_at, y_at, x_step, y_step = x.ctypes.data, y.ctypes.data, x.strides[0], y.strides[0]
+        staged, at = [], 0              # each block's place in scratch, native layout
+        for block in self.blocks:
+            staged.append(scratch[at:at + block.size].reshape(block.shape))
+            at += block.size
+        pattern, planes = None, None
+        for b, w in enumerate(windows):
+            path, traj, t0, time, group = self._where(int(w))
+            slabs = self._slabs(pool, path, traj, t0)
+            c, scattered = 0, []
+            for block, native in zip(self.blocks, staged):
+                slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
+                in_place = slab.direct and block.n_channels == 1
+                try:
+                    if in_place:
+                        slab.read_scatter(lead, list(x[b, :, c]) + list(y[b, :, c]))
+                    else:
+                        slab.read(lead, native)
+                except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+                    raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0,
+                                       exc) from None
+                scattered.append(in_place)
+                c += block.n_channels
+            if scattered != pattern:        # files of one dataset rarely differ in layout
+                pattern, planes = scattered, self.planes(n_in, tuple(scattered))
+                planes_at, n_planes = planes.ctypes.data, len(planes)
+            bases[0], bases[1] = x_at + b * x_step, y_at + b * y_step
+            finite = kernel.run_raw(bases_at, planes_at, n_planes, per, shift_at, scale_at)
+            if check_finite and not finite:
                 return b
         return None
 

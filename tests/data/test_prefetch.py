@@ -29,10 +29,19 @@ def reference(ds, window, n_in):
     return move(item["input_fields"]), move(item["output_fields"])
 
 
-@pytest.mark.parametrize("assemble_on", ["readers", "device"])
+#: The assembly paths: in the readers (the CPU default) with the fused C kernel or with NumPy,
+#: and the device path on CPU tensors.
+PATHS = {"readers-kernel": ("readers", True), "readers-numpy": ("readers", False),
+         "device": ("device", None)}
+
+
+@pytest.mark.parametrize("path_id", list(PATHS))
 @pytest.mark.parametrize("normalization", ["zscore", "rms", None])
-def test_batches_equal_the_drop_in_reader(demo_base, normalization, assemble_on):
-    """Both assembly paths: in the readers (CPU default) and the device path on CPU tensors."""
+def test_batches_equal_the_drop_in_reader(demo_base, normalization, path_id, request):
+    """Every assembly path gives the drop-in reader's values, bit for bit."""
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
     paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
     refs = {}
     for p in paths:
@@ -41,7 +50,9 @@ def test_batches_equal_the_drop_in_reader(demo_base, normalization, assemble_on)
         ds = WellDataset(path=p, well_split_name="train", n_steps_input=3, n_steps_output=2, **kw)
         refs[ds.dataset_name] = ds
     with WellLoader(paths, n_steps_input=3, n_steps_output=2, batch_size=5, num_workers=2,
-                    seed=11, normalization=normalization, assemble_on=assemble_on) as loader:
+                    seed=11, normalization=normalization, assemble_on=assemble_on,
+                    native_kernel=fused) as loader:
+        assert loader.native_kernel_used == bool(fused)
         seen = set()
         for _, batch in zip(range(24), loader):
             seen.add(batch.dataset)
@@ -182,15 +193,19 @@ def test_corrupt_file_surfaces_with_file_trajectory_and_time(demo_base, tmp_path
     assert all(p.poll() is not None for p in loader._workers)       # readers stopped
 
 
-@pytest.mark.parametrize("assemble_on", ["readers", "device"])
-def test_nan_in_a_window_is_named(demo_base, tmp_path, assemble_on):
+@pytest.mark.parametrize("path_id", list(PATHS))
+def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
     ds = tmp_path / "euler_2d"
     shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
     for p in (ds / "data" / "train").glob("*.hdf5"):
         with h5py.File(p, "r+") as f:
             f["t0_fields/pressure"][:, 7] = np.nan
     with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
-                    assemble_on=assemble_on) as loader:
+                    assemble_on=assemble_on, native_kernel=fused) as loader:
+        assert loader.native_kernel_used == bool(fused)
         with pytest.raises(NonFiniteError) as exc:
             for _ in range(40):
                 next(loader)
@@ -253,11 +268,14 @@ def _alive(pid):
         return False
 
 
-@pytest.mark.parametrize("direct", [True, False])
-def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base, direct):
+@pytest.mark.parametrize("fused", [True, False], ids=["kernel", "numpy"])
+@pytest.mark.parametrize("direct", [True, False], ids=["direct", "hdf5"])
+def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base, direct, fused,
+                                                       request):
     """The torch assembler (what runs on the GPU, from native slot contents) and the readers'
     own path (CPU training: each window read straight into the assembled batch) give identical
-    batches, with positioned reads and through the HDF5 library, time stride 1 and 2."""
+    batches, with positioned reads and through the HDF5 library, time stride 1 and 2, with the
+    fused C kernel and with NumPy (which a field constant along an axis always takes)."""
     from dsfm.data.handles import H5Pool
     from dsfm.data.index import list_hdf5, read_layouts
     from dsfm.data.prefetch import assemble
@@ -266,6 +284,7 @@ def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base, dire
     roots = [make_dataset(str(tmp_path), "cube_3d", cube_3d_file),
              make_dataset(str(tmp_path), "partial", partial_dims_file),
              os.path.join(demo_base, "navier_stokes_2d")]
+    kernel = request.getfixturevalue("normalize_kernel") if fused else None
     pool = H5Pool(direct=direct)
     rng = np.random.default_rng(0)
     for root, (n_in, n_out, stride) in [(r, k) for r in roots for k in ((3, 2, 1), (2, 1, 2))]:
@@ -279,8 +298,10 @@ def test_device_assembler_matches_the_reader_assembler(tmp_path, demo_base, dire
         n_sp = source.spatial_shape
         x = np.full((3, n_in, source.n_channels) + n_sp, np.nan, np.float32)
         y = np.full((3, n_out, source.n_channels) + n_sp, np.nan, np.float32)
-        scratch = np.empty(max(b.size for b in source.blocks), np.float32)
-        assert source.read_assembled(pool, windows, n_in, x, y, shift, scale, scratch) is None
+        scratch = np.empty(source.window_floats, np.float32)
+        assert source.fusable == (root != roots[1])         # "partial" broadcasts a field
+        assert source.read_assembled(pool, windows, n_in, x, y, shift, scale, scratch,
+                                     kernel=kernel) is None
         tx, ty = assemble(torch.from_numpy(flat), source, 3, n_in, torch.from_numpy(shift),
                           torch.from_numpy(scale))
         assert torch.equal(tx, torch.from_numpy(x)) and torch.equal(ty, torch.from_numpy(y))

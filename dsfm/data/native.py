@@ -1,0 +1,195 @@
+"""The fused normalization kernel of `normalize.c`, built with the system C compiler on first use.
+
+With NumPy, normalizing a window and checking it costs three passes over data that reading it
+touched once (subtract, divide, isfinite into a temporary), plus a strided copy for every field
+stored with its components last. The kernel does all of it in one pass per plane and gives the
+same bits. It is compiled once per machine type into a cache directory (`DSFM_CACHE_DIR`, else
+`$XDG_CACHE_HOME/dsfm` or `~/.cache/dsfm`), checked against NumPy when loaded, and used by the
+reader processes of a CPU trainer. Without a working C compiler, or with `DSFM_NATIVE=0`, dsfm
+uses NumPy (same values, slower); `why_unavailable()` says why.
+
+Torch-free: the readers import it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+
+import numpy as np
+
+SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "normalize.c")
+#: No fast-math (it would break the division's rounding and the Inf/NaN test) and no FMA
+#: contraction: the results must be NumPy's, bit for bit.
+FLAGS = ("-O3", "-shared", "-fPIC", "-fno-fast-math", "-ffp-contract=off")
+#: Set DSFM_NATIVE=0 to normalize with NumPy instead (for comparisons).
+ENABLED_DEFAULT = os.environ.get("DSFM_NATIVE", "1") not in ("0", "false", "no", "off")
+
+#: One plane to normalize: mirrors `dsfm_plane` in normalize.c.
+PLANE = np.dtype([("dst", "<i8"), ("src", "<i8"), ("dst_base", "<i4"), ("src_base", "<i4"),
+                  ("stride", "<i4"), ("channel", "<i4")], align=True)
+
+_loaded: dict[str, object] = {}     # per process: "kernel" and "why"
+
+
+class NormalizeKernel:
+    """`dsfm_normalize_planes` through ctypes. Call with the plane bases (a uint64 array of
+    addresses), a PLANE table, the floats per plane and float32 shift/scale per channel;
+    returns whether every result is finite."""
+
+    def __init__(self, lib: ctypes.CDLL, path: str):
+        self.path = path
+        fn = lib.dsfm_normalize_planes
+        fn.restype = ctypes.c_int
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
+                       ctypes.c_void_p, ctypes.c_void_p]
+        self._fn = fn
+        self._lib = lib                 # keeps the library loaded
+
+    def __call__(self, bases: np.ndarray, planes: np.ndarray, plane_floats: int,
+                 shift: np.ndarray, scale: np.ndarray) -> bool:
+        return not self._fn(bases.ctypes.data, planes.ctypes.data, len(planes), plane_floats,
+                            shift.ctypes.data, scale.ctypes.data)
+
+    def run_raw(self, bases_addr: int, planes_addr: int, n_planes: int, plane_floats: int,
+                shift_addr: int, scale_addr: int) -> bool:
+        """The same with addresses computed by the caller (the readers' per-window call)."""
+        return not self._fn(bases_addr, planes_addr, n_planes, plane_floats, shift_addr,
+                            scale_addr)
+
+
+def cache_dir() -> str:
+    """Where built kernels are kept (created if missing)."""
+    root = os.environ.get("DSFM_CACHE_DIR")
+    if not root:
+        xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+        root = os.path.join(xdg, "dsfm")
+    return os.path.join(root, "native")
+
+
+def _compiler() -> str:
+    return os.environ.get("CC") or "cc"
+
+
+def library_path(directory: str | None = None) -> str:
+    """The built kernel's file: named by a hash of the source, the compiler, the flags and the
+    machine type, so a changed source or another architecture gets a build of its own."""
+    with open(SOURCE, "rb") as f:
+        key = hashlib.sha256(f.read())
+    key.update(repr((_compiler(), FLAGS, platform.machine(), platform.system())).encode())
+    return os.path.join(directory or cache_dir(), f"normalize-{key.hexdigest()[:16]}.so")
+
+
+def _build(path: str) -> str | None:
+    """Compile SOURCE into `path` (atomically: concurrent builders each write their own file
+    and rename it into place). Returns None, or why it failed."""
+    cc = _compiler()
+    if shutil.which(cc) is None:
+        return f"no C compiler: {cc!r} is not on PATH (set CC)"
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+    except OSError as exc:
+        return f"cannot create {os.path.dirname(path)}: {exc.strerror}"
+    tmp = f"{path}.{os.getpid()}.tmp"
+    errors = []
+    # per-vector-width clones first; a compiler without target_clones gets one plain build
+    for extra in ((), ("-DDSFM_NO_CLONES",)):
+        try:
+            done = subprocess.run([cc, *FLAGS, *extra, SOURCE, "-o", tmp], capture_output=True,
+                                  text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            errors.append(str(exc))
+            continue
+        if done.returncode == 0:
+            os.replace(tmp, path)
+            return None
+        errors.append((done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"])
+    try:
+        os.unlink(tmp)
+    except OSError:
+        pass
+    return f"{cc} could not build {os.path.basename(SOURCE)}: {errors[-1]}"
+
+
+def _self_test(kernel: NormalizeKernel) -> str | None:
+    """Compare the kernel with NumPy on in-place, paired and strided planes, bit for bit, and
+    its Inf/NaN verdict. Returns None, or what differed."""
+    rng = np.random.default_rng(0)
+    n = 1000
+    shift = np.array([0.0, -3.0, 1e-3], np.float32)
+    scale = np.array([3.0, 0.7, 1e-30], np.float32)
+    specials = np.array([0.0, -0.0, 1e-45, -3e-45, -1e-38, 1e38, 1.0, -7.5], np.float32)
+    cases = [(None, 0)] + [(bad, where) for bad in (np.inf, np.nan, -np.inf)
+                           for where in range(3)]
+    for bad, where in cases:
+        inplace = (rng.standard_normal(n) * 100).astype(np.float32)
+        pairs = (rng.standard_normal(2 * n) * 1e3).astype(np.float32)
+        triples = rng.standard_normal(3 * n).astype(np.float32)
+        inplace[:len(specials)] = specials
+        pairs[1:2 * len(specials):2] = specials
+        if bad is not None:              # the last element of one plane's input
+            [inplace, pairs[1::2], triples[2::3]][where][-1] = bad
+        with np.errstate(all="ignore"):
+            want = [(inplace - shift[0]) / scale[0], (pairs[1::2] - shift[1]) / scale[1],
+                    (triples[2::3] - shift[2]) / scale[2]]
+            should = all(np.isfinite(w).all() for w in want)
+        out = np.zeros((2, n), np.float32)
+        bases = np.array([inplace.ctypes.data, pairs.ctypes.data, triples.ctypes.data,
+                          out.ctypes.data], np.uint64)
+        planes = np.array([(0, 0, 0, 0, 1, 0), (0, 4, 3, 1, 2, 1), (4 * n, 8, 3, 2, 3, 2)],
+                          PLANE)
+        finite = kernel(bases, planes, n, shift, scale)
+        got = [inplace, out[0], out[1]]
+        if finite != should:
+            return f"its finite check said {finite} where NumPy says {should}"
+        for g, w in zip(got, want):
+            same = (g.view(np.uint32) == w.view(np.uint32)) | (np.isnan(g) & np.isnan(w))
+            if not same.all():
+                i = int(np.flatnonzero(~same)[0])
+                return f"it gives {g[i]!r} where NumPy gives {w[i]!r}"
+    return None
+
+
+def load(enabled: bool | None = None) -> NormalizeKernel | None:
+    """The kernel, building it if needed (once per process), or None when it is turned off or
+    cannot be built; `why_unavailable()` then says why."""
+    if not (ENABLED_DEFAULT if enabled is None else enabled):
+        return None
+    if "kernel" in _loaded:
+        return _loaded["kernel"]  # type: ignore[return-value]
+    kernel, why = None, None
+    path = library_path()
+    if not os.path.exists(path):
+        why = _build(path)
+        if why is not None and "cannot create" in why:
+            # a read-only home: build per user in the temporary directory instead
+            path = library_path(os.path.join(tempfile.gettempdir(), f"dsfm-native-{os.getuid()}"))
+            why = None if os.path.exists(path) else _build(path)
+    if why is None:
+        try:
+            kernel = NormalizeKernel(ctypes.CDLL(path), path)
+            why = _self_test(kernel)
+        except OSError as exc:
+            why = f"cannot load {path}: {exc}"
+        if why is not None:
+            kernel = None
+    _loaded["kernel"], _loaded["why"] = kernel, why
+    return kernel
+
+
+def why_unavailable(enabled: bool | None = None) -> str | None:
+    """None when `load()` gives the kernel; otherwise the reason."""
+    if not (ENABLED_DEFAULT if enabled is None else enabled):
+        return "turned off (DSFM_NATIVE=0 or native_kernel=False)"
+    load(True)
+    return _loaded.get("why")  # type: ignore[return-value]
+
+
+def forget() -> None:
+    """Drop this process's memo of the kernel (tests: load again under other settings)."""
+    _loaded.clear()

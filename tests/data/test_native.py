@@ -1,0 +1,134 @@
+"""The fused normalization kernel (dsfm/data/normalize.c through dsfm.data.native): NumPy's
+values bit for bit, its NaN/Inf verdict, its build cache, and the fall-backs when it cannot be
+built or is turned off."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dsfm.data import WellLoader, native
+from dsfm.errors import ConfigError
+from tests.conftest import REPO
+
+
+@pytest.fixture
+def fresh_native(monkeypatch, tmp_path):
+    """This process forgets the kernel it loaded and builds into an empty cache; afterwards it
+    forgets again, so later tests load the normal one."""
+    monkeypatch.setenv("DSFM_CACHE_DIR", str(tmp_path / "cache"))
+    native.forget()
+    yield tmp_path / "cache" / "native"
+    native.forget()
+
+
+def numpy_reference(src: np.ndarray, stride: int, shift: np.float32, scale: np.float32):
+    with np.errstate(all="ignore"):
+        return (src[::stride] - shift) / scale
+
+
+@pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 64, 1001])
+def test_planes_match_numpy_bit_for_bit_and_every_nonfinite_is_caught(normalize_kernel, n):
+    """In-place, pairs, out-of-place with stride 1 and 3, at lengths that end inside a vector
+    (the kernels' tail loops); a NaN/Inf anywhere in any plane, and only then, is reported."""
+    rng = np.random.default_rng(n)
+    shift = np.array([0.5, -2.0, 1e-4, 3.0], np.float32)
+    scale = np.array([2.5, 0.3, 7.0, 1e-3], np.float32)
+    strides = [1, 2, 1, 3]
+
+    def run(bad_plane=None, bad_at=None, value=None):
+        srcs = [(rng.standard_normal(k * n) * 50).astype(np.float32) for k in strides]
+        if bad_plane is not None:
+            srcs[bad_plane][bad_at * strides[bad_plane]] = value
+        want = [numpy_reference(s, k, shift[c], scale[c]) for c, (s, k) in
+                enumerate(zip(srcs, strides))]
+        out = np.full((3, n), np.nan, np.float32)      # planes 1..3 are written out of place
+        bases = np.array([s.ctypes.data for s in srcs] + [out.ctypes.data], np.uint64)
+        planes = np.array([(0, 0, 0, 0, 1, 0), (0, 0, 4, 1, 2, 1), (4 * n, 0, 4, 2, 1, 2),
+                           (8 * n, 0, 4, 3, 3, 3)], native.PLANE)
+        finite = normalize_kernel(bases, planes, n, shift, scale)
+        got = [srcs[0], out[0], out[1], out[2]]
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g.view(np.uint32)[~np.isnan(w)],
+                                          w.view(np.uint32)[~np.isnan(w)])
+            assert np.array_equal(np.isnan(g), np.isnan(w))
+        return finite
+
+    assert run() is True
+    for plane in range(4):
+        for at in sorted({0, n // 2, n - 1}):
+            for value in (np.nan, np.inf, -np.inf):
+                assert run(plane, at, value) is False, (plane, at, value)
+
+
+def test_overflow_and_zero_scale_are_nonfinite(normalize_kernel):
+    """Finite data can still normalize to Inf (a huge value, a zero scale): reported as NumPy
+    would see it."""
+    x = np.array([3e38, -3e38, 1.0, 0.0], np.float32)
+    for scale, finite in ((np.float32(1e-3), False), (np.float32(0.0), False),
+                          (np.float32(2.0), True)):
+        buf = x.copy()
+        bases = np.array([buf.ctypes.data], np.uint64)
+        planes = np.array([(0, 0, 0, 0, 1, 0)], native.PLANE)
+        assert normalize_kernel(bases, planes, 4, np.zeros(1, np.float32),
+                                np.array([scale], np.float32)) is finite
+        want = numpy_reference(x, 1, np.float32(0), scale)
+        assert np.array_equal(np.isnan(buf), np.isnan(want))
+        np.testing.assert_array_equal(buf[~np.isnan(want)], want[~np.isnan(want)])
+
+
+def test_the_kernel_is_built_once_per_cache_and_reused(normalize_kernel, fresh_native):
+    assert not fresh_native.exists()
+    kernel = native.load(True)
+    assert kernel is not None and os.path.dirname(kernel.path) == str(fresh_native)
+    built = os.stat(kernel.path).st_mtime_ns
+    assert os.listdir(fresh_native) == [os.path.basename(kernel.path)]   # no temporary left
+    # another process finds it and does not rebuild it
+    code = "from dsfm.data import native; k = native.load(True); print(k.path)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == kernel.path
+    assert os.stat(kernel.path).st_mtime_ns == built
+
+
+def test_without_a_compiler_the_loader_falls_back_to_numpy(demo_base, fresh_native,
+                                                           monkeypatch):
+    monkeypatch.setenv("CC", "/nonexistent/cc")
+    assert native.load(True) is None
+    assert "no C compiler" in native.why_unavailable(True)
+    path = os.path.join(demo_base, "euler_2d")
+    with pytest.raises(ConfigError, match="no C compiler"):
+        WellLoader([path], batch_size=2, num_workers=1, native_kernel=True)
+    with WellLoader([path], batch_size=2, num_workers=1, seed=3) as loader:
+        assert not loader.native_kernel_used
+        batch = next(loader)
+    assert batch.x.shape[0] == 2 and bool(batch.x.isfinite().all())
+
+
+def test_a_build_that_differs_from_numpy_is_refused(normalize_kernel, fresh_native,
+                                                    monkeypatch, tmp_path):
+    """A compiler configured for fast-math (here: a wrapper that appends -ffast-math) makes the
+    division a multiplication by the reciprocal; the load-time check against NumPy refuses it
+    rather than let batches change."""
+    wrapper = tmp_path / "cc"
+    real = shutil.which(os.environ.get("CC") or "cc")
+    wrapper.write_text(f'#!/bin/sh\nexec {real} "$@" -ffast-math\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("CC", str(wrapper))
+    assert native.load(True) is None
+    assert "where NumPy gives" in native.why_unavailable(True)
+
+
+def test_DSFM_NATIVE_0_turns_the_kernel_off(demo_base):
+    code = ("import os, sys; from dsfm.data import WellLoader, native\n"
+            "l = WellLoader([sys.argv[1]], batch_size=2, num_workers=1)\n"
+            "next(l); print(l.native_kernel_used, native.why_unavailable()); l.close()")
+    env = dict(os.environ, DSFM_NATIVE="0")
+    proc = subprocess.run([sys.executable, "-c", code, os.path.join(demo_base, "euler_2d")],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "False" and "turned off" in proc.stdout
