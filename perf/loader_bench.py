@@ -20,7 +20,10 @@ same with NumPy doing that work, as where the kernel cannot be built), `dsfm 1r 
 configuration: the reader only reads, and the trainer process assembles; on CPU it does so in
 parallel with the reader), `dsfm 1r read own` (the same with the reader on a core the trainer
 stays off) and `dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of
-positioned reads). The readers' own busy time (in situ) is also turned into a rate per reader. The
+positioned reads). A reader's own work is also timed alone, in this process and without the
+pipes (`reader alone`: read only; `alone asm`: the CPU default's work, with the kernel, with NumPy,
+and into 4 slots in turn as into a ring rather than one reused buffer). The readers' own busy
+time (in situ) is also turned into a rate per reader. The
 benchmark's own process runs torch on `--trainer-threads` threads (default 1: beside a GPU the
 training process does not assemble on the CPU, so it should not take the readers' cores). Prints
 samples/s, MB/s and per-batch latency (median, p95), writes JSON. `--rss-batches N` also runs
@@ -151,38 +154,44 @@ def raw_bound(source, windows: np.ndarray, fresh: bool = False) -> float:
 
 
 def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=None,
-                 scale=None, kernel=None) -> float:
+                 scale=None, kernel=None, slots: int = 1) -> float:
     """Seconds for a reader process's own work on the same windows, in this process and without
     the pipes: `read_batch` into a shared-memory slot (the GPU configuration), or with
     `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check; with the
-    fused `kernel`, else NumPy)."""
+    fused `kernel`, else NumPy). One reused slot, as the raw bound reuses its buffers, or
+    `slots` taken in turn, as a reader fills a ring (whose slots do not all stay in cache)."""
     from dsfm.data.handles import H5Pool
 
     n_in = source.n_steps - 1
     per = source.assembled_floats if assemble else source.window_floats
-    mem = mmap.mmap(-1, batch * per * 4)
-    slot = np.frombuffer(mem, np.float32)
-    slot[:] = 0
-    x = slot[:batch * n_in * per // source.n_steps].reshape(
-        (batch, n_in, source.n_channels) + source.spatial_shape)
-    y = slot[x.size:].reshape((batch, 1, source.n_channels) + source.spatial_shape)
+    mem = mmap.mmap(-1, slots * batch * per * 4)
+    ring = np.frombuffer(mem, np.float32)
+    ring[:] = 0
+    views = []
+    for k in range(slots):
+        slot = ring[k * batch * per:(k + 1) * batch * per]
+        x = slot[:batch * n_in * per // source.n_steps].reshape(
+            (batch, n_in, source.n_channels) + source.spatial_shape)
+        y = slot[x.size:].reshape((batch, 1, source.n_channels) + source.spatial_shape)
+        views.append((slot, x, y))
     scratch = np.empty(source.window_floats, np.float32)
     pool = H5Pool()
 
     def run(ws):
-        for i in range(0, len(ws) - batch + 1, batch):
+        for k, i in enumerate(range(0, len(ws) - batch + 1, batch)):
+            slot, x, y = views[k % slots]
             if assemble:
                 source.read_assembled(pool, ws[i:i + batch], n_in, x, y, shift, scale, scratch,
                                       kernel=kernel)
             else:
                 source.read_batch(pool, ws[i:i + batch], slot)
 
-    run(windows[:2 * batch])
+    run(windows[:2 * batch * slots])
     start = time.perf_counter()
     run(windows)
     elapsed = time.perf_counter() - start
     pool.close()
-    x = y = slot = None        # drop the views of the mapping before closing it
+    views = slot = x = y = ring = None      # drop the views of the mapping before closing it
     mem.close()
     return elapsed
 
@@ -276,7 +285,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             _consume(iters[k], 10, to_device)               # start-up and page cache
     runs = {k: [] for k in variants}
     raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
-           "alone_asm": [], "alone_asm_numpy": []}
+           "alone_asm": [], "alone_asm_numpy": [], "alone_asm_ring": []}
     kernel = native.load()
     shift, scale = variants["dsfm"][0].datasets[0].shift, variants["dsfm"][0].datasets[0].scale
     rng = np.random.default_rng(0)
@@ -295,6 +304,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                                                  kernel))
             raw["alone_asm_numpy"].append(reader_alone(source, windows, batch, True, shift,
                                                        scale))
+            raw["alone_asm_ring"].append(reader_alone(source, windows, batch, True, shift, scale,
+                                                      kernel, slots=RING_SLOTS_1R))
             raw["direct_w"].append(raw_parallel(pool, source, windows, workers, False))
             raw["new_w"].append(raw_parallel(pool, source, windows, workers, True))
     reader_rates = {}
@@ -313,7 +324,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6,
                    "read_direct_per_s": rate["direct"], "getitem_per_s": rate["new"]}
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
-    for k in ("pread", "alone_read", "alone_asm", "alone_asm_numpy"):
+    for k in ("pread", "alone_read", "alone_asm", "alone_asm_numpy", "alone_asm_ring"):
         rows[f"raw_{k}"] = {"samples_per_s": rate[k], "mb_per_s": rate[k] * sample_bytes / 1e6,
                             "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
@@ -334,7 +345,10 @@ LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_numpy": "dsfm 1r numpy", "dsfm_1w_read"
           "dsfm_1w_hdf5": "dsfm 1r hdf5",
           "dsfm_1w_read_own": "dsfm 1r read own",
           "raw": "raw (1p)", "raw_pread": "raw pread", "raw_alone_read": "reader alone",
-          "raw_alone_asm": "reader alone asm", "raw_alone_asm_numpy": "alone asm numpy"}
+          "raw_alone_asm": "reader alone asm", "raw_alone_asm_numpy": "alone asm numpy",
+          "raw_alone_asm_ring": "alone asm ring"}
+#: the ring of a one-reader WellLoader (2 · num_workers + 2 slots), for `alone asm ring`
+RING_SLOTS_1R = 4
 
 
 def _forever(loader):
@@ -437,7 +451,7 @@ def main(argv=None) -> int:
           f"{'p95 ms':>7s}")
     for r in report["rows"]:
         for v in LOADERS + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
-                            "raw_alone_asm", "raw_alone_asm_numpy"):
+                            "raw_alone_asm", "raw_alone_asm_numpy", "raw_alone_asm_ring"):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
@@ -452,7 +466,8 @@ def main(argv=None) -> int:
         print(f"{'':30s} a reader's work alone vs raw 1p: read "
               f"{r['raw_alone_read']['vs_raw']:.2f}x, read + assemble "
               f"{r['raw_alone_asm']['vs_raw']:.2f}x (NumPy: "
-              f"{r['raw_alone_asm_numpy']['vs_raw']:.2f}x)")
+              f"{r['raw_alone_asm_numpy']['vs_raw']:.2f}x; {RING_SLOTS_1R} slots in turn: "
+              f"{r['raw_alone_asm_ring']['vs_raw']:.2f}x)")
         print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(
             f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
             for k in LOADERS))

@@ -5,7 +5,8 @@ PATH may be an HDF5 file, a directory of HDF5 files, a dataset directory
 Prints one line per problem, naming the file, the group or dataset, and what is wrong, and exits
 1 if there was any; exits 0 when everything is valid. On stderr it also says how the training
 loader will read the time-varying fields: with positioned reads of the file (contiguous, native
-float32) or through the HDF5 library (chunked, compressed, other types), which is slower.
+float32) or through the HDF5 library (chunked, compressed, other types), which is slower, and
+whether a CPU trainer's readers normalize with the fused C kernel or with NumPy (and why).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 import numpy as np
 import yaml
 
+from dsfm.data import native
 from dsfm.data.handles import why_not_direct
 from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.well_format import FileLayout, inspect_file, layout_mismatch, open_h5
@@ -194,6 +196,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p}: /{a}: {why}", file=sys.stderr)
         if len(slow) > 8:
             print(f"  ... and {len(slow) - 8} more", file=sys.stderr)
+        why = native.why_unavailable()
+        print("CPU training: readers normalize with " + (
+            "the fused C kernel" if why is None else f"NumPy (fused C kernel: {why})"),
+            file=sys.stderr)
     status = f"{len(problems)} problem(s)" if problems else "valid"
     print(f"checked {n_files} file(s): {status}", file=sys.stderr)
     return 1 if problems else 0
