@@ -95,6 +95,8 @@ def _build(path: str) -> str | None:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as exc:
         return f"cannot create {os.path.dirname(path)}: {exc.strerror}"
+    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
+        return f"cannot create files in {os.path.dirname(path)}: not writable"
     tmp = f"{path}.{os.getpid()}.tmp"
     errors = []
     # per-vector-width clones first; a compiler without target_clones gets one plain build
@@ -114,6 +116,27 @@ def _build(path: str) -> str | None:
     except OSError:
         pass
     return f"{cc} could not build {os.path.basename(SOURCE)}: {errors[-1]}"
+
+
+def _private_fallback() -> tuple[str, str | None]:
+    """The kernel's path in a directory of this user's own under the temporary directory, built
+    if missing, and None or why not. A shared /tmp is writable by everyone: a directory that
+    someone else created, or that others may write to, could hold a library planted for us to
+    load, and is refused."""
+    directory = os.path.join(tempfile.gettempdir(), f"dsfm-native-{os.getuid()}")
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        return "", f"cannot create {directory}: {exc.strerror}"
+    st = os.lstat(directory)
+    if not os.path.isdir(directory) or os.path.islink(directory) or \
+            st.st_uid != os.getuid() or st.st_mode & 0o022:
+        return "", (f"{directory} is not a directory of this user's that only they can write "
+                    "to; not building or loading a library there")
+    path = library_path(directory)
+    return path, (None if os.path.exists(path) else _build(path))
 
 
 def _self_test(kernel: NormalizeKernel) -> str | None:
@@ -166,10 +189,9 @@ def load(enabled: bool | None = None) -> NormalizeKernel | None:
     path = library_path()
     if not os.path.exists(path):
         why = _build(path)
-        if why is not None and "cannot create" in why:
+        if why is not None and why.startswith("cannot create"):
             # a read-only home: build per user in the temporary directory instead
-            path = library_path(os.path.join(tempfile.gettempdir(), f"dsfm-native-{os.getuid()}"))
-            why = None if os.path.exists(path) else _build(path)
+            path, why = _private_fallback()
     if why is None:
         try:
             kernel = NormalizeKernel(ctypes.CDLL(path), path)

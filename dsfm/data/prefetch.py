@@ -20,7 +20,6 @@ from __future__ import annotations
 import errno
 import mmap
 import os
-import queue
 import secrets
 import shutil
 import subprocess
@@ -350,8 +349,10 @@ class WellLoader:
             self.close()
             raise
         self._free = list(range(self.ring_slots))
-        self._returned: queue.SimpleQueue = queue.SimpleQueue()
-        self._leases: dict[int, int] = {}         # slot -> parts of a CPU batch still alive
+        # slot -> weak references to the arrays of the CPU batch it holds. Polled, not called
+        # back: a Ctrl-C that lands in a finalizer callback is printed and dropped by Python,
+        # which once left a trainer running on after SIGINT.
+        self._leases: dict[int, tuple[weakref.ref, ...]] = {}
         self._outstanding = [0] * num_workers
         self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
         self._done: set[int] = set()
@@ -445,13 +446,8 @@ class WellLoader:
                           f"pipe while {doing}")
 
     def _submit(self) -> None:
-        while True:                       # slots whose leased CPU batches were freed
-            try:
-                slot = self._returned.get_nowait()
-            except queue.Empty:
-                break
-            self._leases[slot] -= 1
-            if self._leases[slot] == 0:
+        for slot, parts in list(self._leases.items()):    # leased CPU batches since freed
+            if all(part() is None for part in parts):
                 del self._leases[slot]
                 self._free.append(slot)
         if not self._free and self._next_yield == self._next_submit:
@@ -621,9 +617,7 @@ class WellLoader:
         ds = self.datasets[d]
         x_np, y_np = assembled_views(self._ring.slot(slot), ds.source, len(windows),
                                      self.n_steps_input)
-        self._leases[slot] = 2
-        for part in (x_np, y_np):
-            weakref.finalize(part, self._returned.put, slot)
+        self._leases[slot] = (weakref.ref(x_np), weakref.ref(y_np))
         dev = self._device_tensors(ds)
         bcs = self._bcs(ds, windows)
         return Batch(torch.from_numpy(x_np), torch.from_numpy(y_np), dev["ids"], bcs,

@@ -132,3 +132,40 @@ def test_DSFM_NATIVE_0_turns_the_kernel_off(demo_base):
                           cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.split()[0] == "False" and "turned off" in proc.stdout
+
+
+def test_an_unwritable_cache_falls_back_to_a_private_temporary_directory(
+        normalize_kernel, fresh_native, monkeypatch, tmp_path):
+    import tempfile
+
+    monkeypatch.setenv("DSFM_CACHE_DIR", "/dev/null/cache")       # cannot be created
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = tmp_path / f"dsfm-native-{os.getuid()}"
+    kernel = native.load(True)
+    assert kernel is not None and os.path.dirname(kernel.path) == str(private)
+    assert private.stat().st_mode & 0o777 == 0o700
+
+
+@pytest.mark.parametrize("problem", ["others may write", "owned by someone else", "a link"])
+def test_a_temporary_directory_others_control_is_refused(normalize_kernel, fresh_native,
+                                                         monkeypatch, tmp_path, problem):
+    """A shared /tmp: a directory planted under our name could hold a library for us to load."""
+    import tempfile
+
+    monkeypatch.setenv("DSFM_CACHE_DIR", "/dev/null/cache")
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    private = tmp_path / f"dsfm-native-{os.getuid()}"
+    if problem == "a link":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        private.symlink_to(tmp_path / "elsewhere")
+    else:
+        private.mkdir(mode=0o700)
+        if problem == "others may write":
+            private.chmod(0o777)
+        elif os.getuid() == 0:
+            os.chown(private, 65534, 65534)
+        else:
+            pytest.skip("only root can give a directory to someone else")
+    assert native.load(True) is None
+    assert "not a directory of this user's" in native.why_unavailable(True)
+    assert not any(p.name.endswith(".so") for p in tmp_path.rglob("*"))
