@@ -54,7 +54,7 @@ def normalize_kernel():
 
     from dsfm.data import native
 
-    if shutil.which(os.environ.get("CC") or "cc") is None:
+    if shutil.which(native.compiler()) is None:
         pytest.skip("no C compiler on PATH")
     kernel = native.load(True)
     assert kernel is not None, native.why_unavailable(True)

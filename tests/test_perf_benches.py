@@ -1,12 +1,12 @@
 """The benchmarks under perf/ run end to end and report what they promise."""
 
 import json
-import os
 import shutil
 import sys
 
 import pytest
 
+from dsfm.data import native
 from tests.conftest import run
 
 
@@ -56,7 +56,7 @@ def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_
         assert row[k]["samples_per_s"] > 0, k
     # the CPU default's readers use the fused kernel where it builds (wherever there is a C
     # compiler, as in CI); the numpy variant and the GPU configuration (readers only read) never
-    built = shutil.which(os.environ.get("CC") or "cc") is not None
+    built = shutil.which(native.compiler()) is not None
     assert (rec["native_kernel"] == "available") == built
     assert row["native_kernel_used"] == {"dsfm": built, "dsfm_1w": built, "dsfm_1w_numpy": False,
                                          "dsfm_1w_read": False, "dsfm_1w_read_own": False,

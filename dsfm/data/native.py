@@ -72,8 +72,11 @@ def cache_dir() -> str:
     return os.path.join(root, "native")
 
 
-def _compiler() -> str:
-    return os.environ.get("CC") or "cc"
+def compiler() -> str:
+    """$CC, else the first of cc, gcc and clang on PATH (cc when none is)."""
+    if os.environ.get("CC"):
+        return os.environ["CC"]
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), "cc")
 
 
 def library_path(directory: str | None = None) -> str:
@@ -81,16 +84,16 @@ def library_path(directory: str | None = None) -> str:
     machine type, so a changed source or another architecture gets a build of its own."""
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
-    key.update(repr((_compiler(), FLAGS, platform.machine(), platform.system())).encode())
+    key.update(repr((compiler(), FLAGS, platform.machine(), platform.system())).encode())
     return os.path.join(directory or cache_dir(), f"normalize-{key.hexdigest()[:16]}.so")
 
 
 def _build(path: str) -> str | None:
     """Compile SOURCE into `path` (atomically: concurrent builders each write their own file
     and rename it into place). Returns None, or why it failed."""
-    cc = _compiler()
+    cc = compiler()
     if shutil.which(cc) is None:
-        return f"no C compiler: {cc!r} is not on PATH (set CC)"
+        return f"no C compiler: {cc!r} is not on PATH (install gcc or clang, or set CC)"
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
     except OSError as exc:

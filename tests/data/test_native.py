@@ -115,7 +115,7 @@ def test_a_build_that_differs_from_numpy_is_refused(normalize_kernel, fresh_nati
     division a multiplication by the reciprocal; the load-time check against NumPy refuses it
     rather than let batches change."""
     wrapper = tmp_path / "cc"
-    real = shutil.which(os.environ.get("CC") or "cc")
+    real = shutil.which(native.compiler())
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@" -ffast-math\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))

@@ -242,9 +242,12 @@ TRAINER = textwrap.dedent("""
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_and_sigterm_leave_no_orphans_and_no_shared_memory(demo_base, sig):
     paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    # A shell starts background jobs with Ctrl-C ignored, and children inherit that: run as
+    # from a terminal whatever way pytest itself was started (`.ci/run &` once hung here).
     proc = subprocess.Popen([sys.executable, "-c", TRAINER, *paths], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     pids = [int(p) for p in proc.stdout.readline().split()]
     assert len(pids) == 2 and all(os.path.exists(f"/proc/{p}") for p in pids)
     time.sleep(1.0)                     # mid-training
