@@ -14,11 +14,14 @@ Torch-free: the readers import it.
 from __future__ import annotations
 
 import ctypes
+import ctypes.util
 import hashlib
 import os
 import platform
+import shlex
 import shutil
 import subprocess
+import sys
 import tempfile
 
 import numpy as np
@@ -73,9 +76,10 @@ def cache_dir() -> str:
 
 
 def compiler() -> str:
-    """$CC, else the first of cc, gcc and clang on PATH (cc when none is)."""
-    if os.environ.get("CC"):
-        return os.environ["CC"]
+    """$CC (which may carry arguments: `ccache gcc`), else the first of cc, gcc and clang on
+    PATH (cc when none is)."""
+    if os.environ.get("CC", "").strip():
+        return os.environ["CC"].strip()
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), "cc")
 
 
@@ -89,36 +93,126 @@ def library_path(directory: str | None = None) -> str:
 
 
 def _build(path: str) -> str | None:
-    """Compile SOURCE into `path` (atomically: concurrent builders each write their own file
-    and rename it into place). Returns None, or why it failed."""
-    cc = compiler()
-    if shutil.which(cc) is None:
-        return f"no C compiler: {cc!r} is not on PATH (install gcc or clang, or set CC)"
+    """Compile SOURCE into `path`. The build goes to a temporary file of its own (concurrent
+    builders, even with equal PIDs in different containers, never share one), is loaded and
+    checked in a child process (`verify`: a bad build must not touch this process), and only
+    then renamed into place. Returns None, or why it failed."""
+    cmd = shlex.split(compiler())
+    if not cmd or shutil.which(cmd[0]) is None:
+        return (f"no C compiler: {compiler()!r} is not on PATH (install gcc or clang, or set "
+                "CC)")
+    directory = os.path.dirname(path)
     try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        os.makedirs(directory, exist_ok=True)
     except OSError as exc:
-        return f"cannot create {os.path.dirname(path)}: {exc.strerror}"
-    if not os.access(os.path.dirname(path), os.W_OK | os.X_OK):
-        return f"cannot create files in {os.path.dirname(path)}: not writable"
-    tmp = f"{path}.{os.getpid()}.tmp"
-    errors = []
-    # per-vector-width clones first; a compiler without target_clones gets one plain build
-    for extra in ((), ("-DDSFM_NO_CLONES",)):
-        try:
-            done = subprocess.run([cc, *FLAGS, *extra, SOURCE, "-o", tmp], capture_output=True,
-                                  text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            errors.append(str(exc))
-            continue
-        if done.returncode == 0:
-            os.replace(tmp, path)
-            return None
-        errors.append((done.stderr or done.stdout).strip().splitlines()[-1:] or ["failed"])
+        return f"cannot create {directory}: {exc.strerror}"
+    if not os.access(directory, os.W_OK | os.X_OK):
+        return f"cannot create files in {directory}: not writable"
     try:
-        os.unlink(tmp)
-    except OSError:
-        pass
-    return f"{cc} could not build {os.path.basename(SOURCE)}: {errors[-1]}"
+        fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
+                                   dir=directory)
+        os.close(fd)
+    except OSError as exc:
+        return f"cannot create files in {directory}: {exc.strerror}"
+    try:
+        why = "no build attempted"
+        # per-vector-width clones first; a compiler without target_clones gets one plain build
+        for extra in ((), ("-DDSFM_NO_CLONES",)):
+            try:
+                done = subprocess.run([*cmd, *FLAGS, *extra, SOURCE, "-o", tmp],
+                                      capture_output=True, text=True, timeout=300)
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                why = str(exc)
+                continue
+            if done.returncode != 0:
+                lines = (done.stderr or done.stdout).strip().splitlines()
+                why = lines[-1] if lines else f"exit code {done.returncode}"
+                continue
+            why = _verify_in_child(tmp)
+            if why is None:
+                os.replace(tmp, path)
+                return None
+            return f"the build of {os.path.basename(SOURCE)} with {compiler()} was refused: {why}"
+        return f"{compiler()} could not build {os.path.basename(SOURCE)}: {why}"
+    except OSError as exc:
+        return f"cannot install the build in {directory}: {exc}"
+    finally:
+        if os.path.exists(tmp):
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
+
+
+def _verify_in_child(path: str) -> str | None:
+    """Load the library at `path` in a fresh Python and run `verify` there."""
+    code = "import sys; from dsfm.data import native; sys.exit(native.verify(sys.argv[1]))"
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    try:
+        done = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
+                              text=True, timeout=120, env=env)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"could not check it: {exc}"
+    if done.returncode == 0:
+        return None
+    if done.returncode < 0:
+        return f"loading and running it killed a process with signal {-done.returncode}"
+    lines = (done.stderr or done.stdout).strip().splitlines()
+    return lines[-1] if lines else f"its check exited with code {done.returncode}"
+
+
+def verify(path: str) -> str | None:
+    """Load the library at `path` into this process and check it (`_load_checked`); the child
+    process of `_build` runs this. Returns None, or why not (also printed)."""
+    _, why = _load_checked(path)
+    if why is not None:
+        print(why, file=sys.stderr)
+    return why
+
+
+def _flushes_subnormals() -> bool:
+    """Whether this process's floating-point mode flushes subnormal float32 results or inputs
+    to zero (FTZ/DAZ), as a library built with fast-math switches it when it is loaded."""
+    tiny = np.array([1e-39], np.float32)
+    return bool((tiny * np.float32(1.0))[0] == 0 or (tiny + np.float32(0.0))[0] == 0)
+
+
+def _fenv():
+    """The C library's fegetenv/fesetenv and a buffer holding the current environment, or
+    None where they cannot be had."""
+    try:
+        libm = ctypes.CDLL(ctypes.util.find_library("m") or "libm.so.6")
+        env = ctypes.create_string_buffer(256)          # larger than any fenv_t
+        if libm.fegetenv(env) != 0:
+            return None
+        return libm, env
+    except (OSError, AttributeError):
+        return None
+
+
+def _load_checked(path: str) -> tuple[NormalizeKernel | None, str | None]:
+    """Load the library and check it: it must leave the process's floating-point mode alone
+    (a fast-math build turns on flush-to-zero when loaded, for NumPy and torch too; the mode is
+    put back and the library refused) and agree with NumPy (`_self_test`)."""
+    before = _flushes_subnormals()
+    saved = _fenv()
+    try:
+        lib = ctypes.CDLL(path)
+    except OSError as exc:
+        return None, f"cannot load {path}: {exc}"
+    if _flushes_subnormals() != before:
+        if saved is not None:
+            libm, env = saved
+            libm.fesetenv(env)
+        return None, (f"loading {path} changed this process's floating-point mode (subnormals "
+                      "flushed to zero: built with fast-math?)" +
+                      ("; mode restored" if saved is not None and not _flushes_subnormals()
+                       else "; could not restore it"))
+    kernel = NormalizeKernel(lib, path)
+    why = _self_test(kernel)
+    return (None, why) if why is not None else (kernel, None)
 
 
 def _private_fallback() -> tuple[str, str | None]:
@@ -196,13 +290,19 @@ def load(enabled: bool | None = None) -> NormalizeKernel | None:
             # a read-only home: build per user in the temporary directory instead
             path, why = _private_fallback()
     if why is None:
-        try:
-            kernel = NormalizeKernel(ctypes.CDLL(path), path)
-            why = _self_test(kernel)
-        except OSError as exc:
-            why = f"cannot load {path}: {exc}"
-        if why is not None:
-            kernel = None
+        kernel, why = _load_checked(path)
+        if kernel is None and why.startswith("cannot load"):
+            # a damaged cached file, of which nothing got loaded: build it again, once
+            why = _build(path)
+            if why is None:
+                kernel, why = _load_checked(path)
+        elif kernel is None:
+            # loaded but refused (left by an older dsfm, or put there by hand): this process
+            # uses NumPy, and the next one builds afresh
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
     _loaded["kernel"], _loaded["why"] = kernel, why
     return kernel
 

@@ -145,10 +145,15 @@ class WindowSource:
         while it is in cache: with `kernel` (`dsfm.data.native`) in one pass that also takes
         vector components apart and checks for NaN/Inf, else with NumPy. Returns the index of
         the first window with a NaN/Inf after normalization (when `check_finite`), else None."""
-        if scratch.size < self.window_floats:
-            raise ValueError(f"scratch holds {scratch.size} floats, a window of {self.name} "
-                             f"needs {self.window_floats}")
-        if kernel is not None and self.fusable:
+        if scratch.dtype != np.float32 or scratch.size < self.window_floats:
+            raise ValueError(f"scratch holds {scratch.size} {scratch.dtype} values, a window of "
+                             f"{self.name} needs {self.window_floats} float32")
+        if len(windows) > min(len(x), len(y)):
+            raise ValueError(f"{len(windows)} windows for x {x.shape} and y {y.shape}")
+        if kernel is not None and self.fusable and \
+                all(v is None or (isinstance(v, np.ndarray) and v.dtype == np.float32 and
+                                  v.size == self.n_channels) for v in (shift, scale)):
+            # (other shift/scale, a broadcast scalar or float64, keep NumPy's own semantics)
             return self._read_fused(pool, windows, n_in, x, y, shift, scale, scratch,
                                     check_finite, kernel)
         spatial = self.spatial_shape
@@ -223,10 +228,10 @@ class WindowSource:
         n_out = self.n_steps - n_in
         tail = (self.n_channels,) + spatial
         if x.shape[1:] != (n_in,) + tail or y.shape[1:] != (n_out,) + tail or \
-                not (x.flags.c_contiguous and y.flags.c_contiguous and
-                     scratch.flags.c_contiguous and x.dtype == y.dtype == np.float32):
-            raise ValueError(f"x {x.shape} and y {y.shape} must be C-contiguous float32 "
-                             f"[B, T, {', '.join(map(str, tail))}]")
+                not all(a.flags.c_contiguous and a.flags.aligned and a.flags.writeable
+                        for a in (x, y, scratch)) or not x.dtype == y.dtype == np.float32:
+            raise ValueError(f"x {x.shape} and y {y.shape} must be aligned, writable, "
+                             f"C-contiguous float32 [B, T, {', '.join(map(str, tail))}]")
         shift = np.zeros(self.n_channels, np.float32) if shift is None else \
             np.ascontiguousarray(shift, np.float32).reshape(-1)
         scale = np.ones(self.n_channels, np.float32) if scale is None else \

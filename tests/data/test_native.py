@@ -119,8 +119,87 @@ def test_a_build_that_differs_from_numpy_is_refused(normalize_kernel, fresh_nati
     wrapper.write_text(f'#!/bin/sh\nexec {real} "$@" -ffast-math\n')
     wrapper.chmod(0o755)
     monkeypatch.setenv("CC", str(wrapper))
+    assert not native._flushes_subnormals()
+    assert native.load(True) is None
+    why = native.why_unavailable(True)
+    assert "was refused" in why and ("floating-point mode" in why or "NumPy gives" in why), why
+    # it was checked in a child process: this one still computes subnormals, nothing is cached
+    assert not native._flushes_subnormals()
+    assert not fresh_native.exists() or os.listdir(fresh_native) == []
+
+
+def test_a_damaged_cached_kernel_is_built_again(normalize_kernel, fresh_native):
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(b"\x7fELF truncated")
+    kernel = native.load(True)
+    assert kernel is not None, native.why_unavailable(True)
+    assert os.path.getsize(path) > 1000
+
+
+def test_a_cached_kernel_that_differs_from_numpy_is_refused_and_dropped(normalize_kernel,
+                                                                       fresh_native, tmp_path):
+    """A library at the cache path that gives other values (here: one that leaves the data as
+    they are) is not used, and is removed so that the next process builds a good one."""
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    src = tmp_path / "lazy.c"
+    src.write_text("#include <stdint.h>\n"
+                   "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
+                   "    int64_t f, const float *s, const float *c) { return 0; }\n")
+    cmd = [shutil.which(native.compiler()), *native.FLAGS, str(src), "-o", path]
+    subprocess.run(cmd, check=True)
     assert native.load(True) is None
     assert "where NumPy gives" in native.why_unavailable(True)
+    assert not os.path.exists(path)
+    code = "from dsfm.data import native; k = native.load(True); print(k and k.path)"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
+                          text=True, env=dict(os.environ))
+    assert proc.returncode == 0 and proc.stdout.strip() == path, proc.stderr
+
+
+def test_concurrent_first_builds_all_succeed(normalize_kernel, fresh_native):
+    """Ranks and readers starting together on an empty cache each build or find the kernel;
+    none fails on another's temporary file, and none is left behind."""
+    code = "from dsfm.data import native; k = native.load(True); print(k and k.path)"
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=dict(os.environ))
+             for _ in range(4)]
+    outs = [p.communicate(timeout=300) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [e for _, e in outs]
+    assert {o.strip() for o, _ in outs} == {native.library_path()}
+    assert os.listdir(fresh_native) == [os.path.basename(native.library_path())]
+
+
+def test_the_fused_path_refuses_more_windows_than_rows_and_defers_odd_stats(normalize_kernel,
+                                                                            demo_base):
+    """Only what the kernel can do exactly goes to it: a batch too small for the windows is an
+    error (not a write past the array), and a scalar or float64 shift/scale keeps NumPy's
+    broadcasting and precision."""
+    from dsfm.data.handles import H5Pool
+    from dsfm.data.index import list_hdf5, read_layouts
+    from dsfm.data.windows import well_source
+
+    root = os.path.join(demo_base, "euler_2d", "data", "train")
+    source = well_source(read_layouts(list_hdf5(root)), 2, 1)
+    pool = H5Pool()
+    scratch = np.empty(source.window_floats, np.float32)
+    shape = (source.n_channels,) + source.spatial_shape
+    x, y = np.empty((1, 2) + shape, np.float32), np.empty((1, 1) + shape, np.float32)
+    with pytest.raises(ValueError, match="3 windows"):
+        source.read_assembled(pool, [0, 1, 2], 2, x, y, None, None, scratch,
+                              kernel=normalize_kernel)
+    for shift, scale in ((np.float32([0.5]), np.float32([2.0])),
+                         (np.full(source.n_channels, 0.1), np.full(source.n_channels, 3.0))):
+        got = [np.empty((2, 2) + shape, np.float32), np.empty((2, 1) + shape, np.float32)]
+        want = [np.empty_like(a) for a in got]
+        source.read_assembled(pool, [3, 9], 2, *got, shift, scale, scratch,
+                              kernel=normalize_kernel)
+        source.read_assembled(pool, [3, 9], 2, *want, shift, scale, scratch)
+        for g, w in zip(got, want):
+            np.testing.assert_array_equal(g, w)
+    pool.close()
 
 
 def test_DSFM_NATIVE_0_turns_the_kernel_off(demo_base):
@@ -169,3 +248,21 @@ def test_a_temporary_directory_others_control_is_refused(normalize_kernel, fresh
     assert native.load(True) is None
     assert "not a directory of this user's" in native.why_unavailable(True)
     assert not any(p.name.endswith(".so") for p in tmp_path.rglob("*"))
+
+
+def test_a_cached_fast_math_build_cannot_change_this_process(normalize_kernel, fresh_native):
+    """GCC links a fast-math library with code that switches the whole process to flushing
+    subnormals to zero as it loads (NumPy and torch included). One found in the cache (left by
+    an older dsfm: new builds are checked in a child process first) is refused, and the
+    process's floating-point mode is put back."""
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    cmd = [shutil.which(native.compiler()), *native.FLAGS, native.SOURCE, "-ffast-math", "-o",
+           path]
+    subprocess.run(cmd, check=True)
+    assert not native._flushes_subnormals()
+    assert native.load(True) is None
+    why = native.why_unavailable(True)
+    assert not native._flushes_subnormals()
+    assert "floating-point mode" in why or "NumPy gives" in why, why
+    assert not os.path.exists(path)
