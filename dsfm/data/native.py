@@ -3,10 +3,11 @@
 With NumPy, normalizing a window and checking it costs three passes over data that reading it
 touched once (subtract, divide, isfinite into a temporary), plus a strided copy for every field
 stored with its components last. The kernel does all of it in one pass per plane and gives the
-same bits. It is compiled once per machine type into a cache directory (`DSFM_CACHE_DIR`, else
-`$XDG_CACHE_HOME/dsfm` or `~/.cache/dsfm`), checked against NumPy when loaded, and used by the
-reader processes of a CPU trainer. Without a working C compiler, or with `DSFM_NATIVE=0`, dsfm
-uses NumPy (same values, slower); `why_unavailable()` says why.
+same bits. It is compiled once per kind of CPU into a cache directory (`DSFM_CACHE_DIR`, else
+`$XDG_CACHE_HOME/dsfm` or `~/.cache/dsfm`), checked in a child process before it is cached and
+again at every load (NumPy's values, and the process's floating-point mode left alone), and
+used by the reader processes of a CPU trainer. Without a working C compiler, or with
+`DSFM_NATIVE=0`, dsfm uses NumPy (same values, slower); `why_unavailable()` says why.
 
 Torch-free: the readers import it.
 """
@@ -83,12 +84,28 @@ def compiler() -> str:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), "cc")
 
 
+def _cpu_features() -> str:
+    """The CPU's feature flags (Linux), so that nodes of another CPU type get a build of their
+    own: a compiler wrapper that adds -march=native (Cray, Spack) would otherwise hand them
+    instructions they lack, and a load would die of SIGILL instead of falling back."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor()
+
+
 def library_path(directory: str | None = None) -> str:
-    """The built kernel's file: named by a hash of the source, the compiler, the flags and the
-    machine type, so a changed source or another architecture gets a build of its own."""
+    """The built kernel's file: named by a hash of the source, the compiler, the flags, the
+    machine type and its CPU features, so a changed source or another kind of node gets a
+    build of its own."""
     with open(SOURCE, "rb") as f:
         key = hashlib.sha256(f.read())
-    key.update(repr((compiler(), FLAGS, platform.machine(), platform.system())).encode())
+    key.update(repr((compiler(), FLAGS, platform.machine(), platform.system(),
+                     _cpu_features())).encode())
     return os.path.join(directory or cache_dir(), f"normalize-{key.hexdigest()[:16]}.so")
 
 
