@@ -11,10 +11,11 @@ are missing.
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import select
 import signal
 import sys
-import threading
 import time
 
 from dsfm.monitor.nvml import GPU_KEYS, GpuSampler, all_local_gpus, nvml_problem
@@ -45,6 +46,38 @@ def layout() -> dict:
     return {"GPU": gpu, "System": system}
 
 
+class StopSignal:
+    """SIGINT/SIGTERM as a stop request the sampling loop can wait for, with no lock taken in
+    the handler: setting a threading.Event there deadlocks now and then (the handler runs in the
+    main thread, possibly while that thread holds the Event's lock inside Event.wait; seen about
+    once in 400 SIGTERMs). The handler only notes the signal; Python's wakeup fd ends the
+    wait."""
+
+    def __init__(self, signals=(signal.SIGINT, signal.SIGTERM)):
+        self.received: list[int] = []
+        self._r, self._w = os.pipe()
+        os.set_blocking(self._r, False)
+        os.set_blocking(self._w, False)
+        self._old_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
+        for sig in signals:
+            signal.signal(sig, lambda signum, _frame: self.received.append(signum))
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to `timeout` seconds or until a signal came; True if one did."""
+        if not self.received:
+            select.select([self._r], [], [], max(timeout, 0.0))
+            try:
+                os.read(self._r, 4096)
+            except BlockingIOError:
+                pass
+        return bool(self.received)
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._old_fd)
+        os.close(self._r)
+        os.close(self._w)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dsfm.monitor", description=__doc__.split("\n")[0])
     ap.add_argument("--logdir", required=True, help="TensorBoard log directory")
@@ -55,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.interval > 0:
         ap.error("--interval must be > 0")
 
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+    stop = StopSignal()
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -91,6 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         for _, sampler in samplers:
             sampler.stop()
         system.stop()
+        stop.close()
     print(f"dsfm.monitor: {step} samples written", flush=True)
     return 0
 
