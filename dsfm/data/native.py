@@ -57,7 +57,7 @@ class NormalizeKernel:
 
     def __call__(self, bases: np.ndarray, planes: np.ndarray, plane_floats: int,
                  shift: np.ndarray, scale: np.ndarray) -> bool:
-        return not self._fn(bases.ctypes.data, planes.ctypes.data, len(planes), plane_floats,
+        return self.run_raw(bases.ctypes.data, planes.ctypes.data, len(planes), plane_floats,
                             shift.ctypes.data, scale.ctypes.data)
 
     def run_raw(self, bases_addr: int, planes_addr: int, n_planes: int, plane_floats: int,
@@ -68,7 +68,7 @@ class NormalizeKernel:
 
 
 def cache_dir() -> str:
-    """Where built kernels are kept (created if missing)."""
+    """Where built kernels are kept (`_build` creates it)."""
     root = os.environ.get("DSFM_CACHE_DIR")
     if not root:
         xdg = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")

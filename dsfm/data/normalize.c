@@ -47,17 +47,23 @@ static inline uint32_t exponent_bits(float v)
     return b & EXPONENT;
 }
 
-/* The largest exponent field seen: EXPONENT if and only if some result is Inf or NaN. */
+/* One result, whose exponent field is folded into *top: after a plane, *top is EXPONENT if and
+   only if some result is Inf or NaN. Inlined into each loop below, which the compiler vectorizes
+   (top becomes a vector maximum). */
+static inline float normalize_one(float x, float shift, float scale, uint32_t *top)
+{
+    float v = (x - shift) / scale;
+    uint32_t e = exponent_bits(v);
+    *top = e > *top ? e : *top;
+    return v;
+}
+
 DSFM_CLONES
 static uint32_t plane_in_place(float *p, int64_t n, float shift, float scale)
 {
     uint32_t top = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = (p[i] - shift) / scale;
-        uint32_t e = exponent_bits(v);
-        top = e > top ? e : top;
-        p[i] = v;
-    }
+    for (int64_t i = 0; i < n; i++)
+        p[i] = normalize_one(p[i], shift, scale, &top);
     return top;
 }
 
@@ -66,12 +72,8 @@ static uint32_t plane_from_pairs(float *restrict out, const float *restrict in, 
                                  float shift, float scale)
 {
     uint32_t top = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = (in[2 * i] - shift) / scale;
-        uint32_t e = exponent_bits(v);
-        top = e > top ? e : top;
-        out[i] = v;
-    }
+    for (int64_t i = 0; i < n; i++)
+        out[i] = normalize_one(in[2 * i], shift, scale, &top);
     return top;
 }
 
@@ -80,12 +82,8 @@ static uint32_t plane_from_strided(float *restrict out, const float *restrict in
                                    int64_t stride, float shift, float scale)
 {
     uint32_t top = 0;
-    for (int64_t i = 0; i < n; i++) {
-        float v = (in[stride * i] - shift) / scale;
-        uint32_t e = exponent_bits(v);
-        top = e > top ? e : top;
-        out[i] = v;
-    }
+    for (int64_t i = 0; i < n; i++)
+        out[i] = normalize_one(in[stride * i], shift, scale, &top);
     return top;
 }
 

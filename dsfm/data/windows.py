@@ -160,26 +160,17 @@ class WindowSource:
         view = (1, -1) + (1,) * len(spatial)
         shift_v = None if shift is None else shift.reshape(view)
         scale_v = None if scale is None else scale.reshape(view)
+        staged = self._staged(scratch)
         for b, w in enumerate(windows):
-            path, traj, t0, time, group = self._where(int(w))
-            slabs = self._slabs(pool, path, traj, t0)
+            in_place = self._read_into_place(pool, int(w), x[b], y[b], staged)
             c = 0
-            for block in self.blocks:
-                slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
+            for block, native, done in zip(self.blocks, staged, in_place):
                 c1 = c + block.n_channels
-                try:
-                    if slab.direct and block.n_channels == 1 and block.bshape[1:-1] == spatial:
-                        slab.read_scatter(lead, list(x[b, :, c]) + list(y[b, :, c]))
-                    else:
-                        native = scratch[:block.size].reshape(block.shape)
-                        slab.read(lead, native)
-                        t = np.broadcast_to(np.moveaxis(native.reshape(block.bshape), -1, 1),
-                                            (self.n_steps, c1 - c) + spatial)
-                        x[b, :, c:c1] = t[:n_in]
-                        y[b, :, c:c1] = t[n_in:]
-                except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
-                    raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0,
-                                       exc) from None
+                if not done:
+                    t = np.broadcast_to(np.moveaxis(native.reshape(block.bshape), -1, 1),
+                                        (self.n_steps, c1 - c) + spatial)
+                    x[b, :, c:c1] = t[:n_in]
+                    y[b, :, c:c1] = t[n_in:]
                 c = c1
             for part in (x[b], y[b]):
                 if shift_v is not None:
@@ -195,6 +186,38 @@ class WindowSource:
         """Whether the fused kernel applies: every block varies along every spatial axis
         (a field constant along an axis is broadcast, which only the NumPy path does)."""
         return all(b.bshape[1:-1] == self.spatial_shape for b in self.blocks)
+
+    def _staged(self, scratch: np.ndarray) -> list[np.ndarray]:
+        """Each block's place in `scratch`, in its native layout, block after block."""
+        views, at = [], 0
+        for block in self.blocks:
+            views.append(scratch[at:at + block.size].reshape(block.shape))
+            at += block.size
+        return views
+
+    def _read_into_place(self, pool: H5Pool, window: int, xb: np.ndarray, yb: np.ndarray,
+                         staged: list[np.ndarray]) -> list[bool]:
+        """Read one window's blocks: a scalar field that varies along every axis, where the file
+        allows positioned reads, straight into its time-step slices of xb [T_in, C, *spatial]
+        and yb [T_out, C, *spatial] (one system call); every other block into its place in
+        `staged`. Returns, per block, whether it went straight into place."""
+        path, traj, t0, time, group = self._where(window)
+        slabs = self._slabs(pool, path, traj, t0)
+        c, in_place = 0, []
+        for block, native in zip(self.blocks, staged):
+            slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
+            scatter = slab.direct and block.n_channels == 1 and \
+                block.bshape[1:-1] == self.spatial_shape
+            try:
+                if scatter:
+                    slab.read_scatter(lead, list(xb[:, c]) + list(yb[:, c]))
+                else:
+                    slab.read(lead, native)
+            except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
+                raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0, exc) from None
+            in_place.append(scatter)
+            c += block.n_channels
+        return in_place
 
     def planes(self, n_in: int, scattered: tuple[bool, ...]) -> np.ndarray:
         """The fused kernel's work for one window (`dsfm.data.native.PLANE` rows): per time
@@ -240,28 +263,10 @@ class WindowSource:
         bases = np.array([x.ctypes.data, y.ctypes.data, scratch.ctypes.data], np.uint64)
         bases_at, shift_at, scale_at = bases.ctypes.data, shift.ctypes.data, scale.ctypes.data
         x_at, y_at, x_step, y_step = x.ctypes.data, y.ctypes.data, x.strides[0], y.strides[0]
-        staged, at = [], 0              # each block's place in scratch, native layout
-        for block in self.blocks:
-            staged.append(scratch[at:at + block.size].reshape(block.shape))
-            at += block.size
+        staged = self._staged(scratch)
         pattern, planes = None, None
         for b, w in enumerate(windows):
-            path, traj, t0, time, group = self._where(int(w))
-            slabs = self._slabs(pool, path, traj, t0)
-            c, scattered = 0, []
-            for block, native in zip(self.blocks, staged):
-                slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
-                in_place = slab.direct and block.n_channels == 1
-                try:
-                    if in_place:
-                        slab.read_scatter(lead, list(x[b, :, c]) + list(y[b, :, c]))
-                    else:
-                        slab.read(lead, native)
-                except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
-                    raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0,
-                                       exc) from None
-                scattered.append(in_place)
-                c += block.n_channels
+            scattered = self._read_into_place(pool, int(w), x[b], y[b], staged)
             if scattered != pattern:        # files of one dataset rarely differ in layout
                 pattern, planes = scattered, self.planes(n_in, tuple(scattered))
                 planes_at, n_planes = planes.ctypes.data, len(planes)
