@@ -14,15 +14,18 @@ On the same files, with the same number of worker processes, batch size and wind
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
 (this kind of VM drifts in speed). Per worker, WellLoader with one reader is compared with the
-raw bound of one process, in five forms: `dsfm 1r` (the CPU default: the reader also lays out,
-normalizes and checks each window, in one pass with dsfm's C kernel), `dsfm 1r numpy` (the
-same with NumPy doing that work, as where the kernel cannot be built), `dsfm 1r read` (the GPU
+raw bound of one process, in five forms: `dsfm 1r` (the CPU default: the reader reads a batch
+and also lays out, normalizes and checks each window, with one call of dsfm's C kernel),
+`dsfm 1r numpy` (the same read window by window in Python, NumPy doing the rest, as where the
+kernel cannot be built), `dsfm 1r read` (the GPU
 configuration: the reader only reads, and the trainer process assembles; on CPU it does so in
 parallel with the reader), `dsfm 1r read own` (the same with the reader on a core the trainer
 stays off) and `dsfm 1r hdf5` (the CPU default with reads through the HDF5 library instead of
 positioned reads). A reader's own work is also timed alone, in this process and without the
-pipes (`reader alone`: read only; `alone asm`: the CPU default's work, with the kernel, with NumPy,
-and into 4 slots in turn as into a ring rather than one reused buffer). The readers' own busy
+pipes (`reader alone`: read only, a batch per kernel call, and `alone read py` window by window
+in Python; `alone asm`: the CPU default's work, a batch per kernel call, `alone asm window`
+with the kernel called per window, with NumPy, and into 4 slots in turn as into a ring rather
+than one reused buffer). The readers' own busy
 time (in situ) is also turned into a rate per reader. The
 benchmark's own process runs torch on `--trainer-threads` threads (default 1: beside a GPU the
 training process does not assemble on the CPU, so it should not take the readers' cores). Prints
@@ -154,12 +157,14 @@ def raw_bound(source, windows: np.ndarray, fresh: bool = False) -> float:
 
 
 def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=None,
-                 scale=None, kernel=None, slots: int = 1) -> float:
+                 scale=None, kernel=None, slots: int = 1, batch_reads: bool = True) -> float:
     """Seconds for a reader process's own work on the same windows, in this process and without
     the pipes: `read_batch` into a shared-memory slot (the GPU configuration), or with
-    `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check; with the
-    fused `kernel`, else NumPy). One reused slot, as the raw bound reuses its buffers, or
-    `slots` taken in turn, as a reader fills a ring (whose slots do not all stay in cache)."""
+    `assemble`, `read_assembled` (the CPU default: layout, normalization, NaN check). With the
+    C `kernel` a batch is read (and normalized) by one call of it, or with `batch_reads=False`
+    window by window (the kernel normalizing each); without it, window by window in Python
+    (NumPy normalizing). One reused slot, as the raw bound reuses its buffers, or `slots` taken
+    in turn, as a reader fills a ring (whose slots do not all stay in cache)."""
     from dsfm.data.handles import H5Pool
 
     n_in = source.n_steps - 1
@@ -182,9 +187,9 @@ def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=
             slot, x, y = views[k % slots]
             if assemble:
                 source.read_assembled(pool, ws[i:i + batch], n_in, x, y, shift, scale, scratch,
-                                      kernel=kernel)
+                                      kernel=kernel, batch_reads=batch_reads)
             else:
-                source.read_batch(pool, ws[i:i + batch], slot)
+                source.read_batch(pool, ws[i:i + batch], slot, kernel, batch_reads)
 
     run(windows[:2 * batch * slots])
     start = time.perf_counter()
@@ -285,7 +290,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             _consume(iters[k], 10, to_device)               # start-up and page cache
     runs = {k: [] for k in variants}
     raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
-           "alone_asm": [], "alone_asm_numpy": [], "alone_asm_ring": []}
+           "alone_read_py": [], "alone_asm": [], "alone_asm_window": [], "alone_asm_numpy": [],
+           "alone_asm_ring": []}
     kernel = native.load()
     shift, scale = variants["dsfm"][0].datasets[0].shift, variants["dsfm"][0].datasets[0].scale
     rng = np.random.default_rng(0)
@@ -299,9 +305,13 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
             raw["direct"].append(raw_bound(source, windows))
             raw["new"].append(raw_bound(source, windows, fresh=True))
             raw["pread"].append(raw_pread(source, windows))
-            raw["alone_read"].append(reader_alone(source, windows, batch, False))
+            raw["alone_read"].append(reader_alone(source, windows, batch, False,
+                                                  kernel=kernel))
+            raw["alone_read_py"].append(reader_alone(source, windows, batch, False))
             raw["alone_asm"].append(reader_alone(source, windows, batch, True, shift, scale,
                                                  kernel))
+            raw["alone_asm_window"].append(reader_alone(source, windows, batch, True, shift,
+                                                        scale, kernel, batch_reads=False))
             raw["alone_asm_numpy"].append(reader_alone(source, windows, batch, True, shift,
                                                        scale))
             raw["alone_asm_ring"].append(reader_alone(source, windows, batch, True, shift, scale,
@@ -324,7 +334,8 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6,
                    "read_direct_per_s": rate["direct"], "getitem_per_s": rate["new"]}
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
-    for k in ("pread", "alone_read", "alone_asm", "alone_asm_numpy", "alone_asm_ring"):
+    for k in ("pread", "alone_read", "alone_read_py", "alone_asm", "alone_asm_window",
+              "alone_asm_numpy", "alone_asm_ring"):
         rows[f"raw_{k}"] = {"samples_per_s": rate[k], "mb_per_s": rate[k] * sample_bytes / 1e6,
                             "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
@@ -345,7 +356,8 @@ LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_numpy": "dsfm 1r numpy", "dsfm_1w_read"
           "dsfm_1w_hdf5": "dsfm 1r hdf5",
           "dsfm_1w_read_own": "dsfm 1r read own",
           "raw": "raw (1p)", "raw_pread": "raw pread", "raw_alone_read": "reader alone",
-          "raw_alone_asm": "reader alone asm", "raw_alone_asm_numpy": "alone asm numpy",
+          "raw_alone_read_py": "alone read py", "raw_alone_asm": "reader alone asm",
+          "raw_alone_asm_window": "alone asm window", "raw_alone_asm_numpy": "alone asm numpy",
           "raw_alone_asm_ring": "alone asm ring"}
 #: the ring of a one-reader WellLoader (2 · num_workers + 2 slots), for `alone asm ring`
 RING_SLOTS_1R = 4
@@ -446,12 +458,13 @@ def main(argv=None) -> int:
     why = native.why_unavailable()
     report["native_kernel"] = why or "available"
     print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}"
-          f"; fused C kernel: {why or 'available'}")
+          f"; C kernel: {why or 'available'}")
     print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
           f"{'p95 ms':>7s}")
     for r in report["rows"]:
         for v in LOADERS + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
-                            "raw_alone_asm", "raw_alone_asm_numpy", "raw_alone_asm_ring"):
+                            "raw_alone_read_py", "raw_alone_asm", "raw_alone_asm_window",
+                            "raw_alone_asm_numpy", "raw_alone_asm_ring"):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
@@ -464,8 +477,10 @@ def main(argv=None) -> int:
             f"{LABELS[k]} {r[f'{k}_vs_raw']:.2f}x ({r[f'{k}_vs_raw_pread']:.2f}x)"
             for k in LOADERS[1:]))
         print(f"{'':30s} a reader's work alone vs raw 1p: read "
-              f"{r['raw_alone_read']['vs_raw']:.2f}x, read + assemble "
-              f"{r['raw_alone_asm']['vs_raw']:.2f}x (NumPy: "
+              f"{r['raw_alone_read']['vs_raw']:.2f}x (window by window in Python: "
+              f"{r['raw_alone_read_py']['vs_raw']:.2f}x), read + assemble "
+              f"{r['raw_alone_asm']['vs_raw']:.2f}x (kernel window by window: "
+              f"{r['raw_alone_asm_window']['vs_raw']:.2f}x; NumPy: "
               f"{r['raw_alone_asm_numpy']['vs_raw']:.2f}x; {RING_SLOTS_1R} slots in turn: "
               f"{r['raw_alone_asm_ring']['vs_raw']:.2f}x)")
         print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(

@@ -6,7 +6,7 @@ Prints one line per problem, naming the file, the group or dataset, and what is 
 1 if there was any; exits 0 when everything is valid. On stderr it also says how the training
 loader will read the time-varying fields: with positioned reads of the file (contiguous, native
 float32) or through the HDF5 library (chunked, compressed, other types), which is slower, and
-whether a CPU trainer's readers normalize with the fused C kernel or with NumPy (and why).
+whether readers use the C kernel (batch reads, fused normalization) or Python and NumPy (and why).
 """
 
 from __future__ import annotations
@@ -197,8 +197,9 @@ def main(argv: list[str] | None = None) -> int:
         if len(slow) > 8:
             print(f"  ... and {len(slow) - 8} more", file=sys.stderr)
         why = native.why_unavailable()
-        print("CPU training: readers normalize with " + (
-            "the fused C kernel" if why is None else f"NumPy (fused C kernel: {why})"),
+        print("readers: " + (
+            "the C kernel reads each batch (CPU training: and normalizes it)" if why is None
+            else f"Python reads window by window, NumPy normalizes (C kernel: {why})"),
             file=sys.stderr)
     status = f"{len(problems)} problem(s)" if problems else "valid"
     print(f"checked {n_files} file(s): {status}", file=sys.stderr)

@@ -9,6 +9,7 @@ fork: a pool used in a new process (a DataLoader worker) starts empty.
 from __future__ import annotations
 
 import atexit
+import itertools
 import os
 import weakref
 from collections import OrderedDict
@@ -21,6 +22,7 @@ from dsfm.data.well_format import open_h5
 
 _pools: "weakref.WeakSet[H5Pool]" = weakref.WeakSet()
 _MEMORY_TYPES: dict[np.dtype, h5t.TypeID] = {}
+_opens = itertools.count(1)     # numbers every open of a file (H5Pool.serial)
 
 
 #: Set DSFM_HDF5_DIRECT=0 to read every hyperslab through the HDF5 library (for comparisons).
@@ -195,12 +197,13 @@ class H5Pool:
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
         self._fds: dict[str, int] = {}          # plain descriptors for direct reads
         self._datasets: dict[str, dict[str, Slab]] = {}
+        self._serials: dict[str, tuple[int, int]] = {}
         self._pid = os.getpid()
         _pools.add(self)
 
     def get(self, path: str) -> h5py.File:
         if self._pid != os.getpid():          # inherited through fork: not ours to use or close
-            self._files, self._datasets = OrderedDict(), {}
+            self._files, self._datasets, self._serials = OrderedDict(), {}, {}
             self._drop_fds()
             self._pid = os.getpid()
         f = self._files.get(path)
@@ -210,6 +213,7 @@ class H5Pool:
         while len(self._files) >= self.max_open:
             old_path, old = self._files.popitem(last=False)
             self._datasets.pop(old_path, None)
+            self._serials.pop(old_path, None)
             old.close()
             fd = self._fds.pop(old_path, None)
             if fd is not None:
@@ -219,7 +223,21 @@ class H5Pool:
         if self.direct:
             self._fds[path] = os.open(path, os.O_RDONLY)
         self._datasets[path] = {}
+        self._serials[path] = (self._pid, next(_opens))
         return f
+
+    def touch(self, path: str) -> tuple[int, int]:
+        """Open `path` (or mark it used) and return its `serial`."""
+        self.get(path)
+        return self._serials[path]
+
+    def serial(self, path: str) -> tuple[int, int] | None:
+        """What stands for this open of `path`, None when it is not open: (process id, number),
+        unique even to a copy of a cache pickled to, or inherited by, another process. What a
+        cache of its file descriptor and offsets is valid for."""
+        f = self._files.get(path)
+        return self._serials.get(path) if f is not None and f.id.valid and \
+            self._pid == os.getpid() else None
 
     def dataset(self, path: str, name: str) -> h5py.Dataset:
         """A dataset of an open file, looked up once per open (h5py lookups cost tens of µs)."""
@@ -262,7 +280,7 @@ class H5Pool:
                 if f.id.valid:
                     f.close()
         self._drop_fds()
-        self._files, self._datasets = OrderedDict(), {}
+        self._files, self._datasets, self._serials = OrderedDict(), {}, {}
 
     def __getstate__(self):
         return {"max_open": self.max_open, "chunk_cache_bytes": self.chunk_cache_bytes,

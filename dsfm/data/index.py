@@ -70,6 +70,7 @@ class WindowIndex:
         counts = np.array([n * w for n, w in zip(self.n_trajectories, self.windows)],
                           dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(counts)])
+        self._per_file = np.array(self.windows, dtype=np.int64)
         self._bounds = self.offsets.tolist()     # bisect on a list: readers locate per window
 
     def __len__(self) -> int:
@@ -84,4 +85,19 @@ class WindowIndex:
         file_idx = bisect.bisect_right(self._bounds, index) - 1
         local = index - self._bounds[file_idx]
         w = self.windows[file_idx]
+        return file_idx, local // w, local % w
+
+    def locate_many(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """`locate` for an array of windows at once: int64 arrays (file, trajectory, window
+        within the trajectory)."""
+        idx = np.asarray(indices, dtype=np.int64)
+        n = len(self)
+        if idx.size and not (0 <= idx.min() and idx.max() < n):
+            bad = idx[(idx < -n) | (idx >= n)]
+            if bad.size:
+                raise IndexError(f"index {bad[0]} out of range for {n} windows")
+            idx = idx % n
+        file_idx = np.searchsorted(self.offsets, idx, side="right") - 1
+        local = idx - self.offsets[file_idx]
+        w = self._per_file[file_idx]
         return file_idx, local // w, local % w

@@ -37,14 +37,24 @@ ENABLED_DEFAULT = os.environ.get("DSFM_NATIVE", "1") not in ("0", "false", "no",
 #: One plane to normalize: mirrors `dsfm_plane` in normalize.c.
 PLANE = np.dtype([("dst", "<i8"), ("src", "<i8"), ("dst_base", "<i4"), ("src_base", "<i4"),
                   ("stride", "<i4"), ("channel", "<i4")], align=True)
+#: One destination range of a read (`dsfm_piece`): bytes at an offset from one of the window's
+#: bases (for a CPU trainer 0: its row of x, 1: its row of y, 2: the staging buffer).
+PIECE = np.dtype([("offset", "<i8"), ("bytes", "<i8"), ("base", "<i4"), ("pad", "<i4")],
+                 align=True)
+#: One positioned read (`dsfm_read`): consecutive file bytes into pieces first .. first + n - 1.
+READ = np.dtype([("file_offset", "<i8"), ("fd", "<i4"), ("first", "<i4"), ("n", "<i4"),
+                 ("pad", "<i4")], align=True)
+#: Most pieces one read may fill (Linux's IOV_MAX), and most bases a window may have.
+MAX_PIECES, MAX_BASES = 1024, 64
 
 _loaded: dict[str, object] = {}     # per process: "kernel" and "why"
 
 
 class NormalizeKernel:
-    """`dsfm_normalize_planes` through ctypes. Call with the plane bases (a uint64 array of
-    addresses), a PLANE table, the floats per plane and float32 shift/scale per channel;
-    returns whether every result is finite."""
+    """`dsfm_normalize_planes` and `dsfm_read_windows` through ctypes. Calling it normalizes:
+    with the plane bases (a uint64 array of addresses), a PLANE table, the floats per plane and
+    float32 shift/scale per channel; it returns whether every result is finite.
+    `read_windows` reads and normalizes a reader's batch."""
 
     def __init__(self, lib: ctypes.CDLL, path: str):
         self.path = path
@@ -53,7 +63,32 @@ class NormalizeKernel:
         fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64,
                        ctypes.c_void_p, ctypes.c_void_p]
         self._fn = fn
+        rw = lib.dsfm_read_windows
+        rw.restype = ctypes.c_int64
+        i64, ptr = ctypes.c_int64, ctypes.c_void_p
+        rw.argtypes = [ptr, i64, ptr, ptr, ptr, ctypes.c_int32, i64, ptr, i64, i64, ptr, ptr,
+                       ctypes.c_int32, ptr]
+        self._read_windows = rw
         self._lib = lib                 # keeps the library loaded
+
+    def read_windows(self, reads: np.ndarray, reads_per_window: int, pieces: np.ndarray,
+                     starts: np.ndarray, steps: np.ndarray, n_windows: int,
+                     planes: np.ndarray, plane_floats: int, shift: np.ndarray,
+                     scale: np.ndarray, check_finite: bool, status: np.ndarray) -> int:
+        """Read and normalize `n_windows` windows: window b's bases are starts + b * steps
+        (uint64 addresses and int64 byte steps); the READ rows [b * reads_per_window, ...)
+        fill its `pieces` (PIECE, relative to those bases), then its `planes` (PLANE, bases 0
+        to 2) are normalized. Returns the first window that failed, or n_windows; `status`
+        (two int32) then says why: 1 not finite (only with `check_finite`), 2 a read failed,
+        with the errno (-1: the file ended first). The caller checks that every piece stays
+        inside its buffer and that the file descriptors are open."""
+        if len(starts) > MAX_BASES or len(steps) != len(starts):
+            raise ValueError(f"{len(starts)} bases and {len(steps)} steps (at most {MAX_BASES})")
+        return self._read_windows(
+            reads.ctypes.data, reads_per_window, pieces.ctypes.data, starts.ctypes.data,
+            steps.ctypes.data, len(starts), n_windows, planes.ctypes.data, len(planes),
+            plane_floats, shift.ctypes.data, scale.ctypes.data, int(bool(check_finite)),
+            status.ctypes.data)
 
     def __call__(self, bases: np.ndarray, planes: np.ndarray, plane_floats: int,
                  shift: np.ndarray, scale: np.ndarray) -> bool:
@@ -227,7 +262,10 @@ def _load_checked(path: str) -> tuple[NormalizeKernel | None, str | None]:
                       "flushed to zero: built with fast-math?)" +
                       ("; mode restored" if saved is not None and not _flushes_subnormals()
                        else "; could not restore it"))
-    kernel = NormalizeKernel(lib, path)
+    try:
+        kernel = NormalizeKernel(lib, path)
+    except AttributeError as exc:       # a library of another dsfm version, or another source
+        return None, f"{path} lacks a function of the kernel ({str(exc).split(': ')[-1]})"
     why = _self_test(kernel)
     return (None, why) if why is not None else (kernel, None)
 

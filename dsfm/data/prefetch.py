@@ -260,10 +260,11 @@ class WellLoader:
     DSFM_HDF5_DIRECT=0 to turn off).
     reader_cpus: CPU ids the reader processes may run on (default: wherever this process may),
     for instance the cores of the GPU's NUMA node that the training process does not use.
-    native_kernel: when readers assemble, normalize and check each window in one pass with the
-    C kernel of `dsfm.data.native` (same values as NumPy, built with the system C compiler on
-    first use). None (default): if it builds, else NumPy; DSFM_NATIVE=0 turns it off; True:
-    a ConfigError saying why when it cannot be used. `native_kernel_used` tells what ran.
+    native_kernel: readers run each batch's positioned reads with one call of the C kernel of
+    `dsfm.data.native` (built with the system C compiler on first use) and, when they
+    assemble, normalize and check each window in one pass with it (the same values as NumPy).
+    None (default): if it builds, else Python and NumPy; DSFM_NATIVE=0 turns it off; True: a
+    ConfigError saying why when it cannot be used. `native_kernel_used` tells what ran.
     """
 
     def __init__(self, datasets: Sequence[str], split: str = "train", n_steps_input: int = 4,
@@ -309,8 +310,8 @@ class WellLoader:
         self.readers_assemble = assemble_on == "readers" or (assemble_on == "auto"
                                                              and not self.cuda)
         # built here once, so that the readers only load it
-        self._use_native = self.readers_assemble and native.load(native_kernel) is not None
-        if native_kernel and self.readers_assemble and not self._use_native:
+        self._use_native = native.load(native_kernel) is not None
+        if native_kernel and not self._use_native:
             raise ConfigError(f"native_kernel=True, but the kernel is unavailable: "
                               f"{native.why_unavailable(True)}")
         self.native_kernel_used = False          # set from the readers once they are up

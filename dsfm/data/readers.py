@@ -10,17 +10,19 @@ Messages are pickled over two pipes:
     in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
           assemble here?, n_steps_input, per-source (shift, scale), check finite?,
           direct reads? (None: the default), CPUs to run on (None: any),
-          fused normalization kernel? (None: if it builds))
+          C kernel? (None: if it builds))
          (step, slot, source index, window ids) ... None
-    out: ("ready", wid, pid, using the fused kernel?)
+    out: ("ready", wid, pid, using the C kernel?)
          ("done", wid, step, slot, seconds spent on the batch)
          ("error", wid, step, slot, type, text)
 
 For a CUDA trainer the reader leaves each window in its native layout and the device assembles
 the batch; for a CPU trainer it reads each window straight into its place in the assembled batch
 and also normalizes and checks it (layout, broadcasting, normalization, NaN check), so that work
-runs in parallel instead of in the training process: in one pass per plane with the compiled
-kernel of `dsfm.data.native` where it builds, else with NumPy.
+runs in parallel instead of in the training process. Where the compiled kernel of
+`dsfm.data.native` builds, a batch whose arrays allow positioned reads is read (and, for a CPU
+trainer, normalized in one pass per plane) by one call of it; otherwise window by window in
+Python, with NumPy normalizing.
 It ignores Ctrl-C, SIGTERM and SIGUSR1/2 (the training process decides; Slurm signals every
 process of a job step), asks the kernel to kill it when its parent dies, and also exits when it
 finds its parent gone or its task pipe closed.
@@ -77,7 +79,7 @@ def serve(tasks: Connection, results: Connection) -> None:
     os.close(fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
     pool = H5Pool(max_open, direct=direct)
-    kernel = native.load(use_native) if assemble_here else None
+    kernel = native.load(use_native)
     scratch = [np.empty(s.window_floats, np.float32) for s in sources] if assemble_here else []
     results.send(("ready", wid, os.getpid(), kernel is not None))
     try:
@@ -110,7 +112,7 @@ def serve(tasks: Connection, results: Connection) -> None:
                             first_nonfinite(source, windows[bad:bad + 1], stored))
                 else:           # the device assembles: windows go straight into the slot
                     flat = slot_mem[:batch * source.window_floats * FLOAT_BYTES].view(np.float32)
-                    source.read_batch(pool, windows, flat)
+                    source.read_batch(pool, windows, flat, kernel)
                 read_s = time.perf_counter() - began
                 results.send(("done", wid, step, slot, read_s))
             except errors.DsfmError as exc:

@@ -18,7 +18,7 @@ import numpy as np
 
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import WindowIndex, count_windows
-from dsfm.data.native import PLANE, NormalizeKernel
+from dsfm.data.native import MAX_BASES, MAX_PIECES, PIECE, PLANE, READ, NormalizeKernel
 from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_trajectories
 from dsfm.data.well_format import FileLayout
 from dsfm.errors import ConfigError, CorruptFileError
@@ -47,6 +47,19 @@ class Block:
     @property
     def size(self) -> int:
         return int(np.prod(self.shape))
+
+
+@dataclass(frozen=True)
+class _BatchPlan:
+    """How `dsfm_read_windows` reads each window of a batch (`WindowSource._batch_plan`)."""
+
+    pieces: np.ndarray      # PIECE: destinations, relative to a window's bases
+    block_of: np.ndarray    # per read of a window: its block,
+    time_of: np.ndarray     # the time steps from the window's first one to the read's,
+    first: np.ndarray       # its first piece
+    count: np.ndarray       # and how many
+    planes: np.ndarray      # PLANE: the normalization after the reads (none for the device)
+    indexed: np.ndarray     # per block: 1 if it has a trajectory axis
 
 
 @dataclass
@@ -85,11 +98,29 @@ class WindowSource:
         fi, traj, t0 = self.index.locate(window)
         return fi, self.trajectories[fi][traj], t0
 
-    def read_batch(self, pool: H5Pool, windows, flat: np.ndarray) -> None:
-        """Read `windows` into a flat float32 buffer, block after block (see `block_views`)."""
+    def read_batch(self, pool: H5Pool, windows, flat: np.ndarray,
+                   kernel: NormalizeKernel | None = None, batch_reads: bool = True) -> None:
+        """Read `windows` into a flat float32 buffer, block after block (see `block_views`);
+        with `kernel`, where the files allow positioned reads, all in one call of it
+        (`batch_reads=False`: window by window even then, for comparisons)."""
         views = block_views(flat, self, len(windows))
-        for b, w in enumerate(windows):
-            self.read(pool, int(w), [v[b] for v in views])
+        start = 0
+        plan = None if kernel is None or not batch_reads else self._batch_plan(None)
+        reads = None if plan is None else self._batch_reads(pool, windows, plan)
+        if reads is not None:
+            if not (flat.dtype == np.float32 and flat.flags.c_contiguous and
+                    flat.flags.writeable and flat.size >= len(windows) * self.window_floats):
+                raise ValueError(f"a batch of {len(windows)} windows of {self.name} needs "
+                                 f"{len(windows) * self.window_floats} writable, contiguous "
+                                 f"float32, got {flat.size} {flat.dtype}")
+            starts = np.array([v.ctypes.data for v in views], np.uint64)
+            steps = np.array([4 * blk.size for blk in self.blocks], np.int64)
+            status = np.zeros(2, np.int32)
+            start = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps,
+                                        len(windows), plan.planes, 0, np.zeros(0, np.float32),
+                                        np.zeros(0, np.float32), False, status)
+        for b in range(start, len(windows)):    # a failed read is read again here, to name it
+            self.read(pool, int(windows[b]), [v[b] for v in views])
 
     def _where(self, window: int) -> tuple[str, int, int, tuple, str]:
         """(file, stored trajectory, first step, time selection, group) of a window."""
@@ -135,7 +166,8 @@ class WindowSource:
     def read_assembled(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
                        shift: np.ndarray | None, scale: np.ndarray | None,
                        scratch: np.ndarray, check_finite: bool = True,
-                       kernel: NormalizeKernel | None = None) -> int | None:
+                       kernel: NormalizeKernel | None = None,
+                       batch_reads: bool = True) -> int | None:
         """Read `windows` straight into x [B, T_in, C, *spatial] and y [B, T_out, C, *spatial],
         normalized (x − shift) / scale: the reader-side twin of the device assembler
         (`dsfm.data.prefetch.assemble`), with the same arithmetic. A scalar field that varies
@@ -143,7 +175,9 @@ class WindowSource:
         slices of x and y (the layout change costs nothing); other blocks are read into
         `scratch` (`window_floats` floats). Each window is normalized right after it is read,
         while it is in cache: with `kernel` (`dsfm.data.native`) in one pass that also takes
-        vector components apart and checks for NaN/Inf, else with NumPy. Returns the index of
+        vector components apart and checks for NaN/Inf, else with NumPy. With `kernel`, where
+        the files allow positioned reads, the whole batch is read and normalized in one call
+        of it (`batch_reads=False`: window by window, for comparisons). Returns the index of
         the first window with a NaN/Inf after normalization (when `check_finite`), else None."""
         if scratch.dtype != np.float32 or scratch.size < self.window_floats:
             raise ValueError(f"scratch holds {scratch.size} {scratch.dtype} values, a window of "
@@ -155,7 +189,7 @@ class WindowSource:
                                   v.size == self.n_channels) for v in (shift, scale)):
             # (other shift/scale, a broadcast scalar or float64, keep NumPy's own semantics)
             return self._read_fused(pool, windows, n_in, x, y, shift, scale, scratch,
-                                    check_finite, kernel)
+                                    check_finite, kernel, batch_reads)
         spatial = self.spatial_shape
         view = (1, -1) + (1,) * len(spatial)
         shift_v = None if shift is None else shift.reshape(view)
@@ -246,7 +280,8 @@ class WindowSource:
 
     def _read_fused(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
                     shift: np.ndarray | None, scale: np.ndarray | None, scratch: np.ndarray,
-                    check_finite: bool, kernel: NormalizeKernel) -> int | None:
+                    check_finite: bool, kernel: NormalizeKernel,
+                    batch_reads: bool = True) -> int | None:
         spatial = self.spatial_shape
         n_out = self.n_steps - n_in
         tail = (self.n_channels,) + spatial
@@ -259,14 +294,20 @@ class WindowSource:
             np.ascontiguousarray(shift, np.float32).reshape(-1)
         scale = np.ones(self.n_channels, np.float32) if scale is None else \
             np.ascontiguousarray(scale, np.float32).reshape(-1)
+        bad, start = self._read_batched(pool, windows, n_in, x, y, shift, scale, scratch,
+                                        check_finite, kernel) if batch_reads else (None, 0)
+        if start == len(windows):
+            return bad
+        # per window from `start`: a block HDF5 must read, or a read that failed in the batch
+        # (read again here, to fail with the window's file, array, trajectory and time)
         per = int(np.prod(spatial))
         bases = np.array([x.ctypes.data, y.ctypes.data, scratch.ctypes.data], np.uint64)
         bases_at, shift_at, scale_at = bases.ctypes.data, shift.ctypes.data, scale.ctypes.data
         x_at, y_at, x_step, y_step = x.ctypes.data, y.ctypes.data, x.strides[0], y.strides[0]
         staged = self._staged(scratch)
         pattern, planes = None, None
-        for b, w in enumerate(windows):
-            scattered = self._read_into_place(pool, int(w), x[b], y[b], staged)
+        for b in range(start, len(windows)):
+            scattered = self._read_into_place(pool, int(windows[b]), x[b], y[b], staged)
             if scattered != pattern:        # files of one dataset rarely differ in layout
                 pattern, planes = scattered, self.planes(n_in, tuple(scattered))
                 planes_at, n_planes = planes.ctypes.data, len(planes)
@@ -275,6 +316,169 @@ class WindowSource:
             if check_finite and not finite:
                 return b
         return None
+
+    def _read_batched(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,
+                      shift: np.ndarray, scale: np.ndarray, scratch: np.ndarray,
+                      check_finite: bool, kernel: NormalizeKernel) -> tuple[int | None, int]:
+        """The fused path's whole batch in one kernel call (`dsfm_read_windows`) when every
+        block of every window can be read with positioned reads: the file offsets are worked
+        out for all windows at once, and each window is read and normalized in C. Returns
+        (first window with NaN/Inf or None, windows done): fewer than all when some window must
+        take the per-window path (0: all of them)."""
+        plan = self._batch_plan(n_in)
+        reads = None if plan is None else self._batch_reads(pool, windows, plan)
+        if reads is None:
+            return None, 0
+        status = np.zeros(2, np.int32)
+        starts = np.array([x.ctypes.data, y.ctypes.data, scratch.ctypes.data], np.uint64)
+        steps = np.array([x.strides[0], y.strides[0], 0], np.int64)
+        n = len(windows)
+        done = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps, n,
+                                   plan.planes, int(np.prod(self.spatial_shape)), shift, scale,
+                                   check_finite, status)
+        if done == n:
+            return None, n
+        return (done, n) if status[0] == 1 else (None, done)
+
+    def _batch_plan(self, n_in: int | None) -> "_BatchPlan | None":
+        """How the kernel reads one window (made once per n_in). For a CPU trainer (n_in
+        given): a scalar field straight into its time-step slices of the window's rows of x and
+        y (bases 0 and 1), other blocks into their place in the staging buffer (base 2), and
+        the planes that normalize it. For a GPU trainer (None): block k into base k, in its
+        native layout. None when the kernel's reads cannot do it (more steps than one read may
+        scatter, more blocks than bases, or a field the reader must broadcast)."""
+        cache = self.__dict__.setdefault("_batch_plans", {})
+        if n_in in cache:
+            return cache[n_in]
+        if self.n_steps > MAX_PIECES or len(self.blocks) > MAX_BASES or \
+                (n_in is not None and not self.fusable):
+            cache[n_in] = None
+            return None
+        per = int(np.prod(self.spatial_shape))
+        if n_in is None:
+            limits = {k: 4 * block.size for k, block in enumerate(self.blocks)}
+        else:
+            limits = {0: 4 * n_in * self.n_channels * per,
+                      1: 4 * (self.n_steps - n_in) * self.n_channels * per,
+                      2: 4 * self.window_floats}
+        pieces, reads, c, staged = [], [], 0, 0
+        for k, block in enumerate(self.blocks):
+            step_bytes = 4 * (block.size // self.n_steps)
+            runs = [(0, self.n_steps)] if self.stride == 1 else \
+                [(t, 1) for t in range(self.n_steps)]
+            for t_first, count in runs:
+                first = len(pieces)
+                if n_in is None:                    # native layout, block after block
+                    pieces.append((t_first * step_bytes, count * step_bytes, k, 0))
+                elif block.n_channels == 1:         # straight into place, step by step
+                    for t in range(t_first, t_first + count):
+                        base, tt = (0, t) if t < n_in else (1, t - n_in)
+                        pieces.append((4 * (tt * self.n_channels + c) * per, 4 * per, base, 0))
+                else:
+                    pieces.append((4 * staged + t_first * step_bytes, count * step_bytes, 2, 0))
+                reads.append((k, t_first * self.stride, first, len(pieces) - first))
+            staged += block.size
+            c += block.n_channels
+        table = np.array(pieces, PIECE)
+        for base, limit in limits.items():          # nothing may land outside its buffer
+            mine = table[table["base"] == base]
+            if len(mine) and int((mine["offset"] + mine["bytes"]).max()) > limit:
+                raise AssertionError(f"{self.name}: a read plan overruns buffer {base}")
+        block_of, time_of, first, count = (np.array(col, np.int64) for col in zip(*reads))
+        planes = np.zeros(0, PLANE) if n_in is None else \
+            self.planes(n_in, tuple(b.n_channels == 1 for b in self.blocks))
+        cache[n_in] = _BatchPlan(table, block_of, time_of, first.astype(np.int32),
+                                 count.astype(np.int32), planes,
+                                 np.array([b.indexed for b in self.blocks], np.int64))
+        return cache[n_in]
+
+    def _batch_reads(self, pool: H5Pool, windows, plan: "_BatchPlan") -> np.ndarray | None:
+        """The READ table of `windows` (`plan.block_of` reads per window): file descriptors
+        and offsets for all windows at once. None when some window must take the per-window
+        path: a block not readable with positioned reads, a file that cannot be opened or that
+        changed since it was indexed (that path says what is wrong), or more files than the
+        pool keeps open."""
+        n = len(windows)
+        if n == 0:
+            return None
+        fi, traj, t0 = self.index.locate_many(windows)
+        stored = self._stored_trajectories(fi, traj)
+        keys = list(zip(fi.tolist(), np.where(self._grouped_files()[fi], stored, -1).tolist()))
+        if len(set(fi.tolist())) > pool.max_open:
+            return None                 # opening them all would close some before the reads
+        tables = {k: self._direct_rows(pool, *k) for k in dict.fromkeys(keys)}
+        if any(t is None for t in tables.values()):
+            return None
+        rows = np.stack([tables[k] for k in keys])           # [B, blocks, 6]
+        t_idx = stored[:, None] * plan.indexed               # along arrays with that axis
+        last = t0 + (self.n_steps - 1) * self.stride
+        if not ((t_idx < rows[..., 4]).all() and (last[:, None] < rows[..., 5]).all()):
+            return None
+        start = rows[..., 1] + t_idx * rows[..., 2] + t0[:, None] * rows[..., 3]
+        reads = np.zeros((n, len(plan.block_of)), READ)
+        reads["file_offset"] = start[:, plan.block_of] + \
+            plan.time_of * rows[:, plan.block_of, 3]
+        reads["fd"] = rows[:, plan.block_of, 0]
+        reads["first"], reads["n"] = plan.first, plan.count
+        return reads
+
+    def _stored_trajectories(self, fi: np.ndarray, traj: np.ndarray) -> np.ndarray:
+        """`trajectories[fi][traj]` for arrays of windows."""
+        table = self.__dict__.get("_traj_table")
+        if table is None:
+            counts = [len(t) for t in self.trajectories]
+            starts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+            flat = np.array([i for t in self.trajectories for i in t], np.int64)
+            table = self.__dict__["_traj_table"] = (starts, flat)
+        starts, flat = table
+        return flat[starts[fi] + traj]
+
+    def _grouped_files(self) -> np.ndarray:
+        """Per file, whether its arrays live in a group per trajectory (`{group}` paths)."""
+        grouped = self.__dict__.get("_grouped")
+        if grouped is None:
+            grouped = self.__dict__["_grouped"] = np.array(
+                [bool(g) and any("{group}" in b.path for b in self.blocks)
+                 for g in self.groups], bool)
+        return grouped
+
+    def _direct_rows(self, pool: H5Pool, fi: int, traj: int) -> np.ndarray | None:
+        """Where the blocks of file `fi` lie for positioned reads (of trajectory `traj`'s group,
+        for a layout with a group per trajectory; -1 otherwise), per block as int64: (file
+        descriptor, byte offset of the array, bytes per trajectory, bytes per time step,
+        trajectories, time steps). None when some block cannot be read that way or the file
+        cannot be opened (the per-window path then reads it, or says what failed). Kept per
+        open of the file (`H5Pool.serial`): a file closed and opened again gets new rows."""
+        path = self.files[fi]
+        try:
+            serial = pool.touch(path)
+        except (OSError, KeyError, TypeError, ValueError, CorruptFileError):
+            return None
+        group = self.groups[fi][traj] if traj >= 0 else ""
+        cache = self.__dict__.setdefault("_direct", {})
+        hit = cache.get((fi, group))
+        if hit is not None and hit[0] == serial:
+            return hit[1]
+        lookup = pool.slabs(path)
+        rows: list[tuple[int, ...]] | None = []
+        for block in self.blocks:
+            name = block.path.replace("{group}", group) if group else block.path
+            try:
+                slab = lookup(name)
+            except (OSError, KeyError, TypeError, ValueError, CorruptFileError):
+                rows = None
+                break
+            lead = 2 if block.indexed else 1
+            dims, steps = slab.dims, slab.axis_bytes
+            if not slab.direct or len(dims) < lead or \
+                    steps[lead - 1] != 4 * (block.size // self.n_steps):
+                rows = None
+                break
+            rows.append((slab.fd, slab.offset, steps[0], steps[1], dims[0], dims[1])
+                        if block.indexed else (slab.fd, slab.offset, 0, steps[0], 1, dims[0]))
+        table = None if rows is None else np.array(rows, np.int64)
+        cache[(fi, group)] = (serial, table)
+        return table
 
 
 def well_source(layouts: list[FileLayout], n_in: int, n_out: int,

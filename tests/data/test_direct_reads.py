@@ -147,10 +147,12 @@ def test_the_checker_says_which_arrays_miss_the_fast_read_path(demo_base, tmp_pa
     n = int(proc.stderr.split("read path: ")[1].split()[0])
     assert f"{n} of {n} time-varying arrays take positioned reads" in proc.stderr
     if shutil.which(native.compiler()):      # CI has a compiler
-        assert "CPU training: readers normalize with the fused C kernel" in proc.stderr
+        assert "readers: the C kernel reads each batch (CPU training: and normalizes it)" in \
+            proc.stderr
     off = subprocess.run(check, cwd=REPO, capture_output=True, text=True,
                          env=dict(os.environ, DSFM_NATIVE="0"))
-    assert "readers normalize with NumPy (fused C kernel: turned off" in off.stderr
+    assert "readers: Python reads window by window, NumPy normalizes (C kernel: turned off" \
+        in off.stderr
     path = list_hdf5(str(ds / "data" / "train"))[0]
     with h5py.File(path, "r+") as f:             # the same values, stored chunked and gzipped
         data, attrs = f["t0_fields/density"][()], dict(f["t0_fields/density"].attrs)

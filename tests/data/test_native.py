@@ -147,7 +147,8 @@ def test_a_cached_kernel_that_differs_from_numpy_is_refused_and_dropped(normaliz
     src = tmp_path / "lazy.c"
     src.write_text("#include <stdint.h>\n"
                    "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
-                   "    int64_t f, const float *s, const float *c) { return 0; }\n")
+                   "    int64_t f, const float *s, const float *c) { return 0; }\n"
+                   "int64_t dsfm_read_windows(void) { return 0; }\n")
     cmd = [shutil.which(native.compiler()), *native.FLAGS, str(src), "-o", path]
     subprocess.run(cmd, check=True)
     assert native.load(True) is None
@@ -157,6 +158,24 @@ def test_a_cached_kernel_that_differs_from_numpy_is_refused_and_dropped(normaliz
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True,
                           text=True, env=dict(os.environ))
     assert proc.returncode == 0 and proc.stdout.strip() == path, proc.stderr
+
+
+def test_a_cached_kernel_of_an_older_source_is_refused_and_dropped(normalize_kernel,
+                                                                  fresh_native, tmp_path):
+    """A library at the cache path without the batch reader (built from another version of the
+    source, or something else) is refused with its missing function named, and removed."""
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    src = tmp_path / "old.c"
+    src.write_text("#include <stdint.h>\n"
+                   "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
+                   "    int64_t f, const float *s, const float *c) { return 0; }\n")
+    subprocess.run([shutil.which(native.compiler()), *native.FLAGS, str(src), "-o", path],
+                   check=True)
+    assert native.load(True) is None
+    assert "lacks a function of the kernel (dsfm_read_windows)" in \
+        native.why_unavailable(True)
+    assert not os.path.exists(path)
 
 
 def test_concurrent_first_builds_all_succeed(normalize_kernel, fresh_native):

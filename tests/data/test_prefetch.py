@@ -29,10 +29,11 @@ def reference(ds, window, n_in):
     return move(item["input_fields"]), move(item["output_fields"])
 
 
-#: The assembly paths: in the readers (the CPU default) with the fused C kernel or with NumPy,
-#: and the device path on CPU tensors.
+#: The assembly paths: in the readers (the CPU default) with the C kernel (batch reads and
+#: fused normalization) or with Python and NumPy, and the device path on CPU tensors, its
+#: readers with the kernel's batch reads or reading window by window.
 PATHS = {"readers-kernel": ("readers", True), "readers-numpy": ("readers", False),
-         "device": ("device", None)}
+         "device-kernel": ("device", True), "device-python": ("device", False)}
 
 
 @pytest.mark.parametrize("path_id", list(PATHS))
