@@ -1,13 +1,15 @@
-"""The fused normalization kernel of `normalize.c`, built with the system C compiler on first use.
+"""The readers' C kernel of `normalize.c`, built with the system C compiler on first use.
 
 With NumPy, normalizing a window and checking it costs three passes over data that reading it
 touched once (subtract, divide, isfinite into a temporary), plus a strided copy for every field
 stored with its components last. The kernel does all of it in one pass per plane and gives the
-same bits. It is compiled once per kind of CPU into a cache directory (`DSFM_CACHE_DIR`, else
-`$XDG_CACHE_HOME/dsfm` or `~/.cache/dsfm`), checked in a child process before it is cached and
-again at every load (NumPy's values, and the process's floating-point mode left alone), and
-used by the reader processes of a CPU trainer. Without a working C compiler, or with
-`DSFM_NATIVE=0`, dsfm uses NumPy (same values, slower); `why_unavailable()` says why.
+same bits; it also reads a reader's whole batch with positioned reads in one call
+(`dsfm_read_windows`), so no Python runs per window. It is compiled once per kind of CPU into a
+cache directory (`DSFM_CACHE_DIR`, else `$XDG_CACHE_HOME/dsfm` or `~/.cache/dsfm`), checked in a
+child process before it is cached and again at every load (NumPy's values, and the process's
+floating-point mode left alone), and used by the reader processes. Without a working C
+compiler, or with `DSFM_NATIVE=0`, dsfm reads window by window in Python and normalizes with
+NumPy (same values, slower); `why_unavailable()` says why.
 
 Torch-free: the readers import it.
 """

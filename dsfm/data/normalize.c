@@ -144,7 +144,8 @@ typedef struct {
 
 /* 0, or errno, or -1 when the file ends first. Short reads (signals, reads over 2 GB) go on
    where they stopped. */
-static int read_one(const dsfm_read *r, const dsfm_piece *pieces, char *const *bases)
+static int read_one(const dsfm_read *r, const dsfm_piece *pieces, char *const *bases,
+                    int32_t n_bases)
 {
     struct iovec v[DSFM_MAX_PIECES], *cur = v;
     int n = r->n;
@@ -154,6 +155,8 @@ static int read_one(const dsfm_read *r, const dsfm_piece *pieces, char *const *b
         return EINVAL;
     for (int i = 0; i < n; i++) {
         const dsfm_piece *p = pieces + r->first + i;
+        if (p->base < 0 || p->base >= n_bases || p->bytes < 0)
+            return EINVAL;
         v[i].iov_base = bases[p->base] + p->offset;
         v[i].iov_len = (size_t)p->bytes;
         want += p->bytes;
@@ -208,7 +211,7 @@ int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
         for (int32_t i = 0; i < n_bases; i++)
             bases[i] = starts[i] + b * steps[i];
         for (int64_t k = 0; k < reads_per_window; k++) {
-            int e = read_one(reads + b * reads_per_window + k, pieces, bases);
+            int e = read_one(reads + b * reads_per_window + k, pieces, bases, n_bases);
             if (e != 0) {
                 status[0] = 2;
                 status[1] = e;

@@ -340,6 +340,7 @@ class WellLoader:
             raise ConfigError(f"ring_slots must be >= 2, got {self.ring_slots}")
         self._ring = _Ring(self.ring_slots, slot_bytes)
         self._workers: list[subprocess.Popen] = []
+        self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
         self._closed = False
         try:
             self._start_workers(max_open_files, worker_start_timeout_s)
@@ -355,7 +356,6 @@ class WellLoader:
         # which once left a trainer running on after SIGINT.
         self._leases: dict[int, tuple[weakref.ref, ...]] = {}
         self._outstanding = [0] * num_workers
-        self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
         self._done: set[int] = set()
         self._ready: dict[int, tuple] = {}        # step -> (Batch, copy event) on CUDA
         self._copying: list[tuple[Any, int]] = []  # (copy event, slot)
@@ -392,12 +392,15 @@ class WellLoader:
             self._workers.append(proc)
             self._tasks.append(Connection(task_w, readable=False))
             self._results.append(Connection(res_r, writable=False))
-            self._tasks[-1].send(("init", wid, self._ring.path, self._ring.nbytes,
-                                  self._ring.slot_bytes, sources, os.getpid(), max_open_files,
-                                  self.readers_assemble, self.n_steps_input,
-                                  [(d.shift, d.scale) for d in self.datasets],
-                                  self.check_finite, self.direct_reads, self.reader_cpus,
-                                  self._use_native))
+            try:
+                self._tasks[-1].send(("init", wid, self._ring.path, self._ring.nbytes,
+                                      self._ring.slot_bytes, sources, os.getpid(),
+                                      max_open_files, self.readers_assemble, self.n_steps_input,
+                                      [(d.shift, d.scale) for d in self.datasets],
+                                      self.check_finite, self.direct_reads, self.reader_cpus,
+                                      self._use_native))
+            except (BrokenPipeError, ConnectionResetError):
+                pass        # it died before reading it: the wait below reports how
         waiting = set(range(self.num_workers))
         kernels = [False] * self.num_workers
         deadline = time.monotonic() + timeout_s

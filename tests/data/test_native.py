@@ -285,3 +285,53 @@ def test_a_cached_fast_math_build_cannot_change_this_process(normalize_kernel, f
     assert not native._flushes_subnormals()
     assert "floating-point mode" in why or "NumPy gives" in why, why
     assert not os.path.exists(path)
+
+
+def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_path):
+    """`dsfm_read_windows` on a plain file: each window's reads land in their pieces at the
+    window's bases; the end of the file, a closed descriptor and a piece naming a base the
+    window lacks are reported (window, errno), not read past or written through."""
+    import errno
+
+    data = np.arange(4096, dtype=np.float32)
+    path = tmp_path / "plain.bin"
+    path.write_bytes(data.tobytes())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        a, b = np.full((3, 40), np.nan, np.float32), np.full((3, 8), np.nan, np.float32)
+        # per window: 10 floats split over a[.., 0:4], b[.., 0:2], a[.., 20:24], then 3 floats
+        # into b[.., 5:8] from elsewhere in the file
+        pieces = np.array([(0, 16, 0, 0), (0, 8, 1, 0), (80, 16, 0, 0), (20, 12, 1, 0)],
+                          native.PIECE)
+        reads = np.zeros((3, 2), native.READ)
+        reads["fd"] = fd
+        reads["file_offset"] = [[4 * (100 * w), 4 * (2000 + w)] for w in range(3)]
+        reads["first"], reads["n"] = [0, 3], [3, 1]
+        starts = np.array([a.ctypes.data, b.ctypes.data], np.uint64)
+        steps = np.array([a.strides[0], b.strides[0]], np.int64)
+        status = np.zeros(2, np.int32)
+        none = np.zeros(0, native.PLANE)
+        f32 = np.zeros(0, np.float32)
+
+        def run(n=3):
+            return normalize_kernel.read_windows(reads, 2, pieces, starts, steps, n, none, 0,
+                                                 f32, f32, False, status)
+        assert run() == 3 and status.tolist() == [0, 0]
+        for w in range(3):
+            got = np.concatenate([a[w, 0:4], b[w, 0:2], a[w, 20:24], b[w, 5:8]])
+            np.testing.assert_array_equal(got[:10], data[100 * w:100 * w + 10])
+            np.testing.assert_array_equal(got[10:], data[2000 + w:2003 + w])
+        assert np.isnan(a[:, 4:20]).all() and np.isnan(b[:, 2:5]).all()
+
+        reads["file_offset"][1, 1] = 4 * 4094            # window 1's second read: 2 of 3 floats
+        a[:], b[:] = np.nan, np.nan
+        assert run() == 1 and status.tolist() == [2, -1]
+        assert not np.isnan(a[0, :4]).any() and np.isnan(a[2]).all()   # stopped at window 1
+        reads["file_offset"][1, 1] = 0
+        pieces["base"][3] = 2                             # a base the windows do not have
+        assert run() == 0 and status.tolist() == [2, errno.EINVAL]
+        pieces["base"][3] = 1
+        reads["fd"][0, 0] = -1                            # not an open descriptor
+        assert run() == 0 and status.tolist() == [2, errno.EBADF]
+    finally:
+        os.close(fd)

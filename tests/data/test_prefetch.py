@@ -229,6 +229,21 @@ def test_a_dead_reader_is_detected_within_seconds(demo_base):
     assert all(p.poll() is not None for p in loader._workers)
 
 
+def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monkeypatch):
+    """A reader process that cannot start (here: its interpreter exits at once) is reported as
+    such, with its exit status, and leaves no shared memory behind."""
+    fake = tmp_path / "python"
+    fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
+    fake.chmod(0o755)
+    before = set(os.listdir("/dev/shm"))
+    monkeypatch.setattr(sys, "executable", str(fake))
+    with pytest.raises(Exception) as exc:
+        WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, num_workers=2)
+    assert type(exc.value).__name__ == "WorkerError", exc.value
+    assert "died (exit code 3) while starting" in str(exc.value)
+    assert set(os.listdir("/dev/shm")) <= before
+
+
 TRAINER = textwrap.dedent("""
     import os, sys, time
     from dsfm.data import WellLoader
