@@ -11,6 +11,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import os
+import secrets
 import weakref
 from collections import OrderedDict
 
@@ -22,7 +23,18 @@ from dsfm.data.well_format import open_h5
 
 _pools: "weakref.WeakSet[H5Pool]" = weakref.WeakSet()
 _MEMORY_TYPES: dict[np.dtype, h5t.TypeID] = {}
-_opens = itertools.count(1)     # numbers every open of a file (H5Pool.serial)
+_opens = itertools.count(1)     # numbers every open of a file (H5Pool.touch)
+#: stands for this process in those numbers: random, and drawn again in a forked child, so that
+#: a cache of descriptors that reaches another process (a pickle, a fork) never matches there
+_process_token = secrets.randbits(64)
+
+
+def _new_token() -> None:
+    global _process_token
+    _process_token = secrets.randbits(64)
+
+
+os.register_at_fork(after_in_child=_new_token)
 
 
 #: Set DSFM_HDF5_DIRECT=0 to read every hyperslab through the HDF5 library (for comparisons).
@@ -210,34 +222,34 @@ class H5Pool:
         if f is not None and f.id.valid:
             self._files.move_to_end(path)
             return f
+        if f is not None:                     # closed behind our back: open it afresh
+            self._forget(path)
         while len(self._files) >= self.max_open:
-            old_path, old = self._files.popitem(last=False)
-            self._datasets.pop(old_path, None)
-            self._serials.pop(old_path, None)
-            old.close()
-            fd = self._fds.pop(old_path, None)
-            if fd is not None:
-                os.close(fd)
+            self._forget(next(iter(self._files)))
         f = open_h5(path, rdcc_nbytes=self.chunk_cache_bytes)
         self._files[path] = f
         if self.direct:
             self._fds[path] = os.open(path, os.O_RDONLY)
         self._datasets[path] = {}
-        self._serials[path] = (self._pid, next(_opens))
+        self._serials[path] = (_process_token, next(_opens))
         return f
 
+    def _forget(self, path: str) -> None:
+        """Close a file's handle and descriptor and drop what was kept for this open of it."""
+        old = self._files.pop(path)
+        self._datasets.pop(path, None)
+        self._serials.pop(path, None)
+        if old.id.valid:
+            old.close()
+        fd = self._fds.pop(path, None)
+        if fd is not None:
+            os.close(fd)
+
     def touch(self, path: str) -> tuple[int, int]:
-        """Open `path` (or mark it used) and return its `serial`."""
+        """Open `path` (or mark it used) and return what stands for this open of it, unique
+        across opens and processes: what a cache of its descriptor and offsets is valid for."""
         self.get(path)
         return self._serials[path]
-
-    def serial(self, path: str) -> tuple[int, int] | None:
-        """What stands for this open of `path`, None when it is not open: (process id, number),
-        unique even to a copy of a cache pickled to, or inherited by, another process. What a
-        cache of its file descriptor and offsets is valid for."""
-        f = self._files.get(path)
-        return self._serials.get(path) if f is not None and f.id.valid and \
-            self._pid == os.getpid() else None
 
     def dataset(self, path: str, name: str) -> h5py.Dataset:
         """A dataset of an open file, looked up once per open (h5py lookups cost tens of µs)."""

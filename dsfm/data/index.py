@@ -90,7 +90,12 @@ class WindowIndex:
     def locate_many(self, indices) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """`locate` for an array of windows at once: int64 arrays (file, trajectory, window
         within the trajectory)."""
-        idx = np.asarray(indices, dtype=np.int64)
+        given = np.asarray(indices)
+        if given.dtype.kind not in "iu" and given.size:
+            raise TypeError(f"window indices must be integers, got {given.dtype}")
+        if given.dtype.kind == "u" and given.size and given.max() > np.iinfo(np.int64).max:
+            raise IndexError(f"index {given.max()} out of range for {len(self)} windows")
+        idx = given.astype(np.int64, copy=False)
         n = len(self)
         if idx.size and not (0 <= idx.min() and idx.max() < n):
             bad = idx[(idx < -n) | (idx >= n)]

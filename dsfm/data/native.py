@@ -68,8 +68,8 @@ class NormalizeKernel:
         rw = lib.dsfm_read_windows
         rw.restype = ctypes.c_int64
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        rw.argtypes = [ptr, i64, ptr, ptr, ptr, ctypes.c_int32, i64, ptr, i64, i64, ptr, ptr,
-                       ctypes.c_int32, ptr]
+        rw.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int32, i64, ptr, i64, i64, ptr,
+                       ptr, ctypes.c_int32, ptr]
         self._read_windows = rw
         self._lib = lib                 # keeps the library loaded
 
@@ -86,11 +86,18 @@ class NormalizeKernel:
         inside its buffer and that the file descriptors are open."""
         if len(starts) > MAX_BASES or len(steps) != len(starts):
             raise ValueError(f"{len(starts)} bases and {len(steps)} steps (at most {MAX_BASES})")
+        tables = ((reads, READ), (pieces, PIECE), (planes, PLANE), (starts, np.uint64),
+                  (steps, np.int64), (status, np.int32))
+        if any(a.dtype != t or not a.flags.c_contiguous for a, t in tables) or \
+                reads.size < n_windows * reads_per_window or status.size < 2:
+            raise ValueError("read_windows takes contiguous READ, PIECE and PLANE tables, uint64 "
+                             f"starts, int64 steps and 2 int32 of status, and {n_windows} × "
+                             f"{reads_per_window} reads")
         return self._read_windows(
-            reads.ctypes.data, reads_per_window, pieces.ctypes.data, starts.ctypes.data,
-            steps.ctypes.data, len(starts), n_windows, planes.ctypes.data, len(planes),
-            plane_floats, shift.ctypes.data, scale.ctypes.data, int(bool(check_finite)),
-            status.ctypes.data)
+            reads.ctypes.data, reads_per_window, pieces.ctypes.data, len(pieces),
+            starts.ctypes.data, steps.ctypes.data, len(starts), n_windows, planes.ctypes.data,
+            len(planes), plane_floats, shift.ctypes.data, scale.ctypes.data,
+            int(bool(check_finite)), status.ctypes.data)
 
     def __call__(self, bases: np.ndarray, planes: np.ndarray, plane_floats: int,
                  shift: np.ndarray, scale: np.ndarray) -> bool:
@@ -268,7 +275,7 @@ def _load_checked(path: str) -> tuple[NormalizeKernel | None, str | None]:
         kernel = NormalizeKernel(lib, path)
     except AttributeError as exc:       # a library of another dsfm version, or another source
         return None, f"{path} lacks a function of the kernel ({str(exc).split(': ')[-1]})"
-    why = _self_test(kernel)
+    why = _self_test(kernel) or _read_self_test(kernel)
     return (None, why) if why is not None else (kernel, None)
 
 
@@ -329,6 +336,40 @@ def _self_test(kernel: NormalizeKernel) -> str | None:
             if not same.all():
                 i = int(np.flatnonzero(~same)[0])
                 return f"it gives {g[i]!r} where NumPy gives {w[i]!r}"
+    return None
+
+
+def _read_self_test(kernel: NormalizeKernel) -> str | None:
+    """One batch of two windows read by `read_windows` from an in-memory file, scattered over
+    two buffers: the bytes must be the file's. Returns None, or what differed."""
+    data = np.arange(64, dtype=np.float32)
+    try:
+        if hasattr(os, "memfd_create"):
+            fd = os.memfd_create("dsfm-self-test")
+        else:
+            fd, name = tempfile.mkstemp()
+            os.unlink(name)
+    except OSError as exc:
+        return f"cannot make a file to test its reads on: {exc}"
+    try:
+        os.pwrite(fd, data.tobytes(), 0)
+        a, b = np.zeros((2, 8), np.float32), np.zeros((2, 4), np.float32)
+        pieces = np.array([(4, 12, 0, 0), (0, 16, 1, 0)], PIECE)
+        reads = np.array([[(40, fd, 0, 2, 0)], [(160, fd, 0, 2, 0)]], READ)
+        status = np.zeros(2, np.int32)
+        none = np.zeros(0, np.float32)
+        done = kernel.read_windows(reads, 1, pieces, np.array([a.ctypes.data, b.ctypes.data],
+                                   np.uint64), np.array([32, 16], np.int64), 2,
+                                   np.zeros(0, PLANE), 0, none, none, False, status)
+        if done != 2 or status.tolist() != [0, 0]:
+            return f"its reads failed (window {done}, status {status.tolist()})"
+        for w, first in enumerate((10, 40)):
+            got = np.concatenate([a[w, 1:4], b[w]])
+            if not np.array_equal(got, data[first:first + 7]) or a[w, 0] or a[w, 4:].any():
+                return f"its reads put {got.tolist()} where the file holds " \
+                    f"{data[first:first + 7].tolist()}"
+    finally:
+        os.close(fd)
     return None
 
 

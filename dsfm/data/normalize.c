@@ -24,6 +24,7 @@
  * NumPy when that is not possible.
  */
 #define _GNU_SOURCE             /* preadv */
+#define _FILE_OFFSET_BITS 64    /* 64-bit file offsets on 32-bit systems too */
 #include <errno.h>
 #include <stdint.h>
 #include <string.h>
@@ -144,18 +145,19 @@ typedef struct {
 
 /* 0, or errno, or -1 when the file ends first. Short reads (signals, reads over 2 GB) go on
    where they stopped. */
-static int read_one(const dsfm_read *r, const dsfm_piece *pieces, char *const *bases,
-                    int32_t n_bases)
+static int read_one(const dsfm_read *r, const dsfm_piece *pieces, int64_t n_pieces,
+                    char *const *bases, int32_t n_bases)
 {
     struct iovec v[DSFM_MAX_PIECES], *cur = v;
     int n = r->n;
     int64_t want = 0;
     off_t at = (off_t)r->file_offset;
-    if (n < 1 || n > DSFM_MAX_PIECES)
+    if (n < 1 || n > DSFM_MAX_PIECES || r->first < 0 || r->first > n_pieces - n ||
+            r->file_offset < 0)
         return EINVAL;
     for (int i = 0; i < n; i++) {
         const dsfm_piece *p = pieces + r->first + i;
-        if (p->base < 0 || p->base >= n_bases || p->bytes < 0)
+        if (p->base < 0 || p->base >= n_bases || p->offset < 0 || p->bytes < 0)
             return EINVAL;
         v[i].iov_base = bases[p->base] + p->offset;
         v[i].iov_len = (size_t)p->bytes;
@@ -189,13 +191,15 @@ static int read_one(const dsfm_read *r, const dsfm_piece *pieces, char *const *b
 
 /* A reader's batch of `n_windows` windows. Window b has `n_bases` bases, base i at
    starts[i] + b * steps[i] (a step of 0: a buffer all windows share); it is read by
-   reads[b * reads_per_window ...] into pieces relative to those bases, and then its `planes`
+   reads[b * reads_per_window ...] into pieces (of `n_pieces`) relative to those bases, and
+   then its `planes`
    are normalized (bases 0, 1 and 2 as in dsfm_normalize_planes) while it is in cache.
    Returns the index of the first window that failed, or n_windows: status[0] is 1 when its
    results are not all finite (only with check_finite), 2 when a read failed, with status[1]
    the errno (-1: the file ended first). */
 int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
-                          const dsfm_piece *pieces, char *const *starts, const int64_t *steps,
+                          const dsfm_piece *pieces, int64_t n_pieces,
+                          char *const *starts, const int64_t *steps,
                           int32_t n_bases, int64_t n_windows, const dsfm_plane *planes,
                           int64_t n_planes, int64_t plane_floats, const float *shift,
                           const float *scale, int32_t check_finite, int32_t *status)
@@ -211,7 +215,8 @@ int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
         for (int32_t i = 0; i < n_bases; i++)
             bases[i] = starts[i] + b * steps[i];
         for (int64_t k = 0; k < reads_per_window; k++) {
-            int e = read_one(reads + b * reads_per_window + k, pieces, bases, n_bases);
+            int e = read_one(reads + b * reads_per_window + k, pieces, n_pieces, bases,
+                             n_bases);
             if (e != 0) {
                 status[0] = 2;
                 status[1] = e;

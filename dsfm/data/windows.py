@@ -77,6 +77,11 @@ class WindowSource:
     spatial_shape: tuple[int, ...]
     channel_names: list[str]
 
+    def __getstate__(self):
+        """Pickled without its caches (file descriptors, offsets, plans): they are this
+        process's, and a reader process makes its own."""
+        return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
+
     @property
     def window_floats(self) -> int:
         return sum(b.size for b in self.blocks)
@@ -105,14 +110,12 @@ class WindowSource:
         (`batch_reads=False`: window by window even then, for comparisons)."""
         views = block_views(flat, self, len(windows))
         start = 0
-        plan = None if kernel is None or not batch_reads else self._batch_plan(None)
+        fits = flat.dtype == np.float32 and flat.flags.c_contiguous and \
+            flat.flags.aligned and flat.flags.writeable    # else HDF5 converts, per window
+        plan = None if kernel is None or not batch_reads or not fits else \
+            self._batch_plan(None)
         reads = None if plan is None else self._batch_reads(pool, windows, plan)
         if reads is not None:
-            if not (flat.dtype == np.float32 and flat.flags.c_contiguous and
-                    flat.flags.writeable and flat.size >= len(windows) * self.window_floats):
-                raise ValueError(f"a batch of {len(windows)} windows of {self.name} needs "
-                                 f"{len(windows) * self.window_floats} writable, contiguous "
-                                 f"float32, got {flat.size} {flat.dtype}")
             starts = np.array([v.ctypes.data for v in views], np.uint64)
             steps = np.array([4 * blk.size for blk in self.blocks], np.int64)
             status = np.zeros(2, np.int32)
@@ -350,7 +353,10 @@ class WindowSource:
         cache = self.__dict__.setdefault("_batch_plans", {})
         if n_in in cache:
             return cache[n_in]
-        if self.n_steps > MAX_PIECES or len(self.blocks) > MAX_BASES or \
+        scatters = n_in is not None and self.stride == 1 and \
+            any(b.n_channels == 1 for b in self.blocks)      # n_steps pieces in one read
+        if (scatters and self.n_steps > MAX_PIECES) or \
+                (n_in is None and len(self.blocks) > MAX_BASES) or \
                 (n_in is not None and not self.fusable):
             cache[n_in] = None
             return None

@@ -3,6 +3,7 @@ reading window by window, for every layout dsfm reads, and the per-window path (
 errors naming file, array, trajectory and time) wherever the batch cannot be read that way."""
 
 import os
+import pickle
 import shutil
 import sys
 
@@ -218,6 +219,53 @@ def test_locate_many_agrees_with_locate():
     every = np.arange(-len(index), len(index))
     fi, traj, t = index.locate_many(every)
     assert [tuple(v) for v in zip(fi, traj, t)] == [index.locate(int(i)) for i in every]
-    for bad in ([len(index)], [0, -len(index) - 1]):
+    for bad in ([len(index)], [0, -len(index) - 1], np.array([2**64 - 1], np.uint64)):
         with pytest.raises(IndexError, match="out of range"):
             index.locate_many(bad)
+
+
+def test_caches_of_descriptors_stay_in_their_process(demo_base, normalize_kernel):
+    """A source pickled after batch reads (as sources travel to reader processes) leaves its
+    descriptors and offsets behind, and reads correctly with a pool of its own."""
+    source = well_source(read_layouts(list_hdf5(os.path.join(demo_base, "euler_2d", "data",
+                                                             "train"))), 3, 1)
+    windows = np.arange(0, len(source), 3)[:6]
+    pool = H5Pool()
+    flat = np.empty(len(windows) * source.window_floats, np.float32)
+    source.read_batch(pool, windows, flat, normalize_kernel)
+    assert source.__dict__.get("_direct")
+    copy = pickle.loads(pickle.dumps(source))
+    assert not [k for k in copy.__dict__ if k.startswith("_")]
+    again = np.empty_like(flat)
+    copy.read_batch(H5Pool(), windows, again, normalize_kernel)
+    np.testing.assert_array_equal(again, flat)
+    pool.close()
+
+
+def test_a_float64_or_strided_destination_is_read_window_by_window(demo_base, normalize_kernel):
+    """The kernel writes float32 into contiguous memory only; other destinations take the
+    per-window path (HDF5 converts), as without the kernel."""
+    source = well_source(read_layouts(list_hdf5(os.path.join(demo_base, "euler_2d", "data",
+                                                             "train"))), 3, 1)
+    windows = np.array([1, 7, 4])
+    want = np.empty(len(windows) * source.window_floats, np.float32)
+    source.read_batch(H5Pool(), windows, want, normalize_kernel)
+    as64 = np.empty(want.size, np.float64)
+    source.read_batch(H5Pool(), windows, as64, normalize_kernel)
+    np.testing.assert_array_equal(as64, want.astype(np.float64))
+
+
+def test_a_handle_closed_elsewhere_is_reopened_with_a_fresh_descriptor(demo_base):
+    """A pool whose h5py handle was closed by someone else opens the file again as the most
+    recently used one, closing the old descriptor (none leaks) and invalidating caches."""
+    files = list_hdf5(os.path.join(demo_base, "euler_2d", "data", "train"))
+    pool = H5Pool(max_open=2)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    first = pool.touch(files[0])
+    pool.touch(files[1])
+    before = fds()
+    pool.get(files[0]).close()
+    again = pool.touch(files[0])
+    assert again != first and fds() == before
+    assert list(pool._files) == [files[1], files[0]]
+    pool.close()

@@ -178,6 +178,29 @@ def test_a_cached_kernel_of_an_older_source_is_refused_and_dropped(normalize_ker
     assert not os.path.exists(path)
 
 
+def test_a_cached_kernel_whose_reads_are_wrong_is_refused(normalize_kernel, fresh_native,
+                                                          tmp_path):
+    """A library that normalizes right but whose batch reads do not read (here: they report
+    success and leave the buffers alone) is refused at load by the read self-test."""
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    fake = tmp_path / "fake_reads.c"
+    fake.write_text("#include <stdint.h>\n"
+                    "int64_t dsfm_read_windows(const void *r, int64_t k, const void *p,\n"
+                    "    int64_t np, void *const *s, const int64_t *st, int32_t nb,\n"
+                    "    int64_t n, const void *pl, int64_t npl, int64_t f, const float *a,\n"
+                    "    const float *b, int32_t c, int32_t *status)\n"
+                    "{ status[0] = status[1] = 0; return n; }\n")
+    cc, real = shutil.which(native.compiler()), str(tmp_path / "real.o")
+    subprocess.run([cc, "-O3", "-fPIC", "-fno-fast-math", "-ffp-contract=off", "-c",
+                    "-Ddsfm_read_windows=real_read_windows", native.SOURCE, "-o", real],
+                   check=True)
+    subprocess.run([cc, *native.FLAGS, real, str(fake), "-o", path], check=True)
+    assert native.load(True) is None
+    assert "its reads put" in native.why_unavailable(True)
+    assert not os.path.exists(path)
+
+
 def test_concurrent_first_builds_all_succeed(normalize_kernel, fresh_native):
     """Ranks and readers starting together on an empty cache each build or find the kernel;
     none fails on another's temporary file, and none is left behind."""
@@ -331,7 +354,17 @@ def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_
         pieces["base"][3] = 2                             # a base the windows do not have
         assert run() == 0 and status.tolist() == [2, errno.EINVAL]
         pieces["base"][3] = 1
+        reads["first"][0, 1] = 4                          # a piece past the table's end
+        assert run() == 0 and status.tolist() == [2, errno.EINVAL]
+        reads["first"][0, 1] = 3
+        pieces["offset"][0] = -4                          # before the window's base
+        assert run() == 0 and status.tolist() == [2, errno.EINVAL]
+        pieces["offset"][0] = 0
+        assert run() == 3 and status.tolist() == [0, 0]
         reads["fd"][0, 0] = -1                            # not an open descriptor
         assert run() == 0 and status.tolist() == [2, errno.EBADF]
+        with pytest.raises(ValueError, match="READ, PIECE and PLANE"):
+            normalize_kernel.read_windows(reads, 2, pieces.view(native.READ), starts, steps, 3,
+                                          none, 0, f32, f32, False, status)
     finally:
         os.close(fd)
