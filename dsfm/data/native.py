@@ -68,36 +68,42 @@ class NormalizeKernel:
         rw = lib.dsfm_read_windows
         rw.restype = ctypes.c_int64
         i64, ptr = ctypes.c_int64, ctypes.c_void_p
-        rw.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int32, i64, ptr, i64, i64, ptr,
-                       ptr, ctypes.c_int32, ptr]
+        rw.argtypes = [ptr, i64, ptr, i64, ptr, ptr, ctypes.c_int32, i64, ptr, ptr, i64, i64,
+                       ptr, ptr, ctypes.c_int32, ptr]
         self._read_windows = rw
         self._lib = lib                 # keeps the library loaded
 
     def read_windows(self, reads: np.ndarray, reads_per_window: int, pieces: np.ndarray,
                      starts: np.ndarray, steps: np.ndarray, n_windows: int,
-                     planes: np.ndarray, plane_floats: int, shift: np.ndarray,
-                     scale: np.ndarray, check_finite: bool, status: np.ndarray) -> int:
+                     planes: np.ndarray, plane_first: np.ndarray | None, plane_floats: int,
+                     shift: np.ndarray, scale: np.ndarray, check_finite: bool,
+                     status: np.ndarray) -> int:
         """Read and normalize `n_windows` windows: window b's bases are starts + b * steps
         (uint64 addresses and int64 byte steps); the READ rows [b * reads_per_window, ...)
-        fill its `pieces` (PIECE, relative to those bases), then its `planes` (PLANE, bases 0
-        to 2) are normalized. Returns the first window that failed, or n_windows; `status`
-        (two int32) then says why: 1 not finite (only with `check_finite`), 2 a read failed,
-        with the errno (-1: the file ended first). The caller checks that every piece stays
-        inside its buffer and that the file descriptors are open."""
+        fill its `pieces` (PIECE, relative to those bases), and after its read k the `planes`
+        (PLANE, bases 0 to 2) [plane_first[k], plane_first[k + 1]) are normalized (int64,
+        reads_per_window + 1 entries; None: no planes). Returns the first window that failed,
+        or n_windows; `status` (two int32) then says why: 1 not finite (only with
+        `check_finite`), 2 a read failed, with the errno (-1: the file ended first). The
+        caller checks that every piece stays inside its buffer and that the file descriptors
+        are open."""
+        if plane_first is None:
+            plane_first = np.zeros(reads_per_window + 1, np.int64)
         if len(starts) > MAX_BASES or len(steps) != len(starts):
             raise ValueError(f"{len(starts)} bases and {len(steps)} steps (at most {MAX_BASES})")
         tables = ((reads, READ), (pieces, PIECE), (planes, PLANE), (starts, np.uint64),
-                  (steps, np.int64), (status, np.int32))
+                  (steps, np.int64), (status, np.int32), (plane_first, np.int64))
         if any(a.dtype != t or not a.flags.c_contiguous for a, t in tables) or \
-                reads.size < n_windows * reads_per_window or status.size < 2:
+                reads.size < n_windows * reads_per_window or status.size < 2 or \
+                plane_first.size != reads_per_window + 1:
             raise ValueError("read_windows takes contiguous READ, PIECE and PLANE tables, uint64 "
                              f"starts, int64 steps and 2 int32 of status, and {n_windows} × "
                              f"{reads_per_window} reads")
         return self._read_windows(
             reads.ctypes.data, reads_per_window, pieces.ctypes.data, len(pieces),
             starts.ctypes.data, steps.ctypes.data, len(starts), n_windows, planes.ctypes.data,
-            len(planes), plane_floats, shift.ctypes.data, scale.ctypes.data,
-            int(bool(check_finite)), status.ctypes.data)
+            plane_first.ctypes.data, len(planes), plane_floats, shift.ctypes.data,
+            scale.ctypes.data, int(bool(check_finite)), status.ctypes.data)
 
     def __call__(self, bases: np.ndarray, planes: np.ndarray, plane_floats: int,
                  shift: np.ndarray, scale: np.ndarray) -> bool:
@@ -360,7 +366,7 @@ def _read_self_test(kernel: NormalizeKernel) -> str | None:
         none = np.zeros(0, np.float32)
         done = kernel.read_windows(reads, 1, pieces, np.array([a.ctypes.data, b.ctypes.data],
                                    np.uint64), np.array([32, 16], np.int64), 2,
-                                   np.zeros(0, PLANE), 0, none, none, False, status)
+                                   np.zeros(0, PLANE), None, 0, none, none, False, status)
         if done != 2 or status.tolist() != [0, 0]:
             return f"its reads failed (window {done}, status {status.tolist()})"
         for w, first in enumerate((10, 40)):

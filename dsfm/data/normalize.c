@@ -192,26 +192,33 @@ static int read_one(const dsfm_read *r, const dsfm_piece *pieces, int64_t n_piec
 /* A reader's batch of `n_windows` windows. Window b has `n_bases` bases, base i at
    starts[i] + b * steps[i] (a step of 0: a buffer all windows share); it is read by
    reads[b * reads_per_window ...] into pieces (of `n_pieces`) relative to those bases, and
-   then its `planes`
-   are normalized (bases 0, 1 and 2 as in dsfm_normalize_planes) while it is in cache.
-   Returns the index of the first window that failed, or n_windows: status[0] is 1 when its
-   results are not all finite (only with check_finite), 2 when a read failed, with status[1]
-   the errno (-1: the file ended first). */
+   right after its read k, planes[plane_first[k] .. plane_first[k + 1]) (of `n_planes`, on
+   bases 0, 1 and 2 as in dsfm_normalize_planes) are normalized: each block of a window while
+   it is in cache, however large the window. Returns the index of the first window that
+   failed, or n_windows: status[0] is 1 when its results are not all finite (only with
+   check_finite), 2 when a read failed, with status[1] the errno (-1: the file ended first;
+   EINVAL: tables that do not fit together). */
 int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
                           const dsfm_piece *pieces, int64_t n_pieces,
                           char *const *starts, const int64_t *steps,
                           int32_t n_bases, int64_t n_windows, const dsfm_plane *planes,
-                          int64_t n_planes, int64_t plane_floats, const float *shift,
-                          const float *scale, int32_t check_finite, int32_t *status)
+                          const int64_t *plane_first, int64_t n_planes, int64_t plane_floats,
+                          const float *shift, const float *scale, int32_t check_finite,
+                          int32_t *status)
 {
     char *bases[DSFM_MAX_BASES];
+    int ok = n_bases >= 0 && n_bases <= DSFM_MAX_BASES && (n_planes == 0 || n_bases >= 3) &&
+             plane_first[0] >= 0 && plane_first[reads_per_window] <= n_planes;
+    for (int64_t k = 0; ok && k < reads_per_window; k++)
+        ok = plane_first[k] <= plane_first[k + 1];
     status[0] = status[1] = 0;
-    if (n_bases < 0 || n_bases > DSFM_MAX_BASES) {
+    if (!ok) {
         status[0] = 2;
         status[1] = EINVAL;
         return 0;
     }
     for (int64_t b = 0; b < n_windows; b++) {
+        int bad = 0;
         for (int32_t i = 0; i < n_bases; i++)
             bases[i] = starts[i] + b * steps[i];
         for (int64_t k = 0; k < reads_per_window; k++) {
@@ -222,10 +229,12 @@ int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
                 status[1] = e;
                 return b;
             }
+            if (plane_first[k + 1] > plane_first[k])
+                bad |= dsfm_normalize_planes(bases, planes + plane_first[k],
+                                             plane_first[k + 1] - plane_first[k], plane_floats,
+                                             shift, scale);
         }
-        if (n_planes > 0 &&
-                dsfm_normalize_planes(bases, planes, n_planes, plane_floats, shift, scale) &&
-                check_finite) {
+        if (bad && check_finite) {
             status[0] = 1;
             return b;
         }

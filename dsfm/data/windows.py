@@ -59,6 +59,7 @@ class _BatchPlan:
     first: np.ndarray       # its first piece
     count: np.ndarray       # and how many
     planes: np.ndarray      # PLANE: the normalization after the reads (none for the device)
+    plane_first: np.ndarray  # those of read r: planes[plane_first[r]:plane_first[r + 1]]
     indexed: np.ndarray     # per block: 1 if it has a trajectory axis
 
 
@@ -120,8 +121,9 @@ class WindowSource:
             steps = np.array([4 * blk.size for blk in self.blocks], np.int64)
             status = np.zeros(2, np.int32)
             start = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps,
-                                        len(windows), plan.planes, 0, np.zeros(0, np.float32),
-                                        np.zeros(0, np.float32), False, status)
+                                        len(windows), plan.planes, None, 0,
+                                        np.zeros(0, np.float32), np.zeros(0, np.float32), False,
+                                        status)
         for b in range(start, len(windows)):    # a failed read is read again here, to name it
             self.read(pool, int(windows[b]), [v[b] for v in views])
 
@@ -337,8 +339,9 @@ class WindowSource:
         steps = np.array([x.strides[0], y.strides[0], 0], np.int64)
         n = len(windows)
         done = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps, n,
-                                   plan.planes, int(np.prod(self.spatial_shape)), shift, scale,
-                                   check_finite, status)
+                                   plan.planes, plan.plane_first,
+                                   int(np.prod(self.spatial_shape)), shift, scale, check_finite,
+                                   status)
         if done == n:
             return None, n
         return (done, n) if status[0] == 1 else (None, done)
@@ -368,11 +371,14 @@ class WindowSource:
                       1: 4 * (self.n_steps - n_in) * self.n_channels * per,
                       2: 4 * self.window_floats}
         pieces, reads, c, staged = [], [], 0, 0
+        plane_first = [0]       # the planes of read r: the block and steps it read (CPU trainer)
         for k, block in enumerate(self.blocks):
             step_bytes = 4 * (block.size // self.n_steps)
             runs = [(0, self.n_steps)] if self.stride == 1 else \
                 [(t, 1) for t in range(self.n_steps)]
             for t_first, count in runs:
+                plane_first.append(plane_first[-1] + (0 if n_in is None else
+                                                      count * block.n_channels))
                 first = len(pieces)
                 if n_in is None:                    # native layout, block after block
                     pieces.append((t_first * step_bytes, count * step_bytes, k, 0))
@@ -393,8 +399,11 @@ class WindowSource:
         block_of, time_of, first, count = (np.array(col, np.int64) for col in zip(*reads))
         planes = np.zeros(0, PLANE) if n_in is None else \
             self.planes(n_in, tuple(b.n_channels == 1 for b in self.blocks))
+        if plane_first[-1] != len(planes):
+            raise AssertionError(f"{self.name}: {plane_first[-1]} planes read, {len(planes)} made")
         cache[n_in] = _BatchPlan(table, block_of, time_of, first.astype(np.int32),
                                  count.astype(np.int32), planes,
+                                 np.array(plane_first, np.int64),
                                  np.array([b.indexed for b in self.blocks], np.int64))
         return cache[n_in]
 

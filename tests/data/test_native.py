@@ -188,8 +188,9 @@ def test_a_cached_kernel_whose_reads_are_wrong_is_refused(normalize_kernel, fres
     fake.write_text("#include <stdint.h>\n"
                     "int64_t dsfm_read_windows(const void *r, int64_t k, const void *p,\n"
                     "    int64_t np, void *const *s, const int64_t *st, int32_t nb,\n"
-                    "    int64_t n, const void *pl, int64_t npl, int64_t f, const float *a,\n"
-                    "    const float *b, int32_t c, int32_t *status)\n"
+                    "    int64_t n, const void *pl, const int64_t *pf, int64_t npl,\n"
+                    "    int64_t f, const float *a, const float *b, int32_t c,\n"
+                    "    int32_t *status)\n"
                     "{ status[0] = status[1] = 0; return n; }\n")
     cc, real = shutil.which(native.compiler()), str(tmp_path / "real.o")
     subprocess.run([cc, "-O3", "-fPIC", "-fno-fast-math", "-ffp-contract=off", "-c",
@@ -337,8 +338,8 @@ def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_
         f32 = np.zeros(0, np.float32)
 
         def run(n=3):
-            return normalize_kernel.read_windows(reads, 2, pieces, starts, steps, n, none, 0,
-                                                 f32, f32, False, status)
+            return normalize_kernel.read_windows(reads, 2, pieces, starts, steps, n, none,
+                                                 None, 0, f32, f32, False, status)
         assert run() == 3 and status.tolist() == [0, 0]
         for w in range(3):
             got = np.concatenate([a[w, 0:4], b[w, 0:2], a[w, 20:24], b[w, 5:8]])
@@ -361,10 +362,15 @@ def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_
         assert run() == 0 and status.tolist() == [2, errno.EINVAL]
         pieces["offset"][0] = 0
         assert run() == 3 and status.tolist() == [0, 0]
+        one = np.zeros(1, native.PLANE)                   # planes over bases these lack
+        assert normalize_kernel.read_windows(reads, 2, pieces, starts, steps, 3, one,
+                                             np.array([0, 1, 1], np.int64), 1, f32, f32,
+                                             False, status) == 0
+        assert status.tolist() == [2, errno.EINVAL]
         reads["fd"][0, 0] = -1                            # not an open descriptor
         assert run() == 0 and status.tolist() == [2, errno.EBADF]
         with pytest.raises(ValueError, match="READ, PIECE and PLANE"):
             normalize_kernel.read_windows(reads, 2, pieces.view(native.READ), starts, steps, 3,
-                                          none, 0, f32, f32, False, status)
+                                          none, None, 0, f32, f32, False, status)
     finally:
         os.close(fd)
