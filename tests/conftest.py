@@ -47,7 +47,7 @@ def demo_base(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def normalize_kernel():
-    """dsfm's fused normalization kernel (`dsfm.data.native`), built with this machine's C
+    """dsfm's readers' C kernel (`dsfm.data.native`), built with this machine's C
     compiler. Skips only where there is no compiler at all (CI has one); a compiler that fails
     to build it, or a build that differs from NumPy, fails the test."""
     import shutil

@@ -52,14 +52,15 @@ def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_
     loaders = ("dsfm", "dsfm_1w", "dsfm_1w_numpy", "dsfm_1w_read", "dsfm_1w_read_own",
                "dsfm_1w_hdf5")
     for k in loaders + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
-                        "raw_alone_asm", "raw_alone_asm_numpy", "raw_alone_asm_ring"):
+                        "raw_alone_read_py", "raw_alone_asm", "raw_alone_asm_window",
+                        "raw_alone_asm_numpy", "raw_alone_asm_ring"):
         assert row[k]["samples_per_s"] > 0, k
-    # the CPU default's readers use the fused kernel where it builds (wherever there is a C
-    # compiler, as in CI); the numpy variant and the GPU configuration (readers only read) never
+    # readers use the C kernel where it builds (wherever there is a C compiler, as in CI), in
+    # both configurations; the numpy variant never
     built = shutil.which(native.compiler()) is not None
     assert (rec["native_kernel"] == "available") == built
     assert row["native_kernel_used"] == {"dsfm": built, "dsfm_1w": built, "dsfm_1w_numpy": False,
-                                         "dsfm_1w_read": False, "dsfm_1w_read_own": False,
+                                         "dsfm_1w_read": built, "dsfm_1w_read_own": built,
                                          "dsfm_1w_hdf5": built}
     for k in loaders:
         busy = row[k]["reader_busy_per_s"]
