@@ -67,7 +67,7 @@ step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(Ti|B|L) " "$R/train_bench.txt"
   tail -2 "$R/cuda_tests.txt"
-  grep -E "dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$R/loader_bench.txt"
+  grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$R/loader_bench.txt"
   tail -2 "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"
   cat "$R/report.txt"; tail -1 "$R/monitor_tests.txt"; tail -2 "$R/monitor_overhead.txt"
