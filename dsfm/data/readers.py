@@ -51,7 +51,7 @@ FLOAT_BYTES = 4
 def assembled_views(slot: np.ndarray, source: WindowSource, batch: int, n_in: int
                     ) -> tuple[np.ndarray, np.ndarray]:
     """x [B, T_in, C, *spatial] then y [B, T_out, C, *spatial], contiguous, at a slot's start."""
-    per = source.n_channels * int(np.prod(source.spatial_shape))
+    per = source.n_channels * source.plane_floats
     nx, ny = batch * n_in * per, batch * (source.n_steps - n_in) * per
     flat = slot[:(nx + ny) * FLOAT_BYTES].view(np.float32)
     tail = (source.n_channels,) + source.spatial_shape

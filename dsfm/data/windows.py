@@ -13,6 +13,7 @@ normalizes it there. Torch-free, so reader processes stay light.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
@@ -44,7 +45,7 @@ class Block:
     def n_channels(self) -> int:
         return self.bshape[-1]
 
-    @property
+    @cached_property
     def size(self) -> int:
         return int(np.prod(self.shape))
 
@@ -83,18 +84,24 @@ class WindowSource:
         process's, and a reader process makes its own."""
         return {k: v for k, v in self.__dict__.items() if not k.startswith("_")}
 
-    @property
+    # (cached: readers use them per batch; a source's blocks do not change)
+    @cached_property
     def window_floats(self) -> int:
         return sum(b.size for b in self.blocks)
 
-    @property
+    @cached_property
     def n_channels(self) -> int:
         return sum(b.n_channels for b in self.blocks)
 
-    @property
+    @cached_property
+    def plane_floats(self) -> int:
+        """Floats of one time step of one channel: the product of the spatial shape."""
+        return int(np.prod(self.spatial_shape))
+
+    @cached_property
     def assembled_floats(self) -> int:
         """Floats of one window once assembled: n_steps × C × spatial."""
-        return self.n_steps * self.n_channels * int(np.prod(self.spatial_shape))
+        return self.n_steps * self.n_channels * self.plane_floats
 
     def __len__(self) -> int:
         return len(self.index)
@@ -266,7 +273,7 @@ class WindowSource:
         cache = self.__dict__.setdefault("_planes", {})
         key = (n_in, scattered)
         if key not in cache:
-            per = int(np.prod(self.spatial_shape))
+            per = self.plane_floats
             rows, c, staged = [], 0, 0
             for block, in_place in zip(self.blocks, scattered):
                 k = block.n_channels
@@ -305,7 +312,7 @@ class WindowSource:
             return bad
         # per window from `start`: a block HDF5 must read, or a read that failed in the batch
         # (read again here, to fail with the window's file, array, trajectory and time)
-        per = int(np.prod(spatial))
+        per = self.plane_floats
         bases = np.array([x.ctypes.data, y.ctypes.data, scratch.ctypes.data], np.uint64)
         bases_at, shift_at, scale_at = bases.ctypes.data, shift.ctypes.data, scale.ctypes.data
         x_at, y_at, x_step, y_step = x.ctypes.data, y.ctypes.data, x.strides[0], y.strides[0]
@@ -340,7 +347,7 @@ class WindowSource:
         n = len(windows)
         done = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps, n,
                                    plan.planes, plan.plane_first,
-                                   int(np.prod(self.spatial_shape)), shift, scale, check_finite,
+                                   self.plane_floats, shift, scale, check_finite,
                                    status)
         if done == n:
             return None, n
@@ -363,7 +370,7 @@ class WindowSource:
                 (n_in is not None and not self.fusable):
             cache[n_in] = None
             return None
-        per = int(np.prod(self.spatial_shape))
+        per = self.plane_floats
         if n_in is None:
             limits = {k: 4 * block.size for k, block in enumerate(self.blocks)}
         else:
