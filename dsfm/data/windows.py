@@ -346,9 +346,8 @@ class WindowSource:
         steps = np.array([x.strides[0], y.strides[0], 0], np.int64)
         n = len(windows)
         done = kernel.read_windows(reads, len(plan.block_of), plan.pieces, starts, steps, n,
-                                   plan.planes, plan.plane_first,
-                                   self.plane_floats, shift, scale, check_finite,
-                                   status)
+                                   plan.planes, plan.plane_first, self.plane_floats, shift,
+                                   scale, check_finite, status)
         if done == n:
             return None, n
         return (done, n) if status[0] == 1 else (None, done)
