@@ -521,8 +521,8 @@ class WellLoader:
         return cache
 
     def _bcs(self, ds: _Dataset, windows: np.ndarray) -> torch.Tensor:
-        files = [ds.source.index.locate(int(w))[0] for w in windows]
-        return self._device_tensors(ds)["codes"][files]
+        files = ds.source.index.locate_many(windows)[0]
+        return self._device_tensors(ds)["codes"][torch.from_numpy(files)]
 
     def _make_batch(self, step: int, flat: torch.Tensor) -> Batch:
         slot, d, windows, _, _ = self._inflight[step]

@@ -65,6 +65,8 @@ class MixtureSampler:
         return cached[1]
 
     def choose_dataset(self, step: int) -> int:
+        if len(self.sizes) == 1:
+            return 0                    # what the draw gives, without its 30 µs
         key = [self.seed, _DATASET_STREAM, step]
         if not self.same_dataset_across_ranks:
             key.append(self.rank)
