@@ -262,7 +262,8 @@ def _fenv():
 def _load_checked(path: str) -> tuple[NormalizeKernel | None, str | None]:
     """Load the library and check it: it must leave the process's floating-point mode alone
     (a fast-math build turns on flush-to-zero when loaded, for NumPy and torch too; the mode is
-    put back and the library refused) and agree with NumPy (`_self_test`)."""
+    put back and the library refused), agree with NumPy (`_self_test`) and read a file right
+    (`_read_self_test`)."""
     before = _flushes_subnormals()
     saved = _fenv()
     try:
