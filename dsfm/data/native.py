@@ -87,18 +87,22 @@ class NormalizeKernel:
         `check_finite`), 2 a read failed, with the errno (-1: the file ended first). The
         caller checks that every piece stays inside its buffer and that the file descriptors
         are open."""
+        if plane_first is None and len(planes):
+            raise ValueError("planes to normalize need plane_first: after which read each goes")
         if plane_first is None:
-            plane_first = np.zeros(reads_per_window + 1, np.int64)
+            plane_first = np.zeros(max(reads_per_window, 0) + 1, np.int64)
         if len(starts) > MAX_BASES or len(steps) != len(starts):
             raise ValueError(f"{len(starts)} bases and {len(steps)} steps (at most {MAX_BASES})")
         tables = ((reads, READ), (pieces, PIECE), (planes, PLANE), (starts, np.uint64),
                   (steps, np.int64), (status, np.int32), (plane_first, np.int64))
         if any(a.dtype != t or not a.flags.c_contiguous for a, t in tables) or \
-                reads.size < n_windows * reads_per_window or status.size < 2 or \
-                plane_first.size != reads_per_window + 1:
+                reads_per_window < 0 or reads.size < n_windows * reads_per_window or \
+                status.size < 2 or plane_first.size != reads_per_window + 1 or \
+                plane_first[0] != 0 or plane_first[-1] != len(planes):
             raise ValueError("read_windows takes contiguous READ, PIECE and PLANE tables, uint64 "
-                             f"starts, int64 steps and 2 int32 of status, and {n_windows} × "
-                             f"{reads_per_window} reads")
+                             f"starts, int64 steps, 2 int32 of status, {n_windows} × "
+                             f"{reads_per_window} reads and an int64 plane_first of "
+                             f"{reads_per_window} + 1 entries from 0 to {len(planes)} planes")
         return self._read_windows(
             reads.ctypes.data, reads_per_window, pieces.ctypes.data, len(pieces),
             starts.ctypes.data, steps.ctypes.data, len(starts), n_windows, planes.ctypes.data,

@@ -207,8 +207,9 @@ int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
                           int32_t *status)
 {
     char *bases[DSFM_MAX_BASES];
-    int ok = n_bases >= 0 && n_bases <= DSFM_MAX_BASES && (n_planes == 0 || n_bases >= 3) &&
-             plane_first[0] >= 0 && plane_first[reads_per_window] <= n_planes;
+    int ok = reads_per_window >= 0 && n_bases >= 0 && n_bases <= DSFM_MAX_BASES &&
+             (n_planes == 0 || n_bases >= 3) && plane_first[0] == 0 &&
+             plane_first[reads_per_window] == n_planes;     /* every plane, after some read */
     for (int64_t k = 0; ok && k < reads_per_window; k++)
         ok = plane_first[k] <= plane_first[k + 1];
     status[0] = status[1] = 0;

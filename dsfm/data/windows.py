@@ -407,6 +407,12 @@ class WindowSource:
             self.planes(n_in, tuple(b.n_channels == 1 for b in self.blocks))
         if plane_first[-1] != len(planes):
             raise AssertionError(f"{self.name}: {plane_first[-1]} planes read, {len(planes)} made")
+        lo = np.cumsum([0] + [b.n_channels for b in self.blocks])
+        for r, k in enumerate(block_of):        # each read's planes are of the block it read
+            ch = planes["channel"][plane_first[r]:plane_first[r + 1]]
+            if len(ch) and not (lo[k] <= ch.min() and ch.max() < lo[k + 1]):
+                raise AssertionError(f"{self.name}: read {r} of block {k} normalizes channels "
+                                     f"{ch.min()}..{ch.max()}")
         cache[n_in] = _BatchPlan(table, block_of, time_of, first.astype(np.int32),
                                  count.astype(np.int32), planes,
                                  np.array(plane_first, np.int64),

@@ -367,6 +367,10 @@ def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_
                                              np.array([0, 1, 1], np.int64), 1, f32, f32,
                                              False, status) == 0
         assert status.tolist() == [2, errno.EINVAL]
+        for plane_first in (None, np.array([0, 0, 0], np.int64)):   # planes no read is before
+            with pytest.raises(ValueError, match="plane_first"):
+                normalize_kernel.read_windows(reads, 2, pieces, starts, steps, 3, one,
+                                              plane_first, 1, f32, f32, False, status)
         reads["fd"][0, 0] = -1                            # not an open descriptor
         assert run() == 0 and status.tolist() == [2, errno.EBADF]
         with pytest.raises(ValueError, match="READ, PIECE and PLANE"):
