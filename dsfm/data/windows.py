@@ -49,6 +49,10 @@ class Block:
     def size(self) -> int:
         return int(np.prod(self.shape))
 
+    def name_in(self, group: str) -> str:
+        """The HDF5 path of this array for a trajectory stored in `group` ("" if none)."""
+        return self.path.replace("{group}", group) if group else self.path
+
 
 @dataclass(frozen=True)
 class _BatchPlan:
@@ -149,7 +153,7 @@ class WindowSource:
 
     def _slab(self, slabs, path: str, block: Block, traj: int, t0: int, group: str,
               time: tuple):
-        name = block.path.replace("{group}", group) if group else block.path
+        name = block.name_in(group)
         lead = ((traj, 1, 1), time) if block.indexed else (time,)
         try:
             return slabs(name), lead
@@ -475,7 +479,7 @@ class WindowSource:
         descriptor, byte offset of the array, bytes per trajectory, bytes per time step,
         trajectories, time steps). None when some block cannot be read that way or the file
         cannot be opened (the per-window path then reads it, or says what failed). Kept per
-        open of the file (`H5Pool.serial`): a file closed and opened again gets new rows."""
+        open of the file (`H5Pool.touch`): a file closed and opened again gets new rows."""
         path = self.files[fi]
         try:
             serial = pool.touch(path)
@@ -489,9 +493,8 @@ class WindowSource:
         lookup = pool.slabs(path)
         rows: list[tuple[int, ...]] | None = []
         for block in self.blocks:
-            name = block.path.replace("{group}", group) if group else block.path
             try:
-                slab = lookup(name)
+                slab = lookup(block.name_in(group))
             except (OSError, KeyError, TypeError, ValueError, CorruptFileError):
                 rows = None
                 break
@@ -590,6 +593,6 @@ def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str:
                 fi, traj, t0 = source.locate(int(w))
                 t = t0 + int(np.argwhere(bad)[0][0]) * source.stride
                 group = source.groups[fi][traj] if source.groups[fi] else ""
-                return (f"{source.files[fi]}: /{blk.path.replace('{group}', group)} has NaN/Inf "
+                return (f"{source.files[fi]}: /{blk.name_in(group)} has NaN/Inf "
                         f"at trajectory {traj}, time index {t}")
     return f"{source.name}: normalization produced NaN/Inf (check its stats.yaml)"
