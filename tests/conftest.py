@@ -46,6 +46,17 @@ def demo_base(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def pdebench_base(tmp_path_factory):
+    """`python -m dsfm.sim --preset demo --format pdebench`, once per test session: the four
+    PDEBench layouts under BASE/pdebench/{swe,diff_react,incomp_ns,comp_ns}. Read only."""
+    base = tmp_path_factory.mktemp("pdebench")
+    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--format", "pdebench",
+                "--out", str(base), "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    return base / "pdebench"
+
+
+@pytest.fixture(scope="session")
 def normalize_kernel():
     """dsfm's readers' C kernel (`dsfm.data.native`), built with this machine's C
     compiler. Skips only where there is no compiler at all (CI has one); a compiler that fails

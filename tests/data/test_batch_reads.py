@@ -5,7 +5,6 @@ errors naming file, array, trajectory and time) wherever the batch cannot be rea
 import os
 import pickle
 import shutil
-import sys
 
 import h5py
 import numpy as np
@@ -16,20 +15,11 @@ from dsfm.data.index import WindowIndex, list_hdf5, read_layouts
 from dsfm.data.pdebench import PDEBenchDataset
 from dsfm.data.windows import WindowSource, block_views, well_source
 from dsfm.errors import CorruptFileError
-from tests.conftest import DEMO_DATASETS, run
+from tests.conftest import DEMO_DATASETS
 from tests.data.well_fixtures import cube_3d_file, make_dataset
 
 
-@pytest.fixture(scope="module")
-def pdebench_dirs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pdebench_batch")
-    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--format", "pdebench",
-                "--out", str(out), "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    return {k: str(out / "pdebench" / k) for k in ("swe", "diff_react", "incomp_ns", "comp_ns")}
-
-
-def sources(demo_base, pdebench_dirs, tmp_path, n_in, n_out, stride):
+def sources(demo_base, pdebench_base, tmp_path, n_in, n_out, stride):
     """Every layout: the Well demo datasets (scalar and vector fields), a 3D Well dataset, and
     the four PDEBench layouts (a group per trajectory, channel-last data, velocity + particles,
     an array per variable)."""
@@ -37,8 +27,8 @@ def sources(demo_base, pdebench_dirs, tmp_path, n_in, n_out, stride):
     well.append(make_dataset(str(tmp_path), "cube_3d", cube_3d_file))
     out = [well_source(read_layouts(list_hdf5(os.path.join(r, "data", "train"))), n_in, n_out,
                        stride) for r in well]
-    out += [PDEBenchDataset(p, "train", n_in, n_out, dt_stride=stride).source
-            for p in pdebench_dirs.values()]
+    out += [PDEBenchDataset(str(pdebench_base / p), "train", n_in, n_out, dt_stride=stride).source
+            for p in ("swe", "diff_react", "incomp_ns", "comp_ns")]
     return out
 
 
@@ -69,14 +59,14 @@ def batch_arrays(source, batch, n_in):
 
 @pytest.mark.parametrize("n_in,n_out,stride", [(3, 2, 1), (2, 1, 2), (1, 0, 1)])
 def test_one_call_per_batch_reads_what_window_by_window_reads(
-        demo_base, pdebench_dirs, tmp_path, normalize_kernel, monkeypatch, n_in, n_out,
+        demo_base, pdebench_base, tmp_path, normalize_kernel, monkeypatch, n_in, n_out,
         stride):
     """Bit for bit, in the device's native layout and assembled and normalized for a CPU
     trainer, for every layout, time strides 1 and 2, and no output steps; windows from several
     files and trajectories in one batch, repeats included."""
     rng = np.random.default_rng(1)
     pool = H5Pool()
-    for source in sources(demo_base, pdebench_dirs, tmp_path, n_in, n_out, stride):
+    for source in sources(demo_base, pdebench_base, tmp_path, n_in, n_out, stride):
         windows = rng.choice(len(source), 7, replace=len(source) < 7)
         windows[-1] = windows[0]
         shift = rng.normal(size=source.n_channels).astype(np.float32)

@@ -2,7 +2,6 @@
 sample interface."""
 
 import glob
-import sys
 
 import h5py
 import numpy as np
@@ -17,16 +16,6 @@ from dsfm.data.pdebench import (
     write_pdebench_stats,
 )
 from dsfm.errors import SchemaError
-from tests.conftest import run
-
-
-@pytest.fixture(scope="module")
-def pdebench_base(tmp_path_factory):
-    base = tmp_path_factory.mktemp("pdebench")
-    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "demo", "--format", "pdebench",
-                "--out", str(base), "--quiet"])
-    assert proc.returncode == 0, proc.stderr
-    return base / "pdebench"
 
 
 def raw_window(pf_path, kind, traj, t0, n):
