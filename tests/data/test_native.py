@@ -30,6 +30,21 @@ def numpy_reference(src: np.ndarray, stride: int, shift: np.float32, scale: np.f
         return (src[::stride] - shift) / scale
 
 
+def plant_cached_library(tmp_path, c_source: str | None, *inputs: str) -> str:
+    """Compile `c_source` (if any) and `inputs` (files, extra flags) with the kernel's flags
+    into its cache path, as an older dsfm or someone else might have left a library there;
+    returns that path."""
+    path = native.library_path()
+    os.makedirs(os.path.dirname(path))
+    if c_source is not None:
+        src = tmp_path / "planted.c"
+        src.write_text(c_source)
+        inputs += (str(src),)
+    subprocess.run([shutil.which(native.compiler()), *native.FLAGS, *inputs, "-o", path],
+                   check=True)
+    return path
+
+
 @pytest.mark.parametrize("n", [1, 3, 15, 16, 17, 64, 1001])
 def test_planes_match_numpy_bit_for_bit_and_every_nonfinite_is_caught(normalize_kernel, n):
     """In-place, pairs, out-of-place with stride 1 and 3, at lengths that end inside a vector
@@ -142,15 +157,11 @@ def test_a_cached_kernel_that_differs_from_numpy_is_refused_and_dropped(normaliz
                                                                        fresh_native, tmp_path):
     """A library at the cache path that gives other values (here: one that leaves the data as
     they are) is not used, and is removed so that the next process builds a good one."""
-    path = native.library_path()
-    os.makedirs(os.path.dirname(path))
-    src = tmp_path / "lazy.c"
-    src.write_text("#include <stdint.h>\n"
-                   "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
-                   "    int64_t f, const float *s, const float *c) { return 0; }\n"
-                   "int64_t dsfm_read_windows(void) { return 0; }\n")
-    cmd = [shutil.which(native.compiler()), *native.FLAGS, str(src), "-o", path]
-    subprocess.run(cmd, check=True)
+    path = plant_cached_library(
+        tmp_path, "#include <stdint.h>\n"
+        "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
+        "    int64_t f, const float *s, const float *c) { return 0; }\n"
+        "int64_t dsfm_read_windows(void) { return 0; }\n")
     assert native.load(True) is None
     assert "where NumPy gives" in native.why_unavailable(True)
     assert not os.path.exists(path)
@@ -164,14 +175,10 @@ def test_a_cached_kernel_of_an_older_source_is_refused_and_dropped(normalize_ker
                                                                   fresh_native, tmp_path):
     """A library at the cache path without the batch reader (built from another version of the
     source, or something else) is refused with its missing function named, and removed."""
-    path = native.library_path()
-    os.makedirs(os.path.dirname(path))
-    src = tmp_path / "old.c"
-    src.write_text("#include <stdint.h>\n"
-                   "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
-                   "    int64_t f, const float *s, const float *c) { return 0; }\n")
-    subprocess.run([shutil.which(native.compiler()), *native.FLAGS, str(src), "-o", path],
-                   check=True)
+    path = plant_cached_library(
+        tmp_path, "#include <stdint.h>\n"
+        "int dsfm_normalize_planes(char *const *b, const void *p, int64_t n,\n"
+        "    int64_t f, const float *s, const float *c) { return 0; }\n")
     assert native.load(True) is None
     assert "lacks a function of the kernel (dsfm_read_windows)" in \
         native.why_unavailable(True)
@@ -182,21 +189,19 @@ def test_a_cached_kernel_whose_reads_are_wrong_is_refused(normalize_kernel, fres
                                                           tmp_path):
     """A library that normalizes right but whose batch reads do not read (here: they report
     success and leave the buffers alone) is refused at load by the read self-test."""
+    real = str(tmp_path / "real.o")         # the real kernel, its batch reads renamed away
+    subprocess.run([shutil.which(native.compiler()), "-O3", "-fPIC", "-fno-fast-math",
+                    "-ffp-contract=off", "-c", "-Ddsfm_read_windows=real_read_windows",
+                    native.SOURCE, "-o", real], check=True)
+    plant_cached_library(
+        tmp_path, "#include <stdint.h>\n"
+        "int64_t dsfm_read_windows(const void *r, int64_t k, const void *p,\n"
+        "    int64_t np, void *const *s, const int64_t *st, int32_t nb,\n"
+        "    int64_t n, const void *pl, const int64_t *pf, int64_t npl,\n"
+        "    int64_t f, const float *a, const float *b, int32_t c,\n"
+        "    int32_t *status)\n"
+        "{ status[0] = status[1] = 0; return n; }\n", real)
     path = native.library_path()
-    os.makedirs(os.path.dirname(path))
-    fake = tmp_path / "fake_reads.c"
-    fake.write_text("#include <stdint.h>\n"
-                    "int64_t dsfm_read_windows(const void *r, int64_t k, const void *p,\n"
-                    "    int64_t np, void *const *s, const int64_t *st, int32_t nb,\n"
-                    "    int64_t n, const void *pl, const int64_t *pf, int64_t npl,\n"
-                    "    int64_t f, const float *a, const float *b, int32_t c,\n"
-                    "    int32_t *status)\n"
-                    "{ status[0] = status[1] = 0; return n; }\n")
-    cc, real = shutil.which(native.compiler()), str(tmp_path / "real.o")
-    subprocess.run([cc, "-O3", "-fPIC", "-fno-fast-math", "-ffp-contract=off", "-c",
-                    "-Ddsfm_read_windows=real_read_windows", native.SOURCE, "-o", real],
-                   check=True)
-    subprocess.run([cc, *native.FLAGS, real, str(fake), "-o", path], check=True)
     assert native.load(True) is None
     assert "its reads put" in native.why_unavailable(True)
     assert not os.path.exists(path)
@@ -293,16 +298,13 @@ def test_a_temporary_directory_others_control_is_refused(normalize_kernel, fresh
     assert not any(p.name.endswith(".so") for p in tmp_path.rglob("*"))
 
 
-def test_a_cached_fast_math_build_cannot_change_this_process(normalize_kernel, fresh_native):
+def test_a_cached_fast_math_build_cannot_change_this_process(normalize_kernel, fresh_native,
+                                                              tmp_path):
     """GCC links a fast-math library with code that switches the whole process to flushing
     subnormals to zero as it loads (NumPy and torch included). One found in the cache (left by
     an older dsfm: new builds are checked in a child process first) is refused, and the
     process's floating-point mode is put back."""
-    path = native.library_path()
-    os.makedirs(os.path.dirname(path))
-    cmd = [shutil.which(native.compiler()), *native.FLAGS, native.SOURCE, "-ffast-math", "-o",
-           path]
-    subprocess.run(cmd, check=True)
+    path = plant_cached_library(tmp_path, None, native.SOURCE, "-ffast-math")
     assert not native._flushes_subnormals()
     assert native.load(True) is None
     why = native.why_unavailable(True)
