@@ -166,6 +166,7 @@ def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=
     (NumPy normalizing). One reused slot, as the raw bound reuses its buffers, or `slots` taken
     in turn, as a reader fills a ring (whose slots do not all stay in cache)."""
     from dsfm.data.handles import H5Pool
+    from dsfm.data.readers import assembled_views
 
     n_in = source.n_steps - 1
     per = source.assembled_floats if assemble else source.window_floats
@@ -175,10 +176,8 @@ def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=
     views = []
     for k in range(slots):
         slot = ring[k * batch * per:(k + 1) * batch * per]
-        x = slot[:batch * n_in * per // source.n_steps].reshape(
-            (batch, n_in, source.n_channels) + source.spatial_shape)
-        y = slot[x.size:].reshape((batch, 1, source.n_channels) + source.spatial_shape)
-        views.append((slot, x, y))
+        views.append((slot, *assembled_views(slot.view(np.uint8), source, batch, n_in))
+                     if assemble else (slot, None, None))
     scratch = np.empty(source.window_floats, np.float32)
     pool = H5Pool()
 
@@ -196,7 +195,7 @@ def reader_alone(source, windows: np.ndarray, batch: int, assemble: bool, shift=
     run(windows)
     elapsed = time.perf_counter() - start
     pool.close()
-    views = slot = x = y = ring = None      # drop the views of the mapping before closing it
+    views = slot = ring = None      # drop the views of the mapping before closing it
     mem.close()
     return elapsed
 
@@ -289,9 +288,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
         with _own_core(k):
             _consume(iters[k], 10, to_device)               # start-up and page cache
     runs = {k: [] for k in variants}
-    raw = {"direct": [], "new": [], "direct_w": [], "new_w": [], "pread": [], "alone_read": [],
-           "alone_read_py": [], "alone_asm": [], "alone_asm_window": [], "alone_asm_numpy": [],
-           "alone_asm_ring": []}
+    raw = {k: [] for k in ("direct", "new", "direct_w", "new_w") + ALONE}
     kernel = native.load()
     shift, scale = variants["dsfm"][0].datasets[0].shift, variants["dsfm"][0].datasets[0].scale
     rng = np.random.default_rng(0)
@@ -334,8 +331,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     rows["raw"] = {"samples_per_s": raw_rate, "mb_per_s": raw_rate * sample_bytes / 1e6,
                    "read_direct_per_s": rate["direct"], "getitem_per_s": rate["new"]}
     rows["raw_w"] = {"samples_per_s": raw_w_rate, "mb_per_s": raw_w_rate * sample_bytes / 1e6}
-    for k in ("pread", "alone_read", "alone_read_py", "alone_asm", "alone_asm_window",
-              "alone_asm_numpy", "alone_asm_ring"):
+    for k in ALONE:
         rows[f"raw_{k}"] = {"samples_per_s": rate[k], "mb_per_s": rate[k] * sample_bytes / 1e6,
                             "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
@@ -352,6 +348,9 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
 
 LOADERS = ("dsfm", "dsfm_1w", "dsfm_1w_numpy", "dsfm_1w_read", "dsfm_1w_read_own",
            "dsfm_1w_hdf5")
+#: single-process bounds and a reader's work alone, each reported as raw_<name>
+ALONE = ("pread", "alone_read", "alone_read_py", "alone_asm", "alone_asm_window",
+         "alone_asm_numpy", "alone_asm_ring")
 LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_numpy": "dsfm 1r numpy", "dsfm_1w_read": "dsfm 1r read",
           "dsfm_1w_hdf5": "dsfm 1r hdf5",
           "dsfm_1w_read_own": "dsfm 1r read own",
@@ -462,9 +461,8 @@ def main(argv=None) -> int:
     print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
           f"{'p95 ms':>7s}")
     for r in report["rows"]:
-        for v in LOADERS + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
-                            "raw_alone_read_py", "raw_alone_asm", "raw_alone_asm_window",
-                            "raw_alone_asm_numpy", "raw_alone_asm_ring"):
+        for v in LOADERS + ("upstream", "h5py", "raw", "raw_w") + tuple(f"raw_{k}"
+                                                                      for k in ALONE):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
