@@ -34,6 +34,8 @@ import subprocess
 import sys
 import time
 
+from dsfm import subprocess_env
+
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
 BUS_FACTOR = {"all_reduce": lambda n: 2 * (n - 1) / n, "reduce_scatter": lambda n: (n - 1) / n,
@@ -328,9 +330,8 @@ def worker_args(args, job_dir: str, sizes: list[int]) -> list[str]:
 
 def launch(args, profile: dict, job_dir: str, sizes: list[int]) -> list[subprocess.Popen]:
     """Start one profile's job; returns the processes to wait for."""
-    env = dict(os.environ, **profile["env"])
+    env = subprocess_env(dict(os.environ, **profile["env"]))
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (repo, env.get("PYTHONPATH")) if p)
     if args.backend == "nccl":
         env.setdefault("NCCL_DEBUG", "INFO")
         env.setdefault("NCCL_DEBUG_SUBSYS", "INIT,ENV,GRAPH,NET,TUNING,COLL")

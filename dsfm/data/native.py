@@ -29,6 +29,8 @@ import tempfile
 
 import numpy as np
 
+from dsfm import subprocess_env
+
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "normalize.c")
 #: No fast-math (it would break the division's rounding and the Inf/NaN test) and no FMA
 #: contraction: the results must be NumPy's, bit for bit.
@@ -218,12 +220,9 @@ def _build(path: str) -> str | None:
 def _verify_in_child(path: str) -> str | None:
     """Load the library at `path` in a fresh Python and run `verify` there."""
     code = "import sys; from dsfm.data import native; sys.exit(native.verify(sys.argv[1]))"
-    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
     try:
         done = subprocess.run([sys.executable, "-c", code, path], capture_output=True,
-                              text=True, timeout=120, env=env)
+                              text=True, timeout=120, env=subprocess_env())
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"could not check it: {exc}"
     if done.returncode == 0:

@@ -34,7 +34,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from dsfm import errors
+from dsfm import errors, subprocess_env
 from dsfm.data import native
 from dsfm.data.fields import FieldVocabulary
 from dsfm.data.handles import H5Pool
@@ -375,9 +375,7 @@ class WellLoader:
 
     def _start_workers(self, max_open_files: int, timeout_s: float) -> None:
         sources = [d.source for d in self.datasets]
-        env = dict(os.environ)
-        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+        env = subprocess_env()
         self._tasks: list[Connection] = []
         self._results: list[Connection] = []
         for wid in range(self.num_workers):
