@@ -2,7 +2,7 @@
 # Every GPU check of issues 3-6 in one run on the offline GPU machine (../shared/gpu/README.md).
 # Prepare here first: echo /.whl/ >> .git/info/exclude && ../shared/gpu/pack_wheels.sh
 # Then, with the device tool: run(command="bash perf/gpu_check.sh", carry=[".whl"],
-# timeout_s=570). The steps run most-wanted first, each under its own time limit, and everything
+# timeout_s=510). The steps run most-wanted first, each under its own time limit, and everything
 # they write is packed into $OUT/gpu_results.tar.gz after every step (the device tool brings back
 # at most 8 files, and only what is already under $OUT if the run is cut short). The summary
 # table is printed last and kept as $OUT/summary.txt.
@@ -17,8 +17,16 @@ export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; mkdir -p "$OUT" "$R"
 
 pack() { tar czf "$OUT/gpu_results.tar.gz" -C /tmp gpu_results 2>/dev/null; }
+# the whole run stops starting steps at DEADLINE seconds (the device call's timeout_s less the
+# summary's margin): a step gets min(its limit, the time left), and none starts with under 20 s
+DEADLINE=${GPU_CHECK_DEADLINE:-470}
 step() {   # step NAME LIMIT_S COMMAND...: run with a limit, log to $R/NAME.txt, then pack
   local name=$1 limit=$2; shift 2
+  local left=$((DEADLINE - (SECONDS - T0)))
+  if [ "$left" -lt 20 ]; then
+    echo "== $name: skipped, ${left}s left of the deadline" | tee -a "$R/steps.txt"; return
+  fi
+  [ "$limit" -gt "$left" ] && limit=$left
   echo "== $name (limit ${limit}s, at $((SECONDS - T0))s)"
   timeout --kill-after=10 "$limit" "$@" > "$R/$name.txt" 2>&1
   local rc=$?
@@ -61,11 +69,14 @@ step report 30 python3 -m dsfm.monitor.report "$R/run" --out "$R/report.png"
 rm -rf "$R/run/checkpoints"                    # weights are not needed back
 # issue 5: the sampler's cost on a GPU
 step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
+# issue 4, if time is left: torch.compile on the sizes with targets (plain PyTorch)
+step train_compile 150 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
+  --steps 6 --warmup 3 --json "$R/train_compile.json"
 
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
-  grep -E "^(Ti|B|L) " "$R/train_bench.txt"
+  grep -E "^(Ti|B|L) " "$R/train_bench.txt" "$R/train_compile.txt"
   tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$R/loader_bench.txt"
   tail -2 "$R/feed_bench.txt"

@@ -121,6 +121,12 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     return row
 
 
+def meta(args, rows: list[dict]) -> dict:
+    name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
+            "compile": args.compile, "rows": rows}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="Ti,S,B,L")
@@ -153,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
                     torch.cuda.empty_cache()
                 print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms",
                       file=sys.stderr, flush=True)
+                if args.json:               # kept after every variant: a cut-short run
+                    write_json(args.json, meta(args, rows))   # still leaves its rows
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
@@ -171,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s}")
     if args.json:
-        write_json(args.json, {"device": name, "frames": args.frames, "fields": args.fields,
-                               "res": args.res, "compile": args.compile, "rows": rows})
+        write_json(args.json, meta(args, rows))
     release_shm(env)
     return 0
 
