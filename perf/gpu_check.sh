@@ -14,14 +14,17 @@ if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then      # 1: a plumbing rehearsal on
   pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null || true
 fi
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; mkdir -p "$OUT" "$R"
+OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$OUT" "$R"
 
 pack() { tar czf "$OUT/gpu_results.tar.gz" -C /tmp gpu_results 2>/dev/null; }
 # the whole run stops starting steps at DEADLINE seconds (the device call's timeout_s less the
 # summary's margin): a step gets min(its limit, the time left), and none starts with under 20 s
 DEADLINE=${GPU_CHECK_DEADLINE:-470}
+ONLY=" ${GPU_CHECK_ONLY:-} "       # e.g. "train_bench train_demo report": a rerun of some steps
+wanted() { [ "$ONLY" = "  " ] || [[ "$ONLY" == *" $1 "* ]]; }
 step() {   # step NAME LIMIT_S COMMAND...: run with a limit, log to $R/NAME.txt, then pack
   local name=$1 limit=$2; shift 2
+  wanted "$name" || return 0
   local left=$((DEADLINE - (SECONDS - T0)))
   if [ "$left" -lt 20 ]; then
     echo "== $name: skipped, ${left}s left of the deadline" | tee -a "$R/steps.txt"; return
@@ -36,13 +39,18 @@ step() {   # step NAME LIMIT_S COMMAND...: run with a limit, log to $R/NAME.txt,
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$R/gpu.txt"
+echo "TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-}" >> "$R/gpu.txt"
 # loader data, simulated on the CPU cores while the GPU runs the training benchmark
-(python3 -m dsfm.sim --preset small --datasets navier_stokes --out /tmp/small --workers 12 \
+SIM=
+wanted loader_bench || wanted feed_bench && (python3 -m dsfm.sim --preset small --datasets navier_stokes --out /tmp/small --workers 12 \
   --quiet > "$R/sim.txt" 2>&1; echo "sim rc=$? at $((SECONDS - T0))s" >> "$R/sim.txt") &
-SIM=$!
+wanted loader_bench || wanted feed_bench && SIM=$!
 # DeepSpeed's FusedAdam is compiled on first use (about a minute): start it now, beside the
 # benchmark's plain-PyTorch variants, instead of inside its first DeepSpeed variant
-(python3 -c "from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
+# (through dsfm's fix of TORCH_CUDA_ARCH_LIST, as build_engine does: the image's "9.0a" style
+# entries make DeepSpeed's builder fail)
+(python3 -c "from dsfm.runtime.engine import fix_arch_list; fix_arch_list()
+from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
 # issue 4: ms/step, samples/s, TFLOP/s, MFU, memory; sizes with MPP reference figures
@@ -55,13 +63,6 @@ step monitor_tests 50 python3 -m pytest -q tests/monitor
 # issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser
 step sweep 45 python3 -m perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M \
   -c all_reduce,all_gather --out "$R/sweep"
-wait $SIM; cat "$R/sim.txt"
-# issue 3: copy rate against pinned bandwidth, readers in situ, RSS
-step loader_bench 100 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
-  --batches 30 --rounds 2 --rss-batches 1000 --json "$R/loader_bench.json"
-# issue 3: data wait of an AViT-B step fed by WellLoader
-step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
-  --workers 8 --steps 30 --json "$R/feed_bench.json"
 # issues 4 and 5: the main job on the GPU, its dashboards and report
 step train_demo 80 python3 dsfm/train.py --ds_config ds_configs/zero2.json --run-dir "$R/run" \
   --set train.max_steps=60 --set train.progress=false
@@ -69,6 +70,14 @@ step report 30 python3 -m dsfm.monitor.report "$R/run" --out "$R/report.png"
 rm -rf "$R/run/checkpoints"                    # weights are not needed back
 # issue 5: the sampler's cost on a GPU
 step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
+# (the simulation takes minutes: the steps above run meanwhile)
+[ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
+# issue 3: copy rate against pinned bandwidth, readers in situ, RSS
+step loader_bench 100 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
+  --batches 30 --rounds 2 --rss-batches 1000 --json "$R/loader_bench.json"
+# issue 3: data wait of an AViT-B step fed by WellLoader
+step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
+  --workers 8 --steps 30 --json "$R/feed_bench.json"
 # issue 4, if time is left: torch.compile on the sizes with targets (plain PyTorch)
 step train_compile 150 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
   --steps 6 --warmup 3 --json "$R/train_compile.json"

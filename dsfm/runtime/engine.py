@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 import torch
 
@@ -31,11 +32,41 @@ def init_process_group(env: dist.DistEnv | None = None) -> dist.DistEnv:
     return env
 
 
+_ARCH = re.compile(r"^(\d+)\.(\d+)([a-z]?)((?:\+PTX)?)$")
+
+
+def deepspeed_arch_list(value: str) -> str:
+    """TORCH_CUDA_ARCH_LIST in a form DeepSpeed's JIT op builder can parse. PyTorch accepts
+    architecture-specific targets such as "9.0a" (CUDA images often set them), but DeepSpeed
+    0.19 reads each entry as integers and fails with "invalid literal for int() with base 10:
+    '0a'" when it first compiles FusedAdam, as seen on an H200. Its ops use no
+    architecture-specific instructions, so "9.0a" becomes "9.0" (duplicates dropped, "+PTX"
+    kept); entries it cannot parse otherwise (named architectures) are left as they are."""
+    out: list[str] = []
+    for entry in value.replace(";", " ").split():
+        m = _ARCH.match(entry)
+        cc = f"{m.group(1)}.{m.group(2)}{m.group(4)}" if m else entry
+        if cc not in out:
+            out.append(cc)
+    return ";".join(out)
+
+
+def fix_arch_list() -> None:
+    """Rewrite TORCH_CUDA_ARCH_LIST (if set) with `deepspeed_arch_list`, before DeepSpeed
+    compiles an op."""
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if value:
+        fixed = deepspeed_arch_list(value)
+        if fixed != value.strip():
+            os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
     scheduler)."""
     import deepspeed
 
+    fix_arch_list()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                            config=cpu_optimizer(ds_config))
