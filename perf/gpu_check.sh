@@ -55,6 +55,7 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 
 # issue 4: ms/step, samples/s, TFLOP/s, MFU, memory; sizes with MPP reference figures
 step train_bench 240 python3 -m perf.train_bench --sizes Ti,B,L --steps 6 --warmup 2 \
+  --wrappers plain,graph,zero2,zero3 \
   --json "$R/train_bench.json"
 # issue 3: CUDA path of the loader
 step cuda_tests 45 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py

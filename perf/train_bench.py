@@ -48,6 +48,29 @@ def step_flops(model, x, ids, bcs, y) -> float:
 _FLOPS: dict[tuple, float] = {}
 
 
+def graphed(step, model, opt, loss_fn, inputs):
+    """The whole plain-PyTorch step (forward, backward, clipping, fused AdamW) captured once as
+    a CUDA graph and replayed: the host issues one launch per step instead of thousands, which
+    shows how much of a step is host overhead (static shapes: one graph per input shape)."""
+    if not torch.cuda.is_available():
+        raise SystemExit("the graph wrapper needs CUDA")
+    x, ids, bcs, y = inputs
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):           # warm-up off the default stream, as capture wants
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        loss = loss_fn(model(x, ids, bcs), y)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+    return graph.replay
+
+
 def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit
@@ -61,8 +84,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     x = torch.randn(batch, args.frames, args.fields, args.res, args.res, generator=g)
     y = torch.randn(batch, args.fields, args.res, args.res, generator=g)
     ids = torch.arange(args.fields)
-    bcs = torch.full((batch, 2, 2), 2.0)
-    x, y, ids, bcs = (t.to(device) for t in (x, y, ids, bcs))
+    bcs = torch.full((batch, 2, 2), 2.0)   # stays on the host, as the trainer passes the
+    x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, 12, drop_path=0.0)
     if args.compile:
@@ -78,8 +101,9 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
             _FLOPS[key] = step_flops(model, x, ids, bcs, y)
         flops = _FLOPS[key]
 
-    if wrapper == "plain":
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda)
+    if wrapper in ("plain", "graph"):
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
+                                capturable=wrapper == "graph")
 
         def step():
             loss = nmse(model(x, ids, bcs), y)
@@ -87,6 +111,9 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+
+        if wrapper == "graph":
+            step = graphed(step, model, opt, nmse, (x, ids, bcs, y))
     else:
         from dsfm.runtime.engine import build_engine
         stage = {"zero2": 2, "zero3": 3}[wrapper]
@@ -100,20 +127,23 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
             engine.backward(loss)
             engine.step()
 
-    times = []
+    times, issued = [], []
     for i in range(args.warmup + args.steps):
         sync()
         t0 = time.perf_counter()
         step()
+        t1 = time.perf_counter()        # the host has issued the step (kernels still queued)
         sync()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+            issued.append(t1 - t0)
     ms = 1e3 * statistics.median(times)
     name = torch.cuda.get_device_name() if cuda else "CPU"
     peak = peak_tflops(name, numerics) if cuda else None
     tflops = flops / (ms / 1e3) / 1e12
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
+           "host_ms_per_step": 1e3 * statistics.median(issued),
            "tflop_per_step": flops / 1e12, "tflops": tflops,
            "mfu": tflops / peak if peak else None,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
@@ -130,7 +160,8 @@ def meta(args, rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="Ti,S,B,L")
-    ap.add_argument("--wrappers", default="plain,zero2,zero3")
+    ap.add_argument("--wrappers", default="plain,zero2,zero3",
+                    help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA)")
     ap.add_argument("--numerics", default=None, help="fp32,tf32 (default: both on CUDA, fp32 "
                     "on CPU)")
     ap.add_argument("--batch", type=int, default=0, help="default 8 (L: 4)")
@@ -166,7 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0")
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'batch':>5s} {'ms/step':>9s} "
-            f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s}")
+            f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
+            f"{'host ms':>8s}")
     print(head)
     print("-" * len(head))
     plain = {(r["size"], r["numerics"]): r["ms_per_step"] for r in rows
@@ -177,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
-              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s}")
+              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}")
     if args.json:
         write_json(args.json, meta(args, rows))
     release_shm(env)

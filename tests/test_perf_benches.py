@@ -22,7 +22,10 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     assert set(rec["variants"]) == {"resident", "WellLoader"}
     for r in rec["variants"].values():
         assert r["samples_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
+    loader = rec["variants"]["WellLoader"]
+    assert loader["next_share"] >= loader["data_wait_share"] and loader["next_ms_median"] > 0
     assert rec["variants"]["resident"]["data_wait_share"] == 0
+    assert rec["variants"]["resident"]["next_share"] == 0
     assert rec["cpus"] and rec["date"]
 
 
@@ -37,6 +40,8 @@ def test_train_bench_compares_wrappers(tmp_path):
     assert [r["wrapper"] for r in rec["rows"]] == ["plain", "zero2", "zero3"]
     for r in rec["rows"]:
         assert r["ms_per_step"] > 0 and r["tflop_per_step"] > 0 and r["mfu"] is None
+        # on the CPU every operator runs as it is issued: the host time is the step
+        assert 0.9 * r["ms_per_step"] <= r["host_ms_per_step"] <= r["ms_per_step"]
     assert "vs plain" in proc.stdout
 
 
