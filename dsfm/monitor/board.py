@@ -91,9 +91,10 @@ def combine(per_rank: list[dict[str, float]]) -> dict[str, float]:
             out[key] = nums[0]
             continue
         out[key] = sum(nums) if key in SUMMED else sum(nums) / len(nums)
-        if len(per_rank) > 1:
-            out[f"{key}/min"] = min(nums)
-            out[f"{key}/max"] = max(nums)
+        # written for one rank too: the layout draws these as margin charts, which TensorBoard
+        # shows as "Missing Tags" (no line at all) unless all three tags exist
+        out[f"{key}/min"] = min(nums)
+        out[f"{key}/max"] = max(nums)
         if key in PER_RANK:
             for r, v in values:
                 out[f"ranks/{PER_RANK[key]}/r{r}"] = v

@@ -26,7 +26,20 @@ def test_combine_gives_mean_min_max_sums_rates_and_names_the_straggler():
     assert out["ranks/slowest"] == 1.0
     assert out["train/loss"] == 0.5 and "train/loss/min" not in out
     single = board.combine([{"time/step_ms": 5.0}])
-    assert single == {"time/step_ms": 5.0, "ranks/step_ms/r0": 5.0, "ranks/slowest": 0.0}
+    assert single == {"time/step_ms": 5.0, "time/step_ms/min": 5.0, "time/step_ms/max": 5.0,
+                      "ranks/step_ms/r0": 5.0, "ranks/slowest": 0.0}
+
+
+def test_every_margin_chart_has_its_three_tags_with_one_rank():
+    """A margin chart whose /min or /max tag is missing shows no line at all in TensorBoard
+    (seen on a one-GPU run): one rank must write them too."""
+    lay = board.layout(["euler_2d"])
+    margins = [tags for charts in lay.values() for kind, tags in charts.values()
+               if kind == "Margin"]
+    assert margins
+    one = board.combine([{tags[0]: 1.0 for tags in margins}])
+    for tags in margins:
+        assert all(t in one for t in tags), tags
 
 
 def test_layout_has_the_four_dashboards_with_valid_charts():
