@@ -658,7 +658,11 @@ def drive(args) -> int:
                 if text:
                     print(text)
         if args.backend == "nccl":
-            flags += nccl_flags(job_dir, profile)
+            path, found = nccl_report(job_dir, profile)
+            if path:
+                print(f"# NCCL path, profile {profile['name']} (perf.nccl_log):")
+                print("\n".join(f"#   {line}" for line in path), flush=True)
+            flags += found
     if rows:
         print("\n== comparison")
         print(comparison(rows))
@@ -680,17 +684,18 @@ def drive(args) -> int:
     return 0
 
 
-def nccl_flags(job_dir: str, profile: dict) -> list[str]:
-    """What the NCCL logs say NCCL did, against what the profile asked for."""
-    logs = glob.glob(os.path.join(job_dir, "nccl.*.log"))
+def nccl_report(job_dir: str, profile: dict) -> tuple[list[str], list[str]]:
+    """What the NCCL logs say NCCL did (perf.nccl_log.path_lines: setup, then algorithm and
+    protocol per collective and size, or why there is none), and the flags where that differs
+    from what the profile asked for."""
+    from perf.nccl_log import parse_logs, path_lines, verify
+
+    logs = sorted(glob.glob(os.path.join(job_dir, "nccl.*.log")))
     if not logs:
-        return [f"profile {profile['name']}: no NCCL logs in {job_dir}"]
-    try:
-        from perf.nccl_log import parse_logs, verify
-    except ImportError:
-        return []
+        return [], [f"profile {profile['name']}: no NCCL logs in {job_dir}"]
     report = parse_logs(logs)
-    return [f"profile {profile['name']}: {m}" for m in verify(report, profile["env"])]
+    return path_lines(report), [f"profile {profile['name']}: {m}"
+                                for m in verify(report, profile["env"])]
 
 
 def predictions(cluster: str, sizes: list[int], nranks: int) -> str:

@@ -27,6 +27,26 @@ are read where they differ:
     1 proto 2 time 39.8" without the collective name, AllGather and ReduceScatter counting
     nranks x the per-rank bytes; before 2.19 the line is TRACE only and is not read. Unnamed
     lines are matched to the same process's COLL lines by size.
+
+What a real 2.28.9 log showed (one H200, one rank, no InfiniBand; tests/perf/nccl_logs/
+h200_1gpu_socket_nccl2.28.9.log, trimmed from the sweep's per-rank file):
+  - COLL lines exactly as above, ending "[nranks=1] stream (nil)", opCount staying 0;
+  - no TUNING line at all, although TUNING was in NCCL_DEBUG_SUBSYS: on a 1-rank communicator
+    taskAppend (enqueue.cc) hands every collective to ncclLaunchOneRank, a cudaMemcpyAsync (or
+    nothing, in place), before any algorithm or protocol is chosen. Such calls are reported
+    with nranks 1 and no algorithm (`call_nranks`, `single_rank`), not as missing TUNING lines;
+  - NCCL's own transports are NET plugins too: "NET/IB : No device found.", "NET/IB : Using
+    [RO]; OOB eth0:..." (printed with no device), "Failed to initialize NET plugin IB",
+    "NET/Socket : Using [0]eth0:...", "Initialized NET plugin Socket", "Assigned NET plugin
+    Socket to comm", "Using network Socket" (`nets_failed`, `net_assigned`, `network`); a
+    failed built-in IB or Socket says nothing about an external (CollNet) plugin;
+  - "64 coll channels, 64 collnet channels, 0 nvls channels, ...": recent init.cc (2.28
+    included) prints the coll channel count twice, so the collnet figure says nothing about
+    CollNet (older releases printed comm->collNetChannels);
+  - no "set by environment" echo when no NCCL_* parameter is set (NCCL_DEBUG* are not echoed),
+    and with one rank no "Channel .. via" connection and no "Connected all rings/trees" line;
+    the ring/tree lines are "Channel 00/64 : 0", "Ring 00 : 0 -> 0 -> 0", "Tree 0 : -1 -> 0 ->
+    -1/-1/-1" and one "Trees [0] -1/-1/-1->0->-1 [1] ..." line.
 """
 
 from __future__ import annotations
@@ -98,6 +118,10 @@ _CHANNELS = re.compile(r"(?P<coll>\d+) coll channels, (?:(?P<collnet>\d+) collne
                        r"(?:(?P<nvls>\d+) nvls channels, )?(?P<p2p>\d+) p2p channels")
 _PLUGIN_NET = re.compile(r"^NET/Plugin ?: Loaded net plugin (?P<name>\S+)")
 _PLUGIN_COLL = re.compile(r"^NET/Plugin ?: Loaded coll(?:net)? plugin (?P<name>\S+)")
+# 2.2x+: every NET plugin, NCCL's own IB and Socket included, is initialised and assigned by name
+_NET_INIT = re.compile(r"^(?P<what>Initialized|Failed to initialize) NET plugin (?P<name>.+?)\s*$")
+_NET_ASSIGNED = re.compile(r"^Assigned NET plugin (?P<name>.+?) to comm")
+INTERNAL_NETS = ("IB", "Socket")   # ncclNetIb.name, ncclNetSocket.name
 _PLUGIN_FAIL = re.compile(r"^(?:NET/Plugin ?: (?!Loaded|Plugin name set|Closing|Failed to find "
                           r"ncclNetPlugin_v)|Failed to initialize NET plugin|External network "
                           r"plugin .* is unsupported)")
@@ -160,6 +184,8 @@ class LogReport:
     version: str | None = None
     network: str | None = None          # "Using network %s": IB, Socket, IBext_v8, ...
     net_plugin: str | None = None       # external net plugin that loaded
+    nets_failed: list[str] = field(default_factory=list)  # "Failed to initialize NET plugin %s"
+    net_assigned: str | None = None     # "Assigned NET plugin %s to comm" (2.2x+)
     transports: list[str] = field(default_factory=list)  # NET/IB, NET/Socket, P2P/CUMEM, ...
     hcas: list[str] = field(default_factory=list)        # "mlx5_0:1/IB" from NET/IB : Using
     merged_nics: bool = False           # NET/IB listed a merged device "[0]={...}"
@@ -177,6 +203,8 @@ class LogReport:
     nvls_available: bool | None = None
     communicators: list[Communicator] = field(default_factory=list)
     calls: dict[tuple[str, int], int] = field(default_factory=dict)
+    # the communicator size of the COLL lines per (collective, bytes), the largest seen
+    call_nranks: dict[tuple[str, int], int] = field(default_factory=dict)
     choices: dict[tuple[str, int], Counter] = field(default_factory=dict)
     nccl_warnings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
@@ -185,6 +213,11 @@ class LogReport:
     def nnodes(self) -> int | None:
         counts = [c.nnodes for c in self.communicators if c.nnodes is not None]
         return max(counts) if counts else None
+
+    @property
+    def single_rank(self) -> bool:
+        """Every collective ran on a 1-rank communicator: NCCL chose no algorithm for any."""
+        return bool(self.call_nranks) and max(self.call_nranks.values()) == 1
 
     @property
     def algorithms(self) -> Counter:
@@ -211,6 +244,7 @@ class LogReport:
         return {
             "sources": self.sources, "nccl_lines": self.nccl_lines, "processes": self.processes,
             "version": self.version, "network": self.network, "net_plugin": self.net_plugin,
+            "nets_failed": self.nets_failed, "net_assigned": self.net_assigned,
             "transports": self.transports, "hcas": self.hcas, "merged_nics": self.merged_nics,
             "ib_missing": self.ib_missing, "gdr": self.gdr, "env": self.env,
             "collnet": vars(self.collnet),
@@ -221,7 +255,8 @@ class LogReport:
             "nvls_available": self.nvls_available, "nnodes": self.nnodes,
             "communicators": [vars(c) for c in self.communicators],
             "collectives": [{"collective": f, "bytes": b, "algorithm": a, "protocol": p,
-                             "count": n} for f, b, a, p, n in self.summary_rows()],
+                             "count": n, "nranks": self.call_nranks.get((f, b))}
+                            for f, b, a, p, n in self.summary_rows()],
             "nccl_warnings": self.nccl_warnings, "warnings": self.warnings,
         }
 
@@ -255,6 +290,8 @@ class _Parser:
         self.comms: dict[tuple, Communicator] = {}
         self.pending: dict[tuple, deque] = defaultdict(deque)
         self.calls: dict[tuple, Counter] = defaultdict(Counter)
+        self.call_nranks: dict[tuple, int] = {}
+        self.nets_failed: dict[str, None] = {}
         self.choices: dict[tuple, Counter] = defaultdict(Counter)
         self.graphs: dict[tuple, Graph] = {}
         self.gdr = {"channel": Counter(), "hca": Counter()}  # evidence -> {True: n, False: n}
@@ -265,10 +302,20 @@ class _Parser:
         self.plugin_failure: str | None = None
         self.collnet_symbol_missing = False
         self.warn_seen: set = set()
+        self.skipped: list[str] = []      # files of a directory that held no NCCL line
 
     # ------------------------------------------------------------------ lines
-    def feed(self, source: str, lines) -> None:
-        self.r.sources.append(source)
+    def feed(self, source: str, lines, optional: bool = False) -> None:
+        """`optional`: a file found in a directory, listed as a source only if it holds NCCL
+        lines (a sweep's job folder also holds the launcher log and the ranks' results)."""
+        before = self.r.nccl_lines
+        self._feed(source, lines)
+        if not optional or self.r.nccl_lines > before:
+            self.r.sources.append(source)
+        else:
+            self.skipped.append(source)
+
+    def _feed(self, source: str, lines) -> None:
         for raw in lines:
             line = raw.rstrip("\r\n")
             if not line or line.startswith("#"):
@@ -325,11 +372,12 @@ class _Parser:
         if dtype not in DATATYPES:
             self.unknown_dtypes.add(dtype)
             return
-        nbytes = count * DATATYPES[dtype][1]
+        nbytes, nranks = count * DATATYPES[dtype][1], int(m["nranks"])
         self.calls[proc][(func, nbytes)] += 1
+        self.call_nranks[(func, nbytes)] = max(self.call_nranks.get((func, nbytes), 0), nranks)
         if func not in ("Send", "Recv"):
             pend = self.pending[proc]
-            pend.append((func, nbytes, int(m["nranks"])))
+            pend.append((func, nbytes, nranks))
             if len(pend) > _PENDING_MAX:
                 pend.popleft()
 
@@ -376,6 +424,14 @@ class _Parser:
             self.collnet_symbol_missing = True
         elif msg.startswith("Successfully loaded external network plugin"):
             self.r.net_plugin = self.r.net_plugin or msg.split()[-1]
+        elif m := _NET_INIT.match(msg):
+            # NCCL's own IB or Socket failing says nothing about an external (CollNet) plugin
+            if m["what"] == "Failed to initialize":
+                self.nets_failed.setdefault(m["name"])
+                if m["name"] not in INTERNAL_NETS and self.plugin_failure is None:
+                    self.plugin_failure = msg
+        elif m := _NET_ASSIGNED.match(msg):
+            self.r.net_assigned = m["name"]
         elif _PLUGIN_FAIL.match(msg):
             if self.plugin_failure is None or "Using internal" in self.plugin_failure:
                 self.plugin_failure = msg
@@ -445,6 +501,8 @@ class _Parser:
     # ------------------------------------------------------------------ result
     def finish(self) -> LogReport:
         r = self.r
+        if not r.sources:
+            r.sources = self.skipped
         r.processes = len(self.processes)
         r.transports = sorted(self.transports)
         r.hcas = list(self.hcas)
@@ -461,6 +519,8 @@ class _Parser:
             for key, n in per_proc.items():
                 calls[key] = max(calls[key], n)
         r.calls = dict(calls)
+        r.call_nranks = dict(self.call_nranks)
+        r.nets_failed = list(self.nets_failed)
         r.choices = {k: v for k, v in self.choices.items()}
         self._collnet()
         if r.nccl_lines == 0:
@@ -471,7 +531,13 @@ class _Parser:
         if self.unknown_dtypes:
             self._note("COLL lines with unknown datatype(s) "
                        f"{sorted(self.unknown_dtypes)} skipped (newer NCCL than this parser?)")
-        if r.calls and not r.choices:
+        one_rank = [k for k in r.calls if k not in r.choices and r.call_nranks.get(k) == 1
+                    and k[0] not in ("Send", "Recv")]
+        if one_rank:
+            self._note(f"{len(one_rank)} collective size(s) ran on 1-rank communicators only: NCCL "
+                       "copies the buffer locally (ncclLaunchOneRank) and chooses no algorithm or "
+                       "protocol, so there is no TUNING line for them")
+        if r.calls and not r.choices and len(one_rank) < len(r.calls):
             self._note("COLL lines but no TUNING lines: algorithm and protocol unknown (add TUNING "
                        "to NCCL_DEBUG_SUBSYS; NCCL up to 2.18 prints them only at TRACE level)")
         if r.nccl_lines and r.version is None:
@@ -498,19 +564,23 @@ class _Parser:
                 cn.reason = f"no CollNet plugin loaded (network {self.r.network} is NCCL's own)"
             else:
                 cn.reason = "no CollNet plugin loaded"
+        elif self.r.net_plugin and self.r.net_plugin in self.r.nets_failed:
+            cn.reason = (f"the {self.r.net_plugin} net plugin that carries CollNet failed to "
+                         f"initialize (NCCL used {self.r.network or 'another network'})")
         elif self.r.nnodes == 1:
             cn.reason = "single-node communicator (CollNet needs NCCL_COLLNET_NODE_THRESHOLD nodes)"
         else:
             cn.reason = "CollNet plugin loaded but no CollNet setup was logged"
 
 
-def _open_sources(source) -> list[tuple[str, list[str]]]:
-    """(name, lines) for a path, a directory of logs, a list of paths, or the log text itself."""
+def _open_sources(source) -> list[tuple[str, list[str], bool]]:
+    """(name, lines, found in a directory) for a path, a directory of logs, a list of paths, or
+    the log text itself."""
     if isinstance(source, os.PathLike):
         items = [os.fspath(source)]
     elif isinstance(source, str):
         if not source or "\n" in source or (not os.path.exists(source) and "NCCL" in source):
-            return [("<text>", source.splitlines())]
+            return [("<text>", source.splitlines(), False)]
         items = [source]
     else:
         items = [os.fspath(s) for s in source]
@@ -526,7 +596,7 @@ def _open_sources(source) -> list[tuple[str, list[str]]]:
             raise FileNotFoundError(f"NCCL log {path!r} does not exist")
         for p in paths:
             with open(p, encoding="utf-8", errors="replace") as fh:
-                out.append((p, fh.read().splitlines()))
+                out.append((p, fh.read().splitlines(), os.path.isdir(path)))
     return out
 
 
@@ -535,8 +605,8 @@ def parse_logs(source) -> LogReport:
 
     An empty or unrelated input gives a report whose `warnings` say so; it does not raise."""
     parser = _Parser()
-    for name, lines in _open_sources(source):
-        parser.feed(name, lines)
+    for name, lines, in_dir in _open_sources(source):
+        parser.feed(name, lines, optional=in_dir)
     return parser.finish()
 
 
@@ -634,12 +704,19 @@ def verify(report: LogReport, profile_env: dict) -> list[str]:
             ("NCCL_PROTO", _PROTO_NAMES, PROTOCOLS, 1, True)):
         if var in env:
             if not report.choices:
-                flags.append(f"{var}={env[var]} cannot be confirmed: the logs have no TUNING "
-                             "lines (add TUNING to NCCL_DEBUG_SUBSYS)")
+                flags.append(f"{var}={env[var]} {_no_tuning(report)}")
             else:
                 flags += _check_choice(report, var, env[var], names, every, index, all_functions)
     flags += _verify_ib(report, env)
     return flags
+
+
+def _no_tuning(report: LogReport) -> str:
+    """Why no collective can be checked against a request for an algorithm or CollNet."""
+    if report.single_rank:
+        return ("did not apply: every collective ran on a 1-rank communicator, where NCCL "
+                "copies locally and chooses no algorithm or protocol (no TUNING lines)")
+    return "cannot be confirmed: the logs have no TUNING lines (add TUNING to NCCL_DEBUG_SUBSYS)"
 
 
 def _verify_collnet(report: LogReport, env: dict) -> list[str]:
@@ -653,8 +730,7 @@ def _verify_collnet(report: LogReport, env: dict) -> list[str]:
         if not cn.initialized:
             flags.append(f"NCCL_COLLNET_ENABLE=1 but CollNet was not initialized: {cn.reason}")
         if not report.choices:
-            flags.append("NCCL_COLLNET_ENABLE=1 cannot be confirmed per collective: the logs "
-                         "have no TUNING lines (add TUNING to NCCL_DEBUG_SUBSYS)")
+            flags.append(f"NCCL_COLLNET_ENABLE=1 {_no_tuning(report)}")
         elif not used:
             flags.append("NCCL_COLLNET_ENABLE=1 but no collective used COLLNET_DIRECT or "
                          f"COLLNET_CHAIN (chosen: {_listing(report.algorithms)})")
@@ -707,6 +783,7 @@ def summary(report: LogReport) -> str:
         f"process(es), {len(report.sources)} source(s), nodes {report.nnodes or '?'}",
         f"network {report.network or '?'}"
         + (f" (plugin {report.net_plugin})" if report.net_plugin else "")
+        + (f", failed: {', '.join(report.nets_failed)}" if report.nets_failed else "")
         + f"; transports {', '.join(report.transports) or '-'}; GDR "
         + {None: "?", True: "yes", False: "no"}[report.gdr],
         f"HCAs {', '.join(report.hcas) or '-'}" + (" (merged)" if report.merged_nics else ""),
@@ -719,14 +796,57 @@ def summary(report: LogReport) -> str:
         "env: " + (", ".join(f"{k}={v}" for k, v in sorted(report.env.items())) or "-"),
         "",
         f"{'collective':<14s} {'bytes':>12s} {'size':>9s} {'algorithm':<15s} {'protocol':<8s} "
-        f"{'count':>6s}",
+        f"{'count':>6s} {'nranks':>6s}",
     ]
     for func, nbytes, algo, proto, n in report.summary_rows():
+        nranks = report.call_nranks.get((func, nbytes))
         lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} {proto:<8s} "
-                     f"{n:6d}")
+                     f"{n:6d} {nranks if nranks is not None else '-':>6}")
     lines += [f"NCCL WARN {w}" for w in report.nccl_warnings]
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines)
+
+
+def _choice_label(report: LogReport, key: tuple[str, int]) -> str:
+    chosen = report.choices.get(key)
+    if chosen:
+        if len(chosen) == 1:
+            return "{}/{}".format(*next(iter(chosen)))
+        return " + ".join(f"{a}/{p} x{n}" for (a, p), n in sorted(chosen.items()))
+    if report.call_nranks.get(key) == 1:
+        return "no algorithm (1 rank: local copy)"
+    return "algorithm unknown (no TUNING line)"
+
+
+def path_lines(report: LogReport) -> list[str]:
+    """The path NCCL took, in a few lines: the setup, then per collective the algorithm/protocol
+    over ranges of sizes (or why there is none), then the parser's warnings. The sweep prints
+    these for every profile."""
+    if report.nccl_lines == 0:
+        return list(report.warnings)
+    cn = report.collnet
+    nranks = max((c.nranks for c in report.communicators if c.nranks), default=None)
+    lines = [
+        f"NCCL {report.version or '?'}, {nranks or '?'} rank(s) on {report.nnodes or '?'} "
+        f"node(s); network {report.network or '?'}"
+        + (f" (plugin {report.net_plugin})" if report.net_plugin else "")
+        + (f", failed: {', '.join(report.nets_failed)}" if report.nets_failed else "")
+        + f"; transports {', '.join(report.transports) or '-'}; GDR "
+        + {None: "?", True: "yes", False: "no"}[report.gdr] + "; CollNet "
+        + ("initialized" if cn.initialized else f"not initialized: {cn.reason}")]
+    keys = set(report.calls) | set(report.choices)
+    for func in sorted({f for f, _ in keys}):
+        runs: list[list] = []                      # [label, first size, last size]
+        for size in sorted(b for f, b in keys if f == func):
+            label = _choice_label(report, (func, size))
+            if runs and runs[-1][0] == label:
+                runs[-1][2] = size
+            else:
+                runs.append([label, size, size])
+        lines.append(f"{func}: " + "; ".join(
+            _size(lo) + (f"-{_size(hi)}" if hi != lo else "") + f": {label}"
+            for label, lo, hi in runs))
+    return lines + list(report.warnings)
 
 
 def _profile_env(name: str) -> dict:

@@ -1,7 +1,8 @@
-"""perf.nccl_log against NCCL log excerpts composed from NCCL's source formats (tests/perf/
-nccl_logs/*.log; each file's header says which release's formats and that it was not captured
-on hardware): the facts each excerpt holds, verify() on working and fallen-back runs, and
-robustness to what real logs contain (other output, cut lines, interleaved ranks, nothing)."""
+"""perf.nccl_log against NCCL log excerpts (tests/perf/nccl_logs/*.log): five composed from
+NCCL's source formats (each header says which release's formats and that it was not captured on
+hardware) and one captured on an H200 (NCCL 2.28.9, one rank, Socket): the facts each excerpt
+holds, verify() on working and fallen-back runs, robustness to what real logs contain (other
+output, cut lines, interleaved ranks, nothing), and the sweep's per-profile NCCL path."""
 
 import json
 import os
@@ -18,6 +19,7 @@ from perf.nccl_log import (
     PROTOCOLS,
     main,
     parse_logs,
+    path_lines,
     verify,
 )
 from tests.conftest import run
@@ -28,6 +30,7 @@ SHARP_FALLBACK = os.path.join(LOGS, "ib_collnet_fallback_2n4g.log")
 SHARP_INITFAIL = os.path.join(LOGS, "ib_collnet_sharp_initfail_2n4g.log")
 NVLINK = os.path.join(LOGS, "nvlink_1n4g.log")
 SOCKET = os.path.join(LOGS, "socket_2n4g.log")
+H200 = os.path.join(LOGS, "h200_1gpu_socket_nccl2.28.9.log")     # captured, not composed
 SHARP_ON = {"NCCL_COLLNET_ENABLE": 1}          # perf/profiles/sharp_on.yaml
 RAIL = {"NCCL_CROSS_NIC": 0, "NCCL_IB_HCA": "=mlx5_0:1,mlx5_1:1,mlx5_2:1,mlx5_3:1"}
 MiB = 1 << 20
@@ -65,13 +68,17 @@ def test_tables_follow_nccl_enums():
     assert PROTOCOLS == ("LL", "LL128", "SIMPLE")
 
 
-def test_every_excerpt_says_it_was_composed_not_captured():
+def test_every_excerpt_says_whether_it_was_captured():
     names = sorted(os.listdir(LOGS))
-    assert len(names) == 5 and all(n.endswith(".log") for n in names)
+    assert len(names) == 6 and all(n.endswith(".log") for n in names)
     for name in names:
         header = [ln for ln in read(os.path.join(LOGS, name)).splitlines() if ln.startswith("#")]
         text = " ".join(header)
-        assert "NOT CAPTURED ON HARDWARE" in text and "NCCL 2." in text, name
+        assert "NCCL 2." in text, name
+        if name == os.path.basename(H200):
+            assert "CAPTURED ON HARDWARE" in text and "NOT CAPTURED" not in text
+        else:
+            assert "NOT CAPTURED ON HARDWARE" in text, name
 
 
 # ------------------------------------------------------------------------------ excerpts
@@ -364,4 +371,189 @@ def test_cli_json_as_a_module():
     assert doc["flags"] == [f"NCCL_IB_HCA={RAIL['NCCL_IB_HCA']} requested but NCCL used the "
                             "Socket transport; NET/IB : No device found"]
     assert {"collective": "AllReduce", "bytes": 4096, "algorithm": "TREE", "protocol": "LL",
-            "count": 2} in doc["collectives"]
+            "count": 2, "nranks": 8} in doc["collectives"]
+
+
+# ------------------------------------------------------------------------------ captured log
+# tests/perf/nccl_logs/h200_1gpu_socket_nccl2.28.9.log: 156 verbatim lines of a real run (one
+# H200, one rank, no InfiniBand) of `perf.allreduce_sweep --backend nccl --nprocs 1 -e 64M -c
+# all_reduce,all_gather`; every value below can be read off the excerpt.
+NO_PLUGIN = "no CollNet plugin loaded (NET/Plugin: Could not find: libnccl-net.so)"
+ONE_RANK_NOTE = ("10 collective size(s) ran on 1-rank communicators only: NCCL copies the buffer "
+                 "locally (ncclLaunchOneRank) and chooses no algorithm or protocol, so there is "
+                 "no TUNING line for them")
+DID_NOT_APPLY = ("did not apply: every collective ran on a 1-rank communicator, where NCCL "
+                 "copies locally and chooses no algorithm or protocol (no TUNING lines)")
+
+
+def test_captured_h200_setup():
+    r = parse_logs(H200)
+    assert r.sources == [H200] and r.nccl_lines == 156 and r.processes == 1
+    assert r.version == "2.28.9+cuda13.0" and r.nnodes == 1
+    # NCCL's IB finds no device and fails to initialise; its Socket transport is used
+    assert r.network == "Socket" and r.net_assigned == "Socket" and r.nets_failed == ["IB"]
+    assert r.net_plugin is None and r.ib_missing and r.hcas == [] and not r.merged_nics
+    # one rank: no connection at all ("Channel .. via" lines), so no transport; the only GDR
+    # evidence is "NET/Socket : GPU Direct RDMA Disabled for HCA 0 'eth0'"
+    assert r.transports == [] and r.gdr is False
+    assert r.env == {}                      # profile 'default' sets no NCCL_* parameter
+    cn = r.collnet
+    assert (cn.requested, cn.plugin_loaded, cn.initialized, cn.plugin, cn.reason) == \
+        (None, False, False, None, NO_PLUGIN)
+    assert [(g.name, g.cross_nic, g.n_channels, g.bw_intra, g.bw_inter, g.type_intra,
+             g.type_inter) for g in r.graphs] == [("RING", 0, 32, 60.0, 60.0, "LOC", "PIX"),
+                                                  ("TREE", 0, 32, 60.0, 60.0, "LOC", "PIX")]
+    assert r.rings == {0: [0], 1: [0], 62: [0], 63: [0]} and r.trees == 1
+    # 2.28 prints the coll channel count as the collnet one: no CollNet behind the 64
+    assert r.channels == {"coll": 64, "collnet": 64, "nvls": 0, "p2p": 64}
+    assert (r.rings_connected, r.trees_connected, r.nvls_connected) == (False, False, False)
+    assert r.nvls_available is None
+    [c] = r.communicators
+    assert (c.comm, c.host, c.pid, c.rank, c.nranks, c.nnodes, c.local_ranks, c.comm_id,
+            c.complete) == ("0x44c660d0", "vm", 888, 0, 1, 1, 1, "0x696dabc6e54df94d", True)
+    assert r.nccl_warnings == []
+
+
+def test_captured_h200_calls_have_no_algorithm():
+    r = parse_logs(H200)
+    text = "\n".join(ln for ln in read(H200).splitlines() if not ln.startswith("#"))
+    assert "Bytes -> Algo" not in text and text.count(" opCount 0 ") == 89
+    # bytes = count x 4 (float32, datatype 7), except the sweep's 2 x float64 stats (16 B);
+    # AllReduce 4 B is torch's barrier, 8 B one whole sweep unit (5 + 21) and 2 in-place calls
+    assert r.calls == {
+        ("AllReduce", 4): 17, ("AllReduce", 8): 28, ("AllReduce", 16): 16,
+        ("AllReduce", 4096): 4, ("AllReduce", MiB): 4, ("AllReduce", 64 * MiB): 4,
+        ("AllGather", 8): 4, ("AllGather", 4096): 4, ("AllGather", MiB): 4,
+        ("AllGather", 64 * MiB): 4}
+    assert sum(r.calls.values()) == 89
+    assert set(r.call_nranks.values()) == {1} and r.single_rank
+    assert r.choices == {} and r.algorithms == Counter()
+    assert {(a, p) for _, _, a, p, _ in r.summary_rows()} == {("-", "-")}
+    assert r.warnings == [ONE_RANK_NOTE]
+    doc = r.to_dict()
+    assert {"collective": "AllGather", "bytes": 64 * MiB, "algorithm": "-", "protocol": "-",
+            "count": 4, "nranks": 1} in doc["collectives"]
+
+
+def test_captured_h200_verify():
+    r = parse_logs(H200)
+    assert verify(r, {}) == []             # profile 'default': nothing requested
+    assert verify(r, SHARP_ON) == [
+        f"NCCL_COLLNET_ENABLE=1 but CollNet was not initialized: {NO_PLUGIN}",
+        f"NCCL_COLLNET_ENABLE=1 {DID_NOT_APPLY}"]
+    assert verify(r, {"NCCL_ALGO": "Ring", "NCCL_PROTO": "Simple"}) == [
+        f"NCCL_ALGO=Ring {DID_NOT_APPLY}", f"NCCL_PROTO=Simple {DID_NOT_APPLY}"]
+    assert verify(r, RAIL) == [
+        f"NCCL_IB_HCA={RAIL['NCCL_IB_HCA']} requested but NCCL used the Socket transport; "
+        "NET/IB : No device found"]
+    assert verify(r, {"NCCL_COLLNET_ENABLE": 0}) == []
+
+
+def test_captured_h200_path_lines_and_cli(capsys):
+    r = parse_logs(H200)
+    assert path_lines(r) == [
+        "NCCL 2.28.9+cuda13.0, 1 rank(s) on 1 node(s); network Socket, failed: IB; transports "
+        f"-; GDR no; CollNet not initialized: {NO_PLUGIN}",
+        "AllGather: 8 B-64 MiB: no algorithm (1 rank: local copy)",
+        "AllReduce: 4 B-64 MiB: no algorithm (1 rank: local copy)",
+        ONE_RANK_NOTE]
+    assert main([H200]) == 0
+    out = capsys.readouterr().out
+    assert "network Socket, failed: IB; transports -; GDR no" in out
+    assert re.search(r"AllGather\s+67108864\s+64 MiB -\s+-\s+4\s+1\n", out)
+    assert main([H200, "--profile", "sharp_on"]) == 1
+    assert capsys.readouterr().out.count("flag: NCCL_COLLNET_ENABLE=1") == 2
+
+
+def test_path_lines_of_multi_rank_runs():
+    assert path_lines(parse_logs(SHARP_OK))[1:] == [
+        "AllReduce: 4 KiB: TREE/LL; 1 MiB: COLLNET_CHAIN/SIMPLE; 16 MiB-256 MiB: "
+        "COLLNET_DIRECT/SIMPLE",
+        "Broadcast: 1 MiB: RING/SIMPLE"]
+    assert path_lines(parse_logs(SHARP_OK))[0].startswith(
+        "NCCL 2.28.3+cuda12.9, 8 rank(s) on 2 node(s); network IBext_v8 (plugin IBext_v8); "
+        "transports COLLNET/SHARP, NET/IBext_v8, P2P/CUMEM; GDR yes; CollNet initialized")
+    untuned = "\n".join(ln for ln in read(NVLINK).splitlines() if "Bytes -> Algo" not in ln)
+    lines = path_lines(parse_logs(untuned))
+    assert "AllReduce: 4 KiB-256 MiB: algorithm unknown (no TUNING line)" in lines
+    assert any(ln.startswith("COLL lines but no TUNING lines") for ln in lines)
+    assert not any("1-rank" in ln for ln in lines)
+
+
+def test_directory_lists_only_files_with_nccl_lines(tmp_path):
+    """A sweep job folder holds the per-rank NCCL log beside the launcher log and results."""
+    (tmp_path / "nccl.vm.888.log").write_text(read(H200))
+    (tmp_path / "launcher.log").write_text("UserWarning: barrier(): using the device under "
+                                           "current context.\n")
+    (tmp_path / "rank0.jsonl").write_text('{"split": "world", "size": 8}\n')
+    r = parse_logs(str(tmp_path))
+    assert r.sources == [str(tmp_path / "nccl.vm.888.log")]
+    assert r.calls == parse_logs(H200).calls and r.warnings == [ONE_RANK_NOTE]
+
+
+def test_nccl_2_28_net_plugin_lines():
+    """2.2x+ initialise every NET plugin by name: a failure of NCCL's own IB says nothing about
+    CollNet; an external plugin that loads and then fails to initialise does."""
+    own = "\n".join(f"h:1:1 [0] NCCL INFO {m}" for m in (
+        "NCCL version 2.28.9+cuda13.0", "NCCL_NET_PLUGIN set by environment to none",
+        "NET/IB : No device found.", "Failed to initialize NET plugin IB",
+        "NET/Socket : Using [0]eth0:192.0.2.2<0>", "Initialized NET plugin Socket",
+        "Assigned NET plugin Socket to comm", "Using network Socket"))
+    r = parse_logs(own)
+    assert r.nets_failed == ["IB"] and r.net_assigned == "Socket" and r.net_plugin is None
+    assert r.collnet.reason == "no CollNet plugin loaded (network Socket is NCCL's own)"
+    external = [
+        "NET/Plugin: Loaded net plugin SPCX (v12)", "NET/IB : No device found.",
+        "Failed to initialize NET plugin SPCX", "Failed to initialize NET plugin IB",
+        "Initialized NET plugin Socket", "Assigned NET plugin Socket to comm",
+        "Using network Socket"]
+    r = parse_logs("\n".join(f"h:1:1 [0] NCCL INFO {m}" for m in external))
+    assert r.nets_failed == ["SPCX", "IB"] and r.net_plugin == "SPCX"
+    assert r.collnet.reason == "no CollNet plugin loaded (Failed to initialize NET plugin SPCX)"
+    external.insert(1, "NET/Plugin: Loaded collnet plugin SHARP (v12)")
+    r = parse_logs("\n".join(f"h:1:1 [0] NCCL INFO {m}" for m in external))
+    assert r.collnet.plugin_loaded and not r.collnet.initialized
+    assert r.collnet.reason == ("the SPCX net plugin that carries CollNet failed to initialize "
+                                "(NCCL used Socket)")
+
+
+def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
+    """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
+    (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
+    log and one result record where real ones would."""
+    from perf import allreduce_sweep as sweep
+
+    def fake_launch(args, profile, job_dir, sizes):
+        with open(os.path.join(job_dir, "nccl.vm.888.log"), "w") as fh:
+            fh.write(read(H200))
+        with open(os.path.join(job_dir, "rank0.jsonl"), "w") as fh:
+            fh.write(json.dumps({"split": "world", "collective": "all_reduce", "size": 8,
+                                 "rank": 0, "world_size": 1,
+                                 "outofplace": {"time_s": 4e-5, "wrong": 0, "count": 2},
+                                 "inplace": {"time_s": 2e-5, "wrong": 0, "count": 2}}) + "\n")
+        return []
+
+    monkeypatch.setattr(sweep, "launch", fake_launch)
+    monkeypatch.setattr(sweep, "wait", lambda procs, job_dir, expected, timeout_s: None)
+    monkeypatch.delenv("SLURM_NTASKS", raising=False)
+    out_dir = tmp_path / "sweep"
+    assert sweep.main(["--backend", "nccl", "--launcher", "srun", "-e", "8", "--out",
+                       str(out_dir), "--profiles", "sharp_on,ring"]) == 0
+    out = capsys.readouterr().out
+    table = out.index("# profile sharp_on | split world | all_reduce | nranks 1")
+    path = out.index("# NCCL path, profile sharp_on (perf.nccl_log):")
+    assert table < path < out.index("== profile ring")
+    assert "#   NCCL 2.28.9+cuda13.0, 1 rank(s) on 1 node(s); network Socket, failed: IB" in out
+    assert out.count("#   AllReduce: 4 B-64 MiB: no algorithm (1 rank: local copy)\n") == 2
+    assert out.count("#   AllGather: 8 B-64 MiB: no algorithm (1 rank: local copy)\n") == 2
+    flags = [ln for ln in out.splitlines() if ln.startswith("flag: ")]
+    assert flags == [
+        f"flag: profile sharp_on: NCCL_COLLNET_ENABLE=1 but CollNet was not initialized: "
+        f"{NO_PLUGIN}",
+        f"flag: profile sharp_on: NCCL_COLLNET_ENABLE=1 {DID_NOT_APPLY}",
+        "flag: profile ring: NCCL_ALGO=Ring " + DID_NOT_APPLY]
+    # the sweep's own nccl_report, as drive() uses it
+    path, flags = sweep.nccl_report(str(out_dir / "ring"), sweep.load_profile("ring"))
+    assert path == path_lines(parse_logs(H200)) and len(flags) == 1
+    assert sweep.nccl_report(str(tmp_path), {"name": "x", "env": {}}) == (
+        [], [f"profile x: no NCCL logs in {tmp_path}"])
