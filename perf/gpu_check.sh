@@ -75,7 +75,7 @@ step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
 [ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
 # issue 3: copy rate against pinned bandwidth, readers in situ, RSS
 step loader_bench 100 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
-  --batches 30 --rounds 2 --rss-batches 1000 --json "$R/loader_bench.json"
+  --batches 30 --rounds 2 --rss-batches 5000 --json "$R/loader_bench.json"
 # issue 3: data wait of an AViT-B step fed by WellLoader
 step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
   --workers 8 --steps 30 --json "$R/feed_bench.json"
@@ -92,7 +92,7 @@ step train_compile 150 python3 -m perf.train_bench --sizes B,L --wrappers plain 
   tail -2 "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"
   cat "$R/report.txt"; tail -1 "$R/monitor_tests.txt"; tail -2 "$R/monitor_overhead.txt"
-  grep -E "Avg bus|flag" "$R/sweep.txt"
+  grep -E "Avg bus|flag|NCCL path|^#   " "$R/sweep.txt"
 } 2>/dev/null | tee "$OUT/summary.txt"
 cp "$R/report.png" "$OUT/" 2>/dev/null
 pack
