@@ -58,6 +58,9 @@ class ModelConfig(_Strict):
                                     "the fields of the training mixture (spare columns leave "
                                     "room for fine-tuning)")
     drop_path: float = Field(0.2, ge=0.0, lt=1.0)
+    compile: bool = Field(False, description="torch.compile each space-time block (regional: "
+                          "one graph for all blocks, compiled once per input shape on first "
+                          "use); ZeRO stages 0-2")
 
 
 class TrainConfig(_Strict):

@@ -63,7 +63,13 @@ def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, 
         raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
-    return cfg, schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
+    ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
+    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
+    if cfg.model.compile and stage == 3:
+        raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
+                          f"parameters in module hooks that torch.compile would trace); "
+                          f"{args.ds_config} sets stage 3")
+    return cfg, ds_config
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
@@ -130,6 +136,10 @@ def build_vocabulary_and_model(cfg: RunConfig, paths: list[str], loader_factory,
         model = AViT(AViTConfig(n_fields, dim, heads, blocks, cfg.model.drop_path))
     {"middle": model.freeze_middle, "processor": model.freeze_processor,
      "none": model.unfreeze}[cfg.train.freeze]()
+    if cfg.model.compile:
+        model.compile_blocks()
+        log.text("model: space-time blocks compiled (torch.compile, regional); each input "
+                 "shape compiles on first use")
     log.text(f"model: AViT dim {model.config.dim}, {model.config.heads} heads, "
              f"{model.config.blocks} blocks, {model.n_fields} field columns: "
              f"{n_parameters(model):,} parameters ({n_parameters(model, True):,} trainable)")

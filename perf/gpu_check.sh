@@ -53,12 +53,22 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4: ms/step, samples/s, TFLOP/s, MFU, memory; sizes with MPP reference figures
+# issue 4: ms/step, samples/s, TFLOP/s, MFU, memory, host time; plain, one CUDA graph, ZeRO
 step train_bench 240 python3 -m perf.train_bench --sizes Ti,B,L --steps 6 --warmup 2 \
-  --wrappers plain,graph,zero2,zero3 \
-  --json "$R/train_bench.json"
+  --wrappers plain,graph,zero2,zero3 --json "$R/train_bench.json"
+# issue 4: the same with the space-time blocks compiled (regional torch.compile)
+step train_compile 180 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,graph,zero2 \
+  --compile --steps 6 --warmup 2 --json "$R/train_compile.json"
 # issue 3: CUDA path of the loader
 step cuda_tests 45 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py
+# (the simulation takes minutes: the steps above run meanwhile)
+[ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
+# issue 3: data wait of an AViT-B step fed by WellLoader
+step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
+  --workers 8 --steps 30 --json "$R/feed_bench.json"
+# issue 3: copy rate against pinned bandwidth, readers in situ, trainer costs, memory
+step loader_bench 100 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
+  --batches 30 --rounds 2 --rss-batches 5000 --json "$R/loader_bench.json"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor
 # issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser
@@ -71,25 +81,15 @@ step report 30 python3 -m dsfm.monitor.report "$R/run" --out "$R/report.png"
 rm -rf "$R/run/checkpoints"                    # weights are not needed back
 # issue 5: the sampler's cost on a GPU
 step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
-# (the simulation takes minutes: the steps above run meanwhile)
-[ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
-# issue 3: copy rate against pinned bandwidth, readers in situ, RSS
-step loader_bench 100 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
-  --batches 30 --rounds 2 --rss-batches 5000 --json "$R/loader_bench.json"
-# issue 3: data wait of an AViT-B step fed by WellLoader
-step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
-  --workers 8 --steps 30 --json "$R/feed_bench.json"
-# issue 4, if time is left: torch.compile on the sizes with targets (plain PyTorch)
-step train_compile 150 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
-  --steps 6 --warmup 3 --json "$R/train_compile.json"
 
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(Ti|B|L) " "$R/train_bench.txt" "$R/train_compile.txt"
+  grep -h "first step" "$R/train_compile.txt"
   tail -2 "$R/cuda_tests.txt"
-  grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|host-to-device|memory" "$R/loader_bench.txt"
-  tail -2 "$R/feed_bench.txt"
+  grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
+  grep -E "^(feed|resident|WellLoader)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"
   cat "$R/report.txt"; tail -1 "$R/monitor_tests.txt"; tail -2 "$R/monitor_overhead.txt"
   grep -E "Avg bus|flag|NCCL path|^#   " "$R/sweep.txt"

@@ -315,10 +315,11 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                                                       kernel, slots=RING_SLOTS_1R))
             raw["direct_w"].append(raw_parallel(pool, source, windows, workers, False))
             raw["new_w"].append(raw_parallel(pool, source, windows, workers, True))
-    reader_rates = {}
+    reader_rates, trainer = {}, {}
     for k in LOADERS:
         loader = variants[k][0]
         reader_rates[k] = [n / t for n, t in zip(loader.windows_read, loader.read_s)]
+        trainer[k] = loader.trainer_costs()
         loader.close()
     rows = {"dataset": source.name, "window": [5, source.n_channels, *source.spatial_shape],
             "sample_mb": sample_bytes / 1e6,
@@ -336,6 +337,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
                             "vs_raw": rate[k] / raw_rate}
     rows["dsfm_vs_raw_same_processes"] = rows["dsfm"]["samples_per_s"] / raw_w_rate
     for k, rates in reader_rates.items():       # in situ: windows per second a reader is busy
+        rows[k]["trainer_ms_per_batch"] = trainer[k]
         rows[k]["reader_busy_per_s"] = rates
         rows[k]["reader_busy_vs_raw"] = [r / raw_rate for r in rates]
     rows["dsfm_vs_upstream"] = rows["dsfm"]["samples_per_s"] / rows["upstream"]["samples_per_s"]
@@ -484,6 +486,9 @@ def main(argv=None) -> int:
         print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(
             f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
             for k in LOADERS))
+        t = r["dsfm"]["trainer_ms_per_batch"]
+        print(f"{'':30s} trainer per batch (dsfm): next() {t['next_ms']:.2f} ms, waiting "
+              f"{t['wait_ms']:.2f} ms, issuing copies and assembly {t['launch_ms']:.2f} ms")
     if device.type == "cuda":
         h = report["h2d"]
         print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "

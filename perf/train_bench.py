@@ -20,6 +20,7 @@ import resource
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -53,7 +54,7 @@ def graphed(step, model, opt, loss_fn, inputs):
     a CUDA graph and replayed: the host issues one launch per step instead of thousands, which
     shows how much of a step is host overhead (static shapes: one graph per input shape)."""
     if not torch.cuda.is_available():
-        raise SystemExit("the graph wrapper needs CUDA")
+        raise RuntimeError("the graph wrapper needs CUDA")
     x, ids, bcs, y = inputs
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -88,18 +89,22 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, 12, drop_path=0.0)
-    if args.compile:
-        model = torch.compile(model)
+    key = (size, batch, args.frames, args.fields, args.res)
+    if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
+        _FLOPS[key] = step_flops(model, x, ids, bcs, y)     # counted once, in eager mode
+    flops = _FLOPS[key]
+    compile_s = None
+    if args.compile:                    # regional: the blocks, compiled on the first step
+        model.compile_blocks()
+        sync()
+        t0 = time.perf_counter()
+        nmse(model(x, ids, bcs), y).backward()
+        model.zero_grad(set_to_none=True)
+        sync()
+        compile_s = time.perf_counter() - t0
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
-    if args.compile:
-        flops = float("nan")
-    else:                               # the same for every wrapper and numerics: count once
-        key = (size, batch, args.frames, args.fields, args.res)
-        if key not in _FLOPS:
-            _FLOPS[key] = step_flops(model, x, ids, bcs, y)
-        flops = _FLOPS[key]
 
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
@@ -144,6 +149,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
            "host_ms_per_step": 1e3 * statistics.median(issued),
+           "first_step_s": compile_s,
            "tflop_per_step": flops / 1e12, "tflops": tflops,
            "mfu": tflops / peak if peak else None,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
@@ -151,10 +157,10 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     return row
 
 
-def meta(args, rows: list[dict]) -> dict:
+def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
-            "compile": args.compile, "rows": rows}
+            "compile": args.compile, "rows": rows, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -170,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--res", type=int, default=128)
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--warmup", type=int, default=3)
-    ap.add_argument("--compile", action="store_true", help="torch.compile the model")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the space-time blocks (AViT.compile_blocks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -180,22 +187,34 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
-    rows = []
+    rows, failed = [], []
     for size in args.sizes.split(","):
         for num in numerics:
             for wrapper in args.wrappers.split(","):
-                rows.append(run_variant(size, wrapper, num, args, device))
-                gc.collect()                # the variant's model and optimizer are gone
-                if cuda:
-                    torch.cuda.empty_cache()
-                print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms",
+                try:
+                    rows.append(run_variant(size, wrapper, num, args, device))
+                except Exception as exc:    # one variant's failure (a graph capture, say)
+                    traceback.print_exc()   # must not cost the rest of a scarce GPU run
+                    failed.append({"size": size, "numerics": num, "wrapper": wrapper,
+                                   "error": f"{type(exc).__name__}: {exc}"})
+                    print(f"  {size:3s} {num:5s} {wrapper:6s} failed: {failed[-1]['error']}",
+                          file=sys.stderr, flush=True)
+                    continue
+                finally:
+                    gc.collect()            # the variant's model and optimizer are gone
+                    if cuda:
+                        torch.cuda.empty_cache()
+                first = rows[-1]["first_step_s"]
+                print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms"
+                      + (f" (first step, compiling: {first:.1f} s)" if first else ""),
                       file=sys.stderr, flush=True)
                 if args.json:               # kept after every variant: a cut-short run
-                    write_json(args.json, meta(args, rows))   # still leaves its rows
+                    write_json(args.json, meta(args, rows, failed))   # still has its rows
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
-          f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0")
+          f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
+          + (", space-time blocks compiled" if args.compile else ""))
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
             f"{'host ms':>8s}")
@@ -210,10 +229,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}")
+    for f in failed:
+        print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} failed: {f['error']}")
     if args.json:
-        write_json(args.json, meta(args, rows))
+        write_json(args.json, meta(args, rows, failed))
     release_shm(env)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -46,6 +46,22 @@ def test_train_bench_compares_wrappers(tmp_path):
 
 
 @pytest.mark.slow
+def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
+    """A variant that fails (here the CUDA-graph wrapper on a CPU) is reported and the rest of
+    the run still measures; the exit status says something failed."""
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
+                "--frames", "2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--wrappers", "graph,plain", "--json", str(out)], timeout=600)
+    assert proc.returncode == 1
+    rec = json.loads(out.read_text())
+    assert [r["wrapper"] for r in rec["rows"]] == ["plain"]
+    assert rec["failed"] == [{"size": "Ti", "numerics": "fp32", "wrapper": "graph",
+                              "error": "RuntimeError: the graph wrapper needs CUDA"}]
+    assert "graph   failed: RuntimeError: the graph wrapper needs CUDA" in proc.stdout
+
+
+@pytest.mark.slow
 def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_path):
     out = tmp_path / "loader.json"
     proc = run([sys.executable, "-m", "perf.loader_bench", "--base", demo_base, "--datasets",
@@ -70,9 +86,13 @@ def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_
     for k in loaders:
         busy = row[k]["reader_busy_per_s"]
         assert len(busy) == (2 if k == "dsfm" else 1) and all(b > 0 for b in busy), k
+        t = row[k]["trainer_ms_per_batch"]
+        assert t["next_ms"] >= t["wait_ms"] >= 0 and t["launch_ms"] == 0, k   # no CUDA here
+        assert t["next_ms"] > 0, k
     assert row["raw_alone_read"]["vs_raw"] == pytest.approx(
         row["raw_alone_read"]["samples_per_s"] / row["raw"]["samples_per_s"])
     mem = rec["rss"]
     assert mem["ring_mib"] > 0 and mem["batches"] == 30
     assert 0 < mem["pss_last_mib"] <= mem["rss_last_mib"]
     assert "1 reader vs raw 1p" in proc.stdout and "in situ" in proc.stdout
+    assert "trainer per batch (dsfm)" in proc.stdout

@@ -402,6 +402,31 @@ def test_torchrun_launch(demo_base, tmp_path):
     assert sorted(losses(run_dir)) == [1, 2, 3]
 
 
+@pytest.mark.slow
+def test_compiled_blocks_train_like_eager_blocks(demo_base, tmp_path):
+    """model.compile=true (regional torch.compile of the space-time blocks, inductor's CPU
+    backend here) under a ZeRO-2 engine: the same losses as the eager model, step by step."""
+    ds = ds_config(tmp_path, 2, micro=2 * MICRO)
+    got = {}
+    for name, sets in (("eager", []), ("compiled", ["model.compile=true"])):
+        proc = train(ds, tmp_path / name, sets=["train.max_steps=4", *sets], data=demo_base,
+                     timeout=900)
+        got[name] = losses(tmp_path / name)
+    assert "space-time blocks compiled" in proc.stdout
+    assert sorted(got["eager"]) == sorted(got["compiled"]) == [1, 2, 3, 4]
+    for step, loss in got["eager"].items():
+        assert got["compiled"][step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step
+    assert len(set(got["eager"].values())) == 4                 # the steps really differ
+
+
+def test_compile_with_zero3_is_refused_before_any_process_group(tmp_path):
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero3.json",
+                "--run-dir", str(tmp_path / "r"), "--set", "model.compile=true"])
+    assert proc.returncode == 2
+    assert "model.compile" in proc.stderr and "stage 3" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_bad_config_is_refused_before_any_process_group(tmp_path):
     base = [sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json"]
     proc = run(base + ["--set", "train.max_stpes=3"])

@@ -365,6 +365,9 @@ class WellLoader:
         self._pending_check: tuple | None = None
         self._state = self.sampler.state_dict()
         self.wait_s = 0.0                          # trainer time spent waiting for data
+        self.next_s = 0.0                          # trainer time in __next__, all of it
+        self.launch_s = 0.0                        # ... of which issuing copies and assembly
+        self.batches_out = 0
         self.last_wait_s = 0.0
         self.time_copies = False                   # CUDA: time each host-to-device copy
         self.copies: list[tuple[int, Any, Any]] = []   # (bytes, start event, end event)
@@ -539,6 +542,7 @@ class WellLoader:
 
     def _launch_copy(self, step: int) -> None:
         """CUDA: copy the slot to the device and assemble the batch there, on the side stream."""
+        began_s = time.perf_counter()
         host = self._slot_tensor(step)
         with torch.cuda.stream(self._stream):
             if self.time_copies:
@@ -554,6 +558,7 @@ class WellLoader:
             ready.record(self._stream)
         self._copying.append((copied, self._inflight[step][0]))
         self._ready[step] = (batch, ready)
+        self.launch_s += time.perf_counter() - began_s
 
     def _reclaim(self, block: bool) -> None:
         """Return slots whose host-to-device copy has finished."""
@@ -577,6 +582,7 @@ class WellLoader:
     def __next__(self) -> Batch:
         if self._closed:
             raise StopIteration
+        entered = time.perf_counter()
         if self.cuda:
             self._reclaim(block=False)
             self._check_deferred()
@@ -610,7 +616,18 @@ class WellLoader:
             del self._inflight[step]
         self._state = self._snapshots.pop(step)
         self._next_yield += 1
+        self.batches_out += 1
+        self.next_s += time.perf_counter() - entered
         return batch
+
+    def trainer_costs(self) -> dict[str, float]:
+        """Milliseconds per batch handed out, of the training thread's time in `next()`: all
+        of it; the part spent waiting for the readers (which includes issuing the copies of
+        batches that arrive meanwhile); and (CUDA) the time spent issuing copies and device
+        assembly, wherever it fell. What `next_ms` has beyond the wait is bookkeeping."""
+        n = max(self.batches_out, 1)
+        return {"next_ms": 1e3 * self.next_s / n, "wait_ms": 1e3 * self.wait_s / n,
+                "launch_ms": 1e3 * self.launch_s / n}
 
     def _lease(self, step: int, slot: int) -> Batch:
         """CPU: the readers assembled the batch in its slot; hand it out without copying and

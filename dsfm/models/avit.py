@@ -104,6 +104,21 @@ class AViT(nn.Module):
             return bool(flags[0, 0]), bool(flags[0, 1])
         return flags.to(device, non_blocking=True)
 
+    def compile_blocks(self, **options) -> None:
+        """Regional torch.compile: every space-time block is compiled in place (parameter names
+        and checkpoints unchanged). The blocks share their code, so the first block's graph
+        serves all of them: compiling costs one block, not the whole model, and each shape of
+        input (dataset resolution, frames, periodicity, train or eval) compiles once on first
+        use. The fused kernels replace most of a block's elementwise and layout operators,
+        which cuts what the host must issue per step (see docs/performance.md). Static shapes
+        (`dynamic=False`) by default; `options` go to `torch.compile`."""
+        import torch._dynamo.config as dynamo
+
+        limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))   # one graph per shape
+        for block in self.blocks:
+            block.compile(**{"dynamic": False, **options})
+
     # ------------------------------------------------------------ fine-tuning helpers
 
     def add_fields(self, n_new: int) -> None:
