@@ -545,10 +545,13 @@ class WellLoader:
         began_s = time.perf_counter()
         host = self._slot_tensor(step)
         with torch.cuda.stream(self._stream):
+            # the destination first, so that a timed copy's events bracket the copy alone and
+            # not also the host's allocation between them
+            flat = torch.empty(host.shape, dtype=host.dtype, device=self.device)
             if self.time_copies:
                 began = torch.cuda.Event(enable_timing=True)
                 began.record(self._stream)
-            flat = host.to(self.device, non_blocking=True)
+            flat.copy_(host, non_blocking=True)
             copied = torch.cuda.Event(enable_timing=self.time_copies)
             copied.record(self._stream)
             if self.time_copies:
