@@ -31,7 +31,14 @@ from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
-from dsfm.runtime.engine import all_reduce_, build_engine, discover, init_process_group, release_shm  # noqa: E402
+from dsfm.runtime.engine import (  # noqa: E402
+    all_reduce_,
+    build_engine,
+    discover,
+    finish,
+    init_process_group,
+    release_shm,
+)
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
 
@@ -156,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     init_process_group(env)
-    log = None
+    log, rc = None, None
     try:
         run_dir = choose_run_dir(args, cfg)
         log = MetricsLogger(run_dir, env.rank)
@@ -170,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.launcher}, "
                  f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
                  f"{ds_config.get('zero_optimization', {}).get('stage', 0)}")
-        return train(cfg, ds_config, args, env, run_dir, log)
+        rc = train(cfg, ds_config, args, env, run_dir, log)
+        return rc
     except DsfmError as exc:
         msg = f"error (rank {env.rank}): {exc}"
         print(msg, file=sys.stderr)
@@ -180,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if log is not None:
             log.close()
-        release_shm(env)
+        (finish if rc == 0 else release_shm)(env)
 
 
 def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: MetricsLogger) -> int:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsfm.data.prepare import dataset_paths
     from dsfm.eval import nmse
     from dsfm.models.avit import avit, n_parameters
-    from dsfm.runtime.engine import build_engine, init_process_group, release_shm
+    from dsfm.runtime.engine import build_engine, finish, init_process_group
 
     env = init_process_group()
     paths = dataset_paths(args.base, args.datasets or [], [])
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         write_json(args.json, {"size": args.size, "batch": args.batch, "n_in": args.n_in,
                                "workers": args.workers, "device": device, "variants": rows,
                                "loader_over_resident": ratio})
-    release_shm(env)
+    finish(env)
     return 0
 
 

@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
-    from dsfm.runtime.engine import init_process_group, release_shm
+    from dsfm.runtime.engine import finish, init_process_group
 
     env = init_process_group()
     cuda = torch.cuda.is_available()
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))
-    release_shm(env)
+    finish(env)
     return 1 if failed else 0
 
 

@@ -73,6 +73,17 @@ def build_engine(model: torch.nn.Module, ds_config: dict):
     return engine, optimizer, scheduler
 
 
+def finish(env: dist.DistEnv) -> None:
+    """The end of a successful run: destroy the process group (NCCL warns at exit otherwise,
+    and may leak its resources) and release DeepSpeed's CPU buffer. Not on error paths, where
+    another rank may still be inside a collective."""
+    import torch.distributed as td
+
+    if td.is_available() and td.is_initialized():
+        td.destroy_process_group()
+    release_shm(env)
+
+
 def release_shm(env: dist.DistEnv) -> None:
     """Unlink this rank's /dev/shm buffer of DeepSpeed's CPU all-reduce, which DeepSpeed never
     removes (each CPU run would otherwise leave tens of MB per rank in memory). The name is
