@@ -85,6 +85,9 @@ class TrainConfig(_Strict):
         "none", description="middle: train only field embedding and output head; processor: "
         "freeze the space-time blocks")
     progress: bool = True
+    tf32: bool = Field(False, description="let CUDA matmuls and cuDNN convolutions use TF32 "
+                       "tensor cores (10-bit mantissa inputs); off: strict fp32, also for the "
+                       "convolutions, where PyTorch allows TF32 by default")
 
 
 class MonitorConfig(_Strict):

@@ -38,6 +38,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     finish,
     init_process_group,
     release_shm,
+    set_tf32,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 
@@ -199,6 +200,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
     from dsfm.data.prepare import dataset_paths
     from dsfm.eval import evaluate, format_table, nmse
 
+    log.text(set_tf32(cfg.train.tf32))
     micro = schedule.micro_batch(ds_config)
     data = cfg.data
     if env.rank == 0:
@@ -364,6 +366,10 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
             save(step)
         if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             run_eval(step)
+        if cfg.model.compile:
+            from torch._dynamo.utils import counters
+            log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (one per input "
+                     "shape, periodicity and training/evaluation)")
         log.text(f"done: {step} steps; run directory {run_dir}")
         return 0
     finally:

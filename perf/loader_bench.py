@@ -284,9 +284,11 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     }
     iters = {k: iter(v) if isinstance(v, WellLoader) else _forever(v)
              for k, (v, _) in variants.items()}
-    for k, (_, to_device) in variants.items():
+    for k, (v, to_device) in variants.items():
         with _own_core(k):
             _consume(iters[k], 10, to_device)               # start-up and page cache
+        if isinstance(v, WellLoader):
+            v.reset_trainer_costs()                         # timed rounds only
     runs = {k: [] for k in variants}
     raw = {k: [] for k in ("direct", "new", "direct_w", "new_w") + ALONE}
     kernel = native.load()
@@ -401,12 +403,13 @@ def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) 
             "pss_growth_after_warmup_mib": after[-1][1] - after[0][1]}
 
 
-def h2d_bandwidth(device, mib: int = 256) -> dict:
-    """Pinned vs pageable host-to-device copy bandwidth, GB/s, median of 10."""
+def h2d_bandwidth(device, nbytes: int = 256 * 2**20, kinds=("pageable", "pinned")) -> dict:
+    """Pinned vs pageable host-to-device copy bandwidth, GB/s, median of 10 copies of
+    `nbytes` each."""
     out = {}
-    dst = torch.empty(mib * 2**20, dtype=torch.uint8, device=device)
-    for kind in ("pageable", "pinned"):
-        src = torch.empty(mib * 2**20, dtype=torch.uint8, pin_memory=(kind == "pinned"))
+    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    for kind in kinds:
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=(kind == "pinned"))
         times = []
         for _ in range(12):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -415,7 +418,7 @@ def h2d_bandwidth(device, mib: int = 256) -> dict:
             end.record()
             end.synchronize()
             times.append(start.elapsed_time(end) / 1e3)
-        out[f"{kind}_gb_s"] = mib * 2**20 / statistics.median(times[2:]) / 1e9
+        out[f"{kind}_gb_s"] = nbytes / statistics.median(times[2:]) / 1e9
     return out
 
 
@@ -451,8 +454,13 @@ def main(argv=None) -> int:
             for _ in range(100):
                 next(loader)
             report["h2d"]["loader_copy_gb_s"] = loader.copy_bandwidth()
-        report["h2d"]["loader_vs_pinned"] = report["h2d"]["loader_copy_gb_s"] / \
-            report["h2d"]["pinned_gb_s"]
+            size = int(statistics.median(b for b, _, _ in loader.copies))
+        h = report["h2d"]
+        h["loader_vs_pinned"] = h["loader_copy_gb_s"] / h["pinned_gb_s"]
+        # the same pinned copy at the loader's copy size: what a copy of that size can reach
+        h["copy_bytes"] = size
+        h["pinned_same_size_gb_s"] = h2d_bandwidth(device, size, ("pinned",))["pinned_gb_s"]
+        h["loader_vs_pinned_same_size"] = h["loader_copy_gb_s"] / h["pinned_same_size_gb_s"]
     for path in paths:
         report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
                                             args.rounds, device))
@@ -487,13 +495,17 @@ def main(argv=None) -> int:
             f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
             for k in LOADERS))
         t = r["dsfm"]["trainer_ms_per_batch"]
-        print(f"{'':30s} trainer per batch (dsfm): next() {t['next_ms']:.2f} ms, waiting "
-              f"{t['wait_ms']:.2f} ms, issuing copies and assembly {t['launch_ms']:.2f} ms")
+        print(f"{'':30s} trainer per batch (dsfm): next() {t['next_ms']:.2f} ms = waiting "
+              f"{t['wait_ms']:.2f} ms (issuing copies and assembly inside it: "
+              f"{t['launch_ms']:.2f} ms) + bookkeeping {t['next_ms'] - t['wait_ms']:.2f} ms")
     if device.type == "cuda":
         h = report["h2d"]
         print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "
-              f"{h['pageable_gb_s']:.1f} GB/s, WellLoader copies {h['loader_copy_gb_s']:.1f} GB/s "
-              f"({h['loader_vs_pinned']:.0%} of pinned)")
+              f"{h['pageable_gb_s']:.1f} GB/s (256 MiB copies), WellLoader copies "
+              f"{h['loader_copy_gb_s']:.1f} GB/s ({h['loader_vs_pinned']:.0%} of pinned; pinned "
+              f"copies of the loader's {h['copy_bytes'] / 1e6:.1f} MB: "
+              f"{h['pinned_same_size_gb_s']:.1f} GB/s, the loader "
+              f"{h['loader_vs_pinned_same_size']:.0%} of that)")
     if args.rss_batches:
         report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
         r = report["rss"]

@@ -93,15 +93,20 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
         _FLOPS[key] = step_flops(model, x, ids, bcs, y)     # counted once, in eager mode
     flops = _FLOPS[key]
-    compile_s = None
+    compile_s = new_graphs = None
     if args.compile:                    # regional: the blocks, compiled on the first step
+        from torch._dynamo.utils import counters
         model.compile_blocks()
+        before = counters["stats"]["unique_graphs"]
         sync()
         t0 = time.perf_counter()
         nmse(model(x, ids, bcs), y).backward()
         model.zero_grad(set_to_none=True)
         sync()
         compile_s = time.perf_counter() - t0
+        # graphs compiled by this first step: none when an earlier variant of the same shape
+        # and numerics already compiled them (dynamo's cache outlives the model)
+        new_graphs = counters["stats"]["unique_graphs"] - before
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
@@ -149,7 +154,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
            "host_ms_per_step": 1e3 * statistics.median(issued),
-           "first_step_s": compile_s,
+           "first_step_s": compile_s, "first_step_new_graphs": new_graphs,
            "tflop_per_step": flops / 1e12, "tflops": tflops,
            "mfu": tflops / peak if peak else None,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
@@ -199,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                                    "error": f"{type(exc).__name__}: {exc}"})
                     print(f"  {size:3s} {num:5s} {wrapper:6s} failed: {failed[-1]['error']}",
                           file=sys.stderr, flush=True)
+                    if args.json:
+                        write_json(args.json, meta(args, rows, failed))
                     continue
                 finally:
                     gc.collect()            # the variant's model and optimizer are gone
@@ -206,7 +213,8 @@ def main(argv: list[str] | None = None) -> int:
                         torch.cuda.empty_cache()
                 first = rows[-1]["first_step_s"]
                 print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms"
-                      + (f" (first step, compiling: {first:.1f} s)" if first else ""),
+                      + (f" (first step {first:.1f} s, {rows[-1]['first_step_new_graphs']} "
+                         "graphs compiled)" if first is not None else ""),
                       file=sys.stderr, flush=True)
                 if args.json:               # kept after every variant: a cut-short run
                     write_json(args.json, meta(args, rows, failed))   # still has its rows

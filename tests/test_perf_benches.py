@@ -96,3 +96,20 @@ def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_
     assert 0 < mem["pss_last_mib"] <= mem["rss_last_mib"]
     assert "1 reader vs raw 1p" in proc.stdout and "in situ" in proc.stdout
     assert "trainer per batch (dsfm)" in proc.stdout
+
+
+@pytest.mark.slow
+def test_op_count_counts_what_the_host_issues(tmp_path):
+    out = tmp_path / "ops.json"
+    proc = run([sys.executable, "-m", "perf.op_count", "--size", "Ti", "--json", str(out)],
+               timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    block, step = rec["block"], rec["step_eager"]
+    assert rec["blocks"] == 12 and block["forward"] > 20 and block["backward"] > block["forward"]
+    assert step["forward"] >= 12 * block["forward"]      # the blocks plus stem, decoder, loss
+    plain, zero2 = rec["plain_step"], rec["zero2_step"]
+    # DeepSpeed's hook copies each gradient (398 of Ti's tensors get one) and norms each tensor
+    assert zero2["copies"] >= 398 and zero2["norms"] >= 398 and zero2["ops"] > plain["ops"]
+    assert sum(plain["host_reads"].values()) == 0 < sum(zero2["host_reads"].values())
+    assert "host reads of tensor values" in proc.stdout

@@ -9,6 +9,7 @@ checkpoints export to one fp32 state dict, and a pretrained model is fine-tuned 
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -413,6 +414,11 @@ def test_compiled_blocks_train_like_eager_blocks(demo_base, tmp_path):
                      timeout=900)
         got[name] = losses(tmp_path / name)
     assert "space-time blocks compiled" in proc.stdout
+    assert "numerics: fp32 (TF32 off for matmuls and cuDNN convolutions)" in proc.stdout
+    # compiled code really ran: graphs shared by both blocks, one per periodicity of the four
+    # demo datasets at most (one input shape, training only: eval_batches=0)
+    graphs = int(re.search(r"compiled graphs: (\d+) ", proc.stdout).group(1))
+    assert 1 <= graphs <= 4
     assert sorted(got["eager"]) == sorted(got["compiled"]) == [1, 2, 3, 4]
     for step, loss in got["eager"].items():
         assert got["compiled"][step] == pytest.approx(loss, rel=1e-4, abs=1e-6), step

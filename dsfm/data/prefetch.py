@@ -623,6 +623,11 @@ class WellLoader:
         self.next_s += time.perf_counter() - entered
         return batch
 
+    def reset_trainer_costs(self) -> None:
+        """Start `trainer_costs` afresh (after a warm-up, say)."""
+        self.next_s = self.wait_s = self.launch_s = 0.0
+        self.batches_out = 0
+
     def trainer_costs(self) -> dict[str, float]:
         """Milliseconds per batch handed out, of the training thread's time in `next()`: all
         of it; the part spent waiting for the readers (which includes issuing the copies of

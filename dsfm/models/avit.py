@@ -62,7 +62,9 @@ class AViT(nn.Module):
         self.space_bag = FieldEmbedding(config.n_fields, dim // 4)
         self.embed = HMLPStem(dim)
         n = config.blocks
-        rates = [config.drop_path * i / max(n - 1, 1) for i in range(n)]
+        # rising linearly from 0; a model without stochastic depth gets none at all (None)
+        rates = [config.drop_path * i / max(n - 1, 1) if config.drop_path else None
+                 for i in range(n)]
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r) for r in rates)
         self.debed = HMLPDecoder(dim, config.n_fields)
 

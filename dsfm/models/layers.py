@@ -33,21 +33,29 @@ class RMSInstanceNorm2d(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth: drops the whole residual branch of a sample with probability p."""
+    """Stochastic depth: drops the whole residual branch of a sample with probability p.
 
-    def __init__(self, p: float = 0.0):
+    The rate is held as a tensor (a non-persistent buffer: checkpoints are unchanged), not
+    read as a Python number in `forward`: `torch.compile` would specialize each block's graph
+    on its own rate, and the blocks, whose rates rise from 0, could no longer share one graph
+    (`AViT.compile_blocks`). In training every sample draws its mask, also at rate 0 (all kept);
+    `enabled=False` (a model trained without stochastic depth) makes it the identity."""
+
+    def __init__(self, p: float = 0.0, enabled: bool = True):
         super().__init__()
         self.p = float(p)
+        self.enabled = enabled
+        self.register_buffer("rate", torch.tensor(self.p), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.p == 0.0 or not self.training:
+        if not (self.enabled and self.training):
             return x
-        keep = 1.0 - self.p
+        keep = 1.0 - self.rate
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
-        return f"p={self.p:.3f}"
+        return f"p={self.p:.3f}" + ("" if self.enabled else ", disabled")
 
 
 class RelativePositionBias(nn.Module):
@@ -107,9 +115,11 @@ def _qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 class TemporalAttention(nn.Module):
     """Attention along time at every patch position: instance norm, fused 1×1 QKV, QK-norm,
-    T5 relative bias (non-periodic), instance norm, 1×1 output, LayerScale, residual."""
+    T5 relative bias (non-periodic), instance norm, 1×1 output, LayerScale, residual.
+    drop_path: this block's stochastic-depth rate, or None for none at all."""
 
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, layer_scale: float = 1e-6):
+    def __init__(self, dim: int, heads: int, drop_path: float | None = None,
+                 layer_scale: float = 1e-6):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.InstanceNorm2d(dim, affine=True)
@@ -120,7 +130,7 @@ class TemporalAttention(nn.Module):
         self.qnorm = nn.LayerNorm(dim // heads)
         self.knorm = nn.LayerNorm(dim // heads)
         self.rel_pos_bias = RelativePositionBias(heads)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, C, H, W]."""
@@ -140,7 +150,8 @@ class AxialSpatialAttention(nn.Module):
     table shared by both axes (periodic-aware per sample from the boundary codes); the two
     results are averaged. Then a 4× MLP, both branches with LayerScale and drop path."""
 
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0, layer_scale: float = 1e-6):
+    def __init__(self, dim: int, heads: int, drop_path: float | None = None,
+                 layer_scale: float = 1e-6):
         super().__init__()
         self.heads = heads
         self.norm1 = RMSInstanceNorm2d(dim)
@@ -154,7 +165,7 @@ class AxialSpatialAttention(nn.Module):
         self.rel_pos_bias = RelativePositionBias(heads)
         self.mlp = MLP(dim)
         self.mlp_norm = RMSInstanceNorm2d(dim)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
     def _along(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                periodic: bool | torch.Tensor) -> torch.Tensor:
@@ -194,7 +205,7 @@ class AxialSpatialAttention(nn.Module):
 
 
 class SpaceTimeBlock(nn.Module):
-    def __init__(self, dim: int, heads: int, drop_path: float = 0.0):
+    def __init__(self, dim: int, heads: int, drop_path: float | None = None):
         super().__init__()
         self.temporal = TemporalAttention(dim, heads, drop_path)
         self.spatial = AxialSpatialAttention(dim, heads, drop_path)

@@ -111,6 +111,17 @@ def cpu_optimizer(ds_config: dict) -> dict:
     return {**ds_config, "optimizer": {**opt, "params": params}}
 
 
+def set_tf32(enabled: bool) -> str:
+    """TF32 for CUDA matmuls and cuDNN convolutions together, and a line saying which. PyTorch's
+    defaults differ (matmuls off, convolutions on), which would leave an "fp32" AViT computing
+    its 1×1-convolution projections in TF32."""
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    torch.backends.cudnn.allow_tf32 = enabled
+    return ("numerics: fp32 weights and activations, TF32 tensor cores for matmuls and "
+            "convolutions (train.tf32)" if enabled else
+            "numerics: fp32 (TF32 off for matmuls and cuDNN convolutions)")
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())

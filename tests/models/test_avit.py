@@ -275,3 +275,36 @@ def test_compiled_blocks_match_eager_and_share_one_graph():
     assert list(model.state_dict()) == names
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["stats"]["calls_captured"] > 0
+
+
+@pytest.mark.slow
+def test_compiled_blocks_share_one_graph_with_stochastic_depth():
+    """With drop path on, the blocks' rates differ (0 for the first, rising after): they must
+    still share one training graph and one evaluation graph (the rate is data, not a constant
+    the compiler bakes in), and evaluation (no drop path) equals the eager model's."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from dsfm.eval import nmse
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(5, 48, 3, 4, 0.3))
+    x, y = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    ids, bcs = torch.tensor([0, 2, 3, 4]), torch.full((2, 2, 2), 2.0)
+    with torch.no_grad():
+        ref = model.eval()(x, ids, bcs)
+    torch._dynamo.reset()
+    counters.clear()
+    model.compile_blocks()
+    model.train()
+    torch.manual_seed(1)
+    a = model(x, ids, bcs)
+    nmse(a, y).backward()
+    torch.manual_seed(2)
+    b = model(x, ids, bcs)
+    assert counters["stats"]["unique_graphs"] == 1             # training: one for 4 blocks
+    assert not torch.allclose(a, b)                             # masks drawn per call
+    with torch.no_grad():
+        out = model.eval()(x, ids, bcs)
+    assert counters["stats"]["unique_graphs"] == 2              # evaluation: one more
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

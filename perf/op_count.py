@@ -1,0 +1,176 @@
+"""python -m perf.op_count: what the host issues per AViT training step, counted on any machine.
+
+A training step whose GPU work is small is paced by the host: Python and PyTorch's dispatcher
+issue its kernels one by one (docs/performance.md, "On one NVIDIA H200"). This counts, with a
+dispatch-level counter (TorchDispatchMode), the operators that do work (views and other metadata
+left out):
+  - of one space-time block's forward and backward;
+  - of a whole step's forward and backward;
+  - of a one-rank DeepSpeed ZeRO-2 engine's backward and step, beside plain PyTorch's;
+and the reads of a tensor's value back to the host (`aten._local_scalar_dense`), which on a GPU
+are synchronizations, with the source line (DeepSpeed's or dsfm's) that asked for each. On a CPU
+attention runs unfused, so a GPU issues a few operators fewer; the optimizer's own work (torch's
+AdamW here, fused on a GPU) is counted apart. Compiled blocks cannot be counted this way (the
+counter makes the compiled code fall back to eager).
+
+    python -m perf.op_count --size Ti [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections import Counter
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from perf.report import write_json
+
+METADATA = {"view", "_unsafe_view", "unsqueeze", "squeeze", "permute", "expand", "transpose",
+            "t", "detach", "alias", "as_strided", "slice", "select", "unbind", "split",
+            "split_with_sizes", "chunk", "empty", "empty_like", "empty_strided", "lift_fresh",
+            "_reshape_alias", "unflatten", "flatten", "reshape", "movedim", "narrow"}
+SOURCES = ("site-packages/deepspeed/", "/dsfm/")
+
+
+class Counting(TorchDispatchMode):
+    """Operators that do work, and host reads with the deepspeed/dsfm line that made them.
+    What the optimizer itself does (torch's own here, one fused kernel per group on a GPU) is
+    counted apart, as are the model's reads of the boundary codes (host tensors in training)."""
+
+    def __init__(self, stacks: bool = False):
+        super().__init__()
+        self.stacks = stacks
+        self.ops: Counter = Counter()
+        self.optimizer_ops = 0
+        self.reads: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in METADATA:
+            return func(*args, **(kwargs or {}))
+        stack = traceback.extract_stack(limit=40) if self.stacks else []
+        if any("torch/optim/" in f.filename for f in stack):
+            self.optimizer_ops += 1
+        elif name == "_local_scalar_dense":
+            frames = [f for f in stack
+                      if any(s in f.filename for s in SOURCES) and "op_count" not in f.filename]
+            where = (f"{frames[-1].filename.split('site-packages/')[-1].split('/work/')[-1]}:"
+                     f"{frames[-1].lineno}") if frames else "?"
+            if "dsfm/models/avit.py" not in where:
+                self.reads[where] += 1
+        else:
+            self.ops[name] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count(fn, stacks: bool = False) -> Counting:
+    with Counting(stacks) as c:
+        fn()
+    return c
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--size", default="Ti", help="AViT size (Ti, S, B, L)")
+    ap.add_argument("--res", type=int, default=32)
+    ap.add_argument("--frames", type=int, default=4)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 engine")
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+
+    from dsfm.eval import nmse
+    from dsfm.models.avit import avit
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(args.batch, args.frames, 4, args.res, args.res, generator=g)
+    y = torch.randn(args.batch, 4, args.res, args.res, generator=g)
+    ids, bcs = torch.arange(4), torch.full((args.batch, 2, 2), 2.0)
+    model = avit(args.size, 12, drop_path=0.0)
+    n_blocks = len(model.blocks)
+    report: dict = {"size": args.size, "blocks": n_blocks,
+                    "shape": [args.batch, args.frames, 4, args.res, args.res]}
+
+    # one block, forward then backward, on the input the first block sees
+    with torch.no_grad():
+        z = model.embed(model.space_bag(x.flatten(0, 1), ids)).unflatten(0, x.shape[:2])
+    z.requires_grad_(True)
+    block = model.blocks[0]
+    out = block(z, (True, True))                    # warm: relative-position buckets cached
+    out.sum().backward()
+    holder = {}
+    fwd = count(lambda: holder.update(out=block(z, (True, True))))
+    bwd = count(lambda: holder["out"].sum().backward())
+    report["block"] = {"forward": sum(fwd.ops.values()), "backward": sum(bwd.ops.values()),
+                       "forward_ops": dict(fwd.ops.most_common()),
+                       "backward_ops": dict(bwd.ops.most_common())}
+
+    def step_counts(m) -> dict:
+        m.zero_grad(set_to_none=True)
+        nmse(m(x, ids, bcs), y).backward()          # warm (and compile, if compiled)
+        m.zero_grad(set_to_none=True)
+        keep = {}
+        f = count(lambda: keep.update(loss=nmse(m(x, ids, bcs), y)))
+        b = count(lambda: keep["loss"].backward())
+        return {"forward": sum(f.ops.values()), "backward": sum(b.ops.values())}
+
+    report["step_eager"] = step_counts(model)
+
+    if not args.no_deepspeed:
+        from dsfm.runtime.engine import build_engine, finish, init_process_group
+
+        env = init_process_group()
+        plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+        def plain_step():
+            loss = nmse(model(x, ids, bcs), y)
+            plain_opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            plain_opt.step()
+
+        plain_step()
+        plain = count(plain_step, stacks=True)
+        engine, _, _ = build_engine(model, {
+            "train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9})
+
+        def zero2_step():
+            loss = nmse(engine(x, ids, bcs), y)
+            engine.backward(loss)
+            engine.step()
+
+        zero2_step()
+        zero2 = count(zero2_step, stacks=True)
+        for key, c in (("plain_step", plain), ("zero2_step", zero2)):
+            report[key] = {"ops": sum(c.ops.values()), "optimizer_ops": c.optimizer_ops,
+                           "host_reads": dict(c.reads), "copies": c.ops["copy_"],
+                           "norms": c.ops["linalg_vector_norm"] + c.ops["norm"]}
+        finish(env)
+
+    b = report["block"]
+    print(f"AViT-{args.size} ({n_blocks} blocks), input {report['shape']}, on the CPU")
+    print(f"one block: {b['forward']} operators forward, {b['backward']} backward")
+    s = report["step_eager"]
+    print(f"whole step, eager: {s['forward']} forward + {s['backward']} backward")
+    if "zero2_step" in report:
+        p, z = report["plain_step"], report["zero2_step"]
+        print(f"training step outside the optimizer's own work: plain {p['ops']} operators "
+              f"({p['copies']} copies, {p['norms']} norms), DeepSpeed ZeRO-2 on 1 rank "
+              f"{z['ops']} ({z['copies']} copies, {z['norms']} norms)")
+        reads = ", ".join(f"{w} ×{n}" for w, n in z["host_reads"].items()) or "none"
+        print(f"host reads of tensor values per step (synchronizations on a GPU): plain "
+              f"{sum(p['host_reads'].values())}, ZeRO-2 {sum(z['host_reads'].values())} "
+              f"({reads})")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
