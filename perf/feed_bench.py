@@ -30,6 +30,27 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def pin(reader_pids: list[int]) -> dict:
+    """The training thread to the first allowed CPU and its hyperthread siblings, the readers
+    to every other allowed CPU: does a reader on the trainer's core (or on its sibling) slow
+    a host-bound step?"""
+    cpus = sorted(os.sched_getaffinity(0))
+    try:
+        with open(f"/sys/devices/system/cpu/cpu{cpus[0]}/topology/thread_siblings_list") as fh:
+            siblings = set()
+            for part in fh.read().strip().split(","):
+                lo, _, hi = part.partition("-")
+                siblings.update(range(int(lo), int(hi or lo) + 1))
+    except OSError:
+        siblings = {cpus[0]}
+    trainer = sorted(c for c in cpus if c in siblings)
+    readers = [c for c in cpus if c not in siblings] or cpus
+    os.sched_setaffinity(0, trainer)
+    for pid in reader_pids:
+        os.sched_setaffinity(pid, readers)
+    return {"trainer": trainer, "readers": readers}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim preset)")
@@ -40,6 +61,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workers", type=int, default=4)
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--pin", action="store_true",
+                    help="also run both feeds with the training thread pinned to the first CPU "
+                    "and its hyperthread siblings and the readers to the other CPUs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -76,13 +100,18 @@ def main(argv: list[str] | None = None) -> int:
                                         b.bcs_host.clone(),
                                         b.y.clone()))
         del b
-    rows = {}
-    for variant in ("resident", "WellLoader"):
+    rows, pinning = {}, None
+    variants = ["resident", "WellLoader"]
+    if args.pin:
+        variants += ["resident pinned", "WellLoader pinned"]
+    for variant in variants:
+        if variant.endswith("pinned") and pinning is None:
+            pinning = pin(loader.worker_pids)
         times, waits, nexts = [], [], []
         for i in range(args.warmup + args.steps):
             sync()
             t0 = time.perf_counter()
-            if variant == "WellLoader":
+            if variant.startswith("WellLoader"):
                 b = next(it)
                 t_next = time.perf_counter() - t0
                 step(b.x, b.field_ids, b.bcs_host, b.y)
@@ -114,19 +143,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AViT-{args.size} ({n_parameters(model) / 1e6:.1f} M parameters), batch "
           f"{args.batch}, {args.n_in} input steps, {len(paths)} datasets, {args.workers} "
           f"readers, {device}")
-    print(f"{'feed':12s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
+    if pinning:
+        print(f"pinned: training thread on CPUs {pinning['trainer']}, readers on "
+              f"{pinning['readers']}")
+    print(f"{'feed':18s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
           f"{'next() ms':>10s} {'next() share':>12s}")
     for name, r in rows.items():
-        print(f"{name:12s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
+        print(f"{name:18s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
               f"{100 * r['data_wait_share']:9.2f}% {r['next_ms_median']:10.2f} "
               f"{100 * r['next_share']:11.2f}%")
     ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]
     print(f"WellLoader reaches {100 * ratio:.1f}% of the resident-batch rate; data wait "
           f"{100 * rows['WellLoader']['data_wait_share']:.2f}% of step time (target < 2%)")
+    if pinning:
+        pinned = rows["WellLoader pinned"]
+        print(f"pinned: WellLoader reaches "
+              f"{100 * pinned['samples_per_sec'] / rows['resident pinned']['samples_per_sec']:.1f}%"
+              f" of the pinned resident rate; data wait {100 * pinned['data_wait_share']:.2f}%")
     if args.json:
         write_json(args.json, {"size": args.size, "batch": args.batch, "n_in": args.n_in,
                                "workers": args.workers, "device": device, "variants": rows,
-                               "loader_over_resident": ratio})
+                               "loader_over_resident": ratio, "pinning": pinning})
     finish(env)
     return 0
 

@@ -71,7 +71,7 @@ step cuda_tests 45 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py
 # (the simulation takes minutes: the steps above run meanwhile)
 [ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
 # issue 3: data wait of an AViT-B step fed by WellLoader
-step feed_bench 80 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 \
+step feed_bench 110 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 --pin \
   --workers 8 --steps 30 --json "$R/feed_bench.json"
 # issue 3: copy rate against pinned bandwidth, readers in situ, trainer costs, memory
 step loader_bench 150 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
@@ -96,7 +96,7 @@ step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
   grep -h "first step" "$R/train_compile.txt"
   tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
-  grep -E "^(feed|resident|WellLoader)" "$R/feed_bench.txt"
+  grep -E "^(feed|resident|WellLoader|pinned)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"
   cat "$R/report.txt"; tail -1 "$R/monitor_tests.txt"; tail -2 "$R/monitor_overhead.txt"
   grep -E "Avg bus|flag|NCCL path|^#   " "$R/sweep.txt"

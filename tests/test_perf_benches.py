@@ -1,6 +1,7 @@
 """The benchmarks under perf/ run end to end and report what they promise."""
 
 import json
+import os
 import shutil
 import sys
 
@@ -14,12 +15,18 @@ from tests.conftest import run
 def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     out = tmp_path / "bench.json"
     proc = run([sys.executable, "-m", "perf.feed_bench", "--base", demo_base, "--size", "Ti",
-                "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1",
+                "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1", "--pin",
                 "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data wait" in proc.stdout and "resident-batch rate" in proc.stdout
     rec = json.loads(out.read_text())
-    assert set(rec["variants"]) == {"resident", "WellLoader"}
+    assert set(rec["variants"]) == {"resident", "WellLoader", "resident pinned",
+                                    "WellLoader pinned"}
+    cpus = sorted(os.sched_getaffinity(0))
+    pinning = rec["pinning"]
+    assert pinning["trainer"][0] == cpus[0] and set(pinning["trainer"]) <= set(cpus)
+    if len(cpus) > len(pinning["trainer"]):          # readers kept off the trainer's core
+        assert not set(pinning["readers"]) & set(pinning["trainer"])
     for r in rec["variants"].values():
         assert r["samples_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
     loader = rec["variants"]["WellLoader"]
