@@ -488,6 +488,9 @@ def table(rows: list[dict], profile: str, split: str, collective: str) -> str:
              f"# {'(B)':>12s} {'(elements)':>12s} {'':>6s}   "
              f"{'(us)':>9s} {'(GB/s)':>7s} {'(GB/s)':>7s} {'':>6s}   "
              f"{'(us)':>9s} {'(GB/s)':>7s} {'(GB/s)':>7s}"]
+    if collective == "all_reduce":
+        lines.insert(1, "# out-of-place: torch.distributed has no out-of-place all_reduce; "
+                        "timed as a copy into the receive buffer plus an in-place all_reduce")
     busbws = []
     for size in sorted(by_size):
         cells = []

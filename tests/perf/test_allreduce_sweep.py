@@ -21,6 +21,8 @@ def test_ci_command_runs_checks_and_writes_every_output(tmp_path):
                         "--json", str(tmp_path / "r.json")], timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "# Avg bus bandwidth" in proc.stdout and "# Out of bounds values : 0 OK" in proc.stdout
+    # the all_reduce table says what its out-of-place column times (and only that table)
+    assert proc.stdout.count("# out-of-place: torch.distributed has no out-of-place") == 1
     records = json.loads((tmp_path / "r.json").read_text())
     sizes = sorted({r["size"] for r in records})
     assert sizes[0] == 8 and sizes[-1] == 2 ** 20 and len(sizes) == 18
