@@ -8,8 +8,9 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than one call's 10 minutes (the training benchmarks alone
 # about 7): within 15 minutes of device time, make two calls back to back while the machine is
-# warm (30 s), the first with GPU_CHECK_ONLY="train_bench train_compile" GPU_CHECK_DEADLINE=420
-# (timeout_s=450), the second with the other steps named the same way. The first session's
+# warm (30 s): the first with GPU_CHECK_DEADLINE=480 and
+# GPU_CHECK_ONLY="train_bench train_torch_numerics train_compile" (timeout_s=510), the second
+# with the other steps named the same way (and what is left of the budget as its deadline). The first session's
 # timings (H200, 2026-11-28): machine start and transfers about 30 s, pip install 3 s, the
 # training benchmark 171 s for 18 variants, the simulation 180-224 s (beside the others), the
 # loader benchmark 25 s (30 batches x 2 rounds), the monitor tests 43 s, the demo run 26 s.
@@ -63,6 +64,10 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # issue 4: ms/step, samples/s, TFLOP/s, MFU, memory, host time; plain, one CUDA graph, ZeRO
 step train_bench 220 python3 -m perf.train_bench --sizes Ti,B,L --steps 6 --warmup 2 \
   --wrappers plain,graph,zero2,zero3 --json "$R/train_bench.json"
+# issue 4: PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's
+# reference "fp32" figures may have run with
+step train_torch_numerics 60 python3 -m perf.train_bench --sizes B,L --wrappers plain \
+  --numerics torch --steps 6 --warmup 2 --json "$R/train_torch_numerics.json"
 # issue 4: the same with the space-time blocks compiled (regional torch.compile)
 step train_compile 200 python3 -m perf.train_bench --sizes B,L --wrappers plain,graph,zero2 \
   --compile --steps 6 --warmup 2 --json "$R/train_compile.json"
@@ -92,7 +97,7 @@ step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
-  grep -E "^(Ti|B|L) " "$R/train_bench.txt" "$R/train_compile.txt"
+  grep -E "^(Ti|B|L) " "$R/train_bench.txt" "$R/train_torch_numerics.txt" "$R/train_compile.txt"
   grep -h "first step" "$R/train_compile.txt"
   tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"

@@ -49,6 +49,9 @@ def step_flops(model, x, ids, bcs, y) -> float:
 _FLOPS: dict[tuple, float] = {}
 
 
+NUMERICS = ("fp32", "tf32", "torch")
+
+
 def graphed(step, model, opt, loss_fn, inputs):
     """The whole plain-PyTorch step (forward, backward, clipping, fused AdamW) captured once as
     a CUDA graph and replayed: the host issues one launch per step instead of thousands, which
@@ -77,8 +80,13 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     from dsfm.models.avit import avit
 
     cuda = device.type == "cuda"
+    if numerics not in NUMERICS:
+        raise ValueError(f"numerics {numerics!r}: one of {', '.join(NUMERICS)}")
+    # fp32: strict, as dsfm trains (train.tf32 false); tf32: matmuls and convolutions;
+    # torch: PyTorch's defaults (matmuls fp32, cuDNN convolutions TF32), which a script that
+    # sets nothing runs with, MPP's reference code perhaps among them
     torch.backends.cuda.matmul.allow_tf32 = numerics == "tf32"
-    torch.backends.cudnn.allow_tf32 = numerics == "tf32"
+    torch.backends.cudnn.allow_tf32 = numerics in ("tf32", "torch")
     batch = args.batch if args.batch else (4 if size == "L" else 8)
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(1)
@@ -149,7 +157,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
             issued.append(t1 - t0)
     ms = 1e3 * statistics.median(times)
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    peak = peak_tflops(name, numerics) if cuda else None
+    peak = peak_tflops(name, "tf32" if numerics == "tf32" else "fp32") if cuda else None
     tflops = flops / (ms / 1e3) / 1e12
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
@@ -173,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="Ti,S,B,L")
     ap.add_argument("--wrappers", default="plain,zero2,zero3",
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA)")
-    ap.add_argument("--numerics", default=None, help="fp32,tf32 (default: both on CUDA, fp32 "
-                    "on CPU)")
+    ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
+                    "defaults: matmuls fp32, convolutions TF32); default: fp32,tf32 on CUDA, "
+                    "fp32 on CPU")
     ap.add_argument("--batch", type=int, default=0, help="default 8 (L: 4)")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--fields", type=int, default=4)
@@ -192,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
+    if set(numerics) - set(NUMERICS):
+        ap.error(f"--numerics: one or more of {', '.join(NUMERICS)}")
     rows, failed = [], []
     for size in args.sizes.split(","):
         for num in numerics:
