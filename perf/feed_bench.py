@@ -30,10 +30,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def _pin_process(pid: int | str, cpus: list[int]) -> None:
+    """Every thread of a process (`sched_setaffinity` on a pid moves that one thread only):
+    the training process's autograd thread runs the whole backward on CUDA."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:                   # a thread that has just ended
+            pass
+
+
 def pin(reader_pids: list[int]) -> dict:
-    """The training thread to the first allowed CPU and its hyperthread siblings, the readers
-    to every other allowed CPU: does a reader on the trainer's core (or on its sibling) slow
-    a host-bound step?"""
+    """The training process (all its threads) to the first allowed CPU and its hyperthread
+    siblings, the readers to every other allowed CPU: does a reader on the trainer's core (or
+    on its sibling) slow a host-bound step?"""
     cpus = sorted(os.sched_getaffinity(0))
     try:
         with open(f"/sys/devices/system/cpu/cpu{cpus[0]}/topology/thread_siblings_list") as fh:
@@ -45,10 +55,16 @@ def pin(reader_pids: list[int]) -> dict:
         siblings = {cpus[0]}
     trainer = sorted(c for c in cpus if c in siblings)
     readers = [c for c in cpus if c not in siblings] or cpus
-    os.sched_setaffinity(0, trainer)
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(len(trainer))   # an intra-op pool wider than its CPUs spins on them
+    _pin_process("self", trainer)
     for pid in reader_pids:
-        os.sched_setaffinity(pid, readers)
-    return {"trainer": trainer, "readers": readers}
+        _pin_process(pid, readers)
+    threads = {int(t): sorted(os.sched_getaffinity(int(t)))
+               for t in os.listdir("/proc/self/task")}
+    return {"trainer": trainer, "readers": readers, "trainer_threads": len(threads),
+            "torch_threads": [threads_before, torch.get_num_threads()],
+            "trainer_threads_pinned": all(v == trainer for v in threads.values())}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -62,8 +78,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--pin", action="store_true",
-                    help="also run both feeds with the training thread pinned to the first CPU "
-                    "and its hyperthread siblings and the readers to the other CPUs")
+                    help="then run both feeds again with the training process pinned to the "
+                    "first CPU and its hyperthread siblings and the readers to the other CPUs")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 
@@ -108,7 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         if variant.endswith("pinned") and pinning is None:
             pinning = pin(loader.worker_pids)
         times, waits, nexts = [], [], []
-        for i in range(args.warmup + args.steps):
+        # a loader variant first drains what the readers filled the ring with meanwhile, so
+        # that its timed steps are fed as they come
+        warmup = args.warmup + (loader.ring_slots if variant.startswith("WellLoader") else 0)
+        for i in range(warmup + args.steps):
             sync()
             t0 = time.perf_counter()
             if variant.startswith("WellLoader"):
@@ -123,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
                 step(x, ids, bcs, y)
                 wait = 0.0
             sync()
-            if i >= args.warmup:
+            if i >= warmup:
                 times.append(time.perf_counter() - t0)
                 waits.append(wait)
                 nexts.append(t_next)
@@ -144,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.batch}, {args.n_in} input steps, {len(paths)} datasets, {args.workers} "
           f"readers, {device}")
     if pinning:
-        print(f"pinned: training thread on CPUs {pinning['trainer']}, readers on "
-              f"{pinning['readers']}")
+        print(f"pinned: the training process ({pinning['trainer_threads']} threads) on CPUs "
+              f"{pinning['trainer']}, readers on {pinning['readers']} (run after the unpinned "
+              "pair, same loader)")
     print(f"{'feed':18s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
           f"{'next() ms':>10s} {'next() share':>12s}")
     for name, r in rows.items():

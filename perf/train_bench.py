@@ -50,6 +50,7 @@ _FLOPS: dict[tuple, float] = {}
 
 
 NUMERICS = ("fp32", "tf32", "torch")
+WRAPPERS = ("plain", "graph", "zero2", "zero3")
 
 
 def graphed(step, model, opt, loss_fn, inputs):
@@ -113,7 +114,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
         sync()
         compile_s = time.perf_counter() - t0
         # graphs compiled by this first step: none when an earlier variant of the same shape
-        # and numerics already compiled them (dynamo's cache outlives the model)
+        # already compiled them (dynamo's cache outlives the model; it guards on the matmul
+        # TF32 flag, not on cuDNN's, which convolutions read when they run)
         new_graphs = counters["stats"]["unique_graphs"] - before
     if cuda:
         torch.cuda.empty_cache()
@@ -157,7 +159,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
             issued.append(t1 - t0)
     ms = 1e3 * statistics.median(times)
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    peak = peak_tflops(name, "tf32" if numerics == "tf32" else "fp32") if cuda else None
+    # "torch" mixes fp32 matmuls with TF32 convolutions (half the FLOPs): neither peak fits
+    peak = peak_tflops(name, numerics) if cuda and numerics != "torch" else None
     tflops = flops / (ms / 1e3) / 1e12
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
@@ -194,15 +197,19 @@ def main(argv: list[str] | None = None) -> int:
                     help="torch.compile the space-time blocks (AViT.compile_blocks)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
+    from dsfm.models.avit import SIZES
+    for flag, given, known in (("--numerics", numerics, NUMERICS),
+                               ("--wrappers", args.wrappers.split(","), WRAPPERS),
+                               ("--sizes", args.sizes.split(","), tuple(SIZES))):
+        if set(given) - set(known):
+            ap.error(f"{flag}: one or more of {', '.join(known)}")
 
     from dsfm.runtime.engine import finish, init_process_group
 
     env = init_process_group()
-    cuda = torch.cuda.is_available()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
-    numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
-    if set(numerics) - set(NUMERICS):
-        ap.error(f"--numerics: one or more of {', '.join(NUMERICS)}")
     rows, failed = [], []
     for size in args.sizes.split(","):
         for num in numerics:

@@ -27,6 +27,7 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     assert pinning["trainer"][0] == cpus[0] and set(pinning["trainer"]) <= set(cpus)
     if len(cpus) > len(pinning["trainer"]):          # readers kept off the trainer's core
         assert not set(pinning["readers"]) & set(pinning["trainer"])
+    assert pinning["trainer_threads"] >= 1 and pinning["trainer_threads_pinned"]
     for r in rec["variants"].values():
         assert r["samples_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
     loader = rec["variants"]["WellLoader"]

@@ -35,24 +35,25 @@ class RMSInstanceNorm2d(nn.Module):
 class DropPath(nn.Module):
     """Stochastic depth: drops the whole residual branch of a sample with probability p.
 
-    The rate is held as a tensor (a non-persistent buffer: checkpoints are unchanged), not
-    read as a Python number in `forward`: `torch.compile` would specialize each block's graph
-    on its own rate, and the blocks, whose rates rise from 0, could no longer share one graph
-    (`AViT.compile_blocks`). In training every sample draws its mask, also at rate 0 (all kept);
-    `enabled=False` (a model trained without stochastic depth) makes it the identity."""
+    The keep probability is held as a tensor (a non-persistent buffer: checkpoints are
+    unchanged; recomputed from `p` by nothing, so a model built on the meta device and then
+    `to_empty()`'d must be built again), not read as a Python number in `forward`:
+    `torch.compile` would specialize each block's graph on its own rate, and the blocks, whose
+    rates rise from 0, could no longer share one graph (`AViT.compile_blocks`). Enabled (the
+    default when p > 0), every sample draws its mask in training, also at rate 0 (all kept);
+    disabled, it is the identity."""
 
-    def __init__(self, p: float = 0.0, enabled: bool = True):
+    def __init__(self, p: float = 0.0, enabled: bool | None = None):
         super().__init__()
         self.p = float(p)
-        self.enabled = enabled
-        self.register_buffer("rate", torch.tensor(self.p), persistent=False)
+        self.enabled = self.p > 0 if enabled is None else enabled
+        self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.enabled and self.training):
             return x
-        keep = 1.0 - self.rate
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(keep)
-        return x * mask / keep
+        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep)
+        return x * mask / self.keep
 
     def extra_repr(self) -> str:
         return f"p={self.p:.3f}" + ("" if self.enabled else ", disabled")
