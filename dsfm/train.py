@@ -72,8 +72,7 @@ def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, 
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
     ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
-    stage = (ds_config.get("zero_optimization") or {}).get("stage", 0)
-    if cfg.model.compile and stage == 3:
+    if cfg.model.compile and schedule.zero_stage(ds_config) == 3:
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "
                           f"{args.ds_config} sets stage 3")
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
             log.text(f"warning: {warning}")
         log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.launcher}, "
                  f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
-                 f"{ds_config.get('zero_optimization', {}).get('stage', 0)}")
+                 f"{schedule.zero_stage(ds_config)}")
         rc = train(cfg, ds_config, args, env, run_dir, log)
         return rc
     except DsfmError as exc:

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit, n_parameters
     from dsfm.runtime.engine import build_engine, finish, init_process_group
+    from perf.train_bench import engine_config
 
     env = init_process_group()
     paths = dataset_paths(args.base, args.datasets or [], [])
@@ -98,10 +99,7 @@ def main(argv: list[str] | None = None) -> int:
                         same_dataset_across_ranks=True)
     torch.manual_seed(0)
     model = avit(args.size, len(vocab), drop_path=0.0)
-    ds_config = {"train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0,
-                 "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-                 "zero_optimization": {"stage": 2}}
-    engine, _, _ = build_engine(model, ds_config)
+    engine, _, _ = build_engine(model, engine_config(args.batch, 2))
 
     def step(x, ids, bcs, y) -> None:
         loss = nmse(engine(x, ids, bcs), y[:, 0])

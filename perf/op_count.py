@@ -122,29 +122,15 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.no_deepspeed:
         from dsfm.runtime.engine import build_engine, finish, init_process_group
+        from perf.train_bench import engine_config, engine_step, plain_step
 
         env = init_process_group()
-        plain_opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-        def plain_step():
-            loss = nmse(model(x, ids, bcs), y)
-            plain_opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            plain_opt.step()
-
-        plain_step()
-        plain = count(plain_step, stacks=True)
-        engine, _, _ = build_engine(model, {
-            "train_micro_batch_size_per_gpu": args.batch, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-            "zero_optimization": {"stage": 2}, "steps_per_print": 10 ** 9})
-
-        def zero2_step():
-            loss = nmse(engine(x, ids, bcs), y)
-            engine.backward(loss)
-            engine.step()
-
+        step = plain_step(model, torch.optim.AdamW(model.parameters(), lr=1e-4),
+                          (x, ids, bcs, y))
+        step()
+        plain = count(step, stacks=True)
+        engine, _, _ = build_engine(model, engine_config(args.batch, 2))
+        zero2_step = engine_step(engine, (x, ids, bcs, y))
         zero2_step()
         zero2 = count(zero2_step, stacks=True)
         for key, c in (("plain_step", plain), ("zero2_step", zero2)):

@@ -53,6 +53,44 @@ NUMERICS = ("fp32", "tf32", "torch")
 WRAPPERS = ("plain", "graph", "zero2", "zero3")
 
 
+def engine_config(batch: int, stage: int) -> dict:
+    """The benchmarks' one-rank DeepSpeed config: AdamW, clipping 1.0, ZeRO `stage`."""
+    return {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
+            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+
+
+def plain_step(model, opt, inputs):
+    """One plain-PyTorch training step on fixed inputs (x, field ids, bcs, y): nMSE, backward,
+    clipping at 1.0, `opt`."""
+    from dsfm.eval import nmse
+
+    x, ids, bcs, y = inputs
+
+    def step():
+        loss = nmse(model(x, ids, bcs), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
+def engine_step(engine, inputs):
+    """The same step through a DeepSpeed engine (its optimizer and clipping)."""
+    from dsfm.eval import nmse
+
+    x, ids, bcs, y = inputs
+
+    def step():
+        loss = nmse(engine(x, ids, bcs), y)
+        engine.backward(loss)
+        engine.step()
+
+    return step
+
+
 def graphed(step, model, opt, loss_fn, inputs):
     """The whole plain-PyTorch step (forward, backward, clipping, fused AdamW) captured once as
     a CUDA graph and replayed: the host issues one launch per step instead of thousands, which
@@ -124,28 +162,14 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
-
-        def step():
-            loss = nmse(model(x, ids, bcs), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-
+        step = plain_step(model, opt, (x, ids, bcs, y))
         if wrapper == "graph":
             step = graphed(step, model, opt, nmse, (x, ids, bcs, y))
     else:
         from dsfm.runtime.engine import build_engine
         stage = {"zero2": 2, "zero3": 3}[wrapper]
-        engine, _, _ = build_engine(model, {
-            "train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
-            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9})
-
-        def step():
-            loss = nmse(engine(x, ids, bcs), y)
-            engine.backward(loss)
-            engine.step()
+        engine, _, _ = build_engine(model, engine_config(batch, stage))
+        step = engine_step(engine, (x, ids, bcs, y))
 
     times, issued = [], []
     for i in range(args.warmup + args.steps):

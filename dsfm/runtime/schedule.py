@@ -59,6 +59,11 @@ def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config",
     return cfg
 
 
+def zero_stage(ds_config: dict) -> int:
+    """The config's ZeRO stage (0 when it has none)."""
+    return (ds_config.get("zero_optimization") or {}).get("stage", 0)
+
+
 def micro_batch(ds_config: dict) -> int:
     return int(ds_config["train_micro_batch_size_per_gpu"])
 
