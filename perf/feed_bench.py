@@ -80,8 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true",
                     help="then run both feeds again with the training process pinned to the "
                     "first CPU and its hyperthread siblings and the readers to the other CPUs")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after each feed's timed steps, profile N more (torch.profiler): the "
+                    "GPU's busy share and kernel time per step, to tell a slower card from an "
+                    "idler one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.profile < 0:
+        ap.error("--profile: a number of steps, >= 1")
 
     from dsfm.data.fields import FieldVocabulary
     from dsfm.data.prefetch import WellLoader
@@ -153,6 +159,20 @@ def main(argv: list[str] | None = None) -> int:
                          # the training thread (polling, launching copies and assembly)
                          "next_ms_median": 1e3 * statistics.median(nexts),
                          "next_share": sum(nexts) / total}
+        if args.profile:
+            from perf.gpu_trace import profile_steps
+
+            def fed(variant=variant, order=iter(range(10 ** 9))):
+                if variant.startswith("WellLoader"):
+                    b = next(it)
+                    step(b.x, b.field_ids, b.bcs_host, b.y)
+                else:
+                    step(*resident[list(resident)[next(order) % len(resident)]])
+
+            try:
+                rows[variant]["profile"] = profile_steps(fed, args.profile)
+            except Exception as exc:        # a diagnostic: its failure must not cost the run
+                rows[variant]["profile_error"] = f"{type(exc).__name__}: {exc}"
     loader.close()
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
@@ -170,6 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:18s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
               f"{100 * r['data_wait_share']:9.2f}% {r['next_ms_median']:10.2f} "
               f"{100 * r['next_share']:11.2f}%")
+    if args.profile:
+        from perf.gpu_trace import describe
+        print(f"profiled ({args.profile} steps each, next() included):")
+        for name, r in rows.items():
+            what = describe(r["profile"]) if "profile" in r else \
+                f"profile failed: {r.get('profile_error')}"
+            print(f"  {name:18s} {what}")
     ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]
     print(f"WellLoader reaches {100 * ratio:.1f}% of the resident-batch rate; data wait "
           f"{100 * rows['WellLoader']['data_wait_share']:.2f}% of step time (target < 2%)")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import resource
 import statistics
 import sys
@@ -194,7 +195,23 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
            "mfu": tflops / peak if peak else None,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    if args.profile:                    # where the GPU time goes, after the timed steps
+        from perf.gpu_trace import profile_steps
+        keep = None
+        if args.trace_dir:
+            os.makedirs(args.trace_dir, exist_ok=True)
+            keep = os.path.join(args.trace_dir, f"{size}_{numerics}_{wrapper}"
+                                f"{'_compiled' if args.compile else ''}.json.gz")
+        try:
+            row["profile"] = profile_steps(step, args.profile, keep)
+        except Exception as exc:        # a diagnostic: its failure must not cost the row
+            row["profile_error"] = f"{type(exc).__name__}: {exc}"
     return row
+
+
+def _busy(row: dict) -> str:
+    share = row.get("profile", {}).get("busy_share")
+    return f"{100 * share:.1f}%" if share is not None else "n/a"
 
 
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
@@ -219,8 +236,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the space-time blocks (AViT.compile_blocks)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timed steps, profile N more (torch.profiler) and report "
+                    "the GPU's busy share of the step and its kernel time by category")
+    ap.add_argument("--trace-dir", default=None,
+                    help="with --profile: keep each variant's device events there (.json.gz)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.trace_dir and not args.profile:
+        ap.error("--trace-dir needs --profile N")
+    if args.profile < 0:
+        ap.error("--profile: a number of steps, >= 1")
     cuda = torch.cuda.is_available()
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
     from dsfm.models.avit import SIZES
@@ -267,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
           + (", space-time blocks compiled" if args.compile else ""))
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
-            f"{'host ms':>8s}")
+            f"{'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
     plain = {(r["size"], r["numerics"]): r["ms_per_step"] for r in rows
@@ -278,7 +304,16 @@ def main(argv: list[str] | None = None) -> int:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
-              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}")
+              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}"
+              + (f" {_busy(r):>8s}" if args.profile else ""))
+    if args.profile:
+        from perf.gpu_trace import describe
+        print(f"profiled ({args.profile} steps each): GPU busy share of the step and kernel "
+              "time per step (ms) by category")
+        for r in rows:
+            what = describe(r["profile"]) if "profile" in r else \
+                f"profile failed: {r.get('profile_error')}"
+            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:6s} {what}")
     for f in failed:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} failed: {f['error']}")
     if args.json:

@@ -16,7 +16,7 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     out = tmp_path / "bench.json"
     proc = run([sys.executable, "-m", "perf.feed_bench", "--base", demo_base, "--size", "Ti",
                 "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1", "--pin",
-                "--json", str(out)], timeout=600)
+                "--profile", "1", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "data wait" in proc.stdout and "resident-batch rate" in proc.stdout
     rec = json.loads(out.read_text())
@@ -35,6 +35,10 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     assert rec["variants"]["resident"]["data_wait_share"] == 0
     assert rec["variants"]["resident"]["next_share"] == 0
     assert rec["cpus"] and rec["date"]
+    for r in rec["variants"].values():          # no device events on a CPU, but the windows
+        assert r["profile"]["steps"] == 1 and r["profile"]["wall_ms"] > 0
+        assert r["profile"]["busy_share"] is None
+    assert "profiled (1 steps each, next() included)" in proc.stdout
 
 
 @pytest.mark.slow
@@ -60,10 +64,15 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
     out = tmp_path / "train.json"
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "1", "--warmup", "1",
-                "--wrappers", "graph,plain", "--json", str(out)], timeout=600)
+                "--wrappers", "graph,plain", "--profile", "2", "--trace-dir",
+                str(tmp_path / "traces"), "--json", str(out)], timeout=600)
     assert proc.returncode == 1
     rec = json.loads(out.read_text())
     assert [r["wrapper"] for r in rec["rows"]] == ["plain"]
+    profiled = rec["rows"][0]["profile"]
+    assert profiled["steps"] == 2 and profiled["busy_share"] is None
+    assert os.listdir(tmp_path / "traces") == ["Ti_fp32_plain.json.gz"]
+    assert "GPU busy" in proc.stdout and "no device events" in proc.stdout
     assert rec["failed"] == [{"size": "Ti", "numerics": "fp32", "wrapper": "graph",
                               "error": "RuntimeError: the graph wrapper needs CUDA"}]
     assert "graph   failed: RuntimeError: the graph wrapper needs CUDA" in proc.stdout

@@ -17,7 +17,8 @@ from dsfm.errors import DsfmError
 from dsfm.sim.presets import PRESETS
 
 
-def select_specs(preset: str, datasets: list[str] | None, mach: list[float] | None) -> dict:
+def select_specs(preset: str, datasets: list[str] | None, mach: list[float] | None,
+                 splits: tuple[int, int, int] | None = None) -> dict:
     specs = dict(PRESETS[preset])
     if datasets:
         unknown = [d for d in datasets if d not in specs]
@@ -28,7 +29,21 @@ def select_specs(preset: str, datasets: list[str] | None, mach: list[float] | No
     if mach is not None and "euler" in specs:
         specs["euler"] = dataclasses.replace(
             specs["euler"], parameter_sets=[{"mach": float(m)} for m in mach])
+    if splits is not None:
+        specs = {k: dataclasses.replace(v, splits=splits) for k, v in specs.items()}
     return specs
+
+
+def parse_splits(text: str) -> tuple[int, int, int]:
+    """`--splits 8,1,1`: trajectories per parameter set for train, valid and test."""
+    try:
+        counts = tuple(int(x) for x in text.split(","))
+    except ValueError:
+        counts = ()
+    if len(counts) != 3 or min(counts) < 0 or counts[0] < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: three counts TRAIN,VALID,TEST, "
+                                         "train at least 1 (e.g. 8,1,1)")
+    return counts
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -40,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"comma-separated subset of {', '.join(PRESETS['demo'])}")
     ap.add_argument("--mach", type=float, nargs="+",
                     help="Mach numbers of the Euler dataset, one file each (e.g. 0.1 1.0)")
+    ap.add_argument("--splits", type=parse_splits, default=None, metavar="TRAIN,VALID,TEST",
+                    help="trajectories per parameter set, instead of the preset's (a quicker, "
+                    "smaller dataset of the same physics and grid)")
     ap.add_argument("--format", choices=("well", "pdebench"), default="well")
     ap.add_argument("--workers", type=int, default=None,
                     help="simulation processes (default: one per core)")
@@ -47,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    specs = select_specs(args.preset, args.datasets, args.mach)
+    specs = select_specs(args.preset, args.datasets, args.mach, args.splits)
     start = time.perf_counter()
     try:
         if args.format == "well":

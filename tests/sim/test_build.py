@@ -114,3 +114,20 @@ def test_cli_mach_numbers_and_dataset_subset(tmp_path):
 def test_cli_rejects_unknown_dataset(tmp_path):
     proc = run([sys.executable, "-m", "dsfm.sim", "--out", str(tmp_path), "--datasets", "mhd"])
     assert proc.returncode != 0 and "unknown dataset 'mhd'" in proc.stderr
+
+
+def test_cli_splits_set_the_trajectories_per_parameter_set(tmp_path):
+    proc = run([sys.executable, "-m", "dsfm.sim", "--preset", "small", "--out", str(tmp_path),
+                "--datasets", "shallow_water", "--splits", "2,1,0", "--quiet"])
+    assert proc.returncode == 0, proc.stderr
+    data = tmp_path / "shallow_water_2d" / "data"
+    for split, want in (("train", 2), ("valid", 1)):
+        for name in os.listdir(data / split):
+            with h5py.File(data / split / name) as f:
+                assert f.attrs["n_trajectories"] == want
+                assert f["t0_fields/height"].shape[1:3] == (60, 64)   # the preset's length, grid
+    assert os.listdir(data / "test") == []
+    for bad in ("8,1", "0,1,1", "a,b,c", "8,-1,1"):
+        proc = run([sys.executable, "-m", "dsfm.sim", "--out", str(tmp_path / "x"),
+                    "--splits", bad])
+        assert proc.returncode == 2 and "TRAIN,VALID,TEST" in proc.stderr, bad

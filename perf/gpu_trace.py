@@ -1,0 +1,153 @@
+"""Where a step's GPU time goes: profile a few steps with torch.profiler and read its trace.
+
+`profile_steps(step)` runs `step` under the profiler, each call inside a `dsfm_profiled_step`
+annotation that ends after a device synchronization, and `summarize` reads the exported trace:
+per step, the wall time of the window, the time the GPU was busy (the union of kernel, memcpy and
+memset intervals inside it, so concurrent kernels count once), the kernel count, the kernel time
+per category (matmul/conv, attention, compiled, optimizer, ...) and the costliest kernels.
+
+A busy share near 100 % says the step is bound by the card; well below it, the card waits for the
+host (launch overhead, Python, host synchronizations), which is what `train_bench`'s `graph`
+wrapper and compiled blocks attack. Without CUDA there are no device events: the summary then has
+no busy figures (`busy_share` None).
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import tempfile
+from collections import defaultdict
+
+import torch
+
+WINDOW = "dsfm_profiled_step"
+WARMUP = "dsfm_profiler_warmup"        # a first step under the profiler, not summarized
+DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
+
+#: kernel-name fragments (lower case) per category, tried in this order; the first match wins
+CATEGORIES = (
+    ("attention", ("flash", "fmha", "attention", "mem_eff", "sdpa")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("matmul/conv", ("gemm", "cutlass", "xmma", "cublas", "conv", "dgrad", "wgrad", "implicit",
+                     "winograd", "cudnn")),
+    ("compiled", ("triton",)),
+    ("optimizer", ("adam", "multi_tensor", "foreach")),
+    ("norm", ("norm",)),
+    ("reduction", ("reduce",)),
+    ("copy", ("memcpy", "memset", "copy", "gather", "scatter", "index")),
+    ("elementwise", ("elementwise", "vectorized")),
+)
+
+
+def category(name: str) -> str:
+    low = name.lower()
+    for cat, parts in CATEGORIES:
+        if any(p in low for p in parts):
+            return cat
+    return "other"
+
+
+def union_length(intervals: list[tuple[float, float]]) -> float:
+    """Total length covered by half-open intervals (start, end), overlaps counted once."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
+
+
+def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
+              top: int = 8) -> dict:
+    """Per-step figures from chrome-trace events (ts and dur in µs), averaged over the
+    `window` annotations found. Device events are attributed to the window their start falls
+    in and clipped to it for the busy time."""
+    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                     if e.get("cat") == "user_annotation" and e.get("name") == window
+                     and "dur" in e)
+    if not windows:
+        raise ValueError(f"no {window!r} annotation in the trace")
+    device = [e for e in events if e.get("cat") in device_cats and "dur" in e]
+    n = len(windows)
+    busy = kernel_us = 0.0
+    count = 0
+    by_cat: dict[str, float] = defaultdict(float)
+    by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    for lo, hi in windows:
+        inside = [e for e in device if lo <= e["ts"] < hi]
+        busy += union_length([(e["ts"], min(e["ts"] + e["dur"], hi)) for e in inside])
+        for e in inside:
+            kernel_us += e["dur"]
+            count += 1
+            name = e.get("name", "?")
+            by_cat["copy" if e["cat"] in ("gpu_memcpy", "gpu_memset") else category(name)] \
+                += e["dur"]
+            by_name[name][0] += e["dur"]
+            by_name[name][1] += 1
+    wall_us = sum(hi - lo for lo, hi in windows)
+    costly = sorted(by_name.items(), key=lambda kv: -kv[1][0])[:top]
+    return {
+        "steps": n,
+        "wall_ms": wall_us / n / 1e3,
+        "busy_ms": busy / n / 1e3 if device else None,
+        "busy_share": busy / wall_us if device and wall_us else None,
+        "kernels_per_step": count / n,
+        "kernel_ms_per_step": kernel_us / n / 1e3,
+        "categories_ms": {c: round(us / n / 1e3, 3)
+                          for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])},
+        "top": [{"name": name[:120], "ms_per_step": round(us / n / 1e3, 3),
+                 "calls_per_step": calls / n} for name, (us, calls) in costly],
+    }
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def profile_steps(step, n: int = 2, keep: str | None = None) -> dict:
+    """Profile `n` calls of `step` (each inside the annotation, ending on a device sync),
+    after one more that is not summarized (the profiler's own first-call costs), and summarize
+    them. `keep`: also write the window and device events (not the host's) there as gzipped
+    JSON, small enough to bring back from a GPU machine and inspect."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    activities = [ProfilerActivity.CPU]
+    if torch.cuda.is_available():
+        activities.append(ProfilerActivity.CUDA)
+    _sync()
+    with profile(activities=activities) as prof:
+        for i in range(n + 1):
+            with record_function(WARMUP if i == 0 else WINDOW):
+                step()
+                _sync()
+    fd, path = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    try:
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    finally:
+        os.unlink(path)
+    summary = summarize(events)
+    if keep:
+        kept = [e for e in events if e.get("cat") in DEVICE_CATS
+                or (e.get("cat") == "user_annotation" and e.get("name") == WINDOW)]
+        with gzip.open(keep, "wt") as fh:
+            json.dump({"traceEvents": kept}, fh)
+    return summary
+
+
+def describe(summary: dict, n_categories: int = 4) -> str:
+    """One line: busy share, kernels per step, the largest categories."""
+    cats = ", ".join(f"{c} {ms:.1f}" for c, ms in list(summary["categories_ms"].items())
+                     [:n_categories])
+    busy = (f"GPU busy {100 * summary['busy_share']:.1f}% of {summary['wall_ms']:.1f} ms"
+            if summary["busy_share"] is not None else
+            f"no device events ({summary['wall_ms']:.1f} ms)")
+    return (f"{busy}; {summary['kernels_per_step']:.0f} kernels/step, "
+            f"{summary['kernel_ms_per_step']:.1f} ms of kernels" + (f" ({cats} ms)" if cats
+                                                                    else ""))
