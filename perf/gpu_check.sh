@@ -8,8 +8,8 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (30 s):
-#   1. GPU_CHECK_ONLY="train_bench train_compile train_torch_numerics train_rest"
-#      GPU_CHECK_DEADLINE=470, timeout_s=500 (train_rest, measured once already, is what the
+#   1. GPU_CHECK_ONLY="train_bench train_layout train_compile train_rest"
+#      GPU_CHECK_DEADLINE=500, timeout_s=530 (train_rest, measured once already, is what the
 #      deadline cuts first);
 #   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench" with the time left as its deadline
 #      (about 330 s: the simulation of the loader data, 8 train trajectories per parameter set,
@@ -69,19 +69,22 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # issue 4: ms/step, samples/s, TFLOP/s, MFU, memory, host time and (--profile) the GPU's busy
 # share of the step with its kernel time by category, for what the targets name first: B and L,
 # plain against one CUDA graph (the card's own time) and ZeRO-2 (target: <= 3 % over plain)
-step train_bench 220 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
+step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
   --wrappers plain,graph,zero2 --profile 2 --trace-dir "$R/traces" --json "$R/train_bench.json"
-# issue 4: the same with the space-time blocks compiled (regional torch.compile), the trainer's
-# model.compile; the graph wrapper is left out (training cannot use it)
+# issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
+# channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and
+# PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's reference "fp32"
+# figures may have run with
+step train_layout 90 python3 -m perf.train_bench --sizes B --wrappers plain \
+  --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 6 --warmup 2 --profile 2 \
+  --json "$R/train_layout.json"
+# issue 4: the space-time blocks compiled (regional torch.compile), the trainer's model.compile;
+# the graph wrapper is left out (training cannot use it)
 step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
   --compile --steps 6 --warmup 2 --profile 2 --trace-dir "$R/traces" \
   --json "$R/train_compile.json"
-# issue 4: PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's
-# reference "fp32" figures may have run with
-step train_torch_numerics 50 python3 -m perf.train_bench --sizes B,L --wrappers plain \
-  --numerics torch --steps 6 --warmup 2 --json "$R/train_torch_numerics.json"
-# issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in full once already
-# (Ti last: its host-bound step would feel the FusedAdam build if it still ran)
+# issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in
+# full once already (Ti last: its host-bound step would feel the FusedAdam build if it ran on)
 step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3 \
   --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
 # issue 3: CUDA path of the loader
@@ -113,9 +116,9 @@ step loader_bench 150 python3 -m perf.loader_bench --base /tmp/small --workers 1
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_bench.txt" \
-    "$R/train_compile.txt" "$R/train_torch_numerics.txt" "$R/train_rest.txt"
+    "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_bench train_compile train_torch_numerics train_rest; do
+  for f in train_bench train_layout train_compile train_rest; do
     grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
   done
   grep -h "first step" "$R/train_compile.txt"

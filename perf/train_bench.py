@@ -115,7 +115,11 @@ def graphed(step, model, opt, loss_fn, inputs):
     return graph.replay
 
 
-def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
+LAYOUTS = ("tokens", "channels_first")
+
+
+def run_variant(size: str, wrapper: str, numerics: str, args, device,
+                layout: str = "tokens") -> dict:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit
 
@@ -137,7 +141,10 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, 12, drop_path=0.0)
-    key = (size, batch, args.frames, args.fields, args.res)
+    if layout == "channels_first":      # MPP's formulation of the same model and parameters
+        from perf.mpp_layout import ChannelsFirst
+        model = ChannelsFirst(model)
+    key = (size, batch, args.frames, args.fields, args.res, layout)
     if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
         _FLOPS[key] = step_flops(model, x, ids, bcs, y)     # counted once, in eager mode
     flops = _FLOPS[key]
@@ -187,7 +194,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
     # "torch" mixes fp32 matmuls with TF32 convolutions (half the FLOPs): neither peak fits
     peak = peak_tflops(name, numerics) if cuda and numerics != "torch" else None
     tflops = flops / (ms / 1e3) / 1e12
-    row = {"size": size, "wrapper": wrapper, "numerics": numerics, "batch": batch,
+    row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
+           "batch": batch,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
            "host_ms_per_step": 1e3 * statistics.median(issued),
            "first_step_s": compile_s, "first_step_new_graphs": new_graphs,
@@ -200,13 +208,42 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device) -> dict:
         keep = None
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
-            keep = os.path.join(args.trace_dir, f"{size}_{numerics}_{wrapper}"
+            keep = os.path.join(args.trace_dir, f"{size}_{numerics}_{wrapper}_{layout}"
                                 f"{'_compiled' if args.compile else ''}.json.gz")
         try:
             row["profile"] = profile_steps(step, args.profile, keep)
         except Exception as exc:        # a diagnostic: its failure must not cost the row
             row["profile_error"] = f"{type(exc).__name__}: {exc}"
     return row
+
+
+def _measure(size, wrapper, num, layout, args, device, rows, failed) -> None:
+    """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
+    capture, say) must not cost the rest of a scarce GPU run."""
+    label = f"{size:3s} {num:5s} {wrapper:6s} {LABEL[layout]:6s}"
+    try:
+        rows.append(run_variant(size, wrapper, num, args, device, layout))
+    except Exception as exc:
+        traceback.print_exc()
+        failed.append({"size": size, "numerics": num, "wrapper": wrapper, "layout": layout,
+                       "error": f"{type(exc).__name__}: {exc}"})
+        print(f"  {label} failed: {failed[-1]['error']}", file=sys.stderr, flush=True)
+        if args.json:
+            write_json(args.json, meta(args, rows, failed))
+        return
+    finally:
+        gc.collect()                    # the variant's model and optimizer are gone
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    first = rows[-1]["first_step_s"]
+    print(f"  {label} {rows[-1]['ms_per_step']:9.1f} ms"
+          + (f" (first step {first:.1f} s, {rows[-1]['first_step_new_graphs']} graphs "
+             "compiled)" if first is not None else ""), file=sys.stderr, flush=True)
+    if args.json:                       # kept after every variant: a cut-short run still has
+        write_json(args.json, meta(args, rows, failed))       # its rows
+
+
+LABEL = {"tokens": "tokens", "channels_first": "cf"}
 
 
 def _busy(row: dict) -> str:
@@ -228,6 +265,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
                     "defaults: matmuls fp32, convolutions TF32); default: fp32,tf32 on CUDA, "
                     "fp32 on CPU")
+    ap.add_argument("--layouts", default="tokens",
+                    help="tokens (dsfm's blocks: channels last, projections as matrix "
+                    "multiplies), channels_first (MPP's formulation of the same model: 1x1 "
+                    "convolutions; perf.mpp_layout)")
     ap.add_argument("--batch", type=int, default=0, help="default 8 (L: 4)")
     ap.add_argument("--frames", type=int, default=16)
     ap.add_argument("--fields", type=int, default=4)
@@ -252,9 +293,13 @@ def main(argv: list[str] | None = None) -> int:
     from dsfm.models.avit import SIZES
     for flag, given, known in (("--numerics", numerics, NUMERICS),
                                ("--wrappers", args.wrappers.split(","), WRAPPERS),
-                               ("--sizes", args.sizes.split(","), tuple(SIZES))):
+                               ("--sizes", args.sizes.split(","), tuple(SIZES)),
+                               ("--layouts", args.layouts.split(","), LAYOUTS)):
         if set(given) - set(known):
             ap.error(f"{flag}: one or more of {', '.join(known)}")
+    if args.compile and "channels_first" in args.layouts.split(","):
+        ap.error("--compile compiles the token blocks; the channels_first reference runs "
+                 "eager only")
 
     from dsfm.runtime.engine import finish, init_process_group
 
@@ -263,46 +308,27 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = [], []
     for size in args.sizes.split(","):
         for num in numerics:
-            for wrapper in args.wrappers.split(","):
-                try:
-                    rows.append(run_variant(size, wrapper, num, args, device))
-                except Exception as exc:    # one variant's failure (a graph capture, say)
-                    traceback.print_exc()   # must not cost the rest of a scarce GPU run
-                    failed.append({"size": size, "numerics": num, "wrapper": wrapper,
-                                   "error": f"{type(exc).__name__}: {exc}"})
-                    print(f"  {size:3s} {num:5s} {wrapper:6s} failed: {failed[-1]['error']}",
-                          file=sys.stderr, flush=True)
-                    if args.json:
-                        write_json(args.json, meta(args, rows, failed))
-                    continue
-                finally:
-                    gc.collect()            # the variant's model and optimizer are gone
-                    if cuda:
-                        torch.cuda.empty_cache()
-                first = rows[-1]["first_step_s"]
-                print(f"  {size:3s} {num:5s} {wrapper:6s} {rows[-1]['ms_per_step']:9.1f} ms"
-                      + (f" (first step {first:.1f} s, {rows[-1]['first_step_new_graphs']} "
-                         "graphs compiled)" if first is not None else ""),
-                      file=sys.stderr, flush=True)
-                if args.json:               # kept after every variant: a cut-short run
-                    write_json(args.json, meta(args, rows, failed))   # still has its rows
+            for layout in args.layouts.split(","):
+                for wrapper in args.wrappers.split(","):
+                    _measure(size, wrapper, num, layout, args, device, rows, failed)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (", space-time blocks compiled" if args.compile else ""))
-    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'batch':>5s} {'ms/step':>9s} "
+    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
             f"{'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
-    plain = {(r["size"], r["numerics"]): r["ms_per_step"] for r in rows
+    plain = {(r["size"], r["numerics"], r["layout"]): r["ms_per_step"] for r in rows
              if r["wrapper"] == "plain"}
     for r in rows:
-        base = plain.get((r["size"], r["numerics"]))
+        base = plain.get((r["size"], r["numerics"], r["layout"]))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {r['batch']:5d} "
+        print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
+              f"{r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}"
               + (f" {_busy(r):>8s}" if args.profile else ""))
@@ -313,9 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             what = describe(r["profile"]) if "profile" in r else \
                 f"profile failed: {r.get('profile_error')}"
-            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:6s} {what}")
+            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:6s} "
+                  f"{LABEL[r['layout']]:6s} {what}")
     for f in failed:
-        print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} failed: {f['error']}")
+        print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
+              f"failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))
     finish(env)

@@ -46,10 +46,14 @@ def test_train_bench_compares_wrappers(tmp_path):
     out = tmp_path / "train.json"
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
-                "--json", str(out)], timeout=600)
+                "--layouts", "tokens,channels_first", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
-    assert [r["wrapper"] for r in rec["rows"]] == ["plain", "zero2", "zero3"]
+    assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
+        (layout, w) for layout in ("tokens", "channels_first") for w in ("plain", "zero2", "zero3")]
+    # the same model computed two ways: the same FLOPs (1x1 convolutions or matrix multiplies)
+    flops = {r["layout"]: r["tflop_per_step"] for r in rec["rows"]}
+    assert abs(flops["tokens"] / flops["channels_first"] - 1) < 0.01
     for r in rec["rows"]:
         assert r["ms_per_step"] > 0 and r["tflop_per_step"] > 0 and r["mfu"] is None
         # on the CPU every operator runs as it is issued: the host time is the step
@@ -71,11 +75,12 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
     assert [r["wrapper"] for r in rec["rows"]] == ["plain"]
     profiled = rec["rows"][0]["profile"]
     assert profiled["steps"] == 2 and profiled["busy_share"] is None
-    assert os.listdir(tmp_path / "traces") == ["Ti_fp32_plain.json.gz"]
+    assert os.listdir(tmp_path / "traces") == ["Ti_fp32_plain_tokens.json.gz"]
     assert "GPU busy" in proc.stdout and "no device events" in proc.stdout
     assert rec["failed"] == [{"size": "Ti", "numerics": "fp32", "wrapper": "graph",
+                              "layout": "tokens",
                               "error": "RuntimeError: the graph wrapper needs CUDA"}]
-    assert "graph   failed: RuntimeError: the graph wrapper needs CUDA" in proc.stdout
+    assert "graph   tokens failed: RuntimeError: the graph wrapper needs CUDA" in proc.stdout
 
 
 @pytest.mark.slow

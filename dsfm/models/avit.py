@@ -85,12 +85,12 @@ class AViT(nn.Module):
             std = std + self.config.revin_eps
         z = (x - mean) / std
         z = self.space_bag(z.reshape(b * t, c, h, w), field_ids)
-        z = self.embed(z)
-        z = z.reshape(b, t, *z.shape[1:])
+        z = self.embed(z)                                          # [BT, dim, h, w]
+        z = z.reshape(b, t, *z.shape[1:]).permute(0, 1, 3, 4, 2).contiguous()   # tokens
         periodic = self.periodicity(bcs, x.device)
         for block in self.blocks:
             z = block(z, periodic)
-        out = self.debed(z[:, -1], field_ids)
+        out = self.debed(z[:, -1].permute(0, 3, 1, 2), field_ids)
         return out * std[:, 0] + mean[:, 0]
 
     @staticmethod

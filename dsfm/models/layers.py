@@ -1,4 +1,6 @@
-"""The building blocks of MPP's Axial ViT, channels-first ([N, C, H, W]) throughout.
+"""The building blocks of MPP's Axial ViT. The stem and decoder are convolutions on channels-first
+frames ([N, C, H, W]); the space-time blocks work on tokens, channels last ([B, T, H, W, C]), so
+that their 1×1 projections and MLP are plain matrix multiplies on the channel axis.
 
 Parameter names follow the published MPP model (see shared/reference/mpp_avit_parameters.md), so
 counts match exactly and the structure reads the same: hMLP stem and decoder, temporal attention
@@ -16,20 +18,97 @@ from torch import nn
 PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 
 
+_HW = (-3, -2)                # the spatial axes of tokens [..., H, W, C]
+
+
+class _TokenRMSNorm(torch.autograd.Function):
+    """y = x · w / (std_HW(x) + eps) over tokens [..., H, W, C], with its gradient written out:
+    autograd's own, through std, runs some twenty operators per call where this runs nine."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        std, mean = torch.std_mean(x, dim=_HW, keepdim=True)
+        denom = std + eps
+        scale = weight / denom
+        ctx.save_for_backward(x, mean, std, denom, scale)
+        return x * scale
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean, std, denom, scale = ctx.saved_tensors
+        n = x.shape[-3] * x.shape[-2]
+        s = (gy * x).sum(dim=_HW, keepdim=True)             # ∂L/∂scale
+        # through std: ∂std/∂x = (x − mean) / ((n − 1) · std)
+        coef = -s * scale / (denom * (n - 1) * std)
+        gx = torch.addcmul(gy * scale, coef, x - mean)
+        gw = (s / denom).reshape(-1, s.shape[-1]).sum(dim=0)
+        return gx, gw, None
+
+
+class _TokenInstanceNorm(torch.autograd.Function):
+    """Instance norm over H and W of tokens [..., H, W, C] with a per-channel affine map,
+    forward in two passes over x (statistics, one multiply-add) and the gradient written out."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps):
+        var, mean = torch.var_mean(x, dim=_HW, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + eps)
+        scale = weight * rstd
+        ctx.save_for_backward(x, mean, rstd, weight)
+        return torch.addcmul(bias - mean * scale, x, scale)
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, mean, rstd, weight = ctx.saved_tensors
+        xhat = (x - mean) * rstd
+        g = gy * weight
+        m1 = g.mean(dim=_HW, keepdim=True)
+        m2 = (g * xhat).mean(dim=_HW, keepdim=True)
+        gx = torch.addcmul(g - m1, xhat, m2, value=-1.0) * rstd
+        dims = tuple(range(gy.ndim - 1))
+        return gx, (gy * xhat).sum(dim=dims), gy.sum(dim=dims), None
+
+
 class RMSInstanceNorm2d(nn.Module):
     """Divides each sample and channel by its spatial standard deviation (no centring), then
     scales per channel. The `bias` parameter exists in MPP's checkpoints but is not applied; it
-    is kept so parameter names and counts match."""
+    is kept so parameter names and counts match. Channels-first ([N, C, H, W], the stem and
+    decoder) by default; `channels_last` for the blocks' tokens ([..., H, W, C])."""
 
-    def __init__(self, dim: int, eps: float = 1e-8):
+    def __init__(self, dim: int, eps: float = 1e-8, channels_last: bool = False):
+        super().__init__()
+        self.eps, self.channels_last = eps, channels_last
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            return _TokenRMSNorm.apply(x, self.weight, self.eps)
+        std = torch.std(x, dim=(-2, -1), keepdim=True)
+        return x / (std + self.eps) * self.weight[:, None, None]
+
+
+class InstanceNorm(nn.Module):
+    """nn.InstanceNorm2d(dim, affine=True) of tokens [..., H, W, C]: each sample and channel
+    centred and scaled by its mean and (biased) variance over H and W, then the affine map per
+    channel. The same parameters (`weight`, `bias`) and eps as torch's module, so MPP's
+    checkpoints load."""
+
+    def __init__(self, dim: int, eps: float = 1e-5):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        std = torch.std(x, dim=(-2, -1), keepdim=True)
-        return x / (std + self.eps) * self.weight[:, None, None]
+        return _TokenInstanceNorm.apply(x, self.weight, self.bias, self.eps)
+
+
+def pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+    """A 1×1 convolution's map applied over the last axis of [..., C_in]: one matrix multiply
+    on the tokens, no layout change (the parameters stay the convolution's, as MPP names
+    them)."""
+    return F.linear(x, conv.weight.flatten(1), conv.bias)
 
 
 class DropPath(nn.Module):
@@ -107,11 +186,9 @@ class MLP(nn.Module):
 
 
 def _qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """[N, 3·dim, ...] → q, k, v of [N, heads, ..., head_dim] (per head: q, k, v contiguous,
-    as MPP splits its fused projection)."""
-    n, c3 = x.shape[:2]
-    x = x.reshape(n, heads, c3 // heads, *x.shape[2:]).movedim(2, -1)
-    return x.chunk(3, dim=-1)
+    """[..., 3·dim] → q, k, v of [..., heads, head_dim] (per head: q, k, v contiguous, as MPP
+    splits its fused projection)."""
+    return x.unflatten(-1, (heads, -1)).chunk(3, dim=-1)
 
 
 class TemporalAttention(nn.Module):
@@ -123,8 +200,8 @@ class TemporalAttention(nn.Module):
                  layer_scale: float = 1e-6):
         super().__init__()
         self.heads = heads
-        self.norm1 = nn.InstanceNorm2d(dim, affine=True)
-        self.norm2 = nn.InstanceNorm2d(dim, affine=True)
+        self.norm1 = InstanceNorm(dim)
+        self.norm2 = InstanceNorm(dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
         self.input_head = nn.Conv2d(dim, 3 * dim, 1)
         self.output_head = nn.Conv2d(dim, dim, 1)
@@ -134,16 +211,17 @@ class TemporalAttention(nn.Module):
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, C, H, W]."""
-        b, t, c, h, w = x.shape
-        z = self.input_head(self.norm1(x.reshape(b * t, c, h, w)))
-        z = z.reshape(b, t, 3 * c, h, w).permute(0, 3, 4, 2, 1)      # [B, H, W, 3C, T]
-        q, k, v = _qkv(z.reshape(b * h * w, 3 * c, t), self.heads)    # [BHW, heads, T, hd]
+        """x: [B, T, H, W, C] (tokens)."""
+        b, t, h, w, c = x.shape
+        z = pointwise(self.norm1(x), self.input_head)                 # [B, T, H, W, 3C]
+        # one sequence of T per (sample, position): [BHW, heads, T, 3hd]
+        z = z.unflatten(-1, (self.heads, -1)).permute(0, 2, 3, 4, 1, 5)
+        q, k, v = z.reshape(b * h * w, self.heads, t, -1).chunk(3, dim=-1)
         z = F.scaled_dot_product_attention(self.qnorm(q), self.knorm(k), v,
                                            attn_mask=self.rel_pos_bias(t)[None])
-        z = z.transpose(2, 3).reshape(b, h, w, c, t).permute(0, 4, 3, 1, 2)
-        z = self.output_head(self.norm2(z.reshape(b * t, c, h, w))).reshape(b, t, c, h, w)
-        return x + self.drop_path(z * self.gamma[:, None, None])
+        z = z.reshape(b, h, w, self.heads, t, -1).permute(0, 4, 1, 2, 3, 5).reshape(b, t, h, w, c)
+        z = pointwise(self.norm2(z), self.output_head)
+        return x + self.drop_path(z * self.gamma)
 
 
 class AxialSpatialAttention(nn.Module):
@@ -155,8 +233,8 @@ class AxialSpatialAttention(nn.Module):
                  layer_scale: float = 1e-6):
         super().__init__()
         self.heads = heads
-        self.norm1 = RMSInstanceNorm2d(dim)
-        self.norm2 = RMSInstanceNorm2d(dim)
+        self.norm1 = RMSInstanceNorm2d(dim, channels_last=True)
+        self.norm2 = RMSInstanceNorm2d(dim, channels_last=True)
         self.gamma_att = nn.Parameter(layer_scale * torch.ones(dim))
         self.gamma_mlp = nn.Parameter(layer_scale * torch.ones(dim))
         self.input_head = nn.Conv2d(dim, 3 * dim, 1)
@@ -165,7 +243,7 @@ class AxialSpatialAttention(nn.Module):
         self.knorm = nn.LayerNorm(dim // heads)
         self.rel_pos_bias = RelativePositionBias(heads)
         self.mlp = MLP(dim)
-        self.mlp_norm = RMSInstanceNorm2d(dim)
+        self.mlp_norm = RMSInstanceNorm2d(dim, channels_last=True)
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
     def _along(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -186,26 +264,27 @@ class AxialSpatialAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
                 ) -> torch.Tensor:
-        """x: [N, C, H, W]; periodic: (H axis, W axis) for the whole batch, or [N, 2] bool per
-        sample."""
-        n, c, h, w = x.shape
-        q, k, v = _qkv(self.input_head(self.norm1(x)), self.heads)   # [N, heads, H, W, hd]
+        """x: [N, H, W, C] (tokens); periodic: (H axis, W axis) for the whole batch, or [N, 2]
+        bool per sample."""
+        n, h, w, c = x.shape
+        q, k, v = _qkv(pointwise(self.norm1(x), self.input_head), self.heads)  # [N,H,W,heads,hd]
         q, k = self.qnorm(q), self.knorm(k)
         # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
-        zw = self._along(*(t.transpose(1, 2) for t in (q, k, v)), periodic[1]
+        zw = self._along(*(t.transpose(2, 3) for t in (q, k, v)), periodic[1]
                          if isinstance(periodic, tuple) else periodic[:, 1])
-        zw = zw.permute(0, 2, 4, 1, 3)                               # [N, heads, hd, H, W]
         # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
-        zh = self._along(*(t.permute(0, 3, 1, 2, 4) for t in (q, k, v)), periodic[0]
+        zh = self._along(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), periodic[0]
                          if isinstance(periodic, tuple) else periodic[:, 0])
-        zh = zh.permute(0, 2, 4, 3, 1)
-        z = ((zw + zh) / 2).reshape(n, c, h, w)
-        x = x + self.drop_path(self.output_head(self.norm2(z)) * self.gamma_att[:, None, None])
-        z = self.mlp(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
-        return x + self.drop_path(self.mlp_norm(z) * self.gamma_mlp[:, None, None])
+        z = (zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)) * 0.5          # [N,H,W,heads,hd]
+        z = pointwise(self.norm2(z.reshape(n, h, w, c)), self.output_head)
+        x = x + self.drop_path(z * self.gamma_att)
+        return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp)
 
 
 class SpaceTimeBlock(nn.Module):
+    """Temporal then axial spatial attention, on tokens [B, T, H, W, C]: every projection is a
+    matrix multiply on the channel axis, with no layout change around it."""
+
     def __init__(self, dim: int, heads: int, drop_path: float | None = None):
         super().__init__()
         self.temporal = TemporalAttention(dim, heads, drop_path)
@@ -213,12 +292,11 @@ class SpaceTimeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
                 ) -> torch.Tensor:
-        b, t, c, h, w = x.shape
+        b, t, h, w, c = x.shape
         x = self.temporal(x)
         if not isinstance(periodic, tuple):
             periodic = periodic.repeat_interleave(t, dim=0)
-        x = self.spatial(x.reshape(b * t, c, h, w), periodic)
-        return x.reshape(b, t, c, h, w)
+        return self.spatial(x.reshape(b * t, h, w, c), periodic).reshape(b, t, h, w, c)
 
 
 class HMLPStem(nn.Module):

@@ -235,11 +235,85 @@ def test_uniform_and_per_sample_boundary_paths_agree():
     block = AxialSpatialAttention(48, 3).eval()
     with torch.no_grad():
         block.gamma_att.fill_(1.0)
-        x = torch.randn(3, 48, 4, 6)
+        x = torch.randn(3, 4, 6, 48)                     # tokens [N, H, W, C]
         for flags in ((True, False), (False, True)):
             per_sample = torch.tensor([flags] * 3)
             torch.testing.assert_close(block(x, flags), block(x, per_sample), rtol=1e-5,
                                        atol=1e-6)
+
+
+@pytest.mark.parametrize("codes", ["uniform", "per_sample"])
+def test_token_layout_computes_mpps_channels_first_function(codes):
+    """dsfm's blocks work on tokens (channels last, projections as matrix multiplies, its own
+    instance and RMS norms with their gradients written out); MPP's formulation is
+    channels-first with 1×1 convolutions and torch's InstanceNorm2d (perf.mpp_layout, over the
+    same parameters). Same outputs and gradients, with every parameter perturbed so that no
+    branch hides behind LayerScale's 1e-6."""
+    from dsfm.eval import nmse
+    from perf.mpp_layout import ChannelsFirst
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(6, 96, 3, 3, 0.0))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x, y, ids = sample(b=2, t=4, c=5, h=32, w=48), torch.randn(2, 5, 32, 48), \
+        torch.tensor([0, 1, 3, 4, 5])
+    bcs = periodic_bcs(2) if codes == "uniform" else \
+        torch.cat([periodic_bcs(1, True, False), periodic_bcs(1, False, True)])
+    results = []
+    for net in (model, ChannelsFirst(model)):
+        model.zero_grad(set_to_none=True)
+        out = net(x, ids, bcs)
+        nmse(out, y).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if p.grad is not None}))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 100
+    for n, g in grads.items():       # knorm.bias: analytically zero, rounding noise ~1e-10
+        torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+def test_token_norm_gradients_pass_gradcheck():
+    from dsfm.models.layers import _TokenInstanceNorm, _TokenRMSNorm
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 4, 3, dtype=torch.float64, requires_grad=True)
+    w, b = (torch.randn(3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    assert torch.autograd.gradcheck(lambda x, w, b: _TokenInstanceNorm.apply(x, w, b, 1e-5),
+                                    (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: _TokenRMSNorm.apply(x, w, 1e-8), (x, w))
+
+
+def test_token_norms_match_torchs_on_channels_first_frames():
+    """The token layout's instance norm and RMS norm, forward and backward, against torch's
+    InstanceNorm2d and the channels-first RMS norm on the same numbers."""
+    from dsfm.models.layers import InstanceNorm, RMSInstanceNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 2, 5, 7, 8, dtype=torch.float64)             # [B, T, H, W, C]
+    g = torch.randn_like(x)
+    for ours, theirs in ((InstanceNorm(8), torch.nn.InstanceNorm2d(8, affine=True)),
+                         (RMSInstanceNorm2d(8, channels_last=True), RMSInstanceNorm2d(8))):
+        ours, theirs = ours.double(), theirs.double()
+        with torch.no_grad():
+            ours.weight.normal_()
+            ours.bias.normal_()
+            theirs.load_state_dict(ours.state_dict())
+        a = x.clone().requires_grad_()
+        b = x.clone().permute(0, 1, 4, 2, 3).reshape(6, 8, 5, 7).requires_grad_()
+        out_a = ours(a)
+        out_b = theirs(b).reshape(3, 2, 8, 5, 7).permute(0, 1, 3, 4, 2)
+        torch.testing.assert_close(out_a, out_b)
+        (out_a * g).sum().backward()
+        (out_b * g).sum().backward()
+        torch.testing.assert_close(a.grad, b.grad.reshape(3, 2, 8, 5, 7).permute(0, 1, 3, 4, 2))
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+        if isinstance(ours, InstanceNorm):
+            torch.testing.assert_close(ours.bias.grad, theirs.bias.grad)
+        else:                                                       # MPP's unused bias
+            assert ours.bias.grad is None and theirs.bias.grad is None
 
 
 @pytest.mark.slow
