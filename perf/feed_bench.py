@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         from perf.gpu_trace import describe
         print(f"profiled ({args.profile} steps each, next() included):")
         for name, r in rows.items():
-            what = describe(r["profile"]) if "profile" in r else \
+            what = describe(r["profile"], r["step_ms_median"]) if "profile" in r else \
                 f"profile failed: {r.get('profile_error')}"
             print(f"  {name:18s} {what}")
     ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]

@@ -7,18 +7,23 @@
 # at most 8 files, and only what is already under $OUT if the run is cut short). The summary
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
-# back to back while the machine is warm (30 s):
+# back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
 #   1. GPU_CHECK_ONLY="train_bench train_layout train_compile train_rest"
-#      GPU_CHECK_DEADLINE=500, timeout_s=530 (train_rest, measured once already, is what the
-#      deadline cuts first);
-#   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench" with the time left as its deadline
-#      (about 330 s: the simulation of the loader data, 8 train trajectories per parameter set,
-#      runs beside the CUDA tests; then the feed and loader benchmarks).
+#      GPU_CHECK_DEADLINE=500, timeout_s=530 (the step limits add up to the deadline;
+#      train_rest, measured once already, runs only if time is left);
+#   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench": read `status` right before it and
+#      give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that timeout_s - 35 (the
+#      summary and the transfers). The simulation of the loader data (8 train trajectories per
+#      parameter set) runs beside the CUDA tests. If the machine went cold meanwhile, a fresh
+#      one starts (30-60 s) and rebuilds FusedAdam (about 60 s, in the background), which
+#      feed_bench's ZeRO-2 engine then waits for.
 # The monitor tests, the sweep and the demo run passed on 2026-11-28 and can wait. The first
 # session's timings (H200, 2026-11-28): machine start and transfers about 30 s, pip install 3 s,
 # the training benchmark 171 s for 18 variants, the simulation 180-224 s at the preset's 40
 # trajectories per parameter set (8: 21 s on the 2-core CPU), the loader benchmark 25 s (30
 # batches x 2 rounds), the monitor tests 43 s, the demo run 26 s.
+# Profiled variants keep their device events (perf/gpu_trace.py) in a tarball of their own,
+# $OUT/gpu_traces.tar.gz, so that a large one cannot cost the results' tarball its return.
 set -uo pipefail
 T0=$SECONDS
 if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then      # 1: a plumbing rehearsal on a CPU machine
@@ -27,9 +32,13 @@ if [ "${GPU_CHECK_NO_INSTALL:-0}" != 1 ]; then      # 1: a plumbing rehearsal on
   pip install -q --no-index --no-deps --no-build-isolation -e . 2>/dev/null || true
 fi
 export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; rm -rf "$R"; mkdir -p "$OUT" "$R"
+OUT=${OUT:-/tmp/out}; R=/tmp/gpu_results; TR=/tmp/gpu_traces
+rm -rf "$R" "$TR"; mkdir -p "$OUT" "$R" "$TR"
 
-pack() { tar czf "$OUT/gpu_results.tar.gz" -C /tmp gpu_results 2>/dev/null; }
+pack() {
+  tar czf "$OUT/gpu_results.tar.gz" -C /tmp gpu_results 2>/dev/null
+  tar czf "$OUT/gpu_traces.tar.gz" -C /tmp gpu_traces 2>/dev/null
+}
 # the whole run stops starting steps at DEADLINE seconds (the device call's timeout_s less the
 # summary's margin): a step gets min(its limit, the time left), and none starts with under 20 s
 DEADLINE=${GPU_CHECK_DEADLINE:-470}
@@ -69,27 +78,27 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # issue 4: ms/step, samples/s, TFLOP/s, MFU, memory, host time and (--profile) the GPU's busy
 # share of the step with its kernel time by category, for what the targets name first: B and L,
 # plain against one CUDA graph (the card's own time) and ZeRO-2 (target: <= 3 % over plain)
-step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
-  --wrappers plain,graph,zero2 --profile 2 --trace-dir "$R/traces" --json "$R/train_bench.json"
+step train_bench 190 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
+  --wrappers plain,graph,zero2 --profile 2 --trace-dir "$TR" --json "$R/train_bench.json"
 # issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
 # channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and
 # PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's reference "fp32"
 # figures may have run with
-step train_layout 90 python3 -m perf.train_bench --sizes B --wrappers plain \
+step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 6 --warmup 2 --profile 2 \
   --json "$R/train_layout.json"
 # issue 4: the space-time blocks compiled (regional torch.compile), the trainer's model.compile;
 # the graph wrapper is left out (training cannot use it)
 step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
-  --compile --steps 6 --warmup 2 --profile 2 --trace-dir "$R/traces" \
+  --compile --steps 6 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_compile.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in
 # full once already (Ti last: its host-bound step would feel the FusedAdam build if it ran on)
 step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3 \
   --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
 # issue 3: CUDA path of the loader
-step cuda_tests 45 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py \
-  tests/perf/test_gpu_trace.py
+step cuda_tests 60 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py \
+  tests/perf/test_gpu_trace.py tests/models/test_avit.py -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor
 # issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser

@@ -26,15 +26,19 @@ WINDOW = "dsfm_profiled_step"
 WARMUP = "dsfm_profiler_warmup"        # a first step under the profiler, not summarized
 DEVICE_CATS = ("kernel", "gpu_memcpy", "gpu_memset")
 
-#: kernel-name fragments (lower case) per category, tried in this order; the first match wins
+#: kernel-name fragments (lower case) per category, tried in this order; the first match wins.
+#: Inductor's kernels come first (their names list the operators they fused: "transpose",
+#: "convolution"...), matrix multiplies it generated as templates aside.
 CATEGORIES = (
-    ("attention", ("flash", "fmha", "attention", "mem_eff", "sdpa")),
-    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
-    ("matmul/conv", ("gemm", "cutlass", "xmma", "cublas", "conv", "dgrad", "wgrad", "implicit",
-                     "winograd", "cudnn")),
+    ("matmul/conv", ("triton_tem_",)),
     ("compiled", ("triton",)),
+    ("comm", ("nccl",)),
+    ("attention", ("flash", "fmha", "attention", "mem_eff", "sdpa", "softmax")),
+    ("layout", ("nchwtonhwc", "nhwctonchw", "transpose")),
+    ("matmul/conv", ("gemm", "nvjet", "cutlass", "xmma", "cublas", "conv", "dgrad", "wgrad",
+                     "implicit", "winograd", "cudnn")),
     ("optimizer", ("adam", "multi_tensor", "foreach")),
-    ("norm", ("norm",)),
+    ("norm", ("norm", "welford", "gammabeta")),
     ("reduction", ("reduce",)),
     ("copy", ("memcpy", "memset", "copy", "gather", "scatter", "index")),
     ("elementwise", ("elementwise", "vectorized")),
@@ -72,12 +76,14 @@ def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
         raise ValueError(f"no {window!r} annotation in the trace")
     device = [e for e in events if e.get("cat") in device_cats and "dur" in e]
     n = len(windows)
+    inside_any = 0
     busy = kernel_us = 0.0
     count = 0
     by_cat: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
     for lo, hi in windows:
         inside = [e for e in device if lo <= e["ts"] < hi]
+        inside_any += len(inside)
         busy += union_length([(e["ts"], min(e["ts"] + e["dur"], hi)) for e in inside])
         for e in inside:
             kernel_us += e["dur"]
@@ -94,7 +100,11 @@ def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
         "wall_ms": wall_us / n / 1e3,
         "busy_ms": busy / n / 1e3 if device else None,
         "busy_share": busy / wall_us if device and wall_us else None,
-        "kernels_per_step": count / n,
+        "kernels_per_step": count / n,           # kernels, memcpys and memsets
+        # of all device events in the trace, the share inside the windows: about n / (n + 1)
+        # with the unsummarized first step; far less means the device and host clocks of the
+        # trace disagree, and the busy share is not to be trusted
+        "events_in_windows": inside_any / len(device) if device else None,
         "kernel_ms_per_step": kernel_us / n / 1e3,
         "categories_ms": {c: round(us / n / 1e3, 3)
                           for c, us in sorted(by_cat.items(), key=lambda kv: -kv[1])},
@@ -133,21 +143,37 @@ def profile_steps(step, n: int = 2, keep: str | None = None) -> dict:
     finally:
         os.unlink(path)
     summary = summarize(events)
-    if keep:
-        kept = [e for e in events if e.get("cat") in DEVICE_CATS
-                or (e.get("cat") == "user_annotation" and e.get("name") == WINDOW)]
+    if keep:                            # the windows and the device events in them, compact
+        windows = [e for e in events
+                   if e.get("cat") == "user_annotation" and e.get("name") == WINDOW]
+        spans = [(w["ts"], w["ts"] + w["dur"]) for w in windows]
+        kept = [{k: e[k] for k in ("name", "cat", "ts", "dur")} for e in windows]
+        kept += [{"name": e.get("name", "?"), "cat": e["cat"], "ts": e["ts"], "dur": e["dur"],
+                  "stream": e.get("args", {}).get("stream")}
+                 for e in events if e.get("cat") in DEVICE_CATS and "dur" in e
+                 and any(lo <= e["ts"] < hi for lo, hi in spans)]
         with gzip.open(keep, "wt") as fh:
             json.dump({"traceEvents": kept}, fh)
     return summary
 
 
-def describe(summary: dict, n_categories: int = 4) -> str:
-    """One line: busy share, kernels per step, the largest categories."""
+def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4) -> str:
+    """One line: busy share, kernels per step, the largest categories. `step_ms`, the step's
+    unprofiled time: the busy time is also given against it, since the profiler's own host
+    work lengthens the profiled step (and so lowers the busy share within it)."""
     cats = ", ".join(f"{c} {ms:.1f}" for c, ms in list(summary["categories_ms"].items())
                      [:n_categories])
-    busy = (f"GPU busy {100 * summary['busy_share']:.1f}% of {summary['wall_ms']:.1f} ms"
-            if summary["busy_share"] is not None else
-            f"no device events ({summary['wall_ms']:.1f} ms)")
+    if summary["busy_share"] is None:
+        busy = f"no device events ({summary['wall_ms']:.1f} ms)"
+    else:
+        busy = (f"GPU busy {100 * summary['busy_share']:.1f}% of the profiled "
+                f"{summary['wall_ms']:.1f} ms" + (f", {summary['busy_ms']:.1f} ms = "
+                                                  f"{100 * summary['busy_ms'] / step_ms:.1f}% "
+                                                  f"of the timed {step_ms:.1f} ms"
+                                                  if step_ms else ""))
+        if summary["events_in_windows"] < 0.5 * summary["steps"] / (summary["steps"] + 1):
+            busy += (f" (CLOCKS? only {100 * summary['events_in_windows']:.0f}% of device "
+                     "events fall in the step windows)")
     return (f"{busy}; {summary['kernels_per_step']:.0f} kernels/step, "
             f"{summary['kernel_ms_per_step']:.1f} ms of kernels" + (f" ({cats} ms)" if cats
                                                                     else ""))

@@ -247,8 +247,10 @@ LABEL = {"tokens": "tokens", "channels_first": "cf"}
 
 
 def _busy(row: dict) -> str:
-    share = row.get("profile", {}).get("busy_share")
-    return f"{100 * share:.1f}%" if share is not None else "n/a"
+    """The GPU's busy time in the profiled steps against the unprofiled step time (the
+    profiler's host work lengthens a profiled step)."""
+    busy = row.get("profile", {}).get("busy_ms")
+    return f"{min(100.0, 100 * busy / row['ms_per_step']):.1f}%" if busy is not None else "n/a"
 
 
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
@@ -335,9 +337,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         from perf.gpu_trace import describe
         print(f"profiled ({args.profile} steps each): GPU busy share of the step and kernel "
-              "time per step (ms) by category")
+              "time per step (ms) by category; the table's GPU busy is the busy time against "
+              "the unprofiled ms/step")
         for r in rows:
-            what = describe(r["profile"]) if "profile" in r else \
+            what = describe(r["profile"], r["ms_per_step"]) if "profile" in r else \
                 f"profile failed: {r.get('profile_error')}"
             print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:6s} "
                   f"{LABEL[r['layout']]:6s} {what}")

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 
@@ -34,14 +35,18 @@ class _TokenRMSNorm(torch.autograd.Function):
         return x * scale
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, mean, std, denom, scale = ctx.saved_tensors
         n = x.shape[-3] * x.shape[-2]
-        s = (gy * x).sum(dim=_HW, keepdim=True)             # ∂L/∂scale
-        # through std: ∂std/∂x = (x − mean) / ((n − 1) · std)
-        coef = -s * scale / (denom * (n - 1) * std)
-        gx = torch.addcmul(gy * scale, coef, x - mean)
-        gw = (s / denom).reshape(-1, s.shape[-1]).sum(dim=0)
+        s = (gy * x).sum(dim=_HW, keepdim=True)             # ∂L/∂scale · weight
+        # through std: ∂std/∂x = (x − mean) / ((n − 1) · std); a spatially constant channel
+        # (std 0) gets none, as autograd's std gives
+        inv = torch.where(std > 0, std.reciprocal(), torch.zeros_like(std))
+        coef = -s * scale * inv / (denom * (n - 1))
+        gx = torch.addcmul(gy * scale, coef, x - mean) if ctx.needs_input_grad[0] else None
+        gw = (s / denom).reshape(-1, s.shape[-1]).sum(dim=0) if ctx.needs_input_grad[1] \
+            else None
         return gx, gw, None
 
 
@@ -58,15 +63,22 @@ class _TokenInstanceNorm(torch.autograd.Function):
         return torch.addcmul(bias - mean * scale, x, scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, gy):
         x, mean, rstd, weight = ctx.saved_tensors
         xhat = (x - mean) * rstd
-        g = gy * weight
-        m1 = g.mean(dim=_HW, keepdim=True)
-        m2 = (g * xhat).mean(dim=_HW, keepdim=True)
-        gx = torch.addcmul(g - m1, xhat, m2, value=-1.0) * rstd
         dims = tuple(range(gy.ndim - 1))
-        return gx, (gy * xhat).sum(dim=dims), gy.sum(dim=dims), None
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            g = gy * weight
+            m1 = g.mean(dim=_HW, keepdim=True)
+            m2 = (g * xhat).mean(dim=_HW, keepdim=True)
+            gx = torch.addcmul(g - m1, xhat, m2, value=-1.0) * rstd
+        if ctx.needs_input_grad[1]:
+            gw = (gy * xhat).sum(dim=dims)
+        if ctx.needs_input_grad[2]:
+            gb = gy.sum(dim=dims)
+        return gx, gw, gb, None
 
 
 class RMSInstanceNorm2d(nn.Module):
@@ -170,9 +182,12 @@ class RelativePositionBias(nn.Module):
         return self._buckets[key]
 
     def forward(self, length: int, periodic: bool = False) -> torch.Tensor:
-        """[heads, length, length] additive attention bias."""
+        """[heads, length, length] additive attention bias, contiguous: PyTorch's fused
+        attention kernels on a GPU refuse a mask whose last axis has a stride other than 1
+        (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
+        to the unfused math path."""
         idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
-        return self.relative_attention_bias(idx).permute(2, 0, 1)
+        return self.relative_attention_bias.weight.t()[:, idx]
 
 
 class MLP(nn.Module):

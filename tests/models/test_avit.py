@@ -275,6 +275,55 @@ def test_token_layout_computes_mpps_channels_first_function(codes):
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
+def test_relative_bias_is_contiguous_for_the_fused_kernels():
+    """GPU attention kernels refuse a mask whose last axis is strided; the bias is the table's
+    values per bucket, heads first, contiguous."""
+    rpb = RelativePositionBias(4)
+    for periodic in (False, True):
+        bias = rpb(8, periodic)
+        assert bias.shape == (4, 8, 8) and bias.is_contiguous()
+        want = rpb.relative_attention_bias(rpb.buckets(8, periodic, bias.device)).permute(2, 0, 1)
+        assert torch.equal(bias, want)
+
+
+def test_rms_norm_gradient_of_a_constant_channel_is_finite():
+    """A spatially constant channel (std 0): the hand-written gradient stays finite, as
+    autograd's through torch.std does."""
+    from dsfm.models.layers import RMSInstanceNorm2d
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    x[0, :, :, 1] = 0.5
+    ours, theirs = RMSInstanceNorm2d(3, eps=1.0, channels_last=True).double(), \
+        RMSInstanceNorm2d(3, eps=1.0).double()
+    a = x.clone().requires_grad_()
+    b = x.permute(0, 3, 1, 2).clone().requires_grad_()
+    g = torch.randn_like(x)
+    (ours(a) * g).sum().backward()
+    (theirs(b) * g.permute(0, 3, 1, 2)).sum().backward()
+    assert torch.isfinite(a.grad).all()
+    torch.testing.assert_close(a.grad, b.grad.permute(0, 2, 3, 1))
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
+    """With whole-batch boundary codes (the loader's host copy) every attention of a block runs
+    on PyTorch's memory-efficient kernel in fp32, forward and backward: restricted to it,
+    SDPA raises with its reason if any input or the bias is refused."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(5, 96, 3, 1, 0.0)).cuda()
+    x = torch.randn(2, 4, 4, 128, 128, device="cuda")
+    ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(2, True, False)
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+        out = model(x, ids, bcs)
+        out.square().mean().backward()
+    assert torch.isfinite(out).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
 def test_token_norm_gradients_pass_gradcheck():
     from dsfm.models.layers import _TokenInstanceNorm, _TokenRMSNorm
 

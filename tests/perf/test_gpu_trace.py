@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile, record_function
 
-from perf.gpu_trace import WINDOW, category, profile_steps, summarize, union_length
+from perf.gpu_trace import WINDOW, category, describe, profile_steps, summarize, union_length
 
 
 def test_union_counts_overlaps_once():
@@ -31,6 +31,15 @@ def test_kernel_names_fall_into_categories():
         "void at::native::vectorized_elementwise_kernel<4, GeluCUDAKernelImpl>": "elementwise",
         "void cudnn::nchwToNhwcKernel<float, float, float, false>": "layout",
         "void at::native::(anonymous namespace)::CatArrayBatchedCopy<float>": "copy",
+        "nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNT": "matmul/conv",
+        "triton_poi_fused_clone_convert_element_type_transpose_3": "compiled",
+        "triton_red_fused_native_layer_norm_backward_7": "compiled",
+        "triton_tem_fused_addmm_0": "matmul/conv",
+        "void (anonymous namespace)::softmax_warp_forward<float, float, float, 4, false>":
+            "attention",
+        "ncclDevKernel_AllReduce_Sum_f32_RING_LL(ncclDevKernelArgsStorage<4096ul>)": "comm",
+        "void at::native::reduce_kernel<512, 1, ReduceOp<float, WelfordOps<float>>>": "norm",
+        "void at::native::GammaBetaBackwardCUDAKernel<float, float>": "norm",
         "something_new": "other",
     }
     for name, want in cases.items():
@@ -67,6 +76,20 @@ def test_summary_of_two_steps():
     assert s["categories_ms"] == {"matmul/conv": 0.65, "attention": 0.15, "copy": 0.05}
     assert list(s["categories_ms"]) == ["matmul/conv", "attention", "copy"]   # largest first
     assert s["top"][0] == {"name": gemm, "ms_per_step": 0.65, "calls_per_step": 1.5}
+    assert s["events_in_windows"] == pytest.approx(5 / 7)        # two fell outside
+    line = describe(s, step_ms=1.3)
+    assert line.startswith("GPU busy 65.0% of the profiled 1.0 ms, 0.7 ms = 50.0% of the timed "
+                           "1.3 ms; 2 kernels/step") and "CLOCKS" not in line
+
+
+def test_device_events_outside_every_window_are_flagged():
+    """Device timestamps on another clock than the host's annotations would read as an idle
+    GPU: the line says so instead."""
+    events = _trace([(0, 1000), (2000, 3000)], [("sm90_xmma_gemm", 10 ** 9 + t, 10 ** 9 + t + 50,
+                                                 "kernel") for t in range(0, 3000, 100)])
+    s = summarize(events)
+    assert s["busy_share"] == 0 and s["events_in_windows"] == 0
+    assert "CLOCKS? only 0% of device events fall in the step windows" in describe(s)
 
 
 def test_summary_without_device_events_and_without_windows():
