@@ -128,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         if variant.endswith("pinned") and pinning is None:
             pinning = pin(loader.worker_pids)
         times, waits, nexts = [], [], []
+        busy_before = sum(loader.read_s)
         # a loader variant first drains what the readers filled the ring with meanwhile, so
         # that its timed steps are fed as they come
         warmup = args.warmup + (loader.ring_slots if variant.startswith("WellLoader") else 0)
@@ -158,7 +159,15 @@ def main(argv: list[str] | None = None) -> int:
                          # the whole next() call: the wait plus the loader's bookkeeping on
                          # the training thread (polling, launching copies and assembly)
                          "next_ms_median": 1e3 * statistics.median(nexts),
-                         "next_share": sum(nexts) / total}
+                         "next_share": sum(nexts) / total,
+                         # a steady small wait or a few long stalls: the distribution says
+                         "wait_ms_p95": 1e3 * sorted(waits)[int(0.95 * (len(waits) - 1))],
+                         "wait_ms_max": 1e3 * max(waits),
+                         "steps_waiting": sum(w > 5e-4 for w in waits),
+                         # the readers' busy share of the timed steps' wall time (CPU time
+                         # they spent on batches over readers x time): how far ahead they are
+                         "readers_busy": (sum(loader.read_s) - busy_before)
+                         / (args.workers * total)}
         if args.profile:
             from perf.gpu_trace import profile_steps
 
@@ -185,11 +194,16 @@ def main(argv: list[str] | None = None) -> int:
               f"{pinning['trainer']}, readers on {pinning['readers']} (run after the unpinned "
               "pair, same loader)")
     print(f"{'feed':18s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
-          f"{'next() ms':>10s} {'next() share':>12s}")
+          f"{'next() ms':>10s} {'next() share':>12s} {'wait p95/max ms':>16s} "
+          f"{'steps waiting':>13s} {'readers busy':>12s}")
     for name, r in rows.items():
+        loaded = name.startswith("WellLoader")
         print(f"{name:18s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
               f"{100 * r['data_wait_share']:9.2f}% {r['next_ms_median']:10.2f} "
-              f"{100 * r['next_share']:11.2f}%")
+              f"{100 * r['next_share']:11.2f}% "
+              + (f"{r['wait_ms_p95']:7.2f} / {r['wait_ms_max']:6.1f} "
+                 f"{r['steps_waiting']:6d} of {args.steps:<4d} {100 * r['readers_busy']:11.1f}%"
+                 if loaded else ""))
     if args.profile:
         from perf.gpu_trace import describe
         print(f"profiled ({args.profile} steps each, next() included):")

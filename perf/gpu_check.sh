@@ -112,7 +112,9 @@ rm -rf "$R/run/checkpoints"                    # weights are not needed back
 # issue 5: the sampler's cost on a GPU
 step monitor_overhead 45 python3 -m perf.monitor_overhead --seconds 2 --rounds 5
 # (the simulation takes minutes: the steps above run meanwhile)
-[ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt"
+# then the simulated files are flushed to disk, so that no writeback of them runs beside the
+# loader benchmarks (one round of the first session's 14-reader run read 7x slower than another)
+[ -n "$SIM" ] && wait $SIM && cat "$R/sim.txt" && sync
 # issue 3: data wait of an AViT-B step fed by WellLoader, then with the trainer and readers
 # pinned apart
 step feed_bench 120 python3 -m perf.feed_bench --base /tmp/small --size B --batch 8 --pin \

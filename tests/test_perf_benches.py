@@ -32,6 +32,8 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
         assert r["samples_per_sec"] > 0 and 0 <= r["data_wait_share"] < 1
     loader = rec["variants"]["WellLoader"]
     assert loader["next_share"] >= loader["data_wait_share"] and loader["next_ms_median"] > 0
+    assert loader["wait_ms_max"] >= loader["wait_ms_p95"] >= 0
+    assert 0 <= loader["steps_waiting"] <= 3 and loader["readers_busy"] > 0
     assert rec["variants"]["resident"]["data_wait_share"] == 0
     assert rec["variants"]["resident"]["next_share"] == 0
     assert rec["cpus"] and rec["date"]
