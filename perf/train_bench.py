@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import resource
 import statistics
@@ -54,11 +55,21 @@ NUMERICS = ("fp32", "tf32", "torch")
 WRAPPERS = ("plain", "graph", "zero2", "zero3")
 
 
+SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
+
+
 def engine_config(batch: int, stage: int) -> dict:
-    """The benchmarks' one-rank DeepSpeed config: AdamW, clipping 1.0, ZeRO `stage`."""
+    """The benchmarks' one-rank DeepSpeed config: AdamW, clipping 1.0, and the ZeRO settings of
+    the training job's own `ds_configs/zero{stage}.json` (overlap_comm, contiguous gradients,
+    bucket sizes), so that the overhead measured is the one a run gets."""
+    zero = {"stage": stage}
+    path = os.path.join(SHIPPED, f"zero{stage}.json")
+    if os.path.isfile(path):
+        with open(path) as fh:
+            zero = json.load(fh)["zero_optimization"]
     return {"train_micro_batch_size_per_gpu": batch, "gradient_clipping": 1.0,
             "optimizer": {"type": "AdamW", "params": {"lr": 1e-4}},
-            "zero_optimization": {"stage": stage}, "steps_per_print": 10 ** 9}
+            "zero_optimization": zero, "steps_per_print": 10 ** 9}
 
 
 def plain_step(model, opt, inputs):

@@ -42,8 +42,7 @@ class _TokenRMSNorm(torch.autograd.Function):
         s = (gy * x).sum(dim=_HW, keepdim=True)             # ∂L/∂scale · weight
         # through std: ∂std/∂x = (x − mean) / ((n − 1) · std); a spatially constant channel
         # (std 0) gets none, as autograd's std gives
-        inv = torch.where(std > 0, std.reciprocal(), torch.zeros_like(std))
-        coef = -s * scale * inv / (denom * (n - 1))
+        coef = torch.where(std > 0, -s * scale / (denom * (n - 1) * std), 0.0)
         gx = torch.addcmul(gy * scale, coef, x - mean) if ctx.needs_input_grad[0] else None
         gw = (s / denom).reshape(-1, s.shape[-1]).sum(dim=0) if ctx.needs_input_grad[1] \
             else None
@@ -187,7 +186,7 @@ class RelativePositionBias(nn.Module):
         (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
         to the unfused math path."""
         idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
-        return self.relative_attention_bias.weight.t()[:, idx]
+        return self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
 
 
 class MLP(nn.Module):
