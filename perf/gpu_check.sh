@@ -88,8 +88,9 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 6 --warmup 2 --profile 2 \
   --json "$R/train_layout.json"
 # issue 4: the space-time blocks compiled (regional torch.compile), the trainer's model.compile;
-# the graph wrapper is left out (training cannot use it)
-step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
+# the graph wrapper is left out (training cannot use it); ZeRO-2 as shipped and with
+# contiguous_gradients off (on one rank it copies each gradient once more)
+step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2,zero2nc \
   --compile --steps 6 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_compile.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in

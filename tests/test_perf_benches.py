@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from dsfm.data import native
-from tests.conftest import run
+from tests.conftest import REPO, run
 
 
 @pytest.mark.slow
@@ -48,11 +48,19 @@ def test_train_bench_compares_wrappers(tmp_path):
     out = tmp_path / "train.json"
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
-                "--layouts", "tokens,channels_first", "--json", str(out)], timeout=600)
+                "--layouts", "tokens,channels_first", "--wrappers", "plain,zero2,zero2nc,zero3",
+                "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
+    wrappers = ("plain", "zero2", "zero2nc", "zero3")
     assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
-        (layout, w) for layout in ("tokens", "channels_first") for w in ("plain", "zero2", "zero3")]
+        (layout, w) for layout in ("tokens", "channels_first") for w in wrappers]
+    # the engines run the shipped ZeRO settings; zero2nc turns contiguous gradients off
+    zero = {r["wrapper"]: r["zero_optimization"] for r in rec["rows"]}
+    shipped = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
+    assert zero["plain"] is None and zero["zero2"] == shipped["zero_optimization"]
+    assert zero["zero2nc"] == {**shipped["zero_optimization"], "contiguous_gradients": False}
+    assert zero["zero3"]["stage"] == 3
     # the same model computed two ways: the same FLOPs (1x1 convolutions or matrix multiplies)
     flops = {r["layout"]: r["tflop_per_step"] for r in rec["rows"]}
     assert abs(flops["tokens"] / flops["channels_first"] - 1) < 0.01
