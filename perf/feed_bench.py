@@ -15,6 +15,7 @@ AViT-B on a GPU.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import statistics
 import sys
@@ -128,11 +129,13 @@ def main(argv: list[str] | None = None) -> int:
         if variant.endswith("pinned") and pinning is None:
             pinning = pin(loader.worker_pids)
         times, waits, nexts = [], [], []
-        busy_before = sum(loader.read_s)
+        busy_before = 0.0
         # a loader variant first drains what the readers filled the ring with meanwhile, so
         # that its timed steps are fed as they come
         warmup = args.warmup + (loader.ring_slots if variant.startswith("WellLoader") else 0)
         for i in range(warmup + args.steps):
+            if i == warmup:                 # the readers' time from the timed steps on
+                busy_before = sum(loader.read_s)
             sync()
             t0 = time.perf_counter()
             if variant.startswith("WellLoader"):
@@ -161,11 +164,12 @@ def main(argv: list[str] | None = None) -> int:
                          "next_ms_median": 1e3 * statistics.median(nexts),
                          "next_share": sum(nexts) / total,
                          # a steady small wait or a few long stalls: the distribution says
-                         "wait_ms_p95": 1e3 * sorted(waits)[int(0.95 * (len(waits) - 1))],
+                         "wait_ms_p95": 1e3 * sorted(waits)[math.ceil(0.95 * len(waits)) - 1],
                          "wait_ms_max": 1e3 * max(waits),
                          "steps_waiting": sum(w > 5e-4 for w in waits),
-                         # the readers' busy share of the timed steps' wall time (CPU time
-                         # they spent on batches over readers x time): how far ahead they are
+                         # the readers' busy share of the timed steps' wall time (the wall
+                         # time of their reads, I/O waits included, over readers x time):
+                         # how far ahead of the trainer they are
                          "readers_busy": (sum(loader.read_s) - busy_before)
                          / (args.workers * total)}
         if args.profile:

@@ -236,7 +236,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
 def _measure(size, wrapper, num, layout, args, device, rows, failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:5s} {wrapper:6s} {LABEL[layout]:6s}"
+    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s}"
     try:
         rows.append(run_variant(size, wrapper, num, args, device, layout))
     except Exception as exc:
@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in rows:
             what = describe(r["profile"], r["ms_per_step"]) if "profile" in r else \
                 f"profile failed: {r.get('profile_error')}"
-            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:6s} "
+            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:7s} "
                   f"{LABEL[r['layout']]:6s} {what}")
     for f in failed:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "

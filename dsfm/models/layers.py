@@ -304,6 +304,20 @@ class SpaceTimeBlock(nn.Module):
         self.temporal = TemporalAttention(dim, heads, drop_path)
         self.spatial = AxialSpatialAttention(dim, heads, drop_path)
 
+    def cache_buckets(self, t: int, h: int, w: int,
+                      periodic: tuple[bool, bool] | torch.Tensor) -> None:
+        """Fill the relative-position bucket caches this input needs, from eager code before a
+        compiled block runs: dynamo guards on the caches' keys, so a key first added inside
+        the compiled call would force a second compile on the next one."""
+        self.temporal.rel_pos_bias.buckets(
+            t, False, self.temporal.rel_pos_bias.relative_attention_bias.weight.device)
+        rpb = self.spatial.rel_pos_bias
+        device = rpb.relative_attention_bias.weight.device
+        flags = [periodic] if isinstance(periodic, tuple) else [(True, True), (False, False)]
+        for p_h, p_w in flags:
+            rpb.buckets(h, p_h, device)
+            rpb.buckets(w, p_w, device)
+
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
                 ) -> torch.Tensor:
         b, t, h, w, c = x.shape

@@ -398,6 +398,13 @@ def test_compiled_blocks_match_eager_and_share_one_graph():
     assert list(model.state_dict()) == names
     assert counters["stats"]["unique_graphs"] == 1
     assert counters["stats"]["calls_captured"] > 0
+    # a fresh model (empty relative-position caches), called twice: no second compile (the
+    # caches are filled before the compiled blocks run, whose guards read them)
+    fresh = AViT(AViTConfig(5, 48, 3, 3, 0.0))
+    fresh.compile_blocks()
+    for _ in range(2):
+        nmse(fresh(x, ids, bcs), y).backward()
+    assert counters["stats"]["unique_graphs"] == 1
 
 
 @pytest.mark.slow
