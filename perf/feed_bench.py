@@ -15,6 +15,7 @@ AViT-B on a GPU.
 from __future__ import annotations
 
 import argparse
+import itertools
 import math
 import os
 import statistics
@@ -23,6 +24,7 @@ import time
 
 import torch
 
+from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
 
@@ -81,14 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pin", action="store_true",
                     help="then run both feeds again with the training process pinned to the "
                     "first CPU and its hyperthread siblings and the readers to the other CPUs")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
+    ap.add_argument("--profile", type=steps_arg, default=0, metavar="N",
                     help="after each feed's timed steps, profile N more (torch.profiler): the "
                     "GPU's busy share and kernel time per step, to tell a slower card from an "
                     "idler one")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
-    if args.profile < 0:
-        ap.error("--profile: a number of steps, >= 1")
 
     from dsfm.data.fields import FieldVocabulary
     from dsfm.data.prefetch import WellLoader
@@ -173,19 +173,14 @@ def main(argv: list[str] | None = None) -> int:
                          "readers_busy": (sum(loader.read_s) - busy_before)
                          / (args.workers * total)}
         if args.profile:
-            from perf.gpu_trace import profile_steps
-
-            def fed(variant=variant, order=iter(range(10 ** 9))):
+            def fed(variant=variant, order=itertools.count()):
                 if variant.startswith("WellLoader"):
                     b = next(it)
                     step(b.x, b.field_ids, b.bcs_host, b.y)
                 else:
                     step(*resident[list(resident)[next(order) % len(resident)]])
 
-            try:
-                rows[variant]["profile"] = profile_steps(fed, args.profile)
-            except Exception as exc:        # a diagnostic: its failure must not cost the run
-                rows[variant]["profile_error"] = f"{type(exc).__name__}: {exc}"
+            profile_into(rows[variant], fed, args.profile)
     loader.close()
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
@@ -209,12 +204,9 @@ def main(argv: list[str] | None = None) -> int:
                  f"{r['steps_waiting']:6d} of {args.steps:<4d} {100 * r['readers_busy']:11.1f}%"
                  if loaded else ""))
     if args.profile:
-        from perf.gpu_trace import describe
         print(f"profiled ({args.profile} steps each, next() included):")
         for name, r in rows.items():
-            what = describe(r["profile"], r["step_ms_median"]) if "profile" in r else \
-                f"profile failed: {r.get('profile_error')}"
-            print(f"  {name:18s} {what}")
+            print(f"  {name:18s} {describe_row(r, r['step_ms_median'])}")
     ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]
     print(f"WellLoader reaches {100 * ratio:.1f}% of the resident-batch rate; data wait "
           f"{100 * rows['WellLoader']['data_wait_share']:.2f}% of step time (target < 2%)")

@@ -64,14 +64,19 @@ def union_length(intervals: list[tuple[float, float]]) -> float:
     return total
 
 
+def _windows(events: list[dict], window: str = WINDOW) -> list[tuple[float, float]]:
+    """(start, end) in µs of the `window` annotations, in order."""
+    return sorted((e["ts"], e["ts"] + e["dur"]) for e in events
+                  if e.get("cat") == "user_annotation" and e.get("name") == window
+                  and "dur" in e)
+
+
 def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
               top: int = 8) -> dict:
     """Per-step figures from chrome-trace events (ts and dur in µs), averaged over the
     `window` annotations found. Device events are attributed to the window their start falls
     in and clipped to it for the busy time."""
-    windows = sorted((e["ts"], e["ts"] + e["dur"]) for e in events
-                     if e.get("cat") == "user_annotation" and e.get("name") == window
-                     and "dur" in e)
+    windows = _windows(events, window)
     if not windows:
         raise ValueError(f"no {window!r} annotation in the trace")
     device = [e for e in events if e.get("cat") in device_cats and "dur" in e]
@@ -144,10 +149,9 @@ def profile_steps(step, n: int = 2, keep: str | None = None) -> dict:
         os.unlink(path)
     summary = summarize(events)
     if keep:                            # the windows and the device events in them, compact
-        windows = [e for e in events
-                   if e.get("cat") == "user_annotation" and e.get("name") == WINDOW]
-        spans = [(w["ts"], w["ts"] + w["dur"]) for w in windows]
-        kept = [{k: e[k] for k in ("name", "cat", "ts", "dur")} for e in windows]
+        spans = _windows(events)
+        kept = [{"name": WINDOW, "cat": "user_annotation", "ts": lo, "dur": hi - lo}
+                for lo, hi in spans]
         kept += [{"name": e.get("name", "?"), "cat": e["cat"], "ts": e["ts"], "dur": e["dur"],
                   "stream": e.get("args", {}).get("stream")}
                  for e in events if e.get("cat") in DEVICE_CATS and "dur" in e
@@ -155,6 +159,30 @@ def profile_steps(step, n: int = 2, keep: str | None = None) -> dict:
         with gzip.open(keep, "wt") as fh:
             json.dump({"traceEvents": kept}, fh)
     return summary
+
+
+def steps_arg(text: str) -> int:
+    """argparse type of `--profile N`: a number of steps, 0 for none."""
+    n = int(text)
+    if n < 0:
+        raise ValueError(text)
+    return n
+
+
+def profile_into(row: dict, step, n: int, keep: str | None = None) -> None:
+    """row["profile"] = profile_steps(step, n, keep), or row["profile_error"]: a diagnostic
+    whose failure must not cost the benchmark the figures it has already measured."""
+    try:
+        row["profile"] = profile_steps(step, n, keep)
+    except Exception as exc:
+        row["profile_error"] = f"{type(exc).__name__}: {exc}"
+
+
+def describe_row(row: dict, step_ms: float) -> str:
+    """`describe` of a row filled by `profile_into`, or why its profile failed."""
+    if "profile" not in row:
+        return f"profile failed: {row.get('profile_error')}"
+    return describe(row["profile"], step_ms)
 
 
 def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4) -> str:

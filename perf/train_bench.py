@@ -27,6 +27,7 @@ import traceback
 import torch
 
 from dsfm.monitor.steps import peak_tflops
+from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
 
@@ -220,16 +221,12 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
            "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
            resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
     if args.profile:                    # where the GPU time goes, after the timed steps
-        from perf.gpu_trace import profile_steps
         keep = None
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
             keep = os.path.join(args.trace_dir, f"{size}_{numerics}_{wrapper}_{layout}"
                                 f"{'_compiled' if args.compile else ''}.json.gz")
-        try:
-            row["profile"] = profile_steps(step, args.profile, keep)
-        except Exception as exc:        # a diagnostic: its failure must not cost the row
-            row["profile_error"] = f"{type(exc).__name__}: {exc}"
+        profile_into(row, step, args.profile, keep)
     return row
 
 
@@ -297,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the space-time blocks (AViT.compile_blocks)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
+    ap.add_argument("--profile", type=steps_arg, default=0, metavar="N",
                     help="after the timed steps, profile N more (torch.profiler) and report "
                     "the GPU's busy share of the step and its kernel time by category")
     ap.add_argument("--trace-dir", default=None,
@@ -306,8 +303,6 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.trace_dir and not args.profile:
         ap.error("--trace-dir needs --profile N")
-    if args.profile < 0:
-        ap.error("--profile: a number of steps, >= 1")
     cuda = torch.cuda.is_available()
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
     from dsfm.models.avit import SIZES
@@ -353,15 +348,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}"
               + (f" {_busy(r):>8s}" if args.profile else ""))
     if args.profile:
-        from perf.gpu_trace import describe
         print(f"profiled ({args.profile} steps each): GPU busy share of the step and kernel "
               "time per step (ms) by category; the table's GPU busy is the busy time against "
               "the unprofiled ms/step")
         for r in rows:
-            what = describe(r["profile"], r["ms_per_step"]) if "profile" in r else \
-                f"profile failed: {r.get('profile_error')}"
             print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:7s} "
-                  f"{LABEL[r['layout']]:6s} {what}")
+                  f"{LABEL[r['layout']]:6s} {describe_row(r, r['ms_per_step'])}")
     for f in failed:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
               f"failed: {f['error']}")

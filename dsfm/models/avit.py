@@ -88,9 +88,8 @@ class AViT(nn.Module):
         z = self.embed(z)                                          # [BT, dim, h, w]
         z = z.reshape(b, t, *z.shape[1:]).permute(0, 1, 3, 4, 2).contiguous()   # tokens
         periodic = self.periodicity(bcs, x.device)
-        for block in self.blocks:               # eager: no guard of a compiled block fails
-            block.cache_buckets(t, *z.shape[2:4], periodic)
         for block in self.blocks:
+            block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block
             z = block(z, periodic)
         out = self.debed(z[:, -1].permute(0, 3, 1, 2), field_ids)
         return out * std[:, 0] + mean[:, 0]
