@@ -6,7 +6,8 @@ dispatch-level counter (TorchDispatchMode), the operators that do work (views an
 left out):
   - of one space-time block's forward and backward;
   - of a whole step's forward and backward;
-  - of a one-rank DeepSpeed ZeRO-2 engine's backward and step, beside plain PyTorch's;
+  - of a one-rank DeepSpeed ZeRO-2 engine's backward and step, beside plain PyTorch's (with
+    dsfm's multi-tensor gradient norm and with DeepSpeed's own);
 and the reads of a tensor's value back to the host (`aten._local_scalar_dense`), which on a GPU
 are synchronizations, with the source line (DeepSpeed's or dsfm's) that asked for each. On a CPU
 attention runs unfused, so a GPU issues a few operators fewer; the optimizer's own work (torch's
@@ -19,6 +20,7 @@ counter makes the compiled code fall back to eager).
 from __future__ import annotations
 
 import argparse
+import copy
 import sys
 import traceback
 from collections import Counter
@@ -130,14 +132,18 @@ def main(argv: list[str] | None = None) -> int:
                           (x, ids, bcs, y))
         step()
         plain = count(step, stacks=True)
-        engine, _, _ = build_engine(model, engine_config(args.batch, 2))
-        zero2_step = engine_step(engine, (x, ids, bcs, y))
-        zero2_step()
-        zero2 = count(zero2_step, stacks=True)
-        for key, c in (("plain_step", plain), ("zero2_step", zero2)):
+        counted = {"plain_step": plain}
+        for key, fused in (("zero2_step", True), ("zero2_dsnorm_step", False)):
+            engine, _, _ = build_engine(copy.deepcopy(model), engine_config(args.batch, 2),
+                                        fused_grad_norm=fused)
+            zero2_step = engine_step(engine, (x, ids, bcs, y))
+            zero2_step()
+            counted[key] = count(zero2_step, stacks=True)
+        for key, c in counted.items():
             report[key] = {"ops": sum(c.ops.values()), "optimizer_ops": c.optimizer_ops,
                            "host_reads": dict(c.reads), "copies": c.ops["copy_"],
-                           "norms": c.ops["linalg_vector_norm"] + c.ops["norm"]}
+                           "norms": c.ops["linalg_vector_norm"] + c.ops["norm"]
+                           + c.ops["_foreach_norm"]}
         finish(env)
 
     b = report["block"]
@@ -146,10 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     s = report["step_eager"]
     print(f"whole step, eager: {s['forward']} forward + {s['backward']} backward")
     if "zero2_step" in report:
-        p, z = report["plain_step"], report["zero2_step"]
+        p, z, d = report["plain_step"], report["zero2_step"], report["zero2_dsnorm_step"]
         print(f"training step outside the optimizer's own work: plain {p['ops']} operators "
               f"({p['copies']} copies, {p['norms']} norms), DeepSpeed ZeRO-2 on 1 rank "
-              f"{z['ops']} ({z['copies']} copies, {z['norms']} norms)")
+              f"{z['ops']} ({z['copies']} copies, {z['norms']} norms); with DeepSpeed's own "
+              f"gradient norm (train.fused_grad_norm false) {d['ops']} ({d['norms']} norms)")
         reads = ", ".join(f"{w} ×{n}" for w, n in z["host_reads"].items()) or "none"
         print(f"host reads of tensor values per step (synchronizations on a GPU): plain "
               f"{sum(p['host_reads'].values())}, ZeRO-2 {sum(z['host_reads'].values())} "

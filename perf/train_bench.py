@@ -53,7 +53,7 @@ _FLOPS: dict[tuple, float] = {}
 
 
 NUMERICS = ("fp32", "tf32", "torch")
-WRAPPERS = ("plain", "graph", "zero2", "zero2nc", "zero3")
+WRAPPERS = ("plain", "graph", "zero2", "zero2nc", "zero2ds", "zero3")
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -179,7 +179,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    zero = None
+    zero = fused_norm = None
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
@@ -188,12 +188,14 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
             step = graphed(step, model, opt, nmse, (x, ids, bcs, y))
     else:
         from dsfm.runtime.engine import build_engine
-        stage = {"zero2": 2, "zero2nc": 2, "zero3": 3}[wrapper]
+        from dsfm.runtime.zero_norm import is_fused
+        stage = {"zero2": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3}[wrapper]
         config = engine_config(batch, stage)
         if wrapper == "zero2nc":        # gradients left in place until the step: one copy per
             config["zero_optimization"]["contiguous_gradients"] = False   # parameter less
-        engine, _, _ = build_engine(model, config)
-        zero = config["zero_optimization"]
+        # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor
+        engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds")
+        zero, fused_norm = config["zero_optimization"], is_fused(engine)
         step = engine_step(engine, (x, ids, bcs, y))
 
     times, issued = [], []
@@ -212,7 +214,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     peak = peak_tflops(name, numerics) if cuda and numerics != "torch" else None
     tflops = flops / (ms / 1e3) / 1e12
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
-           "batch": batch, "zero_optimization": zero,
+           "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
            "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
            "host_ms_per_step": 1e3 * statistics.median(issued),
            "first_step_s": compile_s, "first_step_new_graphs": new_graphs,
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--wrappers", default="plain,zero2,zero3",
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA), "
                     "zero2nc (ZeRO-2 with contiguous_gradients off: about 400 copies a step "
-                    "fewer on one rank)")
+                    "fewer on one rank), zero2ds (ZeRO-2 with DeepSpeed's own clipping norm, "
+                    "two operators per parameter tensor, instead of dsfm's multi-tensor one)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
                     "defaults: matmuls fp32, convolutions TF32); default: fp32,tf32 on CUDA, "
                     "fp32 on CPU")

@@ -48,11 +48,12 @@ def test_train_bench_compares_wrappers(tmp_path):
     out = tmp_path / "train.json"
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
-                "--layouts", "tokens,channels_first", "--wrappers", "plain,zero2,zero2nc,zero3",
+                "--layouts", "tokens,channels_first",
+                "--wrappers", "plain,zero2,zero2nc,zero2ds,zero3",
                 "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
-    wrappers = ("plain", "zero2", "zero2nc", "zero3")
+    wrappers = ("plain", "zero2", "zero2nc", "zero2ds", "zero3")
     assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
         (layout, w) for layout in ("tokens", "channels_first") for w in wrappers]
     # the engines run the shipped ZeRO settings; zero2nc turns contiguous gradients off
@@ -61,6 +62,11 @@ def test_train_bench_compares_wrappers(tmp_path):
     assert zero["plain"] is None and zero["zero2"] == shipped["zero_optimization"]
     assert zero["zero2nc"] == {**shipped["zero_optimization"], "contiguous_gradients": False}
     assert zero["zero3"]["stage"] == 3
+    # zero2ds: the shipped ZeRO-2 with DeepSpeed's own per-tensor clipping norm
+    assert zero["zero2ds"] == shipped["zero_optimization"]
+    fused = {r["wrapper"]: r["fused_grad_norm"] for r in rec["rows"]}
+    assert fused == {"plain": None, "zero2": True, "zero2nc": True, "zero2ds": False,
+                     "zero3": False}
     # the same model computed two ways: the same FLOPs (1x1 convolutions or matrix multiplies)
     flops = {r["layout"]: r["tflop_per_step"] for r in rec["rows"]}
     assert abs(flops["tokens"] / flops["channels_first"] - 1) < 0.01
@@ -140,8 +146,11 @@ def test_op_count_counts_what_the_host_issues(tmp_path):
     block, step = rec["block"], rec["step_eager"]
     assert rec["blocks"] == 12 and block["forward"] > 20 and block["backward"] > block["forward"]
     assert step["forward"] >= 12 * block["forward"]      # the blocks plus stem, decoder, loss
-    plain, zero2 = rec["plain_step"], rec["zero2_step"]
-    # DeepSpeed's hook copies each gradient (398 of Ti's tensors get one) and norms each tensor
-    assert zero2["copies"] >= 398 and zero2["norms"] >= 398 and zero2["ops"] > plain["ops"]
+    plain, zero2, dsnorm = rec["plain_step"], rec["zero2_step"], rec["zero2_dsnorm_step"]
+    # DeepSpeed's hook copies each gradient (398 of Ti's tensors get one); its own clipping norm
+    # takes one norm per tensor, dsfm's one multi-tensor norm (and the global one), as plain's
+    assert zero2["copies"] >= 398 and zero2["ops"] > plain["ops"]
+    assert dsnorm["norms"] >= 398 and zero2["norms"] == plain["norms"] <= 2
+    assert dsnorm["ops"] - zero2["ops"] >= 3 * 398 - 10
     assert sum(plain["host_reads"].values()) == 0 < sum(zero2["host_reads"].values())
     assert "host reads of tensor values" in proc.stdout

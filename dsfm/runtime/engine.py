@@ -61,15 +61,20 @@ def fix_arch_list() -> None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict):
+def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
-    scheduler)."""
+    scheduler). `fused_grad_norm`: ZeRO-1/2 computes the clipping norm with one multi-tensor
+    norm instead of two operators per parameter tensor (`dsfm.runtime.zero_norm`)."""
     import deepspeed
+
+    from dsfm.runtime.zero_norm import fuse_grad_norm
 
     fix_arch_list()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                            config=cpu_optimizer(ds_config))
+    if fused_grad_norm:
+        fuse_grad_norm(engine)
     return engine, optimizer, scheduler
 
 
@@ -114,7 +119,7 @@ def cpu_optimizer(ds_config: dict) -> dict:
 def set_tf32(enabled: bool) -> str:
     """TF32 for CUDA matmuls and cuDNN convolutions together, and a line saying which. PyTorch's
     defaults differ (matmuls off, convolutions on), which would leave an "fp32" AViT computing
-    its 1×1-convolution projections in TF32."""
+    its stem and decoder convolutions in TF32."""
     torch.backends.cuda.matmul.allow_tf32 = enabled
     torch.backends.cudnn.allow_tf32 = enabled
     return ("numerics: fp32 weights and activations, TF32 tensor cores for matmuls and "

@@ -1,5 +1,6 @@
 """train.tf32 sets TF32 for matmuls and cuDNN convolutions together (PyTorch's defaults differ:
-matmuls off, convolutions on, so an "fp32" run would compute the AViT's 1×1 projections in TF32)."""
+matmuls off, convolutions on, so an "fp32" run would compute the AViT's stem and decoder in
+TF32)."""
 
 import torch
 

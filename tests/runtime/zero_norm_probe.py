@@ -1,0 +1,78 @@
+"""One rank of the fused-gradient-norm test: two ZeRO-2 engines over the same small AViT, one with
+dsfm's multi-tensor gradient norm and one with DeepSpeed's own, trained side by side on the same
+batches. Each rank prints `ZERO_NORM {json}`: per step both norms of the same gradients, the
+operators each issued, both engines' losses, and what a NaN gradient on rank 0 did."""
+
+import copy
+import json
+import sys
+
+import torch
+
+from dsfm.eval import nmse
+from dsfm.models.avit import AViT, AViTConfig
+from dsfm.runtime.engine import build_engine, finish, init_process_group
+from dsfm.runtime.zero_norm import _ORIGINAL, is_fused
+from perf.op_count import Counting
+
+
+def count_norm_ops(fn):
+    with Counting() as c:
+        value = fn()
+    return value, sum(c.ops.values())
+
+
+def main() -> None:
+    env = init_process_group()
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              # small buckets: several reductions per backward, gradients split between ranks
+              "zero_optimization": {"stage": 2, "overlap_comm": True,
+                                    "contiguous_gradients": True, "reduce_bucket_size": 20000},
+              "steps_per_print": 10 ** 9}
+    fused, _, _ = build_engine(copy.deepcopy(model), config, fused_grad_norm=True)
+    own, _, _ = build_engine(copy.deepcopy(model), config, fused_grad_norm=False)
+    assert is_fused(fused) and not is_fused(own)
+
+    g = torch.Generator().manual_seed(100 + env.rank)
+    ids = torch.arange(4)
+    bcs = torch.full((2, 2, 2), 2.0)
+    record = {"rank": env.rank, "steps": [], "n_grads": None}
+    for step in range(5):
+        x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
+        y = torch.randn(2, 4, 32, 32, generator=g)
+        row = {}
+        for name, engine in (("fused", fused), ("own", own)):
+            loss = nmse(engine(x, ids, bcs), y)
+            engine.backward(loss)
+            row[f"loss_{name}"] = float(loss)
+        opt = fused.optimizer
+        grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+        record["n_grads"] = len(grads)
+        poison = step == 3
+        if poison and env.rank == 0:              # one NaN on one rank: every rank must skip
+            for engine in (fused, own):
+                engine.optimizer.averaged_gradients[0][1].view(-1)[0] = float("nan")
+        if not poison:
+            a, ops_fused = count_norm_ops(lambda: opt.get_grad_norm_direct(grads, params))
+            b, ops_own = count_norm_ops(lambda: getattr(opt, _ORIGINAL)(grads, params))
+            row.update(norm_fused=float(a), norm_own=float(b), ops_fused=ops_fused,
+                       ops_own=ops_own)
+        before = {n: [p.detach().clone() for p in e.module.parameters()]
+                  for n, e in (("fused", fused), ("own", own))}
+        for name, engine in (("fused", fused), ("own", own)):
+            engine.step()
+            after = list(engine.module.parameters())
+            row[f"changed_{name}"] = any(not torch.equal(p0, p1)
+                                         for p0, p1 in zip(before[name], after))
+            row[f"global_norm_{name}"] = float(engine.get_global_grad_norm())
+        record["steps"].append(row)
+    sys.stdout.write(f"ZERO_NORM {json.dumps(record)}\n")
+    sys.stdout.flush()
+    finish(env)
+
+
+if __name__ == "__main__":
+    main()
