@@ -4,6 +4,7 @@ norm of the same partitioned gradients, the same training, the same skipped step
 
 import json
 import re
+import sys
 import types
 
 import pytest
@@ -54,3 +55,17 @@ def test_fused_norm_matches_deepspeeds_on_two_ranks():
         # the norm is global: every rank gets the same value from its own partition
         if step != 3:
             assert rows[0]["norm_fused"] == rows[1]["norm_fused"]
+
+
+@pytest.mark.slow
+def test_shipped_zero2_reduces_during_the_backward_in_small_buckets():
+    """ds_configs/zero2.json on an AViT-B: with DeepSpeed's default bucket (5e8 elements) and
+    overlap_comm, each rank held 2 x 2 GB of gradient buckets, and B's 116 M gradients were
+    reduced in one piece after the whole backward, so no communication overlapped it."""
+    proc = run([sys.executable, PROBE, "--shipped"], env=_clean_env(), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    [rec] = [json.loads(m) for m in re.findall(r"SHIPPED (\{.*\})", out)]
+    assert rec["parameters"] > 1e8
+    assert rec["buffer_bytes"] <= 2 * 4 * 5e7              # two fp32 buckets of 5e7 elements
+    assert rec["reductions"] >= 3                          # 116 M gradients in 5e7 buckets

@@ -1,7 +1,14 @@
-"""One rank of the fused-gradient-norm test: two ZeRO-2 engines over the same small AViT, one with
-dsfm's multi-tensor gradient norm and one with DeepSpeed's own, trained side by side on the same
-batches. Each rank prints `ZERO_NORM {json}`: per step both norms of the same gradients, the
-operators each issued, both engines' losses, and what a NaN gradient on rank 0 did."""
+"""One rank of the ZeRO-2 engine tests.
+
+Default: two ZeRO-2 engines over the same small AViT, one with dsfm's multi-tensor gradient norm
+and one with DeepSpeed's own, trained side by side on the same batches. Each rank prints
+`ZERO_NORM {json}`: per step both norms of the same gradients, the operators each issued, both
+engines' losses, and what a NaN gradient on rank 0 did.
+
+`--shipped`: an engine with the ZeRO settings of ds_configs/zero2.json over an AViT-B (116 M
+parameters); prints `SHIPPED {json}`: the gradient buffers DeepSpeed allocated and the
+reductions one backward issued.
+"""
 
 import copy
 import json
@@ -22,8 +29,36 @@ def count_norm_ops(fn):
     return value, sum(c.ops.values())
 
 
+def shipped(env) -> None:
+    from dsfm.models.avit import avit
+    from perf.train_bench import engine_config
+
+    torch.manual_seed(0)
+    engine, _, _ = build_engine(avit("B", 4, drop_path=0.0), engine_config(1, 2))
+    opt = engine.optimizer
+    calls = []
+    reduce = opt.reduce_ipg_grads
+
+    def counted(*args, **kwargs):               # the buffers as they are when a bucket is full
+        calls.append([b.numel() * b.element_size()
+                      for bucket in opt.ipg_buckets.values() for b in bucket.buffer])
+        return reduce(*args, **kwargs)
+
+    opt.reduce_ipg_grads = counted
+    x, y = torch.randn(1, 2, 4, 32, 32), torch.randn(1, 4, 32, 32)
+    engine.backward(nmse(engine(x, torch.arange(4), torch.full((1, 2, 2), 2.0)), y))
+    record = {"zero_optimization": engine_config(1, 2)["zero_optimization"],
+              "parameters": sum(p.numel() for p in engine.module.parameters()),
+              "buffer_bytes": max(sum(c) for c in calls), "reductions": len(calls)}
+    sys.stdout.write(f"SHIPPED {json.dumps(record)}\n")
+    sys.stdout.flush()
+    finish(env)
+
+
 def main() -> None:
     env = init_process_group()
+    if "--shipped" in sys.argv:
+        return shipped(env)
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
