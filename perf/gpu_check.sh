@@ -19,8 +19,8 @@
 #      feed_bench's ZeRO-2 engine then waits for.
 # The monitor tests, the sweep and the demo run passed on 2026-11-28 and can wait. The first
 # session's timings (H200, 2026-11-28): machine start and transfers about 30 s, pip install 3 s,
-# the training benchmark 171 s for 18 variants, the simulation 180-224 s at the preset's 40
-# trajectories per parameter set (8: 21 s on the 2-core CPU), the loader benchmark 25 s (30
+# the training benchmark 171 s for 18 variants, the simulation 180-224 s at the preset's
+# 32/4/4 trajectories per parameter set (8/1/1: 21 s on the 2-core CPU), the loader benchmark 25 s (30
 # batches x 2 rounds), the monitor tests 43 s, the demo run 26 s.
 # Profiled variants keep their device events (perf/gpu_trace.py) in a tarball of their own,
 # $OUT/gpu_traces.tar.gz, so that a large one cannot cost the results' tarball its return.
@@ -79,7 +79,7 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # share of the step with its kernel time by category, for what the targets name first: B and L,
 # plain against one CUDA graph (the card's own time) and ZeRO-2 (target: <= 3 % over plain),
 # with dsfm's multi-tensor clipping norm and (zero2ds) with DeepSpeed's per-tensor one
-step train_bench 220 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
+step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
   --wrappers plain,graph,zero2,zero2ds --profile 2 --trace-dir "$TR" --json "$R/train_bench.json"
 # issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
 # channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and
@@ -99,7 +99,7 @@ step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,
 step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3 \
   --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
 # issue 3: CUDA path of the loader
-step cuda_tests 60 python3 -m pytest -q -x tests/data/test_prefetch_cuda.py \
+step cuda_tests 60 python3 -m pytest -q tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor

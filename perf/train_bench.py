@@ -210,7 +210,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
             issued.append(t1 - t0)
     ms = 1e3 * statistics.median(times)
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    # "torch" mixes fp32 matmuls with TF32 convolutions (half the FLOPs): neither peak fits
+    # "torch" mixes fp32 matmuls with TF32 convolutions (stem and decoder; channels_first: the
+    # projections too, half the FLOPs): neither peak fits
     peak = peak_tflops(name, numerics) if cuda and numerics != "torch" else None
     tflops = flops / (ms / 1e3) / 1e12
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,

@@ -151,6 +151,6 @@ def test_op_count_counts_what_the_host_issues(tmp_path):
     # takes one norm per tensor, dsfm's one multi-tensor norm (and the global one), as plain's
     assert zero2["copies"] >= 398 and zero2["ops"] > plain["ops"]
     assert dsnorm["norms"] >= 398 and zero2["norms"] == plain["norms"] <= 2
-    assert dsnorm["ops"] - zero2["ops"] >= 3 * 398 - 10
+    assert dsnorm["ops"] - zero2["ops"] >= 2 * 398       # a float64 copy and a norm each
     assert sum(plain["host_reads"].values()) == 0 < sum(zero2["host_reads"].values())
     assert "host reads of tensor values" in proc.stdout

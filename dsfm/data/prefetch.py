@@ -363,6 +363,9 @@ class WellLoader:
         self._next_submit = 0
         self._next_yield = 0
         self._pending_check: tuple | None = None
+        # CUDA: where the previous batch's finiteness flag lands (pinned: copied without a sync)
+        self._flag_host = (torch.zeros((), dtype=torch.bool).pin_memory() if self.cuda
+                           else None)
         self._state = self.sampler.state_dict()
         self.wait_s = 0.0                          # trainer time spent waiting for data
         self.next_s = 0.0                          # trainer time in __next__, all of it
@@ -606,7 +609,13 @@ class WellLoader:
             for t in (batch.x, batch.y, batch.bcs):
                 t.record_stream(compute)
             if self.check_finite:
-                self._pending_check = (all_finite(batch.x, batch.y), step, self._inflight[step])
+                # computed and copied to the host on the compute stream, read at the next
+                # next() after an event that covers only these: reading the device flag itself
+                # would synchronize the whole compute stream, the step just issued included
+                self._flag_host.copy_(all_finite(batch.x, batch.y), non_blocking=True)
+                flagged = torch.cuda.Event()
+                flagged.record(compute)
+                self._pending_check = (flagged, step, self._inflight[step])
         elif self.readers_assemble:
             batch = self._lease(step, slot)
         else:                           # CPU device: the device path without the copy engine
@@ -651,13 +660,15 @@ class WellLoader:
                      ds.source.name, step, windows, bcs)
 
     def _check_deferred(self) -> None:
-        """CUDA: look at the previous batch's finiteness flag once it is surely computed."""
+        """CUDA: look at the previous batch's finiteness flag, waiting (if at all) only for the
+        flag, which the compute stream reached before that batch's step."""
         if self._pending_check is None:
             return
-        flag, step, info = self._pending_check
+        flagged, step, info = self._pending_check
         self._pending_check = None
         self._inflight.pop(step, None)
-        if not bool(flag):
+        flagged.synchronize()
+        if not bool(self._flag_host):
             self._explain_nonfinite(info)
 
     def _explain_nonfinite(self, info: tuple) -> None:

@@ -2,7 +2,7 @@
 frames ([N, C, H, W]); the space-time blocks work on tokens, channels last ([B, T, H, W, C]), so
 that their 1×1 projections and MLP are plain matrix multiplies on the channel axis.
 
-Parameter names follow the published MPP model (see shared/reference/mpp_avit_parameters.md), so
+Parameter names follow the published MPP model (see ../shared/reference/mpp_avit_parameters.md), so
 counts match exactly and the structure reads the same: hMLP stem and decoder, temporal attention
 block, axial spatial attention block, T5-style relative position bias.
 """
@@ -206,8 +206,9 @@ def _qkv(x: torch.Tensor, heads: int) -> tuple[torch.Tensor, torch.Tensor, torch
 
 
 class TemporalAttention(nn.Module):
-    """Attention along time at every patch position: instance norm, fused 1×1 QKV, QK-norm,
-    T5 relative bias (non-periodic), instance norm, 1×1 output, LayerScale, residual.
+    """Attention along time at every patch position: instance norm, fused QKV projection,
+    QK-norm, T5 relative bias (non-periodic), instance norm, output projection (1×1-convolution
+    parameters applied as matrix multiplies, `pointwise`), LayerScale, residual.
     drop_path: this block's stochastic-depth rate, or None for none at all."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,

@@ -2,11 +2,15 @@
 (the GPU check script, perf/gpu_check.sh); the same logic runs on CPU tensors everywhere else."""
 
 import os
+import shutil
 
+import h5py
+import numpy as np
 import pytest
 import torch
 
 from dsfm.data import WellDataset, WellLoader
+from dsfm.errors import NonFiniteError
 from tests.conftest import DEMO_DATASETS
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -45,3 +49,41 @@ def test_copies_are_timed_and_fast(demo_base):
         for _ in range(50):
             next(loader)
         assert loader.copy_bandwidth() > 1.0          # GB/s; pageable memory would be ~5
+
+
+def test_next_does_not_synchronize_the_device(demo_base):
+    """The training thread must be free to run ahead of the GPU: next() issues the copies and
+    the device assembly and checks the previous batch's finiteness without any implicit
+    synchronization (torch's sync debug mode raises on one). Reading the previous batch's flag
+    from the device had synchronized the whole compute stream, the step just issued included."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2,
+                    device="cuda") as loader:
+        for ds in loader.datasets:
+            loader._device_tensors(ds)         # each dataset's constants, copied once at first
+        for _ in range(5):
+            next(loader)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            for _ in range(60):
+                batch = next(loader)
+                batch.x.mul_(1.0)              # work on the compute stream, as a step would
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert loader.check_finite
+
+
+def test_nan_in_a_window_is_named_on_the_gpu(demo_base, tmp_path):
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    for p in (ds / "data" / "train").glob("*.hdf5"):
+        with h5py.File(p, "r+") as f:
+            f["t0_fields/pressure"][:, 7] = np.nan
+    with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
+                    device="cuda") as loader:
+        with pytest.raises(NonFiniteError) as exc:
+            for _ in range(40):
+                next(loader)
+    assert "/t0_fields/pressure has NaN/Inf" in str(exc.value)
+    assert "time index 7" in str(exc.value)
