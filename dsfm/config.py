@@ -88,7 +88,7 @@ class TrainConfig(_Strict):
     tf32: bool = Field(False, description="let CUDA matmuls and cuDNN convolutions use TF32 "
                        "tensor cores (10-bit mantissa inputs); off: strict fp32, also for the "
                        "convolutions, where PyTorch allows TF32 by default")
-    fused_grad_norm: bool = Field(True, description="ZeRO-1/2: the clipping norm as one "
+    fused_grad_norm: bool = Field(True, description="ZeRO: the clipping norm as one "
                                   "multi-tensor norm (as torch's clip_grad_norm_) instead of "
                                   "DeepSpeed's two operators per parameter tensor")
 

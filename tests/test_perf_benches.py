@@ -66,7 +66,7 @@ def test_train_bench_compares_wrappers(tmp_path):
     assert zero["zero2ds"] == shipped["zero_optimization"]
     fused = {r["wrapper"]: r["fused_grad_norm"] for r in rec["rows"]}
     assert fused == {"plain": None, "zero2": True, "zero2nc": True, "zero2ds": False,
-                     "zero3": False}
+                     "zero3": True}
     # the same model computed two ways: the same FLOPs (1x1 convolutions or matrix multiplies)
     flops = {r["layout"]: r["tflop_per_step"] for r in rec["rows"]}
     assert abs(flops["tokens"] / flops["channels_first"] - 1) < 0.01

@@ -63,7 +63,7 @@ def fix_arch_list() -> None:
 
 def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
-    scheduler). `fused_grad_norm`: where the optimizer is ZeRO-1/2's on the device, it computes
+    scheduler). `fused_grad_norm`: where the optimizer is ZeRO's and not offloaded, it computes
     the clipping norm with one multi-tensor norm instead of two operators per parameter tensor
     (`dsfm.runtime.zero_norm`; elsewhere DeepSpeed's own, `zero_norm.is_fused` tells)."""
     import deepspeed

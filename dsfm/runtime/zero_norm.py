@@ -1,23 +1,25 @@
-"""ZeRO-1/2's gradient norm in a few multi-tensor operators instead of two per tensor.
+"""ZeRO's gradient norm in a few multi-tensor operators instead of two per tensor.
 
-DeepSpeed's ZeRO-1/2 optimizer (0.19) computes the global gradient norm for clipping one
-gradient at a time: for each of the rank's gradients it makes a float64 copy of the tensor and
-takes its norm, then stacks the norms (`get_grad_norm_direct`). AViT-B has 439 parameter
-tensors, L 859, so that is 880 to 1,700 operators per step (and a float64 copy of every
-gradient, twice the memory traffic of the norm itself), and they run
-after the end of the backward, where ZeRO-2 with `overlap_comm` synchronizes the device: the GPU
-waits while the host issues them one by one. Plain PyTorch's `clip_grad_norm_` does the same
-sum with one multi-tensor norm (`torch._foreach_norm`).
+DeepSpeed's ZeRO optimizers (0.19) compute the global gradient norm for clipping one gradient
+at a time: for each of the rank's gradients they make a float64 copy of the tensor and take its
+norm, then stack the norms (`get_grad_norm_direct`, in ZeRO-1/2 and in ZeRO-3 alike). AViT-B
+has 439 parameter tensors, L 859, so that is 880 to 1,700 operators per step (and a float64 copy
+of every gradient, twice the memory traffic of the norm itself), and they run after the end of
+the backward, where ZeRO with `overlap_comm` synchronizes the device: the GPU waits while the
+host issues them one by one. Plain PyTorch's `clip_grad_norm_` does the same sum with one
+multi-tensor norm (`torch._foreach_norm`).
 
-`fuse_grad_norm(engine)` gives the engine's ZeRO-1/2 optimizer a `get_grad_norm_direct` that
-keeps DeepSpeed's selection of gradients (alignment padding, pipeline-replicated and
-model-parallel parameters), its reductions over the data- and model-parallel groups and its
+`fuse_grad_norm(engine)` gives the engine's ZeRO optimizer a `get_grad_norm_direct` that keeps
+DeepSpeed's selection of gradients (ZeRO-1/2: alignment padding, pipeline-replicated
+parameters; both: model-parallel parameters, and in ZeRO-3 the ranks that each hold their own
+partition), its reductions over the data-, model- and expert-parallel groups and its
 invalid-norm sentinel (-1 for inf or NaN), and replaces only the per-tensor loop: one
 `_foreach_norm` of the selected gradients, accumulated in DeepSpeed's norm dtype (float64) as
 DeepSpeed's are, but inside the multi-tensor kernel (PyTorch's CUDA kernel accumulates in the
 requested output type) instead of over a float64 copy of each tensor. The result equals
 DeepSpeed's up to the order of the float64 sums (tests/runtime/test_zero_norm.py).
-Anything else (the infinity norm, CPU offload, ZeRO-3) keeps DeepSpeed's own code.
+Anything else (the infinity norm, optimizer offload, gradients on several devices) keeps
+DeepSpeed's own code.
 """
 
 from __future__ import annotations
@@ -30,27 +32,37 @@ _ORIGINAL = "_dsfm_original_grad_norm"
 
 
 def fuse_grad_norm(engine) -> str | None:
-    """Install the multi-tensor gradient norm on `engine`'s ZeRO-1/2 optimizer; returns None if
-    installed, else why not (another optimizer, a DeepSpeed without the expected helpers)."""
-    try:
-        from deepspeed.runtime.zero import stage_1_and_2 as zero12
-    except ImportError as exc:                        # pragma: no cover - DeepSpeed is a dependency
-        return f"DeepSpeed's ZeRO-1/2 module is missing ({exc})"
+    """Install the multi-tensor gradient norm on `engine`'s ZeRO optimizer; returns None if
+    installed, else why not (another optimizer, offload, a DeepSpeed without the expected
+    helpers)."""
+    from deepspeed.runtime.zero import stage3, stage_1_and_2
+
     opt = getattr(engine, "optimizer", None)
-    if not isinstance(opt, zero12.DeepSpeedZeroOptimizer):
-        return f"the optimizer is {type(opt).__name__}, not ZeRO-1/2's"
-    needed = ("get_accelerator", "get_norm_dtype", "mask_nan_or_inf_with_val_inplace",
-              "is_model_parallel_parameter", "PIPE_REPLICATED", "dist")
-    missing = [n for n in needed if not hasattr(zero12, n)]
-    missing += [n for n in ("get_grad_norm_direct", "_model_parallel_all_reduce",
-                            "dp_process_group", "model_parallel_rank") if not hasattr(opt, n)]
+    if isinstance(opt, stage_1_and_2.DeepSpeedZeroOptimizer):
+        module, fused, stage = stage_1_and_2, _grad_norm_12, "ZeRO-1/2"
+        helpers = ("mask_nan_or_inf_with_val_inplace", "PIPE_REPLICATED")
+        methods = ("_model_parallel_all_reduce", "dp_process_group")
+        offloaded = getattr(opt, "cpu_offload", False)
+    elif isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
+        module, fused, stage = stage3, _grad_norm_3, "ZeRO-3"
+        helpers = ("pg_utils",)
+        methods = ("_model_parallel_all_reduce", "_assert_same_partition_group",
+                   "_get_param_partition_group", "_grad_norm_counts_every_rank",
+                   "_autoep_expert_parallel_group")
+        offloaded = getattr(opt, "offload_optimizer", False)
+    else:
+        return f"the optimizer is {type(opt).__name__}, not ZeRO's"
+    missing = [n for n in ("get_accelerator", "get_norm_dtype", "is_model_parallel_parameter",
+                           "dist") + helpers if not hasattr(module, n)]
+    missing += [n for n in ("get_grad_norm_direct", "model_parallel_rank", "device") + methods
+                if not hasattr(opt, n)]
     if missing:
-        return "this DeepSpeed's ZeRO-1/2 optimizer lacks " + ", ".join(missing)
-    if getattr(opt, "cpu_offload", False):
-        return "the optimizer is offloaded to the CPU (DeepSpeed's own norm path)"
+        return f"this DeepSpeed's {stage} optimizer lacks " + ", ".join(missing)
+    if offloaded:
+        return f"the {stage} optimizer is offloaded to the CPU (DeepSpeed's own norm path)"
     if not hasattr(opt, _ORIGINAL):
         setattr(opt, _ORIGINAL, opt.get_grad_norm_direct)
-        opt.get_grad_norm_direct = types.MethodType(_grad_norm, opt)
+        opt.get_grad_norm_direct = types.MethodType(fused, opt)
     return None
 
 
@@ -73,7 +85,7 @@ def _selected(opt, zero12, gradients, params) -> list[torch.Tensor]:
     return out
 
 
-def _grad_norm(opt, gradients, params, norm_type=2):
+def _grad_norm_12(opt, gradients, params, norm_type=2):
     """`DeepSpeedZeroOptimizer.get_grad_norm_direct` for the 2-norm, with one `_foreach_norm`
     in place of a float64 copy and a norm per gradient."""
     from deepspeed.runtime.zero import stage_1_and_2 as zero12
@@ -96,3 +108,34 @@ def _grad_norm(opt, gradients, params, norm_type=2):
     total = total.pow(0.5)
     zero12.mask_nan_or_inf_with_val_inplace(total, device=opt.device)
     return total
+
+
+def _grad_norm_3(opt, gradients, params, norm_type=2):
+    """`DeepSpeedZeroOptimizer_Stage3.get_grad_norm_direct` for the 2-norm, with one
+    `_foreach_norm` in place of a float64 copy and a norm per gradient partition."""
+    from deepspeed.runtime.zero import stage3 as z3
+
+    original = getattr(opt, _ORIGINAL)
+    device = z3.get_accelerator().device_name()
+    if float(norm_type) != 2.0 or not gradients or len({g.device for g in gradients}) > 1 \
+            or gradients[0].device.type != torch.device(device).type:
+        return original(gradients, params, norm_type)
+    opt._assert_same_partition_group(params)
+    group = opt._get_param_partition_group(params[0])
+    every_rank = opt._grad_norm_counts_every_rank(params, group)
+    grads = [g.detach() for g, p in zip(gradients, params)
+             if every_rank or z3.is_model_parallel_parameter(p) or opt.model_parallel_rank == 0]
+    if grads:
+        norms = torch._foreach_norm(grads, 2.0, dtype=z3.get_norm_dtype())
+        total = torch.stack(norms).pow(2).sum()
+    else:
+        total = torch.tensor(0, dtype=gradients[0].dtype).to(device).to(z3.get_norm_dtype())
+    z3.dist.all_reduce(total, op=z3.dist.ReduceOp.SUM, group=group)
+    if not every_rank:
+        opt._model_parallel_all_reduce(tensor=total, op=z3.dist.ReduceOp.SUM)
+    experts = opt._autoep_expert_parallel_group(params)
+    if z3.pg_utils.is_parallel(experts):
+        z3.dist.all_reduce(total, op=z3.dist.ReduceOp.SUM, group=experts)
+    total = total ** 0.5
+    invalid = total.isnan().logical_or(total.isinf())
+    return torch.where(invalid, torch.tensor(-1.0, device=opt.device, dtype=torch.float), total)

@@ -1,6 +1,7 @@
-"""dsfm's multi-tensor gradient norm for ZeRO-1/2 (`dsfm.runtime.zero_norm`) against DeepSpeed's
-own per-tensor loop, in real engines on two gloo ranks (tests/runtime/zero_norm_probe.py): the same
-norm of the same partitioned gradients, the same training, the same skipped step on a NaN."""
+"""dsfm's multi-tensor gradient norm for ZeRO-2 and ZeRO-3 (`dsfm.runtime.zero_norm`) against
+DeepSpeed's own per-tensor loop, in real engines on two gloo ranks
+(tests/runtime/zero_norm_probe.py): the same norm of the same partitioned gradients, the same
+training, the same skipped step on a NaN."""
 
 import json
 import re
@@ -25,17 +26,19 @@ def test_other_optimizers_keep_their_own_norm():
 
 
 @pytest.mark.slow
-def test_fused_norm_matches_deepspeeds_on_two_ranks():
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
     torchrun = _launcher("torchrun")
     assert torchrun, "torchrun is installed with torch; it is missing beside python and on PATH"
-    proc = run([torchrun, "--standalone", "--nproc_per_node", "2", PROBE], env=_clean_env(),
-               timeout=300)
+    proc = run([torchrun, "--standalone", "--nproc_per_node", "2", PROBE, "--stage", str(stage)],
+               env=_clean_env(), timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     records = sorted((json.loads(m) for m in re.findall(r"ZERO_NORM (\{.*\})", out)),
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in records] == [0, 1], out[-4000:]
-    # each rank holds its own part of the gradients (ZeRO-2 partitions them)
+    assert {r["stage"] for r in records} == {stage}
+    # each rank holds its own part of the gradients (ZeRO-2 and ZeRO-3 partition them)
     assert all(r["n_grads"] > 10 for r in records)
     for step in range(5):
         rows = [r["steps"][step] for r in records]
@@ -46,7 +49,8 @@ def test_fused_norm_matches_deepspeeds_on_two_ranks():
                 assert row["global_norm_fused"] == row["global_norm_own"] == float("inf")
                 continue
             assert row["changed_fused"] and row["changed_own"]
-            # float64 sums in another order, rounded to float32: equal to within one float32 ulp
+            # float64 sums in another order (ZeRO-2 rounds the result to float32): equal to within
+            # one float32 ulp
             assert row["norm_fused"] == pytest.approx(row["norm_own"], rel=1.2e-7, abs=0)
             assert row["norm_fused"] > 1.0                  # clipping at 1.0 is active
             assert row["global_norm_fused"] == row["norm_fused"]

@@ -1,7 +1,8 @@
 """One rank of the ZeRO-2 engine tests.
 
-Default: two ZeRO-2 engines over the same small AViT, one with dsfm's multi-tensor gradient norm
-and one with DeepSpeed's own, trained side by side on the same batches. Each rank prints
+Default: two ZeRO engines (stage 2, or `--stage 3`) over the same small AViT, one with dsfm's
+multi-tensor gradient norm and one with DeepSpeed's own, trained side by side on the same
+batches. Each rank prints
 `ZERO_NORM {json}`: per step both norms of the same gradients, the operators each issued, both
 engines' losses, and what a NaN gradient on rank 0 did.
 
@@ -55,16 +56,23 @@ def shipped(env) -> None:
     finish(env)
 
 
+def local(engine) -> list[torch.Tensor]:
+    """This rank's parameters: under ZeRO-3 its partition of each (the full tensors exist only
+    inside the forward and backward)."""
+    return [getattr(p, "ds_tensor", p) for p in engine.module.parameters()]
+
+
 def main() -> None:
     env = init_process_group()
     if "--shipped" in sys.argv:
         return shipped(env)
+    stage = 3 if "--stage" in sys.argv and sys.argv[sys.argv.index("--stage") + 1] == "3" else 2
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
               "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
               # small buckets: several reductions per backward, gradients split between ranks
-              "zero_optimization": {"stage": 2, "overlap_comm": True,
+              "zero_optimization": {"stage": stage, "overlap_comm": True,
                                     "contiguous_gradients": True, "reduce_bucket_size": 20000},
               "steps_per_print": 10 ** 9}
     fused, _, _ = build_engine(copy.deepcopy(model), config, fused_grad_norm=True)
@@ -74,7 +82,7 @@ def main() -> None:
     g = torch.Generator().manual_seed(100 + env.rank)
     ids = torch.arange(4)
     bcs = torch.full((2, 2, 2), 2.0)
-    record = {"rank": env.rank, "steps": [], "n_grads": None}
+    record = {"rank": env.rank, "stage": stage, "steps": [], "n_grads": None}
     for step in range(5):
         x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
         y = torch.randn(2, 4, 32, 32, generator=g)
@@ -84,7 +92,8 @@ def main() -> None:
             engine.backward(loss)
             row[f"loss_{name}"] = float(loss)
         opt = fused.optimizer
-        grads, params = opt.averaged_gradients[0], opt.params_in_partition[0]
+        grads = opt.averaged_gradients[0]
+        params = opt.params_in_partition[0] if stage == 2 else opt.fp16_groups[0]
         record["n_grads"] = len(grads)
         poison = step == 3
         if poison and env.rank == 0:              # one NaN on one rank: every rank must skip
@@ -95,11 +104,11 @@ def main() -> None:
             b, ops_own = count_norm_ops(lambda: getattr(opt, _ORIGINAL)(grads, params))
             row.update(norm_fused=float(a), norm_own=float(b), ops_fused=ops_fused,
                        ops_own=ops_own)
-        before = {n: [p.detach().clone() for p in e.module.parameters()]
+        before = {n: [p.detach().clone() for p in local(e)]
                   for n, e in (("fused", fused), ("own", own))}
         for name, engine in (("fused", fused), ("own", own)):
             engine.step()
-            after = list(engine.module.parameters())
+            after = local(engine)
             row[f"changed_{name}"] = any(not torch.equal(p0, p1)
                                          for p0, p1 in zip(before[name], after))
             row[f"global_norm_{name}"] = float(engine.get_global_grad_norm())
