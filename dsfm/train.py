@@ -41,7 +41,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     set_tf32,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
-from dsfm.runtime.zero_norm import is_fused  # noqa: E402
+from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -225,9 +225,11 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
         engine, _, _ = build_engine(model, ds_config, cfg.train.fused_grad_norm)
-        if is_fused(engine):
-            log.text("gradient norm: one multi-tensor norm per step (train.fused_grad_norm)",
-                     console=False)
+        why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
+               else "train.fused_grad_norm is false")
+        log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"
+                                      if why is None else f"DeepSpeed's own ({why})"),
+                 console=False)
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump()}

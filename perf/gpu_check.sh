@@ -98,9 +98,11 @@ step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,
 # full once already (Ti last: its host-bound step would feel the FusedAdam build if it ran on)
 step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3 \
   --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
-# issue 3: CUDA path of the loader
-step cuda_tests 60 python3 -m pytest -q tests/data/test_prefetch_cuda.py \
-  tests/perf/test_gpu_trace.py tests/models/test_avit.py -k "cuda or gpu"
+# issue 3: CUDA path of the loader (no synchronization in next()); issue 4: fused attention,
+# the multi-tensor gradient norm's CUDA kernel against DeepSpeed's float64 sum
+step cuda_tests 70 python3 -m pytest -q tests/data/test_prefetch_cuda.py \
+  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
+  -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor
 # issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser

@@ -221,6 +221,8 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
     lrs = [e.value for e in acc.Scalars("train/lr")]
     assert lrs[0] > lrs[-1] > 0                     # cosine decay from the JSON's schedule
     assert (run_dir / "train.log").read_text().count("step ") >= 3
+    # the shipped ZeRO-2 engine clips with dsfm's multi-tensor gradient norm
+    assert "gradient norm: one multi-tensor norm per step" in (run_dir / "train.log").read_text()
 
     # dashboards: the CPU path of the monitor, cross-rank statistics, the layout, the report
     assert "GPU metrics unavailable" in proc.stdout

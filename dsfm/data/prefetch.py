@@ -590,8 +590,11 @@ class WellLoader:
             raise StopIteration
         entered = time.perf_counter()
         if self.cuda:
-            self._reclaim(block=False)
             self._check_deferred()
+            # slots whose copy has finished; if every slot is still being copied and no read
+            # is pending, wait for the oldest copy (without the finiteness check nothing else
+            # would, and _submit would report the ring as held)
+            self._reclaim(block=self._next_yield == self._next_submit)
         self._submit()
         step = self._next_yield
         start = time.perf_counter()

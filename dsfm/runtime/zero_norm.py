@@ -60,6 +60,10 @@ def fuse_grad_norm(engine) -> str | None:
         return f"this DeepSpeed's {stage} optimizer lacks " + ", ".join(missing)
     if offloaded:
         return f"the {stage} optimizer is offloaded to the CPU (DeepSpeed's own norm path)"
+    base = (stage_1_and_2.DeepSpeedZeroOptimizer if stage == "ZeRO-1/2"
+            else stage3.DeepSpeedZeroOptimizer_Stage3)
+    if type(opt).get_grad_norm_direct is not base.get_grad_norm_direct:
+        return f"{type(opt).__name__} has a gradient norm of its own"
     if not hasattr(opt, _ORIGINAL):
         setattr(opt, _ORIGINAL, opt.get_grad_norm_direct)
         opt.get_grad_norm_direct = types.MethodType(fused, opt)

@@ -31,7 +31,7 @@ def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
     torchrun = _launcher("torchrun")
     assert torchrun, "torchrun is installed with torch; it is missing beside python and on PATH"
     proc = run([torchrun, "--standalone", "--nproc_per_node", "2", PROBE, "--stage", str(stage)],
-               env=_clean_env(), timeout=300)
+               env=_clean_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     records = sorted((json.loads(m) for m in re.findall(r"ZERO_NORM (\{.*\})", out)),
@@ -50,8 +50,8 @@ def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
                 continue
             assert row["changed_fused"] and row["changed_own"]
             # float64 sums in another order (ZeRO-2 rounds the result to float32): equal to within
-            # one float32 ulp
-            assert row["norm_fused"] == pytest.approx(row["norm_own"], rel=1.2e-7, abs=0)
+            # a float32 rounding or two
+            assert row["norm_fused"] == pytest.approx(row["norm_own"], rel=2.5e-7, abs=0)
             assert row["norm_fused"] > 1.0                  # clipping at 1.0 is active
             assert row["global_norm_fused"] == row["norm_fused"]
             # a handful of operators, against two per gradient tensor
@@ -66,10 +66,28 @@ def test_shipped_zero2_reduces_during_the_backward_in_small_buckets():
     """ds_configs/zero2.json on an AViT-B: with DeepSpeed's default bucket (5e8 elements) and
     overlap_comm, each rank held 2 x 2 GB of gradient buckets, and B's 116 M gradients were
     reduced in one piece after the whole backward, so no communication overlapped it."""
-    proc = run([sys.executable, PROBE, "--shipped"], env=_clean_env(), timeout=300)
+    proc = run([sys.executable, PROBE, "--shipped"], env=_clean_env(CUDA_VISIBLE_DEVICES=""),
+               timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     [rec] = [json.loads(m) for m in re.findall(r"SHIPPED (\{.*\})", out)]
     assert rec["parameters"] > 1e8
     assert rec["buffer_bytes"] <= 2 * 4 * 5e7              # two fp32 buckets of 5e7 elements
     assert rec["reductions"] >= 3                          # 116 M gradients in 5e7 buckets
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_cuda_multi_tensor_norm_equals_deepspeeds_per_tensor_sum_on_cuda(dtype):
+    """The one part the CPU tests cannot reach: on CUDA, `_foreach_norm(dtype=float64)` runs a
+    multi-tensor kernel of its own (on the CPU it falls back to one norm per tensor). Over
+    AViT-B's gradient shapes, it must give DeepSpeed's float64 sum of per-tensor norms."""
+    from dsfm.models.avit import avit
+
+    g = torch.Generator(device="cuda").manual_seed(0)
+    grads = [torch.randn(p.shape, generator=g, device="cuda").mul_(1e-3).to(dtype)
+             for p in avit("B", 12).parameters()]
+    fused = torch.stack(torch._foreach_norm(grads, 2.0, dtype=torch.float64)).pow(2).sum()
+    own = torch.stack([torch.linalg.vector_norm(t.to(torch.float64)) for t in grads]).pow(2).sum()
+    assert len(grads) == 439
+    assert float(fused) == pytest.approx(float(own), rel=1e-12, abs=0)
