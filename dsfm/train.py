@@ -224,7 +224,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
-        engine, _, _ = build_engine(model, ds_config, cfg.train.fused_grad_norm)
+        engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"

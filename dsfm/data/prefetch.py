@@ -613,8 +613,9 @@ class WellLoader:
                 t.record_stream(compute)
             if self.check_finite:
                 # computed and copied to the host on the compute stream, read at the next
-                # next() after an event that covers only these: reading the device flag itself
-                # would synchronize the whole compute stream, the step just issued included
+                # next() after the event recorded here, which waits for the work issued before
+                # this batch but not for its step: reading the device flag itself would
+                # synchronize the whole compute stream, the step just issued included
                 self._flag_host.copy_(all_finite(batch.x, batch.y), non_blocking=True)
                 flagged = torch.cuda.Event()
                 flagged.record(compute)

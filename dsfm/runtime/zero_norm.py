@@ -39,12 +39,14 @@ def fuse_grad_norm(engine) -> str | None:
 
     opt = getattr(engine, "optimizer", None)
     if isinstance(opt, stage_1_and_2.DeepSpeedZeroOptimizer):
-        module, fused, stage = stage_1_and_2, _grad_norm_12, "ZeRO-1/2"
+        module, base, fused, stage = (stage_1_and_2, stage_1_and_2.DeepSpeedZeroOptimizer,
+                                      _grad_norm_12, "ZeRO-1/2")
         helpers = ("mask_nan_or_inf_with_val_inplace", "PIPE_REPLICATED")
         methods = ("_model_parallel_all_reduce", "dp_process_group")
         offloaded = getattr(opt, "cpu_offload", False)
     elif isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
-        module, fused, stage = stage3, _grad_norm_3, "ZeRO-3"
+        module, base, fused, stage = (stage3, stage3.DeepSpeedZeroOptimizer_Stage3,
+                                      _grad_norm_3, "ZeRO-3")
         helpers = ("pg_utils",)
         methods = ("_model_parallel_all_reduce", "_assert_same_partition_group",
                    "_get_param_partition_group", "_grad_norm_counts_every_rank",
@@ -60,8 +62,6 @@ def fuse_grad_norm(engine) -> str | None:
         return f"this DeepSpeed's {stage} optimizer lacks " + ", ".join(missing)
     if offloaded:
         return f"the {stage} optimizer is offloaded to the CPU (DeepSpeed's own norm path)"
-    base = (stage_1_and_2.DeepSpeedZeroOptimizer if stage == "ZeRO-1/2"
-            else stage3.DeepSpeedZeroOptimizer_Stage3)
     if type(opt).get_grad_norm_direct is not base.get_grad_norm_direct:
         return f"{type(opt).__name__} has a gradient norm of its own"
     if not hasattr(opt, _ORIGINAL):

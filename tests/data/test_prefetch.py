@@ -17,7 +17,12 @@ from dsfm.data import PDEBenchDataset, WellDataset, WellLoader
 from dsfm.data.pdebench import write_pdebench_stats
 from dsfm.errors import CorruptFileError, NonFiniteError, SchemaError
 from tests.conftest import DEMO_DATASETS, REPO, run
-from tests.data.well_fixtures import cube_3d_file, make_dataset, partial_dims_file
+from tests.data.well_fixtures import (
+    cube_3d_file,
+    make_dataset,
+    nan_pressure_copy,
+    partial_dims_file,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -199,11 +204,7 @@ def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
     assemble_on, fused = PATHS[path_id]
     if fused:
         request.getfixturevalue("normalize_kernel")
-    ds = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
-    for p in (ds / "data" / "train").glob("*.hdf5"):
-        with h5py.File(p, "r+") as f:
-            f["t0_fields/pressure"][:, 7] = np.nan
+    ds = nan_pressure_copy(demo_base, tmp_path)
     with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
                     assemble_on=assemble_on, native_kernel=fused) as loader:
         assert loader.native_kernel_used == bool(fused)

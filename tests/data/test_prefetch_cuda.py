@@ -2,16 +2,14 @@
 (the GPU check script, perf/gpu_check.sh); the same logic runs on CPU tensors everywhere else."""
 
 import os
-import shutil
 
-import h5py
-import numpy as np
 import pytest
 import torch
 
 from dsfm.data import WellDataset, WellLoader
 from dsfm.errors import NonFiniteError
 from tests.conftest import DEMO_DATASETS
+from tests.data.well_fixtures import nan_pressure_copy
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -75,11 +73,7 @@ def test_next_does_not_synchronize_the_device(demo_base):
 
 
 def test_nan_in_a_window_is_named_on_the_gpu(demo_base, tmp_path):
-    ds = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
-    for p in (ds / "data" / "train").glob("*.hdf5"):
-        with h5py.File(p, "r+") as f:
-            f["t0_fields/pressure"][:, 7] = np.nan
+    ds = nan_pressure_copy(demo_base, tmp_path)
     with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
                     device="cuda") as loader:
         with pytest.raises(NonFiniteError) as exc:

@@ -2,7 +2,9 @@
 non-square and sample-varying grids, wall and open boundaries, partially dim-varying fields."""
 
 import os
+import shutil
 
+import h5py
 import numpy as np
 
 from dsfm.data.stats import write_stats
@@ -99,3 +101,14 @@ def make_dataset(base, name, writer, seed=0, files_per_split=2, **kwargs):
             writer(os.path.join(root, "data", split, f"{name}_{i}.hdf5"), rng, **kwargs)
     write_stats(root)
     return root
+
+
+def nan_pressure_copy(demo_base, tmp_path, time_index=7):
+    """A copy of the demo euler_2d whose training files hold NaN pressure at `time_index` of
+    every trajectory: what a loader must name by array and time."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    for p in (ds / "data" / "train").glob("*.hdf5"):
+        with h5py.File(p, "r+") as f:
+            f["t0_fields/pressure"][:, time_index] = np.nan
+    return ds

@@ -11,6 +11,7 @@ parameters); prints `SHIPPED {json}`: the gradient buffers DeepSpeed allocated a
 reductions one backward issued.
 """
 
+import argparse
 import copy
 import json
 import sys
@@ -63,10 +64,14 @@ def local(engine) -> list[torch.Tensor]:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--stage", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--shipped", action="store_true")
+    args = parser.parse_args()
     env = init_process_group()
-    if "--shipped" in sys.argv:
+    if args.shipped:
         return shipped(env)
-    stage = 3 if "--stage" in sys.argv and sys.argv[sys.argv.index("--stage") + 1] == "3" else 2
+    stage = args.stage
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
