@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from perf.affinity import pin_threads
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
@@ -31,16 +32,6 @@ from perf.report import write_json
 def sync() -> None:
     if torch.cuda.is_available():
         torch.cuda.synchronize()
-
-
-def _pin_process(pid: int | str, cpus: list[int]) -> None:
-    """Every thread of a process (`sched_setaffinity` on a pid moves that one thread only):
-    the training process's autograd thread runs the whole backward on CUDA."""
-    for tid in os.listdir(f"/proc/{pid}/task"):
-        try:
-            os.sched_setaffinity(int(tid), cpus)
-        except ProcessLookupError:                   # a thread that has just ended
-            pass
 
 
 def pin(reader_pids: list[int]) -> dict:
@@ -60,9 +51,9 @@ def pin(reader_pids: list[int]) -> dict:
     readers = [c for c in cpus if c not in siblings] or cpus
     threads_before = torch.get_num_threads()
     torch.set_num_threads(len(trainer))   # an intra-op pool wider than its CPUs spins on them
-    _pin_process("self", trainer)
+    pin_threads("self", trainer)
     for pid in reader_pids:
-        _pin_process(pid, readers)
+        pin_threads(pid, readers)
     threads = {int(t): sorted(os.sched_getaffinity(int(t)))
                for t in os.listdir("/proc/self/task")}
     return {"trainer": trainer, "readers": readers, "trainer_threads": len(threads),
@@ -121,22 +112,29 @@ def main(argv: list[str] | None = None) -> int:
                                         b.bcs_host.clone(),
                                         b.y.clone()))
         del b
-    rows, pinning = {}, None
-    variants = ["resident", "WellLoader"]
-    if args.pin:
-        variants += ["resident pinned", "WellLoader pinned"]
-    for variant in variants:
-        if variant.endswith("pinned") and pinning is None:
-            pinning = pin(loader.worker_pids)
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
+        f"CPU ({os.cpu_count()} cores)"
+    print(f"AViT-{args.size} ({n_parameters(model) / 1e6:.1f} M parameters), batch "
+          f"{args.batch}, {args.n_in} input steps, {len(paths)} datasets, {args.workers} "
+          f"readers, {device}")
+    print(f"{'feed':18s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
+          f"{'next() ms':>10s} {'next() share':>12s} {'wait p95/max ms':>16s} "
+          f"{'steps waiting':>13s} {'readers busy':>12s}", flush=True)
+
+    def measure(variant: str) -> dict:
         times, waits, nexts = [], [], []
-        busy_before = 0.0
+        busy_before = began = last = 0.0
         # a loader variant first drains what the readers filled the ring with meanwhile, so
         # that its timed steps are fed as they come
         warmup = args.warmup + (loader.ring_slots if variant.startswith("WellLoader") else 0)
+        # no synchronization between steps: the training thread may run ahead of the GPU as
+        # in training (a step's time is the interval between the starts of consecutive steps;
+        # the rate counts the timed steps from one synchronization to the next)
         for i in range(warmup + args.steps):
             if i == warmup:                 # the readers' time from the timed steps on
+                sync()
                 busy_before = sum(loader.read_s)
-            sync()
+                began = last = time.perf_counter()
             t0 = time.perf_counter()
             if variant.startswith("WellLoader"):
                 b = next(it)
@@ -149,72 +147,79 @@ def main(argv: list[str] | None = None) -> int:
                 t_next = 0.0
                 step(x, ids, bcs, y)
                 wait = 0.0
-            sync()
             if i >= warmup:
-                times.append(time.perf_counter() - t0)
+                now = time.perf_counter()
+                times.append(now - last)
+                last = now
                 waits.append(wait)
                 nexts.append(t_next)
-        total = sum(times)
-        rows[variant] = {"step_ms_median": 1e3 * statistics.median(times),
-                         "step_ms_mean": 1e3 * total / len(times),
-                         "samples_per_sec": args.batch * len(times) / total,
-                         "data_wait_share": sum(waits) / total,
-                         # the whole next() call: the wait plus the loader's bookkeeping on
-                         # the training thread (polling, launching copies and assembly)
-                         "next_ms_median": 1e3 * statistics.median(nexts),
-                         "next_share": sum(nexts) / total,
-                         # a steady small wait or a few long stalls: the distribution says
-                         "wait_ms_p95": 1e3 * sorted(waits)[math.ceil(0.95 * len(waits)) - 1],
-                         "wait_ms_max": 1e3 * max(waits),
-                         "steps_waiting": sum(w > 5e-4 for w in waits),
-                         # the readers' busy share of the timed steps' wall time (the wall
-                         # time of their reads, I/O waits included, over readers x time):
-                         # how far ahead of the trainer they are
-                         "readers_busy": (sum(loader.read_s) - busy_before)
-                         / (args.workers * total)}
+        sync()
+        total = time.perf_counter() - began
+        row = {"step_ms_median": 1e3 * statistics.median(times),
+               "step_ms_mean": 1e3 * total / len(times),
+               "samples_per_sec": args.batch * len(times) / total,
+               "data_wait_share": sum(waits) / total,
+               # the whole next() call: the wait plus the loader's bookkeeping on the training
+               # thread (polling, launching copies and assembly)
+               "next_ms_median": 1e3 * statistics.median(nexts),
+               "next_share": sum(nexts) / total,
+               # a steady small wait or a few long stalls: the distribution says
+               "wait_ms_p95": 1e3 * sorted(waits)[math.ceil(0.95 * len(waits)) - 1],
+               "wait_ms_max": 1e3 * max(waits),
+               "steps_waiting": sum(w > 5e-4 for w in waits),
+               # the readers' busy share of the timed steps' wall time (the wall time of
+               # their reads, I/O waits included, over readers x time): how far ahead of the
+               # trainer they are
+               "readers_busy": (sum(loader.read_s) - busy_before) / (args.workers * total)}
         if args.profile:
-            def fed(variant=variant, order=itertools.count()):
+            def fed(order=itertools.count()):
                 if variant.startswith("WellLoader"):
                     b = next(it)
                     step(b.x, b.field_ids, b.bcs_host, b.y)
                 else:
                     step(*resident[list(resident)[next(order) % len(resident)]])
 
-            profile_into(rows[variant], fed, args.profile)
-    loader.close()
+            profile_into(row, fed, args.profile)
+        return row
 
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() else \
-        f"CPU ({os.cpu_count()} cores)"
-    print(f"AViT-{args.size} ({n_parameters(model) / 1e6:.1f} M parameters), batch "
-          f"{args.batch}, {args.n_in} input steps, {len(paths)} datasets, {args.workers} "
-          f"readers, {device}")
-    if pinning:
-        print(f"pinned: the training process ({pinning['trainer_threads']} threads) on CPUs "
-              f"{pinning['trainer']}, readers on {pinning['readers']} (run after the unpinned "
-              "pair, same loader)")
-    print(f"{'feed':18s} {'step ms (median)':>17s} {'samples/s':>10s} {'data wait':>10s} "
-          f"{'next() ms':>10s} {'next() share':>12s} {'wait p95/max ms':>16s} "
-          f"{'steps waiting':>13s} {'readers busy':>12s}")
-    for name, r in rows.items():
-        loaded = name.startswith("WellLoader")
-        print(f"{name:18s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
+    rows, pinning = {}, None
+    variants = ["resident", "WellLoader"]
+    if args.pin:
+        variants += ["resident pinned", "WellLoader pinned"]
+    for variant in variants:
+        try:
+            if variant.endswith("pinned") and pinning is None:
+                pinning = pin(loader.worker_pids)
+                print(f"pinned: the training process ({pinning['trainer_threads']} threads) on "
+                      f"CPUs {pinning['trainer']}, readers on {pinning['readers']} (same "
+                      "loader)")
+            r = rows[variant] = measure(variant)
+        except Exception as exc:             # one feed's failure: say so, measure the others
+            rows[variant] = {"error": repr(exc)}
+            print(f"{variant:18s} failed: {exc!r}", flush=True)
+            continue
+        loaded = variant.startswith("WellLoader")
+        print(f"{variant:18s} {r['step_ms_median']:17.1f} {r['samples_per_sec']:10.1f} "
               f"{100 * r['data_wait_share']:9.2f}% {r['next_ms_median']:10.2f} "
               f"{100 * r['next_share']:11.2f}% "
               + (f"{r['wait_ms_p95']:7.2f} / {r['wait_ms_max']:6.1f} "
                  f"{r['steps_waiting']:6d} of {args.steps:<4d} {100 * r['readers_busy']:11.1f}%"
-                 if loaded else ""))
+                 if loaded else ""), flush=True)
+    loader.close()
+    ok = {k: r for k, r in rows.items() if "error" not in r}
     if args.profile:
         print(f"profiled ({args.profile} steps each, next() included):")
-        for name, r in rows.items():
+        for name, r in ok.items():
             print(f"  {name:18s} {describe_row(r, r['step_ms_median'])}")
-    ratio = rows["WellLoader"]["samples_per_sec"] / rows["resident"]["samples_per_sec"]
-    print(f"WellLoader reaches {100 * ratio:.1f}% of the resident-batch rate; data wait "
-          f"{100 * rows['WellLoader']['data_wait_share']:.2f}% of step time (target < 2%)")
-    if pinning:
-        pinned = rows["WellLoader pinned"]
-        print(f"pinned: WellLoader reaches "
-              f"{100 * pinned['samples_per_sec'] / rows['resident pinned']['samples_per_sec']:.1f}%"
-              f" of the pinned resident rate; data wait {100 * pinned['data_wait_share']:.2f}%")
+    ratio = None
+    for suffix in ("", " pinned"):
+        fed, res = ok.get("WellLoader" + suffix), ok.get("resident" + suffix)
+        if fed and res:
+            share = fed["samples_per_sec"] / res["samples_per_sec"]
+            ratio = share if not suffix else ratio
+            print(f"{suffix.strip() + ': ' if suffix else ''}WellLoader reaches "
+                  f"{100 * share:.1f}% of the{suffix} resident-batch rate; data wait "
+                  f"{100 * fed['data_wait_share']:.2f}% of step time (target < 2%)")
     if args.json:
         write_json(args.json, {"size": args.size, "batch": args.batch, "n_in": args.n_in,
                                "workers": args.workers, "device": device, "variants": rows,

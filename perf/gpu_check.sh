@@ -8,13 +8,14 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="train_bench train_layout train_compile train_rest"
-#      GPU_CHECK_DEADLINE=500, timeout_s=530 (the step limits add up to the deadline;
+#   1. GPU_CHECK_ONLY="train_bench train_compile train_rest"
+#      GPU_CHECK_DEADLINE=420, timeout_s=450 (the step limits add up to the deadline;
 #      train_rest, measured once already, runs only if time is left);
-#   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench": read `status` right before it and
-#      give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that timeout_s - 35 (the
-#      summary and the transfers). The simulation of the loader data (8 train trajectories per
-#      parameter set) runs beside the CUDA tests. If the machine went cold meanwhile, a fresh
+#   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench train_layout": read `status` right
+#      before it and give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that
+#      timeout_s - 35 (the summary and the transfers). The simulation of the loader data (8
+#      train trajectories per parameter set) runs beside the CUDA tests; the layout comparison,
+#      the least wanted, runs last, if time is left. If the machine went cold meanwhile, a fresh
 #      one starts (30-60 s) and rebuilds FusedAdam (about 60 s, in the background), which
 #      feed_bench's ZeRO-2 engine then waits for.
 # The monitor tests, the sweep and the demo run passed on 2026-11-28 and can wait. The first
@@ -79,20 +80,13 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # share of the step with its kernel time by category, for what the targets name first: B and L,
 # plain against one CUDA graph (the card's own time) and ZeRO-2 (target: <= 3 % over plain),
 # with dsfm's multi-tensor clipping norm and (zero2ds) with DeepSpeed's per-tensor one
-step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 6 --warmup 2 \
+step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 4 --warmup 2 \
   --wrappers plain,graph,zero2,zero2ds --profile 2 --trace-dir "$TR" --json "$R/train_bench.json"
-# issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
-# channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and
-# PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's reference "fp32"
-# figures may have run with
-step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
-  --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 6 --warmup 2 --profile 2 \
-  --json "$R/train_layout.json"
 # issue 4: the space-time blocks compiled (regional torch.compile), the trainer's model.compile;
 # the graph wrapper is left out (training cannot use it); ZeRO-2 as shipped and with
 # contiguous_gradients off (on one rank it copies each gradient once more)
 step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2,zero2nc \
-  --compile --steps 6 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --compile --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_compile.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in
 # full once already (Ti last: its host-bound step would feel the FusedAdam build if it ran on)
@@ -100,7 +94,7 @@ step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,
   --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
 # issue 3: CUDA path of the loader (no synchronization in next()); issue 4: fused attention,
 # the multi-tensor gradient norm's CUDA kernel against DeepSpeed's float64 sum
-step cuda_tests 70 python3 -m pytest -q tests/data/test_prefetch_cuda.py \
+step cuda_tests 100 python3 -m pytest -q tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
   -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
@@ -125,7 +119,15 @@ step feed_bench 120 python3 -m perf.feed_bench --base /tmp/small --size B --batc
   --workers 8 --steps 30 --profile 2 --json "$R/feed_bench.json"
 # issue 3: copy rate against pinned bandwidth, readers in situ, trainer costs, memory
 step loader_bench 150 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
-  --batches 60 --rounds 3 --rss-batches 5000 --json "$R/loader_bench.json"
+  --batches 40 --rounds 3 --rss-batches 10000 --json "$R/loader_bench.json"
+
+# issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
+# channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and
+# PyTorch's default numerics (matmuls fp32, cuDNN convolutions TF32), which MPP's reference "fp32"
+# figures may have run with
+step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
+  --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 4 --warmup 2 --profile 2 \
+  --json "$R/train_layout.json"
 
 {
   echo "== summary (at $((SECONDS - T0))s)"

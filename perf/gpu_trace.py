@@ -86,9 +86,11 @@ def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
     count = 0
     by_cat: dict[str, float] = defaultdict(float)
     by_name: dict[str, list[float]] = defaultdict(lambda: [0.0, 0])
+    per_window = []
     for lo, hi in windows:
         inside = [e for e in device if lo <= e["ts"] < hi]
         inside_any += len(inside)
+        per_window.append(len(inside))
         busy += union_length([(e["ts"], min(e["ts"] + e["dur"], hi)) for e in inside])
         for e in inside:
             kernel_us += e["dur"]
@@ -106,6 +108,9 @@ def summarize(events: list[dict], window: str = WINDOW, device_cats=DEVICE_CATS,
         "busy_ms": busy / n / 1e3 if device else None,
         "busy_share": busy / wall_us if device and wall_us else None,
         "kernels_per_step": count / n,           # kernels, memcpys and memsets
+        # identical steps issue as many kernels each: fewer in one window means device
+        # records were lost (or fell outside), and that step's busy share reads too low
+        "kernels_min_max": [min(per_window), max(per_window)],
         # of all device events in the trace, the share inside the windows: about n / (n + 1)
         # with the unsummarized first step; far less means the device and host clocks of the
         # trace disagree, and the busy share is not to be trusted
@@ -202,6 +207,9 @@ def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4)
         if summary["events_in_windows"] < 0.5 * summary["steps"] / (summary["steps"] + 1):
             busy += (f" (CLOCKS? only {100 * summary['events_in_windows']:.0f}% of device "
                      "events fall in the step windows)")
+    lo, hi = summary.get("kernels_min_max", (0, 0))
+    if summary["busy_share"] is not None and lo != hi:
+        busy += f" (KERNELS DIFFER between steps: {lo} to {hi}; records lost?)"
     return (f"{busy}; {summary['kernels_per_step']:.0f} kernels/step, "
             f"{summary['kernel_ms_per_step']:.1f} ms of kernels" + (f" ({cats} ms)" if cats
                                                                     else ""))

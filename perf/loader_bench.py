@@ -54,6 +54,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsfm.data import WellLoader, native
 from dsfm.data.index import list_hdf5, read_layouts
 from dsfm.data.windows import well_source
+from perf.affinity import pin_threads
 from perf.report import write_json
 
 
@@ -97,11 +98,11 @@ def _own_core(variant: str):
     if variant != "dsfm_1w_read_own" or len(_CPUS) < 2:
         yield
         return
-    os.sched_setaffinity(0, _CPUS[:-1])
+    pin_threads("self", _CPUS[:-1])
     try:
         yield
     finally:
-        os.sched_setaffinity(0, _CPUS)
+        pin_threads("self", _CPUS)
 
 
 class PlainH5Dataset(Dataset):
@@ -362,6 +363,11 @@ LABELS = {"dsfm_1w": "dsfm 1r", "dsfm_1w_numpy": "dsfm 1r numpy", "dsfm_1w_read"
           "raw_alone_read_py": "alone read py", "raw_alone_asm": "reader alone asm",
           "raw_alone_asm_window": "alone asm window", "raw_alone_asm_numpy": "alone asm numpy",
           "raw_alone_asm_ring": "alone asm ring"}
+#: with CUDA the device assembles in every WellLoader variant (there is no CPU default to
+#: compare), so `dsfm 1r` is the same configuration as `dsfm 1r read`, `numpy` reads window by
+#: window in Python and `hdf5` reads through the HDF5 library
+CUDA_LABELS = {"dsfm_1w": "dsfm 1r (device)", "dsfm_1w_numpy": "dsfm 1r py reads",
+               "dsfm_1w_read": "dsfm 1r again", "dsfm_1w_hdf5": "dsfm 1r hdf5 reads"}
 #: the ring of a one-reader WellLoader (2 · num_workers + 2 slots), for `alone asm ring`
 RING_SLOTS_1R = 4
 
@@ -387,20 +393,27 @@ def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) 
             pss = float("nan")
         return rss, pss
 
-    samples = []
+    cuda = torch.device(device).type == "cuda"
+    samples, gpu = [], []
     with WellLoader(paths, batch_size=batch, num_workers=workers, device=device) as loader:
         it = iter(loader)
         for i in range(n_batches):
             next(it)
             if i % max(1, n_batches // 20) == 0 or i == n_batches - 1:
                 samples.append((i + 1, *memory(loader)))
+                if cuda:            # the batches waiting on the device (none handed out kept)
+                    gpu.append(torch.cuda.memory_allocated(device) / 2**20)
         ring = loader.ring_bytes / 2**20
-    after = [(rss, pss) for i, rss, pss in samples if i > n_batches // 10]
-    return {"batches": n_batches, "ring_mib": ring, "samples": samples,
-            "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
-            "pss_first_mib": samples[0][2], "pss_last_mib": samples[-1][2],
-            "rss_growth_after_warmup_mib": after[-1][0] - after[0][0],
-            "pss_growth_after_warmup_mib": after[-1][1] - after[0][1]}
+    warm = [k for k, (i, _, _) in enumerate(samples) if i > n_batches // 10]
+    out = {"batches": n_batches, "ring_mib": ring, "samples": samples,
+           "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
+           "pss_first_mib": samples[0][2], "pss_last_mib": samples[-1][2],
+           "rss_growth_after_warmup_mib": samples[warm[-1]][1] - samples[warm[0]][1],
+           "pss_growth_after_warmup_mib": samples[warm[-1]][2] - samples[warm[0]][2]}
+    if cuda:
+        out.update(cuda_allocated_mib=gpu, cuda_first_mib=gpu[0], cuda_last_mib=gpu[-1],
+                   cuda_growth_after_warmup_mib=gpu[warm[-1]] - gpu[warm[0]])
+    return out
 
 
 def h2d_bandwidth(device, nbytes: int = 256 * 2**20, kinds=("pageable", "pinned")) -> dict:
@@ -410,6 +423,7 @@ def h2d_bandwidth(device, nbytes: int = 256 * 2**20, kinds=("pageable", "pinned"
     dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
     for kind in kinds:
         src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=(kind == "pinned"))
+        src.fill_(1)        # untouched pageable pages all map the zero page: a cached read
         times = []
         for _ in range(12):
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -446,6 +460,17 @@ def main(argv=None) -> int:
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "workers": args.workers, "batch": args.batch,
               "trainer_threads": args.trainer_threads, "rows": []}
+    why = native.why_unavailable()
+    report["native_kernel"] = why or "available"
+    print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}"
+          f"; C kernel: {why or 'available'}", flush=True)
+
+    def save() -> None:       # after every stage: a run cut short keeps what it measured
+        if args.json:
+            write_json(args.json, report)
+
+    # the GPU's figures first (the copy rate, memory over many batches), then the long
+    # per-dataset comparison
     if device.type == "cuda":
         report["h2d"] = h2d_bandwidth(device)
         with WellLoader(paths, batch_size=args.batch, num_workers=args.workers,
@@ -453,7 +478,8 @@ def main(argv=None) -> int:
             loader.time_copies = True
             for _ in range(100):
                 next(loader)
-            report["h2d"]["loader_copy_gb_s"] = loader.copy_bandwidth()
+            # each slot's first copy left out (first use of its pages and of the destination)
+            report["h2d"]["loader_copy_gb_s"] = loader.copy_bandwidth(skip=loader.ring_slots)
             size = int(statistics.median(b for b, _, _ in loader.copies))
         h = report["h2d"]
         h["loader_vs_pinned"] = h["loader_copy_gb_s"] / h["pinned_gb_s"]
@@ -461,28 +487,49 @@ def main(argv=None) -> int:
         h["copy_bytes"] = size
         h["pinned_same_size_gb_s"] = h2d_bandwidth(device, size, ("pinned",))["pinned_gb_s"]
         h["loader_vs_pinned_same_size"] = h["loader_copy_gb_s"] / h["pinned_same_size_gb_s"]
-    for path in paths:
-        report["rows"].append(bench_dataset(path, args.workers, args.batch, args.batches,
-                                            args.rounds, device))
-    why = native.why_unavailable()
-    report["native_kernel"] = why or "available"
-    print(f"{args.workers} workers, batch {args.batch}, 4+1 steps, z-score, on {report['device']}"
-          f"; C kernel: {why or 'available'}")
+        print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "
+              f"{h['pageable_gb_s']:.1f} GB/s (256 MiB copies), WellLoader copies "
+              f"{h['loader_copy_gb_s']:.1f} GB/s ({h['loader_vs_pinned']:.0%} of pinned; pinned "
+              f"copies of the loader's {h['copy_bytes'] / 1e6:.1f} MB: "
+              f"{h['pinned_same_size_gb_s']:.1f} GB/s, the loader "
+              f"{h['loader_vs_pinned_same_size']:.0%} of that)", flush=True)
+        save()
+    if args.rss_batches:
+        report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
+        r = report["rss"]
+        gpu = (f"; GPU memory allocated {r['cuda_first_mib']:.0f} → {r['cuda_last_mib']:.0f} "
+               f"MiB, growth after warm-up {r['cuda_growth_after_warmup_mib']:+.1f} MiB"
+               if "cuda_last_mib" in r else "")
+        print(f"memory over {r['batches']} mixture batches (trainer + readers): ring "
+              f"{r['ring_mib']:.0f} MiB; PSS {r['pss_first_mib']:.0f} → {r['pss_last_mib']:.0f} "
+              f"MiB, growth after warm-up {r['pss_growth_after_warmup_mib']:+.1f} MiB; RSS sum "
+              f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB (counts the shared ring "
+              f"once per reader that touched it){gpu}", flush=True)
+        save()
+    labels = {**LABELS, **(CUDA_LABELS if device.type == "cuda" else {})}
     print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "
           f"{'p95 ms':>7s}")
-    for r in report["rows"]:
+    for path in paths:
+        try:
+            r = bench_dataset(path, args.workers, args.batch, args.batches, args.rounds, device)
+        except Exception as exc:                # one dataset's failure: say so, go on
+            report["rows"].append({"dataset": os.path.basename(path), "error": repr(exc)})
+            print(f"{os.path.basename(path):30s} failed: {exc!r}", flush=True)
+            save()
+            continue
+        report["rows"].append(r)
         for v in LOADERS + ("upstream", "h5py", "raw", "raw_w") + tuple(f"raw_{k}"
                                                                       for k in ALONE):
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
-            label = LABELS.get(v, f"raw ({args.workers}p)" if v == "raw_w" else v)
+            label = labels.get(v, f"raw ({args.workers}p)" if v == "raw_w" else v)
             print(f"{r['dataset']:30s} {label:16s} {m['samples_per_s']:9.0f} "
                   f"{m['mb_per_s']:7.0f} {lat}")
         print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | dsfm vs raw "
               f"{args.workers}p: {r['dsfm_vs_raw_same_processes']:.2f}x")
         print(f"{'':30s} 1 reader vs raw 1p (vs raw pread): " + ", ".join(
-            f"{LABELS[k]} {r[f'{k}_vs_raw']:.2f}x ({r[f'{k}_vs_raw_pread']:.2f}x)"
+            f"{labels[k]} {r[f'{k}_vs_raw']:.2f}x ({r[f'{k}_vs_raw_pread']:.2f}x)"
             for k in LOADERS[1:]))
         print(f"{'':30s} a reader's work alone vs raw 1p: read "
               f"{r['raw_alone_read']['vs_raw']:.2f}x (window by window in Python: "
@@ -492,30 +539,15 @@ def main(argv=None) -> int:
               f"{r['raw_alone_asm_numpy']['vs_raw']:.2f}x; {RING_SLOTS_1R} slots in turn: "
               f"{r['raw_alone_asm_ring']['vs_raw']:.2f}x)")
         print(f"{'':30s} readers busy, in situ, vs raw 1p: " + ", ".join(
-            f"{LABELS.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
+            f"{labels.get(k, k)} {'/'.join(f'{x:.2f}' for x in r[k]['reader_busy_vs_raw'])}x"
             for k in LOADERS))
         t = r["dsfm"]["trainer_ms_per_batch"]
         print(f"{'':30s} trainer per batch (dsfm): next() {t['next_ms']:.2f} ms = waiting "
               f"{t['wait_ms']:.2f} ms (issuing copies and assembly inside it: "
-              f"{t['launch_ms']:.2f} ms) + bookkeeping {t['next_ms'] - t['wait_ms']:.2f} ms")
-    if device.type == "cuda":
-        h = report["h2d"]
-        print(f"host-to-device: pinned {h['pinned_gb_s']:.1f} GB/s, pageable "
-              f"{h['pageable_gb_s']:.1f} GB/s (256 MiB copies), WellLoader copies "
-              f"{h['loader_copy_gb_s']:.1f} GB/s ({h['loader_vs_pinned']:.0%} of pinned; pinned "
-              f"copies of the loader's {h['copy_bytes'] / 1e6:.1f} MB: "
-              f"{h['pinned_same_size_gb_s']:.1f} GB/s, the loader "
-              f"{h['loader_vs_pinned_same_size']:.0%} of that)")
-    if args.rss_batches:
-        report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
-        r = report["rss"]
-        print(f"memory over {r['batches']} mixture batches (trainer + readers): ring "
-              f"{r['ring_mib']:.0f} MiB; PSS {r['pss_first_mib']:.0f} → {r['pss_last_mib']:.0f} "
-              f"MiB, growth after warm-up {r['pss_growth_after_warmup_mib']:+.1f} MiB; RSS sum "
-              f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB (counts the shared ring "
-              f"once per reader that touched it)")
-    if args.json:
-        write_json(args.json, report)
+              f"{t['launch_ms']:.2f} ms) + bookkeeping {t['next_ms'] - t['wait_ms']:.2f} ms",
+              flush=True)
+        save()
+    save()
     return 0
 
 

@@ -117,13 +117,26 @@ def graphed(step, model, opt, loss_fn, inputs):
         for _ in range(3):
             step()
     torch.cuda.current_stream().wait_stream(side)
+    # a step that synchronizes cannot be captured: one more eager step under the sync debug
+    # mode names the operator that would, instead of a failed capture
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
     graph = torch.cuda.CUDAGraph()
     opt.zero_grad(set_to_none=True)
-    with torch.cuda.graph(graph):
-        loss = loss_fn(model(x, ids, bcs), y)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    try:
+        with torch.cuda.graph(graph):
+            loss = loss_fn(model(x, ids, bcs), y)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+    except BaseException:
+        # a failed capture leaves its side stream current (torch.cuda.graph's exit raises
+        # before it restores the stream): every later variant would run on it
+        torch.cuda.set_stream(torch.cuda.default_stream())
+        raise
     return graph.replay
 
 
@@ -136,6 +149,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     from dsfm.models.avit import avit
 
     cuda = device.type == "cuda"
+    # what earlier variants left allocated (none, if they were torn down): counted in the peak
+    leftover = torch.cuda.memory_allocated() / 2 ** 30 if cuda else None
     if numerics not in NUMERICS:
         raise ValueError(f"numerics {numerics!r}: one of {', '.join(NUMERICS)}")
     # fp32: strict, as dsfm trains (train.tf32 false); tf32: matmuls and convolutions;
@@ -160,17 +175,21 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
         _FLOPS[key] = step_flops(model, x, ids, bcs, y)     # counted once, in eager mode
     flops = _FLOPS[key]
-    compile_s = new_graphs = None
+    compile_s = new_graphs = compiled_vs_eager = None
     if args.compile:                    # regional: the blocks, compiled on the first step
         from torch._dynamo.utils import counters
+        with torch.no_grad():           # the same loss eager, to check the compiled code
+            eager = nmse(model(x, ids, bcs), y)
         model.compile_blocks()
         before = counters["stats"]["unique_graphs"]
         sync()
         t0 = time.perf_counter()
-        nmse(model(x, ids, bcs), y).backward()
+        loss = nmse(model(x, ids, bcs), y)
+        loss.backward()
         model.zero_grad(set_to_none=True)
         sync()
         compile_s = time.perf_counter() - t0
+        compiled_vs_eager = abs(float(loss) / float(eager) - 1)
         # graphs compiled by this first step: none when an earlier variant of the same shape
         # already compiled them (dynamo's cache outlives the model; it guards on the matmul
         # TF32 flag, not on cuDNN's, which convolutions read when they run)
@@ -179,7 +198,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
-    zero = fused_norm = None
+    zero = fused_norm = engine = None
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
@@ -198,37 +217,72 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         zero, fused_norm = config["zero_optimization"], is_fused(engine)
         step = engine_step(engine, (x, ids, bcs, y))
 
+    row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
+           "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
+           "leftover_gib": leftover, "first_step_s": compile_s,
+           "compiled_vs_eager_loss": compiled_vs_eager,
+           "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12}
+    try:
+        return _timed(step, row, args, cuda)
+    finally:
+        if engine is not None:
+            teardown(engine)
+
+
+def teardown(engine) -> None:
+    """Free a DeepSpeed engine's memory before the next variant. Its ZeRO gradient hooks hold
+    the optimizer from C++ (the garbage collector cannot break that cycle), and ZeRO-3 leaves
+    the root module on a module-level stack: without this every later variant's peak memory
+    counted the engines before it (the first H200 run's plain rows: L 37.9 GiB in fp32, 53.4 in
+    TF32, after fp32's ZeRO variants)."""
+    engine.destroy()
+    from deepspeed.runtime.zero import parameter_offload
+    parameter_offload.FWD_MODULE_STACK.clear()
+
+
+def _timed(step, row: dict, args, cuda: bool) -> dict:
+    """Warm-up steps, then the timed steps twice: one by one, each between two device
+    synchronizations (the host's time to issue a step, and the step as the first H200 run
+    timed it), then running freely as training does, the host issuing the next step while the
+    device finishes the last (ms/step: their mean, between two synchronizations). Plain
+    PyTorch never waits for the device inside a step and DeepSpeed's ZeRO does (it reads the
+    gradient norm back), so timing each step between synchronizations took from plain the
+    overlap across steps that training gives it, and made ZeRO's overhead look smaller."""
+    for _ in range(args.warmup):
+        step()
     times, issued = [], []
-    for i in range(args.warmup + args.steps):
+    for _ in range(args.steps):
         sync()
         t0 = time.perf_counter()
         step()
         t1 = time.perf_counter()        # the host has issued the step (kernels still queued)
         sync()
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-            issued.append(t1 - t0)
-    ms = 1e3 * statistics.median(times)
+        times.append(time.perf_counter() - t0)
+        issued.append(t1 - t0)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync()
+    ms = 1e3 * (time.perf_counter() - t0) / args.steps
     name = torch.cuda.get_device_name() if cuda else "CPU"
     # "torch" mixes fp32 matmuls with TF32 convolutions (stem and decoder; channels_first: the
     # projections too, half the FLOPs): neither peak fits
+    numerics = row["numerics"]
     peak = peak_tflops(name, numerics) if cuda and numerics != "torch" else None
-    tflops = flops / (ms / 1e3) / 1e12
-    row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
-           "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
-           "ms_per_step": ms, "samples_per_sec": batch / (ms / 1e3),
-           "host_ms_per_step": 1e3 * statistics.median(issued),
-           "first_step_s": compile_s, "first_step_new_graphs": new_graphs,
-           "tflop_per_step": flops / 1e12, "tflops": tflops,
-           "mfu": tflops / peak if peak else None,
-           "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
-           resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20}
+    tflops = row["tflop_per_step"] / (ms / 1e3)
+    row.update({"ms_per_step": ms, "samples_per_sec": row["batch"] / (ms / 1e3),
+                "synced_ms_per_step": 1e3 * statistics.median(times),
+                "host_ms_per_step": 1e3 * statistics.median(issued),
+                "tflops": tflops, "mfu": tflops / peak if peak else None,
+                "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
+                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
     if args.profile:                    # where the GPU time goes, after the timed steps
         keep = None
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
-            keep = os.path.join(args.trace_dir, f"{size}_{numerics}_{wrapper}_{layout}"
-                                f"{'_compiled' if args.compile else ''}.json.gz")
+            keep = os.path.join(args.trace_dir, f"{row['size']}_{numerics}_{row['wrapper']}_"
+                                f"{row['layout']}{'_compiled' if args.compile else ''}.json.gz")
         profile_into(row, step, args.profile, keep)
     return row
 
@@ -248,13 +302,17 @@ def _measure(size, wrapper, num, layout, args, device, rows, failed) -> None:
             write_json(args.json, meta(args, rows, failed))
         return
     finally:
-        gc.collect()                    # the variant's model and optimizer are gone
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
+        try:
+            gc.collect()                # the variant's model and optimizer are gone
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+        except Exception:               # a sticky CUDA error: the next variant will say so
+            traceback.print_exc()
     first = rows[-1]["first_step_s"]
     print(f"  {label} {rows[-1]['ms_per_step']:9.1f} ms"
           + (f" (first step {first:.1f} s, {rows[-1]['first_step_new_graphs']} graphs "
-             "compiled)" if first is not None else ""), file=sys.stderr, flush=True)
+             f"compiled, loss {rows[-1]['compiled_vs_eager_loss']:.1e} from eager's)"
+             if first is not None else ""), file=sys.stderr, flush=True)
     if args.json:                       # kept after every variant: a cut-short run still has
         write_json(args.json, meta(args, rows, failed))       # its rows
 
@@ -325,23 +383,30 @@ def main(argv: list[str] | None = None) -> int:
     env = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     rows, failed = [], []
-    for size in args.sizes.split(","):
-        for num in numerics:
-            for layout in args.layouts.split(","):
-                for wrapper in args.wrappers.split(","):
-                    _measure(size, wrapper, num, layout, args, device, rows, failed)
+    plan = [(size, wrapper, num, layout) for size in args.sizes.split(",") for num in numerics
+            for layout in args.layouts.split(",") for wrapper in args.wrappers.split(",")]
+    # captured CUDA graphs last: the profiler, shut down after each variant's profile, is
+    # started again after a capture only for them (a restart after graph capture has crashed
+    # CUDA 12 builds; a crash then costs only the graph rows, the others are in the JSON)
+    for size, wrapper, num, layout in sorted(plan, key=lambda v: v[1] == "graph"):
+        _measure(size, wrapper, num, layout, args, device, rows, failed)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (", space-time blocks compiled" if args.compile else ""))
+    print("ms/step: steps running freely, as in training; synced: each step between two device "
+          "synchronizations (as the first H200 run timed), host: the time to issue it")
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
-            f"{'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
+            f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
     plain = {(r["size"], r["numerics"], r["layout"]): r["ms_per_step"] for r in rows
              if r["wrapper"] == "plain"}
+    order = {(size, wrapper, num, layout): i for i, (size, wrapper, num, layout)
+             in enumerate(plan)}
+    rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"])])
     for r in rows:
         base = plain.get((r["size"], r["numerics"], r["layout"]))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
@@ -349,7 +414,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
               f"{r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
-              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['host_ms_per_step']:8.1f}"
+              f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
+              f"{r['host_ms_per_step']:8.1f}"
               + (f" {_busy(r):>8s}" if args.profile else ""))
     if args.profile:
         print(f"profiled ({args.profile} steps each): GPU busy share of the step and kernel "

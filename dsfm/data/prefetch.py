@@ -249,8 +249,9 @@ class WellLoader:
     `same_dataset_across_ranks`. rank/world_size default to torch.distributed's (or 0/1).
     device: where batches go (default: this rank's CUDA device if CUDA is available, else CPU).
     normalization: "zscore", "rms" or None, from each dataset's stats.yaml, done on the device.
-    ring_slots: micro-batches buffered in shared memory (default 2·num_workers + 2); the ring's
-    size is ring_slots × the largest micro-batch, and nothing else grows.
+    ring_slots: micro-batches read ahead of the trainer (default 2·num_workers + 2), each in a
+    slot of the shared-memory ring (ring_slots × the largest micro-batch) until it is handed out
+    or, on CUDA, copied to the device, where at most ring_slots batches wait; nothing else grows.
     assemble_on: where the layout change, broadcasting and normalization run. "device" (the
     default with CUDA): readers only read and the device assembles; "readers" (the default on
     CPU): readers assemble in parallel and batches are handed out without a copy, leasing their
@@ -463,7 +464,10 @@ class WellLoader:
             raise ConfigError(
                 f"all {self.ring_slots} ring slots are held by batches that are still "
                 "referenced; .clone() the tensors of batches you keep, or raise ring_slots")
-        while self._free:
+        # at most ring_slots micro-batches ahead of the trainer: on CUDA a slot returns to the
+        # ring once its copy is done, and without this cap the readers would keep filling it
+        # and the device would hold every batch they assembled, without bound
+        while self._free and self._next_submit - self._next_yield < self.ring_slots:
             slot = self._free.pop()
             d, windows = self.sampler.next()
             step = self._next_submit
@@ -535,7 +539,9 @@ class WellLoader:
         x, y = assemble(flat, ds.source, len(windows), self.n_steps_input, dev["shift"],
                         dev["scale"])
         host = self._bcs(ds, windows)
-        bcs = host.to(self.device, non_blocking=True)
+        # from pinned memory: a copy from pageable memory may make the driver wait for the
+        # side stream (the slot's copy and the assembly queued before it) to stage it
+        bcs = host.pin_memory().to(self.device, non_blocking=True) if self.cuda else host
         return Batch(x, y, dev["ids"], bcs, ds.source.name, step, windows, host)
 
     def _slot_tensor(self, step: int) -> torch.Tensor:
@@ -714,11 +720,13 @@ class WellLoader:
         self.sampler.load_state_dict(state["sampler"])
         self._state = self.sampler.state_dict()
 
-    def copy_bandwidth(self) -> float:
-        """GB/s of the timed host-to-device copies so far (set time_copies = True first)."""
+    def copy_bandwidth(self, skip: int = 0) -> float:
+        """GB/s of the timed host-to-device copies so far (set time_copies = True first),
+        the first `skip` of them left out."""
         torch.cuda.synchronize(self.device)
-        nbytes = sum(b for b, _, _ in self.copies)
-        seconds = sum(s.elapsed_time(e) for _, s, e in self.copies) / 1e3
+        copies = self.copies[skip:]
+        nbytes = sum(b for b, _, _ in copies)
+        seconds = sum(s.elapsed_time(e) for _, s, e in copies) / 1e3
         return nbytes / seconds / 1e9 if seconds else float("nan")
 
     @property

@@ -2,6 +2,7 @@
 (the GPU check script, perf/gpu_check.sh); the same logic runs on CPU tensors everywhere else."""
 
 import os
+import time
 
 import pytest
 import torch
@@ -70,6 +71,29 @@ def test_next_does_not_synchronize_the_device(demo_base):
         finally:
             torch.cuda.set_sync_debug_mode("default")
         assert loader.check_finite
+
+
+def test_a_slow_trainer_holds_at_most_ring_slots_batches_ahead(demo_base):
+    """Readers faster than the trainer (the normal case) must not run ahead without bound. A
+    slot returns to the ring as soon as its copy is done; the loader used to send it straight
+    back to a reader, so every next() read, copied and assembled up to a ring's worth of new
+    batches and handed out one: the device memory grew by about that much per step."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2, ring_slots=4,
+                    device="cuda") as loader:
+        per_batch = 4 * max(d.source.window_floats for d in loader.datasets) * 4     # bytes
+        held = []
+        for i in range(40):
+            batch = next(loader)
+            del batch
+            time.sleep(0.02)                  # a step, during which the readers keep going
+            torch.cuda.synchronize()
+            held.append(torch.cuda.memory_allocated())
+            assert loader._next_submit - loader._next_yield <= loader.ring_slots
+            assert len(loader._ready) <= loader.ring_slots
+        # the memory after warm-up stays within a few batches of where it was
+        assert held[-1] - held[9] < 4 * per_batch, (held[9], held[-1])
+        assert loader.batches_out == 40
 
 
 def test_nan_in_a_window_is_named_on_the_gpu(demo_base, tmp_path):

@@ -77,9 +77,13 @@ def test_summary_of_two_steps():
     assert list(s["categories_ms"]) == ["matmul/conv", "attention", "copy"]   # largest first
     assert s["top"][0] == {"name": gemm, "ms_per_step": 0.65, "calls_per_step": 1.5}
     assert s["events_in_windows"] == pytest.approx(5 / 7)        # two fell outside
+    # the two steps issued different numbers of kernels: flagged (identical training steps
+    # issue the same, so a difference means device records were lost)
+    assert s["kernels_min_max"] == [1, 4]
     line = describe(s, step_ms=1.3)
     assert line.startswith("GPU busy 65.0% of the profiled 1.0 ms, 0.7 ms = 50.0% of the timed "
-                           "1.3 ms; 2 kernels/step") and "CLOCKS" not in line
+                           "1.3 ms (KERNELS DIFFER between steps: 1 to 4; records lost?); "
+                           "2 kernels/step") and "CLOCKS" not in line
 
 
 def test_device_events_outside_every_window_are_flagged():
@@ -90,6 +94,7 @@ def test_device_events_outside_every_window_are_flagged():
     s = summarize(events)
     assert s["busy_share"] == 0 and s["events_in_windows"] == 0
     assert "CLOCKS? only 0% of device events fall in the step windows" in describe(s)
+    assert s["kernels_min_max"] == [0, 0] and "KERNELS" not in describe(s)
 
 
 def test_summary_without_device_events_and_without_windows():

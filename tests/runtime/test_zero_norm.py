@@ -25,19 +25,20 @@ def test_other_optimizers_keep_their_own_norm():
     assert why is not None and "SGD" in why and not is_fused(engine)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("stage", [2, 3])
-def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
+def _probe(stage: int, ranks: int, cuda: bool) -> list[dict]:
+    """Run the probe under torchrun; check what holds on every device and rank count."""
     torchrun = _launcher("torchrun")
     assert torchrun, "torchrun is installed with torch; it is missing beside python and on PATH"
-    proc = run([torchrun, "--standalone", "--nproc_per_node", "2", PROBE, "--stage", str(stage)],
-               env=_clean_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
+    env = _clean_env() if cuda else _clean_env(CUDA_VISIBLE_DEVICES="")
+    proc = run([torchrun, "--standalone", "--nproc_per_node", str(ranks), PROBE, "--stage",
+                str(stage)], env=env, timeout=300)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     records = sorted((json.loads(m) for m in re.findall(r"ZERO_NORM (\{.*\})", out)),
                      key=lambda r: r["rank"])
-    assert [r["rank"] for r in records] == [0, 1], out[-4000:]
+    assert [r["rank"] for r in records] == list(range(ranks)), out[-4000:]
     assert {r["stage"] for r in records} == {stage}
+    assert all(r["device"].startswith("cuda" if cuda else "cpu") for r in records)
     # each rank holds its own part of the gradients (ZeRO-2 and ZeRO-3 partition them)
     assert all(r["n_grads"] > 10 for r in records)
     for step in range(5):
@@ -54,11 +55,29 @@ def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
             assert row["norm_fused"] == pytest.approx(row["norm_own"], rel=2.5e-7, abs=0)
             assert row["norm_fused"] > 1.0                  # clipping at 1.0 is active
             assert row["global_norm_fused"] == row["norm_fused"]
+            # the same kind of tensor on the same device as DeepSpeed's, for its callers
+            assert row["where_fused"] == row["where_own"]
+            assert row["where_fused"].startswith("cuda" if cuda else "cpu")
             # a handful of operators, against two per gradient tensor
             assert row["ops_fused"] <= 15 < 2 * n_grads <= row["ops_own"]
         # the norm is global: every rank gets the same value from its own partition
         if step != 3:
-            assert rows[0]["norm_fused"] == rows[1]["norm_fused"]
+            assert len({row["norm_fused"] for row in rows}) == 1
+    return records
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_norm_matches_deepspeeds_on_two_ranks(stage):
+    _probe(stage, ranks=2, cuda=False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("stage", [2, 3])
+def test_fused_norm_matches_deepspeeds_on_one_cuda_rank(stage):
+    """The same comparison on a GPU through NCCL: dsfm's code on CUDA tensors (the result's
+    device and dtype, the sentinel, the NCCL reductions), not only the kernel it calls."""
+    _probe(stage, ranks=1, cuda=True)
 
 
 @pytest.mark.slow

@@ -75,7 +75,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}},
+              # torch's AdamW: on CUDA DeepSpeed would first compile its FusedAdam (a minute)
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
               # small buckets: several reductions per backward, gradients split between ranks
               "zero_optimization": {"stage": stage, "overlap_comm": True,
                                     "contiguous_gradients": True, "reduce_bucket_size": 20000},
@@ -85,12 +86,14 @@ def main() -> None:
     assert is_fused(fused) and not is_fused(own)
 
     g = torch.Generator().manual_seed(100 + env.rank)
-    ids = torch.arange(4)
-    bcs = torch.full((2, 2, 2), 2.0)
-    record = {"rank": env.rank, "stage": stage, "steps": [], "n_grads": None}
+    dev = fused.device
+    ids = torch.arange(4, device=dev)
+    bcs = torch.full((2, 2, 2), 2.0)             # boundary codes stay on the host, as in training
+    record = {"rank": env.rank, "stage": stage, "steps": [], "n_grads": None,
+              "device": str(dev), "world_size": env.world_size}
     for step in range(5):
-        x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
-        y = torch.randn(2, 4, 32, 32, generator=g)
+        x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g).to(dev)
+        y = torch.randn(2, 4, 32, 32, generator=g).to(dev)
         row = {}
         for name, engine in (("fused", fused), ("own", own)):
             loss = nmse(engine(x, ids, bcs), y)
@@ -108,7 +111,8 @@ def main() -> None:
             a, ops_fused = count_norm_ops(lambda: opt.get_grad_norm_direct(grads, params))
             b, ops_own = count_norm_ops(lambda: getattr(opt, _ORIGINAL)(grads, params))
             row.update(norm_fused=float(a), norm_own=float(b), ops_fused=ops_fused,
-                       ops_own=ops_own)
+                       ops_own=ops_own, where_fused=f"{a.device} {a.dtype}",
+                       where_own=f"{b.device} {b.dtype}")
         before = {n: [p.detach().clone() for p in local(e)]
                   for n, e in (("fused", fused), ("own", own))}
         for name, engine in (("fused", fused), ("own", own)):
