@@ -21,6 +21,7 @@ import os
 import statistics
 import sys
 import time
+import traceback
 
 import torch
 
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit, n_parameters
     from dsfm.runtime.engine import build_engine, finish, init_process_group
-    from perf.train_bench import engine_config
+    from perf.train_bench import check_finite, engine_config
 
     env = init_process_group()
     paths = dataset_paths(args.base, args.datasets or [], [])
@@ -101,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def step(x, ids, bcs, y) -> None:
         loss = nmse(engine(x, ids, bcs), y[:, 0])
+        check_finite(loss)                  # as the trainer does before each backward
         engine.backward(loss)
         engine.step()
 
@@ -128,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         # that its timed steps are fed as they come
         warmup = args.warmup + (loader.ring_slots if variant.startswith("WellLoader") else 0)
         # no synchronization between steps: the training thread may run ahead of the GPU as
-        # in training (a step's time is the interval between the starts of consecutive steps;
+        # in training (a step's time is the interval between the ends of consecutive steps;
         # the rate counts the timed steps from one synchronization to the next)
         for i in range(warmup + args.steps):
             if i == warmup:                 # the readers' time from the timed steps on
@@ -187,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.pin:
         variants += ["resident pinned", "WellLoader pinned"]
     for variant in variants:
+        if variant.startswith("WellLoader") and loader._closed:
+            rows[variant] = {"error": "not run: the loader failed in an earlier variant"}
+            print(f"{variant:18s} {rows[variant]['error']}", flush=True)
+            continue
         try:
             if variant.endswith("pinned") and pinning is None:
                 pinning = pin(loader.worker_pids)
@@ -195,6 +201,7 @@ def main(argv: list[str] | None = None) -> int:
                       "loader)")
             r = rows[variant] = measure(variant)
         except Exception as exc:             # one feed's failure: say so, measure the others
+            traceback.print_exc()
             rows[variant] = {"error": repr(exc)}
             print(f"{variant:18s} failed: {exc!r}", flush=True)
             continue
@@ -210,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.profile:
         print(f"profiled ({args.profile} steps each, next() included):")
         for name, r in ok.items():
-            print(f"  {name:18s} {describe_row(r, r['step_ms_median'])}")
+            print(f"  {name:18s} "
+                  f"{describe_row(r, r['step_ms_median'], steady=name.startswith('resident'))}")
     ratio = None
     for suffix in ("", " pinned"):
         fed, res = ok.get("WellLoader" + suffix), ok.get("resident" + suffix)

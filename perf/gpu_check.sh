@@ -120,7 +120,7 @@ step feed_bench 120 python3 -m perf.feed_bench --base /tmp/small --size B --batc
   --workers 8 --steps 30 --profile 2 --json "$R/feed_bench.json"
 # issue 3: copy rate against pinned bandwidth, readers in situ, trainer costs, memory
 step loader_bench 150 python3 -m perf.loader_bench --base /tmp/small --workers 14 \
-  --batches 40 --rounds 3 --rss-batches 10000 --json "$R/loader_bench.json"
+  --batches 40 --rounds 3 --rss-batches 10000 --rss-seconds 60 --json "$R/loader_bench.json"
 
 # issue 4: the blocks' token layout (projections as matrix multiplies) against MPP's
 # channels-first formulation of the same model (1x1 convolutions), in strict fp32, TF32 and

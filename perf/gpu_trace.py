@@ -183,14 +183,15 @@ def profile_into(row: dict, step, n: int, keep: str | None = None) -> None:
         row["profile_error"] = f"{type(exc).__name__}: {exc}"
 
 
-def describe_row(row: dict, step_ms: float) -> str:
+def describe_row(row: dict, step_ms: float, steady: bool = True) -> str:
     """`describe` of a row filled by `profile_into`, or why its profile failed."""
     if "profile" not in row:
         return f"profile failed: {row.get('profile_error')}"
-    return describe(row["profile"], step_ms)
+    return describe(row["profile"], step_ms, steady=steady)
 
 
-def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4) -> str:
+def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4,
+             steady: bool = True) -> str:
     """One line: busy share, kernels per step, the largest categories. `step_ms`, the step's
     unprofiled time: the busy time is also given against it, since the profiler's own host
     work lengthens the profiled step (and so lowers the busy share within it)."""
@@ -208,7 +209,9 @@ def describe(summary: dict, step_ms: float | None = None, n_categories: int = 4)
             busy += (f" (CLOCKS? only {100 * summary['events_in_windows']:.0f}% of device "
                      "events fall in the step windows)")
     lo, hi = summary.get("kernels_min_max", (0, 0))
-    if summary["busy_share"] is not None and lo != hi:
+    # steady: every step issues the same kernels (not so for a step fed by the loader, whose
+    # next() launches copies and assembly for as many batches as have arrived)
+    if steady and summary["busy_share"] is not None and lo != hi:
         busy += f" (KERNELS DIFFER between steps: {lo} to {hi}; records lost?)"
     return (f"{busy}; {summary['kernels_per_step']:.0f} kernels/step, "
             f"{summary['kernel_ms_per_step']:.1f} ms of kernels" + (f" ({cats} ms)" if cats

@@ -377,7 +377,8 @@ def _forever(loader):
         yield from loader
 
 
-def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) -> dict:
+def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device,
+            seconds: float | None = None) -> dict:
     """Memory of the trainer and its readers over n_batches of the whole mixture. The sum of
     RSS counts the shared ring once per process that has touched a page of it, so it climbs
     until every reader has written every slot; the sum of PSS (each shared page divided among
@@ -395,15 +396,21 @@ def rss_run(paths: list[str], workers: int, batch: int, n_batches: int, device) 
 
     cuda = torch.device(device).type == "cuda"
     samples, gpu = [], []
+    began = time.perf_counter()
     with WellLoader(paths, batch_size=batch, num_workers=workers, device=device) as loader:
         it = iter(loader)
         for i in range(n_batches):
             next(it)
-            if i % max(1, n_batches // 20) == 0 or i == n_batches - 1:
+            # `seconds`: stop early (a time-limited run keeps what it measured)
+            late = seconds is not None and time.perf_counter() - began > seconds
+            if i % max(1, n_batches // 20) == 0 or i == n_batches - 1 or late:
                 samples.append((i + 1, *memory(loader)))
                 if cuda:            # the batches waiting on the device (none handed out kept)
                     gpu.append(torch.cuda.memory_allocated(device) / 2**20)
+            if late:
+                break
         ring = loader.ring_bytes / 2**20
+    n_batches = samples[-1][0]
     warm = [k for k, (i, _, _) in enumerate(samples) if i > n_batches // 10]
     out = {"batches": n_batches, "ring_mib": ring, "samples": samples,
            "rss_first_mib": samples[0][1], "rss_last_mib": samples[-1][1],
@@ -447,6 +454,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; each variant once per round")
     ap.add_argument("--rss-batches", type=int, default=0,
                     help="also run the mixture this many batches and record memory")
+    ap.add_argument("--rss-seconds", type=float, default=None,
+                    help="stop the memory run after this long (it reports the batches done)")
     ap.add_argument("--json")
     ap.add_argument("--trainer-threads", type=int, default=1,
                     help="torch threads of this (the training) process")
@@ -495,7 +504,14 @@ def main(argv=None) -> int:
               f"{h['loader_vs_pinned_same_size']:.0%} of that)", flush=True)
         save()
     if args.rss_batches:
-        report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device)
+        try:
+            report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device,
+                                    args.rss_seconds)
+        except Exception as exc:
+            report["rss"] = {"error": repr(exc)}
+            print(f"memory run failed: {exc!r}", flush=True)
+            save()
+    if "batches" in report.get("rss", {}):
         r = report["rss"]
         gpu = (f"; GPU memory allocated {r['cuda_first_mib']:.0f} → {r['cuda_last_mib']:.0f} "
                f"MiB, growth after warm-up {r['cuda_growth_after_warmup_mib']:+.1f} MiB"

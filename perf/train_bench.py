@@ -4,9 +4,10 @@ One training step (forward, backward, AdamW with clipping 1.0) of dsfm's AViT on
 inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L: 4; 16 input
 frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
 only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
-ZeRO-3 engine, all in one run. Reports median ms/step, samples/s, achieved TFLOP/s (FLOPs of one
-step counted by torch.utils.flop_counter), MFU against the card's dense peak, and peak memory;
-prints a table and writes JSON.
+ZeRO-3 engine, all in one run. Reports ms/step (steps running freely, each reading its loss back
+before the backward as dsfm's trainer does; and each between two synchronizations), samples/s,
+achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter), MFU against the card's
+dense peak, and peak memory; prints a table and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
@@ -73,7 +74,16 @@ def engine_config(batch: int, stage: int) -> dict:
             "zero_optimization": zero, "steps_per_print": 10 ** 9}
 
 
-def plain_step(model, opt, inputs):
+def check_finite(loss) -> None:
+    """What dsfm's trainer does between each forward and its backward: read whether the loss is
+    finite (a micro-batch whose loss is not is skipped), which makes the host wait for the
+    forward. The benchmark's steps do it too (`check_loss`), so that a step running freely
+    gets the overlap training gets and no more."""
+    if not bool(torch.isfinite(loss.detach())):
+        raise RuntimeError("non-finite loss")
+
+
+def plain_step(model, opt, inputs, check_loss: bool = False):
     """One plain-PyTorch training step on fixed inputs (x, field ids, bcs, y): nMSE, backward,
     clipping at 1.0, `opt`."""
     from dsfm.eval import nmse
@@ -82,6 +92,8 @@ def plain_step(model, opt, inputs):
 
     def step():
         loss = nmse(model(x, ids, bcs), y)
+        if check_loss:
+            check_finite(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -90,7 +102,7 @@ def plain_step(model, opt, inputs):
     return step
 
 
-def engine_step(engine, inputs):
+def engine_step(engine, inputs, check_loss: bool = False):
     """The same step through a DeepSpeed engine (its optimizer and clipping)."""
     from dsfm.eval import nmse
 
@@ -98,6 +110,8 @@ def engine_step(engine, inputs):
 
     def step():
         loss = nmse(engine(x, ids, bcs), y)
+        if check_loss:
+            check_finite(loss)
         engine.backward(loss)
         engine.step()
 
@@ -202,7 +216,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
-        step = plain_step(model, opt, (x, ids, bcs, y))
+        # the graph wrapper captures the whole step, so it cannot read the loss inside it
+        step = plain_step(model, opt, (x, ids, bcs, y), check_loss=wrapper == "plain")
         if wrapper == "graph":
             step = graphed(step, model, opt, nmse, (x, ids, bcs, y))
     else:
@@ -215,7 +230,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor
         engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds")
         zero, fused_norm = config["zero_optimization"], is_fused(engine)
-        step = engine_step(engine, (x, ids, bcs, y))
+        step = engine_step(engine, (x, ids, bcs, y), check_loss=True)
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
            "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
@@ -226,7 +241,10 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         return _timed(step, row, args, cuda)
     finally:
         if engine is not None:
-            teardown(engine)
+            try:
+                teardown(engine)
+            except Exception:           # say so, without hiding the variant's own error
+                traceback.print_exc()
 
 
 def teardown(engine) -> None:
@@ -235,19 +253,22 @@ def teardown(engine) -> None:
     the root module on a module-level stack: without this every later variant's peak memory
     counted the engines before it (the first H200 run's plain rows: L 37.9 GiB in fp32, 53.4 in
     TF32, after fp32's ZeRO variants)."""
-    engine.destroy()
     from deepspeed.runtime.zero import parameter_offload
-    parameter_offload.FWD_MODULE_STACK.clear()
+    try:
+        engine.destroy()
+    finally:
+        parameter_offload.FWD_MODULE_STACK.clear()
 
 
 def _timed(step, row: dict, args, cuda: bool) -> dict:
     """Warm-up steps, then the timed steps twice: one by one, each between two device
     synchronizations (the host's time to issue a step, and the step as the first H200 run
-    timed it), then running freely as training does, the host issuing the next step while the
-    device finishes the last (ms/step: their mean, between two synchronizations). Plain
-    PyTorch never waits for the device inside a step and DeepSpeed's ZeRO does (it reads the
-    gradient norm back), so timing each step between synchronizations took from plain the
-    overlap across steps that training gives it, and made ZeRO's overhead look smaller."""
+    timed it), then running freely as in training, the host issuing the next step while the
+    device finishes the last as far as the step lets it (ms/step: their mean, between two
+    synchronizations). Every step reads its loss back before the backward, as dsfm's trainer
+    does; beyond that plain PyTorch never waits for the device and DeepSpeed's ZeRO does (it
+    reads the gradient norm back), so timing each step between synchronizations took from plain
+    overlap that training gives it, and made ZeRO's overhead look smaller."""
     for _ in range(args.warmup):
         step()
     times, issued = [], []
@@ -311,7 +332,8 @@ def _measure(size, wrapper, num, layout, args, device, rows, failed) -> None:
     first = rows[-1]["first_step_s"]
     print(f"  {label} {rows[-1]['ms_per_step']:9.1f} ms"
           + (f" (first step {first:.1f} s, {rows[-1]['first_step_new_graphs']} graphs "
-             f"compiled, loss {rows[-1]['compiled_vs_eager_loss']:.1e} from eager's)"
+             f"compiled, loss {rows[-1]['compiled_vs_eager_loss']:.1e} from eager's"
+             + (" LOSS DIFFERS" if rows[-1]["compiled_vs_eager_loss"] > 1e-3 else "") + ")"
              if first is not None else ""), file=sys.stderr, flush=True)
     if args.json:                       # kept after every variant: a cut-short run still has
         write_json(args.json, meta(args, rows, failed))       # its rows
@@ -395,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (", space-time blocks compiled" if args.compile else ""))
-    print("ms/step: steps running freely, as in training; synced: each step between two device "
+    print("ms/step: steps running freely, each reading its loss back before the backward as "
+          "dsfm's trainer does (the CUDA graph cannot); synced: each step between two device "
           "synchronizations (as the first H200 run timed), host: the time to issue it")
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
