@@ -203,7 +203,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         model.zero_grad(set_to_none=True)
         sync()
         compile_s = time.perf_counter() - t0
-        compiled_vs_eager = abs(float(loss) / float(eager) - 1)
+        compiled_vs_eager = abs(float(loss.detach()) / float(eager) - 1)
         # graphs compiled by this first step: none when an earlier variant of the same shape
         # already compiled them (dynamo's cache outlives the model; it guards on the matmul
         # TF32 flag, not on cuDNN's, which convolutions read when they run)
@@ -396,6 +396,10 @@ def main(argv: list[str] | None = None) -> int:
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
         if set(given) - set(known):
             ap.error(f"{flag}: one or more of {', '.join(known)}")
+    if args.compile and "zero3" in args.wrappers.split(","):
+        ap.error("--compile with zero3: ZeRO-3 gathers parameters in module hooks that "
+                 "torch.compile would trace (dsfm/train.py refuses model.compile with ZeRO-3 "
+                 "too)")
     if args.compile and "channels_first" in args.layouts.split(","):
         ap.error("--compile compiles the token blocks; the channels_first reference runs "
                  "eager only")

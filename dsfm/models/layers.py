@@ -177,16 +177,22 @@ class RelativePositionBias(nn.Module):
                            / math.log(self.max_distance / exact)
                            * (half_buckets - exact)).long()
             far = far.clamp(max=half_buckets - 1)
-            self._buckets[key] = bucket + torch.where(n < exact, n, far)
+            idx = bucket + torch.where(n < exact, n, far)
+            # each row padded to a multiple of 8 entries (bucket 0, sliced off in forward)
+            self._buckets[key] = F.pad(idx, (0, -length % 8))
         return self._buckets[key]
 
     def forward(self, length: int, periodic: bool = False) -> torch.Tensor:
-        """[heads, length, length] additive attention bias, contiguous: PyTorch's fused
-        attention kernels on a GPU refuse a mask whose last axis has a stride other than 1
+        """[heads, length, length] additive attention bias, its last axis contiguous: PyTorch's
+        fused attention kernels on a GPU refuse a mask whose last axis has a stride other than 1
         (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
-        to the unfused math path."""
+        to the unfused math path. Its other strides are multiples of 8 (a view of rows padded to
+        that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of the bias
+        at every call, forward and backward, when `length` is not a multiple of 8 (4 frames, or
+        an axis of 4 patches)."""
         idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
-        return self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
+        bias = self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
+        return bias[..., :length]
 
 
 class MLP(nn.Module):
