@@ -91,8 +91,9 @@ def test_a_slow_trainer_holds_at_most_ring_slots_batches_ahead(demo_base):
             held.append(torch.cuda.memory_allocated())
             assert loader._next_submit - loader._next_yield <= loader.ring_slots
             assert len(loader._ready) <= loader.ring_slots
-        # the memory after warm-up stays within a few batches of where it was
-        assert held[-1] - held[9] < 4 * per_batch, (held[9], held[-1])
+        # after warm-up the memory moves by the batches waiting (0 to ring_slots of them, with
+        # the allocator's rounding) and no more; the old loader grew by up to 3 batches a step
+        assert held[-1] - held[9] < 2 * loader.ring_slots * per_batch, (held[9], held[-1])
         assert loader.batches_out == 40
 
 
