@@ -5,7 +5,8 @@ inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L
 frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
 only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
 ZeRO-3 engine, all in one run. Reports ms/step (steps running freely, each reading its loss back
-before the backward as dsfm's trainer does; and each between two synchronizations), samples/s,
+before the backward as dsfm's trainer does; and, without that read, each between two
+synchronizations, with the host's time to issue it), samples/s,
 achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter), MFU against the card's
 dense peak, and peak memory; prints a table and writes JSON.
 
@@ -216,10 +217,11 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
-        # the graph wrapper captures the whole step, so it cannot read the loss inside it
-        step = plain_step(model, opt, (x, ids, bcs, y), check_loss=wrapper == "plain")
-        if wrapper == "graph":
-            step = graphed(step, model, opt, nmse, (x, ids, bcs, y))
+        step = issue = plain_step(model, opt, (x, ids, bcs, y))
+        if wrapper == "graph":          # the whole step captured: it cannot read the loss
+            step = issue = graphed(step, model, opt, nmse, (x, ids, bcs, y))
+        else:
+            step = plain_step(model, opt, (x, ids, bcs, y), check_loss=True)
     else:
         from dsfm.runtime.engine import build_engine
         from dsfm.runtime.zero_norm import is_fused
@@ -231,6 +233,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds")
         zero, fused_norm = config["zero_optimization"], is_fused(engine)
         step = engine_step(engine, (x, ids, bcs, y), check_loss=True)
+        issue = engine_step(engine, (x, ids, bcs, y))
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
            "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
@@ -238,7 +241,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
            "compiled_vs_eager_loss": compiled_vs_eager,
            "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12}
     try:
-        return _timed(step, row, args, cuda)
+        return _timed(step, issue, row, args, cuda)
     finally:
         if engine is not None:
             try:
@@ -260,22 +263,23 @@ def teardown(engine) -> None:
         parameter_offload.FWD_MODULE_STACK.clear()
 
 
-def _timed(step, row: dict, args, cuda: bool) -> dict:
-    """Warm-up steps, then the timed steps twice: one by one, each between two device
-    synchronizations (the host's time to issue a step, and the step as the first H200 run
-    timed it), then running freely as in training, the host issuing the next step while the
-    device finishes the last as far as the step lets it (ms/step: their mean, between two
-    synchronizations). Every step reads its loss back before the backward, as dsfm's trainer
-    does; beyond that plain PyTorch never waits for the device and DeepSpeed's ZeRO does (it
-    reads the gradient norm back), so timing each step between synchronizations took from plain
-    overlap that training gives it, and made ZeRO's overhead look smaller."""
+def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
+    """Warm-up steps, then the timed steps twice. First `issue` (the step without the loss
+    read) one by one, each between two device synchronizations: the host's time to issue a
+    step, and the step as the first H200 run timed it. Then `step` running freely as in
+    training, the host issuing the next step while the device finishes the last as far as the
+    step lets it (ms/step: their mean, between two synchronizations): each reads its loss back
+    before the backward, as dsfm's trainer does; beyond that plain PyTorch never waits for the
+    device and DeepSpeed's ZeRO does (it reads the gradient norm back), so timing each step
+    between synchronizations took from plain overlap that training gives it, and made ZeRO's
+    overhead look smaller."""
     for _ in range(args.warmup):
         step()
     times, issued = [], []
     for _ in range(args.steps):
         sync()
         t0 = time.perf_counter()
-        step()
+        issue()
         t1 = time.perf_counter()        # the host has issued the step (kernels still queued)
         sync()
         times.append(time.perf_counter() - t0)
@@ -422,8 +426,9 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (", space-time blocks compiled" if args.compile else ""))
     print("ms/step: steps running freely, each reading its loss back before the backward as "
-          "dsfm's trainer does (the CUDA graph cannot); synced: each step between two device "
-          "synchronizations (as the first H200 run timed), host: the time to issue it")
+          "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
+          "between two device synchronizations (as the first H200 run timed), host: the time "
+          "to issue it")
     head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'batch':>5s} {'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
             f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))

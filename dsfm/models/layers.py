@@ -160,9 +160,15 @@ class RelativePositionBias(nn.Module):
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
         self._buckets: dict[tuple[int, bool, str], torch.Tensor] = {}
+        #: pad each row of the bias to a multiple of 8 entries (see forward): None, on CUDA
+        #: only (the CPU's attention has no such kernel, and the slice's backward would cost
+        #: it an operator per call)
+        self.align_rows: bool | None = None
 
     def buckets(self, length: int, periodic: bool, device: torch.device) -> torch.Tensor:
-        key = (length, periodic, str(device))
+        device = torch.device(device)
+        align = self.align_rows if self.align_rows is not None else device.type == "cuda"
+        key = (length, periodic, str(device), align)
         if key not in self._buckets:
             pos = torch.arange(length, device=device)
             rel = pos[None, :] - pos[:, None]                    # key - query
@@ -179,17 +185,17 @@ class RelativePositionBias(nn.Module):
             far = far.clamp(max=half_buckets - 1)
             idx = bucket + torch.where(n < exact, n, far)
             # each row padded to a multiple of 8 entries (bucket 0, sliced off in forward)
-            self._buckets[key] = F.pad(idx, (0, -length % 8))
+            self._buckets[key] = F.pad(idx, (0, -length % 8)) if align else idx
         return self._buckets[key]
 
     def forward(self, length: int, periodic: bool = False) -> torch.Tensor:
         """[heads, length, length] additive attention bias, its last axis contiguous: PyTorch's
         fused attention kernels on a GPU refuse a mask whose last axis has a stride other than 1
         (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
-        to the unfused math path. Its other strides are multiples of 8 (a view of rows padded to
-        that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of the bias
-        at every call, forward and backward, when `length` is not a multiple of 8 (4 frames, or
-        an axis of 4 patches)."""
+        to the unfused math path. On CUDA its other strides are multiples of 8 (a view of rows
+        padded to that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of
+        the bias at every call when `length` is not a multiple of 8 (4 frames, or an axis of 4
+        patches)."""
         idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
         bias = self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
         return bias[..., :length]

@@ -286,6 +286,28 @@ def test_relative_bias_is_contiguous_for_the_fused_kernels():
         assert torch.equal(bias, want)
 
 
+@pytest.mark.parametrize("length", [4, 5, 8, 16])
+def test_aligned_relative_bias_has_the_same_values_and_gradients(length):
+    """On CUDA each row of the bias is a view of a row padded to a multiple of 8 entries, so
+    that the memory-efficient kernel takes it without PyTorch padding a copy at every call
+    (`align_rows`, forced here on the CPU): the same values and the same gradient of the
+    bucket table as the unpadded bias."""
+    torch.manual_seed(0)
+    plain, aligned = RelativePositionBias(4), RelativePositionBias(4)
+    aligned.load_state_dict(plain.state_dict())
+    plain.align_rows, aligned.align_rows = False, True
+    for periodic in (False, True):
+        a, b = plain(length, periodic), aligned(length, periodic)
+        assert a.is_contiguous() and b.shape == a.shape == (4, length, length)
+        assert b.stride(-1) == 1 and all(st % 8 == 0 for st in b.stride()[:-1])
+        g = torch.randn_like(a)
+        (a * g).sum().backward()
+        (b * g).sum().backward()
+        assert torch.equal(a, b)
+    torch.testing.assert_close(aligned.relative_attention_bias.weight.grad,
+                               plain.relative_attention_bias.weight.grad, rtol=0, atol=1e-6)
+
+
 def test_rms_norm_gradient_of_a_constant_channel_is_finite():
     """A spatially constant channel (std 0): the hand-written gradient stays finite, as
     autograd's through torch.std does."""
