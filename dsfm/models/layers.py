@@ -159,7 +159,7 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
-        self._buckets: dict[tuple[int, bool, str], torch.Tensor] = {}
+        self._buckets: dict[tuple[int, bool, str, bool], torch.Tensor] = {}
         #: pad each row of the bias to a multiple of 8 entries (see forward): None, on CUDA
         #: only (the CPU's attention has no such kernel, and the slice's backward would cost
         #: it an operator per call)
