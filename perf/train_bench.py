@@ -362,11 +362,12 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="Ti,S,B,L")
-    ap.add_argument("--wrappers", default="plain,zero2,zero3",
+    ap.add_argument("--wrappers", default=None,
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA), "
                     "zero2nc (ZeRO-2 with contiguous_gradients off: about 400 copies a step "
                     "fewer on one rank), zero2ds (ZeRO-2 with DeepSpeed's own clipping norm, "
-                    "two operators per parameter tensor, instead of dsfm's multi-tensor one)")
+                    "two operators per parameter tensor, instead of dsfm's multi-tensor one); "
+                    "default plain,zero2,zero3 (with --compile: plain,zero2)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
                     "defaults: matmuls fp32, convolutions TF32); default: fp32,tf32 on CUDA, "
                     "fp32 on CPU")
@@ -389,6 +390,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="with --profile: keep each variant's device events there (.json.gz)")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    if args.wrappers is None:
+        args.wrappers = "plain,zero2" if args.compile else "plain,zero2,zero3"
     if args.trace_dir and not args.profile:
         ap.error("--trace-dir needs --profile N")
     cuda = torch.cuda.is_available()

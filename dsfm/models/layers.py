@@ -194,11 +194,16 @@ class RelativePositionBias(nn.Module):
         (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
         to the unfused math path. On CUDA its other strides are multiples of 8 (a view of rows
         padded to that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of
-        the bias at every call when `length` is not a multiple of 8 (4 frames, or an axis of 4
-        patches)."""
+        the bias in every forward call when `length` is not a multiple of 8 (4 frames, or an
+        axis of 4 patches)."""
+        bias = self.padded(length, periodic)
+        return bias if bias.shape[-1] == length else bias[..., :length]
+
+    def padded(self, length: int, periodic: bool = False) -> torch.Tensor:
+        """[heads, length, P]: the bias with each row padded to P entries (P = length off
+        CUDA, a multiple of 8 on it; the entries past `length` are not part of the bias)."""
         idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
-        bias = self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
-        return bias[..., :length]
+        return self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
 
 
 class MLP(nn.Module):
@@ -285,8 +290,12 @@ class AxialSpatialAttention(nn.Module):
                 *(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
                 attn_mask=self.rel_pos_bias(length, periodic)[None])
             return out.reshape(n, m, heads, length, hd)
+        # no fused kernel takes 5-D inputs: the padded rows buy nothing here, slice them once
         bias = torch.where(periodic[:, None, None, None, None],
-                           self.rel_pos_bias(length, True), self.rel_pos_bias(length, False))
+                           self.rel_pos_bias.padded(length, True),
+                           self.rel_pos_bias.padded(length, False))
+        if bias.shape[-1] != length:
+            bias = bias[..., :length]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor

@@ -1,5 +1,6 @@
 """MPP's AViT: exact parameter counts and names, and the properties its parts promise."""
 
+import copy
 import os
 import re
 
@@ -306,6 +307,55 @@ def test_aligned_relative_bias_has_the_same_values_and_gradients(length):
         assert torch.equal(a, b)
     torch.testing.assert_close(aligned.relative_attention_bias.weight.grad,
                                plain.relative_attention_bias.weight.grad, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("codes", ["uniform", "per_sample"])
+def test_a_model_with_aligned_biases_computes_the_same(codes):
+    """The whole model, 4 frames and axes of 4 and 5 patches (none a multiple of 8), with the
+    padded bias rows forced on the CPU and off: the same outputs and gradients, through the
+    4-D path (whole-batch boundary codes) and the 5-D one (per-sample)."""
+    torch.manual_seed(0)
+    ref = AViT(AViTConfig(5, 48, 3, 2, 0.0)).double()
+    ids = torch.arange(4)
+    x = torch.randn(2, 4, 4, 64, 80, dtype=torch.float64)
+    bcs = periodic_bcs(2, True, False)
+    if codes == "per_sample":
+        bcs[1] = periodic_bcs(1, False, True)[0]
+    results = []
+    for align in (False, True):
+        model = copy.deepcopy(ref)
+        for m in model.modules():
+            if isinstance(m, RelativePositionBias):
+                m.align_rows = align
+        out = model(x, ids, bcs)
+        out.square().mean().backward()
+        results.append((out.detach(), [p.grad for p in model.parameters()]))
+    torch.testing.assert_close(results[0][0], results[1][0], rtol=0, atol=1e-12)
+    for a, b in zip(results[0][1], results[1][1]):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_aligned_biases_spare_the_kernel_its_padding_on_cuda():
+    """On CUDA (the default) the bias reaches the memory-efficient kernel aligned: no
+    `constant_pad_nd` in a forward of 4 frames on axes of 4 patches; unaligned, PyTorch pads."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(5, 96, 3, 1, 0.0)).cuda()
+    x = torch.randn(2, 4, 4, 64, 64, device="cuda")
+    ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(2, True, False)
+    pads = {}
+    for align in (None, False):
+        for m in model.modules():
+            if isinstance(m, RelativePositionBias):
+                m.align_rows = align
+        model(x, ids, bcs)                               # warm (bucket tables cached)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, ids, bcs)
+        pads[align] = sum(e.count for e in prof.key_averages()
+                          if e.key == "aten::constant_pad_nd")
+    assert pads[None] == 0 and pads[False] > 0, pads
 
 
 def test_rms_norm_gradient_of_a_constant_channel_is_finite():
