@@ -97,6 +97,28 @@ def test_a_slow_trainer_holds_at_most_ring_slots_batches_ahead(demo_base):
         assert loader.batches_out == 40
 
 
+def test_every_copy_to_the_device_is_from_pinned_memory(demo_base):
+    """A copy from pageable memory may make the driver wait for the stream it is issued on (to
+    stage it), which the sync debug mode does not report: the profiler names each copy's
+    source. The boundary codes were once copied from pageable memory."""
+    from torch.profiler import ProfilerActivity, profile
+
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    with WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2,
+                    device="cuda") as loader:
+        for ds in loader.datasets:
+            loader._device_tensors(ds)         # each dataset's constants, copied once at first
+        for _ in range(5):
+            next(loader)
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            for _ in range(20):
+                next(loader)
+            torch.cuda.synchronize()
+    copies = [e.name for e in prof.events() if "Memcpy HtoD" in e.name]
+    assert copies, "no host-to-device copies seen"
+    assert not [c for c in copies if "Pageable" in c], sorted(set(copies))
+
+
 def test_nan_in_a_window_is_named_on_the_gpu(demo_base, tmp_path):
     ds = nan_pressure_copy(demo_base, tmp_path)
     with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
