@@ -246,6 +246,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         if engine is not None:
             try:
                 teardown(engine)
+                row["engine_torn_down"] = True
             except Exception:           # say so, without hiding the variant's own error
                 traceback.print_exc()
 

@@ -75,6 +75,8 @@ def test_train_bench_compares_wrappers(tmp_path):
         # on the CPU every operator runs as it is issued: the host time is the step
         assert 0.9 * r["synced_ms_per_step"] <= r["host_ms_per_step"] <= r["synced_ms_per_step"]
         assert r["leftover_gib"] is None                    # device memory: CUDA only
+        # each engine is destroyed after its variant (else it counts in later peaks)
+        assert r.get("engine_torn_down") is (None if r["wrapper"] == "plain" else True)
     assert "vs plain" in proc.stdout and "synced" in proc.stdout
 
 
