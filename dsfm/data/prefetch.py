@@ -477,7 +477,9 @@ class WellLoader:
             self._inflight[step] = (slot, d, windows, wid, time.monotonic())
             self._next_submit += 1
             try:
-                self._tasks[wid].send((step, slot, d, windows))
+                # the window ids as raw int64 bytes: pickling a NumPy array costs the two
+                # processes about 6 µs more per batch
+                self._tasks[wid].send((step, slot, d, windows.astype(np.int64).tobytes()))
             except OSError:                  # its pipe is closed: the reader has died
                 self._reader_gone(wid, f"being sent step {step}")
 

@@ -92,6 +92,7 @@ def serve(tasks: Connection, results: Connection) -> None:
             if task is None:
                 break
             step, slot, src_idx, windows = task
+            windows = np.frombuffer(windows, dtype=np.int64)     # sent as raw bytes
             source = sources[src_idx]
             batch = len(windows)
             slot_mem = ring[slot * slot_bytes:(slot + 1) * slot_bytes]
