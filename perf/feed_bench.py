@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
         fed, res = ok.get("WellLoader" + suffix), ok.get("resident" + suffix)
         if fed and res:
             share = fed["samples_per_sec"] / res["samples_per_sec"]
-            ratio = share if not suffix else ratio
+            if not suffix:                   # the unpinned pair's, for the JSON
+                ratio = share
             print(f"{suffix.strip() + ': ' if suffix else ''}WellLoader reaches "
                   f"{100 * share:.1f}% of the{suffix} resident-batch rate; data wait "
                   f"{100 * fed['data_wait_share']:.2f}% of step time (target < 2%)")

@@ -479,7 +479,8 @@ class WellLoader:
             try:
                 # the window ids as raw int64 bytes: pickling a NumPy array costs the two
                 # processes about 6 µs more per batch
-                self._tasks[wid].send((step, slot, d, windows.astype(np.int64).tobytes()))
+                ids = windows.astype(np.int64, copy=False).tobytes()
+                self._tasks[wid].send((step, slot, d, ids))
             except OSError:                  # its pipe is closed: the reader has died
                 self._reader_gone(wid, f"being sent step {step}")
 

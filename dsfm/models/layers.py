@@ -196,7 +196,12 @@ class RelativePositionBias(nn.Module):
         padded to that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of
         the bias in every forward call when `length` is not a multiple of 8 (4 frames, or an
         axis of 4 patches)."""
-        bias = self.padded(length, periodic)
+        return self.unpad(self.padded(length, periodic), length)
+
+    @staticmethod
+    def unpad(bias: torch.Tensor, length: int) -> torch.Tensor:
+        """The first `length` entries of each row; the tensor itself if that is all of them (a
+        full slice would still cost a view and its backward)."""
         return bias if bias.shape[-1] == length else bias[..., :length]
 
     def padded(self, length: int, periodic: bool = False) -> torch.Tensor:
@@ -291,11 +296,10 @@ class AxialSpatialAttention(nn.Module):
                 attn_mask=self.rel_pos_bias(length, periodic)[None])
             return out.reshape(n, m, heads, length, hd)
         # no fused kernel takes 5-D inputs: the padded rows buy nothing here, slice them once
-        bias = torch.where(periodic[:, None, None, None, None],
-                           self.rel_pos_bias.padded(length, True),
-                           self.rel_pos_bias.padded(length, False))
-        if bias.shape[-1] != length:
-            bias = bias[..., :length]
+        rpb = self.rel_pos_bias
+        bias = rpb.unpad(torch.where(periodic[:, None, None, None, None],
+                                     rpb.padded(length, True), rpb.padded(length, False)),
+                         length)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor

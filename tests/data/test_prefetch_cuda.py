@@ -50,18 +50,28 @@ def test_copies_are_timed_and_fast(demo_base):
         assert loader.copy_bandwidth() > 1.0          # GB/s; pageable memory would be ~5
 
 
+def _warm_loader(demo_base) -> WellLoader:
+    """A CUDA loader over the demo datasets past its first batches, every dataset's constants
+    already on the device (copied once, at first use): what next() does from then on."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    loader = WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2, device="cuda")
+    try:
+        for ds in loader.datasets:
+            loader._device_tensors(ds)
+        for _ in range(5):
+            next(loader)
+    except BaseException:
+        loader.close()
+        raise
+    return loader
+
+
 def test_next_does_not_synchronize_the_device(demo_base):
     """The training thread must be free to run ahead of the GPU: next() issues the copies and
     the device assembly and checks the previous batch's finiteness without any implicit
     synchronization (torch's sync debug mode raises on one). Reading the previous batch's flag
     from the device had synchronized the whole compute stream, the step just issued included."""
-    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
-    with WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2,
-                    device="cuda") as loader:
-        for ds in loader.datasets:
-            loader._device_tensors(ds)         # each dataset's constants, copied once at first
-        for _ in range(5):
-            next(loader)
+    with _warm_loader(demo_base) as loader:
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
@@ -103,13 +113,7 @@ def test_every_copy_to_the_device_is_from_pinned_memory(demo_base):
     source. The boundary codes were once copied from pageable memory."""
     from torch.profiler import ProfilerActivity, profile
 
-    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
-    with WellLoader(paths, n_steps_input=3, batch_size=4, num_workers=2,
-                    device="cuda") as loader:
-        for ds in loader.datasets:
-            loader._device_tensors(ds)         # each dataset's constants, copied once at first
-        for _ in range(5):
-            next(loader)
+    with _warm_loader(demo_base) as loader:
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
             for _ in range(20):
                 next(loader)
