@@ -31,6 +31,7 @@ from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
+from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
     all_reduce_,
     build_engine,
@@ -386,4 +387,4 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

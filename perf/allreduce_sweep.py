@@ -35,6 +35,7 @@ import sys
 import time
 
 from dsfm import subprocess_env
+from dsfm.runtime.dist import exit_process
 
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather", "broadcast", "all_to_all")
@@ -719,4 +720,4 @@ def predictions(cluster: str, sizes: list[int], nranks: int) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

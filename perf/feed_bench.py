@@ -19,12 +19,12 @@ import itertools
 import math
 import os
 import statistics
-import sys
 import time
 import traceback
 
 import torch
 
+from dsfm.runtime.dist import exit_process
 from perf.affinity import pin_threads
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
@@ -238,4 +238,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import sys
 import traceback
 from collections import Counter
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dsfm.runtime.dist import exit_process
 from perf.report import write_json
 
 METADATA = {"view", "_unsafe_view", "unsqueeze", "squeeze", "permute", "expand", "transpose",
@@ -167,4 +167,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -29,6 +29,7 @@ import traceback
 import torch
 
 from dsfm.monitor.steps import peak_tflops
+from dsfm.runtime.dist import exit_process
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
@@ -470,4 +471,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

@@ -84,6 +84,7 @@ TEARDOWN = """
 import gc, json, weakref, torch
 from dsfm.eval import nmse
 from dsfm.models.avit import AViT, AViTConfig
+from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from perf.train_bench import engine_config, teardown
 env = init_process_group()
@@ -103,6 +104,7 @@ for stage in (2, 3):
         alive[f"{stage} {torn}"] = ref() is not None
 print("ALIVE", json.dumps(alive))
 finish(env)
+exit_process(0)
 """
 
 

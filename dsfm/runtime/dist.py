@@ -23,11 +23,14 @@ The first match wins, in an order chosen so that the launcher nearest the proces
 4. Otherwise "single": rank 0 of 1 on 127.0.0.1.
 """
 
+import atexit
 import os
 import re
 import socket
+import sys
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
+from typing import NoReturn
 
 from dsfm.errors import ConfigError
 from dsfm.runtime.slurm import expand_nodelist, expand_tasks_per_node
@@ -346,3 +349,33 @@ def _single(env: Mapping[str, str]) -> DistEnv:
     else:
         port = _free_port()
     return DistEnv(0, 1, 0, 1, "127.0.0.1", port, "single")
+
+
+def exit_process(rc: int | None) -> NoReturn:
+    """End a process that used a process group, skipping only the interpreter's teardown.
+
+    The exit handlers run (logging, TensorBoard writers, open HDF5 files), MPI is finalized if
+    mpi4py started it, both output streams are flushed, and then the process exits at once with
+    `rc` (None: 0, as for `sys.exit`). Why: gloo's worker threads outlive
+    `destroy_process_group` (the groups' `shutdown()` is a no-op for gloo in torch 2.13, and
+    DeepSpeed keeps references to the groups, on its parameters among others, so they are not
+    destroyed either), and such a thread can release the last C++ reference to a tensor that
+    still has a Python object a moment after the collective that used it returned. If that
+    moment falls in the teardown, CPython ends the thread with pthread_exit, whose unwinding
+    through a C++ noexcept frame aborts the process ("terminate called without an active
+    exception", SIGABRT) after a run that had succeeded: a rank of a 2-rank DeepSpeed probe,
+    once in CI and once in 263 runs on the 2-core development machine; and a rank in every run
+    of `tests/runtime/exit_probe.py`, which leaves collectives to gloo's threads at the end.
+    Call it from `__main__` only: it never returns."""
+    try:
+        atexit._run_exitfuncs()
+        mpi = sys.modules.get("mpi4py.MPI")     # its MPI_Finalize hook is C's, which this skips
+        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+            mpi.Finalize()
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError, AttributeError):
+                pass            # closed or replaced: nothing of ours is left in it
+        os._exit(0 if rc is None else rc)

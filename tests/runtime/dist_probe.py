@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dsfm.runtime.dist import discover, export
+from dsfm.runtime.dist import discover, exit_process, export
 from dsfm.runtime.engine import release_shm
 
 
@@ -43,4 +43,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

@@ -20,6 +20,7 @@ import torch
 
 from dsfm.eval import nmse
 from dsfm.models.avit import AViT, AViTConfig
+from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from dsfm.runtime.zero_norm import _ORIGINAL, is_fused
 from perf.op_count import Counting
@@ -128,4 +129,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    exit_process(main())

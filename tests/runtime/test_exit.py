@@ -1,0 +1,61 @@
+"""How a rank that used a process group ends (`dsfm.runtime.dist.exit_process`): with its own
+exit code, its output and its exit handlers, and without the abort that gloo's threads can cause
+in the interpreter's teardown (tests/runtime/exit_probe.py makes that abort certain)."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO
+from tests.runtime.test_dist import _clean_env, _free_port
+
+PROBE = os.path.join("tests", "runtime", "exit_probe.py")
+
+
+def _two_ranks(marker: str, *extra: str) -> list[tuple[int, str]]:
+    port = str(_free_port())
+    procs = [subprocess.Popen([sys.executable, PROBE, "--marker", marker, *extra], cwd=REPO,
+                              env=_clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
+                                             WORLD_SIZE="2", RANK=str(rank),
+                                             CUDA_VISIBLE_DEVICES=""),
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for rank in (0, 1)]
+    out = []
+    try:
+        for p in procs:
+            text, _ = p.communicate(timeout=120)
+            out.append((p.returncode, text))
+    finally:
+        for p in procs:
+            p.kill()
+    return out
+
+
+@pytest.mark.slow
+def test_a_rank_leaves_with_its_code_output_and_exit_handlers(tmp_path):
+    for attempt in range(3):
+        marker = str(tmp_path / f"exit{attempt}")
+        ranks = _two_ranks(marker)
+        for rank, (rc, text) in enumerate(ranks):
+            assert rc == 3, f"rank {rank} ended with {rc}:\n{text[-3000:]}"
+            assert f"EXIT_PROBE rank {rank} leaving" in text      # written, never flushed
+            assert "terminate called" not in text
+            assert os.path.exists(f"{marker}.{rank}"), "the exit handlers did not run"
+
+
+@pytest.mark.slow
+def test_the_probe_still_aborts_a_plain_exit(tmp_path):
+    """The control: ended as Python scripts usually end, the same ranks abort. If no attempt
+    does any more (a newer torch may drop tensors otherwise), the test above proves nothing
+    and `exit_process` may no longer be needed."""
+    codes = []
+    for attempt in range(3):
+        ranks = _two_ranks(str(tmp_path / f"plain{attempt}"), "--plain")
+        codes.append([rc for rc, _ in ranks])
+        aborted = [text for rc, text in ranks if rc == -6]
+        if aborted:
+            assert "terminate called without an active exception" in aborted[0]
+            return
+    pytest.fail(f"no rank aborted in {len(codes)} attempts (exit codes {codes})")
