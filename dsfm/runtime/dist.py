@@ -28,6 +28,7 @@ import os
 import re
 import socket
 import sys
+import threading
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -354,7 +355,8 @@ def _single(env: Mapping[str, str]) -> DistEnv:
 def exit_process(rc: int | None) -> NoReturn:
     """End a process that used a process group, skipping only the interpreter's teardown.
 
-    The exit handlers run (logging, TensorBoard writers, open HDF5 files), MPI is finalized if
+    What Python's exit does before it comes first: threads that are not daemons are joined and
+    the exit handlers run (logging, TensorBoard writers, open HDF5 files). MPI is finalized if
     mpi4py started it, both output streams are flushed, and then the process exits at once with
     `rc` (None: 0, as for `sys.exit`). Why: gloo's worker threads outlive
     `destroy_process_group` (the groups' `shutdown()` is a no-op for gloo in torch 2.13, and
@@ -368,6 +370,9 @@ def exit_process(rc: int | None) -> NoReturn:
     of `tests/runtime/exit_probe.py`, which leaves collectives to gloo's threads at the end.
     Call it from `__main__` only: it never returns."""
     try:
+        for thread in threading.enumerate():    # as Python's exit: threads not daemonic finish
+            if thread is not threading.current_thread() and not thread.daemon:
+                thread.join()
         atexit._run_exitfuncs()
         mpi = sys.modules.get("mpi4py.MPI")     # its MPI_Finalize hook is C's, which this skips
         if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():

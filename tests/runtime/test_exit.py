@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, run
 from tests.runtime.test_dist import _clean_env, _free_port
 
 PROBE = os.path.join("tests", "runtime", "exit_probe.py")
@@ -59,3 +59,26 @@ def test_the_probe_still_aborts_a_plain_exit(tmp_path):
             assert "terminate called without an active exception" in aborted[0]
             return
     pytest.fail(f"no rank aborted in {len(codes)} attempts (exit codes {codes})")
+
+
+LATE = """
+import atexit, sys, threading, time
+from dsfm.runtime.dist import exit_process
+def late():
+    time.sleep(0.5)
+    open(sys.argv[1] + ".thread", "w").write("done")
+threading.Thread(target=late).start()
+atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").write("ran"))
+sys.stdout.write("unflushed"); sys.stderr.write("unflushed too")
+exit_process(5)
+"""
+
+
+def test_what_python_does_at_exit_still_happens(tmp_path):
+    """Before leaving, as Python's own exit: a thread that is not a daemon is waited for, then
+    the exit handlers run, and what the streams hold is written."""
+    marker = str(tmp_path / "m")
+    proc = run([sys.executable, "-c", LATE, marker], timeout=60)
+    assert proc.returncode == 5, proc.stderr[-2000:]
+    assert proc.stdout == "unflushed" and proc.stderr.endswith("unflushed too")
+    assert os.path.exists(marker + ".thread") and os.path.exists(marker + ".atexit")
