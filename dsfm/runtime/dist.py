@@ -24,11 +24,13 @@ The first match wins, in an order chosen so that the launcher nearest the proces
 """
 
 import atexit
+import ctypes
 import os
 import re
 import socket
 import sys
 import threading
+import traceback
 from collections.abc import Mapping, MutableMapping, Sequence
 from dataclasses import dataclass
 from typing import NoReturn
@@ -355,32 +357,49 @@ def _single(env: Mapping[str, str]) -> DistEnv:
 def exit_process(rc: int | None) -> NoReturn:
     """End a process that used a process group, skipping only the interpreter's teardown.
 
-    What Python's exit does before it comes first: threads that are not daemons are joined and
-    the exit handlers run (logging, TensorBoard writers, open HDF5 files). MPI is finalized if
-    mpi4py started it, both output streams are flushed, and then the process exits at once with
-    `rc` (None: 0, as for `sys.exit`). Why: gloo's worker threads outlive
-    `destroy_process_group` (the groups' `shutdown()` is a no-op for gloo in torch 2.13, and
-    DeepSpeed keeps references to the groups, on its parameters among others, so they are not
-    destroyed either), and such a thread can release the last C++ reference to a tensor that
-    still has a Python object a moment after the collective that used it returned. If that
-    moment falls in the teardown, CPython ends the thread with pthread_exit, whose unwinding
-    through a C++ noexcept frame aborts the process ("terminate called without an active
-    exception", SIGABRT) after a run that had succeeded: a rank of a 2-rank DeepSpeed probe,
-    once in CI and once in 263 runs on the 2-core development machine; and a rank in every run
-    of `tests/runtime/exit_probe.py`, which leaves collectives to gloo's threads at the end.
-    Call it from `__main__` only: it never returns."""
+    What Python's exit does before the teardown comes first: threads that are not daemons are
+    waited for (after the shutdown hooks of `concurrent.futures` stop idle executor workers, such
+    as the compile pool of torch.compile's inductor) and the exit handlers run (logging,
+    TensorBoard writers, open HDF5 files). After a success MPI is finalized if mpi4py started it
+    (after a failure not: it waits for every rank, and mpirun ends the job on the exit code).
+    Python's and C's output buffers are flushed, and then the process exits at once with `rc`
+    (None: 0, as for `sys.exit`; an error in these steps is printed and makes a 0 a 1).
+
+    Why: gloo's worker threads outlive `destroy_process_group` (the groups' `shutdown()` is a
+    no-op for gloo in torch 2.13, and DeepSpeed keeps references to the groups, on its
+    parameters among others, so they are not destroyed either), and such a thread can release
+    the last C++ reference to a tensor that still has a Python object a moment after the
+    collective that used it returned. If that moment falls in the teardown, CPython ends the
+    thread with pthread_exit, whose unwinding through a C++ noexcept frame aborts the process
+    ("terminate called without an active exception", SIGABRT) after a run that had succeeded:
+    a rank of a 2-rank DeepSpeed probe, once in CI and once in 263 runs on the 2-core
+    development machine; and a rank in every run of `tests/runtime/exit_probe.py`, which leaves
+    collectives to gloo's threads at the end. Call it from `__main__` only: it never returns."""
+    code = 0 if rc is None else int(rc)
     try:
-        for thread in threading.enumerate():    # as Python's exit: threads not daemonic finish
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        shutdown = getattr(threading, "_shutdown", None)    # what Python's exit calls
+        if shutdown is not None:
+            shutdown()
+        else:
+            for thread in threading.enumerate():
+                if thread is not threading.current_thread() and not thread.daemon:
+                    thread.join()
         atexit._run_exitfuncs()
         mpi = sys.modules.get("mpi4py.MPI")     # its MPI_Finalize hook is C's, which this skips
-        if mpi is not None and mpi.Is_initialized() and not mpi.Is_finalized():
+        if (code == 0 and mpi is not None and sys.modules["mpi4py"].rc.finalize is not False
+                and mpi.Is_initialized() and not mpi.Is_finalized()):
             mpi.Finalize()
+    except BaseException:           # noqa: BLE001 - leave anyway, and say so
+        traceback.print_exc()
+        code = code or 1
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
                 stream.flush()
             except (OSError, ValueError, AttributeError):
                 pass            # closed or replaced: nothing of ours is left in it
-        os._exit(0 if rc is None else rc)
+        try:
+            ctypes.CDLL(None).fflush(None)      # C's stdio buffers (NCCL_DEBUG's lines, say)
+        except (OSError, AttributeError):
+            pass
+        os._exit(code)

@@ -14,12 +14,19 @@ from tests.runtime.test_dist import _clean_env, _free_port
 PROBE = os.path.join("tests", "runtime", "exit_probe.py")
 
 
+def _buffered(env: dict) -> dict:
+    """Python's output buffered, as it is by default when stdout is a pipe."""
+    env.pop("PYTHONUNBUFFERED", None)
+    return env
+
+
 def _two_ranks(marker: str, *extra: str) -> list[tuple[int, str]]:
     port = str(_free_port())
     procs = [subprocess.Popen([sys.executable, PROBE, "--marker", marker, *extra], cwd=REPO,
-                              env=_clean_env(MASTER_ADDR="127.0.0.1", MASTER_PORT=port,
-                                             WORLD_SIZE="2", RANK=str(rank),
-                                             CUDA_VISIBLE_DEVICES=""),
+                              env=_buffered(_clean_env(MASTER_ADDR="127.0.0.1",
+                                                       MASTER_PORT=port, WORLD_SIZE="2",
+                                                       RANK=str(rank),
+                                                       CUDA_VISIBLE_DEVICES="")),
                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for rank in (0, 1)]
     out = []
@@ -62,23 +69,28 @@ def test_the_probe_still_aborts_a_plain_exit(tmp_path):
 
 
 LATE = """
-import atexit, sys, threading, time
+import atexit, concurrent.futures, ctypes, sys, threading, time
 from dsfm.runtime.dist import exit_process
 def late():
     time.sleep(0.5)
     open(sys.argv[1] + ".thread", "w").write("done")
 threading.Thread(target=late).start()
+pool = concurrent.futures.ThreadPoolExecutor(2)       # kept, and never shut down
+pool.submit(int).result()
 atexit.register(lambda: open(sys.argv[1] + ".atexit", "w").write("ran"))
-sys.stdout.write("unflushed"); sys.stderr.write("unflushed too")
+sys.stdout.write("unflushed "); sys.stderr.write("unflushed too")
+ctypes.CDLL(None).printf(b"from C")
 exit_process(5)
 """
 
 
 def test_what_python_does_at_exit_still_happens(tmp_path):
-    """Before leaving, as Python's own exit: a thread that is not a daemon is waited for, then
-    the exit handlers run, and what the streams hold is written."""
+    """Before leaving, as Python's own exit: a thread that is not a daemon is waited for, an
+    executor nobody shut down (as torch.compile's pool) is stopped instead of waited for forever,
+    the exit handlers run, and what Python's and C's buffers hold is written."""
     marker = str(tmp_path / "m")
-    proc = run([sys.executable, "-c", LATE, marker], timeout=60)
+    proc = run([sys.executable, "-c", LATE, marker], env=_buffered(_clean_env()), timeout=60)
     assert proc.returncode == 5, proc.stderr[-2000:]
-    assert proc.stdout == "unflushed" and proc.stderr.endswith("unflushed too")
+    assert "unflushed " in proc.stdout and "from C" in proc.stdout
+    assert proc.stderr.endswith("unflushed too")
     assert os.path.exists(marker + ".thread") and os.path.exists(marker + ".atexit")
