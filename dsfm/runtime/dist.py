@@ -377,13 +377,7 @@ def exit_process(rc: int | None) -> NoReturn:
     collectives to gloo's threads at the end. Call it from `__main__` only: it never returns."""
     code = 0 if rc is None else int(rc)
     try:
-        shutdown = getattr(threading, "_shutdown", None)    # what Python's exit calls
-        if shutdown is not None:
-            shutdown()
-        else:
-            for thread in threading.enumerate():
-                if thread is not threading.current_thread() and not thread.daemon:
-                    thread.join()
+        threading._shutdown()           # what Python's exit calls (CPython 3.8 on)
         atexit._run_exitfuncs()
         mpi = sys.modules.get("mpi4py.MPI")     # its MPI_Finalize hook is C's, which this skips
         if (code == 0 and mpi is not None and sys.modules["mpi4py"].rc.finalize is not False
