@@ -505,22 +505,21 @@ def main(argv=None) -> int:
         save()
     if args.rss_batches:
         try:
-            report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches, device,
-                                    args.rss_seconds)
+            r = report["rss"] = rss_run(paths, args.workers, args.batch, args.rss_batches,
+                                        device, args.rss_seconds)
         except Exception as exc:
             report["rss"] = {"error": repr(exc)}
             print(f"memory run failed: {exc!r}", flush=True)
-            save()
-    if "batches" in report.get("rss", {}):
-        r = report["rss"]
-        gpu = (f"; GPU memory allocated {r['cuda_first_mib']:.0f} → {r['cuda_last_mib']:.0f} "
-               f"MiB, growth after warm-up {r['cuda_growth_after_warmup_mib']:+.1f} MiB"
-               if "cuda_last_mib" in r else "")
-        print(f"memory over {r['batches']} mixture batches (trainer + readers): ring "
-              f"{r['ring_mib']:.0f} MiB; PSS {r['pss_first_mib']:.0f} → {r['pss_last_mib']:.0f} "
-              f"MiB, growth after warm-up {r['pss_growth_after_warmup_mib']:+.1f} MiB; RSS sum "
-              f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB (counts the shared ring "
-              f"once per reader that touched it){gpu}", flush=True)
+        else:
+            gpu = (f"; GPU memory allocated {r['cuda_first_mib']:.0f} → "
+                   f"{r['cuda_last_mib']:.0f} MiB, growth after warm-up "
+                   f"{r['cuda_growth_after_warmup_mib']:+.1f} MiB" if "cuda_last_mib" in r else "")
+            print(f"memory over {r['batches']} mixture batches (trainer + readers): ring "
+                  f"{r['ring_mib']:.0f} MiB; PSS {r['pss_first_mib']:.0f} → "
+                  f"{r['pss_last_mib']:.0f} MiB, growth after warm-up "
+                  f"{r['pss_growth_after_warmup_mib']:+.1f} MiB; RSS sum "
+                  f"{r['rss_first_mib']:.0f} → {r['rss_last_mib']:.0f} MiB (counts the shared "
+                  f"ring once per reader that touched it){gpu}", flush=True)
         save()
     labels = {**LABELS, **(CUDA_LABELS if device.type == "cuda" else {})}
     print(f"{'dataset':30s} {'variant':16s} {'samples/s':>9s} {'MB/s':>7s} {'med ms':>7s} "

@@ -441,8 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     print("-" * len(head))
     plain = {(r["size"], r["numerics"], r["layout"]): r["ms_per_step"] for r in rows
              if r["wrapper"] == "plain"}
-    order = {(size, wrapper, num, layout): i for i, (size, wrapper, num, layout)
-             in enumerate(plan)}
+    order = {variant: i for i, variant in enumerate(plan)}
     rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"])])
     for r in rows:
         base = plain.get((r["size"], r["numerics"], r["layout"]))
