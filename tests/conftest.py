@@ -1,6 +1,8 @@
 """Shared fixtures: the demo datasets, generated once per session by the real CLI."""
 
 import os
+import random
+import socket
 import subprocess
 import sys
 
@@ -26,6 +28,28 @@ def pytest_sessionstart(session):
         builder = accelerator.create_op_builder("ShareMemCommBuilder")
         if builder is not None:
             builder.load()
+
+
+def free_port() -> int:
+    """A port for a launch's rendezvous: free now and below the kernel's ephemeral range, where
+    no outgoing connection (gloo's own among them) can take it before the launch binds it. The
+    OS's pick (bind to port 0) comes from that range and can be taken in the meantime."""
+    low = 32768
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        pass
+    low = max(low, 12000)
+    for _ in range(200):
+        port = random.randrange(10000, low)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free TCP port in 10000-{low - 1} after 200 tries")
 
 
 def run(args, **kwargs):

@@ -12,7 +12,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, run
+from tests.conftest import REPO, free_port, run
 
 TINY = ["model.size=null", "model.dim=48", "model.heads=3", "model.blocks=2",
         "model.drop_path=0", "train.log_every=1", "train.eval_batches=0",
@@ -43,12 +42,6 @@ def ds_config(tmp_path, stage: int, micro: int = MICRO) -> str:
     path.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": micro,
                                 "zero_optimization": {"stage": stage}}))
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def train(ds: str, run_dir, sets=(), ranks: int = 1, resume: bool = False, data=None,

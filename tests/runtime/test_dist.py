@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 
@@ -23,7 +22,7 @@ from dsfm.runtime.dist import (
     discover,
     export,
 )
-from tests.conftest import REPO, run
+from tests.conftest import REPO, free_port, run
 
 PROBE = os.path.join("tests", "runtime", "dist_probe.py")
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -273,12 +272,6 @@ def _launcher(name):
     return beside if os.access(beside, os.X_OK) else shutil.which(name)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(cmd, env, ranks):
     proc = run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=300)
     out = proc.stdout + proc.stderr
@@ -319,7 +312,7 @@ def test_torchrun_two_ranks():
 def test_deepspeed_launcher_two_ranks():
     deepspeed = _launcher("deepspeed")
     assert deepspeed, "deepspeed's launcher is missing beside python and on PATH"
-    port = _free_port()
+    port = free_port()
     records = _launch([deepspeed, "--num_gpus", "2", "--master_port", str(port), PROBE,
                        "--init", "deepspeed"], _clean_env(), 2)
     assert {r["launcher"] for r in records} == {"torchrun"}
@@ -350,7 +343,7 @@ def test_mpirun_two_ranks_through_mpi4py():
 
 @pytest.mark.slow
 def test_mpirun_keeps_a_master_port_given_by_the_user():
-    port = _free_port()
+    port = free_port()
     records = _launch([_mpirun(), "-np", "2", sys.executable, PROBE],
                       _clean_env(MASTER_PORT=str(port), **_AS_ROOT), 2)
     assert {r["master_port"] for r in records} == {port}

@@ -8,8 +8,8 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO, run
-from tests.runtime.test_dist import _clean_env, _free_port
+from tests.conftest import REPO, free_port, run
+from tests.runtime.test_dist import _clean_env
 
 PROBE = os.path.join("tests", "runtime", "exit_probe.py")
 
@@ -21,7 +21,7 @@ def _buffered(env: dict) -> dict:
 
 
 def _two_ranks(marker: str, *extra: str) -> list[tuple[int, str]]:
-    port = str(_free_port())
+    port = str(free_port())
     procs = [subprocess.Popen([sys.executable, PROBE, "--marker", marker, *extra], cwd=REPO,
                               env=_buffered(_clean_env(MASTER_ADDR="127.0.0.1",
                                                        MASTER_PORT=port, WORLD_SIZE="2",
