@@ -64,7 +64,7 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    seed: int = 0
+    seed: int = Field(0, ge=0)
     max_steps: int = Field(200, ge=1, description="optimizer steps (the run ends there)")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end and on signals")
@@ -77,8 +77,15 @@ class TrainConfig(_Strict):
     eval_batches: int = Field(4, ge=0, description="valid micro-batches per dataset and rank; "
                               "0 disables evaluation")
     rollout_steps: int = Field(4, ge=1, description="autoregressive steps in evaluation")
+    loss_units: Literal["physical", "normalized"] = Field(
+        "physical", description="units of the normalized-MSE loss: physical (MPP's: the "
+        "ratio over the raw target) or the loader's normalized values (data.normalization)")
     eval_at_start: bool = Field(False, description="also evaluate before the first step: the "
                                 "baseline the run improves on")
+    resume_schedule: Literal["check", "saved", "new"] = Field(
+        "check", description="--resume when the learning-rate schedule resolves differently "
+        "from the checkpoint's (\"auto\" steps follow max_steps): check refuses, saved "
+        "continues on the checkpoint's schedule, new switches to this run's")
     init_from: Optional[str] = Field(None, description="pretrained weights to fine-tune: an "
                                      "exported .pt file or a run directory")
     freeze: Literal["none", "middle", "processor"] = Field(

@@ -26,6 +26,10 @@ class SchemaError(DataError):
     dataset, or a shape that contradicts its flags)."""
 
 
+class TooShortError(SchemaError):
+    """A trajectory has fewer time steps than one window needs."""
+
+
 class NonFiniteError(DataError):
     """NaN or Inf found in field data."""
 

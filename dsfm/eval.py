@@ -12,15 +12,37 @@ from dataclasses import dataclass, field
 
 import torch
 
+from dsfm.errors import ConfigError, DsfmError, TooShortError
+
 EPS = 1e-7
 
 
-def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS) -> torch.Tensor:
+LOSS_UNITS = ("physical", "normalized")
+
+
+def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
+         scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """MPP's training loss: per sample and field, mean squared residual over mean squared
-    target, averaged."""
+    target, averaged.
+
+    `scale` and `shift` (per channel, [C, 1, 1] for 2D fields: the loader's normalization,
+    `WellLoader.affine`) make `pred` and `target` normalized values whose loss is taken in
+    physical units (target · scale + shift), as MPP computes it on raw fields. The residual is
+    the normalized one scaled, not the difference of two shifted values, so a field with a
+    large mean and small fluctuations (a water height of 1 ± 0.01) keeps its precision."""
     space = (-2, -1)
-    res = (pred - target).pow(2).mean(space)
-    return (res / (target.pow(2).mean(space) + eps)).mean()
+    res = pred - target
+    if scale is None and shift is None:
+        return (res.pow(2).mean(space) / (target.pow(2).mean(space) + eps)).mean()
+    # physical values span many decades (squares of 1e20 overflow float32, of 1e-24 vanish):
+    # the ratio in float64, on tensors of the loss's size, not the model's
+    res, target = res.double(), target.double()
+    if scale is not None:
+        res = res * scale.double()
+        target = target * scale.double()
+    if shift is not None:
+        target = target + shift.double()
+    return (res.pow(2).mean(space) / (target.pow(2).mean(space) + eps)).mean().to(pred.dtype)
 
 
 def field_errors(pred: torch.Tensor, target: torch.Tensor,
@@ -63,11 +85,24 @@ class MetricSums:
         self.nrmse = torch.zeros(self.steps, len(self.fields), dtype=torch.float64)
         self.vrmse = torch.zeros_like(self.nrmse)
 
-    def add(self, pred: torch.Tensor, target: torch.Tensor) -> None:
-        """pred, target: [B, steps, C, H, W]."""
-        n, v = field_errors(pred.double(), target.double())
-        self.nrmse += n.sum(0).cpu()
-        self.vrmse += v.sum(0).cpu()
+    def add(self, pred: torch.Tensor, target: torch.Tensor, scale: torch.Tensor | None = None,
+            shift: torch.Tensor | None = None) -> None:
+        """pred, target: [B, steps, C, H, W], in physical units or normalized ones that
+        `scale` and `shift` ([C, 1, 1]) map back. In float64, the denormalization included (a
+        small fluctuation on a large mean would not survive it in float32), one rollout step
+        at a time (a float64 copy of a whole rollout of large fields would take gigabytes)."""
+        def physical(t: torch.Tensor) -> torch.Tensor:
+            t = t.double()
+            if scale is not None:
+                t = t * scale.double()
+            if shift is not None:
+                t = t + shift.double()
+            return t
+
+        for j in range(pred.shape[1]):
+            n, v = field_errors(physical(pred[:, j]), physical(target[:, j]))
+            self.nrmse[j] += n.sum(0).cpu()
+            self.vrmse[j] += v.sum(0).cpu()
         self.count += pred.shape[0]
 
     def packed(self) -> torch.Tensor:
@@ -93,24 +128,61 @@ class MetricSums:
         return out
 
 
+def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch_size: int,
+              batches: int, world_size: int, dt_stride: int = 1) -> dict[str, int]:
+    """Micro-batches per rank that `evaluate` will take of each dataset: `batches`, or fewer
+    where the valid split holds fewer (each window is evaluated once, never twice). Called
+    before training, so that a valid split that cannot serve the evaluation stops the run
+    before its first step rather than at its first evaluation, naming the setting."""
+    from dsfm.data.prefetch import index_dataset
+
+    plan = {}
+    for path in paths:
+        try:
+            source = index_dataset(path, "valid", n_steps_input, rollout_steps, dt_stride)
+            name, windows = source.name, len(source)
+        except TooShortError as exc:
+            raise ConfigError(f"evaluation with train.rollout_steps={rollout_steps}: {exc}; "
+                              "lower train.rollout_steps or set train.eval_batches=0") from None
+        except DsfmError as exc:
+            raise type(exc)(f"evaluation on the valid split: {exc}") from None
+        per_rank = windows // world_size // batch_size
+        if per_rank < 1:
+            raise ConfigError(f"evaluation: the valid split of {name} has {windows} windows of "
+                              f"{n_steps_input} + {rollout_steps} steps, fewer than one "
+                              f"micro-batch of {batch_size} per rank with {world_size} ranks; "
+                              "lower train.rollout_steps or set train.eval_batches=0")
+        plan[name] = min(batches, per_rank)
+    return plan
+
+
 def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int,
              batch_size: int, batches: int, vocabulary, seed: int, rank: int, world_size: int,
              normalization: str | None, dt_stride: int = 1, num_workers: int = 1) -> dict:
     """NRMSE and VRMSE per dataset and field on the valid split, one step ahead and over a
     `rollout_steps` autoregressive rollout, in physical units. Every rank evaluates its own
     `batches` micro-batches of every dataset (the same windows each time: a fresh loader with a
-    fixed seed) and the sums are all-reduced, so the result covers batches × world windows."""
+    fixed seed; fewer where the split holds fewer, see `plan_eval`) and the sums are
+    all-reduced, so the result covers up to batches × world windows, each once. Only windows
+    with room for the whole rollout are eligible, the one-step metrics included."""
     from dsfm.data.prefetch import WellLoader
     from dsfm.runtime.engine import all_reduce_
 
+    plan = plan_eval(paths, n_steps_input=n_steps_input, rollout_steps=rollout_steps,
+                     batch_size=batch_size, batches=batches, world_size=world_size,
+                     dt_stride=dt_stride)
     was_training = engine.training
     engine.eval()
     results = {}
     try:
-        for path in paths:
+        for path, batches in zip(paths, plan.values()):
+            # no more readers, ring slots and reads ahead than the batches to evaluate
+            workers = max(1, min(num_workers, batches))
             with WellLoader([path], split="valid", n_steps_input=n_steps_input,
                             n_steps_output=rollout_steps, batch_size=batch_size,
-                            num_workers=num_workers, seed=seed, rank=rank,
+                            num_workers=workers,
+                            ring_slots=max(2, min(2 * workers + 2, batches)),
+                            seed=seed, rank=rank,
                             world_size=world_size, normalization=normalization,
                             dt_stride=dt_stride, vocabulary=vocabulary) as loader:
                 name = loader.datasets[0].source.name
@@ -120,7 +192,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                     batch = next(it)
                     pred = rollout(engine, batch.x, batch.field_ids, batch.bcs_host,
                                    rollout_steps)
-                    sums.add(loader.denormalize(name, pred), loader.denormalize(name, batch.y))
+                    sums.add(pred, batch.y, *loader.affine(name))
                     del batch
                 dev = next(engine.module.parameters()).device
                 sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())

@@ -17,9 +17,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): make dsfm importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -81,16 +82,78 @@ def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, 
     return cfg, ds_config
 
 
-def check_inputs(cfg: RunConfig, args: argparse.Namespace) -> None:
+@dataclass
+class Checked:
+    """What the checks before the process group read, for the run to use."""
+    ds_config: dict
+    pretrained: dict | None          # train.init_from's payload; dropped once in the model
+    notes: list[str]
+
+
+def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
+                 ds_config: dict) -> Checked:
     """What can be refused before any process group waits: data paths (unless they are to be
-    simulated) and a checkpoint of another model in the run directory to resume."""
+    simulated), the pretrained weights of train.init_from, and a checkpoint to resume that this
+    run could not load or would continue differently (model, field columns and vocabulary when
+    the data is there to tell, world size, learning-rate schedule). Returns the DeepSpeed
+    config to run with, the pretrained payload (None without init_from) and notes for the
+    log."""
     from dsfm.data.prepare import dataset_paths, datasets_in
 
     data = cfg.data
+    paths = None
     if not data.generate or datasets_in(data.base):
-        dataset_paths(data.base, data.datasets, data.pdebench)
-    if args.resume and args.run_dir and not cfg.train.init_from:
-        checkpoint.check_resumable(args.run_dir, cfg.model_shape())
+        paths = dataset_paths(data.base, data.datasets, data.pdebench)
+    pretrained = None
+    if cfg.train.init_from:
+        pretrained = checkpoint.load_pretrained(cfg.train.init_from)
+        check_pretrained(cfg, pretrained)
+    notes = []
+    if args.resume:
+        run_dir = args.run_dir or newest_run(cfg)
+        if run_dir is None:
+            raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give --run-dir")
+        n_fields = vocab = None
+        if paths is not None:
+            mixture = mixture_vocabulary(cfg, paths, pretrained)
+            vocab = mixture.state_dict()
+            n_fields = model_config(cfg, mixture, pretrained).n_fields
+        meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab)
+        if meta is not None:
+            ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
+                                                 ds_config, cfg.train.resume_schedule,
+                                                 checkpoint.newest_tag_dir(run_dir),
+                                                 cfg.train.max_steps)
+            notes += [note] if note else []
+    return Checked(ds_config, pretrained, notes)
+
+
+def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
+    """The pretrained model defines the architecture: a config that says otherwise is refused
+    rather than silently overridden (the run's config.yaml must describe its model)."""
+    where = f"train.init_from {cfg.train.init_from}"
+    saved = pretrained["model_config"]
+    have = (saved["dim"], saved["heads"], saved["blocks"])
+    if have != cfg.model_shape():
+        raise ConfigError(f"{where} is an AViT with dim/heads/blocks {have}, this config builds "
+                          f"{cfg.model_shape()}; set model.size (or model.dim, model.heads and "
+                          "model.blocks) to match")
+    shared = bool(pretrained["vocabulary"].get("shared", False))
+    if shared != cfg.data.shared_field_names:
+        raise ConfigError(f"{where} was trained with data.shared_field_names={shared}; set it "
+                          "the same (it decides which embedding column a field takes)")
+    if cfg.model.n_fields is not None and cfg.model.n_fields < saved["n_fields"]:
+        raise ConfigError(f"model.n_fields={cfg.model.n_fields} is below the "
+                          f"{saved['n_fields']} field columns of {where}; raise it or leave it "
+                          "unset")
+
+
+def newest_run(cfg: RunConfig) -> str | None:
+    """The newest runs/<name>-<YYYYmmdd-HHMMSS> folder (not another preset's runs/<name>-x-*)."""
+    pattern = re.compile(re.escape(cfg.name) + r"-\d{8}-\d{6}")
+    old = sorted(d for d in os.listdir("runs") if pattern.fullmatch(d)) \
+        if os.path.isdir("runs") else []
+    return os.path.join("runs", old[-1]) if old else None
 
 
 def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:
@@ -101,58 +164,99 @@ def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:
     choice = [args.run_dir]
     if td.get_rank() == 0 and choice[0] is None:
         if args.resume:
-            prefix = f"{cfg.name}-"
-            old = sorted(d for d in os.listdir("runs") if d.startswith(prefix)) \
-                if os.path.isdir("runs") else []
-            if not old:
-                raise ConfigError(f"--resume: no runs/{prefix}* folder; give --run-dir")
-            choice = [os.path.join("runs", old[-1])]
+            choice = [newest_run(cfg)]
+            if choice[0] is None:
+                raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give "
+                                  "--run-dir")
         else:
             choice = [os.path.join("runs", f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}")]
     td.broadcast_object_list(choice, src=0)
     return choice[0]
 
 
-def build_vocabulary_and_model(cfg: RunConfig, paths: list[str], loader_factory, log):
-    """The field vocabulary (from a pretrained checkpoint first, if fine-tuning), the loader
-    that extends it with the mixture's fields, and the AViT sized for it."""
+def mixture_vocabulary(cfg: RunConfig, paths: list[str], pretrained: dict | None):
+    """The field vocabulary the loader will build: the pretrained one first when fine-tuning,
+    then the mixture's fields in dataset order (read from the files' metadata)."""
+    from dsfm.data.prefetch import index_dataset
+
+    vocab = new_vocabulary(cfg, pretrained)
+    for path in paths:
+        source = index_dataset(path, "train", cfg.data.n_steps_input, 1, cfg.data.dt_stride)
+        vocab.add(source.name, source.channel_names)
+    return vocab
+
+
+def new_vocabulary(cfg: RunConfig, pretrained: dict | None):
     from dsfm.data.fields import FieldVocabulary
+
+    return FieldVocabulary.from_state_dict(pretrained["vocabulary"]) if pretrained \
+        else FieldVocabulary(shared=cfg.data.shared_field_names)
+
+
+def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
+    """The AViT this run trains: the config's shape, and field columns for every field of the
+    vocabulary (at least model.n_fields; when fine-tuning, at least the pretrained ones)."""
+    from dsfm.models.avit import AViTConfig
+
+    dim, heads, blocks = cfg.model_shape()
+    if pretrained:
+        n_fields = max(pretrained["model_config"]["n_fields"], len(vocab),
+                       cfg.model.n_fields or 0)
+        return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
+                             "drop_path": cfg.model.drop_path})
+    n_fields = cfg.model.n_fields or len(vocab)
+    if n_fields < len(vocab):
+        raise ConfigError(f"model.n_fields={n_fields} but the mixture has {len(vocab)} "
+                          "fields; raise it or leave it unset")
+    return AViTConfig(n_fields, dim, heads, blocks, cfg.model.drop_path)
+
+
+def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):
+    """The field vocabulary (the pretrained one first, if fine-tuning), the loader that extends
+    it with the mixture's fields, and the AViT sized for it."""
     from dsfm.models.avit import AViT, AViTConfig, n_parameters
 
-    pretrained = checkpoint.load_pretrained(cfg.train.init_from) if cfg.train.init_from else None
-    vocab = FieldVocabulary.from_state_dict(pretrained["vocabulary"]) if pretrained \
-        else FieldVocabulary(shared=cfg.data.shared_field_names)
+    vocab = new_vocabulary(cfg, pretrained)
     loader = loader_factory(vocab)
-    torch.manual_seed(cfg.train.seed)
-    if pretrained:
-        model = AViT(AViTConfig(**{**pretrained["model_config"],
-                                   "drop_path": cfg.model.drop_path}))
-        try:
-            model.load_state_dict(pretrained["model"])
-        except RuntimeError as exc:
-            first = str(exc).strip().splitlines()[0]
-            raise ConfigError(f"train.init_from {cfg.train.init_from}: weights do not fit the "
-                              f"saved model shape ({first})") from None
-        model.add_fields(len(vocab) - model.n_fields)
-        log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
-                 f"({len(pretrained['vocabulary']['keys'])} pretrained)")
-    else:
-        n_fields = cfg.model.n_fields or len(vocab)
-        if n_fields < len(vocab):
-            raise ConfigError(f"model.n_fields={n_fields} but the mixture has {len(vocab)} "
-                              "fields; raise it or leave it unset")
-        dim, heads, blocks = cfg.model_shape()
-        model = AViT(AViTConfig(n_fields, dim, heads, blocks, cfg.model.drop_path))
-    {"middle": model.freeze_middle, "processor": model.freeze_processor,
-     "none": model.unfreeze}[cfg.train.freeze]()
-    if cfg.model.compile:
-        model.compile_blocks()
-        log.text("model: space-time blocks compiled (torch.compile, regional); each input "
-                 "shape compiles on first use")
+    try:
+        config = model_config(cfg, vocab, pretrained)
+        torch.manual_seed(cfg.train.seed)
+        if pretrained:
+            model = AViT(AViTConfig(**{**pretrained["model_config"],
+                                       "drop_path": cfg.model.drop_path}))
+            try:
+                model.load_state_dict(pretrained["model"])
+            except RuntimeError as exc:
+                lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+                raise ConfigError(f"train.init_from {cfg.train.init_from}: the weights do not "
+                                  f"fit the model they were saved with "
+                                  f"({lines[0] if lines else exc})") from None
+            model.add_fields(config.n_fields - model.n_fields)
+            log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
+                     f"({len(pretrained['vocabulary']['keys'])} pretrained)")
+        else:
+            model = AViT(config)
+        {"middle": model.freeze_middle, "processor": model.freeze_processor,
+         "none": model.unfreeze}[cfg.train.freeze]()
+        if cfg.model.compile:
+            model.compile_blocks()
+            log.text("model: space-time blocks compiled (torch.compile, regional); each input "
+                     "shape compiles on first use")
+    except BaseException:
+        loader.close()
+        raise
     log.text(f"model: AViT dim {model.config.dim}, {model.config.heads} heads, "
              f"{model.config.blocks} blocks, {model.n_fields} field columns: "
              f"{n_parameters(model):,} parameters ({n_parameters(model, True):,} trainable)")
     return vocab, loader, model
+
+
+def rank_seed(seed: int, rank: int) -> int:
+    """Each rank's torch stream after the model is built (drop-path masks differ between
+    data-parallel ranks, as their data does); the initialisation itself is the same on all."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -160,7 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = discover()
         cfg, ds_config = read_configs(args, env.world_size)
-        check_inputs(cfg, args)
+        checked = check_inputs(cfg, args, env.world_size, ds_config)
+        ds_config = checked.ds_config
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -176,10 +281,12 @@ def main(argv: list[str] | None = None) -> int:
                 json.dump(ds_config, fh, indent=2)
         for warning in schedule.precision_warnings(ds_config):
             log.text(f"warning: {warning}")
+        for note in checked.notes:
+            log.text(note)
         log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.launcher}, "
                  f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
                  f"{schedule.zero_stage(ds_config)}")
-        rc = train(cfg, ds_config, args, env, run_dir, log)
+        rc = train(cfg, ds_config, checked, args, env, run_dir, log)
         return rc
     except DsfmError as exc:
         msg = f"error (rank {env.rank}): {exc}"
@@ -193,13 +300,14 @@ def main(argv: list[str] | None = None) -> int:
         (finish if rc == 0 else release_shm)(env)
 
 
-def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: MetricsLogger) -> int:
+def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir: str,
+          log: MetricsLogger) -> int:
     import torch.distributed as td
     from tqdm import tqdm
 
     from dsfm.data.prefetch import WellLoader
     from dsfm.data.prepare import dataset_paths
-    from dsfm.eval import evaluate, format_table, nmse
+    from dsfm.eval import evaluate, format_table, nmse, plan_eval
 
     log.text(set_tf32(cfg.train.tf32))
     micro = schedule.micro_batch(ds_config)
@@ -220,11 +328,25 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                           dt_stride=data.dt_stride, ring_slots=data.ring_slots,
                           vocabulary=vocab)
 
-    vocab, loader, model = build_vocabulary_and_model(cfg, paths, make_loader, log)
+    vocab, loader, model = build_vocabulary_and_model(cfg, checked.pretrained, make_loader, log)
+    checked.pretrained = None                       # its weights are in the model now
+    torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
     try:
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
+        if cfg.train.eval_batches:        # a valid split that cannot serve it: stop now
+            plan = plan_eval(paths, n_steps_input=data.n_steps_input,
+                             rollout_steps=cfg.train.rollout_steps, batch_size=micro,
+                             batches=cfg.train.eval_batches, world_size=env.world_size,
+                             dt_stride=data.dt_stride)
+            short = [f"{n} {b}" for n, b in plan.items() if b < cfg.train.eval_batches]
+            if short:
+                log.text(f"evaluation: train.eval_batches={cfg.train.eval_batches}, but the "
+                         "valid split holds fewer micro-batches per rank of " + ", ".join(short)
+                         + " (each window is evaluated once)")
+        affine = (loader.affine if cfg.train.loss_units == "physical" and data.normalization
+                  else lambda name: (None, None))
         engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
@@ -233,26 +355,37 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                  console=False)
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
-                        "config": cfg.model_dump()}
+                        "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler")}
+        dev = engine.device
+        # the loss of the steps since the last log line (a resumed run continues the window)
+        loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
+        loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
 
-        step = 0
+        step = saved_at = 0
         if args.resume:
-            resumed = checkpoint.load_latest(engine, run_dir)
+            resumed = checkpoint.load_latest(engine, run_dir, vocab.state_dict(),
+                                             model.config.n_fields)  # ZeRO-3: partitioned
             if resumed is None:
                 log.text(f"--resume: no checkpoint in {run_dir}; starting from step 0")
             else:
                 client, rank_state = resumed
-                if client["vocabulary"] != vocab.state_dict():
-                    raise ConfigError(f"--resume: the checkpoint's field vocabulary differs "
-                                      f"from this run's datasets ({run_dir})")
                 loader.load_state_dict(rank_state["loader"])
-                step = int(client["step"])
+                if "loss_window" in rank_state:
+                    loss_sum.copy_(rank_state["loss_window"][0])
+                    loss_n.copy_(rank_state["loss_window"][1])
+                step = saved_at = int(client["step"])
                 log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
+                if step >= cfg.train.max_steps:
+                    log.text(f"the checkpoint already reaches train.max_steps="
+                             f"{cfg.train.max_steps}: nothing to train")
 
         def save(at: int) -> None:
+            nonlocal saved_at
             path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
-                                   {"loader": loader.state_dict(), "step": at},
+                                   {"loader": loader.state_dict(), "step": at,
+                                    "loss_window": (loss_sum.cpu(), loss_n.cpu())},
                                    cfg.train.keep_checkpoints)
+            saved_at = at
             log.text(f"checkpoint: {path}", console=False)
 
         def run_eval(at: int) -> None:
@@ -263,7 +396,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                                batches=cfg.train.eval_batches, vocabulary=vocab,
                                seed=cfg.train.seed, rank=env.rank,
                                world_size=env.world_size, normalization=data.normalization,
-                               dt_stride=data.dt_stride)
+                               dt_stride=data.dt_stride, num_workers=data.num_workers)
             k = cfg.train.rollout_steps
             scalars = {}
             for name, fields in results.items():
@@ -278,13 +411,10 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                 with open(os.path.join(run_dir, f"eval_step{at:08d}.json"), "w") as fh:
                     json.dump(results, fh, indent=2)
 
-        dev = engine.device
         monitor = RunMonitor(model.config, dev, cfg.monitor.interval_s, cfg.monitor.gpu,
                              cfg.monitor.system, notice=log.text)
         log.custom_scalars(board.layout(names))
         preemption = checkpoint.Preemption()
-        loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
-        loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=env.rank != 0 or not cfg.train.progress, file=sys.stdout)
         stop = False
@@ -300,7 +430,8 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
                 batch = next(it)
                 monitor.timer.start()
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)
-                loss = nmse(pred, batch.y[:, 0])
+                scale, shift = affine(batch.dataset)
+                loss = nmse(pred, batch.y[:, 0], scale=scale, shift=shift)
                 finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
                 all_reduce_(finite, td.ReduceOp.MIN)
                 if not finite.item():            # every rank skips this micro-batch together
@@ -368,7 +499,7 @@ def train(cfg: RunConfig, ds_config: dict, args, env, run_dir: str, log: Metrics
             log.text(f"stopped at step {step} on a signal; resume with --resume --run-dir "
                      f"{run_dir}")
             return 0
-        if not (cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0):
+        if saved_at != step:            # not at a signal or a checkpoint_every step just now
             save(step)
         if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             run_eval(step)

@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     model = avit(args.size, len(vocab), drop_path=0.0)
     engine, _, _ = build_engine(model, engine_config(args.batch, 2))
 
-    def step(x, ids, bcs, y) -> None:
-        loss = nmse(engine(x, ids, bcs), y[:, 0])
+    def step(name, x, ids, bcs, y) -> None:
+        scale, shift = loader.affine(name)  # the trainer's loss, in physical units
+        loss = nmse(engine(x, ids, bcs), y[:, 0], scale=scale, shift=shift)
         check_finite(loss)                  # as the trainer does before each backward
         engine.backward(loss)
         engine.step()
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     resident = {}
     for _ in range(4 * len(paths)):
         b = next(it)
-        resident.setdefault(b.dataset, (b.x.clone(), b.field_ids.clone(),
+        resident.setdefault(b.dataset, (b.dataset, b.x.clone(), b.field_ids.clone(),
                                         b.bcs_host.clone(),
                                         b.y.clone()))
         del b
@@ -141,13 +142,12 @@ def main(argv: list[str] | None = None) -> int:
             if variant.startswith("WellLoader"):
                 b = next(it)
                 t_next = time.perf_counter() - t0
-                step(b.x, b.field_ids, b.bcs_host, b.y)
+                step(b.dataset, b.x, b.field_ids, b.bcs_host, b.y)
                 wait = loader.last_wait_s
                 del b
             else:
-                x, ids, bcs, y = resident[list(resident)[i % len(resident)]]
                 t_next = 0.0
-                step(x, ids, bcs, y)
+                step(*resident[list(resident)[i % len(resident)]])
                 wait = 0.0
             if i >= warmup:
                 now = time.perf_counter()
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
             def fed(order=itertools.count()):
                 if variant.startswith("WellLoader"):
                     b = next(it)
-                    step(b.x, b.field_ids, b.bcs_host, b.y)
+                    step(b.dataset, b.x, b.field_ids, b.bcs_host, b.y)
                 else:
                     step(*resident[list(resident)[next(order) % len(resident)]])
 

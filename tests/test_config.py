@@ -108,6 +108,33 @@ def test_auto_schedule_steps_come_from_the_run_length():
     assert not schedule.precision_warnings({"bf16": {"enabled": False}})
 
 
+def test_a_resumed_schedule_is_checked_kept_or_switched():
+    ds = {"train_micro_batch_size_per_gpu": 4,
+          "scheduler": {"type": "WarmupCosineLR",
+                        "params": {"total_num_steps": "auto", "warmup_num_steps": "auto"}}}
+    short, long = schedule.resolve(ds, max_steps=100), schedule.resolve(ds, max_steps=200)
+    same, note = schedule.on_resume(short["scheduler"], short, "check", "ckpt", 100)
+    assert same is short and note is None
+    assert schedule.on_resume(schedule.ABSENT, long, "check", "ckpt", 200) == (long, None)
+    with pytest.raises(ConfigError, match="train.resume_schedule=saved"):
+        schedule.on_resume(short["scheduler"], long, "check", "ckpt", 200)
+    kept, note = schedule.on_resume(short["scheduler"], long, "saved", "ckpt", 200)
+    assert kept["scheduler"] == short["scheduler"] and long["scheduler"] != short["scheduler"]
+    assert note.startswith("warning:") and "ends at step 100" in note
+    _, note = schedule.on_resume(long["scheduler"], short, "saved", "ckpt", 100)
+    assert not note.startswith("warning:")              # the saved schedule covers the run
+    new, note = schedule.on_resume(short["scheduler"], long, "new", "ckpt", 200)
+    assert new is long and "jumps" in note
+    # DeepSpeed cannot restore a schedule into a run without one, or none into one: refused
+    # whatever the policy
+    none = {"train_micro_batch_size_per_gpu": 4}
+    for policy in ("check", "saved", "new"):
+        with pytest.raises(ConfigError, match="without a learning-rate scheduler"):
+            schedule.on_resume(None, long, policy, "ckpt", 200)
+        with pytest.raises(ConfigError, match="this run has none"):
+            schedule.on_resume(short["scheduler"], none, policy, "ckpt", 200)
+
+
 def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
     import json
     root = os.path.join(os.path.dirname(PRESETS_DIR), "..", "ds_configs")

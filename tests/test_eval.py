@@ -62,3 +62,99 @@ def test_metric_sums_average_over_samples_and_steps():
     other.unpack(flat * 2)                          # as if summed over two ranks
     assert other.count == 8 and math.isclose(other.summary()["v"]["nrmse_rollout2"], 0.25,
                                                  rel_tol=1e-6)
+
+
+def test_the_loss_in_physical_units_is_mpps_loss_on_the_raw_fields(demo_base):
+    """The trainer's loss on z-scored batches (scale and shift from the loader) equals MPP's
+    normalized MSE computed on the same windows read without normalization; on z-scored values
+    alone it is a different loss wherever a field has a mean."""
+    import os
+
+    from dsfm.data.prefetch import WellLoader
+
+    for name in ("shallow_water_2d", "euler_2d"):
+        path = os.path.join(demo_base, name)
+        kw = dict(batch_size=4, num_workers=1, seed=3, rank=0, world_size=1)
+        with WellLoader([path], normalization="zscore", **kw) as zl, \
+                WellLoader([path], normalization=None, **kw) as rl:
+            zb, rb = next(iter(zl)), next(iter(rl))
+            assert (zb.windows == rb.windows).all()
+            scale, shift = zl.affine(name)
+            assert scale is not None and shift is not None
+            g = torch.Generator().manual_seed(0)
+            raw_y = rb.y[:, 0].double()
+            raw_pred = raw_y * 1.01 + 0.02 * raw_y.std() * torch.randn(raw_y.shape, generator=g,
+                                                                       dtype=torch.float64)
+            mpp = nmse(raw_pred, raw_y).item()
+            pred = ((raw_pred - shift.double()) / scale.double()).float()
+            ours = nmse(pred, zb.y[:, 0], scale=scale, shift=shift).item()
+            assert ours == pytest.approx(mpp, rel=1e-4), name
+            normalized = nmse(pred, zb.y[:, 0]).item()
+            assert abs(normalized - mpp) > 0.1 * mpp, name     # the units matter here
+            del zb, rb
+
+
+def test_the_physical_loss_keeps_the_residual_of_a_small_fluctuation_on_a_large_mean():
+    """Scaled normalized residuals, not the difference of two shifted fp32 values."""
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(2, 1, 16, 16, generator=g)
+    pred = target + 1e-3 * torch.randn(2, 1, 16, 16, generator=g)
+    scale = torch.tensor([1e-2]).view(1, 1, 1)
+    shift = torch.tensor([1000.0]).view(1, 1, 1)   # 1000 ± 0.01: residuals 1e-5, below fp32's
+    exact = nmse(pred.double() * 1e-2 + 1000.0,    # spacing of 6e-5 at 1000
+                 target.double() * 1e-2 + 1000.0).item()
+    ours = nmse(pred, target, scale=scale, shift=shift).item()
+    naive = nmse(pred * scale + shift, target * scale + shift).item()
+    assert ours == pytest.approx(exact, rel=1e-5, abs=0)
+    assert abs(naive - exact) > 0.5 * exact         # fp32 loses the residual there
+
+
+def test_plan_eval_caps_at_one_pass_and_refuses_what_the_valid_split_cannot_serve(demo_base):
+    import os
+
+    from dsfm.data.prefetch import index_dataset
+    from dsfm.errors import ConfigError
+    from dsfm.eval import plan_eval
+
+    path = os.path.join(demo_base, "euler_2d")
+    source = index_dataset(path, "valid", 4, 2)
+    name, windows = source.name, len(source)
+    assert name == "euler_2d" and windows > 8
+    kw = dict(n_steps_input=4, rollout_steps=2, batch_size=2)
+    assert plan_eval([path], batches=1, world_size=1, **kw) == {name: 1}
+    assert plan_eval([path], batches=10 ** 6, world_size=2, **kw) == {name: windows // 2 // 2}
+    with pytest.raises(ConfigError, match=r"train\.rollout_steps=40: .*time steps are not "
+                                          r"enough.*lower train\.rollout_steps"):
+        plan_eval([path], batches=1, world_size=1, n_steps_input=4, rollout_steps=40,
+                  batch_size=2)
+    with pytest.raises(ConfigError, match=f"{windows} windows.*{windows} ranks"):
+        plan_eval([path], batches=1, world_size=windows, **kw)
+
+
+def test_the_physical_loss_holds_on_fields_of_any_magnitude():
+    """Physical values span decades: squares of 1e20 overflow float32 and would make the loss
+    NaN; the ratio is taken in float64 (for large values ε is negligible, so it equals the
+    loss in normalized units)."""
+    g = torch.Generator().manual_seed(1)
+    target = torch.randn(2, 3, 8, 8, generator=g)
+    pred = target + 0.3 * torch.randn(2, 3, 8, 8, generator=g)
+    plain = nmse(pred, target).item()
+    big = nmse(pred, target, scale=torch.full((3, 1, 1), 1e20)).item()
+    assert math.isfinite(big) and big == pytest.approx(plain, rel=1e-5)
+
+
+def test_metrics_of_a_small_fluctuation_on_a_large_mean_are_exact():
+    """Denormalized in float64: at 1000 ± 1e-4 float32's spacing (6e-5) is as large as the
+    fluctuations and larger than the residuals (1e-5), which it would lose."""
+    g = torch.Generator().manual_seed(2)
+    target = torch.randn(3, 2, 1, 8, 8, generator=g)              # normalized, [B, k, C, H, W]
+    pred = target + 0.1 * torch.randn(3, 2, 1, 8, 8, generator=g)
+    scale, shift = torch.tensor([1e-4]).view(1, 1, 1), torch.tensor([1000.0]).view(1, 1, 1)
+    sums = MetricSums(["h"], steps=2)
+    sums.add(pred, target, scale, shift)
+    exact = MetricSums(["h"], steps=2)
+    exact.add(pred.double() * 1e-4 + 1000.0, target.double() * 1e-4 + 1000.0)
+    assert torch.allclose(sums.vrmse, exact.vrmse, rtol=1e-9)
+    lossy = MetricSums(["h"], steps=2)
+    lossy.add(pred * scale + shift, target * scale + shift)        # float32 first
+    assert not torch.allclose(lossy.vrmse, exact.vrmse, rtol=0.5)

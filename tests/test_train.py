@@ -72,6 +72,25 @@ def losses(run_dir) -> dict[int, float]:
     return out
 
 
+def logged(run_dir, key: str) -> dict[int, float]:
+    """step → a logged scalar from metrics.jsonl (the last record of a step wins)."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as fh:
+        for line in fh:
+            rec = json.loads(line)
+            if key in rec:
+                out[rec["step"]] = rec[key]
+    return out
+
+
+def train_cmd(ds: str, run_dir, sets=(), data=None) -> list[str]:
+    """One process, refused inputs included (`train` asserts success)."""
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir)]
+    for s in list(TINY) + [f"data.base={data}"] * bool(data) + list(sets):
+        cmd += ["--set", s]
+    return cmd
+
+
 def reference_losses(demo_base: str, steps: int, batch: int) -> list[float]:
     """The same training as plain single-process PyTorch: no DeepSpeed engine."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
@@ -97,7 +116,9 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> list[float]:
         it = iter(loader)
         for _ in range(steps):
             batch_ = next(it)
-            loss = nmse(model(batch_.x, batch_.field_ids, batch_.bcs), batch_.y[:, 0])
+            scale, shift = loader.affine(batch_.dataset)
+            loss = nmse(model(batch_.x, batch_.field_ids, batch_.bcs), batch_.y[:, 0],
+                        scale=scale, shift=shift)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), DS["gradient_clipping"])
@@ -149,6 +170,10 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     assert [again[s] for s in range(7, STEPS + 1)] == [got[s] for s in range(7, STEPS + 1)]
     ckpts = sorted(os.listdir(full / "checkpoints"))
     assert "step00000006" in ckpts and "step00000012" in ckpts
+    # each rank draws its own drop-path masks: the ranks' torch streams differ
+    states = [torch.load(full / "checkpoints" / "step00000012" / f"dsfm_rank{r}.pt",
+                         weights_only=False)["rng"]["torch"] for r in (0, 1)]
+    assert not torch.equal(states[0], states[1])
 
     # the checkpoint consolidates into one fp32 state dict that loads into a fresh AViT
     out = tmp_path / "model.pt"
@@ -450,6 +475,28 @@ def test_missing_data_names_the_path(tmp_path):
     assert not (tmp_path / "r").exists()            # refused before the run started
 
 
+def test_an_evaluation_the_valid_split_cannot_serve_stops_the_run_before_its_first_step(
+        demo_base, tmp_path):
+    """A rollout longer than the valid trajectories allow is refused at start-up, naming the
+    setting, not after training up to the first evaluation; an eval_batches beyond the valid
+    split is capped at one pass, said in the log."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(tmp_path / "r")]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=3", "train.eval_every=2",
+                     "train.eval_batches=2", "train.rollout_steps=40"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "train.rollout_steps=40" in proc.stderr and "time steps are not enough" in \
+        proc.stderr
+    assert losses(tmp_path / "r") == {}                      # not one step was trained
+    train(ds, tmp_path / "capped", ["train.max_steps=1", "train.eval_batches=100000",
+                                    "train.rollout_steps=1"], data=demo_base)
+    log = (tmp_path / "capped" / "train.log").read_text()
+    assert "train.eval_batches=100000, but the valid split holds fewer" in log
+    assert (tmp_path / "capped" / "eval_step00000001.json").exists()
+
+
 def test_batch_sizes_that_do_not_fit_the_world_are_refused(tmp_path):
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4,
@@ -495,21 +542,148 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path)
 
 
 def test_resume_with_another_world_size_is_refused(demo_base, tmp_path):
-    """A checkpoint from 1 rank cannot be resumed by 2 (sampler shards differ): clear error."""
+    """A checkpoint of 2 ranks cannot be resumed by 1 (sampler shards differ): a one-line
+    error before any process group, from the checkpoint's metadata."""
     ds = ds_config(tmp_path, 2, micro=4)
     run_dir = tmp_path / "r"
     train(ds, run_dir, ["train.max_steps=2"], data=demo_base)
-    shutil.copytree(run_dir / "checkpoints" / "step00000002",
-                    run_dir / "checkpoints" / "step00000003")
-    os.remove(run_dir / "checkpoints" / "step00000003" / "dsfm_rank0.pt")
-    (run_dir / "checkpoints" / "step00000003" / "dsfm_rank1.pt").write_bytes(b"")
-    (run_dir / "checkpoints" / "step00000003" / "dsfm_rank2.pt").write_bytes(b"")
-    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir),
-           "--resume"]
-    for s in TINY + [f"data.base={demo_base}", "train.max_steps=4"]:
+    tag = run_dir / "checkpoints" / "step00000002"
+    meta = json.loads((tag / "dsfm_meta.json").read_text())
+    assert meta["world_size"] == 1
+    (tag / "dsfm_meta.json").write_text(json.dumps({**meta, "world_size": 2}))
+    proc = run(train_cmd(ds, run_dir, [f"data.base={demo_base}", "train.max_steps=4"]) +
+               ["--resume"])
+    assert proc.returncode == 2 and "written by 2 ranks; this run has 1" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(demo_base,
+                                                                                 tmp_path):
+    """What --resume refuses before any process group (another field vocabulary; a learning
+    -rate schedule that "auto" resolved anew from a longer max_steps), what it continues
+    (train.resume_schedule saved or new), and the checkpoints it leaves: an unfinished one cut
+    off by a kill is pruned, and a finished run resumed is not written again."""
+    ds = tmp_path / "auto.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                              "zero_optimization": {"stage": 2},
+                              "scheduler": {"type": "WarmupCosineLR", "params": {
+                                  "total_num_steps": "auto", "warmup_num_steps": "auto",
+                                  "warmup_min_ratio": 0.0, "cos_min_ratio": 0.1}}}))
+    ds = str(ds)
+    r = tmp_path / "r"
+    two = "data.datasets=[euler_2d, navier_stokes_2d]"
+    train(ds, r, ["train.max_steps=4", "train.checkpoint_every=2", two], data=demo_base)
+
+    def refused(*sets):
+        proc = run(train_cmd(ds, r, [f"data.base={demo_base}", *sets]) + ["--resume"])
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return proc.stderr
+
+    err = refused("train.max_steps=6", "data.datasets=[euler_2d]")
+    assert "10 field columns, this run builds 5" in err
+    err = refused("train.max_steps=6", "data.datasets=[navier_stokes_2d, euler_2d]")
+    assert "field vocabulary (10 fields) differs" in err and "column 0 is 'euler_2d/" in err
+    err = refused("train.max_steps=6", two)
+    assert "learning-rate schedule" in err and "train.resume_schedule=saved" in err
+
+    # a save of step 3 killed part-way: no COMPLETE marker, never loaded, pruned later
+    shutil.copytree(r / "checkpoints" / "step00000002", r / "checkpoints" / "step00000003")
+    os.remove(r / "checkpoints" / "step00000003" / "COMPLETE")
+    proc = train(ds, r, ["train.max_steps=6", "train.checkpoint_every=2", two,
+                         "train.resume_schedule=saved"], resume=True, data=demo_base)
+    assert "resumed from step 4" in proc.stdout
+    assert "resuming on the checkpoint's learning-rate schedule" in proc.stdout
+    lr = logged(r, "train/lr")
+    assert lr[5] <= lr[4] and lr[6] <= lr[4]          # past the saved schedule's end: no jump
+    assert sorted(t for t in os.listdir(r / "checkpoints") if t.startswith("step")) == [
+        "step00000004", "step00000006"]                # the demo preset keeps 2
+
+    # a finished run resumed trains nothing and leaves its checkpoint alone (6 is not a
+    # multiple of checkpoint_every here, so the end of the run would otherwise save again)
+    stamps = {p: p.stat().st_mtime_ns for p in (r / "checkpoints" / "step00000006").iterdir()}
+    proc = train(ds, r, ["train.max_steps=6", "train.checkpoint_every=4", two,
+                         "train.resume_schedule=saved"], resume=True, data=demo_base)
+    assert "nothing to train" in proc.stdout
+    assert {p: p.stat().st_mtime_ns
+            for p in (r / "checkpoints" / "step00000006").iterdir()} == stamps
+
+    proc = train(ds, r, ["train.max_steps=8", "train.checkpoint_every=2", two,
+                         "train.resume_schedule=new"], resume=True, data=demo_base)
+    assert "warning: the learning-rate schedule changes on resume" in proc.stdout
+    lr = logged(r, "train/lr")
+    assert lr[7] > lr[6]                               # the new schedule's rate
+
+
+@pytest.mark.slow
+def test_a_resumed_run_logs_the_loss_of_the_same_steps(demo_base, tmp_path):
+    """The loss logged every log_every steps averages the same micro-batches whether or not
+    the run was resumed in between (the window is in the checkpoint)."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    sets = ["train.max_steps=8", "train.log_every=4", "train.checkpoint_every=6"]
+    train(ds, r, sets, data=demo_base)
+    straight = logged(r, "train/loss")
+    assert sorted(straight) == [4, 8]
+    shutil.rmtree(r / "checkpoints" / "step00000008")          # resume from step 6
+    proc = train(ds, r, sets, resume=True, data=demo_base)
+    assert "resumed from step 6" in proc.stdout
+    assert logged(r, "train/loss")[8] == straight[8]
+
+
+@pytest.mark.slow
+def test_resume_without_run_dir_takes_the_newest_run_of_this_name(demo_base, tmp_path):
+    """--resume alone picks runs/<name>-<timestamp> (not another name that starts the same)
+    and is checked before any process group like --run-dir."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    cmd = [sys.executable, os.path.join(REPO, "dsfm", "train.py"), "--ds_config", ds]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=1", "name=tiny"]:
         cmd += ["--set", s]
-    proc = run(cmd)
-    assert proc.returncode == 1 and "written by 2 ranks; this run has 1" in proc.stderr
+    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    [ours] = os.listdir(tmp_path / "runs")
+    (tmp_path / "runs" / "tiny-x-20991231-235959").mkdir()   # sorts after ours; not ours
+    proc = subprocess.run(cmd + ["--resume", "--set", "model.dim=96"], cwd=tmp_path,
+                          capture_output=True, text=True)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert os.path.join("runs", ours) in proc.stderr
+    assert "dim/heads/blocks (48, 3, 2), this run builds (96, 3, 2)" in proc.stderr
+
+
+def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base, tmp_path):
+    """train.init_from=RUN_DIR consolidates the newest checkpoint in memory (an export of an
+    older one is not used, and nothing is written there); a model that does not fit the config
+    or a file that is not an export is refused in one line before any process group."""
+    from dsfm.runtime.checkpoint import consolidate
+
+    ds = ds_config(tmp_path, 2, micro=4)
+    pre = tmp_path / "pre"
+    train(ds, pre, ["train.max_steps=4", "train.checkpoint_every=2"], data=demo_base)
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre), "--tag", "step00000002"])
+    assert proc.returncode == 0, proc.stderr
+    stale = (pre / "export" / "model_fp32.pt").read_bytes()
+    newest = consolidate(str(pre))["model"]
+    tune = tmp_path / "tune"
+    train(ds, tune, ["train.max_steps=1", f"train.init_from={pre}", "train.freeze=processor"],
+          data=demo_base)
+    tuned = consolidate(str(tune))["model"]
+    blocks = [n for n in newest if n.startswith("blocks.")]
+    assert blocks and all(torch.equal(tuned[n], newest[n]) for n in blocks)
+    assert (pre / "export" / "model_fp32.pt").read_bytes() == stale
+
+    proc = run(train_cmd(ds, tmp_path / "x", [f"data.base={demo_base}",
+                                              f"train.init_from={pre}", "model.dim=96"]))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "is an AViT with dim/heads/blocks (48, 3, 2), this config builds (96, 3, 2)" in \
+        proc.stderr
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    proc = run(train_cmd(ds, tmp_path / "x", [f"data.base={demo_base}",
+                                              f"train.init_from={junk}"]))
+    assert proc.returncode == 2 and "not a readable PyTorch file" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "x").exists()
 
 
 def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):

@@ -11,7 +11,7 @@ from typing import Sequence
 import numpy as np
 
 from dsfm.data.well_format import FileLayout, layout_mismatch, open_h5, read_layout
-from dsfm.errors import SchemaError
+from dsfm.errors import SchemaError, TooShortError
 
 SPLITS = ("train", "valid", "test")
 
@@ -34,7 +34,7 @@ def count_windows(files: Sequence[tuple[str, int]], n_in: int, n_out: int,
     for path, n_steps in files:
         w = windows_per_trajectory(n_steps, n_in, n_out, stride)
         if w <= 0:
-            raise SchemaError(f"{path}: {n_steps} time steps are not enough for {n_in} input and "
+            raise TooShortError(f"{path}: {n_steps} time steps are not enough for {n_in} input and "
                               f"{n_out} output steps with a stride of {stride}")
         counts.append(w)
     return counts

@@ -119,6 +119,15 @@ def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
     return ds.source, codes, ds.shift, ds.scale
 
 
+def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int,
+                  dt_stride: int = 1) -> WindowSource:
+    """One dataset's split indexed as WellLoader indexes it (name, fields, windows), from the
+    files' metadata alone (no reader starts): a DataError or ConfigError for what WellLoader
+    would refuse in it."""
+    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
+    return make(path, split, n_steps_input, n_steps_output, dt_stride, None)[0]
+
+
 # ------------------------------------------------------------------------------- ring
 
 
@@ -697,19 +706,19 @@ class WellLoader:
         self.close()
         raise NonFiniteError(first_nonfinite(source, windows, flat))
 
-    def denormalize(self, dataset: str, t: torch.Tensor) -> torch.Tensor:
-        """Undo this loader's normalization of `dataset` on fields [..., C, *space] (for
-        metrics in physical units)."""
+    def affine(self, dataset: str) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(scale, shift) of `dataset`'s normalization on this loader's device, shaped to
+        broadcast over fields [..., C, *space] (None where the normalization has none):
+        physical = normalized · scale + shift (the loss and the metrics in physical units)."""
         ds = next((d for d in self.datasets if d.source.name == dataset), None)
         if ds is None:
             raise ConfigError(f"dataset {dataset!r} is not in this loader")
-        dev = self._device_tensors(ds)
-        view = (-1,) + (1,) * len(ds.source.spatial_shape)
-        if dev["scale"] is not None:
-            t = t * dev["scale"].to(t.device).view(view)
-        if dev["shift"] is not None:
-            t = t + dev["shift"].to(t.device).view(view)
-        return t
+        cache = self._device_tensors(ds)
+        if "affine" not in cache:
+            view = (-1,) + (1,) * len(ds.source.spatial_shape)
+            cache["affine"] = tuple(None if cache[k] is None else cache[k].view(view)
+                                    for k in ("scale", "shift"))
+        return cache["affine"]
 
     # ---------------------------------------------------------------- state and lifetime
 

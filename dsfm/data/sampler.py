@@ -32,15 +32,17 @@ class MixtureSampler:
         self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
         if not self.sizes:
             raise ConfigError("no datasets to sample from")
-        for name, size in zip(self.names, self.sizes):
-            if size // world_size < batch_size:
-                raise ConfigError(
-                    f"dataset {name} has {size} windows: fewer than batch_size {batch_size} per "
-                    f"rank with {world_size} ranks; lower the batch size or add data")
+        if seed < 0:
+            raise ConfigError(f"seed must be >= 0, got {seed}")
         w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
         if w.shape != (len(self.sizes),) or (w < 0).any() or w.sum() <= 0:
             raise ConfigError(f"weights {list(w)} must be {len(self.sizes)} non-negative numbers "
                               "with a positive sum")
+        for name, size, weight in zip(self.names, self.sizes, w):
+            if weight > 0 and size // world_size < batch_size:    # weight 0: never drawn
+                raise ConfigError(
+                    f"dataset {name} has {size} windows: fewer than batch_size {batch_size} per "
+                    f"rank with {world_size} ranks; lower the batch size or add data")
         self.weights = w / w.sum()
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size

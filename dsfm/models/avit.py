@@ -129,16 +129,24 @@ class AViT(nn.Module):
         fine-tuning set); the existing columns keep their trained values."""
         if n_new < 1:
             return
-        fresh = AViT(AViTConfig(**{**asdict(self.config), "n_fields": n_new,
-                                   "blocks": 1}))
+        old = self.config.n_fields
+        total = old + n_new
+        # the new columns initialised as the columns of layers built at the new width would
+        # be (as MPP's expand_projections does): PyTorch's default bounds depend on the fan-in,
+        # which counts every field column, so columns of a layer only n_new wide would start
+        # sqrt(total / n_new) times larger than the trained ones
+        emb = nn.Linear(total, self.space_bag.weight.shape[0])
+        head = nn.ConvTranspose2d(self.debed.out_kernel.shape[0], total,
+                                  self.debed.out_kernel.shape[-1],
+                                  stride=self.debed.out_kernel.shape[-1])
         dev = self.space_bag.weight.device
         with torch.no_grad():
             self.space_bag.weight = nn.Parameter(torch.cat(
-                [self.space_bag.weight, fresh.space_bag.weight.to(dev)], dim=1))
+                [self.space_bag.weight, emb.weight[:, old:].to(dev)], dim=1))
             self.debed.out_kernel = nn.Parameter(torch.cat(
-                [self.debed.out_kernel, fresh.debed.out_kernel.to(dev)], dim=1))
+                [self.debed.out_kernel, head.weight[:, old:].to(dev)], dim=1))
             self.debed.out_bias = nn.Parameter(torch.cat(
-                [self.debed.out_bias, fresh.debed.out_bias.to(dev)]))
+                [self.debed.out_bias, head.bias[old:].to(dev)]))
         self.config = AViTConfig(**{**asdict(self.config),
                                     "n_fields": self.config.n_fields + n_new})
 

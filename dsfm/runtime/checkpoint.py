@@ -33,6 +33,13 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def _tag_dirs(ckpt_dir: str) -> list[str]:
+    """Every tag directory, complete or not, oldest first (tags sort by step: fixed width)."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    return sorted(name for name in os.listdir(ckpt_dir) if _TAG_RE.match(name))
+
+
 def tags(ckpt_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (a tag counts once every rank's file is there)."""
     if not os.path.isdir(ckpt_dir):
@@ -68,56 +75,130 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
 
     ckpt_dir = checkpoint_dir(run_dir)
     tag = TAG.format(step)
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     rank = td.get_rank() if td.is_initialized() else 0
+    if rank == 0:           # a tag written again stops counting as complete until it is
+        for name in ("COMPLETE", META):
+            try:
+                os.remove(os.path.join(ckpt_dir, tag, name))
+            except FileNotFoundError:
+                pass
+    if td.is_initialized():
+        td.barrier()
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
     path = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
     torch.save({**rank_state, "rng": rng_state()}, path + ".tmp")
     os.replace(path + ".tmp", path)
     if td.is_initialized():
         td.barrier()
     if rank == 0:
-        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary")
+        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler")
                 if k in client_state}
+        meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
             json.dump(meta, fh, indent=1)
         with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
             fh.write(f"{step}\n")
-        for old in tags(ckpt_dir)[:-keep]:
+        # the newest `keep` complete checkpoints stay; so do unfinished ones newer than this
+        # (none, unless another job writes here); unfinished older ones were cut off by a kill
+        # and nothing will ever load them
+        complete = tags(ckpt_dir)
+        for old in complete[:-keep] + [t for t in _tag_dirs(ckpt_dir)
+                                       if t < tag and t not in complete]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     if td.is_initialized():
         td.barrier()
     return os.path.join(ckpt_dir, tag)
 
 
-def check_resumable(run_dir: str, model_shape: tuple[int, int, int]) -> None:
-    """Refuse, before any engine exists, a checkpoint written by a different model: every rank
-    reads the small metadata file and raises the same one-line error."""
-    found = tags(checkpoint_dir(run_dir))
-    if not found:
-        return
-    path = os.path.join(checkpoint_dir(run_dir), found[-1], META)
+def read_meta(tag_dir: str) -> dict:
+    path = os.path.join(tag_dir, META)
     try:
         with open(path) as fh:
-            saved = json.load(fh)["model_config"]
+            meta = json.load(fh)
+        meta["model_config"]
     except (OSError, ValueError, KeyError):
-        raise ConfigError(f"{path}: missing or unreadable; is {run_dir} a dsfm run?") from None
+        raise ConfigError(f"{path}: missing or unreadable; is {tag_dir} a dsfm checkpoint?") \
+            from None
+    return meta
+
+
+def newest_tag_dir(run_dir: str) -> str | None:
+    found = tags(checkpoint_dir(run_dir))
+    return os.path.join(checkpoint_dir(run_dir), found[-1]) if found else None
+
+
+def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: int,
+                 n_fields: int | None = None, vocabulary: dict | None = None) -> dict | None:
+    """Refuse, before any process group or engine exists, to resume a checkpoint this run
+    could not load or would continue differently: another model shape, number of field
+    columns, field vocabulary (column order) or world size. Every rank reads the small metadata
+    file of the newest complete checkpoint and raises the same one-line error. `n_fields` and
+    `vocabulary` are checked when given (they need the data's metadata). Returns the metadata,
+    or None when there is no checkpoint to resume."""
+    tag_dir = newest_tag_dir(run_dir)
+    if tag_dir is None:
+        return None
+    meta = read_meta(tag_dir)
+    saved = meta["model_config"]
     have = (saved["dim"], saved["heads"], saved["blocks"])
     if have != tuple(model_shape):
-        raise ConfigError(f"--resume: {os.path.dirname(path)} holds an AViT with dim/heads/blocks "
+        raise ConfigError(f"--resume: {tag_dir} holds an AViT with dim/heads/blocks "
                           f"{have}, this run builds {tuple(model_shape)}; use the run's own "
                           "--config, or start a new run with train.init_from")
+    check_fields(meta, tag_dir, n_fields, vocabulary)
+    saved_world = meta.get("world_size", len(glob.glob(os.path.join(tag_dir, "dsfm_rank*.pt"))))
+    if saved_world != world_size:
+        raise ConfigError(f"{tag_dir} was written by {saved_world} ranks; this run has "
+                          f"{world_size}. Resume with the same world size, or start a new run "
+                          "from its weights with train.init_from")
+    return meta
 
 
-def load_latest(engine, run_dir: str) -> tuple[dict, dict] | None:
+def check_fields(meta: dict, tag_dir: str, n_fields: int | None,
+                 vocabulary: dict | None) -> None:
+    """One-line errors for a checkpoint with other field columns or another vocabulary."""
+    saved = meta["model_config"]["n_fields"]
+    if n_fields is not None and saved != n_fields:
+        raise ConfigError(f"--resume: {tag_dir} holds an AViT with {saved} field columns, this "
+                          f"run builds {n_fields}; resume with the run's own data.datasets, "
+                          "data.pdebench, model.n_fields and train.init_from")
+    if vocabulary is not None and "vocabulary" in meta:
+        vocab_mismatch(meta["vocabulary"], vocabulary, f"--resume: {tag_dir}")
+
+
+def vocab_mismatch(saved: dict, ours: dict, where: str) -> None:
+    """A one-line ConfigError if two field vocabularies (state dicts) differ."""
+    if saved == ours:
+        return
+    a, b = list(saved["keys"]), list(ours["keys"])
+    if saved.get("shared", False) != ours.get("shared", False):
+        what = "shares columns between equal field names" if saved.get("shared") else \
+            "gives each (dataset, field) its own column"
+        raise ConfigError(f"{where}: its field vocabulary {what} and this run's does not "
+                          "(data.shared_field_names)")
+    i = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+    first = (f"column {i} is {a[i] if i < len(a) else 'absent'!r} there and "
+             f"{b[i] if i < len(b) else 'absent'!r} here")
+    raise ConfigError(f"{where}: its field vocabulary ({len(a)} fields) differs from this "
+                      f"run's ({len(b)} fields): {first}; use the run's own data.datasets and "
+                      "data.pdebench, in their order, and its train.init_from")
+
+
+def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
+                n_fields: int | None = None) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into the engine; (client_state, this rank's state),
-    or None when the run directory has none."""
+    or None when the run directory has none. A checkpoint of another field vocabulary or
+    number of field columns is refused with a one-line error before DeepSpeed loads it."""
     import torch.distributed as td
 
     ckpt_dir = checkpoint_dir(run_dir)
     found = tags(ckpt_dir)
-    if not found:
+    choice = [found[-1] if found else None]
+    if td.is_initialized():     # rank 0's listing decides (a stale listing elsewhere cannot)
+        td.broadcast_object_list(choice, src=0)
+    tag = choice[0]
+    if tag is None:
         return None
-    tag = found[-1]
     rank = td.get_rank() if td.is_initialized() else 0
     world = td.get_world_size() if td.is_initialized() else 1
     rank_file = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
@@ -126,6 +207,8 @@ def load_latest(engine, run_dir: str) -> tuple[dict, dict] | None:
         raise ConfigError(f"{os.path.join(ckpt_dir, tag)} was written by {saved_world} ranks; "
                           f"this run has {world}. Resume with the same world size, or start a "
                           "new run from its weights with train.init_from")
+    tag_dir = os.path.join(ckpt_dir, tag)
+    check_fields(read_meta(tag_dir), tag_dir, n_fields, vocabulary)
     _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if client is None:
         raise ConfigError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load it")
@@ -134,9 +217,9 @@ def load_latest(engine, run_dir: str) -> tuple[dict, dict] | None:
     return client, rank_state
 
 
-def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
-    """A consolidated fp32 state dict (works for ZeRO-2 and ZeRO-3 partitions) with the model
-    shape and field vocabulary beside it: the file fine-tuning loads."""
+def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
+    """A consolidated fp32 state dict (from ZeRO-2 or ZeRO-3 partitions, any world size) with
+    the model shape and field vocabulary beside it, in memory: what fine-tuning loads."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt_dir = run_dir_or_ckpt
@@ -150,11 +233,22 @@ def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
         raise ConfigError(f"{ckpt_dir}: no complete checkpoint {tag!r} (have {', '.join(found)})")
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     client = _client_state(os.path.join(ckpt_dir, tag))
-    payload = {"model": {k: v.float().clone() for k, v in state.items()},
-               "model_config": client["model_config"], "vocabulary": client["vocabulary"],
-               "step": client["step"], "source": os.path.join(ckpt_dir, tag)}
+    return {"model": {k: v.float().clone() for k, v in state.items()},
+            "model_config": client["model_config"], "vocabulary": client["vocabulary"],
+            "step": client["step"], "source": os.path.join(ckpt_dir, tag)}
+
+
+def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
+    """`consolidate` written to `out` (whole or not at all: a temporary file renamed)."""
+    payload = consolidate(run_dir_or_ckpt, tag)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    torch.save(payload, out)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return out
 
 
@@ -168,20 +262,50 @@ def _client_state(tag_dir: str) -> dict:
 
 
 def load_pretrained(path: str) -> dict:
-    """The payload of an exported file, exporting a run directory's newest checkpoint on the
-    fly."""
+    """What `train.init_from` names: an exported file, or a run directory, whose newest
+    complete checkpoint is consolidated in memory (its `export/model_fp32.pt` is used instead
+    when it was exported from that same checkpoint; nothing is written, so ranks loading at
+    once cannot race). One-line ConfigErrors for what cannot be loaded."""
+    where = f"train.init_from {path}"
     if os.path.isdir(path):
-        out = os.path.join(path, "export", "model_fp32.pt")
-        if not os.path.isfile(out):
-            export_fp32(path, out)
-        path = out
+        newest = tags(checkpoint_dir(path))
+        if not newest:
+            raise ConfigError(f"{where}: no complete checkpoint in {checkpoint_dir(path)}")
+        export = os.path.join(path, "export", "model_fp32.pt")
+        complete = os.path.join(checkpoint_dir(path), newest[-1], "COMPLETE")
+        # exported from this very checkpoint: its tag, and written after it (a run directory
+        # reused for a new run can hold an export of an older checkpoint of the same tag)
+        if os.path.isfile(export) and os.path.getmtime(export) >= os.path.getmtime(complete):
+            payload = _read_export(export, where)
+            if os.path.basename(str(payload.get("source", ""))) == newest[-1]:
+                return payload
+        try:
+            return consolidate(path)
+        except ConfigError:
+            raise
+        except Exception as exc:          # DeepSpeed's reader on a damaged checkpoint
+            raise ConfigError(f"{where}: cannot consolidate {newest[-1]} "
+                              f"({type(exc).__name__}: {_first_line(exc)})") from None
     if not os.path.isfile(path):
-        raise ConfigError(f"train.init_from {path}: no such file or run directory")
-    payload = torch.load(path, weights_only=False, map_location="cpu")
+        raise ConfigError(f"{where}: no such file or run directory")
+    return _read_export(path, where)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
+def _read_export(path: str, where: str) -> dict:
+    try:
+        payload = torch.load(path, weights_only=False, map_location="cpu")
+    except Exception as exc:              # not a torch file, truncated, another pickle
+        raise ConfigError(f"{where}: not a readable PyTorch file ({type(exc).__name__}: "
+                          f"{_first_line(exc)})") from None
     for key in ("model", "model_config", "vocabulary"):
-        if key not in payload:
-            raise ConfigError(f"train.init_from {path}: not a dsfm export (no {key!r}); export "
-                              "one with python -m dsfm.runtime.export RUN_DIR")
+        if not isinstance(payload, dict) or key not in payload:
+            raise ConfigError(f"{where}: not a dsfm export (no {key!r}); export one with "
+                              "python -m dsfm.runtime.export RUN_DIR")
     return payload
 
 

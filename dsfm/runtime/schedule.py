@@ -59,6 +59,44 @@ def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config",
     return cfg
 
 
+ABSENT = object()
+
+
+def on_resume(saved, ds_config: dict, policy: str, source: str,
+              max_steps: int) -> tuple[dict, str | None]:
+    """The DeepSpeed config to resume with, and a note for the log. DeepSpeed restores a
+    schedule's position (its step), not its shape, which comes from the config: a resumed run
+    whose schedule resolved differently (most often "auto" steps following a new
+    train.max_steps) would jump to another learning rate. `saved` is the checkpoint's resolved
+    scheduler (None: it had none; `ABSENT`: a checkpoint too old to say). `policy`
+    (train.resume_schedule): "check" refuses a change, "saved" resumes on the checkpoint's
+    schedule, "new" takes this one."""
+    ours = ds_config.get("scheduler")
+    if saved is ABSENT or saved == ours:
+        return ds_config, None
+    if saved is None or ours is None:       # DeepSpeed cannot restore one into the other
+        had = "without a learning-rate scheduler" if saved is None else f"with {saved}"
+        has = "has none" if ours is None else f"has {ours}"
+        raise ConfigError(f"--resume: {source} was trained {had} and this run {has}; resume "
+                          "with the run's own scheduler settings")
+    if policy == "saved":
+        cfg = copy.deepcopy(ds_config)
+        cfg["scheduler"] = copy.deepcopy(saved)
+        note = f"resuming on the checkpoint's learning-rate schedule {saved}"
+        total = saved.get("params", {}).get("total_num_steps")
+        if isinstance(total, int) and total < max_steps:
+            note = (f"warning: {note}, which ends at step {total}: from there to "
+                    f"train.max_steps={max_steps} the rate stays at the schedule's floor")
+        return cfg, note
+    if policy == "new":
+        return ds_config, (f"warning: the learning-rate schedule changes on resume from {saved} "
+                           f"to {ours}; the rate jumps to the new schedule's value")
+    raise ConfigError(f"--resume: {source} was trained on the learning-rate schedule {saved}, "
+                      f"this run's is {ours} (\"auto\" steps follow train.max_steps); resume with "
+                      "the same settings, or set train.resume_schedule=saved to continue on the "
+                      "saved schedule or train.resume_schedule=new to switch to this one")
+
+
 def zero_stage(ds_config: dict) -> int:
     """The config's ZeRO stage (0 when it has none)."""
     return (ds_config.get("zero_optimization") or {}).get("stage", 0)

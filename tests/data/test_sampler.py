@@ -89,3 +89,10 @@ def test_bad_configurations():
     state = MixtureSampler(SIZES, 4, seed=1).state_dict()
     with pytest.raises(ConfigError, match="seed"):
         MixtureSampler(SIZES, 4, seed=2).load_state_dict(state)
+    with pytest.raises(ConfigError, match="seed must be >= 0"):
+        MixtureSampler(SIZES, 4, seed=-1)
+
+
+def test_a_dataset_of_weight_zero_need_not_fill_a_batch_and_is_never_drawn():
+    sampler = MixtureSampler([2, 100], 4, weights=[0, 1], names=["tiny", "big"])
+    assert {sampler.next()[0] for _ in range(50)} == {1}

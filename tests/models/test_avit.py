@@ -1,6 +1,7 @@
 """MPP's AViT: exact parameter counts and names, and the properties its parts promise."""
 
 import copy
+import math
 import os
 import re
 
@@ -152,9 +153,18 @@ def test_add_fields_keeps_trained_fields_and_freezing_selects_parameters():
     x, ids, bcs = sample(), torch.tensor([0, 2, 3]), periodic_bcs(2)
     with torch.no_grad():
         before = model(x, ids, bcs)
+    old = {n: p.detach().clone() for n, p in model.named_parameters()}
     model.add_fields(3)
     assert model.n_fields == 7 and model.space_bag.weight.shape == (12, 7)
     assert model.debed.out_kernel.shape[1] == 7 and model.debed.out_bias.shape == (7,)
+    assert torch.equal(model.space_bag.weight[:, :4], old["space_bag.weight"])
+    assert torch.equal(model.debed.out_kernel[:, :4], old["debed.out_kernel"])
+    assert torch.equal(model.debed.out_bias[:4], old["debed.out_bias"])
+    # new columns start as those of layers 7 fields wide would (PyTorch's bound 1/sqrt(fan-in),
+    # the fan-in counting all 7 columns; 16 kernel taps in the head), not 3 wide
+    assert model.space_bag.weight[:, 4:].abs().max() <= 1 / math.sqrt(7)
+    assert model.debed.out_kernel[:, 4:].abs().max() <= 1 / math.sqrt(7 * 16)
+    assert model.debed.out_bias[4:].abs().max() <= 1 / math.sqrt(7 * 16)
     with torch.no_grad():
         after = model(x, ids, bcs)
         new = model(x, torch.tensor([0, 5, 6]), bcs)
