@@ -9,10 +9,12 @@
       → on the device: layout [B, T, C, *spatial], broadcasting, normalization (stats.yaml)
 
 Without CUDA the same path yields CPU tensors. Processes, not threads: h5py serialises every call
-behind one lock. The ring lives in a file under /dev/shm that is unlinked as soon as every reader
-has mapped it, so no crash can leak it; readers ignore Ctrl-C, SIGTERM and SIGUSR1/2 (Slurm
-signals every process of a job step; the trainer decides), are killed by the kernel if the
-training process dies (PR_SET_PDEATHSIG) and also exit when their parent is gone.
+behind one lock. The ring lives in a file under /dev/shm that is unlinked the moment it is
+created (readers inherit its open descriptor), so no crash or signal can leak it; readers ignore
+Ctrl-C, SIGTERM and SIGUSR1/2 (Slurm signals every process of a job step; the trainer decides),
+are killed by the kernel if the training process dies (PR_SET_PDEATHSIG, when the loader was
+built on the main thread: Linux sends it when the starting *thread* exits) and also exit when
+their parent is gone. One loader serves one thread.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -132,23 +135,29 @@ def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int
 
 
 class _Ring:
-    """n_slots × slot_bytes of shared memory in a file that is unlinked once readers map it."""
+    """n_slots × slot_bytes of shared memory: a file under /dev/shm (so that its size counts
+    against the shared memory the machine or container has), unlinked as soon as it is created
+    and kept open (`fd`) for the readers to inherit and map."""
 
     def __init__(self, n_slots: int, slot_bytes: int):
         self.n_slots, self.slot_bytes = n_slots, slot_bytes
         self.nbytes = n_slots * slot_bytes
         root = "/dev/shm" if os.path.isdir("/dev/shm") else tempfile.gettempdir()
         self.path = os.path.join(root, f"dsfm-ring-{os.getpid()}-{secrets.token_hex(4)}")
-        fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        fd = None
+        try:
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
+        finally:
+            if fd is not None:
+                self.unlink()           # nameless from here on: nothing left to leak
         try:
             os.ftruncate(fd, self.nbytes)
             self._reserve(fd, root)
             self._mm = mmap.mmap(fd, self.nbytes)
         except BaseException:
-            self.unlink()
-            raise
-        finally:
             os.close(fd)
+            raise
+        self.fd = fd                    # closed once the readers have mapped it
         self.array = np.frombuffer(self._mm, dtype=np.uint8)
         self.array[::mmap.PAGESIZE] = 0      # map every page here: memory is taken up front
         self.pinned = False
@@ -189,11 +198,16 @@ class _Ring:
                               f"failed (error {int(err)}); lower ring_slots or batch size")
         self.pinned = True
 
+    def close_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
     def close(self) -> None:
         if self.pinned:
             torch.cuda.cudart().cudaHostUnregister(self.array.ctypes.data)
             self.pinned = False
-        self.unlink()
+        self.close_fd()
         self.array = None
         try:
             self._mm.close()
@@ -345,13 +359,14 @@ class WellLoader:
                       else d.source.window_floats for d in self.datasets]
         slot_bytes = max(per_window) * batch_size * FLOAT_BYTES
         slot_bytes = -(-slot_bytes // mmap.PAGESIZE) * mmap.PAGESIZE
-        self.ring_slots = ring_slots or 2 * num_workers + 2
+        self.ring_slots = 2 * num_workers + 2 if ring_slots is None else ring_slots
         if self.ring_slots < 2:
             raise ConfigError(f"ring_slots must be >= 2, got {self.ring_slots}")
         self._ring = _Ring(self.ring_slots, slot_bytes)
         self._workers: list[subprocess.Popen] = []
         self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
         self._closed = False
+        self._owner = os.getpid()
         try:
             self._start_workers(max_open_files, worker_start_timeout_s)
             if self.cuda:
@@ -398,8 +413,12 @@ class WellLoader:
             task_r, task_w = os.pipe()
             res_r, res_w = os.pipe()
             try:
+                # Linux's parent-death signal follows the thread that starts the child: only
+                # the main thread lives as long as the process
+                pdeath = int(threading.current_thread() is threading.main_thread())
                 proc = subprocess.Popen([sys.executable, "-m", "dsfm.data.readers", str(task_r),
-                                         str(res_w)], pass_fds=(task_r, res_w), env=env)
+                                         str(res_w), str(pdeath)],
+                                        pass_fds=(task_r, res_w, self._ring.fd), env=env)
             finally:
                 os.close(task_r)
                 os.close(res_w)
@@ -407,7 +426,7 @@ class WellLoader:
             self._tasks.append(Connection(task_w, readable=False))
             self._results.append(Connection(res_r, writable=False))
             try:
-                self._tasks[-1].send(("init", wid, self._ring.path, self._ring.nbytes,
+                self._tasks[-1].send(("init", wid, self._ring.fd, self._ring.nbytes,
                                       self._ring.slot_bytes, sources, os.getpid(),
                                       max_open_files, self.readers_assemble, self.n_steps_input,
                                       [(d.shift, d.scale) for d in self.datasets],
@@ -432,7 +451,7 @@ class WellLoader:
             if waiting and time.monotonic() > deadline:
                 raise WorkerError(f"reader processes did not start within {timeout_s:.0f} s")
         self.native_kernel_used = all(kernels)
-        self._ring.unlink()          # every reader has it mapped: nothing can leak it now
+        self._ring.close_fd()        # every reader has it mapped
 
     @property
     def worker_pids(self) -> list[int]:
@@ -746,10 +765,13 @@ class WellLoader:
         return self._ring.nbytes
 
     def close(self) -> None:
-        """Stop the readers, release the ring. Safe to call more than once."""
+        """Stop the readers, release the ring. Safe to call more than once; in a forked child
+        (its copy of the loader, or that copy's finalizer) it leaves the parent's readers be."""
         if self._closed:
             return
         self._closed = True
+        if os.getpid() != self._owner:
+            return
         for conn in getattr(self, "_tasks", []):
             try:
                 conn.send(None)

@@ -1,4 +1,4 @@
-"""The prefetcher's reader process: `python -m dsfm.data.readers TASK_FD RESULT_FD`.
+"""The prefetcher's reader process: `python -m dsfm.data.readers TASK_FD RESULT_FD PDEATHSIG`.
 
 Started by `WellLoader` as a plain subprocess (not multiprocessing's spawn, which would re-import
 the training script and torch in every reader): it imports only numpy and h5py, maps the shared
@@ -7,7 +7,7 @@ straight into its place in a ring slot (a positioned read of the file when the a
 contiguously as float32, an HDF5 hyperslab read otherwise; see `dsfm.data.handles.Slab`).
 Messages are pickled over two pipes:
 
-    in:  ("init", worker id, ring path, ring bytes, slot bytes, sources, parent pid, max files,
+    in:  ("init", worker id, ring fd, ring bytes, slot bytes, sources, parent pid, max files,
           assemble here?, n_steps_input, per-source (shift, scale), check finite?,
           direct reads? (None: the default), CPUs to run on (None: any),
           C kernel? (None: if it builds))
@@ -24,8 +24,9 @@ runs in parallel instead of in the training process. Where the compiled kernel o
 trainer, normalized in one pass per plane) by one call of it; otherwise window by window in
 Python, with NumPy normalizing.
 It ignores Ctrl-C, SIGTERM and SIGUSR1/2 (the training process decides; Slurm signals every
-process of a job step), asks the kernel to kill it when its parent dies, and also exits when it
-finds its parent gone or its task pipe closed.
+process of a job step), asks the kernel to kill it when its parent dies (when the loader was
+built on the main thread: Linux sends that signal when the starting thread exits), and also exits
+when it finds its parent gone or its task pipe closed.
 """
 
 from __future__ import annotations
@@ -68,15 +69,14 @@ def _die_with_parent() -> None:
 
 
 def serve(tasks: Connection, results: Connection) -> None:
-    (_, wid, ring_path, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
+    (_, wid, ring_fd, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
      norms, check_finite, direct, cpus, use_native) = tasks.recv()
     if os.getppid() != parent:
         return
     if cpus is not None:
         os.sched_setaffinity(0, cpus)
-    fd = os.open(ring_path, os.O_RDWR)
-    mm = mmap.mmap(fd, ring_bytes)
-    os.close(fd)
+    mm = mmap.mmap(ring_fd, ring_bytes)       # the ring's file, inherited open and nameless
+    os.close(ring_fd)
     ring = np.frombuffer(mm, dtype=np.uint8)
     pool = H5Pool(max_open, direct=direct)
     kernel = native.load(use_native)
@@ -128,7 +128,8 @@ def serve(tasks: Connection, results: Connection) -> None:
 
 
 def main(argv: list[str]) -> int:
-    _die_with_parent()
+    if len(argv) < 3 or argv[2] == "1":     # started by the main thread (see WellLoader)
+        _die_with_parent()
     # The training process decides when readers stop. Ctrl-C reaches the whole process group,
     # and Slurm delivers scancel/--signal (USR1 before a preemption, TERM at it) to every
     # process of a job step: a reader that died of them would fail the trainer's very next

@@ -32,8 +32,14 @@ from dsfm.data.index import (
     read_layouts,
 )
 from dsfm.data.normalization import load_stats, resolve_normalization
-from dsfm.data.well_format import FieldLayout, FileLayout
-from dsfm.errors import ConfigError, CorruptFileError, EmptySplitError, NonFiniteError
+from dsfm.data.well_format import FieldLayout, FileLayout, layout_mismatch
+from dsfm.errors import (
+    ConfigError,
+    CorruptFileError,
+    EmptySplitError,
+    NonFiniteError,
+    SchemaError,
+)
 
 
 @dataclass
@@ -170,6 +176,8 @@ class WellDataset(Dataset):
                                      or exclude_filters else ""))
         self.files_paths = files
         self._layouts = read_layouts(files)
+        if well_split_name:
+            self._check_other_splits(os.path.dirname(self.data_path), well_split_name)
         self._build_index()
         self.metadata = self._metadata()
         if name_override is not None:
@@ -183,6 +191,18 @@ class WellDataset(Dataset):
         self._pool = H5Pool(max_open_files)
         self._file_cache: list[dict[str, Any]] = [{} for _ in files]
         self._vectors: dict[tuple, tuple[np.ndarray, np.ndarray]] = {}
+
+    def _check_other_splits(self, data_dir: str, split: str) -> None:
+        """All files of one dataset agree, across its splits too: a valid split at another
+        resolution is refused when the train split is indexed, not met at the first
+        evaluation. Reads the metadata of the first file of each other split."""
+        for other in SPLITS:
+            files = list_hdf5(os.path.join(data_dir, other)) if other != split and \
+                os.path.isdir(os.path.join(data_dir, other)) else []
+            if files:
+                [lay] = read_layouts(files[:1])
+                if lay.signature() != self._layouts[0].signature():
+                    raise SchemaError(layout_mismatch(self._layouts[0], lay))
 
     # ---------------------------------------------------------------- index
 

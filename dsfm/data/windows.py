@@ -585,14 +585,30 @@ def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str:
     """Name the first NaN/Inf in native blocks of `windows` (file, array, trajectory, time);
     if the stored data are finite, the normalization made it."""
     plan = assembly_plan(source, len(windows))
+    largest = (-1.0, "")
+
+    def where(w, blk, values, flat_index) -> tuple[str, str]:
+        fi, traj, t0 = source.locate(int(w))
+        t = t0 + int(np.unravel_index(flat_index, values.shape)[0]) * source.stride
+        group = source.groups[fi][traj] if source.groups[fi] else ""
+        return (f"{source.files[fi]}: /{blk.name_in(group)}",
+                f"trajectory {traj}, time index {t}")
+
     for b, w in enumerate(windows):
         for blk, (offset, k, shape, _, _) in zip(source.blocks, plan):
             per = k // len(windows)
-            bad = ~np.isfinite(flat[offset + b * per:offset + (b + 1) * per].reshape(shape[1:]))
+            values = flat[offset + b * per:offset + (b + 1) * per].reshape(shape[1:])
+            bad = ~np.isfinite(values)
             if bad.any():
-                fi, traj, t0 = source.locate(int(w))
-                t = t0 + int(np.argwhere(bad)[0][0]) * source.stride
-                group = source.groups[fi][traj] if source.groups[fi] else ""
-                return (f"{source.files[fi]}: /{blk.name_in(group)} has NaN/Inf "
-                        f"at trajectory {traj}, time index {t}")
-    return f"{source.name}: normalization produced NaN/Inf (check its stats.yaml)"
+                array, at = where(w, blk, values, int(np.flatnonzero(bad)[0]))
+                return f"{array} has NaN/Inf at {at}"
+            if values.size:
+                i = int(np.abs(values).argmax())
+                if abs(float(values.flat[i])) > largest[0]:
+                    array, at = where(w, blk, values, i)
+                    largest = (abs(float(values.flat[i])), f"{array} at {at}")
+    # finite when stored: normalizing overflowed (a huge stored value) or divided by a zero
+    # scale; the largest stored value says where to look first
+    return (f"{source.name}: normalization produced NaN/Inf from finite stored values; the "
+            f"largest, {largest[0]:.3g}, is in {largest[1]} (a damaged value, or a zero or "
+            "tiny scale in its stats.yaml)")

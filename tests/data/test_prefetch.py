@@ -182,6 +182,18 @@ def test_inconsistent_files_are_rejected_at_indexing(demo_base, tmp_path):
         WellLoader([str(ds)], batch_size=2, num_workers=1)
 
 
+def test_a_split_that_disagrees_with_the_others_is_rejected_at_indexing(demo_base, tmp_path):
+    """One dataset's files agree across splits too: training refuses a valid split whose
+    files are of another layout (here another dataset's) when it indexes, naming the file."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    src = sorted(os.listdir(os.path.join(demo_base, "navier_stokes_2d", "data", "valid")))[0]
+    bad = ds / "data" / "valid" / "aa_foreign.hdf5"        # the valid split's first file
+    shutil.copy(os.path.join(demo_base, "navier_stokes_2d", "data", "valid", src), bad)
+    with pytest.raises(SchemaError, match="aa_foreign.hdf5"):
+        WellLoader([str(ds)], batch_size=2, num_workers=1)
+
+
 def test_corrupt_file_surfaces_with_file_trajectory_and_time(demo_base, tmp_path):
     ds = tmp_path / "gray_scott_reaction_diffusion"
     shutil.copytree(os.path.join(demo_base, "gray_scott_reaction_diffusion"), ds)
@@ -213,6 +225,30 @@ def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
                 next(loader)
     assert "/t0_fields/pressure has NaN/Inf" in str(exc.value)
     assert "time index 7" in str(exc.value)
+
+
+@pytest.mark.parametrize("path_id", list(PATHS))
+def test_a_value_that_overflows_when_normalized_is_located(demo_base, tmp_path, path_id,
+                                                           request):
+    """Finite when stored, Inf once normalized (a damaged exponent): the error still names
+    file, array, trajectory and time, through the largest stored value."""
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    for p in (ds / "data" / "train").glob("*.hdf5"):
+        with h5py.File(p, "r+") as f:
+            f["t0_fields/pressure"][:, 7, 3, 5] = 3e38
+    with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
+                    assemble_on=assemble_on, native_kernel=fused) as loader:
+        with pytest.raises(NonFiniteError) as exc:
+            for _ in range(40):
+                next(loader)
+    msg = str(exc.value)
+    assert "normalization produced NaN/Inf from finite stored values" in msg, msg
+    assert "3e+38" in msg and "/t0_fields/pressure at trajectory" in msg
+    assert "time index 7" in msg
 
 
 def test_a_dead_reader_is_detected_within_seconds(demo_base):
@@ -418,3 +454,54 @@ def test_readers_run_on_the_cpus_they_are_given(demo_base):
     with pytest.raises(Exception, match="reader_cpus") as exc:
         WellLoader([path], batch_size=2, num_workers=1, reader_cpus=[max(cpus) + 1000])
     assert type(exc.value).__name__ == "ConfigError"
+
+
+def test_the_ring_never_has_a_name_to_leak():
+    """Unlinked the moment it is created: a signal or a SIGKILL while the loader starts (the
+    readers can take long to come up) leaves nothing in /dev/shm; the readers inherit it open."""
+    from dsfm.data.prefetch import _Ring
+
+    ring = _Ring(2, 8192)
+    try:
+        assert ring.fd is not None and not os.path.exists(ring.path)
+        ring.slot(1)[:4] = 7
+        assert ring.slot(1)[:4].tolist() == [7, 7, 7, 7]
+    finally:
+        ring.close()
+
+
+def test_a_loader_built_on_a_thread_that_ends_keeps_its_readers(demo_base):
+    """Linux's parent-death signal follows the thread that started a child: readers started
+    from a worker thread must not die with that thread."""
+    import threading
+
+    path = os.path.join(demo_base, "euler_2d")
+    box = []
+    t = threading.Thread(target=lambda: box.append(WellLoader([path], batch_size=2,
+                                                              num_workers=1)))
+    t.start()
+    t.join()
+    with box[0] as loader:
+        time.sleep(0.5)
+        it = iter(loader)
+        assert [next(it).x.shape[0] for _ in range(3)] == [2, 2, 2]
+
+
+def test_a_forked_child_closing_its_copy_leaves_the_parents_readers(demo_base):
+    path = os.path.join(demo_base, "euler_2d")
+    with WellLoader([path], batch_size=2, num_workers=1) as loader:
+        it = iter(loader)
+        next(it)
+        pid = os.fork()
+        if pid == 0:                    # the child: close its copy, as its finalizer would
+            loader.close()
+            os._exit(0)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert [next(it).x.shape[0] for _ in range(3)] == [2, 2, 2]
+
+
+def test_zero_ring_slots_are_refused(demo_base):
+    from dsfm.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="ring_slots"):
+        WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, ring_slots=0)
