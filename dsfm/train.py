@@ -36,6 +36,7 @@ from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
     all_reduce_,
     build_engine,
+    check_devices,
     discover,
     finish,
     init_process_group,
@@ -265,6 +266,8 @@ def main(argv: list[str] | None = None) -> int:
         env = discover()
         cfg, ds_config = read_configs(args, env.world_size)
         checked = check_inputs(cfg, args, env.world_size, ds_config)
+        checked.notes += check_devices(env, torch.cuda.device_count()
+                                       if torch.cuda.is_available() else 0)
         ds_config = checked.ds_config
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)

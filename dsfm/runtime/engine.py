@@ -7,6 +7,7 @@ import re
 
 import torch
 
+from dsfm.errors import ConfigError
 from dsfm.runtime import dist
 
 
@@ -16,6 +17,23 @@ def discover() -> dist.DistEnv:
     env = dist.discover()
     dist.export(env)
     return env
+
+
+def check_devices(env: dist.DistEnv, n_gpus: int) -> list[str]:
+    """Ranks on this node against the GPUs it sees: more ranks than several visible GPUs would
+    put two ranks on one GPU (NCCL refuses that at its first collective, naming no setting), so
+    it is a ConfigError; fewer leaves GPUs idle, a warning to log. One visible GPU per rank
+    (`--gpus-per-task=1`) is fine."""
+    if n_gpus > 1 and env.local_world_size > n_gpus:
+        raise ConfigError(
+            f"{env.local_world_size} ranks on this node ({env.launcher} launch) but {n_gpus} "
+            "GPUs visible: two ranks would share a GPU; start one rank per GPU (srun "
+            "--ntasks-per-node, mpirun -npernode, the hostfile's slots)")
+    if n_gpus > env.local_world_size:
+        return [f"warning: {env.local_world_size} rank(s) on this node but {n_gpus} GPUs "
+                f"visible: {n_gpus - env.local_world_size} will idle; start one rank per GPU "
+                "(srun --ntasks-per-node, mpirun -npernode, the hostfile's slots)"]
+    return []
 
 
 def init_process_group(env: dist.DistEnv | None = None) -> dist.DistEnv:

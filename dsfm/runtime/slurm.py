@@ -132,8 +132,11 @@ def hostfile_lines(hosts: Iterable[str], slots: int) -> list[str]:
 
 
 def slots_from_env(environ: Mapping[str, str]) -> tuple[int, str]:
-    """GPUs (ranks) per node from the allocation, and the variable it came from."""
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_NTASKS_PER_NODE", "SLURM_GPUS_PER_NODE"):
+    """GPUs (ranks) per node from the allocation, and the variable it came from. GPU counts
+    come first: DeepSpeed's launcher starts one rank per slot itself, so an allocation made
+    for it (`salloc --ntasks-per-node=1 --gpus-per-node=4`) has one task per node but four
+    slots. The task count serves allocations that name no GPUs (CPU nodes)."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if not raw:
             continue

@@ -347,3 +347,18 @@ def test_mpirun_keeps_a_master_port_given_by_the_user():
     records = _launch([_mpirun(), "-np", "2", sys.executable, PROBE],
                       _clean_env(MASTER_PORT=str(port), **_AS_ROOT), 2)
     assert {r["master_port"] for r in records} == {port}
+
+
+def test_ranks_per_node_are_checked_against_the_visible_gpus():
+    from dsfm.runtime.engine import check_devices
+
+    def node(local_world):
+        return DistEnv(0, 4 * local_world, 0, local_world, "h", 29500, "srun")
+
+    assert check_devices(node(4), 4) == []
+    assert check_devices(node(4), 1) == []          # --gpus-per-task=1: one GPU each
+    assert check_devices(node(2), 0) == []          # CPU
+    with pytest.raises(ConfigError, match="8 ranks on this node .* but 4 GPUs visible"):
+        check_devices(node(8), 4)
+    [warning] = check_devices(node(1), 4)
+    assert warning.startswith("warning:") and "3 will idle" in warning

@@ -76,7 +76,9 @@ def test_hostfile_lines_and_their_errors():
 
 @pytest.mark.parametrize("environ, slots", [
     ({"SLURM_GPUS_ON_NODE": "4", "SLURM_NTASKS_PER_NODE": "2"}, (4, "SLURM_GPUS_ON_NODE")),
-    ({"SLURM_NTASKS_PER_NODE": "2", "SLURM_GPUS_PER_NODE": "8"}, (2, "SLURM_NTASKS_PER_NODE")),
+    # an allocation for DeepSpeed's own launcher: one task per node, four GPUs, four slots
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_GPUS_PER_NODE": "4"}, (4, "SLURM_GPUS_PER_NODE")),
+    ({"SLURM_NTASKS_PER_NODE": "2"}, (2, "SLURM_NTASKS_PER_NODE")),             # CPU nodes
     ({"SLURM_GPUS_PER_NODE": "h100:4"}, (4, "SLURM_GPUS_PER_NODE")),
     ({"SLURM_GPUS_PER_NODE": "gpu:h100:8"}, (8, "SLURM_GPUS_PER_NODE")),
     ({}, (4, "default")),
