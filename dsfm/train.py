@@ -377,29 +377,35 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     loss_sum.copy_(rank_state["loss_window"][0])
                     loss_n.copy_(rank_state["loss_window"][1])
                 step = saved_at = int(client["step"])
+                log.resume_at(step)
                 log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
                 if step >= cfg.train.max_steps:
                     log.text(f"the checkpoint already reaches train.max_steps="
                              f"{cfg.train.max_steps}: nothing to train")
 
+        first_step = step
+
         def save(at: int) -> None:
             nonlocal saved_at
-            path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
-                                   {"loader": loader.state_dict(), "step": at,
-                                    "loss_window": (loss_sum.cpu(), loss_n.cpu())},
-                                   cfg.train.keep_checkpoints)
+            with monitor.outside_training():
+                path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
+                                       {"loader": loader.state_dict(), "step": at,
+                                        "loss_window": (loss_sum.cpu(), loss_n.cpu())},
+                                       cfg.train.keep_checkpoints)
             saved_at = at
             log.text(f"checkpoint: {path}", console=False)
 
         def run_eval(at: int) -> None:
             if not cfg.train.eval_batches:
                 return
-            results = evaluate(engine, paths, n_steps_input=data.n_steps_input,
-                               rollout_steps=cfg.train.rollout_steps, batch_size=micro,
-                               batches=cfg.train.eval_batches, vocabulary=vocab,
-                               seed=cfg.train.seed, rank=env.rank,
-                               world_size=env.world_size, normalization=data.normalization,
-                               dt_stride=data.dt_stride, num_workers=data.num_workers)
+            with monitor.outside_training():
+                results = evaluate(engine, paths, n_steps_input=data.n_steps_input,
+                                   rollout_steps=cfg.train.rollout_steps, batch_size=micro,
+                                   batches=cfg.train.eval_batches, vocabulary=vocab,
+                                   seed=cfg.train.seed, rank=env.rank,
+                                   world_size=env.world_size,
+                                   normalization=data.normalization,
+                                   dt_stride=data.dt_stride, num_workers=data.num_workers)
             k = cfg.train.rollout_steps
             scalars = {}
             for name, fields in results.items():
@@ -415,7 +421,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     json.dump(results, fh, indent=2)
 
         monitor = RunMonitor(model.config, dev, cfg.monitor.interval_s, cfg.monitor.gpu,
-                             cfg.monitor.system, notice=log.text)
+                             cfg.monitor.system, notice=log.text,
+                             frozen=frozenset(n for n, p in model.named_parameters()
+                                              if not p.requires_grad))
         log.custom_scalars(board.layout(names))
         preemption = checkpoint.Preemption()
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
@@ -426,6 +434,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         engine.train()
         it = iter(loader)
         bad_in_a_row = 0
+        lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
             done = 0
             monitor.timer.begin_step()
@@ -453,6 +462,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 monitor.timer.lap("forward")
                 engine.backward(loss)
                 monitor.timer.lap("backward")
+                lr = float(engine.get_lr()[0])   # the rate this step's update uses
                 engine.step()
                 monitor.timer.lap("optimizer")
                 monitor.micro_batch(tuple(batch.x.shape), loader.last_wait_s)
@@ -469,7 +479,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 per = sums[:len(names)] / sums[len(names):].clamp(min=1)
                 mean = float(sums[:len(names)].sum() / sums[len(names):].sum())
                 grad_norm = engine.get_global_grad_norm()
-                scalars = {"train/loss": mean, "train/lr": float(engine.get_lr()[0]),
+                scalars = {"train/loss": mean, "train/lr": lr,
                            "train/grad_norm": None if grad_norm is None else float(grad_norm)}
                 for i, name in enumerate(names):
                     if sums[len(names) + i] > 0:
@@ -504,8 +514,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             return 0
         if saved_at != step:            # not at a signal or a checkpoint_every step just now
             save(step)
-        if not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            run_eval(step)
+        if step > first_step and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            run_eval(step)              # (a finished run resumed was evaluated already)
         if cfg.model.compile:
             from torch._dynamo.utils import counters
             log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (one per input "

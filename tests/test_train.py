@@ -91,8 +91,9 @@ def train_cmd(ds: str, run_dir, sets=(), data=None) -> list[str]:
     return cmd
 
 
-def reference_losses(demo_base: str, steps: int, batch: int) -> list[float]:
-    """The same training as plain single-process PyTorch: no DeepSpeed engine."""
+def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float], list[float]]:
+    """The same training as plain single-process PyTorch, no DeepSpeed engine: the losses and
+    the learning rate each step's update used."""
     from deepspeed.runtime.lr_schedules import WarmupCosineLR
 
     from dsfm.data.fields import FieldVocabulary
@@ -103,7 +104,7 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> list[float]:
 
     paths = [os.path.join(demo_base, n) for n in datasets_in(demo_base)]
     vocab = FieldVocabulary()
-    out = []
+    out, rates = [], []
     with WellLoader(paths, batch_size=batch, num_workers=1, seed=0, rank=0, world_size=1,
                     same_dataset_across_ranks=True, vocabulary=vocab) as loader:
         torch.manual_seed(0)
@@ -122,11 +123,12 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> list[float]:
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), DS["gradient_clipping"])
+            rates.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
             out.append(loss.item())
             del batch_
-    return out
+    return out, rates
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +150,10 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     ours = [got[s] for s in range(1, STEPS + 1)]
     # ZeRO-partitioned two-rank training is the plain single-process training at the same
     # global batch: the same windows, the same updates, up to fp32 reduction order
-    assert ours == pytest.approx(reference, rel=2e-4, abs=1e-6)
+    assert ours == pytest.approx(reference[0], rel=2e-4, abs=1e-6)
+    # train/lr is the rate each step's update used (not the next step's)
+    lr = logged(full, "train/lr")
+    assert [lr[s] for s in range(1, STEPS + 1)] == pytest.approx(reference[1], rel=1e-6)
     # it learns: on the same valid windows, the error after training is below the error
     # before it, on average and for most datasets (train losses mix datasets, too noisy here)
     before = json.loads((full / "eval_step00000000.json").read_text())
@@ -613,7 +618,9 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
                          "train.resume_schedule=new"], resume=True, data=demo_base)
     assert "warning: the learning-rate schedule changes on resume" in proc.stdout
     lr = logged(r, "train/lr")
-    assert lr[7] > lr[6]                               # the new schedule's rate
+    # the new schedule's rate, from the second step: the first uses the rate the optimizer's
+    # state was saved with (DeepSpeed's scheduler sets it after each step)
+    assert lr[7] == lr[6] and lr[8] > lr[6]
 
 
 @pytest.mark.slow
@@ -630,6 +637,17 @@ def test_a_resumed_run_logs_the_loss_of_the_same_steps(demo_base, tmp_path):
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "resumed from step 6" in proc.stdout
     assert logged(r, "train/loss")[8] == straight[8]
+    # each step once: metrics.jsonl drops the records of steps after the checkpoint, and
+    # TensorBoard purges them from the first run's event file
+    with open(r / "metrics.jsonl") as fh:
+        steps = [json.loads(line)["step"] for line in fh if "train/loss" in line]
+    assert steps == [4, 8]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(r / "tb"))
+    board.Reload()
+    events = board.Scalars("train/loss")
+    assert [e.step for e in events] == [4, 8]
+    assert events[1].value == pytest.approx(straight[8], rel=1e-6)
 
 
 @pytest.mark.slow

@@ -11,7 +11,9 @@ and "Loss" (plus "System"), with min/mean/max drawn as margin charts.
 
 from __future__ import annotations
 
+import functools
 import math
+import operator
 
 # Metrics drawn per rank under ranks/<name>/r<rank> (the straggler view).
 PER_RANK = {"time/step_ms": "step_ms", "time/data_wait_ms": "data_wait_ms",
@@ -21,6 +23,7 @@ PER_RANK = {"time/step_ms": "step_ms", "time/data_wait_ms": "data_wait_ms",
 PER_RANK_PREFIXES = ("gpu/", "system/", "time/", "perf/")
 # Rates that add up over ranks (written as the sum; per-rank min/max still shown).
 SUMMED = ("perf/samples_per_sec", "perf/patches_per_sec", "perf/tflops")
+BITMASKS = ("gpu/throttle_reasons",)
 
 
 def _margin(tag: str) -> list:
@@ -87,6 +90,9 @@ def combine(per_rank: list[dict[str, float]]) -> dict[str, float]:
         if not values:
             continue
         nums = [v for _, v in values]
+        if key in BITMASKS:                  # reasons any rank had, not an average of bits
+            out[key] = float(functools.reduce(operator.or_, (int(v) for v in nums), 0))
+            continue
         if not key.startswith(PER_RANK_PREFIXES):
             out[key] = nums[0]
             continue

@@ -104,6 +104,11 @@ class BackgroundSampler:
             except Exception as exc:  # a monitor must never take the training run down
                 self.notice(f"{self.name}: sampling stopped after an unexpected error: "
                             f"{type(exc).__name__}: {exc}")
+                with self._lock:          # no more values: a gap in the charts, not a flat
+                    self._latest.clear()  # line of the last ones
+                    self._sums.clear()
+                    self._counts.clear()
+                    self._masks.clear()
                 return
             next_t += self.interval_s
             now = time.monotonic()

@@ -7,6 +7,7 @@ the FLOP counter, and at each log step returns this rank's numbers as a flat dic
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Callable
 
@@ -17,10 +18,11 @@ from dsfm.monitor.steps import ModelFlops, StepTimer, memory_gib, numerics, peak
 
 class RunMonitor:
     def __init__(self, model_config, device: torch.device, interval_s: float = 1.0,
-                 gpu: bool = True, system: bool = True, notice: Callable[[str], None] = print):
+                 gpu: bool = True, system: bool = True, notice: Callable[[str], None] = print,
+                 frozen: frozenset[str] = frozenset()):
         self.device = device
         self.timer = StepTimer(device)
-        self.flops = ModelFlops(model_config)
+        self.flops = ModelFlops(model_config, frozen=frozen)
         self.samplers = []
         cuda = device.type == "cuda"
         if gpu and cuda:
@@ -42,18 +44,32 @@ class RunMonitor:
         self._samples = 0
         self._patches = 0
         self._t0 = time.perf_counter()
+        self._outside = 0.0          # seconds since _t0 not spent training
+
+    @contextlib.contextmanager
+    def outside_training(self):
+        """Time that is not training (evaluation, checkpoints): left out of the rates."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._outside += time.perf_counter() - began
 
     def micro_batch(self, x_shape: tuple[int, ...], wait_s: float) -> None:
         """Account for one trained micro-batch: its data wait, FLOPs, samples and patches."""
         self.timer.data(wait_s)
+        began = time.perf_counter()
         self._flop += self.flops.step(x_shape)
+        counting = time.perf_counter() - began        # a new shape: a meta-device count
+        self.timer.exclude(counting)
+        self._outside += counting
         self._samples += x_shape[0]
         self._patches += self.flops.patches(x_shape)
 
     def collect(self) -> dict[str, float]:
         """This rank's numbers since the last call."""
         now = time.perf_counter()
-        elapsed = max(now - self._t0, 1e-9)
+        elapsed = max(now - self._t0 - self._outside, 1e-9)
         out = self.timer.collect()
         tflops = self._flop / elapsed / 1e12
         out.update({"perf/samples_per_sec": self._samples / elapsed,
@@ -65,6 +81,7 @@ class RunMonitor:
         for sampler in self.samplers:
             out.update(sampler.snapshot())
         self._flop, self._samples, self._patches, self._t0 = 0.0, 0, 0, now
+        self._outside = 0.0
         return out
 
     def close(self) -> None:

@@ -80,6 +80,11 @@ class StepTimer:
         self._steps += 1
         self._step_s += time.perf_counter() - self._step_start
 
+    def exclude(self, seconds: float) -> None:
+        """Host time spent inside a step on the monitor's own work (counting a new shape's
+        FLOPs), not the training's: left out of the step time."""
+        self._step_s -= seconds
+
     def collect(self) -> dict[str, float]:
         """Mean milliseconds per step for each phase since the last call, and the step time."""
         if not self._steps:
@@ -105,9 +110,10 @@ class ModelFlops:
     """FLOPs of one training step (forward + backward) of `config`'s AViT per input shape,
     counted on the real operators of a meta-device model; cached per shape."""
 
-    def __init__(self, model_config, patch: int = 16):
+    def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
         self.config = model_config
         self.patch = patch
+        self.frozen = frozenset(frozen)       # parameters without gradients (fine-tuning)
         self._cache: dict[tuple, float] = {}
 
     def step(self, x_shape: tuple[int, ...]) -> float:
@@ -123,6 +129,8 @@ class ModelFlops:
                 model = AViT(self.config)
                 x, y = torch.empty(key), torch.empty(b, c, h, w)
                 ids = torch.arange(c)
+            for name, param in model.named_parameters():
+                param.requires_grad_(name not in self.frozen)   # no weight gradients to count
             counter = FlopCounterMode(display=False)
             with counter:
                 nmse(model(x, ids, None), y).backward()

@@ -20,9 +20,31 @@ class MetricsLogger:
         from torch.utils.tensorboard import SummaryWriter
 
         os.makedirs(run_dir, exist_ok=True)
+        self.run_dir = run_dir
         self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(run_dir, "train.log"), "a")
+
+    def resume_at(self, step: int) -> None:
+        """A run resumed from the checkpoint of `step` trains the steps after it again: their
+        records from before (logged after that checkpoint, then lost with the process) are
+        dropped from metrics.jsonl, and TensorBoard is told to purge them from its older event
+        files (`purge_step`), so that each step has one value and no curve doubles back."""
+        if not self.enabled:
+            return
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._tb.close()
+        self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
+        self._jsonl.close()
+        path = os.path.join(self.run_dir, "metrics.jsonl")
+        with open(path) as fh:
+            kept = [line for line in fh
+                    if line.strip() and json.loads(line).get("step", 0) <= step]
+        with open(path + ".tmp", "w") as fh:
+            fh.writelines(kept)
+        os.replace(path + ".tmp", path)
+        self._jsonl = open(path, "a")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -91,3 +91,39 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
     assert peak_tflops("Some GPU", "fp32") is None
+
+
+def test_throttle_reason_bitmasks_are_or_ed_across_ranks():
+    out = board.combine([{"gpu/throttle_reasons": 4.0}, {"gpu/throttle_reasons": 32.0}])
+    assert out["gpu/throttle_reasons"] == 36.0          # the mean, 18, would be bits 1 and 4
+
+
+def test_frozen_parameters_count_no_weight_gradient_flops():
+    cfg = AViTConfig(3, 48, 3, 2, drop_path=0.0)
+    shape = (2, 4, 3, 32, 32)
+    full = ModelFlops(cfg).step(shape)
+    from dsfm.models.avit import AViT
+    blocks = frozenset(n for n, _ in AViT(cfg).named_parameters() if n.startswith("blocks."))
+    assert ModelFlops(cfg, frozen=blocks).step(shape) < 0.9 * full
+
+
+def test_rates_and_step_times_leave_out_evaluation_and_flop_counting():
+    """Samples/s is over training time only (evaluation and checkpoints run inside
+    `outside_training`), and a new shape's FLOP count is not charged to its step."""
+    from dsfm.monitor.session import RunMonitor
+
+    monitor = RunMonitor(AViTConfig(3, 48, 3, 2, drop_path=0.0), torch.device("cpu"),
+                         gpu=False, system=False)
+    try:
+        began = time.perf_counter()
+        monitor.timer.begin_step()
+        monitor.micro_batch((2, 4, 3, 32, 32), 0.0)           # counts FLOPs: a new shape
+        monitor.timer.end_step()
+        with monitor.outside_training():
+            time.sleep(0.5)
+        wall = time.perf_counter() - began
+        out = monitor.collect()
+    finally:
+        monitor.close()
+    assert out["time/step_ms"] < 20
+    assert 2 / out["perf/samples_per_sec"] < wall - 0.45

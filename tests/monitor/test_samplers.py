@@ -91,6 +91,28 @@ def test_snapshot_means_and_resets():
         SystemSampler(interval_s=0)
 
 
+def test_a_sampler_that_fails_leaves_a_gap_not_its_last_values():
+    sampler = SystemSampler(interval_s=0.05, notice=lambda message: notices.append(message))
+    notices: list[str] = []
+    sampler.sample()
+    assert sampler.snapshot()
+    real, calls = sampler._read, []
+
+    def failing():
+        calls.append(1)
+        if len(calls) > 2:
+            raise RuntimeError("gone")
+        return real()
+    sampler._read = failing
+    sampler.start()
+    deadline = time.monotonic() + 5
+    while not notices and time.monotonic() < deadline:
+        time.sleep(0.02)
+    sampler.stop()
+    assert notices and "sampling stopped" in notices[0]
+    assert sampler.snapshot() == {}
+
+
 # ---------------------------------------------------------------- which GPU
 
 def test_visible_devices_parsing():
