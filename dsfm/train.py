@@ -276,7 +276,10 @@ def main(argv: list[str] | None = None) -> int:
     log, rc = None, None
     try:
         run_dir = choose_run_dir(args, cfg)
-        log = MetricsLogger(run_dir, env.rank)
+        try:
+            log = MetricsLogger(run_dir, env.rank)
+        except OSError as exc:
+            raise ConfigError(f"run directory {run_dir}: {exc.strerror or exc}") from None
         if env.rank == 0:
             with open(os.path.join(run_dir, "config.yaml"), "w") as fh:
                 fh.write(dump(cfg))
@@ -298,9 +301,11 @@ def main(argv: list[str] | None = None) -> int:
             log.text(msg, console=False)
         return 1
     finally:
-        if log is not None:
-            log.close()
-        (finish if rc == 0 else release_shm)(env)
+        try:
+            if log is not None:
+                log.close()
+        finally:               # a log that cannot be written must not keep /dev/shm buffers
+            (finish if rc == 0 else release_shm)(env)
 
 
 def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir: str,

@@ -711,3 +711,12 @@ def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     ds = ds_config(tmp_path, 2, micro=4)
     train(ds, tmp_path / "r", ["train.max_steps=1"], data=demo_base)
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+
+
+def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = run(train_cmd("ds_configs/zero2.json", blocker / "run", ["train.max_steps=1"]))
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert f"run directory {blocker / 'run'}: Not a directory" in proc.stderr
+    assert "Traceback" not in proc.stderr
