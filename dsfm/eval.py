@@ -17,9 +17,6 @@ from dsfm.errors import ConfigError, DsfmError, TooShortError
 EPS = 1e-7
 
 
-LOSS_UNITS = ("physical", "normalized")
-
-
 def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
          scale: torch.Tensor | None = None, shift: torch.Tensor | None = None) -> torch.Tensor:
     """MPP's training loss: per sample and field, mean squared residual over mean squared
@@ -36,13 +33,20 @@ def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
         return (res.pow(2).mean(space) / (target.pow(2).mean(space) + eps)).mean()
     # physical values span many decades (squares of 1e20 overflow float32, of 1e-24 vanish):
     # the ratio in float64, on tensors of the loss's size, not the model's
-    res, target = res.double(), target.double()
-    if scale is not None:
-        res = res * scale.double()
-        target = target * scale.double()
-    if shift is not None:
-        target = target + shift.double()
+    res = physical(res, scale, None)
+    target = physical(target, scale, shift)
     return (res.pow(2).mean(space) / (target.pow(2).mean(space) + eps)).mean().to(pred.dtype)
+
+
+def physical(t: torch.Tensor, scale: torch.Tensor | None,
+             shift: torch.Tensor | None) -> torch.Tensor:
+    """Normalized values back in physical units (t · scale + shift), in float64."""
+    t = t.double()
+    if scale is not None:
+        t = t * scale.double()
+    if shift is not None:
+        t = t + shift.double()
+    return t
 
 
 def field_errors(pred: torch.Tensor, target: torch.Tensor,
@@ -91,16 +95,9 @@ class MetricSums:
         `scale` and `shift` ([C, 1, 1]) map back. In float64, the denormalization included (a
         small fluctuation on a large mean would not survive it in float32), one rollout step
         at a time (a float64 copy of a whole rollout of large fields would take gigabytes)."""
-        def physical(t: torch.Tensor) -> torch.Tensor:
-            t = t.double()
-            if scale is not None:
-                t = t * scale.double()
-            if shift is not None:
-                t = t + shift.double()
-            return t
-
         for j in range(pred.shape[1]):
-            n, v = field_errors(physical(pred[:, j]), physical(target[:, j]))
+            n, v = field_errors(physical(pred[:, j], scale, shift),
+                                physical(target[:, j], scale, shift))
             self.nrmse[j] += n.sum(0).cpu()
             self.vrmse[j] += v.sum(0).cpu()
         self.count += pred.shape[0]
@@ -158,37 +155,41 @@ def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch
 
 def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int,
              batch_size: int, batches: int, vocabulary, seed: int, rank: int, world_size: int,
-             normalization: str | None, dt_stride: int = 1, num_workers: int = 1) -> dict:
+             normalization: str | None, dt_stride: int = 1, num_workers: int = 1,
+             plan: dict[str, int] | None = None) -> dict:
     """NRMSE and VRMSE per dataset and field on the valid split, one step ahead and over a
     `rollout_steps` autoregressive rollout, in physical units. Every rank evaluates its own
     `batches` micro-batches of every dataset (the same windows each time: a fresh loader with a
     fixed seed; fewer where the split holds fewer, see `plan_eval`) and the sums are
     all-reduced, so the result covers up to batches × world windows, each once. Only windows
-    with room for the whole rollout are eligible, the one-step metrics included."""
+    with room for the whole rollout are eligible, the one-step metrics included. `plan`: what
+    `plan_eval` returned for these arguments (it reads every valid file's metadata), if the
+    caller has it."""
     from dsfm.data.prefetch import WellLoader
     from dsfm.runtime.engine import all_reduce_
 
-    plan = plan_eval(paths, n_steps_input=n_steps_input, rollout_steps=rollout_steps,
-                     batch_size=batch_size, batches=batches, world_size=world_size,
-                     dt_stride=dt_stride)
+    if plan is None:
+        plan = plan_eval(paths, n_steps_input=n_steps_input, rollout_steps=rollout_steps,
+                         batch_size=batch_size, batches=batches, world_size=world_size,
+                         dt_stride=dt_stride)
     was_training = engine.training
     engine.eval()
     results = {}
     try:
-        for path, batches in zip(paths, plan.values()):
+        for path, n_batches in zip(paths, plan.values()):
             # no more readers, ring slots and reads ahead than the batches to evaluate
-            workers = max(1, min(num_workers, batches))
+            workers = max(1, min(num_workers, n_batches))
             with WellLoader([path], split="valid", n_steps_input=n_steps_input,
                             n_steps_output=rollout_steps, batch_size=batch_size,
                             num_workers=workers,
-                            ring_slots=max(2, min(2 * workers + 2, batches)),
+                            ring_slots=max(2, min(2 * workers + 2, n_batches)),
                             seed=seed, rank=rank,
                             world_size=world_size, normalization=normalization,
                             dt_stride=dt_stride, vocabulary=vocabulary) as loader:
                 name = loader.datasets[0].source.name
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
                 it = iter(loader)
-                for _ in range(batches):
+                for _ in range(n_batches):
                     batch = next(it)
                     pred = rollout(engine, batch.x, batch.field_ids, batch.bcs_host,
                                    rollout_steps)

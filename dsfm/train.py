@@ -343,6 +343,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
+        plan = None
         if cfg.train.eval_batches:        # a valid split that cannot serve it: stop now
             plan = plan_eval(paths, n_steps_input=data.n_steps_input,
                              rollout_steps=cfg.train.rollout_steps, batch_size=micro,
@@ -410,7 +411,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                                    seed=cfg.train.seed, rank=env.rank,
                                    world_size=env.world_size,
                                    normalization=data.normalization,
-                                   dt_stride=data.dt_stride, num_workers=data.num_workers)
+                                   dt_stride=data.dt_stride, num_workers=data.num_workers,
+                                   plan=plan)
             k = cfg.train.rollout_steps
             scalars = {}
             for name, fields in results.items():

@@ -34,8 +34,8 @@ def count_windows(files: Sequence[tuple[str, int]], n_in: int, n_out: int,
     for path, n_steps in files:
         w = windows_per_trajectory(n_steps, n_in, n_out, stride)
         if w <= 0:
-            raise TooShortError(f"{path}: {n_steps} time steps are not enough for {n_in} input and "
-                              f"{n_out} output steps with a stride of {stride}")
+            raise TooShortError(f"{path}: {n_steps} time steps are not enough for {n_in} input "
+                                f"and {n_out} output steps with a stride of {stride}")
         counts.append(w)
     return counts
 

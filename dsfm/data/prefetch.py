@@ -122,13 +122,18 @@ def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
     return ds.source, codes, ds.shift, ds.scale
 
 
+def _open_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
+                  normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
+    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
+    return make(path, split, n_in, n_out, stride, normalization)
+
+
 def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int,
                   dt_stride: int = 1) -> WindowSource:
     """One dataset's split indexed as WellLoader indexes it (name, fields, windows), from the
     files' metadata alone (no reader starts): a DataError or ConfigError for what WellLoader
     would refuse in it."""
-    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
-    return make(path, split, n_steps_input, n_steps_output, dt_stride, None)[0]
+    return _open_dataset(path, split, n_steps_input, n_steps_output, dt_stride, None)[0]
 
 
 # ------------------------------------------------------------------------------- ring
@@ -343,9 +348,8 @@ class WellLoader:
 
         self.datasets: list[_Dataset] = []
         for path in datasets:
-            make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
-            source, codes, shift, scale = make(path, split, n_steps_input, n_steps_output,
-                                               dt_stride, normalization)
+            source, codes, shift, scale = _open_dataset(path, split, n_steps_input,
+                                                        n_steps_output, dt_stride, normalization)
             ids = self.vocabulary.add(source.name, source.channel_names)
             self.datasets.append(_Dataset(source, codes, shift, scale, ids))
         names = [d.source.name for d in self.datasets]

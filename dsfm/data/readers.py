@@ -128,7 +128,7 @@ def serve(tasks: Connection, results: Connection) -> None:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) < 3 or argv[2] == "1":     # started by the main thread (see WellLoader)
+    if argv[2] == "1":                      # started by the main thread (see WellLoader)
         _die_with_parent()
     # The training process decides when readers stop. Ctrl-C reaches the whole process group,
     # and Slurm delivers scancel/--signal (USR1 before a preemption, TERM at it) to every

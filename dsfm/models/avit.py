@@ -147,8 +147,7 @@ class AViT(nn.Module):
                 [self.debed.out_kernel, head.weight[:, old:].to(dev)], dim=1))
             self.debed.out_bias = nn.Parameter(torch.cat(
                 [self.debed.out_bias, head.bias[old:].to(dev)]))
-        self.config = AViTConfig(**{**asdict(self.config),
-                                    "n_fields": self.config.n_fields + n_new})
+        self.config = AViTConfig(**{**asdict(self.config), "n_fields": total})
 
     def unfreeze(self) -> None:
         for p in self.parameters():

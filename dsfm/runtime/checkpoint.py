@@ -42,14 +42,8 @@ def _tag_dirs(ckpt_dir: str) -> list[str]:
 
 def tags(ckpt_dir: str) -> list[str]:
     """Complete checkpoints, oldest first (a tag counts once every rank's file is there)."""
-    if not os.path.isdir(ckpt_dir):
-        return []
-    found = []
-    for name in os.listdir(ckpt_dir):
-        m = _TAG_RE.match(name)
-        if m and os.path.isfile(os.path.join(ckpt_dir, name, "COMPLETE")):
-            found.append((int(m.group(1)), name))
-    return [name for _, name in sorted(found)]
+    return [name for name in _tag_dirs(ckpt_dir)
+            if os.path.isfile(os.path.join(ckpt_dir, name, "COMPLETE"))]
 
 
 def rng_state() -> dict:
@@ -146,12 +140,20 @@ def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: in
                           f"{have}, this run builds {tuple(model_shape)}; use the run's own "
                           "--config, or start a new run with train.init_from")
     check_fields(meta, tag_dir, n_fields, vocabulary)
-    saved_world = meta.get("world_size", len(glob.glob(os.path.join(tag_dir, "dsfm_rank*.pt"))))
-    if saved_world != world_size:
-        raise ConfigError(f"{tag_dir} was written by {saved_world} ranks; this run has "
-                          f"{world_size}. Resume with the same world size, or start a new run "
-                          "from its weights with train.init_from")
+    check_world(meta, tag_dir, world_size)
     return meta
+
+
+def check_world(meta: dict, tag_dir: str, world_size: int, rank: int | None = None) -> None:
+    """A checkpoint resumes only with the world size that wrote it (the sampler's shards
+    depend on it), and a rank needs its own state file there."""
+    saved = meta.get("world_size", len(glob.glob(os.path.join(tag_dir, "dsfm_rank*.pt"))))
+    missing = rank is not None and not os.path.isfile(
+        os.path.join(tag_dir, f"dsfm_rank{rank}.pt"))
+    if saved != world_size or missing:
+        raise ConfigError(f"{tag_dir} was written by {saved} ranks; this run has {world_size}. "
+                          "Resume with the same world size, or start a new run from its "
+                          "weights with train.init_from")
 
 
 def check_fields(meta: dict, tag_dir: str, n_fields: int | None,
@@ -201,17 +203,14 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
         return None
     rank = td.get_rank() if td.is_initialized() else 0
     world = td.get_world_size() if td.is_initialized() else 1
-    rank_file = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
-    saved_world = len(glob.glob(os.path.join(ckpt_dir, tag, "dsfm_rank*.pt")))
-    if saved_world != world or not os.path.isfile(rank_file):
-        raise ConfigError(f"{os.path.join(ckpt_dir, tag)} was written by {saved_world} ranks; "
-                          f"this run has {world}. Resume with the same world size, or start a "
-                          "new run from its weights with train.init_from")
     tag_dir = os.path.join(ckpt_dir, tag)
-    check_fields(read_meta(tag_dir), tag_dir, n_fields, vocabulary)
+    meta = read_meta(tag_dir)
+    check_world(meta, tag_dir, world, rank)
+    check_fields(meta, tag_dir, n_fields, vocabulary)
+    rank_file = os.path.join(tag_dir, f"dsfm_rank{rank}.pt")
     _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
     if client is None:
-        raise ConfigError(f"{os.path.join(ckpt_dir, tag)}: DeepSpeed could not load it")
+        raise ConfigError(f"{tag_dir}: DeepSpeed could not load it")
     rank_state = torch.load(rank_file, weights_only=False)
     set_rng_state(rank_state.pop("rng"))
     return client, rank_state
