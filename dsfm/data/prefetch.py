@@ -20,6 +20,7 @@ their parent is gone. One loader serves one thread.
 from __future__ import annotations
 
 import errno
+import fcntl
 import mmap
 import os
 import secrets
@@ -56,6 +57,10 @@ from dsfm.data.windows import (
 from dsfm.errors import ConfigError, DataError, NonFiniteError
 
 POLL_S = 0.2
+#: bytes of a task message beyond its window ids (header, pickled tuple), with room to spare
+TASK_OVERHEAD = 256
+#: how long `close` lets readers finish the batch in hand before killing them (they only read)
+CLOSE_GRACE_S = 1.0
 
 
 class WorkerError(DataError):
@@ -259,6 +264,18 @@ def all_finite(*tensors: torch.Tensor) -> torch.Tensor | bool:
 # ------------------------------------------------------------------------------- loader
 
 
+def _enlarge_pipe(fd: int, nbytes: int) -> int:
+    """Ask Linux for a pipe buffer of at least `nbytes` (capped by its limits); the size it has."""
+    size = fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ)
+    if nbytes > size:
+        try:
+            cap = int(open("/proc/sys/fs/pipe-max-size").read())
+            size = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, min(nbytes, cap))
+        except (OSError, ValueError):
+            pass                             # over the user's pipe quota: keep what it has
+    return size
+
+
 def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int]:
     if rank is not None and world_size is not None:
         return rank, world_size
@@ -370,6 +387,7 @@ class WellLoader:
         self._workers: list[subprocess.Popen] = []
         self._inflight: dict[int, tuple] = {}     # step -> (slot, dataset, windows, worker, t0)
         self._closed = False
+        self._stopped_by: str | None = None      # why next() closed the loader
         self._owner = os.getpid()
         try:
             self._start_workers(max_open_files, worker_start_timeout_s)
@@ -413,8 +431,16 @@ class WellLoader:
         env = subprocess_env()
         self._tasks: list[Connection] = []
         self._results: list[Connection] = []
+        # a task message carries its window ids; a send to a stalled reader must never block
+        # (the trainer would hang past read_timeout_s), so each reader gets no more tasks at
+        # once than its pipe holds: the pipe is enlarged to hold ring_slots of them if it may
+        task_bytes = 8 * self.batch_size + TASK_OVERHEAD
+        self._tasks_per_reader = self.ring_slots
         for wid in range(self.num_workers):
             task_r, task_w = os.pipe()
+            self._tasks_per_reader = min(self._tasks_per_reader,
+                                         _enlarge_pipe(task_w, self.ring_slots * task_bytes)
+                                         // task_bytes - 1)
             res_r, res_w = os.pipe()
             try:
                 # Linux's parent-death signal follows the thread that starts the child: only
@@ -500,11 +526,13 @@ class WellLoader:
         # ring once its copy is done, and without this cap the readers would keep filling it
         # and the device would hold every batch they assembled, without bound
         while self._free and self._next_submit - self._next_yield < self.ring_slots:
+            wid = int(np.argmin(self._outstanding))
+            if self._outstanding[wid] and self._outstanding[wid] >= self._tasks_per_reader:
+                break                        # every reader's task pipe is as full as it may be
             slot = self._free.pop()
             d, windows = self.sampler.next()
             step = self._next_submit
             self._snapshots[step] = self.sampler.state_dict()
-            wid = int(np.argmin(self._outstanding))
             self._outstanding[wid] += 1
             self._inflight[step] = (slot, d, windows, wid, time.monotonic())
             self._next_submit += 1
@@ -628,7 +656,21 @@ class WellLoader:
 
     def __next__(self) -> Batch:
         if self._closed:
-            raise StopIteration
+            if self._stopped_by is None:
+                raise StopIteration
+            raise WorkerError(f"this loader was closed when {self._stopped_by}; build a new "
+                              "one (its state_dict() continues where this one stopped)")
+        try:
+            return self._next()
+        except BaseException as exc:
+            # an interrupt (Ctrl-C) can land anywhere, even within a message from a reader:
+            # the loader cannot continue, and iterating on would hang, so it closes; so did
+            # every error of its own already
+            self._stopped_by = f"next() raised {type(exc).__name__} at step {self._next_yield}"
+            self.close()
+            raise
+
+    def _next(self) -> Batch:
         entered = time.perf_counter()
         if self.cuda:
             self._check_deferred()
@@ -781,7 +823,7 @@ class WellLoader:
                 conn.send(None)
             except OSError:
                 pass
-        deadline = time.monotonic() + 5.0
+        deadline = time.monotonic() + CLOSE_GRACE_S
         for p in self._workers:
             try:
                 p.wait(max(0.0, deadline - time.monotonic()))

@@ -1,5 +1,6 @@
 """WellLoader on CPU: values, layout, sharding, resume, bounded ring, and faults."""
 
+import fcntl
 import os
 import shutil
 import signal
@@ -13,8 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-from dsfm.data import PDEBenchDataset, WellDataset, WellLoader
+from dsfm.data import PDEBenchDataset, WellDataset, WellLoader, prefetch
 from dsfm.data.pdebench import write_pdebench_stats
+from dsfm.data.prefetch import WorkerError
 from dsfm.errors import CorruptFileError, NonFiniteError, SchemaError
 from tests.conftest import DEMO_DATASETS, REPO, run
 from tests.data.well_fixtures import (
@@ -22,6 +24,7 @@ from tests.data.well_fixtures import (
     make_dataset,
     nan_pressure_copy,
     partial_dims_file,
+    rich_2d_file,
 )
 
 pytestmark = pytest.mark.slow
@@ -264,6 +267,77 @@ def test_a_dead_reader_is_detected_within_seconds(demo_base):
     assert type(exc.value).__name__ == "WorkerError"
     assert "died (killed by signal 9)" in str(exc.value)
     assert all(p.poll() is not None for p in loader._workers)
+
+
+class _Alarm(Exception):
+    pass
+
+
+def _alarm(seconds, exc=_Alarm):
+    """Raise `exc` in the main thread after `seconds` (a hang fails the test instead)."""
+    def fire(*_):
+        raise exc("alarm")
+    signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+
+
+@pytest.mark.parametrize("enlarged", [True, False], ids=["pipe-enlarged", "pipe-as-is"])
+def test_a_stalled_reader_is_reported_even_with_batches_too_large_for_its_pipe(tmp_path,
+                                                                             enlarged,
+                                                                             monkeypatch):
+    """2,000 windows a batch are 16 kB of window ids per task: eight of them overfill a
+    default 64 kB pipe, and a trainer sending to a stalled reader would block in the write,
+    past read_timeout_s, for ever. The pipe is enlarged where Linux lets it; where it does not
+    (pipe-as-is), fewer tasks go to a reader at once. Then closing kills the stalled reader
+    within a second."""
+    if not enlarged:
+        monkeypatch.setattr(prefetch, "_enlarge_pipe",
+                            lambda fd, nbytes: fcntl.fcntl(fd, fcntl.F_GETPIPE_SZ))
+    root = make_dataset(str(tmp_path), "many", rich_2d_file, n_traj=200, n_steps=20,
+                        shape=(4, 4))
+    loader = WellLoader([root], batch_size=2000, n_steps_input=1, num_workers=1,
+                        ring_slots=8, read_timeout_s=2.0)
+    try:
+        next(loader)
+        os.kill(loader.worker_pids[0], signal.SIGSTOP)
+        start = time.monotonic()
+        _alarm(30)
+        with pytest.raises(WorkerError, match="has not finished step .* in 2 s"):
+            for _ in range(100):
+                next(loader)
+        elapsed = time.monotonic() - start
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert elapsed < 5, elapsed            # 2 s of patience, 1 s of grace to close
+        assert all(p.poll() is not None for p in loader._workers)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        loader.close()
+
+
+def test_iterating_after_an_interrupted_next_is_an_error_not_a_hang(demo_base):
+    """Ctrl-C can land anywhere in next(), even inside a reader's message: the loader closes,
+    and a caller that catches the KeyboardInterrupt and iterates on gets an error at once."""
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    loader = WellLoader(paths, batch_size=2, num_workers=2, read_timeout_s=60)
+    try:
+        for _ in range(3):
+            next(loader)
+        for pid in loader.worker_pids:
+            os.kill(pid, signal.SIGSTOP)
+        _alarm(0.5, KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            for _ in range(100):
+                next(loader)                   # the batches read ahead, then it waits
+                state = loader.state_dict()
+        _alarm(10)
+        with pytest.raises(WorkerError, match="KeyboardInterrupt at step"):
+            next(loader)
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert all(p.poll() is not None for p in loader._workers)
+        assert loader.state_dict() == state
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        loader.close()
 
 
 def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monkeypatch):
