@@ -153,9 +153,11 @@ class RelativePositionBias(nn.Module):
     """T5's bucketed relative position bias: 32 buckets (16 per direction, exact up to 8, then
     logarithmic up to `max_distance`), one learned value per bucket and head. On a periodic axis
     the offset is taken the short way round the circle, so the first and last cells are
-    neighbours."""
+    neighbours. `max_distance` is 32, the value MPP's bucketing actually uses: its module is
+    built with 128, but its `compute_bias` does not pass that on, so its pretrained weights
+    learned offsets 10 to 31 in buckets of the 32 scale."""
 
-    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 128):
+    def __init__(self, n_heads: int, num_buckets: int = 32, max_distance: int = 32):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
@@ -392,7 +394,7 @@ class FieldEmbedding(nn.Module):
     """MPP's shared field embedding ("space bag"): a linear map from the vocabulary's fields to
     dim/4 channels of which only the present fields' columns are used, rescaled by
     sqrt(n_vocabulary / n_present) so the embedding's scale does not depend on how many fields a
-    dataset has."""
+    dataset has. As in MPP, the bias is rescaled with them (the whole linear map is)."""
 
     def __init__(self, n_fields: int, out_dim: int):
         super().__init__()
@@ -404,4 +406,4 @@ class FieldEmbedding(nn.Module):
         """x: [N, C, H, W] with C = len(field_ids) → [N, out_dim, H, W]."""
         scale = math.sqrt(self.weight.shape[1] / field_ids.numel())
         w = self.weight[:, field_ids] * scale
-        return F.conv2d(x, w[:, :, None, None], self.bias)
+        return F.conv2d(x, w[:, :, None, None], self.bias * scale)

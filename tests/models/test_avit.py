@@ -128,16 +128,22 @@ def test_relative_position_buckets_wrap_on_periodic_axes():
     assert plain.min() >= 0 and plain.max() < 32
     long = rpb.buckets(300, periodic=False, device=torch.device("cpu"))
     assert long.max() == 31 and long[0, 1:8].tolist() == list(range(17, 24))
+    # logarithmic from 8 on, saturating at 32 (MPP's effective max_distance; 128 would put
+    # offset 10 in bucket 24 and 20 in 26)
+    assert long[0, 8:16].tolist() == [24, 24, 25, 25, 26, 26, 27, 27]
+    assert long[0, 20] == 29 and long[0, 31] == 31 and long[0, 32] == 31
+    assert long[20, 0] == 13                                       # 20 behind
 
 
 def test_field_embedding_rescales_by_vocabulary_over_present_fields():
+    """The whole map is rescaled, bias included, as MPP's SubsampledLinear does."""
     emb = FieldEmbedding(n_fields=8, out_dim=4)
     with torch.no_grad():
-        emb.bias.zero_()
+        emb.bias.copy_(torch.tensor([0.5, -1.0, 2.0, 0.25]))
     x = torch.zeros(1, 2, 1, 1)
     x[0, 0] = 1.0
     out = emb(x, torch.tensor([5, 6]))
-    torch.testing.assert_close(out[0, :, 0, 0], emb.weight[:, 5] * 2.0)   # sqrt(8 / 2)
+    torch.testing.assert_close(out[0, :, 0, 0], (emb.weight[:, 5] + emb.bias) * 2.0)  # √(8/2)
 
 
 def test_input_too_small_for_the_patch_is_refused():
