@@ -21,8 +21,9 @@ PER_RANK = {"time/step_ms": "step_ms", "time/data_wait_ms": "data_wait_ms",
             "system/process_cpu_pct": "process_cpu_pct"}
 # Prefixes whose metrics differ between ranks and get min/mean/max.
 PER_RANK_PREFIXES = ("gpu/", "system/", "time/", "perf/")
-# Rates that add up over ranks (written as the sum; per-rank min/max still shown).
-SUMMED = ("perf/samples_per_sec", "perf/patches_per_sec", "perf/tflops")
+# Rates and amounts that add up over ranks (written as the sum; per-rank min/max still shown):
+# the job's energy is every GPU's.
+SUMMED = ("perf/samples_per_sec", "perf/patches_per_sec", "perf/tflops", "gpu/energy_j")
 BITMASKS = ("gpu/throttle_reasons",)
 
 

@@ -15,12 +15,18 @@ from collections import defaultdict
 
 import torch
 
-# Dense peak TFLOP/s per card: (fp32 on CUDA cores, TF32 on tensor cores); vendor datasheets.
-PEAK_TFLOPS = {
-    "H100": (67.0, 494.7),          # SXM5
-    "H200": (67.0, 494.7),
-    "A100": (19.5, 156.0),
-}
+# Dense peak TFLOP/s per card: (fp32 on CUDA cores, TF32 on tensor cores), from NVIDIA's
+# datasheets (TF32 there is quoted with sparsity: half of it). Matched in order against the
+# NVML name, case-insensitively: the PCIe and NVL cards first, then the SXM parts, whose names
+# carry no form factor ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA GH200 480GB").
+PEAK_TFLOPS = (
+    ("H100 PCIe", 51.0, 378.0),
+    ("H100 NVL", 60.0, 417.5),
+    ("H200 NVL", 60.0, 417.5),
+    ("H100", 67.0, 494.7),
+    ("H200", 67.0, 494.7),
+    ("A100", 19.5, 156.0),          # SXM4 and PCIe alike
+)
 PHASES = ("forward", "backward", "optimizer")
 
 
@@ -32,8 +38,8 @@ def numerics() -> str:
 def peak_tflops(device_name: str, kind: str | None = None) -> float | None:
     """Dense peak of the named card for fp32 or TF32; None for a card not in the table."""
     kind = kind or numerics()
-    for card, (fp32, tf32) in PEAK_TFLOPS.items():
-        if card in device_name:
+    for card, fp32, tf32 in PEAK_TFLOPS:
+        if card.lower() in device_name.lower():
             return tf32 if kind == "tf32" else fp32
     return None
 

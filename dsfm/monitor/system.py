@@ -9,8 +9,9 @@ once per process that maps it, as RSS does), `system/load1`, and rates in MB/s (
 `system/net_rx_mbps`, `system/net_tx_mbps` (all interfaces but loopback),
 `system/disk_read_mbps`, `system/disk_write_mbps` (whole disks, not partitions).
 
-Rates and CPU shares come from cumulative counters differenced between samples (the first
-baseline is taken at construction), never from psutil's module-global `cpu_percent` state, which
+Rates and CPU shares come from cumulative counters differenced between samples over at least
+half an interval (at most 0.5 s; the first baseline is taken at construction, so a sample taken
+right after it gives levels only), never from psutil's module-global `cpu_percent` state, which
 another caller in the same process would disturb.
 """
 
@@ -63,6 +64,7 @@ class SystemSampler(BackgroundSampler):
         self._me = psutil.Process(os.getpid())
         self._children: list[psutil.Process] | None = None
         self._scanned = 0.0
+        self._min_window_s = min(0.5, interval_s / 2)
         self._prev = self._counters()
         self.unavailable: dict[str, str] = {}
         for kind, keys, why in (
@@ -106,13 +108,15 @@ class SystemSampler(BackgroundSampler):
 
     def _read(self) -> dict[str, float]:
         prev, cur = self._prev, self._counters()
-        self._prev = cur
         vm = psutil.virtual_memory()
         out = {"system/mem_used_gib": vm.used / _GIB, "system/mem_pct": vm.percent,
                "system/rss_gib": cur["rss"] / _GIB, "system/load1": os.getloadavg()[0]}
         dt = cur["t"] - prev["t"]
-        if dt <= 0:
+        if dt < self._min_window_s:
+            # too short to difference (CPU times tick every 10 ms; the first sample comes right
+            # after the baseline): levels only, and the baseline stays for the next reading
             return out
+        self._prev = cur
         busy = cur["machine"][0] - prev["machine"][0]
         total = cur["machine"][1] - prev["machine"][1]
         if total > 0:

@@ -22,6 +22,9 @@ def test_combine_gives_mean_min_max_sums_rates_and_names_the_straggler():
     assert out["time/step_ms/min"] == 100.0 and out["time/step_ms/max"] == 160.0
     assert out["gpu/util_pct"] == 75.0                          # NaN (unavailable) left out
     assert out["perf/samples_per_sec"] == 103.0                 # rates add up over ranks
+    energy = board.combine([{"gpu/energy_j": 300.0}, {"gpu/energy_j": 500.0}])
+    assert energy["gpu/energy_j"] == 800.0                      # the job's, every GPU's
+    assert energy["gpu/energy_j/max"] == 500.0
     assert out["ranks/step_ms/r1"] == 160.0 and out["ranks/gpu_util_pct/r0"] == 90.0
     assert out["ranks/slowest"] == 1.0
     assert out["train/loss"] == 0.5 and "train/loss/min" not in out
@@ -90,6 +93,12 @@ def test_peak_table():
     assert peak_tflops("NVIDIA H200", "fp32") == 67.0
     assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
     assert peak_tflops("NVIDIA A100-SXM4-80GB", "tf32") == 156.0
+    # the PCIe and NVL cards are slower than the SXM parts whose name they contain
+    assert peak_tflops("NVIDIA H100 PCIe", "fp32") == 51.0
+    assert peak_tflops("NVIDIA H100 PCIe", "tf32") == 378.0
+    assert peak_tflops("NVIDIA H100 NVL", "tf32") == 417.5
+    assert peak_tflops("NVIDIA H200 NVL", "fp32") == 60.0
+    assert peak_tflops("NVIDIA GH200 480GB", "tf32") == 494.7
     assert peak_tflops("Some GPU", "fp32") is None
 
 

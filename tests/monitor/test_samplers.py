@@ -78,6 +78,19 @@ def test_system_sampler_counts_child_processes():
     assert snap["system/rss_gib"] > 0
 
 
+def test_rates_are_never_taken_over_a_moment():
+    """The sampler's first reading comes right after its baseline: CPU shares over a few
+    microseconds (10 ms ticks) would be noise, so it gives levels only, and the next reading
+    is differenced against the baseline, over the whole time since."""
+    sampler = SystemSampler(interval_s=0.4)
+    first = sampler.sample()
+    assert "system/mem_pct" in first and "system/process_cpu_pct" not in first
+    _burn(0.3)
+    later = sampler.sample()
+    assert later["system/process_cpu_pct"] > 50          # 0.3 s busy over about 0.3 s
+    assert "system/process_cpu_pct" not in sampler.sample()   # right after: levels again
+
+
 def test_snapshot_means_and_resets():
     """snapshot() averages the samples since the previous one; with none new, the latest."""
     sampler = SystemSampler(interval_s=10)
