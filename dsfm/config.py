@@ -9,7 +9,7 @@ in the `--ds_config` JSON and the run reads them from the engine.
 from __future__ import annotations
 
 import os
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -21,7 +21,9 @@ DEFAULT_CONFIG = os.path.join(PRESETS_DIR, "demo.yaml")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # strict: no true for 1, no 2.0 for 2, no "yes" for a number; no NaN or infinity anywhere
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
 
 class DataConfig(_Strict):
@@ -34,8 +36,8 @@ class DataConfig(_Strict):
                                 "or paths to dataset directories; empty: every dataset in base")
     pdebench: list[str] = Field(default_factory=list, description="PDEBench HDF5 files or "
                                 "directories, mixed in after the Well datasets")
-    weights: Optional[list[float]] = Field(None, description="mixture weights in the order of "
-                                           "the datasets (uniform when unset)")
+    weights: Optional[list[Annotated[float, Field(ge=0)]]] = Field(
+        None, description="mixture weights in the order of the datasets (uniform when unset)")
     n_steps_input: int = Field(4, ge=1, description="input frames per window (read by the "
                                "index, the loader and the model)")
     dt_stride: int = Field(1, ge=1)
@@ -130,6 +132,38 @@ def _known_keys(model: type[BaseModel]) -> list[str]:
     return sorted(model.model_fields)
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML that refuses a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `train:` block would drop every value of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                first = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:                 # an unhashable key: PyYAML's own error follows
+                continue
+            if first != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {first} and "
+                    f"{key_node.start_mark.line + 1}); the second would replace the first",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _yaml_error(exc: yaml.YAMLError) -> str:
+    """A YAML error in one line: where, and what."""
+    mark = getattr(exc, "problem_mark", None)
+    what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{where}{what}"
+
+
+def parse_yaml(text: str):
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def apply_set(raw: dict, assignment: str) -> None:
     """Apply one `key.path=value` to the raw config dict; the value is parsed as YAML (numbers,
     booleans, null, lists)."""
@@ -147,51 +181,85 @@ def apply_set(raw: dict, assignment: str) -> None:
                               f"{', '.join(_known_keys(node_model))}")
         if depth == len(parts) - 1:
             try:
-                node[part] = yaml.safe_load(text) if text.strip() else None
+                node[part] = parse_yaml(text) if text.strip() else None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"--set {key}: cannot parse {text!r}: {exc}") from None
+                raise ConfigError(f"--set {key}: cannot parse {text!r} as a YAML value "
+                                  f"({_yaml_error(exc)})") from None
             return
         sub = fields[part].annotation
         if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
             raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a "
                               "section")
-        node = node.setdefault(part, {})
+        if node.get(part) is None:            # absent, or "data:" with nothing under it
+            node[part] = {}
+        node = node[part]
         if not isinstance(node, dict):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is not a section")
+            raise ConfigError(f"{'.'.join(parts[:depth + 1])} in the --config file is a "
+                              f"{type(node).__name__}, not a section of keys; --set {key} "
+                              "cannot go under it")
         node_model = sub
 
 
+def _section(loc: tuple) -> type[BaseModel]:
+    """The config class that holds the key at `loc` (for listing its known keys)."""
+    model: type[BaseModel] = RunConfig
+    for part in loc[:-1]:
+        sub = model.model_fields[part].annotation if part in model.model_fields else None
+        if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
+            break
+        model = sub
+    return model
+
+
 def _describe(error: ValidationError, source: str) -> str:
-    lines = []
+    """Every problem, on one line: `source: key: what (got value)`; `; ` between them."""
+    parts = []
     for e in error.errors():
         loc = ".".join(str(p) for p in e["loc"])
         if e["type"] == "extra_forbidden":
-            lines.append(f"{source}: unknown key {loc}")
+            known = _known_keys(_section(e["loc"]))
+            parts.append(f"unknown key {loc} (known there: {', '.join(known)})")
         else:
-            lines.append(f"{source}: {loc}: {e['msg']} (got {e.get('input')!r})")
-    return "\n".join(lines)
+            parts.append(f"{loc}: {e['msg'].lower()} (got {e.get('input')!r})")
+    return f"{source}: " + "; ".join(parts)
+
+
+def _find_config(path: str) -> str:
+    """A file, or a preset of dsfm/configs/ by name, with or without .yaml."""
+    if os.path.isfile(path):
+        return path
+    for name in (path, path + ".yaml"):
+        if os.path.isfile(os.path.join(PRESETS_DIR, name)):
+            return os.path.join(PRESETS_DIR, name)
+    return path
 
 
 def load_config(path: str | None = None, sets: list[str] = ()) -> RunConfig:
     """Read the YAML preset (default: the embedded demo), apply `--set`s, validate."""
-    path = path or DEFAULT_CONFIG
-    if not os.path.isfile(path) and os.path.isfile(os.path.join(PRESETS_DIR, path)):
-        path = os.path.join(PRESETS_DIR, path)
+    path = _find_config(path or DEFAULT_CONFIG)
     try:
         with open(path) as fh:
-            raw: Any = yaml.safe_load(fh) or {}
+            raw: Any = parse_yaml(fh)
     except OSError as exc:
-        raise ConfigError(f"--config {path}: {exc.strerror}") from None
+        presets = sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))
+        raise ConfigError(f"--config {path}: {exc.strerror} (presets by name: "
+                          f"{', '.join(presets)})") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {path}: not valid YAML: {exc}") from None
+        raise ConfigError(f"--config {path}: not valid YAML at {_yaml_error(exc)}") from None
+    if raw is None:
+        raise ConfigError(f"--config {path}: the file is empty (a run needs at least a data "
+                          "section; see dsfm/configs/demo.yaml)")
     if not isinstance(raw, dict):
-        raise ConfigError(f"--config {path}: expected a mapping at the top level")
+        raise ConfigError(f"--config {path}: expected a mapping of sections at the top level, "
+                          f"got a {type(raw).__name__}")
     for s in sets:
         apply_set(raw, s)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, path + (" with --set" if sets else ""))) from None
+        touched = [s.split("=", 1)[0] for s in sets]
+        raise ConfigError(_describe(exc, path + (f" with --set {', '.join(touched)}"
+                                                 if sets else ""))) from None
     cfg.model_shape()
     return cfg
 

@@ -42,6 +42,10 @@ class EmptySplitError(DataError):
     """A split directory has no HDF5 files."""
 
 
+class CheckpointError(DsfmError):
+    """A checkpoint that cannot be read back."""
+
+
 class SimulationError(DsfmError, FloatingPointError):
     """A simulator produced non-finite values: the time step or resolution is inadequate."""
 

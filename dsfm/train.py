@@ -32,6 +32,7 @@ from dsfm.errors import ConfigError, DsfmError  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
+from dsfm.runtime import ds_config as ds_settings  # noqa: E402
 from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
     all_reduce_,
@@ -63,7 +64,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, dict]:
+def read_configs(args: argparse.Namespace,
+                 world_size: int) -> tuple[RunConfig, dict, list[str]]:
+    """The run config and the DeepSpeed config, checked; warnings about the latter for the
+    log."""
     sets = list(args.sets)
     if os.environ.get("DSFM_DATA"):
         sets.insert(0, f"data.base={os.environ['DSFM_DATA']}")
@@ -75,12 +79,16 @@ def read_configs(args: argparse.Namespace, world_size: int) -> tuple[RunConfig, 
         raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"--ds_config {args.ds_config}: expected a JSON object of DeepSpeed "
+                          f"settings, got a {type(ds_config).__name__}")
     ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
+    notes = ds_settings.check(ds_config, args.ds_config)
     if cfg.model.compile and schedule.zero_stage(ds_config) == 3:
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "
                           f"{args.ds_config} sets stage 3")
-    return cfg, ds_config
+    return cfg, ds_config, notes
 
 
 @dataclass
@@ -89,36 +97,46 @@ class Checked:
     ds_config: dict
     pretrained: dict | None          # train.init_from's payload; dropped once in the model
     notes: list[str]
+    eval_plan: dict[str, int] | None = None     # eval.plan_eval's, when the data was there
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                  ds_config: dict) -> Checked:
-    """What can be refused before any process group waits: data paths (unless they are to be
-    simulated), the pretrained weights of train.init_from, and a checkpoint to resume that this
-    run could not load or would continue differently (model, field columns and vocabulary when
-    the data is there to tell, world size, learning-rate schedule). Returns the DeepSpeed
-    config to run with, the pretrained payload (None without init_from) and notes for the
-    log."""
+    """What can be refused before any process group waits: the model's shape, the output and
+    data directories, the data (unless it is to be simulated: every dataset's train split
+    indexed from its metadata and stats.yaml, the mixture's weights and micro-batch against
+    its windows, the valid split against the evaluation), the pretrained weights of
+    train.init_from, and a checkpoint to resume that this run could not load or would continue
+    differently (model, field columns and vocabulary when the data is there to tell, world
+    size, learning-rate schedule). Returns the DeepSpeed config to run with, the pretrained
+    payload (None without init_from), notes for the log and the evaluation plan."""
     from dsfm.data.prepare import dataset_paths, datasets_in
+    from dsfm.models.avit import AViTConfig
 
     data = cfg.data
+    AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path)
+    if os.path.exists(data.base) and not os.path.isdir(data.base):
+        raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None
-    if not data.generate or datasets_in(data.base):
+    if not data.generate or datasets_in(data.base, complete=True):
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
     pretrained = None
     if cfg.train.init_from:
         pretrained = checkpoint.load_pretrained(cfg.train.init_from)
         check_pretrained(cfg, pretrained)
     notes = []
+    n_fields = vocab = plan = None
+    if paths is not None:
+        mixture = check_mixture(cfg, paths, pretrained, schedule.micro_batch(ds_config),
+                                world_size)
+        vocab = mixture.state_dict()
+        n_fields = model_config(cfg, mixture, pretrained).n_fields
+        if cfg.train.eval_batches:
+            plan = plan_evaluation(cfg, paths, schedule.micro_batch(ds_config), world_size)
     if args.resume:
         run_dir = args.run_dir or newest_run(cfg)
         if run_dir is None:
             raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give --run-dir")
-        n_fields = vocab = None
-        if paths is not None:
-            mixture = mixture_vocabulary(cfg, paths, pretrained)
-            vocab = mixture.state_dict()
-            n_fields = model_config(cfg, mixture, pretrained).n_fields
         meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab)
         if meta is not None:
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
@@ -126,7 +144,12 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                                                  checkpoint.newest_tag_dir(run_dir),
                                                  cfg.train.max_steps)
             notes += [note] if note else []
-    return Checked(ds_config, pretrained, notes)
+    if args.run_dir is not None:          # last: a refused run leaves no directory behind
+        try:
+            os.makedirs(args.run_dir, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"run directory {args.run_dir}: {exc.strerror or exc}") from None
+    return Checked(ds_config, pretrained, notes, plan)
 
 
 def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
@@ -175,16 +198,38 @@ def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:
     return choice[0]
 
 
-def mixture_vocabulary(cfg: RunConfig, paths: list[str], pretrained: dict | None):
-    """The field vocabulary the loader will build: the pretrained one first when fine-tuning,
-    then the mixture's fields in dataset order (read from the files' metadata)."""
+def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, micro: int,
+                  world_size: int):
+    """Index the train split of every dataset as the loader will (metadata and stats.yaml,
+    no data read), check that the mixture's weights and micro-batch fit its windows, and return
+    the field vocabulary the loader will build: the pretrained one first when fine-tuning, then
+    the mixture's fields in dataset order."""
     from dsfm.data.prefetch import index_dataset
+    from dsfm.data.sampler import MixtureSampler
 
+    data = cfg.data
     vocab = new_vocabulary(cfg, pretrained)
-    for path in paths:
-        source = index_dataset(path, "train", cfg.data.n_steps_input, 1, cfg.data.dt_stride)
+    sources = [index_dataset(path, "train", data.n_steps_input, 1, data.dt_stride,
+                             data.normalization) for path in paths]
+    for source in sources:
         vocab.add(source.name, source.channel_names)
+    names = [s.name for s in sources]
+    if data.weights is not None and len(data.weights) != len(sources):
+        raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
+                          f"{len(sources)} datasets ({', '.join(names)})")
+    MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
+                   data.weights, data.same_dataset_across_ranks, names)
     return vocab
+
+
+def plan_evaluation(cfg: RunConfig, paths: list[str], micro: int, world_size: int):
+    """eval.plan_eval for this run; a ConfigError when the valid split cannot serve it."""
+    from dsfm.eval import plan_eval
+
+    return plan_eval(paths, n_steps_input=cfg.data.n_steps_input,
+                     rollout_steps=cfg.train.rollout_steps, batch_size=micro,
+                     batches=cfg.train.eval_batches, world_size=world_size,
+                     dt_stride=cfg.data.dt_stride)
 
 
 def new_vocabulary(cfg: RunConfig, pretrained: dict | None):
@@ -252,6 +297,24 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
     return vocab, loader, model
 
 
+def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str) -> str:
+    """Why the run stops after `n` non-finite losses in a row, and what to try."""
+    head = f"{n} non-finite losses in a row at step {step + 1}"
+    if step == 0:
+        return (f"{head}, before any update, so not the learning rate: the loader found the "
+                "inputs finite, so look for values too large for fp32 in the model "
+                "(data.normalization off, or a stats.yaml that does not fit the data) or "
+                "weights of train.init_from that are not")
+    fix = "the run diverged; lower the learning rate (ds_config optimizer.params.lr)"
+    if saved_at:
+        fix += (f" and resume from the checkpoint of step {saved_at} "
+                f"({checkpoint.checkpoint_dir(run_dir)}; train.resume_schedule=new for a new "
+                "schedule)")
+    elif first_step == 0:
+        fix += " and start again (no checkpoint was written)"
+    return f"{head}: {fix}"
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Each rank's torch stream after the model is built (drop-path masks differ between
     data-parallel ranks, as their data does); the initialisation itself is the same on all."""
@@ -260,17 +323,25 @@ def rank_seed(seed: int, rank: int) -> int:
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
+def say_error(line: str) -> None:
+    """One write of the line and its newline (print makes two), so that the lines of ranks
+    failing at once do not interleave in the launcher's output."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         env = discover()
-        cfg, ds_config = read_configs(args, env.world_size)
+        cfg, ds_config, ds_notes = read_configs(args, env.world_size)
         checked = check_inputs(cfg, args, env.world_size, ds_config)
+        checked.notes += ds_notes
         checked.notes += check_devices(env, torch.cuda.device_count()
                                        if torch.cuda.is_available() else 0)
         ds_config = checked.ds_config
     except DsfmError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        say_error(f"error: {exc}")
         return 2
     init_process_group(env)
     log, rc = None, None
@@ -285,18 +356,16 @@ def main(argv: list[str] | None = None) -> int:
                 fh.write(dump(cfg))
             with open(os.path.join(run_dir, "ds_config.json"), "w") as fh:
                 json.dump(ds_config, fh, indent=2)
-        for warning in schedule.precision_warnings(ds_config):
-            log.text(f"warning: {warning}")
         for note in checked.notes:
             log.text(note)
-        log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.launcher}, "
+        log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.described()}, "
                  f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
                  f"{schedule.zero_stage(ds_config)}")
         rc = train(cfg, ds_config, checked, args, env, run_dir, log)
         return rc
     except DsfmError as exc:
         msg = f"error (rank {env.rank}): {exc}"
-        print(msg, file=sys.stderr)
+        say_error(msg)
         if log is not None:
             log.text(msg, console=False)
         return 1
@@ -315,7 +384,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
 
     from dsfm.data.prefetch import WellLoader
     from dsfm.data.prepare import dataset_paths
-    from dsfm.eval import evaluate, format_table, nmse, plan_eval
+    from dsfm.eval import evaluate, format_table, nmse
 
     log.text(set_tf32(cfg.train.tf32))
     micro = schedule.micro_batch(ds_config)
@@ -343,12 +412,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
-        plan = None
-        if cfg.train.eval_batches:        # a valid split that cannot serve it: stop now
-            plan = plan_eval(paths, n_steps_input=data.n_steps_input,
-                             rollout_steps=cfg.train.rollout_steps, batch_size=micro,
-                             batches=cfg.train.eval_batches, world_size=env.world_size,
-                             dt_stride=data.dt_stride)
+        plan = checked.eval_plan
+        if cfg.train.eval_batches and plan is None:    # data simulated since the checks
+            plan = plan_evaluation(cfg, paths, micro, env.world_size)
+        if plan is not None:
             short = [f"{n} {b}" for n, b in plan.items() if b < cfg.train.eval_batches]
             if short:
                 log.text(f"evaluation: train.eval_batches={cfg.train.eval_batches}, but the "
@@ -455,15 +522,14 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 all_reduce_(finite, td.ReduceOp.MIN)
                 if not finite.item():            # every rank skips this micro-batch together
                     bad_in_a_row += 1
-                    log.text(f"warning: non-finite loss at step {step + 1} (dataset "
-                             f"{batch.dataset} on some rank): micro-batch skipped "
-                             f"({bad_in_a_row} in a row)")
+                    where = (f"dataset {batch.dataset}" if env.world_size == 1 else
+                             f"rank 0's dataset {batch.dataset}; NaN/Inf on at least one rank")
+                    log.text(f"warning: non-finite loss at step {step + 1} ({where}): "
+                             f"micro-batch skipped ({bad_in_a_row} in a row)")
                     del batch, pred, loss
                     if bad_in_a_row >= cfg.train.max_nonfinite:
-                        raise DsfmError(
-                            f"{bad_in_a_row} non-finite losses in a row at step {step + 1}: the "
-                            "run diverged; lower the learning rate or resume from an earlier "
-                            f"checkpoint in {checkpoint.checkpoint_dir(run_dir)}")
+                        raise DsfmError(nonfinite_stop(bad_in_a_row, step, first_step,
+                                                       saved_at, run_dir))
                     continue
                 bad_in_a_row = 0
                 monitor.timer.lap("forward")

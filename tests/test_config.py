@@ -8,6 +8,7 @@ import yaml
 
 from dsfm.config import PRESETS_DIR, apply_set, dump, load_config
 from dsfm.errors import ConfigError
+from dsfm.runtime import ds_config as ds_settings
 from dsfm.runtime import schedule
 
 
@@ -54,12 +55,61 @@ def test_unknown_or_malformed_keys_are_named(assignment, words):
     ("model.drop_path=1.5", ["model.drop_path"]),
     ("data.normalization=minmax", ["data.normalization"]),
     ("train.freeze=everything", ["train.freeze"]),
+    # strict: YAML reads yes/true as a boolean and 2.0 as a float; neither is a count
+    ("train.max_steps=yes", ["train.max_steps", "valid integer", "got True"]),
+    ("train.max_steps=2.0", ["train.max_steps", "valid integer", "got 2.0"]),
+    ("model.n_fields=true", ["model.n_fields", "valid integer"]),
+    ("train.progress=1", ["train.progress", "valid boolean"]),
+    ("data.weights=[1, .nan, 1, 1]", ["data.weights.1", "finite number"]),
+    ("data.weights=[1, -1, 1, 1]", ["data.weights.1", "greater than or equal to 0"]),
+    ("monitor.interval_s=.inf", ["monitor.interval_s", "finite number"]),
+    ("train.max_steps={a: 1", ["--set train.max_steps: cannot parse", "line 1, column"]),
 ])
 def test_bad_values_are_named_with_what_was_given(assignment, words):
     with pytest.raises(ConfigError) as err:
         load_config(None, [assignment])
     for w in words:
         assert w in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("text, words", [
+    ("train:\n  max_steps: 3\ntrain:\n  eval_batches: 0\n",
+     ["line 3", "key 'train' given twice (lines 1 and 3)"]),
+    ("data:\n  num_workers: 1\n  num_workers: 2\n", ["key 'num_workers' given twice"]),
+    ("train:\n\tmax_steps: 3\n", ["not valid YAML at line 2, column 1", "'\\t'"]),
+    ("data:\n  datasets: [a, b\n", ["not valid YAML at line 3"]),
+    ("", ["the file is empty"]),
+    ("train:\n  max_step: 3\n  max_nonfinit: 2\n",
+     ["unknown key train.max_step (known there:", "max_steps", "; unknown key "
+      "train.max_nonfinit"]),
+])
+def test_a_bad_yaml_file_is_one_line_naming_where(tmp_path, text, words):
+    """A key given twice used to be kept silently (the second `train:` block dropped every
+    value of the first); YAML syntax errors were four lines with caret art."""
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_config(str(path))
+    assert "\n" not in str(err.value)
+    for w in words:
+        assert w in str(err.value)
+
+
+def test_a_list_where_a_section_belongs_is_blamed_on_the_file_not_the_set(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  - euler_2d\n")
+    with pytest.raises(ConfigError, match="data in the --config file is a list, not a section"):
+        load_config(str(path), ["data.base=/somewhere"])       # as $DSFM_DATA sets it
+    path.write_text("data:\ntrain:\n  max_steps: 3\n")     # an empty section is fine
+    assert load_config(str(path), ["data.base=/x"]).data.base == "/x"
+
+
+def test_presets_are_found_by_bare_name():
+    assert load_config("mpp_ti").model.size == "Ti"
+    assert load_config("mpp_ti.yaml").model.size == "Ti"
+    with pytest.raises(ConfigError, match="presets by name: demo, mpp_b"):
+        load_config("mpp_xl")
 
 
 def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
@@ -104,8 +154,6 @@ def test_auto_schedule_steps_come_from_the_run_length():
     with pytest.raises(ConfigError, match="gradient_accumulation_steps"):
         schedule.resolve({"train_micro_batch_size_per_gpu": 2,
                           "gradient_accumulation_steps": 0}, max_steps=10)
-    assert schedule.precision_warnings({"bf16": {"enabled": True}})
-    assert not schedule.precision_warnings({"bf16": {"enabled": False}})
 
 
 def test_a_resumed_schedule_is_checked_kept_or_switched():
@@ -143,7 +191,7 @@ def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
         with open(os.path.join(root, name)) as fh:
             ds = json.load(fh)
         out = schedule.resolve(ds, max_steps=1000)
-        assert not schedule.precision_warnings(out)
+        assert ds_settings.check(out, name) == []          # fp32, nothing unknown
         assert out["gradient_clipping"] == 1.0 and out["optimizer"]["type"] == "AdamW"
         assert out["scheduler"]["type"] == "WarmupCosineLR"
         stages[name] = out["zero_optimization"]
@@ -161,3 +209,60 @@ def test_train_batch_size_must_match_the_world():
     assert schedule.resolve(derived, 10, world_size=24)
     with pytest.raises(ConfigError, match="not a multiple"):
         schedule.resolve(derived, 10, world_size=5)
+
+
+BASE_DS = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+           "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.999]}},
+           "scheduler": {"type": "WarmupCosineLR",
+                         "params": {"total_num_steps": 10, "warmup_num_steps": 1}},
+           "zero_optimization": {"stage": 2}}
+
+
+def _with(path: str, value):
+    """BASE_DS with the value at a dotted path replaced (None: removed)."""
+    import copy
+    out = copy.deepcopy(BASE_DS)
+    *parents, last = path.split(".")
+    node = out
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is None:
+        node.pop(last, None)
+    else:
+        node[last] = value
+    return out
+
+
+@pytest.mark.parametrize("path, value, needle", [
+    ("fp16", {"enabled": True}, "fp16.enabled is True: dsfm trains in fp32"),
+    ("bf16", {"enabled": True}, "bf16.enabled is True"),
+    ("fp16", {"enabled": "auto"}, "fp16.enabled is 'auto'"),
+    ("zero_optimization.stage", 5, "zero_optimization: .*stage"),
+    ("zero_optimization.stagee", 2, "zero_optimization: .*stagee"),
+    ("optimizer.type", "AdamWW", "optimizer type 'AdamWW' .*did you mean 'adamw'"),
+    ("optimizer.params.lr", "abc", "optimizer.params.lr is the string 'abc', not a number"),
+    ("scheduler.type", "WarmupCosine", "scheduler type 'WarmupCosine'.*WarmupCosineLR"),
+    ("scheduler.params.total_num_steps", "Auto", "did you mean \"auto\""),
+    ("gradient_clipping", "one", "gradient_clipping must be a number >= 0"),
+    ("gradient_clipping", -1, "gradient_clipping must be a number >= 0"),
+    ("gradient_acumulation_steps", 4, "unknown key 'gradient_acumulation_steps'.*did you mean "
+                                      "'gradient_accumulation_steps'"),
+    ("zero_optimisation", {"stage": 2}, "did you mean 'zero_optimization'"),
+])
+def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path, value,
+                                                                           needle):
+    """Each of these passed dsfm's checks and ended in DeepSpeed: a traceback on every rank
+    after the process group started, a crash at the first step, or (the misspelt keys, the
+    negative clipping) a run that silently trained otherwise."""
+    with pytest.raises(ConfigError, match=needle) as exc:
+        ds_settings.check(_with(path, value), "ds.json")
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("ds.json: ")
+
+
+def test_a_ds_config_key_deepspeed_may_not_read_is_a_warning():
+    assert ds_settings.check(BASE_DS, "ds.json") == []
+    assert ds_settings.check(_with("fp16", {"enabled": False}), "ds.json") == []
+    assert ds_settings.check(_with("tensorboard", {"enabled": False}), "ds.json") == []
+    notes = ds_settings.check(_with("my_comment", "for the 4-node runs"), "ds.json")
+    assert len(notes) == 1 and "'my_comment' is not a key DeepSpeed" in notes[0]
+

@@ -224,6 +224,7 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
                  "euler_2d"):
         assert (tmp_path / "demo" / name / "stats.yaml").is_file()
     assert "VRMSE@4" in proc.stdout and "done: 30 steps" in proc.stdout
+    assert "2 rank(s) via the DeepSpeed launcher" in proc.stdout
     evals = json.loads((run_dir / "eval_step00000030.json").read_text())
     assert set(evals) == {"navier_stokes_2d", "shallow_water_2d",
                           "gray_scott_reaction_diffusion", "euler_2d"}
@@ -491,10 +492,11 @@ def test_an_evaluation_the_valid_split_cannot_serve_stops_the_run_before_its_fir
                      "train.eval_batches=2", "train.rollout_steps=40"]:
         cmd += ["--set", s]
     proc = run(cmd)
-    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "train.rollout_steps=40" in proc.stderr and "time steps are not enough" in \
         proc.stderr
-    assert losses(tmp_path / "r") == {}                      # not one step was trained
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "r").exists()                     # before the process group
     train(ds, tmp_path / "capped", ["train.max_steps=1", "train.eval_batches=100000",
                                     "train.rollout_steps=1"], data=demo_base)
     log = (tmp_path / "capped" / "train.log").read_text()
@@ -717,6 +719,86 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
     proc = run(train_cmd("ds_configs/zero2.json", blocker / "run", ["train.max_steps=1"]))
-    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]             # before the process group
     assert f"run directory {blocker / 'run'}: Not a directory" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def _demo_copy(demo_base, tmp_path, damage: str) -> str:
+    """A copy of the demo datasets with one thing wrong; its base directory."""
+    import shutil
+    base = tmp_path / "data"
+    shutil.copytree(demo_base, base)
+    euler = base / "euler_2d"
+    if damage == "truncated":
+        path = sorted((euler / "data" / "train").iterdir())[0]
+        path.write_bytes(path.read_bytes()[:4096])
+    elif damage == "no-stats":
+        (euler / "stats.yaml").unlink()
+    return str(base)
+
+
+@pytest.mark.parametrize("sets, damage, needles", [
+    (["data.n_steps_input=100"], None, ["time steps are not enough for 100 input"]),
+    (["data.weights=[1, 1]"], None, ["data.weights has 2 numbers for 4 datasets"]),
+    (["data.weights=[0, 0, 0, 0]"], None, ["positive sum"]),
+    (["model.dim=97"], None, ["model dim 97 must be divisible"]),
+    ([], "truncated", ["euler_2d_mach_0.1.hdf5"]),
+    ([], "no-stats", ["stats.yaml: stats file not found", "data.normalization=null"]),
+    (["data.base=FILE"], None, ["is a file, not a directory of datasets"]),
+], ids=["too-few-steps", "weights-count", "weights-zero", "dim", "truncated-file",
+        "no-stats", "base-is-a-file"])
+def test_data_and_model_that_cannot_train_are_one_line_before_the_process_group(
+        demo_base, tmp_path, sets, damage, needles):
+    """Each of these used to start the process group (and on two ranks, end in a gloo
+    traceback on the rank that did not fail first)."""
+    data = _demo_copy(demo_base, tmp_path, damage) if damage else demo_base
+    if "data.base=FILE" in sets:
+        (tmp_path / "afile").write_text("x")
+        sets = [f"data.base={tmp_path / 'afile'}", "data.generate=demo"]
+    proc = run(train_cmd(ds_config(tmp_path, 2, micro=4), tmp_path / "r", sets, data=data)
+               if "data.generate=demo" not in sets else
+               train_cmd(ds_config(tmp_path, 2, micro=4), tmp_path / "r", sets))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    for needle in needles:
+        assert needle in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_micro_batch_larger_than_the_data_is_refused_on_every_rank(demo_base, tmp_path):
+    """Two ranks, refused before the process group: each says it in one line, and no rank is
+    left at a barrier to die of its peer's closed connection."""
+    ds = ds_config(tmp_path, 2, micro=1000)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
+           "--ds_config", ds, "--run-dir", str(tmp_path / "r")]
+    for s in TINY + [f"data.base={demo_base}"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 2 and all("fewer than batch_size 1000 per rank" in e
+                                    for e in errors), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    assert not (tmp_path / "r").exists()
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_the_older_one(demo_base, tmp_path):
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "r"
+    train(ds, run_dir, ["train.max_steps=2", "train.checkpoint_every=1",
+                        "train.keep_checkpoints=2"], data=demo_base)
+    from dsfm.runtime.checkpoint import checkpoint_dir, tags
+    ckpt = checkpoint_dir(str(run_dir))
+    older, newest = tags(ckpt)[-2:]
+    damaged = [p for p in os.listdir(os.path.join(ckpt, newest)) if "model_states" in p]
+    path = os.path.join(ckpt, newest, damaged[0])
+    with open(path, "r+b") as fh:
+        fh.truncate(100)
+    proc = run(train_cmd(ds, run_dir, [f"data.base={demo_base}", "train.max_steps=4"])
+               + ["--resume"])
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and "unreadable on rank 0" in errors[0], proc.stderr[-3000:]
+    assert f"move it aside to resume from {older}" in errors[0]
     assert "Traceback" not in proc.stderr

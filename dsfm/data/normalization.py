@@ -23,8 +23,10 @@ def load_stats(path: str) -> dict:
     """Read a stats.yaml, with errors that name the file."""
     if not os.path.isfile(path):
         raise StatsError(f"{path}: stats file not found; normalization needs it "
-                         "(write it with dsfm.data.stats.write_stats, or set "
-                         "use_normalization=False)")
+                         "(write it with dsfm.data.stats.write_stats, or turn normalization "
+                         "off: data.normalization=null in a run config, "
+                         "use_normalization=False for WellDataset, normalization=None for "
+                         "WellLoader)")
     try:
         with open(path) as fh:
             stats = yaml.safe_load(fh)

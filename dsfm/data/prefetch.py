@@ -134,11 +134,12 @@ def _open_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
 
 
 def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int,
-                  dt_stride: int = 1) -> WindowSource:
+                  dt_stride: int = 1, normalization: str | None = None) -> WindowSource:
     """One dataset's split indexed as WellLoader indexes it (name, fields, windows), from the
-    files' metadata alone (no reader starts): a DataError or ConfigError for what WellLoader
-    would refuse in it."""
-    return _open_dataset(path, split, n_steps_input, n_steps_output, dt_stride, None)[0]
+    files' metadata (and with `normalization`, its stats.yaml) alone, no reader started: a
+    DataError or ConfigError for what WellLoader would refuse in it."""
+    return _open_dataset(path, split, n_steps_input, n_steps_output, dt_stride,
+                         normalization)[0]
 
 
 # ------------------------------------------------------------------------------- ring

@@ -8,12 +8,19 @@ import os
 from dsfm.errors import ConfigError
 
 
-def datasets_in(base: str) -> list[str]:
-    """Names of the Well datasets directly under `base` (directories with a stats.yaml)."""
+def datasets_in(base: str, complete: bool = False) -> list[str]:
+    """Names of the Well datasets directly under `base`: directories with a `data/` folder or
+    a stats.yaml (one without stats.yaml is listed, so that the loader says what it lacks
+    rather than the mixture leaving it out); `complete`: only those with both (what a
+    finished simulation leaves)."""
     if not os.path.isdir(base):
         return []
-    return sorted(d for d in os.listdir(base)
-                  if os.path.isfile(os.path.join(base, d, "stats.yaml")))
+    found = []
+    for d in sorted(os.listdir(base)):
+        marks = [os.path.exists(os.path.join(base, d, m)) for m in ("data", "stats.yaml")]
+        if all(marks) if complete else any(marks):
+            found.append(d)
+    return found
 
 
 def generate_if_missing(base: str, preset: str, progress: bool = False) -> None:
@@ -26,7 +33,7 @@ def generate_if_missing(base: str, preset: str, progress: bool = False) -> None:
     with open(os.path.join(base, ".generate.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
-            if not datasets_in(base):
+            if not datasets_in(base, complete=True):
                 build(PRESETS[preset], base, progress=progress)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)

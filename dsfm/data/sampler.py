@@ -35,9 +35,11 @@ class MixtureSampler:
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
-        if w.shape != (len(self.sizes),) or (w < 0).any() or w.sum() <= 0:
-            raise ConfigError(f"weights {list(w)} must be {len(self.sizes)} non-negative numbers "
-                              "with a positive sum")
+        if (w.shape != (len(self.sizes),) or not np.isfinite(w).all() or (w < 0).any()
+                or w.sum() <= 0):
+            raise ConfigError(f"weights {[float(x) for x in w.ravel()]} must be "
+                              f"{len(self.sizes)} finite non-negative numbers with a positive "
+                              f"sum, one per dataset ({', '.join(self.names)})")
         for name, size, weight in zip(self.names, self.sizes, w):
             if weight > 0 and size // world_size < batch_size:    # weight 0: never drawn
                 raise ConfigError(

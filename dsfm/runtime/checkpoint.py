@@ -14,6 +14,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -22,7 +23,7 @@ import signal
 import numpy as np
 import torch
 
-from dsfm.errors import ConfigError
+from dsfm.errors import CheckpointError, ConfigError
 
 TAG = "step{:08d}"
 META = "dsfm_meta.json"           # step, model shape, vocabulary: readable without torch.load
@@ -208,10 +209,19 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
     check_world(meta, tag_dir, world, rank)
     check_fields(meta, tag_dir, n_fields, vocabulary)
     rank_file = os.path.join(tag_dir, f"dsfm_rank{rank}.pt")
-    _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
-    if client is None:
-        raise ConfigError(f"{tag_dir}: DeepSpeed could not load it")
-    rank_state = torch.load(rank_file, weights_only=False)
+    try:
+        _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
+        if client is None:
+            raise ConfigError(f"{tag_dir}: DeepSpeed could not load it")
+        rank_state = torch.load(rank_file, weights_only=False)
+    except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
+        # a file damaged after COMPLETE was written (a disk error, a copy cut short)
+        older = [t for t in tags(ckpt_dir) if t != tag]
+        raise CheckpointError(
+            f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+            + (f"move it aside to resume from {older[-1]}" if older
+               else "no older complete checkpoint to fall back on")) from None
     set_rng_state(rank_state.pop("rng"))
     return client, rank_state
 

@@ -67,6 +67,16 @@ class DistEnv:
     master_port: int
     launcher: str
 
+    def described(self) -> str:
+        """The launcher for people: "torchrun" names how ranks were found (RANK and
+        WORLD_SIZE), which the DeepSpeed launcher and torchrun both set."""
+        if self.launcher == "torchrun":
+            if "CROSS_RANK" in os.environ and "LOCAL_SIZE" in os.environ:
+                return "the DeepSpeed launcher"
+            if "TORCHELASTIC_RUN_ID" not in os.environ:
+                return "RANK/WORLD_SIZE"
+        return self.launcher
+
     def __post_init__(self):
         if self.launcher not in LAUNCHERS:
             raise ConfigError(f"launcher {self.launcher!r} is not one of {', '.join(LAUNCHERS)}")

@@ -104,15 +104,3 @@ def zero_stage(ds_config: dict) -> int:
 
 def micro_batch(ds_config: dict) -> int:
     return int(ds_config["train_micro_batch_size_per_gpu"])
-
-
-def precision_warnings(ds_config: dict) -> list[str]:
-    """dsfm trains in fp32 on purpose (see docs/training.md); say so if a config turns on a
-    reduced precision."""
-    out = []
-    for key in ("fp16", "bf16"):
-        if ds_config.get(key, {}).get("enabled"):
-            out.append(f"{key} is enabled in the DeepSpeed config: the physics models are "
-                       "trained in fp32 by default because small field increments vanish in "
-                       "16-bit mantissas; expect worse rollouts")
-    return out

@@ -1,0 +1,202 @@
+"""The `--ds_config` JSON, checked before any process group waits.
+
+DeepSpeed reads its config inside `deepspeed.initialize`, after the process group is up, and
+answers a mistake there with a traceback on every rank (a ZeRO stage of 5, an optimizer it does
+not know, a learning rate that is a string) or not at all (a misspelt top-level key is ignored,
+so `gradient_acumulation_steps` silently means 1). Here the same config goes through DeepSpeed's
+own parser first, with the batch keys this run checks itself, and what dsfm needs on top: fp32
+(the physics models are trained in full precision, and the loader's batches are fp32), an
+optimizer and scheduler DeepSpeed or PyTorch provides, numbers where numbers belong.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import difflib
+import logging
+import math
+import sys
+
+from dsfm.errors import ConfigError
+
+#: Top-level keys of DeepSpeed's config documentation, beside the constants its modules define
+#: (these sections are parsed by modules that are not imported until used).
+DOCUMENTED_KEYS = frozenset("""
+train_batch_size train_micro_batch_size_per_gpu gradient_accumulation_steps optimizer scheduler
+fp16 bf16 fp8 amp torch_autocast gradient_clipping prescale_gradients gradient_predivide_factor
+sparse_gradients zero_optimization zero_allow_untested_optimizer zero_force_ds_cpu_optimizer
+communication_data_type seq_parallel_communication_data_type steps_per_print
+wall_clock_breakdown memory_breakdown dump_state tensorboard wandb csv_monitor comet
+flops_profiler activation_checkpointing aio sparse_attention data_efficiency
+curriculum_learning data_types checkpoint elasticity autotuning compression_training
+quantize_training pipeline compile nebula hybrid_engine eigenvalue progressive_layer_drop
+graph_harvesting weight_quantization dataloader_drop_last timers tensor_parallel
+use_data_before_expert_parallelism load_universal_checkpoint mics_shard_size
+mics_hierarchical_params_gather disable_allgather monitor_config zero_quantized_weights
+zero_quantized_gradients zero_hpz_partition_size sequence_parallel_size
+""".split())
+#: a key this close to a known one (difflib's ratio) is taken for a misspelling of it
+TYPO_CUTOFF = 0.85
+#: dsfm trains in fp32: these sections must be absent or disabled
+REDUCED_PRECISION = ("fp16", "bf16", "fp8", "amp")
+
+
+def _known_keys() -> set[str]:
+    """Keys DeepSpeed may read: the documented top-level ones and the lower-case string
+    constants of its loaded modules (its config parser's key names)."""
+    import deepspeed.runtime.config  # noqa: F401  (loads the parser's constants)
+
+    known = set(DOCUMENTED_KEYS)
+    for name, module in list(sys.modules.items()):
+        if not name.startswith("deepspeed.") or module is None:
+            continue
+        for key, value in vars(module).items():
+            if (key.isupper() and isinstance(value, str) and value.islower()
+                    and value.replace("_", "").isalnum()):
+                known.add(value)
+    return known
+
+
+def _number(value) -> bool:
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and math.isfinite(value))
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception from DeepSpeed's parser (pydantic's are several lines) as one line."""
+    lines = [ln.strip() for ln in str(exc).splitlines()
+             if ln.strip() and "errors.pydantic.dev" not in ln]
+    return " ".join(lines) or type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet_deepspeed():
+    """DeepSpeed's parser logs at INFO on every rank; the check says nothing unless it fails."""
+    logger = logging.getLogger("DeepSpeed")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _check_precision(cfg: dict, source: str) -> None:
+    for key in REDUCED_PRECISION:
+        section = cfg.get(key)
+        if section is None:
+            continue
+        enabled = section.get("enabled", False) if isinstance(section, dict) else section
+        if enabled is not False:
+            raise ConfigError(
+                f"{source}: {key}.enabled is {enabled!r}: dsfm trains in fp32 (small field "
+                "increments vanish in 16-bit mantissas, and the loader's batches are fp32; "
+                "docs/training.md); remove the section or set \"enabled\": false (TF32 "
+                "matmuls: train.tf32)")
+
+
+def _check_optimizer(cfg: dict, source: str) -> None:
+    import torch
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    opt = cfg.get("optimizer")
+    if opt is None:
+        return
+    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
+        raise ConfigError(f"{source}: optimizer must be an object with a \"type\" (e.g. "
+                          "\"AdamW\") and \"params\"")
+    name = opt["type"]
+    if name.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name):
+        close = difflib.get_close_matches(name.lower(), DEEPSPEED_OPTIMIZERS, 1, 0.6)
+        raise ConfigError(f"{source}: optimizer type {name!r} is neither one of DeepSpeed's "
+                          f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    _check_params(opt.get("params", {}), f"{source}: optimizer.params", allow_auto=False)
+
+
+def _check_scheduler(cfg: dict, source: str) -> None:
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    sched = cfg.get("scheduler")
+    if sched is None:
+        return
+    if not isinstance(sched, dict) or not isinstance(sched.get("type"), str):
+        raise ConfigError(f"{source}: scheduler must be an object with a \"type\" (e.g. "
+                          "\"WarmupCosineLR\") and \"params\"")
+    name = sched["type"]
+    if name not in lr_schedules.VALID_LR_SCHEDULES \
+            and not hasattr(torch.optim.lr_scheduler, name):
+        close = difflib.get_close_matches(name, lr_schedules.VALID_LR_SCHEDULES, 1, 0.6)
+        raise ConfigError(f"{source}: scheduler type {name!r} is neither one of DeepSpeed's "
+                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor a "
+                          "torch.optim.lr_scheduler class"
+                          + (f"; did you mean {close[0]!r}?" if close else ""))
+    _check_params(sched.get("params", {}), f"{source}: scheduler.params", allow_auto=True)
+
+
+def _check_params(params, where: str, allow_auto: bool) -> None:
+    """Numbers must be finite numbers (lists of them too); "auto" only where dsfm fills it."""
+    if not isinstance(params, dict):
+        raise ConfigError(f"{where} must be an object, got {params!r}")
+    for key, value in params.items():
+        values = value if isinstance(value, list) else [value]
+        for v in values:
+            if isinstance(v, str):
+                if allow_auto and v == "auto":
+                    continue
+                hint = "; did you mean \"auto\"?" if allow_auto and v.lower() == "auto" else ""
+                raise ConfigError(f"{where}.{key} is the string {v!r}, not a number{hint}")
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _number(v):
+                raise ConfigError(f"{where}.{key} is {v!r}, not a finite number")
+
+
+def _check_keys(cfg: dict, source: str) -> list[str]:
+    """A misspelt top-level key is an error; a key DeepSpeed may not read, a warning."""
+    known = _known_keys()
+    notes = []
+    for key in cfg:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, known, 1, TYPO_CUTOFF)
+        if close:
+            raise ConfigError(f"{source}: unknown key {key!r} (DeepSpeed would ignore it); did "
+                              f"you mean {close[0]!r}?")
+        notes.append(f"warning: {source}: {key!r} is not a key DeepSpeed is known to read; "
+                     "it is ignored")
+    return notes
+
+
+def check(ds_config, source: str) -> list[str]:
+    """Refuse, in one line, a DeepSpeed config this run could not train with; warnings for the
+    log otherwise. Call after the batch keys are checked against the world size."""
+    if not isinstance(ds_config, dict):
+        raise ConfigError(f"{source}: expected a JSON object of DeepSpeed settings, got a "
+                          f"{type(ds_config).__name__}")
+    notes = _check_keys(ds_config, source)
+    _check_precision(ds_config, source)
+    clip = ds_config.get("gradient_clipping", 0.0)
+    if not _number(clip) or clip < 0:
+        raise ConfigError(f"{source}: gradient_clipping must be a number >= 0 (0: no "
+                          f"clipping), got {clip!r}")
+    _check_optimizer(ds_config, source)
+    _check_scheduler(ds_config, source)
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    zero = ds_config.get("zero_optimization", {})
+    try:
+        DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
+    except Exception as exc:                  # pydantic's, or a TypeError for a non-object
+        raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
+    # DeepSpeed's own parser, on one rank's view: the batch keys are this run's (checked
+    # against the world size already), so train_batch_size is left to be derived
+    probe = copy.deepcopy(ds_config)
+    probe.pop("train_batch_size", None)
+    try:
+        with _quiet_deepspeed():
+            DeepSpeedConfig(probe)
+    except Exception as exc:
+        raise ConfigError(f"{source}: DeepSpeed refuses it: {_one_line(exc)}") from None
+    return notes
