@@ -9,7 +9,7 @@ in the `--ds_config` JSON and the run reads them from the engine.
 from __future__ import annotations
 
 import os
-from typing import Annotated, Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -71,8 +71,9 @@ class TrainConfig(_Strict):
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end and on signals")
     keep_checkpoints: int = Field(3, ge=1)
-    max_nonfinite: int = Field(5, ge=1, description="non-finite losses in a row before the run "
-                               "stops (each one skips its micro-batch)")
+    max_nonfinite: int = Field(5, ge=1, description="non-finite losses in a row (each skips "
+                               "its micro-batch), or updates ZeRO skipped for non-finite "
+                               "gradients in a row, before the run stops")
     signal_check_every: int = Field(10, ge=1, description="steps between the ranks' agreement "
                                     "on a pending SIGTERM/SIGUSR1 (one tiny CPU all-reduce)")
     eval_every: int = Field(0, ge=0, description="0: evaluate once, at the end")
@@ -164,9 +165,9 @@ def parse_yaml(text: str):
     return yaml.load(text, Loader=_UniqueKeyLoader)
 
 
-def apply_set(raw: dict, assignment: str) -> None:
+def apply_set(raw: dict, assignment: str, origin: str = "--set") -> None:
     """Apply one `key.path=value` to the raw config dict; the value is parsed as YAML (numbers,
-    booleans, null, lists)."""
+    booleans, null, lists). `origin` names where it came from in errors."""
     if "=" not in assignment:
         raise ConfigError(f"--set {assignment!r}: expected key=value, e.g. train.max_steps=20")
     key, text = assignment.split("=", 1)
@@ -177,25 +178,25 @@ def apply_set(raw: dict, assignment: str) -> None:
         fields = node_model.model_fields
         if part not in fields:
             where = ".".join(parts[:depth]) or "the top level"
-            raise ConfigError(f"--set {key}: unknown key {part!r} at {where}; known keys: "
+            raise ConfigError(f"{origin} {key}: unknown key {part!r} at {where}; known keys: "
                               f"{', '.join(_known_keys(node_model))}")
         if depth == len(parts) - 1:
             try:
                 node[part] = parse_yaml(text) if text.strip() else None
             except yaml.YAMLError as exc:
-                raise ConfigError(f"--set {key}: cannot parse {text!r} as a YAML value "
+                raise ConfigError(f"{origin} {key}: cannot parse {text!r} as a YAML value "
                                   f"({_yaml_error(exc)})") from None
             return
         sub = fields[part].annotation
         if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
-            raise ConfigError(f"--set {key}: {'.'.join(parts[:depth + 1])} is a value, not a "
+            raise ConfigError(f"{origin} {key}: {'.'.join(parts[:depth + 1])} is a value, not a "
                               "section")
         if node.get(part) is None:            # absent, or "data:" with nothing under it
             node[part] = {}
         node = node[part]
         if not isinstance(node, dict):
             raise ConfigError(f"{'.'.join(parts[:depth + 1])} in the --config file is a "
-                              f"{type(node).__name__}, not a section of keys; --set {key} "
+                              f"{type(node).__name__}, not a section of keys; {origin} {key} "
                               "cannot go under it")
         node_model = sub
 
@@ -220,7 +221,8 @@ def _describe(error: ValidationError, source: str) -> str:
             known = _known_keys(_section(e["loc"]))
             parts.append(f"unknown key {loc} (known there: {', '.join(known)})")
         else:
-            parts.append(f"{loc}: {e['msg'].lower()} (got {e.get('input')!r})")
+            msg = e["msg"][:1].lower() + e["msg"][1:]
+            parts.append(f"{loc}: {msg} (got {e.get('input')!r})")
     return f"{source}: " + "; ".join(parts)
 
 
@@ -234,8 +236,10 @@ def _find_config(path: str) -> str:
     return path
 
 
-def load_config(path: str | None = None, sets: list[str] = ()) -> RunConfig:
-    """Read the YAML preset (default: the embedded demo), apply `--set`s, validate."""
+def load_config(path: str | None = None, sets: list[str] = (),
+                env_sets: Sequence[tuple[str, str]] = ()) -> RunConfig:
+    """Read the YAML preset (default: the embedded demo), apply `env_sets` ((origin,
+    key=value): settings from the environment, such as $DSFM_DATA) then `--set`s, validate."""
     path = _find_config(path or DEFAULT_CONFIG)
     try:
         with open(path) as fh:
@@ -252,14 +256,17 @@ def load_config(path: str | None = None, sets: list[str] = ()) -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections at the top level, "
                           f"got a {type(raw).__name__}")
+    for origin, s in env_sets:
+        apply_set(raw, s, origin)
     for s in sets:
         apply_set(raw, s)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        touched = [s.split("=", 1)[0] for s in sets]
-        raise ConfigError(_describe(exc, path + (f" with --set {', '.join(touched)}"
-                                                 if sets else ""))) from None
+        touched = [f"{origin} ({s.split('=', 1)[0]})" for origin, s in env_sets]
+        touched += [f"--set {s.split('=', 1)[0]}" for s in sets]
+        raise ConfigError(_describe(exc, path + (f" with {', '.join(touched)}"
+                                                 if touched else ""))) from None
     cfg.model_shape()
     return cfg
 

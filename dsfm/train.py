@@ -68,10 +68,9 @@ def read_configs(args: argparse.Namespace,
                  world_size: int) -> tuple[RunConfig, dict, list[str]]:
     """The run config and the DeepSpeed config, checked; warnings about the latter for the
     log."""
-    sets = list(args.sets)
-    if os.environ.get("DSFM_DATA"):
-        sets.insert(0, f"data.base={os.environ['DSFM_DATA']}")
-    cfg = load_config(args.config, sets)
+    env_sets = [("$DSFM_DATA", f"data.base={os.environ['DSFM_DATA']}")] \
+        if os.environ.get("DSFM_DATA") else []
+    cfg = load_config(args.config, args.sets, env_sets)
     try:
         with open(args.ds_config) as fh:
             ds_config = json.load(fh)
@@ -79,11 +78,9 @@ def read_configs(args: argparse.Namespace,
         raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
-    if not isinstance(ds_config, dict):
-        raise ConfigError(f"--ds_config {args.ds_config}: expected a JSON object of DeepSpeed "
-                          f"settings, got a {type(ds_config).__name__}")
-    ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
     notes = ds_settings.check(ds_config, args.ds_config)
+    ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
+    ds_settings.probe(ds_config, args.ds_config)
     if cfg.model.compile and schedule.zero_stage(ds_config) == 3:
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "
@@ -214,6 +211,10 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     for source in sources:
         vocab.add(source.name, source.channel_names)
     names = [s.name for s in sources]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    if twice:
+        raise ConfigError(f"data: dataset {', '.join(twice)} is listed more than once "
+                          f"({', '.join(names)}); raise its data.weights instead")
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")
@@ -297,9 +298,11 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
     return vocab, loader, model
 
 
-def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str) -> str:
-    """Why the run stops after `n` non-finite losses in a row, and what to try."""
-    head = f"{n} non-finite losses in a row at step {step + 1}"
+def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str,
+                   what: str = "non-finite losses") -> str:
+    """Why the run stops after `n` non-finite losses (or updates skipped for non-finite
+    gradients) in a row, and what to try."""
+    head = f"{n} {what} in a row at step {step + 1}"
     if step == 0:
         return (f"{head}, before any update, so not the learning rate: the loader found the "
                 "inputs finite, so look for values too large for fp32 in the model "
@@ -321,6 +324,20 @@ def rank_seed(seed: int, rank: int) -> int:
     import numpy as np
 
     return int(np.random.SeedSequence([seed, rank]).generate_state(1, np.uint64)[0] >> 1)
+
+
+#: what gloo and NCCL say when the other end of a collective has gone away
+PEER_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe",
+             "remote process exited", "NCCL communicator was aborted")
+
+
+def peer_lost(exc: RuntimeError) -> str | None:
+    """The line of a collective's error that says a peer has gone, or None for any other
+    error (whose traceback is then the right report)."""
+    for line in str(exc).splitlines():
+        if any(p in line for p in PEER_LOST):
+            return re.sub(r"^\[[^\]]*\] ?", "", line.strip())[:160]
+    return None
 
 
 def say_error(line: str) -> None:
@@ -361,7 +378,14 @@ def main(argv: list[str] | None = None) -> int:
         log.text(f"run {cfg.name}: {run_dir} | {env.world_size} rank(s) via {env.described()}, "
                  f"{'CUDA' if torch.cuda.is_available() else 'CPU (gloo)'}, ZeRO stage "
                  f"{schedule.zero_stage(ds_config)}")
-        rc = train(cfg, ds_config, checked, args, env, run_dir, log)
+        try:
+            rc = train(cfg, ds_config, checked, args, env, run_dir, log)
+        except RuntimeError as exc:
+            lost = peer_lost(exc) if env.world_size > 1 else None
+            if lost is None:
+                raise
+            raise DsfmError(f"another rank stopped while this one waited for it in a "
+                            f"collective ({lost}); its own error is in its output") from None
         return rc
     except DsfmError as exc:
         msg = f"error (rank {env.rank}): {exc}"
@@ -507,9 +531,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             run_eval(0)
         engine.train()
         it = iter(loader)
-        bad_in_a_row = 0
+        bad_in_a_row = skipped_in_a_row = 0
         lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
+            skipped_before = engine.skipped_steps
             done = 0
             monitor.timer.begin_step()
             while done < accum:
@@ -546,6 +571,16 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 del batch, pred, loss
             monitor.timer.end_step()
             step += 1
+            if engine.skipped_steps > skipped_before:   # ZeRO found inf/NaN gradients
+                skipped_in_a_row += 1
+                log.text(f"warning: non-finite gradients at step {step}: DeepSpeed skipped the "
+                         f"update ({skipped_in_a_row} in a row)")
+                if skipped_in_a_row >= cfg.train.max_nonfinite:
+                    raise DsfmError(nonfinite_stop(skipped_in_a_row, step - 1, first_step,
+                                                   saved_at, run_dir,
+                                                   "updates skipped for non-finite gradients"))
+            else:
+                skipped_in_a_row = 0
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()

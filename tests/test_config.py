@@ -56,6 +56,7 @@ def test_unknown_or_malformed_keys_are_named(assignment, words):
     ("data.normalization=minmax", ["data.normalization"]),
     ("train.freeze=everything", ["train.freeze"]),
     # strict: YAML reads yes/true as a boolean and 2.0 as a float; neither is a count
+    ("model.size=ti", ["model.size: input should be 'Ti', 'S', 'B' or 'L' (got 'ti')"]),
     ("train.max_steps=yes", ["train.max_steps", "valid integer", "got True"]),
     ("train.max_steps=2.0", ["train.max_steps", "valid integer", "got 2.0"]),
     ("model.n_fields=true", ["model.n_fields", "valid integer"]),
@@ -99,8 +100,13 @@ def test_a_bad_yaml_file_is_one_line_naming_where(tmp_path, text, words):
 def test_a_list_where_a_section_belongs_is_blamed_on_the_file_not_the_set(tmp_path):
     path = tmp_path / "run.yaml"
     path.write_text("data:\n  - euler_2d\n")
-    with pytest.raises(ConfigError, match="data in the --config file is a list, not a section"):
-        load_config(str(path), ["data.base=/somewhere"])       # as $DSFM_DATA sets it
+    with pytest.raises(ConfigError, match="data in the --config file is a list, not a section"
+                                          ".*; \\$DSFM_DATA data.base cannot go under it"):
+        load_config(str(path), [], [("$DSFM_DATA", "data.base=/somewhere")])
+    path.write_text("train:\n  max_step: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml with \$DSFM_DATA \(data.base\): unknown"):
+        load_config(str(path), [], [("$DSFM_DATA", "data.base=/somewhere")])
+    path.write_text("data:\n  - euler_2d\n")
     path.write_text("data:\ntrain:\n  max_steps: 3\n")     # an empty section is fine
     assert load_config(str(path), ["data.base=/x"]).data.base == "/x"
 
@@ -191,7 +197,8 @@ def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
         with open(os.path.join(root, name)) as fh:
             ds = json.load(fh)
         out = schedule.resolve(ds, max_steps=1000)
-        assert ds_settings.check(out, name) == []          # fp32, nothing unknown
+        assert ds_settings.check(ds, name) == []           # fp32, nothing unknown
+        ds_settings.probe(out, name)                        # and DeepSpeed's parser takes it
         assert out["gradient_clipping"] == 1.0 and out["optimizer"]["type"] == "AdamW"
         assert out["scheduler"]["type"] == "WarmupCosineLR"
         stages[name] = out["zero_optimization"]
@@ -236,6 +243,7 @@ def _with(path: str, value):
 @pytest.mark.parametrize("path, value, needle", [
     ("fp16", {"enabled": True}, "fp16.enabled is True: dsfm trains in fp32"),
     ("bf16", {"enabled": True}, "bf16.enabled is True"),
+    ("bfloat16", {"enabled": True}, "bfloat16.enabled is True"),     # bf16's older name
     ("fp16", {"enabled": "auto"}, "fp16.enabled is 'auto'"),
     ("zero_optimization.stage", 5, "zero_optimization: .*stage"),
     ("zero_optimization.stagee", 2, "zero_optimization: .*stagee"),
@@ -243,6 +251,8 @@ def _with(path: str, value):
     ("optimizer.params.lr", "abc", "optimizer.params.lr is the string 'abc', not a number"),
     ("scheduler.type", "WarmupCosine", "scheduler type 'WarmupCosine'.*WarmupCosineLR"),
     ("scheduler.params.total_num_steps", "Auto", "did you mean \"auto\""),
+    ("scheduler", {"type": "WarmupCosineLRR", "params": {"total_num_steps": "auto"}},
+     "scheduler type 'WarmupCosineLRR'.*did you mean 'WarmupCosineLR'"),
     ("gradient_clipping", "one", "gradient_clipping must be a number >= 0"),
     ("gradient_clipping", -1, "gradient_clipping must be a number >= 0"),
     ("gradient_acumulation_steps", 4, "unknown key 'gradient_acumulation_steps'.*did you mean "
@@ -257,6 +267,17 @@ def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path
     with pytest.raises(ConfigError, match=needle) as exc:
         ds_settings.check(_with(path, value), "ds.json")
     assert "\n" not in str(exc.value) and str(exc.value).startswith("ds.json: ")
+
+
+def test_deepspeed_parser_refusals_are_one_line():
+    """What only DeepSpeed's own parser knows (a typo inside its fp16 section, a
+    communication type): refused before the process group, pydantic's lines joined."""
+    for extra, needle in (({"fp16": {"enabled": False, "loss_scal": 1}}, "loss_scal"),
+                          ({"communication_data_type": "fp33"}, "fp33")):
+        with pytest.raises(ConfigError, match=f"DeepSpeed refuses it: .*{needle}") as exc:
+            ds_settings.probe({**BASE_DS, **extra}, "ds.json")
+        assert "\n" not in str(exc.value)
+    ds_settings.probe(BASE_DS, "ds.json")
 
 
 def test_a_ds_config_key_deepspeed_may_not_read_is_a_warning():

@@ -802,3 +802,49 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_older_one(demo_base, tm
     assert len(errors) == 1 and "unreadable on rank 0" in errors[0], proc.stderr[-3000:]
     assert f"move it aside to resume from {older}" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
+    """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
+    skips every update: the run used to go on to the end and exit 0 having learnt nothing."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": 4, "gradient_clipping": 1.0,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 1e6}},
+                              "zero_optimization": {"stage": 2}}))
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", str(ds), "--run-dir",
+           str(tmp_path / "r")]
+    for s in [f"data.base={demo_base}", "train.max_steps=15", "train.max_nonfinite=3",
+              "train.eval_batches=0", "train.progress=false", "data.num_workers=1"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "3 updates skipped for non-finite gradients in a row" in proc.stderr
+    assert "no checkpoint was written" in proc.stderr
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "DeepSpeed skipped the update (3 in a row)" in log
+
+
+def test_a_rank_whose_peer_failed_says_so_in_one_line(demo_base, tmp_path):
+    """NaN in the data stops the rank that reads it with a NonFiniteError; the other rank,
+    waiting in a collective, used to die with gloo's traceback."""
+    import shutil
+
+    import h5py
+    import numpy as np
+    bad = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
+    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(first, "r+") as f:          # one value: a few windows, on one rank
+        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    ds = ds_config(tmp_path, 2, micro=2)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
+           "--ds_config", ds, "--run-dir", str(tmp_path / "r")]
+    for s in TINY + [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=40"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode != 0
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert any("NaN/Inf" in e and "/t0_fields/pressure" in e for e in errors), proc.stderr
+    assert len(errors) == 2 and any("another rank stopped while this one waited" in e
+                                    for e in errors), errors
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]

@@ -39,7 +39,7 @@ zero_quantized_gradients zero_hpz_partition_size sequence_parallel_size
 #: a key this close to a known one (difflib's ratio) is taken for a misspelling of it
 TYPO_CUTOFF = 0.85
 #: dsfm trains in fp32: these sections must be absent or disabled
-REDUCED_PRECISION = ("fp16", "bf16", "fp8", "amp")
+REDUCED_PRECISION = ("fp16", "bf16", "bfloat16", "fp8", "amp")     # bfloat16: bf16's old name
 
 
 def _known_keys() -> set[str]:
@@ -170,7 +170,8 @@ def _check_keys(cfg: dict, source: str) -> list[str]:
 
 def check(ds_config, source: str) -> list[str]:
     """Refuse, in one line, a DeepSpeed config this run could not train with; warnings for the
-    log otherwise. Call after the batch keys are checked against the world size."""
+    log otherwise. Before "auto" steps are resolved (`schedule.resolve`), so that an unknown
+    scheduler is named as such; `probe` runs DeepSpeed's parser after."""
     if not isinstance(ds_config, dict):
         raise ConfigError(f"{source}: expected a JSON object of DeepSpeed settings, got a "
                           f"{type(ds_config).__name__}")
@@ -182,7 +183,6 @@ def check(ds_config, source: str) -> list[str]:
                           f"clipping), got {clip!r}")
     _check_optimizer(ds_config, source)
     _check_scheduler(ds_config, source)
-    from deepspeed.runtime.config import DeepSpeedConfig
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = ds_config.get("zero_optimization", {})
@@ -190,13 +190,19 @@ def check(ds_config, source: str) -> list[str]:
         DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
     except Exception as exc:                  # pydantic's, or a TypeError for a non-object
         raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
-    # DeepSpeed's own parser, on one rank's view: the batch keys are this run's (checked
-    # against the world size already), so train_batch_size is left to be derived
-    probe = copy.deepcopy(ds_config)
-    probe.pop("train_batch_size", None)
+    return notes
+
+
+def probe(ds_config: dict, source: str) -> None:
+    """DeepSpeed's own parser on the resolved config, on one rank's view: the batch keys are
+    this run's (checked against the world size by `schedule.resolve`), so train_batch_size is
+    left for it to derive."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    view = copy.deepcopy(ds_config)
+    view.pop("train_batch_size", None)
     try:
         with _quiet_deepspeed():
-            DeepSpeedConfig(probe)
+            DeepSpeedConfig(view)
     except Exception as exc:
         raise ConfigError(f"{source}: DeepSpeed refuses it: {_one_line(exc)}") from None
-    return notes
