@@ -322,12 +322,13 @@ def test_iterating_after_an_interrupted_next_is_an_error_not_a_hang(demo_base):
     try:
         for _ in range(3):
             next(loader)
+        state = loader.state_dict()
         for pid in loader.worker_pids:
             os.kill(pid, signal.SIGSTOP)
         _alarm(0.5, KeyboardInterrupt)
         with pytest.raises(KeyboardInterrupt):
             for _ in range(100):
-                next(loader)                   # the batches read ahead, then it waits
+                next(loader)                   # any batches read ahead, then it waits
                 state = loader.state_dict()
         _alarm(10)
         with pytest.raises(WorkerError, match="KeyboardInterrupt at step"):
