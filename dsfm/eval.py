@@ -144,6 +144,12 @@ def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch
         except DsfmError as exc:
             raise type(exc)(f"evaluation on the valid split: {exc}") from None
         per_rank = windows // world_size // batch_size
+        if windows == 0:
+            raise ConfigError(f"evaluation: the valid split of {name} holds no trajectory (a "
+                              "PDEBench source splits each file's trajectories, or for "
+                              "incompressible NS those of all the files given together: give "
+                              "the folder, or more files); set train.eval_batches=0 to train "
+                              "without evaluation")
         if per_rank < 1:
             raise ConfigError(f"evaluation: the valid split of {name} has {windows} windows of "
                               f"{n_steps_input} + {rollout_steps} steps, fewer than one "

@@ -209,7 +209,7 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     sources = [index_dataset(path, "train", data.n_steps_input, 1, data.dt_stride,
                              data.normalization) for path in paths]
     for source in sources:
-        vocab.add(source.name, source.channel_names)
+        vocab.add(source.vocabulary_name, source.channel_names)
     names = [s.name for s in sources]
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -14,8 +14,15 @@ Layouts (detected from the file, or named with `kind`):
 Boundaries: shallow water uses transmissive (open) boundaries, diffusion–reaction no-flux
 (wall), incompressible NS no-slip (wall); compressible NS is periodic unless its file name says
 `outgoing`/`trans` (open). A file name containing `periodic` marks any layout periodic.
-Trajectories of every file are split into train/valid/test by the fractions `train_val_test`
-(as MPP splits by sample), so the three splits never share one.
+Trajectories are split into train/valid/test by the fractions `train_val_test`, within each
+file (as MPP splits by sample) or, for incompressible NS (4 trajectories a file), over all the
+files of the source in order (as MPP splits it by file), so the three splits never share one.
+
+A source is named after its kind and its file or directory (`pdebench_comp_ns-2D_Train_Rand`),
+so that several of one kind (MPP's CFD at 128² and 512², random and turbulent) can be mixed,
+while their fields share the kind's columns of the field vocabulary, as MPP's sources of one
+type share their embedding. Normalization statistics: `stats.yaml` in a directory source,
+`<file stem>.stats.yaml` beside a file source (`write_pdebench_stats` writes either).
 """
 
 from __future__ import annotations
@@ -44,11 +51,11 @@ from dsfm.data.pdebench_format import (
 from dsfm.data.stats import RunningMoments
 from dsfm.data.well_format import BoundaryCondition, FieldLayout
 from dsfm.data.windows import WindowSource, assembly_plan, first_nonfinite, pdebench_source
-from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError
+from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError, StatsError
 
 __all__ = ["BOUNDARY", "DATASET_NAMES", "FIELDS", "PDEBenchDataset", "PDEBenchFile",
-           "detect_kind", "inspect_pdebench", "split_trajectories", "write_pdebench",
-           "write_pdebench_stats"]
+           "detect_kind", "inspect_pdebench", "source_name", "split_trajectories", "stats_file",
+           "write_pdebench", "write_pdebench_stats"]
 
 
 class PDEBenchDataset(Dataset):
@@ -82,7 +89,7 @@ class PDEBenchDataset(Dataset):
                 raise SchemaError(f"{pf.path}: {pf.kind} at {pf.spatial_shape} differs from "
                                   f"{first.kind} at {first.spatial_shape} in {first.path}")
         self.kind = first.kind
-        self.dataset_name = DATASET_NAMES[self.kind]
+        self.dataset_name = source_name(path, self.kind)
         self.field_names = {0: list(FIELDS[self.kind]), 1: [], 2: []}
         self.n_steps_input, self.n_steps_output = n_steps_input, n_steps_output
         self.dt_stride = dt_stride
@@ -90,15 +97,20 @@ class PDEBenchDataset(Dataset):
         self.check_finite = check_finite
         self.split = split
         self.source = pdebench_source(self.dataset_name, self.files, split, n_steps_input,
-                                      n_steps_output, dt_stride, train_val_test)
+                                      n_steps_output, dt_stride, train_val_test,
+                                      field_group=DATASET_NAMES[self.kind])
         self.trajectories = self.source.trajectories
         self.len = len(self.source)
         self.norm = None
         self.shift = self.scale = None       # per channel: y = (x - shift) / scale
         if use_normalization and normalization_type:
-            stats_path = normalization_path or os.path.join(
-                path if os.path.isdir(path) else os.path.dirname(path), "stats.yaml")
+            stats_path = normalization_path or stats_file(path)
             cls = resolve_normalization(normalization_type)
+            if not os.path.isfile(stats_path):
+                raise StatsError(f"{stats_path}: stats file not found; normalization needs it "
+                                 f"(write it with dsfm.data.pdebench.write_pdebench_stats"
+                                 f"({path!r}), or turn normalization off: "
+                                 "data.normalization=null in a run config)")
             self.norm = cls(load_stats(stats_path), list(FIELDS[self.kind]), [])
             layouts = [FieldLayout(n, 0, True, True, (True, True), (), (n,))
                        for n in FIELDS[self.kind]]
@@ -184,27 +196,58 @@ def read_channels_last(source: WindowSource, pool: H5Pool, window: int,
     return out
 
 
+def source_name(path: str, kind: str) -> str:
+    """The dataset name of a PDEBench source: its kind's and its file's or directory's."""
+    base = os.path.basename(os.path.normpath(path))
+    if os.path.isfile(path):
+        base = os.path.splitext(base)[0]
+    return f"{DATASET_NAMES[kind]}-{base}"
+
+
+def stats_file(path: str) -> str:
+    """Where a source's statistics live: stats.yaml in a directory, <stem>.stats.yaml beside a
+    file (files of one folder are often separate sources: they must not share one)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "stats.yaml")
+    return os.path.splitext(path)[0] + ".stats.yaml"
+
+
+#: frames read at once when computing statistics (a real incompressible-NS trajectory is
+#: 1000 frames of 512² × 3, 3 GB)
+STATS_CHUNK_BYTES = 256 * 2 ** 20
+
+
 def write_pdebench_stats(path: str, split: str = "train", kind: str | None = None,
                          train_val_test=(0.8, 0.1, 0.1)) -> str:
-    """Per-field mean/std/rms (and of one-step differences) over one split, as stats.yaml
-    beside the files, with the names PDEBenchDataset uses."""
+    """Per-field mean/std/rms (and of one-step differences) over one split, as the source's
+    stats file (`stats_file`), with the names PDEBenchDataset uses. Trajectories are read in
+    chunks of frames (`STATS_CHUNK_BYTES`), overlapping by one frame so that every one-step
+    difference is counted once."""
     ds = PDEBenchDataset(path, split, 1, 0, kind=kind, train_val_test=train_val_test,
                          return_grid=False)
     names = FIELDS[ds.kind]
     mom, dmom = RunningMoments(len(names)), RunningMoments(len(names))
-    for pf in ds.files:           # whole trajectories: one window of all steps each
-        source = pdebench_source(ds.dataset_name, [pf], split, pf.n_steps, 0, 1, train_val_test)
-        for window in range(len(source)):
-            x = read_channels_last(source, ds._pool, window)
-            mom.update(x)
-            dmom.update(np.diff(x, axis=0))
+    for pf, trajectories in zip(ds.files, ds.trajectories):
+        frame_bytes = 4 * len(names) * pf.spatial_shape[0] * pf.spatial_shape[1]
+        k = max(2, min(pf.n_steps, STATS_CHUNK_BYTES // frame_bytes))
+        source = pdebench_source(ds.dataset_name, [pf], split, k, 0, 1, train_val_test,
+                                 trajectories=[trajectories])
+        per_trajectory = pf.n_steps - k + 1       # windows of k frames in one trajectory
+        for j in range(len(trajectories)):
+            done = 0                              # frames counted so far
+            while done < pf.n_steps:
+                start = min(max(done - 1, 0), pf.n_steps - k)
+                x = read_channels_last(source, ds._pool, j * per_trajectory + start)
+                mom.update(x[done - start:])
+                dmom.update(np.diff(x[max(done - start - 1, 0):], axis=0))
+                done = start + k
     ds.close()
     stats: dict[str, dict] = {}
     for key, m in (("", mom), ("_delta", dmom)):
         stats["mean" + key] = dict(zip(names, map(float, m.mean)))
         stats["std" + key] = dict(zip(names, map(float, m.std)))
         stats["rms" + key] = dict(zip(names, map(float, m.rms)))
-    out = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), "stats.yaml")
+    out = stats_file(path)
     with open(out, "w") as fh:
         yaml.safe_dump(stats, fh, sort_keys=True)
     return out

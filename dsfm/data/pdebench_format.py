@@ -93,6 +93,7 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
                 raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "
                                   f"shape, got {shapes}")
             n, t, h, w = shapes["Vx"]
+        _check_coordinates(f, path, kind, groups, n, t, h, w)
     if boundary is None:
         boundary = BOUNDARY[kind]
         name = os.path.basename(path).lower()
@@ -103,12 +104,63 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
     return PDEBenchFile(path, kind, n, t, (h, w), groups, boundary.upper())
 
 
+def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n: int, t: int,
+                       h: int, w: int) -> None:
+    """The coordinates a file stores must fit its arrays' axes: an array stored in another
+    axis order (say [N, H, W, T]) would otherwise be read as windows of garbage."""
+    def length(name: str, obj) -> int | None:
+        return obj[name].shape[-1] if name in obj else None
+
+    problems = []
+    if kind == "comp_ns":
+        for name, want in (("x-coordinate", (h,)), ("y-coordinate", (w,)),
+                           ("t-coordinate", (t, t + 1))):
+            got = length(name, f)
+            if got is not None and got not in want:
+                problems.append(f"{name} has {got} values, the arrays' axis {want[0]}")
+    elif kind == "incomp_ns":
+        got = length("t", f)
+        if got is not None and got != t:
+            problems.append(f"t has {got} values per trajectory, velocity {t} steps")
+    elif "grid" in f[groups[0]]:
+        grid = f[groups[0]]["grid"]
+        got_t = length("t", grid)
+        if got_t is not None and got_t != t:
+            problems.append(f"/{groups[0]}/grid/t has {got_t} values, data {t} steps")
+        xy = sorted(v for v in (length("x", grid), length("y", grid)) if v is not None)
+        if xy and not set(xy) <= {h, w}:
+            problems.append(f"/{groups[0]}/grid x and y have {xy} values, data is {h}x{w}")
+    if problems:
+        raise SchemaError(f"{path}: {'; '.join(problems)} (is an array stored in another axis "
+                          "order than PDEBench's [N, T, H, W]?)")
+
+
 def split_trajectories(n: int, split: str, fractions=(0.8, 0.1, 0.1)) -> range:
     """Trajectories of one split: ceil(fraction·n) for train and valid, the rest for test."""
     counts = [math.ceil(fractions[0] * n), math.ceil(fractions[1] * n)]
     counts.append(max(n - sum(counts), 0))
     start = sum(counts[:SPLITS.index(split)])
     return range(min(start, n), min(start + counts[SPLITS.index(split)], n))
+
+
+#: kinds whose trajectories are split over all the files of a source rather than within each
+#: file: PDEBench's incompressible NS holds 4 trajectories a file (a split within each would
+#: leave valid and test empty), and MPP splits it by file
+SPLIT_ACROSS_FILES = ("incomp_ns",)
+
+
+def split_sets(files: list[PDEBenchFile], split: str,
+               fractions=(0.8, 0.1, 0.1)) -> list[list[int]]:
+    """Per file, the stored indices of its trajectories in `split`: within each file (as MPP
+    splits by sample), or over the files' trajectories in order for SPLIT_ACROSS_FILES."""
+    if not files or files[0].kind not in SPLIT_ACROSS_FILES:
+        return [list(split_trajectories(pf.n_trajectories, split, fractions)) for pf in files]
+    chosen = split_trajectories(sum(pf.n_trajectories for pf in files), split, fractions)
+    out, start = [], 0
+    for pf in files:
+        out.append([i - start for i in chosen if start <= i < start + pf.n_trajectories])
+        start += pf.n_trajectories
+    return out
 
 
 # ------------------------------------------------------------------------------------ writing

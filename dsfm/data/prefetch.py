@@ -368,7 +368,7 @@ class WellLoader:
         for path in datasets:
             source, codes, shift, scale = _open_dataset(path, split, n_steps_input,
                                                         n_steps_output, dt_stride, normalization)
-            ids = self.vocabulary.add(source.name, source.channel_names)
+            ids = self.vocabulary.add(source.vocabulary_name, source.channel_names)
             self.datasets.append(_Dataset(source, codes, shift, scale, ids))
         names = [d.source.name for d in self.datasets]
         if len(set(names)) != len(names):

@@ -20,7 +20,7 @@ import numpy as np
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import WindowIndex, count_windows
 from dsfm.data.native import MAX_BASES, MAX_PIECES, PIECE, PLANE, READ, NormalizeKernel
-from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_trajectories
+from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_sets
 from dsfm.data.well_format import FileLayout
 from dsfm.errors import ConfigError, CorruptFileError
 
@@ -82,6 +82,13 @@ class WindowSource:
     stride: int
     spatial_shape: tuple[int, ...]
     channel_names: list[str]
+    #: whose columns of the field vocabulary these channels take ("" : the dataset's own);
+    #: PDEBench sources of one kind share theirs, as MPP's sources of one type do
+    field_group: str = ""
+
+    @property
+    def vocabulary_name(self) -> str:
+        return self.field_group or self.name
 
     def __getstate__(self):
         """Pickled without its caches (file descriptors, offsets, plans): they are this
@@ -539,13 +546,16 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
 
 
 def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int, n_out: int,
-                    stride: int = 1, fractions=(0.8, 0.1, 0.1)) -> WindowSource:
-    """A PDEBench layout as blocks: `data`, or `velocity` + `particles`, or one per variable."""
+                    stride: int = 1, fractions=(0.8, 0.1, 0.1), field_group: str = "",
+                    trajectories: list[list[int]] | None = None) -> WindowSource:
+    """A PDEBench layout as blocks: `data`, or `velocity` + `particles`, or one per variable.
+    `trajectories`: per file, those of the split (default: `split_sets`)."""
     first = files[0]
     n = n_in + n_out
     h, w = first.spatial_shape
     kind = first.kind
-    trajectories = [list(split_trajectories(pf.n_trajectories, split, fractions)) for pf in files]
+    if trajectories is None:
+        trajectories = split_sets(files, split, fractions)
     windows = count_windows([(pf.path, pf.n_steps) for pf in files], n_in, n_out, stride)
     if kind in ("swe", "diff_react"):
         c = len(FIELDS[kind])
@@ -559,7 +569,7 @@ def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int,
         name=name, files=[pf.path for pf in files],
         index=WindowIndex([len(t) for t in trajectories], windows), trajectories=trajectories,
         groups=[pf.groups for pf in files], blocks=blocks, n_steps=n, stride=stride,
-        spatial_shape=(h, w), channel_names=list(FIELDS[kind]))
+        spatial_shape=(h, w), channel_names=list(FIELDS[kind]), field_group=field_group)
 
 
 def assembly_plan(source: WindowSource, batch: int) -> list[tuple[int, int, tuple, int, int]]:

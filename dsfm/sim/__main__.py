@@ -2,7 +2,8 @@
 
 Writes `BASE/<dataset>/data/{train,valid,test}/*.hdf5` and `BASE/<dataset>/stats.yaml` in The
 Well's format for each simulator of the preset (or, with `--format pdebench`, the same physics
-in PDEBench's layouts under `BASE/pdebench/`). Deterministic given `--seed`.
+in PDEBench's layouts under `BASE/pdebench/<kind>/`, with each folder's stats.yaml).
+Deterministic given `--seed`.
 """
 
 from __future__ import annotations
@@ -73,9 +74,12 @@ def main(argv: list[str] | None = None) -> int:
             written = build(specs, args.out, seed=args.seed, workers=args.workers,
                             overwrite=args.overwrite, progress=not args.quiet)
         else:
+            from dsfm.data.pdebench import write_pdebench_stats
             from dsfm.sim.export import export_pdebench
             written = export_pdebench(specs, os.path.join(args.out, "pdebench"), seed=args.seed,
                                       progress=not args.quiet)
+            for directory in written:        # each folder one source: its stats.yaml
+                write_pdebench_stats(directory)
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

@@ -35,7 +35,7 @@ def test_layouts_read_back_exactly(pdebench_base, kind):
     ds = PDEBenchDataset(str(path), "train", n_steps_input=3, n_steps_output=2)
     assert ds.kind == kind
     assert ds.field_names[0] == list(FIELDS[kind])
-    n_in_files = len(glob.glob(str(path / "*")))
+    n_in_files = len(glob.glob(str(path / "*.h*5")))          # beside stats.yaml
     assert len(ds.files) == n_in_files
     for i in range(0, len(ds), 7):
         item = ds[i]
@@ -109,3 +109,138 @@ def test_unknown_layout_is_refused(tmp_path):
 def test_too_short_trajectories_are_refused(pdebench_base):
     with pytest.raises(SchemaError, match="not enough"):
         PDEBenchDataset(str(pdebench_base / "swe"), n_steps_input=30)
+
+
+def _cfd_file(path, n, t, h, w, seed, scale=1.0):
+    """A 2D CFD file as PDEBench writes one: Vx, Vy, density, pressure [N, T, H, W], coordinates
+    (the writer gives t-coordinate its T + 1 values)."""
+    rng = np.random.default_rng(seed)
+    fields = {k: scale * rng.normal(1 + i, 1 + i, (n, t, h, w))
+              for i, k in enumerate(FIELDS["comp_ns"])}
+    write_pdebench(str(path), "comp_ns", fields, np.linspace(0, 1, h), np.linspace(0, 1, w),
+                   np.linspace(0, 1, t))
+    return fields
+
+
+def test_sources_of_one_kind_mix_with_their_own_stats_and_shared_fields(tmp_path):
+    """MPP mixes 2D CFD at 128² and 512² from one PDEBench folder: each file its own source,
+    named after it, normalized with its own statistics, its fields on the kind's shared
+    columns of the vocabulary. The files used to collide (one name per kind, one stats.yaml
+    per folder: the second file's statistics silently normalized the first)."""
+    from dsfm.data import WellLoader
+    a = tmp_path / "2D_CFD_Rand_M0.1_periodic_16_Train.hdf5"
+    b = tmp_path / "2D_CFD_Rand_M0.1_periodic_32_Train.hdf5"
+    _cfd_file(a, 10, 6, 16, 16, seed=0)
+    _cfd_file(b, 10, 6, 32, 32, seed=1, scale=50.0)
+    stats = [write_pdebench_stats(str(p)) for p in (a, b)]
+    assert stats == [str(a)[:-5] + ".stats.yaml", str(b)[:-5] + ".stats.yaml"]
+    with WellLoader([str(a), str(b)], n_steps_input=2, batch_size=4, num_workers=1,
+                    seed=0) as loader:
+        names = [d.source.name for d in loader.datasets]
+        assert names == ["pdebench_comp_ns-2D_CFD_Rand_M0.1_periodic_16_Train",
+                         "pdebench_comp_ns-2D_CFD_Rand_M0.1_periodic_32_Train"]
+        assert loader.datasets[0].field_ids == loader.datasets[1].field_ids == [0, 1, 2, 3]
+        sums = {n: [] for n in names}
+        for _, batch in zip(range(40), loader):
+            sums[batch.dataset].append(batch.x.double().mean((0, 1, 3, 4)))
+        for n in names:                         # each normalized by its own statistics
+            assert sums[n] and torch.stack(sums[n]).mean(0).abs().max() < 0.5, n
+
+
+def test_incompressible_ns_is_split_across_its_files(tmp_path):
+    """PDEBench's ns_incom files hold 4 trajectories each: split within each file, train took
+    all 4 and valid and test none. They are split over the folder's files, in order."""
+    rng = np.random.default_rng(2)
+    for i in range(3):
+        fields = {k: rng.normal(size=(4, 5, 8, 8)) for k in ("Vx", "Vy", "particles")}
+        write_pdebench(str(tmp_path / f"ns_incom_inhom_2d_8-{i}.h5"), "incomp_ns", fields,
+                       np.arange(8), np.arange(8), np.arange(5))
+    sets = {s: PDEBenchDataset(str(tmp_path), s, n_steps_input=2).trajectories
+            for s in ("train", "valid", "test")}
+    flat = {s: [(fi, t) for fi, ts in enumerate(v) for t in ts] for s, v in sets.items()}
+    assert len(flat["train"]) == 10 and len(flat["valid"]) == 2       # ceil(9.6), ceil(1.2)
+    assert flat["valid"] == [(2, 2), (2, 3)] and flat["test"] == []
+    every = flat["train"] + flat["valid"] + flat["test"]
+    assert sorted(every) == [(f, t) for f in range(3) for t in range(4)]
+
+
+def test_statistics_read_in_chunks_equal_the_whole_trajectories(tmp_path, monkeypatch):
+    """Statistics are taken a few frames at a time (a real ns_incom trajectory is 3 GB), with
+    one frame of overlap for the one-step differences: the same numbers as at once."""
+    import yaml
+
+    from dsfm.data import pdebench
+    path = tmp_path / "2D_diff-react_NA_NA.h5"
+    rng = np.random.default_rng(3)
+    fields = {"activator": rng.normal(2, 3, (10, 11, 8, 8)),
+              "inhibitor": rng.gamma(2, 1, (10, 11, 8, 8))}
+    write_pdebench(str(path), "diff_react", fields, np.arange(8), np.arange(8), np.arange(11))
+    monkeypatch.setattr(pdebench, "STATS_CHUNK_BYTES", 4 * 2 * 8 * 8 * 4)   # 4 frames a read
+    got = yaml.safe_load(open(write_pdebench_stats(str(path))))
+    train = slice(0, 8)                                   # ceil(0.8 · 10) trajectories
+    for name, arr in fields.items():
+        x = arr[train].astype(np.float32).astype(np.float64)
+        d = np.diff(x, axis=1)
+        for key, want in (("mean", x.mean()), ("std", x.std()), ("rms", np.sqrt((x ** 2).mean())),
+                          ("mean_delta", d.mean()), ("std_delta", d.std()),
+                          ("rms_delta", np.sqrt((d ** 2).mean()))):
+            assert got[key][name] == pytest.approx(want, rel=1e-6, abs=1e-9), (key, name)
+
+
+def test_coordinates_that_do_not_fit_the_arrays_are_refused(tmp_path):
+    """A CFD file converted with its time axis last ([N, H, W, T]) used to be read as
+    windows of garbage; its coordinates say which axis is which."""
+    path = tmp_path / "2D_CFD_converted.hdf5"
+    with h5py.File(path, "w") as f:
+        for k in FIELDS["comp_ns"]:
+            f.create_dataset(k, data=np.zeros((2, 8, 6, 8), np.float32))      # [N, H, W, T]
+        f.create_dataset("t-coordinate", data=np.arange(9.0))
+        f.create_dataset("x-coordinate", data=np.arange(8.0))
+        f.create_dataset("y-coordinate", data=np.arange(6.0))
+    with pytest.raises(SchemaError, match="x-coordinate has 8 values.*another axis order"):
+        PDEBenchDataset(str(path))
+
+
+def test_compressed_chunked_files_as_pdebench_ships_them(tmp_path):
+    """Real ns_incom and diffusion-reaction files are chunked and lzf-compressed (the
+    simulators' own files are not): the loader reads them through HDF5, value for value; shallow
+    water, named without 'periodic', takes open boundaries."""
+    from dsfm.data import WellLoader
+    rng = np.random.default_rng(4)
+    ns = tmp_path / "ns" / "ns_incom_inhom_2d_16-0.h5"
+    ns.parent.mkdir()
+    velocity = rng.normal(size=(4, 6, 16, 16, 2)).astype(np.float32)
+    particles = rng.random((4, 6, 16, 16, 1)).astype(np.float32)
+    with h5py.File(ns, "w") as f:
+        for name, data in (("velocity", velocity), ("particles", particles)):
+            f.create_dataset(name, data=data, chunks=(1, 1, 16, 16, data.shape[-1]),
+                             compression="lzf", shuffle=True)
+        f.create_dataset("force", data=rng.normal(size=(4, 16, 16, 2)).astype(np.float32))
+        f.create_dataset("t", data=np.tile(np.arange(6, dtype=np.float32), (4, 1)))
+    swe = tmp_path / "swe" / "2D_rdb_NA_NA.h5"
+    swe.parent.mkdir()
+    h = rng.random((5, 6, 16, 16, 1)).astype(np.float32)
+    with h5py.File(swe, "w") as f:
+        for i in range(5):
+            g = f.create_group(f"{i:04d}")
+            g.create_dataset("data", data=h[i], chunks=(1, 16, 16, 1), compression="lzf")
+            grid = g.create_group("grid")
+            for axis, n in (("x", 16), ("y", 16), ("t", 6)):
+                grid.create_dataset(axis, data=np.linspace(0, 1, n, dtype=np.float32))
+    raw = {"ns": np.concatenate([velocity, particles], -1), "swe": h}
+    with WellLoader([str(ns.parent), str(swe.parent)], n_steps_input=2, batch_size=2,
+                    num_workers=1, normalization=None) as loader:
+        seen = set()
+        for _, batch in zip(range(30), loader):
+            key = "ns" if "incomp" in batch.dataset else "swe"
+            seen.add(key)
+            ds = next(d for d in loader.datasets if d.source.name == batch.dataset)
+            for b, w in enumerate(batch.windows):
+                fi, j, t0 = ds.source.locate(int(w))
+                traj = ds.source.trajectories[fi][j]
+                want = np.moveaxis(raw[key][traj, t0:t0 + 3], -1, 1)          # [T, C, H, W]
+                got = torch.cat([batch.x[b], batch.y[b]]).numpy()
+                np.testing.assert_array_equal(got, want)
+            if key == "swe":
+                assert batch.bcs_host.unique().tolist() == [1.0]            # open
+        assert seen == {"ns", "swe"}
