@@ -349,6 +349,7 @@ def say_error(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    env = None
     try:
         env = discover()
         cfg, ds_config, ds_notes = read_configs(args, env.world_size)
@@ -358,7 +359,9 @@ def main(argv: list[str] | None = None) -> int:
                                        if torch.cuda.is_available() else 0)
         ds_config = checked.ds_config
     except DsfmError as exc:
-        say_error(f"error: {exc}")
+        # every rank that fails here says so (none knows yet whether the others failed too)
+        who = f" (rank {env.rank} of {env.world_size})" if env and env.world_size > 1 else ""
+        say_error(f"error{who}: {exc}")
         return 2
     init_process_group(env)
     log, rc = None, None

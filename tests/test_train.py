@@ -776,9 +776,11 @@ def test_a_micro_batch_larger_than_the_data_is_refused_on_every_rank(demo_base, 
         cmd += ["--set", s]
     proc = run(cmd)
     assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error"))
     assert len(errors) == 2 and all("fewer than batch_size 1000 per rank" in e
                                     for e in errors), proc.stderr[-3000:]
+    assert errors[0].startswith("error (rank 0 of 2): ")
+    assert errors[1].startswith("error (rank 1 of 2): ")
     assert "Traceback" not in proc.stderr + proc.stdout
     assert not (tmp_path / "r").exists()
 
