@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import fcntl
+import glob
 import os
 
 from dsfm.errors import ConfigError
@@ -39,6 +40,21 @@ def generate_if_missing(base: str, preset: str, progress: bool = False) -> None:
             fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+def expand_patterns(entries: list[str]) -> tuple[list[str], list[str]]:
+    """PDEBench entries with a wildcard (`2D_Train_Rand/*_128_*.hdf5`: one resolution of a
+    folder that holds two) expand to their files, in order, each its own source, as MPP makes
+    each file of such a folder a dataset; (paths, patterns that matched nothing)."""
+    out, unmatched = [], []
+    for entry in entries:
+        if any(c in entry for c in "*?["):
+            found = sorted(glob.glob(entry))
+            out += found
+            unmatched += [] if found else [f"{entry} (matches no file)"]
+        else:
+            out.append(entry)
+    return out, unmatched
+
+
 def dataset_paths(base: str, names: list[str], pdebench: list[str],
                   generate: str | None = None, progress: bool = False) -> list[str]:
     """Paths of the Well datasets (by name under `base`, or given as paths) then the PDEBench
@@ -47,7 +63,8 @@ def dataset_paths(base: str, names: list[str], pdebench: list[str],
         generate_if_missing(base, generate, progress)
     names = names or datasets_in(base)
     paths = [n if os.path.isabs(n) or os.sep in n else os.path.join(base, n) for n in names]
-    missing = [p for p in paths + list(pdebench) if not os.path.exists(p)]
+    pdebench, unmatched = expand_patterns(pdebench)
+    missing = [p for p in paths + pdebench if not os.path.exists(p)] + unmatched
     if missing:
         raise ConfigError(f"data: not found: {', '.join(missing)} (data.base is {base!r}; "
                           "generate demo data with python -m dsfm.sim --preset demo --out "

@@ -244,3 +244,22 @@ def test_compressed_chunked_files_as_pdebench_ships_them(tmp_path):
             if key == "swe":
                 assert batch.bcs_host.unique().tolist() == [1.0]            # open
         assert seen == {"ns", "swe"}
+
+
+def test_a_wildcard_makes_each_matching_file_a_source(tmp_path):
+    """MPP's preset takes one resolution of a folder that holds two (`*_128_*`): each
+    matching file becomes a source of its own, as in MPP; a pattern that matches nothing is
+    named among the missing paths."""
+    from dsfm.data.prepare import dataset_paths
+    from dsfm.errors import ConfigError
+    for res in (16, 32):
+        for m in ("0.1", "1.0"):
+            _cfd_file(tmp_path / f"2D_CFD_Rand_M{m}_periodic_{res}_Train.hdf5", 2, 4, res, res,
+                      seed=res)
+    paths = dataset_paths(str(tmp_path / "none"), [], [str(tmp_path / "*_16_*.hdf5"),
+                                                       str(tmp_path / "*_32_*.hdf5")])
+    assert [p.rsplit("/", 1)[1] for p in paths] == [
+        "2D_CFD_Rand_M0.1_periodic_16_Train.hdf5", "2D_CFD_Rand_M1.0_periodic_16_Train.hdf5",
+        "2D_CFD_Rand_M0.1_periodic_32_Train.hdf5", "2D_CFD_Rand_M1.0_periodic_32_Train.hdf5"]
+    with pytest.raises(ConfigError, match=r"\*_64_\*.hdf5 \(matches no file\)"):
+        dataset_paths(str(tmp_path / "none"), [], [str(tmp_path / "*_64_*.hdf5")])
