@@ -283,6 +283,9 @@ def _dist_rank_world(rank: int | None, world_size: int | None) -> tuple[int, int
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return (torch.distributed.get_rank() if rank is None else rank,
                 torch.distributed.get_world_size() if world_size is None else world_size)
+    if rank is None and world_size not in (None, 1):
+        raise ConfigError(f"world_size={world_size} without a rank, and no process group to "
+                          "ask: every process would read rank 0's windows; give rank too")
     return rank or 0, world_size or 1
 
 

@@ -1,12 +1,21 @@
 """Which windows each rank reads at each step: MPP-style balanced multi-dataset sampling.
 
 Every micro-batch comes from one dataset, drawn with configurable weights (uniform by default),
-optionally the same dataset on all ranks at a given step. Each dataset's windows are shuffled
-per epoch and dealt to ranks without overlap (rank r takes every world_size-th window, so all
-ranks hold the same number and nobody shares one); a dataset that runs out starts its next epoch
-with a fresh shuffle. Everything is a function of (seed, step, rank, per-dataset epoch and
-cursor), so `state_dict()` / `load_state_dict()` make a resumed run continue with exactly the
-batches it would have seen.
+optionally the same dataset on all ranks at a given step. Each rank reads a dataset's windows in
+epochs, a fresh shuffle each, and no two ranks ever read one window at once:
+
+- with the same dataset on all ranks, the ranks move through a dataset's epochs together, and
+  each epoch deals the whole dataset anew (rank r takes every world_size-th window of the
+  epoch's shuffle; the size // world_size · world_size dealt change every epoch, so every window
+  is read over epochs);
+- with independent draws, the ranks' epochs of a dataset drift apart, so a new deal per epoch
+  would hand one rank windows another is still reading: the dataset is dealt once (rank r keeps
+  every world_size-th window of a fixed shuffle, all of them dealt) and each rank reshuffles its
+  own part every epoch.
+
+A dataset that runs out starts its next epoch. Everything is a function of (seed, step, rank,
+per-dataset epoch and cursor), so `state_dict()` / `load_state_dict()` make a resumed run
+continue with exactly the batches it would have seen.
 """
 
 from __future__ import annotations
@@ -18,12 +27,19 @@ import numpy as np
 from dsfm.errors import ConfigError
 
 _DATASET_STREAM = 0x5EED      # separates the dataset-choice stream from the shuffles
+_DEAL_STREAM = 0xDEA1         # the fixed deal (independent draws) and the shuffles of its parts
+_STATE_KEYS = ("step", "epochs", "cursors", "seed", "rank", "world_size", "sizes", "batch_size",
+               "weights", "same_dataset_across_ranks")
 
 
 class MixtureSampler:
     def __init__(self, sizes: Sequence[int], batch_size: int, seed: int = 0, rank: int = 0,
                  world_size: int = 1, weights: Sequence[float] | None = None,
                  same_dataset_across_ranks: bool = False, names: Sequence[str] | None = None):
+        for what, value in (("batch_size", batch_size), ("seed", seed), ("rank", rank),
+                            ("world_size", world_size)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, bool):
+                raise ConfigError(f"{what} must be an integer, got {value!r}")
         if batch_size < 1:
             raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -32,6 +48,9 @@ class MixtureSampler:
         self.names = list(names) if names is not None else [str(i) for i in range(len(sizes))]
         if not self.sizes:
             raise ConfigError("no datasets to sample from")
+        if len(self.names) != len(self.sizes) or min(self.sizes) < 0:
+            raise ConfigError(f"sizes {self.sizes} must be non-negative, one per dataset "
+                              f"({', '.join(self.names)})")
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
@@ -53,12 +72,21 @@ class MixtureSampler:
         self.epochs = [0] * len(self.sizes)
         self.cursors = [0] * len(self.sizes)
         self._shards: dict[int, np.ndarray] = {}
+        self._parts: dict[int, np.ndarray] = {}     # independent draws: this rank's deal
 
     def shard(self, dataset: int, epoch: int) -> np.ndarray:
-        """This rank's windows of `dataset` in epoch `epoch`, in reading order."""
-        per_rank = self.sizes[dataset] // self.world_size
-        perm = np.random.default_rng([self.seed, dataset, epoch]).permutation(self.sizes[dataset])
-        return perm[self.rank::self.world_size][:per_rank]
+        """This rank's windows of `dataset` in epoch `epoch`, in reading order (a copy: the
+        whole shuffle is not kept alive by a view of it)."""
+        size, world = self.sizes[dataset], self.world_size
+        if self.same_dataset_across_ranks:
+            perm = np.random.default_rng([self.seed, dataset, epoch]).permutation(size)
+            return perm[self.rank::world][:size // world].copy()
+        part = self._parts.get(dataset)
+        if part is None:
+            deal = np.random.default_rng([self.seed, _DEAL_STREAM, dataset]).permutation(size)
+            part = self._parts[dataset] = deal[self.rank::world].copy()
+        order = np.random.default_rng([self.seed, _DEAL_STREAM, dataset, self.rank, epoch])
+        return part[order.permutation(len(part))]
 
     def _current_shard(self, dataset: int) -> np.ndarray:
         key = dataset
@@ -98,17 +126,28 @@ class MixtureSampler:
                 "seed": self.seed, "rank": self.rank, "world_size": self.world_size,
                 "sizes": list(self.sizes), "batch_size": self.batch_size,
                 "weights": self.weights.tolist(),
-                "same_dataset_across_ranks": self.same_dataset_across_ranks}
+                "same_dataset_across_ranks": self.same_dataset_across_ranks,
+                "names": list(self.names)}
 
     def load_state_dict(self, state: dict) -> None:
+        missing = [k for k in _STATE_KEYS if k not in state]
+        if missing:
+            raise ConfigError(f"sampler state lacks {', '.join(missing)}: not a state_dict() "
+                              "of this sampler")
         for key in ("seed", "rank", "world_size", "sizes", "batch_size",
-                    "same_dataset_across_ranks"):
+                    "same_dataset_across_ranks") + (("names",) if "names" in state else ()):
             if state[key] != getattr(self, key):
                 raise ConfigError(f"sampler state has {key}={state[key]!r} but this run has "
                                   f"{getattr(self, key)!r}: resume with the same data and layout")
         if not np.allclose(state["weights"], self.weights):
             raise ConfigError(f"sampler state has weights {state['weights']} but this run has "
                               f"{self.weights.tolist()}")
+        n = len(self.sizes)
+        if (len(state["epochs"]) != n or len(state["cursors"]) != n
+                or min(state["epochs"]) < 0 or min(state["cursors"]) < 0
+                or int(state["step"]) < 0):
+            raise ConfigError(f"sampler state has epochs {state['epochs']} and cursors "
+                              f"{state['cursors']}: not {n} non-negative positions")
         self.step = int(state["step"])
         self.epochs = [int(e) for e in state["epochs"]]
         self.cursors = [int(c) for c in state["cursors"]]

@@ -23,22 +23,37 @@ def test_deterministic_given_seed():
 
 @pytest.mark.parametrize("same", [False, True])
 def test_ranks_never_share_a_window_within_an_epoch(same):
+    """In every epoch, not only the first. With independent draws the ranks' epochs of a
+    dataset drift apart, and a deal per epoch handed a rank windows another was still reading
+    (a review counted 98 windows read twice and 118 not at all in one pass on 8 ranks): those
+    ranks keep one deal, every window dealt, and reshuffle their part each epoch."""
     world = 3
-    seen = {}
+    held = {}                                  # (dataset, epoch or None, window) -> rank
+    every = {d: set() for d in range(len(SIZES))}
     for rank in range(world):
         s = MixtureSampler(SIZES, 2, seed=5, rank=rank, world_size=world,
                            same_dataset_across_ranks=same)
-        for d, ids in draw(s, 300):
-            if s.epochs[d] == 0:
-                for i in ids:
-                    assert (d, int(i)) not in seen, f"window {i} of {d} on ranks " \
-                                                     f"{seen[(d, int(i))]} and {rank}"
-                    seen[(d, int(i))] = rank
+        for _ in range(600):
+            d, ids = s.next()
+            for i in ids:
+                key = (d, s.epochs[d] if same else None, int(i))
+                assert held.setdefault(key, rank) == rank, f"{key} on ranks {held[key]}, {rank}"
+                every[d].add(int(i))
+        assert max(s.epochs) >= 3                # several epochs of each dataset were read
     for d, size in enumerate(SIZES):
-        shards = [MixtureSampler(SIZES, 2, seed=5, rank=r, world_size=world).shard(d, 0)
-                  for r in range(world)]
-        union = np.concatenate(shards)
-        assert len(union) == len(set(union.tolist())) == (size // world) * world
+        if same:   # each epoch deals size // world · world windows anew: all are read over epochs
+            assert every[d] == set(range(size))
+            shards = [MixtureSampler(SIZES, 2, seed=5, rank=r, world_size=world,
+                                     same_dataset_across_ranks=True).shard(d, 0)
+                      for r in range(world)]
+            union = np.concatenate(shards)
+            assert len(union) == len(set(union.tolist())) == (size // world) * world
+        else:      # one deal of every window: the parts are disjoint and cover the dataset
+            parts = [set(MixtureSampler(SIZES, 2, seed=5, rank=r, world_size=world)
+                         .shard(d, e).tolist()) for r in range(world) for e in (0, 1)]
+            assert parts[0] == parts[1] and parts[0] != parts[2]
+            assert set().union(*parts) == set(range(size)) == every[d]
+            assert sum(len(p) for p in parts[::2]) == size
 
 
 def test_same_dataset_across_ranks_when_asked():
@@ -91,6 +106,29 @@ def test_bad_configurations():
         MixtureSampler(SIZES, 4, seed=2).load_state_dict(state)
     with pytest.raises(ConfigError, match="seed must be >= 0"):
         MixtureSampler(SIZES, 4, seed=-1)
+    with pytest.raises(ConfigError, match="batch_size must be an integer, got 2.0"):
+        MixtureSampler(SIZES, 2.0)
+    with pytest.raises(ConfigError, match="sizes .* must be non-negative"):
+        MixtureSampler([10, -1], 1, weights=[1, 0])
+    # a state of other datasets of the same sizes (their order swapped), an incomplete or a
+    # damaged state: refused in one line rather than resumed with each other's positions or
+    # failing later
+    named = MixtureSampler([50, 50], 2, names=["a", "b"]).state_dict()
+    with pytest.raises(ConfigError, match="names=\\['a', 'b'\\] but this run has \\['b', 'a'\\]"):
+        MixtureSampler([50, 50], 2, names=["b", "a"]).load_state_dict(named)
+    with pytest.raises(ConfigError, match="lacks cursors"):
+        MixtureSampler(SIZES, 4, seed=1).load_state_dict(
+            {k: v for k, v in state.items() if k != "cursors"})
+    with pytest.raises(ConfigError, match="not 3 non-negative positions"):
+        MixtureSampler(SIZES, 4, seed=1).load_state_dict({**state, "epochs": [0, 0]})
+
+
+def test_a_world_size_without_a_rank_is_refused():
+    """Without a process group to ask, every process would have been rank 0."""
+    from dsfm.data.prefetch import _dist_rank_world
+    with pytest.raises(ConfigError, match="world_size=4 without a rank"):
+        _dist_rank_world(None, 4)
+    assert _dist_rank_world(None, None) == (0, 1) and _dist_rank_world(2, 4) == (2, 4)
 
 
 def test_a_dataset_of_weight_zero_need_not_fill_a_batch_and_is_never_drawn():
