@@ -20,6 +20,7 @@ setup(
         "psutil>=5.9",
         "tensorboard>=2.14",
         "pyyaml>=6",
+        "pydantic>=2",
         "tqdm>=4.60",
         "matplotlib>=3.7",
     ],

@@ -29,7 +29,7 @@ class _Strict(BaseModel):
 class DataConfig(_Strict):
     base: str = Field("data/demo", description="directory holding Well datasets "
                       "(<base>/<name>/data/<split>/*.hdf5 and stats.yaml); relative to the "
-                      "working directory; $DSFM_DATA replaces the default")
+                      "working directory; $DSFM_DATA replaces it (a --set still wins)")
     generate: Optional[Literal["demo", "small"]] = Field(
         None, description="simulate this dsfm.sim preset into `base` when it holds no dataset")
     datasets: list[str] = Field(default_factory=list, description="dataset names under `base` "

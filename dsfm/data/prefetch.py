@@ -1,16 +1,20 @@
 """`WellLoader`: reader processes → shared ring → (pinned) → device, for multi-physics batches.
 
     sampler (rank, step → dataset, windows)
-      → reader processes: persistent HDF5 handles, one hyperslab per stored array per window,
-        straight into a slot of a shared-memory ring (native layout, no copies, no torch)
+      → reader processes: persistent HDF5 handles, one read per stored array per window
+        (a positioned read of its byte range where the array allows, through the C kernel for
+        a whole batch when it builds, else an HDF5 hyperslab), straight into a slot of a
+        shared-memory ring (native layout, no copies, no torch)
       → CUDA: the ring is page-locked once (cudaHostRegister); a side stream copies a slot to the
         device without blocking and assembles it there; an event per batch makes the compute
         stream wait only when data is late, and a slot is reused only after its copy finished
       → on the device: layout [B, T, C, *spatial], broadcasting, normalization (stats.yaml)
 
-Without CUDA the same path yields CPU tensors. Processes, not threads: h5py serialises every call
-behind one lock. The ring lives in a file under /dev/shm that is unlinked the moment it is
-created (readers inherit its open descriptor), so no crash or signal can leak it; readers ignore
+Without CUDA the readers assemble and normalize each batch in its slot (the CPU default) or
+the device path runs on CPU tensors (assemble_on="device"). Processes, not threads: h5py
+serialises every call behind one lock. The ring lives in a file under /dev/shm that is unlinked
+the moment it is created (readers inherit its open descriptor), so no crash or signal can leak
+it; readers ignore
 Ctrl-C, SIGTERM and SIGUSR1/2 (Slurm signals every process of a job step; the trainer decides),
 are killed by the kernel if the training process dies (PR_SET_PDEATHSIG, when the loader was
 built on the main thread: Linux sends it when the starting *thread* exits) and also exit when
@@ -297,7 +301,8 @@ class WellLoader:
     drawn with `weights` (uniform by default), the same on all ranks if
     `same_dataset_across_ranks`. rank/world_size default to torch.distributed's (or 0/1).
     device: where batches go (default: this rank's CUDA device if CUDA is available, else CPU).
-    normalization: "zscore", "rms" or None, from each dataset's stats.yaml, done on the device.
+    normalization: "zscore", "rms" or None, from each source's statistics (stats.yaml, or
+    <stem>.stats.yaml beside a PDEBench file), on the device with CUDA, in the readers on CPU.
     ring_slots: micro-batches read ahead of the trainer (default 2·num_workers + 2), each in a
     slot of the shared-memory ring (ring_slots × the largest micro-batch) until it is handed out
     or, on CUDA, copied to the device, where at most ring_slots batches wait; nothing else grows.

@@ -2,7 +2,8 @@
 
 At each log step every rank hands its own numbers (GPU or system samples, step phases,
 throughput); `Board.gather` collects them on rank 0 (one all_gather_object, at log steps only),
-which writes for every metric the mean over ranks under its own tag plus `<tag>/min` and
+which writes for every metric the mean over ranks (the sum for rates and energy) under its own
+tag plus `<tag>/min` and
 `<tag>/max`, and for the step time and utilization one series per rank under `ranks/`, so a
 straggler stands out. Train-loop scalars that are already global (loss, lr) pass through.
 The custom_scalars layout written at start has the dashboards "GPU", "Throughput", "Step time"
