@@ -9,6 +9,7 @@ in the `--ds_config` JSON and the run reads them from the engine.
 from __future__ import annotations
 
 import os
+import re
 from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
@@ -151,6 +152,13 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                     f"{key_node.start_mark.line + 1}); the second would replace the first",
                     key_node.start_mark)
         return super().construct_mapping(node, deep=deep)
+
+
+# YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 as a number; the strict config would
+# refuse the string, so exponents without a dot are numbers here too
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"))
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:

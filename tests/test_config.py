@@ -287,3 +287,12 @@ def test_a_ds_config_key_deepspeed_may_not_read_is_a_warning():
     notes = ds_settings.check(_with("my_comment", "for the 4-node runs"), "ds.json")
     assert len(notes) == 1 and "'my_comment' is not a key DeepSpeed" in notes[0]
 
+
+
+def test_exponents_without_a_dot_are_numbers():
+    """PyYAML (YAML 1.1) reads 1e-3 as a string, which the strict config would refuse (the lax
+    one converted it): such exponents are numbers, as in YAML 1.2."""
+    cfg = load_config(None, ["monitor.interval_s=5e-1", "model.drop_path=1E-1"])
+    assert cfg.monitor.interval_s == 0.5 and cfg.model.drop_path == 0.1
+    with pytest.raises(ConfigError, match="valid integer \\(got 1000.0\\)"):
+        load_config(None, ["train.max_steps=1e3"])
