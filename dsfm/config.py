@@ -141,6 +141,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue                      # `<<: *anchor`: merged keys may be overridden
             key = self.construct_object(key_node, deep=deep)
             try:
                 first = seen.setdefault(key, key_node.start_mark.line + 1)

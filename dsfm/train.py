@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from dsfm.config import RunConfig, dump, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError  # noqa: E402
+from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
 from dsfm.runtime import checkpoint, schedule  # noqa: E402
@@ -118,10 +119,13 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     if not data.generate or datasets_in(data.base, complete=True):
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
     pretrained = None
+    notes = []
     if cfg.train.init_from:
         pretrained = checkpoint.load_pretrained(cfg.train.init_from)
         check_pretrained(cfg, pretrained)
-    notes = []
+        note = numerics_note(pretrained.get("model_numerics"),
+                             f"train.init_from {cfg.train.init_from}")
+        notes += [note] if note else []
     n_fields = vocab = plan = None
     if paths is not None:
         mixture = check_mixture(cfg, paths, pretrained, schedule.micro_batch(ds_config),
@@ -458,7 +462,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                  console=False)
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
-                        "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler")}
+                        "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
+                        "model_numerics": NUMERICS}
         dev = engine.device
         # the loss of the steps since the last log line (a resumed run continues the window)
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
@@ -479,6 +484,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 step = saved_at = int(client["step"])
                 log.resume_at(step)
                 log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
+                note = numerics_note(client.get("model_numerics"), "the checkpoint")
+                if note:
+                    log.text(note)
                 if step >= cfg.train.max_steps:
                     log.text(f"the checkpoint already reaches train.max_steps="
                              f"{cfg.train.max_steps}: nothing to train")

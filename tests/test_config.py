@@ -280,6 +280,22 @@ def test_deepspeed_parser_refusals_are_one_line():
     ds_settings.probe(BASE_DS, "ds.json")
 
 
+def test_string_parameters_deepspeed_takes_are_accepted():
+    """WarmupLR's warmup_type and torch schedulers' strategies are strings; only numeric
+    parameters must be numbers."""
+    ok = _with("scheduler.params.warmup_type", "linear")
+    assert ds_settings.check(ok, "ds.json") == []
+    ds_settings.probe(ok, "ds.json")
+    with pytest.raises(ConfigError, match="warmup_min_ratio is the string 'low'"):
+        ds_settings.check(_with("scheduler.params.warmup_min_ratio", "low"), "ds.json")
+
+
+def test_yaml_merge_keys_are_not_duplicates():
+    from dsfm.config import parse_yaml
+    merged = parse_yaml("a: &b {x: 1, y: 1}\nc:\n  <<: *b\n  y: 2\n")
+    assert merged["c"] == {"x": 1, "y": 2}            # an explicit key overrides a merged one
+
+
 def test_a_ds_config_key_deepspeed_may_not_read_is_a_warning():
     assert ds_settings.check(BASE_DS, "ds.json") == []
     assert ds_settings.check(_with("fp16", {"enabled": False}), "ds.json") == []

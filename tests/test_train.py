@@ -638,6 +638,7 @@ def test_a_resumed_run_logs_the_loss_of_the_same_steps(demo_base, tmp_path):
     shutil.rmtree(r / "checkpoints" / "step00000008")          # resume from step 6
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "resumed from step 6" in proc.stdout
+    assert "AViT numerics" not in proc.stdout          # this dsfm's weights: no warning
     assert logged(r, "train/loss")[8] == straight[8]
     # each step once: metrics.jsonl drops the records of steps after the checkpoint, and
     # TensorBoard purges them from the first run's event file
@@ -850,3 +851,18 @@ def test_a_rank_whose_peer_failed_says_so_in_one_line(demo_base, tmp_path):
     assert len(errors) == 2 and any("another rank stopped while this one waited" in e
                                     for e in errors), errors
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_path):
+    """A checkpoint written before model_numerics was recorded (T5 buckets at 128, embedding
+    bias not rescaled) still resumes, and the log says its weights now compute differently."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=2"], data=demo_base)
+    tag = r / "checkpoints" / "step00000002"
+    states = tag / "mp_rank_00_model_states.pt"
+    payload = torch.load(states, weights_only=False)
+    assert payload.pop("model_numerics") == 2
+    torch.save(payload, states)
+    proc = train(ds, r, ["train.max_steps=3"], resume=True, data=demo_base)
+    assert "warning: the checkpoint was trained with AViT numerics 1" in proc.stdout

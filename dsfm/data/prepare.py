@@ -46,8 +46,9 @@ def expand_patterns(entries: list[str]) -> tuple[list[str], list[str]]:
     each file of such a folder a dataset; (paths, patterns that matched nothing)."""
     out, unmatched = [], []
     for entry in entries:
-        if any(c in entry for c in "*?["):
-            found = sorted(glob.glob(entry))
+        if any(c in entry for c in "*?["):    # HDF5 files only: not their .stats.yaml
+            found = sorted(f for f in glob.glob(entry)
+                           if f.endswith((".h5", ".hdf5")) or os.path.isdir(f))
             out += found
             unmatched += [] if found else [f"{entry} (matches no file)"]
         else:

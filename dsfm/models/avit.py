@@ -26,6 +26,21 @@ from dsfm.errors import ConfigError
 from dsfm.models.layers import PERIODIC_CODE, FieldEmbedding, HMLPDecoder, HMLPStem, SpaceTimeBlock
 
 PATCH = 16
+#: what a checkpoint's weights compute with, for warning when it differs: 1 before the T5
+#: buckets saturated at 32 and the field embedding's bias was rescaled (MPP's numerics), 2 since
+NUMERICS = 2
+
+
+def numerics_note(saved: int | None, where: str) -> str | None:
+    """A warning when weights were trained under other numerics (`saved`: the checkpoint's
+    model_numerics, None for one written before it was recorded)."""
+    saved = saved or 1
+    if saved == NUMERICS:
+        return None
+    return (f"warning: {where} was trained with AViT numerics {saved} (T5 buckets saturating at "
+            f"128, field-embedding bias not rescaled); this model computes numerics {NUMERICS} "
+            "(MPP's: 32, rescaled), so its temporal bias for offsets of 10 or more and its "
+            "embedding bias act differently: expect a transient in the loss")
 SIZES: dict[str, tuple[int, int, int]] = {        # dim, heads, blocks
     "Ti": (192, 3, 12),
     "S": (384, 6, 12),

@@ -10,9 +10,9 @@ once per process that maps it, as RSS does), `system/load1`, and rates in MB/s (
 `system/disk_read_mbps`, `system/disk_write_mbps` (whole disks, not partitions).
 
 Rates and CPU shares come from cumulative counters differenced between samples over at least
-half an interval (at most 0.5 s; the first baseline is taken at construction, so a sample taken
-right after it gives levels only), never from psutil's module-global `cpu_percent` state, which
-another caller in the same process would disturb.
+half an interval (between 0.1 and 0.5 s; the first baseline is taken at construction, so a
+sample taken right after it gives levels only), never from psutil's module-global
+`cpu_percent` state, which another caller in the same process would disturb.
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ class SystemSampler(BackgroundSampler):
         self._me = psutil.Process(os.getpid())
         self._children: list[psutil.Process] | None = None
         self._scanned = 0.0
-        self._min_window_s = min(0.5, interval_s / 2)
+        # CPU times tick every 10 ms: a rate needs at least 0.1 s behind it
+        self._min_window_s = max(0.1, min(0.5, interval_s / 2))
         self._prev = self._counters()
         self.unavailable: dict[str, str] = {}
         for kind, keys, why in (

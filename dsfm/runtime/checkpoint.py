@@ -188,6 +188,11 @@ def vocab_mismatch(saved: dict, ours: dict, where: str) -> None:
                       "data.pdebench, in their order, and its train.init_from")
 
 
+#: what torch.load and DeepSpeed say of a file that is cut short or damaged
+DAMAGED = ("PytorchStreamReader", "zip archive", "central directory", "EOF", "load key",
+           "truncated", "corrupt")
+
+
 def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
                 n_fields: int | None = None) -> tuple[dict, dict] | None:
     """Load the newest complete checkpoint into the engine; (client_state, this rank's state),
@@ -216,7 +221,11 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
             raise ConfigError(f"{tag_dir}: DeepSpeed could not load it")
         rank_state = torch.load(rank_file, weights_only=False)
     except (OSError, EOFError, RuntimeError, pickle.UnpicklingError) as exc:
-        # a file damaged after COMPLETE was written (a disk error, a copy cut short)
+        # a file damaged after COMPLETE was written (a disk error, a copy cut short); not a
+        # device out of memory or a peer lost during the load, whose advice would throw a good
+        # checkpoint away
+        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in DAMAGED):
+            raise
         older = [t for t in tags(ckpt_dir) if t != tag]
         raise CheckpointError(
             f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
@@ -245,7 +254,8 @@ def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
     client = _client_state(os.path.join(ckpt_dir, tag))
     return {"model": {k: v.float().clone() for k, v in state.items()},
             "model_config": client["model_config"], "vocabulary": client["vocabulary"],
-            "step": client["step"], "source": os.path.join(ckpt_dir, tag)}
+            "step": client["step"], "source": os.path.join(ckpt_dir, tag),
+            "model_numerics": client.get("model_numerics")}
 
 
 def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:

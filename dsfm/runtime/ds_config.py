@@ -136,19 +136,28 @@ def _check_scheduler(cfg: dict, source: str) -> None:
     _check_params(sched.get("params", {}), f"{source}: scheduler.params", allow_auto=True)
 
 
+#: optimizer and scheduler parameters that are numbers (others, such as WarmupLR's
+#: warmup_type "linear" or a torch scheduler's anneal_strategy "cos", may be strings)
+NUMERIC_PARAMS = frozenset({"lr", "eps", "weight_decay", "betas", "momentum", "dampening",
+                            "alpha", "lr_decay", "initial_accumulator_value", "max_grad_norm"})
+NUMERIC_SUFFIXES = ("_lr", "_steps", "_ratio", "_rate", "_momentum", "_size", "_factor",
+                    "_lr_decay", "_step")
+
+
 def _check_params(params, where: str, allow_auto: bool) -> None:
-    """Numbers must be finite numbers (lists of them too); "auto" only where dsfm fills it."""
+    """Numeric parameters must be finite numbers (lists of them too), "auto" only where dsfm
+    fills it; a spelling of "auto" other than "auto" is refused wherever it is."""
     if not isinstance(params, dict):
         raise ConfigError(f"{where} must be an object, got {params!r}")
     for key, value in params.items():
-        values = value if isinstance(value, list) else [value]
-        for v in values:
+        numeric = key in NUMERIC_PARAMS or key.endswith(NUMERIC_SUFFIXES)
+        for v in value if isinstance(value, list) else [value]:
             if isinstance(v, str):
-                if allow_auto and v == "auto":
-                    continue
-                hint = "; did you mean \"auto\"?" if allow_auto and v.lower() == "auto" else ""
-                raise ConfigError(f"{where}.{key} is the string {v!r}, not a number{hint}")
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and not _number(v):
+                if v.lower() == "auto" and v != "auto":
+                    raise ConfigError(f"{where}.{key} is {v!r}; did you mean \"auto\"?")
+                if numeric and not (allow_auto and v == "auto"):
+                    raise ConfigError(f"{where}.{key} is the string {v!r}, not a number")
+            elif isinstance(v, (int, float)) and not isinstance(v, bool) and not _number(v):
                 raise ConfigError(f"{where}.{key} is {v!r}, not a finite number")
 
 

@@ -256,6 +256,9 @@ def test_a_wildcard_makes_each_matching_file_a_source(tmp_path):
         for m in ("0.1", "1.0"):
             _cfd_file(tmp_path / f"2D_CFD_Rand_M{m}_periodic_{res}_Train.hdf5", 2, 4, res, res,
                       seed=res)
+    write_pdebench_stats(str(tmp_path / "2D_CFD_Rand_M0.1_periodic_16_Train.hdf5"))
+    assert dataset_paths(str(tmp_path / "none"), [], [str(tmp_path / "*M0.1_periodic_16*")]) \
+        == [str(tmp_path / "2D_CFD_Rand_M0.1_periodic_16_Train.hdf5")]   # not its .stats.yaml
     paths = dataset_paths(str(tmp_path / "none"), [], [str(tmp_path / "*_16_*.hdf5"),
                                                        str(tmp_path / "*_32_*.hdf5")])
     assert [p.rsplit("/", 1)[1] for p in paths] == [

@@ -526,3 +526,12 @@ def test_compiled_blocks_share_one_graph_with_stochastic_depth():
         out = model.eval()(x, ids, bcs)
     assert counters["stats"]["unique_graphs"] == 2              # evaluation: one more
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_weights_of_other_numerics_are_named():
+    """Weights saved before MPP's T5 distance and bias scaling (no model_numerics recorded)
+    still load, with a warning that they now compute differently."""
+    from dsfm.models.avit import NUMERICS, numerics_note
+    note = numerics_note(None, "the checkpoint")
+    assert note.startswith("warning: the checkpoint was trained with AViT numerics 1")
+    assert numerics_note(NUMERICS, "x") is None

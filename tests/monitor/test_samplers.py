@@ -89,6 +89,11 @@ def test_rates_are_never_taken_over_a_moment():
     later = sampler.sample()
     assert later["system/process_cpu_pct"] > 50          # 0.3 s busy over about 0.3 s
     assert "system/process_cpu_pct" not in sampler.sample()   # right after: levels again
+    start = time.monotonic()
+    tiny = SystemSampler(interval_s=0.004)               # 10 ms CPU ticks: never under 0.1 s
+    while "system/process_cpu_pct" not in tiny.sample():
+        pass
+    assert time.monotonic() - start >= 0.1
 
 
 def test_snapshot_means_and_resets():
