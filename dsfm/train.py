@@ -128,12 +128,12 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         notes += [note] if note else []
     n_fields = vocab = plan = None
     if paths is not None:
-        mixture = check_mixture(cfg, paths, pretrained, schedule.micro_batch(ds_config),
-                                world_size)
+        micro = schedule.micro_batch(ds_config)
+        mixture = check_mixture(cfg, paths, pretrained, micro, world_size)
         vocab = mixture.state_dict()
         n_fields = model_config(cfg, mixture, pretrained).n_fields
         if cfg.train.eval_batches:
-            plan = plan_evaluation(cfg, paths, schedule.micro_batch(ds_config), world_size)
+            plan = plan_evaluation(cfg, paths, micro, world_size)
     if args.resume:
         run_dir = args.run_dir or newest_run(cfg)
         if run_dir is None:
@@ -215,10 +215,6 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     for source in sources:
         vocab.add(source.vocabulary_name, source.channel_names)
     names = [s.name for s in sources]
-    twice = sorted({n for n in names if names.count(n) > 1})
-    if twice:
-        raise ConfigError(f"data: dataset {', '.join(twice)} is listed more than once "
-                          f"({', '.join(names)}); raise its data.weights instead")
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")

@@ -19,11 +19,11 @@ from dsfm.errors import ConfigError, StatsError
 MIN_DENOM = 1e-4
 
 
-def load_stats(path: str) -> dict:
-    """Read a stats.yaml, with errors that name the file."""
+def load_stats(path: str, writer: str = "dsfm.data.stats.write_stats") -> dict:
+    """Read a stats.yaml, with errors that name the file (and `writer`, what writes one)."""
     if not os.path.isfile(path):
         raise StatsError(f"{path}: stats file not found; normalization needs it "
-                         "(write it with dsfm.data.stats.write_stats, or turn normalization "
+                         f"(write it with {writer}, or turn normalization "
                          "off: data.normalization=null in a run config, "
                          "use_normalization=False for WellDataset, normalization=None for "
                          "WellLoader)")

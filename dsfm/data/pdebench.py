@@ -51,7 +51,7 @@ from dsfm.data.pdebench_format import (
 from dsfm.data.stats import RunningMoments
 from dsfm.data.well_format import BoundaryCondition, FieldLayout
 from dsfm.data.windows import WindowSource, assembly_plan, first_nonfinite, pdebench_source
-from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError, StatsError
+from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError
 
 __all__ = ["BOUNDARY", "DATASET_NAMES", "FIELDS", "PDEBenchDataset", "PDEBenchFile",
            "detect_kind", "inspect_pdebench", "source_name", "split_trajectories", "stats_file",
@@ -106,12 +106,8 @@ class PDEBenchDataset(Dataset):
         if use_normalization and normalization_type:
             stats_path = normalization_path or stats_file(path)
             cls = resolve_normalization(normalization_type)
-            if not os.path.isfile(stats_path):
-                raise StatsError(f"{stats_path}: stats file not found; normalization needs it "
-                                 f"(write it with dsfm.data.pdebench.write_pdebench_stats"
-                                 f"({path!r}), or turn normalization off: "
-                                 "data.normalization=null in a run config)")
-            self.norm = cls(load_stats(stats_path), list(FIELDS[self.kind]), [])
+            stats = load_stats(stats_path, f"dsfm.data.pdebench.write_pdebench_stats({path!r})")
+            self.norm = cls(stats, list(FIELDS[self.kind]), [])
             layouts = [FieldLayout(n, 0, True, True, (True, True), (), (n,))
                        for n in FIELDS[self.kind]]
             self.shift, self.scale = self.norm.channel_vectors(layouts)

@@ -379,8 +379,6 @@ class WellLoader:
             ids = self.vocabulary.add(source.vocabulary_name, source.channel_names)
             self.datasets.append(_Dataset(source, codes, shift, scale, ids))
         names = [d.source.name for d in self.datasets]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"dataset names repeat: {names}")
         rank, world_size = _dist_rank_world(rank, world_size)
         self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,
                                       rank, world_size, weights, same_dataset_across_ranks, names)

@@ -28,8 +28,6 @@ from dsfm.errors import ConfigError
 
 _DATASET_STREAM = 0x5EED      # separates the dataset-choice stream from the shuffles
 _DEAL_STREAM = 0xDEA1         # the fixed deal (independent draws) and the shuffles of its parts
-_STATE_KEYS = ("step", "epochs", "cursors", "seed", "rank", "world_size", "sizes", "batch_size",
-               "weights", "same_dataset_across_ranks")
 
 
 class MixtureSampler:
@@ -51,6 +49,10 @@ class MixtureSampler:
         if len(self.names) != len(self.sizes) or min(self.sizes) < 0:
             raise ConfigError(f"sizes {self.sizes} must be non-negative, one per dataset "
                               f"({', '.join(self.names)})")
+        twice = sorted({n for n in self.names if self.names.count(n) > 1})
+        if twice:
+            raise ConfigError(f"dataset {', '.join(twice)} is listed more than once "
+                              f"({', '.join(self.names)}); raise its weight instead")
         if seed < 0:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
@@ -130,7 +132,7 @@ class MixtureSampler:
                 "names": list(self.names)}
 
     def load_state_dict(self, state: dict) -> None:
-        missing = [k for k in _STATE_KEYS if k not in state]
+        missing = [k for k in self.state_dict() if k != "names" and k not in state]
         if missing:
             raise ConfigError(f"sampler state lacks {', '.join(missing)}: not a state_dict() "
                               "of this sampler")

@@ -229,7 +229,7 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
         older = [t for t in tags(ckpt_dir) if t != tag]
         raise CheckpointError(
             f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else 'no detail'}); "
+            f"{_first_line(exc) or 'no detail'}); "
             + (f"move it aside to resume from {older[-1]}" if older
                else "no older complete checkpoint to fall back on")) from None
     set_rng_state(rank_state.pop("rng"))

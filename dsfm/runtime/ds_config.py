@@ -96,44 +96,25 @@ def _check_precision(cfg: dict, source: str) -> None:
                 "matmuls: train.tf32)")
 
 
-def _check_optimizer(cfg: dict, source: str) -> None:
-    import torch
-    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
-
-    opt = cfg.get("optimizer")
-    if opt is None:
+def _check_component(cfg: dict, source: str, key: str, example: str, ours: list[str],
+                     theirs, fold_case: bool, allow_auto: bool) -> None:
+    """The optimizer or the scheduler: an object whose "type" is one of DeepSpeed's (`ours`,
+    compared lower-case if `fold_case`, as DeepSpeed compares optimizer names) or a class of
+    the torch module `theirs`, and whose "params" are checked by `_check_params`."""
+    section = cfg.get(key)
+    if section is None:
         return
-    if not isinstance(opt, dict) or not isinstance(opt.get("type"), str):
-        raise ConfigError(f"{source}: optimizer must be an object with a \"type\" (e.g. "
-                          "\"AdamW\") and \"params\"")
-    name = opt["type"]
-    if name.lower() not in DEEPSPEED_OPTIMIZERS and not hasattr(torch.optim, name):
-        close = difflib.get_close_matches(name.lower(), DEEPSPEED_OPTIMIZERS, 1, 0.6)
-        raise ConfigError(f"{source}: optimizer type {name!r} is neither one of DeepSpeed's "
-                          f"({', '.join(DEEPSPEED_OPTIMIZERS)}) nor a torch.optim class"
+    if not isinstance(section, dict) or not isinstance(section.get("type"), str):
+        raise ConfigError(f"{source}: {key} must be an object with a \"type\" (e.g. "
+                          f"\"{example}\") and \"params\"")
+    name = section["type"]
+    wanted = name.lower() if fold_case else name
+    if wanted not in ours and not hasattr(theirs, name):
+        close = difflib.get_close_matches(wanted, ours, 1, 0.6)
+        raise ConfigError(f"{source}: {key} type {name!r} is neither one of DeepSpeed's "
+                          f"({', '.join(ours)}) nor a {theirs.__name__} class"
                           + (f"; did you mean {close[0]!r}?" if close else ""))
-    _check_params(opt.get("params", {}), f"{source}: optimizer.params", allow_auto=False)
-
-
-def _check_scheduler(cfg: dict, source: str) -> None:
-    import torch
-    from deepspeed.runtime import lr_schedules
-
-    sched = cfg.get("scheduler")
-    if sched is None:
-        return
-    if not isinstance(sched, dict) or not isinstance(sched.get("type"), str):
-        raise ConfigError(f"{source}: scheduler must be an object with a \"type\" (e.g. "
-                          "\"WarmupCosineLR\") and \"params\"")
-    name = sched["type"]
-    if name not in lr_schedules.VALID_LR_SCHEDULES \
-            and not hasattr(torch.optim.lr_scheduler, name):
-        close = difflib.get_close_matches(name, lr_schedules.VALID_LR_SCHEDULES, 1, 0.6)
-        raise ConfigError(f"{source}: scheduler type {name!r} is neither one of DeepSpeed's "
-                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) nor a "
-                          "torch.optim.lr_scheduler class"
-                          + (f"; did you mean {close[0]!r}?" if close else ""))
-    _check_params(sched.get("params", {}), f"{source}: scheduler.params", allow_auto=True)
+    _check_params(section.get("params", {}), f"{source}: {key}.params", allow_auto)
 
 
 #: optimizer and scheduler parameters that are numbers (others, such as WarmupLR's
@@ -190,8 +171,15 @@ def check(ds_config, source: str) -> list[str]:
     if not _number(clip) or clip < 0:
         raise ConfigError(f"{source}: gradient_clipping must be a number >= 0 (0: no "
                           f"clipping), got {clip!r}")
-    _check_optimizer(ds_config, source)
-    _check_scheduler(ds_config, source)
+    import torch
+    from deepspeed.runtime import lr_schedules
+    from deepspeed.runtime.config import DEEPSPEED_OPTIMIZERS
+
+    _check_component(ds_config, source, "optimizer", "AdamW", DEEPSPEED_OPTIMIZERS,
+                     torch.optim, fold_case=True, allow_auto=False)
+    _check_component(ds_config, source, "scheduler", "WarmupCosineLR",
+                     lr_schedules.VALID_LR_SCHEDULES, torch.optim.lr_scheduler,
+                     fold_case=False, allow_auto=True)
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     zero = ds_config.get("zero_optimization", {})

@@ -108,6 +108,8 @@ def test_bad_configurations():
         MixtureSampler(SIZES, 4, seed=-1)
     with pytest.raises(ConfigError, match="batch_size must be an integer, got 2.0"):
         MixtureSampler(SIZES, 2.0)
+    with pytest.raises(ConfigError, match="dataset a is listed more than once"):
+        MixtureSampler([10, 10], 1, names=["a", "a"])        # the loader and the trainer ask
     with pytest.raises(ConfigError, match="sizes .* must be non-negative"):
         MixtureSampler([10, -1], 1, weights=[1, 0])
     # a state of other datasets of the same sizes (their order swapped), an incomplete or a
