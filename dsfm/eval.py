@@ -136,7 +136,8 @@ def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch
     plan = {}
     for path in paths:
         try:
-            source = index_dataset(path, "valid", n_steps_input, rollout_steps, dt_stride)
+            source = index_dataset(path, "valid", n_steps_input, rollout_steps,
+                                   dt_stride).source
             name, windows = source.name, len(source)
         except TooShortError as exc:
             raise ConfigError(f"evaluation with train.rollout_steps={rollout_steps}: {exc}; "

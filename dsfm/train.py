@@ -96,6 +96,7 @@ class Checked:
     pretrained: dict | None          # train.init_from's payload; dropped once in the model
     notes: list[str]
     eval_plan: dict[str, int] | None = None     # eval.plan_eval's, when the data was there
+    train_split: list | None = None  # the train split as indexed, for the loader to reuse
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
@@ -126,10 +127,10 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         note = numerics_note(pretrained.get("model_numerics"),
                              f"train.init_from {cfg.train.init_from}")
         notes += [note] if note else []
-    n_fields = vocab = plan = None
+    n_fields = vocab = plan = indexed = None
     if paths is not None:
         micro = schedule.micro_batch(ds_config)
-        mixture = check_mixture(cfg, paths, pretrained, micro, world_size)
+        mixture, indexed = check_mixture(cfg, paths, pretrained, micro, world_size)
         vocab = mixture.state_dict()
         n_fields = model_config(cfg, mixture, pretrained).n_fields
         if cfg.train.eval_batches:
@@ -150,7 +151,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             os.makedirs(args.run_dir, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"run directory {args.run_dir}: {exc.strerror or exc}") from None
-    return Checked(ds_config, pretrained, notes, plan)
+    return Checked(ds_config, pretrained, notes, plan, indexed)
 
 
 def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
@@ -203,15 +204,16 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
                   world_size: int):
     """Index the train split of every dataset as the loader will (metadata and stats.yaml,
     no data read), check that the mixture's weights and micro-batch fit its windows, and return
-    the field vocabulary the loader will build: the pretrained one first when fine-tuning, then
-    the mixture's fields in dataset order."""
+    the field vocabulary the loader will build (the pretrained one first when fine-tuning, then
+    the mixture's fields in dataset order) and the indexed datasets, for the loader."""
     from dsfm.data.prefetch import index_dataset
     from dsfm.data.sampler import MixtureSampler
 
     data = cfg.data
     vocab = new_vocabulary(cfg, pretrained)
-    sources = [index_dataset(path, "train", data.n_steps_input, 1, data.dt_stride,
+    indexed = [index_dataset(path, "train", data.n_steps_input, 1, data.dt_stride,
                              data.normalization) for path in paths]
+    sources = [i.source for i in indexed]
     for source in sources:
         vocab.add(source.vocabulary_name, source.channel_names)
     names = [s.name for s in sources]
@@ -220,7 +222,7 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
                           f"{len(sources)} datasets ({', '.join(names)})")
     MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
                    data.weights, data.same_dataset_across_ranks, names)
-    return vocab
+    return vocab, indexed
 
 
 def plan_evaluation(cfg: RunConfig, paths: list[str], micro: int, world_size: int):
@@ -423,9 +425,14 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
     if env.rank != 0:
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
 
+    indexed = checked.train_split                  # as the checks read it, if they could
+    checked.train_split = None
+
     def make_loader(vocab):
-        return WellLoader(paths, split="train", n_steps_input=data.n_steps_input,
-                          n_steps_output=1, batch_size=micro, num_workers=data.num_workers,
+        same = indexed is not None and [i.path for i in indexed] == paths
+        return WellLoader(indexed if same else paths, split="train",
+                          n_steps_input=data.n_steps_input, n_steps_output=1,
+                          batch_size=micro, num_workers=data.num_workers,
                           seed=cfg.train.seed, rank=env.rank, world_size=env.world_size,
                           normalization=data.normalization, weights=data.weights,
                           same_dataset_across_ranks=data.same_dataset_across_ranks,

@@ -117,7 +117,7 @@ def test_plan_eval_caps_at_one_pass_and_refuses_what_the_valid_split_cannot_serv
     from dsfm.eval import plan_eval
 
     path = os.path.join(demo_base, "euler_2d")
-    source = index_dataset(path, "valid", 4, 2)
+    source = index_dataset(path, "valid", 4, 2).source
     name, windows = source.name, len(source)
     assert name == "euler_2d" and windows > 8
     kw = dict(n_steps_input=4, rollout_steps=2, batch_size=2)

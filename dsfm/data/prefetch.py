@@ -131,19 +131,27 @@ def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
     return ds.source, codes, ds.shift, ds.scale
 
 
-def _open_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
-                  normalization: str | None) -> tuple[WindowSource, np.ndarray, Any, Any]:
-    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
-    return make(path, split, n_in, n_out, stride, normalization)
+@dataclass(frozen=True)
+class IndexedDataset:
+    """One dataset's split as `index_dataset` indexed it, for the arguments it names. WellLoader
+    takes it in place of the path, for the same arguments, and does not index it again."""
+
+    path: str
+    key: tuple                          # (split, n_steps_input, n_steps_output, dt_stride,
+    source: WindowSource                #  normalization)
+    boundary_codes: np.ndarray
+    shift: Any
+    scale: Any
 
 
 def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int,
-                  dt_stride: int = 1, normalization: str | None = None) -> WindowSource:
-    """One dataset's split indexed as WellLoader indexes it (name, fields, windows), from the
-    files' metadata (and with `normalization`, its stats.yaml) alone, no reader started: a
-    DataError or ConfigError for what WellLoader would refuse in it."""
-    return _open_dataset(path, split, n_steps_input, n_steps_output, dt_stride,
-                         normalization)[0]
+                  dt_stride: int = 1, normalization: str | None = None) -> IndexedDataset:
+    """One dataset's split indexed as WellLoader indexes it (name, fields, windows; `.source`),
+    from the files' metadata (and with `normalization`, its stats.yaml) alone, no reader
+    started: a DataError or ConfigError for what WellLoader would refuse in it."""
+    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
+    key = (split, n_steps_input, n_steps_output, dt_stride, normalization)
+    return IndexedDataset(path, key, *make(path, *key))
 
 
 # ------------------------------------------------------------------------------- ring
@@ -297,8 +305,9 @@ class WellLoader:
     """Endless micro-batches from a mixture of Well datasets and PDEBench sources.
 
     datasets: Well dataset directories (`<base>/<name>` with `data/<split>/` and `stats.yaml`)
-    and PDEBench files or directories. Each micro-batch comes from one dataset (MPP balancing),
-    drawn with `weights` (uniform by default), the same on all ranks if
+    and PDEBench files or directories, or what `index_dataset` returned for them with this
+    loader's arguments (not indexed again). Each micro-batch comes from one dataset (MPP
+    balancing), drawn with `weights` (uniform by default), the same on all ranks if
     `same_dataset_across_ranks`. rank/world_size default to torch.distributed's (or 0/1).
     device: where batches go (default: this rank's CUDA device if CUDA is available, else CPU).
     normalization: "zscore", "rms" or None, from each source's statistics (stats.yaml, or
@@ -322,8 +331,9 @@ class WellLoader:
     ConfigError saying why when it cannot be used. `native_kernel_used` tells what ran.
     """
 
-    def __init__(self, datasets: Sequence[str], split: str = "train", n_steps_input: int = 4,
-                 n_steps_output: int = 1, batch_size: int = 8, num_workers: int = 2,
+    def __init__(self, datasets: Sequence[str | IndexedDataset], split: str = "train",
+                 n_steps_input: int = 4, n_steps_output: int = 1, batch_size: int = 8,
+                 num_workers: int = 2,
                  seed: int = 0, rank: int | None = None, world_size: int | None = None,
                  device: str | torch.device | None = None, normalization: str | None = "zscore",
                  weights: Sequence[float] | None = None, same_dataset_across_ranks: bool = False,
@@ -373,11 +383,18 @@ class WellLoader:
         self.vocabulary = vocabulary if vocabulary is not None else FieldVocabulary()
 
         self.datasets: list[_Dataset] = []
-        for path in datasets:
-            source, codes, shift, scale = _open_dataset(path, split, n_steps_input,
-                                                        n_steps_output, dt_stride, normalization)
+        key = (split, n_steps_input, n_steps_output, dt_stride, normalization)
+        for entry in datasets:
+            if not isinstance(entry, IndexedDataset):
+                entry = index_dataset(entry, *key)
+            elif entry.key != key:
+                raise ConfigError(f"{entry.path} was indexed for (split, n_steps_input, "
+                                  f"n_steps_output, dt_stride, normalization) {entry.key}, "
+                                  f"this loader reads {key}")
+            source = entry.source
             ids = self.vocabulary.add(source.vocabulary_name, source.channel_names)
-            self.datasets.append(_Dataset(source, codes, shift, scale, ids))
+            self.datasets.append(_Dataset(source, entry.boundary_codes, entry.shift,
+                                          entry.scale, ids))
         names = [d.source.name for d in self.datasets]
         rank, world_size = _dist_rank_world(rank, world_size)
         self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,

@@ -17,7 +17,7 @@ import torch
 from dsfm.data import PDEBenchDataset, WellDataset, WellLoader, prefetch
 from dsfm.data.pdebench import write_pdebench_stats
 from dsfm.data.prefetch import WorkerError
-from dsfm.errors import CorruptFileError, NonFiniteError, SchemaError
+from dsfm.errors import ConfigError, CorruptFileError, NonFiniteError, SchemaError, StatsError
 from tests.conftest import DEMO_DATASETS, REPO, run
 from tests.data.well_fixtures import (
     cube_3d_file,
@@ -162,6 +162,29 @@ def test_resume_gives_exactly_the_next_batches(demo_base):
     for e, g in zip(expected, got):
         assert e.dataset == g.dataset and np.array_equal(e.windows, g.windows)
         assert torch.equal(e.x, g.x) and torch.equal(e.y, g.y)
+
+
+def test_a_dataset_indexed_once_is_not_indexed_again(demo_base, tmp_path):
+    """What index_dataset returned (the trainer's checks index before the process group)
+    serves the loader as is: its batches are those of the path, and the loader reads no
+    metadata again (it runs here with the stats file gone). Arguments other than those it was
+    indexed for are refused."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    kw = dict(n_steps_input=3, n_steps_output=1, batch_size=3, num_workers=1, seed=2)
+    with WellLoader([str(ds)], **kw) as loader:
+        expected = [next(loader) for _ in range(4)]
+    indexed = prefetch.index_dataset(str(ds), "train", 3, 1, 1, "zscore")
+    os.remove(ds / "stats.yaml")
+    with pytest.raises(StatsError, match="stats file not found"):
+        WellLoader([str(ds)], **kw)
+    with WellLoader([indexed], **kw) as loader:
+        got = [next(loader) for _ in range(4)]
+    for e, g in zip(expected, got):
+        assert np.array_equal(e.windows, g.windows)
+        assert torch.equal(e.x, g.x) and torch.equal(e.y, g.y)
+    with pytest.raises(ConfigError, match="indexed for .*'zscore'.* reads .*'rms'"):
+        WellLoader([indexed], normalization="rms", **kw)
 
 
 def test_ring_is_bounded(demo_base):
