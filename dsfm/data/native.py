@@ -105,6 +105,13 @@ class NormalizeKernel:
                              f"starts, int64 steps, 2 int32 of status, {n_windows} × "
                              f"{reads_per_window} reads and an int64 plane_first of "
                              f"{reads_per_window} + 1 entries from 0 to {len(planes)} planes")
+        if len(planes) and (
+                any(a.dtype != np.float32 or not a.flags.c_contiguous for a in (shift, scale))
+                or int(planes["channel"].max()) >= min(shift.size, scale.size)):
+            # (the kernel does not know how long shift and scale are)
+            raise ValueError(f"planes of channels up to {int(planes['channel'].max())} need "
+                             f"contiguous float32 shift and scale that long, not {shift.dtype} "
+                             f"{shift.shape} and {scale.dtype} {scale.shape}")
         return self._read_windows(
             reads.ctypes.data, reads_per_window, pieces.ctypes.data, len(pieces),
             starts.ctypes.data, steps.ctypes.data, len(starts), n_windows, planes.ctypes.data,

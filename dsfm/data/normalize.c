@@ -159,6 +159,8 @@ static int read_one(const dsfm_read *r, const dsfm_piece *pieces, int64_t n_piec
         const dsfm_piece *p = pieces + r->first + i;
         if (p->base < 0 || p->base >= n_bases || p->offset < 0 || p->bytes < 0)
             return EINVAL;
+        if (p->bytes > INT64_MAX - want)        /* a total no read can have: not UB */
+            return EINVAL;
         v[i].iov_base = bases[p->base] + p->offset;
         v[i].iov_len = (size_t)p->bytes;
         want += p->bytes;
@@ -212,6 +214,16 @@ int64_t dsfm_read_windows(const dsfm_read *reads, int64_t reads_per_window,
              plane_first[reads_per_window] == n_planes;     /* every plane, after some read */
     for (int64_t k = 0; ok && k < reads_per_window; k++)
         ok = plane_first[k] <= plane_first[k + 1];
+    /* planes use this call's bases only (bases[n_bases..] are never set), with offsets and
+       strides that cannot go backwards; their extents and channels are the caller's to
+       check, as the pieces' extents are */
+    for (int64_t q = 0; ok && q < n_planes; q++) {
+        const dsfm_plane *p = planes + q;
+        ok = p->dst_base >= 0 && p->dst_base < n_bases && p->src_base >= 0 &&
+             p->src_base < n_bases && p->dst >= 0 && p->src >= 0 && p->stride >= 1 &&
+             p->channel >= 0;
+    }
+    ok = ok && plane_floats >= 0;
     status[0] = status[1] = 0;
     if (!ok) {
         status[0] = 2;

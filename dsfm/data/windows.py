@@ -298,7 +298,18 @@ class WindowSource:
                             rows.append((dst, 4 * (staged + t * per * k + j), base, 2, k, c + j))
                 staged += block.size
                 c += k
-            cache[key] = np.array(rows, PLANE)
+            table = np.array(rows, PLANE)
+            # nothing may be read or written outside x's or y's row of a window or scratch
+            # (the kernel checks none of it: the per-window path hands it addresses)
+            limits = np.array([4 * n_in * self.n_channels * per,
+                               4 * (self.n_steps - n_in) * self.n_channels * per,
+                               4 * self.window_floats], np.int64)
+            if len(table) and (
+                    (table["dst"] + 4 * per > limits[table["dst_base"]]).any() or
+                    (table["src"] + 4 * (table["stride"].astype(np.int64) * (per - 1) + 1) >
+                     limits[table["src_base"]]).any()):
+                raise AssertionError(f"{self.name}: a normalization plan overruns a buffer")
+            cache[key] = table
         return cache[key]
 
     def _read_fused(self, pool: H5Pool, windows, n_in: int, x: np.ndarray, y: np.ndarray,

@@ -365,10 +365,22 @@ def test_read_windows_scatters_reads_and_reports_failures(normalize_kernel, tmp_
         pieces["offset"][0] = 0
         assert run() == 3 and status.tolist() == [0, 0]
         one = np.zeros(1, native.PLANE)                   # planes over bases these lack
+        f1 = np.ones(1, np.float32)
         assert normalize_kernel.read_windows(reads, 2, pieces, starts, steps, 3, one,
-                                             np.array([0, 1, 1], np.int64), 1, f32, f32,
+                                             np.array([0, 1, 1], np.int64), 1, f1, f1,
                                              False, status) == 0
         assert status.tolist() == [2, errno.EINVAL]
+        for bad in (-1, 5):                               # a base before or past the window's
+            planes = np.array([(0, 0, bad, 0, 1, 0)], native.PLANE)
+            starts3, steps3 = np.append(starts, starts[:1]), np.append(steps, steps[:1])
+            assert normalize_kernel.read_windows(reads, 2, pieces, starts3, steps3, 3, planes,
+                                                 np.array([0, 1, 1], np.int64), 1, f1, f1,
+                                                 False, status) == 0
+            assert status.tolist() == [2, errno.EINVAL]
+        with pytest.raises(ValueError, match="shift and scale"):   # a channel they lack
+            normalize_kernel.read_windows(reads, 2, pieces, starts, steps, 3, one,
+                                          np.array([0, 1, 1], np.int64), 1, f32, f32,
+                                          False, status)
         for plane_first in (None, np.array([0, 0, 0], np.int64)):   # planes no read is before
             with pytest.raises(ValueError, match="plane_first"):
                 normalize_kernel.read_windows(reads, 2, pieces, starts, steps, 3, one,
