@@ -42,6 +42,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     discover,
     finish,
     init_process_group,
+    rank0_first,
     release_shm,
     set_tf32,
 )
@@ -418,10 +419,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
     log.text(set_tf32(cfg.train.tf32))
     micro = schedule.micro_batch(ds_config)
     data = cfg.data
-    if env.rank == 0:
-        paths = dataset_paths(data.base, data.datasets, data.pdebench, data.generate,
-                              progress=cfg.train.progress)
-    td.barrier()                                   # the others wait while rank 0 generates
+    paths = rank0_first(lambda: dataset_paths(data.base, data.datasets, data.pdebench,
+                                              data.generate, progress=cfg.train.progress),
+                        "data")                     # the others wait while rank 0 simulates
     if env.rank != 0:
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
 

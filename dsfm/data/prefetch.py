@@ -133,14 +133,15 @@ def _pdebench_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
 
 @dataclass(frozen=True)
 class IndexedDataset:
-    """One dataset's split as `index_dataset` indexed it, for the arguments it names. WellLoader
-    takes it in place of the path, for the same arguments, and does not index it again."""
+    """One dataset's split as `index_dataset` indexed it for the arguments in `key` (split,
+    n_steps_input, n_steps_output, dt_stride, normalization). WellLoader takes it in place of
+    the path, for the same arguments, and does not index it again."""
 
     path: str
-    key: tuple                          # (split, n_steps_input, n_steps_output, dt_stride,
-    source: WindowSource                #  normalization)
-    boundary_codes: np.ndarray
-    shift: Any
+    key: tuple
+    source: WindowSource
+    boundary_codes: np.ndarray            # [n_files, n_dims, 2]
+    shift: Any                            # [C] or None (no normalization)
     scale: Any
 
 

@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from dsfm.errors import ConfigError
+from dsfm.errors import ConfigError, DsfmError
 from dsfm.runtime import dist
 
 
@@ -158,3 +158,33 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     if td.is_initialized() and td.get_world_size() > 1:
         td.all_reduce(t, op=op or td.ReduceOp.SUM)
     return t
+
+
+def rank0_first(work, key: str, poll_s: float = 1.0):
+    """`work()` on rank 0 while the other ranks wait for it, then its result on rank 0 (None
+    elsewhere). The others poll the process group's key-value store instead of waiting in a
+    barrier: a barrier is a collective, bounded by the process group's timeout (DeepSpeed's
+    10 minutes), and simulating a preset can take longer than that. When `work` fails, the
+    others stop too, with an error naming rank 0's. `key` names this wait (once per run)."""
+    import time
+
+    import torch.distributed as td
+
+    if not td.is_initialized() or td.get_world_size() == 1:
+        return work()
+    store = td.distributed_c10d._get_default_store()
+    key = f"dsfm/{key}"
+    if td.get_rank() == 0:
+        try:
+            out = work()
+        except BaseException as exc:
+            store.set(key, f"failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+            raise
+        store.set(key, "ok")
+        return out
+    while not store.check([key]):
+        time.sleep(poll_s)
+    status = store.get(key).decode()
+    if status != "ok":
+        raise DsfmError(f"rank 0 {status}")
+    return None

@@ -1,0 +1,84 @@
+"""rank0_first: the other ranks wait for rank 0's work (simulating the demo data) however long it
+takes, not only as long as the process group's timeout, and learn when it failed.
+
+Two real processes join a gloo group whose collective timeout is 2 s; rank 0's work takes 5 s.
+A barrier in its place (the control) times out; rank0_first does not.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from tests.conftest import REPO, free_port
+
+pytestmark = pytest.mark.slow
+
+SCRIPT = textwrap.dedent("""
+    import datetime, json, sys, time
+    import torch, torch.distributed as td
+    from dsfm.errors import DsfmError
+    from dsfm.runtime.engine import rank0_first
+
+    mode = sys.argv[1]
+    td.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
+    rank = td.get_rank()
+
+    def work():
+        time.sleep(5)
+        if mode == "fail":
+            raise DsfmError("no space left on /data\\nsecond line")
+        return "made"
+
+    out = {"rank": rank}
+    try:
+        if mode == "barrier":
+            if rank == 0:
+                work()
+            td.barrier()
+        else:
+            out["result"] = rank0_first(work, "test")
+        t = torch.tensor([rank + 1])
+        td.all_reduce(t)                 # the group still works afterwards
+        out["sum"] = int(t)
+    except Exception as exc:
+        out["error"] = f"{type(exc).__name__}: {exc}"
+    print("RESULT " + json.dumps(out), flush=True)
+    td.destroy_process_group() if "error" not in out else None
+""")
+
+
+def launch(mode):
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+               "RANK": str(rank), "WORLD_SIZE": "2", "PYTHONPATH": REPO}
+        procs.append(subprocess.Popen([sys.executable, "-c", SCRIPT, mode], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    results = {}
+    for p in procs:
+        out, _ = p.communicate(timeout=120)
+        lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
+        assert lines, out
+        r = json.loads(lines[-1][len("RESULT "):])
+        results[r["rank"]] = r
+    return results
+
+
+def test_the_others_wait_for_rank_0_longer_than_the_collective_timeout():
+    control = launch("barrier")
+    assert "Timed out" in control[1].get("error", ""), control     # what a barrier does
+    got = launch("ok")
+    assert got[0] == {"rank": 0, "result": "made", "sum": 3}
+    assert got[1] == {"rank": 1, "result": None, "sum": 3}
+
+
+def test_a_failure_on_rank_0_stops_the_others_with_its_message():
+    got = launch("fail")
+    assert got[0]["error"] == "DsfmError: no space left on /data\nsecond line"
+    assert got[1]["error"] == "DsfmError: rank 0 failed: no space left on /data"
