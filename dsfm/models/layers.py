@@ -51,32 +51,38 @@ class _TokenRMSNorm(torch.autograd.Function):
 
 class _TokenInstanceNorm(torch.autograd.Function):
     """Instance norm over H and W of tokens [..., H, W, C] with a per-channel affine map,
-    forward in two passes over x (statistics, one multiply-add) and the gradient written out."""
+    forward in two passes over x (statistics, one multiply-add) and the gradient written out:
+    with s1 = Σ_HW gy and s2 = Σ_HW gy·x̂ (n = H·W),
+        ∂L/∂x = w·rstd · (gy − s1/n − x̂·s2/n),  ∂L/∂w = Σ_BT s2,  ∂L/∂b = Σ_BT s1,
+    ten operators where the form through g = gy·w (means of g and g·x̂) runs twelve."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps):
         var, mean = torch.var_mean(x, dim=_HW, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
         scale = weight * rstd
-        ctx.save_for_backward(x, mean, rstd, weight)
-        return torch.addcmul(bias - mean * scale, x, scale)
+        ctx.save_for_backward(x, mean, rstd, scale)
+        return torch.addcmul(torch.addcmul(bias, mean, scale, value=-1.0), x, scale)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, mean, rstd, weight = ctx.saved_tensors
-        xhat = (x - mean) * rstd
-        dims = tuple(range(gy.ndim - 1))
+        x, mean, rstd, scale = ctx.saved_tensors
+        n = x.shape[-3] * x.shape[-2]
+        c = x.shape[-1]
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
-        if ctx.needs_input_grad[0]:
-            g = gy * weight
-            m1 = g.mean(dim=_HW, keepdim=True)
-            m2 = (g * xhat).mean(dim=_HW, keepdim=True)
-            gx = torch.addcmul(g - m1, xhat, m2, value=-1.0) * rstd
-        if ctx.needs_input_grad[1]:
-            gw = (gy * xhat).sum(dim=dims)
-        if ctx.needs_input_grad[2]:
-            gb = gy.sum(dim=dims)
+        s1 = gy.sum(dim=_HW, keepdim=True) if need_x or need_b else None
+        if need_x or need_w:
+            xhat = (x - mean) * rstd
+            s2 = (gy * xhat).sum(dim=_HW, keepdim=True)
+            if need_x:
+                gx = torch.addcmul(gy, xhat, s2, value=-1.0 / n).sub_(s1, alpha=1.0 / n)
+                gx = gx.mul_(scale)
+            if need_w:
+                gw = s2.reshape(-1, c).sum(dim=0)
+        if need_b:
+            gb = s1.reshape(-1, c).sum(dim=0)
         return gx, gw, gb, None
 
 
