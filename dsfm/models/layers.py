@@ -40,12 +40,15 @@ class _TokenRMSNorm(torch.autograd.Function):
         x, mean, std, denom, scale = ctx.saved_tensors
         n = x.shape[-3] * x.shape[-2]
         s = (gy * x).sum(dim=_HW, keepdim=True)             # ∂L/∂scale per sample, channel
-        # through std: ∂std/∂x = (x − mean) / ((n − 1) · std); a spatially constant channel
-        # (std 0) gets none, as autograd's std gives
-        coef = torch.where(std > 0, -s * scale / (denom * (n - 1) * std), 0.0)
-        gx = torch.addcmul(gy * scale, coef, x - mean) if ctx.needs_input_grad[0] else None
-        gw = (s / denom).reshape(-1, s.shape[-1]).sum(dim=0) if ctx.needs_input_grad[1] \
-            else None
+        u = s / denom                                       # ∂L/∂w per sample; ∂L/∂std = −u·scale
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            # through std: ∂std/∂x = (x − mean) / ((n − 1) · std); a spatially constant channel
+            # (std 0) gets none, as autograd's std gives (masked_fill: no scalar tensor made)
+            coef = torch.div(u * scale, std).masked_fill_(std == 0, 0.0)
+            gx = torch.addcmul(gy * scale, coef, x - mean, value=-1.0 / (n - 1))
+        if ctx.needs_input_grad[1]:
+            gw = u.reshape(-1, u.shape[-1]).sum(dim=0)
         return gx, gw, None
 
 
