@@ -151,8 +151,9 @@ class DropPath(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.enabled and self.training):
             return x
+        # scaled on its [N, 1, ...] entries: the backward is one multiply, not two
         mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep)
-        return x * mask / self.keep
+        return x * mask.div_(self.keep)
 
     def extra_repr(self) -> str:
         return f"p={self.p:.3f}" + ("" if self.enabled else ", disabled")
