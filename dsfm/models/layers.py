@@ -101,11 +101,15 @@ class RMSInstanceNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prescale: float = 1.0) -> torch.Tensor:
+        """The norm of x · `prescale`, computed as that of x with eps / `prescale`: the same
+        numbers when `prescale` is a power of two (scaling by one is exact, in x, std and
+        eps alike), without the multiply and its backward."""
+        eps = self.eps / prescale
         if self.channels_last:
-            return _TokenRMSNorm.apply(x, self.weight, self.eps)
+            return _TokenRMSNorm.apply(x, self.weight, eps)
         std = torch.std(x, dim=(-2, -1), keepdim=True)
-        return x / (std + self.eps) * self.weight[:, None, None]
+        return x / (std + eps) * self.weight[:, None, None]
 
 
 class InstanceNorm(nn.Module):
@@ -327,8 +331,9 @@ class AxialSpatialAttention(nn.Module):
         # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
         zh = self._along(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), periodic[0]
                          if isinstance(periodic, tuple) else periodic[:, 0])
-        z = (zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)) * 0.5          # [N,H,W,heads,hd]
-        z = pointwise(self.norm2(z.reshape(n, h, w, c)), self.output_head)
+        z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)          # [N,H,W,heads,hd]
+        # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
+        z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head)
         x = x + self.drop_path(z * self.gamma_att)
         return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp)
 
