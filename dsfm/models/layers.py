@@ -318,20 +318,42 @@ class AxialSpatialAttention(nn.Module):
                          length)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
+    def _both_axes(self, qkv: torch.Tensor, periodic: bool) -> torch.Tensor:
+        """Attention along W and along H of a square grid whose axes share their bias (the
+        same length and periodicity): the N·L rows and the N·L columns as one batch of
+        sequences, one attention call and one bias instead of two of each; the columns' copy
+        is the rows' (one cat where the H axis alone took three copies, of q, k and v),
+        QK-norm applied to both. qkv [N, L, L, 3C] → the sum of the two axes' outputs
+        [N, L, L, heads, hd]."""
+        n, length = qkv.shape[:2]
+        seqs = torch.cat([qkv, qkv.transpose(1, 2)]).flatten(0, 1)         # [2NL, L, 3C]
+        q, k, v = _qkv(seqs, self.heads)                                    # [2NL, L, heads, hd]
+        q, k = self.qnorm(q), self.knorm(k)
+        out = F.scaled_dot_product_attention(
+            *(t.transpose(1, 2) for t in (q, k, v)),
+            attn_mask=self.rel_pos_bias(length, periodic)[None])          # [2NL, heads, L, hd]
+        # rows[n, i, :, j] and cols[n, j, :, i] are both token (i, j): [N, L, heads, L, hd]
+        rows, cols = out.unflatten(0, (2, n, length)).unbind(0)
+        return rows.transpose(2, 3) + cols.permute(0, 3, 1, 2, 4)
+
     def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
                 ) -> torch.Tensor:
         """x: [N, H, W, C] (tokens); periodic: (H axis, W axis) for the whole batch, or [N, 2]
         bool per sample."""
         n, h, w, c = x.shape
-        q, k, v = _qkv(pointwise(self.norm1(x), self.input_head), self.heads)  # [N,H,W,heads,hd]
-        q, k = self.qnorm(q), self.knorm(k)
-        # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
-        zw = self._along(*(t.transpose(2, 3) for t in (q, k, v)), periodic[1]
-                         if isinstance(periodic, tuple) else periodic[:, 1])
-        # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
-        zh = self._along(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), periodic[0]
-                         if isinstance(periodic, tuple) else periodic[:, 0])
-        z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)          # [N,H,W,heads,hd]
+        qkv = pointwise(self.norm1(x), self.input_head)                     # [N, H, W, 3C]
+        if isinstance(periodic, tuple) and h == w and periodic[0] == periodic[1]:
+            z = self._both_axes(qkv, periodic[0])
+        else:
+            q, k, v = _qkv(qkv, self.heads)                                 # [N,H,W,heads,hd]
+            q, k = self.qnorm(q), self.knorm(k)
+            # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
+            zw = self._along(*(t.transpose(2, 3) for t in (q, k, v)), periodic[1]
+                             if isinstance(periodic, tuple) else periodic[:, 1])
+            # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
+            zh = self._along(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), periodic[0]
+                             if isinstance(periodic, tuple) else periodic[:, 0])
+            z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)      # [N,H,W,heads,hd]
         # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
         z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head)
         x = x + self.drop_path(z * self.gamma_att)
