@@ -53,40 +53,55 @@ class _TokenRMSNorm(torch.autograd.Function):
 
 
 class _TokenInstanceNorm(torch.autograd.Function):
-    """Instance norm over H and W of tokens [..., H, W, C] with a per-channel affine map,
-    forward in two passes over x (statistics, one multiply-add) and the gradient written out:
-    with s1 = Σ_HW gy and s2 = Σ_HW gy·x̂ (n = H·W),
+    """Instance norm over H and W of tokens [..., H, W, *C] with a per-channel affine map
+    (weight and bias shaped C: one channel axis, or several, as attention leaves heads and
+    head channels), forward in two passes over x (statistics, one multiply-add) and the
+    gradient written out: with s1 = Σ_HW gy and s2 = Σ_HW gy·x̂ (n = H·W),
         ∂L/∂x = w·rstd · (gy − s1/n − x̂·s2/n),  ∂L/∂w = Σ_BT s2,  ∂L/∂b = Σ_BT s1,
-    ten operators where the form through g = gy·w (means of g and g·x̂) runs twelve."""
+    ten operators where the form through g = gy·w (means of g and g·x̂) runs twelve.
+
+    `order`: the output's memory layout, as the permutation of x's axes from outermost to
+    innermost (None: x's own); the gradient of x is laid out as x. Writing into the layout
+    the next operator reads spares a copy (see TemporalAttention). Not under torch.compile,
+    which refuses a strided `out=` (a graph break) and chooses layouts itself."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps):
-        var, mean = torch.var_mean(x, dim=_HW, keepdim=True, correction=0)
+    def forward(ctx, x, weight, bias, eps, order=None):
+        hw = (-2 - weight.ndim, -1 - weight.ndim)
+        var, mean = torch.var_mean(x, dim=hw, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
         scale = weight * rstd
         ctx.save_for_backward(x, mean, rstd, scale)
-        return torch.addcmul(torch.addcmul(bias, mean, scale, value=-1.0), x, scale)
+        ctx.hw = hw
+        out = None
+        if order is not None and not torch.compiler.is_compiling():
+            inverse = sorted(range(len(order)), key=order.__getitem__)
+            out = torch.empty([x.shape[i] for i in order], dtype=x.dtype,
+                              device=x.device).permute(inverse)
+        return torch.addcmul(torch.addcmul(bias, mean, scale, value=-1.0), x, scale, out=out)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
         x, mean, rstd, scale = ctx.saved_tensors
-        n = x.shape[-3] * x.shape[-2]
-        c = x.shape[-1]
+        hw = ctx.hw
+        n = x.shape[hw[0]] * x.shape[hw[1]]
+        channels = x.shape[hw[1] + 1:]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
-        s1 = gy.sum(dim=_HW, keepdim=True) if need_x or need_b else None
+        s1 = gy.sum(dim=hw, keepdim=True) if need_x or need_b else None
         if need_x or need_w:
             xhat = (x - mean) * rstd
-            s2 = (gy * xhat).sum(dim=_HW, keepdim=True)
+            s2 = (gy * xhat).sum(dim=hw, keepdim=True)
             if need_x:
-                gx = torch.addcmul(gy, xhat, s2, value=-1.0 / n).sub_(s1, alpha=1.0 / n)
-                gx = gx.mul_(scale)
+                out = None if torch.compiler.is_compiling() else torch.empty_like(x)
+                gx = torch.addcmul(gy, xhat, s2, value=-1.0 / n, out=out)
+                gx = gx.sub_(s1, alpha=1.0 / n).mul_(scale)
             if need_w:
-                gw = s2.reshape(-1, c).sum(dim=0)
+                gw = s2.reshape(-1, *channels).sum(dim=0)
         if need_b:
-            gb = s1.reshape(-1, c).sum(dim=0)
-        return gx, gw, gb, None
+            gb = s1.reshape(-1, *channels).sum(dim=0)
+        return gx, gw, gb, None, None
 
 
 class RMSInstanceNorm2d(nn.Module):
@@ -124,8 +139,15 @@ class InstanceNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _TokenInstanceNorm.apply(x, self.weight, self.bias, self.eps)
+    def forward(self, x: torch.Tensor, split: tuple[int, int] | None = None,
+                order: tuple[int, ...] | None = None) -> torch.Tensor:
+        """x: [..., H, W, C], or with `split` (heads, head channels) [..., H, W, heads, C/heads]
+        (attention's output, the channels not one axis of a view). `order`: the memory layout
+        of the output (see _TokenInstanceNorm)."""
+        weight, bias = self.weight, self.bias
+        if split is not None:
+            weight, bias = weight.view(split), bias.view(split)
+        return _TokenInstanceNorm.apply(x, weight, bias, self.eps, order)
 
 
 def pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
@@ -266,14 +288,21 @@ class TemporalAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: [B, T, H, W, C] (tokens)."""
         b, t, h, w, c = x.shape
-        z = pointwise(self.norm1(x), self.input_head)                 # [B, T, H, W, 3C]
-        # one sequence of T per (sample, position): [BHW, heads, T, 3hd]
-        z = z.unflatten(-1, (self.heads, -1)).permute(0, 2, 3, 4, 1, 5)
-        q, k, v = z.reshape(b * h * w, self.heads, t, -1).chunk(3, dim=-1)
-        z = F.scaled_dot_product_attention(self.qnorm(q), self.knorm(k), v,
-                                           attn_mask=self.rel_pos_bias(t)[None])
-        z = z.reshape(b, h, w, self.heads, t, -1).permute(0, 4, 1, 2, 3, 5).reshape(b, t, h, w, c)
-        z = pointwise(self.norm2(z), self.output_head)
+        # one sequence of T per (sample, position), with no copy on either side: norm1 writes
+        # its output laid out [B, H, W, T, C], so the projection comes out [B, H, W, T, 3C]
+        # and q, k, v of [BHW, heads, T, hd] are views of it (and their gradients' cat is
+        # laid out as the projection's); norm2 reads attention's output through a view and
+        # writes tokens [B, T, H, W, C]
+        z = self.norm1(x, order=(0, 2, 3, 1, 4)).permute(0, 2, 3, 1, 4)   # [B, H, W, T, C]
+        z = pointwise(z, self.input_head).unflatten(-1, (self.heads, -1))  # [B,H,W,T,heads,3hd]
+        q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
+        # QK-norm writes q and k as [BHW, heads, T, hd] (contiguous; v is a strided view)
+        z = F.scaled_dot_product_attention(
+            self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2), v.flatten(0, 2),
+            attn_mask=self.rel_pos_bias(t)[None])
+        z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
+        z = self.norm2(z, split=z.shape[-2:], order=tuple(range(6))).flatten(-2)
+        z = pointwise(z, self.output_head)
         return x + self.drop_path(z * self.gamma)
 
 

@@ -428,6 +428,16 @@ def test_token_norm_gradients_pass_gradcheck():
     assert torch.autograd.gradcheck(lambda x, w, b: _TokenInstanceNorm.apply(x, w, b, 1e-5),
                                     (x, w, b))
     assert torch.autograd.gradcheck(lambda x, w: _TokenRMSNorm.apply(x, w, 1e-8), (x, w))
+    # channels over two axes (heads, head channels), a strided input and a chosen output
+    # layout, as the temporal attention's norms take them
+    x = torch.randn(2, 4, 3, 2, 3, dtype=torch.float64).transpose(1, 2).requires_grad_()
+    w, b = (torch.randn(2, 3, dtype=torch.float64, requires_grad=True) for _ in range(2))
+    for order in (None, (0, 2, 1, 3, 4), (0, 1, 2, 3, 4)):
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: _TokenInstanceNorm.apply(x, w, b, 1e-5, order), (x, w, b))
+    y = _TokenInstanceNorm.apply(x, w, b, 1e-5, (0, 1, 2, 3, 4))
+    assert y.is_contiguous()
+    torch.testing.assert_close(y, _TokenInstanceNorm.apply(x, w, b, 1e-5))
 
 
 def test_token_norms_match_torchs_on_channels_first_frames():
