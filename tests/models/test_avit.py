@@ -381,6 +381,21 @@ def test_aligned_biases_spare_the_kernel_its_padding_on_cuda():
     assert pads[None] == 0 and pads[False] > 0, pads
 
 
+class _AutogradRMSNorm(torch.nn.Module):
+    """MPP's RMS instance norm of channels-first frames, differentiated by autograd through
+    torch.std: the reference for the hand-written gradient (same parameter names)."""
+
+    def __init__(self, dim, eps=1e-8):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+        self.bias = torch.nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x):
+        std = torch.std(x, dim=(-2, -1), keepdim=True)
+        return x / (std + self.eps) * self.weight[:, None, None]
+
+
 def test_rms_norm_gradient_of_a_constant_channel_is_finite():
     """A spatially constant channel (std 0): the hand-written gradient stays finite, as
     autograd's through torch.std does."""
@@ -389,16 +404,19 @@ def test_rms_norm_gradient_of_a_constant_channel_is_finite():
     torch.manual_seed(0)
     x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
     x[0, :, :, 1] = 0.5
-    ours, theirs = RMSInstanceNorm2d(3, eps=1.0, channels_last=True).double(), \
-        RMSInstanceNorm2d(3, eps=1.0).double()
-    a = x.clone().requires_grad_()
-    b = x.permute(0, 3, 1, 2).clone().requires_grad_()
     g = torch.randn_like(x)
-    (ours(a) * g).sum().backward()
-    (theirs(b) * g.permute(0, 3, 1, 2)).sum().backward()
-    assert torch.isfinite(a.grad).all()
-    torch.testing.assert_close(a.grad, b.grad.permute(0, 2, 3, 1))
-    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
+    for channels_last in (True, False):
+        ours, theirs = RMSInstanceNorm2d(3, eps=1.0, channels_last=channels_last).double(), \
+            _AutogradRMSNorm(3, eps=1.0).double()
+        a = x.clone() if channels_last else x.permute(0, 3, 1, 2).clone()
+        a.requires_grad_()
+        b = x.permute(0, 3, 1, 2).clone().requires_grad_()
+        (ours(a) * (g if channels_last else g.permute(0, 3, 1, 2))).sum().backward()
+        (theirs(b) * g.permute(0, 3, 1, 2)).sum().backward()
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad if channels_last else a.grad.permute(0, 2, 3, 1),
+                                   b.grad.permute(0, 2, 3, 1))
+        torch.testing.assert_close(ours.weight.grad, theirs.weight.grad)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -449,7 +467,7 @@ def test_token_norms_match_torchs_on_channels_first_frames():
     x = torch.randn(3, 2, 5, 7, 8, dtype=torch.float64)             # [B, T, H, W, C]
     g = torch.randn_like(x)
     for ours, theirs in ((InstanceNorm(8), torch.nn.InstanceNorm2d(8, affine=True)),
-                         (RMSInstanceNorm2d(8, channels_last=True), RMSInstanceNorm2d(8))):
+                         (RMSInstanceNorm2d(8, channels_last=True), _AutogradRMSNorm(8))):
         ours, theirs = ours.double(), theirs.double()
         with torch.no_grad():
             ours.weight.normal_()
