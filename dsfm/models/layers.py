@@ -20,6 +20,7 @@ PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 
 
 _HW = (-3, -2)                # the spatial axes of tokens [..., H, W, C]
+_HW_OF = {1: _HW, 2: (-4, -3)}   # ... and of [..., H, W, heads, C/heads], by channel axes
 
 
 class _TokenRMSNorm(torch.autograd.Function):
@@ -67,12 +68,11 @@ class _TokenInstanceNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps, order=None):
-        hw = (-2 - weight.ndim, -1 - weight.ndim)
+        hw = _HW_OF[weight.ndim]
         var, mean = torch.var_mean(x, dim=hw, keepdim=True, correction=0)
         rstd = torch.rsqrt(var + eps)
         scale = weight * rstd
-        ctx.save_for_backward(x, mean, rstd, scale)
-        ctx.hw = hw
+        ctx.save_for_backward(x, mean, rstd, scale, weight)   # weight: its axes, no ctx dict
         out = None
         if order is not None and not torch.compiler.is_compiling():
             inverse = sorted(range(len(order)), key=order.__getitem__)
@@ -83,8 +83,8 @@ class _TokenInstanceNorm(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, mean, rstd, scale = ctx.saved_tensors
-        hw = ctx.hw
+        x, mean, rstd, scale, weight = ctx.saved_tensors
+        hw = _HW_OF[weight.ndim]
         n = x.shape[hw[0]] * x.shape[hw[1]]
         channels = x.shape[hw[1] + 1:]
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
@@ -303,7 +303,7 @@ class TemporalAttention(nn.Module):
             self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2), v.flatten(0, 2),
             attn_mask=self.rel_pos_bias(t)[None])
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
-        z = self.norm2(z, split=z.shape[-2:], order=tuple(range(6))).flatten(-2)
+        z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
         z = pointwise(z, self.output_head)
         return x + self.drop_path(z * self.gamma)
 
