@@ -182,8 +182,10 @@ def rank0_first(work, key: str, poll_s: float = 1.0):
             raise
         store.set(key, "ok")
         return out
-    while not store.check([key]):
-        time.sleep(poll_s)
+    wait = 0.01
+    while not store.check([key]):                 # soon when rank 0 had nothing to do
+        time.sleep(wait)
+        wait = min(2 * wait, poll_s)
     status = store.get(key).decode()
     if status != "ok":
         raise DsfmError(f"rank 0 {status}")
