@@ -79,6 +79,28 @@ def fix_arch_list() -> None:
             os.environ["TORCH_CUDA_ARCH_LIST"] = fixed
 
 
+#: What DeepSpeed 0.19 prints on every rank that no user can act on: WarmupCosineLR warns
+#: from its own constructor ("Attempting to get learning rate from scheduler before it has
+#: started"), and ZeRO calls torch.distributed.all_gather_into_tensor, which torch 2.13
+#: deprecates (a FutureWarning at the first step with more than one rank).
+_DEEPSPEED_NOISE = "Attempting to get learning rate from scheduler before it has started"
+_TORCH_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+
+
+def _drop_deepspeed_noise(record) -> bool:
+    return _DEEPSPEED_NOISE not in record.getMessage()
+
+
+def _quiet_deepspeed() -> None:
+    import warnings
+
+    from deepspeed.utils import logger
+
+    if _drop_deepspeed_noise not in logger.filters:
+        logger.addFilter(_drop_deepspeed_noise)        # a callable filter (Python 3.2+)
+    warnings.filterwarnings("ignore", message=_TORCH_DEPRECATION, category=FutureWarning)
+
+
 def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
     scheduler). `fused_grad_norm`: where the optimizer is ZeRO's and not offloaded, it computes
@@ -89,6 +111,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     from dsfm.runtime.zero_norm import fuse_grad_norm
 
     fix_arch_list()
+    _quiet_deepspeed()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                            config=cpu_optimizer(ds_config))
