@@ -47,7 +47,8 @@ class _TokenRMSNorm(torch.autograd.Function):
             # through std: ∂std/∂x = (x − mean) / ((n − 1) · std); a spatially constant channel
             # (std 0) gets none, as autograd's std gives (masked_fill: no scalar tensor made)
             coef = torch.div(u * scale, std).masked_fill_(std == 0, 0.0)
-            gx = torch.addcmul(gy * scale, coef, x - mean, value=-1.0 / (n - 1))
+            gx = torch.addcmul(gy * scale, coef, x - mean,
+                              value=-1.0 / (n - 1) if n > 1 else math.nan)  # 1 token: std NaN
         if ctx.needs_input_grad[1]:
             gw = u.reshape(-1, u.shape[-1]).sum(dim=0)
         return gx, gw, None
@@ -357,9 +358,12 @@ class AxialSpatialAttention(nn.Module):
         QK-norm applied to both. qkv [N, L, L, 3C] → the sum of the two axes' outputs
         [N, L, L, heads, hd]."""
         n, length = qkv.shape[:2]
-        seqs = torch.cat([qkv, qkv.transpose(1, 2)]).flatten(0, 1)         # [2NL, L, 3C]
-        q, k, v = _qkv(seqs, self.heads)                                    # [2NL, L, heads, hd]
-        q, k = self.qnorm(q), self.knorm(k)
+        # QK-norm once, before the copy: the norms then save qkv itself (3C a token), not a
+        # second copy of it (the cat's 6C, which attention keeps as its q, k and v)
+        q, k, v = _qkv(qkv, self.heads)                                     # [N, L, L, heads, hd]
+        both = torch.cat([self.qnorm(q), self.knorm(k), v], dim=-1)        # [N,L,L,heads,3hd]
+        seqs = torch.cat([both, both.transpose(1, 2)]).flatten(0, 1)       # [2NL,L,heads,3hd]
+        q, k, v = seqs.chunk(3, dim=-1)                                     # [2NL, L, heads, hd]
         out = F.scaled_dot_product_attention(
             *(t.transpose(1, 2) for t in (q, k, v)),
             attn_mask=self.rel_pos_bias(length, periodic)[None])          # [2NL, heads, L, hd]

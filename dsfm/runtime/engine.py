@@ -81,14 +81,18 @@ def fix_arch_list() -> None:
 
 #: What DeepSpeed 0.19 prints on every rank that no user can act on: WarmupCosineLR warns
 #: from its own constructor ("Attempting to get learning rate from scheduler before it has
-#: started"), and ZeRO calls torch.distributed.all_gather_into_tensor, which torch 2.13
-#: deprecates (a FutureWarning at the first step with more than one rank).
+#: started"), and ZeRO calls torch.distributed.all_gather_into_tensor (ZeRO-2, with more than
+#: one rank) and reduce_scatter_tensor (ZeRO-3), which torch 2.13 deprecates (FutureWarnings).
 _DEEPSPEED_NOISE = "Attempting to get learning rate from scheduler before it has started"
-_TORCH_DEPRECATION = r"`torch\.distributed\.all_gather_into_tensor` is deprecated"
+_TORCH_DEPRECATION = (r"`torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)` "
+                      "is deprecated")
 
 
 def _drop_deepspeed_noise(record) -> bool:
-    return _DEEPSPEED_NOISE not in record.getMessage()
+    # the record's format string, not getMessage(): a logger-level filter runs in the caller,
+    # where a record whose arguments do not fit its format would raise instead of being
+    # reported by the handler (the message dropped here has no arguments)
+    return _DEEPSPEED_NOISE not in str(record.msg)
 
 
 def _quiet_deepspeed() -> None:
@@ -183,6 +187,9 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+_RANK0_FIRST_CALLS: dict[str, int] = {}
+
+
 def rank0_first(work, key: str, poll_s: float = 1.0):
     """`work()` on rank 0 while the other ranks wait for it, then its result on rank 0 (None
     elsewhere). The others poll the process group's key-value store instead of waiting in a
@@ -196,20 +203,37 @@ def rank0_first(work, key: str, poll_s: float = 1.0):
     if not td.is_initialized() or td.get_world_size() == 1:
         return work()
     store = td.distributed_c10d._get_default_store()
-    key = f"dsfm/{key}"
+    # a key of this call only: a store that outlives the process group (torchrun's agent
+    # store, across --max-restarts attempts) or a second call in one process must not hand
+    # the others an earlier verdict
+    calls = _RANK0_FIRST_CALLS[key] = _RANK0_FIRST_CALLS.get(key, 0) + 1
+    key = f"dsfm/{key}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{calls}"
     if td.get_rank() == 0:
         try:
             out = work()
         except BaseException as exc:
             store.set(key, f"failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+            # rank 0 hosts the store (env://: the DeepSpeed launcher, srun, mpirun) and exits
+            # once it has raised: the others, asleep up to poll_s between polls, would find
+            # the store gone instead of the verdict; wait (bounded) until they have read it
+            deadline = time.monotonic() + 2 * poll_s + 5.0
+            while (store.add(f"{key}/read", 0) < td.get_world_size() - 1
+                   and time.monotonic() < deadline):
+                time.sleep(0.01)
             raise
         store.set(key, "ok")
         return out
     wait = 0.01
-    while not store.check([key]):                 # soon when rank 0 had nothing to do
-        time.sleep(wait)
-        wait = min(2 * wait, poll_s)
-    status = store.get(key).decode()
+    try:
+        while not store.check([key]):             # soon when rank 0 had nothing to do
+            time.sleep(wait)
+            wait = min(2 * wait, poll_s)
+        status = store.get(key).decode()
+        store.add(f"{key}/read", 1)
+    except RuntimeError as exc:                   # DistNetworkError: rank 0's store is gone
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise DsfmError(f"rank 0 stopped while this rank waited for it ({first}); its own "
+                        "error is in its output") from None
     if status != "ok":
         raise DsfmError(f"rank 0 {status}")
     return None
