@@ -20,6 +20,10 @@ PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 
 
 _HW = (-3, -2)                # the spatial axes of tokens [..., H, W, C]
+#: Sequences one fused attention call may take on CUDA: its kernels put the batch on a grid
+#: axis of at most 65,535 blocks (pytorch/pytorch#146704; later PyTorch chunks the forward).
+#: Rows and columns in one call double the batch, so above it they take a call each.
+_MAX_ATTENTION_BATCH = 65535
 _HW_OF = {1: _HW, 2: (-4, -3)}   # ... and of [..., H, W, heads, C/heads], by channel axes
 
 
@@ -377,7 +381,8 @@ class AxialSpatialAttention(nn.Module):
         bool per sample."""
         n, h, w, c = x.shape
         qkv = pointwise(self.norm1(x), self.input_head)                     # [N, H, W, 3C]
-        if isinstance(periodic, tuple) and h == w and periodic[0] == periodic[1]:
+        if (isinstance(periodic, tuple) and h == w and periodic[0] == periodic[1]
+                and 2 * n * h <= _MAX_ATTENTION_BATCH):
             z = self._both_axes(qkv, periodic[0])
         else:
             q, k, v = _qkv(qkv, self.heads)                                 # [N,H,W,heads,hd]

@@ -244,13 +244,14 @@ def test_training_step_flops_match_mpps_model(size, batch, reference_tflop):
     assert 0.97 * reference_tflop < tflop <= reference_tflop
 
 
-def test_uniform_and_per_sample_boundary_paths_agree():
+def test_uniform_and_per_sample_boundary_paths_agree(monkeypatch):
     """Whole-batch flags (4-D attention, fused kernels) and per-sample flags (5-D, broadcast
     bias) are two routes to the same numbers; on a square grid whose axes agree the
-    whole-batch route attends along both axes in one call (`_both_axes`)."""
-    from dsfm.models.layers import AxialSpatialAttention
+    whole-batch route attends along both axes in one call (`_both_axes`), unless that call's
+    batch would pass the CUDA kernels' grid limit, when the axes take a call each."""
+    from dsfm.models import layers
     torch.manual_seed(0)
-    block = AxialSpatialAttention(48, 3).eval()
+    block = layers.AxialSpatialAttention(48, 3).eval()
     with torch.no_grad():
         block.gamma_att.fill_(1.0)
         for h, w in ((4, 6), (5, 5)):
@@ -259,6 +260,12 @@ def test_uniform_and_per_sample_boundary_paths_agree():
                 per_sample = torch.tensor([flags] * 3)
                 torch.testing.assert_close(block(x, flags), block(x, per_sample), rtol=1e-5,
                                            atol=1e-6)
+        x = torch.randn(3, 5, 5, 48)
+        one_call = block(x, (True, True))
+        monkeypatch.setattr(layers, "_MAX_ATTENTION_BATCH", 2 * 3 * 5 - 1)
+        torch.testing.assert_close(block(x, (True, True)), one_call, rtol=1e-5, atol=1e-6)
+        monkeypatch.setattr(layers.AxialSpatialAttention, "_both_axes", None)   # not taken
+        block(x, (True, True))
 
 
 @pytest.mark.parametrize("codes,w,dtype", [("uniform", 48, torch.float32),
