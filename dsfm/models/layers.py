@@ -22,8 +22,24 @@ PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 _HW = (-3, -2)                # the spatial axes of tokens [..., H, W, C]
 #: Sequences one fused attention call may take on CUDA: its kernels put the batch on a grid
 #: axis of at most 65,535 blocks (pytorch/pytorch#146704; later PyTorch chunks the forward).
-#: Rows and columns in one call double the batch, so above it they take a call each.
+#: Larger batches are attended in chunks (`_attention`); rows and columns of a square grid,
+#: one call's batch together, take a call each above it.
 _MAX_ATTENTION_BATCH = 65535
+
+
+def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               bias: torch.Tensor) -> torch.Tensor:
+    """scaled_dot_product_attention of [batch, heads, L, hd] sequences under one bias
+    [1, heads, L, L], in chunks of at most _MAX_ATTENTION_BATCH sequences (one call below it,
+    the usual case)."""
+    n = q.shape[0]
+    if n <= _MAX_ATTENTION_BATCH:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    return torch.cat([F.scaled_dot_product_attention(q[i:i + _MAX_ATTENTION_BATCH],
+                                                     k[i:i + _MAX_ATTENTION_BATCH],
+                                                     v[i:i + _MAX_ATTENTION_BATCH],
+                                                     attn_mask=bias)
+                      for i in range(0, n, _MAX_ATTENTION_BATCH)])
 _HW_OF = {1: _HW, 2: (-4, -3)}   # ... and of [..., H, W, heads, C/heads], by channel axes
 
 
@@ -304,9 +320,8 @@ class TemporalAttention(nn.Module):
         z = pointwise(z, self.input_head).unflatten(-1, (self.heads, -1))  # [B,H,W,T,heads,3hd]
         q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
         # QK-norm writes q and k as [BHW, heads, T, hd] (contiguous; v is a strided view)
-        z = F.scaled_dot_product_attention(
-            self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2), v.flatten(0, 2),
-            attn_mask=self.rel_pos_bias(t)[None])
+        z = _attention(self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2),
+                       v.flatten(0, 2), self.rel_pos_bias(t)[None])
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
         z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
         z = pointwise(z, self.output_head)
@@ -343,9 +358,8 @@ class AxialSpatialAttention(nn.Module):
         device (no host synchronization) and broadcasts it over 5-D inputs."""
         n, m, heads, length, hd = q.shape
         if isinstance(periodic, bool):
-            out = F.scaled_dot_product_attention(
-                *(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
-                attn_mask=self.rel_pos_bias(length, periodic)[None])
+            out = _attention(*(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
+                             self.rel_pos_bias(length, periodic)[None])
             return out.reshape(n, m, heads, length, hd)
         # no fused kernel takes 5-D inputs: the padded rows buy nothing here, slice them once
         rpb = self.rel_pos_bias
@@ -368,9 +382,8 @@ class AxialSpatialAttention(nn.Module):
         both = torch.cat([self.qnorm(q), self.knorm(k), v], dim=-1)        # [N,L,L,heads,3hd]
         seqs = torch.cat([both, both.transpose(1, 2)]).flatten(0, 1)       # [2NL,L,heads,3hd]
         q, k, v = seqs.chunk(3, dim=-1)                                     # [2NL, L, heads, hd]
-        out = F.scaled_dot_product_attention(
-            *(t.transpose(1, 2) for t in (q, k, v)),
-            attn_mask=self.rel_pos_bias(length, periodic)[None])          # [2NL, heads, L, hd]
+        out = _attention(*(t.transpose(1, 2) for t in (q, k, v)),
+                         self.rel_pos_bias(length, periodic)[None])         # [2NL, heads, L, hd]
         # rows[n, i, :, j] and cols[n, j, :, i] are both token (i, j): [N, L, heads, L, hd]
         rows, cols = out.unflatten(0, (2, n, length)).unbind(0)
         return rows.transpose(2, 3) + cols.permute(0, 3, 1, 2, 4)

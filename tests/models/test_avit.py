@@ -268,6 +268,39 @@ def test_uniform_and_per_sample_boundary_paths_agree(monkeypatch):
         block(x, (True, True))
 
 
+@pytest.mark.parametrize("h,w", [(32, 48), (48, 48)])
+def test_attention_over_more_sequences_than_one_call_takes_runs_in_chunks(monkeypatch, h, w):
+    """Batches of sequences above the fused kernels' limit on CUDA are attended in chunks:
+    the same outputs and gradients as one call, temporal and axial, on a square grid and not
+    (the limit lowered here to 5 so that every attention call of this model chunks)."""
+    from dsfm.eval import nmse
+    from dsfm.models import layers
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(5, 48, 3, 2, 0.0))
+    x, y = torch.randn(2, 3, 4, h, w), torch.randn(2, 4, h, w)
+    ids, bcs = torch.tensor([0, 2, 3, 4]), torch.full((2, 2, 2), 2.0)
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        out = model(x, ids, bcs)
+        nmse(out, y).backward()
+        return out, {n: p.grad.clone() for n, p in model.named_parameters()
+                     if p.grad is not None}
+
+    ref, ref_grads = run()
+    calls = []
+    sdpa = layers.F.scaled_dot_product_attention
+    monkeypatch.setattr(layers, "_MAX_ATTENTION_BATCH", 5)
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[0]) or sdpa(q, *a, **kw))
+    out, grads = run()
+    assert calls and max(calls) <= 5 and len(calls) > 4 * 2 * 2     # chunked, every block
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
+
+
 @pytest.mark.parametrize("codes,w,dtype", [("uniform", 48, torch.float32),
                                            ("per_sample", 48, torch.float32),
                                            ("uniform", 32, torch.float64)])
