@@ -9,6 +9,12 @@ class DsfmError(Exception):
     """Base of every error dsfm raises on purpose."""
 
 
+def first_line(exc: BaseException) -> str:
+    """The first non-blank line of an exception's message ("" if none), for one-line errors."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return lines[0] if lines else ""
+
+
 class ConfigError(DsfmError, ValueError):
     """An argument or configuration value is invalid."""
 

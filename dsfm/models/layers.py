@@ -20,6 +20,7 @@ PERIODIC_CODE = 2           # dsfm.data.well_format.BoundaryCondition.PERIODIC
 
 
 _HW = (-3, -2)                # the spatial axes of tokens [..., H, W, C]
+_HW_OF = {1: _HW, 2: (-4, -3)}   # ... and of [..., H, W, heads, C/heads], by channel axes
 #: Sequences one fused attention call may take on CUDA: its kernels put the batch on a grid
 #: axis of at most 65,535 blocks (pytorch/pytorch#146704; later PyTorch chunks the forward).
 #: Larger batches are attended in chunks (`_attention`); rows and columns of a square grid,
@@ -40,7 +41,6 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                                                      v[i:i + _MAX_ATTENTION_BATCH],
                                                      attn_mask=bias)
                       for i in range(0, n, _MAX_ATTENTION_BATCH)])
-_HW_OF = {1: _HW, 2: (-4, -3)}   # ... and of [..., H, W, heads, C/heads], by channel axes
 
 
 class _TokenRMSNorm(torch.autograd.Function):

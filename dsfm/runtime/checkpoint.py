@@ -24,7 +24,7 @@ import signal
 import numpy as np
 import torch
 
-from dsfm.errors import CheckpointError, ConfigError
+from dsfm.errors import CheckpointError, ConfigError, first_line
 
 TAG = "step{:08d}"
 META = "dsfm_meta.json"           # step, model shape, vocabulary: readable without torch.load
@@ -229,7 +229,7 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
         older = [t for t in tags(ckpt_dir) if t != tag]
         raise CheckpointError(
             f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
-            f"{_first_line(exc) or 'no detail'}); "
+            f"{first_line(exc) or 'no detail'}); "
             + (f"move it aside to resume from {older[-1]}" if older
                else "no older complete checkpoint to fall back on")) from None
     set_rng_state(rank_state.pop("rng"))
@@ -305,15 +305,10 @@ def load_pretrained(path: str) -> dict:
             raise
         except Exception as exc:          # DeepSpeed's reader on a damaged checkpoint
             raise ConfigError(f"{where}: cannot consolidate {newest[-1]} "
-                              f"({type(exc).__name__}: {_first_line(exc)})") from None
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file or run directory")
     return _read_export(path, where)
-
-
-def _first_line(exc: BaseException) -> str:
-    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
-    return lines[0] if lines else ""
 
 
 def _read_export(path: str, where: str) -> dict:
@@ -321,7 +316,7 @@ def _read_export(path: str, where: str) -> dict:
         payload = torch.load(path, weights_only=False, map_location="cpu")
     except Exception as exc:              # not a torch file, truncated, another pickle
         raise ConfigError(f"{where}: not a readable PyTorch file ({type(exc).__name__}: "
-                          f"{_first_line(exc)})") from None
+                          f"{first_line(exc)})") from None
     for key in ("model", "model_config", "vocabulary"):
         if not isinstance(payload, dict) or key not in payload:
             raise ConfigError(f"{where}: not a dsfm export (no {key!r}); export one with "

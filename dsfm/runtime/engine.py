@@ -7,7 +7,7 @@ import re
 
 import torch
 
-from dsfm.errors import ConfigError, DsfmError
+from dsfm.errors import ConfigError, DsfmError, first_line
 from dsfm.runtime import dist
 
 
@@ -95,7 +95,7 @@ def _drop_deepspeed_noise(record) -> bool:
     return _DEEPSPEED_NOISE not in str(record.msg)
 
 
-def _quiet_deepspeed() -> None:
+def _filter_deepspeed_noise() -> None:
     import warnings
 
     from deepspeed.utils import logger
@@ -115,7 +115,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     from dsfm.runtime.zero_norm import fuse_grad_norm
 
     fix_arch_list()
-    _quiet_deepspeed()
+    _filter_deepspeed_noise()
     params = [p for p in model.parameters() if p.requires_grad]
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
                                                            config=cpu_optimizer(ds_config))
@@ -212,7 +212,7 @@ def rank0_first(work, key: str, poll_s: float = 1.0):
         try:
             out = work()
         except BaseException as exc:
-            store.set(key, f"failed: {(str(exc).splitlines() or [type(exc).__name__])[0]}")
+            store.set(key, f"failed: {first_line(exc) or type(exc).__name__}")
             # rank 0 hosts the store (env://: the DeepSpeed launcher, srun, mpirun) and exits
             # once it has raised: the others, asleep up to poll_s between polls, would find
             # the store gone instead of the verdict; wait (bounded) until they have read it
@@ -231,8 +231,8 @@ def rank0_first(work, key: str, poll_s: float = 1.0):
         status = store.get(key).decode()
         store.add(f"{key}/read", 1)
     except RuntimeError as exc:                   # DistNetworkError: rank 0's store is gone
-        first = (str(exc).splitlines() or [type(exc).__name__])[0]
-        raise DsfmError(f"rank 0 stopped while this rank waited for it ({first}); its own "
+        raise DsfmError(f"rank 0 stopped while this rank waited for it "
+                        f"({first_line(exc) or type(exc).__name__}); its own "
                         "error is in its output") from None
     if status != "ok":
         raise DsfmError(f"rank 0 {status}")
