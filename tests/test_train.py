@@ -788,18 +788,28 @@ def test_a_micro_batch_larger_than_the_data_is_refused_on_every_rank(demo_base, 
     assert not (tmp_path / "r").exists()
 
 
-def test_an_unreadable_checkpoint_is_one_line_naming_the_older_one(demo_base, tmp_path):
-    ds = ds_config(tmp_path, 2, micro=4)
+def _two_checkpoints(demo_base, tmp_path, ranks: int = 1):
+    """A run with two complete checkpoints: (ds_config, run dir, older tag dir, newest)."""
+    from dsfm.runtime.checkpoint import checkpoint_dir, tags
+    ds = ds_config(tmp_path, 2, micro=4 // ranks)
     run_dir = tmp_path / "r"
     train(ds, run_dir, ["train.max_steps=2", "train.checkpoint_every=1",
-                        "train.keep_checkpoints=2"], data=demo_base)
-    from dsfm.runtime.checkpoint import checkpoint_dir, tags
+                        "train.keep_checkpoints=2"], ranks=ranks, data=demo_base)
     ckpt = checkpoint_dir(str(run_dir))
     older, newest = tags(ckpt)[-2:]
-    damaged = [p for p in os.listdir(os.path.join(ckpt, newest)) if "model_states" in p]
-    path = os.path.join(ckpt, newest, damaged[0])
-    with open(path, "r+b") as fh:
-        fh.truncate(100)
+    return ds, run_dir, older, os.path.join(ckpt, newest)
+
+
+def test_an_unreadable_checkpoint_is_one_line_naming_the_older_one(demo_base, tmp_path):
+    """A file whose bytes are damaged but whose size is the one written: DeepSpeed's reader
+    fails on it, and that is one line naming the checkpoint to fall back on."""
+    ds, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path)
+    path = os.path.join(newest, "mp_rank_00_model_states.pt")
+    size = os.path.getsize(path)
+    with open(path, "r+b") as fh:          # the zip directory at the end, zeroed in place
+        fh.seek(size - 200)
+        fh.write(bytes(200))
+    assert os.path.getsize(path) == size
     proc = run(train_cmd(ds, run_dir, [f"data.base={demo_base}", "train.max_steps=4"])
                + ["--resume"])
     assert proc.returncode == 1, proc.stderr[-2000:]
@@ -807,6 +817,48 @@ def test_an_unreadable_checkpoint_is_one_line_naming_the_older_one(demo_base, tm
     assert len(errors) == 1 and "unreadable on rank 0" in errors[0], proc.stderr[-3000:]
     assert f"move it aside to resume from {older}" in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.slow
+def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(demo_base,
+                                                                             tmp_path):
+    """Rank 1's optimizer partition cut short (a copy of the run directory interrupted): only
+    rank 1 reads that file, so it used to fail alone inside the load while rank 0 went on to
+    wait for it in a collective (on NCCL, until the process group's timeout). The sizes
+    recorded at saving are checked by every rank before the process group."""
+    from dsfm.runtime.checkpoint import META, read_meta
+    ds, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path, ranks=2)
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    written = read_meta(newest)["files"]
+    assert set(written) == set(os.listdir(newest)) - {META, "COMPLETE"}
+    assert written[name] == os.path.getsize(os.path.join(newest, name))
+    with open(os.path.join(newest, name), "r+b") as fh:
+        fh.truncate(1000)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
+           "--ds_config", ds, "--run-dir", str(run_dir), "--resume"]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=4"]:
+        cmd += ["--set", s]
+    proc = run(cmd)
+    assert proc.returncode != 0
+    errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error"))
+    assert len(errors) == 2, proc.stderr[-3000:]
+    for rank, line in enumerate(errors):        # "of 2": refused before the process group
+        assert line.startswith(f"error (rank {rank} of 2): {newest}: {name} has 1,000 bytes, "
+                               f"{written[name]:,} when it was written; move it aside to "
+                               f"resume from {older}"), line
+    assert "Traceback" not in proc.stderr + proc.stdout
+
+
+def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tmp_path):
+    from dsfm.errors import CheckpointError
+    from dsfm.runtime.checkpoint import consolidate
+    from dsfm.runtime.export import main as export
+    _, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path)
+    os.remove(os.path.join(newest, "dsfm_rank0.pt"))
+    with pytest.raises(CheckpointError, match=rf"dsfm_rank0.pt is missing \(No such file.*"
+                       rf"export the one before it with --tag {older}$"):
+        consolidate(str(run_dir))
+    assert export([str(run_dir), "--tag", older, "--out", str(tmp_path / "m.pt")]) == 0
 
 
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
@@ -857,7 +909,8 @@ def test_a_rank_whose_peer_failed_says_so_in_one_line(demo_base, tmp_path):
 
 def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_path):
     """A checkpoint written before model_numerics was recorded (T5 buckets at 128, embedding
-    bias not rescaled) still resumes, and the log says its weights now compute differently."""
+    bias not rescaled) still resumes, and the log says its weights now compute differently.
+    Nor did dsfm record its files' sizes then: such a checkpoint resumes unchecked."""
     ds = ds_config(tmp_path, 2, micro=4)
     r = tmp_path / "r"
     train(ds, r, ["train.max_steps=2"], data=demo_base)
@@ -866,5 +919,8 @@ def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_pa
     payload = torch.load(states, weights_only=False)
     assert payload.pop("model_numerics") == 2
     torch.save(payload, states)
+    meta = json.loads((tag / "dsfm_meta.json").read_text())
+    del meta["files"]                   # nor were the files' sizes: not checked
+    (tag / "dsfm_meta.json").write_text(json.dumps(meta))
     proc = train(ds, r, ["train.max_steps=3"], resume=True, data=demo_base)
     assert "warning: the checkpoint was trained with AViT numerics 1" in proc.stdout

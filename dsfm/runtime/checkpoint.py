@@ -90,6 +90,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
+        meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
         with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
             json.dump(meta, fh, indent=1)
         with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
@@ -104,6 +105,52 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     return os.path.join(ckpt_dir, tag)
+
+
+def file_sizes(tag_dir: str) -> dict[str, int]:
+    """The size of every file of a tag directory that every rank wrote (DeepSpeed's and dsfm's),
+    read through an open descriptor: on NFS, opening revalidates a file another node wrote,
+    where a bare stat may answer from a cached attribute."""
+    sizes = {}
+    for entry in sorted(os.scandir(tag_dir), key=lambda e: e.name):
+        if entry.name in (META, "COMPLETE") or not entry.is_file(follow_symlinks=False):
+            continue
+        with open(entry.path, "rb") as fh:
+            sizes[entry.name] = os.fstat(fh.fileno()).st_size
+    return sizes
+
+
+def check_files(meta: dict, tag_dir: str, use: str = "resume") -> None:
+    """Refuse a checkpoint one of whose files is missing or not the size it was written at (a
+    copy cut short, a file damaged since): every rank checks every file, before any process
+    group exists, so that all of them stop with the same line instead of the rank that holds
+    the damaged file stopping alone while the others wait for it in a collective. Checkpoints
+    written before dsfm recorded the sizes are not checked."""
+    written = meta.get("files")
+    if not isinstance(written, dict):
+        return
+    for name, size in written.items():
+        path = os.path.join(tag_dir, name)
+        try:
+            now = os.stat(path).st_size
+        except OSError as exc:
+            problem = f"{name} is missing ({exc.strerror or exc})"
+        else:
+            if now == size:
+                continue
+            problem = f"{name} has {now:,} bytes, {size:,} when it was written"
+        raise CheckpointError(f"{tag_dir}: {problem}; {_fallback(tag_dir, use)}")
+
+
+def _fallback(tag_dir: str, use: str = "resume") -> str:
+    """What to do with a damaged checkpoint: use the complete one before it, if any."""
+    ckpt_dir, tag = os.path.split(os.path.normpath(tag_dir))
+    older = [t for t in tags(ckpt_dir) if t < tag]
+    if not older:
+        return "no older complete checkpoint to fall back on"
+    if use == "export":
+        return f"export the one before it with --tag {older[-1]}"
+    return f"move it aside to resume from {older[-1]}"
 
 
 def read_meta(tag_dir: str) -> dict:
@@ -143,6 +190,7 @@ def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: in
                           "--config, or start a new run with train.init_from")
     check_fields(meta, tag_dir, n_fields, vocabulary)
     check_world(meta, tag_dir, world_size)
+    check_files(meta, tag_dir)
     return meta
 
 
@@ -214,6 +262,7 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
     meta = read_meta(tag_dir)
     check_world(meta, tag_dir, world, rank)
     check_fields(meta, tag_dir, n_fields, vocabulary)
+    check_files(meta, tag_dir)
     rank_file = os.path.join(tag_dir, f"dsfm_rank{rank}.pt")
     try:
         _, client = engine.load_checkpoint(ckpt_dir, tag=tag)
@@ -226,12 +275,9 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
         # checkpoint away
         if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in DAMAGED):
             raise
-        older = [t for t in tags(ckpt_dir) if t != tag]
         raise CheckpointError(
             f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
-            f"{first_line(exc) or 'no detail'}); "
-            + (f"move it aside to resume from {older[-1]}" if older
-               else "no older complete checkpoint to fall back on")) from None
+            f"{first_line(exc) or 'no detail'}); {_fallback(tag_dir)}") from None
     set_rng_state(rank_state.pop("rng"))
     return client, rank_state
 
@@ -250,8 +296,11 @@ def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
     tag = tag or found[-1]
     if tag not in found:
         raise ConfigError(f"{ckpt_dir}: no complete checkpoint {tag!r} (have {', '.join(found)})")
+    tag_dir = os.path.join(ckpt_dir, tag)
+    if os.path.isfile(os.path.join(tag_dir, META)):
+        check_files(read_meta(tag_dir), tag_dir, "export")
     state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
-    client = _client_state(os.path.join(ckpt_dir, tag))
+    client = _client_state(tag_dir)
     return {"model": {k: v.float().clone() for k, v in state.items()},
             "model_config": client["model_config"], "vocabulary": client["vocabulary"],
             "step": client["step"], "source": os.path.join(ckpt_dir, tag),
