@@ -215,6 +215,7 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     indexed = [index_dataset(path, "train", data.n_steps_input, 1, data.dt_stride,
                              data.normalization) for path in paths]
     sources = [i.source for i in indexed]
+    check_grids([(i.path, i.source) for i in indexed])
     for source in sources:
         vocab.add(source.vocabulary_name, source.channel_names)
     names = [s.name for s in sources]
@@ -224,6 +225,19 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
                    data.weights, data.same_dataset_across_ranks, names)
     return vocab, indexed
+
+
+def check_grids(datasets) -> None:
+    """Every dataset of the mixture, (path, source) pairs, on a grid the AViT takes: 2D, H and
+    W multiples of the patch. Otherwise the first micro-batch drawn from one that is not would
+    stop the run mid-training, with a traceback."""
+    from dsfm.models.avit import grid_problem
+
+    for path, source in datasets:
+        problem = grid_problem(tuple(source.spatial_shape))
+        if problem:
+            raise ConfigError(f"dataset {source.name} ({path}) {problem}; leave it out of "
+                              "data.datasets and data.pdebench")
 
 
 def plan_evaluation(cfg: RunConfig, paths: list[str], micro: int, world_size: int):
@@ -443,6 +457,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
     checked.pretrained = None                       # its weights are in the model now
     torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
     try:
+        # data simulated since the checks: its grids checked here, on every rank alike
+        check_grids(zip(paths, (d.source for d in loader.datasets)))
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO, free_port, run
+from tests.data.well_fixtures import cube_3d_file, make_dataset, partial_dims_file
 
 TINY = ["model.size=null", "model.dim=48", "model.heads=3", "model.blocks=2",
         "model.drop_path=0", "train.log_every=1", "train.eval_batches=0",
@@ -738,6 +739,10 @@ def _demo_copy(demo_base, tmp_path, damage: str) -> str:
         path.write_bytes(path.read_bytes()[:4096])
     elif damage == "no-stats":
         (euler / "stats.yaml").unlink()
+    elif damage == "3d":
+        make_dataset(str(base), "cube_3d", cube_3d_file, n_steps=12, shape=(16, 16, 16))
+    elif damage == "grid":
+        make_dataset(str(base), "partial", partial_dims_file, n_steps=12, shape=(48, 40))
     return str(base)
 
 
@@ -749,8 +754,10 @@ def _demo_copy(demo_base, tmp_path, damage: str) -> str:
     ([], "truncated", ["euler_2d_mach_0.1.hdf5"]),
     ([], "no-stats", ["stats.yaml: stats file not found", "data.normalization=null"]),
     (["data.base=FILE"], None, ["is a file, not a directory of datasets"]),
+    ([], "3d", ["dataset cube_3d (", "is 3D (16×16×16); MPP's AViT takes 2D fields only"]),
+    ([], "grid", ["dataset partial (", "has a 48×40 grid; AViT needs H and W multiples of 16"]),
 ], ids=["too-few-steps", "weights-count", "weights-zero", "dim", "truncated-file",
-        "no-stats", "base-is-a-file"])
+        "no-stats", "base-is-a-file", "3d-dataset", "grid-not-multiple-of-patch"])
 def test_data_and_model_that_cannot_train_are_one_line_before_the_process_group(
         demo_base, tmp_path, sets, damage, needles):
     """Each of these used to start the process group (and on two ranks, end in a gloo

@@ -69,6 +69,19 @@ class AViTConfig:
                               f"{self.drop_path})")
 
 
+def grid_problem(spatial_shape: tuple[int, ...]) -> str | None:
+    """Why AViT cannot take fields on this grid (None if it can): MPP's model is 2D, and its
+    patch-16 stem needs H and W multiples of 16, with two patches at least."""
+    shape = "×".join(map(str, spatial_shape))
+    if len(spatial_shape) != 2:
+        return f"is {len(spatial_shape)}D ({shape}); MPP's AViT takes 2D fields only"
+    h, w = spatial_shape
+    if h % PATCH or w % PATCH or h * w < 2 * PATCH * PATCH:
+        return (f"has a {shape} grid; AViT needs H and W multiples of {PATCH} with at least "
+                "two patches")
+    return None
+
+
 class AViT(nn.Module):
     def __init__(self, config: AViTConfig):
         super().__init__()
@@ -89,10 +102,10 @@ class AViT(nn.Module):
 
     def forward(self, x: torch.Tensor, field_ids: torch.Tensor,
                 bcs: torch.Tensor | None = None) -> torch.Tensor:
+        problem = grid_problem(tuple(x.shape[3:])) if x.dim() >= 5 else "has too few axes"
+        if problem:
+            raise ConfigError(f"AViT takes x [B, T, C, H, W]; x {tuple(x.shape)} {problem}")
         b, t, c, h, w = x.shape
-        if h % PATCH or w % PATCH or h * w < 2 * PATCH * PATCH:
-            raise ConfigError(f"AViT needs H and W multiples of {PATCH} with at least two "
-                              f"patches, got {h}×{w}")
         if field_ids.numel() != c:
             raise ConfigError(f"{c} channels but {field_ids.numel()} field ids")
         with torch.no_grad():

@@ -152,6 +152,10 @@ def test_input_too_small_for_the_patch_is_refused():
         model(sample(h=24, w=32), torch.tensor([0, 1, 2]))
     with pytest.raises(ConfigError, match="field ids"):
         model(sample(), torch.tensor([0, 1]))
+    with pytest.raises(ConfigError, match=r"is 3D \(8×32×48\); MPP's AViT takes 2D"):
+        model(sample().unsqueeze(3).expand(-1, -1, -1, 8, -1, -1), torch.tensor([0, 1, 2]))
+    with pytest.raises(ConfigError, match="too few axes"):
+        model(sample()[0], torch.tensor([0, 1, 2]))
 
 
 def test_add_fields_keeps_trained_fields_and_freezing_selects_parameters():
