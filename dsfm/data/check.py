@@ -21,25 +21,43 @@ import yaml
 from dsfm.data import native
 from dsfm.data.handles import why_not_direct
 from dsfm.data.index import SPLITS, list_hdf5
+from dsfm.data.stats import time_blocks
 from dsfm.data.well_format import FileLayout, inspect_file, layout_mismatch, open_h5
 from dsfm.errors import CorruptFileError
 
 
 def _scan_finite(f, lay: FileLayout) -> list[str]:
+    """The first non-finite value of each field, if any, and how many its trajectory holds; a
+    trajectory is read a few time steps at a time (`stats.time_blocks`)."""
     problems = []
     for fl in lay.fields:
         dset = f[fl.path]
-        chunks = range(lay.n_trajectories) if fl.sample_varying else [None]
-        for i in chunks:
-            x = np.asarray(dset[i] if i is not None else dset[()])
-            bad = ~np.isfinite(x)
-            if bad.any():
-                idx = np.argwhere(bad)[0]
+        for i in range(lay.n_trajectories) if fl.sample_varying else [None]:
+            lead = () if i is None else (i,)
+            if fl.time_varying:
+                frame = int(np.prod(dset.shape[len(lead) + 1:], dtype=np.int64))
+                blocks = [lead + (slice(a, b),) for a, b in
+                          time_blocks(dset.shape[len(lead)], frame)]
+            else:
+                blocks = [lead if lead else ()]
+            count, first = 0, None
+            for block in blocks:
+                x = np.asarray(dset[block])
+                bad = ~np.isfinite(x)
+                n = int(bad.sum())
+                if n and first is None:
+                    idx = np.argwhere(bad)[0]
+                    kind = "NaN" if np.isnan(x[tuple(idx)]) else "Inf"
+                    if fl.time_varying:
+                        idx[0] += block[-1].start
+                    first = (idx, kind)
+                count += n
+            if first is not None:
+                idx, kind = first
                 where = [f"trajectory {i}"] if i is not None else []
                 if fl.time_varying:
                     where.append(f"time index {int(idx[0])}")
-                kind = "NaN" if np.isnan(x[tuple(idx)]) else "Inf"
-                problems.append(f"{lay.path}: /{fl.path}: {int(bad.sum())} non-finite values, "
+                problems.append(f"{lay.path}: /{fl.path}: {count} non-finite values, "
                                 f"first {kind} at {', '.join(where) or 'index ' + str(idx)}")
                 break
     return problems

@@ -260,3 +260,24 @@ def test_checker_lists_every_problem_one_per_line(dataset):
 def test_checker_on_missing_path(tmp_path):
     proc = check(tmp_path / "nope.hdf5")
     assert proc.returncode == 1 and "no such file" in proc.stdout
+
+
+def test_checker_reads_a_trajectory_a_few_steps_at_a_time(dataset, monkeypatch):
+    """A trajectory of a real Well dataset can be tens of GB: the NaN scan reads a few time
+    steps at a time (here one step), and still names the first non-finite value's time index
+    and counts those of the whole trajectory."""
+    from dsfm.data import check as checker
+    from dsfm.data import stats
+    from dsfm.data.well_format import open_h5, read_layout
+
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        height = f["t0_fields/height"]
+        height[1, 3, 2, 2] = np.inf
+        height[1, 5, 0, 1] = np.nan
+        height[1, 5, 4, 4] = np.nan
+    monkeypatch.setattr(stats, "READ_BLOCK_BYTES", 1)
+    with open_h5(str(path)) as f:
+        problems = checker._scan_finite(f, read_layout(f, str(path)))
+    assert problems == [f"{path}: /t0_fields/height: 3 non-finite values, first Inf at "
+                        "trajectory 1, time index 3"]
