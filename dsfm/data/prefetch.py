@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from multiprocessing.connection import Connection, wait
 from typing import Any, Sequence
 
@@ -100,6 +100,7 @@ class _Dataset:
     shift: np.ndarray | None              # [C] or None (no normalization)
     scale: np.ndarray | None
     field_ids: list[int]
+    physical_shift: np.ndarray | None = None    # `shift` before the reads' offsets (affine)
     device_cache: dict = field(default_factory=dict)
 
 
@@ -119,6 +120,12 @@ def _well_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
     codes = np.stack([lay.boundary_codes for lay in ds.layouts])
     shift, scale = ds.norm.channel_vectors(ds.layouts[0].variable_fields) if ds.norm \
         else (None, None)
+    if shift is not None:       # a field stored as float64 in some file: the shift is
+        bounds = np.cumsum([0] + [b.n_channels for b in source.blocks])   # subtracted in
+        source.blocks = [                                           # float64 as it is read
+            replace(b, offset=tuple(map(float, shift[bounds[k]:bounds[k + 1]])))
+            if any(lay.variable_fields[k].wide for lay in ds.layouts) and
+            shift[bounds[k]:bounds[k + 1]].any() else b for k, b in enumerate(source.blocks)]
     return source, codes, shift, scale
 
 
@@ -394,8 +401,11 @@ class WellLoader:
                                   f"this loader reads {key}")
             source = entry.source
             ids = self.vocabulary.add(source.vocabulary_name, source.channel_names)
-            self.datasets.append(_Dataset(source, entry.boundary_codes, entry.shift,
-                                          entry.scale, ids))
+            shift = entry.shift      # less what the reads subtract already (Block.offset)
+            if shift is not None and source.read_offsets.any():
+                shift = (shift - source.read_offsets).astype(np.float32)
+            self.datasets.append(_Dataset(source, entry.boundary_codes, shift, entry.scale,
+                                          ids, entry.shift))
         names = [d.source.name for d in self.datasets]
         rank, world_size = _dist_rank_world(rank, world_size)
         self.sampler = MixtureSampler([len(d.source) for d in self.datasets], batch_size, seed,
@@ -611,6 +621,8 @@ class WellLoader:
             cache["ids"] = torch.tensor(ds.field_ids, dtype=torch.long, device=self.device)
             cache["shift"] = None if ds.shift is None else torch.from_numpy(ds.shift).to(
                 self.device)
+            cache["physical_shift"] = cache["shift"] if ds.physical_shift is ds.shift else \
+                torch.from_numpy(ds.physical_shift).to(self.device)
             cache["scale"] = None if ds.scale is None else torch.from_numpy(ds.scale).to(
                 self.device)
             cache["codes"] = torch.from_numpy(ds.boundary_codes)
@@ -807,7 +819,7 @@ class WellLoader:
         if "affine" not in cache:
             view = (-1,) + (1,) * len(ds.source.spatial_shape)
             cache["affine"] = tuple(None if cache[k] is None else cache[k].view(view)
-                                    for k in ("scale", "shift"))
+                                    for k in ("scale", "physical_shift"))
         return cache["affine"]
 
     # ---------------------------------------------------------------- state and lifetime

@@ -64,6 +64,8 @@ class FieldLayout:
     dim_varying: tuple[bool, ...]
     shape: tuple[int, ...]
     channel_names: tuple[str, ...]  # e.g. velocity_x, velocity_y; flattened row-major for t2
+    #: stored in a type float32 cannot hold exactly (float64): files of one dataset may differ
+    wide: bool = field(default=False, compare=False)
 
     @property
     def n_channels(self) -> int:
@@ -275,7 +277,8 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
                 problems.append(f"{where}: dtype {dset.dtype} is not floating point")
                 continue
             layout.fields.append(FieldLayout(name, order, tv, sv, dv, tuple(dset.shape),
-                                             channel_names(name, order, spatial_dims)))
+                                             channel_names(name, order, spatial_dims),
+                                             not np.can_cast(dset.dtype, np.float32)))
 
     if "scalars" not in missing_groups:
         group = f["scalars"]

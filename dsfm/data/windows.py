@@ -34,12 +34,19 @@ class Block:
     leading trajectory axis. `shape` is the window's native shape, `bshape` the same data with a
     1 for every spatial axis it does not vary along and the components flattened last:
     [T, *spatial or 1, n_channels].
+
+    `offset` (per channel, or None) is subtracted in float64 as the array is read, before its
+    values become float32: for an array stored wider than float32 (float64) with the
+    normalization's shift (say a pressure of 1e5 Pa varying by 0.01), whose values float32
+    could not hold apart; the normalization then subtracts what is left of its shift (0).
+    Such a block is read through HDF5 from every file, never with positioned reads.
     """
 
     path: str
     indexed: bool
     shape: tuple[int, ...]
     bshape: tuple[int, ...]
+    offset: tuple[float, ...] | None = None
 
     @property
     def n_channels(self) -> int:
@@ -52,6 +59,17 @@ class Block:
     def name_in(self, group: str) -> str:
         """The HDF5 path of this array for a trajectory stored in `group` ("" if none)."""
         return self.path.replace("{group}", group) if group else self.path
+
+    def read(self, slab, lead: tuple, out: np.ndarray) -> None:
+        """The window's selection of this array into `out` (float32, native shape), less
+        `offset` in float64 first if there is one."""
+        if self.offset is None:
+            slab.read(lead, out)
+            return
+        wide = np.empty(out.shape, np.float64)
+        slab.read(lead, wide)
+        np.subtract(wide.reshape(-1, self.n_channels), np.array(self.offset, np.float64),
+                    out=out.reshape(-1, self.n_channels), casting="unsafe")
 
 
 @dataclass(frozen=True)
@@ -103,6 +121,13 @@ class WindowSource:
     @cached_property
     def n_channels(self) -> int:
         return sum(b.n_channels for b in self.blocks)
+
+    @cached_property
+    def read_offsets(self) -> np.ndarray:
+        """Per channel, float64: what the reads subtract (`Block.offset`; 0 for most)."""
+        return np.concatenate([np.zeros(0)] + [
+            np.zeros(b.n_channels) if b.offset is None else np.array(b.offset, np.float64)
+            for b in self.blocks])
 
     @cached_property
     def plane_floats(self) -> int:
@@ -182,7 +207,7 @@ class WindowSource:
         for block, out in zip(self.blocks, dest):
             slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
             try:
-                slab.read(lead, out)
+                block.read(slab, lead, out)
             except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
                 raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0, exc) from None
 
@@ -263,13 +288,13 @@ class WindowSource:
         c, in_place = 0, []
         for block, native in zip(self.blocks, staged):
             slab, lead = self._slab(slabs, path, block, traj, t0, group, time)
-            scatter = slab.direct and block.n_channels == 1 and \
+            scatter = slab.direct and block.n_channels == 1 and block.offset is None and \
                 block.bshape[1:-1] == self.spatial_shape
             try:
                 if scatter:
                     slab.read_scatter(lead, list(xb[:, c]) + list(yb[:, c]))
                 else:
-                    slab.read(lead, native)
+                    block.read(slab, lead, native)
             except (OSError, KeyError, TypeError, ValueError, CorruptFileError) as exc:
                 raise self._failed(path, slab.dset.name.lstrip("/"), traj, t0, exc) from None
             in_place.append(scatter)
@@ -518,7 +543,7 @@ class WindowSource:
                 break
             lead = 2 if block.indexed else 1
             dims, steps = slab.dims, slab.axis_bytes
-            if not slab.direct or len(dims) < lead or \
+            if not slab.direct or block.offset is not None or len(dims) < lead or \
                     steps[lead - 1] != 4 * (block.size // self.n_steps):
                 rows = None
                 break

@@ -17,7 +17,15 @@ import torch
 from dsfm.data import PDEBenchDataset, WellDataset, WellLoader, prefetch
 from dsfm.data.pdebench import write_pdebench_stats
 from dsfm.data.prefetch import WorkerError
-from dsfm.errors import ConfigError, CorruptFileError, NonFiniteError, SchemaError, StatsError
+from dsfm.data.stats import write_stats
+from dsfm.data.well_format import Field, boundaries_all, write_well_file
+from dsfm.errors import (
+    ConfigError,
+    CorruptFileError,
+    NonFiniteError,
+    SchemaError,
+    StatsError,
+)
 from tests.conftest import DEMO_DATASETS, REPO, run
 from tests.data.well_fixtures import (
     cube_3d_file,
@@ -99,6 +107,64 @@ def pdebench_all(tmp_path_factory):
     for p in paths:
         write_pdebench_stats(p)
     return paths
+
+
+def offset_pressure_file(path, rng, dtype=np.float64, n_traj=2, n_steps=6, shape=(16, 16)):
+    """A pressure of 1e5 varying by about 0.01 (Pa, say), stored as `dtype`, and a velocity
+    stored as float32: float32 cannot hold the pressure's values apart."""
+    coords = {"x": np.arange(shape[0], dtype=np.float32),
+              "y": np.arange(shape[1], dtype=np.float32)}
+    pressure = 1e5 + 0.01 * rng.standard_normal((n_traj, n_steps) + shape)
+    write_well_file(
+        path, dataset_name="offset", spatial_dims=("x", "y"), coords=coords,
+        time=np.arange(n_steps, dtype=np.float32), n_trajectories=n_traj,
+        fields=[Field("pressure", pressure),
+                Field("velocity", rng.standard_normal((n_traj, n_steps) + shape + (2,))
+                      .astype(np.float32), order=1)],
+        boundaries=boundaries_all("PERIODIC", ("x", "y"), shape))
+    with h5py.File(path, "r+") as f:        # write_well_file stores float32: store `dtype`
+        attrs = dict(f["t0_fields/pressure"].attrs)
+        del f["t0_fields/pressure"]
+        f["t0_fields"].create_dataset("pressure", data=pressure.astype(dtype))
+        f["t0_fields/pressure"].attrs.update(attrs)
+
+
+@pytest.mark.parametrize("path_id", list(PATHS))
+def test_a_float64_field_with_a_large_mean_keeps_its_values(tmp_path, path_id, request):
+    """The readers used to convert a float64 field to float32 before the normalization
+    subtracted its mean: a pressure of 1e5 ± 0.01 came out as a few distinct values (errors of
+    0.4 on values of about 1). The mean is now subtracted in float64 as the field is read: the
+    values are the drop-in reader's (which normalizes in float64) within float32 rounding, in
+    a dataset whose other file stores the pressure as float32 too. The physical-units affine
+    keeps the true mean."""
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
+    root = tmp_path / "offset"
+    rng = np.random.default_rng(4)
+    os.makedirs(root / "data" / "train")
+    offset_pressure_file(str(root / "data" / "train" / "a.hdf5"), rng)
+    offset_pressure_file(str(root / "data" / "train" / "b.hdf5"), rng, dtype=np.float32)
+    write_stats(str(root))
+    ref = WellDataset(path=str(root), well_split_name="train", n_steps_input=2,
+                      use_normalization=True, normalization_type="zscore")
+    with WellLoader([str(root)], n_steps_input=2, batch_size=4, num_workers=1, seed=3,
+                    normalization="zscore", assemble_on=assemble_on,
+                    native_kernel=fused) as loader:
+        assert loader.native_kernel_used == bool(fused)
+        files = set()
+        for _, batch in zip(range(6), loader):
+            for b, w in enumerate(batch.windows):
+                fi = loader.datasets[0].source.locate(int(w))[0]
+                files.add(fi)
+                x, y = reference(ref, int(w), 2)
+                torch.testing.assert_close(batch.x[b].double(), x.double(), rtol=0, atol=1e-6)
+                torch.testing.assert_close(batch.y[b].double(), y.double(), rtol=0, atol=1e-6)
+                if fi == 0:                 # (file b's float32 pressure is itself coarse)
+                    assert len(torch.unique(batch.x[b][:, 0])) == batch.x[b][:, 0].numel()
+        assert files == {0, 1}
+        scale, shift = loader.affine("offset")            # physical = normalized · scale
+        assert float(shift[0, 0, 0]) == pytest.approx(1e5)  # + shift: the pressure's mean
 
 
 @pytest.mark.parametrize("assemble_on,direct", [("readers", True), ("readers", False),
