@@ -366,7 +366,12 @@ class AxialSpatialAttention(nn.Module):
         bias = rpb.unpad(torch.where(periodic[:, None, None, None, None],
                                      rpb.padded(length, True), rpb.padded(length, False)),
                          length)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # attention written out, as SDPA's math path (the only one for 5-D inputs) computes
+        # it: torch.compile's inference lowering of 5-D SDPA with a broadcast mask fails
+        # ("Attempting to broadcast a dimension", torch 2.13), so a compiled model could not
+        # evaluate a batch whose samples disagree on periodicity
+        scores = (q * hd ** -0.5) @ k.transpose(-2, -1) + bias
+        return torch.softmax(scores, dim=-1) @ v
 
     def _both_axes(self, qkv: torch.Tensor, periodic: bool) -> torch.Tensor:
         """Attention along W and along H of a square grid whose axes share their bias (the

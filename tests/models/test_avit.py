@@ -614,3 +614,26 @@ def test_weights_of_other_numerics_are_named():
     note = numerics_note(None, "the checkpoint")
     assert note.startswith("warning: the checkpoint was trained with AViT numerics 1")
     assert numerics_note(NUMERICS, "x") is None
+
+
+@pytest.mark.slow
+def test_compiled_model_evaluates_a_batch_of_mixed_periodicity():
+    """A batch whose samples disagree on periodicity (files of one dataset with other boundary
+    conditions) takes the per-sample bias path. Compiled, its evaluation (no_grad) used to stop
+    in inductor with 'Attempting to broadcast a dimension of length 2' (torch 2.13 lowering 5-D
+    SDPA with a broadcast mask): the run's final evaluation crashed after training. It equals
+    the eager model's, on a non-square grid (two axial calls) and a square one."""
+    import torch._dynamo
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(2, 48, 3, 2, 0.1)).eval()
+    bcs = torch.cat([periodic_bcs(1, True, True), periodic_bcs(1, False, False)])
+    ids = torch.tensor([0, 1])
+    xs = [torch.randn(2, 4, 2, 32, 64), torch.randn(2, 4, 2, 32, 32)]
+    with torch.no_grad():
+        refs = [model(x, ids, bcs) for x in xs]
+    torch._dynamo.reset()
+    model.compile_blocks()
+    with torch.no_grad():
+        for x, ref in zip(xs, refs):
+            torch.testing.assert_close(model(x, ids, bcs), ref, rtol=1e-5, atol=1e-5)
