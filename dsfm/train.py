@@ -140,7 +140,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         run_dir = args.run_dir or newest_run(cfg)
         if run_dir is None:
             raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give --run-dir")
-        meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab)
+        meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab,
+                                         cfg.train.freeze)
         if meta is not None:
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
                                                  ds_config, cfg.train.resume_schedule,
@@ -482,7 +483,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
-                        "model_numerics": NUMERICS}
+                        "model_numerics": NUMERICS, "freeze": cfg.train.freeze}
         dev = engine.device
         # the loss of the steps since the last log line (a resumed run continues the window)
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)

@@ -567,6 +567,23 @@ def test_resume_with_another_world_size_is_refused(demo_base, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+
+def test_resume_with_another_freeze_is_refused(demo_base, tmp_path):
+    """ZeRO's optimizer state holds the trainable parameters only: resuming a run trained
+    with train.freeze=middle with the whole model trainable used to stop inside DeepSpeed's
+    load with 'parameter-alignment layout does not match' (a traceback, after the process
+    group). A one-line error before it, from the checkpoint's metadata."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "r"
+    train(ds, run_dir, ["train.max_steps=2", "train.freeze=middle"], data=demo_base)
+    proc = run(train_cmd(ds, run_dir, [f"data.base={demo_base}", "train.max_steps=4"]) +
+               ["--resume"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "trained with train.freeze=middle, this run sets none" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    train(ds, run_dir, ["train.max_steps=4", "train.freeze=middle"], data=demo_base,
+          resume=True)
+
 @pytest.mark.slow
 def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(demo_base,
                                                                                  tmp_path):

@@ -87,7 +87,8 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     if rank == 0:
-        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler")
+        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
+                                             "freeze")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
@@ -171,10 +172,13 @@ def newest_tag_dir(run_dir: str) -> str | None:
 
 
 def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: int,
-                 n_fields: int | None = None, vocabulary: dict | None = None) -> dict | None:
+                 n_fields: int | None = None, vocabulary: dict | None = None,
+                 freeze: str | None = None) -> dict | None:
     """Refuse, before any process group or engine exists, to resume a checkpoint this run
     could not load or would continue differently: another model shape, number of field
-    columns, field vocabulary (column order) or world size. Every rank reads the small metadata
+    columns, field vocabulary (column order), world size or set of trainable parameters
+    (train.freeze: the ZeRO optimizer state holds the trainable ones only, and DeepSpeed
+    stops with a traceback on another set). Every rank reads the small metadata
     file of the newest complete checkpoint and raises the same one-line error. `n_fields` and
     `vocabulary` are checked when given (they need the data's metadata). Returns the metadata,
     or None when there is no checkpoint to resume."""
@@ -190,6 +194,13 @@ def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: in
                           "--config, or start a new run with train.init_from")
     check_fields(meta, tag_dir, n_fields, vocabulary)
     check_world(meta, tag_dir, world_size)
+    saved_freeze = meta.get("freeze")          # absent in checkpoints written before it was
+    if freeze is not None and saved_freeze is not None and saved_freeze != freeze:
+        raise ConfigError(f"--resume: {tag_dir} was trained with train.freeze={saved_freeze}, "
+                          f"this run sets {freeze}; its optimizer state covers those "
+                          "parameters only. Resume with the same train.freeze, or start a new "
+                          f"run from its weights with train.init_from={run_dir} to train "
+                          "others")
     check_files(meta, tag_dir)
     return meta
 
