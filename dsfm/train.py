@@ -220,6 +220,15 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     for source in sources:
         vocab.add(source.vocabulary_name, source.channel_names)
     names = [s.name for s in sources]
+    for i, source in enumerate(sources):      # one name for two folders: not a repeat
+        first = names.index(source.name)
+        if first != i and os.path.realpath(indexed[first].path) != \
+                os.path.realpath(indexed[i].path):
+            raise ConfigError(
+                f"{indexed[first].path} and {indexed[i].path} are both dataset "
+                f"{source.name!r} (the name their files give, which names a dataset's losses, "
+                "metrics, field columns and sampler state): two datasets of one name cannot "
+                "be mixed; leave one out, or give one's files another dataset_name")
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")

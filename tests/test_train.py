@@ -760,6 +760,8 @@ def _demo_copy(demo_base, tmp_path, damage: str) -> str:
         make_dataset(str(base), "cube_3d", cube_3d_file, n_steps=12, shape=(16, 16, 16))
     elif damage == "grid":
         make_dataset(str(base), "partial", partial_dims_file, n_steps=12, shape=(48, 40))
+    elif damage == "same-name":         # another copy (resolution) of euler_2d, another folder
+        shutil.copytree(euler, base / "euler_2d_64")
     return str(base)
 
 
@@ -773,8 +775,10 @@ def _demo_copy(demo_base, tmp_path, damage: str) -> str:
     (["data.base=FILE"], None, ["is a file, not a directory of datasets"]),
     ([], "3d", ["dataset cube_3d (", "is 3D (16×16×16); MPP's AViT takes 2D fields only"]),
     ([], "grid", ["dataset partial (", "has a 48×40 grid; AViT needs H and W multiples of 16"]),
+    ([], "same-name", ["euler_2d and ", "euler_2d_64 are both dataset 'euler_2d'"]),
 ], ids=["too-few-steps", "weights-count", "weights-zero", "dim", "truncated-file",
-        "no-stats", "base-is-a-file", "3d-dataset", "grid-not-multiple-of-patch"])
+        "no-stats", "base-is-a-file", "3d-dataset", "grid-not-multiple-of-patch",
+        "two-datasets-of-one-name"])
 def test_data_and_model_that_cannot_train_are_one_line_before_the_process_group(
         demo_base, tmp_path, sets, damage, needles):
     """Each of these used to start the process group (and on two ranks, end in a gloo
