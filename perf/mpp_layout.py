@@ -50,11 +50,12 @@ def spatial(mod, x: torch.Tensor, periodic) -> torch.Tensor:
     n, c, h, w = x.shape
     q, k, v = _qkv(mod.input_head(_rms(mod.norm1, x)), mod.heads)    # [N, heads, H, W, hd]
     q, k = mod.qnorm(q), mod.knorm(k)
+    table = mod.rel_pos_bias.table()
     zw = mod._along(*(t.transpose(1, 2) for t in (q, k, v)),
-                    periodic[1] if isinstance(periodic, tuple) else periodic[:, 1])
+                    periodic[1] if isinstance(periodic, tuple) else periodic[:, 1], table)
     zw = zw.permute(0, 2, 4, 1, 3)                                   # [N, heads, hd, H, W]
     zh = mod._along(*(t.permute(0, 3, 1, 2, 4) for t in (q, k, v)),
-                    periodic[0] if isinstance(periodic, tuple) else periodic[:, 0])
+                    periodic[0] if isinstance(periodic, tuple) else periodic[:, 0], table)
     zh = zh.permute(0, 2, 4, 3, 1)
     z = ((zw + zh) / 2).reshape(n, c, h, w)
     x = x + mod.drop_path(mod.output_head(_rms(mod.norm2, z)) * mod.gamma_att[:, None, None])

@@ -20,7 +20,12 @@ import pytest
 import torch
 
 from tests.conftest import REPO, free_port, run
-from tests.data.well_fixtures import cube_3d_file, make_dataset, partial_dims_file
+from tests.data.well_fixtures import (
+    cube_3d_file,
+    make_dataset,
+    mixed_boundaries_dataset,
+    partial_dims_file,
+)
 
 TINY = ["model.size=null", "model.dim=48", "model.heads=3", "model.blocks=2",
         "model.drop_path=0", "train.log_every=1", "train.eval_batches=0",
@@ -209,6 +214,27 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
             if moved > 1e-3:                # tensors whose gradients are not all ~0
                 assert differ < 0.05 * moved, (name, differ, moved)
         assert differ_all ** 0.5 < 0.01 * moved_all ** 0.5
+
+
+@pytest.mark.slow
+def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_path):
+    """Square and non-square grids, each with files of periodic and of wall boundaries, drawn
+    independently per rank: the ranks' micro-batches take different attention paths. ZeRO-3
+    (every parameter partitioned) gathers a module's weights at each call of it and checks
+    that every rank called the same modules; this run used to stop at its first step with a
+    gloo collective mismatch (on NCCL, a hang). It trains and evaluates."""
+    base = tmp_path / "data"
+    mixed_boundaries_dataset(str(base), "mixed_sq", (32, 32))
+    mixed_boundaries_dataset(str(base), "mixed_rect", (32, 64))
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0}}))
+    proc = train(str(ds), tmp_path / "r", ["train.max_steps=6", "train.eval_batches=1",
+                                           "data.same_dataset_across_ranks=false"],
+                 ranks=2, data=str(base))
+    assert "done: 6 steps" in proc.stdout + proc.stderr
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "mixed_sq" in log and "mixed_rect" in log
 
 
 @pytest.mark.slow

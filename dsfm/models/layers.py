@@ -220,6 +220,8 @@ class RelativePositionBias(nn.Module):
         super().__init__()
         self.num_buckets, self.max_distance = num_buckets, max_distance
         self.relative_attention_bias = nn.Embedding(num_buckets, n_heads)
+        # every bucket, for `table` (not saved: checkpoints keep MPP's parameter names)
+        self.register_buffer("every_bucket", torch.arange(num_buckets), persistent=False)
         self._buckets: dict[tuple[int, bool, str, bool], torch.Tensor] = {}
         #: pad each row of the bias to a multiple of 8 entries (see forward): None, on CUDA
         #: only (the CPU's attention has no such kernel, and the slice's backward would cost
@@ -249,7 +251,8 @@ class RelativePositionBias(nn.Module):
             self._buckets[key] = F.pad(idx, (0, -length % 8)) if align else idx
         return self._buckets[key]
 
-    def forward(self, length: int, periodic: bool = False) -> torch.Tensor:
+    def forward(self, length: int, periodic: bool = False,
+                table: torch.Tensor | None = None) -> torch.Tensor:
         """[heads, length, length] additive attention bias, its last axis contiguous: PyTorch's
         fused attention kernels on a GPU refuse a mask whose last axis has a stride other than 1
         (an embedding lookup permuted to heads-first has stride `heads` there), and fall back
@@ -257,7 +260,13 @@ class RelativePositionBias(nn.Module):
         padded to that), as the memory-efficient kernel wants: otherwise PyTorch pads a copy of
         the bias in every forward call when `length` is not a multiple of 8 (4 frames, or an
         axis of 4 patches)."""
-        return self.unpad(self.padded(length, periodic), length)
+        return self.bias(length, periodic, table)
+
+    def bias(self, length: int, periodic: bool = False,
+             table: torch.Tensor | None = None) -> torch.Tensor:
+        """`forward`'s bias without calling this module: under ZeRO-3 every module call is
+        traced, and the trace must be the same on every rank whatever its batch."""
+        return self.unpad(self.padded(length, periodic, table), length)
 
     @staticmethod
     def unpad(bias: torch.Tensor, length: int) -> torch.Tensor:
@@ -265,11 +274,23 @@ class RelativePositionBias(nn.Module):
         full slice would still cost a view and its backward)."""
         return bias if bias.shape[-1] == length else bias[..., :length]
 
-    def padded(self, length: int, periodic: bool = False) -> torch.Tensor:
+    def table(self) -> torch.Tensor:
+        """[buckets, heads]: the learned values, through one call of the embedding module. A
+        module that takes several biases per forward (both axes, per-sample periodicity) reads
+        them from this table, so that it calls the embedding once whatever its batch: under
+        ZeRO-3 each call of a module gathers its weight, a collective, and ranks whose batches
+        took different paths (a square grid or not, mixed periodicity or not) called it 1, 2
+        or 4 times, a collective mismatch (gloo) or a hang (NCCL)."""
+        return self.relative_attention_bias(self.every_bucket)
+
+    def padded(self, length: int, periodic: bool = False,
+               table: torch.Tensor | None = None) -> torch.Tensor:
         """[heads, length, P]: the bias with each row padded to P entries (P = length off
-        CUDA, a multiple of 8 on it; the entries past `length` are not part of the bias)."""
-        idx = self.buckets(length, periodic, self.relative_attention_bias.weight.device)
-        return self.relative_attention_bias(idx).permute(2, 0, 1).contiguous()
+        CUDA, a multiple of 8 on it; the entries past `length` are not part of the bias),
+        from `table` (see there) if given, else through the embedding module."""
+        idx = self.buckets(length, periodic, self.every_bucket.device)
+        values = self.relative_attention_bias(idx) if table is None else F.embedding(idx, table)
+        return values.permute(2, 0, 1).contiguous()
 
 
 class MLP(nn.Module):
@@ -351,7 +372,7 @@ class AxialSpatialAttention(nn.Module):
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
     def _along(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               periodic: bool | torch.Tensor) -> torch.Tensor:
+               periodic: bool | torch.Tensor, table: torch.Tensor) -> torch.Tensor:
         """Attention along the second-to-last axis of [N, M, heads, L, hd] inputs. A bool (the
         whole batch agrees) keeps it 4-D with one [1, heads, L, L] bias, which the fused
         (memory-efficient) kernels take; an [N] bool tensor picks the bias per sample on the
@@ -359,13 +380,13 @@ class AxialSpatialAttention(nn.Module):
         n, m, heads, length, hd = q.shape
         if isinstance(periodic, bool):
             out = _attention(*(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
-                             self.rel_pos_bias(length, periodic)[None])
+                             self.rel_pos_bias.bias(length, periodic, table)[None])
             return out.reshape(n, m, heads, length, hd)
         # no fused kernel takes 5-D inputs: the padded rows buy nothing here, slice them once
         rpb = self.rel_pos_bias
         bias = rpb.unpad(torch.where(periodic[:, None, None, None, None],
-                                     rpb.padded(length, True), rpb.padded(length, False)),
-                         length)
+                                     rpb.padded(length, True, table),
+                                     rpb.padded(length, False, table)), length)
         # attention written out, as SDPA's math path (the only one for 5-D inputs) computes
         # it: torch.compile's inference lowering of 5-D SDPA with a broadcast mask fails
         # ("Attempting to broadcast a dimension", torch 2.13), so a compiled model could not
@@ -373,7 +394,7 @@ class AxialSpatialAttention(nn.Module):
         scores = (q * hd ** -0.5) @ k.transpose(-2, -1) + bias
         return torch.softmax(scores, dim=-1) @ v
 
-    def _both_axes(self, qkv: torch.Tensor, periodic: bool) -> torch.Tensor:
+    def _both_axes(self, qkv: torch.Tensor, periodic: bool, table: torch.Tensor) -> torch.Tensor:
         """Attention along W and along H of a square grid whose axes share their bias (the
         same length and periodicity): the N·L rows and the N·L columns as one batch of
         sequences, one attention call and one bias instead of two of each; the columns' copy
@@ -388,7 +409,8 @@ class AxialSpatialAttention(nn.Module):
         seqs = torch.cat([both, both.transpose(1, 2)]).flatten(0, 1)       # [2NL,L,heads,3hd]
         q, k, v = seqs.chunk(3, dim=-1)                                     # [2NL, L, heads, hd]
         out = _attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                         self.rel_pos_bias(length, periodic)[None])         # [2NL, heads, L, hd]
+                         self.rel_pos_bias.bias(length, periodic, table)[None])
+        # (out: [2NL, heads, L, hd])
         # rows[n, i, :, j] and cols[n, j, :, i] are both token (i, j): [N, L, heads, L, hd]
         rows, cols = out.unflatten(0, (2, n, length)).unbind(0)
         return rows.transpose(2, 3) + cols.permute(0, 3, 1, 2, 4)
@@ -399,18 +421,22 @@ class AxialSpatialAttention(nn.Module):
         bool per sample."""
         n, h, w, c = x.shape
         qkv = pointwise(self.norm1(x), self.input_head)                     # [N, H, W, 3C]
+        # the same module calls whatever the path (a square grid or not, per-sample periodicity
+        # or not): ZeRO-3 gathers a module's weights at each call, and checks that every rank
+        # called the same modules; the relative-position bias is read from one table
+        table = self.rel_pos_bias.table()
         if (isinstance(periodic, tuple) and h == w and periodic[0] == periodic[1]
                 and 2 * n * h <= _MAX_ATTENTION_BATCH):
-            z = self._both_axes(qkv, periodic[0])
+            z = self._both_axes(qkv, periodic[0], table)
         else:
             q, k, v = _qkv(qkv, self.heads)                                 # [N,H,W,heads,hd]
             q, k = self.qnorm(q), self.knorm(k)
             # along W: for every (sample, row) a sequence of W tokens: [N, H, heads, W, hd]
             zw = self._along(*(t.transpose(2, 3) for t in (q, k, v)), periodic[1]
-                             if isinstance(periodic, tuple) else periodic[:, 1])
+                             if isinstance(periodic, tuple) else periodic[:, 1], table)
             # along H: for every (sample, column) a sequence of H tokens: [N, W, heads, H, hd]
             zh = self._along(*(t.permute(0, 2, 3, 1, 4) for t in (q, k, v)), periodic[0]
-                             if isinstance(periodic, tuple) else periodic[:, 0])
+                             if isinstance(periodic, tuple) else periodic[:, 0], table)
             z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)      # [N,H,W,heads,hd]
         # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
         z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head)

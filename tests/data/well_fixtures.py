@@ -112,3 +112,22 @@ def nan_pressure_copy(demo_base, tmp_path, time_index=7):
         with h5py.File(p, "r+") as f:
             f["t0_fields/pressure"][:, time_index] = np.nan
     return ds
+
+
+def mixed_boundaries_dataset(base, name, shape, n_traj=4, n_steps=10):
+    """A dataset whose first file is periodic and second has walls, in every split: its
+    micro-batches mix the two (one attention path for uniform batches, another for mixed)."""
+    rng = np.random.default_rng(0)
+    root = os.path.join(base, name)
+    coords = {d: np.linspace(0, 1, n, dtype=np.float32) for d, n in zip(("x", "y"), shape)}
+    for split in ("train", "valid", "test"):
+        os.makedirs(os.path.join(root, "data", split), exist_ok=True)
+        for i, kind in enumerate(("PERIODIC", "WALL")):
+            write_well_file(
+                os.path.join(root, "data", split, f"{name}_{i}.hdf5"), dataset_name=name,
+                spatial_dims=("x", "y"), coords=coords,
+                time=np.arange(n_steps, dtype=np.float32), n_trajectories=n_traj,
+                fields=[Field(f, _field(rng, (n_traj, n_steps), shape)) for f in ("u", "v")],
+                boundaries=boundaries_all(kind, ("x", "y"), shape))
+    write_stats(root)
+    return root

@@ -637,3 +637,31 @@ def test_compiled_model_evaluates_a_batch_of_mixed_periodicity():
     with torch.no_grad():
         for x, ref in zip(xs, refs):
             torch.testing.assert_close(model(x, ids, bcs), ref, rtol=1e-5, atol=1e-5)
+
+
+def test_every_input_calls_the_same_modules_in_the_same_order():
+    """ZeRO-3 gathers a module's weights at each call of it, a collective, and checks that
+    every rank called the same modules: ranks whose micro-batches took different attention
+    paths (a square grid with one attention call for both axes, a non-square one, samples
+    that disagree on periodicity) called the relative-position bias 1, 2 or 4 times, and a
+    two-rank ZeRO-3 run on such data stopped at its first step with a collective mismatch.
+    The forward and the backward now call the same modules, in the same order, on all of them."""
+    model = small(n_fields=3).train()
+    calls = []
+    for name, mod in model.named_modules():
+        mod.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
+    for name, p in model.named_parameters():      # gradients ready in the same order too:
+        p.register_post_accumulate_grad_hook(     # ZeRO reduces them in buckets as they are
+            lambda p, name=name: calls.append("grad " + name))
+    traces = []
+    mixed = torch.cat([periodic_bcs(1), periodic_bcs(1, False, False)])
+    for h, w, bcs in [(32, 32, periodic_bcs(2)), (32, 48, periodic_bcs(2)),
+                      (32, 32, periodic_bcs(2, True, False)), (32, 32, mixed), (32, 48, mixed)]:
+        calls.clear()
+        model.zero_grad(set_to_none=True)
+        model(sample(h=h, w=w), torch.tensor([0, 1, 2]), bcs).square().mean().backward()
+        traces.append(list(calls))
+    assert any("rel_pos_bias.relative_attention_bias" in c for c in traces[0])
+    assert sum(c.startswith("grad ") for c in traces[0]) == \
+        sum(p.grad is not None for p in model.parameters()) > 50
+    assert all(t == traces[0] for t in traces[1:]), [len(t) for t in traces]
