@@ -26,6 +26,7 @@ import argparse
 import csv
 import glob
 import json
+import math
 import os
 import re
 import signal
@@ -65,8 +66,8 @@ def sizes_from(begin: str, end: str, factor: float) -> list[int]:
     if lo < 1 or hi < lo:
         raise SweepError(f"sizes out of order: -b {begin} is above -e {end}" if hi < lo
                          else "-b must be at least 1 byte")
-    if factor <= 1:
-        raise SweepError(f"-f {factor}: the step factor must be above 1")
+    if not (factor > 1 and math.isfinite(factor)):     # nan and inf compare False / True
+        raise SweepError(f"-f {factor}: the step factor must be a finite number above 1")
     out, s = [], lo
     while s <= hi:
         out.append(int(s))
@@ -622,6 +623,15 @@ def drive(args) -> int:
         if s not in SPLITS:
             raise SweepError(f"unknown split {s!r}; known: {', '.join(SPLITS)}")
     sizes = sizes_from(args.minbytes, args.maxbytes, args.stepfactor)
+    if args.iters < 1 or args.warmup < 0:
+        raise SweepError(f"-n {args.iters} -w {args.warmup}: at least one timed iteration "
+                         "and no negative warmup")
+    if args.ranks_per_node is not None and args.ranks_per_node < 1:
+        raise SweepError(f"--ranks-per-node {args.ranks_per_node}: must be at least 1")
+    if args.cluster:             # checked now, not after the sweep (which then wrote nothing)
+        from perf.topology import CLUSTERS
+        if args.cluster not in CLUSTERS:
+            raise SweepError(f"--cluster {args.cluster!r}: known {', '.join(CLUSTERS)}")
     profiles = [load_profile(p) for p in args.profiles.split(",")] if args.profiles else \
         [{"name": "default", "description": "environment as it is", "env": {}}]
     if args.launcher == "local":
@@ -667,6 +677,10 @@ def drive(args) -> int:
                 print(f"# NCCL path, profile {profile['name']} (perf.nccl_log):")
                 print("\n".join(f"#   {line}" for line in path), flush=True)
             flags += found
+    if not rows and not failures:
+        raise SweepError(f"no size from -b {args.minbytes} to -e {args.maxbytes} holds a float32 "
+                         "element (4 B; reduce_scatter, all_gather and all_to_all: 4 B per rank)"
+                         ": nothing was measured")
     if rows:
         print("\n== comparison")
         print(comparison(rows))

@@ -74,13 +74,26 @@ def test_all_collectives_and_splits_are_correct(tmp_path):
     (["-b", "1M", "-e", "1K"], ["sizes out of order"]),
     (["-b", "12Q"], ["size '12Q'"]),
     (["--splits", "world,node"], ["unknown split 'node'"]),
+    (["-f", "nan"], ["-f nan", "finite number above 1"]),
+    (["-f", "inf"], ["-f inf", "finite number above 1"]),
+    (["-e", "8", "-n", "0"], ["-n 0", "at least one timed iteration"]),
+    (["-e", "8", "--ranks-per-node", "-1"], ["--ranks-per-node -1"]),
+    # before the sweep runs: refused after it, the results were never written
+    (["-e", "8", "--cluster", "raphal"], ["--cluster 'raphal'", "raphael"]),
 ])
 def test_bad_requests_are_refused_in_one_line(args, words, tmp_path):
     proc = run(SWEEP + ["--backend", "gloo", "--out", str(tmp_path / "s")] + args)
     assert proc.returncode == 2
     assert len(proc.stderr.strip().splitlines()) == 1
+    assert "== profile" not in proc.stdout          # refused before any job started
     for w in words:
         assert w in proc.stderr
+
+
+def test_sizes_below_one_element_are_an_error_not_an_empty_success(tmp_path):
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-b", "1", "-e", "3", "--out",
+                        str(tmp_path / "s")], timeout=300)
+    assert proc.returncode == 2 and "nothing was measured" in proc.stderr
 
 
 def test_unreachable_hostfile_host_is_named(tmp_path):
