@@ -718,13 +718,18 @@ def nccl_report(job_dir: str, profile: dict) -> tuple[list[str], list[str]]:
 
 def predictions(cluster: str, sizes: list[int], nranks: int) -> str:
     try:
-        from perf.topology import CLUSTERS, predict
+        from perf.topology import CLUSTERS, TopologyError, predict
     except ImportError:
         return ""
     if cluster not in CLUSTERS:
         raise SweepError(f"--cluster {cluster!r}: known {', '.join(CLUSTERS)}")
-    recs = predict(CLUSTERS[cluster], "all_reduce", sizes)
-    lines = [f"\n== model ({cluster}, all_reduce, perf.topology)",
+    try:                          # the job measured, not the whole cluster
+        recs = predict(CLUSTERS[cluster], "all_reduce", sizes, nranks=nranks)
+    except TopologyError as exc:
+        return f"\n== model ({cluster}): no prediction for this job: {exc}"
+    lines = [f"\n== model ({cluster}, all_reduce, {recs[0]['nodes']} node(s) × "
+             f"{recs[0]['gpus'] // recs[0]['nodes']} GPUs = {recs[0]['gpus']} ranks, "
+             "perf.topology)",
              f"{'size':>12s} " + " ".join(f"{a:>14s}" for a in
                                            sorted({r['algorithm'] for r in recs}))]
     for size in sizes:

@@ -96,6 +96,21 @@ def test_sizes_below_one_element_are_an_error_not_an_empty_success(tmp_path):
     assert proc.returncode == 2 and "nothing was measured" in proc.stderr
 
 
+def test_cluster_predictions_are_for_the_ranks_measured(tmp_path):
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-b", "8K", "-e", "8K", "-w", "1",
+                        "-n", "2", "--cluster", "raphael", "--out", str(tmp_path / "s")],
+               timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # two local ranks: one node's NVLink, not raphael's 24 nodes × 4 GPUs
+    assert "1 node(s) × 2 GPUs = 2 ranks" in proc.stdout
+    from perf.topology import CLUSTERS, predict
+    want = predict(CLUSTERS["raphael"], "all_reduce", [8192], nranks=2)
+    model = proc.stdout.split("== model", 1)[1].splitlines()
+    line = next(l for l in model if l.split()[:1] == ["8192"])
+    assert sorted(float(v) for v in line.split()[1:]) == \
+        pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
+
+
 def test_unreachable_hostfile_host_is_named(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nlocalhost slots=1\nno-such-node.invalid slots=4\n")
