@@ -463,9 +463,13 @@ def merge(job_dir: str, profile: str) -> list[dict]:
                 r = rec.get(place)
                 if not r or "time_s" not in r:
                     continue
-                algbw = rec["size"] / r["time_s"] / 1e9
+                # the bytes really moved: the count is rounded down to whole float32
+                # elements (and for reduce_scatter, all_gather, all_to_all to a multiple of n)
+                nbytes = r.get("count", rec["size"] // 4) * 4
+                algbw = nbytes / r["time_s"] / 1e9
                 rows.append({"profile": profile, "split": rec["split"],
                              "collective": rec["collective"], "size": rec["size"],
+                             "bytes": nbytes, "count": nbytes // 4,
                              "world_size": n, "inplace": place == "inplace",
                              "time_us": r["time_s"] * 1e6, "algbw": algbw,
                              "busbw": algbw * BUS_FACTOR[rec["collective"]](n),
@@ -504,7 +508,9 @@ def table(rows: list[dict], profile: str, split: str, collective: str) -> str:
                              f"{r['wrong']:6d}")
             else:
                 cells.append(f"{'n/a':>9s} {'':7s} {'':7s} {'':6s}")
-        lines.append(f"  {size:12d} {size // 4:12d} {'float':>6s}   " + "   ".join(cells))
+        first = next(iter(by_size[size].values()))       # the bytes moved, as nccl-tests
+        lines.append(f"  {first['bytes']:12d} {first['count']:12d} {'float':>6s}   "
+                     + "   ".join(cells))
     wrong = sum(r["wrong"] for r in sel)
     lines.append(f"# Out of bounds values : {wrong} {'OK' if wrong == 0 else 'FAILED'}")
     lines.append(f"# Avg bus bandwidth    : {sum(busbws) / max(len(busbws), 1):.4f} GB/s")
@@ -530,8 +536,9 @@ def comparison(rows: list[dict]) -> str:
 
 
 def write_outputs(rows: list[dict], out_dir: str, args) -> None:
-    records = [{k: r[k] for k in ("profile", "split", "collective", "size", "world_size",
-                                  "inplace", "algbw", "busbw", "time_us", "wrong")}
+    records = [{k: r[k] for k in ("profile", "split", "collective", "size", "bytes",
+                                  "world_size", "inplace", "algbw", "busbw", "time_us",
+                                  "wrong")}
                for r in rows]
     if args.json:
         with open(args.json, "w") as fh:

@@ -111,6 +111,22 @@ def test_cluster_predictions_are_for_the_ranks_measured(tmp_path):
         pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
 
 
+def test_bandwidth_counts_the_bytes_moved_when_a_size_does_not_divide(tmp_path):
+    # 3 ranks, 100 B: reduce_scatter moves 24 floats (96 B, a multiple of 3), all_reduce 25
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "3", "-b", "100", "-e", "100", "-w",
+                        "1", "-n", "2", "-c", "all_reduce,reduce_scatter", "--out",
+                        str(tmp_path / "s"), "--json", str(tmp_path / "r.json")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    records = json.loads((tmp_path / "r.json").read_text())
+    moved = {"all_reduce": 100, "reduce_scatter": 96}
+    for r in records:
+        assert r["size"] == 100 and r["bytes"] == moved[r["collective"]]
+        assert r["algbw"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e-6) / 1e9, rel=1e-6)
+    rows = [l.split() for l in proc.stdout.splitlines() if l.strip().endswith(("0", "1"))
+            and l.split()[2:3] == ["float"]]
+    assert sorted((int(r[0]), int(r[1])) for r in rows) == [(96, 24), (100, 25)]
+
+
 def test_unreachable_hostfile_host_is_named(tmp_path):
     hostfile = tmp_path / "hosts"
     hostfile.write_text("# two nodes\nlocalhost slots=1\nno-such-node.invalid slots=4\n")
