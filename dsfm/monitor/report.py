@@ -85,8 +85,9 @@ def draw(s: dict, out: str, title: str) -> None:
             steps, values = s[tag]
             ax.plot(steps, values, label=label)
             if f"{tag}/min" in s and f"{tag}/max" in s:
-                ax.fill_between(s[f"{tag}/min"][0], s[f"{tag}/min"][1], s[f"{tag}/max"][1],
-                                alpha=0.2)
+                lo, hi = dict(zip(*s[f"{tag}/min"])), dict(zip(*s[f"{tag}/max"]))
+                both = sorted(lo.keys() & hi.keys())      # a cut-short run: one may be longer
+                ax.fill_between(both, [lo[k] for k in both], [hi[k] for k in both], alpha=0.2)
     ax.set(title="Utilization % (mean; band: min-max over ranks)", xlabel="step", ylabel="%")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
@@ -106,8 +107,11 @@ def draw(s: dict, out: str, title: str) -> None:
               ("time/backward_ms", "backward + reduction"), ("time/optimizer_ms", "optimizer")]
     present = [(tag, label) for tag, label in phases if tag in s]
     if present:
-        steps = s[present[0][0]][0]
-        ax.stackplot(steps, *[s[tag][1][:len(steps)] for tag, _ in present],
+        # the steps every phase has: a run cut short (or read while it writes) can end between
+        # one phase's value of a log step and the next one's
+        steps = sorted(set.intersection(*(set(s[tag][0]) for tag, _ in present)))
+        values = [dict(zip(*s[tag])) for tag, _ in present]
+        ax.stackplot(steps, *[[v[step] for step in steps] for v in values],
                      labels=[label for _, label in present], alpha=0.8)
         if "time/step_ms" in s:
             ax.plot(*s["time/step_ms"], color="black", lw=1, label="step (wall)")
