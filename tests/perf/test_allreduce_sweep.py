@@ -106,7 +106,7 @@ def test_cluster_predictions_are_for_the_ranks_measured(tmp_path):
     from perf.topology import CLUSTERS, predict
     want = predict(CLUSTERS["raphael"], "all_reduce", [8192], nranks=2)
     model = proc.stdout.split("== model", 1)[1].splitlines()
-    line = next(l for l in model if l.split()[:1] == ["8192"])
+    line = next(ln for ln in model if ln.split()[:1] == ["8192"])
     assert sorted(float(v) for v in line.split()[1:]) == \
         pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
 
@@ -122,8 +122,8 @@ def test_bandwidth_counts_the_bytes_moved_when_a_size_does_not_divide(tmp_path):
     for r in records:
         assert r["size"] == 100 and r["bytes"] == moved[r["collective"]]
         assert r["algbw"] == pytest.approx(r["bytes"] / (r["time_us"] * 1e-6) / 1e9, rel=1e-6)
-    rows = [l.split() for l in proc.stdout.splitlines() if l.strip().endswith(("0", "1"))
-            and l.split()[2:3] == ["float"]]
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.strip().endswith(("0", "1"))
+            and ln.split()[2:3] == ["float"]]
     assert sorted((int(r[0]), int(r[1])) for r in rows) == [(96, 24), (100, 25)]
 
 
