@@ -538,10 +538,12 @@ def main(argv=None) -> int:
             m = r[v]
             lat = f"{m['batch_ms_median']:7.2f} {m['batch_ms_p95']:7.2f}" if "batch_ms_p95" in m \
                 else f"{'-':>7s} {'-':>7s}"
-            label = labels.get(v, f"raw ({args.workers}p)" if v == "raw_w" else v)
+            # raw_w: the same reads spread over a pool of `workers` processes, beside "raw
+            # (1p)", one process reading in place (with 1 worker the two differ by the pool)
+            label = labels.get(v, f"raw pool ({args.workers}p)" if v == "raw_w" else v)
             print(f"{r['dataset']:30s} {label:16s} {m['samples_per_s']:9.0f} "
                   f"{m['mb_per_s']:7.0f} {lat}")
-        print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | dsfm vs raw "
+        print(f"{'':30s} dsfm/upstream {r['dsfm_vs_upstream']:.1f}x | dsfm vs raw pool "
               f"{args.workers}p: {r['dsfm_vs_raw_same_processes']:.2f}x")
         print(f"{'':30s} 1 reader vs raw 1p (vs raw pread): " + ", ".join(
             f"{labels[k]} {r[f'{k}_vs_raw']:.2f}x ({r[f'{k}_vs_raw_pread']:.2f}x)"
