@@ -148,6 +148,15 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                                                  checkpoint.newest_tag_dir(run_dir),
                                                  cfg.train.max_steps)
             notes += [note] if note else []
+    elif args.run_dir is not None:
+        found = checkpoint.tags(checkpoint.checkpoint_dir(args.run_dir))
+        if found:
+            # a new run here would count its steps from 0 under the old run's checkpoints:
+            # each one it writes is older than theirs, so keep_checkpoints prunes it at once,
+            # and a later --resume or export takes the old run's weights
+            raise ConfigError(f"run directory {args.run_dir} already holds checkpoints (the "
+                              f"newest {found[-1]}); add --resume to continue that run, or "
+                              "give a new --run-dir")
     if args.run_dir is not None:          # last: a refused run leaves no directory behind
         try:
             os.makedirs(args.run_dir, exist_ok=True)

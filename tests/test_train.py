@@ -771,6 +771,26 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_new_run_in_a_directory_with_checkpoints_is_refused(demo_base, tmp_path):
+    """Without --resume, a run directory that holds checkpoints is refused before the process
+    group: a new run there would write checkpoints older than the old run's, which pruning
+    (keep_checkpoints) deletes as soon as they are written, so that a later --resume or export
+    silently takes the old run's weights."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=4", "train.keep_checkpoints=1"], data=demo_base)
+    stamps = {p: p.stat().st_mtime_ns for p in (r / "checkpoints" / "step00000004").iterdir()}
+    proc = run(train_cmd(ds, r, [f"data.base={demo_base}", "train.max_steps=2",
+                                 "train.keep_checkpoints=1"]))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert sorted(t for t in os.listdir(r / "checkpoints") if t.startswith("step")) == [
+        "step00000004"]
+    assert {p: p.stat().st_mtime_ns
+            for p in (r / "checkpoints" / "step00000004").iterdir()} == stamps
+
+
 def _demo_copy(demo_base, tmp_path, damage: str) -> str:
     """A copy of the demo datasets with one thing wrong; its base directory."""
     import shutil
