@@ -541,6 +541,14 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             saved_at = at
             log.text(f"checkpoint: {path}", console=False)
 
+        def evaluated(at: int) -> bool:
+            """Whether the run directory holds the evaluation of step `at` (rank 0's answer,
+            for every rank: the evaluation is collective)."""
+            answer = [os.path.isfile(os.path.join(run_dir, f"eval_step{at:08d}.json"))]
+            if env.world_size > 1:
+                td.broadcast_object_list(answer, src=0)
+            return bool(answer[0])
+
         def run_eval(at: int) -> None:
             if not cfg.train.eval_batches:
                 return
@@ -672,7 +680,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         if saved_at != step:            # not at a signal or a checkpoint_every step just now
             save(step)
         if step > first_step and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
-            run_eval(step)              # (a finished run resumed was evaluated already)
+            run_eval(step)
+        elif step == first_step and cfg.train.eval_batches and not evaluated(step):
+            # a finished run resumed: evaluated already, unless a signal stopped it at its
+            # last step or a kill cut off its final evaluation
+            run_eval(step)
         if cfg.model.compile:
             from torch._dynamo.utils import counters
             log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (one per input "

@@ -791,6 +791,25 @@ def test_a_new_run_in_a_directory_with_checkpoints_is_refused(demo_base, tmp_pat
             for p in (r / "checkpoints" / "step00000004").iterdir()} == stamps
 
 
+def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(demo_base,
+                                                                            tmp_path):
+    """A run stopped by SIGTERM at its last step checkpoints and exits without its final
+    evaluation, as does one killed during that evaluation; --resume then trains nothing, and
+    evaluates the last step (once: a second --resume finds the evaluation there)."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    sets = ["train.max_steps=2", "train.eval_batches=1", "train.rollout_steps=1"]
+    train(ds, r, sets, data=demo_base)
+    final = r / "eval_step00000002.json"
+    results = json.loads(final.read_text())
+    final.unlink()                      # the final evaluation cut off
+    proc = train(ds, r, sets, resume=True, data=demo_base)
+    assert "nothing to train" in proc.stdout and "evaluation at step 2" in proc.stdout
+    assert json.loads(final.read_text()) == results
+    proc = train(ds, r, sets, resume=True, data=demo_base)
+    assert "nothing to train" in proc.stdout and "evaluation at step" not in proc.stdout
+
+
 def _demo_copy(demo_base, tmp_path, damage: str) -> str:
     """A copy of the demo datasets with one thing wrong; its base directory."""
     import shutil
