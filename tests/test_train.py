@@ -762,6 +762,42 @@ def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
 
 
+def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
+    """Two ranks killed with SIGKILL mid-training (the OOM killer, torchrun or Slurm after
+    their grace time) leave no DeepSpeed all-reduce buffer behind: the names are unlinked once
+    every rank has mapped them, so no cleanup at exit is needed."""
+    import glob
+    port = free_port()
+    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    ds = ds_config(tmp_path, 2)
+    run_dir = tmp_path / "r"
+    cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "dsfm/train.py",
+           "--ds_config", ds, "--run-dir", str(run_dir)]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=400"]:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        metrics = run_dir / "metrics.jsonl"
+        deadline = time.time() + 120
+        while time.time() < deadline and (not metrics.exists() or
+                                          len(metrics.read_text().splitlines()) < 2):
+            time.sleep(0.1)
+        assert metrics.exists(), "the run did not start training"
+        mine = {p for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")}
+        ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
+                                                capture_output=True, text=True).stdout.split()]
+        assert len(ranks) == 2, ranks
+        for pid in ranks:
+            os.kill(pid, signal.SIGKILL)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not mine, mine               # unlinked while the ranks ran
+    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+
+
 def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

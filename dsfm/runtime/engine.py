@@ -47,6 +47,15 @@ def init_process_group(env: dist.DistEnv | None = None) -> dist.DistEnv:
     else:
         backend = "gloo"
     deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    # DeepSpeed's CPU backend has mapped every rank's /dev/shm buffer by now (it waits for
+    # each peer's file); once all ranks are past that, the names are no longer needed, and
+    # unlinking them here means that no way of ending a rank (SIGKILL, an early signal, an
+    # error before the trainer's cleanup) can leave 69 MB per rank in /dev/shm
+    import torch.distributed as td
+
+    if td.is_initialized() and td.get_world_size() > 1:
+        td.barrier()
+    release_shm(env)
     return env
 
 
