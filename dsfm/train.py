@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -385,6 +386,11 @@ def say_error(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    # SIGUSR1 (Slurm's --signal warning: checkpoint and carry on) must not end the start-up
+    # (data, model, engine, the checkpoint's load), where its default action would: there is
+    # nothing new to checkpoint until the first step, from which checkpoint.Preemption
+    # handles it. SIGTERM keeps its default and ends a start-up at once.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     env = None
     try:
         env = discover()

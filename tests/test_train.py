@@ -341,6 +341,32 @@ def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
     assert "stopped at step" in out and "--resume" in out
 
 
+def test_sigusr1_during_the_start_up_does_not_end_the_run(demo_base, tmp_path):
+    """Slurm's warning signal (SIGUSR1: checkpoint and carry on) arriving while the run starts
+    (process group, data, model, engine) is not the end of the run: its default action would
+    kill the process there."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir)]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=3"]:
+        cmd += ["--set", s]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    log, metrics = run_dir / "train.log", run_dir / "metrics.jsonl"
+    sent = 0
+    deadline = time.time() + 120
+    while (time.time() < deadline and proc.poll() is None
+           and not (metrics.exists() and metrics.stat().st_size)):   # until the first step
+        if log.exists():                # the process group is up: signal every 50 ms
+            proc.send_signal(signal.SIGUSR1)
+            sent += 1
+        time.sleep(0.05)
+    out, err = proc.communicate(timeout=120)
+    assert sent, "the run never started"
+    assert proc.returncode == 0, (sent, proc.returncode, out[-2000:] + err[-2000:])
+    assert "done: 3 steps" in out
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
     """SIGUSR1 to rank 1 only, later SIGTERM to rank 0 only: both ranks checkpoint at the same
