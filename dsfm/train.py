@@ -29,7 +29,7 @@ if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): 
 import torch  # noqa: E402
 
 from dsfm.config import RunConfig, dump, load_config  # noqa: E402
-from dsfm.errors import ConfigError, DsfmError  # noqa: E402
+from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
@@ -405,7 +405,16 @@ def main(argv: list[str] | None = None) -> int:
         who = f" (rank {env.rank} of {env.world_size})" if env and env.world_size > 1 else ""
         say_error(f"error{who}: {exc}")
         return 2
-    init_process_group(env)
+    try:
+        init_process_group(env)
+    except torch.distributed.DistError as exc:     # the rendezvous: a port in use, no server
+        who = f" (rank {env.rank} of {env.world_size})" if env.world_size > 1 else ""
+        busy = "EADDRINUSE" in str(exc) or "address already in use" in str(exc)
+        say_error(f"error{who}: the process group's rendezvous at {env.master_addr}:"
+                  f"{env.master_port} failed ({first_line(exc)[:200]})"
+                  + ("; that port is in use: set MASTER_PORT to a free one (or the "
+                     "launcher's --master_port)" if busy else ""))
+        return 2
     log, rc = None, None
     try:
         run_dir = choose_run_dir(args, cfg)

@@ -824,6 +824,27 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
 
 
+def test_a_rendezvous_port_in_use_is_one_line_naming_it(demo_base, tmp_path):
+    """MASTER_PORT set to a port another process listens on: the process group's store cannot
+    listen there. That was torch's DistNetworkError traceback; it is one line naming the
+    address and what to set."""
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        proc = run(train_cmd(ds_config(tmp_path, 2, micro=4), tmp_path / "r",
+                             ["train.max_steps=2"], data=demo_base),
+                   env={**os.environ, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)})
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and f"rendezvous at 127.0.0.1:{port} failed" in errors[0], \
+        proc.stderr[-2000:]
+    assert "that port is in use: set MASTER_PORT" in errors[0]
+    assert "Traceback" not in proc.stderr
+
+
 def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")
