@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -27,12 +28,42 @@ def select_specs(preset: str, datasets: list[str] | None, mach: list[float] | No
             raise SystemExit(f"error: unknown dataset {unknown[0]!r}; choose from "
                              f"{', '.join(specs)}")
         specs = {k: specs[k] for k in datasets}
-    if mach is not None and "euler" in specs:
+    if mach is not None:
+        if "euler" not in specs:
+            raise SystemExit("error: --mach sets the Mach numbers of the euler dataset, which "
+                             "--datasets leaves out")
+        bad = [m for m in mach if not (math.isfinite(m) and m >= 0)]
+        if bad:
+            raise SystemExit(f"error: --mach {bad[0]!r}: a Mach number is finite and at least 0")
         specs["euler"] = dataclasses.replace(
             specs["euler"], parameter_sets=[{"mach": float(m)} for m in mach])
     if splits is not None:
         specs = {k: dataclasses.replace(v, splits=splits) for k, v in specs.items()}
+    from dsfm.sim.build import file_stem
+    for spec in specs.values():      # one file per parameter set: two sets of one name collide
+        stems = [file_stem(spec.dataset_name, p) for p in spec.parameter_sets]
+        dup = next((s for s in stems if stems.count(s) > 1), None)
+        if dup is not None:
+            raise SystemExit(f"error: two parameter sets of {spec.dataset_name} would both be "
+                             f"written as {dup}.hdf5; give distinct values")
     return specs
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 0")
+    return value
+
+
+def positive_int(text: str) -> int:
+    value = non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: a whole number, at least 1")
+    return value
 
 
 def parse_splits(text: str) -> tuple[int, int, int]:
@@ -51,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dsfm.sim", description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--out", required=True, help="base directory (datasets go in BASE/<name>)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--datasets", type=lambda s: [x for x in s.split(",") if x],
                     help=f"comma-separated subset of {', '.join(PRESETS['demo'])}")
     ap.add_argument("--mach", type=float, nargs="+",
@@ -60,11 +91,16 @@ def main(argv: list[str] | None = None) -> int:
                     help="trajectories per parameter set, instead of the preset's (a quicker, "
                     "smaller dataset of the same physics and grid)")
     ap.add_argument("--format", choices=("well", "pdebench"), default="well")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--workers", type=positive_int, default=None,
                     help="simulation processes (default: one per core)")
     ap.add_argument("--overwrite", action="store_true", help="regenerate existing datasets")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+    if args.datasets == []:
+        ap.error("argument --datasets: no dataset named")
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        print(f"error: --out {args.out}: exists and is not a directory", file=sys.stderr)
+        return 1
 
     specs = select_specs(args.preset, args.datasets, args.mach, args.splits)
     start = time.perf_counter()

@@ -131,3 +131,25 @@ def test_cli_splits_set_the_trajectories_per_parameter_set(tmp_path):
         proc = run([sys.executable, "-m", "dsfm.sim", "--out", str(tmp_path / "x"),
                     "--splits", bad])
         assert proc.returncode == 2 and "TRAIN,VALID,TEST" in proc.stderr, bad
+
+
+def test_cli_refuses_bad_arguments_in_one_line(tmp_path):
+    """A negative seed, a non-finite or negative Mach number, two Mach numbers writing one file
+    name, --mach without euler, --workers 0 and an --out that is a file: one line, no traceback,
+    nothing written."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    out = str(tmp_path / "out")
+    cases = [["--out", out, "--seed", "-1"],
+             ["--out", out, "--datasets", "euler", "--mach", "nan"],
+             ["--out", out, "--datasets", "euler", "--mach", "-0.5"],
+             ["--out", out, "--datasets", "euler", "--mach", "0.1", "0.1"],
+             ["--out", out, "--datasets", "euler", "--mach", "0.1", "0.10000001"],
+             ["--out", out, "--datasets", "shallow_water", "--mach", "0.5"],
+             ["--out", out, "--workers", "0"],
+             ["--out", str(afile)]]
+    for args in cases:
+        proc = run([sys.executable, "-m", "dsfm.sim", "--quiet", *args])
+        assert proc.returncode in (1, 2), args
+        assert "Traceback" not in proc.stderr and "error:" in proc.stderr.splitlines()[-1], args
+    assert not os.path.exists(out)
