@@ -150,7 +150,8 @@ def check_directory(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
         if layouts:
             problems += _check_consistency(layouts)
         return len(files), problems
-    subs = sorted(d for d in os.listdir(path) if os.path.isdir(os.path.join(path, d, "data")))
+    subs = sorted(d for d in os.listdir(path) if not d.startswith(".")    # .<name>.partial-PID
+                  and os.path.isdir(os.path.join(path, d, "data")))
     if not subs:
         return 0, [f"{path}: no HDF5 files and no dataset directories (<name>/data/<split>/)"]
     n, problems = 0, []

@@ -11,13 +11,15 @@ from dsfm.errors import ConfigError
 
 def datasets_in(base: str, complete: bool = False) -> list[str]:
     """Names of the Well datasets directly under `base`: directories with a `data/` folder or
-    a stats.yaml (one without stats.yaml is listed, so that the loader says what it lacks
+    a stats.yaml, hidden ones aside (one without stats.yaml is listed, so that the loader says what it lacks
     rather than the mixture leaving it out); `complete`: only those with both (what a
     finished simulation leaves)."""
     if not os.path.isdir(base):
         return []
     found = []
     for d in sorted(os.listdir(base)):
+        if d.startswith("."):            # a build's .<name>.partial-PID, never a dataset
+            continue
         marks = [os.path.exists(os.path.join(base, d, m)) for m in ("data", "stats.yaml")]
         if all(marks) if complete else any(marks):
             found.append(d)

@@ -12,6 +12,7 @@ import argparse
 import dataclasses
 import math
 import os
+import signal
 import sys
 import time
 
@@ -103,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     specs = select_specs(args.preset, args.datasets, args.mach, args.splits)
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: the build's cleanup removes
+        # its temporary directories and stops its worker processes
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     start = time.perf_counter()
     try:
         if args.format == "well":

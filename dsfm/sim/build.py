@@ -103,6 +103,7 @@ def build(specs: dict[str, DatasetSpec], out: str, seed: int = 0, workers: int |
             if progress:
                 tqdm.write(f"{final}: exists, kept (use --overwrite to regenerate)")
             continue
+        _remove_stale_partials(out, spec.dataset_name)
         tmp = os.path.join(out, f".{spec.dataset_name}.partial-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         for split in SPLITS:
@@ -133,6 +134,35 @@ def build(specs: dict[str, DatasetSpec], out: str, seed: int = 0, workers: int |
         for _, tmp, _ in todo.values():
             shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def _remove_stale_partials(out: str, dataset_name: str) -> None:
+    """Remove `.<dataset>.partial-PID` directories left by a build whose process is gone (killed
+    by SIGKILL or SIGTERM before its cleanup ran); a live build's directory is left alone."""
+    prefix = f".{dataset_name}.partial-"
+    for entry in os.listdir(out):
+        pid = entry[len(prefix):]
+        if not (entry.startswith(prefix) and pid.isdigit()) or int(pid) == os.getpid():
+            continue
+        if _alive(int(pid)):
+            continue                       # that build is still running
+        shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (a killed build whose parent has not
+    reaped it yet is gone all the same)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return True
 
 
 def _drain(results, bar) -> None:

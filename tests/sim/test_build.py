@@ -153,3 +153,47 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path):
         assert proc.returncode in (1, 2), args
         assert "Traceback" not in proc.stderr and "error:" in proc.stderr.splitlines()[-1], args
     assert not os.path.exists(out)
+
+
+def test_sigterm_mid_generation_leaves_nothing_behind(tmp_path):
+    """SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: no .<name>.partial-PID
+    directory is left to be taken for a dataset, and no worker process keeps running."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "base"
+    proc = subprocess.Popen([sys.executable, "-m", "dsfm.sim", "--out", str(out), "--quiet",
+                             "--datasets", "euler,shallow_water", "--splits", "60,1,1",
+                             "--workers", "2"], cwd=os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__)))),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(p.name.startswith(".") for p in out.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)                                   # the workers are simulating
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) != 0
+    assert os.listdir(out) == []
+
+
+def test_stale_partial_directory_is_no_dataset_and_is_removed(tmp_path):
+    """A build killed by SIGKILL leaves .<name>.partial-PID: the run's dataset list and the
+    checker ignore it, and the next build of that dataset removes it."""
+    import subprocess
+    from dsfm.data.check import main as check_main
+    from dsfm.data.prepare import datasets_in
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = tmp_path / f".euler_2d.partial-{dead.pid}"
+    for split in ("train", "valid", "test"):
+        (stale / "data" / split).mkdir(parents=True)
+    spec = dataclasses.replace(PRESETS["demo"]["euler"], splits=(1, 1, 1),
+                               parameter_sets=[{"mach": 0.1}])
+    assert datasets_in(str(tmp_path)) == []
+    build({"euler": spec}, str(tmp_path), workers=1, progress=False)
+    assert sorted(os.listdir(tmp_path)) == ["euler_2d"]
+    stale.mkdir()
+    (stale / "data").mkdir()
+    assert datasets_in(str(tmp_path)) == ["euler_2d"]
+    assert check_main([str(tmp_path), "--no-data"]) == 0
