@@ -11,9 +11,9 @@ from dsfm.errors import ConfigError
 
 def datasets_in(base: str, complete: bool = False) -> list[str]:
     """Names of the Well datasets directly under `base`: directories with a `data/` folder or
-    a stats.yaml, hidden ones aside (one without stats.yaml is listed, so that the loader says what it lacks
-    rather than the mixture leaving it out); `complete`: only those with both (what a
-    finished simulation leaves)."""
+    a stats.yaml, hidden ones aside (one without stats.yaml is listed, so that the loader
+    says what it lacks rather than the mixture leaving it out); `complete`: only those with
+    both (what a finished simulation leaves)."""
     if not os.path.isdir(base):
         return []
     found = []

@@ -203,8 +203,13 @@ def test_empty_split_directory(dataset):
     with pytest.raises(EmptySplitError) as exc:
         WellDataset(path=str(dataset), well_split_name="valid")
     assert_one_line(exc, str(dataset / "data" / "valid"), "no .h5 or .hdf5 files")
+    proc = check(dataset)       # an empty valid or test split is allowed, and noted
+    assert proc.returncode == 0 and f"note: {dataset / 'data' / 'valid'}: empty split" in \
+        proc.stderr, proc.stdout + proc.stderr
+    for p in (dataset / "data" / "train").glob("*"):     # an empty train split is not
+        p.unlink()
     proc = check(dataset)
-    assert proc.returncode == 1 and "valid: split directory has no" in proc.stdout
+    assert proc.returncode == 1 and "train: split directory has no" in proc.stdout
 
 
 def test_missing_split_directory(dataset):

@@ -127,6 +127,8 @@ def test_cli_splits_set_the_trajectories_per_parameter_set(tmp_path):
                 assert f.attrs["n_trajectories"] == want
                 assert f["t0_fields/height"].shape[1:3] == (60, 64)   # the preset's length, grid
     assert os.listdir(data / "test") == []
+    proc = run([sys.executable, "-m", "dsfm.data.check", str(tmp_path)])   # its own checker
+    assert proc.returncode == 0, proc.stdout + proc.stderr                # agrees
     for bad in ("8,1", "0,1,1", "a,b,c", "8,-1,1"):
         proc = run([sys.executable, "-m", "dsfm.sim", "--out", str(tmp_path / "x"),
                     "--splits", bad])
@@ -181,6 +183,7 @@ def test_stale_partial_directory_is_no_dataset_and_is_removed(tmp_path):
     """A build killed by SIGKILL leaves .<name>.partial-PID: the run's dataset list and the
     checker ignore it, and the next build of that dataset removes it."""
     import subprocess
+
     from dsfm.data.check import main as check_main
     from dsfm.data.prepare import datasets_in
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
