@@ -144,15 +144,19 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":
                 continue                      # `<<: *anchor`: merged keys may be overridden
             key = self.construct_object(key_node, deep=deep)
+            mark = key_node.start_mark
             try:
-                first = seen.setdefault(key, key_node.start_mark.line + 1)
+                first = seen.get(key)
             except TypeError:                 # an unhashable key: PyYAML's own error follows
                 continue
-            if first != key_node.start_mark.line + 1:
+            if first is not None:             # by key, not by line: `{a: 1, a: 2}` is one line
+                where = (f"lines {first.line + 1} and {mark.line + 1}" if first.line != mark.line
+                         else f"line {mark.line + 1}, columns {first.column + 1} and "
+                         f"{mark.column + 1}")
                 raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} given twice (lines {first} and "
-                    f"{key_node.start_mark.line + 1}); the second would replace the first",
-                    key_node.start_mark)
+                    None, None, f"key {key!r} given twice ({where}); the second would replace "
+                    "the first", mark)
+            seen[key] = mark
         return super().construct_mapping(node, deep=deep)
 
 

@@ -78,6 +78,9 @@ def test_bad_values_are_named_with_what_was_given(assignment, words):
     ("train:\n  max_steps: 3\ntrain:\n  eval_batches: 0\n",
      ["line 3", "key 'train' given twice (lines 1 and 3)"]),
     ("data:\n  num_workers: 1\n  num_workers: 2\n", ["key 'num_workers' given twice"]),
+    # a flow mapping on one line: the check compared line numbers, so PyYAML kept the last
+    ("train: {max_steps: 10, max_steps: 20}\n",
+     ["key 'max_steps' given twice (line 1, columns 9 and 24)"]),
     ("train:\n\tmax_steps: 3\n", ["not valid YAML at line 2, column 1", "'\\t'"]),
     ("data:\n  datasets: [a, b\n", ["not valid YAML at line 3"]),
     ("", ["the file is empty"]),
