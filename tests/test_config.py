@@ -288,6 +288,12 @@ def _with(path: str, value):
     ("gradient_acumulation_steps", 4, "unknown key 'gradient_acumulation_steps'.*did you mean "
                                       "'gradient_accumulation_steps'"),
     ("zero_optimisation", {"stage": 2}, "did you mean 'zero_optimization'"),
+    # these passed and stopped deepspeed.initialize (or the first step) with a traceback
+    ("optimizer", None, "no optimizer section"),
+    ("optimizer", {"type": "SGD", "params": {"lr": 1e-3}},
+     "optimizer 'SGD' under ZeRO stage 2: .*zero_allow_untested_optimizer"),
+    ("scheduler", {"type": "StepLR", "params": {"step_size": 5}},
+     "scheduler 'StepLR' is a torch.optim.lr_scheduler class, which cannot drive ZeRO"),
 ])
 def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path, value,
                                                                            needle):
@@ -308,6 +314,27 @@ def test_deepspeed_parser_refusals_are_one_line():
             ds_settings.probe({**BASE_DS, **extra}, "ds.json")
         assert "\n" not in str(exc.value)
     ds_settings.probe(BASE_DS, "ds.json")
+
+
+def test_what_the_scheduler_refuses_is_one_line_before_the_process_group():
+    """WarmupCosineLR refuses a warmup of 0 steps in its constructor, inside
+    deepspeed.initialize on every rank; a torch scheduler is built the same way."""
+    bad = schedule.resolve(_with("scheduler.params.warmup_num_steps", 0), 10)
+    assert ds_settings.check(bad, "ds.json") == []
+    with pytest.raises(ConfigError, match="WarmupCosineLR refuses .*warmup_num_steps must be "
+                                          "a positive integer, got 0") as exc:
+        ds_settings.probe(bad, "ds.json")
+    assert "\n" not in str(exc.value)
+    torch_sched = {**_with("zero_optimization.stage", 0),
+                   "scheduler": {"type": "StepLR", "params": {"gama": 0.5}}}
+    assert ds_settings.check(torch_sched, "ds.json") == []     # stage 0: torch's are fine
+    with pytest.raises(ConfigError, match="StepLR refuses .*gama"):
+        ds_settings.probe(torch_sched, "ds.json")
+    torch_sched["scheduler"]["params"] = {"step_size": 5, "gamma": 0.5}
+    ds_settings.probe(torch_sched, "ds.json")
+    untested = {**_with("optimizer", {"type": "SGD", "params": {"lr": 1e-3}}),
+                "zero_allow_untested_optimizer": True}
+    assert ds_settings.check(untested, "ds.json") == []
 
 
 def test_string_parameters_deepspeed_takes_are_accepted():

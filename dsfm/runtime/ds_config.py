@@ -184,10 +184,64 @@ def check(ds_config, source: str) -> list[str]:
 
     zero = ds_config.get("zero_optimization", {})
     try:
-        DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
+        zero = DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
     except Exception as exc:                  # pydantic's, or a TypeError for a non-object
         raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
+    _check_zero_components(ds_config, source, int(zero.stage), lr_schedules)
     return notes
+
+
+#: optimizers ZeRO runs without "zero_allow_untested_optimizer" (DeepSpeed's
+#: ZERO_SUPPORTED_OPTIMIZERS: what these names build), compared lower-case
+ZERO_OPTIMIZERS = ("adam", "adamw", "adagrad", "lion", "muon")
+
+
+def _check_zero_components(cfg: dict, source: str, stage: int, lr_schedules) -> None:
+    """What passes the checks above but stops `deepspeed.initialize` after the process group:
+    no optimizer (dsfm passes none of its own), an optimizer ZeRO has not been tested with, a
+    torch scheduler over ZeRO's optimizer (torch refuses anything but a torch.optim.Optimizer)."""
+    opt = cfg.get("optimizer")
+    if opt is None:
+        raise ConfigError(f"{source}: no optimizer section: dsfm builds no optimizer of its own, "
+                          "so DeepSpeed would have none (ZeRO refuses that, and without ZeRO the "
+                          "run fails at its first step); add one, e.g. {\"type\": \"AdamW\", \"params\": "
+                          "{\"lr\": 3e-4}}")
+    if stage == 0:
+        return
+    if (opt["type"].lower() not in ZERO_OPTIMIZERS
+            and cfg.get("zero_allow_untested_optimizer") is not True):
+        raise ConfigError(f"{source}: optimizer {opt['type']!r} under ZeRO stage {stage}: "
+                          f"DeepSpeed refuses an optimizer ZeRO is not tested with (it takes "
+                          f"{', '.join(ZERO_OPTIMIZERS)}) unless "
+                          "\"zero_allow_untested_optimizer\": true")
+    sched = cfg.get("scheduler")
+    if sched is not None and sched["type"] not in lr_schedules.VALID_LR_SCHEDULES:
+        raise ConfigError(f"{source}: scheduler {sched['type']!r} is a torch.optim.lr_scheduler "
+                          f"class, which cannot drive ZeRO's optimizer (stage {stage}; torch "
+                          "refuses it: not a torch.optim.Optimizer); use one of DeepSpeed's "
+                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or ZeRO stage 0")
+
+
+def _check_scheduler_params(ds_config: dict, source: str) -> None:
+    """The scheduler built as DeepSpeed will build it, over a stand-in optimizer: what its
+    constructor refuses (WarmupCosineLR's warmup_num_steps of 0, a missing argument of a
+    torch scheduler) is refused here, before the process group, instead of by
+    deepspeed.initialize on every rank."""
+    sched = ds_config.get("scheduler")
+    if sched is None:
+        return
+    import torch
+    from deepspeed.runtime import lr_schedules
+
+    name, params = sched["type"], sched.get("params", {})
+    cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name)
+    opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    try:
+        with _quiet_deepspeed():
+            cls(opt, **params)
+    except Exception as exc:
+        raise ConfigError(f"{source}: scheduler {name} refuses its params {params}: "
+                          f"{_one_line(exc)}") from None
 
 
 def probe(ds_config: dict, source: str) -> None:
@@ -196,6 +250,7 @@ def probe(ds_config: dict, source: str) -> None:
     left for it to derive."""
     from deepspeed.runtime.config import DeepSpeedConfig
 
+    _check_scheduler_params(ds_config, source)
     view = copy.deepcopy(ds_config)
     view.pop("train_batch_size", None)
     try:
