@@ -270,6 +270,12 @@ def load_config(path: str | None = None, sets: list[str] = (),
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections at the top level, "
                           f"got a {type(raw).__name__}")
+    for name, field in RunConfig.model_fields.items():
+        # "data:" with every key under it commented out is an empty section (as a --set
+        # under it already takes it), not a section that is null
+        if name in raw and raw[name] is None and isinstance(field.annotation, type) \
+                and issubclass(field.annotation, BaseModel):
+            raw[name] = {}
     for origin, s in env_sets:
         apply_set(raw, s, origin)
     for s in sets:

@@ -114,6 +114,16 @@ def test_a_list_where_a_section_belongs_is_blamed_on_the_file_not_the_set(tmp_pa
     assert load_config(str(path), ["data.base=/x"]).data.base == "/x"
 
 
+def test_a_section_with_nothing_under_it_is_empty_in_the_file_as_under_a_set(tmp_path):
+    """`model:` with its keys commented out was refused (a null section) unless a --set went
+    under it, which took it as empty."""
+    path = tmp_path / "run.yaml"
+    path.write_text("name: x\ndata:\n  base: d\nmodel:\n  # size: S\ntrain:\n")
+    cfg = load_config(str(path))
+    assert cfg.model.size == "Ti" and cfg.train.max_steps == 200
+    assert load_config(str(path), ["model.size=S"]).model.size == "S"
+
+
 def test_presets_are_found_by_bare_name():
     assert load_config("mpp_ti").model.size == "Ti"
     assert load_config("mpp_ti.yaml").model.size == "Ti"
