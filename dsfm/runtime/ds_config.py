@@ -202,10 +202,10 @@ def _check_zero_components(cfg: dict, source: str, stage: int, lr_schedules) -> 
     torch scheduler over ZeRO's optimizer (torch refuses anything but a torch.optim.Optimizer)."""
     opt = cfg.get("optimizer")
     if opt is None:
-        raise ConfigError(f"{source}: no optimizer section: dsfm builds no optimizer of its own, "
-                          "so DeepSpeed would have none (ZeRO refuses that, and without ZeRO the "
-                          "run fails at its first step); add one, e.g. {\"type\": \"AdamW\", \"params\": "
-                          "{\"lr\": 3e-4}}")
+        raise ConfigError(f"{source}: no optimizer section: dsfm builds no optimizer of its "
+                          "own, so DeepSpeed would have none (ZeRO refuses that, and without "
+                          "ZeRO the run fails at its first step); add one, e.g. "
+                          '{"type": "AdamW", "params": {"lr": 3e-4}}')
     if stage == 0:
         return
     if (opt["type"].lower() not in ZERO_OPTIMIZERS
