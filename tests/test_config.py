@@ -309,9 +309,12 @@ def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path
                                                                            needle):
     """Each of these passed dsfm's checks and ended in DeepSpeed: a traceback on every rank
     after the process group started, a crash at the first step, or (the misspelt keys, the
-    negative clipping) a run that silently trained otherwise."""
+    negative clipping) a run that silently trained otherwise. (What ZeRO cannot take is
+    checked by `probe`, after the batch sizes.)"""
+    cfg = _with(path, value)
     with pytest.raises(ConfigError, match=needle) as exc:
-        ds_settings.check(_with(path, value), "ds.json")
+        ds_settings.check(cfg, "ds.json")
+        ds_settings.probe(cfg, "ds.json")
     assert "\n" not in str(exc.value) and str(exc.value).startswith("ds.json: ")
 
 

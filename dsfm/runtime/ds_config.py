@@ -187,7 +187,6 @@ def check(ds_config, source: str) -> list[str]:
         zero = DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
     except Exception as exc:                  # pydantic's, or a TypeError for a non-object
         raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
-    _check_zero_components(ds_config, source, int(zero.stage), lr_schedules)
     return notes
 
 
@@ -248,8 +247,15 @@ def probe(ds_config: dict, source: str) -> None:
     """DeepSpeed's own parser on the resolved config, on one rank's view: the batch keys are
     this run's (checked against the world size by `schedule.resolve`), so train_batch_size is
     left for it to derive."""
+    from deepspeed.runtime import lr_schedules
     from deepspeed.runtime.config import DeepSpeedConfig
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+    # after the batch sizes' checks (schedule.resolve), which a config without an optimizer
+    # may fail first; `check` has validated the ZeRO section
+    zero = ds_config.get("zero_optimization") or {}
+    stage = int(DeepSpeedZeroConfig(**zero).stage) if isinstance(zero, dict) else 0
+    _check_zero_components(ds_config, source, stage, lr_schedules)
     _check_scheduler_params(ds_config, source)
     view = copy.deepcopy(ds_config)
     view.pop("train_batch_size", None)
