@@ -533,7 +533,14 @@ def test_missing_data_names_the_path(tmp_path):
                 "--run-dir", str(tmp_path / "r"), "--set", f"data.base={tmp_path / 'none'}",
                 "--set", "data.generate=null", "--set", "data.datasets=[euler_2d]"])
     assert proc.returncode == 2 and str(tmp_path / "none" / "euler_2d") in proc.stderr
+    assert "python -m dsfm.sim --preset demo" in proc.stderr     # a dataset dsfm simulates
     assert not (tmp_path / "r").exists()            # refused before the run started
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+                "--run-dir", str(tmp_path / "r"), "--set", f"data.base={tmp_path / 'none'}",
+                "--set", "data.generate=null", "--set", "data.datasets=[euler_2d, shear_flow]"])
+    assert proc.returncode == 2 and str(tmp_path / "none" / "shear_flow") in proc.stderr
+    assert "dsfm.sim" not in proc.stderr and "the-well-download" in proc.stderr  # The Well's
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 def test_an_evaluation_the_valid_split_cannot_serve_stops_the_run_before_its_first_step(

@@ -58,6 +58,20 @@ def expand_patterns(entries: list[str]) -> tuple[list[str], list[str]]:
     return out, unmatched
 
 
+def _where_to_get(missing: list[str], base: str) -> str:
+    """The hint for missing data: dsfm's simulators make only their own datasets; The Well's
+    and PDEBench's are downloaded, or data.base points elsewhere."""
+    from dsfm.sim.presets import PRESETS
+
+    simulated = {spec.dataset_name for preset in PRESETS.values() for spec in preset.values()}
+    if all(os.path.basename(p.rstrip(os.sep)) in simulated for p in missing):
+        return (f"generate them with python -m dsfm.sim --preset demo --out {base}, or set "
+                "data.generate: demo")
+    return ("point data.base (or $DSFM_DATA) at the directory that holds them, or download "
+            "them: The Well's with the_well's the-well-download --dataset NAME, PDEBench's "
+            "from its DaRUS repository")
+
+
 def dataset_paths(base: str, names: list[str], pdebench: list[str],
                   generate: str | None = None, progress: bool = False) -> list[str]:
     """Paths of the Well datasets (by name under `base`, or given as paths) then the PDEBench
@@ -70,8 +84,7 @@ def dataset_paths(base: str, names: list[str], pdebench: list[str],
     missing = [p for p in paths + pdebench if not os.path.exists(p)] + unmatched
     if missing:
         raise ConfigError(f"data: not found: {', '.join(missing)} (data.base is {base!r}; "
-                          "generate demo data with python -m dsfm.sim --preset demo --out "
-                          f"{base}, or set data.generate: demo)")
+                          f"{_where_to_get(missing, base)})")
     if not paths and not pdebench:
         raise ConfigError(f"data: no datasets in {base!r} and none listed; set data.datasets, "
                           "data.pdebench or data.generate")
