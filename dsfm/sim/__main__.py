@@ -121,6 +121,10 @@ def main(argv: list[str] | None = None) -> int:
                                       progress=not args.quiet)
             for directory in written:        # each folder one source: its stats.yaml
                 write_pdebench_stats(directory)
+    except KeyboardInterrupt:           # the build has removed its temporary directories
+        print("interrupted: nothing written for the datasets not yet finished",
+              file=sys.stderr)
+        return 130
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

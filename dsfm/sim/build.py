@@ -15,6 +15,7 @@ import importlib
 import multiprocessing as mp
 import os
 import shutil
+import signal
 import zlib
 from dataclasses import dataclass, field
 
@@ -119,7 +120,7 @@ def build(specs: dict[str, DatasetSpec], out: str, seed: int = 0, workers: int |
             results = map(_run, jobs)
             _drain(results, bar)
         else:
-            with mp.get_context("fork").Pool(workers) as pool:
+            with mp.get_context("fork").Pool(workers, initializer=_worker_signals) as pool:
                 _drain(pool.imap_unordered(_run, jobs), bar)
         bar.set_description("statistics")
         for spec, tmp, final in todo.values():
@@ -134,6 +135,14 @@ def build(specs: dict[str, DatasetSpec], out: str, seed: int = 0, workers: int |
         for _, tmp, _ in todo.values():
             shutil.rmtree(tmp, ignore_errors=True)
     return written
+
+
+def _worker_signals() -> None:
+    """A simulation worker leaves Ctrl-C to its parent, which stops the pool and cleans up
+    (each worker printed its own KeyboardInterrupt traceback), and ends at once on the pool's
+    SIGTERM (not through a handler it inherited from the command line's)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _remove_stale_partials(out: str, dataset_name: str) -> None:

@@ -179,6 +179,33 @@ def test_sigterm_mid_generation_leaves_nothing_behind(tmp_path):
     assert os.listdir(out) == []
 
 
+def test_ctrl_c_mid_generation_is_one_line_and_leaves_nothing_behind(tmp_path):
+    """Ctrl-C reaches the whole foreground process group, workers included: the parent stops
+    the pool and removes its temporary directories, and says so in one line (each worker used
+    to print its own KeyboardInterrupt traceback)."""
+    import signal
+    import subprocess
+    import time
+    out = tmp_path / "base"
+    proc = subprocess.Popen([sys.executable, "-m", "dsfm.sim", "--out", str(out), "--quiet",
+                             "--datasets", "euler,shallow_water", "--splits", "60,1,1",
+                             "--workers", "2"], cwd=os.path.dirname(os.path.dirname(
+                                 os.path.dirname(os.path.abspath(__file__)))),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (out.is_dir() and any(p.name.startswith(".") for p in out.iterdir())):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    time.sleep(1.0)                                   # the workers are simulating
+    os.killpg(proc.pid, signal.SIGINT)                # as a terminal's Ctrl-C does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert err.strip().splitlines() == ["interrupted: nothing written for the datasets not yet "
+                                        "finished"], err[-2000:]
+    assert os.listdir(out) == []
+
+
 def test_stale_partial_directory_is_no_dataset_and_is_removed(tmp_path):
     """A build killed by SIGKILL leaves .<name>.partial-PID: the run's dataset list and the
     checker ignore it, and the next build of that dataset removes it."""
