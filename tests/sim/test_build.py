@@ -192,7 +192,9 @@ def test_ctrl_c_mid_generation_is_one_line_and_leaves_nothing_behind(tmp_path):
                              "--workers", "2"], cwd=os.path.dirname(os.path.dirname(
                                  os.path.dirname(os.path.abspath(__file__)))),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,     # its own group, Ctrl-C as a terminal's:
+                            # a job a shell starts in the background (CI) inherits SIGINT ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (out.is_dir() and any(p.name.startswith(".") for p in out.iterdir())):
         assert time.monotonic() < deadline and proc.poll() is None
