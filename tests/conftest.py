@@ -5,6 +5,8 @@ import random
 import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
@@ -50,6 +52,17 @@ def free_port() -> int:
                 continue
         return port
     raise RuntimeError(f"no free TCP port in 10000-{low - 1} after 200 tries")
+
+
+def wait_for_logged_steps(run_dir, n: int, timeout_s: float) -> bool:
+    """Wait until a run's metrics.jsonl holds `n` lines (logged steps), at most `timeout_s`;
+    whether it does."""
+    metrics = Path(run_dir) / "metrics.jsonl"
+    deadline = time.time() + timeout_s
+    while time.time() < deadline and (not metrics.exists() or
+                                      len(metrics.read_text().splitlines()) < n):
+        time.sleep(0.1)
+    return metrics.exists() and len(metrics.read_text().splitlines()) >= n
 
 
 def run(args, **kwargs):

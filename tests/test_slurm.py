@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-from tests.conftest import REPO, run
+from tests.conftest import REPO, run, wait_for_logged_steps
 from tests.test_train import TINY, ds_config, losses
 
 pytestmark = pytest.mark.slow
@@ -87,11 +87,7 @@ def test_scancel_signals_checkpoint_then_stop_a_srun_job(demo_base, tmp_path):
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         job = _job_id(name)
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and (not metrics.exists() or
-                                          len(metrics.read_text().splitlines()) < 3):
-            time.sleep(0.1)
+        wait_for_logged_steps(run_dir, 3, 180)
         subprocess.run(["scancel", "--signal=USR1", job], check=True, timeout=30)
         deadline = time.time() + 60
         while time.time() < deadline and not any(

@@ -19,7 +19,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, free_port, run
+from tests.conftest import REPO, free_port, run, wait_for_logged_steps
 from tests.data.well_fixtures import (
     cube_3d_file,
     make_dataset,
@@ -317,11 +317,7 @@ def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-    metrics = run_dir / "metrics.jsonl"
-    deadline = time.time() + 120
-    while time.time() < deadline and (not metrics.exists() or
-                                      len(metrics.read_text().splitlines()) < 3):
-        time.sleep(0.1)
+    wait_for_logged_steps(run_dir, 3, 120)
     proc.send_signal(sig)
     if not stops:
         deadline = time.time() + 60
@@ -383,11 +379,7 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 180
-        while time.time() < deadline and (not metrics.exists() or
-                                          len(metrics.read_text().splitlines()) < 3):
-            time.sleep(0.1)
+        wait_for_logged_steps(run_dir, 3, 180)
         ranks = {}
         for child in psutil.Process(proc.pid).children(recursive=True):
             cmdline = " ".join(child.cmdline())
@@ -810,12 +802,7 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
         cmd += ["--set", s]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        metrics = run_dir / "metrics.jsonl"
-        deadline = time.time() + 120
-        while time.time() < deadline and (not metrics.exists() or
-                                          len(metrics.read_text().splitlines()) < 2):
-            time.sleep(0.1)
-        assert metrics.exists(), "the run did not start training"
+        assert wait_for_logged_steps(run_dir, 2, 120), "the run did not start training"
         mine = {p for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")}
         ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
                                                 capture_output=True, text=True).stdout.split()]
