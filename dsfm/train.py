@@ -377,6 +377,12 @@ def peer_lost(exc: RuntimeError) -> str | None:
     return None
 
 
+def before_group(env) -> str:
+    """The prefix of an error before the process group: which rank says it, when several run
+    (none knows yet whether the others failed too)."""
+    return f" (rank {env.rank} of {env.world_size})" if env and env.world_size > 1 else ""
+
+
 def say_error(line: str) -> None:
     """One write of the line and its newline (print makes two), so that the lines of ranks
     failing at once do not interleave in the launcher's output."""
@@ -401,16 +407,13 @@ def main(argv: list[str] | None = None) -> int:
                                        if torch.cuda.is_available() else 0)
         ds_config = checked.ds_config
     except DsfmError as exc:
-        # every rank that fails here says so (none knows yet whether the others failed too)
-        who = f" (rank {env.rank} of {env.world_size})" if env and env.world_size > 1 else ""
-        say_error(f"error{who}: {exc}")
+        say_error(f"error{before_group(env)}: {exc}")    # every rank that fails here
         return 2
     try:
         init_process_group(env)
     except torch.distributed.DistError as exc:     # the rendezvous: a port in use, no server
-        who = f" (rank {env.rank} of {env.world_size})" if env.world_size > 1 else ""
         busy = "EADDRINUSE" in str(exc) or "address already in use" in str(exc)
-        say_error(f"error{who}: the process group's rendezvous at {env.master_addr}:"
+        say_error(f"error{before_group(env)}: the process group's rendezvous at {env.master_addr}:"
                   f"{env.master_port} failed ({first_line(exc)[:200]})"
                   + ("; that port is in use: set MASTER_PORT to a free one (or the "
                      "launcher's --master_port)" if busy else ""))
