@@ -121,7 +121,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     (`dsfm.runtime.zero_norm`; elsewhere DeepSpeed's own, `zero_norm.is_fused` tells)."""
     import deepspeed
 
-    from dsfm.runtime.zero_norm import fuse_grad_norm
+    from dsfm.runtime.zero_norm import fuse_grad_norm, keep_plain_norm
 
     fix_arch_list()
     _filter_deepspeed_noise()
@@ -130,6 +130,7 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
                                                            config=cpu_optimizer(ds_config))
     if fused_grad_norm:
         fuse_grad_norm(engine)
+    keep_plain_norm(engine)                    # no ZeRO: the clipping norm, for train/grad_norm
     return engine, optimizer, scheduler
 
 

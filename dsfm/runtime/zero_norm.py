@@ -70,6 +70,27 @@ def fuse_grad_norm(engine) -> str | None:
     return None
 
 
+def keep_plain_norm(engine) -> bool:
+    """Without ZeRO, in fp32, DeepSpeed's engine clips the gradients with its `clip_grad_norm_`
+    and drops the norm that returns, so `get_global_grad_norm()` stays None (0.19). Keep it: the
+    same call, its result stored where the engine reports it from. Returns whether installed."""
+    from deepspeed.runtime import engine as ds_engine
+
+    needed = ("zero_optimization", "fp16_enabled", "bfloat16_enabled", "gradient_clipping",
+              "clip_fp32_gradients", "module", "mpu")
+    if (not all(hasattr(engine, n) for n in needed) or not hasattr(ds_engine, "clip_grad_norm_")
+            or engine.zero_optimization() or engine.fp16_enabled()
+            or engine.bfloat16_enabled() or not engine.gradient_clipping() > 0):
+        return False
+
+    def clip_fp32_gradients(self):
+        self._global_grad_norm = ds_engine.clip_grad_norm_(
+            parameters=self.module.parameters(), max_norm=self.gradient_clipping(), mpu=self.mpu)
+
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+    return True
+
+
 def is_fused(engine) -> bool:
     return hasattr(getattr(engine, "optimizer", None), _ORIGINAL)
 

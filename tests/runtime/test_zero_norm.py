@@ -110,3 +110,18 @@ def test_the_cuda_multi_tensor_norm_equals_deepspeeds_per_tensor_sum_on_cuda(dty
     own = torch.stack([torch.linalg.vector_norm(t.to(torch.float64)) for t in grads]).pow(2).sum()
     assert len(grads) == 439
     assert float(fused) == pytest.approx(float(own), rel=1e-12, abs=0)
+
+
+def test_without_zero_the_clipping_norm_is_reported():
+    """ZeRO stage 0 in fp32: DeepSpeed clips with its `clip_grad_norm_` but drops the norm, so
+    `get_global_grad_norm()` (the run's `train/grad_norm`) was None; now it is the norm of the
+    gradients the step clipped."""
+    torchrun = _launcher("torchrun")
+    proc = run([torchrun, "--standalone", "--nproc_per_node", "1", PROBE, "--stage", "0"],
+               env=_clean_env(CUDA_VISIBLE_DEVICES=""), timeout=300)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    (record,) = [json.loads(m) for m in re.findall(r"PLAIN_NORM (\{.*\})", out)]
+    for row in record["steps"]:
+        assert row["reported"] == pytest.approx(row["expected"], rel=1e-6)
+    assert record["steps"][0]["expected"] > 1.0          # clipping at 1.0 is active

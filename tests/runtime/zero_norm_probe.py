@@ -6,6 +6,9 @@ batches. Each rank prints
 `ZERO_NORM {json}`: per step both norms of the same gradients, the operators each issued, both
 engines' losses, and what a NaN gradient on rank 0 did.
 
+`--stage 0`: one engine without ZeRO, clipping at 1.0; prints `PLAIN_NORM {json}`: per step
+the norm `get_global_grad_norm()` reports and the 2-norm of the gradients before the step.
+
 `--shipped`: an engine with the ZeRO settings of ds_configs/zero2.json over an AViT-B (116 M
 parameters); prints `SHIPPED {json}`: the gradient buffers DeepSpeed allocated and the
 reductions one backward issued.
@@ -58,6 +61,32 @@ def shipped(env) -> None:
     finish(env)
 
 
+def plain(env) -> None:
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
+    config = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": {"stage": 0}, "steps_per_print": 10 ** 9}
+    engine, _, _ = build_engine(model, config)
+    g = torch.Generator().manual_seed(100 + env.rank)
+    dev = engine.device
+    steps = []
+    for _ in range(3):
+        x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g).to(dev)
+        y = torch.randn(2, 4, 32, 32, generator=g).to(dev)
+        engine.backward(nmse(engine(x, torch.arange(4, device=dev), torch.full((2, 2, 2), 2.0)),
+                            y))
+        grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+        expected = float(torch.linalg.vector_norm(torch.stack(
+            [torch.linalg.vector_norm(t.double()) for t in grads])))
+        engine.step()
+        norm = engine.get_global_grad_norm()
+        steps.append({"expected": expected, "reported": None if norm is None else float(norm)})
+    sys.stdout.write(f"PLAIN_NORM {json.dumps({'rank': env.rank, 'steps': steps})}\n")
+    sys.stdout.flush()
+    finish(env)
+
+
 def local(engine) -> list[torch.Tensor]:
     """This rank's parameters: under ZeRO-3 its partition of each (the full tensors exist only
     inside the forward and backward)."""
@@ -66,12 +95,14 @@ def local(engine) -> list[torch.Tensor]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--stage", type=int, choices=(2, 3), default=2)
+    parser.add_argument("--stage", type=int, choices=(0, 2, 3), default=2)
     parser.add_argument("--shipped", action="store_true")
     args = parser.parse_args()
     env = init_process_group()
     if args.shipped:
         return shipped(env)
+    if args.stage == 0:
+        return plain(env)
     stage = args.stage
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
