@@ -116,8 +116,10 @@ _GRAPH = re.compile(r"^Pattern (?P<pattern>\d+), crossNic (?P<cross>\d+), nChann
                     r"(?P<ti>\w+)/(?P<te>\w+))?")
 _CHANNELS = re.compile(r"(?P<coll>\d+) coll channels, (?:(?P<collnet>\d+) collnet channels, )?"
                        r"(?:(?P<nvls>\d+) nvls channels, )?(?P<p2p>\d+) p2p channels")
-_PLUGIN_NET = re.compile(r"^NET/Plugin ?: Loaded net plugin (?P<name>\S+)")
-_PLUGIN_COLL = re.compile(r"^NET/Plugin ?: Loaded coll(?:net)? plugin (?P<name>\S+)")
+# the name may hold spaces: "Loaded net plugin NCCL RDMA Plugin v8 (v8)" (HPC-X's plugin)
+_PLUGIN_NET = re.compile(r"^NET/Plugin ?: Loaded net plugin (?P<name>.+?)(?: \(v\d+\))?\s*$")
+_PLUGIN_COLL = re.compile(r"^NET/Plugin ?: Loaded coll(?:net)? plugin (?P<name>.+?)"
+                          r"(?: \(v\d+\))?\s*$")
 # 2.2x+: every NET plugin, NCCL's own IB and Socket included, is initialised and assigned by name
 _NET_INIT = re.compile(r"^(?P<what>Initialized|Failed to initialize) NET plugin (?P<name>.+?)\s*$")
 _NET_ASSIGNED = re.compile(r"^Assigned NET plugin (?P<name>.+?) to comm")

@@ -517,6 +517,30 @@ def test_nccl_2_28_net_plugin_lines():
                                 "(NCCL used Socket)")
 
 
+def test_net_plugin_name_with_spaces():
+    """HPC-X's RDMA/SHARP plugin names itself "NCCL RDMA Plugin v8" (NCCL 2.20-2.24 logs, e.g.
+    NVIDIA/nccl#1357, #1584): the whole name is the plugin, and a failure to initialise it is
+    recognised by that name."""
+    lines = [
+        "NCCL version 2.24.3+cuda12.2", "NET/Plugin: Failed to find ncclNetPlugin_v9 symbol.",
+        "NET/Plugin: Loaded net plugin NCCL RDMA Plugin v8 (v8)",
+        "NET/Plugin: Failed to find ncclCollNetPlugin_v9 symbol.",
+        "NET/Plugin: Loaded collnet plugin SHARP (v8)",
+        "Failed to initialize NET plugin NCCL RDMA Plugin v8", "NET/IB : No device found.",
+        "Failed to initialize NET plugin IB", "Initialized NET plugin Socket",
+        "Using network Socket"]
+    r = parse_logs("\n".join(f"h:1:1 [0] NCCL INFO {m}" for m in lines))
+    assert r.net_plugin == "NCCL RDMA Plugin v8" and r.collnet.plugin == "SHARP"
+    assert r.nets_failed == ["NCCL RDMA Plugin v8", "IB"]
+    assert r.collnet.reason == ("the NCCL RDMA Plugin v8 net plugin that carries CollNet failed "
+                                "to initialize (NCCL used Socket)")
+    assert "network Socket (plugin NCCL RDMA Plugin v8)" in path_lines(r)[0]
+    # 2.14-2.18 print the older "(v5)" form and "coll plugin"
+    r = parse_logs("h:1:1 [0] NCCL INFO NET/Plugin: Loaded net plugin NCCL RDMA Plugin (v5)\n"
+                   "h:1:1 [0] NCCL INFO NET/Plugin: Loaded coll plugin SHARP (v5)")
+    assert (r.net_plugin, r.collnet.plugin) == ("NCCL RDMA Plugin", "SHARP")
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
