@@ -562,8 +562,13 @@ class _Parser:
                 cn.reason = f"no CollNet plugin loaded ({self.plugin_failure})"
             elif self.collnet_symbol_missing:
                 cn.reason = "the net plugin that loaded has no CollNet symbol"
-            elif self.r.net_plugin is None and self.r.network is not None:
+            elif self.r.net_plugin is None and self.r.network in INTERNAL_NETS:
                 cn.reason = f"no CollNet plugin loaded (network {self.r.network} is NCCL's own)"
+            elif self.r.net_plugin is None and self.r.network is not None:
+                # 2.19-2.23 load the newest plugin version without a "Loaded" line
+                cn.reason = (f"no CollNet setup in the logs (network {self.r.network} is an "
+                             "external plugin's; NCCL logged no line saying whether it brought "
+                             "CollNet)")
             else:
                 cn.reason = "no CollNet plugin loaded"
         elif self.r.net_plugin and self.r.net_plugin in self.r.nets_failed:

@@ -541,6 +541,28 @@ def test_net_plugin_name_with_spaces():
     assert (r.net_plugin, r.collnet.plugin) == ("NCCL RDMA Plugin", "SHARP")
 
 
+def test_external_network_without_a_loaded_line_is_not_called_nccls_own():
+    """NCCL 2.19-2.23 load the newest version of an external plugin without a "Loaded net
+    plugin" line (a 2.23.4 run with the HPC-X SHARP plugin, NVIDIA/nccl-tests#311): the
+    network's name is the only trace, and it is not NCCL's own IB or Socket."""
+    lines = [
+        "NCCL version 2.23.4+cuda12.4",
+        "Plugin Path : /opt/hpcx/nccl_rdma_sharp_plugin/lib/libnccl-net.so",
+        "P2P plugin v8 IBext_v8",
+        "NET/IB : Using [0]mlx5_0:1/IB/SHARP [1]mlx5_1:1/IB/SHARP [RO]; OOB ib0:10.1.0.34<0>",
+        "PROFILER/Plugin: Could not find: libnccl-profiler.so.", "Using network IBext_v8"]
+    r = parse_logs("\n".join(f"gpu34:23654:23684 [0] NCCL INFO {m}" for m in lines))
+    assert r.network == "IBext_v8" and r.hcas == ["mlx5_0:1/IB", "mlx5_1:1/IB"]
+    assert "NCCL's own" not in r.collnet.reason
+    assert r.collnet.reason.startswith("no CollNet setup in the logs (network IBext_v8 is an "
+                                       "external plugin's")
+    flags = verify(r, SHARP_ON)
+    assert flags[0] == f"NCCL_COLLNET_ENABLE=1 but CollNet was not initialized: {r.collnet.reason}"
+    # NCCL's own transports keep their reason
+    r = parse_logs(lines[0] + "\nh:1:1 [0] NCCL INFO Using network IB")
+    assert r.collnet.reason == "no CollNet plugin loaded (network IB is NCCL's own)"
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
