@@ -87,8 +87,8 @@ _PREFIX = re.compile(r"(?P<host>[\w.\-]+):(?P<pid>\d+):(?P<tid>\d+) \[(?P<dev>\d
 _BARE = re.compile(r"(?:^|[\s\]>:])NCCL (?P<level>INFO|WARN) (?P<msg>.*)$")
 _VERSION = re.compile(r"NCCL version (?P<v>\d+\.\d+\.\d+\S*)")
 _COLL = re.compile(r"^(?P<func>[A-Za-z]+): opCount [0-9a-fA-F]+ sendbuff \S+ recvbuff \S+ "
-                   r"count (?P<count>\d+) datatype (?P<dtype>\d+) op \d+ root -?\d+ comm \S+ "
-                   r"\[nranks=(?P<nranks>\d+)\]")
+                   r"count (?P<count>\d+) datatype (?P<dtype>\d+) op \d+ root -?\d+ "
+                   r"comm (?P<comm>\S+) \[nranks=(?P<nranks>\d+)\]")
 _COLL_START = re.compile(r"^[A-Za-z]+: opCount")
 _TUNE_NAMED = re.compile(r"^(?:(?P<func>[A-Za-z]+): )?(?P<bytes>\d+) Bytes -> Algo "
                          r"(?P<algo>[A-Za-z][A-Za-z_]*) proto (?P<proto>[A-Za-z][A-Za-z0-9_]*)")
@@ -377,7 +377,12 @@ class _Parser:
         nbytes, nranks = count * DATATYPES[dtype][1], int(m["nranks"])
         self.calls[proc][(func, nbytes)] += 1
         self.call_nranks[(func, nbytes)] = max(self.call_nranks.get((func, nbytes), 0), nranks)
-        if func not in ("Send", "Recv"):
+        # TUNING lines come from rank 0 of a communicator only, and none for 1 rank: a call on
+        # a communicator where this process is another rank (the world, when it is rank 0 of a
+        # split) is never matched, and must not take a TUNING line of another communicator
+        comm = self.comms.get((proc, m["comm"]))
+        on_rank0 = comm is None or comm.rank in (None, 0)
+        if func not in ("Send", "Recv") and nranks > 1 and on_rank0:
             pend = self.pending[proc]
             pend.append((func, nbytes, nranks))
             if len(pend) > _PENDING_MAX:

@@ -563,6 +563,30 @@ def test_external_network_without_a_loaded_line_is_not_called_nccls_own():
     assert r.collnet.reason == "no CollNet plugin loaded (network IB is NCCL's own)"
 
 
+def test_tuning_line_is_matched_on_its_own_communicator():
+    """A process that is rank 4 of the world and rank 0 of its node's split (the sweep's
+    `intra`): NCCL 2.19-2.22 print the unnamed TUNING line on rank 0 of a communicator only and
+    count AllGather as nranks x the per-rank bytes, so the split's 4 x 2 MiB must not be taken
+    for the world's earlier 8 x 1 MiB call, which got no TUNING line in this process."""
+    p = "node02:2004:2004 [0] NCCL INFO "
+    coll = ("AllGather: opCount {op} sendbuff 0x7f01 recvbuff 0x7f02 count {count} datatype 7 "
+            "op 0 root 0 comm {comm} [nranks={n}] stream 0x5603")
+    text = "\n".join(p + m for m in (
+        "NCCL version 2.21.5+cuda12.4",
+        "ncclCommInitRank comm 0x5601 rank 4 nranks 8 cudaDev 0 nvmlDev 0 busId 1a000 commId "
+        "0x11 - Init COMPLETE",
+        "ncclCommInitRank comm 0x5602 rank 0 nranks 4 cudaDev 0 nvmlDev 0 busId 1a000 commId "
+        "0x22 - Init COMPLETE",
+        coll.format(op=0, count=262144, comm="0x5601", n=8),        # world, 1 MiB per rank
+        coll.format(op=0, count=524288, comm="0x5602", n=4),        # intra, 2 MiB per rank
+        "8388608 Bytes -> Algo 1 proto 2 time 120.5"))
+    r = parse_logs(text)
+    assert choices(r) == {("AllGather", 2 * MiB): {("RING", "SIMPLE"): 1}}
+    assert r.calls == {("AllGather", MiB): 1, ("AllGather", 2 * MiB): 1}
+    assert path_lines(r)[1] == ("AllGather: 1 MiB: algorithm unknown (no TUNING line); "
+                                "2 MiB: RING/SIMPLE")
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
