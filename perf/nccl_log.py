@@ -128,7 +128,10 @@ _PLUGIN_FAIL = re.compile(r"^(?:NET/Plugin ?: (?!Loaded|Plugin name set|Closing|
                           r"ncclNetPlugin_v)|Failed to initialize NET plugin|External network "
                           r"plugin .* is unsupported)")
 _SHARP_INIT = re.compile(r"SHARP rank \d+/\d+ initialized")
-_COLLNET_SETUP = re.compile(r"^(?:Collnet Chains|Connected collnet|rank \d+ Connected CollNet)")
+# printed once NCCL's cross-rank CollNet check passed ("Connected Collnet Chains" in 2.23+); the
+# COLLNET connection lines and the SHARP plugin's "initialized" come before that check
+_COLLNET_SETUP = re.compile(r"^(?:(?:Connected )?Collnet Chains|Connected collnet|rank \d+ "
+                            r"Connected CollNet)", re.IGNORECASE)
 _NVLS = re.compile(r"^NVLS multicast support is (?P<not>not )?available")
 # NCCL's and the SHARP plugin's ways of saying CollNet could not be set up
 _COLLNET_FAIL = re.compile(r"Cannot initialize CollNet|CollNet is not supported|SHARP coll init "
@@ -299,7 +302,10 @@ class _Parser:
         self.gdr = {"channel": Counter(), "hca": Counter()}  # evidence -> {True: n, False: n}
         self.truncated = Counter()
         self.unknown_dtypes: set = set()
-        self.collnet_setup = False
+        self.collnet_setup = False        # CollNet connections or SHARP init were logged
+        self.collnet_connected = False    # ... and a line after NCCL's check of them
+        self.collnet_open: set = set()    # processes whose CollNet setup no COMPLETE followed
+        self.collnet_completed = False    # a communicator finished initialising after one
         self.collnet_failed: list[str] = []
         self.plugin_failure: str | None = None
         self.collnet_symbol_missing = False
@@ -459,6 +465,7 @@ class _Parser:
         elif m := _CHAN_COLLNET.match(msg):
             self.transports.add(f"COLLNET/{m['net']}")
             self.collnet_setup = True
+            self.collnet_open.add(proc)
         elif m := _RING.match(msg):
             self.r.rings.setdefault(int(m["c"]), [int(v) for v in m["ranks"].split()])
         elif msg.startswith("Trees "):
@@ -475,8 +482,11 @@ class _Parser:
             self.r.trees_connected = True
         elif msg.startswith("Connected NVLS"):
             self.r.nvls_connected = True
-        elif _COLLNET_SETUP.match(msg) or _SHARP_INIT.search(msg):
+        elif _COLLNET_SETUP.match(msg):
+            self.collnet_setup = self.collnet_connected = True
+        elif _SHARP_INIT.search(msg):
             self.collnet_setup = True
+            self.collnet_open.add(proc)
         elif m := _NVLS.match(msg):
             available = not m["not"]
             self.r.nvls_available = bool(self.r.nvls_available) or available
@@ -494,6 +504,9 @@ class _Parser:
             if idm := _COMM_ID.search(msg):
                 c.comm_id = idm[1]
             c.complete |= m["phase"] == "COMPLETE"
+            if m["phase"] == "COMPLETE" and proc in self.collnet_open:
+                self.collnet_open.discard(proc)
+                self.collnet_completed = True
 
     def _comm(self, proc, host: str, pid: int, comm: str) -> Communicator:
         key = (proc, comm)
@@ -557,11 +570,19 @@ class _Parser:
         cn.requested = None if echoed is None else echoed.strip() == "1"
         if self.collnet_setup:
             cn.plugin_loaded = True
-        cn.initialized = self.collnet_setup and not self.collnet_failed
+        chosen = any(a.startswith("COLLNET") for a in self.r.algorithms)
+        confirmed = self.collnet_connected or chosen or (
+            self.collnet_completed and not self.collnet_open)
+        cn.initialized = self.collnet_setup and confirmed and not self.collnet_failed
         if cn.initialized:
             return
         if self.collnet_failed:
             cn.reason = "; ".join(self.collnet_failed[:2])
+        elif self.collnet_setup:
+            cn.reason = ("CollNet setup began (COLLNET connections or SHARP init logged) but was "
+                         "never confirmed: no 'Connected CollNet' line, and "
+                         f"{len(self.collnet_open)} process(es) logged no Init COMPLETE after it "
+                         "(did the job hang or stop?)")
         elif not cn.plugin_loaded:
             if self.plugin_failure:
                 cn.reason = f"no CollNet plugin loaded ({self.plugin_failure})"

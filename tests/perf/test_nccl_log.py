@@ -587,6 +587,43 @@ def test_tuning_line_is_matched_on_its_own_communicator():
                                 "2 MiB: RING/SIMPLE")
 
 
+def test_collnet_setup_that_never_completed_is_not_initialized():
+    """A 4-node SHARP job that hung in CollNet setup (NCCL 2.23.4, NVIDIA/nccl-tests#311): the
+    COLLNET connections and the plugin's "SHARP rank .. initialized" come before NCCL's
+    cross-rank check, and nothing followed them. Only a line after that check, a CollNet TUNING
+    choice or the communicator's Init COMPLETE confirms CollNet."""
+    started = []
+    for node, (pid, rail) in enumerate([(23654, 1), (15433, 5), (2899, 0), (63046, 1)]):
+        p = f"gpu{34 + node}:{pid}:{pid + 30} [0] NCCL INFO "
+        started += [
+            p + "NCCL_COLLNET_ENABLE set by environment to 1.",
+            p + f"ncclCommInitRank comm 0x5a{node} rank {2 * node} nranks 8 cudaDev 0 nvmlDev 0 "
+                "busId 7000 commId 0x4570 - Init START",
+            p + f"comm 0x5a{node} rank {2 * node} nRanks 8 nNodes 4 localRanks 2 localRank 0 "
+                "MNNVL 0",
+            p + f"CollNet 00/0 : {2 * node} [receive] via COLLNET/SHARP/{rail}/GDRDMA",
+            "",
+            f"gpu{34 + node}:{pid}:{pid + 50} [0] sharp_plugin.c:382 NCCL WARN SHARP "
+            "int8,uint8,bfloat16 Datatypes not supported",
+            f"gpu{34 + node}:{pid}:{pid + 50} [0] NCCL INFO SHARP rank {node}/4 initialized on "
+            "mlx5_0:1"]
+    hung = parse_logs("\n".join(started))
+    cn = hung.collnet
+    assert cn.requested and cn.plugin_loaded and not cn.initialized
+    assert cn.reason.startswith("CollNet setup began") and "4 process(es)" in cn.reason
+    assert verify(hung, SHARP_ON)[0].startswith("NCCL_COLLNET_ENABLE=1 but CollNet was not "
+                                                "initialized: CollNet setup began")
+    # the same setup followed by each rank's Init COMPLETE (2.23+ print no other line until a
+    # CollNet algorithm is first used) or by 2.23's "Connected Collnet Chains"
+    done = started + [ln.replace("Init START", "Init COMPLETE") for ln in started
+                      if "Init START" in ln]
+    assert parse_logs("\n".join(done)).collnet.initialized
+    chains = started + ["gpu34:23654:23684 [0] NCCL INFO Connected Collnet Chains  [0] 1->0->-1"]
+    assert parse_logs("\n".join(chains)).collnet.initialized
+    # one process still in setup when the log ends: not confirmed
+    assert not parse_logs("\n".join(done[:-1])).collnet.initialized
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
