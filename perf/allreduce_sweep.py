@@ -662,7 +662,10 @@ def drive(args) -> int:
     for profile in profiles:
         job_dir = os.path.join(out_dir, profile["name"])
         os.makedirs(job_dir, exist_ok=True)
-        for old in glob.glob(os.path.join(job_dir, "rank*.*")):
+        # an earlier run into the same --out left its results and its ranks' NCCL logs (named
+        # by host and pid): read with this run's, they would report the earlier run's path
+        for old in glob.glob(os.path.join(job_dir, "rank*.*")) + \
+                glob.glob(os.path.join(job_dir, "nccl.*.log")):
             os.remove(old)
         print(f"== profile {profile['name']}: {profile['description']} "
               f"{' '.join(f'{k}={v}' for k, v in profile['env'].items())}", flush=True)

@@ -135,6 +135,32 @@ def test_unreachable_hostfile_host_is_named(tmp_path):
     assert proc.returncode == 2 and "'no-such-node.invalid' does not resolve" in proc.stderr
 
 
+def test_a_rerun_into_the_same_out_does_not_report_the_earlier_nccl_logs(tmp_path):
+    """--out holding a profile's NCCL log from an earlier run (here a working SHARP run), and
+    this run's job failing before NCCL logged anything (NCCL on a machine without GPUs): the
+    path printed must not be the earlier run's."""
+    import shutil
+    beside = os.path.join(os.path.dirname(sys.executable), "mpirun")
+    if not (os.access(beside, os.X_OK) or shutil.which("mpirun")):
+        pytest.skip("no mpirun: pip install -e '.[test]' brings MPICH")
+    old = tmp_path / "s" / "sharp_on" / "nccl.raphael001.41001.log"
+    old.parent.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "tests", "perf", "nccl_logs", "ib_collnet_sharp_2n4g.log"),
+                old)
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""), CUDA_VISIBLE_DEVICES="",
+               OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    proc = run(SWEEP + ["--backend", "nccl", "--launcher", "mpirun", "--hostfile",
+                        str(hostfile), "--profiles", "sharp_on", "-e", "8", "--timeout-s", "60",
+                        "--out", str(tmp_path / "s")], env=env, timeout=300)
+    assert proc.returncode == 1 and "profile sharp_on: job exited with status" in proc.stderr
+    assert "# NCCL path" not in proc.stdout and "COLLNET_DIRECT" not in proc.stdout
+    assert f"flag: profile sharp_on: no NCCL logs in {old.parent}" in proc.stdout
+    assert not old.exists()
+
+
 @pytest.mark.slow
 def test_a_frozen_rank_is_named_and_partial_results_are_kept(tmp_path):
     import psutil
