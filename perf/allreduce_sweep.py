@@ -29,6 +29,7 @@ import json
 import math
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -641,6 +642,8 @@ def drive(args) -> int:
             raise SweepError(f"--cluster {args.cluster!r}: known {', '.join(CLUSTERS)}")
     profiles = [load_profile(p) for p in args.profiles.split(",")] if args.profiles else \
         [{"name": "default", "description": "environment as it is", "env": {}}]
+    if args.launcher != "local" and shutil.which(args.launcher) is None:
+        raise SweepError(f"--launcher {args.launcher}: no {args.launcher} command on PATH")
     if args.launcher == "local":
         args.nprocs = args.nprocs or (torch.cuda.device_count() if args.backend == "nccl" else 2)
         if args.nprocs < 1 or (args.ranks_per_node and args.nprocs % args.ranks_per_node):

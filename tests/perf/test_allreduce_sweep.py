@@ -90,6 +90,20 @@ def test_bad_requests_are_refused_in_one_line(args, words, tmp_path):
         assert w in proc.stderr
 
 
+@pytest.mark.parametrize("launcher", ["deepspeed", "srun", "mpirun"])
+def test_a_launcher_that_is_not_installed_is_one_line(launcher, tmp_path):
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=1\n")
+    empty = tmp_path / "bin"
+    empty.mkdir()
+    proc = run(SWEEP + ["--backend", "gloo", "--launcher", launcher, "--hostfile",
+                        str(hostfile), "--out", str(tmp_path / "s")],
+               env=dict(os.environ, PATH=str(empty)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == f"error: --launcher {launcher}: no {launcher} command on PATH"
+    assert "== profile" not in proc.stdout
+
+
 def test_sizes_below_one_element_are_an_error_not_an_empty_success(tmp_path):
     proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-b", "1", "-e", "3", "--out",
                         str(tmp_path / "s")], timeout=300)
