@@ -650,6 +650,7 @@ def drive(args) -> int:
             raise SweepError(f"--nprocs {args.nprocs} is not a positive multiple of "
                              f"--ranks-per-node {args.ranks_per_node}")
         expected = args.nprocs
+        per_node = [args.nprocs]             # one machine, whatever --ranks-per-node pretends
     else:
         if args.launcher in ("deepspeed", "mpirun"):
             if not args.hostfile:
@@ -657,8 +658,13 @@ def drive(args) -> int:
             hosts = read_hostfile(args.hostfile)
             check_reachable(hosts)
             expected = sum(s for _, s in hosts)
+            per_node = [s for _, s in hosts]
         else:
             expected = int(os.environ.get("SLURM_NTASKS", "0")) or 1
+            nnodes = int(os.environ.get("SLURM_JOB_NUM_NODES") or os.environ.get("SLURM_NNODES")
+                         or 0)
+            per_node = [expected // nnodes] * nnodes if nnodes and expected % nnodes == 0 \
+                else None
     out_dir = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out_dir, exist_ok=True)
     rows, failures, flags = [], [], []
@@ -698,7 +704,7 @@ def drive(args) -> int:
         print("\n== comparison")
         print(comparison(rows))
         if args.cluster:
-            print(predictions(args.cluster, sizes, expected))
+            print(predictions(args.cluster, sizes, expected, per_node))
         write_outputs(rows, out_dir, args)
         print(f"results: {out_dir}")
     for f in flags:
@@ -729,7 +735,10 @@ def nccl_report(job_dir: str, profile: dict) -> tuple[list[str], list[str]]:
                                 for m in verify(report, profile["env"])]
 
 
-def predictions(cluster: str, sizes: list[int], nranks: int) -> str:
+def predictions(cluster: str, sizes: list[int], nranks: int,
+                per_node: list[int] | None = None) -> str:
+    """perf.topology's all_reduce busbw for the job measured: its ranks on `len(per_node)`
+    nodes (the hostfile's hosts and slots) where known, else packed onto whole nodes."""
     try:
         from perf.topology import CLUSTERS, TopologyError, predict
     except ImportError:
@@ -737,7 +746,11 @@ def predictions(cluster: str, sizes: list[int], nranks: int) -> str:
     if cluster not in CLUSTERS:
         raise SweepError(f"--cluster {cluster!r}: known {', '.join(CLUSTERS)}")
     try:                          # the job measured, not the whole cluster
-        recs = predict(CLUSTERS[cluster], "all_reduce", sizes, nranks=nranks)
+        if per_node and len(set(per_node)) > 1:
+            raise TopologyError(f"the ranks per node differ ({', '.join(map(str, per_node))}): "
+                                "the model takes the same number on every node")
+        recs = predict(CLUSTERS[cluster], "all_reduce", sizes, nranks=nranks,
+                       nodes=len(per_node) if per_node else None)
     except TopologyError as exc:
         return f"\n== model ({cluster}): no prediction for this job: {exc}"
     lines = [f"\n== model ({cluster}, all_reduce, {recs[0]['nodes']} node(s) × "

@@ -296,12 +296,23 @@ def node_injection_GBps(cluster: Cluster) -> float:
     return cluster.gpus_per_node * gpu_net_GBps(cluster)
 
 
-def _shape(cluster: Cluster, nranks: int | None) -> tuple[int, int]:
-    """(nodes, GPUs per node) for a job of nranks GPUs packed onto whole nodes."""
+def _shape(cluster: Cluster, nranks: int | None, nodes: int | None = None) -> tuple[int, int]:
+    """(nodes, GPUs per node) for a job of nranks GPUs packed onto whole nodes, or spread
+    evenly over `nodes` nodes when the job's layout is known (2 hosts x 2 ranks is 2 nodes'
+    network, not one node's NVLink)."""
     g = cluster.gpus_per_node
     n = cluster.gpus if nranks is None else nranks
     if n < 1:
         raise TopologyError(f"nranks {n} must be at least 1")
+    if nodes is not None:
+        if nodes < 1 or nodes > cluster.nodes:
+            raise TopologyError(f"{nodes} nodes: {cluster.name} has 1 to {cluster.nodes}")
+        if n % nodes:
+            raise TopologyError(f"nranks {n} do not spread evenly over {nodes} nodes")
+        if n // nodes > g:
+            raise TopologyError(f"{n // nodes} ranks per node: {cluster.name} nodes have {g} "
+                                "GPUs")
+        return nodes, n // nodes
     if n <= g:
         return 1, n
     if n % g:
@@ -383,9 +394,9 @@ def algorithms_for(cluster: Cluster, collective: str) -> tuple[str, ...]:
 
 
 def predict(cluster: Cluster, collective: str, sizes, algorithms=None,
-            nranks: int | None = None) -> list[dict]:
+            nranks: int | None = None, nodes: int | None = None) -> list[dict]:
     """Model predictions, one record per (algorithm, size), for a job of `nranks` GPUs (default:
-    the whole cluster) packed onto whole nodes."""
+    the whole cluster) packed onto whole nodes, or spread evenly over `nodes` nodes."""
     if collective not in COLLECTIVES:
         raise TopologyError(f"collective {collective!r}: the model has {', '.join(COLLECTIVES)}")
     available = algorithms_for(cluster, collective)
@@ -395,7 +406,7 @@ def predict(cluster: Cluster, collective: str, sizes, algorithms=None,
             why = ("no SHARP on this cluster" if a == "sharp" and cluster.sharp is False
                    and collective == "all_reduce" else f"not modelled for {collective}")
             raise TopologyError(f"algorithm {a!r}: {why} (available: {', '.join(available)})")
-    nodes, g = _shape(cluster, nranks)
+    nodes, g = _shape(cluster, nranks, nodes)
     n = nodes * g
     factor = BUS_FACTOR[collective](n)
     records = []

@@ -125,6 +125,22 @@ def test_cluster_predictions_are_for_the_ranks_measured(tmp_path):
         pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
 
 
+def test_cluster_predictions_follow_the_hostfile_layout():
+    """--cluster with a hostfile: 2 hosts x 2 slots is a 2-node job on raphael (its network),
+    not one node's NVLink; slots that differ between hosts get no prediction, said why."""
+    from perf.allreduce_sweep import predictions
+    from perf.topology import CLUSTERS, predict
+    text = predictions("raphael", [2 ** 30], 4, [2, 2])
+    assert "2 node(s) × 2 GPUs = 4 ranks" in text
+    want = predict(CLUSTERS["raphael"], "all_reduce", [2 ** 30], nranks=4, nodes=2)
+    row = next(ln for ln in text.splitlines() if ln.split()[:1] == [str(2 ** 30)])
+    assert sorted(float(v) for v in row.split()[1:]) == \
+        pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
+    assert predictions("raphael", [2 ** 30], 6, [4, 2]).strip() == (
+        "== model (raphael): no prediction for this job: the ranks per node differ (4, 2): the "
+        "model takes the same number on every node")
+
+
 def test_bandwidth_counts_the_bytes_moved_when_a_size_does_not_divide(tmp_path):
     # 3 ranks, 100 B: reduce_scatter moves 24 floats (96 B, a multiple of 3), all_reduce 25
     proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "3", "-b", "100", "-e", "100", "-w",

@@ -132,6 +132,28 @@ def test_predict_rejects_bad_requests():
         predict(raphael, "all_reduce", [0])
 
 
+def test_predict_for_a_known_layout_of_partial_nodes():
+    """A job's ranks spread over N nodes (a hostfile of 2 hosts x 2 slots): the network part is
+    modelled for 2 nodes of 2 GPUs, not packed onto one node's NVLink; any count per node up to
+    the node's GPUs, 3 included."""
+    raphael = CLUSTERS["raphael"]
+    (packed,) = predict(raphael, "all_reduce", [GIB], ["ring"], nranks=4)
+    (spread,) = predict(raphael, "all_reduce", [GIB], ["ring"], nranks=4, nodes=2)
+    assert (packed["nodes"], packed["gpus"]) == (1, 4)
+    assert (spread["nodes"], spread["gpus"]) == (2, 4)
+    assert spread["busbw"] < packed["busbw"] / 4          # shared adapter vs NVLink
+    (three,) = predict(raphael, "all_reduce", [GIB], ["ring"], nranks=6, nodes=2)
+    assert (three["nodes"], three["gpus"]) == (2, 6)
+    (one,) = predict(raphael, "all_reduce", [GIB], ["ring"], nranks=1, nodes=1)
+    assert one["busbw"] == 0 and one["time_us"] > 0
+    with pytest.raises(TopologyError, match="nranks 5 do not spread evenly over 2 nodes"):
+        predict(raphael, "all_reduce", [GIB], nranks=5, nodes=2)
+    with pytest.raises(TopologyError, match="8 ranks per node: raphael nodes have 4 GPUs"):
+        predict(raphael, "all_reduce", [GIB], nranks=16, nodes=2)
+    with pytest.raises(TopologyError, match="25 nodes: raphael has 1 to 24"):
+        predict(raphael, "all_reduce", [GIB], nranks=25, nodes=25)
+
+
 def test_cluster_yaml_round_trip(tmp_path):
     for cluster in CLUSTERS.values():
         path = tmp_path / f"{cluster.name}.yaml"
