@@ -105,7 +105,7 @@ _NET_IB = re.compile(r"^NET/IB ?: Using(?P<devs>.*?)(?:; OOB \S+)?$")
 _HCA = re.compile(r"\[\d+\] ?(?P<name>[\w.\-]+):(?P<port>\d+)/(?P<link>IB|RoCE)")
 _GDR = re.compile(r"^NET/\S+ ?: GPU Direct RDMA (?P<state>Enabled|Disabled) for HCA \d+ ")
 _CHAN_NET = re.compile(r"^Channel \d+(?:/\d+)? : \d+\[\w+\] -> \d+\[\w+\] \[(?:send|receive)\] "
-                       r"via NET/(?P<net>[^/\s]+)/\d+(?:\(\d+\))?(?P<flags>\S*)")
+                       r"via NET/(?P<net>[^/]+?)/\d+(?:\(\d+\))?(?P<flags>\S*)")
 _CHAN_LOCAL = re.compile(r"^Channel \d+(?:/\d+)? : \d+\[\w+\] -> \d+\[\w+\] via "
                          r"(?P<kind>P2P|SHM)/(?P<how>[A-Za-z]+)")
 _CHAN_COLLNET = re.compile(r"^Coll(?:Net)? \d+(?:/\d+)? : \d+ \[(?:send|receive)\] via "
@@ -427,7 +427,7 @@ class _Parser:
                 self.r.env.setdefault(name, value)
                 self.env_seen.setdefault(name, (f"{host}:{proc[2]}", value))
         elif msg.startswith("Using network "):
-            self.r.network = msg.split()[2]
+            self.r.network = msg[len("Using network "):].strip()   # "AWS Libfabric"
         elif m := _PLUGIN_NET.match(msg):
             self.r.net_plugin = m["name"]
         elif m := _PLUGIN_COLL.match(msg):

@@ -624,6 +624,20 @@ def test_collnet_setup_that_never_completed_is_not_initialized():
     assert not parse_logs("\n".join(done[:-1])).collnet.initialized
 
 
+def test_network_name_with_a_space():
+    """aws-ofi-nccl's network is "AWS Libfabric" (NVIDIA/nccl#1597, aws/aws-ofi-nccl#715): the
+    whole name, and its connections, GPUDirect RDMA included."""
+    p = "8h200-2:14630:14695 [1] NCCL INFO "
+    r = parse_logs("\n".join(p + m for m in (
+        "NET/OFI Selected Provider is efa (found 4 nics)", "Using network AWS Libfabric",
+        "Channel 05/0 : 0[0] -> 1[1] [receive] via NET/AWS Libfabric/1/GDRDMA",
+        "Channel 00/0 : 1[1] -> 0[0] [send] via NET/AWS Libfabric/1/GDRDMA")))
+    assert r.network == "AWS Libfabric" and r.transports == ["NET/AWS Libfabric"]
+    assert r.gdr is True
+    assert path_lines(r)[0].startswith("NCCL ?, ? rank(s) on ? node(s); network AWS Libfabric; "
+                                       "transports NET/AWS Libfabric; GDR yes")
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
