@@ -526,8 +526,11 @@ class _Parser:
         r.processes = len(self.processes)
         r.transports = sorted(self.transports)
         r.hcas = list(self.hcas)
-        # the connections say whether GDR was used; the per-HCA lines only whether it could be
-        seen = self.gdr["channel"] or self.gdr["hca"]
+        # the connections say whether GDR was used; the per-HCA lines only whether it could be:
+        # "Enabled for HCA" alone (a one-node job, no network connection) proves no use of it
+        seen = self.gdr["channel"]
+        if not seen and set(self.gdr["hca"]) == {False}:
+            seen = self.gdr["hca"]
         r.gdr = None if not seen or len(seen) > 1 else next(iter(seen))
         r.graphs = list(self.graphs.values())
         r.communicators = sorted(self.comms.values(),

@@ -638,6 +638,25 @@ def test_network_name_with_a_space():
                                        "transports NET/AWS Libfabric; GDR yes")
 
 
+def test_gdr_capable_hca_without_a_network_connection_is_not_gdr_used():
+    """One node on an IB machine: NCCL says the HCA could do GPUDirect RDMA, but every
+    connection is NVLink (P2P), so no GDR was used; only a NET connection's /GDRDMA says so."""
+    p = "node01:1000:1050 [0] NCCL INFO "
+    lines = [p + m for m in (
+        "NCCL version 2.21.5+cuda12.4",
+        "NET/IB : Using [0]mlx5_0:1/IB [1]mlx5_1:1/IB [RO]; OOB ib0:10.0.0.1<0>",
+        "NET/IB : GPU Direct RDMA Enabled for HCA 0 'mlx5_0'",
+        "NET/IB : GPU Direct RDMA Enabled for HCA 1 'mlx5_1'", "Using network IB",
+        "comm 0x5501 rank 0 nRanks 4 nNodes 1 localRanks 4 localRank 0 MNNVL 0",
+        "Channel 00/0 : 0[0] -> 1[1] via P2P/CUMEM/read", "Connected all rings")]
+    r = parse_logs("\n".join(lines))
+    assert r.transports == ["P2P/CUMEM"] and r.gdr is None
+    assert "; GDR ?;" in path_lines(r)[0]
+    r = parse_logs("\n".join(lines + [
+        p + "Channel 00/0 : 4[0] -> 0[0] [receive] via NET/IB/0/GDRDMA"]))
+    assert r.gdr is True
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
