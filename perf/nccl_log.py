@@ -112,7 +112,7 @@ _CHAN_COLLNET = re.compile(r"^Coll(?:Net)? \d+(?:/\d+)? : \d+ \[(?:send|receive)
                            r"COLLNET/(?P<net>[^/\s]+)/\d+")
 _RING = re.compile(r"^Channel (?P<c>\d+)/(?P<n>\d+) :(?P<ranks>(?: +-?\d+)+) *$")
 _GRAPH = re.compile(r"^Pattern (?P<pattern>\d+), crossNic (?P<cross>\d+), nChannels (?P<nch>\d+)"
-                    r"(?:, (?:bw|speed) (?P<bwi>[\d.]+)/(?P<bwe>[\d.]+), type "
+                    r"(?:, (?:bw|speed) (?P<bwi>\d+(?:\.\d+)?)/(?P<bwe>\d+(?:\.\d+)?), type "
                     r"(?P<ti>\w+)/(?P<te>\w+))?")
 _CHANNELS = re.compile(r"(?P<coll>\d+) coll channels, (?:(?P<collnet>\d+) collnet channels, )?"
                        r"(?:(?P<nvls>\d+) nvls channels, )?(?P<p2p>\d+) p2p channels")

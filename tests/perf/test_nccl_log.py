@@ -657,6 +657,17 @@ def test_gdr_capable_hca_without_a_network_connection_is_not_gdr_used():
     assert r.gdr is True
 
 
+def test_garbled_graph_line_does_not_raise():
+    """Two ranks writing one stdout can splice a line; a bandwidth that is not a number is
+    not one, and the rest of the report stands."""
+    r = parse_logs("h:1:1 [0] NCCL INFO Pattern 4, crossNic 0, nChannels 16, bw 40.000000/"
+                   ".40.000000, type NVL/PIX, sameChannels 1\n"
+                   "h:1:1 [0] NCCL INFO Pattern 1, crossNic 0, nChannels 2, bw 1..25/2.5, type "
+                   "NVL/SYS, sameChannels 1")
+    assert [(g.name, g.n_channels, g.bw_intra) for g in r.graphs] == [("RING", 16, None),
+                                                                      ("BALANCED_TREE", 2, None)]
+
+
 def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, capsys):
     """perf.allreduce_sweep with --backend nccl: after a profile's tables, the path NCCL took
     (from its logs) and, at the end, the flags. The job is faked: the 'ranks' leave the captured
