@@ -50,7 +50,13 @@ from dsfm.data.pdebench_format import (
 )
 from dsfm.data.stats import RunningMoments
 from dsfm.data.well_format import BoundaryCondition, FieldLayout
-from dsfm.data.windows import WindowSource, assembly_plan, first_nonfinite, pdebench_source
+from dsfm.data.windows import (
+    WindowSource,
+    assembly_plan,
+    first_nonfinite,
+    offset_wide_blocks,
+    pdebench_source,
+)
 from dsfm.errors import ConfigError, EmptySplitError, NonFiniteError, SchemaError
 
 __all__ = ["BOUNDARY", "DATASET_NAMES", "FIELDS", "PDEBenchDataset", "PDEBenchFile",
@@ -103,6 +109,7 @@ class PDEBenchDataset(Dataset):
         self.len = len(self.source)
         self.norm = None
         self.shift = self.scale = None       # per channel: y = (x - shift) / scale
+        self._read_shift = None              # what is left of `shift` after the reads' offsets
         if use_normalization and normalization_type:
             stats_path = normalization_path or stats_file(path)
             cls = resolve_normalization(normalization_type)
@@ -111,6 +118,12 @@ class PDEBenchDataset(Dataset):
             layouts = [FieldLayout(n, 0, True, True, (True, True), (), (n,))
                        for n in FIELDS[self.kind]]
             self.shift, self.scale = self.norm.channel_vectors(layouts)
+            # an array stored as float64 in some file (a pressure of 1e5 varying by 0.01):
+            # its shift is subtracted in float64 as it is read, as for The Well
+            wide = [any(b.path.rsplit("/", 1)[-1] in pf.wide for pf in self.files)
+                    for b in self.source.blocks]
+            self.source.blocks = offset_wide_blocks(self.source.blocks, wide, self.shift)
+            self._read_shift = (self.shift - self.source.read_offsets).astype(np.float32)
         self._pool = H5Pool(max_open_files)
         self._grid_cache: dict[int, torch.Tensor] = {}
 
@@ -125,7 +138,7 @@ class PDEBenchDataset(Dataset):
         """One window, channel-last [T, H, W, C], normalized."""
         out = read_channels_last(self.source, self._pool, window, self.check_finite)
         if self.shift is not None:
-            np.subtract(out, self.shift, out=out)
+            np.subtract(out, self._read_shift, out=out)
             np.divide(out, self.scale, out=out)
         return out
 
@@ -179,14 +192,15 @@ class PDEBenchDataset(Dataset):
 
 
 def read_channels_last(source: WindowSource, pool: H5Pool, window: int,
-                       check_finite: bool = True) -> np.ndarray:
+                       check_finite: bool = True, dtype=np.float32) -> np.ndarray:
     """A window of a PDEBench source as [T, H, W, C]: its blocks (one hyperslab each) side by
-    side in channel order; NaN/Inf refused with file, array, trajectory and time."""
-    flat = np.empty(source.window_floats, np.float32)
+    side in channel order; NaN/Inf refused with file, array, trajectory and time. `dtype`
+    float64 keeps the values of arrays stored as float64 (statistics)."""
+    flat = np.empty(source.window_floats, dtype)
     source.read_batch(pool, [window], flat)
     if check_finite and not np.isfinite(flat).all():
         raise NonFiniteError(first_nonfinite(source, [window], flat))
-    out = np.empty((source.n_steps,) + source.spatial_shape + (source.n_channels,), np.float32)
+    out = np.empty((source.n_steps,) + source.spatial_shape + (source.n_channels,), dtype)
     for offset, k, shape, c0, c1 in assembly_plan(source, 1):
         out[..., c0:c1] = flat[offset:offset + k].reshape(shape[1:])
     return out
@@ -224,7 +238,10 @@ def write_pdebench_stats(path: str, split: str = "train", kind: str | None = Non
     names = FIELDS[ds.kind]
     mom, dmom = RunningMoments(len(names)), RunningMoments(len(names))
     for pf, trajectories in zip(ds.files, ds.trajectories):
-        frame_bytes = 4 * len(names) * pf.spatial_shape[0] * pf.spatial_shape[1]
+        # float64 arrays are read as float64: their values apart (1e5 ± 0.01) and their moments
+        dtype = np.float64 if pf.wide else np.float32
+        frame_bytes = np.dtype(dtype).itemsize * len(names) * pf.spatial_shape[0] * \
+            pf.spatial_shape[1]
         k = max(2, min(pf.n_steps, STATS_CHUNK_BYTES // frame_bytes))
         source = pdebench_source(ds.dataset_name, [pf], split, k, 0, 1, train_val_test,
                                  trajectories=[trajectories])
@@ -233,7 +250,8 @@ def write_pdebench_stats(path: str, split: str = "train", kind: str | None = Non
             done = 0                              # frames counted so far
             while done < pf.n_steps:
                 start = min(max(done - 1, 0), pf.n_steps - k)
-                x = read_channels_last(source, ds._pool, j * per_trajectory + start)
+                x = read_channels_last(source, ds._pool, j * per_trajectory + start,
+                                       dtype=dtype)
                 mom.update(x[done - start:])
                 dmom.update(np.diff(x[max(done - start - 1, 0):], axis=0))
                 done = start + k

@@ -54,6 +54,13 @@ class PDEBenchFile:
     spatial_shape: tuple[int, int]
     groups: list[str]              # trajectory groups (swe, diff_react)
     boundary: str
+    #: arrays (`data`, `velocity`, `Vx`, ...) stored in a type float32 cannot hold (float64):
+    #: their normalization's shift is subtracted in float64 as they are read (`Block.offset`)
+    wide: tuple[str, ...] = ()
+
+
+def _wide(dtype) -> bool:
+    return not np.can_cast(dtype, np.float32)
 
 
 def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = None
@@ -63,6 +70,7 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
         if kind not in FIELDS:
             raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
         groups: list[str] = []
+        wide: set[str] = set()
         if kind in ("swe", "diff_react"):
             groups = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
             shapes = set()
@@ -71,6 +79,8 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
                 if not isinstance(d, h5py.Dataset):
                     raise SchemaError(f"{path}: /{g}/data is missing")
                 shapes.add(d.shape)
+                if _wide(d.dtype):
+                    wide.add("data")
             if len(shapes) != 1:
                 raise SchemaError(f"{path}: trajectory groups disagree on data shape: "
                                   f"{sorted(shapes)}")
@@ -84,6 +94,7 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
                 if name not in f:
                     raise SchemaError(f"{path}: dataset '/{name}' is missing")
             n, t, h, w, c = f["velocity"].shape
+            wide.update(name for name in ("velocity", "particles") if _wide(f[name].dtype))
             if c != 2 or f["particles"].shape != (n, t, h, w, 1):
                 raise SchemaError(f"{path}: velocity {f['velocity'].shape} and particles "
                                   f"{f['particles'].shape} must be [N,T,H,W,2] and [N,T,H,W,1]")
@@ -93,6 +104,7 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
                 raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "
                                   f"shape, got {shapes}")
             n, t, h, w = shapes["Vx"]
+            wide.update(name for name in FIELDS[kind] if _wide(f[name].dtype))
         _check_coordinates(f, path, kind, groups, n, t, h, w)
     if boundary is None:
         boundary = BOUNDARY[kind]
@@ -101,7 +113,7 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
             boundary = "PERIODIC"
         elif kind == "comp_ns" and ("outgoing" in name or "trans" in name):
             boundary = "OPEN"
-    return PDEBenchFile(path, kind, n, t, (h, w), groups, boundary.upper())
+    return PDEBenchFile(path, kind, n, t, (h, w), groups, boundary.upper(), tuple(sorted(wide)))
 
 
 def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n: int, t: int,

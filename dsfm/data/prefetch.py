@@ -35,7 +35,7 @@ import tempfile
 import threading
 import time
 import weakref
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Any, Sequence
 
@@ -56,6 +56,7 @@ from dsfm.data.windows import (
     WindowSource,
     assembly_plan,
     first_nonfinite,
+    offset_wide_blocks,
     well_source,
 )
 from dsfm.errors import ConfigError, DataError, NonFiniteError
@@ -121,11 +122,9 @@ def _well_dataset(path: str, split: str, n_in: int, n_out: int, stride: int,
     shift, scale = ds.norm.channel_vectors(ds.layouts[0].variable_fields) if ds.norm \
         else (None, None)
     if shift is not None:       # a field stored as float64 in some file: the shift is
-        bounds = np.cumsum([0] + [b.n_channels for b in source.blocks])   # subtracted in
-        source.blocks = [                                           # float64 as it is read
-            replace(b, offset=tuple(map(float, shift[bounds[k]:bounds[k + 1]])))
-            if any(lay.variable_fields[k].wide for lay in ds.layouts) and
-            shift[bounds[k]:bounds[k + 1]].any() else b for k, b in enumerate(source.blocks)]
+        source.blocks = offset_wide_blocks(                 # subtracted in float64 as it is read
+            source.blocks, [any(lay.variable_fields[k].wide for lay in ds.layouts)
+                            for k in range(len(source.blocks))], shift)
     return source, codes, shift, scale
 
 

@@ -12,7 +12,7 @@ normalizes it there. Torch-free, so reader processes stay light.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
@@ -552,6 +552,16 @@ class WindowSource:
         table = None if rows is None else np.array(rows, np.int64)
         cache[(fi, group)] = (serial, table)
         return table
+
+
+def offset_wide_blocks(blocks: list[Block], wide: list[bool], shift: np.ndarray) -> list[Block]:
+    """`blocks` with their channels of the normalization's `shift` as `offset` where the array is
+    stored wider than float32 in some file (`wide`, per block) and the shift is not zero there:
+    the reads subtract it in float64, before the values become float32 (`Block.offset`)."""
+    bounds = np.cumsum([0] + [b.n_channels for b in blocks])
+    return [replace(b, offset=tuple(map(float, shift[bounds[k]:bounds[k + 1]])))
+            if w and shift[bounds[k]:bounds[k + 1]].any() else b
+            for k, (b, w) in enumerate(zip(blocks, wide))]
 
 
 def well_source(layouts: list[FileLayout], n_in: int, n_out: int,

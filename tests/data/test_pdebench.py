@@ -266,3 +266,69 @@ def test_a_wildcard_makes_each_matching_file_a_source(tmp_path):
         "2D_CFD_Rand_M0.1_periodic_32_Train.hdf5", "2D_CFD_Rand_M1.0_periodic_32_Train.hdf5"]
     with pytest.raises(ConfigError, match=r"\*_64_\*.hdf5 \(matches no file\)"):
         dataset_paths(str(tmp_path / "none"), [], [str(tmp_path / "*_64_*.hdf5")])
+
+
+def _pressure_cfd_file(path, pressure_dtype, rng, n=5, t=6, h=8, w=12):
+    """A 2D CFD file as PDEBench lays it out ([N, T, H, W] per variable, t-coordinate of T + 1
+    values), its pressure 1e5 varying by about 0.01 (Pa, say) stored as `pressure_dtype`:
+    float32 cannot hold such values apart. Returns the arrays as stored, in float64."""
+    arrays = {"Vx": rng.normal(0, 1, (n, t, h, w)), "Vy": rng.normal(0, 1, (n, t, h, w)),
+              "density": rng.normal(1, 0.1, (n, t, h, w)),
+              "pressure": 1e5 + 0.01 * rng.standard_normal((n, t, h, w))}
+    with h5py.File(path, "w") as f:
+        for name, a in arrays.items():
+            f.create_dataset(name, data=a.astype(pressure_dtype if name == "pressure"
+                                                 else np.float32))
+        f.create_dataset("t-coordinate", data=np.arange(t + 1, dtype=np.float32) * 0.05)
+        f.create_dataset("x-coordinate", data=np.linspace(0, 1, h, dtype=np.float32))
+        f.create_dataset("y-coordinate", data=np.linspace(0, 1, w, dtype=np.float32))
+        f.attrs["M"], f.attrs["eta"], f.attrs["zeta"] = 0.1, 0.01, 0.01
+        return {k: np.asarray(f[k], np.float64) for k in FIELDS["comp_ns"]}
+
+
+@pytest.mark.parametrize("assemble_on", ["readers", "device"])
+def test_a_float64_pressure_with_a_large_mean_keeps_its_values(tmp_path, assemble_on):
+    """PDEBench arrays stored as float64 were read as float32 before anything else: a pressure
+    of 1e5 ± 0.01 came out as a few distinct values, its statistics were those of the rounded
+    values (std 3% off) and its normalized windows off by 0.4 of a standard deviation. Now the
+    statistics are taken in float64 and the shift is subtracted in float64 as the array is read,
+    as for The Well: every normalized value is NumPy's float64 (x - shift) / scale within float32
+    rounding, in the drop-in reader and the loader, in a folder whose other file stores its
+    pressure as float32."""
+    import yaml
+
+    from dsfm.data import WellLoader
+    rng = np.random.default_rng(7)
+    folder = tmp_path / "2D_CFD_pressure"
+    folder.mkdir()
+    stored = [_pressure_cfd_file(folder / "a_periodic.hdf5", np.float64, rng),
+              _pressure_cfd_file(folder / "b_periodic.hdf5", np.float32, rng)]
+    stats = yaml.safe_load(open(write_pdebench_stats(str(folder))))
+    p = np.concatenate([s["pressure"][:4] for s in stored])     # train: ceil(0.8 · 5) each
+    d = np.diff(p, axis=1)
+    for key, want in (("mean", p.mean()), ("std", p.std()), ("std_delta", d.std())):
+        assert stats[key]["pressure"] == pytest.approx(want, rel=1e-9), key
+
+    ds = PDEBenchDataset(str(folder), "train", 2, 1, use_normalization=True,
+                         normalization_type="zscore")
+    shift, scale = ds.shift.astype(np.float64), ds.scale.astype(np.float64)
+
+    def truth(fi, traj, t0):
+        return (np.stack([stored[fi][k][traj, t0:t0 + 3] for k in FIELDS["comp_ns"]], -1)
+                - shift) / scale
+
+    for i in range(len(ds)):
+        fi, traj, t0 = ds.locate(i)
+        item = ds[i]
+        got = torch.cat([item["input_fields"], item["output_fields"]]).double().numpy()
+        np.testing.assert_allclose(got, truth(fi, traj, t0), rtol=0, atol=2e-6)
+        if fi == 0:                              # (file b's float32 pressure is itself coarse)
+            assert len(np.unique(got[..., 3])) == got[..., 3].size
+    with WellLoader([str(folder)], n_steps_input=2, batch_size=4, num_workers=1, seed=1,
+                    normalization="zscore", assemble_on=assemble_on) as loader:
+        source = loader.datasets[0].source
+        for _, batch in zip(range(6), loader):
+            for b, w in enumerate(batch.windows):
+                fi, traj, t0 = source.locate(int(w))
+                got = torch.cat([batch.x[b], batch.y[b]]).double().movedim(1, -1).numpy()
+                np.testing.assert_allclose(got, truth(fi, traj, t0), rtol=0, atol=2e-6)
