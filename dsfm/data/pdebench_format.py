@@ -14,7 +14,7 @@ import numpy as np
 
 from dsfm.data.index import SPLITS
 from dsfm.data.well_format import open_h5
-from dsfm.errors import ConfigError, SchemaError
+from dsfm.errors import ConfigError, CorruptFileError, SchemaError
 
 FIELDS = {
     "swe": ("h",),
@@ -27,16 +27,43 @@ DATASET_NAMES = {"swe": "pdebench_swe", "diff_react": "pdebench_diff_react",
 BOUNDARY = {"swe": "OPEN", "diff_react": "WALL", "incomp_ns": "WALL", "comp_ns": "PERIODIC"}
 
 
+#: what h5py raises for an object it cannot read (a damaged header or B-tree)
+_H5_ERRORS = (OSError, KeyError, RuntimeError)
+
+
+def _damaged(path: str, what: str, exc: Exception) -> CorruptFileError:
+    reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return CorruptFileError(f"{path}: {what} cannot be read ({reason.strip(chr(39))}); the file "
+                            "is damaged, regenerate or re-download it")
+
+
+def _member(parent: h5py.Group, name: str, path: str):
+    """parent[name], None if there is no such member; one that cannot be opened (a damaged
+    object header) is a CorruptFileError naming it, where h5py's get() would say None and a
+    trajectory would silently go missing."""
+    if name not in parent:
+        return None
+    try:
+        return parent[name]
+    except _H5_ERRORS as exc:
+        raise _damaged(path, f"{parent.name.rstrip('/')}/{name}", exc) from None
+
+
+def _groups(f: h5py.File, path: str) -> list[str]:
+    """The root's groups (PDEBench's one per trajectory), in name order."""
+    return sorted(k for k in f.keys() if isinstance(_member(f, k, path), h5py.Group))
+
+
 def detect_kind(f: h5py.File, path: str) -> str:
     keys = set(f.keys())
     if {"Vx", "Vy", "density", "pressure"} <= keys:
         return "comp_ns"
     if "velocity" in keys:
         return "incomp_ns"
-    groups = [k for k in keys if isinstance(f[k], h5py.Group)]
+    groups = _groups(f, path)
     if groups:
-        first = f[sorted(groups)[0]]
-        data = first.get("data")
+        first = f[groups[0]]
+        data = _member(first, "data", path)
         if isinstance(data, h5py.Dataset) and data.ndim == 4:
             channels = data.shape[-1]
             if channels in (1, 2):
@@ -66,46 +93,53 @@ def _wide(dtype) -> bool:
 def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = None
                      ) -> PDEBenchFile:
     with open_h5(path) as f:
-        kind = kind or detect_kind(f, path)
-        if kind not in FIELDS:
-            raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
-        groups: list[str] = []
-        wide: set[str] = set()
-        if kind in ("swe", "diff_react"):
-            groups = sorted(k for k in f.keys() if isinstance(f[k], h5py.Group))
-            shapes = set()
-            for g in groups:
-                d = f[g].get("data")
-                if not isinstance(d, h5py.Dataset):
-                    raise SchemaError(f"{path}: /{g}/data is missing")
-                shapes.add(d.shape)
-                if _wide(d.dtype):
-                    wide.add("data")
-            if len(shapes) != 1:
-                raise SchemaError(f"{path}: trajectory groups disagree on data shape: "
-                                  f"{sorted(shapes)}")
-            t, h, w, c = shapes.pop()
-            if c != len(FIELDS[kind]):
-                raise SchemaError(f"{path}: /{groups[0]}/data has {c} channels, {kind} has "
-                                  f"{len(FIELDS[kind])} ({', '.join(FIELDS[kind])})")
-            n = len(groups)
-        elif kind == "incomp_ns":
-            for name in ("velocity", "particles"):
-                if name not in f:
-                    raise SchemaError(f"{path}: dataset '/{name}' is missing")
-            n, t, h, w, c = f["velocity"].shape
-            wide.update(name for name in ("velocity", "particles") if _wide(f[name].dtype))
-            if c != 2 or f["particles"].shape != (n, t, h, w, 1):
-                raise SchemaError(f"{path}: velocity {f['velocity'].shape} and particles "
-                                  f"{f['particles'].shape} must be [N,T,H,W,2] and [N,T,H,W,1]")
-        else:
-            shapes = {name: f[name].shape for name in FIELDS[kind]}
-            if len(set(shapes.values())) != 1 or len(shapes["Vx"]) != 4:
-                raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "
-                                  f"shape, got {shapes}")
-            n, t, h, w = shapes["Vx"]
-            wide.update(name for name in FIELDS[kind] if _wide(f[name].dtype))
-        _check_coordinates(f, path, kind, groups, n, t, h, w)
+        try:
+            return _inspect(f, path, kind, boundary)
+        except _H5_ERRORS as exc:          # (a member is named where it is opened)
+            raise _damaged(path, "its layout", exc) from None
+
+
+def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) -> PDEBenchFile:
+    kind = kind or detect_kind(f, path)
+    if kind not in FIELDS:
+        raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
+    groups: list[str] = []
+    wide: set[str] = set()
+    if kind in ("swe", "diff_react"):
+        groups = _groups(f, path)
+        shapes = set()
+        for g in groups:
+            d = _member(f[g], "data", path)
+            if not isinstance(d, h5py.Dataset):
+                raise SchemaError(f"{path}: /{g}/data is missing")
+            shapes.add(d.shape)
+            if _wide(d.dtype):
+                wide.add("data")
+        if len(shapes) != 1:
+            raise SchemaError(f"{path}: trajectory groups disagree on data shape: "
+                              f"{sorted(shapes)}")
+        t, h, w, c = shapes.pop()
+        if c != len(FIELDS[kind]):
+            raise SchemaError(f"{path}: /{groups[0]}/data has {c} channels, {kind} has "
+                              f"{len(FIELDS[kind])} ({', '.join(FIELDS[kind])})")
+        n = len(groups)
+    elif kind == "incomp_ns":
+        for name in ("velocity", "particles"):
+            if name not in f:
+                raise SchemaError(f"{path}: dataset '/{name}' is missing")
+        n, t, h, w, c = f["velocity"].shape
+        wide.update(name for name in ("velocity", "particles") if _wide(f[name].dtype))
+        if c != 2 or f["particles"].shape != (n, t, h, w, 1):
+            raise SchemaError(f"{path}: velocity {f['velocity'].shape} and particles "
+                              f"{f['particles'].shape} must be [N,T,H,W,2] and [N,T,H,W,1]")
+    else:
+        shapes = {name: f[name].shape for name in FIELDS[kind]}
+        if len(set(shapes.values())) != 1 or len(shapes["Vx"]) != 4:
+            raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "
+                              f"shape, got {shapes}")
+        n, t, h, w = shapes["Vx"]
+        wide.update(name for name in FIELDS[kind] if _wide(f[name].dtype))
+    _check_coordinates(f, path, kind, groups, n, t, h, w)
     if boundary is None:
         boundary = BOUNDARY[kind]
         name = os.path.basename(path).lower()

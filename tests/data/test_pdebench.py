@@ -332,3 +332,23 @@ def test_a_float64_pressure_with_a_large_mean_keeps_its_values(tmp_path, assembl
                 fi, traj, t0 = source.locate(int(w))
                 got = torch.cat([batch.x[b], batch.y[b]]).double().movedim(1, -1).numpy()
                 np.testing.assert_allclose(got, truth(fi, traj, t0), rtol=0, atol=2e-6)
+
+
+def test_a_damaged_trajectory_group_is_named(tmp_path):
+    """A shallow-water file (one group per trajectory) whose group 0002 has a damaged object
+    header: opening the source used to end in h5py's KeyError traceback (and h5py's get() would
+    have skipped the trajectory silently); now one line names the file and the group."""
+    from dsfm.errors import CorruptFileError
+    path = tmp_path / "2D_rdb_NA_NA.h5"
+    with h5py.File(path, "w") as f:
+        for i in range(4):
+            f.create_dataset(f"{i:04d}/data", data=np.zeros((5, 8, 8, 1), np.float32))
+    with h5py.File(path) as f:
+        header = h5py.h5o.get_info(f["0002"].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(header)
+        fh.write(b"\xff" * 16)
+    with pytest.raises(CorruptFileError) as err:
+        PDEBenchDataset(str(path))
+    assert str(err.value).startswith(f"{path}: /0002 cannot be read (")
+    assert "damaged" in str(err.value) and "\n" not in str(err.value)
