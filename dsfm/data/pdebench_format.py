@@ -54,6 +54,28 @@ def _groups(f: h5py.File, path: str) -> list[str]:
     return sorted(k for k in f.keys() if isinstance(_member(f, k, path), h5py.Group))
 
 
+def unsupported(f: h5py.File, path: str) -> str | None:
+    """What a PDEBench file dsfm does not read holds (1D, 3D, steady-state), if it is one."""
+    keys = set(f.keys())
+    vx = _member(f, "Vx", path)
+    if "Vz" in keys or (isinstance(vx, h5py.Dataset) and vx.ndim == 5):
+        return "3D compressible NS (Vx, Vy, Vz, density, pressure [N, T, X, Y, Z])"
+    if {"Vx", "density", "pressure"} <= keys and "Vy" not in keys:
+        return "1D compressible NS (Vx, density, pressure [N, T, X])"
+    tensor = _member(f, "tensor", path)
+    if isinstance(tensor, h5py.Dataset) and "x-coordinate" in keys:
+        if tensor.ndim == 3:
+            return "a 1D equation (tensor [N, T, X]: advection, Burgers, reaction-diffusion)"
+        if "nu" in keys:
+            return "a 2D steady state (tensor [N, 1, H, W] and nu: Darcy flow)"
+    first = next((k for k in sorted(keys) if isinstance(_member(f, k, path), h5py.Group)), None)
+    data = None if first is None else _member(f[first], "data", path)
+    if isinstance(data, h5py.Dataset) and data.ndim in (3, 5):
+        return (f"a {data.ndim - 2}D equation (one group per trajectory, /{first}/data "
+                f"{list(data.shape)})")
+    return None
+
+
 def detect_kind(f: h5py.File, path: str) -> str:
     keys = set(f.keys())
     if {"Vx", "Vy", "density", "pressure"} <= keys:
@@ -100,6 +122,10 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
 
 
 def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) -> PDEBenchFile:
+    other = unsupported(f, path)
+    if other:
+        raise SchemaError(f"{path}: holds {other}, which dsfm does not read: it reads "
+                          f"PDEBench's 2D time series ({', '.join(FIELDS)})")
     kind = kind or detect_kind(f, path)
     if kind not in FIELDS:
         raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")

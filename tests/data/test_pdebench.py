@@ -352,3 +352,24 @@ def test_a_damaged_trajectory_group_is_named(tmp_path):
         PDEBenchDataset(str(path))
     assert str(err.value).startswith(f"{path}: /0002 cannot be read (")
     assert "damaged" in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("dims", [1, 3])
+def test_1d_and_3d_cfd_files_are_refused_as_such(tmp_path, dims):
+    """PDEBench's 1D and 3D compressible NS files (Vx, density, pressure [N, T, X]; with Vy,
+    Vz [N, T, X, Y, Z]) sit beside the 2D ones: the 3D one used to be refused as a 2D file whose
+    arrays 'must share one [N,T,H,W] shape' (they do share one), the 1D one as 'not a PDEBench
+    2D layout'. One line now says what the file holds and what dsfm reads."""
+    names = ["density", "pressure", "Vx"] + ["Vy", "Vz"][:dims - 1]
+    path = tmp_path / f"{dims}D_CFD_Rand_Eta0.01_Zeta0.01_periodic_Train.hdf5"
+    with h5py.File(path, "w") as f:
+        for name in names:
+            f.create_dataset(name, data=np.ones((2, 5) + (4,) * dims, np.float32))
+        for axis in "xyz"[:dims]:
+            f.create_dataset(f"{axis}-coordinate", data=np.arange(4, dtype=np.float32))
+        f.create_dataset("t-coordinate", data=np.arange(6, dtype=np.float32))
+    for kind in (None, "comp_ns"):
+        with pytest.raises(SchemaError) as err:
+            PDEBenchDataset(str(path), kind=kind)
+        assert str(err.value).startswith(f"{path}: holds {dims}D compressible NS (")
+        assert "dsfm does not read: it reads PDEBench's 2D time series" in str(err.value)
