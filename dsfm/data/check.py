@@ -2,6 +2,8 @@
 
 PATH may be an HDF5 file, a directory of HDF5 files, a dataset directory
 (`<dataset>/data/{train,valid,test}/*.hdf5` and `<dataset>/stats.yaml`) or a directory of datasets.
+A file in none of The Well's layout and in one of PDEBench's is checked as PDEBenchDataset reads
+it (`check_pdebench_file`), a directory of them as one source.
 Prints one line per problem, naming the file, the group or dataset, and what is wrong, and exits
 1 if there was any; exits 0 when everything is valid. On stderr it also says how the training
 loader will read the time-varying fields: with positioned reads of the file (contiguous, native
@@ -21,37 +23,58 @@ import yaml
 from dsfm.data import native
 from dsfm.data.handles import why_not_direct
 from dsfm.data.index import SPLITS, list_hdf5
+from dsfm.data.pdebench_format import (
+    FIELDS,
+    PDEBenchFile,
+    detect_kind,
+    inspect_pdebench,
+    stats_file,
+    unsupported,
+)
 from dsfm.data.stats import time_blocks
-from dsfm.data.well_format import FileLayout, inspect_file, layout_mismatch, open_h5
-from dsfm.errors import CorruptFileError
+from dsfm.data.well_format import (
+    GROUPS,
+    ROOT_ATTRS,
+    FieldLayout,
+    FileLayout,
+    inspect_file,
+    layout_mismatch,
+    open_h5,
+)
+from dsfm.errors import ConfigError, CorruptFileError, DataError
+
+
+def _count_nonfinite(dset, lead: tuple, time_varying: bool):
+    """(how many, (index of the first, "NaN" or "Inf") or None) of dset[lead] (one trajectory
+    of an array, or all of it), read a few time steps at a time (`stats.time_blocks`)."""
+    if time_varying:
+        frame = int(np.prod(dset.shape[len(lead) + 1:], dtype=np.int64))
+        blocks = [lead + (slice(a, b),) for a, b in time_blocks(dset.shape[len(lead)], frame)]
+    else:
+        blocks = [lead if lead else ()]
+    count, first = 0, None
+    for block in blocks:
+        x = np.asarray(dset[block])
+        bad = ~np.isfinite(x)
+        n = int(bad.sum())
+        if n and first is None:
+            idx = np.argwhere(bad)[0]
+            kind = "NaN" if np.isnan(x[tuple(idx)]) else "Inf"
+            if time_varying:
+                idx[0] += block[-1].start
+            first = (idx, kind)
+        count += n
+    return count, first
 
 
 def _scan_finite(f, lay: FileLayout) -> list[str]:
-    """The first non-finite value of each field, if any, and how many its trajectory holds; a
-    trajectory is read a few time steps at a time (`stats.time_blocks`)."""
+    """The first non-finite value of each field, if any, and how many its trajectory holds."""
     problems = []
     for fl in lay.fields:
         dset = f[fl.path]
         for i in range(lay.n_trajectories) if fl.sample_varying else [None]:
             lead = () if i is None else (i,)
-            if fl.time_varying:
-                frame = int(np.prod(dset.shape[len(lead) + 1:], dtype=np.int64))
-                blocks = [lead + (slice(a, b),) for a, b in
-                          time_blocks(dset.shape[len(lead)], frame)]
-            else:
-                blocks = [lead if lead else ()]
-            count, first = 0, None
-            for block in blocks:
-                x = np.asarray(dset[block])
-                bad = ~np.isfinite(x)
-                n = int(bad.sum())
-                if n and first is None:
-                    idx = np.argwhere(bad)[0]
-                    kind = "NaN" if np.isnan(x[tuple(idx)]) else "Inf"
-                    if fl.time_varying:
-                        idx[0] += block[-1].start
-                    first = (idx, kind)
-                count += n
+            count, first = _count_nonfinite(dset, lead, fl.time_varying)
             if first is not None:
                 idx, kind = first
                 where = [f"trajectory {i}"] if i is not None else []
@@ -67,14 +90,71 @@ def _scan_finite(f, lay: FileLayout) -> list[str]:
 READ_PATHS: list[tuple[str, str, str | None]] = []
 
 
-def check_file(path: str, scan_data: bool = True) -> tuple[FileLayout | None, list[str]]:
-    """Problems of one file (schema, and NaN/Inf unless scan_data is False)."""
+def _pdebench_arrays(f, pf: PDEBenchFile):
+    """(array, trajectory, dataset, index of the trajectory in it) of each trajectory of each
+    time-varying array of a PDEBench file."""
+    if pf.groups:
+        for i, g in enumerate(pf.groups):
+            yield f"{g}/data", i, f[g]["data"], ()
+        return
+    for name in ("velocity", "particles") if pf.kind == "incomp_ns" else FIELDS[pf.kind]:
+        for i in range(pf.n_trajectories):
+            yield name, i, f[name], (i,)
+
+
+def is_pdebench(f, path: str) -> bool:
+    """Whether a file is in none of The Well's layout and in one of PDEBench's (read or not)."""
+    if any(a in f.attrs for a in ROOT_ATTRS) or any(g in f for g in GROUPS):
+        return False
+    try:
+        if unsupported(f, path):
+            return True
+        detect_kind(f, path)
+    except CorruptFileError:
+        return True             # a damaged member of a file in no Well layout: said as such
+    except DataError:
+        return False
+    return True
+
+
+def check_pdebench_file(f, path: str, scan_data: bool = True
+                        ) -> tuple[PDEBenchFile | None, list[str]]:
+    """Problems of a PDEBench file, as PDEBenchDataset sees them (layout, coordinates), and
+    NaN/Inf (unless scan_data is False), the first per array with its trajectory and time."""
+    try:
+        pf = inspect_pdebench(path)
+    except (DataError, ConfigError) as exc:
+        return None, [str(exc)]
+    problems: dict[str, str] = {}               # per array, its first trajectory with NaN/Inf
+    for name, i, dset, lead in _pdebench_arrays(f, pf):
+        if lead in ((), (0,)):
+            READ_PATHS.append((path, name, why_not_direct(dset)))
+        if not scan_data or name in problems:
+            continue
+        try:
+            count, first = _count_nonfinite(dset, lead, True)
+        except (OSError, KeyError, RuntimeError) as exc:
+            problems[name] = (f"{path}: /{name}: reading trajectory {i} failed "
+                              f"({str(exc).splitlines()[0]}); the file is damaged")
+            continue
+        if first is not None:
+            problems[name] = (f"{path}: /{name}: {count} non-finite values, first {first[1]} at "
+                              f"trajectory {i}, time index {int(first[0][0])}")
+    return pf, list(problems.values())
+
+
+def check_file(path: str, scan_data: bool = True
+               ) -> tuple[FileLayout | PDEBenchFile | None, list[str]]:
+    """Problems of one file (schema, and NaN/Inf unless scan_data is False): a Well file, or a
+    PDEBench one (`check_pdebench_file`)."""
     try:
         f = open_h5(path)
     except (CorruptFileError, FileNotFoundError) as exc:
         return None, [str(exc) if isinstance(exc, CorruptFileError) else f"{path}: not found"]
     with f:
         try:
+            if is_pdebench(f, path):
+                return check_pdebench_file(f, path, scan_data)
             layout, problems = inspect_file(f, path)
             if layout is not None and scan_data and not problems:
                 problems += _scan_finite(f, layout)
@@ -86,7 +166,16 @@ def check_file(path: str, scan_data: bool = True) -> tuple[FileLayout | None, li
     return layout, problems
 
 
-def _check_consistency(layouts: list[FileLayout]) -> list[str]:
+def _check_consistency(layouts: list) -> list[str]:
+    """Well files of one dataset must agree on their layout, and a folder holds one format
+    (`_check_pdebench_folder` for PDEBench files)."""
+    pdebench = [lay for lay in layouts if isinstance(lay, PDEBenchFile)]
+    if pdebench and len(pdebench) < len(layouts):
+        well = next(lay for lay in layouts if not isinstance(lay, PDEBenchFile))
+        return [f"{pdebench[0].path}: a PDEBench file beside The Well's {well.path}: a folder "
+                "is one dataset, of one format"]
+    if pdebench:
+        return []
     problems = []
     first = layouts[0]
     for lay in layouts[1:]:
@@ -95,11 +184,45 @@ def _check_consistency(layouts: list[FileLayout]) -> list[str]:
     return problems
 
 
+def _check_pdebench_folder(path: str, files: list[PDEBenchFile]) -> list[str]:
+    """A folder of PDEBench files is one source, with its stats.yaml, when they agree on layout
+    and grid; files that do not (PDEBench's 2D_Train_Rand holds CFD at 128² and 512²) can only
+    be sources of their own (a wildcard per grid in data.pdebench), each with its
+    <stem>.stats.yaml: said on stderr, as is a missing statistics file."""
+    first = files[0]
+    other = next((pf for pf in files if (pf.kind, pf.spatial_shape) !=
+                  (first.kind, first.spatial_shape)), None)
+    if other is None and (os.path.isfile(stats_file(path)) or
+                          not all(os.path.isfile(stats_file(pf.path)) for pf in files)):
+        return _pdebench_stats(path, first)
+    if other is not None:
+        print(f"note: {path}: {first.kind} at {first.spatial_shape} "
+              f"({os.path.basename(first.path)}) and {other.kind} at {other.spatial_shape} "
+              f"({os.path.basename(other.path)}): not one source; each file can be one (a "
+              "wildcard per grid in data.pdebench)", file=sys.stderr)
+    return [line for pf in files for line in _pdebench_stats(pf.path, pf)]
+
+
+def _pdebench_stats(source: str, pf: PDEBenchFile) -> list[str]:
+    """A PDEBench source's statistics file, if it has one (normalization needs it)."""
+    path = stats_file(source)
+    if not os.path.isfile(path):
+        print(f"note: {path}: missing; normalization needs it (dsfm.data.pdebench."
+              f"write_pdebench_stats({source!r}))", file=sys.stderr)
+        return []
+    fields = [FieldLayout(n, 0, True, True, (True, True), (), (n,)) for n in FIELDS[pf.kind]]
+    return _check_stats_fields(path, fields, 2)
+
+
 def check_stats(path: str, layout: FileLayout) -> list[str]:
     """stats.yaml must hold mean/std/rms for every field and *_delta for time-varying ones,
     each a number, a D-list or a D×D list as the tensor order says."""
     if not os.path.isfile(path):
         return [f"{path}: missing (normalization needs mean, std, rms and *_delta per field)"]
+    return _check_stats_fields(path, layout.fields, layout.n_spatial_dims)
+
+
+def _check_stats_fields(path: str, fields: list[FieldLayout], n_spatial_dims: int) -> list[str]:
     try:
         with open(path) as fh:
             stats = yaml.safe_load(fh)
@@ -113,7 +236,7 @@ def check_stats(path: str, layout: FileLayout) -> list[str]:
         if not isinstance(table, dict):
             problems.append(f"{path}: key '{key}' is missing")
             continue
-        for fl in layout.fields:
+        for fl in fields:
             if key.endswith("_delta") and not fl.time_varying:
                 continue
             if fl.name not in table:
@@ -124,7 +247,7 @@ def check_stats(path: str, layout: FileLayout) -> list[str]:
             except (TypeError, ValueError):
                 problems.append(f"{path}: '{key}.{fl.name}' is not numeric")
                 continue
-            want = (layout.n_spatial_dims,) * fl.order
+            want = (n_spatial_dims,) * fl.order
             if value.shape != want:
                 problems.append(f"{path}: '{key}.{fl.name}' has shape {list(value.shape)}, "
                                 f"expected {list(want)} for a t{fl.order} field")
@@ -149,6 +272,8 @@ def check_directory(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
                 layouts.append(lay)
         if layouts:
             problems += _check_consistency(layouts)
+            if all(isinstance(lay, PDEBenchFile) for lay in layouts) and not problems:
+                problems += _check_pdebench_folder(path, layouts)
         return len(files), problems
     subs = sorted(d for d in os.listdir(path) if not d.startswith(".")    # .<name>.partial-PID
                   and os.path.isdir(os.path.join(path, d, "data")))
@@ -202,7 +327,10 @@ def main(argv: list[str] | None = None) -> int:
         if os.path.isdir(path):
             k, probs = check_directory(path, not args.no_data)
         elif os.path.exists(path):
-            k, probs = 1, check_file(path, not args.no_data)[1]
+            lay, probs = check_file(path, not args.no_data)
+            if isinstance(lay, PDEBenchFile) and not probs:
+                probs = _pdebench_stats(path, lay)
+            k = 1
         else:
             k, probs = 0, [f"{path}: no such file or directory"]
         n_files += k

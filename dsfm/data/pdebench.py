@@ -46,6 +46,7 @@ from dsfm.data.pdebench_format import (
     detect_kind,
     inspect_pdebench,
     split_trajectories,
+    stats_file,
     write_pdebench,
 )
 from dsfm.data.stats import RunningMoments
@@ -212,14 +213,6 @@ def source_name(path: str, kind: str) -> str:
     if os.path.isfile(path):
         base = os.path.splitext(base)[0]
     return f"{DATASET_NAMES[kind]}-{base}"
-
-
-def stats_file(path: str) -> str:
-    """Where a source's statistics live: stats.yaml in a directory, <stem>.stats.yaml beside a
-    file (files of one folder are often separate sources: they must not share one)."""
-    if os.path.isdir(path):
-        return os.path.join(path, "stats.yaml")
-    return os.path.splitext(path)[0] + ".stats.yaml"
 
 
 #: frames read at once when computing statistics (a real incompressible-NS trajectory is

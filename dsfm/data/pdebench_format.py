@@ -207,6 +207,14 @@ def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n:
                           "order than PDEBench's [N, T, H, W]?)")
 
 
+def stats_file(path: str) -> str:
+    """Where a source's statistics live: stats.yaml in a directory, <stem>.stats.yaml beside a
+    file (files of one folder are often separate sources: they must not share one)."""
+    if os.path.isdir(path):
+        return os.path.join(path, "stats.yaml")
+    return os.path.splitext(path)[0] + ".stats.yaml"
+
+
 def split_trajectories(n: int, split: str, fractions=(0.8, 0.1, 0.1)) -> range:
     """Trajectories of one split: ceil(fraction·n) for train and valid, the rest for test."""
     counts = [math.ceil(fractions[0] * n), math.ceil(fractions[1] * n)]

@@ -373,3 +373,58 @@ def test_1d_and_3d_cfd_files_are_refused_as_such(tmp_path, dims):
             PDEBenchDataset(str(path), kind=kind)
         assert str(err.value).startswith(f"{path}: holds {dims}D compressible NS (")
         assert "dsfm does not read: it reads PDEBench's 2D time series" in str(err.value)
+
+
+def test_the_checker_checks_pdebench_files_as_pdebench(tmp_path, capsys):
+    """`python -m dsfm.data.check` on PDEBench files used to list eleven Well-format problems
+    per file (root attributes, groups), valid or not. It now checks them as PDEBenchDataset
+    reads them: a valid folder passes; NaN is named with file, array, trajectory and time; a
+    damaged or a 3D file takes one line. A file of another grid in the folder is said on stderr:
+    such a folder (PDEBench's 2D_Train_Rand) is read as one source per file, each with its own
+    statistics, which are then checked."""
+    from dsfm.data.check import main
+    rng = np.random.default_rng(8)
+    folder = tmp_path / "cfd"
+    folder.mkdir()
+    for name in ("a_periodic.hdf5", "b_periodic.hdf5"):
+        _pressure_cfd_file(folder / name, np.float32, rng)
+    assert main([str(folder)]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "checked 2 file(s): valid" in err
+    assert "stats.yaml: missing; normalization needs it" in err         # a note, not a problem
+    with h5py.File(folder / "b_periodic.hdf5", "r+") as f:
+        f["density"][3, 4, 1, 2] = np.nan
+    assert main([str(folder)]) == 1
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [f"{folder}/b_periodic.hdf5: /density: 1 non-finite values, "
+                                "first NaN at trajectory 3, time index 4"]
+    with h5py.File(folder / "b_periodic.hdf5", "r+") as f:
+        f["density"][3, 4, 1, 2] = 1.0
+    _pressure_cfd_file(folder / "c_periodic.hdf5", np.float32, rng, h=16, w=16)
+    for name in ("a_periodic", "b_periodic", "c_periodic"):
+        write_pdebench_stats(str(folder / f"{name}.hdf5"))
+    with open(folder / "c_periodic.stats.yaml", "a") as fh:
+        fh.write("mean_delta: []\n")
+    assert main([str(folder)]) == 1
+    out, err = capsys.readouterr()
+    assert out.splitlines() == [f"{folder}/c_periodic.stats.yaml: key 'mean_delta' is missing"]
+    assert f"note: {folder}: comp_ns at (8, 12) (a_periodic.hdf5) and comp_ns at (16, 16) " \
+        "(c_periodic.hdf5): not one source" in err
+    cube = tmp_path / "3D_CFD_Rand_periodic_Train.hdf5"
+    with h5py.File(cube, "w") as f:
+        for name in ("density", "pressure", "Vx", "Vy", "Vz"):
+            f.create_dataset(name, data=np.ones((2, 3, 4, 4, 4), np.float32))
+    swe = tmp_path / "2D_rdb_NA_NA.h5"
+    with h5py.File(swe, "w") as f:
+        for i in range(3):
+            f.create_dataset(f"{i:04d}/data", data=np.zeros((5, 8, 8, 1), np.float32))
+    with h5py.File(swe) as f:
+        header = h5py.h5o.get_info(f["0001"].id).addr
+    with open(swe, "r+b") as fh:
+        fh.seek(header)
+        fh.write(b"\xff" * 16)
+    assert main([str(cube), str(swe)]) == 1
+    out, _ = capsys.readouterr()
+    lines = out.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{cube}: holds 3D compressible NS")
+    assert lines[1].startswith(f"{swe}: /0001 cannot be read")
