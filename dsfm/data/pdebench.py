@@ -144,26 +144,32 @@ class PDEBenchDataset(Dataset):
         return out
 
     def _grids(self, f: h5py.File, pf: PDEBenchFile, fi: int, traj: int, tsel: slice):
+        """Space grid [H, W, 2] and the window's times from 0: the file's coordinates, each one
+        it lacks (they are optional, as `inspect_pdebench` checks them) cell centres on [0, 1]
+        or step numbers."""
+        def stored(obj, name: str):
+            return np.asarray(obj[name]) if obj is not None and name in obj else None
+
         if fi not in self._grid_cache:
             h, w = pf.spatial_shape
             if pf.kind in ("swe", "diff_react"):
                 g = f[pf.groups[0]].get("grid")
-                x, y = (np.asarray(g["x"]), np.asarray(g["y"])) if g is not None else (None, None)
+                x, y = stored(g, "x"), stored(g, "y")
             elif pf.kind == "comp_ns":
-                x, y = np.asarray(f["x-coordinate"]), np.asarray(f["y-coordinate"])
+                x, y = stored(f, "x-coordinate"), stored(f, "y-coordinate")
             else:
                 x = y = None
-            if x is None:
-                x, y = (np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w
+            x = (np.arange(h) + 0.5) / h if x is None else x
+            y = (np.arange(w) + 0.5) / w if y is None else y
             coords = [torch.as_tensor(np.asarray(c, dtype=np.float32)) for c in (x, y)]
             self._grid_cache[fi] = torch.stack(torch.meshgrid(*coords, indexing="ij"), -1)
         if pf.kind in ("swe", "diff_react"):
-            t = np.asarray(f[pf.groups[traj]]["grid"]["t"]) if "grid" in f[pf.groups[traj]] \
-                else np.arange(pf.n_steps, dtype=np.float32)
+            t = stored(f[pf.groups[traj]].get("grid"), "t")
         elif pf.kind == "incomp_ns":
-            t = np.asarray(f["t"][traj]) if "t" in f else np.arange(pf.n_steps, dtype=np.float32)
+            t = np.asarray(f["t"][traj]) if "t" in f else None
         else:
-            t = np.asarray(f["t-coordinate"])[:pf.n_steps]
+            t = stored(f, "t-coordinate")
+        t = np.arange(pf.n_steps) if t is None else t[:pf.n_steps]
         t = torch.as_tensor(np.asarray(t, dtype=np.float32)[tsel])
         return self._grid_cache[fi], t - t.min()
 

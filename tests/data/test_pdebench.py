@@ -428,3 +428,28 @@ def test_the_checker_checks_pdebench_files_as_pdebench(tmp_path, capsys):
     lines = out.splitlines()
     assert len(lines) == 2 and lines[0].startswith(f"{cube}: holds 3D compressible NS")
     assert lines[1].startswith(f"{swe}: /0001 cannot be read")
+
+
+@pytest.mark.parametrize("kind", ["swe", "comp_ns"])
+def test_files_without_coordinates_get_default_grids(tmp_path, kind):
+    """Coordinates are optional (the layout check skips those a file lacks), but an item of a
+    shallow-water file whose grid held only t, or of a CFD file with no coordinates, ended in
+    h5py's KeyError traceback. Each missing coordinate is now cell centres on
+    [0, 1] (space) or step numbers (time); the stored ones are used as they are."""
+    h, w, t = 4, 6, 5
+    path = tmp_path / {"swe": "2D_rdb_NA_NA.h5", "comp_ns": "2D_CFD_Rand_periodic_Train.hdf5"}[kind]
+    with h5py.File(path, "w") as f:
+        if kind == "swe":
+            for i in range(3):
+                f.create_dataset(f"{i:04d}/data", data=np.ones((t, h, w, 1), np.float32))
+                f.create_dataset(f"{i:04d}/grid/t", data=0.5 * np.arange(t, dtype=np.float32))
+        else:
+            for name in FIELDS[kind]:
+                f.create_dataset(name, data=np.ones((3, t, h, w), np.float32))
+    item = PDEBenchDataset(str(path), "train", 2, 1)[1]
+    centres = np.stack(np.meshgrid((np.arange(h) + 0.5) / h, (np.arange(w) + 0.5) / w,
+                                   indexing="ij"), -1)
+    np.testing.assert_allclose(item["space_grid"].numpy(), centres, rtol=1e-6)
+    step = 0.5 if kind == "swe" else 1.0                       # stored t, or step numbers
+    assert item["input_time_grid"].tolist() == [0.0, step]
+    assert item["output_time_grid"].tolist() == [2 * step]
