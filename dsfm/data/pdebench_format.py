@@ -199,9 +199,11 @@ def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n:
         got_t = length("t", grid)
         if got_t is not None and got_t != t:
             problems.append(f"/{groups[0]}/grid/t has {got_t} values, data {t} steps")
-        xy = sorted(v for v in (length("x", grid), length("y", grid)) if v is not None)
-        if xy and not set(xy) <= {h, w}:
-            problems.append(f"/{groups[0]}/grid x and y have {xy} values, data is {h}x{w}")
+        for name, want in (("x", h), ("y", w)):    # data [T, X, Y, C], as PDEBench writes it
+            got = length(name, grid)
+            if got is not None and got != want:
+                problems.append(f"/{groups[0]}/grid/{name} has {got} values, the data's axis "
+                                f"{want}")
     if problems:
         raise SchemaError(f"{path}: {'; '.join(problems)} (is an array stored in another axis "
                           "order than PDEBench's [N, T, H, W]?)")

@@ -453,3 +453,17 @@ def test_files_without_coordinates_get_default_grids(tmp_path, kind):
     step = 0.5 if kind == "swe" else 1.0                       # stored t, or step numbers
     assert item["input_time_grid"].tolist() == [0.0, step]
     assert item["output_time_grid"].tolist() == [2 * step]
+
+
+def test_a_grid_that_does_not_fit_its_data_axes_is_refused(tmp_path):
+    """Shallow water and diffusion-reaction store data [T, X, Y, C] beside grid/x [X] and
+    grid/y [Y]. The check took x and y as a set within {X, Y}: on a 4 × 6 grid, x and y of 4
+    values each passed, and items came with a 4 × 4 space grid beside 4 × 6 fields."""
+    path = tmp_path / "2D_diff-react_NA_NA.h5"
+    with h5py.File(path, "w") as f:
+        for i in range(3):
+            f.create_dataset(f"{i:04d}/data", data=np.ones((5, 4, 6, 2), np.float32))
+            for axis, n in (("x", 4), ("y", 4), ("t", 5)):
+                f.create_dataset(f"{i:04d}/grid/{axis}", data=np.arange(n, dtype=np.float32))
+    with pytest.raises(SchemaError, match="/0000/grid/y has 4 values, the data's axis 6"):
+        PDEBenchDataset(str(path))
