@@ -30,8 +30,9 @@ class RunMonitor:
             self.samplers.append(GpuSampler(device=device.index, interval_s=interval_s,
                                             notice=notice))
         elif gpu:
-            notice("GPU metrics unavailable: training on CPU; logging system/ metrics "
-                   "(psutil) in the same dashboards")
+            notice("GPU metrics unavailable: training on CPU; " + (
+                "logging system/ metrics (psutil) in the same dashboards" if system else
+                "system/ metrics are off too (monitor.system=false)"))
         if system:
             from dsfm.monitor.system import SystemSampler
             self.samplers.append(SystemSampler(interval_s=interval_s))

@@ -136,3 +136,22 @@ def test_rates_and_step_times_leave_out_evaluation_and_flop_counting():
         monitor.close()
     assert out["time/step_ms"] < 20
     assert 2 / out["perf/samples_per_sec"] < wall - 0.45
+
+
+@pytest.mark.parametrize("system", [True, False])
+def test_cpu_notice_says_system_metrics_only_when_they_are_sampled(system):
+    """On CPU the GPU notice named system/ metrics as logged even with monitor.system=false,
+    when none are sampled."""
+    from dsfm.monitor.session import RunMonitor
+
+    notices = []
+    monitor = RunMonitor(AViTConfig(3, 48, 3, 2, drop_path=0.0), torch.device("cpu"),
+                         interval_s=0.05, gpu=True, system=system, notice=notices.append)
+    try:
+        time.sleep(0.2)
+        sampled = any(k.startswith("system/") for k in monitor.collect())
+    finally:
+        monitor.close()
+    assert len(notices) == 1 and notices[0].startswith("GPU metrics unavailable")
+    assert sampled == system
+    assert ("logging system/ metrics" in notices[0]) == system
