@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--out", help="file to write (default: hostfile-<SLURM_JOB_ID> in the "
                                       "current directory)")
     parser.add_argument("--slots", type=int, help="slots (GPUs) per node (default: "
-                        "SLURM_GPUS_ON_NODE, SLURM_NTASKS_PER_NODE or SLURM_GPUS_PER_NODE, else "
+                        "the first set of SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE and "
+                        "SLURM_NTASKS_PER_NODE, else "
                         f"{DEFAULT_SLOTS})")
     args = parser.parse_args(argv)
 
