@@ -2,10 +2,11 @@
 
 Samples every local GPU (tags `gpu0/…`, `gpu1/…` by NVML index) and the host (`system/…`) into
 TensorBoard, step = sample index, wall time real, until SIGINT/SIGTERM or `--duration` seconds;
-exits 0 either way. Use it beside jobs that do not log themselves, or to watch a whole node. A
-custom_scalars layout written at start puts each GPU metric of all GPUs in one chart ("GPU") and
-the host metrics in "System". Without NVML it still logs system/ and says once why GPU metrics
-are missing.
+exits 0 either way. Started again into the same `--logdir`, it counts on after the last step
+its tags already have there. Use it beside jobs that do not log themselves, or to watch a whole
+node. A custom_scalars layout written at start puts each GPU metric of all GPUs in one chart
+("GPU") and the host metrics in "System". Without NVML it still logs system/ and says once why
+GPU metrics are missing.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import signal
 import sys
 import time
 
+from dsfm.monitor.events import last_step
 from dsfm.monitor.nvml import GPU_KEYS, GpuSampler, all_local_gpus, nvml_problem
 from dsfm.monitor.system import SystemSampler
 
+# the tags this monitor writes (regular expression): where a second start counts on from
+OWN_TAGS = r"(system|gpu\d+)/"
 SYSTEM_CHARTS = {
     "CPU % (machine, this monitor)": ["system/cpu_pct", "system/process_cpu_pct"],
     "Memory GiB": ["system/mem_used_gib", "system/rss_gib"],
@@ -98,12 +102,15 @@ def main(argv: list[str] | None = None) -> int:
               "logging system/ only", flush=True)
     samplers = [(i, GpuSampler(nvml_index=i, interval_s=args.interval)) for i in gpus]
     system = SystemSampler(interval_s=args.interval)
+    before = last_step(args.logdir, OWN_TAGS)
+    step = 0 if before is None else before + 1
     writer = SummaryWriter(args.logdir)
     writer.add_custom_scalars(layout())
     print(f"dsfm.monitor: {len(gpus)} GPU(s) and the host every {args.interval:g} s "
-          f"→ {args.logdir}", flush=True)
+          f"→ {args.logdir}" + (f" (from step {step}, after the samples there)" if step else ""),
+          flush=True)
 
-    step = 0
+    first = step
     deadline = None if args.duration is None else time.monotonic() + args.duration
     next_t = time.monotonic() + args.interval       # each sample covers the interval before it
     try:
@@ -123,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
             sampler.stop()
         system.stop()
         stop.close()
-    print(f"dsfm.monitor: {step} samples written", flush=True)
+    print(f"dsfm.monitor: {step - first} samples written", flush=True)
     return 0
 
 

@@ -285,6 +285,20 @@ def test_monitor_cli_writes_system_and_layout(tmp_path):
 
 
 @pytest.mark.slow
+def test_monitor_cli_started_again_into_its_logdir_counts_on(tmp_path):
+    written = []
+    for _ in range(2):
+        proc = run([sys.executable, "-m", "dsfm.monitor", "--logdir", str(tmp_path),
+                    "--interval", "0.2", "--duration", "0.7"], timeout=120)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        written.append(int(re.search(r"(\d+) samples written", proc.stdout).group(1)))
+    assert written[0] >= 2 and written[1] >= 2
+    steps = [e.step for e in _events(tmp_path).Scalars("system/mem_pct")]
+    assert steps == list(range(sum(written)))      # one curve, not the second over the first
+    assert f"from step {written[0]}," in proc.stdout
+
+
+@pytest.mark.slow
 def test_monitor_cli_exits_cleanly_on_sigterm(tmp_path):
     proc = subprocess.Popen([sys.executable, "-m", "dsfm.monitor", "--logdir", str(tmp_path),
                              "--interval", "0.1"], cwd=REPO, stdout=subprocess.PIPE,
