@@ -12,6 +12,8 @@ GPU metrics are missing.
 from __future__ import annotations
 
 import argparse
+import errno
+import math
 import os
 import re
 import select
@@ -89,8 +91,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--duration", type=float, default=None,
                     help="stop after this many seconds (default: until SIGINT/SIGTERM)")
     args = ap.parse_args(argv)
-    if not args.interval > 0:
-        ap.error("--interval must be > 0")
+    if not 0 < args.interval < math.inf:
+        ap.error(f"--interval must be a number of seconds > 0, got {args.interval:g}")
+    if args.duration is not None and not 0 < args.duration < math.inf:
+        ap.error(f"--duration must be a number of seconds > 0, got {args.duration:g} "
+                 "(leave it out to sample until stopped)")
+    try:                                    # before sampling: one line, not a traceback
+        if os.path.exists(args.logdir) and not os.path.isdir(args.logdir):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
+        os.makedirs(args.logdir, exist_ok=True)
+        if not os.access(args.logdir, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, "not writable")
+    except OSError as exc:
+        print(f"error: --logdir {args.logdir}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
 
     stop = StopSignal()
 

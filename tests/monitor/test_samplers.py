@@ -330,3 +330,20 @@ def test_overhead_benchmark_reports_every_variant(tmp_path):
     assert rec["rows"][2]["samples"] >= 1
     assert rec["sample_costs"]["system sample() us"] > 0
     assert "overhead" in proc.stdout and "% of one core" in proc.stdout
+
+
+def test_monitor_cli_refuses_a_logdir_it_cannot_write_and_bad_times_in_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    for logdir, why in ((tmp_path / "afile", "not a directory"),
+                        (tmp_path / "afile" / "tb", "Not a directory")):
+        t = time.monotonic()
+        proc = run([sys.executable, "-m", "dsfm.monitor", "--logdir", str(logdir)], timeout=60)
+        assert proc.returncode == 2 and time.monotonic() - t < 30
+        assert proc.stderr.strip() == f"error: --logdir {logdir}: {why}", proc.stderr[-2000:]
+        assert "samples written" not in proc.stdout
+    for args, line in ((["--interval", "inf"], "--interval must be a number of seconds > 0"),
+                       (["--duration", "-1"], "--duration must be a number of seconds > 0")):
+        proc = run([sys.executable, "-m", "dsfm.monitor", "--logdir", str(tmp_path / "tb"),
+                    *args], timeout=60)
+        assert proc.returncode == 2 and line in proc.stderr.splitlines()[-1]
+        assert "Traceback" not in proc.stderr and not (tmp_path / "tb").exists()
