@@ -39,8 +39,10 @@ class MetricsLogger:
         self._jsonl.close()
         path = os.path.join(self.run_dir, "metrics.jsonl")
         with open(path) as fh:
-            kept = [line for line in fh
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            records = [(line, _step_of(line)) for line in fh]
+        # a line cut short is dropped, and every kept one ends its line, so that the records
+        # appended next stay lines of their own
+        kept = [line.rstrip("\n") + "\n" for line, at in records if at is not None and at <= step]
         with open(path + ".tmp", "w") as fh:
             fh.writelines(kept)
         os.replace(path + ".tmp", path)
@@ -81,3 +83,12 @@ class MetricsLogger:
             self._jsonl.close()
             self._log.close()
             self.enabled = False
+
+
+def _step_of(line: str) -> int | None:
+    """The step of one metrics.jsonl record; None for a line that is not one (cut short by a
+    node that went down while it was written, or the NUL bytes a crash can leave)."""
+    try:
+        return int(json.loads(line).get("step", 0))
+    except (ValueError, TypeError, AttributeError):
+        return None
