@@ -547,6 +547,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     log.text(f"the checkpoint already reaches train.max_steps="
                              f"{cfg.train.max_steps}: nothing to train")
 
+        if step == 0:
+            # a run directory whose earlier run died before its first checkpoint (started
+            # again, with or without --resume): its records would stand beside the new ones
+            dropped = log.resume_at(-1)
+            if dropped:
+                log.text(f"run directory {run_dir}: {dropped} metrics records of an earlier run "
+                         "that left no checkpoint dropped (this run starts at step 0)")
         first_step = step
 
         def save(at: int) -> None:

@@ -725,6 +725,27 @@ def test_a_resumed_run_logs_the_loss_of_the_same_steps(demo_base, tmp_path):
 
 
 @pytest.mark.slow
+def test_a_run_started_again_where_one_died_before_its_first_checkpoint_logs_each_step_once(
+        demo_base, tmp_path):
+    """--resume finds no checkpoint and starts from step 0: the dead run's records go, in
+    metrics.jsonl and (purged) in TensorBoard, instead of standing beside the new ones."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=3"], data=demo_base)
+    shutil.rmtree(r / "checkpoints")               # as if killed before its first checkpoint
+    proc = train(ds, r, ["train.max_steps=2"], resume=True, data=demo_base)
+    with open(r / "metrics.jsonl") as fh:
+        assert [json.loads(line)["step"] for line in fh] == [1, 2]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(r / "tb"))
+    board.Reload()
+    assert [e.step for e in board.Scalars("train/loss")] == [1, 2]
+    assert [e.step for e in board.Scalars("time/step_ms")] == [1, 2]
+    assert "no checkpoint" in proc.stdout
+    assert "3 metrics records of an earlier run that left no checkpoint dropped" in proc.stdout
+
+
+@pytest.mark.slow
 def test_resume_without_run_dir_takes_the_newest_run_of_this_name(demo_base, tmp_path):
     """--resume alone picks runs/<name>-<timestamp> (not another name that starts the same)
     and is checked before any process group like --run-dir."""

@@ -21,25 +21,37 @@ class MetricsLogger:
 
         os.makedirs(run_dir, exist_ok=True)
         self.run_dir = run_dir
-        self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
+        tb = os.path.join(run_dir, "tb")
+        # event files of an earlier process in this run directory
+        self._earlier_events = os.path.isdir(tb) and any(
+            name.startswith("events.out.tfevents.") for name in os.listdir(tb))
+        self._tb = SummaryWriter(tb)
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(run_dir, "train.log"), "a")
 
-    def resume_at(self, step: int) -> None:
+    def resume_at(self, step: int) -> int:
         """A run resumed from the checkpoint of `step` trains the steps after it again: their
         records from before (logged after that checkpoint, then lost with the process) are
         dropped from metrics.jsonl, and TensorBoard is told to purge them from its older event
-        files (`purge_step`), so that each step has one value and no curve doubles back."""
+        files (`purge_step`), so that each step has one value and no curve doubles back.
+
+        `step` -1: the run starts from scratch, so every earlier record goes (those of a run
+        that died here before its first checkpoint; step 0's evaluation too, which the new run
+        makes again); in a new run directory, nothing happens. Returns how many metrics.jsonl
+        records were dropped."""
         if not self.enabled:
-            return
+            return 0
         from torch.utils.tensorboard import SummaryWriter
 
-        self._tb.close()
-        self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
         self._jsonl.close()
         path = os.path.join(self.run_dir, "metrics.jsonl")
         with open(path) as fh:
-            records = [(line, _step_of(line)) for line in fh]
+            records = [(line, _step_of(line)) for line in fh if line.strip()]
+        if step < 0 and not records and not self._earlier_events:
+            self._jsonl = open(path, "a")
+            return 0
+        self._tb.close()
+        self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
         # a line cut short is dropped, and every kept one ends its line, so that the records
         # appended next stay lines of their own
         kept = [line.rstrip("\n") + "\n" for line, at in records if at is not None and at <= step]
@@ -47,6 +59,7 @@ class MetricsLogger:
             fh.writelines(kept)
         os.replace(path + ".tmp", path)
         self._jsonl = open(path, "a")
+        return len(records) - len(kept)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -57,3 +57,22 @@ def test_resume_after_a_last_record_without_its_newline(tmp_path):
     log.scalars(3, {"train/loss": 0.3})
     log.close()
     assert _jsonl_steps(tmp_path) == [1, 2, 3]
+
+
+def test_a_start_from_scratch_drops_every_earlier_record_and_touches_a_new_directory_not(
+        tmp_path):
+    new = tmp_path / "new"
+    log = MetricsLogger(str(new), rank=0, echo=False)
+    assert log.resume_at(-1) == 0
+    log.scalars(1, {"train/loss": 1.0})
+    log.close()
+    assert len(list((new / "tb").iterdir())) == 1           # no second event file
+    old = tmp_path / "old"
+    _log_steps(old, [1, 2, 3])
+    _next_second()
+    log = MetricsLogger(str(old), rank=0, echo=False)
+    assert log.resume_at(-1) == 3
+    log.scalars(1, {"train/loss": 0.5})
+    log.close()
+    assert _jsonl_steps(old) == [1]
+    assert _tb_steps(old, "train/loss") == [1]
