@@ -66,7 +66,17 @@ def _fmt(value, pattern: str, missing: str = "n/a") -> str:
     return missing if value is None else pattern.format(value)
 
 
-def draw(s: dict, out: str, title: str) -> None:
+def _plot(ax, steps, values, lone: str = "o", **kw):
+    """A line over steps; a lone point (a run that logged once) as a `lone` marker, which a
+    line of one point is not drawn as."""
+    if len(steps) < 2:
+        kw.setdefault("marker", lone)
+        kw.setdefault("markersize", 10 if lone == "s" else 6)
+    return ax.plot(steps, values, **kw)
+
+
+def figure(s: dict, title: str):
+    """The report's matplotlib figure (2 × 2 charts) of a run's scalars."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -83,22 +93,28 @@ def draw(s: dict, out: str, title: str) -> None:
                         ("system/process_cpu_pct", "trainer + readers CPU"))):
         if tag in s:
             steps, values = s[tag]
-            ax.plot(steps, values, label=label)
+            (line,) = _plot(ax, steps, values, label=label)
             if f"{tag}/min" in s and f"{tag}/max" in s:
                 lo, hi = dict(zip(*s[f"{tag}/min"])), dict(zip(*s[f"{tag}/max"]))
                 both = sorted(lo.keys() & hi.keys())      # a cut-short run: one may be longer
-                ax.fill_between(both, [lo[k] for k in both], [hi[k] for k in both], alpha=0.2)
+                if len(both) == 1:                        # a band of one step: a bar
+                    ax.vlines(both, [lo[k] for k in both], [hi[k] for k in both], lw=6,
+                              alpha=0.2, color=line.get_color())
+                else:
+                    ax.fill_between(both, [lo[k] for k in both], [hi[k] for k in both],
+                                    alpha=0.2)
     ax.set(title="Utilization % (mean; band: min-max over ranks)", xlabel="step", ylabel="%")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="lower right", fontsize=8)
 
     ax = axes[0, 1]
     if "perf/samples_per_sec" in s:
-        ax.plot(*s["perf/samples_per_sec"], color="tab:green", label="samples/s")
+        # a square behind TFLOP/s's circle, which its own axis puts at the same place
+        _plot(ax, *s["perf/samples_per_sec"], lone="s", color="tab:green", label="samples/s")
         ax.set_ylabel("samples/s (all ranks)")
     if "perf/tflops" in s:
         twin = ax.twinx()
-        twin.plot(*s["perf/tflops"], color="tab:purple", label="TFLOP/s")
+        _plot(twin, *s["perf/tflops"], color="tab:purple", label="TFLOP/s")
         twin.set_ylabel("achieved TFLOP/s")
     ax.set(title="Throughput", xlabel="step")
 
@@ -111,19 +127,32 @@ def draw(s: dict, out: str, title: str) -> None:
         # one phase's value of a log step and the next one's
         steps = sorted(set.intersection(*(set(s[tag][0]) for tag, _ in present)))
         values = [dict(zip(*s[tag])) for tag, _ in present]
-        ax.stackplot(steps, *[[v[step] for step in steps] for v in values],
-                     labels=[label for _, label in present], alpha=0.8)
+        if len(steps) == 1:                 # one logged step: a stacked bar, not an empty area
+            bottom = 0.0
+            for v, (_, label) in zip(values, present):
+                ax.bar(steps, [v[steps[0]]], bottom=bottom, label=label, alpha=0.8)
+                bottom += v[steps[0]]
+        else:
+            ax.stackplot(steps, *[[v[step] for step in steps] for v in values],
+                         labels=[label for _, label in present], alpha=0.8)
         if "time/step_ms" in s:
-            ax.plot(*s["time/step_ms"], color="black", lw=1, label="step (wall)")
+            _plot(ax, *s["time/step_ms"], color="black", lw=1, label="step (wall)")
         ax.legend(loc="upper right", fontsize=8)
     ax.set(title="Step time breakdown (ms, mean over ranks)", xlabel="step", ylabel="ms")
 
     ax = axes[1, 1]
     for tag in sorted(t for t in s if re.fullmatch(r"ranks/step_ms/r\d+", t)):
-        ax.plot(*s[tag], lw=1, label=tag.rsplit("/", 1)[1])
+        _plot(ax, *s[tag], lw=1, label=tag.rsplit("/", 1)[1])
     ax.set(title="Step time per rank (ms)", xlabel="step", ylabel="ms")
     if sum(1 for t in s if t.startswith("ranks/step_ms/")) <= 16:
         ax.legend(loc="upper right", fontsize=7, ncol=2)
+    return fig
+
+
+def draw(s: dict, out: str, title: str) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = figure(s, title)
     fig.savefig(out, dpi=110)
     plt.close(fig)
 

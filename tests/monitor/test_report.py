@@ -24,3 +24,45 @@ def test_report_of_a_run_cut_between_two_phases_of_a_log_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report.png").stat().st_size > 5000
     assert "step: 50.0 ms, data wait 2.0% of it" in proc.stdout
+
+
+def _marks(ax) -> int:
+    """Data marks matplotlib actually draws in `ax`: lines of two points or more, markers,
+    bars, segments of nonzero length and areas of nonzero width and height (legend handles
+    are not in ax.lines)."""
+    from matplotlib.collections import LineCollection
+
+    n = sum(1 for line in ax.lines
+            if len(line.get_xdata()) >= 2 or line.get_marker() not in (None, "None", "", " "))
+    n += sum(1 for bar in ax.patches if bar.get_height() > 0)
+    for coll in ax.collections:
+        for path in coll.get_paths():
+            span = path.vertices.max(axis=0) - path.vertices.min(axis=0)
+            n += bool(span.max() > 0 if isinstance(coll, LineCollection) else span.min() > 0)
+    return n
+
+
+def test_report_of_a_run_that_logged_one_step_draws_every_chart(tmp_path):
+    # a run shorter than its log_every logs once, at its last step: four empty charts before
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dsfm.monitor import report
+
+    with SummaryWriter(str(tmp_path / "tb")) as tb:
+        for tag, value in (("time/step_ms", 50.0), ("time/data_wait_ms", 1.0),
+                           ("time/forward_ms", 20.0), ("time/backward_ms", 25.0),
+                           ("time/optimizer_ms", 4.0), ("perf/samples_per_sec", 80.0),
+                           ("perf/tflops", 0.01), ("system/process_cpu_pct", 100.0),
+                           ("system/process_cpu_pct/min", 90.0),
+                           ("system/process_cpu_pct/max", 110.0), ("ranks/step_ms/r0", 48.0),
+                           ("ranks/step_ms/r1", 52.0)):
+            tb.add_scalar(tag, value, 7)
+    fig = report.figure(report.load_scalars(str(tmp_path)), "one step")
+    util, throughput, phases, ranks, tflops = fig.axes
+    assert _marks(util) >= 2                      # the mean and its min-max
+    assert _marks(throughput) >= 1 and _marks(tflops) >= 1
+    assert _marks(phases) >= 5                    # four phases and the step time
+    assert _marks(ranks) == 2
+    proc = run([sys.executable, "-m", "dsfm.monitor.report", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "step: 50.0 ms, data wait 2.0% of it" in proc.stdout
