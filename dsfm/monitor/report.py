@@ -157,6 +157,20 @@ def draw(s: dict, out: str, title: str) -> None:
     plt.close(fig)
 
 
+def _unwritable(out: str) -> str | None:
+    """Why the PNG cannot be written at `out` (None when it can): another user's or an
+    archived run directory is often read-only."""
+    folder = os.path.dirname(os.path.abspath(out))
+    if os.path.isdir(out):
+        return "that is a directory"
+    if not os.path.isdir(folder):
+        return f"{folder} is not a directory"
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(out)
+                                                     and not os.access(out, os.W_OK)):
+        return "permission denied"
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[2])
     ap.add_argument("run_dir")
@@ -165,12 +179,17 @@ def main(argv: list[str] | None = None) -> int:
     if not os.path.isdir(args.run_dir):
         print(f"error: {args.run_dir}: no such run directory", file=sys.stderr)
         return 2
+    out = args.out or os.path.join(args.run_dir, "report.png")
+    problem = _unwritable(out)       # before reading the events (minutes for a long run)
+    if problem:
+        print(f"error: cannot write the report to {out}: {problem}; give --out FILE.png",
+              file=sys.stderr)
+        return 2
     s = load_scalars(args.run_dir)
     if not s:
         print(f"error: {args.run_dir}: no TensorBoard scalars found (looked in tb/)",
               file=sys.stderr)
         return 1
-    out = args.out or os.path.join(args.run_dir, "report.png")
     draw(s, out, os.path.basename(os.path.normpath(args.run_dir)))
     r = summarize(s)
     what = "GPU utilization" if r["utilization_tag"].startswith("gpu") else "CPU (trainer)"

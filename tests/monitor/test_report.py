@@ -66,3 +66,18 @@ def test_report_of_a_run_that_logged_one_step_draws_every_chart(tmp_path):
     proc = run([sys.executable, "-m", "dsfm.monitor.report", str(tmp_path)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "step: 50.0 ms, data wait 2.0% of it" in proc.stdout
+
+
+def test_report_that_cannot_be_written_is_one_line_before_reading_the_events(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as tb:
+        tb.add_scalar("time/step_ms", 50.0, 10)
+    for out, why in ((tmp_path / "missing" / "r.png", f"{tmp_path / 'missing'} is not a "
+                      "directory"), (tmp_path / "tb", "that is a directory")):
+        proc = run([sys.executable, "-m", "dsfm.monitor.report", str(tmp_path), "--out",
+                    str(out)], timeout=300)
+        assert proc.returncode == 2
+        assert proc.stderr.strip() == (f"error: cannot write the report to {out}: {why}; "
+                                       "give --out FILE.png"), proc.stderr[-2000:]
+        assert not proc.stdout
