@@ -7,7 +7,8 @@ rotating order) and the median counts, since this kind of VM drifts in speed: th
 the median over rounds of the step time against the no-sampler run of the same round (goal:
 under 1 % at 1 Hz). It also times one `sample()` call of each sampler on its own, which says
 what sampling costs wherever the workload leaves a core free: on a GPU machine, whatever this
-prints there.
+prints there. Those calls are 0.1 s apart, so that each is a whole sample (GPM metrics, rates)
+as at 1 or 10 Hz; `samples complete` says which share of them returned every metric.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import time
 
 import torch
 
-from dsfm.monitor.nvml import GpuSampler
-from dsfm.monitor.system import SystemSampler
+from dsfm.monitor.nvml import GPU_KEYS, GpuSampler
+from dsfm.monitor.system import SYSTEM_KEYS, SystemSampler
 from perf.report import write_json
 
 
@@ -47,15 +48,28 @@ def _timed(step, steps: int) -> float:
     return (time.perf_counter() - t) / steps
 
 
-def _sample_cost(sampler, calls: int) -> float | None:
-    """Mean microseconds of one sample() call in this thread (None when unavailable)."""
+#: seconds between the timed sample() calls: GPM needs 100 ms between two samples and the
+#: system sampler's rates half its interval (0.1 s at the 0.2 s it is built with here); a call
+#: sooner than that skips that work, which a sampler at 1 or 10 Hz never does
+SAMPLE_GAP_S = 0.1
+
+
+def _sample_cost(sampler, calls: int, keys) -> tuple[float, float] | tuple[None, None]:
+    """(mean microseconds of one sample() call in this thread, the share of those calls that
+    returned every metric in `keys` the sampler has), calls SAMPLE_GAP_S apart; (None, None)
+    when the sampler is unavailable."""
     if not sampler.available:
-        return None
+        return None, None
+    expected = set(keys) - set(sampler.unavailable)
     sampler.sample()
-    t = time.perf_counter()
+    spent, complete = 0.0, 0
     for _ in range(calls):
-        sampler.sample()
-    return (time.perf_counter() - t) / calls * 1e6
+        time.sleep(SAMPLE_GAP_S)
+        t = time.perf_counter()
+        values = sampler.sample()
+        spent += time.perf_counter() - t
+        complete += expected - set(sampler.unavailable) <= set(values)
+    return spent / calls * 1e6, complete / calls
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -79,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     t = time.perf_counter()
     probe = GpuSampler(device=0 if device.type == "cuda" else None, notice=lambda _: None)
     construct_us = (time.perf_counter() - t) * 1e6
-    costs = {"system sample() us": _sample_cost(SystemSampler(), 200),
-             "gpu sample() us": _sample_cost(probe, 200),
+    system_us, system_complete = _sample_cost(SystemSampler(interval_s=2 * SAMPLE_GAP_S,
+                                                            notice=lambda _: None),
+                                              20, SYSTEM_KEYS)
+    gpu_us, gpu_complete = _sample_cost(probe, 20, GPU_KEYS)
+    costs = {"system sample() us": system_us, "gpu sample() us": gpu_us,
              "gpu construct us": construct_us,
-             "gpu available": probe.available}
+             "gpu available": probe.available,
+             "system samples complete": system_complete, "gpu samples complete": gpu_complete}
     probe.stop()
 
     variants = {"off": None, "1 Hz": 1.0, "10 Hz": 0.1}

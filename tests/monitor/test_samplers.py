@@ -329,6 +329,9 @@ def test_overhead_benchmark_reports_every_variant(tmp_path):
     assert all(r["ms_per_step"] > 0 for r in rec["rows"])
     assert rec["rows"][2]["samples"] >= 1
     assert rec["sample_costs"]["system sample() us"] > 0
+    # the timed calls are whole samples (rates; GPM on a GPU), as at 1 Hz, not back-to-back
+    # calls that skip that work
+    assert rec["sample_costs"]["system samples complete"] == 1.0
     assert "overhead" in proc.stdout and "% of one core" in proc.stdout
 
 
