@@ -133,6 +133,20 @@ def physical_gpu(cuda_index: int, *, uuid: str | None = None, pci_bus_id: str | 
     return matches[0]
 
 
+def readable_uuids(count: int, uuid_of: Callable[[int], str],
+                   error: type[Exception]) -> list[str]:
+    """The UUIDs of NVML's devices 0 … count-1 that NVML can read: a GPU it cannot (lost, or
+    outside this job's device cgroup: NVML_ERROR_NO_PERMISSION) is left out, so that it does not
+    stop the GPU metrics of every other rank on the node."""
+    out = []
+    for i in range(count):
+        try:
+            out.append(str(uuid_of(i)))
+        except error:
+            continue
+    return out
+
+
 def pci_bus_id_of(domain: int, bus: int, device: int) -> str:
     """The bus id NVML's nvmlDeviceGetHandleByPciBusId accepts, as nvidia-smi prints it."""
     return f"{domain:08X}:{bus:02X}:{device:02X}.0"
@@ -187,8 +201,9 @@ def _torch_target(device: int | None) -> int | str:
     pci = None
     if all(hasattr(props, a) for a in ("pci_domain_id", "pci_bus_id", "pci_device_id")):
         pci = pci_bus_id_of(props.pci_domain_id, props.pci_bus_id, props.pci_device_id)
-    uuids = [nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i))
-             for i in range(nv.nvmlDeviceGetCount())]
+    uuids = readable_uuids(nv.nvmlDeviceGetCount(),
+                           lambda i: nv.nvmlDeviceGetUUID(nv.nvmlDeviceGetHandleByIndex(i)),
+                           nv.NVMLError)
     return physical_gpu(index, uuid=str(uuid) if uuid is not None else None, pci_bus_id=pci,
                         visible_devices=os.environ.get("CUDA_VISIBLE_DEVICES"),
                         nvml_uuids=uuids)

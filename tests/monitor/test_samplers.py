@@ -23,6 +23,7 @@ from dsfm.monitor.nvml import (
     parse_visible_devices,
     pci_bus_id_of,
     physical_gpu,
+    readable_uuids,
 )
 from dsfm.monitor.system import SYSTEM_KEYS, SystemSampler
 from tests.conftest import REPO, run
@@ -139,6 +140,26 @@ def test_visible_devices_parsing():
     assert parse_visible_devices("-1") == [] and parse_visible_devices("") == []
     assert parse_visible_devices("1,1") == []                  # a repeat hides everything
     assert parse_visible_devices("MIG-5c8f,0") == ["MIG-5c8f", 0]
+
+
+def test_a_gpu_nvml_cannot_read_does_not_hide_the_others():
+    """One GPU of the node NVML cannot open (lost, or outside the job's device cgroup) stopped
+    the GPU metrics of every rank: the UUID listing raised. Now it is left out."""
+    import pynvml
+
+    uuids = ["GPU-0a1b2c3d-0000-1111-2222-333344445555", None,
+             "GPU-9f8e7d6c-aaaa-bbbb-cccc-ddddeeeeffff"]
+
+    def uuid_of(i):
+        if uuids[i] is None:
+            raise pynvml.NVMLError(pynvml.NVML_ERROR_NO_PERMISSION)
+        return uuids[i]
+
+    readable = readable_uuids(3, uuid_of, pynvml.NVMLError)
+    assert readable == [uuids[0], uuids[2]]
+    assert physical_gpu(0, visible_devices="GPU-9f8e", nvml_uuids=readable) == uuids[2]
+    with pytest.raises(ZeroDivisionError):           # other errors are not swallowed
+        readable_uuids(1, lambda i: 1 / 0, pynvml.NVMLError)
 
 
 def test_cuda_index_to_physical_gpu():
