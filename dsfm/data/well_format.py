@@ -43,7 +43,7 @@ class BoundaryCondition(Enum):
 
 
 def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+    return value.decode(errors="backslashreplace") if isinstance(value, bytes) else str(value)
 
 
 def _names(value) -> list[str]:
@@ -154,6 +154,19 @@ def _flag(obj, key: str, where: str, problems: list[str]) -> bool | None:
     return bool(np.asarray(obj.attrs[key]).all())
 
 
+def _count(f: h5py.File, key: str, path: str, problems: list[str]) -> int | None:
+    """A root attribute holding a whole number (n_spatial_dims, n_trajectories), or None with
+    the problem listed."""
+    value = np.asarray(f.attrs[key])
+    if value.shape == () and (value.dtype.kind in "iu" or (
+            value.dtype.kind == "f" and np.isfinite(value) and float(value).is_integer())):
+        return int(value)
+    shown = value.item() if value.shape == () else value.tolist()
+    shown = _text(shown) if isinstance(shown, bytes) else shown
+    problems.append(f"{path}: root attribute '{key}' is {shown!r}, expected an integer")
+    return None
+
+
 def open_h5(path: str, **kwargs) -> h5py.File:
     """Open read-only, turning HDF5's low-level failures into one readable line."""
     try:
@@ -182,8 +195,10 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
     if "dimensions" in missing_groups or {"n_spatial_dims", "n_trajectories"} & set(missing_root):
         return None, problems
 
-    n_dims = int(np.asarray(f.attrs["n_spatial_dims"]))
-    n_traj = int(np.asarray(f.attrs["n_trajectories"]))
+    n_dims = _count(f, "n_spatial_dims", path, problems)
+    n_traj = _count(f, "n_trajectories", path, problems)
+    if n_dims is None or n_traj is None:
+        return None, problems
     dataset_name = _text(f.attrs.get("dataset_name", ""))
     grid_type = _text(f.attrs.get("grid_type", "cartesian"))
     if "grid_type" in f.attrs and grid_type not in GRID_TYPES:
@@ -230,6 +245,8 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
 
     time_sv = sample_flag("time")
     coord_sv = {d: sample_flag(d) for d in spatial_dims}
+    if any(dims[name].ndim == 0 for name in ("time",) + spatial_dims):
+        return None, problems           # a single number: no length to take the grid from
     spatial_shape = tuple(int(dims[d].shape[-1]) for d in spatial_dims)
     n_steps = int(dims["time"].shape[-1])
     if n_steps < 1:
@@ -330,6 +347,9 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
             if tuple(mask.shape) != want:
                 problems.append(f"{where}/mask: shape {tuple(mask.shape)}, expected {want} "
                                 f"(the sizes of {list(assoc)})")
+                continue
+            if mask.dtype.kind not in "biuf":
+                problems.append(f"{where}/mask: dtype {mask.dtype} is not boolean")
                 continue
             layout.boundaries.append(BoundaryLayout(name, bc_type, assoc, want))
             _apply_boundary(codes, bc_type, assoc, np.asarray(mask[()]), spatial_dims)

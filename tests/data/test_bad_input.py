@@ -286,3 +286,46 @@ def test_checker_reads_a_trajectory_a_few_steps_at_a_time(dataset, monkeypatch):
         problems = checker._scan_finite(f, read_layout(f, str(path)))
     assert problems == [f"{path}: /t0_fields/height: 3 non-finite values, first Inf at "
                         "trajectory 1, time index 3"]
+
+
+def _replace_dataset(f, name, data):
+    attrs = dict(f[name].attrs)
+    del f[name]
+    f.create_dataset(name, data=data).attrs.update(attrs)
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: f.attrs.__setitem__("n_spatial_dims", "two"),
+     "root attribute 'n_spatial_dims' is 'two', expected an integer"),
+    (lambda f: f.attrs.__setitem__("n_trajectories", [4]),      # upstream's int() fails too
+     "root attribute 'n_trajectories' is [4], expected an integer"),
+    (lambda f: f.attrs.__setitem__("n_trajectories", 2.5),
+     "root attribute 'n_trajectories' is 2.5, expected an integer"),
+    (lambda f: _replace_dataset(f, "dimensions/x", np.float32(0.5)),
+     "/dimensions/x has shape (), expected [n] (sample_varying=False)"),
+    (lambda f: _replace_dataset(f, "boundary_conditions/x_periodic/mask",
+                                np.array([b"y"] * f["dimensions/x"].shape[0])),
+     "/boundary_conditions/x_periodic/mask: dtype |S1 is not boolean"),
+], ids=["ndims-text", "ntraj-list", "ntraj-fraction", "coordinate-number", "mask-text"])
+def test_malformed_metadata_is_one_line_not_a_traceback(dataset, damage, needle):
+    """Metadata of the wrong kind (text for a count, a number for a coordinate axis, text for a
+    boundary mask): before, the reader and the checker died with ValueError, TypeError,
+    IndexError or a NumPy ufunc error."""
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), needle)
+    proc = check(path)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert proc.stdout.splitlines() == [f"{path}: {needle}"]
+
+
+def test_text_attributes_that_are_not_utf8_are_shown_not_fatal(dataset):
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        f.attrs["dataset_name"] = np.bytes_(b"shallow\xff")
+    proc = check(path)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0, proc.stdout
