@@ -299,6 +299,8 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
 
     if "scalars" not in missing_groups:
         group = f["scalars"]
+        if "field_names" not in group.attrs:      # upstream reads the scalars by this list
+            problems.append(f"{path}: /scalars: missing attribute 'field_names'")
         for name in _names(group.attrs.get("field_names", [])):
             where = f"{path}: /scalars/{name}"
             dset = group.get(name)
@@ -314,6 +316,9 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
             if shape != want and not (want == () and shape == (1,)):
                 problems.append(f"{where}: shape {shape} contradicts its flags "
                                 f"(sample_varying={sv}, time_varying={tv}): expected {want}")
+                continue
+            if dset.dtype.kind not in "biufc":
+                problems.append(f"{where}: dtype {dset.dtype} is not numeric")
                 continue
             layout.scalars.append(ScalarLayout(name, tv, sv, shape))
 

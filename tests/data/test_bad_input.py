@@ -329,3 +329,24 @@ def test_text_attributes_that_are_not_utf8_are_shown_not_fatal(dataset):
     proc = check(path)
     assert "Traceback" not in proc.stderr, proc.stderr
     assert proc.returncode == 0, proc.stdout
+
+
+@pytest.mark.parametrize("damage,needle", [
+    (lambda f: _replace_dataset(f, "scalars/g", np.bytes_(b"four")),
+     "/scalars/g: dtype |S4 is not numeric"),
+    (lambda f: f["scalars"].attrs.__delitem__("field_names"),
+     "/scalars: missing attribute 'field_names'"),
+], ids=["text-scalar", "no-scalar-list"])
+def test_scalars_the_readers_cannot_read_are_refused(dataset, damage, needle):
+    """A text scalar or a /scalars group without its field_names list: before, the checker
+    called the file valid, then dsfm's WellDataset died with a TypeError traceback at the first
+    item (text) and upstream's WellDataset with a KeyError at construction (no list)."""
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        damage(f)
+    proc = check(path)
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [f"{path}: {needle}"], \
+        proc.stdout
+    with pytest.raises(SchemaError) as exc:
+        open_ds(dataset)
+    assert_one_line(exc, str(path), needle)
