@@ -1,8 +1,10 @@
 """Field normalization from a dataset's stats.yaml (z-score or RMS), upstream-compatible.
 
 `ZScoreNormalization` and `RMSNormalization` take the constructor arguments of the_well's classes
-of the same names and give bit-identical results; they also hand out per-channel (shift, scale)
-vectors so the loaders can normalize a whole window, or a batch on the GPU, in one operation.
+of the same names and give bit-identical results (per field, and through the `*_flattened`
+methods on channel-last tensors that the_well's Trainer calls); they also hand out per-channel
+(shift, scale) vectors so the loaders can normalize a whole window, or a batch on the GPU, in one
+operation.
 """
 
 from __future__ import annotations
@@ -80,6 +82,52 @@ class _Normalization:
     def delta_normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
         return (x - self.delta_shift[field]) / self.delta_scale[field]
 
+    # ------------------------------------------------ upstream's API on channel-last tensors
+    # (the_well's Trainer calls these on a dataset's `norm`): the statistics of the fields in
+    # core order, flattened; a mode with no fields gets upstream's placeholder [1.0]; constant
+    # fields have no delta statistics, upstream uses min_denom for both their shift and scale.
+
+    def _flat(self, mode: str, delta: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        if mode not in ("variable", "constant"):
+            raise ValueError(f"normalization mode {mode!r} is not 'variable' or 'constant'")
+        key = (mode, delta)
+        cache = self.__dict__.setdefault("_flat_cache", {})
+        if key not in cache:
+            names = self.core_field_names if mode == "variable" else \
+                self.core_constant_field_names
+            if delta and mode == "constant":
+                shifts = [torch.full_like(self.shift[n], self.min_denom) for n in names]
+                scales = [torch.full_like(self.scale[n], self.min_denom) for n in names]
+            else:
+                shifts = [(self.delta_shift if delta else self.shift)[n] for n in names]
+                scales = [(self.delta_scale if delta else self.scale)[n] for n in names]
+            cache[key] = tuple(torch.cat([t.flatten() for t in ts]) if ts else torch.tensor([1.0])
+                               for ts in (shifts, scales))
+        return cache[key]
+
+    def _flat_on(self, x: torch.Tensor, mode: str, delta: bool):
+        shift, scale = self._flat(mode, delta)
+        if x.shape[-1] != scale.shape[-1]:
+            raise ValueError(f"{self.path}: {mode} statistics cover {scale.shape[-1]} channels, "
+                             f"the tensor has {x.shape[-1]} (last dimension)")
+        return shift.to(x.device), scale.to(x.device)
+
+    def normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, False)
+        return (x - shift) / scale
+
+    def denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, False)
+        return x * scale + shift
+
+    def delta_normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, True)
+        return (x - shift) / scale
+
+    def delta_denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, True)
+        return x * scale + shift
+
     def channel_vectors(self, fields, delta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(shift, scale) per channel, float32, for FieldLayouts in channel order."""
         shifts, scales = [], []
@@ -129,6 +177,18 @@ class RMSNormalization(_Normalization):
 
     def normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
         return x / self.scale[field]
+
+    def normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return x / self._flat_on(x, mode, False)[1]
+
+    def denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return x * self._flat_on(x, mode, False)[1]
+
+    def delta_normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return x / self._flat_on(x, mode, True)[1]
+
+    def delta_denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return x * self._flat_on(x, mode, True)[1]
 
 
 NORMALIZATIONS = {"zscore": ZScoreNormalization, "rms": RMSNormalization}

@@ -179,3 +179,33 @@ def test_partially_dim_varying_fields_broadcast(tmp_path):
         want = torch.stack([want_u, want_p[:, :, None].expand(3, 10, 7)], -1)
         got = torch.cat([ds[i]["input_fields"], ds[i]["output_fields"]])
         assert torch.equal(got, want)
+
+
+FLATTENED = ("normalize_flattened", "denormalize_flattened", "delta_normalize_flattened",
+             "delta_denormalize_flattened")
+
+
+@pytest.mark.parametrize("kind", ["zscore", "rms"])
+def test_flattened_normalization_api_matches_upstream(tmp_path, demo_base, kind):
+    """the_well's Trainer (de)normalizes whole batches through `dataset.norm.*_flattened(x,
+    "variable" | "constant")`: before, dsfm's norm objects (also what upstream's classes given as
+    normalization_type become) had no such methods, an AttributeError; now the same values as
+    upstream's classes, constant fields and a dataset without them (upstream's [1.0]) too."""
+    rich = make_dataset(str(tmp_path), "rich_2d", rich_2d_file)
+    for root in (rich, os.path.join(demo_base, "euler_2d")):
+        kw = dict(well_split_name="train", n_steps_input=3, n_steps_output=2,
+                  use_normalization=True)
+        ours = WellDataset(path=root, normalization_type=UPSTREAM_CLASS[kind], **kw)
+        theirs = upstream.WellDataset(path=root, normalization_type=UPSTREAM_CLASS[kind], **kw)
+        raw = WellDataset(path=root, well_split_name="train", n_steps_input=3, n_steps_output=2)
+        item = raw[len(raw) // 2]
+        tensors = {"variable": item["input_fields"], "constant": item.get("constant_fields")}
+        if tensors["constant"] is None:       # no constant fields: one placeholder channel
+            tensors["constant"] = torch.randn(4, 1)
+        for mode, x in tensors.items():
+            for method in FLATTENED:
+                got = getattr(ours.norm, method)(x, mode)
+                want = getattr(theirs.norm, method)(x, mode)
+                assert got.dtype == want.dtype and torch.equal(got, want), (root, mode, method)
+        with pytest.raises(ValueError, match="channels"):
+            ours.norm.normalize_flattened(item["input_fields"][..., :1], "variable")
