@@ -202,6 +202,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                                    rollout_steps)
                     sums.add(pred, batch.y, *loader.affine(name))
                     del batch
+                loader.check_last()        # on a GPU the last batch's NaN check is deferred
                 dev = next(engine.module.parameters()).device
                 sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())
                 results[name] = sums.summary()

@@ -782,6 +782,14 @@ class WellLoader:
         return Batch(torch.from_numpy(x_np), torch.from_numpy(y_np), dev["ids"], bcs,
                      ds.source.name, step, windows, bcs)
 
+    def check_last(self) -> None:
+        """Raise NonFiniteError if the last batch handed out holds NaN/Inf. On a GPU its check
+        is deferred to the next next() (reading the flag at once would synchronize the step);
+        a finite use of the loader (evaluation) calls this after its last batch, which would
+        otherwise go unchecked. On the CPU every batch was checked as it was handed out."""
+        if self.cuda and not self._closed:
+            self._check_deferred()
+
     def _check_deferred(self) -> None:
         """CUDA: look at the previous batch's finiteness flag, waiting (if at all) only for the
         flag, which the compute stream reached before that batch's step."""

@@ -132,3 +132,20 @@ def test_nan_in_a_window_is_named_on_the_gpu(demo_base, tmp_path):
                 next(loader)
     assert "/t0_fields/pressure has NaN/Inf" in str(exc.value)
     assert "time index 7" in str(exc.value)
+
+
+def test_nan_in_the_last_batch_of_a_finite_use_is_named(demo_base, tmp_path):
+    """The GPU check of a batch runs at the next next(): evaluation, which stops after its last
+    batch, asks for it with check_last() (before, that batch's NaN went unreported)."""
+    ds = nan_pressure_copy(demo_base, tmp_path)
+    with WellLoader([str(ds)], n_steps_input=4, batch_size=2, num_workers=1,
+                    device="cuda") as loader:
+        for _ in range(40):
+            batch = next(loader)
+            torch.cuda.synchronize()
+            if not (torch.isfinite(batch.x).all() and torch.isfinite(batch.y).all()):
+                break
+        else:
+            pytest.fail("no batch with the NaN in 40")
+        with pytest.raises(NonFiniteError, match="pressure has NaN/Inf"):
+            loader.check_last()
