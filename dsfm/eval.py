@@ -213,13 +213,17 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
 
 
 def format_table(results: dict, rollout_steps: int) -> str:
-    """A plain table: dataset, field, NRMSE and VRMSE one step ahead and over the rollout."""
-    head = (f"{'dataset':32s} {'field':14s} {'NRMSE@1':>9s} {'VRMSE@1':>9s} "
-            f"{'NRMSE@' + str(rollout_steps):>9s} {'VRMSE@' + str(rollout_steps):>9s}")
+    """A plain table: dataset, field, NRMSE and VRMSE one step ahead (@1), their means over the
+    rollout's steps 1..k (1-k) and VRMSE at its last step (@k); for k = 1 the first two."""
+    k = rollout_steps
+    cols = [("NRMSE@1", "nrmse_1step"), ("VRMSE@1", "vrmse_1step")]
+    if k > 1:
+        cols += [(f"NRMSE1-{k}", f"nrmse_rollout{k}"), (f"VRMSE1-{k}", f"vrmse_rollout{k}"),
+                 (f"VRMSE@{k}", None)]
+    head = f"{'dataset':32s} {'field':14s} " + " ".join(f"{c:>9s}" for c, _ in cols)
     lines = [head, "-" * len(head)]
     for name, fields in results.items():
         for fname, m in fields.items():
-            lines.append(f"{name:32s} {fname:14s} {m['nrmse_1step']:9.4f} "
-                         f"{m['vrmse_1step']:9.4f} {m[f'nrmse_rollout{rollout_steps}']:9.4f} "
-                         f"{m[f'vrmse_rollout{rollout_steps}']:9.4f}")
+            values = [m[key] if key else m["vrmse_per_step"][-1] for _, key in cols]
+            lines.append(f"{name:32s} {fname:14s} " + " ".join(f"{v:9.4f}" for v in values))
     return "\n".join(lines)

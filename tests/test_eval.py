@@ -158,3 +158,26 @@ def test_metrics_of_a_small_fluctuation_on_a_large_mean_are_exact():
     lossy = MetricSums(["h"], steps=2)
     lossy.add(pred * scale + shift, target * scale + shift)        # float32 first
     assert not torch.allclose(lossy.vrmse, exact.vrmse, rtol=0.5)
+
+
+def test_the_table_labels_the_rollout_mean_as_a_mean_and_shows_the_last_step():
+    """Errors that grow over a 4-step rollout: the table's "@4" column is the error at step 4,
+    and the mean over steps 1..4 is labelled as one (it once stood under "VRMSE@4")."""
+    from dsfm.eval import format_table
+
+    g = torch.Generator().manual_seed(0)
+    target = torch.randn(3, 4, 1, 16, 16, generator=g, dtype=torch.float64)
+    growth = torch.tensor([0.1, 0.2, 0.4, 0.8], dtype=torch.float64).view(1, 4, 1, 1, 1)
+    pred = target + growth * torch.randn(target.shape, generator=g, dtype=torch.float64)
+    sums = MetricSums(["u"], steps=4)
+    sums.add(pred, target)
+    m = sums.summary()["u"]
+    head, _, row = format_table({"demo": {"u": m}}, 4).splitlines()
+    table = dict(zip(head.split()[2:], map(float, row.split()[2:])))
+    assert table["VRMSE@4"] == pytest.approx(m["vrmse_per_step"][3], abs=1e-4)
+    assert table["VRMSE1-4"] == pytest.approx(m["vrmse_rollout4"], abs=1e-4)
+    assert table["NRMSE1-4"] == pytest.approx(m["nrmse_rollout4"], abs=1e-4)
+    assert table["VRMSE@1"] == pytest.approx(m["vrmse_1step"], abs=1e-4)
+    assert m["vrmse_per_step"][3] > 1.5 * m["vrmse_rollout4"]     # the two differ here
+    one = format_table({"demo": {"u": {**m, "nrmse_rollout1": 0.0, "vrmse_rollout1": 0.0}}}, 1)
+    assert one.splitlines()[0].split()[2:] == ["NRMSE@1", "VRMSE@1"]
