@@ -113,7 +113,8 @@ class MetricSums:
         self.count = int(flat[-1].item())
 
     def summary(self) -> dict:
-        """Per field: NRMSE and VRMSE one step ahead and averaged over the rollout."""
+        """Per field: NRMSE and VRMSE one step ahead and averaged over the rollout, means over
+        the `windows` evaluated (each window counts once, whatever the batches and ranks)."""
         c = max(self.count, 1)
         out = {}
         for i, name in enumerate(self.fields):
@@ -121,7 +122,7 @@ class MetricSums:
             out[name] = {"nrmse_1step": float(n[0]), "vrmse_1step": float(v[0]),
                          f"nrmse_rollout{self.steps}": float(n.mean()),
                          f"vrmse_rollout{self.steps}": float(v.mean()),
-                         "vrmse_per_step": [float(a) for a in v]}
+                         "vrmse_per_step": [float(a) for a in v], "windows": self.count}
         return out
 
 
@@ -168,8 +169,10 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
     `rollout_steps` autoregressive rollout, in physical units. Every rank evaluates its own
     `batches` micro-batches of every dataset (the same windows each time: a fresh loader with a
     fixed seed; fewer where the split holds fewer, see `plan_eval`) and the sums are
-    all-reduced, so the result covers up to batches × world windows, each once. Only windows
-    with room for the whole rollout are eligible, the one-step metrics included. `plan`: what
+    all-reduced, so the result covers up to batches × batch_size × world windows, each once.
+    Only windows with room for the whole rollout are eligible, the one-step metrics included.
+    Each field's numbers are means over the windows evaluated (`windows` in the result), each
+    window counting once. `engine`: the DeepSpeed engine, or a bare model. `plan`: what
     `plan_eval` returned for these arguments (it reads every valid file's metadata), if the
     caller has it."""
     from dsfm.data.prefetch import WellLoader
@@ -203,7 +206,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                     sums.add(pred, batch.y, *loader.affine(name))
                     del batch
                 loader.check_last()        # on a GPU the last batch's NaN check is deferred
-                dev = next(engine.module.parameters()).device
+                dev = next(engine.parameters()).device     # an engine's: its model's
                 sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())
                 results[name] = sums.summary()
     finally:
@@ -214,16 +217,19 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
 
 def format_table(results: dict, rollout_steps: int) -> str:
     """A plain table: dataset, field, NRMSE and VRMSE one step ahead (@1), their means over the
-    rollout's steps 1..k (1-k) and VRMSE at its last step (@k); for k = 1 the first two."""
+    rollout's steps 1..k (1-k) and VRMSE at its last step (@k) (for k = 1 the first two), and
+    the number of windows they average over."""
     k = rollout_steps
     cols = [("NRMSE@1", "nrmse_1step"), ("VRMSE@1", "vrmse_1step")]
     if k > 1:
         cols += [(f"NRMSE1-{k}", f"nrmse_rollout{k}"), (f"VRMSE1-{k}", f"vrmse_rollout{k}"),
                  (f"VRMSE@{k}", None)]
-    head = f"{'dataset':32s} {'field':14s} " + " ".join(f"{c:>9s}" for c, _ in cols)
+    head = (f"{'dataset':32s} {'field':14s} " + " ".join(f"{c:>9s}" for c, _ in cols)
+            + f" {'windows':>8s}")
     lines = [head, "-" * len(head)]
     for name, fields in results.items():
         for fname, m in fields.items():
             values = [m[key] if key else m["vrmse_per_step"][-1] for _, key in cols]
-            lines.append(f"{name:32s} {fname:14s} " + " ".join(f"{v:9.4f}" for v in values))
+            lines.append(f"{name:32s} {fname:14s} " + " ".join(f"{v:9.4f}" for v in values)
+                         + f" {m['windows']:8d}")
     return "\n".join(lines)

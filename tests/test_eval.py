@@ -180,4 +180,63 @@ def test_the_table_labels_the_rollout_mean_as_a_mean_and_shows_the_last_step():
     assert table["VRMSE@1"] == pytest.approx(m["vrmse_1step"], abs=1e-4)
     assert m["vrmse_per_step"][3] > 1.5 * m["vrmse_rollout4"]     # the two differ here
     one = format_table({"demo": {"u": {**m, "nrmse_rollout1": 0.0, "vrmse_rollout1": 0.0}}}, 1)
-    assert one.splitlines()[0].split()[2:] == ["NRMSE@1", "VRMSE@1"]
+    assert one.splitlines()[0].split()[2:] == ["NRMSE@1", "VRMSE@1", "windows"]
+
+
+def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
+    """evaluate() on the demo's valid split against a hand-written rollout scored by The Well's
+    own NRMSE and VRMSE on the raw (never normalized) targets of the same windows: per window
+    and field, averaged over windows, each counting once; the same windows in batches of 2 or
+    3 give the same numbers, and the result says how many windows it averages."""
+    import os
+    from types import SimpleNamespace
+
+    from the_well.benchmark.metrics.spatial import NRMSE, VRMSE
+
+    from dsfm.data.fields import FieldVocabulary
+    from dsfm.data.prefetch import WellLoader
+    from dsfm.eval import evaluate
+    from dsfm.models.avit import AViT, AViTConfig
+
+    name, k = "euler_2d", 3
+    path = os.path.join(demo_base, name)
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(n_fields=5, dim=32, heads=2, blocks=1, drop_path=0.0)).eval()
+    kw = dict(n_steps_input=4, rollout_steps=k, seed=5, rank=0, world_size=1,
+              normalization="zscore")
+    by2 = evaluate(model, [path], batch_size=2, batches=3, vocabulary=FieldVocabulary(), **kw)
+    by3 = evaluate(model, [path], batch_size=3, batches=2, vocabulary=FieldVocabulary(), **kw)
+
+    loader_kw = dict(split="valid", n_steps_input=4, n_steps_output=k, batch_size=6,
+                     num_workers=1, seed=5, rank=0, world_size=1)
+    with WellLoader([path], normalization="zscore", vocabulary=FieldVocabulary(),
+                    **loader_kw) as zl, \
+            WellLoader([path], normalization=None, vocabulary=FieldVocabulary(),
+                       **loader_kw) as rl:
+        zb, rb = next(iter(zl)), next(iter(rl))
+        assert (zb.windows == rb.windows).all()
+        scale, shift = zl.affine(name)
+        channels = list(zl.datasets[0].source.channel_names)
+        preds = []
+        with torch.no_grad():
+            for j in range(k):                 # inputs j..3 of x, then predictions 0..j-1
+                window = torch.cat([zb.x[:, j:]] + [p[:, None] for p in preds], dim=1)
+                assert window.shape[1] == 4
+                preds.append(model(window, zb.field_ids, zb.bcs_host))
+        pred = torch.stack(preds, 1).double() * scale.double() + shift.double()
+        raw = rb.y.double()
+    meta = SimpleNamespace(n_spatial_dims=2)
+    pw, rw = pred.movedim(2, -1), raw.movedim(2, -1)        # The Well's [B, T, H, W, C]
+    n_pts = raw.shape[-1] * raw.shape[-2]
+    well_n = NRMSE()(pw, rw, meta).mean(0)                       # [k, C]
+    well_v = VRMSE()(pw, rw, meta).mean(0) * math.sqrt(n_pts / (n_pts - 1))   # var over N
+    assert list(by2[name]) == channels
+    for c, field in enumerate(channels):
+        for res in (by2, by3):
+            m = res[name][field]
+            assert m["windows"] == 6
+            assert m["nrmse_1step"] == pytest.approx(well_n[0, c].item(), rel=1e-5)
+            assert m["vrmse_1step"] == pytest.approx(well_v[0, c].item(), rel=1e-5)
+            assert m[f"nrmse_rollout{k}"] == pytest.approx(well_n[:, c].mean().item(), rel=1e-5)
+            assert m[f"vrmse_rollout{k}"] == pytest.approx(well_v[:, c].mean().item(), rel=1e-5)
+            assert m["vrmse_per_step"] == pytest.approx(well_v[:, c].tolist(), rel=1e-5)

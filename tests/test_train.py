@@ -262,6 +262,7 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
         for m in fields.values():
             assert len(m["vrmse_per_step"]) == 4
             assert all(math.isfinite(v) and v > 0 for v in m["vrmse_per_step"])
+            assert m["windows"] == 2 * 4 * 2    # eval_batches × micro-batch × ranks, summed
 
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(run_dir / "tb"))
