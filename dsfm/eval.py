@@ -94,17 +94,23 @@ class MetricSums:
         """pred, target: [B, steps, C, H, W], in physical units or normalized ones that
         `scale` and `shift` ([C, 1, 1]) map back. In float64, the denormalization included (a
         small fluctuation on a large mean would not survive it in float32), one rollout step
-        at a time (a float64 copy of a whole rollout of large fields would take gigabytes)."""
+        at a time (a float64 copy of a whole rollout of large fields would take gigabytes).
+        The sums stay on pred's device: no copy to the host, which would wait for the GPU,
+        until `packed()` is all-reduced."""
+        if self.nrmse.device != pred.device:
+            self.nrmse, self.vrmse = (torch.zeros_like(t, device=pred.device) if not self.count
+                                      else t.to(pred.device) for t in (self.nrmse, self.vrmse))
         for j in range(pred.shape[1]):
             n, v = field_errors(physical(pred[:, j], scale, shift),
                                 physical(target[:, j], scale, shift))
-            self.nrmse[j] += n.sum(0).cpu()
-            self.vrmse[j] += v.sum(0).cpu()
+            self.nrmse[j] += n.sum(0)
+            self.vrmse[j] += v.sum(0)
         self.count += pred.shape[0]
 
     def packed(self) -> torch.Tensor:
         return torch.cat([self.nrmse.flatten(), self.vrmse.flatten(),
-                          torch.tensor([float(self.count)], dtype=torch.float64)])
+                          torch.tensor([float(self.count)], dtype=torch.float64,
+                                       device=self.nrmse.device)])
 
     def unpack(self, flat: torch.Tensor) -> None:
         k = self.nrmse.numel()

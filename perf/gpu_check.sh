@@ -101,6 +101,7 @@ step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,
 # (-v: a run cut at its limit still names each test that finished, and how)
 step cuda_tests 100 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
+  tests/test_eval.py \
   -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor

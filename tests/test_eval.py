@@ -240,3 +240,23 @@ def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
             assert m[f"nrmse_rollout{k}"] == pytest.approx(well_n[:, c].mean().item(), rel=1e-5)
             assert m[f"vrmse_rollout{k}"] == pytest.approx(well_v[:, c].mean().item(), rel=1e-5)
             assert m["vrmse_per_step"] == pytest.approx(well_v[:, c].tolist(), rel=1e-5)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_metric_sums_stay_on_the_gpu_without_a_sync():
+    """Evaluation's running sums: on a GPU they stay on the device (a copy to the host at each
+    rollout step waited for the GPU, so the host could not issue the next batch meanwhile)."""
+    sums = MetricSums(["a", "b"], 3)
+    pred, target = torch.randn(2, 3, 2, 8, 8, device="cuda"), torch.randn(2, 3, 2, 8, 8,
+                                                                       device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        sums.add(pred, target)
+        sums.add(pred, target)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    host = MetricSums(["a", "b"], 3)
+    host.add(pred.cpu(), target.cpu())
+    host.add(pred.cpu(), target.cpu())
+    assert torch.allclose(sums.packed().cpu(), host.packed(), rtol=1e-12)
