@@ -684,8 +684,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                          f"{scalars.get('perf/samples_per_sec', 0):.1f} samples/s  "
                          f"step {scalars.get('time/step_ms', 0):.1f} ms (data wait "
                          f"{scalars.get('perf/data_wait_pct', 0):.1f}%)", console=False)
-                loss_sum.zero_()
-                loss_n.zero_()
+                if step % cfg.train.log_every == 0:
+                    # not at a last step between log steps: the checkpoint written there keeps
+                    # the window, so that a run resumed for more steps logs the same mean at
+                    # its next log step as a run that never stopped
+                    loss_sum.zero_()
+                    loss_n.zero_()
             signal_flag = preemption.requested() \
                 if step % cfg.train.signal_check_every == 0 else 0
             if signal_flag:

@@ -725,6 +725,14 @@ def test_a_resumed_run_logs_the_loss_of_the_same_steps(demo_base, tmp_path):
     assert [e.step for e in events] == [4, 8]
     assert events[1].value == pytest.approx(straight[8], rel=1e-6)
 
+    # a run that ends between log steps logs there (the mean of steps 5-6) and keeps the
+    # window in its checkpoint: resumed for more steps, it logs the mean of steps 5-8 at 8
+    short = tmp_path / "short"
+    train(ds, short, ["train.max_steps=6", "train.log_every=4"], data=demo_base)
+    train(ds, short, sets, resume=True, data=demo_base)
+    assert sorted(logged(short, "train/loss")) == [4, 6, 8]
+    assert logged(short, "train/loss")[8] == straight[8]
+
 
 @pytest.mark.slow
 def test_a_run_started_again_where_one_died_before_its_first_checkpoint_logs_each_step_once(
