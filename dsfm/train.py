@@ -611,6 +611,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         stop = False
         if cfg.train.eval_at_start and step == 0:
             run_eval(0)
+        elif (0 < step < cfg.train.max_steps and cfg.train.eval_every
+              and step % cfg.train.eval_every == 0 and cfg.train.eval_batches
+              and not evaluated(step)):
+            # resumed from a step the run evaluates, without its evaluation: a SIGTERM there
+            # checkpoints and stops before evaluating, as does a kill during the evaluation
+            run_eval(step)
         engine.train()
         it = iter(loader)
         bad_in_a_row = skipped_in_a_row = 0

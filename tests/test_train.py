@@ -903,10 +903,12 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
                                                                             tmp_path):
     """A run stopped by SIGTERM at its last step checkpoints and exits without its final
     evaluation, as does one killed during that evaluation; --resume then trains nothing, and
-    evaluates the last step (once: a second --resume finds the evaluation there)."""
+    evaluates the last step (once: a second --resume finds the evaluation there). The same at
+    an eval_every step before the last: the resumed run evaluates it before training on."""
     ds = ds_config(tmp_path, 2, micro=4)
     r = tmp_path / "r"
-    sets = ["train.max_steps=2", "train.eval_batches=1", "train.rollout_steps=1"]
+    sets = ["train.max_steps=2", "train.eval_batches=1", "train.rollout_steps=1",
+            "train.eval_every=1", "train.checkpoint_every=1"]
     train(ds, r, sets, data=demo_base)
     final = r / "eval_step00000002.json"
     results = json.loads(final.read_text())
@@ -916,6 +918,16 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     assert json.loads(final.read_text()) == results
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "nothing to train" in proc.stdout and "evaluation at step" not in proc.stdout
+
+    # as a SIGTERM at step 1 leaves it: the checkpoint of step 1, no evaluation of it
+    first = r / "eval_step00000001.json"
+    at_1 = json.loads(first.read_text())
+    first.unlink()
+    shutil.rmtree(r / "checkpoints" / "step00000002")
+    proc = train(ds, r, sets, resume=True, data=demo_base)
+    assert "resumed from step 1" in proc.stdout
+    assert json.loads(first.read_text()) == at_1
+    assert json.loads(final.read_text()) == results
 
 
 def _demo_copy(demo_base, tmp_path, damage: str) -> str:
