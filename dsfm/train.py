@@ -142,7 +142,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         if run_dir is None:
             raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give --run-dir")
         meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab,
-                                         cfg.train.freeze)
+                                         cfg.train.freeze, schedule.zero_stage(ds_config))
         if meta is not None:
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
                                                  ds_config, cfg.train.resume_schedule,

@@ -604,13 +604,25 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path)
     assert "micro-batch skipped (1 in a row)" in log
 
 
-def test_resume_with_another_world_size_is_refused(demo_base, tmp_path):
-    """A checkpoint of 2 ranks cannot be resumed by 1 (sampler shards differ): a one-line
-    error before any process group, from the checkpoint's metadata."""
+def test_resume_with_another_world_size_or_zero_layout_is_refused(demo_base, tmp_path):
+    """A checkpoint of 2 ranks cannot be resumed by 1 (sampler shards differ), nor one of ZeRO-2
+    under ZeRO-3 or without ZeRO: a one-line error before any process group, from the
+    checkpoint's metadata."""
     ds = ds_config(tmp_path, 2, micro=4)
     run_dir = tmp_path / "r"
     train(ds, run_dir, ["train.max_steps=2"], data=demo_base)
     tag = run_dir / "checkpoints" / "step00000002"
+    # another ZeRO layout: DeepSpeed's load used to stop with a traceback after the process
+    # group (ZeRO-3: AssertionError; no ZeRO: AttributeError); ZeRO-1 reads ZeRO-2's layout
+    for stage in (3, 0):
+        proc = run(train_cmd(ds_config(tmp_path, stage, micro=4), run_dir,
+                             [f"data.base={demo_base}", "train.max_steps=4"]) + ["--resume"])
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert (f"was written under ZeRO stage 1 or 2 and this run's DeepSpeed config sets "
+                f"stage {stage}") in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1
+    from dsfm.runtime.checkpoint import check_resume
+    assert check_resume(str(run_dir), (48, 3, 2), 1, zero_stage=1)["step"] == 2
     meta = json.loads((tag / "dsfm_meta.json").read_text())
     assert meta["world_size"] == 1
     (tag / "dsfm_meta.json").write_text(json.dumps({**meta, "world_size": 2}))

@@ -171,12 +171,38 @@ def newest_tag_dir(run_dir: str) -> str | None:
     return os.path.join(checkpoint_dir(run_dir), found[-1]) if found else None
 
 
+_ZERO3_MODEL = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
+_ZERO_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
+#: the checkpoint layouts DeepSpeed 0.19 writes, by ZeRO stage: a layout loads only into an
+#: engine of a stage that writes it (stages 1 and 2 share theirs; offloading changes nothing)
+_LAYOUTS = {0: "without ZeRO (stage 0)", 1: "under ZeRO stage 1 or 2", 3: "under ZeRO stage 3"}
+
+
+def zero_layout(tag_dir: str, meta: dict | None = None) -> int | None:
+    """The checkpoint layout of a tag directory (a key of `_LAYOUTS`), from the file names
+    its metadata records (or, without them, the directory's), None if they are not DeepSpeed's:
+    ZeRO-3 writes a model-states file per rank, stages 1 and 2 one model-states file and
+    an optimizer partition per rank, no ZeRO the model-states file alone."""
+    names = (meta or {}).get("files")
+    if not isinstance(names, dict):
+        try:
+            names = os.listdir(tag_dir)
+        except OSError:
+            return None
+    if any(_ZERO3_MODEL.match(n) for n in names):
+        return 3
+    if "mp_rank_00_model_states.pt" not in names:
+        return None
+    return 1 if any(_ZERO_OPTIM.match(n) for n in names) else 0
+
+
 def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: int,
                  n_fields: int | None = None, vocabulary: dict | None = None,
-                 freeze: str | None = None) -> dict | None:
+                 freeze: str | None = None, zero_stage: int | None = None) -> dict | None:
     """Refuse, before any process group or engine exists, to resume a checkpoint this run
     could not load or would continue differently: another model shape, number of field
-    columns, field vocabulary (column order), world size or set of trainable parameters
+    columns, field vocabulary (column order), world size, ZeRO layout (stage 0, 1-2 or 3:
+    DeepSpeed's load stops with a traceback on another) or set of trainable parameters
     (train.freeze: the ZeRO optimizer state holds the trainable ones only, and DeepSpeed
     stops with a traceback on another set). Every rank reads the small metadata
     file of the newest complete checkpoint and raises the same one-line error. `n_fields` and
@@ -194,6 +220,15 @@ def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: in
                           "--config, or start a new run with train.init_from")
     check_fields(meta, tag_dir, n_fields, vocabulary)
     check_world(meta, tag_dir, world_size)
+    saved_layout = zero_layout(tag_dir, meta)
+    if zero_stage is not None and saved_layout is not None:
+        ours = min(zero_stage, 1) if zero_stage < 3 else 3
+        if ours != saved_layout:
+            raise ConfigError(f"--resume: {tag_dir} was written {_LAYOUTS[saved_layout]} and "
+                              f"this run's DeepSpeed config sets stage {zero_stage}: DeepSpeed "
+                              "cannot load the one into the other; resume with a DeepSpeed "
+                              "config of the checkpoint's ZeRO stage, or start a new run from "
+                              f"its weights with train.init_from={run_dir}")
     saved_freeze = meta.get("freeze")          # absent in checkpoints written before it was
     if freeze is not None and saved_freeze is not None and saved_freeze != freeze:
         raise ConfigError(f"--resume: {tag_dir} was trained with train.freeze={saved_freeze}, "
