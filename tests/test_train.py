@@ -1074,6 +1074,29 @@ def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(d
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
+def test_a_run_without_zero_exports_and_fine_tunes(demo_base, tmp_path):
+    """A checkpoint of a run without ZeRO (stage 0) holds the whole model: the export used to
+    die in DeepSpeed's zero_to_fp32 (TypeError traceback), and train.init_from with it. The
+    exported weights are the run's: a fine-tuning run from them evaluates before its first
+    step exactly as the run did after its last."""
+    ds = ds_config(tmp_path, 0, micro=4)
+    pre = tmp_path / "pre"
+    evals = ["train.eval_batches=1", "train.rollout_steps=1"]
+    train(ds, pre, ["train.max_steps=2"] + evals, data=demo_base)
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = torch.load(pre / "export" / "model_fp32.pt", weights_only=False)
+    from dsfm.models.avit import AViT, AViTConfig
+    AViT(AViTConfig(**payload["model_config"])).load_state_dict(payload["model"])
+    assert payload["step"] == 2
+    tune = tmp_path / "tune"
+    train(ds, tune, ["train.max_steps=1", "train.eval_at_start=true",
+                     f"train.init_from={pre / 'export' / 'model_fp32.pt'}"] + evals,
+          data=demo_base)
+    assert (json.loads((tune / "eval_step00000000.json").read_text())
+            == json.loads((pre / "eval_step00000002.json").read_text()))
+
+
 def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tmp_path):
     from dsfm.errors import CheckpointError
     from dsfm.runtime.checkpoint import consolidate

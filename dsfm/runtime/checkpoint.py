@@ -329,8 +329,9 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
 
 
 def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
-    """A consolidated fp32 state dict (from ZeRO-2 or ZeRO-3 partitions, any world size) with
-    the model shape and field vocabulary beside it, in memory: what fine-tuning loads."""
+    """A consolidated fp32 state dict (from ZeRO-1, 2 or 3 partitions of any world size, or a
+    checkpoint without ZeRO) with the model shape and field vocabulary beside it, in memory:
+    what fine-tuning loads."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     ckpt_dir = run_dir_or_ckpt
@@ -345,8 +346,13 @@ def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
     tag_dir = os.path.join(ckpt_dir, tag)
     if os.path.isfile(os.path.join(tag_dir, META)):
         check_files(read_meta(tag_dir), tag_dir, "export")
-    state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     client = _client_state(tag_dir)
+    if zero_layout(tag_dir) == 0:
+        # without ZeRO DeepSpeed saves the whole model's state dict beside the client state
+        # (zero_to_fp32 finds no partitions there and fails with a TypeError)
+        state = client["module"]
+    else:
+        state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
     return {"model": {k: v.float().clone() for k, v in state.items()},
             "model_config": client["model_config"], "vocabulary": client["vocabulary"],
             "step": client["step"], "source": os.path.join(ckpt_dir, tag),

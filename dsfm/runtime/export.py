@@ -1,8 +1,9 @@
 """python -m dsfm.runtime.export RUN_DIR [--tag stepNNNNNNNN] [--out FILE]
 
-Consolidates a run's checkpoint (ZeRO-2 or ZeRO-3 partitions, any world size) into one fp32
-state dict with the model shape and field vocabulary beside it: what `train.init_from` loads to
-fine-tune, and what an inference script needs. Runs on CPU, no process group needed.
+Consolidates a run's checkpoint (ZeRO partitions of any stage and world size, or a checkpoint
+without ZeRO) into one fp32 state dict with the model shape and field vocabulary beside it: what
+`train.init_from` loads to fine-tune, and what an inference script needs. Runs on CPU, no
+process group needed.
 """
 
 from __future__ import annotations
