@@ -149,6 +149,11 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                                                  checkpoint.newest_tag_dir(run_dir),
                                                  cfg.train.max_steps)
             notes += [note] if note else []
+            note = checkpoint.check_batch(meta, checkpoint.newest_tag_dir(run_dir),
+                                          schedule.micro_batch(ds_config),
+                                          schedule.accumulation(ds_config, world_size),
+                                          world_size)
+            notes += [note] if note else []
     elif args.run_dir is not None:
         found = checkpoint.tags(checkpoint.checkpoint_dir(args.run_dir))
         if found:
@@ -519,7 +524,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
-                        "model_numerics": NUMERICS, "freeze": cfg.train.freeze}
+                        "model_numerics": NUMERICS, "freeze": cfg.train.freeze,
+                        "batch": {"micro": micro, "accumulation": accum}}
         dev = engine.device
         # the loss of the steps since the last log line (a resumed run continues the window)
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)

@@ -623,6 +623,20 @@ def test_resume_with_another_world_size_or_zero_layout_is_refused(demo_base, tmp
         assert len(proc.stderr.strip().splitlines()) == 1
     from dsfm.runtime.checkpoint import check_resume
     assert check_resume(str(run_dir), (48, 3, 2), 1, zero_stage=1)["step"] == 2
+    # another micro-batch: the loader's place in each dataset counts micro-batches of 4; this
+    # used to be the sampler's error after the process group and DeepSpeed's load
+    proc = run(train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                         [f"data.base={demo_base}", "train.max_steps=4"]) + ["--resume"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert ("was trained with micro-batches of 4 (train_micro_batch_size_per_gpu), this run's "
+            "DeepSpeed config sets 2") in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    # another accumulation trains on, with a warning (it used to say nothing)
+    from dsfm.runtime.checkpoint import check_batch
+    saved = check_resume(str(run_dir), (48, 3, 2), 1, zero_stage=2)
+    assert check_batch(saved, str(tag), 4, 1, 1) is None
+    assert "gradient_accumulation_steps=1 (4 samples per step), this run's DeepSpeed config " \
+        "sets 3 (12 samples per step)" in check_batch(saved, str(tag), 4, 3, 1)
     meta = json.loads((tag / "dsfm_meta.json").read_text())
     assert meta["world_size"] == 1
     (tag / "dsfm_meta.json").write_text(json.dumps({**meta, "world_size": 2}))

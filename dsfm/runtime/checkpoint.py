@@ -88,7 +88,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         td.barrier()
     if rank == 0:
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "freeze")
+                                             "freeze", "batch")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
@@ -238,6 +238,33 @@ def check_resume(run_dir: str, model_shape: tuple[int, int, int], world_size: in
                           "others")
     check_files(meta, tag_dir)
     return meta
+
+
+def check_batch(meta: dict, tag_dir: str, micro: int, accumulation: int,
+                world_size: int) -> str | None:
+    """A resumed run takes the checkpoint's micro-batch (the loader's position in each
+    dataset counts micro-batches of that size: another size is a one-line error here rather
+    than the sampler's, after the process group and DeepSpeed's load); another gradient
+    accumulation trains on from the checkpoint with another global batch, which a warning
+    says (the run does not continue as the saved one would have). Checkpoints written
+    before dsfm recorded the batch are not checked here. Returns the warning, or None."""
+    saved = meta.get("batch")
+    if not isinstance(saved, dict):
+        return None
+    if saved.get("micro") != micro:
+        raise ConfigError(f"--resume: {tag_dir} was trained with micro-batches of "
+                          f"{saved.get('micro')} (train_micro_batch_size_per_gpu), this run's "
+                          f"DeepSpeed config sets {micro}; the loader's place in each dataset "
+                          "counts micro-batches of the saved size: resume with that size (and "
+                          "change gradient_accumulation_steps for another global batch), or "
+                          "start a new run from its weights with train.init_from")
+    if saved.get("accumulation") != accumulation:
+        before, now = (micro * a * world_size for a in (saved.get("accumulation"), accumulation))
+        return (f"warning: --resume: {tag_dir} was trained with gradient_accumulation_steps="
+                f"{saved.get('accumulation')} ({before} samples per step), this run's DeepSpeed "
+                f"config sets {accumulation} ({now} samples per step): the run goes on from the "
+                "checkpoint with the new global batch, not as the saved run would have")
+    return None
 
 
 def check_world(meta: dict, tag_dir: str, world_size: int, rank: int | None = None) -> None:

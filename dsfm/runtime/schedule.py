@@ -104,3 +104,13 @@ def zero_stage(ds_config: dict) -> int:
 
 def micro_batch(ds_config: dict) -> int:
     return int(ds_config["train_micro_batch_size_per_gpu"])
+
+
+def accumulation(ds_config: dict, world_size: int) -> int:
+    """Micro-batches per optimizer step, as DeepSpeed takes them from a config `resolve`
+    checked: gradient_accumulation_steps, or what train_batch_size implies without it, or 1."""
+    if "gradient_accumulation_steps" in ds_config:
+        return int(ds_config["gradient_accumulation_steps"])
+    if "train_batch_size" in ds_config:
+        return int(ds_config["train_batch_size"]) // (micro_batch(ds_config) * world_size)
+    return 1
