@@ -130,10 +130,14 @@ class FiniteVolume:
             record: Callable[[slice, int, np.ndarray, np.ndarray], None]) -> None:
         """Advance trajectories q through `n_steps` saved times, calling
         record(trajectories, t_index, q, w) at each; chunks of trajectories run one after another,
-        each with its own CFL steps."""
+        each with its own CFL steps. Every saved state is checked first: the last step's result
+        is otherwise never looked at (the next step's check never comes), nor is a run's only
+        saved state."""
         for part in chunks(len(q), self.n, CHUNK_CELLS):
             qc, self.time, self.first_trajectory = q[part], 0.0, part.start
             for t in range(n_steps):
                 if t > 0:
                     qc = self.advance(qc, dt_save)
-                record(part, t, qc, self.primitive(qc))
+                w = self.primitive(qc)
+                self.check(w)
+                record(part, t, qc, w)

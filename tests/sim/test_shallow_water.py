@@ -61,6 +61,9 @@ def test_vanishing_depth_raises_a_positivity_error():
         system.advance(q, 0.1)
 
 
-def test_too_deep_a_dip_is_reported_not_integrated():
+@pytest.mark.parametrize("n_steps", [1, 2])
+def test_too_deep_a_dip_is_reported_not_integrated(n_steps):
+    """Also when the state is only saved, never stepped from: a run of one saved step used to
+    return the negative depth as data."""
     with pytest.raises(PositivityError, match="depth h fell to"):
-        sw.simulate(np.random.default_rng(0), 4, 16, 2, amplitude=3.0)
+        sw.simulate(np.random.default_rng(0), 4, 16, n_steps, amplitude=3.0)
