@@ -11,11 +11,14 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 from dsfm.data.well import WellDataset  # noqa: E402
 
 
-def preview(base: str, out: str, split: str = "train", time_index: int = -1) -> str:
+def frames(base: str, split: str = "train", time_index: int = -1) -> list[tuple]:
+    """(dataset, file, channel names, fields [*spatial, C] of saved step `time_index` of the
+    file's first trajectory, its time) for every dataset under `base`."""
     names = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d,
                                                                              "stats.yaml")))
     rows = []
@@ -23,15 +26,26 @@ def preview(base: str, out: str, split: str = "train", time_index: int = -1) -> 
         ds = WellDataset(path=os.path.join(base, name), well_split_name=split,
                          full_trajectory_mode=True)
         item = ds[0]
-        frames = item["output_fields"][time_index]
+        # the whole trajectory: its first saved step is the window's input, the rest its output
+        fields = torch.cat([item["input_fields"], item["output_fields"]])
+        times = torch.cat([item["input_time_grid"], item["output_time_grid"]])
+        if not -len(times) <= time_index < len(times):
+            ds.close()
+            raise ValueError(f"--time {time_index}: {name} has saved steps 0 to "
+                             f"{len(times) - 1}")
         channels = [c for order in ds.field_names.values() for c in order]
-        t = float(item["output_time_grid"][time_index])
-        rows.append((name, ds.files_paths[0], channels, frames, t))
+        rows.append((name, ds.files_paths[0], channels, fields[time_index],
+                     float(times[time_index])))
         ds.close()
+    return rows
+
+
+def preview(base: str, out: str, split: str = "train", time_index: int = -1) -> str:
+    rows = frames(base, split, time_index)
     n_cols = max(len(r[2]) for r in rows)
     fig, axes = plt.subplots(len(rows), n_cols, figsize=(2.6 * n_cols, 2.6 * len(rows)),
                              squeeze=False)
-    for r, (name, path, channels, frames, t) in enumerate(rows):
+    for r, (name, path, channels, fields, t) in enumerate(rows):
         for c in range(n_cols):
             ax = axes[r][c]
             ax.set_xticks([])
@@ -39,8 +53,8 @@ def preview(base: str, out: str, split: str = "train", time_index: int = -1) -> 
             if c >= len(channels):
                 ax.axis("off")
                 continue
-            im = ax.imshow(frames[..., c].T.numpy(), origin="lower", cmap="RdBu_r"
-                           if frames[..., c].min() < 0 < frames[..., c].max() else "viridis")
+            im = ax.imshow(fields[..., c].T.numpy(), origin="lower", cmap="RdBu_r"
+                           if fields[..., c].min() < 0 < fields[..., c].max() else "viridis")
             fig.colorbar(im, ax=ax, fraction=0.046, pad=0.02)
             ax.set_title(channels[c], fontsize=9)
             if c == 0:
@@ -57,9 +71,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("base")
     ap.add_argument("--out", required=True)
     ap.add_argument("--split", default="train")
-    ap.add_argument("--time", type=int, default=-1, help="saved step to show (default: last)")
+    ap.add_argument("--time", type=int, default=-1,
+                    help="saved step to show, from 0 (default: -1, the last)")
     args = ap.parse_args(argv)
-    print(preview(args.base, args.out, args.split, args.time))
+    try:
+        print(preview(args.base, args.out, args.split, args.time))
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 
