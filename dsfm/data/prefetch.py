@@ -351,10 +351,22 @@ class WellLoader:
                  worker_start_timeout_s: float = 120.0, read_timeout_s: float = 600.0):
         if split not in SPLITS:
             raise ConfigError(f"split {split!r} is not one of {', '.join(SPLITS)}")
-        if num_workers < 1:
-            raise ConfigError(f"num_workers must be >= 1, got {num_workers}")
-        if n_steps_input < 1 or n_steps_output < 0:
-            raise ConfigError("need n_steps_input >= 1 and n_steps_output >= 0")
+        # counts reach the ring's size, range() and the readers: a float or a bool there was a
+        # TypeError from deep inside, a max_open_files < 1 a traceback from every reader
+        for what, value, least in (("n_steps_input", n_steps_input, 1),
+                                   ("n_steps_output", n_steps_output, 0),
+                                   ("dt_stride", dt_stride, 1), ("num_workers", num_workers, 1),
+                                   ("ring_slots", 2 if ring_slots is None else ring_slots, 2),
+                                   ("max_open_files", max_open_files, 1)):
+            if not isinstance(value, (int, np.integer)) or isinstance(value, (bool, np.bool_)):
+                raise ConfigError(f"{what} must be an integer, got {value!r}")
+            if value < least:
+                raise ConfigError(f"{what} must be >= {least}, got {value}")
+        for what, value in (("worker_start_timeout_s", worker_start_timeout_s),
+                            ("read_timeout_s", read_timeout_s)):
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
+                    or not value > 0:
+                raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
         if isinstance(datasets, str):
             datasets = [datasets]
         self.n_steps_input, self.n_steps_output = n_steps_input, n_steps_output

@@ -669,3 +669,25 @@ def test_zero_ring_slots_are_refused(demo_base):
 
     with pytest.raises(ConfigError, match="ring_slots"):
         WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, ring_slots=0)
+
+
+@pytest.mark.parametrize("kw, needle", [
+    ({"max_open_files": 0}, "max_open_files must be >= 1, got 0"),
+    ({"n_steps_input": 2.0}, "n_steps_input must be an integer, got 2.0"),
+    ({"n_steps_output": 1.5}, "n_steps_output must be an integer, got 1.5"),
+    ({"num_workers": 1.0}, "num_workers must be an integer, got 1.0"),
+    ({"ring_slots": 3.5}, "ring_slots must be an integer, got 3.5"),
+    ({"dt_stride": True}, "dt_stride must be an integer, got True"),
+    ({"read_timeout_s": 0}, "read_timeout_s must be a positive number of seconds, got 0"),
+])
+def test_bad_counts_are_one_line_before_any_reader_starts(demo_base, capfd, kw, needle):
+    """A count that is not a whole number (or a max_open_files < 1, a timeout <= 0) used to be
+    a TypeError from sizing the ring, or a traceback printed by every reader and a WorkerError;
+    now a ConfigError naming the argument, and no reader is started to say it."""
+    from dsfm.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        WellLoader([os.path.join(demo_base, "euler_2d")], **{"batch_size": 2, "num_workers": 1,
+                                                             **kw})
+    assert str(info.value) == needle
+    assert "Traceback" not in capfd.readouterr().err
