@@ -27,6 +27,11 @@ class CorruptFileError(DataError):
     """A file cannot be opened or read as HDF5 (truncated, damaged, not HDF5)."""
 
 
+class MissingFileError(DataError, FileNotFoundError):
+    """A file of a dataset is not there: deleted, moved, or a symlink whose target is gone.
+    Also a FileNotFoundError, as upstream raises for it."""
+
+
 class SchemaError(DataError):
     """A file is readable but does not follow the declared format (missing group, attribute or
     dataset, or a shape that contradicts its flags)."""

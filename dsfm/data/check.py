@@ -41,7 +41,7 @@ from dsfm.data.well_format import (
     layout_mismatch,
     open_h5,
 )
-from dsfm.errors import ConfigError, CorruptFileError, DataError
+from dsfm.errors import ConfigError, CorruptFileError, DataError, DsfmError
 
 
 def _count_nonfinite(dset, lead: tuple, time_varying: bool):
@@ -150,7 +150,7 @@ def check_file(path: str, scan_data: bool = True
     try:
         f = open_h5(path)
     except (CorruptFileError, FileNotFoundError) as exc:
-        return None, [str(exc) if isinstance(exc, CorruptFileError) else f"{path}: not found"]
+        return None, [str(exc) if isinstance(exc, DsfmError) else f"{path}: not found"]
     with f:
         try:
             if is_pdebench(f, path):

@@ -19,6 +19,7 @@ problems. `write_well_file` writes the format and validates shapes with the same
 from __future__ import annotations
 
 import itertools
+import os
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
@@ -26,7 +27,7 @@ from typing import Iterable, Sequence
 import h5py
 import numpy as np
 
-from dsfm.errors import CorruptFileError, SchemaError
+from dsfm.errors import CorruptFileError, MissingFileError, SchemaError
 
 GROUPS = ("dimensions", "boundary_conditions", "scalars", "t0_fields", "t1_fields", "t2_fields")
 ROOT_ATTRS = ("dataset_name", "grid_type", "n_spatial_dims", "n_trajectories",
@@ -172,7 +173,11 @@ def open_h5(path: str, **kwargs) -> h5py.File:
     try:
         return h5py.File(path, "r", **kwargs)
     except FileNotFoundError:
-        raise
+        # a dataset's file listing can hold a name that cannot be opened: a file deleted or
+        # moved since, or a symlink whose target is gone (HDF5's own message is a paragraph)
+        target = os.readlink(path) if os.path.islink(path) else None
+        raise MissingFileError(f"{path}: not found" + (
+            f" (a symlink to {target}, which does not exist)" if target else "")) from None
     except OSError as exc:
         reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
         raise CorruptFileError(

@@ -350,3 +350,23 @@ def test_scalars_the_readers_cannot_read_are_refused(dataset, damage, needle):
     with pytest.raises(SchemaError) as exc:
         open_ds(dataset)
     assert_one_line(exc, str(path), needle)
+
+
+def test_a_dangling_symlink_in_a_split_is_one_line(dataset, tmp_path):
+    """A split directory holding a symlink whose target was moved or deleted: before, h5py's
+    FileNotFoundError (not a DsfmError, so `python -m dsfm.train` died with a traceback on
+    every rank); now one DsfmError line naming the file and where the link points, still a
+    FileNotFoundError as upstream raises, and the checker says the same."""
+    from dsfm.data.prefetch import index_dataset
+
+    gone = tmp_path / "moved_away.hdf5"
+    (dataset / "data" / "train" / "extra.hdf5").symlink_to(gone)
+    for make in (lambda: open_ds(dataset),
+                 lambda: index_dataset(str(dataset), "train", 2, 1, 1, "zscore")):
+        with pytest.raises(DsfmError) as info:
+            make()
+        assert isinstance(info.value, FileNotFoundError)
+        assert str(info.value) == (f"{dataset}/data/train/extra.hdf5: not found (a symlink to "
+                                   f"{gone}, which does not exist)")
+    proc = check(dataset)
+    assert proc.returncode == 1 and f"a symlink to {gone}, which does not exist" in proc.stdout
