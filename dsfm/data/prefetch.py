@@ -46,7 +46,7 @@ from dsfm import errors, subprocess_env
 from dsfm.data import native
 from dsfm.data.fields import FieldVocabulary
 from dsfm.data.handles import H5Pool
-from dsfm.data.index import SPLITS
+from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.pdebench import PDEBenchDataset
 from dsfm.data.readers import FLOAT_BYTES, assembled_views
 from dsfm.data.sampler import MixtureSampler
@@ -156,9 +156,50 @@ def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int
     """One dataset's split indexed as WellLoader indexes it (name, fields, windows; `.source`),
     from the files' metadata (and with `normalization`, its stats.yaml) alone, no reader
     started: a DataError or ConfigError for what WellLoader would refuse in it."""
-    make = _well_dataset if _is_well_dataset(path) else _pdebench_dataset
     key = (split, n_steps_input, n_steps_output, dt_stride, normalization)
-    return IndexedDataset(path, key, *make(path, *key))
+    if _is_well_dataset(path):
+        return IndexedDataset(path, key, *_well_dataset(path, *key))
+    _refuse_what_is_no_source(path)
+    try:
+        return IndexedDataset(path, key, *_pdebench_dataset(path, *key))
+    except DataError:
+        _refuse_part_of_a_well_dataset(path)
+        raise
+
+
+def _refuse_what_is_no_source(path: str) -> None:
+    """What is neither a Well dataset directory nor PDEBench data, said as such: anything not
+    a Well dataset used to be read as PDEBench, and a typo in a path, or a directory of
+    datasets, was 'no PDEBench .h5/.hdf5 files'."""
+    if not os.path.exists(path):
+        raise ConfigError(f"{path}: no such file or directory")
+    if not os.path.isdir(path) or list_hdf5(path):
+        return
+    _refuse_part_of_a_well_dataset(path)
+    inside = sorted(name for name in os.listdir(path)
+                    if _is_well_dataset(os.path.join(path, name)))
+    kind = "Well datasets"
+    if not inside:
+        inside = sorted(name for name in os.listdir(path)
+                        if os.path.isdir(os.path.join(path, name))
+                        and list_hdf5(os.path.join(path, name)))
+        kind = "folders of .h5/.hdf5 files"
+    if inside:
+        first = os.path.join(path, inside[0])
+        raise ConfigError(f"{path} is a directory of {kind} ({', '.join(inside)}), not one: "
+                          f"give each one's directory ({first}, ...)")
+    raise ConfigError(f"{path} is neither a Well dataset (no data/ directory) nor PDEBench data "
+                      "(no .h5/.hdf5 files)")
+
+
+def _refuse_part_of_a_well_dataset(path: str) -> None:
+    """A file, split directory or data/ directory of a Well dataset: name the dataset."""
+    parts = os.path.abspath(path).split(os.sep)
+    for depth in (1, 2, 3):             # <dataset>/data[/<split>[/<file>]]
+        up, below = os.sep.join(parts[:-depth]), parts[-depth:]
+        if below[0] == "data" and (depth == 1 or below[1] in SPLITS) and _is_well_dataset(up):
+            raise ConfigError(f"{path} is part of the Well dataset {up}: give the dataset's "
+                              f"directory, {up} (the one holding data/<split>/)")
 
 
 # ------------------------------------------------------------------------------- ring

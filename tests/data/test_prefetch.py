@@ -691,3 +691,34 @@ def test_bad_counts_are_one_line_before_any_reader_starts(demo_base, capfd, kw, 
                                                              **kw})
     assert str(info.value) == needle
     assert "Traceback" not in capfd.readouterr().err
+
+
+@pytest.mark.parametrize("given, needle", [
+    ("base/euler2d", "{t}/base/euler2d: no such file or directory"),
+    ("base", "{t}/base is a directory of Well datasets (euler_2d), not one: give each one's "
+             "directory ({t}/base/euler_2d, ...)"),
+    ("base/euler_2d/data", "{t}/base/euler_2d/data is part of the Well dataset "
+                           "{t}/base/euler_2d"),
+    ("base/euler_2d/data/train", "{t}/base/euler_2d/data/train is part of the Well dataset "
+                                 "{t}/base/euler_2d: give the dataset's directory"),
+    ("base/euler_2d/data/train/euler_2d_mach_1.hdf5",
+     "euler_2d_mach_1.hdf5 is part of the Well dataset {t}/base/euler_2d"),
+    ("pdebench", "{t}/pdebench is a directory of folders of .h5/.hdf5 files (swe), not one: "
+                 "give each one's directory ({t}/pdebench/swe, ...)"),
+    ("empty", "{t}/empty is neither a Well dataset (no data/ directory) nor PDEBench data"),
+])
+def test_a_path_that_is_no_dataset_is_named_as_such(demo_base, pdebench_all, tmp_path, given,
+                                                     needle):
+    """Anything not a Well dataset directory was read as PDEBench: a typo in a path or a
+    directory of datasets was 'no PDEBench .h5/.hdf5 files', a Well split directory or file
+    'not a PDEBench 2D layout'. Now one line saying what the path is and what to give."""
+    from dsfm.errors import ConfigError
+
+    os.makedirs(tmp_path / "base")
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), tmp_path / "base" / "euler_2d")
+    shutil.copytree(pdebench_all[2], tmp_path / "pdebench" / "swe")
+    os.makedirs(tmp_path / "empty")
+    with pytest.raises(ConfigError) as info:
+        WellLoader([str(tmp_path / given)], batch_size=2, num_workers=1)
+    assert needle.format(t=tmp_path) in str(info.value)
+    assert "PDEBench 2D" not in str(info.value) and "\n" not in str(info.value)
