@@ -223,7 +223,7 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     no data read), check that the mixture's weights and micro-batch fit its windows, and return
     the field vocabulary the loader will build (the pretrained one first when fine-tuning, then
     the mixture's fields in dataset order) and the indexed datasets, for the loader."""
-    from dsfm.data.prefetch import index_dataset
+    from dsfm.data.prefetch import index_dataset, refuse_one_name_twice
     from dsfm.data.sampler import MixtureSampler
 
     data = cfg.data
@@ -234,16 +234,8 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     check_grids([(i.path, i.source) for i in indexed])
     for source in sources:
         vocab.add(source.vocabulary_name, source.channel_names)
+    refuse_one_name_twice(indexed)
     names = [s.name for s in sources]
-    for i, source in enumerate(sources):      # one name for two folders: not a repeat
-        first = names.index(source.name)
-        if first != i and os.path.realpath(indexed[first].path) != \
-                os.path.realpath(indexed[i].path):
-            raise ConfigError(
-                f"{indexed[first].path} and {indexed[i].path} are both dataset "
-                f"{source.name!r} (the name their files give, which names a dataset's losses, "
-                "metrics, field columns and sampler state): two datasets of one name cannot "
-                "be mixed; leave one out, or give one's files another dataset_name")
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")

@@ -167,6 +167,22 @@ def index_dataset(path: str, split: str, n_steps_input: int, n_steps_output: int
         raise
 
 
+def refuse_one_name_twice(indexed: Sequence[IndexedDataset]) -> None:
+    """Two folders whose files give one dataset name (two resolutions of euler_2d, say): the
+    name is what tells datasets apart (batches, losses, metrics, field columns, sampler state),
+    so they cannot be mixed. The same folder twice is left to the sampler ('raise its weight')."""
+    names = [entry.source.name for entry in indexed]
+    for i, entry in enumerate(indexed):
+        first = names.index(entry.source.name)
+        if first != i and os.path.realpath(indexed[first].path) != \
+                os.path.realpath(entry.path):
+            raise ConfigError(
+                f"{indexed[first].path} and {entry.path} are both dataset "
+                f"{entry.source.name!r} (the name their files give, which names a dataset's "
+                "losses, metrics, field columns and sampler state): two datasets of one name "
+                "cannot be mixed; leave one out, or give one's files another dataset_name")
+
+
 def _refuse_what_is_no_source(path: str) -> None:
     """What is neither a Well dataset directory nor PDEBench data, said as such: anything not
     a Well dataset used to be read as PDEBench, and a typo in a path, or a directory of
@@ -444,6 +460,7 @@ class WellLoader:
 
         self.datasets: list[_Dataset] = []
         key = (split, n_steps_input, n_steps_output, dt_stride, normalization)
+        indexed = []
         for entry in datasets:
             if not isinstance(entry, IndexedDataset):
                 entry = index_dataset(entry, *key)
@@ -451,6 +468,9 @@ class WellLoader:
                 raise ConfigError(f"{entry.path} was indexed for (split, n_steps_input, "
                                   f"n_steps_output, dt_stride, normalization) {entry.key}, "
                                   f"this loader reads {key}")
+            indexed.append(entry)
+        refuse_one_name_twice(indexed)
+        for entry in indexed:
             source = entry.source
             ids = self.vocabulary.add(source.vocabulary_name, source.channel_names)
             shift = entry.shift      # less what the reads subtract already (Block.offset)

@@ -722,3 +722,21 @@ def test_a_path_that_is_no_dataset_is_named_as_such(demo_base, pdebench_all, tmp
         WellLoader([str(tmp_path / given)], batch_size=2, num_workers=1)
     assert needle.format(t=tmp_path) in str(info.value)
     assert "PDEBench 2D" not in str(info.value) and "\n" not in str(info.value)
+
+
+def test_two_folders_of_one_dataset_name_are_named_not_called_a_repeat(demo_base, tmp_path):
+    """euler_2d in two folders (two resolutions, say): the loader said 'dataset euler_2d is
+    listed more than once ...; raise its weight instead', which they are not; now it names both
+    folders and what to do, as the trainer's check does. One folder given twice still is a
+    repeat."""
+    from dsfm.errors import ConfigError
+
+    other = tmp_path / "euler_2d_64"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), other)
+    euler = os.path.join(demo_base, "euler_2d")
+    with pytest.raises(ConfigError) as info:
+        WellLoader([euler, str(other)], batch_size=2, num_workers=1)
+    assert str(info.value).startswith(f"{euler} and {other} are both dataset 'euler_2d'")
+    assert "give one's files another dataset_name" in str(info.value)
+    with pytest.raises(ConfigError, match="listed more than once .* raise its weight"):
+        WellLoader([euler, euler + "/"], batch_size=2, num_workers=1)
