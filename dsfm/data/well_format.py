@@ -180,6 +180,13 @@ def open_h5(path: str, **kwargs) -> h5py.File:
             f" (a symlink to {target}, which does not exist)" if target else "")) from None
     except OSError as exc:
         reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        if "unable to lock file" in reason:
+            # HDF5's file locking: a writer elsewhere holds the file (a notebook with it open
+            # in "r+" or "a"), or the file system refuses locks; the file itself is fine
+            raise CorruptFileError(
+                f"{path}: cannot be opened for reading while another process has it open for "
+                f"writing ({reason}); close it there, or, if nothing writes it (a file system "
+                "without locks), set HDF5_USE_FILE_LOCKING=FALSE") from None
         raise CorruptFileError(
             f"{path}: cannot be opened as HDF5 ({reason}); the file is truncated or corrupt, "
             "regenerate or re-download it") from None

@@ -370,3 +370,26 @@ def test_a_dangling_symlink_in_a_split_is_one_line(dataset, tmp_path):
                                    f"{gone}, which does not exist)")
     proc = check(dataset)
     assert proc.returncode == 1 and f"a symlink to {gone}, which does not exist" in proc.stdout
+
+
+def test_a_file_locked_by_a_writer_is_not_called_corrupt(dataset):
+    """A file another process holds open for writing (HDF5 takes an exclusive flock, as h5py's
+    "r+" does in a notebook): before, 'the file is truncated or corrupt, regenerate or
+    re-download it'; now one line saying a writer holds it and what to do."""
+    import fcntl
+
+    from dsfm.data.prefetch import index_dataset
+
+    path = train_file(dataset)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)          # what HDF5 does for a writer
+        with pytest.raises(CorruptFileError) as info:
+            index_dataset(str(dataset), "train", 2, 1)
+        assert_one_line(info, str(path), "while another process has it open for writing",
+                        "HDF5_USE_FILE_LOCKING=FALSE")
+        assert "corrupt" not in str(info.value) and "re-download" not in str(info.value)
+        proc = check(dataset)
+        assert proc.returncode == 1 and "another process has it open for writing" in proc.stdout
+    finally:
+        os.close(fd)
