@@ -424,8 +424,8 @@ class WellLoader:
             if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) \
                     or not value > 0:
                 raise ConfigError(f"{what} must be a positive number of seconds, got {value!r}")
-        if isinstance(datasets, str):
-            datasets = [datasets]
+        if isinstance(datasets, (str, os.PathLike, IndexedDataset)):
+            datasets = [datasets]               # one dataset, not a list of them
         self.n_steps_input, self.n_steps_output = n_steps_input, n_steps_output
         self.batch_size, self.num_workers = batch_size, num_workers
         self.check_finite = check_finite
@@ -463,7 +463,7 @@ class WellLoader:
         indexed = []
         for entry in datasets:
             if not isinstance(entry, IndexedDataset):
-                entry = index_dataset(entry, *key)
+                entry = index_dataset(os.fspath(entry), *key)
             elif entry.key != key:
                 raise ConfigError(f"{entry.path} was indexed for (split, n_steps_input, "
                                   f"n_steps_output, dt_stride, normalization) {entry.key}, "

@@ -740,3 +740,19 @@ def test_two_folders_of_one_dataset_name_are_named_not_called_a_repeat(demo_base
     assert "give one's files another dataset_name" in str(info.value)
     with pytest.raises(ConfigError, match="listed more than once .* raise its weight"):
         WellLoader([euler, euler + "/"], batch_size=2, num_workers=1)
+
+
+def test_one_dataset_given_as_a_path_object_or_indexed(demo_base):
+    """A single dataset not in a list: a str always worked, a pathlib.Path or what
+    index_dataset returned was "TypeError: 'PosixPath' object is not iterable"."""
+    import pathlib
+
+    path = os.path.join(demo_base, "euler_2d")
+    kw = dict(n_steps_input=2, n_steps_output=1, batch_size=2, num_workers=1, seed=4)
+    with WellLoader(path, **kw) as loader:
+        expected = next(loader)
+    for given in (pathlib.Path(path), prefetch.index_dataset(path, "train", 2, 1, 1, "zscore")):
+        with WellLoader(given, **kw) as loader:
+            got = next(loader)
+            assert all(isinstance(f, str) for f in loader.datasets[0].source.files)
+        assert np.array_equal(got.windows, expected.windows) and torch.equal(got.x, expected.x)
