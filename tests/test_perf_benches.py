@@ -5,6 +5,7 @@ import os
 import shutil
 import sys
 
+import numpy as np
 import pytest
 
 from dsfm.data import native
@@ -198,3 +199,28 @@ def test_op_count_counts_what_the_host_issues(tmp_path):
     assert dsnorm["ops"] - zero2["ops"] >= 2 * 398       # a float64 copy and a norm each
     assert sum(plain["host_reads"].values()) == 0 < sum(zero2["host_reads"].values())
     assert "host reads of tensor values" in proc.stdout
+
+
+def _demo_source(demo_base, name="euler_2d"):
+    from dsfm.data.index import list_hdf5, read_layouts
+    from dsfm.data.windows import well_source
+
+    return well_source(read_layouts(list_hdf5(os.path.join(demo_base, name, "data", "train"))),
+                       4, 1)
+
+
+def test_raw_pool_times_the_reads_alone(demo_base):
+    """`raw (1p)` times a process's reads and nothing else; `raw pool (Np)` timed the pool's
+    whole map: sending the work, opening the files, 20 warm-up reads per process. The pool's
+    bound read low, and `dsfm vs raw pool` high (one pooled process took 6x one in place for
+    16 demo windows). Now each process waits for the others before its timed reads."""
+    from perf.loader_bench import raw_bound, raw_parallel, raw_pool
+
+    source = _demo_source(demo_base)
+    windows = np.random.default_rng(0).permutation(len(source))[:16]
+    alone = min(raw_bound(source, windows, fresh=True) for _ in range(5))
+    with raw_pool(1) as pool:
+        pooled = min(raw_parallel(pool, source, windows, 1, True) for _ in range(5))
+    assert pooled < 2 * alone, (pooled, alone)
+    with raw_pool(2) as pool:               # two processes meet at the barrier, and finish
+        assert raw_parallel(pool, source, windows, 2, False) > 0
