@@ -148,11 +148,14 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
 def test_loader_bench_compares_every_variant_on_the_same_windows(demo_base, tmp_path):
     out = tmp_path / "loader.json"
     proc = run([sys.executable, "-m", "perf.loader_bench", "--base", demo_base, "--datasets",
-                "euler_2d", "--workers", "2", "--batch", "2", "--batches", "4", "--rounds", "1",
+                "euler_2d", "--workers", "2", "--batch", "8", "--batches", "21", "--rounds", "1",
                 "--rss-batches", "30", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     [row] = rec["rows"]
+    # the raw bounds read as many windows as each loader variant hands out (168), more than
+    # the demo dataset holds (160)
+    assert row["raw_windows_per_round"] == 21 * 8
     loaders = ("dsfm", "dsfm_1w", "dsfm_1w_numpy", "dsfm_1w_read", "dsfm_1w_read_own",
                "dsfm_1w_hdf5")
     for k in loaders + ("upstream", "h5py", "raw", "raw_w", "raw_pread", "raw_alone_read",
@@ -224,3 +227,18 @@ def test_raw_pool_times_the_reads_alone(demo_base):
     assert pooled < 2 * alone, (pooled, alone)
     with raw_pool(2) as pool:               # two processes meet at the barrier, and finish
         assert raw_parallel(pool, source, windows, 2, False) > 0
+
+
+def test_raw_bounds_read_as_many_windows_as_the_loaders_hand_out(demo_base):
+    """Each round's raw bounds read batches x batch windows of one shuffled pass: on a dataset
+    with fewer (the demo's 160, the default 60 x 8 = 480), they read them all once and their
+    rates still counted 480, three times what was read. Now passes follow each other."""
+    from perf.loader_bench import bench_windows
+
+    n = len(_demo_source(demo_base))
+    rng = np.random.default_rng(0)
+    windows = bench_windows(rng, n, 3 * n + 8)
+    assert len(windows) == 3 * n + 8
+    assert set(np.bincount(windows, minlength=n)) <= {3, 4}       # every window, 3 passes+
+    few = bench_windows(rng, n, 8)
+    assert len(set(few.tolist())) == 8 and few.max() < n
