@@ -26,6 +26,7 @@ import torch
 
 from dsfm.runtime.dist import exit_process
 from perf.affinity import pin_threads
+from perf.cli import avit_size, non_negative_int, positive_int, well_datasets
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
@@ -66,12 +67,12 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim preset)")
     ap.add_argument("--datasets", nargs="*", default=None)
-    ap.add_argument("--size", default="B", help="AViT size: Ti, S, B, L")
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--n-in", type=int, default=4)
-    ap.add_argument("--workers", type=int, default=4)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--size", default="B", type=avit_size, help="AViT size: Ti, S, B, L")
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--n-in", type=positive_int, default=4)
+    ap.add_argument("--workers", type=positive_int, default=4)
+    ap.add_argument("--steps", type=positive_int, default=40)
+    ap.add_argument("--warmup", type=non_negative_int, default=5)
     ap.add_argument("--pin", action="store_true",
                     help="then run both feeds again with the training process pinned to the "
                     "first CPU and its hyperthread siblings and the readers to the other CPUs")
@@ -84,14 +85,13 @@ def main(argv: list[str] | None = None) -> int:
 
     from dsfm.data.fields import FieldVocabulary
     from dsfm.data.prefetch import WellLoader
-    from dsfm.data.prepare import dataset_paths
     from dsfm.eval import nmse
     from dsfm.models.avit import avit, n_parameters
     from dsfm.runtime.engine import build_engine, finish, init_process_group
     from perf.train_bench import check_finite, engine_config
 
+    paths = well_datasets(ap, args.base, args.datasets or None)   # before the process group
     env = init_process_group()
-    paths = dataset_paths(args.base, args.datasets or [], [])
     vocab = FieldVocabulary()
     loader = WellLoader(paths, batch_size=args.batch, n_steps_input=args.n_in,
                         num_workers=args.workers, seed=0, vocabulary=vocab,

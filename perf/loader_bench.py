@@ -55,6 +55,7 @@ from dsfm.data import WellLoader, native
 from dsfm.data.index import list_hdf5, read_layouts
 from dsfm.data.windows import well_source
 from perf.affinity import pin_threads
+from perf.cli import non_negative_int, positive_float, positive_int, well_datasets
 from perf.report import write_json
 
 
@@ -490,24 +491,28 @@ def main(argv=None) -> int:
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim --preset small)")
     ap.add_argument("--datasets", help="comma-separated subset of the datasets under BASE")
-    ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--batches", type=int, default=60, help="timed batches per variant, round")
-    ap.add_argument("--rounds", type=int, default=3, help="rounds; each variant once per round")
-    ap.add_argument("--rss-batches", type=int, default=0,
+    ap.add_argument("--workers", type=positive_int, default=2)
+    ap.add_argument("--batch", type=positive_int, default=8)
+    ap.add_argument("--batches", type=positive_int, default=60,
+                    help="timed batches per variant, round")
+    ap.add_argument("--rounds", type=positive_int, default=3,
+                    help="rounds; each variant once per round")
+    ap.add_argument("--rss-batches", type=non_negative_int, default=0,
                     help="also run the mixture this many batches and record memory")
-    ap.add_argument("--rss-seconds", type=float, default=None,
+    ap.add_argument("--rss-seconds", type=positive_float, default=None,
                     help="stop the memory run after this long (it reports the batches done)")
     ap.add_argument("--json")
-    ap.add_argument("--trainer-threads", type=int, default=1,
+    ap.add_argument("--trainer-threads", type=positive_int, default=1,
                     help="torch threads of this (the training) process")
     args = ap.parse_args(argv)
+    names = None
+    if args.datasets is not None:
+        names = [n for n in args.datasets.split(",") if n]
+        if not names:
+            ap.error("--datasets: no dataset named")
+    paths = well_datasets(ap, args.base, names)
     torch.set_num_threads(args.trainer_threads)
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    names = args.datasets.split(",") if args.datasets else sorted(
-        d for d in os.listdir(args.base) if os.path.isfile(os.path.join(args.base, d,
-                                                                         "stats.yaml")))
-    paths = [os.path.join(args.base, n) for n in names]
     report = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "workers": args.workers, "batch": args.batch,
               "trainer_threads": args.trainer_threads, "rows": []}

@@ -21,6 +21,7 @@ import torch
 
 from dsfm.monitor.nvml import GPU_KEYS, GpuSampler
 from dsfm.monitor.system import SYSTEM_KEYS, SystemSampler
+from perf.cli import positive_float, positive_int
 from perf.report import write_json
 
 
@@ -74,10 +75,10 @@ def _sample_cost(sampler, calls: int, keys) -> tuple[float, float] | tuple[None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", type=int, default=384)
-    ap.add_argument("--matmuls", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=4.0, help="per variant per round")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--size", type=positive_int, default=384)
+    ap.add_argument("--matmuls", type=positive_int, default=8)
+    ap.add_argument("--seconds", type=positive_float, default=4.0, help="per variant per round")
+    ap.add_argument("--rounds", type=positive_int, default=5)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
 

@@ -28,6 +28,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from dsfm.runtime.dist import exit_process
+from perf.cli import avit_size, positive_int
 from perf.report import write_json
 
 METADATA = {"view", "_unsafe_view", "unsqueeze", "squeeze", "permute", "expand", "transpose",
@@ -76,13 +77,15 @@ def count(fn, stacks: bool = False) -> Counting:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--size", default="Ti", help="AViT size (Ti, S, B, L)")
-    ap.add_argument("--res", type=int, default=32)
-    ap.add_argument("--frames", type=int, default=4)
-    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--size", default="Ti", type=avit_size, help="AViT size (Ti, S, B, L)")
+    ap.add_argument("--res", type=positive_int, default=32)
+    ap.add_argument("--frames", type=positive_int, default=4)
+    ap.add_argument("--batch", type=positive_int, default=2)
     ap.add_argument("--no-deepspeed", action="store_true", help="skip the ZeRO-2 engine")
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
+    from perf.train_bench import check_shapes
+    check_shapes(ap, args.res, 4)
 
     from dsfm.eval import nmse
     from dsfm.models.avit import avit

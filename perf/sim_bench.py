@@ -15,6 +15,7 @@ import time
 
 from dsfm.sim.build import build
 from dsfm.sim.presets import PRESETS
+from perf.cli import positive_int
 from perf.report import write_json
 
 
@@ -51,7 +52,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.sim_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    ap.add_argument("--workers", type=int, default=None)
+    ap.add_argument("--workers", type=positive_int, default=None,
+                    help="processes for the whole preset (default: one per core)")
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
     rows = run(args.preset, args.workers)

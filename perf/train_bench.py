@@ -30,6 +30,7 @@ import torch
 
 from dsfm.monitor.steps import peak_tflops
 from dsfm.runtime.dist import exit_process
+from perf.cli import non_negative_int, positive_int
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
 
@@ -56,6 +57,7 @@ _FLOPS: dict[tuple, float] = {}
 
 
 NUMERICS = ("fp32", "tf32", "torch")
+FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
 WRAPPERS = ("plain", "graph", "zero2", "zero2nc", "zero2ds", "zero3")
 
 
@@ -183,7 +185,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     bcs = torch.full((batch, 2, 2), 2.0)   # stays on the host, as the trainer passes the
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
-        model = avit(size, 12, drop_path=0.0)
+        model = avit(size, FIELD_COLUMNS, drop_path=0.0)
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
@@ -355,6 +357,17 @@ def _busy(row: dict) -> str:
     return f"{min(100.0, 100 * busy / row['ms_per_step']):.1f}%" if busy is not None else "n/a"
 
 
+def check_shapes(ap: argparse.ArgumentParser, res: int, fields: int) -> None:
+    """--res and --fields the AViT takes, else one argparse error before any process group."""
+    from dsfm.models.avit import PATCH, grid_problem
+
+    if grid_problem((res, res)):
+        ap.error(f"--res {res}: the AViT takes a multiple of its patch, {PATCH}, with two "
+                 f"patches at least ({2 * PATCH}, {3 * PATCH}, ...)")
+    if fields > FIELD_COLUMNS:
+        ap.error(f"--fields {fields}: at most the model's {FIELD_COLUMNS} field columns")
+
+
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
@@ -377,12 +390,13 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens (dsfm's blocks: channels last, projections as matrix "
                     "multiplies), channels_first (MPP's formulation of the same model: 1x1 "
                     "convolutions; perf.mpp_layout)")
-    ap.add_argument("--batch", type=int, default=0, help="default 8 (L: 4)")
-    ap.add_argument("--frames", type=int, default=16)
-    ap.add_argument("--fields", type=int, default=4)
-    ap.add_argument("--res", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=10)
-    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
+    ap.add_argument("--frames", type=positive_int, default=16)
+    ap.add_argument("--fields", type=positive_int, default=4,
+                    help=f"fields present, of the model's {FIELD_COLUMNS} field columns")
+    ap.add_argument("--res", type=positive_int, default=128)
+    ap.add_argument("--steps", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the space-time blocks (AViT.compile_blocks)")
     ap.add_argument("--profile", type=steps_arg, default=0, metavar="N",
@@ -412,6 +426,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile and "channels_first" in args.layouts.split(","):
         ap.error("--compile compiles the token blocks; the channels_first reference runs "
                  "eager only")
+    check_shapes(ap, args.res, args.fields)
 
     from dsfm.runtime.engine import finish, init_process_group
 

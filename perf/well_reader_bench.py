@@ -16,6 +16,8 @@ import time
 import numpy as np
 
 from dsfm.data import WellDataset
+from dsfm.data.index import SPLITS
+from perf.cli import non_negative_int, positive_int, well_datasets
 from perf.report import write_json
 
 
@@ -28,15 +30,14 @@ def _time(ds, order) -> tuple[float, int]:
     return time.perf_counter() - t0, nbytes
 
 
-def bench(base: str, split: str, n_items: int, seed: int) -> list[dict]:
+def bench(paths: list[str], split: str, n_items: int, seed: int) -> list[dict]:
     from the_well.data import WellDataset as UpstreamWellDataset
     from the_well.data.normalization import ZScoreNormalization
 
     rows = []
-    names = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d,
-                                                                             "stats.yaml")))
-    for name in names:
-        kw = dict(path=os.path.join(base, name), well_split_name=split, n_steps_input=4,
+    for path in paths:
+        name = os.path.basename(path)
+        kw = dict(path=path, well_split_name=split, n_steps_input=4,
                   n_steps_output=1, use_normalization=True)
         ours = WellDataset(normalization_type="zscore", **kw)
         theirs = UpstreamWellDataset(normalization_type=ZScoreNormalization, **kw)
@@ -58,12 +59,13 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.well_reader_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (e.g. from dsfm.sim)")
-    ap.add_argument("--split", default="train")
-    ap.add_argument("--items", type=int, default=400, help="windows per dataset and reader")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--split", choices=SPLITS, default="train")
+    ap.add_argument("--items", type=positive_int, default=400,
+                    help="windows per dataset and reader")
+    ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--json")
     args = ap.parse_args(argv)
-    rows = bench(args.base, args.split, args.items, args.seed)
+    rows = bench(well_datasets(ap, args.base, None), args.split, args.items, args.seed)
     print(f"{'dataset':32s} {'input window':>18s} {'upstream/s':>10s} {'dsfm/s':>8s} "
           f"{'up MB/s':>8s} {'dsfm MB/s':>9s} {'ratio':>6s}")
     for r in rows:

@@ -242,3 +242,54 @@ def test_raw_bounds_read_as_many_windows_as_the_loaders_hand_out(demo_base):
     assert set(np.bincount(windows, minlength=n)) <= {3, 4}       # every window, 3 passes+
     few = bench_windows(rng, n, 8)
     assert len(set(few.tolist())) == 8 and few.max() < n
+
+
+SMALL_STEP = ["--wrappers", "plain", "--sizes", "Ti", "--res", "32", "--frames", "2", "--batch",
+              "2", "--steps", "1", "--warmup", "0"]
+BAD_ARGUMENTS = [
+    ("loader_bench", ["--base", "MISSING"], "--base"),
+    ("loader_bench", ["--base", "DEMO", "--workers", "0"], "--workers"),
+    ("loader_bench", ["--base", "DEMO", "--batches", "-1"], "--batches"),
+    ("loader_bench", ["--base", "DEMO", "--rounds", "0"], "--rounds"),
+    ("loader_bench", ["--base", "DEMO", "--datasets", "euler_2d,nosuch"], "nosuch"),
+    ("well_reader_bench", ["--base", "MISSING"], "--base"),
+    ("well_reader_bench", ["--base", "DEMO", "--items", "-150"], "--items"),
+    ("sim_bench", ["--workers", "0"], "--workers"),
+    ("monitor_overhead", ["--rounds", "0"], "--rounds"),
+    ("monitor_overhead", ["--seconds", "-1"], "--seconds"),
+    # small shapes, so that a check that let them through would fail in seconds
+    ("train_bench", SMALL_STEP + ["--steps", "0"], "--steps"),
+    ("train_bench", SMALL_STEP + ["--res", "20"], "--res 20"),
+    ("train_bench", SMALL_STEP + ["--batch", "-1"], "--batch"),
+    ("train_bench", SMALL_STEP + ["--fields", "13"], "--fields 13"),
+    ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
+    ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
+    ("feed_bench", ["--base", "MISSING"], "--base"),
+    ("feed_bench", ["--base", "DEMO", "--workers", "0"], "--workers"),
+    ("feed_bench", ["--base", "DEMO", "--size", "X"], "--size"),
+]
+
+
+@pytest.mark.parametrize("bench,argv,named", BAD_ARGUMENTS,
+                         ids=[f"{b} {' '.join(a[-2:])}" for b, a, _ in BAD_ARGUMENTS])
+def test_a_bad_argument_is_one_error_line_before_any_work(bench, argv, named, demo_base,
+                                                           tmp_path, capsys):
+    """Before: a traceback (a missing --base, --rounds 0), a run that measured nothing and
+    exited 0 (--workers 0, an unknown dataset: 'failed: IndexError'), a run of another size
+    than asked (--items -150 read all windows but 150; sim_bench --workers 0 used every
+    core), or a process group and a failing variant per size (train_bench --res 20). Now
+    argparse's error (exit 2) naming the option, before any data is read or process started."""
+    import importlib
+
+    main = importlib.import_module(f"perf.{bench}").main
+    argv = [str(tmp_path / "nowhere") if a == "MISSING" else demo_base if a == "DEMO" else a
+            for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert ": error: " in last, last
+    assert named in last, last
+
