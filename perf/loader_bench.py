@@ -42,6 +42,7 @@ import contextlib
 import mmap
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
@@ -612,7 +613,12 @@ def main(argv=None) -> int:
               flush=True)
         save()
     save()
-    return 0
+    # a dataset (or the memory run) that failed: said above, and in the exit status
+    failed = [r["dataset"] for r in report["rows"] if "error" in r]
+    failed += ["the memory run"] if "error" in report.get("rss", {}) else []
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr, flush=True)
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

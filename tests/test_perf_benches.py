@@ -293,3 +293,23 @@ def test_a_bad_argument_is_one_error_line_before_any_work(bench, argv, named, de
     assert ": error: " in last, last
     assert named in last, last
 
+
+def test_loader_bench_exits_1_when_a_dataset_fails(demo_base, tmp_path, capsys):
+    """A dataset that cannot be benchmarked is reported and the others still run; before,
+    the exit status was 0 even when every dataset had failed."""
+    from perf.loader_bench import main
+
+    broken = tmp_path / "broken_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), broken)
+    for d, _, files in os.walk(broken / "data"):
+        for f in files:
+            with open(os.path.join(d, f), "wb") as fh:
+                fh.write(b"not HDF5")
+    out = tmp_path / "loader.json"
+    assert main(["--base", str(tmp_path), "--datasets", "broken_2d", "--batches", "2",
+                 "--rounds", "1", "--json", str(out)]) == 1
+    [row] = json.loads(out.read_text())["rows"]
+    assert row["dataset"] == "broken_2d" and row["error"]
+    io = capsys.readouterr()
+    assert "broken_2d" in io.out and "failed" in io.out
+    assert io.err.strip().splitlines()[-1] == "failed: broken_2d"
