@@ -8,7 +8,8 @@ ZeRO-3 engine, all in one run. Reports ms/step (steps running freely, each readi
 before the backward as dsfm's trainer does; and, without that read, each between two
 synchronizations, with the host's time to issue it), samples/s,
 achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter), MFU against the card's
-dense peak, and peak memory; prints a table and writes JSON.
+dense peak, and peak memory during the variant (CUDA: allocated by tensors; CPU: the process's
+resident memory, Python and libraries included); prints a table and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
@@ -215,6 +216,10 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     if cuda:
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
+        peak_of = "CUDA memory allocated, this variant"
+    else:
+        peak_of = ("resident memory of the process (VmHWM), this variant" if reset_host_peak()
+                   else "resident memory of the process since it started (ru_maxrss)")
 
     zero = fused_norm = engine = None
     if wrapper in ("plain", "graph"):
@@ -242,7 +247,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
            "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
            "leftover_gib": leftover, "first_step_s": compile_s,
            "compiled_vs_eager_loss": compiled_vs_eager,
-           "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12}
+           "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12,
+           "peak_mem_of": peak_of}
     try:
         return _timed(step, issue, row, args, cuda)
     finally:
@@ -252,6 +258,39 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
                 row["engine_torn_down"] = True
             except Exception:           # say so, without hiding the variant's own error
                 traceback.print_exc()
+
+
+def reset_host_peak() -> bool:
+    """Set this process's peak resident memory (Linux's VmHWM) to what it holds now, so that
+    a variant's peak leaves out the variants before it (as torch.cuda.reset_peak_memory_stats
+    does on a GPU); False where the kernel does not allow it. The C library's allocator first
+    returns the memory it keeps free to the system (glibc's malloc_trim), which would
+    otherwise count in the next variant's peak too."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):            # not glibc
+        pass
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def host_peak_gib() -> float:
+    """Peak resident memory of this process in GiB: since `reset_host_peak`, or (where there is
+    no /proc) since the process started."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2 ** 20        # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20   # kB on Linux
 
 
 def teardown(engine) -> None:
@@ -305,7 +344,7 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
                 "host_ms_per_step": 1e3 * statistics.median(issued),
                 "tflops": tflops, "mfu": tflops / peak if peak else None,
                 "peak_mem_gib": (torch.cuda.max_memory_allocated() / 2 ** 30) if cuda else
-                resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20})
+                host_peak_gib()})
     if args.profile:                    # where the GPU time goes, after the timed steps
         keep = None
         if args.trace_dir:

@@ -313,3 +313,21 @@ def test_loader_bench_exits_1_when_a_dataset_fails(demo_base, tmp_path, capsys):
     io = capsys.readouterr()
     assert "broken_2d" in io.out and "failed" in io.out
     assert io.err.strip().splitlines()[-1] == "failed: broken_2d"
+
+
+@pytest.mark.slow
+def test_train_bench_cpu_peak_memory_is_each_variants_own(tmp_path):
+    """On the CPU `peak GiB` was the process's peak resident memory since it started, so
+    every row after the largest model repeated its peak (S then Ti: 0.78 GiB both). Now the
+    peak is reset before each variant, as on a GPU."""
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "S,Ti", "--res", "32",
+                "--frames", "2", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--wrappers", "plain", "--json", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    s, ti = json.loads(out.read_text())["rows"]
+    assert (s["size"], ti["size"]) == ("S", "Ti")
+    # S holds 29.0 M parameters, their gradients and AdamW's two moments (0.43 GiB), Ti 7.3 M
+    assert ti["peak_mem_gib"] < s["peak_mem_gib"] - 0.2, (s["peak_mem_gib"], ti["peak_mem_gib"])
+    assert ti["peak_mem_of"] == s["peak_mem_of"] == \
+        "resident memory of the process (VmHWM), this variant"
