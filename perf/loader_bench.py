@@ -13,9 +13,11 @@ On the same files, with the same number of worker processes, batch size and wind
                 of the files into a reused buffer (`raw pread`)
 
 Each variant runs once per round, rounds interleave the variants, and the median round counts
-(this kind of VM drifts in speed). Per worker, WellLoader with one reader is compared with the
-raw bound of one process, in five forms: `dsfm 1r` (the CPU default: the reader reads a batch
-and also lays out, normalizes and checks each window, with one call of dsfm's C kernel),
+(this kind of VM drifts in speed); a round starts by draining, untimed, the batches the variant
+read ahead while the others ran (a WellLoader's ring, a DataLoader's prefetch). Per worker,
+WellLoader with one reader is compared with the raw bound of one process, in five forms:
+`dsfm 1r` (the CPU default: the reader reads a batch and also lays out, normalizes and checks
+each window, with one call of dsfm's C kernel),
 `dsfm 1r numpy` (the same read window by window in Python, NumPy doing the rest, as where the
 kernel cannot be built), `dsfm 1r read` (the GPU
 configuration: the reader only reads, and the trainer process assembles; on CPU it does so in
@@ -65,8 +67,12 @@ def _percentiles(latencies: list[float]) -> tuple[float, float]:
     return statistics.median(ms), ms[min(len(ms) - 1, int(round(0.95 * (len(ms) - 1))))]
 
 
-def _consume(iterator, n_batches: int, to_device) -> tuple[float, list[float]]:
-    """Time n_batches from an iterator: (seconds, per-batch latencies)."""
+def _consume(iterator, n_batches: int, to_device, drain: int = 0) -> tuple[float, list[float]]:
+    """Time n_batches from an iterator: (seconds, per-batch latencies). First, untimed, `drain`
+    batches: what the loader read ahead while the other variants ran (see `prefetched`), which
+    would come at no cost and count as if read in the timed window."""
+    for _ in range(drain):
+        to_device(next(iterator))
     lat = []
     start = last = time.perf_counter()
     for _ in range(n_batches):
@@ -329,6 +335,7 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
     }
     iters = {k: iter(v) if isinstance(v, WellLoader) else _forever(v)
              for k, (v, _) in variants.items()}
+    drain = {k: prefetched(v) for k, (v, _) in variants.items()}
     for k, (v, to_device) in variants.items():
         with _own_core(k):
             _consume(iters[k], 10, to_device)               # start-up and page cache
@@ -344,7 +351,9 @@ def bench_dataset(path: str, workers: int, batch: int, n_batches: int, rounds: i
         for _ in range(rounds):
             for k, (_, to_device) in variants.items():
                 with _own_core(k):
-                    runs[k].append(_consume(iters[k], n_batches, to_device))
+                    # each round starts from the steady state: what the loader read ahead
+                    # while the variants before it ran is drained first
+                    runs[k].append(_consume(iters[k], n_batches, to_device, drain[k]))
             windows = bench_windows(rng, len(source), n_batches * batch)
             raw["direct"].append(raw_bound(source, windows))
             raw["new"].append(raw_bound(source, windows, fresh=True))
@@ -414,6 +423,14 @@ CUDA_LABELS = {"dsfm_1w": "dsfm 1r (device)", "dsfm_1w_numpy": "dsfm 1r py reads
                "dsfm_1w_read": "dsfm 1r again", "dsfm_1w_hdf5": "dsfm 1r hdf5 reads"}
 #: the ring of a one-reader WellLoader (2 · num_workers + 2 slots), for `alone asm ring`
 RING_SLOTS_1R = 4
+
+
+def prefetched(loader) -> int:
+    """Batches a loader holds ready after standing idle: a WellLoader's ring, a DataLoader's
+    prefetch_factor batches per worker."""
+    if isinstance(loader, WellLoader):
+        return loader.ring_slots
+    return (loader.prefetch_factor or 0) * loader.num_workers
 
 
 def _forever(loader):
