@@ -87,8 +87,9 @@ def _consume(iterator, n_batches: int, to_device, drain: int = 0) -> tuple[float
 
 def _summary(runs: list[tuple[float, list[float]]], n_batches: int, batch: int,
              sample_bytes: int) -> dict:
-    """Median over rounds of samples/s (this VM's speed drifts), latencies pooled."""
-    rates = sorted(n_batches * batch / t for t, _ in runs)
+    """Median over rounds of samples/s (this VM's speed drifts), latencies pooled; `rounds`:
+    each round's rate, in the order they ran."""
+    rates = [n_batches * batch / t for t, _ in runs]
     rate = statistics.median(rates)
     med, p95 = _percentiles([x for _, lat in runs for x in lat])
     return {"samples_per_s": rate, "mb_per_s": rate * sample_bytes / 1e6,

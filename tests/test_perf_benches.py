@@ -352,3 +352,15 @@ def test_a_round_starts_from_the_steady_state(demo_base):
         time.sleep(0.5)                     # the other variants' turn: the ring fills
         _, lat = _consume(it, loader.ring_slots, lambda b: b, prefetched(loader))
     assert min(lat) > 0.3 * steady, (lat, steady)
+
+
+def test_summary_keeps_the_rounds_in_the_order_they_ran():
+    """`rounds` in the JSON were sorted, so a drift over the run (or one slow round) could not
+    be told from the order; the median and latency percentiles are unchanged."""
+    from perf.loader_bench import _summary
+
+    runs = [(2.0, [0.1] * 10), (1.0, [0.05] * 10), (4.0, [0.2] * 10)]    # seconds per round
+    s = _summary(runs, 10, 8, 10 ** 6)
+    assert s["rounds"] == [40.0, 80.0, 20.0]
+    assert s["samples_per_s"] == 40.0 and s["mb_per_s"] == 40.0
+    assert s["batch_ms_median"] == pytest.approx(100.0) and s["batch_ms_p95"] == 200.0
