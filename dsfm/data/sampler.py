@@ -57,7 +57,7 @@ class MixtureSampler:
             raise ConfigError(f"seed must be >= 0, got {seed}")
         w = np.ones(len(self.sizes)) if weights is None else np.asarray(weights, dtype=float)
         if (w.shape != (len(self.sizes),) or not np.isfinite(w).all() or (w < 0).any()
-                or w.sum() <= 0):
+                or w.max() <= 0):
             raise ConfigError(f"weights {[float(x) for x in w.ravel()]} must be "
                               f"{len(self.sizes)} finite non-negative numbers with a positive "
                               f"sum, one per dataset ({', '.join(self.names)})")
@@ -66,6 +66,8 @@ class MixtureSampler:
                 raise ConfigError(
                     f"dataset {name} has {size} windows: fewer than batch_size {batch_size} per "
                     f"rank with {world_size} ranks; lower the batch size or add data")
+        if w.max() > np.finfo(float).max / len(w):     # finite, but their sum could overflow
+            w = w / w.max()
         self.weights = w / w.sum()
         self.batch_size = batch_size
         self.seed, self.rank, self.world_size = seed, rank, world_size

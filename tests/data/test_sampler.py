@@ -94,6 +94,16 @@ def test_resume_continues_with_exactly_the_next_batches():
     assert all(da == db and np.array_equal(ia, ib) for (da, ia), (db, ib) in zip(expected, got))
 
 
+def test_weights_whose_sum_overflows_are_still_proportions():
+    """Finite weights whose sum is inf passed the checks, then every draw failed (NaN
+    probabilities)."""
+    huge = MixtureSampler([40, 40], 2, weights=[1e308, 1e308])
+    assert huge.weights.tolist() == [0.5, 0.5]
+    assert MixtureSampler([40, 40], 2, weights=[1e308, 3e307]).weights.tolist() == \
+        pytest.approx([1 / 1.3, 0.3 / 1.3])
+    assert {huge.choose_dataset(step) for step in range(50)} == {0, 1}
+
+
 def test_bad_configurations():
     with pytest.raises(ConfigError, match="dataset small has 10 windows"):
         MixtureSampler([100, 10], 4, world_size=3, names=["big", "small"])
