@@ -112,21 +112,25 @@ class _Normalization:
                              f"the tensor has {x.shape[-1]} (last dimension)")
         return shift.to(x.device), scale.to(x.device)
 
-    def normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        shift, scale = self._flat_on(x, mode, False)
+    def _flat_forward(self, x: torch.Tensor, mode: str, delta: bool) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, delta)
         return (x - shift) / scale
+
+    def _flat_inverse(self, x: torch.Tensor, mode: str, delta: bool) -> torch.Tensor:
+        shift, scale = self._flat_on(x, mode, delta)
+        return x * scale + shift
+
+    def normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
+        return self._flat_forward(x, mode, False)
 
     def denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        shift, scale = self._flat_on(x, mode, False)
-        return x * scale + shift
+        return self._flat_inverse(x, mode, False)
 
     def delta_normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        shift, scale = self._flat_on(x, mode, True)
-        return (x - shift) / scale
+        return self._flat_forward(x, mode, True)
 
     def delta_denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        shift, scale = self._flat_on(x, mode, True)
-        return x * scale + shift
+        return self._flat_inverse(x, mode, True)
 
     def channel_vectors(self, fields, delta: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """(shift, scale) per channel, float32, for FieldLayouts in channel order."""
@@ -178,17 +182,12 @@ class RMSNormalization(_Normalization):
     def normalize(self, x: torch.Tensor, field: str) -> torch.Tensor:
         return x / self.scale[field]
 
-    def normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        return x / self._flat_on(x, mode, False)[1]
+    # upstream's RMS ignores the shift, also constant fields' min_denom placeholder for delta
+    def _flat_forward(self, x: torch.Tensor, mode: str, delta: bool) -> torch.Tensor:
+        return x / self._flat_on(x, mode, delta)[1]
 
-    def denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        return x * self._flat_on(x, mode, False)[1]
-
-    def delta_normalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        return x / self._flat_on(x, mode, True)[1]
-
-    def delta_denormalize_flattened(self, x: torch.Tensor, mode: str) -> torch.Tensor:
-        return x * self._flat_on(x, mode, True)[1]
+    def _flat_inverse(self, x: torch.Tensor, mode: str, delta: bool) -> torch.Tensor:
+        return x * self._flat_on(x, mode, delta)[1]
 
 
 NORMALIZATIONS = {"zscore": ZScoreNormalization, "rms": RMSNormalization}

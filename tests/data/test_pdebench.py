@@ -334,20 +334,26 @@ def test_a_float64_pressure_with_a_large_mean_keeps_its_values(tmp_path, assembl
                 np.testing.assert_allclose(got, truth(fi, traj, t0), rtol=0, atol=2e-6)
 
 
+def _swe_file_with_a_damaged_group(path, n, damaged):
+    """A shallow-water file of `n` trajectory groups (0000, 0001, ...) whose group `damaged`
+    has its object header overwritten."""
+    with h5py.File(path, "w") as f:
+        for i in range(n):
+            f.create_dataset(f"{i:04d}/data", data=np.zeros((5, 8, 8, 1), np.float32))
+    with h5py.File(path) as f:
+        header = h5py.h5o.get_info(f[damaged].id).addr
+    with open(path, "r+b") as fh:
+        fh.seek(header)
+        fh.write(b"\xff" * 16)
+    return path
+
+
 def test_a_damaged_trajectory_group_is_named(tmp_path):
     """A shallow-water file (one group per trajectory) whose group 0002 has a damaged object
     header: opening the source used to end in h5py's KeyError traceback (and h5py's get() would
     have skipped the trajectory silently); now one line names the file and the group."""
     from dsfm.errors import CorruptFileError
-    path = tmp_path / "2D_rdb_NA_NA.h5"
-    with h5py.File(path, "w") as f:
-        for i in range(4):
-            f.create_dataset(f"{i:04d}/data", data=np.zeros((5, 8, 8, 1), np.float32))
-    with h5py.File(path) as f:
-        header = h5py.h5o.get_info(f["0002"].id).addr
-    with open(path, "r+b") as fh:
-        fh.seek(header)
-        fh.write(b"\xff" * 16)
+    path = _swe_file_with_a_damaged_group(tmp_path / "2D_rdb_NA_NA.h5", 4, "0002")
     with pytest.raises(CorruptFileError) as err:
         PDEBenchDataset(str(path))
     assert str(err.value).startswith(f"{path}: /0002 cannot be read (")
@@ -414,15 +420,7 @@ def test_the_checker_checks_pdebench_files_as_pdebench(tmp_path, capsys):
     with h5py.File(cube, "w") as f:
         for name in ("density", "pressure", "Vx", "Vy", "Vz"):
             f.create_dataset(name, data=np.ones((2, 3, 4, 4, 4), np.float32))
-    swe = tmp_path / "2D_rdb_NA_NA.h5"
-    with h5py.File(swe, "w") as f:
-        for i in range(3):
-            f.create_dataset(f"{i:04d}/data", data=np.zeros((5, 8, 8, 1), np.float32))
-    with h5py.File(swe) as f:
-        header = h5py.h5o.get_info(f["0001"].id).addr
-    with open(swe, "r+b") as fh:
-        fh.seek(header)
-        fh.write(b"\xff" * 16)
+    swe = _swe_file_with_a_damaged_group(tmp_path / "2D_rdb_NA_NA.h5", 3, "0001")
     assert main([str(cube), str(swe)]) == 1
     out, _ = capsys.readouterr()
     lines = out.splitlines()
