@@ -144,13 +144,12 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab,
                                          cfg.train.freeze, schedule.zero_stage(ds_config))
         if meta is not None:
+            tag_dir = checkpoint.newest_tag_dir(run_dir)
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
-                                                 ds_config, cfg.train.resume_schedule,
-                                                 checkpoint.newest_tag_dir(run_dir),
+                                                 ds_config, cfg.train.resume_schedule, tag_dir,
                                                  cfg.train.max_steps)
             notes += [note] if note else []
-            note = checkpoint.check_batch(meta, checkpoint.newest_tag_dir(run_dir),
-                                          schedule.micro_batch(ds_config),
+            note = checkpoint.check_batch(meta, tag_dir, schedule.micro_batch(ds_config),
                                           schedule.accumulation(ds_config, world_size),
                                           world_size)
             notes += [note] if note else []

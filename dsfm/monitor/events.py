@@ -20,28 +20,27 @@ import struct
 TAIL_BYTES = 1 << 16        # some hundred samples of a host and a GPU
 
 
+def _record_end(buf: bytes, i: int, crc) -> int | None:
+    """Where the data of the record at offset `i` ends, if a whole record whose two checksums
+    hold starts there; None otherwise."""
+    if i + 12 > len(buf):
+        return None
+    (length,) = struct.unpack_from("<Q", buf, i)
+    end = i + 12 + length
+    if (end + 4 > len(buf) or struct.unpack_from("<I", buf, i + 8)[0] != crc(buf[i:i + 8])
+            or struct.unpack_from("<I", buf, end)[0] != crc(buf[i + 12:end])):
+        return None
+    return end
+
+
 def _records(buf: bytes):
-    """The whole records of `buf`, from the first offset where one starts."""
+    """The whole records of `buf`, from the first offset where one starts; a record cut short
+    (the writer was killed) ends them."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
 
-    n = len(buf)
-    start = None
-    for i in range(n - 15):
-        (length,) = struct.unpack_from("<Q", buf, i)
-        end = i + 12 + length
-        if end + 4 > n or struct.unpack_from("<I", buf, i + 8)[0] != masked_crc32c(buf[i:i + 8]):
-            continue
-        if struct.unpack_from("<I", buf, end)[0] == masked_crc32c(buf[i + 12:end]):
-            start = i
-            break
-    i = start if start is not None else n
-    while i + 12 <= n:
-        (length,) = struct.unpack_from("<Q", buf, i)
-        end = i + 12 + length
-        if (end + 4 > n
-                or struct.unpack_from("<I", buf, i + 8)[0] != masked_crc32c(buf[i:i + 8])
-                or struct.unpack_from("<I", buf, end)[0] != masked_crc32c(buf[i + 12:end])):
-            return                                  # cut short: the writer was killed
+    i = next((i for i in range(len(buf)) if _record_end(buf, i, masked_crc32c) is not None),
+             len(buf))
+    while (end := _record_end(buf, i, masked_crc32c)) is not None:
         yield buf[i + 12:end]
         i = end + 4
 
