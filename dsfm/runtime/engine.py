@@ -8,7 +8,7 @@ import re
 import torch
 
 from dsfm.errors import ConfigError, DsfmError, first_line
-from dsfm.runtime import dist
+from dsfm.runtime import build_lock, dist
 
 
 def discover() -> dist.DistEnv:
@@ -46,7 +46,8 @@ def init_process_group(env: dist.DistEnv | None = None) -> dist.DistEnv:
         backend = "nccl"
     else:
         backend = "gloo"
-    deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+    with build_lock.watch(f"rank {env.rank}'s process-group start"):
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     # DeepSpeed's CPU backend has mapped every rank's /dev/shm buffer by now (it waits for
     # each peer's file); once all ranks are past that, the names are no longer needed, and
     # unlinking them here means that no way of ending a rank (SIGKILL, an early signal, an
@@ -126,8 +127,10 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     fix_arch_list()
     _filter_deepspeed_noise()
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, optimizer, _, scheduler = deepspeed.initialize(model=model, model_parameters=params,
-                                                           config=cpu_optimizer(ds_config))
+    rank = os.environ.get("RANK", "0")
+    with build_lock.watch(f"rank {rank}'s DeepSpeed engine set-up"):
+        engine, optimizer, _, scheduler = deepspeed.initialize(
+            model=model, model_parameters=params, config=cpu_optimizer(ds_config))
     if fused_grad_norm:
         fuse_grad_norm(engine)
     keep_plain_norm(engine)                    # no ZeRO: the clipping norm, for train/grad_norm
