@@ -333,6 +333,17 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
                 problems.append(f"{where}: dtype {dset.dtype} is not numeric")
                 continue
             layout.scalars.append(ScalarLayout(name, tv, sv, shape))
+        # an item's constant scalars are one tensor: a () scalar (or a sample-varying one)
+        # gives each item a number, a (1,) one a [1] array, which upstream cannot join
+        constant = [s for s in layout.scalars if not s.time_varying]
+        boxed = [s for s in constant if s.shape == (1,) and not s.sample_varying]
+        bare = [s for s in constant if s.shape != (1,) or s.sample_varying]
+        if boxed and bare:
+            problems.append(
+                f"{path}: /scalars/{boxed[0].name} has shape (1,) beside /scalars/"
+                f"{bare[0].name}, which is one number per item: the_well's reader cannot join "
+                "a [1] array and a number into constant_scalars (an error at every item); store "
+                "every constant scalar of the file with shape () (or every one with shape (1,))")
 
     if "boundary_conditions" not in missing_groups:
         codes = np.ones((n_dims, 2), dtype=np.float32)      # open unless a boundary says otherwise

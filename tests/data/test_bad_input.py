@@ -352,6 +352,44 @@ def test_scalars_the_readers_cannot_read_are_refused(dataset, damage, needle):
     assert_one_line(exc, str(path), needle)
 
 
+def test_constant_scalars_of_shapes_1_and_none_in_one_file_are_refused(dataset):
+    """Constant scalars stored as () (g, mean_depth) beside one stored as (1,) (amplitude):
+    the checker called the file valid, then dsfm's WellDataset died with torch.cat's
+    RuntimeError at every item of the file, as upstream's does (an item's constant scalars are
+    a number each and a [1] array). Now the checker and the readers refuse it in one line; a
+    file whose constant scalars are all (1,) is read, as upstream reads it."""
+    from the_well.data import WellDataset as UpstreamDataset
+
+    from dsfm.data.prefetch import index_dataset
+
+    path = train_file(dataset)
+    with h5py.File(path, "r+") as f:
+        _replace_dataset(f, "scalars/amplitude", np.array([0.1], np.float32))
+    upstream = UpstreamDataset(path=str(dataset), well_split_name="train", n_steps_input=2)
+    first = upstream.file_index_offsets[upstream.files_paths.index(str(path))] + 1
+    with pytest.raises(RuntimeError, match="same number of dimensions"):
+        upstream[first]
+    needle = ("/scalars/amplitude has shape (1,) beside /scalars/g, which is one number per "
+              "item: the_well's reader cannot join a [1] array and a number")
+    proc = check(path)
+    assert proc.returncode == 1 and proc.stdout.splitlines()[0].startswith(f"{path}: {needle}")
+    for make in (lambda: open_ds(dataset),
+                 lambda: index_dataset(str(dataset), "train", 2, 1, 1, "zscore")):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert_one_line(exc, str(path), needle)
+
+    with h5py.File(path, "r+") as f:
+        for name in ("g", "mean_depth"):
+            _replace_dataset(f, f"scalars/{name}", np.atleast_1d(f[f"scalars/{name}"][()]))
+    assert check(path).returncode == 0
+    ours = open_ds(dataset)
+    upstream = UpstreamDataset(path=str(dataset), well_split_name="train", n_steps_input=2)
+    assert ours.files_paths[ours.locate(first)[0]] == str(path)
+    got, want = ours[first]["constant_scalars"], upstream[first]["constant_scalars"]
+    assert got.shape == want.shape == (1, 3) and np.array_equal(got.numpy(), want.numpy())
+
+
 def test_a_dangling_symlink_in_a_split_is_one_line(dataset, tmp_path):
     """A split directory holding a symlink whose target was moved or deleted: before, h5py's
     FileNotFoundError (not a DsfmError, so `python -m dsfm.train` died with a traceback on
