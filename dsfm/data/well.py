@@ -304,7 +304,11 @@ class WellDataset(Dataset):
             sel = ((sample_idx, 1, 1),) * fl.sample_varying + (
                 ((tsel.start, n_t, tsel.step),) if tsel is not None else ())
             stored = lead + tuple(n for n, used in zip(lay.spatial_shape, fl.dim_varying) if used)
-            buf = np.empty(stored + (lay.n_spatial_dims,) * fl.order, dtype=slab.dset.dtype)
+            # a float16 field is read as float32 and normalized in float32, as the loader
+            # does (in place in float16 it was rounded after the subtraction too); any other
+            # normalization class than dsfm's two gets the stored type, as upstream gives it
+            buf = np.empty(stored + (lay.n_spatial_dims,) * fl.order, dtype=slab.dset.dtype
+                           if generic else np.result_type(np.float32, slab.dset.dtype))
             try:
                 if buf.size:
                     slab.read(sel, buf)

@@ -33,6 +33,7 @@ from tests.data.well_fixtures import (
     nan_pressure_copy,
     partial_dims_file,
     rich_2d_file,
+    store_fields_as,
 )
 
 pytestmark = pytest.mark.slow
@@ -165,6 +166,27 @@ def test_a_float64_field_with_a_large_mean_keeps_its_values(tmp_path, path_id, r
         assert files == {0, 1}
         scale, shift = loader.affine("offset")            # physical = normalized · scale
         assert float(shift[0, 0, 0]) == pytest.approx(1e5)  # + shift: the pressure's mean
+
+
+@pytest.mark.parametrize("path_id", list(PATHS))
+def test_float16_fields_equal_the_drop_in_reader(tmp_path, path_id, request):
+    """Fields stored as float16: the loader reads them as float32 and normalizes in float32;
+    the drop-in reader normalized them in place in float16, so their values differed in the
+    fourth digit. Now every assembly path gives the drop-in's values, bit for bit."""
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
+    root = make_dataset(str(tmp_path), "cube_3d", cube_3d_file, files_per_split=1)
+    store_fields_as(root, np.float16)
+    ref = WellDataset(path=root, well_split_name="train", n_steps_input=2,
+                      use_normalization=True, normalization_type="zscore")
+    with WellLoader([root], n_steps_input=2, batch_size=2, num_workers=1, seed=5,
+                    normalization="zscore", assemble_on=assemble_on,
+                    native_kernel=fused) as loader:
+        for _, batch in zip(range(4), loader):
+            for b, w in enumerate(batch.windows):
+                x, y = reference(ref, int(w), 2)
+                assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
 
 
 @pytest.mark.parametrize("assemble_on,direct", [("readers", True), ("readers", False),

@@ -8,7 +8,13 @@ import torch
 
 from dsfm.data import RMSNormalization, WellDataset, ZScoreNormalization
 from tests.conftest import DEMO_DATASETS
-from tests.data.well_fixtures import cube_3d_file, make_dataset, partial_dims_file, rich_2d_file
+from tests.data.well_fixtures import (
+    cube_3d_file,
+    make_dataset,
+    partial_dims_file,
+    rich_2d_file,
+    store_fields_as,
+)
 
 upstream = pytest.importorskip("the_well.data")
 upstream_norm = pytest.importorskip("the_well.data.normalization")
@@ -125,6 +131,34 @@ def test_fixtures_match_upstream(tmp_path, writer, name, norm):
         ours = WellDataset(path=root, **kw)
         theirs = upstream.WellDataset(path=root, **upstream_kwargs(kw))
         assert_same_items(ours, theirs)
+
+
+@pytest.mark.parametrize("kind", ["zscore", "rms"])
+def test_float16_fields_are_normalized_in_float32(tmp_path, kind):
+    """Fields stored as float16: the drop-in normalized them in place in float16, rounding after
+    the subtraction and after the division. Upstream promotes a float16 field to float32 when
+    its statistics are a list (t1, t2 fields) and the loader reads every field as float32: the
+    drop-in now normalizes in float32 too, and gives upstream's values for those fields bit for
+    bit, and for every field upstream's normalization of its raw values in float32. (Upstream
+    normalizes a t0 float16 field in float16, as its statistics are a single number: torch
+    keeps the field's type for a 0-d tensor; its values there differ by float16 rounding.)"""
+    root = make_dataset(str(tmp_path), "cube_3d", cube_3d_file, files_per_split=1)
+    store_fields_as(root, np.float16)
+    kw = dict(path=root, well_split_name="train", n_steps_input=2, n_steps_output=1)
+    ours = WellDataset(**kw, use_normalization=True, normalization_type=kind)
+    theirs = upstream.WellDataset(**kw, use_normalization=True,
+                                  normalization_type=UPSTREAM_CLASS[kind])
+    raw = upstream.WellDataset(**kw)
+    assert raw[0]["input_fields"].dtype == torch.float16
+    vectors = slice(1, None)                      # channels of velocity (t1) and strain (t2)
+    for i in range(len(ours)):
+        a, b = ours[i], theirs[i]
+        for key, mode in (("input_fields", "variable"), ("output_fields", "variable"),
+                          ("constant_fields", "constant")):
+            want = theirs.norm.normalize_flattened(raw[i][key].float(), mode)
+            assert a[key].dtype == torch.float32 and torch.equal(a[key], want), (i, key)
+            if mode == "variable":
+                assert torch.equal(a[key][..., vectors], b[key][..., vectors]), (i, key)
 
 
 def test_rich_fixture_layout(tmp_path):

@@ -1,6 +1,7 @@
 """Well-format files that exercise what the simulators do not: t2 fields, 3D, constant fields,
 non-square and sample-varying grids, wall and open boundaries, partially dim-varying fields."""
 
+import glob
 import os
 import shutil
 
@@ -131,3 +132,17 @@ def mixed_boundaries_dataset(base, name, shape, n_traj=4, n_steps=10):
                 boundaries=boundaries_all(kind, ("x", "y"), shape))
     write_stats(root)
     return root
+
+
+def store_fields_as(root, dtype):
+    """Every field of every file of dataset `root` stored as `dtype` (write_well_file stores
+    float32), and its stats.yaml computed again from the stored values."""
+    for path in glob.glob(os.path.join(root, "data", "*", "*.hdf5")):
+        with h5py.File(path, "r+") as f:
+            for order in range(3):
+                group = f[f"t{order}_fields"]
+                for name in list(group):
+                    attrs, data = dict(group[name].attrs), group[name][()]
+                    del group[name]
+                    group.create_dataset(name, data=data.astype(dtype)).attrs.update(attrs)
+    write_stats(root)
