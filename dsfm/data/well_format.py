@@ -32,7 +32,6 @@ from dsfm.errors import CorruptFileError, MissingFileError, SchemaError
 GROUPS = ("dimensions", "boundary_conditions", "scalars", "t0_fields", "t1_fields", "t2_fields")
 ROOT_ATTRS = ("dataset_name", "grid_type", "n_spatial_dims", "n_trajectories",
               "simulation_parameters")
-GRID_TYPES = ("cartesian", "spherical")
 
 
 class BoundaryCondition(Enum):
@@ -212,10 +211,9 @@ def inspect_file(f: h5py.File, path: str) -> tuple[FileLayout | None, list[str]]
     if n_dims is None or n_traj is None:
         return None, problems
     dataset_name = _text(f.attrs.get("dataset_name", ""))
+    # any grid_type: the spec names cartesian and spherical, upstream's reader takes any value
+    # into its metadata (its augmentations and plots look at it), and so does dsfm
     grid_type = _text(f.attrs.get("grid_type", "cartesian"))
-    if "grid_type" in f.attrs and grid_type not in GRID_TYPES:
-        problems.append(f"{path}: root attribute 'grid_type' is '{grid_type}', "
-                        f"expected one of {', '.join(GRID_TYPES)}")
     params: dict[str, float] = {}
     for p in _names(f.attrs.get("simulation_parameters", [])):
         if p not in f.attrs:

@@ -161,6 +161,34 @@ def test_float16_fields_are_normalized_in_float32(tmp_path, kind):
                 assert torch.equal(a[key][..., vectors], b[key][..., vectors]), (i, key)
 
 
+def test_any_grid_type_is_read_as_upstream_reads_it(tmp_path):
+    """The checker and the readers refused a grid_type other than cartesian or spherical
+    (say a log-spherical grid), which upstream reads, keeping the value in its metadata; a file
+    without the attribute, which upstream cannot read (KeyError), is still refused."""
+    import h5py
+
+    from dsfm.data.check import check_file
+    from dsfm.errors import SchemaError
+
+    root = make_dataset(str(tmp_path), "cube_3d", cube_3d_file, files_per_split=1)
+    path = os.path.join(root, "data", "train", "cube_3d_0.hdf5")
+    with h5py.File(path, "r+") as f:
+        f.attrs["grid_type"] = "log-spherical"
+    assert check_file(path)[1] == []
+    kw = dict(path=root, well_split_name="train", n_steps_input=2, n_steps_output=1)
+    ours, theirs = WellDataset(**kw), upstream.WellDataset(**kw)
+    assert ours.metadata.grid_type == theirs.metadata.grid_type == "log-spherical"
+    assert_same_items(ours, theirs, range(3))
+    ours.close()
+    with h5py.File(path, "r+") as f:
+        del f.attrs["grid_type"]
+    assert check_file(path)[1] == [f"{path}: root attribute 'grid_type' is missing"]
+    with pytest.raises(KeyError):
+        upstream.WellDataset(**kw)
+    with pytest.raises(SchemaError, match="root attribute 'grid_type' is missing"):
+        WellDataset(**kw)
+
+
 def test_rich_fixture_layout(tmp_path):
     root = make_dataset(str(tmp_path), "rich_2d", rich_2d_file)
     ds = WellDataset(path=root, well_split_name="train", n_steps_input=3, n_steps_output=2)
