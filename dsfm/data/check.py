@@ -29,6 +29,7 @@ from dsfm.data.pdebench_format import (
     detect_kind,
     inspect_pdebench,
     stats_file,
+    trajectory_groups,
     unsupported,
 )
 from dsfm.data.stats import time_blocks
@@ -107,9 +108,10 @@ def is_pdebench(f, path: str) -> bool:
     if any(a in f.attrs for a in ROOT_ATTRS) or any(g in f for g in GROUPS):
         return False
     try:
-        if unsupported(f, path):
+        groups = trajectory_groups(f, path)
+        if unsupported(f, path, groups):
             return True
-        detect_kind(f, path)
+        detect_kind(f, path, groups)
     except CorruptFileError:
         return True             # a damaged member of a file in no Well layout: said as such
     except DataError:

@@ -49,13 +49,18 @@ def _member(parent: h5py.Group, name: str, path: str):
         raise _damaged(path, f"{parent.name.rstrip('/')}/{name}", exc) from None
 
 
-def _groups(f: h5py.File, path: str) -> list[str]:
-    """The root's groups (PDEBench's one per trajectory), in name order."""
-    return sorted(k for k in f.keys() if isinstance(_member(f, k, path), h5py.Group))
+def trajectory_groups(f: h5py.File, path: str) -> dict[str, h5py.Group]:
+    """The root's groups (PDEBench's one per trajectory) by name, in name order: a file's
+    listing, which `unsupported`, `detect_kind` and the layout check take, each member opened
+    once (they used to list the file again each, opening every group each time)."""
+    members = ((k, _member(f, k, path)) for k in sorted(f.keys()))
+    return {k: m for k, m in members if isinstance(m, h5py.Group)}
 
 
-def unsupported(f: h5py.File, path: str) -> str | None:
-    """What a PDEBench file dsfm does not read holds (1D, 3D, steady-state), if it is one."""
+def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = None
+                ) -> str | None:
+    """What a PDEBench file dsfm does not read holds (1D, 3D, steady-state), if it is one;
+    `groups`: its `trajectory_groups`, listed here if not given."""
     keys = set(f.keys())
     vx = _member(f, "Vx", path)
     if "Vz" in keys or (isinstance(vx, h5py.Dataset) and vx.ndim == 5):
@@ -68,24 +73,28 @@ def unsupported(f: h5py.File, path: str) -> str | None:
             return "a 1D equation (tensor [N, T, X]: advection, Burgers, reaction-diffusion)"
         if "nu" in keys:
             return "a 2D steady state (tensor [N, 1, H, W] and nu: Darcy flow)"
-    first = next((k for k in sorted(keys) if isinstance(_member(f, k, path), h5py.Group)), None)
-    data = None if first is None else _member(f[first], "data", path)
+    if groups is None:
+        groups = trajectory_groups(f, path)
+    first = next(iter(groups), None)
+    data = None if first is None else _member(groups[first], "data", path)
     if isinstance(data, h5py.Dataset) and data.ndim in (3, 5):
         return (f"a {data.ndim - 2}D equation (one group per trajectory, /{first}/data "
                 f"{list(data.shape)})")
     return None
 
 
-def detect_kind(f: h5py.File, path: str) -> str:
+def detect_kind(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = None) -> str:
+    """The layout of a PDEBench 2D file; `groups`: its `trajectory_groups`, listed here if not
+    given."""
     keys = set(f.keys())
     if {"Vx", "Vy", "density", "pressure"} <= keys:
         return "comp_ns"
     if "velocity" in keys:
         return "incomp_ns"
-    groups = _groups(f, path)
+    if groups is None:
+        groups = trajectory_groups(f, path)
     if groups:
-        first = f[groups[0]]
-        data = _member(first, "data", path)
+        data = _member(next(iter(groups.values())), "data", path)
         if isinstance(data, h5py.Dataset) and data.ndim == 4:
             channels = data.shape[-1]
             if channels in (1, 2):
@@ -122,20 +131,21 @@ def inspect_pdebench(path: str, kind: str | None = None, boundary: str | None = 
 
 
 def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) -> PDEBenchFile:
-    other = unsupported(f, path)
+    groups = trajectory_groups(f, path)
+    other = unsupported(f, path, groups)
     if other:
         raise SchemaError(f"{path}: holds {other}, which dsfm does not read: it reads "
                           f"PDEBench's 2D time series ({', '.join(FIELDS)})")
-    kind = kind or detect_kind(f, path)
+    kind = kind or detect_kind(f, path, groups)
     if kind not in FIELDS:
         raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
-    groups: list[str] = []
+    names: list[str] = []
     wide: set[str] = set()
     if kind in ("swe", "diff_react"):
-        groups = _groups(f, path)
+        names = list(groups)
         shapes = set()
-        for g in groups:
-            d = _member(f[g], "data", path)
+        for g, group in groups.items():
+            d = _member(group, "data", path)
             if not isinstance(d, h5py.Dataset):
                 raise SchemaError(f"{path}: /{g}/data is missing")
             shapes.add(d.shape)
@@ -146,9 +156,9 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
                               f"{sorted(shapes)}")
         t, h, w, c = shapes.pop()
         if c != len(FIELDS[kind]):
-            raise SchemaError(f"{path}: /{groups[0]}/data has {c} channels, {kind} has "
+            raise SchemaError(f"{path}: /{names[0]}/data has {c} channels, {kind} has "
                               f"{len(FIELDS[kind])} ({', '.join(FIELDS[kind])})")
-        n = len(groups)
+        n = len(names)
     elif kind == "incomp_ns":
         for name in ("velocity", "particles"):
             if name not in f:
@@ -165,7 +175,7 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
                               f"shape, got {shapes}")
         n, t, h, w = shapes["Vx"]
         wide.update(name for name in FIELDS[kind] if _wide(f[name].dtype))
-    _check_coordinates(f, path, kind, groups, n, t, h, w)
+    _check_coordinates(f, path, kind, groups[names[0]] if names else None, n, t, h, w)
     if boundary is None:
         boundary = BOUNDARY[kind]
         name = os.path.basename(path).lower()
@@ -173,13 +183,14 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
             boundary = "PERIODIC"
         elif kind == "comp_ns" and ("outgoing" in name or "trans" in name):
             boundary = "OPEN"
-    return PDEBenchFile(path, kind, n, t, (h, w), groups, boundary.upper(), tuple(sorted(wide)))
+    return PDEBenchFile(path, kind, n, t, (h, w), names, boundary.upper(), tuple(sorted(wide)))
 
 
-def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n: int, t: int,
-                       h: int, w: int) -> None:
+def _check_coordinates(f: h5py.File, path: str, kind: str, first: h5py.Group | None, n: int,
+                       t: int, h: int, w: int) -> None:
     """The coordinates a file stores must fit its arrays' axes: an array stored in another
-    axis order (say [N, H, W, T]) would otherwise be read as windows of garbage."""
+    axis order (say [N, H, W, T]) would otherwise be read as windows of garbage. `first` is the
+    first trajectory group (swe, diff_react)."""
     def length(name: str, obj) -> int | None:
         return obj[name].shape[-1] if name in obj else None
 
@@ -194,15 +205,15 @@ def _check_coordinates(f: h5py.File, path: str, kind: str, groups: list[str], n:
         got = length("t", f)
         if got is not None and got != t:
             problems.append(f"t has {got} values per trajectory, velocity {t} steps")
-    elif "grid" in f[groups[0]]:
-        grid = f[groups[0]]["grid"]
+    elif "grid" in first:
+        grid = first["grid"]
         got_t = length("t", grid)
         if got_t is not None and got_t != t:
-            problems.append(f"/{groups[0]}/grid/t has {got_t} values, data {t} steps")
+            problems.append(f"{first.name}/grid/t has {got_t} values, data {t} steps")
         for name, want in (("x", h), ("y", w)):    # data [T, X, Y, C], as PDEBench writes it
             got = length(name, grid)
             if got is not None and got != want:
-                problems.append(f"/{groups[0]}/grid/{name} has {got} values, the data's axis "
+                problems.append(f"{first.name}/grid/{name} has {got} values, the data's axis "
                                 f"{want}")
     if problems:
         raise SchemaError(f"{path}: {'; '.join(problems)} (is an array stored in another axis "

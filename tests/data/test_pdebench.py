@@ -2,6 +2,9 @@
 sample interface."""
 
 import glob
+import os
+import sys
+from collections import Counter
 
 import h5py
 import numpy as np
@@ -465,3 +468,43 @@ def test_a_grid_that_does_not_fit_its_data_axes_is_refused(tmp_path):
                 f.create_dataset(f"{i:04d}/grid/{axis}", data=np.arange(n, dtype=np.float32))
     with pytest.raises(SchemaError, match="/0000/grid/y has 4 values, the data's axis 6"):
         PDEBenchDataset(str(path))
+
+
+def test_a_file_is_listed_once_and_each_trajectory_group_opened_once(tmp_path):
+    """Inspecting a shallow-water file (one group per trajectory) listed its groups in
+    `unsupported`, in `detect_kind` and in the layout check, opening every group each time (the
+    first 8 times, the others 3 times in a file of 4). `trajectory_groups` now lists them once,
+    the others take that listing (given none, they see none), and each group is opened once,
+    as h5py's opens of the file's root members say."""
+    from dsfm.data.pdebench_format import (
+        detect_kind,
+        inspect_pdebench,
+        trajectory_groups,
+        unsupported,
+    )
+    path = str(tmp_path / "2D_rdb_NA_NA.h5")
+    write_pdebench(path, "swe", {"h": np.zeros((4, 5, 8, 8))}, np.arange(8), np.arange(8),
+                   np.arange(5))
+    names = ["0000", "0001", "0002", "0003"]
+    with h5py.File(path) as f:
+        groups = trajectory_groups(f, path)
+        assert list(groups) == names and all(g.name == f"/{k}" for k, g in groups.items())
+        assert unsupported(f, path, groups) is None and detect_kind(f, path, groups) == "swe"
+        with pytest.raises(SchemaError, match="not a PDEBench 2D layout"):
+            detect_kind(f, path, {})
+    opened = Counter()
+
+    def count_root_opens(frame, event, arg):
+        code = frame.f_code
+        if event == "call" and code.co_name == "__getitem__" and \
+                code.co_filename.endswith(os.path.join("h5py", "_hl", "group.py")) and \
+                frame.f_locals["self"].name == "/":
+            opened[frame.f_locals["name"]] += 1
+
+    sys.setprofile(count_root_opens)
+    try:
+        pf = inspect_pdebench(path)
+    finally:
+        sys.setprofile(None)
+    assert pf.kind == "swe" and pf.groups == names
+    assert opened == {name: 1 for name in names}
