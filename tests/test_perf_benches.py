@@ -44,6 +44,73 @@ def test_feed_bench_reports_both_feeds(demo_base, tmp_path):
     assert "profiled (1 steps each, next() included)" in proc.stdout
 
 
+def _nan_in_step(demo_base, tmp_path, step: int) -> str:
+    """A copy of euler_2d under tmp_path with one NaN in a frame that feed_bench's loader
+    (--batch 2 --workers 1, its seed and arguments) first reads at micro-batch `step`; the
+    NaN's location, as the loader's NonFiniteError names it."""
+    import h5py
+
+    from dsfm.data.fields import FieldVocabulary
+    from dsfm.data.prefetch import WellLoader
+
+    path = str(tmp_path / "euler_2d")
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), path)
+    with WellLoader([path], batch_size=2, n_steps_input=4, num_workers=1, seed=0,
+                    vocabulary=FieldVocabulary(), same_dataset_across_ranks=True) as loader:
+        steps = [next(loader).windows.tolist() for _ in range(step + 1)]
+        source = loader.datasets[0].source
+
+    def frames(window):
+        fi, traj, t0 = source.locate(window)
+        return {(fi, traj, t0 + k * source.stride) for k in range(source.n_steps)}
+
+    earlier = set().union(*(frames(w) for s in steps[:step] for w in s))
+    fi, traj, t = min(set().union(*(frames(w) for w in steps[step])) - earlier)
+    with h5py.File(source.files[fi], "r+") as f:
+        f["t0_fields/pressure"][traj, t, 5, 5] = np.nan
+    return f"{source.files[fi]}: /t0_fields/pressure has NaN/Inf at trajectory {traj}, " \
+        f"time index {t}"
+
+
+FEED_SMALL = ["--size", "Ti", "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1"]
+
+
+@pytest.mark.slow
+def test_feed_bench_exits_1_when_the_loader_feed_fails(demo_base, tmp_path):
+    """NaN in a frame that the loader first reads in the WellLoader feed's steps (micro-batch 8:
+    after the 4 kept for the resident feed and the 3 its reader read ahead meanwhile): the
+    resident feed is measured and reported, the WellLoader feed's row says why it failed.
+    Before, the exit status was 0."""
+    nan = _nan_in_step(demo_base, tmp_path, 8)
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", str(tmp_path)] + FEED_SMALL
+               + ["--json", str(out)], timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["variants"]
+    assert rows["resident"]["samples_per_sec"] > 0 and "error" not in rows["resident"]
+    assert "NonFiniteError" in rows["WellLoader"]["error"] and nan in rows["WellLoader"]["error"]
+    assert [ln for ln in proc.stdout.splitlines() if ln.startswith("resident ")]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("failed: WellLoader: NonFiniteError(") and nan in last, last
+
+
+@pytest.mark.slow
+def test_feed_bench_exits_1_when_no_batch_can_be_read(demo_base, tmp_path):
+    """NaN in the first micro-batch: no batch to keep resident, so no feed can run. Before, a
+    traceback from the loader and no rows (nor JSON); now each feed's row says why, exit 1."""
+    nan = _nan_in_step(demo_base, tmp_path, 0)
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", str(tmp_path)] + FEED_SMALL
+               + ["--json", str(out)], timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())["variants"]
+    assert set(rows) == {"resident", "WellLoader"}
+    for name, r in rows.items():
+        assert r["error"].startswith("not run: the first batches") and nan in r["error"], name
+    failed = [ln for ln in proc.stderr.splitlines() if ln.startswith("failed: ")]
+    assert [ln.split(":")[1] for ln in failed] == [" resident", " WellLoader"], failed
+
+
 @pytest.mark.slow
 def test_train_bench_compares_wrappers(tmp_path):
     out = tmp_path / "train.json"
