@@ -26,7 +26,15 @@ are read where they differ:
     fields; the form dates from about 2.23); the 2.19-2.22 sources print "1048576 Bytes -> Algo
     1 proto 2 time 39.8" without the collective name, AllGather and ReduceScatter counting
     nranks x the per-rank bytes; before 2.19 the line is TRACE only and is not read. Unnamed
-    lines are matched to the same process's COLL lines by size.
+    lines are matched to the same process's COLL lines by size;
+  - TUNING for collectives that bypass the algorithm/protocol model (2.27+), with the size but
+    no "Algo .. proto ..": symmetric kernels (src/scheduler/symmetric_sched.cc, formerly
+    enqueue.cc) "AllReduce [Symmetric]: 1048576 Bytes -> Kernel AllReduce_AGxLLMC_R nchannels
+    16 nthreads 512 nWorks 1" (2.27 without nWorks, later sources append " cgaClusterSize %d"),
+    and the copy-engine collectives (enqueue.cc) "AllGather [Copy Engine]: 1048576 Bytes ->
+    cudaMemcpy; CE synchronization with NVLS" and "AllGather [Hierarchical CE]: 1048576 Bytes
+    -> RMA proxy + CE". They are reported as the paths SYMMETRIC (protocol: the kernel),
+    COPY_ENGINE and HIERARCHICAL_CE; a symmetric line of nWorks > 1 covers that many calls.
 
 What a real 2.28.9 log showed (one H200, one rank, no InfiniBand; tests/perf/nccl_logs/
 h200_1gpu_socket_nccl2.28.9.log, trimmed from the sweep's per-rank file):
@@ -95,6 +103,16 @@ _TUNE_NAMED = re.compile(r"^(?:(?P<func>[A-Za-z]+): )?(?P<bytes>\d+) Bytes -> Al
 _TUNE_NUMERIC = re.compile(r"^(?:(?P<func>[A-Za-z]+): )?(?P<bytes>\d+) Bytes -> Algo "
                            r"(?P<algo>\d+) proto (?P<proto>\d+)")
 _TUNE_START = re.compile(r"^(?:[A-Za-z]+: )?\d+ Bytes\b")
+# "%s [Symmetric]: %ld Bytes -> Kernel %s ...", "%s [Copy Engine]: %ld Bytes -> cudaMemcpy%s",
+# "%s [Hierarchical CE]: %ld Bytes -> RMA proxy + CE" (module docstring)
+_TUNE_TAGGED = re.compile(r"^(?P<func>[A-Za-z]+) \[(?P<tag>[A-Za-z][^\]]*)\]: (?P<bytes>\d+) "
+                          r"Bytes -> (?P<what>.*)$")
+_TAGGED_START = re.compile(r"^[A-Za-z]+ \[[A-Za-z][^\]]*\]: \d+ Bytes\b")
+_SYM_KERNEL = re.compile(r"^Kernel (?P<kernel>\w+) nchannels \d+ nthreads \d+"
+                         r"(?: nWorks (?P<works>\d+))?")
+# the paths of tagged TUNING lines: no NCCL_ALGO name, no protocol
+ENGINE_PATHS = {"Symmetric": "SYMMETRIC", "Copy Engine": "COPY_ENGINE",
+                "Hierarchical CE": "HIERARCHICAL_CE"}
 _ENV = re.compile(r"^(?P<name>NCCL_[A-Z0-9_]+) set (?:by environment )?to (?P<value>.*?)\s*$")
 _COMM_INFO = re.compile(r"^comm (?P<comm>\S+) rank (?P<rank>\d+) nRanks (?P<nranks>\d+) "
                         r"nNodes (?P<nnodes>\d+) localRanks (?P<local>\d+)")
@@ -368,9 +386,13 @@ class _Parser:
         elif _TUNE_START.match(msg):
             m = _TUNE_NAMED.match(msg) or _TUNE_NUMERIC.match(msg)
             if m:
-                self._tuning(proc, m)
+                named = not m["algo"].isdigit()
+                self._tuning(proc, m["func"], int(m["bytes"]), named,
+                             (_canon_algo(m["algo"]), _canon_proto(m["proto"])))
             else:
                 self.truncated["TUNING"] += 1
+        elif _TAGGED_START.match(msg):
+            self._tagged(proc, msg)
         else:
             self._collnet_failure(msg)
             self._init_line(proc, host, pid, msg)
@@ -394,9 +416,48 @@ class _Parser:
             if len(pend) > _PENDING_MAX:
                 pend.popleft()
 
-    def _tuning(self, proc, m) -> None:
+    def _tagged(self, proc, msg: str) -> None:
+        """A TUNING line of a symmetric kernel or a copy-engine collective (module docstring)."""
+        m = _TUNE_TAGGED.match(msg)
+        path = ENGINE_PATHS.get(m["tag"].strip(), m["tag"].strip().upper().replace(" ", "_")) \
+            if m else None
+        works, proto = 1, ""
+        if path == "SYMMETRIC":
+            k = _SYM_KERNEL.match(m["what"])
+            if not k:
+                m = None
+            else:
+                # "AllReduce_AGxLLMC_R": the variant after the collective's name, as NCCL's
+                # profiler shows it
+                proto = k["kernel"].removeprefix(m["func"] + "_")
+                works = int(k["works"] or 1)
+        if not m:
+            self.truncated["TUNING"] += 1
+            return
         func, nbytes = m["func"], int(m["bytes"])
-        named = not m["algo"].isdigit()
+        if works > 1:
+            # one kernel for `works` calls of one group: their sizes add up to the line's
+            taken = self._take_group(proc, func, nbytes, works)
+            if taken:
+                for pbytes in taken:
+                    self.choices[(func, pbytes)][(path, proto)] += 1
+                return
+        self._tuning(proc, func, nbytes, True, (path, proto))
+
+    def _take_group(self, proc, func: str, nbytes: int, works: int) -> list[int]:
+        """The sizes of this process's first `works` pending calls of `func`, taken off the
+        pending list, if they add up to `nbytes`; else nothing is taken."""
+        pend = self.pending[proc]
+        found = [i for i, (pfunc, _, _) in enumerate(pend)
+                 if i < _PENDING_WINDOW and pfunc == func][:works]
+        if len(found) < works or sum(pend[i][1] for i in found) != nbytes:
+            return []
+        sizes = [pend[i][1] for i in found]
+        for i in reversed(found):
+            del pend[i]
+        return sizes
+
+    def _tuning(self, proc, func: str | None, nbytes: int, named: bool, choice: tuple) -> None:
         pend = self.pending[proc]
         for i, (pfunc, pbytes, nranks) in enumerate(pend):
             if i >= _PENDING_WINDOW:
@@ -409,7 +470,7 @@ class _Parser:
                 func, nbytes = pfunc, pbytes
                 break
         key = (func or "?", nbytes)
-        self.choices[key][(_canon_algo(m["algo"]), _canon_proto(m["proto"]))] += 1
+        self.choices[key][choice] += 1
 
     def _init_line(self, proc, host: str, pid: int, msg: str) -> None:
         if (m := _VERSION.match(msg)) and self.r.version is None:
@@ -688,6 +749,8 @@ def _check_choice(report: LogReport, var: str, spec: str, names: dict, every: tu
         else:
             continue
         for choice, n in counter.items():
+            if index == 1 and choice[0] in ENGINE_PATHS.values():
+                continue            # a symmetric kernel or a copy engine: no protocol
             if choice[index] not in ok:
                 bad[f"{func} used {choice[index]}"][size] += n
     return [f"{var}={spec} but {what} for {_listing(sizes, _size)}"
@@ -836,19 +899,24 @@ def summary(report: LogReport) -> str:
     ]
     for func, nbytes, algo, proto, n in report.summary_rows():
         nranks = report.call_nranks.get((func, nbytes))
-        lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} {proto:<8s} "
+        lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} {proto or '-':<8s} "
                      f"{n:6d} {nranks if nranks is not None else '-':>6}")
     lines += [f"NCCL WARN {w}" for w in report.nccl_warnings]
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines)
 
 
+def _path(algo: str, proto: str) -> str:
+    """RING/SIMPLE, SYMMETRIC/AGxLLMC_R; a copy engine has no protocol."""
+    return f"{algo}/{proto}" if proto else algo
+
+
 def _choice_label(report: LogReport, key: tuple[str, int]) -> str:
     chosen = report.choices.get(key)
     if chosen:
         if len(chosen) == 1:
-            return "{}/{}".format(*next(iter(chosen)))
-        return " + ".join(f"{a}/{p} x{n}" for (a, p), n in sorted(chosen.items()))
+            return _path(*next(iter(chosen)))
+        return " + ".join(f"{_path(a, p)} x{n}" for (a, p), n in sorted(chosen.items()))
     if report.call_nranks.get(key) == 1:
         return "no algorithm (1 rank: local copy)"
     return "algorithm unknown (no TUNING line)"

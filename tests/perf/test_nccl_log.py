@@ -708,3 +708,67 @@ def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, caps
     assert path == path_lines(parse_logs(H200)) and len(flags) == 1
     assert sweep.nccl_report(str(tmp_path), {"name": "x", "env": {}}) == (
         [], [f"profile x: no NCCL logs in {tmp_path}"])
+
+
+# ------------------------------------------------------------------------------ 2.27+ TUNING
+# A rank 0 on one 8-GPU node (NCCL 2.28.9): COLL lines as enqueue.cc prints them, TUNING lines
+# in the forms of NVIDIA/nccl's sources: src/scheduler/symmetric_sched.cc "%s [Symmetric]: %ld
+# Bytes -> Kernel %s nchannels %d nthreads %d nWorks %d" (2.27's enqueue.cc: without nWorks;
+# kernel names from src/include/sym_kernels.h ncclSymKernelStr), enqueue.cc "%s [Copy Engine]:
+# %ld Bytes -> cudaMemcpy%s" and "%s [Hierarchical CE]: %ld Bytes -> RMA proxy + CE", and the
+# classic "%s: %ld Bytes -> Algo %s proto %s channel{Lo..Hi}={%d..%d} cgaClusterSize %d".
+H100 = "h100-01:5101:5101 [0] NCCL INFO "
+SYM_COMM = "0x55d0c1e2a0"
+
+
+def coll_line(func, count, dtype, comm=SYM_COMM, nranks=8, op=0):
+    return (f"{func}: opCount {op:x} sendbuff 0x7f21a0000000 recvbuff 0x7f21a8000000 count "
+            f"{count} datatype {dtype} op 0 root 0 comm {comm} [nranks={nranks}] stream "
+            "0x55d0c1f000")
+
+
+def test_tagged_tuning_lines_of_symmetric_kernels_and_copy_engines():
+    """NCCL 2.27+ print no "Algo .. proto .." for a collective that a symmetric kernel or the
+    copy engine runs, but a line tagged [Symmetric] / [Copy Engine] with its size. Before, such
+    calls read as 'algorithm unknown (no TUNING line)' and NCCL_ALGO could not be checked
+    against them; now they are the SYMMETRIC (kernel) and COPY_ENGINE paths, one symmetric
+    line of nWorks 2 covers its two calls, and the classic line is read as before."""
+    text = "\n".join(H100 + m for m in (
+        "NCCL version 2.28.9+cuda13.0",
+        f"ncclCommInitRankConfig comm {SYM_COMM} rank 0 nranks 8 cudaDev 0 nvmlDev 0 busId "
+        "18000 commId 0x5be7c6c1a2d3e4f5 - Init COMPLETE",
+        coll_line("AllReduce", 1024, 7, op=0),
+        "AllReduce [Symmetric]: 4096 Bytes -> Kernel AllReduce_AGxLL_R nchannels 2 nthreads 512",
+        coll_line("AllReduce", 262144, 7, op=1),
+        "AllReduce [Symmetric]: 1048576 Bytes -> Kernel AllReduce_AGxLLMC_R nchannels 16 "
+        "nthreads 512 nWorks 1",
+        coll_line("AllGather", 1048576, 9, op=2),
+        "AllGather [Copy Engine]: 2097152 Bytes -> cudaMemcpy; CE synchronization with NVLS",
+        coll_line("ReduceScatter", 65536, 7, op=3),
+        coll_line("ReduceScatter", 131072, 7, op=4),
+        "ReduceScatter [Symmetric]: 786432 Bytes -> Kernel ReduceScatter_LDMC nchannels 8 "
+        "nthreads 512 nWorks 2",
+        coll_line("AllReduce", 16777216, 7, op=5),
+        "AllReduce: 67108864 Bytes -> Algo NVLS proto SIMPLE channel{Lo..Hi}={0..15} "
+        "cgaClusterSize 4"))
+    r = parse_logs(text)
+    assert choices(r) == {
+        ("AllReduce", 4096): {("SYMMETRIC", "AGxLL_R"): 1},
+        ("AllReduce", MiB): {("SYMMETRIC", "AGxLLMC_R"): 1},
+        ("AllGather", 2 * MiB): {("COPY_ENGINE", ""): 1},
+        ("ReduceScatter", 256 << 10): {("SYMMETRIC", "LDMC"): 1},
+        ("ReduceScatter", 512 << 10): {("SYMMETRIC", "LDMC"): 1},
+        ("AllReduce", 64 * MiB): {("NVLS", "SIMPLE"): 1}}
+    assert not r.warnings
+    lines = path_lines(r)
+    assert "AllGather: 2 MiB: COPY_ENGINE" in lines
+    assert "AllReduce: 4 KiB: SYMMETRIC/AGxLL_R; 1 MiB: SYMMETRIC/AGxLLMC_R; 64 MiB: " \
+        "NVLS/SIMPLE" in lines
+    assert "ReduceScatter: 256 KiB-512 KiB: SYMMETRIC/LDMC" in lines
+    assert verify(r, {"NCCL_ALGO": "nvls"}) == [
+        "NCCL_ALGO=nvls but AllReduce used SYMMETRIC for 4 KiB x1, 1 MiB x1"]
+    assert verify(r, {"NCCL_PROTO": "Simple"}) == []     # a kernel or copy engine: no protocol
+    r = parse_logs(H100 + "AllGather [Hierarchical CE]: 8388608 Bytes -> RMA proxy + CE\n"
+                   + H100 + "AllReduce [Symmetric]: 1048576 Bytes -> Kern")
+    assert choices(r) == {("AllGather", 8 * MiB): {("HIERARCHICAL_CE", ""): 1}}
+    assert "1 truncated or unreadable TUNING line(s) skipped" in r.warnings
