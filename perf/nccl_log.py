@@ -119,6 +119,8 @@ _COMM_INFO = re.compile(r"^comm (?P<comm>\S+) rank (?P<rank>\d+) nRanks (?P<nran
 _COMM_INIT = re.compile(r"(?:^|\s)comm (?P<comm>\S+) rank (?P<rank>\d+) nranks (?P<nranks>\d+)"
                         r".* - Init (?P<phase>START|COMPLETE)")
 _COMM_ID = re.compile(r"commId (0x[0-9a-fA-F]+)")
+# init.cc: "comm %p rank %d nranks %d cudaDev %d busId %lx - Destroy COMPLETE"
+_COMM_DESTROY = re.compile(r"(?:^|\s)comm (?P<comm>\S+) rank \d+ nranks \d+ .*- Destroy COMPLETE")
 _NET_IB = re.compile(r"^NET/IB ?: Using(?P<devs>.*?)(?:; OOB \S+)?$")
 _HCA = re.compile(r"\[\d+\] ?(?P<name>[\w.\-]+):(?P<port>\d+)/(?P<link>IB|RoCE)")
 _GDR = re.compile(r"^NET/\S+ ?: GPU Direct RDMA (?P<state>Enabled|Disabled) for HCA \d+ ")
@@ -200,6 +202,44 @@ class Communicator:
 
 
 @dataclass
+class CommPath:
+    """What one communicator did: its calls, and the algorithm/protocol NCCL chose for them
+    (TUNING lines come from a communicator's rank 0 only, matched to its COLL lines there)."""
+    comm_id: str | None                 # commId of its Init lines (None: not logged, or 0x0)
+    comm: str | None                    # its address in the rank 0 process (None: unknown)
+    rank0: str                          # host:pid of its rank 0, or of the ranks logged
+    nranks: int | None = None
+    nnodes: int | None = None
+    local_ranks: int | None = None
+    rank0_logged: bool = True           # False: only other ranks' lines (no TUNING to expect)
+    calls: dict[tuple[str, int], int] = field(default_factory=dict)
+    choices: dict[tuple[str, int], Counter] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        name = (f"commId {self.comm_id}" if self.comm_id else
+                f"comm {self.comm} of {self.rank0}" if self.comm else
+                f"calls not matched to a communicator on {self.rank0}")
+        shape = ", ".join(p for p in (
+            f"{self.nranks} rank(s)" if self.nranks else "",
+            f"{self.nnodes} node(s)" if self.nnodes else "",
+            "" if self.rank0_logged else "rank 0 not in these logs") if p)
+        return f"{name} ({shape})" if shape else name
+
+
+@dataclass
+class _Record:
+    """One process's lines about one communicator (a communicator address may be reused after
+    a destroy: a new Init START begins a new record)."""
+    proc: tuple
+    ptr: str | None
+    comm: Communicator | None = None
+    nranks: int | None = None
+    calls: Counter = field(default_factory=Counter)
+    choices: dict = field(default_factory=lambda: defaultdict(Counter))
+
+
+@dataclass
 class LogReport:
     sources: list[str] = field(default_factory=list)
     nccl_lines: int = 0
@@ -225,6 +265,8 @@ class LogReport:
     nvls_connected: bool = False
     nvls_available: bool | None = None
     communicators: list[Communicator] = field(default_factory=list)
+    # per communicator (calls and choices); `calls` and `choices` below are all of them together
+    comm_paths: list[CommPath] = field(default_factory=list)
     calls: dict[tuple[str, int], int] = field(default_factory=dict)
     # the communicator size of the COLL lines per (collective, bytes), the largest seen
     call_nranks: dict[tuple[str, int], int] = field(default_factory=dict)
@@ -252,16 +294,9 @@ class LogReport:
         return total
 
     def summary_rows(self) -> list[tuple[str, int, str, str, int]]:
-        """(collective, bytes, algorithm, protocol, calls); "-" where no TUNING line said."""
-        rows = []
-        for key in sorted(set(self.calls) | set(self.choices)):
-            chosen = self.choices.get(key)
-            if chosen:
-                for (algo, proto), n in sorted(chosen.items()):
-                    rows.append((key[0], key[1], algo, proto, n))
-            else:
-                rows.append((key[0], key[1], "-", "-", self.calls[key]))
-        return rows
+        """(collective, bytes, algorithm, protocol, calls) over all communicators; "-" where no
+        TUNING line said."""
+        return _rows(self.calls, self.choices)
 
     def to_dict(self) -> dict:
         return {
@@ -280,8 +315,27 @@ class LogReport:
             "collectives": [{"collective": f, "bytes": b, "algorithm": a, "protocol": p,
                              "count": n, "nranks": self.call_nranks.get((f, b))}
                             for f, b, a, p, n in self.summary_rows()],
+            "communicator_paths": [
+                {"label": c.label, "comm_id": c.comm_id, "comm": c.comm, "rank0": c.rank0,
+                 "nranks": c.nranks, "nnodes": c.nnodes, "local_ranks": c.local_ranks,
+                 "rank0_logged": c.rank0_logged,
+                 "collectives": [{"collective": f, "bytes": b, "algorithm": a, "protocol": p,
+                                  "count": n} for f, b, a, p, n in _rows(c.calls, c.choices)]}
+                for c in self.comm_paths],
             "nccl_warnings": self.nccl_warnings, "warnings": self.warnings,
         }
+
+
+def _rows(calls: dict, choices: dict) -> list[tuple[str, int, str, str, int]]:
+    rows = []
+    for key in sorted(set(calls) | set(choices)):
+        chosen = choices.get(key)
+        if chosen:
+            for (algo, proto), n in sorted(chosen.items()):
+                rows.append((key[0], key[1], algo, proto, n))
+        else:
+            rows.append((key[0], key[1], "-", "-", calls[key]))
+    return rows
 
 
 def _canon_algo(name: str) -> str:
@@ -311,6 +365,9 @@ class _Parser:
         self.hcas: dict[str, None] = {}
         self.env_seen: dict[str, tuple[str, str]] = {}
         self.comms: dict[tuple, Communicator] = {}
+        self.retired: list[Communicator] = []    # destroyed, their address reused
+        self.records: dict[tuple, _Record] = {}   # (proc, address) -> current record
+        self.all_records: list[_Record] = []
         self.pending: dict[tuple, deque] = defaultdict(deque)
         self.calls: dict[tuple, Counter] = defaultdict(Counter)
         self.call_nranks: dict[tuple, int] = {}
@@ -404,6 +461,8 @@ class _Parser:
             return
         nbytes, nranks = count * DATATYPES[dtype][1], int(m["nranks"])
         self.calls[proc][(func, nbytes)] += 1
+        rec = self._record(proc, m["comm"], nranks)
+        rec.calls[(func, nbytes)] += 1
         self.call_nranks[(func, nbytes)] = max(self.call_nranks.get((func, nbytes), 0), nranks)
         # TUNING lines come from rank 0 of a communicator only, and none for 1 rank: a call on
         # a communicator where this process is another rank (the world, when it is rank 0 of a
@@ -412,7 +471,7 @@ class _Parser:
         on_rank0 = comm is None or comm.rank in (None, 0)
         if func not in ("Send", "Recv") and nranks > 1 and on_rank0:
             pend = self.pending[proc]
-            pend.append((func, nbytes, nranks))
+            pend.append((func, nbytes, nranks, rec))
             if len(pend) > _PENDING_MAX:
                 pend.popleft()
 
@@ -439,27 +498,29 @@ class _Parser:
             # one kernel for `works` calls of one group: their sizes add up to the line's
             taken = self._take_group(proc, func, nbytes, works)
             if taken:
-                for pbytes in taken:
+                for pbytes, rec in taken:
                     self.choices[(func, pbytes)][(path, proto)] += 1
+                    rec.choices[(func, pbytes)][(path, proto)] += 1
                 return
         self._tuning(proc, func, nbytes, True, (path, proto))
 
-    def _take_group(self, proc, func: str, nbytes: int, works: int) -> list[int]:
-        """The sizes of this process's first `works` pending calls of `func`, taken off the
-        pending list, if they add up to `nbytes`; else nothing is taken."""
+    def _take_group(self, proc, func: str, nbytes: int, works: int) -> list[tuple]:
+        """(size, record) of this process's first `works` pending calls of `func`, taken off
+        the pending list, if they add up to `nbytes`; else nothing is taken."""
         pend = self.pending[proc]
-        found = [i for i, (pfunc, _, _) in enumerate(pend)
-                 if i < _PENDING_WINDOW and pfunc == func][:works]
+        found = [i for i, entry in enumerate(pend)
+                 if i < _PENDING_WINDOW and entry[0] == func][:works]
         if len(found) < works or sum(pend[i][1] for i in found) != nbytes:
             return []
-        sizes = [pend[i][1] for i in found]
+        sizes = [(pend[i][1], pend[i][3]) for i in found]
         for i in reversed(found):
             del pend[i]
         return sizes
 
     def _tuning(self, proc, func: str | None, nbytes: int, named: bool, choice: tuple) -> None:
         pend = self.pending[proc]
-        for i, (pfunc, pbytes, nranks) in enumerate(pend):
+        rec = None
+        for i, (pfunc, pbytes, nranks, prec) in enumerate(pend):
             if i >= _PENDING_WINDOW:
                 break
             if func is not None and pfunc != func:
@@ -467,10 +528,12 @@ class _Parser:
             scaled = pfunc in ("AllGather", "ReduceScatter") and nbytes == pbytes * nranks
             if nbytes == pbytes or (not named and scaled):
                 del pend[i]
-                func, nbytes = pfunc, pbytes
+                func, nbytes, rec = pfunc, pbytes, prec
                 break
         key = (func or "?", nbytes)
         self.choices[key][choice] += 1
+        # a line matched to no COLL line: of this process, on a communicator unknown
+        (rec or self._record(proc, None, None)).choices[key][choice] += 1
 
     def _init_line(self, proc, host: str, pid: int, msg: str) -> None:
         if (m := _VERSION.match(msg)) and self.r.version is None:
@@ -560,6 +623,10 @@ class _Parser:
             c.rank, c.nranks = int(m["rank"]), int(m["nranks"])
             c.nnodes, c.local_ranks = int(m["nnodes"]), int(m["local"])
         elif (m := _COMM_INIT.search(msg)) is not None:
+            old = self.comms.get((proc, m["comm"]))
+            if old is not None and old.complete and m["phase"] == "START":
+                # the address of a destroyed communicator, reused by a new one
+                self._retire(proc, m["comm"])
             c = self._comm(proc, host, pid, m["comm"])
             c.rank, c.nranks = int(m["rank"]), int(m["nranks"])
             if idm := _COMM_ID.search(msg):
@@ -568,12 +635,67 @@ class _Parser:
             if m["phase"] == "COMPLETE" and proc in self.collnet_open:
                 self.collnet_open.discard(proc)
                 self.collnet_completed = True
+        elif m := _COMM_DESTROY.search(msg):
+            self._retire(proc, m["comm"])
 
     def _comm(self, proc, host: str, pid: int, comm: str) -> Communicator:
         key = (proc, comm)
         if key not in self.comms:
             self.comms[key] = Communicator(comm=comm, host=host, pid=pid)
         return self.comms[key]
+
+    def _retire(self, proc, ptr: str) -> None:
+        """A destroyed communicator: a later one at its address is another."""
+        if (proc, ptr) in self.comms:
+            self.retired.append(self.comms.pop((proc, ptr)))
+        self.records.pop((proc, ptr), None)
+
+    def _record(self, proc, ptr: str | None, nranks: int | None) -> _Record:
+        comm = self.comms.get((proc, ptr)) if ptr else None
+        rec = self.records.get((proc, ptr))
+        if rec is not None and rec.comm is None:
+            rec.comm = comm                 # its Init lines came after its first call
+        if rec is None or (comm is not None and rec.comm is not comm):
+            rec = self.records[(proc, ptr)] = _Record(proc, ptr, comm)
+            self.all_records.append(rec)
+        rec.nranks = nranks or rec.nranks
+        return rec
+
+    def _comm_paths(self) -> list[CommPath]:
+        """One CommPath per communicator: the records of its ranks joined by commId (where
+        logged and not 0), else one per record. A communicator whose rank 0 is absent from the
+        logs (another rank's file only) is listed only if its commId is known."""
+        groups: dict = {}
+        for rec in self.all_records:
+            cid = rec.comm.comm_id if rec.comm is not None else None
+            if cid is not None and int(cid, 16) == 0:
+                cid = None
+            groups.setdefault(("id", cid) if cid else ("rec", id(rec)), []).append(rec)
+        paths = []
+        for (kind, ident), recs in groups.items():
+            cid = ident if kind == "id" else None
+            rank0 = [r for r in recs if r.choices or r.ptr is None or r.nranks == 1
+                     or (r.comm is not None and r.comm.rank == 0)]
+            if not rank0 and kind == "rec":
+                continue
+            first = (rank0 or recs)[0]
+            comms = [r.comm for r in recs if r.comm is not None]
+            calls: Counter = Counter()
+            for r in recs:
+                for key, n in r.calls.items():
+                    calls[key] = max(calls[key], n)
+            chosen: dict = defaultdict(Counter)
+            for r in rank0:
+                for key, counter in r.choices.items():
+                    chosen[key].update(counter)
+            paths.append(CommPath(
+                comm_id=cid, comm=first.ptr, rank0=f"{first.proc[1]}:{first.proc[2]}",
+                nranks=next((c.nranks for c in comms if c.nranks), None) or first.nranks,
+                nnodes=next((c.nnodes for c in comms if c.nnodes), None),
+                local_ranks=next((c.local_ranks for c in comms if c.local_ranks), None),
+                rank0_logged=bool(rank0), calls=dict(calls), choices=dict(chosen)))
+        return sorted(paths, key=lambda c: (c.comm_id is None, c.comm_id or "", c.rank0,
+                                            c.comm or ""))
 
     def _note(self, text: str) -> None:
         if text not in self.r.warnings:
@@ -594,7 +716,7 @@ class _Parser:
             seen = self.gdr["hca"]
         r.gdr = None if not seen or len(seen) > 1 else next(iter(seen))
         r.graphs = list(self.graphs.values())
-        r.communicators = sorted(self.comms.values(),
+        r.communicators = sorted(list(self.comms.values()) + self.retired,
                                  key=lambda c: (c.comm_id or "", c.rank if c.rank is not None
                                                 else -1, c.host, c.pid))
         # every rank makes the same calls: the busiest process counts them
@@ -606,6 +728,7 @@ class _Parser:
         r.call_nranks = dict(self.call_nranks)
         r.nets_failed = list(self.nets_failed)
         r.choices = {k: v for k, v in self.choices.items()}
+        r.comm_paths = self._comm_paths()
         self._collnet()
         if r.nccl_lines == 0:
             self._note("no NCCL INFO lines in " + (", ".join(r.sources) or "the input")
@@ -893,14 +1016,19 @@ def summary(report: LogReport) -> str:
         f"connected: rings {report.rings_connected}, trees {report.trees_connected}, "
         f"NVLS {report.nvls_connected}",
         "env: " + (", ".join(f"{k}={v}" for k, v in sorted(report.env.items())) or "-"),
-        "",
-        f"{'collective':<14s} {'bytes':>12s} {'size':>9s} {'algorithm':<15s} {'protocol':<8s} "
-        f"{'count':>6s} {'nranks':>6s}",
     ]
-    for func, nbytes, algo, proto, n in report.summary_rows():
-        nranks = report.call_nranks.get((func, nbytes))
-        lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} {proto or '-':<8s} "
-                     f"{n:6d} {nranks if nranks is not None else '-':>6}")
+    head = (f"{'collective':<14s} {'bytes':>12s} {'size':>9s} {'algorithm':<15s} "
+            f"{'protocol':<8s} {'count':>6s} {'nranks':>6s}")
+    paths = _shown_paths(report)
+    tables = [("", report.calls, report.choices, report.call_nranks.get)] if len(paths) < 2 \
+        else [(f"communicator {c.label}", c.calls, c.choices, lambda _, c=c: c.nranks)
+              for c in paths]
+    for title, calls, chosen, nranks_of in tables:
+        lines += ["", title, head] if title else ["", head]
+        for func, nbytes, algo, proto, n in _rows(calls, chosen):
+            nranks = nranks_of((func, nbytes))
+            lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} "
+                         f"{proto or '-':<8s} {n:6d} {nranks if nranks is not None else '-':>6}")
     lines += [f"NCCL WARN {w}" for w in report.nccl_warnings]
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines)
@@ -911,13 +1039,19 @@ def _path(algo: str, proto: str) -> str:
     return f"{algo}/{proto}" if proto else algo
 
 
-def _choice_label(report: LogReport, key: tuple[str, int]) -> str:
-    chosen = report.choices.get(key)
+def _shown_paths(report: LogReport) -> list[CommPath]:
+    """The communicators that made calls or got TUNING lines; with two or more, the report is
+    given per communicator (all together, the same size on a world and on a node's split would
+    read as one collective with two algorithms)."""
+    return [c for c in report.comm_paths if c.calls or c.choices]
+
+
+def _choice_label(chosen: Counter | None, nranks: int | None) -> str:
     if chosen:
         if len(chosen) == 1:
             return _path(*next(iter(chosen)))
         return " + ".join(f"{_path(a, p)} x{n}" for (a, p), n in sorted(chosen.items()))
-    if report.call_nranks.get(key) == 1:
+    if nranks == 1:
         return "no algorithm (1 rank: local copy)"
     return "algorithm unknown (no TUNING line)"
 
@@ -938,11 +1072,25 @@ def path_lines(report: LogReport) -> list[str]:
         + f"; transports {', '.join(report.transports) or '-'}; GDR "
         + {None: "?", True: "yes", False: "no"}[report.gdr] + "; CollNet "
         + ("initialized" if cn.initialized else f"not initialized: {cn.reason}")]
-    keys = set(report.calls) | set(report.choices)
+    paths = _shown_paths(report)
+    if len(paths) < 2:
+        lines += _collective_lines(report.calls, report.choices, report.call_nranks.get)
+    else:
+        for c in paths:
+            lines.append(f"communicator {c.label}:")
+            lines += ["  " + ln for ln in _collective_lines(c.calls, c.choices,
+                                                            lambda _, c=c: c.nranks)]
+    return lines + list(report.warnings)
+
+
+def _collective_lines(calls: dict, choices: dict, nranks_of) -> list[str]:
+    """Per collective, the algorithm/protocol over ranges of sizes (or why there is none)."""
+    lines = []
+    keys = set(calls) | set(choices)
     for func in sorted({f for f, _ in keys}):
         runs: list[list] = []                      # [label, first size, last size]
         for size in sorted(b for f, b in keys if f == func):
-            label = _choice_label(report, (func, size))
+            label = _choice_label(choices.get((func, size)), nranks_of((func, size)))
             if runs and runs[-1][0] == label:
                 runs[-1][2] = size
             else:
@@ -950,7 +1098,7 @@ def path_lines(report: LogReport) -> list[str]:
         lines.append(f"{func}: " + "; ".join(
             _size(lo) + (f"-{_size(hi)}" if hi != lo else "") + f": {label}"
             for label, lo, hi in runs))
-    return lines + list(report.warnings)
+    return lines
 
 
 def _profile_env(name: str) -> dict:

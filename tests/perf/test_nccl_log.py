@@ -20,6 +20,7 @@ from perf.nccl_log import (
     main,
     parse_logs,
     path_lines,
+    summary,
     verify,
 )
 from tests.conftest import run
@@ -583,8 +584,11 @@ def test_tuning_line_is_matched_on_its_own_communicator():
     r = parse_logs(text)
     assert choices(r) == {("AllGather", 2 * MiB): {("RING", "SIMPLE"): 1}}
     assert r.calls == {("AllGather", MiB): 1, ("AllGather", 2 * MiB): 1}
-    assert path_lines(r)[1] == ("AllGather: 1 MiB: algorithm unknown (no TUNING line); "
-                                "2 MiB: RING/SIMPLE")
+    # and the report is per communicator (the world's rank 0 wrote another file)
+    assert path_lines(r)[1:] == [
+        "communicator commId 0x11 (8 rank(s), rank 0 not in these logs):",
+        "  AllGather: 1 MiB: algorithm unknown (no TUNING line)",
+        "communicator commId 0x22 (4 rank(s)):", "  AllGather: 2 MiB: RING/SIMPLE"]
 
 
 def test_collnet_setup_that_never_completed_is_not_initialized():
@@ -772,3 +776,93 @@ def test_tagged_tuning_lines_of_symmetric_kernels_and_copy_engines():
                    + H100 + "AllReduce [Symmetric]: 1048576 Bytes -> Kern")
     assert choices(r) == {("AllGather", 8 * MiB): {("HIERARCHICAL_CE", ""): 1}}
     assert "1 truncated or unreadable TUNING line(s) skipped" in r.warnings
+
+
+# ------------------------------------------------------------------------------ communicators
+# Two nodes x 4 GPUs, a world communicator and a split per node (as torch's process groups make
+# them), NCCL 2.28 formats from init.cc: "%s comm %p rank %d nranks %d cudaDev %d nvmlDev %d
+# busId %lx commId 0x%llx - Init START|COMPLETE" (a split's COMPLETE line prints "parent %p
+# splitCount %d color %d key %d" and no commId), "comm %p rank %d nRanks %d nNodes %d localRanks
+# %d localRank %d MNNVL %d", "comm %p rank %d nranks %d cudaDev %d busId %lx - Destroy
+# COMPLETE"; each process is rank 0 of its node's split, node01's also of the world.
+WORLD_ID = "0x9a1c44e02b7d6f31"
+
+
+def two_node_job(node02_split_choice="NVLS proto SIMPLE channel{Lo..Hi}={0..15}",
+                 node02_version="2.28.3+cuda12.9", node02_network="IB"):
+    lines = []
+    for host, pid, world, split, rank, color in (("node01", 1000, "0x5601a0", "0x5602b0", 0, 0),
+                                                  ("node02", 2000, "0x7f10c0", "0x7f20d0", 4, 1)):
+        p = f"{host}:{pid}:{pid} [0] NCCL INFO "
+        version = "2.28.3+cuda12.9" if host == "node01" else node02_version
+        network = "IB" if host == "node01" else node02_network
+        lines += [p + m for m in (
+            f"NCCL version {version}",      # printed by rank 0 of a ncclCommInitRank only; the
+            f"Using network {network}",     # splits make each process a rank 0 here
+            f"ncclCommInitRankConfig comm {world} rank {rank} nranks 8 cudaDev 0 nvmlDev 0 busId "
+            f"18000 commId {WORLD_ID} - Init START",
+            f"comm {world} rank {rank} nRanks 8 nNodes 2 localRanks 4 localRank 0 MNNVL 0",
+            f"ncclCommInitRankConfig comm {world} rank {rank} nranks 8 cudaDev 0 nvmlDev 0 busId "
+            f"18000 commId {WORLD_ID} - Init COMPLETE",
+            f"comm {split} rank 0 nRanks 4 nNodes 1 localRanks 4 localRank 0 MNNVL 0",
+            f"ncclCommSplit comm {split} rank 0 nranks 4 cudaDev 0 nvmlDev 0 busId 18000 parent "
+            f"{world} splitCount 1 color {color} key 0 - Init COMPLETE",
+            coll_line("AllReduce", 262144, 7, comm=world, nranks=8),
+            coll_line("AllReduce", 262144, 7, comm=split, nranks=4))]
+        if host == "node01":        # the world's rank 0, then its split's
+            lines.insert(-1, p + "AllReduce: 1048576 Bytes -> Algo TREE proto LL128 "
+                                 "channel{Lo..Hi}={0..7}")
+            lines.append(p + "AllReduce: 1048576 Bytes -> Algo NVLS proto SIMPLE "
+                             "channel{Lo..Hi}={0..15}")
+        else:
+            lines.append(p + f"AllReduce: 1048576 Bytes -> Algo {node02_split_choice}")
+    return lines
+
+
+def test_several_communicators_are_reported_apart():
+    """A log with several communicators: before, their choices were merged by size (the
+    world's TREE and the node splits' NVLS for the same 1 MiB read 'NVLS/SIMPLE x2 + TREE/LL128
+    x1' for one collective); now the path is given per communicator (the world joined over its
+    ranks by commId, a split by its rank 0), also in the table and the JSON, and a destroyed
+    communicator's address reused by a new one is another communicator."""
+    r = parse_logs("\n".join(two_node_job()))
+    assert [c.label for c in r.comm_paths] == [
+        f"commId {WORLD_ID} (8 rank(s), 2 node(s))",
+        "comm 0x5602b0 of node01:1000 (4 rank(s), 1 node(s))",
+        "comm 0x7f20d0 of node02:2000 (4 rank(s), 1 node(s))"]
+    assert [dict(c.calls) for c in r.comm_paths] == [{("AllReduce", MiB): 1}] * 3
+    assert path_lines(r)[1:] == [
+        f"communicator commId {WORLD_ID} (8 rank(s), 2 node(s)):",
+        "  AllReduce: 1 MiB: TREE/LL128",
+        "communicator comm 0x5602b0 of node01:1000 (4 rank(s), 1 node(s)):",
+        "  AllReduce: 1 MiB: NVLS/SIMPLE",
+        "communicator comm 0x7f20d0 of node02:2000 (4 rank(s), 1 node(s)):",
+        "  AllReduce: 1 MiB: NVLS/SIMPLE"]
+    table = summary(r)
+    assert f"communicator commId {WORLD_ID} (8 rank(s), 2 node(s))\n" in table
+    assert re.search(r"AllReduce\s+1048576\s+1 MiB TREE\s+LL128\s+1\s+8\n", table)
+    assert len(re.findall(r"AllReduce\s+1048576\s+1 MiB NVLS\s+SIMPLE\s+1\s+4", table)) == 2
+    doc = r.to_dict()["communicator_paths"]
+    assert [(c["comm_id"], c["nranks"], c["collectives"]) for c in doc][:2] == [
+        (WORLD_ID, 8, [{"collective": "AllReduce", "bytes": MiB, "algorithm": "TREE",
+                        "protocol": "LL128", "count": 1}]),
+        (None, 4, [{"collective": "AllReduce", "bytes": MiB, "algorithm": "NVLS",
+                    "protocol": "SIMPLE", "count": 1}])]
+    # node01's split destroyed, a new communicator at its address: two communicators
+    p = "node01:1000:1000 [0] NCCL INFO "
+    reused = two_node_job() + [p + m for m in (
+        "comm 0x5602b0 rank 0 nranks 4 cudaDev 0 busId 18000 - Destroy COMPLETE",
+        "ncclCommInitRankConfig comm 0x5602b0 rank 0 nranks 2 cudaDev 0 nvmlDev 0 busId 18000 "
+        "commId 0x31d2c0ffee5eed01 - Init START",
+        "comm 0x5602b0 rank 0 nRanks 2 nNodes 2 localRanks 1 localRank 0 MNNVL 0",
+        coll_line("AllReduce", 262144, 7, comm="0x5602b0", nranks=2),
+        "AllReduce: 1048576 Bytes -> Algo RING proto SIMPLE channel{Lo..Hi}={0..1}")]
+    r = parse_logs("\n".join(reused))
+    assert {c.label: {k: dict(v) for k, v in c.choices.items()} for c in r.comm_paths} == {
+        f"commId {WORLD_ID} (8 rank(s), 2 node(s))": {("AllReduce", MiB): {("TREE", "LL128"): 1}},
+        "commId 0x31d2c0ffee5eed01 (2 rank(s), 2 node(s))": {
+            ("AllReduce", MiB): {("RING", "SIMPLE"): 1}},
+        "comm 0x5602b0 of node01:1000 (4 rank(s), 1 node(s))": {
+            ("AllReduce", MiB): {("NVLS", "SIMPLE"): 1}},
+        "comm 0x7f20d0 of node02:2000 (4 rank(s), 1 node(s))": {
+            ("AllReduce", MiB): {("NVLS", "SIMPLE"): 1}}}
