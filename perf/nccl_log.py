@@ -9,8 +9,10 @@ matched nothing, the algorithm was not eligible). Run the job with
 and `parse_logs` turns the per-rank files (or one shared stdout) into a `LogReport`: NCCL
 version, communicators, network plugin and HCAs, GPUDirect RDMA, the echoed NCCL_* variables,
 the CollNet state, the topology graphs and connections, and for every collective call the byte
-size and the algorithm/protocol NCCL chose. `verify` compares a profile's environment with the
-report and returns one readable line per request that did not take effect.
+size and the algorithm/protocol NCCL chose (per communicator when the logs hold several), and
+where the ranks disagree (NCCL version, network or net plugin, the algorithm chosen for one size
+by communicators of one shape). `verify` compares a profile's environment with the report and
+returns one readable line per request that did not take effect, and per disagreement.
 
     python -m perf.nccl_log runs/sweep/sharp_on/ [--profile sharp_on] [--json]
 
@@ -216,10 +218,14 @@ class CommPath:
     choices: dict[tuple[str, int], Counter] = field(default_factory=dict)
 
     @property
-    def label(self) -> str:
-        name = (f"commId {self.comm_id}" if self.comm_id else
+    def name(self) -> str:
+        return (f"commId {self.comm_id}" if self.comm_id else
                 f"comm {self.comm} of {self.rank0}" if self.comm else
                 f"calls not matched to a communicator on {self.rank0}")
+
+    @property
+    def label(self) -> str:
+        name = self.name
         shape = ", ".join(p for p in (
             f"{self.nranks} rank(s)" if self.nranks else "",
             f"{self.nnodes} node(s)" if self.nnodes else "",
@@ -273,6 +279,8 @@ class LogReport:
     choices: dict[tuple[str, int], Counter] = field(default_factory=dict)
     nccl_warnings: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
+    # where the ranks disagree (version, network, algorithm for a size): verify() flags them
+    mismatches: list[str] = field(default_factory=list)
 
     @property
     def nnodes(self) -> int | None:
@@ -323,7 +331,12 @@ class LogReport:
                                   "count": n} for f, b, a, p, n in _rows(c.calls, c.choices)]}
                 for c in self.comm_paths],
             "nccl_warnings": self.nccl_warnings, "warnings": self.warnings,
+            "mismatches": self.mismatches,
         }
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" and {len(items) - n} more" if len(items) > n else "")
 
 
 def _rows(calls: dict, choices: dict) -> list[tuple[str, int, str, str, int]]:
@@ -366,6 +379,9 @@ class _Parser:
         self.env_seen: dict[str, tuple[str, str]] = {}
         self.comms: dict[tuple, Communicator] = {}
         self.retired: list[Communicator] = []    # destroyed, their address reused
+        self.versions: dict[tuple, str] = {}      # per process: "NCCL version %s"
+        self.networks: dict[tuple, str] = {}      # "Using network %s"
+        self.plugins: dict[tuple, str] = {}       # the external net plugin that loaded
         self.records: dict[tuple, _Record] = {}   # (proc, address) -> current record
         self.all_records: list[_Record] = []
         self.pending: dict[tuple, deque] = defaultdict(deque)
@@ -536,8 +552,9 @@ class _Parser:
         (rec or self._record(proc, None, None)).choices[key][choice] += 1
 
     def _init_line(self, proc, host: str, pid: int, msg: str) -> None:
-        if (m := _VERSION.match(msg)) and self.r.version is None:
-            self.r.version = m["v"]
+        if m := _VERSION.match(msg):
+            self.versions.setdefault(proc, m["v"])
+            self.r.version = self.r.version or m["v"]
         elif m := _ENV.match(msg):
             value = m["value"]
             if re.fullmatch(r"-?\d+\.", value):
@@ -552,8 +569,9 @@ class _Parser:
                 self.env_seen.setdefault(name, (f"{host}:{proc[2]}", value))
         elif msg.startswith("Using network "):
             self.r.network = msg[len("Using network "):].strip()   # "AWS Libfabric"
+            self.networks[proc] = self.r.network
         elif m := _PLUGIN_NET.match(msg):
-            self.r.net_plugin = m["name"]
+            self.r.net_plugin = self.plugins[proc] = m["name"]
         elif m := _PLUGIN_COLL.match(msg):
             self.r.collnet.plugin_loaded = True
             self.r.collnet.plugin = m["name"]
@@ -561,6 +579,7 @@ class _Parser:
             self.collnet_symbol_missing = True
         elif msg.startswith("Successfully loaded external network plugin"):
             self.r.net_plugin = self.r.net_plugin or msg.split()[-1]
+            self.plugins.setdefault(proc, msg.split()[-1])
         elif m := _NET_INIT.match(msg):
             # NCCL's own IB or Socket failing says nothing about an external (CollNet) plugin
             if m["what"] == "Failed to initialize":
@@ -697,6 +716,46 @@ class _Parser:
         return sorted(paths, key=lambda c: (c.comm_id is None, c.comm_id or "", c.rank0,
                                             c.comm or ""))
 
+    def _mismatches(self) -> list[str]:
+        """Where the ranks disagree: NCCL version (printed by a communicator's rank 0), network
+        or net plugin per process; and the algorithm/protocol chosen for the same size by
+        communicators of the same shape (ranks and nodes: the data-parallel groups of a job, the
+        splits of its nodes), which differ only when the ranks' settings or machines do; a size
+        for which one communicator itself chose two ways (grouped calls are tuned together) is
+        left out."""
+        out = []
+        for what, per_proc in (("NCCL version", self.versions), ("network", self.networks),
+                               ("net plugin", self.plugins)):
+            where: dict[str, list[str]] = defaultdict(list)
+            for proc, value in per_proc.items():
+                if f"{proc[1]}:{proc[2]}" not in where[value]:
+                    where[value].append(f"{proc[1]}:{proc[2]}")
+            if len(where) > 1:
+                out.append(f"{what} differs between processes: " + "; ".join(
+                    f"{v} on {_few(hosts)}" for v, hosts in sorted(where.items())))
+        shapes: dict[tuple, list[CommPath]] = defaultdict(list)
+        for c in self.r.comm_paths:
+            if c.choices and c.nranks and c.nnodes:
+                shapes[(c.nranks, c.nnodes)].append(c)
+        for (nranks, nnodes), comms in sorted(shapes.items()):
+            differ: dict[str, list[int]] = defaultdict(list)
+            for key in sorted({k for c in comms for k in c.choices}):
+                # a communicator that chose two ways for one size (calls grouped with others
+                # are tuned together) says nothing about the others
+                steady = {next(iter(c.choices[key])) for c in comms
+                          if len(c.choices.get(key, ())) == 1}
+                if len(steady) > 1:
+                    differ[key[0]].append(key[1])
+            for func, sizes in sorted(differ.items()):
+                out.append(
+                    f"{func} on the communicators of {nranks} rank(s) on {nnodes} node(s) chose "
+                    "differently for the same size: " + "; ".join(
+                        f"{_size(b)}: " + ", ".join(
+                            f"{_choice_label(c.choices[(func, b)], None)} on {c.name}"
+                            for c in comms if (func, b) in c.choices) for b in sizes[:3])
+                    + (f"; and {len(sizes) - 3} more size(s)" if len(sizes) > 3 else ""))
+        return out
+
     def _note(self, text: str) -> None:
         if text not in self.r.warnings:
             self.r.warnings.append(text)
@@ -729,6 +788,7 @@ class _Parser:
         r.nets_failed = list(self.nets_failed)
         r.choices = {k: v for k, v in self.choices.items()}
         r.comm_paths = self._comm_paths()
+        r.mismatches = self._mismatches()
         self._collnet()
         if r.nccl_lines == 0:
             self._note("no NCCL INFO lines in " + (", ".join(r.sources) or "the input")
@@ -907,7 +967,8 @@ def _same(a: str, b: str) -> bool:
 
 def verify(report: LogReport, profile_env: dict) -> list[str]:
     """One readable line per request in `profile_env` (NCCL_* name -> value) that the logs show
-    did not take effect, or cannot be confirmed from them. An empty list means all held."""
+    did not take effect, or cannot be confirmed from them, then one per disagreement between the
+    ranks (`LogReport.mismatches`). An empty list means all held."""
     env = {k: str(v).strip() for k, v in profile_env.items() if v is not None}
     if report.nccl_lines == 0:
         return [f"no NCCL INFO lines in {', '.join(report.sources) or 'the logs'}: nothing can be "
@@ -930,7 +991,7 @@ def verify(report: LogReport, profile_env: dict) -> list[str]:
             else:
                 flags += _check_choice(report, var, env[var], names, every, index, all_functions)
     flags += _verify_ib(report, env)
-    return flags
+    return flags + [f"ranks disagree: {m}" for m in report.mismatches]
 
 
 def _no_tuning(report: LogReport) -> str:
@@ -1030,6 +1091,7 @@ def summary(report: LogReport) -> str:
             lines.append(f"{func:<14s} {nbytes:12d} {_size(nbytes):>9s} {algo:<15s} "
                          f"{proto or '-':<8s} {n:6d} {nranks if nranks is not None else '-':>6}")
     lines += [f"NCCL WARN {w}" for w in report.nccl_warnings]
+    lines += [f"mismatch: {m}" for m in report.mismatches]
     lines += [f"warning: {w}" for w in report.warnings]
     return "\n".join(lines)
 
@@ -1080,7 +1142,7 @@ def path_lines(report: LogReport) -> list[str]:
             lines.append(f"communicator {c.label}:")
             lines += ["  " + ln for ln in _collective_lines(c.calls, c.choices,
                                                             lambda _, c=c: c.nranks)]
-    return lines + list(report.warnings)
+    return lines + [f"mismatch: {m}" for m in report.mismatches] + list(report.warnings)
 
 
 def _collective_lines(calls: dict, choices: dict, nranks_of) -> list[str]:
@@ -1118,8 +1180,9 @@ def _profile_env(name: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m perf.nccl_log",
-        description="Summarise NCCL_DEBUG=INFO logs: what NCCL chose per collective, and which "
-                    "requests did not take effect. Exit status 1 when a request is flagged.")
+        description="Summarise NCCL_DEBUG=INFO logs: what NCCL chose per collective, which "
+                    "requests did not take effect, where the ranks disagree. Exit status 1 "
+                    "when a request or a disagreement is flagged.")
     ap.add_argument("logs", nargs="+", help="per-rank log files or directories of them")
     ap.add_argument("--profile", help="sweep profile name or YAML whose env is verified "
                                       "(default: the NCCL_* values NCCL itself echoed)")

@@ -866,3 +866,44 @@ def test_several_communicators_are_reported_apart():
             ("AllReduce", MiB): {("NVLS", "SIMPLE"): 1}},
         "comm 0x7f20d0 of node02:2000 (4 rank(s), 1 node(s))": {
             ("AllReduce", MiB): {("NVLS", "SIMPLE"): 1}}}
+
+
+def test_ranks_that_disagree_are_flagged(capsys, tmp_path):
+    """Two nodes of one job on different NCCL releases, networks, net plugins, and node splits
+    of the same shape (4 ranks, 1 node) that chose differently for the same size: before, the
+    report took the first version and the last network it read and said nothing; now each
+    disagreement is a `mismatch` of the report and a flag of verify() (exit status 1). The
+    world (8 ranks on 2 nodes) is not compared with the splits."""
+    job = two_node_job(node02_split_choice="RING proto LL128 channel{Lo..Hi}={0..3}",
+                       node02_version="2.27.5+cuda12.9", node02_network="IBext_v8")
+    # the HPC-X plugin in two builds (names as NCCL 2.20+ and 2.14-2.18 print them)
+    job += ["node01:1000:1000 [0] NCCL INFO NET/Plugin: Loaded net plugin NCCL RDMA Plugin v8 (v8)",
+            "node02:2000:2000 [0] NCCL INFO NET/Plugin: Loaded net plugin NCCL RDMA Plugin (v5)"]
+    r = parse_logs("\n".join(job))
+    assert r.mismatches == [
+        "NCCL version differs between processes: 2.27.5+cuda12.9 on node02:2000; "
+        "2.28.3+cuda12.9 on node01:1000",
+        "network differs between processes: IB on node01:1000; IBext_v8 on node02:2000",
+        "net plugin differs between processes: NCCL RDMA Plugin on node02:2000; NCCL RDMA "
+        "Plugin v8 on node01:1000",
+        "AllReduce on the communicators of 4 rank(s) on 1 node(s) chose differently for the "
+        "same size: 1 MiB: NVLS/SIMPLE on comm 0x5602b0 of node01:1000, RING/LL128 on comm "
+        "0x7f20d0 of node02:2000"]
+    assert verify(r, {}) == [f"ranks disagree: {m}" for m in r.mismatches]
+    assert [ln for ln in path_lines(r) if ln.startswith("mismatch: ")] == [
+        f"mismatch: {m}" for m in r.mismatches]
+    assert r.to_dict()["mismatches"] == r.mismatches
+    # a split that itself chose two ways for 1 MiB (grouped calls are tuned together) is not
+    # compared for that size
+    p = "node02:2000:2000 [0] NCCL INFO "
+    grouped = job + [p + coll_line("AllReduce", 262144, 7, comm="0x7f20d0", nranks=4, op=1),
+                     p + "AllReduce: 1048576 Bytes -> Algo NVLS proto SIMPLE "
+                         "channel{Lo..Hi}={0..15}"]
+    assert parse_logs("\n".join(grouped)).mismatches == r.mismatches[:3]
+    # the same job where the nodes agree: nothing to say
+    agreeing = parse_logs("\n".join(two_node_job()))
+    assert agreeing.mismatches == [] and verify(agreeing, {}) == []
+    (tmp_path / "job.log").write_text("\n".join(job) + "\n")
+    assert main([str(tmp_path / "job.log")]) == 1
+    assert "flag: ranks disagree: NCCL version differs between processes" in \
+        capsys.readouterr().out
