@@ -108,9 +108,10 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     indexed from its metadata and stats.yaml, the mixture's weights and micro-batch against
     its windows, the valid split against the evaluation), the pretrained weights of
     train.init_from, and a checkpoint to resume that this run could not load or would continue
-    differently (model, field columns and vocabulary when the data is there to tell, world
-    size, learning-rate schedule). Returns the DeepSpeed config to run with, the pretrained
-    payload (None without init_from), notes for the log and the evaluation plan."""
+    differently (model, field columns, vocabulary and the sampler's datasets, windows and
+    weights when the data is there to tell, world size, learning-rate schedule, micro-batch,
+    seed). Returns the DeepSpeed config to run with, the pretrained payload (None without
+    init_from), notes for the log and the evaluation plan."""
     from dsfm.data.prepare import dataset_paths, datasets_in
     from dsfm.models.avit import AViTConfig
 
@@ -129,10 +130,10 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         note = numerics_note(pretrained.get("model_numerics"),
                              f"train.init_from {cfg.train.init_from}")
         notes += [note] if note else []
-    n_fields = vocab = plan = indexed = None
+    n_fields = vocab = plan = indexed = sampler = None
     if paths is not None:
         micro = schedule.micro_batch(ds_config)
-        mixture, indexed = check_mixture(cfg, paths, pretrained, micro, world_size)
+        mixture, indexed, sampler = check_mixture(cfg, paths, pretrained, micro, world_size)
         vocab = mixture.state_dict()
         n_fields = model_config(cfg, mixture, pretrained).n_fields
         if cfg.train.eval_batches:
@@ -153,6 +154,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                                           schedule.accumulation(ds_config, world_size),
                                           world_size)
             notes += [note] if note else []
+            checkpoint.check_sampler(meta, tag_dir, sampler_layout(cfg, sampler))
     elif args.run_dir is not None:
         found = checkpoint.tags(checkpoint.checkpoint_dir(args.run_dir))
         if found:
@@ -221,7 +223,8 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     """Index the train split of every dataset as the loader will (metadata and stats.yaml,
     no data read), check that the mixture's weights and micro-batch fit its windows, and return
     the field vocabulary the loader will build (the pretrained one first when fine-tuning, then
-    the mixture's fields in dataset order) and the indexed datasets, for the loader."""
+    the mixture's fields in dataset order), the indexed datasets, for the loader, and the
+    mixture's sampler (rank 0's)."""
     from dsfm.data.prefetch import index_dataset, refuse_one_name_twice
     from dsfm.data.sampler import MixtureSampler
 
@@ -238,9 +241,24 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")
-    MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
-                   data.weights, data.same_dataset_across_ranks, names)
-    return vocab, indexed
+    sampler = MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
+                             data.weights, data.same_dataset_across_ranks, names)
+    return vocab, indexed, sampler
+
+
+def sampler_layout(cfg: RunConfig, sampler=None) -> dict:
+    """What a checkpoint records of the loader's sampling, for checkpoint.check_sampler to
+    compare on --resume before any process group: the options it follows and, given the
+    sampler, the datasets, their train windows and their shares of the mixture."""
+    data = cfg.data
+    layout = {"train.seed": cfg.train.seed,
+              "data.same_dataset_across_ranks": data.same_dataset_across_ranks,
+              "data.n_steps_input": data.n_steps_input, "data.dt_stride": data.dt_stride,
+              "data.weights": data.weights}
+    if sampler is not None:
+        layout.update(datasets=list(sampler.names), windows=list(sampler.sizes),
+                      shares=sampler.weights.tolist())
+    return layout
 
 
 def check_grids(datasets) -> None:
@@ -516,7 +534,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
                         "model_numerics": NUMERICS, "freeze": cfg.train.freeze,
-                        "batch": {"micro": micro, "accumulation": accum}}
+                        "batch": {"micro": micro, "accumulation": accum},
+                        "sampler": sampler_layout(cfg, loader.sampler)}
         dev = engine.device
         # the loss of the steps since the last log line (a resumed run continues the window)
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)

@@ -646,6 +646,54 @@ def test_resume_with_another_world_size_or_zero_layout_is_refused(demo_base, tmp
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_resume_with_another_sampling_is_refused_before_the_process_group(demo_base, tmp_path):
+    """Another seed, data.weights, data.same_dataset_across_ranks or window count (n_steps_input,
+    the files) used to be refused by the sampler's state check alone, after the process group,
+    the engine and DeepSpeed's load. Now one line, from the checkpoint's metadata, names the
+    option and both values; a checkpoint without that record is left to the sampler's check."""
+    data = _demo_copy(demo_base, tmp_path, None)
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "r"
+    train(ds, run_dir, ["train.max_steps=2"], data=data)
+    tag = run_dir / "checkpoints" / "step00000002"
+
+    def resume(*sets):
+        return run(train_cmd(ds, run_dir, [f"data.base={data}", "train.max_steps=3", *sets])
+                   + ["--resume"])
+
+    def refused(*sets):
+        proc = resume(*sets)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        return proc.stderr
+
+    where = f"--resume: {tag} was trained with "
+    assert (where + "data.weights=None (shares 0.25/0.25/0.25/0.25), this run sets "
+            "[1.0, 1.0, 1.0, 3.0] (shares 0.167/0.167/0.167/0.5)") in refused(
+                "data.weights=[1, 1, 1, 3]")
+    assert where + "train.seed=0, this run sets 7" in refused("train.seed=7")
+    assert where + "data.same_dataset_across_ranks=True, this run sets False" in refused(
+        "data.same_dataset_across_ranks=false")
+    assert (where + "data.n_steps_input=4, this run sets 3 (dataset euler_2d: 160 train "
+            "windows then, 168 now)") in refused("data.n_steps_input=3")
+    from dsfm.runtime.checkpoint import check_sampler, read_meta
+    meta = read_meta(str(tag))
+    check_sampler(meta, str(tag), {**meta["sampler"], "data.weights": [2.0] * 4})  # same shares
+
+    # written before the record: the sampler's own check after the process group, as before
+    del meta["sampler"]
+    (tag / "dsfm_meta.json").write_text(json.dumps(meta))
+    proc = resume("train.seed=7")
+    assert proc.returncode == 1 and "sampler state has seed=0 but this run has 7" in \
+        proc.stderr, proc.stderr[-2000:]
+    assert "resumed from step 2" in train(ds, run_dir, ["train.max_steps=3"], data=data,
+                                          resume=True).stdout
+
+    os.remove(os.path.join(data, "euler_2d", "data", "train", "euler_2d_mach_1.hdf5"))
+    assert (f"--resume: {run_dir / 'checkpoints' / 'step00000003'} was trained on 160 train "
+            "windows of dataset euler_2d, which has 80 now (its files under data.base "
+            "changed)") in refused()
+
 
 def test_resume_with_another_freeze_is_refused(demo_base, tmp_path):
     """ZeRO's optimizer state holds the trainable parameters only: resuming a run trained

@@ -88,7 +88,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         td.barrier()
     if rank == 0:
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "freeze", "batch")
+                                             "freeze", "batch", "sampler")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
@@ -265,6 +265,49 @@ def check_batch(meta: dict, tag_dir: str, micro: int, accumulation: int,
                 f"config sets {accumulation} ({now} samples per step): the run goes on from the "
                 "checkpoint with the new global batch, not as the saved run would have")
     return None
+
+
+def check_sampler(meta: dict, tag_dir: str, ours: dict) -> None:
+    """A resumed loader continues the saved sampler (its shuffles follow train.seed, its draws
+    data.weights and data.same_dataset_across_ranks, its places in the datasets count their
+    windows): another one was refused by the sampler's own state check only, after the process
+    group, the engine and DeepSpeed's load. A one-line error here names what differs, from the
+    layout train.py records in the metadata (`ours` is the same record for this run; the
+    datasets, windows and shares are compared when it has them, i.e. when the data is there).
+    Checkpoints written before dsfm recorded it are left to the sampler's check."""
+    saved = meta.get("sampler")
+    if not isinstance(saved, dict):
+        return
+    where = f"--resume: {tag_dir} was trained"
+    fix = ("resume with the checkpoint's setting, or start a new run from its weights with "
+           "train.init_from")
+    for key in ("train.seed", "data.same_dataset_across_ranks"):
+        if key in saved and key in ours and saved[key] != ours[key]:
+            raise ConfigError(f"{where} with {key}={saved[key]}, this run sets {ours[key]}; "
+                              f"the loader's place in the data follows it: {fix}")
+    if "datasets" not in ours or "datasets" not in saved:
+        return
+    if saved["datasets"] != ours["datasets"]:
+        raise ConfigError(f"{where} on datasets {', '.join(saved['datasets'])}, this run reads "
+                          f"{', '.join(ours['datasets'])}; resume with the run's own "
+                          "data.datasets and data.pdebench")
+    for name, before, now in zip(ours["datasets"], saved["windows"], ours["windows"]):
+        if before == now:
+            continue
+        for key in ("data.n_steps_input", "data.dt_stride"):
+            if saved.get(key, ours[key]) != ours[key]:
+                raise ConfigError(f"{where} with {key}={saved[key]}, this run sets {ours[key]} "
+                                  f"(dataset {name}: {before} train windows then, {now} now); "
+                                  f"the loader's place in each dataset counts windows: {fix}")
+        raise ConfigError(f"{where} on {before} train windows of dataset {name}, which has "
+                          f"{now} now (its files under data.base changed); the loader's place "
+                          "in it counts windows: resume with the data it was trained on, or "
+                          "start a new run from its weights with train.init_from")
+    if not np.allclose(saved["shares"], ours["shares"]):
+        before, now = ("/".join(f"{v:.3g}" for v in r["shares"]) for r in (saved, ours))
+        raise ConfigError(f"{where} with data.weights={saved.get('data.weights')} (shares "
+                          f"{before}), this run sets {ours.get('data.weights')} (shares {now}); "
+                          f"the loader's draws follow them: {fix}")
 
 
 def check_world(meta: dict, tag_dir: str, world_size: int, rank: int | None = None) -> None:
