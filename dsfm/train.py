@@ -8,8 +8,8 @@ Also runs as `python dsfm/train.py` (one process), under torchrun, mpirun or sru
 a run: read the config, start the process group, find (or simulate) the data, build the field
 vocabulary, the loader and the model, wrap it in a DeepSpeed engine, resume if asked, then train:
 each micro-batch comes from one dataset, the loss is MPP's normalized MSE, checkpoints are
-written every N steps and on SIGTERM/SIGUSR1, and the valid split is evaluated as NRMSE/VRMSE
-one step ahead and over an autoregressive rollout.
+written every N steps and on SIGTERM/SIGUSR1 (also sent when the DeepSpeed launcher dies), and
+the valid split is evaluated as NRMSE/VRMSE one step ahead and over an autoregressive rollout.
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
-from dsfm.runtime import checkpoint, schedule  # noqa: E402
+from dsfm.runtime import checkpoint, orphan, schedule  # noqa: E402
 from dsfm.runtime import ds_config as ds_settings  # noqa: E402
 from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
@@ -414,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     try:
         env = discover()
+        orphan.watch(env.rank, say=env.local_rank == 0)     # SIGTERM if the launcher dies
         cfg, ds_config, ds_notes = read_configs(args, env.world_size)
         checked = check_inputs(cfg, args, env.world_size, ds_config)
         checked.notes += ds_notes

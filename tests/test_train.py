@@ -408,6 +408,54 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
     assert "stopped at step" in out
 
 
+
+@pytest.mark.slow
+@pytest.mark.parametrize("killed", ["runner", "launch"])
+def test_ranks_whose_deepspeed_launcher_dies_checkpoint_and_stop(killed, demo_base, tmp_path):
+    """SIGTERM to the `deepspeed` runner (a user's kill, Slurm's scancel reaching the job's
+    script) ended the runner alone: on one node it has no handler, so its launch process and
+    both ranks trained on, orphaned, and wrote no checkpoint; SIGKILL to the launch process
+    orphaned the ranks alike. Now the ranks see it, checkpoint at one step and stop."""
+    import psutil
+
+    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
+           "--ds_config", ds_config(tmp_path, 2), "--run-dir", str(run_dir)]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=100000",
+                     "train.checkpoint_every=0", "train.signal_check_every=2"]:
+        cmd += ["--set", s]
+    tree = []
+    with open(out, "w") as fh:          # a file: the ranks outlive the runner's pipes
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        assert wait_for_logged_steps(run_dir, 3, 180), out.read_text()[-3000:]
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        [launch] = [p for p in tree if "deepspeed.launcher.launch" in p.cmdline()]
+        assert len([p for p in tree if p.ppid() == launch.pid]) == 2, tree
+        if killed == "runner":
+            proc.send_signal(signal.SIGTERM)
+        else:
+            launch.kill()
+        _, alive = psutil.wait_procs(tree, timeout=120)
+        assert not alive, ([" ".join(p.cmdline())[:80] for p in alive], out.read_text()[-2000:])
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for p in tree:                  # the orphans, outside the runner's process group
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        proc.wait(timeout=60)
+    text = out.read_text()
+    assert "rank 0: " in text and "has exited and left the ranks running" in text, text[-2000:]
+    assert "signal received: checkpointing at step" in text and "stopped at step" in text
+    tags = [t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step")]
+    assert len(tags) == 1 and int(tags[0][4:]) % 2 == 0, tags
+    assert {"dsfm_rank0.pt", "dsfm_rank1.pt", "COMPLETE"} <= set(
+        os.listdir(run_dir / "checkpoints" / tags[0]))
+
 @pytest.mark.slow
 def test_fine_tuning_adds_new_fields_and_freezes_the_processor(demo_base, tmp_path):
     ds = ds_config(tmp_path, 2, micro=4)
