@@ -99,6 +99,7 @@ class Checked:
     notes: list[str]
     eval_plan: dict[str, int] | None = None     # eval.plan_eval's, when the data was there
     train_split: list | None = None  # the train split as indexed, for the loader to reuse
+    lr_schedule: int = schedule.LR_SCHEDULE     # how DeepSpeed's warmup schedulers run
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
@@ -111,7 +112,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     differently (model, field columns, vocabulary and the sampler's datasets, windows and
     weights when the data is there to tell, world size, learning-rate schedule, micro-batch,
     seed). Returns the DeepSpeed config to run with, the pretrained payload (None without
-    init_from), notes for the log and the evaluation plan."""
+    init_from), notes for the log, the evaluation plan and how the warmup schedulers run (a
+    checkpoint's, on resume)."""
     from dsfm.data.prepare import dataset_paths, datasets_in
     from dsfm.models.avit import AViTConfig
 
@@ -131,6 +133,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                              f"train.init_from {cfg.train.init_from}")
         notes += [note] if note else []
     n_fields = vocab = plan = indexed = sampler = None
+    lr_schedule = schedule.LR_SCHEDULE
     if paths is not None:
         micro = schedule.micro_batch(ds_config)
         mixture, indexed, sampler = check_mixture(cfg, paths, pretrained, micro, world_size)
@@ -149,6 +152,9 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),
                                                  ds_config, cfg.train.resume_schedule, tag_dir,
                                                  cfg.train.max_steps)
+            notes += [note] if note else []
+            lr_schedule, note = schedule.warmup_on_resume(meta.get("lr_schedule", 1), ds_config,
+                                                          cfg.train.resume_schedule, tag_dir)
             notes += [note] if note else []
             note = checkpoint.check_batch(meta, tag_dir, schedule.micro_batch(ds_config),
                                           schedule.accumulation(ds_config, world_size),
@@ -169,7 +175,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             os.makedirs(args.run_dir, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"run directory {args.run_dir}: {exc.strerror or exc}") from None
-    return Checked(ds_config, pretrained, notes, plan, indexed)
+    return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule)
 
 
 def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
@@ -525,7 +531,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                          + " (each window is evaluated once)")
         affine = (loader.affine if cfg.train.loss_units == "physical" and data.normalization
                   else lambda name: (None, None))
-        engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False)
+        engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False,
+                                    lr_schedule=checked.lr_schedule)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"
@@ -534,6 +541,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
+                        "lr_schedule": checked.lr_schedule,
                         "model_numerics": NUMERICS, "freeze": cfg.train.freeze,
                         "batch": {"micro": micro, "accumulation": accum},
                         "sampler": sampler_layout(cfg, loader.sampler)}

@@ -202,6 +202,29 @@ def test_a_resumed_schedule_is_checked_kept_or_switched():
             schedule.on_resume(short["scheduler"], none, policy, "ckpt", 200)
 
 
+def test_a_checkpoint_of_deepspeeds_own_warmup_is_refused_kept_or_switched():
+    """Checkpoints written before dsfm ran DeepSpeed's warmup schedulers as its own (no
+    "lr_schedule" in their metadata: 1) hold the same position, which dsfm's classes read as a
+    step whose rate is up to two steps further on: resuming is refused unless
+    train.resume_schedule says which to follow. Other schedulers are built as before."""
+    ds = schedule.resolve({"train_micro_batch_size_per_gpu": 4,
+                           "scheduler": {"type": "WarmupCosineLR", "params": {
+                               "total_num_steps": "auto", "warmup_num_steps": "auto"}}}, 100)
+    with pytest.raises(ConfigError, match="DeepSpeed's own WarmupCosineLR, whose first two "
+                                          "updates .* train.resume_schedule=saved") as exc:
+        schedule.warmup_on_resume(1, ds, "check", "ckpt")
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("--resume: ckpt ")
+    version, note = schedule.warmup_on_resume(1, ds, "saved", "ckpt")
+    assert version == 1 and "DeepSpeed's own WarmupCosineLR" in note
+    version, note = schedule.warmup_on_resume(1, ds, "new", "ckpt")
+    assert version == schedule.LR_SCHEDULE == 2 and note.startswith("warning:")
+    for policy in ("check", "saved", "new"):
+        assert schedule.warmup_on_resume(2, ds, policy, "ckpt") == (2, None)
+        for other in ({"train_micro_batch_size_per_gpu": 4},
+                      {**ds, "scheduler": {"type": "OneCycle", "params": {}}}):
+            assert schedule.warmup_on_resume(1, other, policy, "ckpt") == (2, None)
+
+
 def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
     import json
     root = os.path.join(os.path.dirname(PRESETS_DIR), "..", "ds_configs")
@@ -222,28 +245,33 @@ def test_shipped_ds_configs_are_fp32_with_clipping_and_resolve():
 def test_shipped_ds_configs_warm_up_linearly_then_decay_to_one_percent():
     """docs/training.md promises linear warmup then cosine decay to 1 % of the peak, but
     DeepSpeed's WarmupCosineLR warms up logarithmically unless warmup_type says otherwise: at
-    MPP's 200,000 steps (10,000 of warmup) the rate was at half its peak after 100 steps."""
+    MPP's 200,000 steps (10,000 of warmup) the rate was at half its peak after 100 steps. The
+    rates are those each step's update uses, from the class the engine builds (dsfm's: step n
+    at n/W of the peak; DeepSpeed's made steps 1 and 2 at 0 and reached the peak at no step)."""
     import json
 
     import torch
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    from dsfm.runtime.warmup import scheduler_class
 
     root = os.path.join(os.path.dirname(PRESETS_DIR), "..", "ds_configs")
     for name in ("zero2.json", "zero3.json", "zero3_offload.json"):
         with open(os.path.join(root, name)) as fh:
             out = schedule.resolve(json.load(fh), max_steps=2000)
         opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-        sched = WarmupCosineLR(opt, **out["scheduler"]["params"])
+        cls = scheduler_class(out["scheduler"]["type"], schedule.LR_SCHEDULE)
+        sched = cls(opt, **out["scheduler"]["params"])
         ratios = []
         for _ in range(2000):
-            sched.step()
             ratios.append(opt.param_groups[0]["lr"])
+            sched.step()
         warmup = out["scheduler"]["params"]["warmup_num_steps"]
         assert warmup == 100
-        # iteration i of the warmup is at i / warmup of the peak
-        assert ratios[:warmup] == pytest.approx([i / warmup for i in range(warmup)]), name
-        assert ratios[warmup - 1] < ratios[warmup] == pytest.approx(1.0, abs=1e-4)
-        assert ratios[-1] == pytest.approx(0.01)
+        # step n of the warmup is at n / warmup of the peak, the peak at step 100
+        assert ratios[:warmup] == pytest.approx([n / warmup for n in range(1, warmup + 1)])
+        assert ratios[warmup - 1] == pytest.approx(1.0) and ratios[warmup] < 1.0, name
+        # the cosine reaches 1 % just past the last step
+        assert ratios[-1] == pytest.approx(0.01, abs=1e-5) and ratios[-1] > 0.01
 
 
 def test_train_batch_size_must_match_the_world():

@@ -1,9 +1,10 @@
 """The main job end to end on the demo data: real DeepSpeed engines with gloo on CPU ranks.
 
 ZeRO-2 and ZeRO-3 with two ranks are checked against a plain single-process PyTorch loop at the
-same global batch (same model init, same windows, AdamW, clipping, DeepSpeed's own LR schedule
-object), checkpoints are resumed to identical losses, SIGTERM/SIGUSR1 checkpoint, ZeRO-3
-checkpoints export to one fp32 state dict, and a pretrained model is fine-tuned on new fields.
+same global batch (same model init, same windows, AdamW, clipping, the learning rate each step
+should take, computed here), checkpoints are resumed to identical losses and rates,
+SIGTERM/SIGUSR1 checkpoint, ZeRO-3 checkpoints export to one fp32 state dict, and a pretrained
+model is fine-tuned on new fields.
 """
 
 import json
@@ -97,11 +98,22 @@ def train_cmd(ds: str, run_dir, sets=(), data=None) -> list[str]:
     return cmd
 
 
+def expected_rate(step: int) -> float:
+    """The learning rate of step 1, 2, ... under DS's schedule: its (log) warmup rises from 0
+    at step 0 to the peak at step W, its cosine falls from there to cos_min_ratio at step
+    total_num_steps + 1, and no step is made at either end (DeepSpeed's own classes made
+    steps 1 and 2 at 0)."""
+    params, peak = DS["scheduler"]["params"], DS["optimizer"]["params"]["lr"]
+    w, total, floor = params["warmup_num_steps"], params["total_num_steps"], params["cos_min_ratio"]
+    if step <= w:
+        return peak * math.log(step + 1) / math.log(w + 1)
+    progress = min(1.0, (step - w) / (total + 1 - w))
+    return peak * (floor + (1 - floor) * (1 + math.cos(math.pi * progress)) / 2)
+
+
 def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float], list[float]]:
     """The same training as plain single-process PyTorch, no DeepSpeed engine: the losses and
-    the learning rate each step's update used."""
-    from deepspeed.runtime.lr_schedules import WarmupCosineLR
-
+    the learning rate each step's update used (`expected_rate`)."""
     from dsfm.data.fields import FieldVocabulary
     from dsfm.data.prefetch import WellLoader
     from dsfm.data.prepare import datasets_in
@@ -119,9 +131,8 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float
         opt = torch.optim.AdamW(model.parameters(), lr=opt_cfg["lr"],
                                 betas=tuple(opt_cfg["betas"]), eps=opt_cfg["eps"],
                                 weight_decay=opt_cfg["weight_decay"])
-        sched = WarmupCosineLR(opt, **DS["scheduler"]["params"])
         it = iter(loader)
-        for _ in range(steps):
+        for step in range(1, steps + 1):
             batch_ = next(it)
             scale, shift = loader.affine(batch_.dataset)
             loss = nmse(model(batch_.x, batch_.field_ids, batch_.bcs), batch_.y[:, 0],
@@ -129,9 +140,9 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), DS["gradient_clipping"])
+            opt.param_groups[0]["lr"] = expected_rate(step)
             rates.append(opt.param_groups[0]["lr"])
             opt.step()
-            sched.step()
             out.append(loss.item())
             del batch_
     return out, rates
@@ -157,9 +168,11 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     # ZeRO-partitioned two-rank training is the plain single-process training at the same
     # global batch: the same windows, the same updates, up to fp32 reduction order
     assert ours == pytest.approx(reference[0], rel=2e-4, abs=1e-6)
-    # train/lr is the rate each step's update used (not the next step's)
+    # train/lr is the rate each step's update used (not the next step's): from step 1 on, the
+    # warmup's (DeepSpeed's own scheduler made steps 1 and 2 at 0)
     lr = logged(full, "train/lr")
     assert [lr[s] for s in range(1, STEPS + 1)] == pytest.approx(reference[1], rel=1e-6)
+    assert min(lr.values()) > 0
     # it learns: on the same valid windows, the error after training is below the error
     # before it, on average and for most datasets (train losses mix datasets, too noisy here)
     before = json.loads((full / "eval_step00000000.json").read_text())
@@ -179,6 +192,8 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     assert "resumed from step 6" in proc.stdout
     again = losses(half)
     assert [again[s] for s in range(7, STEPS + 1)] == [got[s] for s in range(7, STEPS + 1)]
+    # at the same rates, on both sides of the resume
+    assert logged(half, "train/lr") == lr
     ckpts = sorted(os.listdir(full / "checkpoints"))
     assert "step00000006" in ckpts and "step00000012" in ckpts
     # each rank draws its own drop-path masks: the ranks' torch streams differ
@@ -818,6 +833,53 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
     # the new schedule's rate, from the second step: the first uses the rate the optimizer's
     # state was saved with (DeepSpeed's scheduler sets it after each step)
     assert lr[7] == lr[6] and lr[8] > lr[6]
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_deepspeeds_own_warmup_resumes_only_as_told(demo_base, tmp_path):
+    """A checkpoint written while dsfm ran DeepSpeed's own warmup schedulers (steps 1 and 2 at
+    the warmup's starting rate; its metadata has no lr_schedule) holds a position that dsfm's
+    classes read as a rate up to two steps further on: --resume refuses it in one line unless
+    train.resume_schedule says which to follow. saved finishes the run on DeepSpeed's class,
+    at the rates it would have taken, and its checkpoints say so; new takes dsfm's."""
+    ds = tmp_path / "warmup.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                              "zero_optimization": {"stage": 2},
+                              "scheduler": {"type": "WarmupLR", "params": {
+                                  "warmup_num_steps": 8, "warmup_type": "linear"}}}))
+    ds, peak = str(ds), DS["optimizer"]["params"]["lr"]
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=2", "train.checkpoint_every=2"], data=demo_base)
+    assert logged(r, "train/lr") == pytest.approx({1: peak / 8, 2: peak * 2 / 8})
+    meta_file = r / "checkpoints" / "step00000002" / "dsfm_meta.json"
+    meta = json.loads(meta_file.read_text())
+    assert meta.pop("lr_schedule") == 2
+    meta_file.write_text(json.dumps(meta))                # as dsfm wrote it before
+    shutil.copytree(r, tmp_path / "switched")
+
+    proc = run(train_cmd(ds, r, [f"data.base={demo_base}", "train.max_steps=4"]) + ["--resume"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "DeepSpeed's own WarmupLR" in proc.stderr
+    assert "train.resume_schedule=saved" in proc.stderr and "=new" in proc.stderr
+
+    saved = ["train.checkpoint_every=2", "train.resume_schedule=saved"]
+    proc = train(ds, r, ["train.max_steps=4", *saved], resume=True, data=demo_base)
+    assert "resuming on DeepSpeed's own WarmupLR" in proc.stdout
+    # DeepSpeed's WarmupLR makes step n at (n - 2)/8 of the peak (step 3 takes the rate saved
+    # with the optimizer's state, dsfm's here)
+    assert logged(r, "train/lr")[4] == pytest.approx(peak * 2 / 8)
+    meta = json.loads((r / "checkpoints" / "step00000004" / "dsfm_meta.json").read_text())
+    assert meta["lr_schedule"] == 1
+    train(ds, r, ["train.max_steps=6", *saved], resume=True, data=demo_base)
+    lr = logged(r, "train/lr")
+    assert [lr[5], lr[6]] == pytest.approx([peak * 3 / 8, peak * 4 / 8])
+
+    switched = tmp_path / "switched"
+    proc = train(ds, switched, ["train.max_steps=4", "train.resume_schedule=new"], resume=True,
+                 data=demo_base)
+    assert "warning:" in proc.stdout and "resuming on dsfm's" in proc.stdout
+    assert logged(switched, "train/lr")[4] == pytest.approx(peak * 4 / 8)
 
 
 @pytest.mark.slow

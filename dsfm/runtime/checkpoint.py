@@ -88,7 +88,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         td.barrier()
     if rank == 0:
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "freeze", "batch", "sampler")
+                                             "lr_schedule", "freeze", "batch", "sampler")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))

@@ -222,7 +222,7 @@ def _check_zero_components(cfg: dict, source: str, stage: int, lr_schedules) -> 
 
 
 def _check_scheduler_params(ds_config: dict, source: str) -> None:
-    """The scheduler built as DeepSpeed will build it, over a stand-in optimizer: what its
+    """The scheduler built as the engine will build it, over a stand-in optimizer: what its
     constructor refuses (WarmupCosineLR's warmup_num_steps of 0, a missing argument of a
     torch scheduler) is refused here, before the process group, instead of by
     deepspeed.initialize on every rank."""
@@ -230,10 +230,12 @@ def _check_scheduler_params(ds_config: dict, source: str) -> None:
     if sched is None:
         return
     import torch
-    from deepspeed.runtime import lr_schedules
+
+    from dsfm.runtime.schedule import LR_SCHEDULE
+    from dsfm.runtime.warmup import scheduler_class
 
     name, params = sched["type"], sched.get("params", {})
-    cls = getattr(lr_schedules, name, None) or getattr(torch.optim.lr_scheduler, name)
+    cls = scheduler_class(name, LR_SCHEDULE)
     opt = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
     try:
         with _quiet_deepspeed():

@@ -9,6 +9,7 @@ import torch
 
 from dsfm.errors import ConfigError, DsfmError, first_line
 from dsfm.runtime import build_lock, dist
+from dsfm.runtime.schedule import LR_SCHEDULE
 
 
 def discover() -> dist.DistEnv:
@@ -115,13 +116,18 @@ def _filter_deepspeed_noise() -> None:
     warnings.filterwarnings("ignore", message=_TORCH_DEPRECATION, category=FutureWarning)
 
 
-def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True):
+def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True,
+                 lr_schedule: int = LR_SCHEDULE):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
     scheduler). `fused_grad_norm`: where the optimizer is ZeRO's and not offloaded, it computes
     the clipping norm with one multi-tensor norm instead of two operators per parameter tensor
-    (`dsfm.runtime.zero_norm`; elsewhere DeepSpeed's own, `zero_norm.is_fused` tells)."""
+    (`dsfm.runtime.zero_norm`; elsewhere DeepSpeed's own, `zero_norm.is_fused` tells).
+    DeepSpeed's warmup schedulers are built as dsfm's (`dsfm.runtime.warmup`: the first update
+    at the warmup's first step, where DeepSpeed's made two at its starting rate), unless
+    `lr_schedule` is 1 (a run resumed on DeepSpeed's own, `schedule.warmup_on_resume`)."""
     import deepspeed
 
+    from dsfm.runtime.warmup import client_scheduler
     from dsfm.runtime.zero_norm import fuse_grad_norm, keep_plain_norm
 
     fix_arch_list()
@@ -130,7 +136,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     rank = os.environ.get("RANK", "0")
     with build_lock.watch(f"rank {rank}'s DeepSpeed engine set-up"):
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=cpu_optimizer(ds_config))
+            model=model, model_parameters=params, config=cpu_optimizer(ds_config),
+            lr_scheduler=client_scheduler(ds_config, lr_schedule))
     if fused_grad_norm:
         fuse_grad_norm(engine)
     keep_plain_norm(engine)                    # no ZeRO: the clipping norm, for train/grad_norm

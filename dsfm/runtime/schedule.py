@@ -12,6 +12,12 @@ import copy
 from dsfm.errors import ConfigError
 
 WARMUP_FRACTION = 0.05
+#: How DeepSpeed's warmup schedulers run; checkpoints record it as "lr_schedule" (1 where it is
+#: absent). 1: DeepSpeed's own classes, whose first two updates take the warmup's starting rate
+#: (lr 0 by default). 2: dsfm's (`dsfm.runtime.warmup`), step n at the schedule's rate at n.
+LR_SCHEDULE = 2
+#: the DeepSpeed schedulers `LR_SCHEDULE` is about (the others run as DeepSpeed or torch has them)
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 _STEP_KEYS = {
     "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
     "WarmupDecayLR": ("total_num_steps", "warmup_num_steps"),
@@ -95,6 +101,35 @@ def on_resume(saved, ds_config: dict, policy: str, source: str,
                       f"this run's is {ours} (\"auto\" steps follow train.max_steps); resume with "
                       "the same settings, or set train.resume_schedule=saved to continue on the "
                       "saved schedule or train.resume_schedule=new to switch to this one")
+
+
+def warmup_on_resume(saved: int, ds_config: dict, policy: str,
+                     source: str) -> tuple[int, str | None]:
+    """The `LR_SCHEDULE` to resume with, and a note for the log. A checkpoint written on
+    DeepSpeed's own warmup schedulers (`saved` 1) holds their position, which dsfm's classes
+    read as the same step: resumed on them, the rate would move ahead of the one the run was
+    following, by two steps in the warmup and about one in the decay. So `policy`
+    (train.resume_schedule, as for a changed schedule) "check" refuses that, "saved" finishes
+    the run on DeepSpeed's classes, "new" takes dsfm's. `ds_config` is the config the run
+    resumes with (`on_resume`'s)."""
+    sched = (ds_config.get("scheduler") or {}).get("type")
+    if saved >= LR_SCHEDULE or sched not in WARMUP_SCHEDULERS:
+        return LR_SCHEDULE, None
+    what = (f"{source} was trained on DeepSpeed's own {sched}, whose first two updates took "
+            "the warmup's starting rate (lr 0 by default) and whose rates lag the run's steps "
+            "by up to two")
+    if policy == "saved":
+        return saved, (f"resuming on DeepSpeed's own {sched}, as the checkpoint was trained "
+                       "(train.resume_schedule=saved)")
+    if policy == "new":
+        return LR_SCHEDULE, (f"warning: {what}; resuming on dsfm's, where step n of the run "
+                             "takes the warmup's rate at n: the rate moves ahead by up to two "
+                             "steps of the schedule (from the second resumed step: the first "
+                             "uses the rate saved with the optimizer's state)")
+    raise ConfigError(f"--resume: {what}; dsfm now gives step n the warmup's rate at n, so "
+                      "resuming would move the rate ahead by up to two steps of the schedule. "
+                      "Set train.resume_schedule=saved to finish the run on DeepSpeed's "
+                      "schedule, or train.resume_schedule=new to continue on dsfm's")
 
 
 def zero_stage(ds_config: dict) -> int:
