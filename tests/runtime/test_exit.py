@@ -56,9 +56,11 @@ def test_a_rank_leaves_with_its_code_output_and_exit_handlers(tmp_path):
 def test_the_probe_still_aborts_a_plain_exit(tmp_path):
     """The control: ended as Python scripts usually end, the same ranks abort. If no attempt
     does any more (a newer torch may drop tensors otherwise), the test above proves nothing
-    and `exit_process` may no longer be needed."""
+    and `exit_process` may no longer be needed. A pair of ranks ends without the abort now and
+    then, more often on a loaded machine (2 of 24 pairs here, 7 of 15 under two busy cores):
+    up to 10 pairs, the test ends at the first that aborts."""
     codes = []
-    for attempt in range(3):
+    for attempt in range(10):
         ranks = _two_ranks(str(tmp_path / f"plain{attempt}"), "--plain")
         codes.append([rc for rc, _ in ranks])
         aborted = [text for rc, text in ranks if rc == -6]
