@@ -75,18 +75,24 @@ def _nan_in_step(demo_base, tmp_path, step: int) -> str:
 FEED_SMALL = ["--size", "Ti", "--batch", "2", "--steps", "3", "--warmup", "1", "--workers", "1"]
 
 
+def _feed_bench_with_nan_in_step(demo_base, tmp_path, step: int):
+    """feed_bench on a copy of the demo data with NaN in a frame first read at micro-batch
+    `step`, which must exit 1: (the loader's message for the NaN, the process, its JSON rows)."""
+    nan = _nan_in_step(demo_base, tmp_path, step)
+    out = tmp_path / "bench.json"
+    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", str(tmp_path)] + FEED_SMALL
+               + ["--json", str(out)], timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    return nan, proc, json.loads(out.read_text())["variants"]
+
+
 @pytest.mark.slow
 def test_feed_bench_exits_1_when_the_loader_feed_fails(demo_base, tmp_path):
     """NaN in a frame that the loader first reads in the WellLoader feed's steps (micro-batch 8:
     after the 4 kept for the resident feed and the 3 its reader read ahead meanwhile): the
     resident feed is measured and reported, the WellLoader feed's row says why it failed.
     Before, the exit status was 0."""
-    nan = _nan_in_step(demo_base, tmp_path, 8)
-    out = tmp_path / "bench.json"
-    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", str(tmp_path)] + FEED_SMALL
-               + ["--json", str(out)], timeout=600)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["variants"]
+    nan, proc, rows = _feed_bench_with_nan_in_step(demo_base, tmp_path, 8)
     assert rows["resident"]["samples_per_sec"] > 0 and "error" not in rows["resident"]
     assert "NonFiniteError" in rows["WellLoader"]["error"] and nan in rows["WellLoader"]["error"]
     assert [ln for ln in proc.stdout.splitlines() if ln.startswith("resident ")]
@@ -98,12 +104,7 @@ def test_feed_bench_exits_1_when_the_loader_feed_fails(demo_base, tmp_path):
 def test_feed_bench_exits_1_when_no_batch_can_be_read(demo_base, tmp_path):
     """NaN in the first micro-batch: no batch to keep resident, so no feed can run. Before, a
     traceback from the loader and no rows (nor JSON); now each feed's row says why, exit 1."""
-    nan = _nan_in_step(demo_base, tmp_path, 0)
-    out = tmp_path / "bench.json"
-    proc = run([sys.executable, "-m", "perf.feed_bench", "--base", str(tmp_path)] + FEED_SMALL
-               + ["--json", str(out)], timeout=600)
-    assert proc.returncode == 1, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["variants"]
+    nan, proc, rows = _feed_bench_with_nan_in_step(demo_base, tmp_path, 0)
     assert set(rows) == {"resident", "WellLoader"}
     for name, r in rows.items():
         assert r["error"].startswith("not run: the first batches") and nan in r["error"], name

@@ -423,7 +423,6 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
     assert "stopped at step" in out
 
 
-
 @pytest.mark.slow
 @pytest.mark.parametrize("killed", ["runner", "launch"])
 def test_ranks_whose_deepspeed_launcher_dies_checkpoint_and_stop(killed, demo_base, tmp_path):
@@ -470,6 +469,7 @@ def test_ranks_whose_deepspeed_launcher_dies_checkpoint_and_stop(killed, demo_ba
     assert len(tags) == 1 and int(tags[0][4:]) % 2 == 0, tags
     assert {"dsfm_rank0.pt", "dsfm_rank1.pt", "COMPLETE"} <= set(
         os.listdir(run_dir / "checkpoints" / tags[0]))
+
 
 @pytest.mark.slow
 def test_fine_tuning_adds_new_fields_and_freezes_the_processor(demo_base, tmp_path):
@@ -773,6 +773,7 @@ def test_resume_with_another_freeze_is_refused(demo_base, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     train(ds, run_dir, ["train.max_steps=4", "train.freeze=middle"], data=demo_base,
           resume=True)
+
 
 @pytest.mark.slow
 def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(demo_base,
