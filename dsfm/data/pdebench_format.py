@@ -57,10 +57,9 @@ def trajectory_groups(f: h5py.File, path: str) -> dict[str, h5py.Group]:
     return {k: m for k, m in members if isinstance(m, h5py.Group)}
 
 
-def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = None
-                ) -> str | None:
+def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str | None:
     """What a PDEBench file dsfm does not read holds (1D, 3D, steady-state), if it is one;
-    `groups`: its `trajectory_groups`, listed here if not given."""
+    `groups`: its `trajectory_groups`."""
     keys = set(f.keys())
     vx = _member(f, "Vx", path)
     if "Vz" in keys or (isinstance(vx, h5py.Dataset) and vx.ndim == 5):
@@ -73,8 +72,6 @@ def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = 
             return "a 1D equation (tensor [N, T, X]: advection, Burgers, reaction-diffusion)"
         if "nu" in keys:
             return "a 2D steady state (tensor [N, 1, H, W] and nu: Darcy flow)"
-    if groups is None:
-        groups = trajectory_groups(f, path)
     first = next(iter(groups), None)
     data = None if first is None else _member(groups[first], "data", path)
     if isinstance(data, h5py.Dataset) and data.ndim in (3, 5):
@@ -83,16 +80,13 @@ def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = 
     return None
 
 
-def detect_kind(f: h5py.File, path: str, groups: dict[str, h5py.Group] | None = None) -> str:
-    """The layout of a PDEBench 2D file; `groups`: its `trajectory_groups`, listed here if not
-    given."""
+def detect_kind(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str:
+    """The layout of a PDEBench 2D file; `groups`: its `trajectory_groups`."""
     keys = set(f.keys())
     if {"Vx", "Vy", "density", "pressure"} <= keys:
         return "comp_ns"
     if "velocity" in keys:
         return "incomp_ns"
-    if groups is None:
-        groups = trajectory_groups(f, path)
     if groups:
         data = _member(next(iter(groups.values())), "data", path)
         if isinstance(data, h5py.Dataset) and data.ndim == 4:
