@@ -351,6 +351,25 @@ def _rows(calls: dict, choices: dict) -> list[tuple[str, int, str, str, int]]:
     return rows
 
 
+def _busiest(counts) -> dict[tuple[str, int], int]:
+    """Calls per (collective, bytes) over several processes' or records' counts: every rank
+    makes the same calls, so the busiest one counts them."""
+    out: Counter = Counter()
+    for per in counts:
+        for key, n in per.items():
+            out[key] = max(out[key], n)
+    return dict(out)
+
+
+def _together(choices) -> dict[tuple[str, int], Counter]:
+    """Several records' TUNING choices per (collective, bytes), added up."""
+    out: dict = defaultdict(Counter)
+    for per in choices:
+        for key, counter in per.items():
+            out[key].update(counter)
+    return dict(out)
+
+
 def _canon_algo(name: str) -> str:
     if name.isdigit():
         i = int(name)
@@ -388,7 +407,6 @@ class _Parser:
         self.calls: dict[tuple, Counter] = defaultdict(Counter)
         self.call_nranks: dict[tuple, int] = {}
         self.nets_failed: dict[str, None] = {}
-        self.choices: dict[tuple, Counter] = defaultdict(Counter)
         self.graphs: dict[tuple, Graph] = {}
         self.gdr = {"channel": Counter(), "hca": Counter()}  # evidence -> {True: n, False: n}
         self.truncated = Counter()
@@ -515,7 +533,6 @@ class _Parser:
             taken = self._take_group(proc, func, nbytes, works)
             if taken:
                 for pbytes, rec in taken:
-                    self.choices[(func, pbytes)][(path, proto)] += 1
                     rec.choices[(func, pbytes)][(path, proto)] += 1
                 return
         self._tuning(proc, func, nbytes, True, (path, proto))
@@ -547,7 +564,6 @@ class _Parser:
                 func, nbytes, rec = pfunc, pbytes, prec
                 break
         key = (func or "?", nbytes)
-        self.choices[key][choice] += 1
         # a line matched to no COLL line: of this process, on a communicator unknown
         (rec or self._record(proc, None, None)).choices[key][choice] += 1
 
@@ -699,20 +715,13 @@ class _Parser:
                 continue
             first = (rank0 or recs)[0]
             comms = [r.comm for r in recs if r.comm is not None]
-            calls: Counter = Counter()
-            for r in recs:
-                for key, n in r.calls.items():
-                    calls[key] = max(calls[key], n)
-            chosen: dict = defaultdict(Counter)
-            for r in rank0:
-                for key, counter in r.choices.items():
-                    chosen[key].update(counter)
             paths.append(CommPath(
                 comm_id=cid, comm=first.ptr, rank0=f"{first.proc[1]}:{first.proc[2]}",
                 nranks=next((c.nranks for c in comms if c.nranks), None) or first.nranks,
                 nnodes=next((c.nnodes for c in comms if c.nnodes), None),
                 local_ranks=next((c.local_ranks for c in comms if c.local_ranks), None),
-                rank0_logged=bool(rank0), calls=dict(calls), choices=dict(chosen)))
+                rank0_logged=bool(rank0), calls=_busiest(r.calls for r in recs),
+                choices=_together(r.choices for r in rank0)))
         return sorted(paths, key=lambda c: (c.comm_id is None, c.comm_id or "", c.rank0,
                                             c.comm or ""))
 
@@ -778,15 +787,10 @@ class _Parser:
         r.communicators = sorted(list(self.comms.values()) + self.retired,
                                  key=lambda c: (c.comm_id or "", c.rank if c.rank is not None
                                                 else -1, c.host, c.pid))
-        # every rank makes the same calls: the busiest process counts them
-        calls: Counter = Counter()
-        for per_proc in self.calls.values():
-            for key, n in per_proc.items():
-                calls[key] = max(calls[key], n)
-        r.calls = dict(calls)
+        r.calls = _busiest(self.calls.values())
         r.call_nranks = dict(self.call_nranks)
         r.nets_failed = list(self.nets_failed)
-        r.choices = {k: v for k, v in self.choices.items()}
+        r.choices = _together(rec.choices for rec in self.all_records)
         r.comm_paths = self._comm_paths()
         r.mismatches = self._mismatches()
         self._collnet()
