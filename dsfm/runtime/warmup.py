@@ -89,11 +89,16 @@ class WarmupCosineLR(ds.WarmupCosineLR):
         return [lr * ratio for lr in self.org_lrs]
 
 
+def _ours(name: str, lr_schedule: int) -> bool:
+    """Whether a scheduler of this `name` is built as dsfm's: DeepSpeed's warmup schedulers,
+    unless `lr_schedule` is 1 (DeepSpeed's own, for runs begun on them)."""
+    return name in WARMUP_SCHEDULERS and lr_schedule >= 2
+
+
 def scheduler_class(name: str, lr_schedule: int):
-    """The class a scheduler of this `name` is built from: dsfm's for DeepSpeed's warmup
-    schedulers (unless `lr_schedule` is 1, DeepSpeed's own, for runs begun on them), else
-    DeepSpeed's or torch's."""
-    if name in WARMUP_SCHEDULERS and lr_schedule >= 2:
+    """The class a scheduler of this `name` is built from: dsfm's (`_ours`), else DeepSpeed's
+    or torch's."""
+    if _ours(name, lr_schedule):
         return globals()[name]
     return getattr(ds, name, None) or getattr(torch.optim.lr_scheduler, name)
 
@@ -102,7 +107,7 @@ def client_scheduler(ds_config: dict, lr_schedule: int):
     """For deepspeed.initialize's `lr_scheduler`: a callable building dsfm's class over the
     optimizer, or None where DeepSpeed builds the config's scheduler itself."""
     sched = ds_config.get("scheduler")
-    if not sched or sched["type"] not in WARMUP_SCHEDULERS or lr_schedule < 2:
+    if not sched or not _ours(sched["type"], lr_schedule):
         return None
-    cls, params = scheduler_class(sched["type"], lr_schedule), sched.get("params", {})
+    cls, params = globals()[sched["type"]], sched.get("params", {})
     return lambda optimizer: cls(optimizer, **params)
