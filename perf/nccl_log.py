@@ -10,9 +10,10 @@ and `parse_logs` turns the per-rank files (or one shared stdout) into a `LogRepo
 version, communicators, network plugin and HCAs, GPUDirect RDMA, the echoed NCCL_* variables,
 the CollNet state, the topology graphs and connections, and for every collective call the byte
 size and the algorithm/protocol NCCL chose (per communicator when the logs hold several), and
-where the ranks disagree (NCCL version, network or net plugin, the algorithm chosen for one size
-by communicators of one shape). `verify` compares a profile's environment with the report and
-returns one readable line per request that did not take effect, and per disagreement.
+where the ranks disagree (NCCL version, CUDA driver, network or net plugin, an echoed NCCL_*
+value, the algorithm chosen for one size by communicators of one shape). `verify` compares a
+profile's environment with the report and returns one readable line per request that did not
+take effect, and per disagreement.
 
     python -m perf.nccl_log runs/sweep/sharp_on/ [--profile sharp_on] [--json]
 
@@ -115,6 +116,7 @@ _SYM_KERNEL = re.compile(r"^Kernel (?P<kernel>\w+) nchannels \d+ nthreads \d+"
 # the paths of tagged TUNING lines: no NCCL_ALGO name, no protocol
 ENGINE_PATHS = {"Symmetric": "SYMMETRIC", "Copy Engine": "COPY_ENGINE",
                 "Hierarchical CE": "HIERARCHICAL_CE"}
+_DRIVER = re.compile(r"cudaDriverVersion (?P<v>\d+)\s*$")
 _ENV = re.compile(r"^(?P<name>NCCL_[A-Z0-9_]+) set (?:by environment )?to (?P<value>.*?)\s*$")
 _COMM_INFO = re.compile(r"^comm (?P<comm>\S+) rank (?P<rank>\d+) nRanks (?P<nranks>\d+) "
                         r"nNodes (?P<nnodes>\d+) localRanks (?P<local>\d+)")
@@ -251,6 +253,7 @@ class LogReport:
     nccl_lines: int = 0
     processes: int = 0
     version: str | None = None
+    cuda_driver: str | None = None      # "cudaDriverVersion %d" (12040 = 12.4), every process
     network: str | None = None          # "Using network %s": IB, Socket, IBext_v8, ...
     net_plugin: str | None = None       # external net plugin that loaded
     nets_failed: list[str] = field(default_factory=list)  # "Failed to initialize NET plugin %s"
@@ -309,7 +312,8 @@ class LogReport:
     def to_dict(self) -> dict:
         return {
             "sources": self.sources, "nccl_lines": self.nccl_lines, "processes": self.processes,
-            "version": self.version, "network": self.network, "net_plugin": self.net_plugin,
+            "version": self.version, "cuda_driver": self.cuda_driver, "network": self.network,
+            "net_plugin": self.net_plugin,
             "nets_failed": self.nets_failed, "net_assigned": self.net_assigned,
             "transports": self.transports, "hcas": self.hcas, "merged_nics": self.merged_nics,
             "ib_missing": self.ib_missing, "gdr": self.gdr, "env": self.env,
@@ -395,10 +399,11 @@ class _Parser:
         self.processes: set = set()
         self.transports: set = set()
         self.hcas: dict[str, None] = {}
-        self.env_seen: dict[str, tuple[str, str]] = {}
+        self.env_seen: dict[str, dict[tuple, str]] = defaultdict(dict)  # name -> proc -> value
         self.comms: dict[tuple, Communicator] = {}
         self.retired: list[Communicator] = []    # destroyed, their address reused
         self.versions: dict[tuple, str] = {}      # per process: "NCCL version %s"
+        self.drivers: dict[tuple, str] = {}       # "cudaDriverVersion %d", every process
         self.networks: dict[tuple, str] = {}      # "Using network %s"
         self.plugins: dict[tuple, str] = {}       # the external net plugin that loaded
         self.records: dict[tuple, _Record] = {}   # (proc, address) -> current record
@@ -575,14 +580,10 @@ class _Parser:
             value = m["value"]
             if re.fullmatch(r"-?\d+\.", value):
                 value = value[:-1]
-            name = m["name"]
-            if name in self.r.env and self.r.env[name] != value:
-                first = self.env_seen[name]
-                self._note(f"{name} differs between ranks: {self.r.env[name]!r} on {first[0]}, "
-                           f"{value!r} on {host}:{pid}")
-            else:
-                self.r.env.setdefault(name, value)
-                self.env_seen.setdefault(name, (f"{host}:{proc[2]}", value))
+            self.r.env.setdefault(m["name"], value)
+            self.env_seen[m["name"]].setdefault(proc, value)
+        elif m := _DRIVER.match(msg):
+            self.drivers.setdefault(proc, m["v"])
         elif msg.startswith("Using network "):
             self.r.network = msg[len("Using network "):].strip()   # "AWS Libfabric"
             self.networks[proc] = self.r.network
@@ -726,15 +727,17 @@ class _Parser:
                                             c.comm or ""))
 
     def _mismatches(self) -> list[str]:
-        """Where the ranks disagree: NCCL version (printed by a communicator's rank 0), network
-        or net plugin per process; and the algorithm/protocol chosen for the same size by
-        communicators of the same shape (ranks and nodes: the data-parallel groups of a job, the
-        splits of its nodes), which differ only when the ranks' settings or machines do; a size
+        """Where the ranks disagree: NCCL version (printed by a communicator's rank 0), CUDA
+        driver, network, net plugin or an echoed NCCL_* value per process; and the
+        algorithm/protocol chosen for the same size by communicators of the same shape (ranks and
+        nodes: the data-parallel groups of a job, the splits of its nodes), which differ only
+        when the ranks' settings or machines do; a size
         for which one communicator itself chose two ways (grouped calls are tuned together) is
         left out."""
         out = []
-        for what, per_proc in (("NCCL version", self.versions), ("network", self.networks),
-                               ("net plugin", self.plugins)):
+        for what, per_proc in (("NCCL version", self.versions), ("CUDA driver", self.drivers),
+                               ("network", self.networks), ("net plugin", self.plugins),
+                               *sorted(self.env_seen.items())):
             where: dict[str, list[str]] = defaultdict(list)
             for proc, value in per_proc.items():
                 if f"{proc[1]}:{proc[2]}" not in where[value]:
@@ -792,6 +795,7 @@ class _Parser:
         r.nets_failed = list(self.nets_failed)
         r.choices = _together(rec.choices for rec in self.all_records)
         r.comm_paths = self._comm_paths()
+        r.cuda_driver = next(iter(self.drivers.values()), None)
         r.mismatches = self._mismatches()
         self._collnet()
         if r.nccl_lines == 0:
@@ -1066,7 +1070,9 @@ def summary(report: LogReport) -> str:
     state = "initialized" if cn.initialized else (
         "plugin loaded, not initialized" if cn.plugin_loaded else "no plugin")
     lines = [
-        f"NCCL {report.version or '?'}: {report.nccl_lines} lines from {report.processes} "
+        f"NCCL {report.version or '?'}"
+        + (f" (CUDA driver {report.cuda_driver})" if report.cuda_driver else "")
+        + f": {report.nccl_lines} lines from {report.processes} "
         f"process(es), {len(report.sources)} source(s), nodes {report.nnodes or '?'}",
         f"network {report.network or '?'}"
         + (f" (plugin {report.net_plugin})" if report.net_plugin else "")

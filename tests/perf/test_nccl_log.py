@@ -907,3 +907,33 @@ def test_ranks_that_disagree_are_flagged(capsys, tmp_path):
     assert main([str(tmp_path / "job.log")]) == 1
     assert "flag: ranks disagree: NCCL version differs between processes" in \
         capsys.readouterr().out
+
+
+def test_ranks_with_another_cuda_driver_or_nccl_setting_are_flagged():
+    """A node on another CUDA driver, and a node where a requested NCCL_* value did not arrive:
+    before, the driver line was not read at all, and an echoed NCCL_* value that differed from
+    the first rank's was only a warning, so verify() passed a profile whose setting held on
+    rank 0 alone; now both are mismatches and flags (NCCL echoes each set parameter, and the
+    driver, once per process)."""
+    def job(node02_driver, node02_hca):
+        head = []
+        for host, pid, driver, hca in (("node01", 1000, "12040", "mlx5_0,mlx5_1"),
+                                       ("node02", 2000, node02_driver, node02_hca)):
+            p = f"{host}:{pid}:{pid} [0] NCCL INFO "
+            head += [p + f"cudaDriverVersion {driver}",
+                     p + f"NCCL_IB_HCA set by environment to {hca}"]
+        return "\n".join(head + two_node_job())
+
+    r = parse_logs(job("12020", "mlx5_0"))
+    assert r.cuda_driver == "12040" and r.env["NCCL_IB_HCA"] == "mlx5_0,mlx5_1"
+    assert r.mismatches == [
+        "CUDA driver differs between processes: 12020 on node02:2000; 12040 on node01:1000",
+        "NCCL_IB_HCA differs between processes: mlx5_0 on node02:2000; mlx5_0,mlx5_1 on "
+        "node01:1000"]
+    assert verify(r, {"NCCL_IB_HCA": "mlx5_0,mlx5_1"})[-2:] == [
+        f"ranks disagree: {m}" for m in r.mismatches]
+    assert summary(r).startswith("NCCL 2.28.3+cuda12.9 (CUDA driver 12040): ")
+    assert r.to_dict()["cuda_driver"] == "12040"
+    # the same values on both nodes: nothing to say
+    agreeing = parse_logs(job("12040", "mlx5_0,mlx5_1"))
+    assert agreeing.mismatches == [] and verify(agreeing, {"NCCL_IB_HCA": "mlx5_0,mlx5_1"}) == []
