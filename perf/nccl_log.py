@@ -731,9 +731,8 @@ class _Parser:
         driver, network, net plugin or an echoed NCCL_* value per process; and the
         algorithm/protocol chosen for the same size by communicators of the same shape (ranks and
         nodes: the data-parallel groups of a job, the splits of its nodes), which differ only
-        when the ranks' settings or machines do; a size
-        for which one communicator itself chose two ways (grouped calls are tuned together) is
-        left out."""
+        when the ranks' settings or machines do; a size for which one communicator itself chose
+        two ways (grouped calls are tuned together) is left out."""
         out = []
         for what, per_proc in (("NCCL version", self.versions), ("CUDA driver", self.drivers),
                                ("network", self.networks), ("net plugin", self.plugins),
