@@ -154,7 +154,10 @@ class AViT(nn.Module):
 
     def add_fields(self, n_new: int) -> None:
         """Append `n_new` field columns to the embedding and output head (new fields of a
-        fine-tuning set); the existing columns keep their trained values."""
+        fine-tuning set); the existing columns keep their trained values, and so does the
+        embedding's bias, which MPP's expand_projections starts afresh (it builds a new
+        embedding and copies only its weight columns, on every fine-tuning from a checkpoint,
+        with new fields or none)."""
         if n_new < 1:
             return
         old = self.config.n_fields

@@ -168,6 +168,7 @@ def test_add_fields_keeps_trained_fields_and_freezing_selects_parameters():
     assert model.n_fields == 7 and model.space_bag.weight.shape == (12, 7)
     assert model.debed.out_kernel.shape[1] == 7 and model.debed.out_bias.shape == (7,)
     assert torch.equal(model.space_bag.weight[:, :4], old["space_bag.weight"])
+    assert torch.equal(model.space_bag.bias, old["space_bag.bias"])     # MPP re-draws it
     assert torch.equal(model.debed.out_kernel[:, :4], old["debed.out_kernel"])
     assert torch.equal(model.debed.out_bias[:4], old["debed.out_bias"])
     # new columns start as those of layers 7 fields wide would (PyTorch's bound 1/sqrt(fan-in),
