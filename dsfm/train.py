@@ -420,7 +420,7 @@ def main(argv: list[str] | None = None) -> int:
     env = None
     try:
         env = discover()
-        orphan.watch(env.rank, say=env.local_rank == 0)     # SIGTERM if the launcher dies
+        orphan.watch(env.rank)        # SIGTERM if the launcher dies
         cfg, ds_config, ds_notes = read_configs(args, env.world_size)
         checked = check_inputs(cfg, args, env.world_size, ds_config)
         checked.notes += ds_notes
