@@ -7,7 +7,8 @@ only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpe
 ZeRO-3 engine, all in one run. Reports ms/step (steps running freely, each reading its loss back
 before the backward as dsfm's trainer does; and, without that read, each between two
 synchronizations, with the host's time to issue it), samples/s,
-achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter), MFU against the card's
+achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, as the
+trainer counts them: `step_flops`), MFU against the card's
 dense peak, and peak memory during the variant (CUDA: allocated by tensors; CPU: the process's
 resident memory, Python and libraries included); prints a table and writes JSON.
 
@@ -42,15 +43,31 @@ def sync() -> None:
 
 
 def step_flops(model, x, ids, bcs, y) -> float:
-    """FLOPs of one forward + backward, counted on the real operators."""
+    """FLOPs of one forward + backward of `model` (an AViT, or perf.mpp_layout's ChannelsFirst
+    of one) on these inputs, counted by torch.utils.flop_counter on a meta-device twin (no
+    compute, no memory), as the trainer counts its perf/tflops (dsfm.monitor.steps.ModelFlops):
+    model FLOPs, attention's scores counted once. Counted on the model's own device, as before,
+    the figure followed the attention kernel that device ran: CUDA's fused kernels are charged
+    the scores a second time in their backward (what they recompute), and the CPU's flash
+    kernel (taken when the bias needs no gradient) nothing, flop_counter having no formula
+    for it."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dsfm.eval import nmse
+    from dsfm.models.avit import AViT
+    from perf.mpp_layout import ChannelsFirst
 
+    base = model.model if isinstance(model, ChannelsFirst) else model
+    with torch.device("meta"):
+        twin = AViT(base.config)
+        x, y, ids = (torch.empty(t.shape, dtype=t.dtype) for t in (x, y, ids))
+    for mine, theirs in zip(twin.parameters(), base.parameters()):
+        mine.requires_grad_(theirs.requires_grad)       # frozen: no weight gradients to count
+    if isinstance(model, ChannelsFirst):
+        twin = ChannelsFirst(twin)
     counter = FlopCounterMode(display=False)
     with counter:
-        nmse(model(x, ids, bcs), y).backward()
-    model.zero_grad(set_to_none=True)
+        nmse(twin(x, ids, bcs), y).backward()           # bcs on the host, as the trainer's
     return float(counter.get_total_flops())
 
 

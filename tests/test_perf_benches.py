@@ -177,6 +177,31 @@ exit_process(0)
 """
 
 
+def test_train_bench_counts_the_trainers_model_flops_whatever_attention_kernel_runs():
+    """train_bench's TFLOP/s and MFU rest on the FLOPs the trainer counts (ModelFlops, on meta
+    tensors), for both layouts. Counted on the model's own device, they followed the attention
+    kernel it ran: here the CPU's flash kernel (taken when the bias needs no gradient), which
+    flop_counter has no formula for, left attention out; on a GPU the fused kernels' backward
+    was charged the scores twice."""
+    import torch
+
+    from dsfm.models.avit import AViT, AViTConfig
+    from dsfm.monitor.steps import ModelFlops
+    from perf.mpp_layout import ChannelsFirst
+    from perf.train_bench import step_flops
+
+    model = AViT(AViTConfig(12, 192, 3, 2, drop_path=0.0))
+    model.freeze_processor()            # the attention bias needs no gradient
+    frozen = frozenset(n for n, p in model.named_parameters() if not p.requires_grad)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 4, 4, 64, 64, generator=g), torch.randn(2, 4, 64, 64, generator=g)
+    ids, bcs = torch.arange(4), torch.full((2, 2, 2), 2.0)
+    trainer = ModelFlops(model.config, frozen=frozen).step(tuple(x.shape))
+    assert step_flops(model, x, ids, bcs, y) == trainer
+    assert step_flops(ChannelsFirst(model), x, ids, bcs, y) == trainer
+    assert all(p.grad is None for p in model.parameters())      # the model itself ran nothing
+
+
 @pytest.mark.slow
 def test_a_torn_down_engine_frees_its_model():
     """train_bench measures one variant after another in one process: a DeepSpeed engine that
