@@ -68,7 +68,7 @@ def layout(datasets: list[str]) -> dict:
         "Loss per dataset": ["Multiline", [f"train/loss/{d}$" for d in datasets]
                              or ["train/loss/.*"]],
         "Learning rate": ["Multiline", ["train/lr$"]],
-        "Gradient norm": ["Multiline", ["train/grad_norm$"]],
+        "Gradient norm (before clipping)": ["Multiline", ["train/grad_norm$"]],
         "Valid VRMSE (1 step)": ["Multiline", [r"eval/.*/vrmse_1step"]],
     }
     system = {

@@ -55,6 +55,9 @@ def test_layout_has_the_four_dashboards_with_valid_charts():
                 assert len(tags) == 3 and tags[1] == tags[0] + "/min"
     assert lay["Loss"]["Loss per dataset"][1] == ["train/loss/euler_2d$",
                                                   "train/loss/navier_stokes_2d$"]
+    # the norm DeepSpeed clips with, taken before clipping: a chart that said only "Gradient
+    # norm" read as the norm of the update once clipping bites (at most gradient_clipping)
+    assert lay["Loss"]["Gradient norm (before clipping)"] == ["Multiline", ["train/grad_norm$"]]
 
 
 def test_step_timer_splits_phases_on_host_clocks():
