@@ -30,31 +30,61 @@ def load_scalars(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     return out
 
 
-def _mean(values: list[float]) -> float | None:
-    return sum(values) / len(values) if values else None
+def _kept(s: dict, tag: str) -> dict[int, float]:
+    """A tag's values by log step, the first log interval (start-up and warm-up) left out when
+    there are more than two."""
+    pairs = list(zip(*s.get(tag, ([], []))))
+    return dict(pairs[1:] if len(pairs) > 2 else pairs)
+
+
+def _spans(s: dict) -> tuple[dict[int, float], dict[int, float]]:
+    """What each log interval holds, by its log step: its steps (since the log step before; the
+    first since step 0), and its training time as its steps over its samples/s (every step
+    trains as many samples), or as its steps where a samples/s is missing."""
+    logged = sorted({st for tag in ("time/step_ms", "perf/samples_per_sec")
+                     for st in s.get(tag, ([], []))[0]})
+    steps = {st: float(st - before) for st, before in zip(logged, [0] + logged[:-1])}
+    rate = dict(zip(*s.get("perf/samples_per_sec", ([], []))))
+    if all(rate.get(st, 0.0) > 0 for st in steps):
+        return steps, {st: n / rate[st] for st, n in steps.items()}
+    return steps, steps
+
+
+def _mean(values: dict[int, float], weights: dict[int, float]) -> float | None:
+    """The mean of values by log step, each weighted by what its interval holds."""
+    w = [weights.get(st, 0.0) for st in values]
+    if sum(w) <= 0:
+        return sum(values.values()) / len(values) if values else None
+    return sum(v * x for v, x in zip(values.values(), w)) / sum(w)
 
 
 def summarize(s: dict) -> dict:
     """The numbers people ask first, from the scalars of a run (the first log interval, which
-    holds start-up and warm-up, is left out when there are more than two)."""
-    def series(tag):
-        values = s.get(tag, ([], []))[1]
-        return values[1:] if len(values) > 2 else values
+    holds start-up and warm-up, is left out when there are more than two). Rates (samples/s,
+    TFLOP/s, MFU, utilization) are averaged over the intervals by their training time, times
+    per step by their steps: samples/s is the samples trained over the time they took, as the
+    step time says. Each interval's rate counted once before, a fast interval as much as a slow
+    one of the same steps that took longer: a CPU run whose intervals ran 0.7 to 4.4 samples/s
+    at 4 samples a step reported 2.4 samples/s beside a 2.3 s step."""
+    steps, time = _spans(s)
+
+    def mean(tag: str, by: dict[int, float]) -> float | None:
+        return _mean(_kept(s, tag), by)
 
     util_tag = "gpu/util_pct" if "gpu/util_pct" in s else "system/process_cpu_pct"
     ranks = {}
     for tag in s:
         m = re.fullmatch(r"ranks/step_ms/r(\d+)", tag)
-        if m and series(tag):
-            ranks[int(m.group(1))] = _mean(series(tag))
-    step = _mean(series("time/step_ms"))
-    wait = _mean(series("time/data_wait_ms"))
+        if m and _kept(s, tag):
+            ranks[int(m.group(1))] = mean(tag, steps)
+    step = mean("time/step_ms", steps)
+    wait = mean("time/data_wait_ms", steps)
     return {
-        "utilization": _mean(series(util_tag)), "utilization_tag": util_tag,
-        "sm_active": _mean(series("gpu/sm_active_pct")),
-        "mfu": _mean(series("perf/mfu")),
-        "samples_per_sec": _mean(series("perf/samples_per_sec")),
-        "tflops": _mean(series("perf/tflops")),
+        "utilization": mean(util_tag, time), "utilization_tag": util_tag,
+        "sm_active": mean("gpu/sm_active_pct", time),
+        "mfu": mean("perf/mfu", time),
+        "samples_per_sec": mean("perf/samples_per_sec", time),
+        "tflops": mean("perf/tflops", time),
         "step_ms": step,
         "data_wait_share": (wait / step) if wait is not None and step else None,
         "slowest_rank": max(ranks, key=ranks.get) if ranks else None,

@@ -2,6 +2,8 @@
 
 import sys
 
+import pytest
+
 from tests.conftest import run
 
 
@@ -24,6 +26,32 @@ def test_report_of_a_run_cut_between_two_phases_of_a_log_step(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "report.png").stat().st_size > 5000
     assert "step: 50.0 ms, data wait 2.0% of it" in proc.stdout
+
+
+def test_report_averages_rates_over_the_time_they_held(tmp_path):
+    # after a warm-up interval (left out), 10 steps of 8 samples at 200 ms and 10 at 800 ms:
+    # 160 samples in 10 s are 16 samples/s, as 8 samples per 500 ms step say; the intervals'
+    # rates averaged as equals (40 and 10) made 25, and TFLOP/s and MFU alike
+    from torch.utils.tensorboard import SummaryWriter
+
+    from dsfm.monitor import report
+
+    with SummaryWriter(str(tmp_path / "tb")) as tb:
+        for step, ms in ((10, 2000.0), (20, 200.0), (30, 800.0)):
+            rate = 8 / (ms / 1e3)
+            tb.add_scalar("time/step_ms", ms, step)
+            tb.add_scalar("time/data_wait_ms", ms / 10, step)
+            tb.add_scalar("perf/samples_per_sec", rate, step)
+            tb.add_scalar("perf/tflops", rate / 10, step)
+            tb.add_scalar("perf/mfu", rate / 100, step)
+    r = report.summarize(report.load_scalars(str(tmp_path)))
+    assert r["samples_per_sec"] == pytest.approx(16.0)
+    assert r["samples_per_sec"] * r["step_ms"] / 1e3 == pytest.approx(8.0)
+    assert r["tflops"] == pytest.approx(1.6) and r["mfu"] == pytest.approx(0.16)
+    assert r["step_ms"] == pytest.approx(500.0) and r["data_wait_share"] == pytest.approx(0.1)
+    proc = run([sys.executable, "-m", "dsfm.monitor.report", str(tmp_path)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "throughput: 16.0 samples/s, 1.600 TFLOP/s, MFU 16.0%" in proc.stdout
 
 
 def _marks(ax) -> int:
