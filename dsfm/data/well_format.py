@@ -120,11 +120,18 @@ class FileLayout:
     def constant_fields(self) -> list[FieldLayout]:
         return [f for f in self.fields if not f.time_varying]
 
+    def agreed(self) -> tuple[tuple[str, object], ...]:
+        """What must agree between files of one dataset, by name (`layout_mismatch`)."""
+        return (("dataset_name", self.dataset_name), ("n_spatial_dims", self.n_spatial_dims),
+                ("spatial_dims", self.spatial_dims), ("spatial resolution", self.spatial_shape),
+                ("fields", tuple((f.name, "/" + f.path, f.order, f.time_varying, f.dim_varying)
+                                 for f in self.fields)),
+                ("scalars", tuple((s.name, f"/scalars/{s.name}", s.time_varying)
+                                  for s in self.scalars)))
+
     def signature(self) -> tuple:
         """What must agree between files of one dataset."""
-        return (self.dataset_name, self.n_spatial_dims, self.spatial_dims, self.spatial_shape,
-                tuple((f.name, f.order, f.time_varying, f.dim_varying) for f in self.fields),
-                tuple((s.name, s.time_varying) for s in self.scalars))
+        return tuple(value for _, value in self.agreed())
 
 
 def channel_names(name: str, order: int, spatial_dims: Sequence[str]) -> tuple[str, ...]:
@@ -399,21 +406,48 @@ def _apply_boundary(codes: np.ndarray, bc_type: str, assoc: Sequence[str], mask:
                 codes[spatial_dims.index(dim), side] = value
 
 
+#: the end of every line saying that two files of one dataset disagree: what to do
+AGREE = ("all files of one dataset must agree: fix or regenerate this file, or move it to a "
+         "dataset of its own")
+
+
+def _members_differ(kind: str, labels: Sequence[str], a: Sequence[tuple], b: Sequence[tuple],
+                    there: str) -> str:
+    """How the fields (or scalars) `b` of a file first differ from `a` of the file `there`: one
+    missing or extra, one whose property differs (labels[i] names item[i + 2]), or their order
+    (for fields, that of the channels). Items are (name, HDF5 path, *properties)."""
+    first, other = {m[0]: m for m in a}, {m[0]: m for m in b}
+    for name, m in first.items():
+        if name not in other:
+            return f"{m[1]} is missing, which {there} has"
+    for name, m in other.items():
+        if name not in first:
+            return f"{m[1]} is not in {there}"
+    for name, m in first.items():
+        for label, x, y in zip(labels, m[2:], other[name][2:]):
+            if x != y:
+                return f"{other[name][1]}: {label} {y} differs from {x} in {there}"
+    return (f"{kind} order {[m[0] for m in b]} differs from {[m[0] for m in a]} in {there}"
+            + (" (the order of the channels)" if kind == "field" else ""))
+
+
+#: per list of `FileLayout.agreed`: what its items are, and what their properties are called
+_MEMBERS = {"fields": ("field", ("tensor order", "time_varying", "dim_varying")),
+            "scalars": ("scalar", ("time_varying",))}
+
+
 def layout_mismatch(a: FileLayout, b: FileLayout) -> str:
-    """One line naming the first way two files of one dataset disagree."""
-    for what, x, y in (("dataset_name", a.dataset_name, b.dataset_name),
-                       ("n_spatial_dims", a.n_spatial_dims, b.n_spatial_dims),
-                       ("spatial_dims", a.spatial_dims, b.spatial_dims),
-                       ("spatial resolution", a.spatial_shape, b.spatial_shape),
-                       ("fields", [(f.name, f.order, f.time_varying, f.dim_varying)
-                                   for f in a.fields],
-                        [(f.name, f.order, f.time_varying, f.dim_varying) for f in b.fields]),
-                       ("scalars", [(s.name, s.time_varying) for s in a.scalars],
-                        [(s.name, s.time_varying) for s in b.scalars])):
-        if x != y:
-            return (f"{b.path}: {what} {y} differs from {x} in {a.path}; all files of one "
-                    "dataset must agree")
-    return f"{b.path}: layout differs from {a.path}"
+    """One line naming the first way two files of one dataset disagree: the property, its value
+    in each file and what to do (a field or scalar by name, not the whole list of them)."""
+    for (what, x), (_, y) in zip(a.agreed(), b.agreed()):
+        if x == y:
+            continue
+        if what in _MEMBERS:
+            said = _members_differ(*_MEMBERS[what], x, y, a.path)
+        else:
+            said = f"{what} {y} differs from {x} in {a.path}"
+        return f"{b.path}: {said}; {AGREE}"
+    return f"{b.path}: layout differs from {a.path}; {AGREE}"
 
 
 def read_layout(f: h5py.File, path: str) -> FileLayout:

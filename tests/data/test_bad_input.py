@@ -241,6 +241,51 @@ def test_files_of_one_dataset_must_agree(dataset, demo_base):
     assert proc.returncode == 1 and "spatial resolution" in proc.stdout
 
 
+
+def _drop_height(f):
+    del f["t0_fields/height"]
+    f["t0_fields"].attrs["field_names"] = np.array([], dtype=float)
+
+
+def _velocity_at_time_0(f):
+    v = f["t1_fields/velocity"]
+    attrs = dict(v.attrs, time_varying=False)
+    data = v[:, 0]
+    del f["t1_fields/velocity"]
+    f["t1_fields"].create_dataset("velocity", data=data).attrs.update(attrs)
+
+
+def _scalars_reordered(f):
+    f["scalars"].attrs["field_names"] = np.array(["mean_depth", "g", "amplitude"], dtype=object)
+
+
+@pytest.mark.parametrize("damage,said", [
+    (_drop_height, "/t0_fields/height is missing, which {first} has"),
+    (_velocity_at_time_0, "/t1_fields/velocity: time_varying False differs from True in {first}"),
+    (_scalars_reordered, "scalar order ['mean_depth', 'g', 'amplitude'] differs from "
+                         "['g', 'mean_depth', 'amplitude'] in {first}"),
+])
+def test_files_that_disagree_on_a_field_name_it(dataset, damage, said):
+    """Two files of one dataset whose fields (or scalars) differ in one of them: before, the
+    line held both files' whole lists of (name, order, time_varying, dim_varying) tuples, to be
+    compared by eye, and no word of what to do; now it names the one field or scalar that
+    differs, its value in each file, and what to do, in the checker, the drop-in and the
+    loader's indexing alike."""
+    from dsfm.data.prefetch import index_dataset
+
+    first, other = sorted((dataset / "data" / "train").glob("*.hdf5"))
+    with h5py.File(other, "r+") as f:
+        damage(f)
+    line = (f"{other}: " + said.format(first=first) + "; all files of one dataset must agree: "
+            "fix or regenerate this file, or move it to a dataset of its own")
+    for make in (lambda: open_ds(dataset),
+                 lambda: index_dataset(str(dataset), "train", 2, 1, 1, "zscore")):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert str(exc.value) == line
+    proc = check(dataset)
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [line], proc.stdout
+
 def test_every_error_is_a_dsfm_error():
     for cls in (CorruptFileError, SchemaError, NonFiniteError, StatsError, EmptySplitError):
         assert issubclass(cls, DsfmError)
