@@ -83,6 +83,12 @@ class ScalarLayout:
     sample_varying: bool
     shape: tuple[int, ...]
 
+    @property
+    def item_shape(self) -> tuple[int, ...]:
+        """Its shape in one item, per time step: () a number, (1,) a [1] array (a constant
+        stored with shape (1,))."""
+        return self.shape[self.sample_varying + self.time_varying:]
+
 
 @dataclass(frozen=True)
 class BoundaryLayout:
@@ -126,7 +132,7 @@ class FileLayout:
                 ("spatial_dims", self.spatial_dims), ("spatial resolution", self.spatial_shape),
                 ("fields", tuple((f.name, "/" + f.path, f.order, f.time_varying, f.dim_varying)
                                  for f in self.fields)),
-                ("scalars", tuple((s.name, f"/scalars/{s.name}", s.time_varying)
+                ("scalars", tuple((s.name, f"/scalars/{s.name}", s.time_varying, s.item_shape)
                                   for s in self.scalars)))
 
     def signature(self) -> tuple:
@@ -433,7 +439,7 @@ def _members_differ(kind: str, labels: Sequence[str], a: Sequence[tuple], b: Seq
 
 #: per list of `FileLayout.agreed`: what its items are, and what their properties are called
 _MEMBERS = {"fields": ("field", ("tensor order", "time_varying", "dim_varying")),
-            "scalars": ("scalar", ("time_varying",))}
+            "scalars": ("scalar", ("time_varying", "shape per item"))}
 
 
 def layout_mismatch(a: FileLayout, b: FileLayout) -> str:

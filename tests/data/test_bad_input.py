@@ -397,6 +397,13 @@ def test_scalars_the_readers_cannot_read_are_refused(dataset, damage, needle):
     assert_one_line(exc, str(path), needle)
 
 
+def _box_constant_scalars(path):
+    """Store every constant scalar of a file with shape (1,) (upstream reads such a file)."""
+    with h5py.File(path, "r+") as f:
+        for name in f["scalars"]:
+            _replace_dataset(f, f"scalars/{name}", np.atleast_1d(f[f"scalars/{name}"][()]))
+
+
 def test_constant_scalars_of_shapes_1_and_none_in_one_file_are_refused(dataset):
     """Constant scalars stored as () (g, mean_depth) beside one stored as (1,) (amplitude):
     the checker called the file valid, then dsfm's WellDataset died with torch.cat's
@@ -424,16 +431,44 @@ def test_constant_scalars_of_shapes_1_and_none_in_one_file_are_refused(dataset):
             make()
         assert_one_line(exc, str(path), needle)
 
-    with h5py.File(path, "r+") as f:
-        for name in ("g", "mean_depth"):
-            _replace_dataset(f, f"scalars/{name}", np.atleast_1d(f[f"scalars/{name}"][()]))
-    assert check(path).returncode == 0
+    for other in dataset.glob("data/*/*.hdf5"):     # every file of the dataset: they must agree
+        _box_constant_scalars(other)
+    assert check(dataset).returncode == 0
     ours = open_ds(dataset)
     upstream = UpstreamDataset(path=str(dataset), well_split_name="train", n_steps_input=2)
     assert ours.files_paths[ours.locate(first)[0]] == str(path)
     got, want = ours[first]["constant_scalars"], upstream[first]["constant_scalars"]
     assert got.shape == want.shape == (1, 3) and np.array_equal(got.numpy(), want.numpy())
 
+
+
+def test_constant_scalars_of_shapes_1_and_none_in_two_files_are_refused(dataset):
+    """Every constant scalar of one file stored as (1,), those of the other file as (): each
+    file is valid, but an item of the first has constant_scalars [1, 3], one of the second [3],
+    so a batch holding both (upstream's too) fails to stack, in the middle of training. Before,
+    the files were not compared on it: the checker called the dataset valid and the drop-in
+    read it. Now the checker, the drop-in and the loader's indexing refuse it in one line
+    naming both files, the scalar and its shape in each."""
+    from the_well.data import WellDataset as UpstreamDataset
+    from torch.utils.data import default_collate
+
+    from dsfm.data.prefetch import index_dataset
+
+    first, other = sorted((dataset / "data" / "train").glob("*.hdf5"))
+    _box_constant_scalars(other)
+    upstream = UpstreamDataset(path=str(dataset), well_split_name="train", n_steps_input=2)
+    with pytest.raises(RuntimeError, match="stack expects each tensor to be equal size"):
+        default_collate([upstream[0], upstream[len(upstream) - 1]])
+    line = (f"{other}: /scalars/g: shape per item (1,) differs from () in {first}; all files of "
+            "one dataset must agree: fix or regenerate this file, or move it to a dataset of "
+            "its own")
+    proc = check(dataset)
+    assert proc.returncode == 1 and proc.stdout.splitlines() == [line], proc.stdout
+    for make in (lambda: open_ds(dataset),
+                 lambda: index_dataset(str(dataset), "train", 2, 1, 1, "zscore")):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert str(exc.value) == line
 
 def test_a_dangling_symlink_in_a_split_is_one_line(dataset, tmp_path):
     """A split directory holding a symlink whose target was moved or deleted: before, h5py's
