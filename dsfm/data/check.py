@@ -27,6 +27,7 @@ from dsfm.data.pdebench_format import (
     FIELDS,
     PDEBenchFile,
     detect_kind,
+    force_mismatch,
     inspect_pdebench,
     stats_file,
     trajectory_groups,
@@ -177,7 +178,7 @@ def _check_consistency(layouts: list) -> list[str]:
         return [f"{pdebench[0].path}: a PDEBench file beside The Well's {well.path}: a folder "
                 "is one dataset, of one format"]
     if pdebench:
-        return []
+        return [line for pf in pdebench[1:] if (line := force_mismatch(pdebench[0], pf))]
     problems = []
     first = layouts[0]
     for lay in layouts[1:]:

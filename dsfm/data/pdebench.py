@@ -44,6 +44,7 @@ from dsfm.data.pdebench_format import (
     FIELDS,
     PDEBenchFile,
     detect_kind,
+    force_mismatch,
     inspect_pdebench,
     split_trajectories,
     stats_file,
@@ -95,6 +96,8 @@ class PDEBenchDataset(Dataset):
             if (pf.kind, pf.spatial_shape) != (first.kind, first.spatial_shape):
                 raise SchemaError(f"{pf.path}: {pf.kind} at {pf.spatial_shape} differs from "
                                   f"{first.kind} at {first.spatial_shape} in {first.path}")
+            if force_mismatch(first, pf):
+                raise SchemaError(force_mismatch(first, pf))
         self.kind = first.kind
         self.dataset_name = source_name(path, self.kind)
         self.field_names = {0: list(FIELDS[self.kind]), 1: [], 2: []}
@@ -182,7 +185,7 @@ class PDEBenchDataset(Dataset):
         f = self._pool.get(pf.path)
         n_in = self.n_steps_input
         sample = {"input_fields": fields[:n_in], "output_fields": fields[n_in:]}
-        if pf.kind == "incomp_ns" and "force" in f:
+        if pf.force:
             sample["constant_fields"] = torch.as_tensor(np.asarray(f["force"][traj],
                                                                    dtype=np.float32))
         sample["boundary_conditions"] = torch.full(

@@ -109,6 +109,8 @@ class PDEBenchFile:
     #: arrays (`data`, `velocity`, `Vx`, ...) stored in a type float32 cannot hold (float64):
     #: their normalization's shift is subtracted in float64 as they are read (`Block.offset`)
     wide: tuple[str, ...] = ()
+    #: incompressible NS: the file holds `force` [N, H, W, 2] (items' constant_fields)
+    force: bool = False
 
 
 def _wide(dtype) -> bool:
@@ -135,6 +137,7 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
         raise ConfigError(f"kind {kind!r} is not one of {', '.join(FIELDS)}")
     names: list[str] = []
     wide: set[str] = set()
+    force = False
     if kind in ("swe", "diff_react"):
         names = list(groups)
         shapes = set()
@@ -162,6 +165,10 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
         if c != 2 or f["particles"].shape != (n, t, h, w, 1):
             raise SchemaError(f"{path}: velocity {f['velocity'].shape} and particles "
                               f"{f['particles'].shape} must be [N,T,H,W,2] and [N,T,H,W,1]")
+        force = "force" in f
+        if force and f["force"].shape != (n, h, w, 2):
+            raise SchemaError(f"{path}: force {f['force'].shape} must be [N,H,W,2], "
+                              f"{(n, h, w, 2)} beside velocity {f['velocity'].shape}")
     else:
         shapes = {name: f[name].shape for name in FIELDS[kind]}
         if len(set(shapes.values())) != 1 or len(shapes["Vx"]) != 4:
@@ -177,7 +184,20 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
             boundary = "PERIODIC"
         elif kind == "comp_ns" and ("outgoing" in name or "trans" in name):
             boundary = "OPEN"
-    return PDEBenchFile(path, kind, n, t, (h, w), names, boundary.upper(), tuple(sorted(wide)))
+    return PDEBenchFile(path, kind, n, t, (h, w), names, boundary.upper(), tuple(sorted(wide)),
+                        force)
+
+
+def force_mismatch(a: PDEBenchFile, b: PDEBenchFile) -> str | None:
+    """Two incompressible-NS files of one source, one with `force` and one without: their items
+    would differ in keys (constant_fields), which no batch can join. One line, or None."""
+    if a.kind != b.kind or a.force == b.force:
+        return None
+    said = {True: "present", False: "absent"}
+    return (f"{b.path}: force [N,H,W,2] {said[b.force]} differs from {said[a.force]} in "
+            f"{a.path}; the files of one source must agree (items with and without "
+            "constant_fields cannot be batched): give those with force and those without as "
+            "separate sources")
 
 
 def _check_coordinates(f: h5py.File, path: str, kind: str, first: h5py.Group | None, n: int,

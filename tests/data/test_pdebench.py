@@ -101,6 +101,44 @@ def test_incompressible_forcing_is_a_constant_field(tmp_path):
     assert ds[0]["boundary_conditions"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
 
 
+
+def test_incompressible_files_with_and_without_forcing_are_refused(tmp_path, capsys):
+    """A source of two incompressible-NS files, one with `force` and one without: before, the
+    items of the one had constant_fields and those of the other none, so a DataLoader batch of
+    both dropped the forcing silently (first item without it) or raised KeyError (first item
+    with it), mid-training, and the checker called the folder valid. Now PDEBenchDataset, the
+    loader's indexing and the checker refuse it in one line naming both files; a force that is
+    not [N, H, W, 2] is refused too (it was read as whatever it held)."""
+    from dsfm.data.check import main
+    from dsfm.data.prefetch import index_dataset
+
+    rng = np.random.default_rng(3)
+    n, t, h, w = 3, 5, 8, 8
+    paths = [tmp_path / f"ns_incom_inhom_2d_8-{i}.h5" for i in range(2)]
+    for path, force in zip(paths, (None, rng.normal(size=(n, h, w, 2)))):
+        fields = {k: rng.normal(size=(n, t, h, w)) for k in ("Vx", "Vy", "particles")}
+        write_pdebench(str(path), "incomp_ns", fields, np.arange(h), np.arange(w), np.arange(t),
+                       force=force)
+    line = (f"{paths[1]}: force [N,H,W,2] present differs from absent in {paths[0]}; the files "
+            "of one source must agree (items with and without constant_fields cannot be "
+            "batched): give those with force and those without as separate sources")
+    for make in (lambda: PDEBenchDataset(str(tmp_path), "train", n_steps_input=2),
+                 lambda: index_dataset(str(tmp_path), "train", 2, 1, 1, None)):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert str(exc.value) == line
+    assert main([str(tmp_path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [line]
+    assert PDEBenchDataset(str(paths[1]), "train", n_steps_input=2)[0]["constant_fields"] \
+        .shape == (h, w, 2)
+
+    with h5py.File(paths[1], "r+") as f:
+        del f["force"]
+        f.create_dataset("force", data=np.ones((n, h, w), np.float32))
+    with pytest.raises(SchemaError, match=r"force \(3, 8, 8\) must be \[N,H,W,2\], "
+                                          r"\(3, 8, 8, 2\) beside velocity"):
+        PDEBenchDataset(str(paths[1]), "train", n_steps_input=2)
+
 def test_unknown_layout_is_refused(tmp_path):
     path = tmp_path / "mystery.h5"
     with h5py.File(path, "w") as f:
