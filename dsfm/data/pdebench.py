@@ -95,7 +95,10 @@ class PDEBenchDataset(Dataset):
         for pf in self.files[1:]:
             if (pf.kind, pf.spatial_shape) != (first.kind, first.spatial_shape):
                 raise SchemaError(f"{pf.path}: {pf.kind} at {pf.spatial_shape} differs from "
-                                  f"{first.kind} at {first.spatial_shape} in {first.path}")
+                                  f"{first.kind} at {first.spatial_shape} in {first.path}; a "
+                                  "source is files of one layout and grid: give each file as a "
+                                  "source of its own (in a run config, a wildcard per grid in "
+                                  "data.pdebench)")
             if force_mismatch(first, pf):
                 raise SchemaError(force_mismatch(first, pf))
         self.kind = first.kind

@@ -327,6 +327,26 @@ def _pressure_cfd_file(path, pressure_dtype, rng, n=5, t=6, h=8, w=12):
         return {k: np.asarray(f[k], np.float64) for k in FIELDS["comp_ns"]}
 
 
+
+def test_a_folder_of_two_grids_says_what_to_do(tmp_path):
+    """A folder of CFD files at two grids (PDEBench's 2D_Train_Rand at 128² and 512²) given as
+    one source: the line named both files and grids, but not what to do; now it says to give
+    each file as a source of its own, a wildcard per grid in a run config."""
+    from dsfm.data.prefetch import index_dataset
+
+    rng = np.random.default_rng(6)
+    first, other = tmp_path / "a_periodic.hdf5", tmp_path / "b_periodic.hdf5"
+    _pressure_cfd_file(first, np.float32, rng)
+    _pressure_cfd_file(other, np.float32, rng, h=16, w=16)
+    line = (f"{other}: comp_ns at (16, 16) differs from comp_ns at (8, 12) in {first}; a "
+            "source is files of one layout and grid: give each file as a source of its own (in "
+            "a run config, a wildcard per grid in data.pdebench)")
+    for make in (lambda: PDEBenchDataset(str(tmp_path), "train", n_steps_input=2),
+                 lambda: index_dataset(str(tmp_path), "train", 2, 1, 1, None)):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert str(exc.value) == line
+
 @pytest.mark.parametrize("assemble_on", ["readers", "device"])
 def test_a_float64_pressure_with_a_large_mean_keeps_its_values(tmp_path, assemble_on):
     """PDEBench arrays stored as float64 were read as float32 before anything else: a pressure
