@@ -13,12 +13,15 @@ warmup rises from its starting rate at step 0 to the peak at step W (n/W of the 
 linear; log(n + 1)/log(W + 1), log), and the decay after it (DeepSpeed's linear or cosine
 shape) falls from the peak at step W to its floor at step total_num_steps + 1, just past the
 last step of a run whose "auto" total is train.max_steps. So no step is spent at a starting
-rate or a floor of 0. OneCycle, LRRangeTest and torch's schedulers give their first update
-their configured starting rate and repeat none: they run as DeepSpeed or torch has them.
+rate or a floor of 0. A warmup of 1 step is one step (DeepSpeed makes it 2: a run whose "auto"
+warmup is 1, under 30 steps, warmed up for 2). OneCycle, LRRangeTest and torch's schedulers
+give their first update their configured starting rate and repeat none: they run as DeepSpeed or
+torch has them.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -50,7 +53,19 @@ def _step(sched) -> int:
     return sched.last_batch_iteration + 2
 
 
-class WarmupLR(ds.WarmupLR):
+class _GivenWarmup:
+    """Keeps warmup_num_steps as given: DeepSpeed's constructors raise 1 to 2."""
+
+    def __init__(self, optimizer, *args, **kwargs):
+        given = inspect.signature(super().__init__).bind(optimizer, *args, **kwargs)
+        given.apply_defaults()
+        super().__init__(optimizer, *args, **kwargs)
+        self.warmup_num_steps = given.arguments["warmup_num_steps"]
+        if self.last_batch_iteration == -1:         # the first update's rate, set again
+            self.step(-1)
+
+
+class WarmupLR(_GivenWarmup, ds.WarmupLR):
     """DeepSpeed's WarmupLR, step n at the warmup's rate at n."""
 
     def get_lr(self):
@@ -61,7 +76,7 @@ class WarmupLR(ds.WarmupLR):
         return _warmup(self, n)
 
 
-class WarmupDecayLR(ds.WarmupDecayLR):
+class WarmupDecayLR(_GivenWarmup, ds.WarmupDecayLR):
     """DeepSpeed's WarmupDecayLR, step n at the schedule's rate at n: after the warmup, a
     linear decay to warmup_min_lr at step total_num_steps + 1."""
 
@@ -73,7 +88,7 @@ class WarmupDecayLR(ds.WarmupDecayLR):
         return 1.0 - _decay(self, n)
 
 
-class WarmupCosineLR(ds.WarmupCosineLR):
+class WarmupCosineLR(_GivenWarmup, ds.WarmupCosineLR):
     """DeepSpeed's WarmupCosineLR, step n at the schedule's rate at n: after the warmup, a
     cosine decay to cos_min_ratio at step total_num_steps + 1."""
 

@@ -119,6 +119,29 @@ def test_a_resumed_schedule_continues_exactly_and_checkpoints_as_deepspeeds(cls,
         assert straight[11] > floor and straight[12:] == pytest.approx([floor] * 4)
 
 
+@pytest.mark.parametrize("cls,params", [
+    (WarmupLR, {"warmup_max_lr": 1.0, "warmup_type": "linear"}),
+    (WarmupLR, {"warmup_max_lr": 1.0}),
+    (WarmupDecayLR, {"total_num_steps": 5, "warmup_max_lr": 1.0, "warmup_type": "linear"}),
+    (WarmupCosineLR, {"total_num_steps": 5, "cos_min_ratio": 0.0}),
+])
+def test_a_one_step_warmup_peaks_at_step_one(cls, params):
+    """warmup_num_steps 1 (what "auto" gives a run under 30 steps): DeepSpeed's constructors
+    raise it to 2, so step 1 trained at half the peak (linear; 0.63 of it, log) and the decay
+    was stretched to match; now step 1 is at the peak, and the decay falls from it to the floor
+    at step total_num_steps + 1."""
+    opt = optimizer()
+    got = rates(cls(opt, warmup_num_steps=1, **params), opt, 7)
+    if cls is WarmupLR:
+        assert got == [1.0] * 7
+    else:
+        shape = (lambda p: 1 - p) if cls is WarmupDecayLR else cosine
+        assert got == pytest.approx([shape((n - 1) / 5) for n in range(1, 6)] + [0.0] * 2)
+    # given as a keyword or in its place, as DeepSpeed's own constructor takes it
+    if cls is WarmupCosineLR:
+        assert cls(optimizer(), 5, 0.0, 1).warmup_num_steps == 1
+
+
 def test_other_schedulers_are_deepspeeds_or_torchs():
     """OneCycle and LRRangeTest give their first update their configured starting rate and
     repeat none; torch's start at theirs too: they are built as they are."""
