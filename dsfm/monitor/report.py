@@ -202,7 +202,7 @@ def _unwritable(out: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[2])
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
     ap.add_argument("run_dir")
     ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/report.png)")
     args = ap.parse_args(argv)
