@@ -112,6 +112,29 @@ def read_hostfile(path: str) -> list[tuple[str, int]]:
     return hosts
 
 
+def ranks_per_node(layout: list[tuple[int, int]]) -> int | None:
+    """Ranks per node when every node holds the same number of consecutive ranks (rank r is
+    local rank r % L of a node of L), as the intra and rail splits take it; else None.
+    `layout`: (local rank, ranks on its node) of every rank, in rank order."""
+    sizes = {n for _, n in layout}
+    if len(sizes) != 1:
+        return None
+    (per,) = sizes
+    if per < 1 or len(layout) % per or any(lr != r % per for r, (lr, _) in enumerate(layout)):
+        return None
+    return per
+
+
+def node_sizes(layout: list[tuple[int, int]]) -> list[int]:
+    """Ranks on each node, a node starting at every local rank 0 (for messages)."""
+    out: list[int] = []
+    for local_rank, _ in layout:
+        if local_rank == 0 or not out:
+            out.append(0)
+        out[-1] += 1
+    return out
+
+
 def is_local(host: str) -> bool:
     return host in ("localhost", "127.0.0.1", socket.gethostname())
 
@@ -275,6 +298,22 @@ def worker(args) -> int:
     state = {"at": "start"}
     _heartbeat(os.path.join(args.job_dir, f"rank{rank}.alive"), state)
     sizes = [int(s) for s in args.sizes.split(",")]
+    if {"intra", "rail"} & set(args.splits.split(",")):
+        # The groups below are built from this rank's own local size: ranks on nodes of
+        # different sizes (hostfile slots 4 and 2, an uneven srun) would call new_group with
+        # different rank lists and hang. Every rank sees the same gathered layout and stops.
+        mine = torch.tensor([env.local_rank, local_n], dtype=torch.int64, device=device)
+        got = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(got, mine)
+        layout = [(int(t[0]), int(t[1])) for t in got]
+        if ranks_per_node(layout) is None:
+            if rank == 0:
+                print(f"error: --splits {args.splits}: the intra and rail splits need the same "
+                      "number of ranks on every node, placed node by node; this job has "
+                      f"{', '.join(map(str, node_sizes(layout)))} ranks per node: use --splits "
+                      "world", file=sys.stderr, flush=True)
+            dist.destroy_process_group()
+            return 2
     groups = {"world": (None, world, rank)}
     nodes = world // local_n if local_n and world % local_n == 0 else 1
     if "intra" in args.splits and nodes >= 1 and local_n > 1:
@@ -656,6 +695,13 @@ def drive(args) -> int:
             if not args.hostfile:
                 raise SweepError(f"--launcher {args.launcher} needs --hostfile")
             hosts = read_hostfile(args.hostfile)
+            slots = [s for _, s in hosts]
+            split_by_node = [s for s in args.splits.split(",") if s in ("intra", "rail")]
+            if split_by_node and len(set(slots)) > 1:
+                raise SweepError(f"--splits {','.join(split_by_node)}: hostfile {args.hostfile} "
+                                 f"gives its hosts different slots ({', '.join(map(str, slots))}"
+                                 "); the intra and rail splits need the same number of ranks on "
+                                 "every host: use --splits world or equal slots")
             check_reachable(hosts)
             expected = sum(s for _, s in hosts)
             per_node = [s for _, s in hosts]

@@ -267,3 +267,60 @@ def test_deepspeed_launcher_runs_two_profiles_over_a_local_hostfile(tmp_path):
     assert {(r["profile"], r["collective"]) for r in records} == {
         (p, c) for p in ("ring", "tree") for c in ("all_reduce", "all_gather")}
     assert "deepspeed.launcher.launch" in (tmp_path / "s" / "ring" / "launcher.log").read_text()
+
+
+def test_node_layout_of_the_intra_and_rail_splits():
+    from perf.allreduce_sweep import node_sizes, ranks_per_node
+    assert ranks_per_node([(0, 2), (1, 2), (0, 2), (1, 2)]) == 2
+    assert ranks_per_node([(0, 1), (0, 1), (0, 1)]) == 1
+    uneven = [(0, 2), (1, 2), (0, 1)]                       # hostfile slots 2 and 1
+    assert ranks_per_node(uneven) is None and node_sizes(uneven) == [2, 1]
+    assert ranks_per_node([(0, 2), (0, 2), (1, 2), (1, 2)]) is None   # ranks round-robin
+
+
+def test_hostfile_with_unequal_slots_is_refused_for_the_node_splits(tmp_path):
+    """Before, the sweep launched such a job: ranks on hosts of different sizes built different
+    intra/rail groups and the whole job hung until --timeout-s killed it, world results too."""
+    hostfile = tmp_path / "hosts"
+    hostfile.write_text("localhost slots=2\n127.0.0.1 slots=1\n")
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    proc = run(SWEEP + ["--backend", "gloo", "--launcher", "deepspeed", "--hostfile",
+                        str(hostfile), "--splits", "world,intra", "--out", str(tmp_path / "s")],
+               env=env)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: --splits intra: hostfile {hostfile} gives its hosts different slots (2, 1); "
+        "the intra and rail splits need the same number of ranks on every host: use --splits "
+        "world or equal slots")
+    assert "== profile" not in proc.stdout
+
+
+@pytest.mark.slow
+def test_ranks_on_nodes_of_different_sizes_stop_instead_of_hanging(tmp_path):
+    """Workers as an uneven srun or mpirun would start them (node A: ranks 0, 1; node B: rank
+    2) asked for the intra and rail splits: before, the ranks built different groups and hung
+    until killed; now every rank exits 2 and rank 0 says why."""
+    from tests.conftest import free_port
+    port = free_port()
+    procs = []
+    try:
+        for rank, local_rank, local_size in ((0, 0, 2), (1, 1, 2), (2, 0, 1)):
+            env = dict(os.environ, RANK=str(rank), WORLD_SIZE="3", LOCAL_RANK=str(local_rank),
+                       LOCAL_WORLD_SIZE=str(local_size), MASTER_ADDR="127.0.0.1",
+                       MASTER_PORT=str(port))
+            procs.append(subprocess.Popen(
+                SWEEP + ["--worker", "--job-dir", str(tmp_path), "--backend", "gloo", "--sizes",
+                         "64", "--collectives", "all_reduce", "--splits", "world,intra,rail", "-w",
+                         "1", "-n", "1", "--timeout-s", "10"],
+                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [2, 2, 2], [o[1][-1500:] for o in outs]
+    assert ("error: --splits world,intra,rail: the intra and rail splits need the same number of "
+            "ranks on every node, placed node by node; this job has 2, 1 ranks per node: use "
+            "--splits world") in outs[0][1]
