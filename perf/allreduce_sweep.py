@@ -86,8 +86,17 @@ def load_profile(name: str) -> dict:
                        if f.endswith(".yaml"))
         raise SweepError(f"unknown profile {name!r}; known: {', '.join(known)} (or give a YAML "
                          "path)")
-    with open(path) as fh:
-        data = yaml.safe_load(fh) or {}
+    try:
+        with open(path) as fh:
+            data = yaml.safe_load(fh) or {}
+    except OSError as exc:
+        raise SweepError(f"profile {path}: cannot read it ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise SweepError(f"profile {path}: not valid YAML ({exc.__class__.__name__}); expected "
+                         "description: TEXT and env: a mapping of NCCL_* settings") from None
+    if not isinstance(data, dict) or not isinstance(data.get("env") or {}, dict):
+        raise SweepError(f"profile {path}: expected a mapping with description: TEXT and env: a "
+                         "mapping of NCCL_* settings")
     env = {str(k): str(v) for k, v in (data.get("env") or {}).items()}
     bad = [k for k in env if not k.startswith(("NCCL_", "UCX_", "SHARP_", "CUDA_"))]
     if bad:
@@ -98,15 +107,20 @@ def load_profile(name: str) -> dict:
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
     hosts = []
-    with open(path) as fh:
-        for raw in fh:
-            line = raw.split("#", 1)[0].strip()
-            if not line:
-                continue
-            m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
-            if not m:
-                raise SweepError(f"{path}: cannot read {raw.strip()!r} (expected 'host slots=N')")
-            hosts.append((m.group(1), int(m.group(2))))
+    try:
+        with open(path) as fh:
+            lines = fh.readlines()
+    except OSError as exc:
+        raise SweepError(f"hostfile {path}: cannot read it ({exc.strerror})") from None
+    for raw in lines:
+        line = raw.split("#", 1)[0].strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\S+)\s+slots\s*=\s*(\d+)", line)
+        if not m or int(m.group(2)) < 1:
+            raise SweepError(f"{path}: cannot read {raw.strip()!r} (expected 'host slots=N', N "
+                             "at least 1)")
+        hosts.append((m.group(1), int(m.group(2))))
     if not hosts:
         raise SweepError(f"{path}: no hosts")
     return hosts
@@ -684,10 +698,13 @@ def drive(args) -> int:
     if args.launcher != "local" and shutil.which(args.launcher) is None:
         raise SweepError(f"--launcher {args.launcher}: no {args.launcher} command on PATH")
     if args.launcher == "local":
-        args.nprocs = args.nprocs or (torch.cuda.device_count() if args.backend == "nccl" else 2)
-        if args.nprocs < 1 or (args.ranks_per_node and args.nprocs % args.ranks_per_node):
-            raise SweepError(f"--nprocs {args.nprocs} is not a positive multiple of "
-                             f"--ranks-per-node {args.ranks_per_node}")
+        if args.nprocs is None:          # 0 is a bad request, not "the default"
+            args.nprocs = torch.cuda.device_count() if args.backend == "nccl" else 2
+        if args.nprocs < 1:
+            raise SweepError(f"--nprocs {args.nprocs}: at least 1 local rank")
+        if args.ranks_per_node and args.nprocs % args.ranks_per_node:
+            raise SweepError(f"--nprocs {args.nprocs} is not a multiple of --ranks-per-node "
+                             f"{args.ranks_per_node}")
         expected = args.nprocs
         per_node = [args.nprocs]             # one machine, whatever --ranks-per-node pretends
     else:

@@ -269,6 +269,38 @@ def test_deepspeed_launcher_runs_two_profiles_over_a_local_hostfile(tmp_path):
     assert "deepspeed.launcher.launch" in (tmp_path / "s" / "ring" / "launcher.log").read_text()
 
 
+def _bad_files(tmp_path):
+    (tmp_path / "list.yaml").write_text("- NCCL_ALGO\n- Ring\n")
+    (tmp_path / "broken.yaml").write_text("env: {NCCL_ALGO: [\n")
+    (tmp_path / "zero").write_text("localhost slots=0\n")
+
+
+@pytest.mark.parametrize("args,line", [
+    # before: a traceback (FileNotFoundError, AttributeError, yaml's ParserError)
+    (["--launcher", "mpirun", "--hostfile", "{t}/none"],
+     "error: hostfile {t}/none: cannot read it (No such file or directory)"),
+    (["--profiles", "{t}/list.yaml"], "error: profile {t}/list.yaml: expected a mapping with "
+     "description: TEXT and env: a mapping of NCCL_* settings"),
+    (["--profiles", "{t}/broken.yaml"], "error: profile {t}/broken.yaml: not valid YAML "
+     "(ParserError); expected description: TEXT and env: a mapping of NCCL_* settings"),
+    # before: launched, and the job died (status -8)
+    (["--launcher", "mpirun", "--hostfile", "{t}/zero"],
+     "error: {t}/zero: cannot read 'localhost slots=0' (expected 'host slots=N', N at least 1)"),
+    # before: 0 ran the default 2 ranks; -1 named "--ranks-per-node None"
+    (["--nprocs", "0"], "error: --nprocs 0: at least 1 local rank"),
+    (["--nprocs", "-1"], "error: --nprocs -1: at least 1 local rank"),
+])
+def test_unreadable_files_and_rank_counts_are_one_line(args, line, tmp_path):
+    _bad_files(tmp_path)
+    env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
+               + os.environ.get("PATH", ""))
+    proc = run(SWEEP + ["--backend", "gloo", "-e", "8", "--out", str(tmp_path / "s")]
+               + [a.format(t=tmp_path) for a in args], env=env, timeout=300)
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == line.format(t=tmp_path)
+    assert "== profile" not in proc.stdout
+
+
 def test_node_layout_of_the_intra_and_rail_splits():
     from perf.allreduce_sweep import node_sizes, ranks_per_node
     assert ranks_per_node([(0, 2), (1, 2), (0, 2), (1, 2)]) == 2
