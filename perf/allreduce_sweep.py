@@ -222,10 +222,10 @@ def run_collective(dist, torch, name: str, size: int, group, n: int, rank: int, 
         recv = torch.empty(count, device=device)
         send = recv[rank * chunk:(rank + 1) * chunk] if inplace else \
             torch.empty(chunk, device=device)
+        send.fill_(value)      # once: all_gather leaves it as it is, in place too
         expect = None
 
         def op():
-            send.fill_(value)
             gather(recv, send, group=group)
     else:
         send = torch.full((count,), value, device=device)
@@ -260,8 +260,7 @@ def run_collective(dist, torch, name: str, size: int, group, n: int, rank: int, 
     sync()
     elapsed = (sum(times) if sync_each else time.perf_counter() - start) / iters
     # in-place runs accumulated over the iterations: check one fresh run on every rank
-    if name != "all_gather":
-        send.fill_(value)
+    send.fill_(value)
     op()
     sync()
     if name == "all_gather":

@@ -356,3 +356,50 @@ def test_ranks_on_nodes_of_different_sizes_stop_instead_of_hanging(tmp_path):
     assert ("error: --splits world,intra,rail: the intra and rail splits need the same number of "
             "ranks on every node, placed node by node; this job has 2, 1 ranks per node: use "
             "--splits world") in outs[0][1]
+
+
+def test_the_timed_loop_runs_the_collective_and_nothing_else():
+    """Ops each timed iteration adds, counted with a one-rank gloo group in this process:
+    before, all_gather refilled its send buffer every iteration (a memset timed with it, one
+    more kernel per op on a GPU); only the out-of-place all_reduce's copy into the receive
+    buffer (the table says so) may join the collective."""
+    import collections
+
+    import torch
+    import torch.distributed as dist
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from perf.allreduce_sweep import COLLECTIVES, run_collective
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = collections.Counter()
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops[str(func.overloadpacket)] += 1
+            return func(*args, **(kwargs or {}))
+
+    def ops(name, inplace, iters):
+        with Count() as count:
+            r = run_collective(dist, torch, name, 256, None, 1, 0, torch.device("cpu"), 1,
+                               iters, inplace, False)
+        assert r["wrong"] == 0
+        return count.ops
+
+    dist.init_process_group("gloo", rank=0, world_size=1, store=dist.HashStore())
+    try:
+        for name in COLLECTIVES:
+            for inplace in (False, True):
+                one, six = ops(name, inplace, 1), ops(name, inplace, 6)
+                added = {op: six[op] - one[op] for op in six if six[op] != one[op]}
+                c10d = [op for op in added if op.startswith("c10d.")]
+                assert len(c10d) == 1 and added[c10d[0]] == 5, (name, inplace, added)
+                allowed = {("all_reduce", False): {"aten.copy_"},
+                           # inside gloo's reduce_scatter_tensor: it splits and copies itself
+                           ("reduce_scatter", False): {"aten.split", "aten.copy_"},
+                           ("reduce_scatter", True): {"aten.split", "aten.copy_"}}
+                assert set(added) - set(c10d) <= allowed.get((name, inplace), set()), \
+                    (name, inplace, added)
+    finally:
+        dist.destroy_process_group()
