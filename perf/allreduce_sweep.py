@@ -625,34 +625,58 @@ def write_outputs(rows: list[dict], out_dir: str, args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    from perf.topology import CLUSTERS
+
+    profiles = sorted(os.path.splitext(f)[0] for f in os.listdir(PROFILES_DIR)
+                      if f.endswith(".yaml"))
+    ap = argparse.ArgumentParser(
+        prog="python -m perf.allreduce_sweep", description=__doc__.split("\n\n")[0],
+        epilog="algbw = bytes moved / time, busbw = algbw x 2(n-1)/n for all_reduce, (n-1)/n "
+        "for reduce_scatter, all_gather and all_to_all, 1 for broadcast (nccl-tests' "
+        "doc/PERFORMANCE.md; GB/s = 1e9 B/s); for reduce_scatter, all_gather and all_to_all the "
+        "size is the whole buffer of n chunks. The time is the mean of the timed iterations, "
+        "averaged over the ranks (nccl-tests' default); every result is checked (#wrong). "
+        "More: docs/collectives.md.")
     ap.add_argument("--backend", default=None, help="nccl (default with CUDA) or gloo")
     ap.add_argument("--launcher", default="local", choices=("local", "deepspeed", "mpirun",
-                                                             "srun"))
+                                                             "srun"),
+                    help="local: --nprocs processes here (default); deepspeed (pdsh) or mpirun "
+                    "(Open MPI, MPICH): over --hostfile; srun: inside a SLURM allocation")
     ap.add_argument("--nprocs", type=int, default=None, help="local ranks (default: GPUs, or 2)")
     ap.add_argument("--ranks-per-node", type=int, default=None, help="local launcher: group "
                     "the ranks into pretend nodes of this size (exercises the intra/rail "
                     "splits on one machine)")
-    ap.add_argument("--hostfile", default=None)
-    ap.add_argument("--profiles", default=None, help="comma-separated profile names or YAML "
-                    "paths (default: none, the environment as it is)")
-    ap.add_argument("-b", "--minbytes", default="8")
-    ap.add_argument("-e", "--maxbytes", default="32M")
-    ap.add_argument("-f", "--stepfactor", type=float, default=2.0)
-    ap.add_argument("-c", "--collectives", default="all_reduce")
-    ap.add_argument("-w", "--warmup", type=int, default=5)
-    ap.add_argument("-n", "--iters", type=int, default=20)
+    ap.add_argument("--hostfile", default=None, help="one 'host slots=N' line per node "
+                    "(DeepSpeed's format), for --launcher deepspeed and mpirun")
+    ap.add_argument("--profiles", default=None, help="comma-separated profiles, each run as "
+                    f"its own job: {', '.join(profiles)} (perf/profiles/NAME.yaml: NCCL "
+                    "settings), or YAML paths (default: none, the environment as it is)")
+    ap.add_argument("-b", "--minbytes", default="8", help="smallest size in bytes; K, M or G "
+                    "suffixes are powers of 1024 (default 8)")
+    ap.add_argument("-e", "--maxbytes", default="32M", help="largest size (default 32M)")
+    ap.add_argument("-f", "--stepfactor", type=float, default=2.0, help="factor between "
+                    "sizes (default 2)")
+    ap.add_argument("-c", "--collectives", default="all_reduce", help="comma-separated: "
+                    f"{', '.join(COLLECTIVES)} (default all_reduce; those the backend lacks "
+                    "are reported, not failed)")
+    ap.add_argument("-w", "--warmup", type=int, default=5, help="untimed iterations first "
+                    "(default 5)")
+    ap.add_argument("-n", "--iters", type=int, default=20, help="timed iterations, launched "
+                    "back to back (default 20)")
     ap.add_argument("--sync-each", action="store_true", help="synchronize after every op")
-    ap.add_argument("--splits", default="world", help="world,intra,rail")
+    ap.add_argument("--splits", default="world", help="comma-separated communicators: world "
+                    "(all ranks, the default), intra (one per node: NVLink), rail (one per local "
+                    "GPU index across nodes: one rail of the fabric)")
     ap.add_argument("--timeout-s", type=float, default=120.0, help="per size: a job that makes "
                     "no progress for this long is killed and the ranks behind are named")
     ap.add_argument("--out", default=None, help="output folder (default runs/sweep-<time>)")
-    ap.add_argument("--json", default=None)
-    ap.add_argument("--csv", default=None)
-    ap.add_argument("--tb", default=None)
-    ap.add_argument("--png", default=None)
-    ap.add_argument("--cluster", default=None, help="print perf.topology's predictions beside "
-                    "the measurement (raphael, dgx_h100)")
+    ap.add_argument("--json", default=None, help="also write the records (one per profile, "
+                    "split, collective, size and place) to this JSON file")
+    ap.add_argument("--csv", default=None, help="the records as CSV (default OUT/results.csv)")
+    ap.add_argument("--tb", default=None, help="TensorBoard folder (default OUT/tb)")
+    ap.add_argument("--png", default=None, help="busbw against size (default OUT/busbw.png)")
+    ap.add_argument("--cluster", default=None, help="print perf.topology's all_reduce "
+                    f"predictions for the job measured ({', '.join(CLUSTERS)})")
     ap.add_argument("--min-busbw", type=float, default=None, help="exit 1 when the average "
                     "busbw (GB/s) of any profile falls below this")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)

@@ -403,3 +403,23 @@ def test_the_timed_loop_runs_the_collective_and_nothing_else():
                     (name, inplace, added)
     finally:
         dist.destroy_process_group()
+
+
+def test_help_says_what_docs_collectives_says():
+    """Before, --help listed no collective, profile, split or size suffix, nor how algbw and
+    busbw are computed: the options were bare names."""
+    from perf.allreduce_sweep import COLLECTIVES, PROFILES_DIR, SPLITS
+    from perf.topology import CLUSTERS
+    proc = run(SWEEP + ["--help"])
+    assert proc.returncode == 0
+    text = " ".join(proc.stdout.split())                  # argparse wraps lines
+    assert text.startswith("usage: python -m perf.allreduce_sweep")
+    profiles = sorted(os.path.splitext(f)[0] for f in os.listdir(PROFILES_DIR))
+    assert profiles and all(f"{p}," in text or f"{p} " in text for p in profiles)
+    for word in list(COLLECTIVES) + list(SPLITS) + list(CLUSTERS):
+        assert word in text, word
+    for phrase in ("K, M or G suffixes are powers of 1024", "2(n-1)/n for all_reduce",
+                   "(n-1)/n for reduce_scatter, all_gather and all_to_all, 1 for broadcast",
+                   "the size is the whole buffer of n chunks", "averaged over the ranks",
+                   "GB/s = 1e9 B/s", "'host slots=N'", "docs/collectives.md"):
+        assert phrase in text, phrase
