@@ -191,6 +191,9 @@ def run_collective(dist, torch, name: str, size: int, group, n: int, rank: int, 
         return None
     chunk = count // n
     value = float(rank + 1)
+
+    def refill():                                        # the send data, before the check
+        send.fill_(value)
     if name == "all_reduce":
         send = torch.full((count,), value, device=device)
         recv = send if inplace else torch.empty_like(send)
@@ -211,10 +214,17 @@ def run_collective(dist, torch, name: str, size: int, group, n: int, rank: int, 
                            group=group)
         recv = send
     elif name == "reduce_scatter":
-        send = torch.full((count,), value, device=device)
+        # chunk c holds rank + 1 + c, so rank r's result, n(n+1)/2 + n*r, tells the chunks
+        # apart (with one value everywhere, another rank's chunk would pass the check)
+        per_chunk = value + torch.arange(n, device=device, dtype=torch.float32).unsqueeze(1)
+        send = torch.empty(count, device=device)
+
+        def refill():
+            send.view(n, chunk).copy_(per_chunk)
+        refill()
         recv = send[rank * chunk:(rank + 1) * chunk] if inplace else \
             torch.empty(chunk, device=device)
-        expect = n * (n + 1) / 2
+        expect = n * (n + 1) / 2 + n * rank
 
         def op():
             scatter(recv, send, group=group)
@@ -260,7 +270,7 @@ def run_collective(dist, torch, name: str, size: int, group, n: int, rank: int, 
     sync()
     elapsed = (sum(times) if sync_each else time.perf_counter() - start) / iters
     # in-place runs accumulated over the iterations: check one fresh run on every rank
-    send.fill_(value)
+    refill()
     op()
     sync()
     if name == "all_gather":

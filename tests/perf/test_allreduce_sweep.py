@@ -423,3 +423,53 @@ def test_help_says_what_docs_collectives_says():
                    "the size is the whole buffer of n chunks", "averaged over the ranks",
                    "GB/s = 1e9 B/s", "'host slots=N'", "docs/collectives.md"):
         assert phrase in text, phrase
+
+
+class _NextRanksChunk:
+    """torch.distributed whose reduce_scatter hands each rank the next rank's chunk (an offset
+    bug), computed with the real all_reduce; everything else is torch.distributed's own."""
+
+    def __getattr__(self, name):
+        import torch.distributed as dist
+        return getattr(dist, name)
+
+    def reduce_scatter_tensor(self, out, inp, group=None):
+        import torch.distributed as dist
+        total = inp.clone()
+        dist.all_reduce(total, group=group)
+        n = dist.get_world_size(group)
+        out.copy_(total.view(n, -1)[(dist.get_rank(group) + 1) % n])
+
+    reduce_scatter_single = reduce_scatter_tensor       # the name the sweep takes first
+
+
+def _reduce_scatter_ranks(rank, port, out_dir):
+    import torch
+    import torch.distributed as dist
+
+    from perf.allreduce_sweep import run_collective
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=2)
+    wrong = {}
+    for label, backend in (("real", dist), ("misplaced", _NextRanksChunk())):
+        for inplace in (False, True):
+            r = run_collective(backend, torch, "reduce_scatter", 64, None, 2, rank,
+                               torch.device("cpu"), 1, 2, inplace, False)
+            wrong[f"{label} {'in' if inplace else 'out'}"] = r["wrong"]
+    with open(os.path.join(out_dir, f"{rank}.json"), "w") as fh:
+        json.dump(wrong, fh)
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_reduce_scatter_check_tells_the_chunks_apart(tmp_path):
+    """Before, every rank sent one value everywhere, so a reduce_scatter that returned another
+    rank's chunk passed the check (#wrong 0); now chunk c holds rank + 1 + c."""
+    import torch.multiprocessing as mp
+
+    from tests.conftest import free_port
+    mp.spawn(_reduce_scatter_ranks, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        wrong = json.loads((tmp_path / f"{rank}.json").read_text())
+        assert wrong["real out"] == wrong["real in"] == 0, wrong
+        assert wrong["misplaced out"] == wrong["misplaced in"] == 8, wrong   # 64 B / 2 ranks
