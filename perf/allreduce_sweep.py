@@ -560,6 +560,12 @@ def table(rows: list[dict], profile: str, split: str, collective: str) -> str:
     if collective == "all_reduce":
         lines.insert(1, "# out-of-place: torch.distributed has no out-of-place all_reduce; "
                         "timed as a copy into the receive buffer plus an in-place all_reduce")
+    elif collective == "broadcast":
+        lines.insert(1, "# out-of-place: torch.distributed has no out-of-place broadcast; "
+                        "both columns time the same in-place broadcast")
+    elif collective == "all_to_all":
+        lines.insert(1, "# in-place: torch.distributed has no in-place all_to_all; both columns "
+                        "time the same all_to_all_single into a separate buffer")
     busbws = []
     for size in sorted(by_size):
         cells = []

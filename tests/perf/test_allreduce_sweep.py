@@ -473,3 +473,23 @@ def test_reduce_scatter_check_tells_the_chunks_apart(tmp_path):
         wrong = json.loads((tmp_path / f"{rank}.json").read_text())
         assert wrong["real out"] == wrong["real in"] == 0, wrong
         assert wrong["misplaced out"] == wrong["misplaced in"] == 8, wrong   # 64 B / 2 ranks
+
+
+def test_tables_say_which_columns_time_the_same_op():
+    """torch.distributed broadcasts only in place and has no in-place all_to_all: before, the
+    broadcast table's out-of-place and the all_to_all table's in-place columns were labelled as
+    such without saying that they repeat the other column's op."""
+    from perf.allreduce_sweep import table
+    rows = [{"profile": "p", "split": "world", "collective": c, "size": 64, "bytes": 64,
+             "count": 16, "world_size": 2, "inplace": place, "time_us": 10.0, "algbw": 0.0064,
+             "busbw": 0.0064, "wrong": 0}
+            for c in ("all_reduce", "broadcast", "all_to_all", "all_gather") for place in (0, 1)]
+    notes = {c: [ln for ln in table(rows, "p", "world", c).splitlines()
+                 if "torch.distributed has no" in ln] for c in
+             ("all_reduce", "broadcast", "all_to_all", "all_gather")}
+    assert notes["broadcast"] == ["# out-of-place: torch.distributed has no out-of-place "
+                                  "broadcast; both columns time the same in-place broadcast"]
+    assert notes["all_to_all"] == ["# in-place: torch.distributed has no in-place all_to_all; "
+                                   "both columns time the same all_to_all_single into a "
+                                   "separate buffer"]
+    assert len(notes["all_reduce"]) == 1 and notes["all_gather"] == []
