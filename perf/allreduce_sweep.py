@@ -842,7 +842,7 @@ def predictions(cluster: str, sizes: list[int], nranks: int,
     """perf.topology's all_reduce busbw for the job measured: its ranks on `len(per_node)`
     nodes (the hostfile's hosts and slots) where known, else packed onto whole nodes."""
     try:
-        from perf.topology import CLUSTERS, TopologyError, predict
+        from perf.topology import CLUSTERS, TopologyError, gpu_net_GBps, predict
     except ImportError:
         return ""
     if cluster not in CLUSTERS:
@@ -855,11 +855,17 @@ def predictions(cluster: str, sizes: list[int], nranks: int,
                        nodes=len(per_node) if per_node else None)
     except TopologyError as exc:
         return f"\n== model ({cluster}): no prediction for this job: {exc}"
+    c, g = CLUSTERS[cluster], recs[0]["gpus"] // recs[0]["nodes"]
     lines = [f"\n== model ({cluster}, all_reduce, {recs[0]['nodes']} node(s) × "
-             f"{recs[0]['gpus'] // recs[0]['nodes']} GPUs = {recs[0]['gpus']} ranks, "
-             "perf.topology)",
-             f"{'size':>12s} " + " ".join(f"{a:>14s}" for a in
-                                           sorted({r['algorithm'] for r in recs}))]
+             f"{g} GPUs = {recs[0]['gpus']} ranks, perf.topology)"]
+    if recs[0]["nodes"] > 1:     # what bounds every network figure below, and its assumption
+        lines.append(f"# per-GPU network share {gpu_net_GBps(c, g):.1f} GB/s, node injection "
+                     f"{g * gpu_net_GBps(c, g):.1f} GB/s: {c.nics_per_node} × {c.nic_Gbps:g} "
+                     f"Gb/s ports, {c.nics_per_host_link} per PCIe host link "
+                     f"({c.pcie_GBps:g} GB/s), as perf/topology.py assumes; a measurement above "
+                     "the model's busbw says the node is not built as assumed")
+    lines.append(f"{'size':>12s} " + " ".join(f"{a:>14s}" for a in
+                                             sorted({r['algorithm'] for r in recs})))
     for size in sizes:
         sel = {r["algorithm"]: r["busbw"] for r in recs if r["size"] == size}
         lines.append(f"{size:12d} " + " ".join(f"{sel[a]:14.2f}" for a in sorted(sel)))

@@ -493,3 +493,19 @@ def test_tables_say_which_columns_time_the_same_op():
                                    "both columns time the same all_to_all_single into a "
                                    "separate buffer"]
     assert len(notes["all_reduce"]) == 1 and notes["all_gather"] == []
+
+
+def test_cluster_predictions_state_the_network_bound_they_assume():
+    """raphael's model takes its four ports behind one PCIe host link (an assumption to check on
+    a node), which caps every multi-node figure at ~53 GB/s per node: before, the sweep printed
+    the figures without that bound, so a measurement near 4 × 48 GB/s read as 'above the
+    model' with no hint why."""
+    from perf.allreduce_sweep import predictions
+    from perf.topology import CLUSTERS, gpu_net_GBps
+    raphael = CLUSTERS["raphael"]
+    text = predictions("raphael", [2 ** 30], 96, [4] * 24)
+    assert (f"# per-GPU network share {gpu_net_GBps(raphael):.1f} GB/s, node injection "
+            f"{4 * gpu_net_GBps(raphael):.1f} GB/s: 4 × 400 Gb/s ports, 4 per PCIe host link "
+            "(52.8 GB/s), as perf/topology.py assumes") in text
+    assert "1 per PCIe host link" in predictions("dgx_h100", [2 ** 30], 16, [8, 8])
+    assert "node injection" not in predictions("raphael", [2 ** 30], 4, [4])   # NVLink only
