@@ -764,6 +764,13 @@ class WellLoader:
         return self
 
     def __next__(self) -> Batch:
+        if os.getpid() != self._owner:
+            # a forked child's copy shares the parent's pipes: drawing from it sent tasks to the
+            # parent's readers and took their answers, so the parent waited read_timeout_s for
+            # batches it never got, and the child was told a reader had died (exit code 0)
+            raise WorkerError(f"this loader was built in process {self._owner} and its readers "
+                              f"serve that process alone; build a loader in this process "
+                              f"({os.getpid()}, a forked child) instead")
         if self._closed:
             if self._stopped_by is None:
                 raise StopIteration

@@ -686,6 +686,41 @@ def test_a_forked_child_closing_its_copy_leaves_the_parents_readers(demo_base):
         assert [next(it).x.shape[0] for _ in range(3)] == [2, 2, 2]
 
 
+def test_a_forked_child_cannot_draw_from_its_parents_loader(demo_base):
+    """The child's copy shares the parent's pipes: next() there used to send tasks to the
+    parent's readers and take their answers, telling the child a reader had died (exit code 0)
+    and leaving the parent waiting read_timeout_s for batches it never got. Now the child is
+    told to build its own loader, and the parent's batches are untouched."""
+    path = os.path.join(demo_base, "euler_2d")
+    with WellLoader([path], batch_size=2, num_workers=1, read_timeout_s=30) as loader, \
+            WellLoader([path], batch_size=2, num_workers=1) as twin:
+        next(loader), next(twin)
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                try:
+                    next(loader)
+                    said = "no error"
+                except BaseException as exc:    # noqa: BLE001 - reported to the parent
+                    said = f"{type(exc).__name__}: {exc}"
+                os.write(w, said.encode()[:4000])
+            finally:
+                os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as fh:
+            said = fh.read().decode()
+        assert os.waitpid(pid, 0)[1] == 0
+        assert said.startswith("WorkerError") and "forked child" in said, said
+        _alarm(60)                           # a hang fails the test instead
+        try:
+            for _ in range(5):
+                mine, theirs = next(loader), next(twin)
+                assert torch.equal(mine.x, theirs.x) and torch.equal(mine.y, theirs.y)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+
+
 def test_zero_ring_slots_are_refused(demo_base):
     from dsfm.errors import ConfigError
 
