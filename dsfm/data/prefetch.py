@@ -544,11 +544,16 @@ class WellLoader:
         task_bytes = 8 * self.batch_size + TASK_OVERHEAD
         self._tasks_per_reader = self.ring_slots
         for wid in range(self.num_workers):
+            # this process's ends are kept (and closed by close()) before the reader starts: a
+            # Ctrl-C that lands in Popen after its fork loses the Popen, and a reader whose task
+            # pipe stayed open here waited for its first message as long as this process lived
             task_r, task_w = os.pipe()
+            self._tasks.append(Connection(task_w, readable=False))
+            res_r, res_w = os.pipe()
+            self._results.append(Connection(res_r, writable=False))
             self._tasks_per_reader = min(self._tasks_per_reader,
                                          _enlarge_pipe(task_w, self.ring_slots * task_bytes)
                                          // task_bytes - 1)
-            res_r, res_w = os.pipe()
             try:
                 # Linux's parent-death signal follows the thread that starts the child: only
                 # the main thread lives as long as the process
@@ -560,8 +565,6 @@ class WellLoader:
                 os.close(task_r)
                 os.close(res_w)
             self._workers.append(proc)
-            self._tasks.append(Connection(task_w, readable=False))
-            self._results.append(Connection(res_r, writable=False))
             try:
                 self._tasks[-1].send(("init", wid, self._ring.fd, self._ring.nbytes,
                                       self._ring.slot_bytes, sources, os.getpid(),

@@ -69,8 +69,14 @@ def _die_with_parent() -> None:
 
 
 def serve(tasks: Connection, results: Connection) -> None:
+    try:
+        init = tasks.recv()
+    except EOFError:
+        init = None
+    if init is None:            # the loader closed (or its process died) before it sent it
+        return
     (_, wid, ring_fd, ring_bytes, slot_bytes, sources, parent, max_open, assemble_here, n_in,
-     norms, check_finite, direct, cpus, use_native) = tasks.recv()
+     norms, check_finite, direct, cpus, use_native) = init
     if os.getppid() != parent:
         return
     if cpus is not None:

@@ -467,6 +467,39 @@ def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monk
     assert set(os.listdir("/dev/shm")) <= before
 
 
+def test_ctrl_c_while_a_reader_is_being_started_leaves_no_reader_or_descriptor(demo_base,
+                                                                             monkeypatch,
+                                                                             capfd):
+    """A Ctrl-C that lands in subprocess.Popen after its fork (the loader's start, in a process
+    that lives on: a notebook, a trainer that catches it) loses the Popen object. That reader
+    used to wait for its first message for as long as this process lived, its pipes left open
+    here; now closing the loader's ends of them lets it exit, quietly."""
+    started = []
+    real_popen = subprocess.Popen
+
+    def interrupted(args, **kwargs):
+        proc = real_popen(args, **kwargs)
+        if "dsfm.data.readers" not in args:
+            return proc                                 # the C kernel's build and check
+        started.append(proc)                            # the reader runs ...
+        raise KeyboardInterrupt                         # ... and Ctrl-C lands before the return
+
+    fds = len(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(prefetch.subprocess, "Popen", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, num_workers=2)
+    monkeypatch.undo()
+    (reader,) = started
+    try:
+        assert reader.wait(60) == 0, "the reader outlived the interrupted start"
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert len(os.listdir("/proc/self/fd")) == fds
+    assert "Traceback" not in capfd.readouterr().err
+
+
 TRAINER = textwrap.dedent("""
     import os, sys, time
     from dsfm.data import WellLoader
