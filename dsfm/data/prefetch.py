@@ -775,10 +775,11 @@ class WellLoader:
                               f"serve that process alone; build a loader in this process "
                               f"({os.getpid()}, a forked child) instead")
         if self._closed:
-            if self._stopped_by is None:
-                raise StopIteration
-            raise WorkerError(f"this loader was closed when {self._stopped_by}; build a new "
-                              "one (its state_dict() continues where this one stopped)")
+            # an endless loader ends only by close(): a StopIteration here ended a for loop
+            # over a closed loader silently, as if training were done
+            why = self._stopped_by or "close() was called (or its with block ended)"
+            raise WorkerError(f"this loader was closed when {why}; build a new one (its "
+                              "state_dict() continues where this one stopped)")
         try:
             return self._next()
         except BaseException as exc:

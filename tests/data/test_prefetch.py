@@ -452,6 +452,21 @@ def test_iterating_after_an_interrupted_next_is_an_error_not_a_hang(demo_base):
         loader.close()
 
 
+def test_a_closed_loader_says_so_instead_of_ending_a_loop_silently(demo_base):
+    """The loader is endless; after close() (or its with block) next() was a bare StopIteration,
+    so a for loop over it ran no step and said nothing, as if training were done."""
+    with WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2,
+                    num_workers=1) as loader:
+        next(loader)
+        state = loader.state_dict()
+    with pytest.raises(WorkerError, match=r"closed when close\(\) was called .*build a new"):
+        for _ in loader:
+            pass
+    with pytest.raises(WorkerError, match="closed"):
+        next(loader)
+    assert loader.state_dict() == state
+
+
 def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monkeypatch):
     """A reader process that cannot start (here: its interpreter exits at once) is reported as
     such, with its exit status, and leaves no shared memory behind."""
