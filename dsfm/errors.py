@@ -24,7 +24,8 @@ class DataError(DsfmError):
 
 
 class CorruptFileError(DataError):
-    """A file cannot be opened or read as HDF5 (truncated, damaged, not HDF5)."""
+    """A file cannot be opened or read as HDF5 (truncated, damaged, not HDF5, a directory, or
+    not readable by this user)."""
 
 
 class MissingFileError(DataError, FileNotFoundError):

@@ -18,8 +18,10 @@ problems. `write_well_file` writes the format and validates shapes with the same
 
 from __future__ import annotations
 
+import errno
 import itertools
 import os
+import re
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Iterable, Sequence
@@ -192,6 +194,8 @@ def open_h5(path: str, **kwargs) -> h5py.File:
             f" (a symlink to {target}, which does not exist)" if target else "")) from None
     except OSError as exc:
         reason = str(exc).split("(", 1)[-1].rstrip(")") if "(" in str(exc) else str(exc)
+        # HDF5 puts the time (ctime, with its newline) in some of its messages: one line
+        reason = " ".join(re.sub(r"time = [^,]*,\s*", "", reason).split())
         if "unable to lock file" in reason:
             # HDF5's file locking: a writer elsewhere holds the file (a notebook with it open
             # in "r+" or "a"), or the file system refuses locks; the file itself is fine
@@ -199,6 +203,16 @@ def open_h5(path: str, **kwargs) -> h5py.File:
                 f"{path}: cannot be opened for reading while another process has it open for "
                 f"writing ({reason}); close it there, or, if nothing writes it (a file system "
                 "without locks), set HDF5_USE_FILE_LOCKING=FALSE") from None
+        found = re.search(r"errno = (\d+)", reason)
+        code = exc.errno or (int(found[1]) if found else None)
+        if code in (errno.EACCES, errno.EPERM):
+            # the file's permissions, not its contents: it was called truncated or corrupt
+            raise CorruptFileError(
+                f"{path}: permission denied: this process (user id {os.geteuid()}) may not "
+                "read it; make it readable (chmod, chown) or run as a user who may") from None
+        if code == errno.EISDIR:
+            raise CorruptFileError(f"{path} is a directory, not an HDF5 file; move it out of "
+                                   "the dataset's folder") from None
         raise CorruptFileError(
             f"{path}: cannot be opened as HDF5 ({reason}); the file is truncated or corrupt, "
             "regenerate or re-download it") from None

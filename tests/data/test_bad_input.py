@@ -511,3 +511,16 @@ def test_a_file_locked_by_a_writer_is_not_called_corrupt(dataset):
         assert proc.returncode == 1 and "another process has it open for writing" in proc.stdout
     finally:
         os.close(fd)
+
+
+def test_a_directory_named_as_a_file_of_a_split_is_one_line(dataset):
+    """A directory called like an HDF5 file in a split: before, 'the file is truncated or
+    corrupt, regenerate or re-download it' over two lines (HDF5's message holds the time, with
+    its newline); now one line saying it is a directory."""
+    from dsfm.data.prefetch import index_dataset
+
+    (dataset / "data" / "train" / "extra.hdf5").mkdir()
+    with pytest.raises(CorruptFileError) as info:
+        index_dataset(str(dataset), "train", 2, 1)
+    assert_one_line(info, f"{dataset}/data/train/extra.hdf5 is a directory, not an HDF5 file")
+    assert "corrupt" not in str(info.value)

@@ -325,6 +325,52 @@ def test_corrupt_file_surfaces_with_file_trajectory_and_time(demo_base, tmp_path
     assert all(p.poll() is not None for p in loader._workers)       # readers stopped
 
 
+UNREADABLE = textwrap.dedent("""
+    import os, sys
+    from dsfm.data import WellLoader
+    loader = WellLoader([sys.argv[1]], batch_size=2, num_workers=1, max_open_files=1)
+    for _ in range(5):
+        next(loader)                    # the readers have the files open, one at a time
+    os.chmod(sys.argv[2], 0)
+    try:
+        open(sys.argv[2]).close()
+        sys.exit("permissions are not enforced for this process")
+    except PermissionError:
+        pass
+    try:
+        for _ in range(200):
+            next(loader)
+        print("no error")
+    except Exception as exc:
+        print(type(exc).__name__, exc)
+""")
+
+
+def test_a_file_made_unreadable_while_the_loader_runs_is_not_called_corrupt(demo_base,
+                                                                           tmp_path):
+    """Permission taken away from a file while training runs, found when a reader opens it
+    again: before, 'cannot be opened as HDF5 (... Permission denied ...); the file is
+    truncated or corrupt, regenerate or re-download it'; now it says permission denied and what
+    to do. Root reads anything, so as root it runs without the capabilities that allow that."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    path = sorted((ds / "data" / "train").glob("*.hdf5"))[0]
+    cmd = [sys.executable, "-c", UNREADABLE, str(ds), str(path)]
+    if os.geteuid() == 0:
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("root, and no setpriv to run without the capability to read anything")
+        drop = "-dac_override,-dac_read_search"
+        cmd = [setpriv, f"--inh-caps={drop}", f"--bounding-set={drop}", *cmd]
+    proc = run(cmd, timeout=300)
+    if "permissions are not enforced" in proc.stderr:
+        pytest.skip("this process may read any file")
+    out = proc.stdout.strip()
+    assert proc.returncode == 0 and out.startswith("CorruptFileError"), (out, proc.stderr)
+    assert "\n" not in out and f"{path}: permission denied" in out, out
+    assert "chmod" in out and "corrupt" not in out and "trajectory" in out, out
+
+
 @pytest.mark.parametrize("path_id", list(PATHS))
 def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
     assemble_on, fused = PATHS[path_id]
