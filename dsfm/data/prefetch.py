@@ -946,24 +946,35 @@ class WellLoader:
         self._closed = True
         if os.getpid() != self._owner:
             return
-        for conn in getattr(self, "_tasks", []):
-            try:
-                conn.send(None)
-            except OSError:
-                pass
-        deadline = time.monotonic() + CLOSE_GRACE_S
-        for p in self._workers:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait(5.0)
-        if self.cuda and getattr(self, "_stream", None) is not None:
-            self._stream.synchronize()
-        getattr(self, "_ready", {}).clear()
-        self._ring.close()
-        for conn in list(getattr(self, "_tasks", [])) + list(getattr(self, "_results", [])):
-            conn.close()
+        try:
+            for conn in getattr(self, "_tasks", []):
+                try:
+                    conn.send(None)
+                except OSError:
+                    pass
+            deadline = time.monotonic() + CLOSE_GRACE_S
+            for p in self._workers:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        finally:
+            # also when a second Ctrl-C lands in the grace above: that used to leave a reader
+            # stuck in a read running, and the ring and pipes open, with close() done for good
+            for p in self._workers:
+                if p.poll() is None:
+                    p.kill()
+            for p in self._workers:
+                try:
+                    p.wait(5.0)
+                except subprocess.TimeoutExpired:
+                    pass            # in a read that ignores even SIGKILL: gone when it returns
+            if self.cuda and getattr(self, "_stream", None) is not None:
+                self._stream.synchronize()
+            getattr(self, "_ready", {}).clear()
+            self._ring.close()
+            for conn in list(getattr(self, "_tasks", [])) + list(getattr(self, "_results", [])):
+                conn.close()
 
     def __enter__(self):
         return self

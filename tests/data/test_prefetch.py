@@ -498,6 +498,29 @@ def test_iterating_after_an_interrupted_next_is_an_error_not_a_hang(demo_base):
         loader.close()
 
 
+def test_a_second_ctrl_c_while_closing_still_stops_every_reader(demo_base, monkeypatch):
+    """close() gives readers a grace to finish the batch in hand; a second Ctrl-C in it (the
+    first one's close waits on a reader stuck in a read, and the user presses again) used to
+    leave that reader running and the ring and pipes open, and close() would not run again."""
+    monkeypatch.setattr(prefetch, "CLOSE_GRACE_S", 120.0)   # the interrupt lands in the grace
+    loader = WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, num_workers=2)
+    try:
+        next(loader)
+        os.kill(loader.worker_pids[0], signal.SIGSTOP)      # as if stuck in a read
+        _alarm(0.5, KeyboardInterrupt)
+        with pytest.raises(KeyboardInterrupt):
+            loader.close()
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        assert all(p.poll() is not None for p in loader._workers)
+        assert all(conn.closed for conn in loader._tasks + loader._results)
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        for p in loader._workers:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
 def test_a_closed_loader_says_so_instead_of_ending_a_loop_silently(demo_base):
     """The loader is endless; after close() (or its with block) next() was a bare StopIteration,
     so a for loop over it ran no step and said nothing, as if training were done."""
