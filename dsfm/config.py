@@ -170,6 +170,11 @@ _UniqueKeyLoader.add_implicit_resolver(
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
     """A YAML error in one line: where, and what."""
+    if isinstance(exc, yaml.reader.ReaderError):      # not text, or a control character
+        if exc.encoding == "unicode":
+            return f"character {exc.position}: {exc.character:#06x} ({exc.reason})"
+        return (f"byte {exc.position}: {exc.character:#04x} is not {exc.encoding} "
+                f"({exc.reason}); save the file as UTF-8")
     mark = getattr(exc, "problem_mark", None)
     what = getattr(exc, "problem", None) or str(exc).splitlines()[0]
     where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
@@ -257,7 +262,7 @@ def load_config(path: str | None = None, sets: list[str] = (),
     key=value): settings from the environment, such as $DSFM_DATA) then `--set`s, validate."""
     path = _find_config(path or DEFAULT_CONFIG)
     try:
-        with open(path) as fh:
+        with open(path, "rb") as fh:         # bytes: PyYAML names an undecodable one
             raw: Any = parse_yaml(fh)
     except OSError as exc:
         presets = sorted(f[:-5] for f in os.listdir(PRESETS_DIR) if f.endswith(".yaml"))

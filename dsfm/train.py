@@ -75,10 +75,14 @@ def read_configs(args: argparse.Namespace,
         if os.environ.get("DSFM_DATA") else []
     cfg = load_config(args.config, args.sets, env_sets)
     try:
-        with open(args.ds_config) as fh:
+        with open(args.ds_config, "rb") as fh:
             ds_config = json.load(fh)
     except OSError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: {exc.strerror}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: byte {exc.start} "
+                          f"({exc.object[exc.start]:#04x}) is not {exc.encoding} "
+                          f"({exc.reason}); save the file as UTF-8") from None
     except json.JSONDecodeError as exc:
         raise ConfigError(f"--ds_config {args.ds_config}: not valid JSON: {exc}") from None
     notes = ds_settings.check(ds_config, args.ds_config)

@@ -632,6 +632,26 @@ def test_bad_config_is_refused_before_any_process_group(tmp_path):
     assert proc.returncode == 2 and "train_micro_batch_size_per_gpu" in proc.stderr
 
 
+def test_config_files_that_are_not_utf8_are_one_line(tmp_path):
+    """A run config or DeepSpeed config saved in Latin-1 (an accent in a comment) stopped the
+    run with a UnicodeDecodeError traceback."""
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_bytes("train:\n  max_steps: 3   # café\n".encode("latin-1"))
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+                "--config", str(run_yaml)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: --config {run_yaml}: not valid YAML at byte 29: "
+                                   "0xe9 is not utf-8 (invalid continuation byte); save the "
+                                   "file as UTF-8")
+    ds = tmp_path / "ds.json"
+    ds.write_bytes('{"train_micro_batch_size_per_gpu": 4, "_note": "café"}'.encode("latin-1"))
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", str(ds)])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: --ds_config {ds}: not valid JSON: byte 51 (0xe9) "
+                                   "is not utf-8 (invalid continuation byte); save the file "
+                                   "as UTF-8")
+
+
 def test_missing_data_names_the_path(tmp_path):
     proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
                 "--run-dir", str(tmp_path / "r"), "--set", f"data.base={tmp_path / 'none'}",
