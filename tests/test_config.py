@@ -313,6 +313,11 @@ def _with(path: str, value):
     ("bf16", {"enabled": True}, "bf16.enabled is True"),
     ("bfloat16", {"enabled": True}, "bfloat16.enabled is True"),     # bf16's older name
     ("fp16", {"enabled": "auto"}, "fp16.enabled is 'auto'"),
+    # these two trained silently in 16 bits: the forward under torch.autocast, and every
+    # gradient cast to bf16 and back for its all-reduce (on one rank as well)
+    ("torch_autocast", {"enabled": True, "dtype": "bfloat16"},
+     "torch_autocast.enabled is True: dsfm trains in fp32"),
+    ("communication_data_type", "BF16", "communication_data_type is 'BF16': the gradients"),
     ("zero_optimization.stage", 5, "zero_optimization: .*stage"),
     ("zero_optimization.stagee", 2, "zero_optimization: .*stagee"),
     ("optimizer.type", "AdamWW", "optimizer type 'AdamWW' .*did you mean 'adamw'"),

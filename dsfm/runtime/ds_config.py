@@ -38,8 +38,9 @@ zero_quantized_gradients zero_hpz_partition_size sequence_parallel_size
 """.split())
 #: a key this close to a known one (difflib's ratio) is taken for a misspelling of it
 TYPO_CUTOFF = 0.85
-#: dsfm trains in fp32: these sections must be absent or disabled
-REDUCED_PRECISION = ("fp16", "bf16", "bfloat16", "fp8", "amp")     # bfloat16: bf16's old name
+#: dsfm trains in fp32: these sections must be absent or disabled (bfloat16: bf16's old name;
+#: torch_autocast runs the forward in bf16 or fp16 under torch.autocast)
+REDUCED_PRECISION = ("fp16", "bf16", "bfloat16", "fp8", "amp", "torch_autocast")
 
 
 def _known_keys() -> set[str]:
@@ -94,6 +95,12 @@ def _check_precision(cfg: dict, source: str) -> None:
                 "increments vanish in 16-bit mantissas, and the loader's batches are fp32; "
                 "docs/training.md); remove the section or set \"enabled\": false (TF32 "
                 "matmuls: train.tf32)")
+    comm = cfg.get("communication_data_type")
+    if isinstance(comm, str) and comm.lower() in ("fp16", "bf16"):
+        raise ConfigError(
+            f"{source}: communication_data_type is {comm!r}: the gradients would be cast to 16 "
+            "bits for every reduction (even on one rank), where dsfm trains in fp32; remove it "
+            "or set \"fp32\"")
 
 
 def _check_component(cfg: dict, source: str, key: str, example: str, ours: list[str],
