@@ -319,6 +319,7 @@ def _with(path: str, value):
      "torch_autocast.enabled is True: dsfm trains in fp32"),
     ("communication_data_type", "BF16", "communication_data_type is 'BF16': the gradients"),
     ("zero_optimization.stage", 5, "zero_optimization: .*stage"),
+    ("zero_optimization", 2, "DeepSpeed refuses it: .* argument after \\*\\* must be a mapping"),
     ("zero_optimization.stagee", 2, "zero_optimization: .*stagee"),
     ("optimizer.type", "AdamWW", "optimizer type 'AdamWW' .*did you mean 'adamw'"),
     ("optimizer.params.lr", "abc", "optimizer.params.lr is the string 'abc', not a number"),
@@ -381,6 +382,58 @@ def test_what_the_scheduler_refuses_is_one_line_before_the_process_group():
     untested = {**_with("optimizer", {"type": "SGD", "params": {"lr": 1e-3}}),
                 "zero_allow_untested_optimizer": True}
     assert ds_settings.check(untested, "ds.json") == []
+
+
+@pytest.mark.parametrize("optimizer, zero, needle", [
+    ({"type": "AdamW", "params": {"lr": -1e-3}}, {"stage": 2},
+     r"optimizer AdamW \(torch.optim.AdamW, which dsfm runs in place of FusedAdam without a "
+     r"GPU\) refuses its params \{'lr': -0.001\}: Invalid learning rate: -0.001"),
+    ({"type": "Adam", "params": {"betas": [0.9]}}, {"stage": 2}, "refuses its params"),
+    ({"type": "AdamW", "params": {"lr": 1e-3, "beta": [0.9, 0.99]}}, {"stage": 2},
+     "unexpected keyword argument 'beta'"),
+    ({"type": "AdamW", "params": {"lr": 1e-3, "max_grad_norm": 1.0}}, {"stage": 2},
+     "DeepSpeed refuses params.max_grad_norm; clip with the top-level \"gradient_clipping\""),
+    ({"type": "Adagrad", "params": {"lr": 1e-2, "weight_decay": -1}}, {"stage": 2},
+     r"optimizer Adagrad \(torch.optim.Adagrad\) refuses .*Invalid weight_decay"),
+    ({"type": "SGD", "params": {"lr": 0.1, "momentun": 0.9}}, {"stage": 0},
+     "SGD.*unexpected keyword argument 'momentun'"),
+    # DeepSpeedCPUAdam checks no range: this one trained uphill, lr -0.001, without a word
+    ({"type": "AdamW", "params": {"lr": -1e-3}}, {"stage": 2, "offload_optimizer":
+                                                  {"device": "cpu"}},
+     r"optimizer AdamW refuses its params \{'lr': -0.001\}: Invalid learning rate"),
+    ({"type": "Lion", "params": {"lr": 1e-4}}, {"stage": 2},
+     "Lion: DeepSpeed builds it as FusedLion, a CUDA op, and this machine has no GPU"),
+])
+def test_what_the_optimizer_refuses_is_one_line_before_the_process_group(optimizer, zero,
+                                                                        needle):
+    """These passed the checks and stopped deepspeed.initialize on every rank with a
+    traceback, after the process group, or (the offloaded negative rate) trained silently."""
+    cfg = {**BASE_DS, "optimizer": optimizer, "zero_optimization": zero}
+    assert ds_settings.check(cfg, "ds.json") == []
+    with pytest.raises(ConfigError, match=needle) as exc:
+        ds_settings.probe(cfg, "ds.json")
+    assert "\n" not in str(exc.value) and str(exc.value).startswith("ds.json: ")
+
+
+def test_the_optimizer_is_checked_as_a_gpu_builds_it():
+    """With a GPU, Adam and AdamW are DeepSpeed's FusedAdam, which takes bias_correction (torch's
+    does not), has no amsgrad, and checks no range: a negative rate trained uphill there."""
+    check = ds_settings._check_optimizer_params
+    adam = {**BASE_DS, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3,
+                                                                 "bias_correction": False}}}
+    check(adam, "ds.json", cuda=True)
+    with pytest.raises(ConfigError, match="unexpected keyword argument 'bias_correction'"):
+        check(adam, "ds.json", cuda=False)
+    for params, needle in (({"lr": -1.0}, r"AdamW refuses its params \{'lr': -1.0\}: Invalid "
+                                          "learning rate"),
+                           ({"lr": 1e-3, "amsgrad": True}, r"\(FusedAdam\): DeepSpeed's "
+                                                           "FusedAdam has no amsgrad"),
+                           ({"foreach": True}, r"AdamW \(FusedAdam\) refuses its params")):
+        with pytest.raises(ConfigError, match=needle):
+            check({**BASE_DS, "optimizer": {"type": "AdamW", "params": params}}, "ds.json",
+                  cuda=True)
+    check({**BASE_DS, "optimizer": {"type": "Lion", "params": {"lr": 1e-4}}}, "ds.json",
+          cuda=True)
 
 
 def test_string_parameters_deepspeed_takes_are_accepted():

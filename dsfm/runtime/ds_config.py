@@ -228,6 +228,83 @@ def _check_zero_components(cfg: dict, source: str, stage: int, lr_schedules) -> 
                           f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or ZeRO stage 0")
 
 
+#: Adam's params that DeepSpeed reads itself and does not pass to the class it builds
+_ADAM_OWN = ("adam_w_mode", "torch_adam", "fp32_optimizer_states")
+#: what torch's Adam and Adagrad check the range of (>= 0; betas in [0, 1)), and DeepSpeed's
+#: FusedAdam, DeepSpeedCPUAdam and DeepSpeedCPUAdagrad do not
+_RANGED = ("lr", "betas", "eps", "weight_decay")
+
+
+def _build_optimizer(cls, params: dict, where: str) -> None:
+    """`cls` over a stand-in parameter, or, for DeepSpeed's classes (which compile an op when
+    built), its signature bound to `params`: a one-line ConfigError for what it refuses."""
+    import inspect
+
+    import torch
+
+    stand_in = [torch.nn.Parameter(torch.zeros(1))]
+    try:
+        if cls.__module__.startswith("torch."):
+            cls(stand_in, **params)
+        else:
+            inspect.signature(cls.__init__).bind(None, stand_in, **params)
+    except Exception as exc:
+        raise ConfigError(f"{where} refuses its params {params}: {_one_line(exc)}") from None
+
+
+def _check_optimizer_params(ds_config: dict, source: str, cuda: bool) -> None:
+    """The optimizer's params checked as deepspeed.initialize will pass them, before the
+    process group. What the class refuses (a key it does not take, a negative lr, betas
+    outside [0, 1), max_grad_norm) stopped every rank inside deepspeed.initialize with a
+    traceback; DeepSpeed's FusedAdam (GPUs) and DeepSpeedCPUAdam (offload_optimizer) check no
+    range at all, so a negative lr trained uphill without a word; FusedLamb and FusedLion have
+    no CPU build. `cuda`: whether this rank has a GPU (without one, dsfm runs Adam and AdamW as
+    torch's: `engine.cpu_optimizer`)."""
+    import torch
+
+    from dsfm.runtime.engine import cpu_optimizer
+
+    opt = cpu_optimizer(ds_config, cuda).get("optimizer")
+    if opt is None:
+        return
+    name, params = opt["type"], dict(opt.get("params") or {})
+    kind, where = name.lower(), f"{source}: optimizer {name}"
+    if "max_grad_norm" in params:
+        raise ConfigError(f"{where}: DeepSpeed refuses params.max_grad_norm; clip with the "
+                          "top-level \"gradient_clipping\" instead")
+    offload = ((ds_config.get("zero_optimization") or {}).get("offload_optimizer")
+               or {}).get("device") in ("cpu", "nvme")
+    if kind in ("lamb", "lion") and not cuda and not (kind == "lion" and offload):
+        raise ConfigError(f"{where}: DeepSpeed builds it as Fused{kind.capitalize()}, a CUDA "
+                          "op, and this machine has no GPU")
+    ranged = None
+    if kind in ("adam", "adamw"):
+        from deepspeed.ops.adam import DeepSpeedCPUAdam, FusedAdam
+
+        cls = (torch.optim.AdamW if params.get("torch_adam") else
+               DeepSpeedCPUAdam if offload else FusedAdam)
+        params = {k: v for k, v in params.items() if k not in _ADAM_OWN}
+        ranged = torch.optim.Adam
+    elif kind == "adagrad":
+        from deepspeed.ops.adagrad import DeepSpeedCPUAdagrad
+
+        cls = DeepSpeedCPUAdagrad if offload else torch.optim.Adagrad
+        ranged = torch.optim.Adagrad
+    elif kind in ("lamb", "lion") or kind.startswith("mu"):
+        return                      # DeepSpeed's ops, mup's and Muon's classes: not built here
+    else:
+        cls = getattr(torch.optim, name)
+    label = f"torch.optim.{cls.__name__}" if cls.__module__.startswith("torch.") \
+        else cls.__name__
+    if opt is not ds_config.get("optimizer"):       # torch_adam: cpu_optimizer's choice
+        label += ", which dsfm runs in place of FusedAdam without a GPU"
+    _build_optimizer(cls, params, f"{where} ({label})")
+    if cls.__name__ == "FusedAdam" and params.get("amsgrad"):
+        raise ConfigError(f"{where} (FusedAdam): DeepSpeed's FusedAdam has no amsgrad; remove it")
+    if ranged is not None and not cls.__module__.startswith("torch."):
+        _build_optimizer(ranged, {k: params[k] for k in _RANGED if k in params}, where)
+
+
 def _check_scheduler_params(ds_config: dict, source: str) -> None:
     """The scheduler built as the engine will build it, over a stand-in optimizer: what its
     constructor refuses (WarmupCosineLR's warmup_num_steps of 0, a missing argument of a
@@ -273,3 +350,7 @@ def probe(ds_config: dict, source: str) -> None:
             DeepSpeedConfig(view)
     except Exception as exc:
         raise ConfigError(f"{source}: DeepSpeed refuses it: {_one_line(exc)}") from None
+    import torch
+
+    # after DeepSpeed's parser, which refuses a zero_optimization that is not an object
+    _check_optimizer_params(ds_config, source, torch.cuda.is_available())

@@ -169,11 +169,13 @@ def release_shm(env: dist.DistEnv) -> None:
         pass
 
 
-def cpu_optimizer(ds_config: dict) -> dict:
+def cpu_optimizer(ds_config: dict, cuda: bool | None = None) -> dict:
     """On CPU, Adam/AdamW run as torch's own (`torch_adam`): DeepSpeed's fused CPU kernel would
-    be compiled first (minutes on two cores) for no gain at test sizes. GPUs keep FusedAdam."""
+    be compiled first (minutes on two cores) for no gain at test sizes. GPUs keep FusedAdam.
+    `cuda`: whether there is a GPU (default: whether torch sees one)."""
     opt = ds_config.get("optimizer") or {}
-    if torch.cuda.is_available() or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
+    cuda = torch.cuda.is_available() if cuda is None else cuda
+    if cuda or str(opt.get("type", "")).lower() not in ("adam", "adamw"):
         return ds_config
     offload = (ds_config.get("zero_optimization") or {}).get("offload_optimizer")
     if offload:                                     # DeepSpeedCPUAdam is the point of offload
