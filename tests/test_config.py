@@ -338,6 +338,13 @@ def _with(path: str, value):
      "optimizer 'SGD' under ZeRO stage 2: .*zero_allow_untested_optimizer"),
     ("scheduler", {"type": "StepLR", "params": {"step_size": 5}},
      "scheduler 'StepLR' is a torch.optim.lr_scheduler class, which cannot drive ZeRO"),
+    ("prescale_gradients", True, "prescale_gradients under ZeRO stage 2: DeepSpeed does not"),
+    ("gradient_predivide_factor", 2.0, "gradient_predivide_factor 2.0 under ZeRO stage 2"),
+    ("steps_per_print", 0, "steps_per_print must be a positive integer, got 0"),
+    # DeepSpeed takes "3" for 3; dsfm's own stage checks did not: --resume stopped with a
+    # TypeError, and model.compile passed under ZeRO-3 to fail in torch.compile
+    ("zero_optimization.stage", "3", r"zero_optimization.stage must be an integer \(0-3\), "
+                                     "got '3'"),
 ])
 def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path, value,
                                                                            needle):

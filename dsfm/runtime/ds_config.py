@@ -189,7 +189,18 @@ def check(ds_config, source: str) -> list[str]:
                      fold_case=False, allow_auto=True)
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
+    every = ds_config.get("steps_per_print")
+    if every is not None and (not isinstance(every, int) or isinstance(every, bool) or every < 1):
+        # DeepSpeed's engine takes the step modulo it: 0 stopped the first step
+        raise ConfigError(f"{source}: steps_per_print must be a positive integer, got "
+                          f"{every!r}; leave it out for no progress lines")
     zero = ds_config.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else 0
+    if not isinstance(stage, int) or isinstance(stage, bool):
+        # DeepSpeed converts "3"; dsfm's checks of the stage (the checkpoint layout on
+        # --resume, model.compile) compared the string and failed or passed it by
+        raise ConfigError(f"{source}: zero_optimization.stage must be an integer (0-3), got "
+                          f"{stage!r}")
     try:
         zero = DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
     except Exception as exc:                  # pydantic's, or a TypeError for a non-object
@@ -220,6 +231,17 @@ def _check_zero_components(cfg: dict, source: str, stage: int, lr_schedules) -> 
                           f"DeepSpeed refuses an optimizer ZeRO is not tested with (it takes "
                           f"{', '.join(ZERO_OPTIMIZERS)}) unless "
                           "\"zero_allow_untested_optimizer\": true")
+    if stage >= 2 and (cfg.get("zero_optimization") or {}).get("reduce_scatter", True):
+        # ZeRO's optimizer asserts both in its constructor, inside deepspeed.initialize
+        if cfg.get("prescale_gradients"):
+            raise ConfigError(f"{source}: prescale_gradients under ZeRO stage {stage}: "
+                              "DeepSpeed does not support it with reduce_scatter (its "
+                              "default); remove it")
+        factor = cfg.get("gradient_predivide_factor", 1.0)
+        if factor != 1.0:
+            raise ConfigError(f"{source}: gradient_predivide_factor {factor!r} under ZeRO "
+                              f"stage {stage}: DeepSpeed supports only 1.0 with reduce_scatter "
+                              "(its default); remove it")
     sched = cfg.get("scheduler")
     if sched is not None and sched["type"] not in lr_schedules.VALID_LR_SCHEDULES:
         raise ConfigError(f"{source}: scheduler {sched['type']!r} is a torch.optim.lr_scheduler "
