@@ -88,6 +88,7 @@ def read_configs(args: argparse.Namespace,
     notes = ds_settings.check(ds_config, args.ds_config)
     ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
     ds_settings.probe(ds_config, args.ds_config)
+    notes += schedule.check_length(ds_config, cfg.train.max_steps, args.ds_config)
     if cfg.model.compile and schedule.zero_stage(ds_config) == 3:
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "

@@ -175,6 +175,45 @@ def test_auto_schedule_steps_come_from_the_run_length():
                           "gradient_accumulation_steps": 0}, max_steps=10)
 
 
+def test_a_schedule_that_does_not_fit_the_run_is_named():
+    """Each of these trained silently: a decay that ends before the run (the last steps at
+    the floor rate, 0 under WarmupDecayLR's default), a warmup longer than the run, a
+    WarmupDecayLR whose peak is DeepSpeed's 0.001 whatever optimizer.params.lr says; a total
+    below a warmup that ends within the run (peak, then the floor at the next step) is
+    refused."""
+    def sched(name, **params):
+        return {"optimizer": {"type": "AdamW", "params": {"lr": 3e-4}},
+                "scheduler": {"type": name, "params": params}}
+
+    def notes(ds, max_steps):
+        resolved = schedule.resolve({**ds, "train_micro_batch_size_per_gpu": 1}, max_steps)
+        return schedule.check_length(resolved, max_steps, "ds.json")
+
+    assert notes(sched("WarmupCosineLR"), 100) == []                       # "auto": fits
+    assert notes(sched("WarmupCosineLR", total_num_steps=200, warmup_num_steps=10), 100) == []
+    assert notes(sched("WarmupCosineLR", total_num_steps=60, warmup_num_steps=10), 100) == [
+        "warning: ds.json: scheduler WarmupCosineLR reaches its floor at step 61 "
+        "(total_num_steps 60), before train.max_steps=100: steps 61-100 train at the floor "
+        "rate (\"auto\" ends the schedule with the run)"]
+    with pytest.raises(ConfigError, match="ds.json: scheduler WarmupCosineLR total_num_steps "
+                                          "5 is below warmup_num_steps 10: the rate would "
+                                          "fall from its peak"):
+        notes(sched("WarmupCosineLR", total_num_steps=5, warmup_num_steps=10), 100)
+    # a warmup longer than the run: the rate never peaks (and a decay it never reaches is
+    # not refused: a short test run of a long schedule)
+    for total in (5, "auto"):
+        (note,) = notes(sched("WarmupCosineLR", total_num_steps=total, warmup_num_steps=500),
+                        100)
+        assert note == ("warning: ds.json: scheduler WarmupCosineLR warms up for 500 steps "
+                        "(warmup_num_steps), beyond train.max_steps=100: the rate never "
+                        "reaches its peak")
+    (note,) = notes(sched("WarmupDecayLR"), 100)
+    assert "WarmupDecayLR takes its peak rate from warmup_max_lr, not optimizer.params.lr " \
+           "(0.0003), and none is given: the run peaks at DeepSpeed's default 0.001" in note
+    assert notes(sched("WarmupDecayLR", warmup_max_lr=3e-4), 100) == []
+    assert notes(sched("WarmupLR", warmup_max_lr=3e-4, warmup_num_steps=10), 100) == []
+
+
 def test_a_resumed_schedule_is_checked_kept_or_switched():
     ds = {"train_micro_batch_size_per_gpu": 4,
           "scheduler": {"type": "WarmupCosineLR",

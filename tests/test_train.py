@@ -699,6 +699,28 @@ def test_batch_sizes_that_do_not_fit_the_world_are_refused(tmp_path):
     assert "train_batch_size 16 != micro-batch 4 × accumulation 1 × 1 ranks" in proc.stderr
 
 
+def test_a_schedule_that_does_not_fit_the_run_is_refused_or_named(demo_base, tmp_path):
+    """A cosine decay that ends before its warmup does trained on: the peak at the warmup's
+    last step, the floor from the next. One that ends before train.max_steps trained its last
+    steps at the floor rate without a word; now the log says so."""
+    ds = tmp_path / "ds.json"
+    sched = {"type": "WarmupCosineLR", "params": {"total_num_steps": 2, "warmup_num_steps": 3}}
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4, "scheduler": sched}))
+    proc = run(train_cmd(str(ds), tmp_path / "r", ["train.max_steps=6"], data=demo_base))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: {ds}: scheduler WarmupCosineLR total_num_steps 2 "
+                                   "is below warmup_num_steps 3: the rate would fall from its "
+                                   "peak to its floor in one step after the warmup; raise "
+                                   "total_num_steps (\"auto\": train.max_steps)")
+    assert not (tmp_path / "r").exists()
+    sched["params"]["warmup_num_steps"] = 1
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4, "scheduler": sched}))
+    train(str(ds), tmp_path / "r", ["train.max_steps=4"], data=demo_base)
+    assert "scheduler WarmupCosineLR reaches its floor at step 3 (total_num_steps 2), before " \
+           "train.max_steps=4: steps 3-4 train at the floor rate" in \
+           (tmp_path / "r" / "train.log").read_text()
+
+
 def test_resuming_a_checkpoint_of_another_model_is_refused(demo_base, tmp_path):
     ds = ds_config(tmp_path, 2, micro=4)
     run_dir = tmp_path / "r"

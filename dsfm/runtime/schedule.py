@@ -18,6 +18,8 @@ WARMUP_FRACTION = 0.05
 LR_SCHEDULE = 2
 #: the DeepSpeed schedulers `LR_SCHEDULE` is about (the others run as DeepSpeed or torch has them)
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+#: WarmupLR's and WarmupDecayLR's peak rate when the config gives no warmup_max_lr (DeepSpeed's)
+DEEPSPEED_WARMUP_MAX_LR = 0.001
 _STEP_KEYS = {
     "WarmupCosineLR": ("total_num_steps", "warmup_num_steps"),
     "WarmupDecayLR": ("total_num_steps", "warmup_num_steps"),
@@ -63,6 +65,51 @@ def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config",
             raise ConfigError(f"{source}: scheduler.params {', '.join(left)} = \"auto\" is not "
                               "understood; give numbers")
     return cfg
+
+
+def check_length(ds_config: dict, max_steps: int, source: str = "--ds_config") -> list[str]:
+    """Warnings for the log where a resolved warmup schedule does not fit the run, each of
+    which trained silently: it reaches its floor before train.max_steps (the steps after that
+    train at the floor rate, 0 under WarmupDecayLR's default warmup_min_lr), its warmup
+    outlasts the run (the rate never reaches its peak), or WarmupLR and WarmupDecayLR, which
+    take their peak from warmup_max_lr (DeepSpeed's default 0.001), have none beside another
+    optimizer lr. A total_num_steps below a warmup that ends within the run is a ConfigError:
+    the rate would fall from its peak to its floor in one step."""
+    sched = ds_config.get("scheduler") or {}
+    name, params = sched.get("type"), sched.get("params") or {}
+    if name not in WARMUP_SCHEDULERS:
+        return []
+    total_key, warm_key = _STEP_KEYS[name]
+    total, warm = params.get(total_key), params.get(warm_key)
+    notes = []
+    if _number(warm) and warm > max_steps:
+        notes.append(f"warning: {source}: scheduler {name} warms up for {warm} steps "
+                     f"(warmup_num_steps), beyond train.max_steps={max_steps}: the rate never "
+                     "reaches its peak")
+    elif _number(warm) and _number(total) and total < warm:
+        raise ConfigError(f"{source}: scheduler {name} total_num_steps {total} is below "
+                          f"warmup_num_steps {warm}: the rate would fall from its peak to its "
+                          "floor in one step after the warmup; raise total_num_steps "
+                          "(\"auto\": train.max_steps)")
+    elif _number(total) and total < max_steps:
+        span = (f"step {max_steps} trains" if total + 1 >= max_steps
+                else f"steps {total + 1}-{max_steps} train")
+        notes.append(f"warning: {source}: scheduler {name} reaches its floor at step "
+                     f"{total + 1} (total_num_steps {total}), before train.max_steps="
+                     f"{max_steps}: {span} at the floor rate (\"auto\" ends the "
+                     "schedule with the run)")
+    lr = ((ds_config.get("optimizer") or {}).get("params") or {}).get("lr")
+    if (name != "WarmupCosineLR" and "warmup_max_lr" not in params and _number(lr)
+            and lr != DEEPSPEED_WARMUP_MAX_LR):
+        notes.append(f"warning: {source}: scheduler {name} takes its peak rate from "
+                     f"warmup_max_lr, not optimizer.params.lr ({lr}), and none is given: the "
+                     f"run peaks at DeepSpeed's default {DEEPSPEED_WARMUP_MAX_LR}; set "
+                     "scheduler.params.warmup_max_lr")
+    return notes
+
+
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 ABSENT = object()
