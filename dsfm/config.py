@@ -88,9 +88,10 @@ class TrainConfig(_Strict):
                                 "baseline the run improves on")
     resume_schedule: Literal["check", "saved", "new"] = Field(
         "check", description="--resume when the learning-rate schedule resolves differently "
-        "from the checkpoint's (\"auto\" steps follow max_steps), or the checkpoint ran "
-        "DeepSpeed's own warmup scheduler (dsfm.runtime.warmup): check refuses, saved "
-        "continues on the checkpoint's schedule, new switches to this run's")
+        "from the checkpoint's (\"auto\" steps follow max_steps), the optimizer's params "
+        "differ (lr, betas, weight_decay, ...), or the checkpoint ran DeepSpeed's own warmup "
+        "scheduler (dsfm.runtime.warmup): check refuses, saved continues on the checkpoint's "
+        "settings, new switches to this run's")
     init_from: Optional[str] = Field(None, description="pretrained weights to fine-tune: an "
                                      "exported .pt file or a run directory")
     freeze: Literal["none", "middle", "processor"] = Field(

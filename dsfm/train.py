@@ -105,6 +105,7 @@ class Checked:
     eval_plan: dict[str, int] | None = None     # eval.plan_eval's, when the data was there
     train_split: list | None = None  # the train split as indexed, for the loader to reuse
     lr_schedule: int = schedule.LR_SCHEDULE     # how DeepSpeed's warmup schedulers run
+    optimizer_params: dict | None = None        # set on the loaded optimizer (resume, "new")
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
@@ -137,7 +138,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         note = numerics_note(pretrained.get("model_numerics"),
                              f"train.init_from {cfg.train.init_from}")
         notes += [note] if note else []
-    n_fields = vocab = plan = indexed = sampler = None
+    n_fields = vocab = plan = indexed = sampler = optimizer_params = None
     lr_schedule = schedule.LR_SCHEDULE
     if paths is not None:
         micro = schedule.micro_batch(ds_config)
@@ -161,6 +162,10 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             lr_schedule, note = schedule.warmup_on_resume(meta.get("lr_schedule", 1), ds_config,
                                                           cfg.train.resume_schedule, tag_dir)
             notes += [note] if note else []
+            ds_config, note, optimizer_params = schedule.optimizer_on_resume(
+                meta.get("optimizer", schedule.ABSENT), ds_config, cfg.train.resume_schedule,
+                tag_dir)
+            notes += [note] if note else []
             note = checkpoint.check_batch(meta, tag_dir, schedule.micro_batch(ds_config),
                                           schedule.accumulation(ds_config, world_size),
                                           world_size)
@@ -180,7 +185,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             os.makedirs(args.run_dir, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"run directory {args.run_dir}: {exc.strerror or exc}") from None
-    return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule)
+    return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule, optimizer_params)
 
 
 def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
@@ -373,8 +378,8 @@ def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: s
     fix = "the run diverged; lower the learning rate (ds_config optimizer.params.lr)"
     if saved_at:
         fix += (f" and resume from the checkpoint of step {saved_at} "
-                f"({checkpoint.checkpoint_dir(run_dir)}; train.resume_schedule=new for a new "
-                "schedule)")
+                f"({checkpoint.checkpoint_dir(run_dir)}) with train.resume_schedule=new, which "
+                "takes the new rate")
     elif first_step == 0:
         fix += " and start again (no checkpoint was written)"
     return f"{head}: {fix}"
@@ -546,6 +551,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
+                        "optimizer": ds_config.get("optimizer"),
                         "lr_schedule": checked.lr_schedule,
                         "model_numerics": NUMERICS, "freeze": cfg.train.freeze,
                         "batch": {"micro": micro, "accumulation": accum},
@@ -563,6 +569,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 log.text(f"--resume: no checkpoint in {run_dir}; starting from step 0")
             else:
                 client, rank_state = resumed
+                if checked.optimizer_params is not None:      # train.resume_schedule=new
+                    checkpoint.set_optimizer_params(engine, checked.optimizer_params,
+                                                    lr=not ds_config.get("scheduler"))
                 loader.load_state_dict(rank_state["loader"])
                 if "loss_window" in rank_state:
                     loss_sum.copy_(rank_state["loss_window"][0])

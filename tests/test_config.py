@@ -241,6 +241,36 @@ def test_a_resumed_schedule_is_checked_kept_or_switched():
             schedule.on_resume(short["scheduler"], none, policy, "ckpt", 200)
 
 
+def test_resumed_optimizer_params_are_checked_kept_or_switched():
+    """DeepSpeed's load restores the saved param groups: a config that changed betas, eps or
+    weight_decay on --resume trained on with the saved ones, without a word."""
+    saved = {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.999],
+                                         "weight_decay": 1e-3}}
+    ours = {"train_micro_batch_size_per_gpu": 4, "scheduler": {"type": "WarmupCosineLR"},
+            "optimizer": {"type": "AdamW", "params": {"lr": 1e-4, "betas": [0.9, 0.95],
+                                                      "weight_decay": 1e-3}}}
+    assert schedule.optimizer_on_resume(saved, {**ours, "optimizer": saved}, "check", "ckpt")[
+        1:] == (None, None)
+    assert schedule.optimizer_on_resume(schedule.ABSENT, ours, "check", "ckpt") == (
+        ours, None, None)                          # a checkpoint too old to say
+    with pytest.raises(ConfigError, match=r"^--resume: ckpt was trained with other optimizer "
+                       r"params than this run's DeepSpeed config sets \(betas \[0.9, 0.999\] "
+                       r"-> \[0.9, 0.95\], lr 0.0003 -> 0.0001\), and DeepSpeed's load restores "
+                       "the saved ones; set train.resume_schedule=new"):
+        schedule.optimizer_on_resume(saved, ours, "check", "ckpt")
+    kept, note, apply = schedule.optimizer_on_resume(saved, ours, "saved", "ckpt")
+    assert kept["optimizer"] == saved and ours["optimizer"] != saved and apply is None
+    assert "checkpoint's optimizer params" in note
+    new, note, apply = schedule.optimizer_on_resume(saved, ours, "new", "ckpt")
+    assert new is ours and apply == ours["optimizer"]["params"]
+    assert note.startswith("warning:") and "the lr follows the scheduler" in note
+    for policy in ("check", "saved", "new"):           # another optimizer's state: refused
+        with pytest.raises(ConfigError, match="trained with optimizer AdamW, this run's "
+                                              "DeepSpeed config sets SGD"):
+            schedule.optimizer_on_resume(saved, {**ours, "optimizer": {"type": "SGD"}}, policy,
+                                         "ckpt")
+
+
 def test_a_checkpoint_of_deepspeeds_own_warmup_is_refused_kept_or_switched():
     """Checkpoints written before dsfm ran DeepSpeed's warmup schedulers as its own (no
     "lr_schedule" in their metadata: 1) hold the same position, which dsfm's classes read as a

@@ -925,6 +925,45 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
     assert lr[7] == lr[6] and lr[8] > lr[6]
 
 
+def _saved_param_groups(tag_dir) -> list[dict]:
+    """The optimizer's param groups as a ZeRO-2 checkpoint of one rank holds them."""
+    path = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
+    state = torch.load(path, weights_only=False)["optimizer_state_dict"]
+    return state["base_optimizer_state"]["param_groups"]
+
+
+def test_resumed_optimizer_params_are_refused_or_taken_not_ignored(demo_base, tmp_path):
+    """A run resumed with other betas and weight_decay in its DeepSpeed config trained on with
+    the checkpoint's (DeepSpeed's load restores the saved param groups), and its
+    ds_config.json said otherwise; without a scheduler it kept the saved lr as well. Now the
+    change is refused in one line before the process group, or taken from the first resumed
+    step with train.resume_schedule=new."""
+    run_dir = tmp_path / "r"
+    ds = tmp_path / "ds.json"
+    base = {**DS, "train_micro_batch_size_per_gpu": 4, "zero_optimization": {"stage": 2}}
+    base.pop("scheduler")
+    ds.write_text(json.dumps(base))
+    train(str(ds), run_dir, ["train.max_steps=2"], data=demo_base)
+    changed = {"lr": 1e-3, "betas": [0.5, 0.6], "eps": 1e-8, "weight_decay": 0.25}
+    ds.write_text(json.dumps({**base, "optimizer": {"type": "AdamW", "params": changed}}))
+    proc = run(train_cmd(str(ds), run_dir, [f"data.base={demo_base}", "train.max_steps=3"])
+               + ["--resume"])
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert proc.stderr.strip() == (
+        f"error: --resume: {run_dir / 'checkpoints' / 'step00000002'} was trained with other "
+        "optimizer params than this run's DeepSpeed config sets (betas [0.9, 0.999] -> [0.5, "
+        "0.6], lr 0.005 -> 0.001, weight_decay 0.001 -> 0.25), and DeepSpeed's load restores "
+        "the saved ones; set train.resume_schedule=new to switch to these, or "
+        "train.resume_schedule=saved to keep the checkpoint's")
+    train(str(ds), run_dir, ["train.max_steps=3", "train.resume_schedule=new"], resume=True,
+          data=demo_base)
+    (group,) = _saved_param_groups(run_dir / "checkpoints" / "step00000003")
+    assert (group["lr"], group["betas"], group["weight_decay"]) == (1e-3, (0.5, 0.6), 0.25)
+    assert logged(run_dir, "train/lr")[3] == 1e-3
+    assert "warning: the optimizer's params change on resume" in \
+        (run_dir / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_a_checkpoint_of_deepspeeds_own_warmup_resumes_only_as_told(demo_base, tmp_path):
     """A checkpoint written while dsfm ran DeepSpeed's own warmup schedulers (steps 1 and 2 at

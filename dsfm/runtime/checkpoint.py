@@ -88,7 +88,8 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         td.barrier()
     if rank == 0:
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "lr_schedule", "freeze", "batch", "sampler")
+                                             "lr_schedule", "optimizer", "freeze", "batch",
+                                             "sampler")
                 if k in client_state}
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
@@ -396,6 +397,24 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
             f"{first_line(exc) or 'no detail'}); {_fallback(tag_dir)}") from None
     set_rng_state(rank_state.pop("rng"))
     return client, rank_state
+
+
+def _inner_optimizer(engine) -> torch.optim.Optimizer:
+    """The torch optimizer under DeepSpeed's wrappers (ZeRO's holds it as `.optimizer`)."""
+    opt = engine.optimizer
+    while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
+        opt = opt.optimizer
+    return opt
+
+
+def set_optimizer_params(engine, params: dict, lr: bool) -> None:
+    """Set the config's optimizer `params` on the loaded param groups (those the groups hold;
+    the lr only if `lr`): DeepSpeed's load restores them as saved (`schedule.optimizer_on_resume`,
+    train.resume_schedule=new)."""
+    for group in _inner_optimizer(engine).param_groups:
+        for key, value in params.items():
+            if key in group and (key != "lr" or lr):
+                group[key] = tuple(value) if isinstance(group[key], tuple) else value
 
 
 def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:

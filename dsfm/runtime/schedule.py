@@ -150,6 +150,44 @@ def on_resume(saved, ds_config: dict, policy: str, source: str,
                       "saved schedule or train.resume_schedule=new to switch to this one")
 
 
+def optimizer_on_resume(saved, ds_config: dict, policy: str,
+                        source: str) -> tuple[dict, str | None, dict | None]:
+    """The DeepSpeed config to resume with, a note for the log, and the optimizer params to
+    set on the loaded optimizer (None: none). DeepSpeed's load restores the optimizer's
+    param groups as saved, so a resumed run whose config changed the optimizer's params kept
+    the saved betas, eps and weight_decay without a word, and its lr: for good without a
+    scheduler, for one step under dsfm's warmup schedulers (which scale the new one after).
+    `saved` is the checkpoint's optimizer section (`ABSENT`: a checkpoint too old to say);
+    `policy` (train.resume_schedule): "check" refuses a change, "saved" resumes with the
+    checkpoint's params, "new" with this run's (set on the loaded param groups; the lr only
+    without a scheduler, which otherwise sets it from the second resumed step). Another
+    optimizer type is refused whatever the policy: the saved state is that optimizer's."""
+    ours = ds_config.get("optimizer")
+    if saved is ABSENT or saved == ours:
+        return ds_config, None, None
+    if str(saved.get("type", "")).lower() != str(ours.get("type", "")).lower():
+        raise ConfigError(f"--resume: {source} was trained with optimizer {saved.get('type')}, "
+                          f"this run's DeepSpeed config sets {ours.get('type')}; the saved "
+                          "optimizer state is the former's: resume with it, or start a new run "
+                          "from its weights with train.init_from")
+    before, now = saved.get("params") or {}, ours.get("params") or {}
+    changed = ", ".join(f"{k} {before.get(k, 'unset')} -> {now.get(k, 'unset')}"
+                        for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+    if policy == "saved":
+        cfg = copy.deepcopy(ds_config)
+        cfg["optimizer"] = copy.deepcopy(saved)
+        return cfg, f"resuming with the checkpoint's optimizer params ({changed} not taken)", None
+    if policy == "new":
+        how = ("the lr follows the scheduler from the second resumed step"
+               if ds_config.get("scheduler") else "from the first resumed step")
+        return ds_config, (f"warning: the optimizer's params change on resume: {changed} "
+                           f"({how})"), now
+    raise ConfigError(f"--resume: {source} was trained with other optimizer params than this "
+                      f"run's DeepSpeed config sets ({changed}), and DeepSpeed's load restores "
+                      "the saved ones; set train.resume_schedule=new to switch to these, or "
+                      "train.resume_schedule=saved to keep the checkpoint's")
+
+
 def warmup_on_resume(saved: int, ds_config: dict, policy: str,
                      source: str) -> tuple[int, str | None]:
     """The `LR_SCHEDULE` to resume with, and a note for the log. A checkpoint written on
