@@ -965,6 +965,24 @@ def test_resumed_optimizer_params_are_refused_or_taken_not_ignored(demo_base, tm
 
 
 @pytest.mark.slow
+def test_a_zero3_checkpoint_resumes_with_the_optimizer_offloaded(demo_base, tmp_path):
+    """docs/training.md: zero3.json and zero3_offload.json resume each other's checkpoints.
+    Without a GPU the first runs torch's AdamW, whose param groups have no bias_correction,
+    and DeepSpeedCPUAdam, offloaded, stopped the first resumed step with KeyError
+    'bias_correction'. (Slow: DeepSpeed compiles its CPU Adam op on first use.)"""
+    ds = ds_config(tmp_path, 3, micro=4)
+    offloaded = tmp_path / "offload.json"
+    offloaded.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                                     "zero_optimization": {"stage": 3, "offload_optimizer":
+                                                           {"device": "cpu"}}}))
+    train(ds, tmp_path / "a", ["train.max_steps=2"], data=demo_base)
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train(ds, tmp_path / "a", ["train.max_steps=3"], resume=True, data=demo_base)
+    train(str(offloaded), tmp_path / "b", ["train.max_steps=3"], resume=True, data=demo_base)
+    assert losses(tmp_path / "b")[3] == pytest.approx(losses(tmp_path / "a")[3], rel=1e-5)
+
+
+@pytest.mark.slow
 def test_a_checkpoint_of_deepspeeds_own_warmup_resumes_only_as_told(demo_base, tmp_path):
     """A checkpoint written while dsfm ran DeepSpeed's own warmup schedulers (steps 1 and 2 at
     the warmup's starting rate; its metadata has no lr_schedule) holds a position that dsfm's

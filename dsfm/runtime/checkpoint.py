@@ -396,6 +396,7 @@ def load_latest(engine, run_dir: str, vocabulary: dict | None = None,
             f"{tag_dir}: unreadable on rank {rank} ({type(exc).__name__}: "
             f"{first_line(exc) or 'no detail'}); {_fallback(tag_dir)}") from None
     set_rng_state(rank_state.pop("rng"))
+    fill_param_groups(engine)
     return client, rank_state
 
 
@@ -405,6 +406,18 @@ def _inner_optimizer(engine) -> torch.optim.Optimizer:
     while isinstance(getattr(opt, "optimizer", None), torch.optim.Optimizer):
         opt = opt.optimizer
     return opt
+
+
+def fill_param_groups(engine) -> None:
+    """Give each loaded param group the hyperparameters it lacks from this optimizer's
+    defaults: DeepSpeed's load puts back the param groups as saved, so a checkpoint of another
+    Adam implementation (torch's AdamW, which dsfm runs without a GPU, resumed with the
+    optimizer offloaded: DeepSpeedCPUAdam) stopped the first step with a KeyError
+    ('bias_correction')."""
+    opt = _inner_optimizer(engine)
+    for group in opt.param_groups:
+        for key, value in opt.defaults.items():
+            group.setdefault(key, value)
 
 
 def set_optimizer_params(engine, params: dict, lr: bool) -> None:
