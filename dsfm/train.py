@@ -20,6 +20,7 @@ import os
 import re
 import signal
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 
@@ -185,6 +186,14 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             os.makedirs(args.run_dir, exist_ok=True)
         except OSError as exc:
             raise ConfigError(f"run directory {args.run_dir}: {exc.strerror or exc}") from None
+        try:
+            # one that exists but cannot be written was found by rank 0's logger only, after
+            # the process group, while the other ranks went on to wait for it
+            with tempfile.TemporaryFile(dir=args.run_dir):
+                pass
+        except OSError as exc:
+            raise ConfigError(f"run directory {args.run_dir}: cannot write in it "
+                              f"({exc.strerror or exc})") from None
     return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule, optimizer_params)
 
 

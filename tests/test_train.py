@@ -1210,6 +1210,23 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_run_directory_that_exists_but_cannot_be_written_is_one_line(tmp_path):
+    """It passed the checks (os.makedirs takes an existing directory) and stopped rank 0 in its
+    logger after the process group, exit code 1, while the other ranks went on."""
+    if os.geteuid() != 0:
+        blocked = tmp_path / "read-only"
+        blocked.mkdir()
+        blocked.chmod(0o555)
+    elif os.path.isdir("/sys/kernel"):
+        blocked = "/sys/kernel"                   # sysfs: not even root creates files there
+    else:
+        pytest.skip("root, and no /sys/kernel to stand for a directory it cannot write")
+    proc = run(train_cmd("ds_configs/zero2.json", blocked, ["train.max_steps=1"]))
+    assert proc.returncode == 2, proc.stderr[-2000:]             # before the process group
+    assert proc.stderr.strip() == (f"error: run directory {blocked}: cannot write in it "
+                                   "(Permission denied)")
+
+
 def test_a_new_run_in_a_directory_with_checkpoints_is_refused(demo_base, tmp_path):
     """Without --resume, a run directory that holds checkpoints is refused before the process
     group: a new run there would write checkpoints older than the old run's, which pruning
