@@ -581,6 +581,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if checked.optimizer_params is not None:      # train.resume_schedule=new
                     checkpoint.set_optimizer_params(engine, checked.optimizer_params,
                                                     lr=not ds_config.get("scheduler"))
+                checkpoint.restart_schedule(engine)
                 loader.load_state_dict(rank_state["loader"])
                 if "loss_window" in rank_state:
                     loss_sum.copy_(rank_state["loss_window"][0])

@@ -920,9 +920,12 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
                          "train.resume_schedule=new"], resume=True, data=demo_base)
     assert "warning: the learning-rate schedule changes on resume" in proc.stdout
     lr = logged(r, "train/lr")
-    # the new schedule's rate, from the second step: the first uses the rate the optimizer's
-    # state was saved with (DeepSpeed's scheduler sets it after each step)
-    assert lr[7] == lr[6] and lr[8] > lr[6]
+    # the new schedule's rate from the first resumed step: 8 steps, 1 of warmup, cosine to
+    # 0.1 of the peak at step 9 (before, step 7 took the rate saved with the optimizer's
+    # state, the old schedule's floor)
+    peak = DS["optimizer"]["params"]["lr"]
+    assert [lr[7], lr[8]] == pytest.approx(
+        [peak * (0.1 + 0.9 * (1 + math.cos(math.pi * (n - 1) / 8)) / 2) for n in (7, 8)])
 
 
 def _saved_param_groups(tag_dir) -> list[dict]:

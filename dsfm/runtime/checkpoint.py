@@ -430,6 +430,21 @@ def set_optimizer_params(engine, params: dict, lr: bool) -> None:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
 
 
+def restart_schedule(engine) -> None:
+    """Give the next step the rate of this run's schedule at the restored position. DeepSpeed's
+    load restores the param groups' lr as saved, and its scheduler sets the next rate only
+    after a step, so a run resumed on a changed schedule or optimizer lr
+    (train.resume_schedule=new) made its first step at the saved rate. DeepSpeed's schedulers
+    (dsfm's warmup classes among them) take their position as an argument; torch's are left
+    as they are. An unchanged schedule gives the saved rate again."""
+    from deepspeed.runtime import lr_schedules
+
+    sched = engine.lr_scheduler
+    if isinstance(sched, (lr_schedules.WarmupLR, lr_schedules.WarmupCosineLR,
+                          lr_schedules.OneCycle, lr_schedules.LRRangeTest)):
+        sched.step(sched.last_batch_iteration)
+
+
 def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
     """A consolidated fp32 state dict (from ZeRO-1, 2 or 3 partitions of any world size, or a
     checkpoint without ZeRO) with the model shape and field vocabulary beside it, in memory:

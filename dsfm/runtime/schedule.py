@@ -160,7 +160,7 @@ def optimizer_on_resume(saved, ds_config: dict, policy: str,
     `saved` is the checkpoint's optimizer section (`ABSENT`: a checkpoint too old to say);
     `policy` (train.resume_schedule): "check" refuses a change, "saved" resumes with the
     checkpoint's params, "new" with this run's (set on the loaded param groups; the lr only
-    without a scheduler, which otherwise sets it from the second resumed step). Another
+    without a scheduler, which otherwise sets it: checkpoint.restart_schedule). Another
     optimizer type is refused whatever the policy: the saved state is that optimizer's."""
     ours = ds_config.get("optimizer")
     if saved is ABSENT or saved == ours:
@@ -178,7 +178,7 @@ def optimizer_on_resume(saved, ds_config: dict, policy: str,
         cfg["optimizer"] = copy.deepcopy(saved)
         return cfg, f"resuming with the checkpoint's optimizer params ({changed} not taken)", None
     if policy == "new":
-        how = ("the lr follows the scheduler from the second resumed step"
+        how = ("from the first resumed step, the lr through the scheduler"
                if ds_config.get("scheduler") else "from the first resumed step")
         return ds_config, (f"warning: the optimizer's params change on resume: {changed} "
                            f"({how})"), now
@@ -209,8 +209,7 @@ def warmup_on_resume(saved: int, ds_config: dict, policy: str,
     if policy == "new":
         return LR_SCHEDULE, (f"warning: {what}; resuming on dsfm's, where step n of the run "
                              "takes the warmup's rate at n: the rate moves ahead by up to two "
-                             "steps of the schedule (from the second resumed step: the first "
-                             "uses the rate saved with the optimizer's state)")
+                             "steps of the schedule")
     raise ConfigError(f"--resume: {what}; dsfm now gives step n the warmup's rate at n, so "
                       "resuming would move the rate ahead by up to two steps of the schedule. "
                       "Set train.resume_schedule=saved to finish the run on DeepSpeed's "
