@@ -188,7 +188,10 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
         plan = plan_eval(paths, n_steps_input=n_steps_input, rollout_steps=rollout_steps,
                          batch_size=batch_size, batches=batches, world_size=world_size,
                          dt_stride=dt_stride)
-    was_training = engine.training
+    # a DeepSpeed engine's own `training` stays True: its train()/eval() set its module's only,
+    # so reading the engine's put a model the caller had in evaluation mode back in training
+    model = getattr(engine, "module", engine)
+    was_training = model.training
     engine.eval()
     results = {}
     try:
@@ -216,8 +219,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())
                 results[name] = sums.summary()
     finally:
-        if was_training:
-            engine.train()
+        engine.train(was_training)
     return results
 
 

@@ -1,5 +1,6 @@
 """Loss and metrics on fields with known answers."""
 
+import json
 import math
 
 import pytest
@@ -260,3 +261,24 @@ def test_metric_sums_stay_on_the_gpu_without_a_sync():
     host.add(pred.cpu(), target.cpu())
     host.add(pred.cpu(), target.cpu())
     assert torch.allclose(sums.packed().cpu(), host.packed(), rtol=1e-12)
+
+
+def test_evaluate_runs_a_zero3_engine_without_drop_path_and_restores_its_mode(demo_base):
+    """A real single-rank ZeRO-3 engine (tests/eval_mode_probe.py) whose model has drop path
+    0.5: two evaluations give the same numbers (drop path off, full parameters gathered), the
+    model trains after them with drop path on again, and a model the caller put in evaluation
+    mode stays there. The engine's own `training` flag, which DeepSpeed never changes, was read
+    before: evaluate() put such a model back in training mode."""
+    import os
+    import sys
+
+    from tests.conftest import run
+    from tests.runtime.test_dist import _clean_env
+
+    proc = run([sys.executable, "tests/eval_mode_probe.py", os.path.join(demo_base, "euler_2d")],
+               env=_clean_env(), timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("EVALMODE ")]
+    assert line, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert json.loads(line[0].split(" ", 1)[1]) == {
+        "same": True, "trains_after": True, "drop_path_after": True, "eval_mode_kept": True}
