@@ -118,9 +118,10 @@ class MetricSums:
         self.vrmse = flat[k:2 * k].reshape(self.vrmse.shape).clone()
         self.count = int(flat[-1].item())
 
-    def summary(self) -> dict:
+    def summary(self, split_windows: int | None = None) -> dict:
         """Per field: NRMSE and VRMSE one step ahead and averaged over the rollout, means over
-        the `windows` evaluated (each window counts once, whatever the batches and ranks)."""
+        the `windows` evaluated (each window counts once, whatever the batches and ranks), and
+        `split_windows`, if given: how many the split held, of which those were taken."""
         c = max(self.count, 1)
         out = {}
         for i, name in enumerate(self.fields):
@@ -129,6 +130,8 @@ class MetricSums:
                          f"nrmse_rollout{self.steps}": float(n.mean()),
                          f"vrmse_rollout{self.steps}": float(v.mean()),
                          "vrmse_per_step": [float(a) for a in v], "windows": self.count}
+            if split_windows is not None:
+                out[name]["split_windows"] = split_windows
         return out
 
 
@@ -178,9 +181,10 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
     all-reduced, so the result covers up to batches × batch_size × world windows, each once.
     Only windows with room for the whole rollout are eligible, the one-step metrics included.
     Each field's numbers are means over the windows evaluated (`windows` in the result), each
-    window counting once. `engine`: the DeepSpeed engine, or a bare model. `plan`: what
-    `plan_eval` returned for these arguments (it reads every valid file's metadata), if the
-    caller has it."""
+    window counting once, of the `split_windows` eligible in the split (before, the result did
+    not say how many an `eval_batches` limit or the split's remainder left out). `engine`: the
+    DeepSpeed engine, or a bare model. `plan`: what `plan_eval` returned for these arguments
+    (it reads every valid file's metadata), if the caller has it."""
     from dsfm.data.prefetch import WellLoader
     from dsfm.runtime.engine import all_reduce_
 
@@ -217,7 +221,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 loader.check_last()        # on a GPU the last batch's NaN check is deferred
                 dev = next(engine.parameters()).device     # an engine's: its model's
                 sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())
-                results[name] = sums.summary()
+                results[name] = sums.summary(len(loader.datasets[0].source))
     finally:
         engine.train(was_training)
     return results

@@ -547,7 +547,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if short:
                 log.text(f"evaluation: train.eval_batches={cfg.train.eval_batches}, but the "
                          "valid split holds fewer micro-batches per rank of " + ", ".join(short)
-                         + " (each window is evaluated once)")
+                         + " (one pass, each window once; the eval JSON gives the windows "
+                         "evaluated and the split_windows held)")
         affine = (loader.affine if cfg.train.loss_units == "physical" and data.normalization
                   else lambda name: (None, None))
         engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False,

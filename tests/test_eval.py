@@ -188,14 +188,15 @@ def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
     """evaluate() on the demo's valid split against a hand-written rollout scored by The Well's
     own NRMSE and VRMSE on the raw (never normalized) targets of the same windows: per window
     and field, averaged over windows, each counting once; the same windows in batches of 2 or
-    3 give the same numbers, and the result says how many windows it averages."""
+    3 give the same numbers, and the result says how many windows it averages, and of how many
+    the split holds (it did not say the latter)."""
     import os
     from types import SimpleNamespace
 
     from the_well.benchmark.metrics.spatial import NRMSE, VRMSE
 
     from dsfm.data.fields import FieldVocabulary
-    from dsfm.data.prefetch import WellLoader
+    from dsfm.data.prefetch import WellLoader, index_dataset
     from dsfm.eval import evaluate
     from dsfm.models.avit import AViT, AViTConfig
 
@@ -232,10 +233,12 @@ def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
     well_n = NRMSE()(pw, rw, meta).mean(0)                       # [k, C]
     well_v = VRMSE()(pw, rw, meta).mean(0) * math.sqrt(n_pts / (n_pts - 1))   # var over N
     assert list(by2[name]) == channels
+    split = len(index_dataset(path, "valid", 4, k).source)
+    assert split > 6
     for c, field in enumerate(channels):
         for res in (by2, by3):
             m = res[name][field]
-            assert m["windows"] == 6
+            assert m["windows"] == 6 and m["split_windows"] == split   # 6 of them evaluated
             assert m["nrmse_1step"] == pytest.approx(well_n[0, c].item(), rel=1e-5)
             assert m["vrmse_1step"] == pytest.approx(well_v[0, c].item(), rel=1e-5)
             assert m[f"nrmse_rollout{k}"] == pytest.approx(well_n[:, c].mean().item(), rel=1e-5)
