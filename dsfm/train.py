@@ -561,7 +561,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
-                        "optimizer": ds_config.get("optimizer"),
+                        # not "optimizer": without ZeRO, DeepSpeed keeps the optimizer's state
+                        # under that key in the file the client state goes to
+                        "optimizer_config": ds_config.get("optimizer"),
                         "lr_schedule": checked.lr_schedule,
                         "model_numerics": NUMERICS, "freeze": cfg.train.freeze,
                         "batch": {"micro": micro, "accumulation": accum},

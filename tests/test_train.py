@@ -1436,6 +1436,19 @@ def test_a_run_without_zero_exports_and_fine_tunes(demo_base, tmp_path):
             == json.loads((pre / "eval_step00000002.json").read_text()))
 
 
+def test_a_run_without_zero_resumes_to_the_losses_of_a_run_that_never_stopped(demo_base,
+                                                                             tmp_path):
+    """Without ZeRO (stage 0) DeepSpeed keeps the optimizer's state in the model-states file
+    under the key "optimizer", where the client state's optimizer config (of the same name)
+    replaced it: --resume stopped with KeyError 'param_groups'."""
+    ds = ds_config(tmp_path, 0)
+    sets = ["train.checkpoint_every=2"]
+    train(ds, tmp_path / "full", ["train.max_steps=3"] + sets, data=demo_base)
+    train(ds, tmp_path / "half", ["train.max_steps=2"] + sets, data=demo_base)
+    train(ds, tmp_path / "half", ["train.max_steps=3"] + sets, resume=True, data=demo_base)
+    assert losses(tmp_path / "half") == losses(tmp_path / "full")
+
+
 def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tmp_path):
     from dsfm.errors import CheckpointError
     from dsfm.runtime.checkpoint import consolidate

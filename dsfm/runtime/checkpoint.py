@@ -88,9 +88,10 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         td.barrier()
     if rank == 0:
         meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "lr_schedule", "optimizer", "freeze", "batch",
-                                             "sampler")
+                                             "lr_schedule", "freeze", "batch", "sampler")
                 if k in client_state}
+        if "optimizer_config" in client_state:
+            meta["optimizer"] = client_state["optimizer_config"]
         meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
         meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
         with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
