@@ -1461,6 +1461,41 @@ def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tm
     assert export([str(run_dir), "--tag", older, "--out", str(tmp_path / "m.pt")]) == 0
 
 
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_older_one_stays(demo_base,
+                                                                                 tmp_path):
+    """A save that fails part-way (here a file-size limit, as a full disk or quota would):
+    the run stopped with torch's traceback ending in "unexpected pos ... vs ...", which says
+    nothing of space. Now one line names the checkpoint, the space left and the complete
+    checkpoint a resume takes, which pruning left in place."""
+    import resource
+
+    from dsfm.runtime.checkpoint import checkpoint_dir, tags
+    ds = ds_config(tmp_path, 3, micro=4)
+    run_dir = tmp_path / "r"
+    sets = ["model.dim=192", "train.checkpoint_every=1", "train.keep_checkpoints=1"]
+    os.makedirs(run_dir / "checkpoints" / "best")        # the user's own: never pruned
+    train(ds, run_dir, sets + ["train.max_steps=2"], data=demo_base)
+    ckpt = checkpoint_dir(str(run_dir))
+    assert tags(ckpt) == ["step00000002"] and os.path.isdir(os.path.join(ckpt, "best"))
+    # ~12 MB of optimizer state per checkpoint; the loader's shared-memory ring fits under 3 MB
+    assert os.path.getsize(os.path.join(ckpt, "step00000002",
+                                        "zero_pp_rank_0_mp_rank_00_optim_states.pt")) > 6e6
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (3_000_000, 3_000_000))
+    proc = run(train_cmd(ds, run_dir, [f"data.base={demo_base}", "train.max_steps=4"] + sets)
+               + ["--resume"], preexec_fn=limit)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert errors[0].startswith(f"error (rank 0): checkpoint {ckpt}/step00000003: writing it "
+                                "failed on rank 0 ("), errors[0]
+    assert "MiB free there" in errors[0]
+    assert errors[0].endswith("--resume continues from step00000002, which is kept")
+    assert "Traceback" not in proc.stderr
+    assert tags(ckpt) == ["step00000002"] and os.path.isdir(os.path.join(ckpt, "best"))
+
+
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
     """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
     skips every update: the run used to go on to the end and exit 0 having learnt nothing."""

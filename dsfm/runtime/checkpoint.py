@@ -80,24 +80,34 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
                 pass
     if td.is_initialized():
         td.barrier()
-    engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
-    path = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
-    torch.save({**rank_state, "rng": rng_state()}, path + ".tmp")
-    os.replace(path + ".tmp", path)
-    if td.is_initialized():
-        td.barrier()
+    try:
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+        path = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
+        torch.save({**rank_state, "rng": rng_state()}, path + ".tmp")
+        os.replace(path + ".tmp", path)
+        if td.is_initialized():
+            td.barrier()
+        if rank == 0:
+            meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary",
+                                                 "scheduler", "lr_schedule", "freeze", "batch",
+                                                 "sampler")
+                    if k in client_state}
+            if "optimizer_config" in client_state:
+                meta["optimizer"] = client_state["optimizer_config"]
+            meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
+            meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
+            with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
+                json.dump(meta, fh, indent=1)
+            with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
+                fh.write(f"{step}\n")
+    except (OSError, RuntimeError) as exc:
+        # a disk or quota full, a file too large: the run stopped with torch's or DeepSpeed's
+        # traceback, which for torch's writer says "unexpected pos 2112 vs 2004" and nothing
+        # of space; not a peer lost in a barrier, whose report main gives
+        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in WRITE_FAILED):
+            raise
+        raise CheckpointError(save_failed(os.path.join(ckpt_dir, tag), rank, exc)) from None
     if rank == 0:
-        meta = {k: client_state[k] for k in ("step", "model_config", "vocabulary", "scheduler",
-                                             "lr_schedule", "freeze", "batch", "sampler")
-                if k in client_state}
-        if "optimizer_config" in client_state:
-            meta["optimizer"] = client_state["optimizer_config"]
-        meta["world_size"] = td.get_world_size() if td.is_initialized() else 1
-        meta["files"] = file_sizes(os.path.join(ckpt_dir, tag))
-        with open(os.path.join(ckpt_dir, tag, META), "w") as fh:
-            json.dump(meta, fh, indent=1)
-        with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
-            fh.write(f"{step}\n")
         # the newest `keep` complete checkpoints stay; so do unfinished ones newer than this
         # (none, unless another job writes here); unfinished older ones were cut off by a kill
         # and nothing will ever load them
@@ -108,6 +118,25 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     return os.path.join(ckpt_dir, tag)
+
+
+#: what torch's writer says when a file cannot be written whole (disk or quota full)
+WRITE_FAILED = ("PytorchStreamWriter", "inline_container", "file write failed")
+
+
+def save_failed(tag_dir: str, rank: int, exc: BaseException) -> str:
+    """Why a checkpoint could not be written, the space left, and which one a resume takes."""
+    ckpt_dir, tag = os.path.split(tag_dir)
+    try:
+        free = f"{shutil.disk_usage(ckpt_dir).free / 2**20:,.1f} MiB free there"
+    except OSError:
+        free = "free space unknown"
+    older = [t for t in tags(ckpt_dir) if t < tag]
+    kept = (f"--resume continues from {older[-1]}, which is kept" if older else
+            "no complete checkpoint before it")
+    return (f"checkpoint {tag_dir}: writing it failed on rank {rank} ({type(exc).__name__}: "
+            f"{first_line(exc) or 'no detail'}); {free}: free space (or raise the quota or "
+            f"file-size limit) and resume; {kept}")
 
 
 def file_sizes(tag_dir: str) -> dict[str, int]:
