@@ -1496,6 +1496,24 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_older_one_stays
     assert tags(ckpt) == ["step00000002"] and os.path.isdir(os.path.join(ckpt, "best"))
 
 
+def test_export_to_a_directory_is_one_line_and_says_which_tag_it_wrote(demo_base, tmp_path,
+                                                                        capsys):
+    """--out naming a directory died in os.replace with an IsADirectoryError traceback, after
+    the whole consolidation; the export of a run whose newest checkpoint is unfinished takes
+    the newest complete one, and now says which."""
+    from dsfm.runtime.export import main as export
+    _, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path)
+    assert export([str(run_dir), "--out", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"error: --out {tmp_path} is a directory; give a file name, e.g. "
+                   f"{tmp_path / 'model_fp32.pt'}\n")
+    os.remove(os.path.join(newest, "COMPLETE"))          # a save cut off by a kill
+    out = tmp_path / "m.pt"
+    assert export([str(run_dir), "--out", str(out)]) == 0
+    assert capsys.readouterr().out.endswith(f"wrote {out} ({older})\n")
+    assert torch.load(out, weights_only=False)["source"].endswith(older)
+
+
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
     """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
     skips every update: the run used to go on to the end and exit 0 having learnt nothing."""

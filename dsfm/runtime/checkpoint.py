@@ -507,17 +507,27 @@ def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
 
 
 def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
-    """`consolidate` written to `out` (whole or not at all: a temporary file renamed)."""
+    """`consolidate` written to `out` (whole or not at all: a temporary file renamed); the
+    tag exported. An `out` that is a directory, or that cannot be written, is a one-line
+    ConfigError (it was an IsADirectoryError traceback after the whole consolidation)."""
+    if os.path.isdir(out):
+        raise ConfigError(f"--out {out} is a directory; give a file name, e.g. "
+                          f"{os.path.join(out, 'model_fp32.pt')}")
     payload = consolidate(run_dir_or_ckpt, tag)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         torch.save(payload, tmp)
         os.replace(tmp, out)
+    except (OSError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in WRITE_FAILED):
+            raise
+        raise ConfigError(f"--out {out}: cannot write it ({type(exc).__name__}: "
+                          f"{first_line(exc) or 'no detail'})") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    return out
+    return os.path.basename(payload["source"])
 
 
 def _client_state(tag_dir: str) -> dict:

@@ -25,11 +25,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     out = args.out or os.path.join(args.run_dir, "export", "model_fp32.pt")
     try:
-        export_fp32(args.run_dir, out, args.tag)
+        tag = export_fp32(args.run_dir, out, args.tag)
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(f"wrote {out}")
+    print(f"wrote {out} ({tag})")
     return 0
 
 
