@@ -134,11 +134,13 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     pretrained = None
     notes = []
     if cfg.train.init_from:
-        pretrained = checkpoint.load_pretrained(cfg.train.init_from)
-        check_pretrained(cfg, pretrained)
-        note = numerics_note(pretrained.get("model_numerics"),
-                             f"train.init_from {cfg.train.init_from}")
-        notes += [note] if note else []
+        pretrained = resumed_shape(cfg, args) if args.resume else None
+        if pretrained is None:
+            pretrained = checkpoint.load_pretrained(cfg.train.init_from)
+            note = numerics_note(pretrained.get("model_numerics"),
+                                 f"train.init_from {cfg.train.init_from}")
+            notes += [note] if note else []
+            check_pretrained(cfg, pretrained)     # a resumed one: check_resume, below
     n_fields = vocab = plan = indexed = sampler = optimizer_params = None
     lr_schedule = schedule.LR_SCHEDULE
     if paths is not None:
@@ -195,6 +197,29 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             raise ConfigError(f"run directory {args.run_dir}: cannot write in it "
                               f"({exc.strerror or exc})") from None
     return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule, optimizer_params)
+
+
+def resumed_shape(cfg: RunConfig, args: argparse.Namespace) -> dict | None:
+    """For a fine-tuning run resumed from its own checkpoint: the model shape and field
+    vocabulary that checkpoint records, in place of train.init_from's payload (its weights,
+    "model", None: the checkpoint's replace them). Resuming used to read train.init_from's
+    weights again (every ZeRO partition of a run directory, on every rank) only to overwrite
+    them, and stopped when that file or run directory had been moved or deleted since. None
+    when there is no checkpoint to resume, or it does not record the vocabulary."""
+    run_dir = args.run_dir or newest_run(cfg)
+    tag_dir = checkpoint.newest_tag_dir(run_dir) if run_dir else None
+    if tag_dir is None:
+        return None
+    meta = checkpoint.read_meta(tag_dir)
+    if "vocabulary" not in meta:
+        return None
+    shared = bool(meta["vocabulary"].get("shared", False))
+    if shared != cfg.data.shared_field_names:
+        raise ConfigError(f"--resume: {tag_dir} was trained with data.shared_field_names="
+                          f"{shared}, this run sets {cfg.data.shared_field_names}; resume with "
+                          "the run's own setting (it decides which column a field takes)")
+    return {"model": None, "model_config": meta["model_config"],
+            "vocabulary": meta["vocabulary"], "source": tag_dir}
 
 
 def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
@@ -348,15 +373,21 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
             model = AViT(AViTConfig(**{**pretrained["model_config"],
                                        "drop_path": cfg.model.drop_path}))
             try:
-                model.load_state_dict(pretrained["model"])
+                if pretrained["model"] is not None:     # None: resumed (`resumed_shape`)
+                    model.load_state_dict(pretrained["model"])
             except RuntimeError as exc:
                 lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
                 raise ConfigError(f"train.init_from {cfg.train.init_from}: the weights do not "
                                   f"fit the model they were saved with "
                                   f"({lines[0] if lines else exc})") from None
             model.add_fields(config.n_fields - model.n_fields)
-            log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
-                     f"({len(pretrained['vocabulary']['keys'])} pretrained)")
+            if pretrained["model"] is None:
+                log.text(f"fine-tuning run resumed: {len(vocab)} fields as its checkpoint "
+                         f"{pretrained['source']} records (train.init_from "
+                         f"{cfg.train.init_from} not read: the checkpoint holds the weights)")
+            else:
+                log.text(f"fine-tuning from {cfg.train.init_from}: {len(vocab)} fields "
+                         f"({len(pretrained['vocabulary']['keys'])} pretrained)")
         else:
             model = AViT(config)
         {"middle": model.freeze_middle, "processor": model.freeze_processor,

@@ -1514,6 +1514,35 @@ def test_export_to_a_directory_is_one_line_and_says_which_tag_it_wrote(demo_base
     assert torch.load(out, weights_only=False)["source"].endswith(older)
 
 
+def test_a_fine_tuning_run_resumes_without_its_pretrained_weights(demo_base, tmp_path):
+    """A resumed fine-tuning run takes its model shape and vocabulary from its own checkpoint:
+    it read train.init_from's weights again only to overwrite them, and stopped ("no such file
+    or run directory") once that export had been moved. It resumes to the losses of a run
+    that never stopped, new fields included."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    pre = tmp_path / "pre"
+    train(ds, pre, ["train.max_steps=1", "data.datasets=[euler_2d]"], data=demo_base)
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    weights = tmp_path / "pre.pt"
+    shutil.copy(pre / "export" / "model_fp32.pt", weights)
+    tune = ["train.checkpoint_every=1", f"train.init_from={weights}",
+            "data.datasets=[shallow_water_2d, euler_2d]"]
+    whole, part = tmp_path / "whole", tmp_path / "part"
+    train(ds, whole, tune + ["train.max_steps=3"], data=demo_base)
+    train(ds, part, tune + ["train.max_steps=1"], data=demo_base)
+    os.remove(weights)
+    proc = train(ds, part, tune + ["train.max_steps=3"], resume=True, data=demo_base)
+    assert "resumed from step 1" in proc.stdout
+    assert "fine-tuning run resumed: 8 fields as its checkpoint" in proc.stdout
+    assert losses(part) == losses(whole)
+
+    proc = run(train_cmd(ds, part, [f"data.base={demo_base}", "train.max_steps=4",
+                                    "data.shared_field_names=true"] + tune) + ["--resume"])
+    assert proc.returncode == 2 and "was trained with data.shared_field_names=False" in \
+        proc.stderr, proc.stderr[-2000:]
+
+
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
     """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
     skips every update: the run used to go on to the end and exit 0 having learnt nothing."""
