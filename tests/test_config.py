@@ -263,7 +263,7 @@ def test_resumed_optimizer_params_are_checked_kept_or_switched():
     assert "checkpoint's optimizer params" in note
     new, note, apply = schedule.optimizer_on_resume(saved, ours, "new", "ckpt")
     assert new is ours and apply == ours["optimizer"]["params"]
-    assert note.startswith("warning:") and "the lr follows the scheduler" in note
+    assert note.startswith("warning:") and "the lr through the scheduler" in note
     for policy in ("check", "saved", "new"):           # another optimizer's state: refused
         with pytest.raises(ConfigError, match="trained with optimizer AdamW, this run's "
                                               "DeepSpeed config sets SGD"):
