@@ -156,6 +156,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             raise ConfigError(f"--resume: no runs/{cfg.name}-<timestamp> folder; give --run-dir")
         meta = checkpoint.check_resume(run_dir, cfg.model_shape(), world_size, n_fields, vocab,
                                          cfg.train.freeze, schedule.zero_stage(ds_config))
+        note = checkpoint.passed_over(run_dir)
+        notes += [note] if note else []
         if meta is not None:
             tag_dir = checkpoint.newest_tag_dir(run_dir)
             ds_config, note = schedule.on_resume(meta.get("scheduler", schedule.ABSENT),

@@ -928,6 +928,23 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
         [peak * (0.1 + 0.9 * (1 + math.cos(math.pi * (n - 1) / 8)) / 2) for n in (7, 8)])
 
 
+def test_resume_names_an_unfinished_newer_checkpoint_it_passes_over(demo_base, tmp_path):
+    """A save cut off by a kill or a full disk leaves a newer tag without COMPLETE: --resume
+    took the older complete one and said only "resumed from step 2". Now it names the
+    unfinished one it passed over, and the run writes that step again, whole."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=2", "train.checkpoint_every=1"], data=demo_base)
+    shutil.copytree(r / "checkpoints" / "step00000002", r / "checkpoints" / "step00000003")
+    os.remove(r / "checkpoints" / "step00000003" / "COMPLETE")
+    proc = train(ds, r, ["train.max_steps=3", "train.checkpoint_every=1"], resume=True,
+                 data=demo_base)
+    assert (f"--resume: step00000003 in {r / 'checkpoints'} unfinished (no COMPLETE: the save "
+            "was cut off), passed over; resuming from step00000002") in proc.stdout
+    assert "resumed from step 2" in proc.stdout
+    assert (r / "checkpoints" / "step00000003" / "COMPLETE").read_text() == "3\n"
+
+
 def _saved_param_groups(tag_dir) -> list[dict]:
     """The optimizer's param groups as a ZeRO-2 checkpoint of one rank holds them."""
     path = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt")

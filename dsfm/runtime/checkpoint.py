@@ -202,6 +202,19 @@ def newest_tag_dir(run_dir: str) -> str | None:
     return os.path.join(checkpoint_dir(run_dir), found[-1]) if found else None
 
 
+def passed_over(run_dir: str) -> str | None:
+    """A note naming the unfinished checkpoints newer than the newest complete one (a save cut
+    off by a kill or a full disk), which --resume passes over; None when there are none."""
+    ckpt_dir = checkpoint_dir(run_dir)
+    done = tags(ckpt_dir)
+    newer = [t for t in _tag_dirs(ckpt_dir) if t not in done and (not done or t > done[-1])]
+    if not newer:
+        return None
+    return (f"--resume: {', '.join(newer)} in {ckpt_dir} unfinished (no COMPLETE: the save was "
+            f"cut off), passed over; resuming from "
+            + (done[-1] if done else "step 0 (no complete checkpoint)"))
+
+
 _ZERO3_MODEL = re.compile(r"^zero_pp_rank_\d+_mp_rank_\d+_model_states\.pt$")
 _ZERO_OPTIM = re.compile(r"^(bf16_)?zero_pp_rank_\d+_mp_rank_\d+_optim_states\.pt$")
 #: the checkpoint layouts DeepSpeed 0.19 writes, by ZeRO stage: a layout loads only into an
