@@ -293,6 +293,9 @@ def check_mixture(cfg: RunConfig, paths: list[str], pretrained: dict | None, mic
     if data.weights is not None and len(data.weights) != len(sources):
         raise ConfigError(f"data.weights has {len(data.weights)} numbers for "
                           f"{len(sources)} datasets ({', '.join(names)})")
+    if data.weights is not None and not any(data.weights):
+        raise ConfigError(f"data.weights {data.weights}: no dataset would be drawn; give at "
+                          f"least one of {', '.join(names)} a positive weight")
     sampler = MixtureSampler([len(s) for s in sources], micro, cfg.train.seed, 0, world_size,
                              data.weights, data.same_dataset_across_ranks, names)
     return vocab, indexed, sampler

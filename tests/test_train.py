@@ -1321,7 +1321,8 @@ def _demo_copy(demo_base, tmp_path, damage: str) -> str:
 @pytest.mark.parametrize("sets, damage, needles", [
     (["data.n_steps_input=100"], None, ["time steps are not enough for 100 input"]),
     (["data.weights=[1, 1]"], None, ["data.weights has 2 numbers for 4 datasets"]),
-    (["data.weights=[0, 0, 0, 0]"], None, ["positive sum"]),
+    (["data.weights=[0, 0, 0, 0]"], None, ["data.weights [0.0, 0.0, 0.0, 0.0]: no dataset would "
+                                           "be drawn"]),
     (["model.dim=97"], None, ["model dim 97 must be divisible"]),
     ([], "truncated", ["euler_2d_mach_0.1.hdf5"]),
     ([], "no-stats", ["stats.yaml: stats file not found", "data.normalization=null"]),
