@@ -424,93 +424,58 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("killed", ["runner", "launch"])
-def test_ranks_whose_deepspeed_launcher_dies_checkpoint_and_stop(killed, demo_base, tmp_path):
+@pytest.mark.parametrize("killed", ["runner", "launch", "torchrun"])
+def test_ranks_whose_launcher_dies_checkpoint_and_stop(killed, demo_base, tmp_path):
     """SIGTERM to the `deepspeed` runner (a user's kill, Slurm's scancel reaching the job's
     script) ended the runner alone: on one node it has no handler, so its launch process and
-    both ranks trained on, orphaned, and wrote no checkpoint; SIGKILL to the launch process
-    orphaned the ranks alike. Now the ranks see it, checkpoint at one step and stop."""
+    both ranks trained on, orphaned, and wrote no checkpoint; SIGKILL to the launch process, or
+    to torchrun (the OOM killer; its SIGTERM it passes on itself), orphaned the ranks alike.
+    Now the ranks see it, checkpoint at one step and stop."""
     import psutil
 
     run_dir, out = tmp_path / "run", tmp_path / "out.txt"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
-           "--ds_config", ds_config(tmp_path, 2), "--run-dir", str(run_dir)]
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+                if killed == "torchrun" else ["deepspeed", "--num_gpus", "2"])
+    cmd = launcher + ["--master_port", str(free_port()), "dsfm/train.py",
+                      "--ds_config", ds_config(tmp_path, 2), "--run-dir", str(run_dir)]
     for s in TINY + [f"data.base={demo_base}", "train.max_steps=100000",
                      "train.checkpoint_every=0", "train.signal_check_every=2"]:
         cmd += ["--set", s]
     tree = []
-    with open(out, "w") as fh:          # a file: the ranks outlive the runner's pipes
+    with open(out, "w") as fh:          # a file: the ranks outlive the launcher's pipes
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         assert wait_for_logged_steps(run_dir, 3, 180), out.read_text()[-3000:]
         tree = psutil.Process(proc.pid).children(recursive=True)
-        [launch] = [p for p in tree if "deepspeed.launcher.launch" in p.cmdline()]
-        assert len([p for p in tree if p.ppid() == launch.pid]) == 2, tree
-        if killed == "runner":
-            proc.send_signal(signal.SIGTERM)
+        if killed == "torchrun":
+            assert len([p for p in tree if p.ppid() == proc.pid]) == 2, tree
+            proc.kill()
         else:
-            launch.kill()
+            [launch] = [p for p in tree if "deepspeed.launcher.launch" in p.cmdline()]
+            assert len([p for p in tree if p.ppid() == launch.pid]) == 2, tree
+            if killed == "runner":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                launch.kill()
         _, alive = psutil.wait_procs(tree, timeout=120)
         assert not alive, ([" ".join(p.cmdline())[:80] for p in alive], out.read_text()[-2000:])
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-        for p in tree:                  # the orphans, outside the runner's process group
+        for p in tree:                  # the orphans, outside the launcher's process group
             try:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
         proc.wait(timeout=60)
     text = out.read_text()
+    gone = (rf"torchrun \(pid {proc.pid}\)" if killed == "torchrun" else
+            r"(DeepSpeed's launcher \(\S+, pid \d+\)|the deepspeed runner \(pid \d+\) that "
+            r"started DeepSpeed's launcher)")
     # whichever rank looks first stops the other at the next signal check, often before it looks
-    assert re.search(r"rank [01]: (DeepSpeed's launcher \(\S+, pid \d+\)|the deepspeed runner "
-                     r"\(pid \d+\) that started DeepSpeed's launcher) has exited and left the "
-                     "ranks running", text), text[-2000:]
-    assert "signal received: checkpointing at step" in text and "stopped at step" in text
-    tags = [t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step")]
-    assert len(tags) == 1 and int(tags[0][4:]) % 2 == 0, tags
-    assert {"dsfm_rank0.pt", "dsfm_rank1.pt", "COMPLETE"} <= set(
-        os.listdir(run_dir / "checkpoints" / tags[0]))
-
-
-@pytest.mark.slow
-def test_ranks_whose_torchrun_is_killed_checkpoint_and_stop(demo_base, tmp_path):
-    """torchrun killed with SIGKILL (the OOM killer; its SIGTERM it passes on itself) left both
-    ranks training, orphaned, with no checkpoint. Now they see it, checkpoint and stop."""
-    import psutil
-
-    run_dir, out = tmp_path / "run", tmp_path / "out.txt"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "dsfm/train.py",
-           "--ds_config", ds_config(tmp_path, 2), "--run-dir", str(run_dir)]
-    for s in TINY + [f"data.base={demo_base}", "train.max_steps=100000",
-                     "train.checkpoint_every=0", "train.signal_check_every=2"]:
-        cmd += ["--set", s]
-    ranks = []
-    with open(out, "w") as fh:          # a file: the ranks outlive torchrun's pipes
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT,
-                                start_new_session=True)
-    try:
-        assert wait_for_logged_steps(run_dir, 3, 180), out.read_text()[-3000:]
-        ranks = psutil.Process(proc.pid).children()
-        assert len(ranks) == 2, ranks
-        proc.kill()
-        proc.wait(timeout=60)
-        _, alive = psutil.wait_procs(ranks, timeout=120)
-        assert not alive, out.read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        for p in ranks:                 # the orphans, if they are
-            try:
-                p.kill()
-            except psutil.NoSuchProcess:
-                pass
-        proc.wait(timeout=60)
-    text = out.read_text()
-    assert re.search(rf"rank [01]: torchrun \(pid {proc.pid}\) has exited and left the ranks "
-                     "running", text), text[-2000:]
+    assert re.search(rf"rank [01]: {gone} has exited and left the ranks running", text), \
+        text[-2000:]
     assert "signal received: checkpointing at step" in text and "stopped at step" in text
     tags = [t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step")]
     assert len(tags) == 1 and int(tags[0][4:]) % 2 == 0, tags
