@@ -101,6 +101,16 @@ def test_incompressible_forcing_is_a_constant_field(tmp_path):
     assert ds[0]["boundary_conditions"].tolist() == [[0.0, 0.0], [0.0, 0.0]]
 
 
+def refused_by_both(folder, line: str) -> None:
+    """The drop-in PDEBenchDataset and the loader's indexing refuse `folder` with `line`."""
+    from dsfm.data.prefetch import index_dataset
+
+    for make in (lambda: PDEBenchDataset(str(folder), "train", n_steps_input=2),
+                 lambda: index_dataset(str(folder), "train", 2, 1, 1, None)):
+        with pytest.raises(SchemaError) as exc:
+            make()
+        assert str(exc.value) == line
+
 
 def test_incompressible_files_with_and_without_forcing_are_refused(tmp_path, capsys):
     """A source of two incompressible-NS files, one with `force` and one without: before, the
@@ -110,7 +120,6 @@ def test_incompressible_files_with_and_without_forcing_are_refused(tmp_path, cap
     loader's indexing and the checker refuse it in one line naming both files; a force that is
     not [N, H, W, 2] is refused too (it was read as whatever it held)."""
     from dsfm.data.check import main
-    from dsfm.data.prefetch import index_dataset
 
     rng = np.random.default_rng(3)
     n, t, h, w = 3, 5, 8, 8
@@ -122,11 +131,7 @@ def test_incompressible_files_with_and_without_forcing_are_refused(tmp_path, cap
     line = (f"{paths[1]}: force [N,H,W,2] present differs from absent in {paths[0]}; the files "
             "of one source must agree (items with and without constant_fields cannot be "
             "batched): give those with force and those without as separate sources")
-    for make in (lambda: PDEBenchDataset(str(tmp_path), "train", n_steps_input=2),
-                 lambda: index_dataset(str(tmp_path), "train", 2, 1, 1, None)):
-        with pytest.raises(SchemaError) as exc:
-            make()
-        assert str(exc.value) == line
+    refused_by_both(tmp_path, line)
     assert main([str(tmp_path)]) == 1
     assert capsys.readouterr().out.splitlines() == [line]
     assert PDEBenchDataset(str(paths[1]), "train", n_steps_input=2)[0]["constant_fields"] \
@@ -332,8 +337,6 @@ def test_a_folder_of_two_grids_says_what_to_do(tmp_path):
     """A folder of CFD files at two grids (PDEBench's 2D_Train_Rand at 128² and 512²) given as
     one source: the line named both files and grids, but not what to do; now it says to give
     each file as a source of its own, a wildcard per grid in a run config."""
-    from dsfm.data.prefetch import index_dataset
-
     rng = np.random.default_rng(6)
     first, other = tmp_path / "a_periodic.hdf5", tmp_path / "b_periodic.hdf5"
     _pressure_cfd_file(first, np.float32, rng)
@@ -341,11 +344,7 @@ def test_a_folder_of_two_grids_says_what_to_do(tmp_path):
     line = (f"{other}: comp_ns at (16, 16) differs from comp_ns at (8, 12) in {first}; a "
             "source is files of one layout and grid: give each file as a source of its own (in "
             "a run config, a wildcard per grid in data.pdebench)")
-    for make in (lambda: PDEBenchDataset(str(tmp_path), "train", n_steps_input=2),
-                 lambda: index_dataset(str(tmp_path), "train", 2, 1, 1, None)):
-        with pytest.raises(SchemaError) as exc:
-            make()
-        assert str(exc.value) == line
+    refused_by_both(tmp_path, line)
 
 @pytest.mark.parametrize("assemble_on", ["readers", "device"])
 def test_a_float64_pressure_with_a_large_mean_keeps_its_values(tmp_path, assemble_on):
