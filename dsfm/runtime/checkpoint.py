@@ -104,7 +104,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         # a disk or quota full, a file too large: the run stopped with torch's or DeepSpeed's
         # traceback, which for torch's writer says "unexpected pos 2112 vs 2004" and nothing
         # of space; not a peer lost in a barrier, whose report main gives
-        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in WRITE_FAILED):
+        if not _write_failed(exc):
             raise
         raise CheckpointError(save_failed(os.path.join(ckpt_dir, tag), rank, exc)) from None
     if rank == 0:
@@ -122,6 +122,12 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
 
 #: what torch's writer says when a file cannot be written whole (disk or quota full)
 WRITE_FAILED = ("PytorchStreamWriter", "inline_container", "file write failed")
+
+
+def _write_failed(exc: BaseException) -> bool:
+    """Whether `exc` (an OSError or RuntimeError) is a file that could not be written: any
+    OSError, or torch's writer failing."""
+    return isinstance(exc, OSError) or any(m in str(exc) for m in WRITE_FAILED)
 
 
 def save_failed(tag_dir: str, rank: int, exc: BaseException) -> str:
@@ -533,7 +539,7 @@ def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
         torch.save(payload, tmp)
         os.replace(tmp, out)
     except (OSError, RuntimeError) as exc:
-        if isinstance(exc, RuntimeError) and not any(m in str(exc) for m in WRITE_FAILED):
+        if not _write_failed(exc):
             raise
         raise ConfigError(f"--out {out}: cannot write it ({type(exc).__name__}: "
                           f"{first_line(exc) or 'no detail'})") from None
