@@ -99,8 +99,8 @@ class PDEBenchDataset(Dataset):
                                   "source is files of one layout and grid: give each file as a "
                                   "source of its own (in a run config, a wildcard per grid in "
                                   "data.pdebench)")
-            if force_mismatch(first, pf):
-                raise SchemaError(force_mismatch(first, pf))
+            if line := force_mismatch(first, pf):
+                raise SchemaError(line)
         self.kind = first.kind
         self.dataset_name = source_name(path, self.kind)
         self.field_names = {0: list(FIELDS[self.kind]), 1: [], 2: []}
