@@ -42,33 +42,21 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
-def step_flops(model, x, ids, bcs, y) -> float:
+def step_flops(model, x) -> float:
     """FLOPs of one forward + backward of `model` (an AViT, or perf.mpp_layout's ChannelsFirst
-    of one) on these inputs, counted by torch.utils.flop_counter on a meta-device twin (no
-    compute, no memory), as the trainer counts its perf/tflops (dsfm.monitor.steps.ModelFlops):
-    model FLOPs, attention's scores counted once. Counted on the model's own device, as before,
-    the figure followed the attention kernel that device ran: CUDA's fused kernels are charged
-    the scores a second time in their backward (what they recompute), and the CPU's flash
-    kernel (taken when the bias needs no gradient) nothing, flop_counter having no formula
-    for it."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from dsfm.eval import nmse
-    from dsfm.models.avit import AViT
+    of one, the same model FLOPs) on an input of `x`'s shape, counted as the trainer counts its
+    perf/tflops (dsfm.monitor.steps.ModelFlops: torch.utils.flop_counter on a meta-device
+    twin, frozen parameters without weight gradients), attention's scores counted once.
+    Counted on the model's own device, as before, the figure followed the attention kernel that
+    device ran: CUDA's fused kernels are charged the scores a second time in their backward
+    (what they recompute), and the CPU's flash kernel (taken when the bias needs no gradient)
+    nothing, flop_counter having no formula for it."""
+    from dsfm.monitor.steps import ModelFlops
     from perf.mpp_layout import ChannelsFirst
 
     base = model.model if isinstance(model, ChannelsFirst) else model
-    with torch.device("meta"):
-        twin = AViT(base.config)
-        x, y, ids = (torch.empty(t.shape, dtype=t.dtype) for t in (x, y, ids))
-    for mine, theirs in zip(twin.parameters(), base.parameters()):
-        mine.requires_grad_(theirs.requires_grad)       # frozen: no weight gradients to count
-    if isinstance(model, ChannelsFirst):
-        twin = ChannelsFirst(twin)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        nmse(twin(x, ids, bcs), y).backward()           # bcs on the host, as the trainer's
-    return float(counter.get_total_flops())
+    frozen = frozenset(n for n, p in base.named_parameters() if not p.requires_grad)
+    return ModelFlops(base.config, frozen=frozen).step(tuple(x.shape))
 
 
 _FLOPS: dict[tuple, float] = {}
@@ -209,7 +197,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         model = ChannelsFirst(model)
     key = (size, batch, args.frames, args.fields, args.res, layout)
     if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
-        _FLOPS[key] = step_flops(model, x, ids, bcs, y)     # counted once, in eager mode
+        _FLOPS[key] = step_flops(model, x)     # counted once, in eager mode
     flops = _FLOPS[key]
     compile_s = new_graphs = compiled_vs_eager = None
     if args.compile:                    # regional: the blocks, compiled on the first step
