@@ -76,16 +76,19 @@ def sizes_from(begin: str, end: str, factor: float) -> list[int]:
     return out
 
 
+def known_profiles() -> list[str]:
+    """The names of the profiles in perf/profiles."""
+    return sorted(os.path.splitext(f)[0] for f in os.listdir(PROFILES_DIR) if f.endswith(".yaml"))
+
+
 def load_profile(name: str) -> dict:
     """A profile by name (perf/profiles/<name>.yaml) or path: {name, description, env}."""
     import yaml
 
     path = name if os.path.isfile(name) else os.path.join(PROFILES_DIR, f"{name}.yaml")
     if not os.path.isfile(path):
-        known = sorted(os.path.splitext(f)[0] for f in os.listdir(PROFILES_DIR)
-                       if f.endswith(".yaml"))
-        raise SweepError(f"unknown profile {name!r}; known: {', '.join(known)} (or give a YAML "
-                         "path)")
+        raise SweepError(f"unknown profile {name!r}; known: {', '.join(known_profiles())} (or "
+                         "give a YAML path)")
     try:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
@@ -643,8 +646,6 @@ def write_outputs(rows: list[dict], out_dir: str, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from perf.topology import CLUSTERS
 
-    profiles = sorted(os.path.splitext(f)[0] for f in os.listdir(PROFILES_DIR)
-                      if f.endswith(".yaml"))
     ap = argparse.ArgumentParser(
         prog="python -m perf.allreduce_sweep", description=__doc__.split("\n\n")[0],
         epilog="algbw = bytes moved / time, busbw = algbw x 2(n-1)/n for all_reduce, (n-1)/n "
@@ -665,7 +666,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--hostfile", default=None, help="one 'host slots=N' line per node "
                     "(DeepSpeed's format), for --launcher deepspeed and mpirun")
     ap.add_argument("--profiles", default=None, help="comma-separated profiles, each run as "
-                    f"its own job: {', '.join(profiles)} (perf/profiles/NAME.yaml: NCCL "
+                    f"its own job: {', '.join(known_profiles())} (perf/profiles/NAME.yaml: NCCL "
                     "settings), or YAML paths (default: none, the environment as it is)")
     ap.add_argument("-b", "--minbytes", default="8", help="smallest size in bytes; K, M or G "
                     "suffixes are powers of 1024 (default 8)")
