@@ -107,6 +107,7 @@ class Checked:
     train_split: list | None = None  # the train split as indexed, for the loader to reuse
     lr_schedule: int = schedule.LR_SCHEDULE     # how DeepSpeed's warmup schedulers run
     optimizer_params: dict | None = None        # set on the loaded optimizer (resume, "new")
+    schedule_changed: bool = False   # resumed on another schedule or lr ("new")
 
 
 def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
@@ -143,6 +144,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
             check_pretrained(cfg, pretrained)     # a resumed one: check_resume, below
     n_fields = vocab = plan = indexed = sampler = optimizer_params = None
     lr_schedule = schedule.LR_SCHEDULE
+    changed = False
     if paths is not None:
         micro = schedule.micro_batch(ds_config)
         mixture, indexed, sampler = check_mixture(cfg, paths, pretrained, micro, world_size)
@@ -164,6 +166,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                                                  ds_config, cfg.train.resume_schedule, tag_dir,
                                                  cfg.train.max_steps)
             notes += [note] if note else []
+            changed = note is not None and cfg.train.resume_schedule == "new"
             lr_schedule, note = schedule.warmup_on_resume(meta.get("lr_schedule", 1), ds_config,
                                                           cfg.train.resume_schedule, tag_dir)
             notes += [note] if note else []
@@ -171,6 +174,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                 meta.get("optimizer", schedule.ABSENT), ds_config, cfg.train.resume_schedule,
                 tag_dir)
             notes += [note] if note else []
+            changed = changed or optimizer_params is not None
             note = checkpoint.check_batch(meta, tag_dir, schedule.micro_batch(ds_config),
                                           schedule.accumulation(ds_config, world_size),
                                           world_size)
@@ -198,7 +202,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         except OSError as exc:
             raise ConfigError(f"run directory {args.run_dir}: cannot write in it "
                               f"({exc.strerror or exc})") from None
-    return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule, optimizer_params)
+    return Checked(ds_config, pretrained, notes, plan, indexed, lr_schedule, optimizer_params,
+                   changed)
 
 
 def resumed_shape(cfg: RunConfig, args: argparse.Namespace) -> dict | None:
@@ -620,7 +625,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if checked.optimizer_params is not None:      # train.resume_schedule=new
                     checkpoint.set_optimizer_params(engine, checked.optimizer_params,
                                                     lr=not ds_config.get("scheduler"))
-                checkpoint.restart_schedule(engine)
+                checkpoint.restart_schedule(engine, ds_config if checked.schedule_changed
+                                            else None)
                 loader.load_state_dict(rank_state["loader"])
                 if "loss_window" in rank_state:
                     loss_sum.copy_(rank_state["loss_window"][0])

@@ -949,6 +949,32 @@ def test_resumed_optimizer_params_are_refused_or_taken_not_ignored(demo_base, tm
         (run_dir / "train.log").read_text()
 
 
+def test_a_torch_scheduler_resumed_on_new_settings_takes_them(demo_base, tmp_path):
+    """ZeRO stage 0 runs torch's schedulers, whose load puts back their saved settings and
+    base rates over the config's: a run resumed with another gamma and lr under
+    train.resume_schedule=new went on halving the old rate while its log said the schedule
+    changed. Now it follows the new schedule from the first resumed step, as a run begun on
+    it would be at that step."""
+    run_dir = tmp_path / "r"
+    ds = tmp_path / "ds.json"
+
+    def config(lr, gamma):
+        ds.write_text(json.dumps({
+            **DS, "train_micro_batch_size_per_gpu": 4,
+            "optimizer": {"type": "AdamW", "params": {"lr": lr}},
+            "scheduler": {"type": "StepLR", "params": {"step_size": 1, "gamma": gamma}}}))
+
+    config(0.01, 0.5)
+    train(str(ds), run_dir, ["train.max_steps=2"], data=demo_base)
+    config(0.02, 0.9)
+    proc = train(str(ds), run_dir, ["train.max_steps=4", "train.resume_schedule=new"],
+                 resume=True, data=demo_base)
+    assert "warning: the learning-rate schedule changes on resume" in proc.stdout
+    lr = logged(run_dir, "train/lr")
+    assert [lr[1], lr[2]] == pytest.approx([0.01, 0.005])
+    assert [lr[3], lr[4]] == pytest.approx([0.02 * 0.9 ** 2, 0.02 * 0.9 ** 3])
+
+
 @pytest.mark.slow
 def test_a_zero3_checkpoint_resumes_with_the_optimizer_offloaded(demo_base, tmp_path):
     """docs/training.md: zero3.json and zero3_offload.json resume each other's checkpoints.

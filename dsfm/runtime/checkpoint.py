@@ -479,19 +479,43 @@ def set_optimizer_params(engine, params: dict, lr: bool) -> None:
                 group[key] = tuple(value) if isinstance(group[key], tuple) else value
 
 
-def restart_schedule(engine) -> None:
+def restart_schedule(engine, new: dict | None = None) -> None:
     """Give the next step the rate of this run's schedule at the restored position. DeepSpeed's
     load restores the param groups' lr as saved, and its scheduler sets the next rate only
     after a step, so a run resumed on a changed schedule or optimizer lr
     (train.resume_schedule=new) made its first step at the saved rate. DeepSpeed's schedulers
-    (dsfm's warmup classes among them) take their position as an argument; torch's are left
-    as they are. An unchanged schedule gives the saved rate again."""
+    (dsfm's warmup classes among them) take their position as an argument. A torch scheduler
+    (ZeRO stage 0) loads its saved settings over the config's, base rates included, so a run
+    resumed with `new` (the ds_config of a changed schedule or lr under
+    train.resume_schedule=new) went on with the old schedule while its log said it changed:
+    it is built again from `new` and stepped to the restored position. An unchanged schedule
+    gives the saved rate again."""
     from deepspeed.runtime import lr_schedules
 
     sched = engine.lr_scheduler
     if isinstance(sched, (lr_schedules.WarmupLR, lr_schedules.WarmupCosineLR,
                           lr_schedules.OneCycle, lr_schedules.LRRangeTest)):
         sched.step(sched.last_batch_iteration)
+    elif new is not None and isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
+        engine.lr_scheduler = _replayed(sched, new["scheduler"].get("params", {}))
+
+
+def _replayed(sched, params: dict):
+    """A torch scheduler of `sched`'s class built from `params` over its optimizer, whose
+    groups start from the optimizer's configured lr, and stepped as often as `sched` was: the
+    rate a run on these settings from the start would have now."""
+    import warnings
+
+    opt = sched.optimizer
+    for group in opt.param_groups:
+        group.pop("initial_lr", None)
+        group["lr"] = opt.defaults["lr"]
+    with warnings.catch_warnings():     # "lr_scheduler.step() before optimizer.step()"
+        warnings.simplefilter("ignore", UserWarning)
+        fresh = type(sched)(opt, **params)
+        for _ in range(sched.last_epoch):
+            fresh.step()
+    return fresh
 
 
 def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
