@@ -793,9 +793,16 @@ def test_resume_with_another_sampling_is_refused_before_the_process_group(demo_b
         "data.same_dataset_across_ranks=false")
     assert (where + "data.n_steps_input=4, this run sets 3 (dataset euler_2d: 160 train "
             "windows then, 168 now)") in refused("data.n_steps_input=3")
+    from dsfm.errors import ConfigError
     from dsfm.runtime.checkpoint import check_sampler, read_meta
     meta = read_meta(str(tag))
     check_sampler(meta, str(tag), {**meta["sampler"], "data.weights": [2.0] * 4})  # same shares
+    # other windows as many as before (4 input steps at stride 1, 2 at stride 2): accepted
+    # before, the saved place going on over other windows
+    with pytest.raises(ConfigError, match=r"with data.n_steps_input=4, this run sets 2; the "
+                       "loader's place in each dataset counts its windows, which this changes"):
+        check_sampler(meta, str(tag), {**meta["sampler"], "data.n_steps_input": 2,
+                                       "data.dt_stride": 2})
 
     # written before the record: the sampler's own check after the process group, as before
     del meta["sampler"]

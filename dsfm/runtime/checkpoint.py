@@ -335,6 +335,17 @@ def check_sampler(meta: dict, tag_dir: str, ours: dict) -> None:
         if key in saved and key in ours and saved[key] != ours[key]:
             raise ConfigError(f"{where} with {key}={saved[key]}, this run sets {ours[key]}; "
                               f"the loader's place in the data follows it: {fix}")
+    for key in ("data.n_steps_input", "data.dt_stride"):
+        # refused even where every dataset keeps its count of windows (4 input steps at
+        # stride 1 and 2 at stride 2 make as many): the saved place would go on over others
+        if key in saved and key in ours and saved[key] != ours[key]:
+            counts = [f" (dataset {name}: {before} train windows then, {now} now)"
+                      for name, before, now in zip(ours.get("datasets", ()),
+                                                   saved.get("windows", ()),
+                                                   ours.get("windows", ())) if before != now]
+            raise ConfigError(f"{where} with {key}={saved[key]}, this run sets {ours[key]}"
+                              f"{counts[0] if counts else ''}; the loader's place in each "
+                              f"dataset counts its windows, which this changes: {fix}")
     if "datasets" not in ours or "datasets" not in saved:
         return
     if saved["datasets"] != ours["datasets"]:
@@ -344,11 +355,6 @@ def check_sampler(meta: dict, tag_dir: str, ours: dict) -> None:
     for name, before, now in zip(ours["datasets"], saved["windows"], ours["windows"]):
         if before == now:
             continue
-        for key in ("data.n_steps_input", "data.dt_stride"):
-            if saved.get(key, ours[key]) != ours[key]:
-                raise ConfigError(f"{where} with {key}={saved[key]}, this run sets {ours[key]} "
-                                  f"(dataset {name}: {before} train windows then, {now} now); "
-                                  f"the loader's place in each dataset counts windows: {fix}")
         raise ConfigError(f"{where} on {before} train windows of dataset {name}, which has "
                           f"{now} now (its files under data.base changed); the loader's place "
                           "in it counts windows: resume with the data it was trained on, or "
