@@ -930,3 +930,23 @@ def test_one_dataset_given_as_a_path_object_or_indexed(demo_base):
             got = next(loader)
             assert all(isinstance(f, str) for f in loader.datasets[0].source.files)
         assert np.array_equal(got.windows, expected.windows) and torch.equal(got.x, expected.x)
+
+
+def test_resume_across_an_epoch_boundary_with_other_readers(demo_base):
+    """States taken while the readers have read ahead (into the next epoch), at the end of a
+    dataset's epoch and just past it, resume with another number of readers to the batches of
+    the loader that never stopped. 160 windows on 2 ranks: 5 micro-batches of 16 per epoch."""
+    path = os.path.join(demo_base, "shallow_water_2d")
+    kw = dict(batch_size=16, seed=2, rank=1, world_size=2, same_dataset_across_ranks=True)
+    with WellLoader([path], num_workers=2, **kw) as a:
+        states, expected = {}, []
+        for k in range(10):
+            states[k] = a.state_dict()
+            expected.append(next(a).windows.copy())
+    assert states[5]["sampler"]["epochs"] == [0] and states[5]["sampler"]["cursors"] == [80]
+    assert states[7]["sampler"]["epochs"] == [1] and states[7]["sampler"]["cursors"] == [32]
+    for k, workers in ((5, 1), (7, 3)):
+        with WellLoader([path], num_workers=workers, **kw) as b:
+            b.load_state_dict(states[k])
+            got = [next(b).windows for _ in range(10 - k)]
+        assert all(np.array_equal(e, g) for e, g in zip(expected[k:], got)), k
