@@ -250,6 +250,11 @@ def test_resume_gives_exactly_the_next_batches(demo_base):
     for e, g in zip(expected, got):
         assert e.dataset == g.dataset and np.array_equal(e.windows, g.windows)
         assert torch.equal(e.x, g.x) and torch.equal(e.y, g.y)
+    # the sampler's own state given in its place was a bare KeyError('sampler')
+    with WellLoader(paths, batch_size=3, num_workers=1, seed=5) as c:
+        with pytest.raises(ConfigError, match=r"takes what WellLoader.state_dict\(\) returned "
+                           r"\(\{'sampler': ...\}\), not the sampler's state"):
+            c.load_state_dict(state["sampler"])
 
 
 def test_a_dataset_indexed_once_is_not_indexed_again(demo_base, tmp_path):
