@@ -170,14 +170,17 @@ class AViT(nn.Module):
         head = nn.ConvTranspose2d(self.debed.out_kernel.shape[0], total,
                                   self.debed.out_kernel.shape[-1],
                                   stride=self.debed.out_kernel.shape[-1])
-        dev = self.space_bag.weight.device
-        with torch.no_grad():
-            self.space_bag.weight = nn.Parameter(torch.cat(
-                [self.space_bag.weight, emb.weight[:, old:].to(dev)], dim=1))
-            self.debed.out_kernel = nn.Parameter(torch.cat(
-                [self.debed.out_kernel, head.weight[:, old:].to(dev)], dim=1))
-            self.debed.out_bias = nn.Parameter(torch.cat(
-                [self.debed.out_bias, head.bias[old:].to(dev)]))
+        # each widened parameter keeps its dtype, device and requires_grad: before, a bf16 or
+        # fp16 model's were promoted to float32 (its forward then refused the mixed types) and a
+        # frozen model's became trainable, all but the embedding's bias
+        for owner, name, fresh in ((self.space_bag, "weight", emb.weight[:, old:]),
+                                   (self.debed, "out_kernel", head.weight[:, old:]),
+                                   (self.debed, "out_bias", head.bias[old:])):
+            trained = getattr(owner, name)
+            with torch.no_grad():
+                wide = torch.cat([trained, fresh.to(trained.device, trained.dtype)],
+                                 dim=min(1, fresh.ndim - 1))       # the field axis
+            setattr(owner, name, nn.Parameter(wide, requires_grad=trained.requires_grad))
         self.config = AViTConfig(**{**asdict(self.config), "n_fields": total})
 
     def unfreeze(self) -> None:

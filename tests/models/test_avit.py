@@ -194,6 +194,25 @@ def test_add_fields_keeps_trained_fields_and_freezing_selects_parameters():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_add_fields_keeps_each_parameters_dtype_and_trainability(dtype):
+    """The widened embedding and head keep the model's dtype and their requires_grad: before,
+    a bf16 model's became float32 (its forward then failed on the mixed types) and a frozen
+    model's became trainable, all but the embedding's bias."""
+    model = small(n_fields=4).to(dtype)
+    model.requires_grad_(False)
+    model.add_fields(2)
+    widened = (model.space_bag.weight, model.debed.out_kernel, model.debed.out_bias)
+    assert all(p.dtype == dtype for p in widened)
+    assert not any(p.requires_grad for p in model.parameters())
+    with torch.no_grad():
+        out = model(sample().to(dtype), torch.tensor([0, 4, 5]), periodic_bcs(2))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    model.unfreeze()
+    model.add_fields(1)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_drop_path_is_active_in_training_and_off_in_evaluation():
     model = small(drop_path=0.5)
     x, ids = sample(), torch.tensor([0, 1, 2])
