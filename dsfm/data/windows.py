@@ -575,6 +575,15 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
             if not fl.sample_varying:
                 raise ConfigError(f"{lay.path}: /{fl.path} is time-varying but not "
                                   "sample-varying; the loader needs one value per trajectory")
+    made_by: dict[str, str] = {}
+    for fl in first.variable_fields:
+        for c in fl.channel_names:
+            if c in made_by:
+                raise ConfigError(
+                    f"{first.path}: /{made_by[c]} and /{fl.path} both give a channel named "
+                    f"{c!r}; a channel's name is its field column (and names its metrics), so "
+                    "two channels cannot share one: rename one of the fields")
+            made_by[c] = fl.path
     blocks = []
     for fl in first.variable_fields:
         spatial = tuple(s for s, used in zip(first.spatial_shape, fl.dim_varying) if used)

@@ -204,3 +204,30 @@ def test_boundaries_all_masks_both_faces():
     (bx, by) = boundaries_all("WALL", ("x", "y"), (4, 3))
     assert bx.mask.tolist() == [True, False, False, True]
     assert by.bc_type == "WALL" and by.associated_dims == ("y",)
+
+
+def test_two_fields_giving_one_channel_name_are_refused(tmp_path):
+    """A t0 field `velocity_x` beside a t1 `velocity` (whose x component is also `velocity_x`):
+    the channel name is the field column's key, so both channels got one column (field ids
+    [0, 0, 1], two fields in the vocabulary for three channels: the model could not tell them
+    apart) and one entry in the metrics. Now the dataset is refused, naming both fields."""
+    from dsfm.data.fields import FieldVocabulary
+    from dsfm.data.prefetch import WellLoader, index_dataset
+    from dsfm.errors import ConfigError
+
+    rng = np.random.default_rng(0)
+    root = tmp_path / "clash"
+    os.makedirs(root / "data" / "train")
+    write_well_file(str(root / "data" / "train" / "clash.hdf5"), dataset_name="clash",
+                    spatial_dims=("x", "y"), coords={"x": np.arange(16.0), "y": np.arange(16.0)},
+                    time=np.arange(6.0), n_trajectories=1,
+                    fields=[Field("velocity_x", rng.normal(size=(1, 6, 16, 16))),
+                            Field("velocity", rng.normal(size=(1, 6, 16, 16, 2)), order=1)],
+                    boundaries=boundaries_all("PERIODIC", ("x", "y"), (16, 16)))
+    why = r"/t0_fields/velocity_x and /t1_fields/velocity both give a channel named 'velocity_x'"
+    with pytest.raises(ConfigError, match=why):
+        index_dataset(str(root), "train", 2, 1)
+    with pytest.raises(ConfigError, match=why):
+        WellLoader([str(root)], split="train", n_steps_input=2, n_steps_output=1, batch_size=1,
+                   num_workers=1, seed=0, rank=0, world_size=1, normalization=None,
+                   vocabulary=FieldVocabulary())
