@@ -39,6 +39,7 @@ from dsfm.data.well_format import (
     ROOT_ATTRS,
     FieldLayout,
     FileLayout,
+    channel_clash,
     inspect_file,
     layout_mismatch,
     open_h5,
@@ -159,6 +160,8 @@ def check_file(path: str, scan_data: bool = True
             if is_pdebench(f, path):
                 return check_pdebench_file(f, path, scan_data)
             layout, problems = inspect_file(f, path)
+            clash = channel_clash(layout) if layout is not None and not problems else None
+            problems += [clash] if clash else []
             if layout is not None and scan_data and not problems:
                 problems += _scan_finite(f, layout)
             if layout is not None and not problems:

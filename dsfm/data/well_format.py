@@ -456,6 +456,21 @@ _MEMBERS = {"fields": ("field", ("tensor order", "time_varying", "dim_varying"))
             "scalars": ("scalar", ("time_varying", "shape per item"))}
 
 
+def channel_clash(layout: FileLayout) -> str | None:
+    """One line when two fields of a file give a channel of one name (a t0 `velocity_x` beside
+    a t1 `velocity`, whose x component is also `velocity_x`): a channel's name is its field
+    column and names its metrics, so the model could not tell the two apart."""
+    made_by: dict[str, str] = {}
+    for fl in layout.variable_fields:
+        for c in fl.channel_names:
+            if c in made_by:
+                return (f"{layout.path}: /{made_by[c]} and /{fl.path} both give a channel named "
+                        f"{c!r}; a channel's name is its field column (and names its metrics), "
+                        "so two channels cannot share one: rename one of the fields")
+            made_by[c] = fl.path
+    return None
+
+
 def layout_mismatch(a: FileLayout, b: FileLayout) -> str:
     """One line naming the first way two files of one dataset disagree: the property, its value
     in each file and what to do (a field or scalar by name, not the whole list of them)."""

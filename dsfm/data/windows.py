@@ -21,7 +21,7 @@ from dsfm.data.handles import H5Pool
 from dsfm.data.index import WindowIndex, count_windows
 from dsfm.data.native import MAX_BASES, MAX_PIECES, PIECE, PLANE, READ, NormalizeKernel
 from dsfm.data.pdebench_format import FIELDS, PDEBenchFile, split_sets
-from dsfm.data.well_format import FileLayout
+from dsfm.data.well_format import FileLayout, channel_clash
 from dsfm.errors import ConfigError, CorruptFileError
 
 
@@ -575,15 +575,9 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
             if not fl.sample_varying:
                 raise ConfigError(f"{lay.path}: /{fl.path} is time-varying but not "
                                   "sample-varying; the loader needs one value per trajectory")
-    made_by: dict[str, str] = {}
-    for fl in first.variable_fields:
-        for c in fl.channel_names:
-            if c in made_by:
-                raise ConfigError(
-                    f"{first.path}: /{made_by[c]} and /{fl.path} both give a channel named "
-                    f"{c!r}; a channel's name is its field column (and names its metrics), so "
-                    "two channels cannot share one: rename one of the fields")
-            made_by[c] = fl.path
+    clash = channel_clash(first)
+    if clash:
+        raise ConfigError(clash)
     blocks = []
     for fl in first.variable_fields:
         spatial = tuple(s for s, used in zip(first.spatial_shape, fl.dim_varying) if used)

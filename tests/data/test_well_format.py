@@ -1,6 +1,7 @@
 """The Well format: writing, layout inspection, statistics and file handles."""
 
 import os
+import re
 
 import h5py
 import numpy as np
@@ -231,3 +232,7 @@ def test_two_fields_giving_one_channel_name_are_refused(tmp_path):
         WellLoader([str(root)], split="train", n_steps_input=2, n_steps_output=1, batch_size=1,
                    num_workers=1, seed=0, rank=0, world_size=1, normalization=None,
                    vocabulary=FieldVocabulary())
+    # and `python -m dsfm.data.check`, which passed the file
+    from dsfm.data.check import check_file
+    _, problems = check_file(str(root / "data" / "train" / "clash.hdf5"))
+    assert len(problems) == 1 and re.search(why, problems[0])
