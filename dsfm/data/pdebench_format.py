@@ -57,6 +57,19 @@ def trajectory_groups(f: h5py.File, path: str) -> dict[str, h5py.Group]:
     return {k: m for k, m in members if isinstance(m, h5py.Group)}
 
 
+def _first_data(groups: dict[str, h5py.Group], path: str
+                ) -> tuple[str | None, h5py.Dataset | None]:
+    """(name, `data`) of the first trajectory group holding a `data` array, (None, None) if
+    none does. The layout is told from it: told from the first group alone, a file whose
+    first group had lost its `data` was 'not a PDEBench 2D layout' (and a Well file with
+    eleven problems to the checker) rather than one whose /0000/data is missing."""
+    for name, group in groups.items():
+        data = _member(group, "data", path)
+        if isinstance(data, h5py.Dataset):
+            return name, data
+    return None, None
+
+
 def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str | None:
     """What a PDEBench file dsfm does not read holds (1D, 3D, steady-state), if it is one;
     `groups`: its `trajectory_groups`."""
@@ -72,9 +85,8 @@ def unsupported(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str |
             return "a 1D equation (tensor [N, T, X]: advection, Burgers, reaction-diffusion)"
         if "nu" in keys:
             return "a 2D steady state (tensor [N, 1, H, W] and nu: Darcy flow)"
-    first = next(iter(groups), None)
-    data = None if first is None else _member(groups[first], "data", path)
-    if isinstance(data, h5py.Dataset) and data.ndim in (3, 5):
+    first, data = _first_data(groups, path)
+    if data is not None and data.ndim in (3, 5):
         return (f"a {data.ndim - 2}D equation (one group per trajectory, /{first}/data "
                 f"{list(data.shape)})")
     return None
@@ -87,12 +99,9 @@ def detect_kind(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str:
         return "comp_ns"
     if "velocity" in keys:
         return "incomp_ns"
-    if groups:
-        data = _member(next(iter(groups.values())), "data", path)
-        if isinstance(data, h5py.Dataset) and data.ndim == 4:
-            channels = data.shape[-1]
-            if channels in (1, 2):
-                return "swe" if channels == 1 else "diff_react"
+    _, data = _first_data(groups, path)
+    if data is not None and data.ndim == 4 and data.shape[-1] in (1, 2):
+        return "swe" if data.shape[-1] == 1 else "diff_react"
     raise SchemaError(f"{path}: not a PDEBench 2D layout (expected groups holding data[T,H,W,C], "
                       "'velocity' and 'particles', or 'Vx','Vy','density','pressure')")
 
@@ -139,6 +148,9 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
     wide: set[str] = set()
     force = False
     if kind in ("swe", "diff_react"):
+        if not groups:            # (a kind given for a file of another layout)
+            raise SchemaError(f"{path}: no trajectory groups holding data [T,H,W,C], as {kind} "
+                              "files have; is it another PDEBench layout?")
         names = list(groups)
         shapes = set()
         for g, group in groups.items():
@@ -170,6 +182,12 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
             raise SchemaError(f"{path}: force {f['force'].shape} must be [N,H,W,2], "
                               f"{(n, h, w, 2)} beside velocity {f['velocity'].shape}")
     else:
+        missing = [name for name in FIELDS[kind] if not isinstance(_member(f, name, path),
+                                                                  h5py.Dataset)]
+        if missing:
+            raise SchemaError(f"{path}: {', '.join(missing)} missing: {kind} files hold "
+                              f"{', '.join(FIELDS[kind])} [N,T,H,W]; is it another PDEBench "
+                              "layout?")
         shapes = {name: f[name].shape for name in FIELDS[kind]}
         if len(set(shapes.values())) != 1 or len(shapes["Vx"]) != 4:
             raise SchemaError(f"{path}: Vx, Vy, density, pressure must share one [N,T,H,W] "

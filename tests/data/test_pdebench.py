@@ -565,3 +565,41 @@ def test_a_file_is_listed_once_and_each_trajectory_group_opened_once(tmp_path):
         sys.setprofile(None)
     assert pf.kind == "swe" and pf.groups == names
     assert opened == {name: 1 for name in names}
+
+
+def test_a_first_trajectory_group_without_data_is_named(tmp_path, capsys):
+    """A shallow-water file whose first group (0000) has lost its `data`: the layout was told
+    from that group alone, so the file was 'not a PDEBench 2D layout' to the dataset and the
+    loader, and a Well file with eleven problems to the checker. The layout is now told from
+    the first group holding data, and the line names the group without it, as for any other."""
+    from dsfm.data.check import main
+    path = tmp_path / "2D_rdb_NA_NA.h5"
+    with h5py.File(path, "w") as f:
+        f.create_dataset("0000/grid/t", data=np.arange(5, dtype=np.float32))
+        for i in range(1, 4):
+            f.create_dataset(f"{i:04d}/data", data=np.ones((5, 8, 8, 1), np.float32))
+    refused_by_both(path, f"{path}: /0000/data is missing")
+    assert main([str(path)]) == 1
+    assert capsys.readouterr().out.splitlines() == [f"{path}: /0000/data is missing"]
+
+
+@pytest.mark.parametrize("kind", ["comp_ns", "swe"])
+def test_a_kind_of_another_layout_is_said_as_such(tmp_path, kind):
+    """`kind=` naming another layout than the file's: a shallow-water file read as comp_ns was
+    'damaged, regenerate or re-download it' (h5py's KeyError for Vx), a CFD file read as swe
+    one whose 'trajectory groups disagree on data shape: []'. Each now says what the kind
+    needs and the file lacks."""
+    path = tmp_path / "2D_rdb_NA_NA.h5"
+    if kind == "comp_ns":
+        write_pdebench(str(path), "swe", {"h": np.zeros((3, 5, 8, 8))}, np.arange(8),
+                       np.arange(8), np.arange(5))
+        line = (f"{path}: Vx, Vy, density, pressure missing: comp_ns files hold Vx, Vy, "
+                "density, pressure [N,T,H,W]; is it another PDEBench layout?")
+    else:
+        path = tmp_path / "2D_CFD_Rand_periodic_Train.hdf5"
+        _cfd_file(path, 3, 5, 8, 8, seed=0)
+        line = (f"{path}: no trajectory groups holding data [T,H,W,C], as swe files have; is "
+                "it another PDEBench layout?")
+    with pytest.raises(SchemaError) as err:
+        PDEBenchDataset(str(path), kind=kind)
+    assert str(err.value) == line
