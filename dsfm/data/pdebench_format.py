@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass
 
 import h5py
@@ -196,14 +197,21 @@ def _inspect(f: h5py.File, path: str, kind: str | None, boundary: str | None) ->
         wide.update(name for name in FIELDS[kind] if _wide(f[name].dtype))
     _check_coordinates(f, path, kind, groups[names[0]] if names else None, n, t, h, w)
     if boundary is None:
-        boundary = BOUNDARY[kind]
-        name = os.path.basename(path).lower()
-        if "periodic" in name:
-            boundary = "PERIODIC"
-        elif kind == "comp_ns" and ("outgoing" in name or "trans" in name):
-            boundary = "OPEN"
+        boundary = boundary_from_name(kind, path)
     return PDEBenchFile(path, kind, n, t, (h, w), names, boundary.upper(), tuple(sorted(wide)),
                         force)
+
+
+def boundary_from_name(kind: str, path: str) -> str:
+    """The boundary a PDEBench file's name gives (`..._periodic_128_Train.hdf5`; CFD's `trans`
+    and `outgoing` are open), else the layout's own: whole words of the name, split at `_`,
+    `-` and `.` (a substring match read `nonperiodic` as periodic and `transonic` as open)."""
+    words = set(re.split(r"[_.\-]", os.path.basename(path).lower()))
+    if "periodic" in words:
+        return "PERIODIC"
+    if kind == "comp_ns" and words & {"outgoing", "trans"}:
+        return "OPEN"
+    return BOUNDARY[kind]
 
 
 def force_mismatch(a: PDEBenchFile, b: PDEBenchFile) -> str | None:

@@ -603,3 +603,19 @@ def test_a_kind_of_another_layout_is_said_as_such(tmp_path, kind):
     with pytest.raises(SchemaError) as err:
         PDEBenchDataset(str(path), kind=kind)
     assert str(err.value) == line
+
+
+def test_the_boundary_comes_from_whole_words_of_the_file_name():
+    """A substring match read `nonperiodic` as periodic and `transonic` as open."""
+    from dsfm.data.pdebench_format import boundary_from_name
+
+    assert boundary_from_name("diff_react", "/d/2D_diff-react_NA_NA.h5") == "WALL"
+    assert boundary_from_name("swe", "/d/2D_rdb_NA_periodic.h5") == "PERIODIC"
+    assert boundary_from_name(
+        "comp_ns", "/d/2D_CFD_Rand_M0.1_Eta0.01_Zeta0.01_periodic_128_Train.hdf5") == "PERIODIC"
+    assert boundary_from_name("comp_ns", "/d/2D_CFD_Shock_trans_Train.hdf5") == "OPEN"
+    assert boundary_from_name("comp_ns", "/d/2D_CFD_outgoing-512.hdf5") == "OPEN"
+    assert boundary_from_name("swe", "/d/2D_rdb_nonperiodic.h5") == "OPEN"
+    assert boundary_from_name("incomp_ns", "/periodic/ns_aperiodic_512.h5") == "WALL"
+    assert boundary_from_name("comp_ns", "/d/2D_CFD_transonic_periodic.hdf5") == "PERIODIC"
+    assert boundary_from_name("comp_ns", "/d/2D_CFD_transonic.hdf5") == "PERIODIC"
