@@ -36,7 +36,8 @@ class DataConfig(_Strict):
     datasets: list[str] = Field(default_factory=list, description="dataset names under `base` "
                                 "or paths to dataset directories; empty: every dataset in base")
     pdebench: list[str] = Field(default_factory=list, description="PDEBench HDF5 files or "
-                                "directories, mixed in after the Well datasets")
+                                "directories, mixed in after the Well datasets; a relative "
+                                "path is taken from the working directory, not from `base`")
     weights: Optional[list[Annotated[float, Field(ge=0)]]] = Field(
         None, description="mixture weights in the order of the datasets (uniform when unset)")
     n_steps_input: int = Field(4, ge=1, description="input frames per window (read by the "

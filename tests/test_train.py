@@ -815,8 +815,7 @@ def test_resume_with_another_sampling_is_refused_before_the_process_group(demo_b
 
     os.remove(os.path.join(data, "euler_2d", "data", "train", "euler_2d_mach_1.hdf5"))
     assert (f"--resume: {run_dir / 'checkpoints' / 'step00000003'} was trained on 160 train "
-            "windows of dataset euler_2d, which has 80 now (its files under data.base "
-            "changed)") in refused()
+            "windows of dataset euler_2d, which has 80 now (its files changed)") in refused()
 
 
 def test_resume_with_another_freeze_is_refused(demo_base, tmp_path):

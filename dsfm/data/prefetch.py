@@ -180,7 +180,8 @@ def refuse_one_name_twice(indexed: Sequence[IndexedDataset]) -> None:
                 f"{indexed[first].path} and {entry.path} are both dataset "
                 f"{entry.source.name!r} (the name their files give, which names a dataset's "
                 "losses, metrics, field columns and sampler state): two datasets of one name "
-                "cannot be mixed; leave one out, or give one's files another dataset_name")
+                "cannot be mixed; leave one out, or give one's files another dataset_name (a "
+                "PDEBench source is named after its file or folder: rename that)")
 
 
 def _refuse_what_is_no_source(path: str) -> None:

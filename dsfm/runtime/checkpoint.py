@@ -356,7 +356,7 @@ def check_sampler(meta: dict, tag_dir: str, ours: dict) -> None:
         if before == now:
             continue
         raise ConfigError(f"{where} on {before} train windows of dataset {name}, which has "
-                          f"{now} now (its files under data.base changed); the loader's place "
+                          f"{now} now (its files changed); the loader's place "
                           "in it counts windows: resume with the data it was trained on, or "
                           "start a new run from its weights with train.init_from")
     if not np.allclose(saved["shares"], ours["shares"]):
