@@ -13,7 +13,7 @@ import re
 from typing import Annotated, Any, Literal, Optional, Sequence
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from dsfm.errors import ConfigError
 
@@ -25,6 +25,15 @@ class _Strict(BaseModel):
     # strict: no true for 1, no 2.0 for 2, no "yes" for a number; no NaN or infinity anywhere
     model_config = ConfigDict(extra="forbid", validate_assignment=True, strict=True,
                               allow_inf_nan=False)
+
+
+def _home(path):
+    """`~` and `~user` at the start of a path, expanded: nothing else does (a `--set` is not a
+    shell word the shell would expand, nor a YAML file), so `data.base=~/data` read or, with
+    data.generate, simulated into a directory named `~` under the working directory."""
+    if isinstance(path, list):
+        return [_home(p) for p in path]
+    return os.path.expanduser(path) if isinstance(path, str) else path
 
 
 class DataConfig(_Strict):
@@ -50,6 +59,8 @@ class DataConfig(_Strict):
                                      "embedding column across datasets")
     num_workers: int = Field(2, ge=1, description="reader processes per rank")
     ring_slots: Optional[int] = Field(None, ge=2)
+
+    _expand_home = field_validator("base", "datasets", "pdebench")(_home)
 
 
 class ModelConfig(_Strict):
@@ -105,6 +116,8 @@ class TrainConfig(_Strict):
     fused_grad_norm: bool = Field(True, description="ZeRO: the clipping norm as one "
                                   "multi-tensor norm (as torch's clip_grad_norm_) instead of "
                                   "DeepSpeed's two operators per parameter tensor")
+
+    _expand_home = field_validator("init_from")(_home)
 
 
 class MonitorConfig(_Strict):

@@ -54,13 +54,16 @@ from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--ds_config", required=True, help="DeepSpeed JSON config (batch, "
-                    "accumulation, clipping, optimizer, schedule, ZeRO stage)")
-    ap.add_argument("--config", default=None, help="run preset YAML (default: "
+    # the shell expands ~ in `--run-dir ~/r` but not in `--run-dir=~/r`, which made a directory
+    # named ~ under the working directory
+    path = os.path.expanduser
+    ap.add_argument("--ds_config", required=True, type=path, help="DeepSpeed JSON config "
+                    "(batch, accumulation, clipping, optimizer, schedule, ZeRO stage)")
+    ap.add_argument("--config", default=None, type=path, help="run preset YAML (default: "
                     "dsfm/configs/demo.yaml; a bare name is looked up in dsfm/configs/)")
     ap.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config value, e.g. --set train.max_steps=20 (repeatable)")
-    ap.add_argument("--run-dir", default=None, help="output folder (default "
+    ap.add_argument("--run-dir", default=None, type=path, help="output folder (default "
                     "runs/<name>-<timestamp>)")
     ap.add_argument("--resume", action="store_true", help="continue from the newest "
                     "checkpoint in --run-dir (default: the newest runs/<name>-* folder)")

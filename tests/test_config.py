@@ -143,6 +143,23 @@ def test_unknown_key_in_a_yaml_file_is_named(tmp_path):
         load_config(str(tmp_path / "nope.yaml"))
 
 
+def test_a_home_directory_in_a_path_is_expanded(tmp_path, monkeypatch):
+    """`~` in a path value reached the data code as is (a `--set` is no shell word, a YAML
+    file no shell): data.base=~/well was looked for under a directory named ~ in the working
+    directory, and with data.generate simulated into one there."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(None, ["data.base=~/well", "data.datasets=[~/more/euler_2d, shear_flow]",
+                             "data.pdebench=[~/pde/*.h5]", "train.init_from=~/model.pt"])
+    assert cfg.data.base == str(tmp_path / "well")
+    assert cfg.data.datasets == [str(tmp_path / "more" / "euler_2d"), "shear_flow"]
+    assert cfg.data.pdebench == [str(tmp_path / "pde" / "*.h5")]
+    assert cfg.train.init_from == str(tmp_path / "model.pt")
+    path = tmp_path / "run.yaml"
+    path.write_text("data:\n  base: ~/well\n")
+    assert load_config(str(path)).data.base == str(tmp_path / "well")
+    assert load_config(None, ["train.init_from=null"]).train.init_from is None
+
+
 def test_custom_model_shape_needs_all_three_numbers():
     cfg = load_config(None, ["model.size=null", "model.dim=64", "model.heads=4",
                              "model.blocks=2"])

@@ -632,6 +632,22 @@ def test_missing_data_names_the_path(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_a_home_directory_in_paths_is_expanded(tmp_path, monkeypatch):
+    """`--run-dir=~/r` (one word: the shell expands no ~ there) and `--set data.base=~/d`
+    reached the run as is, a directory named ~ under the working directory."""
+    from dsfm.train import parse_args
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+                "--set", "data.base=~/none", "--set", "data.generate=null",
+                "--set", "data.datasets=[euler_2d]"])
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"not found: {tmp_path / 'none' / 'euler_2d'} " in proc.stderr
+    args = parse_args(["--ds_config=~/ds.json", "--config=~/run.yaml", "--run-dir=~/r"])
+    assert (args.ds_config, args.config, args.run_dir) == (
+        str(tmp_path / "ds.json"), str(tmp_path / "run.yaml"), str(tmp_path / "r"))
+
+
 def test_an_evaluation_the_valid_split_cannot_serve_stops_the_run_before_its_first_step(
         demo_base, tmp_path):
     """A rollout longer than the valid trajectories allow is refused at start-up, naming the
