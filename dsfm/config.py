@@ -176,11 +176,40 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
-# YAML 1.1 (PyYAML) reads 1e-3 as a string, YAML 1.2 as a number; the strict config would
-# refuse the string, so exponents without a dot are numbers here too
-_UniqueKeyLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
-    list("-+0123456789"))
+# Numbers as YAML 1.2 reads them, not PyYAML's YAML 1.1: 010 is ten (1.1: octal 8), 1:30 a
+# string (1.1: 90, in base 60), 1e-3 a number (1.1: a string, which the strict config
+# refused); 0x, 0o and 0b give a base. No field takes a date: 2024-05-01 is a string (a name)
+_INT = re.compile(r"^[-+]?(?:[0-9][0-9_]*|0[xX][0-9a-fA-F_]+|0[oO][0-7_]+|0[bB][01_]+)$")
+_FLOAT = re.compile(r"^(?:[-+]?(?:[0-9][0-9_]*\.[0-9_]*|\.[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)?"
+                    r"|[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$")
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, {"tag:yaml.org,2002:int": _INT, "tag:yaml.org,2002:float": _FLOAT}.get(tag, r))
+            for tag, r in resolvers if tag != "tag:yaml.org,2002:timestamp"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+
+
+def _construct_int(loader: yaml.SafeLoader, node) -> int:
+    text = loader.construct_scalar(node)
+    digits = text.replace("_", "").lstrip("+-")
+    try:
+        value = int(digits, 0 if digits[1:2] in tuple("xXoObB") else 10)
+    except ValueError:                        # `!!int abc`: PyYAML's own raises a ValueError
+        raise yaml.constructor.ConstructorError(None, None, f"{text!r} is not an integer",
+                                                node.start_mark) from None
+    return -value if text.startswith("-") else value
+
+
+_UniqueKeyLoader.add_constructor("tag:yaml.org,2002:int", _construct_int)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Quotes a string that YAML 1.1 or the loader above would read as a number, so that a
+    run's config.yaml reads back as it was (`name: '1e3'` was written bare, read back as
+    1000.0)."""
+
+
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:int", _INT, list("-+0123456789"))
+_Dumper.add_implicit_resolver("tag:yaml.org,2002:float", _FLOAT, list("-+0123456789."))
 
 
 def _yaml_error(exc: yaml.YAMLError) -> str:
@@ -313,4 +342,4 @@ def load_config(path: str | None = None, sets: list[str] = (),
 
 
 def dump(cfg: RunConfig) -> str:
-    return yaml.safe_dump(cfg.model_dump(), sort_keys=False)
+    return yaml.dump(cfg.model_dump(), Dumper=_Dumper, sort_keys=False)

@@ -561,3 +561,46 @@ def test_exponents_without_a_dot_are_numbers():
     assert cfg.monitor.interval_s == 0.5 and cfg.model.drop_path == 0.1
     with pytest.raises(ConfigError, match="valid integer \\(got 1000.0\\)"):
         load_config(None, ["train.max_steps=1e3"])
+
+
+@pytest.mark.parametrize("assignment, value", [
+    ("train.seed=010", 10),                   # YAML 1.1: octal, 8
+    ("train.seed=0o17", 15),
+    ("train.seed=0x1F", 31),
+    ("train.seed=-0", 0),
+    ("train.seed=10_000", 10000),
+    ("name=12:30", "12:30"),                  # YAML 1.1: 750, in base 60
+    ("name=2024-05-01", "2024-05-01"),        # YAML 1.1: a date
+])
+def test_numbers_are_read_as_yaml_1_2_reads_them(assignment, value):
+    """PyYAML (YAML 1.1) read 010 as 8 and 1:30 as 90 without a word, and a date-like name
+    as a date, which the strict config refused."""
+    key, _ = assignment.split("=", 1)
+    section, _, field = key.rpartition(".")
+    cfg = load_config(None, [assignment])
+    assert getattr(getattr(cfg, section) if section else cfg, field) == value
+
+
+def test_a_number_yaml_1_1_read_in_base_60_or_a_bad_int_tag_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match=r"train.max_steps: input should be a valid integer "
+                                          r"\(got '1:30'\)"):
+        load_config(None, ["train.max_steps=1:30"])
+    with pytest.raises(ConfigError, match="--set train.max_steps: cannot parse .*'abc' is not "
+                                          "an integer"):
+        load_config(None, ["train.max_steps=!!int abc"])
+    path = tmp_path / "run.yaml"
+    path.write_text("train:\n  seed: 010\n  max_steps: 1:30\n")
+    with pytest.raises(ConfigError, match=r"got '1:30'"):
+        load_config(str(path))
+
+
+def test_a_run_config_dumped_reads_back_the_same(tmp_path):
+    """dump() wrote strings that read back as numbers bare (`name: 1e3` read back as 1000.0),
+    so a run's config.yaml given as --config was refused."""
+    cfg = load_config(None, ["name='1e3'", "data.datasets=['010', '0o7', '1:30', 2024-05-01]",
+                             "data.weights=[1, 1e-9, 0.5, 2e20]"])
+    path = tmp_path / "config.yaml"
+    path.write_text(dump(cfg))
+    assert load_config(str(path)) == cfg
+    assert yaml.safe_load(path.read_text())["data"]["datasets"] == ["010", "0o7", "1:30",
+                                                                   "2024-05-01"]
