@@ -125,7 +125,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     seed). Returns the DeepSpeed config to run with, the pretrained payload (None without
     init_from), notes for the log, the evaluation plan and how the warmup schedulers run (a
     checkpoint's, on resume)."""
-    from dsfm.data.prepare import dataset_paths, datasets_in
+    from dsfm.data.prepare import check_to_generate, dataset_paths, datasets_in
     from dsfm.models.avit import AViTConfig
 
     data = cfg.data
@@ -135,6 +135,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     paths = None
     if not data.generate or datasets_in(data.base, complete=True):
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
+    else:
+        check_to_generate(data.base, data.datasets, data.pdebench, data.generate)
     pretrained = None
     notes = []
     if cfg.train.init_from:

@@ -632,6 +632,22 @@ def test_missing_data_names_the_path(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
+def test_data_the_simulation_will_not_make_is_refused_before_it_runs(tmp_path):
+    """With data.generate and no data in data.base yet, a listed dataset the preset does not
+    make, or a PDEBench file that is not there, was found missing only after the process
+    group started and the simulation ran (about 11 minutes for `small`), with exit code 1."""
+    base = tmp_path / "gen"
+    for sets, missing in [(["data.datasets=[euler_2d, shear_flow]"], base / "shear_flow"),
+                          ([f"data.pdebench=[{tmp_path / 'swe.h5'}]"], tmp_path / "swe.h5")]:
+        proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+                    "--run-dir", str(tmp_path / "r"), "--set", f"data.base={base}",
+                    "--set", "data.generate=demo"] + [a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stderr.startswith(f"error: data: not found: {missing} ")
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert not base.exists() and not (tmp_path / "r").exists()    # nothing simulated
+
+
 def test_a_home_directory_in_paths_is_expanded(tmp_path, monkeypatch):
     """`--run-dir=~/r` (one word: the shell expands no ~ there) and `--set data.base=~/d`
     reached the run as is, a directory named ~ under the working directory."""
