@@ -255,11 +255,14 @@ def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
 
 
 def newest_run(cfg: RunConfig) -> str | None:
-    """The newest runs/<name>-<YYYYmmdd-HHMMSS> folder (not another preset's runs/<name>-x-*)."""
-    pattern = re.compile(re.escape(cfg.name) + r"-\d{8}-\d{6}")
-    old = sorted(d for d in os.listdir("runs") if pattern.fullmatch(d)) \
-        if os.path.isdir("runs") else []
-    return os.path.join("runs", old[-1]) if old else None
+    """The newest runs/<name>-<YYYYmmdd-HHMMSS> folder (not another preset's runs/<name>-x-*).
+    Looked for where choose_run_dir puts it: a name with a / (`lab/exp1`) makes its runs in
+    runs/lab/, where --resume did not look, saying there was no such folder."""
+    parent, stem = os.path.split(os.path.join("runs", cfg.name))
+    pattern = re.compile(re.escape(stem) + r"-\d{8}-\d{6}")
+    old = sorted(d for d in os.listdir(parent) if pattern.fullmatch(d)) \
+        if os.path.isdir(parent) else []
+    return os.path.join(parent, old[-1]) if old else None
 
 
 def choose_run_dir(args: argparse.Namespace, cfg: RunConfig) -> str:

@@ -1154,6 +1154,23 @@ def test_resume_without_run_dir_takes_the_newest_run_of_this_name(demo_base, tmp
     assert "dim/heads/blocks (48, 3, 2), this run builds (96, 3, 2)" in proc.stderr
 
 
+def test_resume_without_run_dir_finds_a_run_whose_name_has_a_folder(tmp_path, monkeypatch):
+    """name=lab/exp1 makes its runs in runs/lab/ (choose_run_dir), where --resume did not look:
+    it said there was no runs/lab/exp1-<timestamp> folder."""
+    from dsfm.config import load_config
+    from dsfm.train import newest_run
+
+    monkeypatch.chdir(tmp_path)
+    for d in ["lab/exp1-20261129-224901", "lab/exp1-20261130-080000", "lab/exp1-x-20991231-235959",
+              "exp1-20991231-235959"]:
+        (tmp_path / "runs" / d).mkdir(parents=True)
+    assert newest_run(load_config(None, ["name=lab/exp1"])) == \
+        os.path.join("runs", "lab", "exp1-20261130-080000")
+    assert newest_run(load_config(None, ["name=exp1"])) == \
+        os.path.join("runs", "exp1-20991231-235959")
+    assert newest_run(load_config(None, ["name=other/exp1"])) is None
+
+
 def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base, tmp_path):
     """train.init_from=RUN_DIR consolidates the newest checkpoint in memory (an export of an
     older one is not used, and nothing is written there); a model that does not fit the config
