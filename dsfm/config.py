@@ -79,7 +79,8 @@ class ModelConfig(_Strict):
 
 
 class TrainConfig(_Strict):
-    seed: int = Field(0, ge=0)
+    # lt: torch.manual_seed takes 64 bits; a larger seed stopped the run after the process group
+    seed: int = Field(0, ge=0, lt=2**64)
     max_steps: int = Field(200, ge=1, description="optimizer steps (the run ends there)")
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(100, ge=0, description="0: only at the end and on signals")
