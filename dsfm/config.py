@@ -8,9 +8,10 @@ in the `--ds_config` JSON and the run reads them from the engine.
 
 from __future__ import annotations
 
+import json
 import os
 import re
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -247,10 +248,14 @@ def apply_set(raw: dict, assignment: str, origin: str = "--set") -> None:
                               f"{', '.join(_known_keys(node_model))}")
         if depth == len(parts) - 1:
             try:
-                node[part] = parse_yaml(text) if text.strip() else None
+                value = parse_yaml(text) if text.strip() else None
             except yaml.YAMLError as exc:
                 raise ConfigError(f"{origin} {key}: cannot parse {text!r} as a YAML value "
                                   f"({_yaml_error(exc)})") from None
+            # a section given as a mapping sets those keys in it: it replaced the section, so
+            # --set train={max_steps: 5} put every other train key of the preset back to its
+            # default without a word
+            node[part] = _merged(node.get(part), value)
             return
         sub = fields[part].annotation
         if not (isinstance(sub, type) and issubclass(sub, BaseModel)):
@@ -264,6 +269,24 @@ def apply_set(raw: dict, assignment: str, origin: str = "--set") -> None:
                               f"{type(node).__name__}, not a section of keys; {origin} {key} "
                               "cannot go under it")
         node_model = sub
+
+
+def _merged(old, new):
+    """`new` over `old`, key by key where both are mappings (sections within sections too)."""
+    if not (isinstance(old, dict) and isinstance(new, dict)):
+        return new
+    out = dict(old)
+    for k, v in new.items():
+        out[k] = _merged(old.get(k), v)
+    return out
+
+
+def environment_sets(environ: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
+    """Settings from the environment, as `load_config`'s `env_sets`: $DSFM_DATA is data.base,
+    taken as it is written (it was read as YAML: a path `data #1` was cut at the comment, and
+    one named `2024` read as a number and refused)."""
+    base = environ.get("DSFM_DATA")
+    return [("$DSFM_DATA", "data.base=" + json.dumps(base))] if base else []
 
 
 def _section(loc: tuple) -> type[BaseModel]:

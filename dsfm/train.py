@@ -29,7 +29,7 @@ if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): 
 
 import torch  # noqa: E402
 
-from dsfm.config import RunConfig, dump, load_config  # noqa: E402
+from dsfm.config import RunConfig, dump, environment_sets, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
@@ -75,9 +75,7 @@ def read_configs(args: argparse.Namespace,
                  world_size: int) -> tuple[RunConfig, dict, list[str]]:
     """The run config and the DeepSpeed config, checked; warnings about the latter for the
     log."""
-    env_sets = [("$DSFM_DATA", f"data.base={os.environ['DSFM_DATA']}")] \
-        if os.environ.get("DSFM_DATA") else []
-    cfg = load_config(args.config, args.sets, env_sets)
+    cfg = load_config(args.config, args.sets, environment_sets())
     try:
         with open(args.ds_config, "rb") as fh:
             ds_config = json.load(fh)

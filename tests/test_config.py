@@ -6,7 +6,7 @@ import os
 import pytest
 import yaml
 
-from dsfm.config import PRESETS_DIR, apply_set, dump, load_config
+from dsfm.config import PRESETS_DIR, apply_set, dump, environment_sets, load_config
 from dsfm.errors import ConfigError
 from dsfm.runtime import ds_config as ds_settings
 from dsfm.runtime import schedule
@@ -114,6 +114,29 @@ def test_a_list_where_a_section_belongs_is_blamed_on_the_file_not_the_set(tmp_pa
     path.write_text("data:\n  - euler_2d\n")
     path.write_text("data:\ntrain:\n  max_steps: 3\n")     # an empty section is fine
     assert load_config(str(path), ["data.base=/x"]).data.base == "/x"
+
+
+def test_a_section_given_to_set_as_a_mapping_sets_those_keys_only():
+    """--set train={max_steps: 5} replaced the whole section: the preset's other train keys
+    (here mpp_b's checkpoint_every, eval_every, rollout_steps) went back to their defaults
+    without a word. Now it sets the keys it names, as train.max_steps=5 does."""
+    preset = load_config("mpp_b")
+    cfg = load_config("mpp_b", ["train={max_steps: 5, log_every: 1}", "data={num_workers: 2}"])
+    assert (cfg.train.max_steps, cfg.train.log_every, cfg.data.num_workers) == (5, 1, 2)
+    assert cfg.train.model_dump(exclude={"max_steps", "log_every"}) == \
+        preset.train.model_dump(exclude={"max_steps", "log_every"})
+    assert cfg.data.datasets == preset.data.datasets and cfg.data.base == preset.data.base
+    with pytest.raises(ConfigError, match="unknown key train.max_step"):
+        load_config("mpp_b", ["train={max_step: 5}"])
+
+
+@pytest.mark.parametrize("base", ["data #1", "2024", "on", "/x/[a]: b"])
+def test_dsfm_data_is_taken_as_written(base):
+    """$DSFM_DATA was read as YAML: `data #1` became `data`, and `2024` or `on` a number or a
+    boolean the config refused."""
+    cfg = load_config(None, [], environment_sets({"DSFM_DATA": base}))
+    assert cfg.data.base == base
+    assert environment_sets({}) == [] and environment_sets({"DSFM_DATA": ""}) == []
 
 
 def test_a_section_with_nothing_under_it_is_empty_in_the_file_as_under_a_set(tmp_path):
