@@ -566,15 +566,21 @@ def offset_wide_blocks(blocks: list[Block], wide: list[bool], shift: np.ndarray)
 
 def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
                 stride: int = 1) -> WindowSource:
-    """The time-varying fields of a Well dataset split (its files' layouts), one block each."""
+    """The time-varying fields of a Well dataset split (its files' layouts), one block each. A
+    field stored without a trajectory axis (`sample_varying` false: one forcing shared by every
+    trajectory) is read from its time axis alone for every trajectory; it must be stored so in
+    every file of the split, as the blocks are the same for all of them."""
     first = layouts[0]
     n = n_in + n_out
     windows = count_windows([(lay.path, lay.n_steps) for lay in layouts], n_in, n_out, stride)
-    for lay in layouts:
-        for fl in lay.variable_fields:
-            if not fl.sample_varying:
-                raise ConfigError(f"{lay.path}: /{fl.path} is time-varying but not "
-                                  "sample-varying; the loader needs one value per trajectory")
+    for lay in layouts[1:]:
+        for fl, fl0 in zip(lay.variable_fields, first.variable_fields):
+            if fl.sample_varying != fl0.sample_varying:
+                raise ConfigError(
+                    f"{lay.path}: /{fl.path} has sample_varying={fl.sample_varying}, but "
+                    f"{fl0.sample_varying} in {first.path}; the loader reads a field alike from "
+                    "every file of a dataset: store it with (or without) its trajectory axis "
+                    "in all of them")
     clash = channel_clash(first)
     if clash:
         raise ConfigError(clash)
@@ -584,7 +590,7 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
         shape = (n,) + spatial + (first.n_spatial_dims,) * fl.order
         bshape = (n,) + tuple(s if used else 1 for s, used in
                               zip(first.spatial_shape, fl.dim_varying)) + (fl.n_channels,)
-        blocks.append(Block(fl.path, True, shape, bshape))
+        blocks.append(Block(fl.path, fl.sample_varying, shape, bshape))
     return WindowSource(
         name=first.dataset_name, files=[lay.path for lay in layouts],
         index=WindowIndex([lay.n_trajectories for lay in layouts], windows),
@@ -650,8 +656,10 @@ def first_nonfinite(source: WindowSource, windows, flat: np.ndarray) -> str:
         fi, traj, t0 = source.locate(int(w))
         t = t0 + int(np.unravel_index(flat_index, values.shape)[0]) * source.stride
         group = source.groups[fi][traj] if source.groups[fi] else ""
+        # an array without a trajectory axis or group (a Well field every trajectory shares)
+        shared = not blk.indexed and "{group}" not in blk.path
         return (f"{source.files[fi]}: /{blk.name_in(group)}",
-                f"trajectory {traj}, time index {t}")
+                f"{'all trajectories' if shared else f'trajectory {traj}'}, time index {t}")
 
     for b, w in enumerate(windows):
         for blk, (offset, k, shape, _, _) in zip(source.blocks, plan):

@@ -33,6 +33,7 @@ from tests.data.well_fixtures import (
     nan_pressure_copy,
     partial_dims_file,
     rich_2d_file,
+    shared_forcing_file,
     store_fields_as,
 )
 
@@ -187,6 +188,51 @@ def test_float16_fields_equal_the_drop_in_reader(tmp_path, path_id, request):
             for b, w in enumerate(batch.windows):
                 x, y = reference(ref, int(w), 2)
                 assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
+
+
+@pytest.mark.parametrize("path_id", list(PATHS))
+@pytest.mark.parametrize("normalization", ["zscore", "rms"])
+def test_fields_every_trajectory_shares_equal_the_drop_in_reader(tmp_path, normalization,
+                                                                 path_id, request):
+    """A time-varying field stored without a trajectory axis (sample_varying false: a forcing
+    every trajectory shares), which upstream and the drop-in reader read, was refused by the
+    loader ('needs one value per trajectory'). Every assembly path now reads it for each
+    trajectory from its time axis, with the drop-in's values bit for bit, in every split."""
+    assemble_on, fused = PATHS[path_id]
+    if fused:
+        request.getfixturevalue("normalize_kernel")
+    root = make_dataset(str(tmp_path), "shared_forcing", shared_forcing_file)
+    for split in ("train", "valid"):
+        ref = WellDataset(path=root, well_split_name=split, n_steps_input=2, n_steps_output=2,
+                          use_normalization=True, normalization_type=normalization)
+        with WellLoader([root], split=split, n_steps_input=2, n_steps_output=2, batch_size=3,
+                        num_workers=1, seed=2, normalization=normalization,
+                        assemble_on=assemble_on, native_kernel=fused) as loader:
+            assert loader.native_kernel_used == bool(fused)
+            trajectories = set()
+            for _, batch in zip(range(8), loader):
+                assert batch.x.shape == (3, 2, 6, 12, 10)
+                for b, w in enumerate(batch.windows):
+                    trajectories.add(ref.locate(int(w))[:2])
+                    x, y = reference(ref, int(w), 2)
+                    assert torch.equal(batch.x[b], x) and torch.equal(batch.y[b], y)
+                    assert batch.bcs[b].tolist() == [[0.0, 0.0], [2.0, 2.0]]
+            assert len(trajectories) > 2
+
+
+def test_a_field_shared_in_one_file_and_per_trajectory_in_another_is_refused(tmp_path):
+    """The loader reads a field alike from every file of a split: one stored with a trajectory
+    axis in one file and without in another is refused at indexing, naming both files."""
+    root = tmp_path / "shared_forcing"
+    os.makedirs(root / "data" / "train")
+    rng = np.random.default_rng(0)
+    shared_forcing_file(str(root / "data" / "train" / "a.hdf5"), rng)
+    shared_forcing_file(str(root / "data" / "train" / "b.hdf5"), rng, shared=False)
+    write_stats(str(root))
+    WellDataset(path=str(root), well_split_name="train")       # the drop-in reads both
+    with pytest.raises(ConfigError, match=r"b\.hdf5: /t0_fields/forcing has "
+                       r"sample_varying=True, but False in .*a\.hdf5"):
+        WellLoader([str(root)], n_steps_input=2, batch_size=2, num_workers=1)
 
 
 @pytest.mark.parametrize("assemble_on,direct", [("readers", True), ("readers", False),
@@ -390,6 +436,23 @@ def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
                 next(loader)
     assert "/t0_fields/pressure has NaN/Inf" in str(exc.value)
     assert "time index 7" in str(exc.value)
+
+
+@pytest.mark.parametrize("assemble_on", ["readers", "device"])
+def test_nan_in_a_field_every_trajectory_shares_is_named_as_such(tmp_path, assemble_on):
+    """A NaN in a field stored once for all trajectories was named at the trajectory of the
+    window that met it ('trajectory 1'), as if only that one held it: now 'all trajectories',
+    as the drop-in reader says."""
+    root = make_dataset(str(tmp_path), "shared_forcing", shared_forcing_file,
+                        files_per_split=1)
+    with h5py.File(os.path.join(root, "data", "train", "shared_forcing_0.hdf5"), "r+") as f:
+        f["t0_fields/forcing"][5, 3, 4] = np.nan
+    with WellLoader([root], n_steps_input=2, batch_size=2, num_workers=1,
+                    assemble_on=assemble_on) as loader:
+        with pytest.raises(NonFiniteError) as exc:
+            for _ in range(40):
+                next(loader)
+    assert "/t0_fields/forcing has NaN/Inf at all trajectories, time index 5" in str(exc.value)
 
 
 @pytest.mark.parametrize("path_id", list(PATHS))

@@ -13,6 +13,7 @@ from tests.data.well_fixtures import (
     make_dataset,
     partial_dims_file,
     rich_2d_file,
+    shared_forcing_file,
     store_fields_as,
 )
 
@@ -122,7 +123,8 @@ def test_reads_upstream_dummy_data(tmp_path):
                                 "constant_scalars", "space_grid"}
 
 
-@pytest.mark.parametrize("writer,name", [(rich_2d_file, "rich_2d"), (cube_3d_file, "cube_3d")])
+@pytest.mark.parametrize("writer,name", [(rich_2d_file, "rich_2d"), (cube_3d_file, "cube_3d"),
+                                         (shared_forcing_file, "shared_forcing")])
 @pytest.mark.parametrize("norm", NORMALIZATIONS)
 def test_fixtures_match_upstream(tmp_path, writer, name, norm):
     root = make_dataset(str(tmp_path), name, writer)

@@ -92,6 +92,25 @@ def partial_dims_file(path, rng, n_traj=2, n_steps=6, shape=(10, 7)):
         boundaries=boundaries_all("PERIODIC", ("x", "y"), shape))
 
 
+def shared_forcing_file(path, rng, n_traj=3, n_steps=8, shape=(12, 10), shared=True):
+    """Time-varying fields that every trajectory shares (sample_varying false, stored without
+    a trajectory axis: a forcing, a wind; `shared=False` stores them per trajectory) beside
+    per-trajectory ones, t0 and t1, on a wall/periodic grid."""
+    lead = (n_steps,) if shared else (n_traj, n_steps)
+    coords = {"x": np.linspace(0, 1, shape[0], dtype=np.float32),
+              "y": np.linspace(0, 2, shape[1], dtype=np.float32)}
+    write_well_file(
+        path, dataset_name="shared_forcing", spatial_dims=("x", "y"), coords=coords,
+        time=np.arange(n_steps, dtype=np.float32), n_trajectories=n_traj,
+        fields=[Field("u", _field(rng, (n_traj, n_steps), shape)),
+                Field("forcing", _field(rng, lead, shape), sample_varying=not shared),
+                Field("velocity", _field(rng, (n_traj, n_steps), shape, (2,)), order=1),
+                Field("wind", _field(rng, lead, shape, (2,)), order=1,
+                      sample_varying=not shared)],
+        boundaries=boundaries_all("WALL", ("x",), shape[:1]) +
+        boundaries_all("PERIODIC", ("y",), shape[1:]))
+
+
 def make_dataset(base, name, writer, seed=0, files_per_split=2, **kwargs):
     """A dataset directory <base>/<name> with train/valid/test files and stats.yaml."""
     rng = np.random.default_rng(seed)
