@@ -572,6 +572,10 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
     every file of the split, as the blocks are the same for all of them."""
     first = layouts[0]
     n = n_in + n_out
+    if not first.variable_fields:
+        raise ConfigError(f"{first.path}: no time-varying field (every field of /t0_fields, "
+                          "/t1_fields and /t2_fields has time_varying false): x and y would "
+                          "have no channels; leave this dataset out of the loader")
     windows = count_windows([(lay.path, lay.n_steps) for lay in layouts], n_in, n_out, stride)
     for lay in layouts[1:]:
         for fl, fl0 in zip(lay.variable_fields, first.variable_fields):

@@ -220,6 +220,27 @@ def test_fields_every_trajectory_shares_equal_the_drop_in_reader(tmp_path, norma
             assert len(trajectories) > 2
 
 
+def test_a_dataset_without_time_varying_fields_is_refused_when_the_loader_is_built(
+        tmp_path, demo_base):
+    """A Well dataset whose fields are all time-invariant gives x and y no channels: alone it
+    failed with 'cannot mmap an empty file', in a mixture with a ValueError from a reader at
+    the first step that drew it. Now one line naming the file, when the loader is built."""
+    root = tmp_path / "static"
+    for split in ("train", "valid", "test"):
+        os.makedirs(root / "data" / split)
+        write_well_file(str(root / "data" / split / "a.hdf5"), dataset_name="static",
+                        spatial_dims=("x", "y"), coords={"x": np.arange(4.0),
+                                                         "y": np.arange(5.0)},
+                        time=np.arange(6.0), n_trajectories=2,
+                        fields=[Field("k", np.ones((2, 4, 5), np.float32),
+                                      time_varying=False)])
+    write_stats(str(root))
+    for datasets in ([str(root)], [os.path.join(demo_base, "euler_2d"), str(root)]):
+        with pytest.raises(ConfigError, match=r"a\.hdf5: no time-varying field .* leave this "
+                           "dataset out of the loader"):
+            WellLoader(datasets, n_steps_input=2, batch_size=2, num_workers=1)
+
+
 def test_a_field_shared_in_one_file_and_per_trajectory_in_another_is_refused(tmp_path):
     """The loader reads a field alike from every file of a split: one stored with a trajectory
     axis in one file and without in another is refused at indexing, naming both files."""
