@@ -34,6 +34,10 @@ def load_stats(path: str, writer: str = "dsfm.data.stats.write_stats") -> dict:
             stats = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         raise StatsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    except (OSError, UnicodeDecodeError) as exc:     # not readable by this user, a directory,
+        # bytes that are not text: a traceback before
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise StatsError(f"{path}: cannot read the stats file ({why})") from None
     if not isinstance(stats, dict):
         raise StatsError(f"{path}: expected a mapping with keys mean, std, rms, ..., got "
                          f"{type(stats).__name__}")

@@ -197,6 +197,15 @@ def test_stats_file_missing(dataset):
     open_ds(dataset)          # without normalization the stats are not needed
 
 
+def test_stats_file_not_text_is_one_line(dataset):
+    """A stats.yaml of bytes that are not UTF-8 (a binary copied over it) was a
+    UnicodeDecodeError traceback."""
+    (dataset / "stats.yaml").write_bytes(b"mean: {a: 1}\n\xff\xfe\n")
+    with pytest.raises(StatsError) as exc:
+        open_ds(dataset, use_normalization=True, normalization_type="zscore")
+    assert_one_line(exc, "stats.yaml", "cannot read the stats file", "can't decode byte 0xff")
+
+
 def test_empty_split_directory(dataset):
     for p in (dataset / "data" / "valid").glob("*"):
         p.unlink()
