@@ -47,3 +47,19 @@ def test_top_level_layout():
     for name in ("setup.py", "README.md", "dsfm", "ds_configs", "perf", "hostfiles", "tests",
                  "docs"):
         assert os.path.exists(os.path.join(REPO, name)), name
+
+
+def test_every_directory_of_modules_is_a_package_setup_py_installs():
+    """setup.py lists its packages with find_packages, which skips a directory without an
+    __init__.py: dsfm/sim had none, so a wheel or `pip install .` (not -e) left the simulators
+    out, and `python -m dsfm.sim` and the demo run's data generation failed there."""
+    from setuptools import find_packages
+
+    found = set(find_packages(where=REPO, include=["dsfm", "dsfm.*", "perf", "perf.*"]))
+    with_modules = set()
+    for top in ("dsfm", "perf"):
+        for folder, dirs, files in os.walk(os.path.join(REPO, top)):
+            dirs[:] = [d for d in dirs if d != "__pycache__"]
+            if any(f.endswith(".py") for f in files):
+                with_modules.add(os.path.relpath(folder, REPO).replace(os.sep, "."))
+    assert sorted(with_modules - found) == []
