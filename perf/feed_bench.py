@@ -66,7 +66,8 @@ def pin(reader_pids: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.feed_bench",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim preset)")
     ap.add_argument("--datasets", nargs="*", default=None)
     ap.add_argument("--size", default="B", type=avit_size, help="AViT size: Ti, S, B, L")

@@ -74,7 +74,8 @@ def _sample_cost(sampler, calls: int, keys) -> tuple[float, float] | tuple[None,
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.monitor_overhead",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=positive_int, default=384)
     ap.add_argument("--matmuls", type=positive_int, default=8)
     ap.add_argument("--seconds", type=positive_float, default=4.0, help="per variant per round")

@@ -76,7 +76,8 @@ def count(fn, stacks: bool = False) -> Counting:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.op_count",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="Ti", type=avit_size, help="AViT size (Ti, S, B, L)")
     ap.add_argument("--res", type=positive_int, default=32)
     ap.add_argument("--frames", type=positive_int, default=4)

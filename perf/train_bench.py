@@ -419,7 +419,8 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.train_bench",
+                                 description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="Ti,S,B,L")
     ap.add_argument("--wrappers", default=None,
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA), "

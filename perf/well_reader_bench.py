@@ -57,7 +57,7 @@ def bench(paths: list[str], split: str, n_items: int, seed: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.well_reader_bench",
-                                 description=__doc__.split("\n")[0])
+                                 description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--base", required=True, help="Well base directory (e.g. from dsfm.sim)")
     ap.add_argument("--split", choices=SPLITS, default="train")
     ap.add_argument("--items", type=positive_int, default=400,

@@ -323,7 +323,9 @@ def check_dataset(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dsfm.data.check",
                                  description=__doc__.split("\n")[0])
-    ap.add_argument("paths", nargs="+", metavar="PATH")
+    ap.add_argument("paths", nargs="+", metavar="PATH",
+                    help="Well files, folders of them, dataset directories, directories of "
+                    "datasets; PDEBench files, or a folder of them as one source")
     ap.add_argument("--no-data", action="store_true",
                     help="check the layout only, skip scanning field data for NaN/Inf")
     args = ap.parse_args(argv)

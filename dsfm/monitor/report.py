@@ -202,8 +202,10 @@ def _unwritable(out: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
-    ap.add_argument("run_dir")
+    ap = argparse.ArgumentParser(prog="python -m dsfm.monitor.report",
+                                 description=__doc__.split("\n\n")[1])
+    ap.add_argument("run_dir", help="run directory (events read from its tb/), or a folder "
+                    "of events")
     ap.add_argument("--out", default=None, help="PNG path (default RUN_DIR/report.png)")
     args = ap.parse_args(argv)
     if not os.path.isdir(args.run_dir):

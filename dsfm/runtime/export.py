@@ -17,7 +17,8 @@ from dsfm.runtime.checkpoint import export_fp32
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[1])
+    ap = argparse.ArgumentParser(prog="python -m dsfm.runtime.export",
+                                 description=__doc__.split("\n\n")[1])
     ap.add_argument("run_dir", help="run directory (or its checkpoints/ folder)")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")
     ap.add_argument("--out", default=None, help="output file (default RUN_DIR/export/"
