@@ -354,6 +354,7 @@ def load_config(path: str | None = None, sets: list[str] = (),
         apply_set(raw, s, origin)
     for s in sets:
         apply_set(raw, s)
+    _size_over_file_shape(raw, sets)
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
@@ -363,6 +364,20 @@ def load_config(path: str | None = None, sets: list[str] = (),
                                                  if touched else ""))) from None
     cfg.model_shape()
     return cfg
+
+
+def _size_over_file_shape(raw: dict, sets: Sequence[str]) -> None:
+    """A `--set model.size=S` builds S: the file's model.dim, heads and blocks are dropped
+    (those a --set gives still win over the size). Set in the file, they won over the --set, so
+    on demo.yaml, which sets all three, `--set model.size=S` built the demo's model without a
+    word."""
+    keys = [s.split("=", 1)[0].strip() for s in sets]
+    model = raw.get("model")
+    if "model.size" not in keys or not isinstance(model, dict) or model.get("size") is None:
+        return
+    for part in ("dim", "heads", "blocks"):
+        if f"model.{part}" not in keys:
+            model.pop(part, None)
 
 
 def dump(cfg: RunConfig) -> str:

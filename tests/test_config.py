@@ -195,6 +195,13 @@ def test_custom_model_shape_needs_all_three_numbers():
     apply_set(raw, "model.dim=128")
     assert raw == {"model": {"dim": 128}}
     assert load_config("mpp_s.yaml", ["model.blocks=6"]).model_shape() == (384, 6, 6)
+    # a --set model.size builds that size over the file's dim, heads and blocks (demo.yaml
+    # sets all three, and they won: the demo's model, without a word); a --set of one of
+    # them still wins over the size
+    assert load_config(None, ["model.size=S"]).model_shape() == (384, 6, 12)
+    assert load_config(None, ["model.blocks=6", "model.size=S"]).model_shape() == (384, 6, 6)
+    assert load_config(None, ["model.size=S", "model.heads=12"]).model_shape() == (384, 12, 12)
+    assert load_config(None, ["model.size=null"]).model_shape() == (96, 3, 4)
 
 
 def test_auto_schedule_steps_come_from_the_run_length():
