@@ -1180,8 +1180,13 @@ def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base,
     ds = ds_config(tmp_path, 2, micro=4)
     pre = tmp_path / "pre"
     train(ds, pre, ["train.max_steps=4", "train.checkpoint_every=2"], data=demo_base)
-    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre), "--tag", "step00000002"])
+    # given the checkpoints/ folder, the export goes to RUN_DIR/export, where init_from looks
+    # (it went to checkpoints/export/)
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre / "checkpoints"), "--tag",
+                "step00000002"])
     assert proc.returncode == 0, proc.stderr
+    assert f"wrote {pre / 'export' / 'model_fp32.pt'} (step00000002)" in proc.stdout
+    assert not (pre / "checkpoints" / "export").exists()
     stale = (pre / "export" / "model_fp32.pt").read_bytes()
     newest = consolidate(str(pre))["model"]
     tune = tmp_path / "tune"
