@@ -182,8 +182,13 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     out = args.out or f"hostfile-{job}"
     header = [f"# DeepSpeed hostfile for SLURM job {job}: SLURM_JOB_NODELIST={nodelist}",
               f"# slots from {source}; written by python -m dsfm.runtime.slurm"]
-    with open(out, "w") as f:
-        f.write("\n".join(header + lines) + "\n")
+    try:
+        with open(out, "w") as f:
+            f.write("\n".join(header + lines) + "\n")
+    except OSError as e:
+        print(f"error: cannot write the hostfile {out}: {e.strerror or e}; pass --out FILE, a "
+              "file in an existing folder you can write to", file=sys.stderr)
+        return 2
     print(f"wrote {len(hosts)} hosts x {slots} slots to {os.path.abspath(out)}")
     return 0
 

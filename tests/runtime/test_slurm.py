@@ -135,6 +135,19 @@ def test_cli_rejects_a_malformed_nodelist(tmp_path, capsys):
     assert not (tmp_path / "h").exists()
 
 
+def test_cli_says_in_one_line_when_the_hostfile_cannot_be_written(tmp_path, capsys):
+    """--out in a folder that does not exist, or naming a folder: that was an OSError's
+    traceback after the nodelist had been read."""
+    environ = {"SLURM_JOB_ID": "77", "SLURM_JOB_NODELIST": "g[1-2]"}
+    for out, why in ((tmp_path / "missing" / "h", "No such file or directory"),
+                     (tmp_path, "Is a directory")):
+        assert main(["--out", str(out)], environ=environ) == 2
+        err = capsys.readouterr().err
+        assert err == f"error: cannot write the hostfile {out}: {why}; pass --out FILE, a file " \
+                      "in an existing folder you can write to\n"
+    assert not (tmp_path / "missing").exists()
+
+
 def test_the_cluster_hostfile_is_24_nodes_of_4_slots():
     with open(os.path.join(REPO, "hostfiles", "raphael")) as f:
         lines = f.read().splitlines()
