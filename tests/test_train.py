@@ -1272,6 +1272,25 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_it(demo_base, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_a_rendezvous_host_that_does_not_resolve_is_one_line(tmp_path):
+    """MASTER_ADDR that no resolver knows (a typo in --master_addr): torch's store client
+    retried the lookup until the process group's timeout (DeepSpeed's 10 minutes; 1 here),
+    then a C++ stack and an error. It is one line before the process group."""
+    from tests.runtime.test_dist import UNRESOLVABLE, resolver_refuses
+
+    if not resolver_refuses(UNRESOLVABLE):
+        pytest.skip(f"this machine's resolver does not refuse {UNRESOLVABLE}")
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+           "LOCAL_WORLD_SIZE": "1", "MASTER_ADDR": UNRESOLVABLE, "MASTER_PORT": str(free_port()),
+           "DEEPSPEED_TIMEOUT": "1"}
+    proc = run(train_cmd("ds_configs/zero2.json", tmp_path / "r", ["train.max_steps=1"]),
+               env=env, timeout=600)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.startswith(f"error: rendezvous host {UNRESOLVABLE!r} (MASTER_ADDR, "), \
+        proc.stderr[-2000:]
+    assert "does not resolve" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
 def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a directory")

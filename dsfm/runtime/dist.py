@@ -53,6 +53,8 @@ _MPIRUN_ONLY = ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "MPI_LOCALRANKID
 _PMI = ("PMI_RANK", "PMI_SIZE", "PMIX_RANK")
 _MPI_SIZE = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
 _INT = re.compile(r"-?\d+")
+# getaddrinfo's answers that a name does not exist, as against a resolver failing for now.
+_NO_SUCH_NAME = {socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME)}
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,38 @@ def discover(environ: Mapping[str, str] | None = None, mpi=None) -> DistEnv:
     if in_step:
         return _from_srun(env)
     return _single(env)
+
+
+def check_master_addr(env: DistEnv, environ: Mapping[str, str] | None = None) -> None:
+    """Refuse, in one line, a rendezvous host that this node cannot resolve.
+
+    torch's store client retries a failed name lookup until the process group's timeout (10
+    minutes under DeepSpeed), with a warning each time, on every rank: a mistyped
+    `--master_addr` or MASTER_ADDR, or a SLURM node name that is no host name, was a long wait
+    before an error. Only an answer that the name does not exist counts; a resolver that fails
+    for now is left to torch's retries. `environ` (default os.environ, before `export`) tells
+    where the address came from.
+    """
+    env_vars = os.environ if environ is None else environ
+    try:
+        socket.getaddrinfo(env.master_addr, None)
+        return
+    except socket.gaierror as e:
+        if e.errno not in _NO_SUCH_NAME:
+            return
+        why = e.strerror
+    if env.launcher == "torchrun" or env_vars.get("MASTER_ADDR", "").strip() == env.master_addr:
+        source = "MASTER_ADDR"
+    elif env.launcher == "srun":
+        source = "the step's first node in SLURM's node list"
+    else:
+        source = "rank 0's host name"
+    fix = ("pass one to the launcher (deepspeed --master_addr, torchrun --rdzv-endpoint or "
+           "--master-addr) or set MASTER_ADDR" if env.launcher == "torchrun" else
+           "set MASTER_ADDR to one")
+    raise ConfigError(f"rendezvous host {env.master_addr!r} ({source}, {env.described()} launch) "
+                      f"does not resolve on {socket.gethostname()} ({why}): rank 0's node needs "
+                      f"a name or address that every node resolves; {fix}")
 
 
 def export(env: DistEnv, environ: MutableMapping[str, str] = os.environ) -> None:

@@ -14,8 +14,10 @@ from dsfm.runtime.schedule import LR_SCHEDULE
 
 def discover() -> dist.DistEnv:
     """Rank and world from the launcher (deepspeed, torchrun, mpirun, srun or none), before any
-    process group exists, so configs can be checked against the world size first."""
+    process group exists, so configs can be checked against the world size first, and a
+    rendezvous host that does not resolve is an error here, not a wait in the rendezvous."""
     env = dist.discover()
+    dist.check_master_addr(env)
     dist.export(env)
     return env
 

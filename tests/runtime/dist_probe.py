@@ -14,7 +14,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from dsfm.runtime.dist import discover, exit_process, export
+from dsfm.runtime.dist import check_master_addr, discover, exit_process, export
 from dsfm.runtime.engine import release_shm
 
 
@@ -23,6 +23,7 @@ def main() -> None:
     parser.add_argument("--init", choices=("torch", "deepspeed"), default="torch")
     args, _ = parser.parse_known_args()      # the deepspeed launcher appends --local_rank=N
     env = discover()
+    check_master_addr(env)            # as the trainer does
     export(env)
     if args.init == "deepspeed":
         import deepspeed

@@ -9,6 +9,7 @@ import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 
@@ -19,6 +20,7 @@ from dsfm.runtime.dist import (
     SLURM_PORT_BASE,
     SLURM_PORT_SPAN,
     DistEnv,
+    check_master_addr,
     discover,
     export,
 )
@@ -225,6 +227,44 @@ def test_hydra_variables_under_a_slurm_step_are_mpirun():
     proc = _discover_in_fresh_process(environ)
     assert proc.returncode == 0, proc.stderr
     assert "ConfigError: PMI_SIZE='96'" in proc.stdout
+
+
+# --- the rendezvous host ------------------------------------------------------------------------
+
+# RFC 6761 reserves .invalid: no resolver knows a name under it.
+UNRESOLVABLE = "raphael001.invalid"
+
+
+def resolver_refuses(name: str) -> bool:
+    """Whether this machine's resolver answers that `name` does not exist (not: fails for now)."""
+    try:
+        socket.getaddrinfo(name, None)
+    except socket.gaierror as e:
+        return e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", socket.EAI_NONAME))
+    return False
+
+
+@pytest.mark.parametrize("environ, source", [
+    ({**TORCHRUN, "MASTER_ADDR": UNRESOLVABLE}, "(MASTER_ADDR, "),
+    ({**SRUN, "SLURM_STEP_NODELIST": "raphael[001-002].invalid"}, "(the step's first node"),
+    ({**SRUN, "MASTER_ADDR": UNRESOLVABLE}, "(MASTER_ADDR, srun launch)"),
+])
+def test_a_rendezvous_host_that_does_not_resolve_is_named_with_its_source(environ, source):
+    if not resolver_refuses(UNRESOLVABLE):
+        pytest.skip(f"this machine's resolver does not refuse {UNRESOLVABLE}")
+    env = discover(environ)
+    with pytest.raises(ConfigError) as e:
+        check_master_addr(env, environ)
+    message = str(e.value)
+    assert message.startswith(f"rendezvous host {UNRESOLVABLE!r} {source}") and "\n" not in message
+    assert f"does not resolve on {socket.gethostname()}" in message
+    assert ("--master_addr" in message) == (env.launcher == "torchrun")
+
+
+def test_resolvable_rendezvous_hosts_pass():
+    for addr in ("127.0.0.1", "localhost", socket.gethostname()):
+        check_master_addr(DistEnv(0, 2, 0, 2, addr, 29500, "mpirun"), {})
+    check_master_addr(discover({}), {})
 
 
 # --- export ------------------------------------------------------------------------------------
