@@ -23,10 +23,19 @@ def discover() -> dist.DistEnv:
 
 
 def check_devices(env: dist.DistEnv, n_gpus: int) -> list[str]:
-    """Ranks on this node against the GPUs it sees: more ranks than several visible GPUs would
-    put two ranks on one GPU (NCCL refuses that at its first collective, naming no setting), so
-    it is a ConfigError; fewer leaves GPUs idle, a warning to log. One visible GPU per rank
-    (`--gpus-per-task=1`) is fine."""
+    """Ranks on this node against the GPUs it sees: more ranks than visible GPUs would put two
+    ranks on one GPU (NCCL refuses that at its first collective, naming no setting), so it is a
+    ConfigError; fewer leaves GPUs idle, a warning to log. One visible GPU per rank
+    (`--gpus-per-task=1`, a per-task `--gpu-bind` or CUDA_VISIBLE_DEVICES) is an error too: it
+    was let through, but DeepSpeed puts each rank on cuda:LOCAL_RANK (its process group's
+    device, its engine, ZeRO-3's parameters), a device that only local rank 0 has there."""
+    if n_gpus == 1 and env.local_world_size > 1:
+        raise ConfigError(
+            f"{env.local_world_size} ranks on this node ({env.launcher} launch) but this rank "
+            "sees 1 GPU: DeepSpeed puts each rank on cuda:LOCAL_RANK, so every rank must see "
+            "all of the node's GPUs; give the ranks the node's GPUs together (srun "
+            "--gpus-per-node, without --gpus-per-task or a per-task --gpu-bind; no per-rank "
+            "CUDA_VISIBLE_DEVICES)")
     if n_gpus > 1 and env.local_world_size > n_gpus:
         raise ConfigError(
             f"{env.local_world_size} ranks on this node ({env.launcher} launch) but {n_gpus} "

@@ -396,8 +396,12 @@ def test_ranks_per_node_are_checked_against_the_visible_gpus():
         return DistEnv(0, 4 * local_world, 0, local_world, "h", 29500, "srun")
 
     assert check_devices(node(4), 4) == []
-    assert check_devices(node(4), 1) == []          # --gpus-per-task=1: one GPU each
+    assert check_devices(node(1), 1) == []
     assert check_devices(node(2), 0) == []          # CPU
+    # --gpus-per-task=1: each rank sees one GPU, but DeepSpeed would open cuda:LOCAL_RANK
+    with pytest.raises(ConfigError, match="4 ranks on this node .* but this rank sees 1 GPU: "
+                                          "DeepSpeed puts each rank on cuda:LOCAL_RANK"):
+        check_devices(node(4), 1)
     with pytest.raises(ConfigError, match="8 ranks on this node .* but 4 GPUs visible"):
         check_devices(node(8), 4)
     [warning] = check_devices(node(1), 4)
