@@ -290,6 +290,31 @@ def test_a_resumed_schedule_is_checked_kept_or_switched():
             schedule.on_resume(short["scheduler"], none, policy, "ckpt", 200)
 
 
+
+def test_a_resume_between_deepspeeds_and_torchs_schedulers_is_refused_unless_saved():
+    """DeepSpeed's load gives the saved scheduler state to this run's scheduler: a torch one's
+    to one of DeepSpeed's stopped the run after the process group with KeyError
+    ('last_batch_iteration'), and one of DeepSpeed's to a torch one restarted the new schedule
+    at its step 0 while the log said the rate jumped to its value. train.resume_schedule=new
+    refuses both before the process group; saved resumes on the checkpoint's scheduler."""
+    ours = {"train_micro_batch_size_per_gpu": 4,
+            "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 10}}}
+    torch_ = {**ours, "scheduler": {"type": "StepLR", "params": {"step_size": 1}}}
+    for saved, run in ((torch_, ours), (ours, torch_)):
+        for policy in ("check", "new"):
+            with pytest.raises(ConfigError, match=r"^--resume: ckpt was trained on .* one of "
+                               r"DeepSpeed's and one of torch's, .* "
+                               r"train.resume_schedule=saved") as exc:
+                schedule.on_resume(saved["scheduler"], run, policy, "ckpt", 100)
+            assert "\n" not in str(exc.value)
+        kept, _ = schedule.on_resume(saved["scheduler"], run, "saved", "ckpt", 100)
+        assert kept["scheduler"] == saved["scheduler"]
+    # within one kind, new still switches
+    other = {**torch_, "scheduler": {"type": "ExponentialLR", "params": {"gamma": 0.9}}}
+    assert schedule.on_resume(torch_["scheduler"], other, "new", "ckpt", 100)[0] is other
+    assert schedule.on_resume({"type": "WarmupCosineLR", "params": {}}, ours, "new", "ckpt",
+                              100)[0] is ours
+
 def test_resumed_optimizer_params_are_checked_kept_or_switched():
     """DeepSpeed's load restores the saved param groups: a config that changed betas, eps or
     weight_decay on --resume trained on with the saved ones, without a word."""

@@ -115,6 +115,14 @@ def _number(value) -> bool:
 ABSENT = object()
 
 
+def _deepspeeds(scheduler: dict) -> bool:
+    """Whether a scheduler section names one of DeepSpeed's classes (dsfm's warmup classes
+    among them, which keep their state), not a torch.optim.lr_scheduler one."""
+    from deepspeed.runtime import lr_schedules
+
+    return scheduler.get("type") in lr_schedules.VALID_LR_SCHEDULES
+
+
 def on_resume(saved, ds_config: dict, policy: str, source: str,
               max_steps: int) -> tuple[dict, str | None]:
     """The DeepSpeed config to resume with, and a note for the log. DeepSpeed restores a
@@ -132,6 +140,16 @@ def on_resume(saved, ds_config: dict, policy: str, source: str,
         has = "has none" if ours is None else f"has {ours}"
         raise ConfigError(f"--resume: {source} was trained {had} and this run {has}; resume "
                           "with the run's own scheduler settings")
+    if policy != "saved" and _deepspeeds(saved) != _deepspeeds(ours):
+        # DeepSpeed's load gives the saved state to this run's scheduler: a torch one's stopped
+        # one of DeepSpeed's with KeyError('last_batch_iteration') after the process group, and
+        # a torch one given DeepSpeed's kept its step 0, restarting the new schedule
+        raise ConfigError(f"--resume: {source} was trained on the learning-rate scheduler "
+                          f"{saved.get('type')}, this run's is {ours.get('type')}: one of "
+                          "DeepSpeed's and one of torch's, neither of which can take up the "
+                          "other's saved position; resume on a scheduler of the checkpoint's "
+                          "kind, set train.resume_schedule=saved to continue on the saved "
+                          "schedule, or start a new run from its weights with train.init_from")
     if policy == "saved":
         cfg = copy.deepcopy(ds_config)
         cfg["scheduler"] = copy.deepcopy(saved)
