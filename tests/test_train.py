@@ -648,6 +648,25 @@ def test_data_the_simulation_will_not_make_is_refused_before_it_runs(tmp_path):
         assert not base.exists() and not (tmp_path / "r").exists()    # nothing simulated
 
 
+
+def test_a_dataset_the_simulation_will_make_is_known_however_its_path_is_written(
+        tmp_path, monkeypatch):
+    """The check before the simulation compared the listed dataset's path with data.base's as
+    written: a relative data.base with the dataset given as an absolute path, or either seen
+    through a symbolic link, was refused as 'not found' though the simulation makes it."""
+    from dsfm.data.prepare import check_to_generate
+    from dsfm.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    check_to_generate("gen", [str(tmp_path / "gen" / "euler_2d")], [], "demo")
+    check_to_generate(str(tmp_path / "link" / "gen"),
+                      [str(tmp_path / "real" / "gen" / "euler_2d")], [], "demo")
+    with pytest.raises(ConfigError, match="not found: .*real/gen/shear_flow "):
+        check_to_generate("link/gen", [str(tmp_path / "real" / "gen" / "shear_flow")], [],
+                          "demo")
+
 def test_a_home_directory_in_paths_is_expanded(tmp_path, monkeypatch):
     """`--run-dir=~/r` (one word: the shell expands no ~ there) and `--set data.base=~/d`
     reached the run as is, a directory named ~ under the working directory."""

@@ -86,13 +86,15 @@ def check_to_generate(base: str, names: list[str], pdebench: list[str], preset: 
     """With `base` still to be simulated from `preset`: what the simulation will not make
     must exist now (the PDEBench sources, datasets listed that the preset has none of). Before,
     they were found missing only after the process group started and the simulation ran (about
-    11 minutes for `small` on 2 cores)."""
+    11 minutes for `small` on 2 cores). Paths are compared resolved: a dataset listed by its
+    absolute path under a relative `base` (or through a symbolic link) is one the preset
+    makes."""
     from dsfm.sim.presets import PRESETS
 
-    made = {os.path.normpath(os.path.join(base, spec.dataset_name))
+    made = {os.path.realpath(os.path.join(base, spec.dataset_name))
             for spec in PRESETS[preset].values()}
     pdebench, unmatched = expand_patterns(pdebench)
-    _refuse_missing([p for p in _named(base, names) if os.path.normpath(p) not in made
+    _refuse_missing([p for p in _named(base, names) if os.path.realpath(p) not in made
                      and not os.path.exists(p)]
                     + [p for p in pdebench if not os.path.exists(p)] + unmatched, base)
 
