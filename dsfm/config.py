@@ -8,7 +8,6 @@ in the `--ds_config` JSON and the run reads them from the engine.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Annotated, Any, Literal, Mapping, Optional, Sequence
@@ -281,12 +280,20 @@ def _merged(old, new):
     return out
 
 
+def _quoted(text: str) -> str:
+    """`text` as a YAML double-quoted scalar that reads back as it is: every character but
+    printable ASCII escaped by its code point (JSON's escapes split one beyond the BMP into two
+    UTF-16 halves, which YAML reads as two lone surrogates)."""
+    return '"' + "".join(c if " " <= c <= "~" and c not in '"\\' else f"\\U{ord(c):08x}"
+                         for c in text) + '"'
+
+
 def environment_sets(environ: Mapping[str, str] = os.environ) -> list[tuple[str, str]]:
     """Settings from the environment, as `load_config`'s `env_sets`: $DSFM_DATA is data.base,
     taken as it is written (it was read as YAML: a path `data #1` was cut at the comment, and
     one named `2024` read as a number and refused)."""
     base = environ.get("DSFM_DATA")
-    return [("$DSFM_DATA", "data.base=" + json.dumps(base))] if base else []
+    return [("$DSFM_DATA", "data.base=" + _quoted(base))] if base else []
 
 
 def _section(loc: tuple) -> type[BaseModel]:

@@ -139,6 +139,16 @@ def test_dsfm_data_is_taken_as_written(base):
     assert environment_sets({}) == [] and environment_sets({"DSFM_DATA": ""}) == []
 
 
+
+@pytest.mark.parametrize("base", ["/data/\U0001d4b3\U0001f30a", "/data/a\x7fb",
+                                  "/data/\udcff\udc80"])
+def test_dsfm_data_is_taken_as_written_whatever_its_characters(base):
+    """$DSFM_DATA went through YAML as a JSON string: a character beyond the BMP (JSON writes
+    it as two UTF-16 escapes, which YAML reads as two characters) became two lone surrogates,
+    a path no file system call takes. A DEL and bytes that are not UTF-8 (Python's surrogate
+    escapes) must come through too."""
+    assert load_config(None, [], environment_sets({"DSFM_DATA": base})).data.base == base
+
 def test_a_section_with_nothing_under_it_is_empty_in_the_file_as_under_a_set(tmp_path):
     """`model:` with its keys commented out was refused (a null section) unless a --set went
     under it, which took it as empty."""
