@@ -234,6 +234,10 @@ def _check_stats_fields(path: str, fields: list[FieldLayout], n_spatial_dims: in
             stats = yaml.safe_load(fh)
     except yaml.YAMLError as exc:
         return [f"{path}: not valid YAML ({str(exc).splitlines()[0]})"]
+    except (OSError, UnicodeDecodeError) as exc:      # no permission, bytes that are not text:
+        # a traceback that cut the report short (the loader's load_stats says one line)
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return [f"{path}: cannot read the stats file ({why})"]
     if not isinstance(stats, dict):
         return [f"{path}: expected a mapping of statistics, got {type(stats).__name__}"]
     problems = []

@@ -206,6 +206,17 @@ def test_stats_file_not_text_is_one_line(dataset):
     assert_one_line(exc, "stats.yaml", "cannot read the stats file", "can't decode byte 0xff")
 
 
+
+def test_stats_file_not_text_is_one_problem_to_the_checker(dataset):
+    """python -m dsfm.data.check stopped on a stats.yaml of bytes that are not UTF-8 with a
+    UnicodeDecodeError traceback (exit 1, the other problems unsaid), where the loader says
+    one line: the checker now reports it as a problem of that file."""
+    (dataset / "stats.yaml").write_bytes(b"mean: {a: 1}\n\xff\xfe\n")
+    proc = check(dataset)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert f"{dataset / 'stats.yaml'}: cannot read the stats file" in proc.stdout
+    assert "can't decode byte 0xff" in proc.stdout
+
 def test_empty_split_directory(dataset):
     for p in (dataset / "data" / "valid").glob("*"):
         p.unlink()
