@@ -544,6 +544,22 @@ def test_what_the_scheduler_refuses_is_one_line_before_the_process_group():
     assert ds_settings.check(untested, "ds.json") == []
 
 
+@pytest.mark.parametrize("name, why", [
+    ("ReduceLROnPlateau", "steps on a metric, which DeepSpeed's engine does not pass"),
+    ("LambdaLR", "takes a Python function"),
+    ("SequentialLR", "takes scheduler objects"),
+])
+def test_torch_schedulers_deepspeed_cannot_drive_are_refused(name, why):
+    """DeepSpeed's engine steps ReduceLROnPlateau with the train batch size for its metric
+    (its step() without one raises TypeError, and the engine retries with that): the batch
+    size never improves, so the rate was cut every patience + 1 steps without a word. The
+    others need Python objects and stopped deepspeed.initialize after the process group."""
+    cfg = {**_with("zero_optimization.stage", 0), "scheduler": {"type": name, "params": {}}}
+    with pytest.raises(ConfigError, match=f"ds.json: scheduler {name!r} {why}") as exc:
+        ds_settings.check(cfg, "ds.json")
+    assert "\n" not in str(exc.value)
+
+
 @pytest.mark.parametrize("optimizer, zero, needle", [
     ({"type": "AdamW", "params": {"lr": -1e-3}}, {"stage": 2},
      r"optimizer AdamW \(torch.optim.AdamW, which dsfm runs in place of FusedAdam without a "

@@ -1032,31 +1032,6 @@ def test_a_torch_scheduler_resumed_on_new_settings_takes_them(demo_base, tmp_pat
     assert [lr[3], lr[4]] == pytest.approx([0.02 * 0.9 ** 2, 0.02 * 0.9 ** 3])
 
 
-def test_a_plateau_scheduler_resumed_on_new_settings_takes_them(demo_base, tmp_path):
-    """DeepSpeed's engine steps a torch scheduler whose step needs an argument
-    (ReduceLROnPlateau's metric) with the train batch size; the replay of a schedule resumed
-    under train.resume_schedule=new stepped it with none and stopped the run with a TypeError
-    traceback. Now it follows the new settings as a run begun on them would."""
-    run_dir = tmp_path / "r"
-    ds = tmp_path / "ds.json"
-
-    def config(lr, factor):
-        ds.write_text(json.dumps({
-            **DS, "train_micro_batch_size_per_gpu": 4,
-            "optimizer": {"type": "AdamW", "params": {"lr": lr}},
-            "scheduler": {"type": "ReduceLROnPlateau",
-                          "params": {"patience": 0, "factor": factor}}}))
-
-    config(0.01, 0.5)       # the metric (the batch size) never improves: one cut per step
-    train(str(ds), run_dir, ["train.max_steps=3"], data=demo_base)
-    config(0.02, 0.25)
-    train(str(ds), run_dir, ["train.max_steps=5", "train.resume_schedule=new"], resume=True,
-          data=demo_base)
-    lr = logged(run_dir, "train/lr")
-    assert [lr[1], lr[2], lr[3]] == pytest.approx([0.01, 0.01, 0.005])
-    assert [lr[4], lr[5]] == pytest.approx([0.02 * 0.25 ** 2, 0.02 * 0.25 ** 3])
-
-
 @pytest.mark.slow
 def test_a_zero3_checkpoint_resumes_with_the_optimizer_offloaded(demo_base, tmp_path):
     """docs/training.md: zero3.json and zero3_offload.json resume each other's checkpoints.

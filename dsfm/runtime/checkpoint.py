@@ -503,16 +503,13 @@ def restart_schedule(engine, new: dict | None = None) -> None:
                           lr_schedules.OneCycle, lr_schedules.LRRangeTest)):
         sched.step(sched.last_batch_iteration)
     elif new is not None and isinstance(sched, torch.optim.lr_scheduler.LRScheduler):
-        engine.lr_scheduler = _replayed(sched, new["scheduler"].get("params", {}),
-                                        engine.train_batch_size())
+        engine.lr_scheduler = _replayed(sched, new["scheduler"].get("params", {}))
 
 
-def _replayed(sched, params: dict, batch: int):
+def _replayed(sched, params: dict):
     """A torch scheduler of `sched`'s class built from `params` over its optimizer, whose
-    groups start from the optimizer's configured lr, and stepped as often as `sched` was, as
-    DeepSpeed's engine steps it (one whose step needs an argument, ReduceLROnPlateau's metric,
-    is given the train batch size `batch`; stepped without, it stopped the resumed run with a
-    TypeError): the rate a run on these settings from the start would have now."""
+    groups start from the optimizer's configured lr, and stepped as often as `sched` was: the
+    rate a run on these settings from the start would have now."""
     import warnings
 
     opt = sched.optimizer
@@ -523,10 +520,7 @@ def _replayed(sched, params: dict, batch: int):
         warnings.simplefilter("ignore", UserWarning)
         fresh = type(sched)(opt, **params)
         for _ in range(sched.last_epoch):
-            try:                        # as DeepSpeedEngine._take_model_step
-                fresh.step()
-            except TypeError:
-                fresh.step(batch)
+            fresh.step()
     return fresh
 
 

@@ -187,6 +187,12 @@ def check(ds_config, source: str) -> list[str]:
     _check_component(ds_config, source, "scheduler", "WarmupCosineLR",
                      lr_schedules.VALID_LR_SCHEDULES, torch.optim.lr_scheduler,
                      fold_case=False, allow_auto=True)
+    sched = (ds_config.get("scheduler") or {}).get("type")
+    if sched in UNDRIVABLE:
+        raise ConfigError(f"{source}: scheduler {sched!r} {UNDRIVABLE[sched]}; use one of "
+                          f"DeepSpeed's ({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or a "
+                          "torch scheduler that steps without arguments (StepLR, "
+                          "CosineAnnealingLR, OneCycleLR, ...)")
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     every = ds_config.get("steps_per_print")
@@ -207,6 +213,17 @@ def check(ds_config, source: str) -> list[str]:
         raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
     return notes
 
+
+#: torch schedulers a DeepSpeed config cannot drive, and why
+UNDRIVABLE = {
+    "ReduceLROnPlateau": "steps on a metric, which DeepSpeed's engine does not pass (it gives "
+                         "the train batch size instead, which never improves: the rate was cut "
+                         "every patience + 1 steps)",
+    "LambdaLR": "takes a Python function, which a JSON config cannot give",
+    "MultiplicativeLR": "takes a Python function, which a JSON config cannot give",
+    "SequentialLR": "takes scheduler objects, which a JSON config cannot give",
+    "ChainedScheduler": "takes scheduler objects, which a JSON config cannot give",
+}
 
 #: optimizers ZeRO runs without "zero_allow_untested_optimizer" (DeepSpeed's
 #: ZERO_SUPPORTED_OPTIMIZERS: what these names build), compared lower-case
