@@ -13,7 +13,8 @@ Layouts (detected from the file, or named with `kind`):
 
 Boundaries: shallow water uses transmissive (open) boundaries, diffusion–reaction no-flux
 (wall), incompressible NS no-slip (wall); compressible NS is periodic unless its file name says
-`outgoing`/`trans` (open). A file name containing `periodic` marks any layout periodic.
+`outgoing`/`trans` (open). A file name with the word `periodic` marks any layout periodic
+(words of the name split at `_`, `-` and `.`: `nonperiodic` is not it).
 Trajectories are split into train/valid/test by the fractions `train_val_test`, within each
 file (as MPP splits by sample) or, for incompressible NS (4 trajectories a file), over all the
 files of the source in order (as MPP splits it by file), so the three splits never share one.
