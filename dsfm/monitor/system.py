@@ -92,7 +92,9 @@ class SystemSampler(BackgroundSampler):
         return [self._me, *self._children]
 
     def _counters(self) -> dict:
-        """Cumulative counters and instantaneous values at one moment."""
+        """Cumulative counters and instantaneous values at one moment (`wall`: the epoch time
+        before the processes were listed, which process create times compare with)."""
+        wall = time.time()
         cpu_s: dict[tuple[int, float], float] = {}
         rss = 0
         for proc in self._tree():
@@ -104,8 +106,8 @@ class SystemSampler(BackgroundSampler):
             except psutil.Error:                # exited since the last listing
                 self._children = None
                 continue
-        return {"t": time.monotonic(), "machine": _machine_cpu(), "procs": cpu_s, "rss": rss,
-                "net": _net_bytes(), "disk": _disk_bytes()}
+        return {"t": time.monotonic(), "wall": wall, "machine": _machine_cpu(), "procs": cpu_s,
+                "rss": rss, "net": _net_bytes(), "disk": _disk_bytes()}
 
     def _read(self) -> dict[str, float]:
         prev, cur = self._prev, self._counters()
@@ -122,8 +124,20 @@ class SystemSampler(BackgroundSampler):
         total = cur["machine"][1] - prev["machine"][1]
         if total > 0:
             out["system/cpu_pct"] = 100.0 * min(max(busy / total, 0.0), 1.0)
-        # a child that started during the interval counts from zero; one that exited is lost
-        used = sum(max(s - prev["procs"].get(key, 0.0), 0.0) for key, s in cur["procs"].items())
+        # a child that started during the interval counts from zero; one that exited is lost.
+        # One listed for the first time that was already running at the previous reading (the
+        # list is refreshed every _RESCAN_S) counts from this reading on: its CPU time so far
+        # is not this interval's. All of it used to land here, at the rescan (673 % on 2 cores
+        # for a child started after the sampler). psutil's create times (boot time in whole
+        # seconds, plus clock ticks) read up to a second early, never late: a child just
+        # started may be counted from the next reading, none is charged for time before this
+        # interval.
+        used = 0.0
+        for (pid, created), s in cur["procs"].items():
+            if (pid, created) in prev["procs"]:
+                used += max(s - prev["procs"][(pid, created)], 0.0)
+            elif created >= prev["wall"]:
+                used += s
         out["system/process_cpu_pct"] = 100.0 * used / dt
         for kind, keys in (("net", ("system/net_rx_mbps", "system/net_tx_mbps")),
                            ("disk", ("system/disk_read_mbps", "system/disk_write_mbps"))):

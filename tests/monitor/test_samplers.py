@@ -101,6 +101,44 @@ def test_system_sampler_counts_child_processes():
     assert snap["system/rss_gib"] > 0
 
 
+def test_a_child_listed_late_does_not_charge_its_past_cpu_to_one_interval():
+    """The sampler lists this process's children again only every 10 s or when one of them
+    exits; a child found then that was already running at the previous reading used to count
+    its whole CPU time since it started in the interval that found it (a CPU burner started
+    after the sampler read 673 % on a 2-core machine at the 10 s rescan). Here the child burns
+    0.5 s, then idles while a listed child exits, which makes the reading after next list it:
+    the interval between those two readings holds a few ms of this process's work only."""
+    idle = subprocess.Popen([sys.executable, "-c", "import sys\nsys.stdin.readline()"],
+                            stdin=subprocess.PIPE, text=True)
+    burn = ("import sys, time\nstart = time.process_time()\n"
+            "while time.process_time() - start < 0.5: pass\n"
+            "print(time.process_time() - start, flush=True)\nsys.stdin.readline()")
+    late = None
+    try:
+        sampler = SystemSampler(interval_s=0.2)          # lists `idle`; rates over 0.1 s on
+        late = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True)
+        burned = float(late.stdout.readline())           # and now it idles
+        idle.stdin.write("\n")
+        idle.stdin.flush()
+        idle.wait()
+        began = time.monotonic()
+        first = sampler.sample()             # `idle` is gone: the next reading lists again
+        assert "system/process_cpu_pct" in first         # 0.5 s of CPU since the baseline
+        time.sleep(0.15)
+        second = sampler.sample()                        # finds `late`, idle all along
+        span = time.monotonic() - began
+        sampler.stop()
+    finally:
+        for child in (idle, late):
+            if child is not None:
+                child.kill()
+                child.wait()
+    assert burned >= 0.5
+    # CPU seconds the second reading charged to its interval (at most `span` long)
+    assert second["system/process_cpu_pct"] * span / 100 < burned / 2, (second, span)
+
+
 def test_rates_are_never_taken_over_a_moment():
     """The sampler's first reading comes right after its baseline: CPU shares over a few
     microseconds (10 ms ticks) would be noise, so it gives levels only, and the next reading
