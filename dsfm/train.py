@@ -785,8 +785,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     scalars.update(board.combine(everyone))
                 log.scalars(step, scalars)
                 bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                # no norm (stage 0 without clipping, ZeRO's compute_grad_norm off): "n/a", where
+                # the line said 0.000
+                grad = scalars["train/grad_norm"]
                 log.text(f"step {step:>7d}  loss {mean:.5f}  lr {scalars['train/lr']:.3e}  "
-                         f"grad {scalars['train/grad_norm'] or 0:.3f}  "
+                         f"grad {'n/a' if grad is None else format(grad, '.3f')}  "
                          f"{scalars.get('perf/samples_per_sec', 0):.1f} samples/s  "
                          f"step {scalars.get('time/step_ms', 0):.1f} ms (data wait "
                          f"{scalars.get('perf/data_wait_pct', 0):.1f}%)", console=False)

@@ -1670,6 +1670,19 @@ def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_pa
     assert "DeepSpeed skipped the update (3 in a row)" in log
 
 
+def test_a_step_without_a_gradient_norm_logs_none_not_zero(demo_base, tmp_path):
+    """Without ZeRO and with gradient_clipping 0, DeepSpeed computes no gradient norm:
+    metrics.jsonl has null, and train.log's line said "grad 0.000", a norm of zero."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**DS, "gradient_clipping": 0.0, "train_micro_batch_size_per_gpu": 2,
+                              "zero_optimization": {"stage": 0}}))
+    r = tmp_path / "r"
+    train(str(ds), r, ["train.max_steps=1"], data=demo_base)
+    assert logged(r, "train/grad_norm") == {1: None}
+    [line] = [ln for ln in (r / "train.log").read_text().splitlines() if "  loss " in ln]
+    assert "  grad n/a  " in line, line
+
+
 def test_a_rank_whose_peer_failed_says_so_in_one_line(demo_base, tmp_path):
     """NaN in the data stops the rank that reads it with a NonFiniteError; the other rank,
     waiting in a collective, used to die with gloo's traceback."""
