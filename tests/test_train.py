@@ -380,6 +380,48 @@ def test_sigusr1_during_the_start_up_does_not_end_the_run(demo_base, tmp_path):
     assert "done: 3 steps" in out
 
 
+def test_sigusr1_to_every_process_during_evaluations_checkpoints_and_carries_on(demo_base,
+                                                                               tmp_path):
+    """Slurm's --signal reaches every process of the job step, the readers of the loader that
+    each evaluation builds too. A reader signalled while it started (before it could ignore
+    the signal) died of it, and the run stopped with "reader process 0 ... died (killed by
+    signal 10) while starting" instead of checkpointing and carrying on. Here the trainer and
+    all its processes are signalled every 20 ms from its first step on, through an evaluation
+    at every step: the run checkpoints, evaluates and finishes."""
+    import psutil
+
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "run"
+    sets = ["train.max_steps=3", "train.eval_every=1", "train.eval_batches=1",
+            "train.rollout_steps=1", "train.signal_check_every=1", "train.checkpoint_every=0",
+            "train.keep_checkpoints=3"]
+    proc = subprocess.Popen(train_cmd(ds, run_dir, sets, data=demo_base), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    sent = 0
+    try:
+        trainer = psutil.Process(proc.pid)
+        deadline = time.time() + 300
+        while time.time() < deadline and proc.poll() is None:
+            if metrics.exists() and metrics.stat().st_size:      # from the first step on
+                for p in [trainer] + trainer.children(recursive=True):
+                    try:
+                        p.send_signal(signal.SIGUSR1)
+                        sent += 1
+                    except psutil.NoSuchProcess:
+                        pass
+            time.sleep(0.02)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert sent, "the run never logged a step"
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "done: 3 steps" in out and "evaluation at step 3" in out
+    assert "signal received: checkpointing at step" in out and "stopping" not in out
+    assert (run_dir / "checkpoints" / "step00000003" / "COMPLETE").is_file()
+
+
 @pytest.mark.slow
 def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
     """SIGUSR1 to rank 1 only, later SIGTERM to rank 0 only: both ranks checkpoint at the same

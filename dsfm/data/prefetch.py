@@ -29,6 +29,7 @@ import mmap
 import os
 import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -48,7 +49,7 @@ from dsfm.data.fields import FieldVocabulary
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import SPLITS, list_hdf5
 from dsfm.data.pdebench import PDEBenchDataset
-from dsfm.data.readers import FLOAT_BYTES, assembled_views
+from dsfm.data.readers import FLOAT_BYTES, IGNORED_SIGNALS, assembled_views
 from dsfm.data.sampler import MixtureSampler
 from dsfm.data.well import WellDataset
 from dsfm.data.well_format import BoundaryCondition
@@ -555,17 +556,28 @@ class WellLoader:
             self._tasks_per_reader = min(self._tasks_per_reader,
                                          _enlarge_pipe(task_w, self.ring_slots * task_bytes)
                                          // task_bytes - 1)
+            # a reader ignores Slurm's signals only once its interpreter has started and imported
+            # its modules (a fraction of a second): until then exec has reset this process's
+            # handlers (the trainer's checkpoint request, from an evaluation's loader) to the
+            # default, and a SIGUSR1 or SIGTERM to the job step killed it, and the run with it
+            # ("died (killed by signal 10) while starting"). Blocked here, they stay blocked in
+            # the reader (exec keeps the mask) until it ignores them; this thread gets its own
+            # as the mask is restored.
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, IGNORED_SIGNALS)
             try:
-                # Linux's parent-death signal follows the thread that starts the child: only
-                # the main thread lives as long as the process
-                pdeath = int(threading.current_thread() is threading.main_thread())
-                proc = subprocess.Popen([sys.executable, "-m", "dsfm.data.readers", str(task_r),
-                                         str(res_w), str(pdeath)],
-                                        pass_fds=(task_r, res_w, self._ring.fd), env=env)
+                try:
+                    # Linux's parent-death signal follows the thread that starts the child: only
+                    # the main thread lives as long as the process
+                    pdeath = int(threading.current_thread() is threading.main_thread())
+                    proc = subprocess.Popen([sys.executable, "-m", "dsfm.data.readers",
+                                             str(task_r), str(res_w), str(pdeath)],
+                                            pass_fds=(task_r, res_w, self._ring.fd), env=env)
+                finally:
+                    os.close(task_r)
+                    os.close(res_w)
+                self._workers.append(proc)
             finally:
-                os.close(task_r)
-                os.close(res_w)
-            self._workers.append(proc)
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             try:
                 self._tasks[-1].send(("init", wid, self._ring.fd, self._ring.nbytes,
                                       self._ring.slot_bytes, sources, os.getpid(),

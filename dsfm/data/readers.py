@@ -47,6 +47,9 @@ from dsfm.data.handles import H5Pool
 from dsfm.data.windows import WindowSource, first_nonfinite
 
 FLOAT_BYTES = 4
+#: what a reader ignores (the training process decides; Slurm signals every process of a job
+#: step): `WellLoader` starts it with them blocked, which exec keeps where it resets handlers
+IGNORED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def assembled_views(slot: np.ndarray, source: WindowSource, batch: int, n_in: int
@@ -140,8 +143,11 @@ def main(argv: list[str]) -> int:
     # and Slurm delivers scancel/--signal (USR1 before a preemption, TERM at it) to every
     # process of a job step: a reader that died of them would fail the trainer's very next
     # batch instead of letting it checkpoint. Readers still end with their pipe or their parent.
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+    for sig in IGNORED_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    # blocked since the fork (see WellLoader._start_workers): one that came meanwhile is pending
+    # and, ignored now, discarded as it is unblocked
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, IGNORED_SIGNALS)
     tasks = Connection(int(argv[0]), writable=False)
     results = Connection(int(argv[1]), readable=False)
     serve(tasks, results)

@@ -806,6 +806,47 @@ def test_scheduler_signals_to_readers_do_not_stop_the_loader(demo_base):
     assert all(p.poll() is not None for p in loader._workers)
 
 
+def test_scheduler_signals_to_readers_that_are_starting_do_not_stop_the_loader(demo_base):
+    """The same signals reaching readers while they start (the trainer builds a loader for each
+    evaluation, so Slurm's SIGUSR1 can land there): a reader ignores them only once its
+    interpreter has imported its modules, and before that each one killed it, which stopped
+    the loader ("died (killed by signal 10) while starting") and the run with it. Here every
+    reader of this process is signalled from the moment it runs, until the loader is built."""
+    import threading
+
+    import psutil
+
+    paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
+    building, sent = threading.Event(), []
+    me = psutil.Process()
+
+    def signal_readers():
+        while building.is_set():
+            for child in me.children():
+                try:
+                    if "dsfm.data.readers" in child.cmdline():
+                        for sig in (signal.SIGUSR1, signal.SIGTERM, signal.SIGUSR2):
+                            child.send_signal(sig)
+                        sent.append(child.pid)
+                except psutil.Error:          # gone, or not yet readable
+                    pass
+            time.sleep(0.002)
+
+    building.set()
+    thread = threading.Thread(target=signal_readers)
+    thread.start()
+    try:
+        loader = WellLoader(paths, batch_size=2, num_workers=2)
+    finally:
+        building.clear()
+        thread.join()
+    with loader:
+        assert sent and set(sent) <= set(loader.worker_pids)    # signalled as they started
+        for _ in range(10):
+            next(loader)
+        assert all(p.poll() is None for p in loader._workers)
+
+
 def test_a_ring_larger_than_shared_memory_is_refused_up_front(demo_base):
     """The ring is allocated when the loader is built: one that cannot fit fails then, with a
     clear line, instead of a reader dying of SIGBUS mid-training when /dev/shm runs out."""
