@@ -429,8 +429,10 @@ def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: s
     if step == 0:
         return (f"{head}, before any update, so not the learning rate: the loader found the "
                 "inputs finite, so look for values too large for fp32 in the model "
-                "(data.normalization off, or a stats.yaml that does not fit the data) or "
-                "weights of train.init_from that are not")
+                "(data.normalization off, or a stats.yaml that does not fit the data), "
+                "weights of train.init_from that are not, or input frames uniform over space "
+                "in every field (the model's stem divides them by its epsilon: "
+                "docs/training.md)")
     fix = "the run diverged; lower the learning rate (ds_config optimizer.params.lr)"
     if saved_at:
         fix += (f" and resume from the checkpoint of step {saved_at} "
@@ -438,6 +440,9 @@ def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: s
                 "takes the new rate")
     elif first_step == 0:
         fix += " and start again (no checkpoint was written)"
+    if what == "non-finite losses":
+        fix += ("; unless the data holds input frames uniform over space in every field, which "
+                "the model's stem divides by its epsilon (docs/training.md)")
     return f"{head}: {fix}"
 
 

@@ -809,6 +809,8 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "3 non-finite losses in a row" in proc.stderr and "lower the learning rate" in \
         proc.stderr
+    # the other cause a run meets mid-way (docs/training.md: the stem's norm)
+    assert "unless the data holds input frames uniform over space in every field" in proc.stderr
     log = (tmp_path / "r" / "train.log").read_text()
     assert log.count("non-finite loss at step") == 3
     assert "micro-batch skipped (1 in a row)" in log
