@@ -6,8 +6,8 @@ partitions of the optimizer, scheduler) plus what DeepSpeed does not know about:
   - `dsfm_rank<r>.pt` per rank: the loader's sampler state and the RNG states of that rank,
 so a resumed run draws exactly the batches and drop-path masks it would have drawn.
 Only the newest `keep` checkpoints are kept. SIGTERM or SIGUSR1 (SLURM preemption) asks for a
-checkpoint at the next step boundary; all ranks agree on it through one all-reduce every
-`train.signal_check_every` steps.
+checkpoint at the next signal check, where all ranks agree on it through one all-reduce (every
+`train.signal_check_every` steps, after any evaluation running then).
 """
 
 from __future__ import annotations
