@@ -135,6 +135,17 @@ class RunConfig(_Strict):
     train: TrainConfig = Field(default_factory=TrainConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
 
+    @field_validator("name")
+    @classmethod
+    def _folder_name(cls, name: str) -> str:
+        """The run's folder is runs/<name>-<time>: an empty name made runs/-<time>, and an
+        absolute one or one with '..' put the run outside runs/."""
+        if not name.strip() or name.startswith("/") or \
+                any(part in ("", ".", "..") for part in name.split("/")):
+            raise ValueError("names the run's folder runs/<name>-<time>: give a non-empty name, "
+                             "relative, without empty, '.' or '..' parts (lab/exp1 is fine)")
+        return name
+
     def model_shape(self) -> tuple[int, int, int]:
         """(dim, heads, blocks), from the size preset with explicit values winning."""
         from dsfm.models.avit import SIZES

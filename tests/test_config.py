@@ -195,6 +195,14 @@ def test_a_home_directory_in_a_path_is_expanded(tmp_path, monkeypatch):
     assert load_config(None, ["train.init_from=null"]).train.init_from is None
 
 
+@pytest.mark.parametrize("name", ["''", "' '", "/abs/x", "a/../b", "lab//x", "x/"])
+def test_a_run_name_that_is_no_folder_name_is_refused(name):
+    """name: '' made the run folder runs/-<time>; '/abs/x' or 'a/../b' put it outside runs/."""
+    with pytest.raises(ConfigError, match="name: value error, names the run's folder"):
+        load_config(None, [f"name={name}"])
+    assert load_config(None, ["name=lab/exp1"]).name == "lab/exp1"
+
+
 def test_custom_model_shape_needs_all_three_numbers():
     cfg = load_config(None, ["model.size=null", "model.dim=64", "model.heads=4",
                              "model.blocks=2"])
