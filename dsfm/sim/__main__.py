@@ -104,6 +104,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     specs = select_specs(args.preset, args.datasets, args.mach, args.splits)
+    try:        # before simulating: an --out that cannot be made fails now, in one line
+        os.makedirs(args.out, exist_ok=True)
+    except OSError as exc:
+        print(f"error: --out {args.out}: cannot create it ({exc.strerror or exc}); choose a "
+              "directory this process may write to", file=sys.stderr)
+        return 1
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         # SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: the build's cleanup removes
         # its temporary directories and stops its worker processes
@@ -127,6 +133,12 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except DsfmError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:              # a full disk, a file where a dataset's folder goes
+        path = getattr(exc, "filename2", None) or exc.filename    # a rename names its target
+        where = f" {path}" if path else ""
+        print(f"error: --out {args.out}: cannot write{where} ({exc.strerror or exc}); nothing "
+              "written for the datasets not yet finished", file=sys.stderr)
         return 1
     for path in written:
         print(path)

@@ -25,6 +25,7 @@ from tqdm import tqdm
 from dsfm.data.index import SPLITS
 from dsfm.data.stats import write_stats
 from dsfm.data.well_format import Field, Scalar, boundaries_all, write_well_file
+from dsfm.errors import ConfigError
 from dsfm.sim.base import Trajectories
 
 
@@ -97,6 +98,12 @@ def build(specs: dict[str, DatasetSpec], out: str, seed: int = 0, workers: int |
     Datasets whose directory already holds a stats.yaml are kept unless `overwrite`.
     """
     os.makedirs(out, exist_ok=True)
+    for spec in specs.values():     # else found only after simulating, when renamed into place
+        final = os.path.join(out, spec.dataset_name)
+        if os.path.lexists(final) and not os.path.isdir(final):
+            raise ConfigError(f"{final}: exists and is not a directory, so dataset "
+                              f"{spec.dataset_name} cannot be written there; move it away or "
+                              "choose another --out")
     todo = {}
     for key, spec in specs.items():
         final = os.path.join(out, spec.dataset_name)

@@ -157,6 +157,26 @@ def test_cli_refuses_bad_arguments_in_one_line(tmp_path):
     assert not os.path.exists(out)
 
 
+def test_cli_out_that_cannot_be_written_is_one_line_before_simulating(tmp_path):
+    """An --out below a file, or one holding a file where a dataset's folder goes: one line
+    naming the path, no traceback (before, os.makedirs's traceback; for the second, raised by
+    the rename after the whole simulation, leaving the dataset unwritten)."""
+    afile = tmp_path / "afile"
+    afile.write_text("")
+    taken = tmp_path / "taken"
+    taken.mkdir()
+    (taken / "euler_2d").write_text("not a dataset")
+    for out, said in ((afile / "sub", "Not a directory"),
+                      (taken, f"{taken / 'euler_2d'}: exists and is not a directory")):
+        proc = run([sys.executable, "-m", "dsfm.sim", "--quiet", "--out", str(out),
+                    "--datasets", "euler", "--mach", "0.1", "--splits", "1,0,0"])
+        assert proc.returncode == 1, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and said in lines[0], lines
+    assert sorted(os.listdir(taken)) == ["euler_2d"]          # no .euler_2d.partial-PID left
+    assert (taken / "euler_2d").read_text() == "not a dataset"
+
+
 def test_sigterm_mid_generation_leaves_nothing_behind(tmp_path):
     """SIGTERM (a job's time limit, `timeout`) unwinds like Ctrl-C: no .<name>.partial-PID
     directory is left to be taken for a dataset, and no worker process keeps running."""
