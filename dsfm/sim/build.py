@@ -11,6 +11,7 @@ a half-written dataset that looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import multiprocessing as mp
 import os
@@ -153,8 +154,9 @@ def _worker_signals() -> None:
 
 
 def _remove_stale_partials(out: str, dataset_name: str) -> None:
-    """Remove `.<dataset>.partial-PID` directories left by a build whose process is gone (killed
-    by SIGKILL or SIGTERM before its cleanup ran); a live build's directory is left alone."""
+    """Remove `.<dataset>.partial-PID` directories (or, of a PDEBench export, files) left by a
+    build whose process is gone (killed by SIGKILL or SIGTERM before its cleanup ran); a live
+    build's are left alone."""
     prefix = f".{dataset_name}.partial-"
     for entry in os.listdir(out):
         pid = entry[len(prefix):]
@@ -162,7 +164,12 @@ def _remove_stale_partials(out: str, dataset_name: str) -> None:
             continue
         if _alive(int(pid)):
             continue                       # that build is still running
-        shutil.rmtree(os.path.join(out, entry), ignore_errors=True)
+        path = os.path.join(out, entry)
+        if os.path.isdir(path) and not os.path.islink(path):
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            with contextlib.suppress(OSError):
+                os.remove(path)
 
 
 def _alive(pid: int) -> bool:

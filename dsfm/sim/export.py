@@ -5,6 +5,11 @@ of its layouts: shallow water as `2D_rdb`, Gray–Scott as `2D_diff-react` (A, B
 inhibitor), incompressible NS as `ns_incom` (velocity, with the passive tracer as `particles`),
 compressible Euler as `2D_CFD` (one file per Mach number). All trajectories of a parameter set go
 in one file; the reader splits them. File names carry `periodic`, which the reader honours.
+
+Each file is written under a hidden temporary name and renamed into place when closed, and a
+folder's old stats.yaml is removed before its first file is replaced (it is written again at the
+end), so an interrupted export leaves no short file that reads as whole, nor statistics of other
+data beside the new files.
 """
 
 from __future__ import annotations
@@ -15,7 +20,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dsfm.data.pdebench_format import write_pdebench
-from dsfm.sim.build import DatasetSpec, simulate_parameter_set
+from dsfm.sim.build import DatasetSpec, _remove_stale_partials, simulate_parameter_set
 
 
 def _file_name(simulator: str, params: dict, n: int) -> tuple[str, str]:
@@ -51,8 +56,18 @@ def export_pdebench(specs: dict[str, DatasetSpec], out: str, seed: int = 0,
         kind, name = _file_name(spec.simulator, spec.parameter_sets[i], spec.n)
         directory = os.path.join(out, kind)
         os.makedirs(directory, exist_ok=True)
-        write_pdebench(os.path.join(directory, name), kind, _fields(kind, traj),
-                       traj.coords["x"], traj.coords["y"], traj.time)
         if directory not in written:
             written.append(directory)
+            stats = os.path.join(directory, "stats.yaml")
+            if os.path.lexists(stats):
+                os.remove(stats)
+        _remove_stale_partials(directory, name)
+        tmp = os.path.join(directory, f".{name}.partial-{os.getpid()}")
+        try:
+            write_pdebench(tmp, kind, _fields(kind, traj), traj.coords["x"], traj.coords["y"],
+                           traj.time)
+            os.replace(tmp, os.path.join(directory, name))
+        finally:
+            if os.path.lexists(tmp):
+                os.remove(tmp)
     return written
