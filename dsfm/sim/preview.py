@@ -14,13 +14,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 
 from dsfm.data.well import WellDataset  # noqa: E402
+from dsfm.errors import DsfmError, first_line  # noqa: E402
 
 
 def frames(base: str, split: str = "train", time_index: int = -1) -> list[tuple]:
     """(dataset, file, channel names, fields [*spatial, C] of saved step `time_index` of the
     file's first trajectory, its time) for every dataset under `base`."""
+    if not os.path.isdir(base):
+        raise ValueError(f"{base}: not a directory (give the base directory that holds the "
+                         "datasets, the --out of python -m dsfm.sim)")
     names = sorted(d for d in os.listdir(base) if os.path.isfile(os.path.join(base, d,
                                                                              "stats.yaml")))
+    if not names:
+        raise ValueError(f"{base}: no dataset here (a folder holding stats.yaml); make some with "
+                         f"python -m dsfm.sim --out {base}")
     rows = []
     for name in names:
         ds = WellDataset(path=os.path.join(base, name), well_split_name=split,
@@ -76,8 +83,12 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         print(preview(args.base, args.out, args.split, args.time))
-    except ValueError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    except (ValueError, DsfmError) as exc:       # e.g. a split with no files: EmptySplitError
+        print(f"error: {first_line(exc)}", file=sys.stderr)
+        return 1
+    except OSError as exc:                       # the image cannot be written
+        print(f"error: --out {args.out}: cannot write it ({exc.strerror or exc})",
+              file=sys.stderr)
         return 1
     return 0
 

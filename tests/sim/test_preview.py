@@ -29,3 +29,29 @@ def test_time_index_counts_saved_steps_from_zero(demo_base):
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert proc.stderr.strip() == (f"error: --time {spec.n_steps}: euler_2d has saved steps 0 "
                                    f"to {spec.n_steps - 1}")
+
+
+def test_bad_base_split_or_out_is_one_line(tmp_path):
+    """A base that does not exist or holds no dataset, a split with no files and an --out in a
+    missing folder: one line, no traceback (before: FileNotFoundError, "max() arg is an empty
+    sequence", EmptySplitError's and savefig's tracebacks)."""
+    import dataclasses
+
+    from dsfm.sim.build import build
+    base = tmp_path / "base"
+    spec = dataclasses.replace(PRESETS["demo"]["euler"], splits=(1, 0, 1),
+                               parameter_sets=[{"mach": 0.1}])
+    build({"euler": spec}, str(base), workers=1, progress=False)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    png = str(tmp_path / "frames.png")
+    cases = [([str(tmp_path / "missing"), "--out", png], "not a directory"),
+             ([str(empty), "--out", png], "no dataset here"),
+             ([str(base), "--out", png, "--split", "valid"], "no .h5 or .hdf5 files"),
+             ([str(base), "--out", str(tmp_path / "no" / "frames.png")], "cannot write it")]
+    for args, said in cases:
+        proc = run([sys.executable, "-m", "dsfm.sim.preview", *args])
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-2000:]
+        assert lines[0].startswith("error: ") and said in lines[0], lines
+    assert not os.path.exists(png)
