@@ -359,20 +359,25 @@ def new_vocabulary(cfg: RunConfig, pretrained: dict | None):
 
 def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
     """The AViT this run trains: the config's shape, and field columns for every field of the
-    vocabulary (at least model.n_fields; when fine-tuning, at least the pretrained ones)."""
+    vocabulary (at least model.n_fields; when fine-tuning, at least the pretrained ones). A
+    model.n_fields below the vocabulary's fields is refused, when fine-tuning too: there it
+    was raised to them without a word, so the run's config.yaml named fewer columns than its
+    model and checkpoints hold."""
     from dsfm.models.avit import AViTConfig
 
     dim, heads, blocks = cfg.model_shape()
+    if cfg.model.n_fields is not None and cfg.model.n_fields < len(vocab):
+        held = (f" ({len(pretrained['vocabulary']['keys'])} of them pretrained, from "
+                f"train.init_from {cfg.train.init_from})"
+                if pretrained and pretrained["model"] is not None else "")  # None: resumed
+        raise ConfigError(f"model.n_fields={cfg.model.n_fields} but the mixture has "
+                          f"{len(vocab)} fields{held}; raise it or leave it unset")
     if pretrained:
         n_fields = max(pretrained["model_config"]["n_fields"], len(vocab),
                        cfg.model.n_fields or 0)
         return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
                              "drop_path": cfg.model.drop_path})
-    n_fields = cfg.model.n_fields or len(vocab)
-    if n_fields < len(vocab):
-        raise ConfigError(f"model.n_fields={n_fields} but the mixture has {len(vocab)} "
-                          "fields; raise it or leave it unset")
-    return AViTConfig(n_fields, dim, heads, blocks, cfg.model.drop_path)
+    return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path)
 
 
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):

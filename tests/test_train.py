@@ -1694,6 +1694,22 @@ def test_a_fine_tuning_run_resumes_without_its_pretrained_weights(demo_base, tmp
         proc.stderr, proc.stderr[-2000:]
 
 
+def test_fine_tuning_refuses_a_model_n_fields_below_its_fields(demo_base, tmp_path):
+    """model.n_fields below the pretrained fields and the new mixture's together is refused in
+    one line before any process group, as it is without train.init_from: it was raised to
+    them without a word, so the run's config.yaml named fewer columns than its model had."""
+    ds = ds_config(tmp_path, 0, micro=4)
+    pre = tmp_path / "pre"
+    train(ds, pre, ["train.max_steps=1", "data.datasets=[euler_2d]"], data=demo_base)
+    tune = [f"train.init_from={pre}", "data.datasets=[shallow_water_2d, euler_2d]"]
+    proc = run(train_cmd(ds, tmp_path / "x", tune + ["model.n_fields=6"], data=demo_base))
+    assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert ("model.n_fields=6 but the mixture has 8 fields (5 of them pretrained, from "
+            f"train.init_from {pre})") in proc.stderr
+    assert not (tmp_path / "x").exists()
+
+
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
     """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
     skips every update: the run used to go on to the end and exit 0 having learnt nothing."""
