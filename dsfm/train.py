@@ -250,6 +250,25 @@ def check_pretrained(cfg: RunConfig, pretrained: dict) -> None:
         raise ConfigError(f"model.n_fields={cfg.model.n_fields} is below the "
                           f"{saved['n_fields']} field columns of {where}; raise it or leave it "
                           "unset")
+    from dsfm.models.avit import AViT, AViTConfig
+
+    # weights that do not fit the model they name (parameters missing, others, other shapes)
+    # were refused only once loaded, after the process group: checked here on a model without
+    # storage (the meta device), nothing copied
+    with torch.device("meta"):
+        skeleton = AViT(AViTConfig(**saved))
+    load_weights(skeleton, pretrained["model"], where)
+
+
+def load_weights(model, weights: dict, where: str) -> None:
+    """train.init_from's weights into `model` (taken as they are, not copied, into a model on
+    the meta device); a one-line ConfigError if they do not fit it."""
+    try:
+        model.load_state_dict(weights, assign=next(model.parameters()).is_meta)
+    except RuntimeError as exc:
+        lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
+        raise ConfigError(f"{where}: the weights do not fit the model they were saved with "
+                          f"({lines[0] if lines else exc})") from None
 
 
 def newest_run(cfg: RunConfig) -> str | None:
@@ -393,14 +412,8 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
         if pretrained:
             model = AViT(AViTConfig(**{**pretrained["model_config"],
                                        "drop_path": cfg.model.drop_path}))
-            try:
-                if pretrained["model"] is not None:     # None: resumed (`resumed_shape`)
-                    model.load_state_dict(pretrained["model"])
-            except RuntimeError as exc:
-                lines = [ln.strip() for ln in str(exc).splitlines()[1:] if ln.strip()]
-                raise ConfigError(f"train.init_from {cfg.train.init_from}: the weights do not "
-                                  f"fit the model they were saved with "
-                                  f"({lines[0] if lines else exc})") from None
+            if pretrained["model"] is not None:     # None: resumed (`resumed_shape`)
+                load_weights(model, pretrained["model"], f"train.init_from {cfg.train.init_from}")
             model.add_fields(config.n_fields - model.n_fields)
             if pretrained["model"] is None:
                 log.text(f"fine-tuning run resumed: {len(vocab)} fields as its checkpoint "

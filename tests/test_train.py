@@ -1710,6 +1710,32 @@ def test_fine_tuning_refuses_a_model_n_fields_below_its_fields(demo_base, tmp_pa
     assert not (tmp_path / "x").exists()
 
 
+def test_pretrained_weights_that_do_not_fit_their_model_are_refused_before_the_process_group(
+        demo_base, tmp_path):
+    """An export whose weights do not fit the model its config names (a parameter missing,
+    another shape) was refused only once loaded into the model, after the process group had
+    started and the run directory had been made."""
+    ds = ds_config(tmp_path, 0, micro=4)
+    pre = tmp_path / "pre"
+    train(ds, pre, ["train.max_steps=1", "data.datasets=[euler_2d]"], data=demo_base)
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre)])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    payload = torch.load(pre / "export" / "model_fp32.pt", weights_only=False)
+    missing = payload["model"].pop("embed.in_proj.0.weight")
+    torch.save(payload, tmp_path / "missing.pt")
+    payload["model"]["embed.in_proj.0.weight"] = missing[:, :, :2]
+    torch.save(payload, tmp_path / "shape.pt")
+    for name, needle in (("missing.pt", 'Missing key(s) in state_dict: "embed.in_proj.0.weight"'),
+                         ("shape.pt", "size mismatch for embed.in_proj.0.weight")):
+        proc = run(train_cmd(ds, tmp_path / "x", [f"train.init_from={tmp_path / name}",
+                                                  "data.datasets=[euler_2d]"], data=demo_base))
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert (f"train.init_from {tmp_path / name}: the weights do not fit the model they were "
+                "saved with (") in proc.stderr and needle in proc.stderr
+        assert not (tmp_path / "x").exists()
+
+
 def test_updates_skipped_for_non_finite_gradients_stop_the_run(demo_base, tmp_path):
     """At a learning rate of 1e6 the loss stays finite while the gradients overflow, and ZeRO
     skips every update: the run used to go on to the end and exit 0 having learnt nothing."""
