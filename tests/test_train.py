@@ -1252,6 +1252,10 @@ def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base,
     assert not (pre / "checkpoints" / "export").exists()
     stale = (pre / "export" / "model_fp32.pt").read_bytes()
     newest = consolidate(str(pre))["model"]
+    # init_from takes the checkpoints/ folder too (it looked in checkpoints/checkpoints)
+    from dsfm.runtime.checkpoint import load_pretrained
+    assert load_pretrained(str(pre / "checkpoints"))["source"] == \
+        str(pre / "checkpoints" / "step00000004")
     tune = tmp_path / "tune"
     train(ds, tune, ["train.max_steps=1", f"train.init_from={pre}", "train.freeze=processor"],
           data=demo_base)
@@ -1607,7 +1611,9 @@ def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tm
     _, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path)
     os.remove(os.path.join(newest, "dsfm_rank0.pt"))
     with pytest.raises(CheckpointError, match=rf"dsfm_rank0.pt is missing \(No such file.*"
-                       rf"export the one before it with --tag {older}$"):
+                       rf"export the one before it with --tag {older} \(python -m "
+                       rf"dsfm.runtime.export {run_dir} --tag {older}; train.init_from takes "
+                       r"the file it writes\)$"):
         consolidate(str(run_dir))
     assert export([str(run_dir), "--tag", older, "--out", str(tmp_path / "m.pt")]) == 0
 

@@ -187,7 +187,11 @@ def _fallback(tag_dir: str, use: str = "resume") -> str:
     if not older:
         return "no older complete checkpoint to fall back on"
     if use == "export":
-        return f"export the one before it with --tag {older[-1]}"
+        # consolidate's advice, for the export CLI and for train.init_from (which takes no tag:
+        # it takes the file this writes)
+        return (f"export the one before it with --tag {older[-1]} (python -m "
+                f"dsfm.runtime.export {os.path.dirname(ckpt_dir)} --tag {older[-1]}; "
+                "train.init_from takes the file it writes)")
     return f"move it aside to resume from {older[-1]}"
 
 
@@ -594,6 +598,11 @@ def load_pretrained(path: str) -> dict:
     when it was exported from that same checkpoint; nothing is written, so ranks loading at
     once cannot race). One-line ConfigErrors for what cannot be loaded."""
     where = f"train.init_from {path}"
+    if os.path.isdir(path) and not os.path.isdir(checkpoint_dir(path)) and \
+            os.path.basename(os.path.normpath(path)) == "checkpoints":
+        # its checkpoints/ folder, as the export CLI takes: "no complete checkpoint in
+        # .../checkpoints/checkpoints" before
+        path = os.path.dirname(os.path.normpath(path))
     if os.path.isdir(path):
         newest = tags(checkpoint_dir(path))
         if not newest:
