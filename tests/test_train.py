@@ -1604,9 +1604,10 @@ def test_a_run_without_zero_resumes_to_the_losses_of_a_run_that_never_stopped(de
     assert losses(tmp_path / "half") == losses(tmp_path / "full")
 
 
-def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tmp_path):
-    from dsfm.errors import CheckpointError
-    from dsfm.runtime.checkpoint import consolidate
+def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tmp_path,
+                                                                  monkeypatch):
+    from dsfm.errors import CheckpointError, ConfigError
+    from dsfm.runtime.checkpoint import consolidate, load_pretrained
     from dsfm.runtime.export import main as export
     _, run_dir, older, newest = _two_checkpoints(demo_base, tmp_path)
     os.remove(os.path.join(newest, "dsfm_rank0.pt"))
@@ -1615,6 +1616,17 @@ def test_export_names_a_missing_file_and_the_tag_to_export_instead(demo_base, tm
                        rf"dsfm.runtime.export {run_dir} --tag {older}; train.init_from takes "
                        r"the file it writes\)$"):
         consolidate(str(run_dir))
+    # from inside the run directory: its checkpoints/ is relative, and the command named no
+    # run directory ("dsfm.runtime.export  --tag"), and train.init_from=checkpoints said "no
+    # such file or run directory"
+    monkeypatch.chdir(run_dir)
+    advice = rf"dsfm.runtime.export \. --tag {older}; train.init_from takes the file it writes"
+    with pytest.raises(CheckpointError, match=advice):
+        consolidate("checkpoints")
+    with pytest.raises(ConfigError, match=r"train.init_from checkpoints: cannot consolidate "
+                       rf"step\d+ \(CheckpointError: .*{advice}"):
+        load_pretrained("checkpoints")
+    monkeypatch.undo()
     assert export([str(run_dir), "--tag", older, "--out", str(tmp_path / "m.pt")]) == 0
 
 

@@ -189,8 +189,11 @@ def _fallback(tag_dir: str, use: str = "resume") -> str:
     if use == "export":
         # consolidate's advice, for the export CLI and for train.init_from (which takes no tag:
         # it takes the file this writes)
+        # a relative checkpoints/ (the export CLI run inside the run directory) has the
+        # run directory '.': the command named none
+        run_dir = os.path.dirname(ckpt_dir) or os.curdir
         return (f"export the one before it with --tag {older[-1]} (python -m "
-                f"dsfm.runtime.export {os.path.dirname(ckpt_dir)} --tag {older[-1]}; "
+                f"dsfm.runtime.export {run_dir} --tag {older[-1]}; "
                 "train.init_from takes the file it writes)")
     return f"move it aside to resume from {older[-1]}"
 
@@ -601,8 +604,9 @@ def load_pretrained(path: str) -> dict:
     if os.path.isdir(path) and not os.path.isdir(checkpoint_dir(path)) and \
             os.path.basename(os.path.normpath(path)) == "checkpoints":
         # its checkpoints/ folder, as the export CLI takes: "no complete checkpoint in
-        # .../checkpoints/checkpoints" before
-        path = os.path.dirname(os.path.normpath(path))
+        # .../checkpoints/checkpoints" before; a relative "checkpoints" is the current
+        # directory's (it became '', "no such file or run directory")
+        path = os.path.dirname(os.path.normpath(path)) or os.curdir
     if os.path.isdir(path):
         newest = tags(checkpoint_dir(path))
         if not newest:
