@@ -556,6 +556,8 @@ def test_what_the_scheduler_refuses_is_one_line_before_the_process_group():
     ("ReduceLROnPlateau", "steps on a metric, which DeepSpeed's engine does not pass"),
     ("LambdaLR", "takes a Python function"),
     ("SequentialLR", "takes scheduler objects"),
+    ("LRScheduler", "is no learning-rate scheduler class"),
+    ("Optimizer", "is no learning-rate scheduler class"),
 ])
 def test_torch_schedulers_deepspeed_cannot_drive_are_refused(name, why):
     """DeepSpeed's engine steps ReduceLROnPlateau with the train batch size for its metric

@@ -188,6 +188,17 @@ def check(ds_config, source: str) -> list[str]:
                      lr_schedules.VALID_LR_SCHEDULES, torch.optim.lr_scheduler,
                      fold_case=False, allow_auto=True)
     sched = (ds_config.get("scheduler") or {}).get("type")
+    base = torch.optim.lr_scheduler.LRScheduler
+    found = getattr(torch.optim.lr_scheduler, str(sched), None)
+    if sched not in lr_schedules.VALID_LR_SCHEDULES and sched is not None and not (
+            isinstance(found, type) and issubclass(found, base) and found is not base
+            and found.__name__ != "_LRScheduler"):
+        # any name in torch.optim.lr_scheduler passed (LRScheduler itself, Optimizer, ...)
+        # and failed at the first step
+        raise ConfigError(f"{source}: scheduler {sched!r} is no learning-rate scheduler class "
+                          "of torch.optim.lr_scheduler; use one of DeepSpeed's "
+                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or one such as "
+                          "StepLR")
     if sched in UNDRIVABLE:
         raise ConfigError(f"{source}: scheduler {sched!r} {UNDRIVABLE[sched]}; use one of "
                           f"DeepSpeed's ({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or a "
