@@ -140,10 +140,13 @@ class RunConfig(_Strict):
     def _folder_name(cls, name: str) -> str:
         """The run's folder is runs/<name>-<time>: an empty name made runs/-<time>, and an
         absolute one or one with '..' put the run outside runs/."""
-        if not name.strip() or name.startswith("/") or \
+        if not name.strip() or name.startswith("/") or "\0" in name or \
                 any(part in ("", ".", "..") for part in name.split("/")):
             raise ValueError("names the run's folder runs/<name>-<time>: give a non-empty name, "
                              "relative, without empty, '.' or '..' parts (lab/exp1 is fine)")
+        if len(name.split("/")[-1].encode()) > 255 - len("-20261130-120000"):
+            raise ValueError("is too long for the run's folder runs/<name>-<time> (a file "
+                             "name holds 255 bytes)")
         return name
 
     def model_shape(self) -> tuple[int, int, int]:

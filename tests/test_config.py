@@ -201,6 +201,9 @@ def test_a_run_name_that_is_no_folder_name_is_refused(name):
     with pytest.raises(ConfigError, match="name: value error, names the run's folder"):
         load_config(None, [f"name={name}"])
     assert load_config(None, ["name=lab/exp1"]).name == "lab/exp1"
+    with pytest.raises(ConfigError, match="name: value error, is too long for the run's folder"):
+        load_config(None, ["name=" + "x" * 240])
+    assert load_config(None, ["name=" + "x" * 239]).name == "x" * 239
 
 
 def test_custom_model_shape_needs_all_three_numbers():
