@@ -82,6 +82,23 @@ def test_deterministic_given_seed_and_independent_of_workers(tmp_path):
     assert not np.array_equal(a[key]["t0_fields/vorticity"], c[key]["t0_fields/vorticity"])
 
 
+def test_a_parameter_set_made_alone_is_the_file_of_the_full_list(tmp_path):
+    """docs/data.md: a run is seeded from (seed, dataset, parameter set) alone. It was seeded
+    from the set's place in its list: Mach 1.0 made alone drew the default list's Mach 0.1
+    start (the same t=0 density), not its own file's."""
+    euler = small_specs()["euler"]
+    build({"euler": euler}, str(tmp_path / "both"), seed=3, progress=False)
+    alone = dataclasses.replace(euler, parameter_sets=[{"mach": 1.0}])
+    build({"euler": alone}, str(tmp_path / "alone"), seed=3, progress=False)
+    both, one = read_all(str(tmp_path / "both")), read_all(str(tmp_path / "alone"))
+    assert one and set(one) < set(both)
+    assert_same_files(one, {k: both[k] for k in one})
+    mach1, mach01 = (next(k for k in both if f"mach_{m}" in k and "train" in k)
+                     for m in ("1.", "0.1"))
+    assert not np.array_equal(both[mach1]["t0_fields/density"][:, 0],
+                              both[mach01]["t0_fields/density"][:, 0])
+
+
 def test_existing_datasets_are_kept_unless_overwrite(tmp_path):
     specs = {"euler": small_specs()["euler"]}
     build(specs, str(tmp_path), seed=1, progress=False)

@@ -163,7 +163,8 @@ def test_demo_flow_agrees_with_a_grid_twice_as_fine(index):
     cutoff instead of being dissipated."""
     spec, settings = preset_settings("demo")
     s, n = settings[index], spec.n
-    start = ns.initial_state(task_rng(0, ns.DATASET_NAME, index), 2, n, s["k_peak"])
+    start = ns.initial_state(task_rng(0, ns.DATASET_NAME, spec.parameter_sets[index]), 2, n,
+                             s["k_peak"])
     coarse, fine = (ns.SpectralFlow(m, s["viscosity"], s["forcing"]) for m in (n, 2 * n))
     coarse_hat, fine_hat = start, refined(start, n)
     worst = 0.0
@@ -186,7 +187,8 @@ def test_preset_flows_dissipate_inside_the_grid(preset, index):
     ν = 1e-3 on 128², 25% off, its energy spectrum flat over the last 7 shells)."""
     spec, settings = preset_settings(preset)
     s, n = settings[index], spec.n
-    traj = ns.simulate(task_rng(0, ns.DATASET_NAME, index), 1, n, min(spec.n_steps, 11), **s)
+    traj = ns.simulate(task_rng(0, ns.DATASET_NAME, spec.parameter_sets[index]), 1, n,
+                       min(spec.n_steps, 11), **s)
     w_hat = np.fft.fft2(traj.t0_fields["vorticity"].astype(np.float64))
     m = np.fft.fftfreq(n, 1.0 / n)
     grad2 = np.mean(np.abs(w_hat) ** 2 * (m[:, None] ** 2 + m[None, :] ** 2), axis=(-2, -1)) / n**2
