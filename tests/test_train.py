@@ -115,14 +115,27 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float
     """The same training as plain single-process PyTorch, no DeepSpeed engine: the losses and
     the learning rate each step's update used (`expected_rate`)."""
     from dsfm.data.fields import FieldVocabulary
-    from dsfm.data.prefetch import WellLoader
     from dsfm.data.prepare import datasets_in
-    from dsfm.eval import nmse
-    from dsfm.models.avit import AViT, AViTConfig
 
     paths = [os.path.join(demo_base, n) for n in datasets_in(demo_base)]
     vocab = FieldVocabulary()
     out, rates = [], []
+    # one intra-op thread, whatever the process (an earlier test, or the machine) set: the
+    # reference's rounding, and so its losses from step 3 on, moved with the thread count
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        _reference_steps(paths, vocab, steps, batch, out, rates)
+    finally:
+        torch.set_num_threads(threads)
+    return out, rates
+
+
+def _reference_steps(paths, vocab, steps: int, batch: int, out: list, rates: list) -> None:
+    from dsfm.data.prefetch import WellLoader
+    from dsfm.eval import nmse
+    from dsfm.models.avit import AViT, AViTConfig
+
     with WellLoader(paths, batch_size=batch, num_workers=1, seed=0, rank=0, world_size=1,
                     same_dataset_across_ranks=True, vocabulary=vocab) as loader:
         torch.manual_seed(0)
@@ -145,7 +158,6 @@ def reference_losses(demo_base: str, steps: int, batch: int) -> tuple[list[float
             opt.step()
             out.append(loss.item())
             del batch_
-    return out, rates
 
 
 @pytest.fixture(scope="module")
@@ -166,8 +178,15 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
     assert sorted(got) == list(range(1, STEPS + 1))
     ours = [got[s] for s in range(1, STEPS + 1)]
     # ZeRO-partitioned two-rank training is the plain single-process training at the same
-    # global batch: the same windows, the same updates, up to fp32 reduction order
-    assert ours == pytest.approx(reference[0], rel=2e-4, abs=1e-6)
+    # global batch: the same windows, the same updates, up to fp32 reduction order. That
+    # order's difference grows under Adam (which turns a gradient near zero into a whole
+    # step of either sign) by about 3x a step: measured on the demo data, rel 2.5e-8 at step
+    # 3, 7e-6 at step 9, 4.8e-4 at step 11 on one navier_stokes batch. So the first steps
+    # are held tight and the later ones to 2e-3, which a wrong window (a loss of another
+    # batch, off by percents) or a wrong rate or clipping still exceeds.
+    early = STEPS // 2
+    assert ours[:early] == pytest.approx(reference[0][:early], rel=5e-5, abs=1e-7)
+    assert ours == pytest.approx(reference[0], rel=2e-3, abs=1e-6)
     # train/lr is the rate each step's update used (not the next step's): from step 1 on, the
     # warmup's (DeepSpeed's own scheduler made steps 1 and 2 at 0)
     lr = logged(full, "train/lr")
