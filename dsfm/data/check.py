@@ -18,7 +18,6 @@ import os
 import sys
 
 import numpy as np
-import yaml
 
 from dsfm.data import native
 from dsfm.data.handles import why_not_direct
@@ -33,7 +32,7 @@ from dsfm.data.pdebench_format import (
     trajectory_groups,
     unsupported,
 )
-from dsfm.data.stats import time_blocks
+from dsfm.data.stats import KEYS, load_stats, time_blocks
 from dsfm.data.well_format import (
     GROUPS,
     ROOT_ATTRS,
@@ -44,7 +43,7 @@ from dsfm.data.well_format import (
     layout_mismatch,
     open_h5,
 )
-from dsfm.errors import ConfigError, CorruptFileError, DataError, DsfmError
+from dsfm.errors import ConfigError, CorruptFileError, DataError, DsfmError, StatsError
 
 
 def _count_nonfinite(dset, lead: tuple, time_varying: bool):
@@ -230,18 +229,11 @@ def check_stats(path: str, layout: FileLayout) -> list[str]:
 
 def _check_stats_fields(path: str, fields: list[FieldLayout], n_spatial_dims: int) -> list[str]:
     try:
-        with open(path) as fh:
-            stats = yaml.safe_load(fh)
-    except yaml.YAMLError as exc:
-        return [f"{path}: not valid YAML ({str(exc).splitlines()[0]})"]
-    except (OSError, UnicodeDecodeError) as exc:      # no permission, bytes that are not text:
-        # a traceback that cut the report short (the loader's load_stats says one line)
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return [f"{path}: cannot read the stats file ({why})"]
-    if not isinstance(stats, dict):
-        return [f"{path}: expected a mapping of statistics, got {type(stats).__name__}"]
+        stats = load_stats(path)          # the loader's reading, and its one-line problems
+    except StatsError as exc:
+        return [str(exc)]
     problems = []
-    for key in ("mean", "std", "rms", "mean_delta", "std_delta", "rms_delta"):
+    for key in KEYS:
         table = stats.get(key)
         if not isinstance(table, dict):
             problems.append(f"{path}: key '{key}' is missing")

@@ -9,40 +9,14 @@ operation.
 
 from __future__ import annotations
 
-import os
 from typing import Sequence
 
 import numpy as np
 import torch
-import yaml
 
 from dsfm.errors import ConfigError, StatsError
 
 MIN_DENOM = 1e-4
-
-
-def load_stats(path: str, writer: str = "dsfm.data.stats.write_stats") -> dict:
-    """Read a stats.yaml, with errors that name the file (and `writer`, what writes one)."""
-    if not os.path.isfile(path):
-        raise StatsError(f"{path}: stats file not found; normalization needs it "
-                         f"(write it with {writer}, or turn normalization "
-                         "off: data.normalization=null in a run config, "
-                         "use_normalization=False for WellDataset, normalization=None for "
-                         "WellLoader)")
-    try:
-        with open(path) as fh:
-            stats = yaml.safe_load(fh)
-    except yaml.YAMLError as exc:
-        raise StatsError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
-    except (OSError, UnicodeDecodeError) as exc:     # not readable by this user, a directory,
-        # bytes that are not text: a traceback before
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        raise StatsError(f"{path}: cannot read the stats file ({why})") from None
-    if not isinstance(stats, dict):
-        raise StatsError(f"{path}: expected a mapping with keys mean, std, rms, ..., got "
-                         f"{type(stats).__name__}")
-    stats["__path__"] = path
-    return stats
 
 
 class _Normalization:

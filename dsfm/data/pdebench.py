@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 
 from dsfm.data.handles import H5Pool
 from dsfm.data.index import SPLITS, list_hdf5
-from dsfm.data.normalization import load_stats, resolve_normalization
+from dsfm.data.normalization import resolve_normalization
 from dsfm.data.pdebench_format import (
     BOUNDARY,
     DATASET_NAMES,
@@ -51,7 +51,7 @@ from dsfm.data.pdebench_format import (
     stats_file,
     write_pdebench,
 )
-from dsfm.data.stats import RunningMoments
+from dsfm.data.stats import RunningMoments, load_stats
 from dsfm.data.well_format import BoundaryCondition, FieldLayout
 from dsfm.data.windows import (
     WindowSource,

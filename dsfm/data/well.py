@@ -31,7 +31,8 @@ from dsfm.data.index import (
     max_stride_at,
     read_layouts,
 )
-from dsfm.data.normalization import load_stats, resolve_normalization
+from dsfm.data.normalization import resolve_normalization
+from dsfm.data.stats import load_stats
 from dsfm.data.well_format import FieldLayout, FileLayout, layout_mismatch
 from dsfm.errors import (
     ConfigError,
