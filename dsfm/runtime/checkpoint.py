@@ -35,6 +35,16 @@ def checkpoint_dir(run_dir: str) -> str:
     return os.path.join(run_dir, "checkpoints")
 
 
+def run_dir_of(path: str) -> str:
+    """The run directory `path` names: itself, or the parent of its checkpoints/ folder (what
+    the export CLI and train.init_from take; a relative "checkpoints" is the current
+    directory's)."""
+    if not os.path.isdir(checkpoint_dir(path)) and \
+            os.path.basename(os.path.normpath(path)) == "checkpoints":
+        return os.path.dirname(os.path.normpath(path)) or os.curdir
+    return path
+
+
 def _tag_dirs(ckpt_dir: str) -> list[str]:
     """Every tag directory, complete or not, oldest first (tags sort by step: fixed width)."""
     if not os.path.isdir(ckpt_dir):
@@ -601,13 +611,10 @@ def load_pretrained(path: str) -> dict:
     when it was exported from that same checkpoint; nothing is written, so ranks loading at
     once cannot race). One-line ConfigErrors for what cannot be loaded."""
     where = f"train.init_from {path}"
-    if os.path.isdir(path) and not os.path.isdir(checkpoint_dir(path)) and \
-            os.path.basename(os.path.normpath(path)) == "checkpoints":
-        # its checkpoints/ folder, as the export CLI takes: "no complete checkpoint in
-        # .../checkpoints/checkpoints" before; a relative "checkpoints" is the current
-        # directory's (it became '', "no such file or run directory")
-        path = os.path.dirname(os.path.normpath(path)) or os.curdir
     if os.path.isdir(path):
+        # its checkpoints/ folder too, as the export CLI takes: "no complete checkpoint in
+        # .../checkpoints/checkpoints" before
+        path = run_dir_of(path)
         newest = tags(checkpoint_dir(path))
         if not newest:
             raise ConfigError(f"{where}: no complete checkpoint in {checkpoint_dir(path)}")

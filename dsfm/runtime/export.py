@@ -13,7 +13,7 @@ import os
 import sys
 
 from dsfm.errors import DsfmError
-from dsfm.runtime.checkpoint import checkpoint_dir, export_fp32
+from dsfm.runtime.checkpoint import export_fp32, run_dir_of
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,13 +24,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None, help="output file (default RUN_DIR/export/"
                     "model_fp32.pt)")
     args = ap.parse_args(argv)
-    run_dir = args.run_dir
-    if not os.path.isdir(checkpoint_dir(run_dir)) and \
-            os.path.basename(os.path.normpath(run_dir)) == "checkpoints":
-        # given its checkpoints/ folder: the export goes beside it, where train.init_from=RUN_DIR
-        # looks (it was written to checkpoints/export/, which nothing reads)
-        run_dir = os.path.dirname(os.path.normpath(run_dir))
-    out = args.out or os.path.join(run_dir, "export", "model_fp32.pt")
+    # given its checkpoints/ folder, the export goes beside it, where train.init_from=RUN_DIR
+    # looks (it was written to checkpoints/export/, which nothing reads)
+    out = args.out or os.path.join(run_dir_of(args.run_dir), "export", "model_fp32.pt")
     try:
         tag = export_fp32(args.run_dir, out, args.tag)
     except DsfmError as exc:
