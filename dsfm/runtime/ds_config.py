@@ -188,22 +188,12 @@ def check(ds_config, source: str) -> list[str]:
                      lr_schedules.VALID_LR_SCHEDULES, torch.optim.lr_scheduler,
                      fold_case=False, allow_auto=True)
     sched = (ds_config.get("scheduler") or {}).get("type")
-    base = torch.optim.lr_scheduler.LRScheduler
-    found = getattr(torch.optim.lr_scheduler, str(sched), None)
-    if sched not in lr_schedules.VALID_LR_SCHEDULES and sched is not None and not (
-            isinstance(found, type) and issubclass(found, base) and found is not base
-            and found.__name__ != "_LRScheduler"):
-        # any name in torch.optim.lr_scheduler passed (LRScheduler itself, Optimizer, ...)
-        # and failed at the first step
-        raise ConfigError(f"{source}: scheduler {sched!r} is no learning-rate scheduler class "
-                          "of torch.optim.lr_scheduler; use one of DeepSpeed's "
-                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or one such as "
-                          "StepLR")
-    if sched in UNDRIVABLE:
-        raise ConfigError(f"{source}: scheduler {sched!r} {UNDRIVABLE[sched]}; use one of "
-                          f"DeepSpeed's ({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or a "
-                          "torch scheduler that steps without arguments (StepLR, "
-                          "CosineAnnealingLR, OneCycleLR, ...)")
+    why = _undrivable(sched, lr_schedules.VALID_LR_SCHEDULES)
+    if why:
+        raise ConfigError(f"{source}: scheduler {sched!r} {why}; use one of DeepSpeed's "
+                          f"({', '.join(lr_schedules.VALID_LR_SCHEDULES)}) or a torch "
+                          "scheduler that steps without arguments (StepLR, CosineAnnealingLR, "
+                          "OneCycleLR, ...)")
     from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
     every = ds_config.get("steps_per_print")
@@ -235,6 +225,21 @@ UNDRIVABLE = {
     "SequentialLR": "takes scheduler objects, which a JSON config cannot give",
     "ChainedScheduler": "takes scheduler objects, which a JSON config cannot give",
 }
+
+def _undrivable(name: str | None, deepspeeds) -> str | None:
+    """Why DeepSpeed's engine cannot drive the scheduler `name` (None: it can, or there is
+    none): any other name in torch.optim.lr_scheduler passed (LRScheduler itself, Optimizer)
+    and failed at the first step, and those of `UNDRIVABLE` cannot run as DeepSpeed steps them."""
+    if name is None or name in deepspeeds:
+        return None
+    import torch
+
+    cls = getattr(torch.optim.lr_scheduler, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, torch.optim.lr_scheduler.LRScheduler)) \
+            or cls.__name__ in ("LRScheduler", "_LRScheduler"):
+        return "is no learning-rate scheduler class of torch.optim.lr_scheduler"
+    return UNDRIVABLE.get(name)
+
 
 #: optimizers ZeRO runs without "zero_allow_untested_optimizer" (DeepSpeed's
 #: ZERO_SUPPORTED_OPTIMIZERS: what these names build), compared lower-case
