@@ -226,6 +226,7 @@ UNDRIVABLE = {
     "ChainedScheduler": "takes scheduler objects, which a JSON config cannot give",
 }
 
+
 def _undrivable(name: str | None, deepspeeds) -> str | None:
     """Why DeepSpeed's engine cannot drive the scheduler `name` (None: it can, or there is
     none): any other name in torch.optim.lr_scheduler passed (LRScheduler itself, Optimizer)
