@@ -937,11 +937,14 @@ class WellLoader:
             raise ConfigError("load_state_dict must be called before the first batch is drawn")
         if not isinstance(state, dict) or "sampler" not in state:
             # the sampler's own state, given here, was a bare KeyError('sampler')
+            if not isinstance(state, dict):
+                given = type(state).__name__
+            elif "cursors" in state:
+                given = "the sampler's state"
+            else:
+                given = f"dict {sorted(state)}"
             raise ConfigError("WellLoader.load_state_dict takes what WellLoader.state_dict() "
-                              "returned ({'sampler': ...}), not "
-                              + ("the sampler's state" if isinstance(state, dict)
-                                 and "cursors" in state else f"{type(state).__name__} "
-                                 f"{sorted(state) if isinstance(state, dict) else ''}".rstrip()))
+                              f"returned ({{'sampler': ...}}), not {given}")
         self.sampler.load_state_dict(state["sampler"])
         self._state = self.sampler.state_dict()
 
