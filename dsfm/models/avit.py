@@ -23,7 +23,14 @@ import torch
 from torch import nn
 
 from dsfm.errors import ConfigError
-from dsfm.models.layers import PERIODIC_CODE, FieldEmbedding, HMLPDecoder, HMLPStem, SpaceTimeBlock
+from dsfm.models.layers import (
+    ATTENTION,
+    PERIODIC_CODE,
+    FieldEmbedding,
+    HMLPDecoder,
+    HMLPStem,
+    SpaceTimeBlock,
+)
 
 PATCH = 16
 #: what a checkpoint's weights compute with, for warning when it differs: 1 before the T5
@@ -57,6 +64,10 @@ class AViTConfig:
     blocks: int = 12
     drop_path: float = 0.2
     revin_eps: float = 1e-7
+    #: how the blocks attend their sequences: "fused" (one kernel call per batch of sequences)
+    #: or "packed" (short sequences packed into sequences of up to 64 under a block-diagonal
+    #: bias, fuller tiles for the CUDA kernels: layers._packed_attention); the same numbers
+    attention: str = "fused"
 
     def __post_init__(self):
         if self.n_fields < 1:
@@ -67,6 +78,9 @@ class AViTConfig:
         if self.blocks < 1 or not 0.0 <= self.drop_path < 1.0:
             raise ConfigError(f"need blocks >= 1 and 0 <= drop_path < 1 (got {self.blocks}, "
                               f"{self.drop_path})")
+        if self.attention not in ATTENTION:
+            raise ConfigError(f"model.attention {self.attention!r} is not one of "
+                              f"{', '.join(ATTENTION)}")
 
 
 def grid_problem(spatial_shape: tuple[int, ...]) -> str | None:
@@ -93,7 +107,8 @@ class AViT(nn.Module):
         # rising linearly from 0; a model without stochastic depth gets none at all (None)
         rates = [config.drop_path * i / max(n - 1, 1) if config.drop_path else None
                  for i in range(n)]
-        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r) for r in rates)
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r, config.attention)
+                                    for r in rates)
         self.debed = HMLPDecoder(dim, config.n_fields)
 
     @property
@@ -199,13 +214,13 @@ class AViT(nn.Module):
             p.requires_grad_(not name.startswith("blocks."))
 
 
-def avit(size: str, n_fields: int, drop_path: float = 0.2) -> AViT:
+def avit(size: str, n_fields: int, drop_path: float = 0.2, attention: str = "fused") -> AViT:
     """MPP's published sizes: Ti, S, B, L (case-insensitive)."""
     key = {k.lower(): k for k in SIZES}.get(size.lower())
     if key is None:
         raise ConfigError(f"AViT size {size!r} is not one of {', '.join(SIZES)}")
     dim, heads, blocks = SIZES[key]
-    return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path))
+    return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path, attention=attention))
 
 
 def n_parameters(model: nn.Module, trainable_only: bool = False) -> int:

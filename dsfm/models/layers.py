@@ -43,6 +43,68 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                       for i in range(0, n, _MAX_ATTENTION_BATCH)])
 
 
+#: Longest sequence a packed attention call (`_packed_attention`) forms: the fused kernels'
+#: tiles on CUDA (the memory-efficient kernel's, in fp32: 64 queries by 64 keys).
+_PACKED_LENGTH = 64
+
+
+def _pack_factor(length: int, n: int) -> int:
+    """How many sequences of `length` one packed sequence holds: the most that fit in
+    _PACKED_LENGTH with the packed length a multiple of 8 (the kernels' alignment), else the
+    most that fit; never more than the `n` sequences there are."""
+    most = max(1, min(_PACKED_LENGTH // length, n))
+    aligned = [g for g in range(most, 1, -1) if g * length % 8 == 0]
+    return aligned[0] if aligned else most
+
+
+def _block_diagonal(bias: torch.Tensor, g: int) -> torch.Tensor:
+    """[1, heads, L, L] → [1, heads, g·L, g·L]: `bias` on the g diagonal blocks, -inf off them
+    (one `where` of broadcast views, differentiable: the gradient of `bias` is the sum of its
+    blocks'). On CUDA with g·L not a multiple of 8, a view of rows padded to one (as
+    RelativePositionBias.padded gives), which the memory-efficient kernel takes as it is."""
+    heads, length = bias.shape[1], bias.shape[-1]
+    size = g * length
+    eye = torch.eye(g, dtype=torch.bool, device=bias.device)[:, None, :, None]
+    out = torch.where(eye, bias[0, :, None, :, None, :], float("-inf"))   # [heads,g,L,g,L]
+    out = out.reshape(1, heads, size, size)
+    if bias.is_cuda and size % 8:
+        out = F.pad(out, (0, -size % 8))[..., :size]
+    return out
+
+
+def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                      bias: torch.Tensor) -> torch.Tensor:
+    """`_attention` of short sequences, g of them packed into one of g·L ≤ _PACKED_LENGTH
+    under a block-diagonal bias (`_pack_factor`, `_block_diagonal`): the same numbers (to
+    rounding: off-block scores are -inf, their weights exactly 0) in g times fewer, fuller
+    sequences. On CUDA the fused kernels tile 64 queries by 64 keys, so sequences of 8 or 16
+    (axial, temporal) leave most of each tile idle. Costs a copy each of q, k, v and of
+    their gradients, and of the output and its gradient unless the kernel lays its output
+    out sequence-major ([batch, L, heads, hd], as CUDA's memory-efficient one does: the
+    unpacking is then a view), and a g-times larger bias and bias gradient; the `n mod g`
+    sequences left over take a plain call of their own. Calls no module (ZeRO-3)."""
+    n, heads, length, hd = q.shape
+    g = _pack_factor(length, n)
+    if g == 1:
+        return _attention(q, k, v, bias)
+    m = n // g
+    main = m * g
+
+    def pack(t: torch.Tensor) -> torch.Tensor:          # [main, heads, L, hd] → [m, heads, gL, hd]
+        t = t if main == n else t[:main]
+        return t.unflatten(0, (m, g)).transpose(1, 2).reshape(m, heads, g * length, hd)
+
+    out = _attention(pack(q), pack(k), pack(v), _block_diagonal(bias, g))
+    out = out.unflatten(2, (g, length)).transpose(1, 2).reshape(main, heads, length, hd)
+    if main == n:
+        return out
+    return torch.cat([out, _attention(q[main:], k[main:], v[main:], bias)])
+
+
+#: `attention` of the blocks (AViTConfig.attention): how a batch of sequences is attended
+ATTENTION = {"fused": _attention, "packed": _packed_attention}
+
+
 class _TokenRMSNorm(torch.autograd.Function):
     """y = x · w / (std_HW(x) + eps) over tokens [..., H, W, C], with its gradient written out:
     autograd's own, through std, runs some twenty operators per call where this runs a dozen."""
@@ -313,12 +375,13 @@ class TemporalAttention(nn.Module):
     """Attention along time at every patch position: instance norm, fused QKV projection,
     QK-norm, T5 relative bias (non-periodic), instance norm, output projection (1×1-convolution
     parameters applied as matrix multiplies, `pointwise`), LayerScale, residual.
-    drop_path: this block's stochastic-depth rate, or None for none at all."""
+    drop_path: this block's stochastic-depth rate, or None for none at all; attention: how
+    its sequences are attended, a key of ATTENTION."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 layer_scale: float = 1e-6):
+                 layer_scale: float = 1e-6, attention: str = "fused"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, attention
         self.norm1 = InstanceNorm(dim)
         self.norm2 = InstanceNorm(dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
@@ -341,8 +404,8 @@ class TemporalAttention(nn.Module):
         z = pointwise(z, self.input_head).unflatten(-1, (self.heads, -1))  # [B,H,W,T,heads,3hd]
         q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
         # QK-norm writes q and k as [BHW, heads, T, hd] (contiguous; v is a strided view)
-        z = _attention(self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2),
-                       v.flatten(0, 2), self.rel_pos_bias(t)[None])
+        z = ATTENTION[self.attention](self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2),
+                                      v.flatten(0, 2), self.rel_pos_bias(t)[None])
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
         z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
         z = pointwise(z, self.output_head)
@@ -352,12 +415,13 @@ class TemporalAttention(nn.Module):
 class AxialSpatialAttention(nn.Module):
     """Attention along W and along H with one fused QKV projection and one relative-position
     table shared by both axes (periodic-aware per sample from the boundary codes); the two
-    results are averaged. Then a 4× MLP, both branches with LayerScale and drop path."""
+    results are averaged. Then a 4× MLP, both branches with LayerScale and drop path.
+    attention: as TemporalAttention's (the per-sample 5-D path writes its own out)."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 layer_scale: float = 1e-6):
+                 layer_scale: float = 1e-6, attention: str = "fused"):
         super().__init__()
-        self.heads = heads
+        self.heads, self.attention = heads, attention
         self.norm1 = RMSInstanceNorm2d(dim, channels_last=True)
         self.norm2 = RMSInstanceNorm2d(dim, channels_last=True)
         self.gamma_att = nn.Parameter(layer_scale * torch.ones(dim))
@@ -379,8 +443,9 @@ class AxialSpatialAttention(nn.Module):
         device (no host synchronization) and broadcasts it over 5-D inputs."""
         n, m, heads, length, hd = q.shape
         if isinstance(periodic, bool):
-            out = _attention(*(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
-                             self.rel_pos_bias.bias(length, periodic, table)[None])
+            out = ATTENTION[self.attention](
+                *(t.reshape(n * m, heads, length, hd) for t in (q, k, v)),
+                self.rel_pos_bias.bias(length, periodic, table)[None])
             return out.reshape(n, m, heads, length, hd)
         # no fused kernel takes 5-D inputs: the padded rows buy nothing here, slice them once
         rpb = self.rel_pos_bias
@@ -408,8 +473,8 @@ class AxialSpatialAttention(nn.Module):
         both = torch.cat([self.qnorm(q), self.knorm(k), v], dim=-1)        # [N,L,L,heads,3hd]
         seqs = torch.cat([both, both.transpose(1, 2)]).flatten(0, 1)       # [2NL,L,heads,3hd]
         q, k, v = seqs.chunk(3, dim=-1)                                     # [2NL, L, heads, hd]
-        out = _attention(*(t.transpose(1, 2) for t in (q, k, v)),
-                         self.rel_pos_bias.bias(length, periodic, table)[None])
+        out = ATTENTION[self.attention](*(t.transpose(1, 2) for t in (q, k, v)),
+                                        self.rel_pos_bias.bias(length, periodic, table)[None])
         # (out: [2NL, heads, L, hd])
         # rows[n, i, :, j] and cols[n, j, :, i] are both token (i, j): [N, L, heads, L, hd]
         rows, cols = out.unflatten(0, (2, n, length)).unbind(0)
@@ -448,10 +513,11 @@ class SpaceTimeBlock(nn.Module):
     """Temporal then axial spatial attention, on tokens [B, T, H, W, C]: every projection is a
     matrix multiply on the channel axis, with no layout change around it."""
 
-    def __init__(self, dim: int, heads: int, drop_path: float | None = None):
+    def __init__(self, dim: int, heads: int, drop_path: float | None = None,
+                 attention: str = "fused"):
         super().__init__()
-        self.temporal = TemporalAttention(dim, heads, drop_path)
-        self.spatial = AxialSpatialAttention(dim, heads, drop_path)
+        self.temporal = TemporalAttention(dim, heads, drop_path, attention=attention)
+        self.spatial = AxialSpatialAttention(dim, heads, drop_path, attention=attention)
 
     def cache_buckets(self, t: int, h: int, w: int,
                       periodic: tuple[bool, bool] | torch.Tensor) -> None:

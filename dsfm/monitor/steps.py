@@ -10,6 +10,7 @@ step's FLOPs once per input shape with torch.utils.flop_counter on a meta-device
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections import defaultdict
 
@@ -114,9 +115,13 @@ class StepTimer:
 
 class ModelFlops:
     """FLOPs of one training step (forward + backward) of `config`'s AViT per input shape,
-    counted on the real operators of a meta-device model; cached per shape."""
+    counted on the real operators of a meta-device model; cached per shape. Counted with
+    attention="fused" whatever the config's: packed attention computes the scores between
+    the sequences it packs together too (-inf, discarded), work the model does not need."""
 
     def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
+        if getattr(model_config, "attention", "fused") != "fused":
+            model_config = dataclasses.replace(model_config, attention="fused")
         self.config = model_config
         self.patch = patch
         self.frozen = frozenset(frozen)       # parameters without gradients (fine-tuning)

@@ -45,10 +45,11 @@ def test_drop_path_rises_linearly_to_its_maximum():
     assert all(b - a == pytest.approx(0.2 / 11) for a, b in zip(rates, rates[1:]))
 
 
-def small(n_fields=6, drop_path=0.0):
+def small(n_fields=6, drop_path=0.0, attention="fused"):
     """A small AViT whose blocks matter: LayerScale starts at 1e-6, which would hide them."""
     torch.manual_seed(0)
-    model = AViT(AViTConfig(n_fields, dim=48, heads=3, blocks=2, drop_path=drop_path)).eval()
+    model = AViT(AViTConfig(n_fields, dim=48, heads=3, blocks=2, drop_path=drop_path,
+                            attention=attention)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1].startswith("gamma"):
@@ -325,6 +326,80 @@ def test_attention_over_more_sequences_than_one_call_takes_runs_in_chunks(monkey
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("length,n,limit", [(16, 64, None), (8, 96, None), (5, 37, None),
+                                            (9, 20, None), (16, 3, None), (40, 6, None),
+                                            (8, 96, 5), (5, 37, 3)])
+def test_packed_attention_computes_the_fused_attentions_numbers(monkeypatch, length, n, limit):
+    """attention="packed" attends g sequences of L as one of g·L ≤ 64 under a block-diagonal
+    bias: the same output and gradients of q, k, v and of the relative-position table as one
+    call per batch (fp32 rounding), sequences of 16 and 8 (temporal, axial) and of 5 and 9 (no
+    aligned packing of 9), a batch g does not divide (the rest in a plain call), one smaller
+    than g, sequences too long to pack, and with chunking (`limit`: _MAX_ATTENTION_BATCH)."""
+    from dsfm.models import layers
+
+    torch.manual_seed(0)
+    rpb = RelativePositionBias(3)
+    g = layers._pack_factor(length, n)
+    q, k, v = (torch.randn(n, 3, length, 16, requires_grad=True) for _ in range(3))
+    grad_out = torch.randn(n, 3, length, 16)
+    sdpa, calls = layers.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape[::2]) or sdpa(q, *a, **kw))
+    if limit:
+        monkeypatch.setattr(layers, "_MAX_ATTENTION_BATCH", limit)
+    results = []
+    for kind in ("fused", "packed"):
+        calls.clear()
+        rpb.zero_grad(set_to_none=True)
+        for t in (q, k, v):
+            t.grad = None
+        out = layers.ATTENTION[kind](q, k, v, rpb(length)[None])
+        (out * grad_out).sum().backward()
+        results.append([out.detach()] + [t.grad for t in (q, k, v)]
+                       + [rpb.relative_attention_bias.weight.grad])
+    # the packed calls: n // g sequences of g·L (aligned to 8 but for odd L over 8), the
+    # rest plain, each call within the limit
+    assert (g > 1) == (length <= 32 and n > 1) and g * length <= 64
+    assert g * length % 8 == 0 or length % 2 and length > 8
+    assert sum(b for b, seq in calls if seq == g * length) == n // g
+    assert sum(b for b, _ in calls) == n // g + n % g and max(calls)[0] <= (limit or n)
+    for want, got in zip(*results):          # the table's gradient: sums of n·L² terms
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("codes", ["uniform", "per_sample"])
+@pytest.mark.parametrize("h,w", [(32, 32), (32, 48)])
+def test_a_model_with_packed_attention_computes_the_same(codes, h, w):
+    """The whole model with attention="packed" and "fused", the same weights: the same outputs
+    and gradients, temporal and axial (a square grid: both axes in one call; not: a call per
+    axis), with whole-batch boundary codes and per-sample ones (whose 5-D path packs
+    nothing). In float64, so that the figures compared are the same up to rounding alone
+    (in float32 the model's norms amplify it to ~1e-5 in places, either way)."""
+    from dsfm.eval import nmse
+
+    x, y, ids = sample(h=h, w=w).double(), torch.randn(2, 3, h, w).double(), torch.arange(3)
+    bcs = periodic_bcs(2, True, False)
+    if codes == "per_sample":
+        bcs[1] = periodic_bcs(1, False, True)[0]
+    results = []
+    for attention in ("fused", "packed"):
+        model = small(n_fields=3, attention=attention).train().double()
+        out = model(x, ids, bcs)
+        nmse(out, y).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if p.grad is not None}))
+    (ref, ref_grads), (out, grads) = results
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+    assert grads.keys() == ref_grads.keys() and len(grads) > 50
+    for name, g in ref_grads.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=name)
+
+
+def test_unknown_attention_is_refused():
+    with pytest.raises(ConfigError, match="model.attention 'flash' is not one of fused, packed"):
+        AViTConfig(4, attention="flash")
+
+
 @pytest.mark.parametrize("codes,w,dtype", [("uniform", 48, torch.float32),
                                            ("per_sample", 48, torch.float32),
                                            ("uniform", 32, torch.float64)])
@@ -501,6 +576,55 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("frames,res", [(16, 128), (4, 80)])
+def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(monkeypatch, frames,
+                                                                      res):
+    """attention="packed" on CUDA: every attention call, forward and backward, on the
+    memory-efficient kernel (restricted to it, SDPA raises if the packed inputs or the
+    block-diagonal bias are refused), with the outputs and gradients of attention="fused" on
+    the same weights (strict fp32: no TF32 noise in the comparison). 16 frames on 8×8 patches
+    (the benchmark's shapes: sequences of 16 and 8, both packed to 64); 4 frames on 5×5
+    (packed to 64 and 40; the 75 temporal sequences are not a multiple of 16, the 11 left
+    take a plain call)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsfm.eval import nmse
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    torch.manual_seed(0)
+    x = torch.randn(3, frames, 4, res, res, device="cuda")
+    y = torch.randn(3, 4, res, res, device="cuda")
+    ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(3, True, True)
+    results = []
+    for attention in ("fused", "packed"):
+        torch.manual_seed(0)
+        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=attention)).cuda()
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.rsplit(".", 1)[-1].startswith("gamma"):
+                    p.fill_(0.5)                        # the blocks matter
+        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
+            out = model(x, ids, bcs)
+            nmse(out, y).backward()
+        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
+                                       if p.grad is not None}))
+    (ref, ref_grads), (out, grads) = results
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    assert grads.keys() == ref_grads.keys()
+    for name, g in ref_grads.items():
+        assert torch.isfinite(grads[name]).all(), name
+        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
+    # the packed biases reach the kernel aligned: PyTorch pads no copy of them per call
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), profile(
+            activities=[ProfilerActivity.CPU]) as prof:
+        model(x, ids, bcs)
+    assert not any(e.key == "aten::constant_pad_nd" for e in prof.key_averages())
+
+
 def test_token_norm_gradients_pass_gradcheck():
     from dsfm.models.layers import _TokenInstanceNorm, _TokenRMSNorm
 
@@ -553,17 +677,19 @@ def test_token_norms_match_torchs_on_channels_first_frames():
 
 
 @pytest.mark.slow
-def test_compiled_blocks_match_eager_and_share_one_graph():
+@pytest.mark.parametrize("attention", ["fused", "packed"])
+def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     """AViT.compile_blocks: the same outputs and gradients as eager (inductor's CPU backend
     here), parameter names unchanged (checkpoints), and one compiled graph serving every block
-    (the point of compiling regionally: the cost of one block, not of the model)."""
+    (the point of compiling regionally: the cost of one block, not of the model), with either
+    attention."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from dsfm.eval import nmse
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(5, 48, 3, 3, 0.0))
+    model = AViT(AViTConfig(5, 48, 3, 3, 0.0, attention=attention))
     x, y = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 4, 32, 32)
     ids, bcs = torch.tensor([0, 2, 3, 4]), torch.full((2, 2, 2), 2.0)
     ref = model(x, ids, bcs)
@@ -587,7 +713,7 @@ def test_compiled_blocks_match_eager_and_share_one_graph():
     assert counters["stats"]["calls_captured"] > 0
     # a fresh model (empty relative-position caches), called twice: no second compile (the
     # caches are filled before the compiled blocks run, whose guards read them)
-    fresh = AViT(AViTConfig(5, 48, 3, 3, 0.0))
+    fresh = AViT(AViTConfig(5, 48, 3, 3, 0.0, attention=attention))
     fresh.compile_blocks()
     for _ in range(2):
         nmse(fresh(x, ids, bcs), y).backward()
@@ -659,14 +785,16 @@ def test_compiled_model_evaluates_a_batch_of_mixed_periodicity():
             torch.testing.assert_close(model(x, ids, bcs), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_every_input_calls_the_same_modules_in_the_same_order():
+@pytest.mark.parametrize("attention", ["fused", "packed"])
+def test_every_input_calls_the_same_modules_in_the_same_order(attention):
     """ZeRO-3 gathers a module's weights at each call of it, a collective, and checks that
     every rank called the same modules: ranks whose micro-batches took different attention
     paths (a square grid with one attention call for both axes, a non-square one, samples
     that disagree on periodicity) called the relative-position bias 1, 2 or 4 times, and a
     two-rank ZeRO-3 run on such data stopped at its first step with a collective mismatch.
-    The forward and the backward now call the same modules, in the same order, on all of them."""
-    model = small(n_fields=3).train()
+    The forward and the backward now call the same modules, in the same order, on all of them
+    (packed attention too: how many sequences it packs depends on the batch)."""
+    model = small(n_fields=3, attention=attention).train()
     calls = []
     for name, mod in model.named_modules():
         mod.register_forward_pre_hook(lambda m, a, name=name: calls.append(name))
