@@ -4,16 +4,18 @@ One training step (forward, backward, AdamW with clipping 1.0) of dsfm's AViT on
 inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L: 4; 16 input
 frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
 only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
-ZeRO-3 engine, all in one run. Reports ms/step (steps running freely, each reading its loss back
-before the backward as dsfm's trainer does; and, without that read, each between two
-synchronizations, with the host's time to issue it), samples/s,
-achieved TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, as the
+ZeRO-3 engine, all in one run (with --attention fused,packed also with the blocks' attention
+packed: dsfm.models.layers._packed_attention). Reports ms/step (steps running freely, each
+reading its loss back before the backward as dsfm's trainer does; and, without that read,
+each between two synchronizations, with the host's time to issue it), samples/s, achieved
+TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, as the
 trainer counts them: `step_flops`), MFU against the card's
 dense peak, and peak memory during the variant (CUDA: allocated by tensors; CPU: the process's
 resident memory, Python and libraries included); prints a table and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
+    python -m perf.train_bench --sizes B --wrappers plain --attention fused,packed --profile 3
 """
 
 from __future__ import annotations
@@ -168,7 +170,7 @@ LAYOUTS = ("tokens", "channels_first")
 
 
 def run_variant(size: str, wrapper: str, numerics: str, args, device,
-                layout: str = "tokens") -> dict:
+                layout: str = "tokens", attention: str = "fused") -> dict:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit
 
@@ -191,13 +193,13 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     bcs = torch.full((batch, 2, 2), 2.0)   # stays on the host, as the trainer passes the
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
-        model = avit(size, FIELD_COLUMNS, drop_path=0.0)
+        model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention)
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
     key = (size, batch, args.frames, args.fields, args.res, layout)
-    if key not in _FLOPS:               # the same for every wrapper, numerics and compilation:
-        _FLOPS[key] = step_flops(model, x)     # counted once, in eager mode
+    if key not in _FLOPS:               # the same for every wrapper, numerics, attention and
+        _FLOPS[key] = step_flops(model, x)     # compilation: counted once, in eager mode
     flops = _FLOPS[key]
     compile_s = new_graphs = compiled_vs_eager = None
     if args.compile:                    # regional: the blocks, compiled on the first step
@@ -249,7 +251,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         issue = engine_step(engine, (x, ids, bcs, y))
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
-           "batch": batch, "zero_optimization": zero, "fused_grad_norm": fused_norm,
+           "attention": attention, "batch": batch, "zero_optimization": zero,
+           "fused_grad_norm": fused_norm,
            "leftover_gib": leftover, "first_step_s": compile_s,
            "compiled_vs_eager_loss": compiled_vs_eager,
            "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12,
@@ -354,22 +357,24 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
         keep = None
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
+            packed = "_packed" if row["attention"] == "packed" else ""
             keep = os.path.join(args.trace_dir, f"{row['size']}_{numerics}_{row['wrapper']}_"
-                                f"{row['layout']}{'_compiled' if args.compile else ''}.json.gz")
+                                f"{row['layout']}{packed}"
+                                f"{'_compiled' if args.compile else ''}.json.gz")
         profile_into(row, step, args.profile, keep)
     return row
 
 
-def _measure(size, wrapper, num, layout, args, device, rows, failed) -> None:
+def _measure(size, wrapper, num, layout, attention, args, device, rows, failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s}"
+    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s}"
     try:
-        rows.append(run_variant(size, wrapper, num, args, device, layout))
+        rows.append(run_variant(size, wrapper, num, args, device, layout, attention))
     except Exception as exc:
         traceback.print_exc()
         failed.append({"size": size, "numerics": num, "wrapper": wrapper, "layout": layout,
-                       "error": f"{type(exc).__name__}: {exc}"})
+                       "attention": attention, "error": f"{type(exc).__name__}: {exc}"})
         print(f"  {label} failed: {failed[-1]['error']}", file=sys.stderr, flush=True)
         if args.json:
             write_json(args.json, meta(args, rows, failed))
@@ -435,6 +440,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="tokens (dsfm's blocks: channels last, projections as matrix "
                     "multiplies), channels_first (MPP's formulation of the same model: 1x1 "
                     "convolutions; perf.mpp_layout)")
+    ap.add_argument("--attention", default="fused",
+                    help="fused (one attention call per batch of sequences), packed (short "
+                    "sequences packed into ones of up to 64 under a block-diagonal bias: fuller "
+                    "tiles for the CUDA kernels; the token blocks only); fused,packed: both, as "
+                    "separate rows")
     ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
     ap.add_argument("--frames", type=positive_int, default=16)
     ap.add_argument("--fields", type=positive_int, default=4,
@@ -458,7 +468,9 @@ def main(argv: list[str] | None = None) -> int:
     cuda = torch.cuda.is_available()
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
     from dsfm.models.avit import SIZES
+    from dsfm.models.layers import ATTENTION
     for flag, given, known in (("--numerics", numerics, NUMERICS),
+                               ("--attention", args.attention.split(","), tuple(ATTENTION)),
                                ("--wrappers", args.wrappers.split(","), WRAPPERS),
                                ("--sizes", args.sizes.split(","), tuple(SIZES)),
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
@@ -471,6 +483,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.compile and "channels_first" in args.layouts.split(","):
         ap.error("--compile compiles the token blocks; the channels_first reference runs "
                  "eager only")
+    if "channels_first" in args.layouts.split(",") and args.attention != "fused":
+        ap.error("--attention packed packs the token blocks' attention; the channels_first "
+                 "reference runs fused only (leave it out of --layouts, or run it separately)")
     check_shapes(ap, args.res, args.fields)
 
     from dsfm.runtime.engine import finish, init_process_group
@@ -478,13 +493,14 @@ def main(argv: list[str] | None = None) -> int:
     env = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     rows, failed = [], []
-    plan = [(size, wrapper, num, layout) for size in args.sizes.split(",") for num in numerics
-            for layout in args.layouts.split(",") for wrapper in args.wrappers.split(",")]
+    plan = [(size, wrapper, num, layout, attention) for size in args.sizes.split(",")
+            for num in numerics for layout in args.layouts.split(",")
+            for attention in args.attention.split(",") for wrapper in args.wrappers.split(",")]
     # captured CUDA graphs last: the profiler, shut down after each variant's profile, is
     # started again after a capture only for them (a restart after graph capture has crashed
     # CUDA 12 builds; a crash then costs only the graph rows, the others are in the JSON)
-    for size, wrapper, num, layout in sorted(plan, key=lambda v: v[1] == "graph"):
-        _measure(size, wrapper, num, layout, args, device, rows, failed)
+    for size, wrapper, num, layout, attention in sorted(plan, key=lambda v: v[1] == "graph"):
+        _measure(size, wrapper, num, layout, attention, args, device, rows, failed)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
@@ -494,21 +510,23 @@ def main(argv: list[str] | None = None) -> int:
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "
           "to issue it")
-    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'batch':>5s} {'ms/step':>9s} "
+    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'batch':>5s} "
+            f"{'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
             f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
-    plain = {(r["size"], r["numerics"], r["layout"]): r["ms_per_step"] for r in rows
-             if r["wrapper"] == "plain"}
+    plain = {(r["size"], r["numerics"], r["layout"], r["attention"]): r["ms_per_step"]
+             for r in rows if r["wrapper"] == "plain"}
     order = {variant: i for i, variant in enumerate(plan)}
-    rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"])])
+    rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"],
+                                   r["attention"])])
     for r in rows:
-        base = plain.get((r["size"], r["numerics"], r["layout"]))
+        base = plain.get((r["size"], r["numerics"], r["layout"], r["attention"]))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
-              f"{r['batch']:5d} "
+              f"{r['attention']:6s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
               f"{r['host_ms_per_step']:8.1f}"
@@ -519,10 +537,11 @@ def main(argv: list[str] | None = None) -> int:
               "the unprofiled ms/step")
         for r in rows:
             print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:7s} "
-                  f"{LABEL[r['layout']]:6s} {describe_row(r, r['ms_per_step'])}")
+                  f"{LABEL[r['layout']]:6s} {r['attention']:6s} "
+                  f"{describe_row(r, r['ms_per_step'])}")
     for f in failed:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
-              f"failed: {f['error']}")
+              f"{f['attention']:6s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))
     finish(env)

@@ -149,6 +149,32 @@ def test_train_bench_compares_wrappers(tmp_path):
     assert "vs plain" in proc.stdout and "synced" in proc.stdout
 
 
+@pytest.mark.slow
+def test_train_bench_compares_fused_and_packed_attention(tmp_path):
+    """--attention fused,packed: each variant twice, the blocks' attention fused and packed
+    (AViTConfig.attention), as separate rows of the table and the JSON, each compared with the
+    plain row of its own attention, with the same model FLOPs (packing's masked scores are not
+    the model's)."""
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
+                "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--wrappers", "plain,zero2", "--attention", "fused,packed",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [(r["attention"], r["wrapper"]) for r in rec["rows"]] == [
+        (a, w) for a in ("fused", "packed") for w in ("plain", "zero2")]
+    assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
+    lines = proc.stdout.splitlines()
+    head = next(ln for ln in lines if ln.startswith("size "))
+    assert head.split()[:5] == ["size", "num", "wrapper", "layout", "attn"]
+    rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
+    assert [r[2:5] for r in rows] == [["plain", "tokens", "fused"], ["zero2", "tokens", "fused"],
+                                      ["plain", "tokens", "packed"],
+                                      ["zero2", "tokens", "packed"]]
+    assert rows[0][11] == rows[2][11] == "+0.0%"         # vs plain: its own attention's
+
+
 TEARDOWN = """
 import gc, json, weakref, torch
 from dsfm.eval import nmse
@@ -231,9 +257,10 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
     assert os.listdir(tmp_path / "traces") == ["Ti_fp32_plain_tokens.json.gz"]
     assert "GPU busy" in proc.stdout and "no device events" in proc.stdout
     assert rec["failed"] == [{"size": "Ti", "numerics": "fp32", "wrapper": "graph",
-                              "layout": "tokens",
+                              "layout": "tokens", "attention": "fused",
                               "error": "RuntimeError: the graph wrapper needs CUDA"}]
-    assert "graph   tokens failed: RuntimeError: the graph wrapper needs CUDA" in proc.stdout
+    assert "graph   tokens fused  failed: RuntimeError: the graph wrapper needs CUDA" \
+        in proc.stdout
 
 
 @pytest.mark.slow
@@ -354,6 +381,9 @@ BAD_ARGUMENTS = [
     ("train_bench", SMALL_STEP + ["--res", "20"], "--res 20"),
     ("train_bench", SMALL_STEP + ["--batch", "-1"], "--batch"),
     ("train_bench", SMALL_STEP + ["--fields", "13"], "--fields 13"),
+    ("train_bench", SMALL_STEP + ["--attention", "fused,flash"], "--attention"),
+    ("train_bench", SMALL_STEP + ["--attention", "packed", "--layouts", "channels_first"],
+     "--attention packed"),
     ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
     ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
     ("feed_bench", ["--base", "MISSING"], "--base"),
