@@ -127,7 +127,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     from dsfm.models.avit import AViTConfig
 
     data = cfg.data
-    AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path)
+    AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path,
+               attention=cfg.model.attention)
     if os.path.exists(data.base) and not os.path.isdir(data.base):
         raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None
@@ -395,8 +396,10 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
         n_fields = max(pretrained["model_config"]["n_fields"], len(vocab),
                        cfg.model.n_fields or 0)
         return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
-                             "drop_path": cfg.model.drop_path})
-    return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path)
+                             "drop_path": cfg.model.drop_path,
+                             "attention": cfg.model.attention})
+    return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path,
+                      attention=cfg.model.attention)
 
 
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):
@@ -411,7 +414,8 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
         torch.manual_seed(cfg.train.seed)
         if pretrained:
             model = AViT(AViTConfig(**{**pretrained["model_config"],
-                                       "drop_path": cfg.model.drop_path}))
+                                       "drop_path": cfg.model.drop_path,
+                                       "attention": cfg.model.attention}))
             if pretrained["model"] is not None:     # None: resumed (`resumed_shape`)
                 load_weights(model, pretrained["model"], f"train.init_from {cfg.train.init_from}")
             model.add_fields(config.n_fields - model.n_fields)

@@ -1849,3 +1849,24 @@ def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_pa
     (tag / "dsfm_meta.json").write_text(json.dumps(meta))
     proc = train(ds, r, ["train.max_steps=3"], resume=True, data=demo_base)
     assert "warning: the checkpoint was trained with AViT numerics 1" in proc.stdout
+
+
+def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
+    """model.attention (fused by default, or packed) builds the AViT with that attention; from
+    a checkpoint's or train.init_from's model_config too (it computes the same numbers either
+    way, so the run's config decides, not what the weights were trained with)."""
+    from dsfm.config import load_config
+    from dsfm.models.avit import AViTConfig
+    from dsfm.train import model_config
+
+    vocab = ["a", "b", "c"]
+    assert model_config(load_config(None), vocab, None).attention == "fused"
+    cfg = load_config(None, ["model.attention=packed"])
+    assert model_config(cfg, vocab, None) == AViTConfig(3, *cfg.model_shape(),
+                                                       cfg.model.drop_path, attention="packed")
+    saved = {"n_fields": 3, "dim": 48, "heads": 3, "blocks": 2, "drop_path": 0.0,
+             "revin_eps": 1e-7}                    # written before attention was recorded
+    pretrained = {"model_config": saved, "model": None, "vocabulary": {}}
+    assert model_config(cfg, vocab, pretrained).attention == "packed"
+    pretrained["model_config"] = {**saved, "attention": "packed"}
+    assert model_config(load_config(None), vocab, pretrained).attention == "fused"
