@@ -420,7 +420,8 @@ def check_shapes(ap: argparse.ArgumentParser, res: int, fields: int) -> None:
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
-            "compile": args.compile, "rows": rows, "failed": failed}
+            "compile": args.compile, "blas": args.blas, "rows": rows,
+            "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,6 +446,11 @@ def main(argv: list[str] | None = None) -> int:
                     "sequences packed into ones of up to 64 under a block-diagonal bias: fuller "
                     "tiles for the CUDA kernels; the token blocks only); fused,packed: both, as "
                     "separate rows")
+    ap.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
+                    help="the BLAS library PyTorch prefers for matrix multiplies on CUDA for the "
+                    "whole run (torch.backends.cuda.preferred_blas_library; default: PyTorch's "
+                    "choice, cuBLAS): in strict fp32 cuBLAS took SIMT kernels for most of the "
+                    "backward's (H200, 2026-11-30); CUDA only")
     ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
     ap.add_argument("--frames", type=positive_int, default=16)
     ap.add_argument("--fields", type=positive_int, default=4,
@@ -466,6 +472,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.trace_dir and not args.profile:
         ap.error("--trace-dir needs --profile N")
     cuda = torch.cuda.is_available()
+    if args.blas and not cuda:
+        ap.error("--blas chooses a CUDA BLAS library: this machine has no CUDA device")
+    if args.blas:
+        torch.backends.cuda.preferred_blas_library(args.blas)
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
     from dsfm.models.avit import SIZES
     from dsfm.models.layers import ATTENTION
@@ -505,7 +515,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
-          + (", space-time blocks compiled" if args.compile else ""))
+          + (", space-time blocks compiled" if args.compile else "")
+          + (f", BLAS {args.blas}" if args.blas else ""))
     print("ms/step: steps running freely, each reading its loss back before the backward as "
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "

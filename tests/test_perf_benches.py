@@ -384,6 +384,8 @@ BAD_ARGUMENTS = [
     ("train_bench", SMALL_STEP + ["--attention", "fused,flash"], "--attention"),
     ("train_bench", SMALL_STEP + ["--attention", "packed", "--layouts", "channels_first"],
      "--attention packed"),
+    ("train_bench", SMALL_STEP + ["--blas", "cublaslt"], "--blas chooses"),   # no CUDA here
+    ("train_bench", SMALL_STEP + ["--blas", "mkl"], "--blas: invalid choice"),
     ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
     ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
     ("feed_bench", ["--base", "MISSING"], "--base"),
