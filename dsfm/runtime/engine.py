@@ -128,17 +128,21 @@ def _filter_deepspeed_noise() -> None:
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True,
-                 lr_schedule: int = LR_SCHEDULE):
+                 lr_schedule: int = LR_SCHEDULE, local_gradients: bool = True):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
     scheduler). `fused_grad_norm`: where the optimizer is ZeRO's and not offloaded, it computes
     the clipping norm with one multi-tensor norm instead of two operators per parameter tensor
     (`dsfm.runtime.zero_norm`; elsewhere DeepSpeed's own, `zero_norm.is_fused` tells).
+    `local_gradients`: a ZeRO-2 engine on one rank takes the gradients where autograd leaves
+    them, without DeepSpeed's per-parameter hooks, bucket copies and device synchronizations,
+    which reduce nothing on one rank (`dsfm.runtime.zero_local`; `zero_local.is_local` tells).
     DeepSpeed's warmup schedulers are built as dsfm's (`dsfm.runtime.warmup`: the first update
     at the warmup's first step, where DeepSpeed's made two at its starting rate), unless
     `lr_schedule` is 1 (a run resumed on DeepSpeed's own, `schedule.warmup_on_resume`)."""
     import deepspeed
 
     from dsfm.runtime.warmup import client_scheduler
+    from dsfm.runtime.zero_local import keep_local_gradients
     from dsfm.runtime.zero_norm import fuse_grad_norm, keep_plain_norm
 
     fix_arch_list()
@@ -151,6 +155,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
             lr_scheduler=client_scheduler(ds_config, lr_schedule))
     if fused_grad_norm:
         fuse_grad_norm(engine)
+    if local_gradients:
+        keep_local_gradients(engine)
     keep_plain_norm(engine)                    # no ZeRO: the clipping norm, for train/grad_norm
     return engine, optimizer, scheduler
 

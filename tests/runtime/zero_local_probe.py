@@ -1,0 +1,192 @@
+"""One rank of the one-rank ZeRO-2 tests (`dsfm.runtime.zero_local`).
+
+Two ZeRO-2 engines over the same small AViT with the ZeRO settings of ds_configs/zero2.json
+(small buckets, so that DeepSpeed's own path reduces several buckets per backward), one built
+as dsfm builds it and one with DeepSpeed's own gradient handling (`local_gradients=False`),
+trained side by side on the same batches: micro-batches accumulated (`--accumulation`), one
+batch whose gradients are NaN (the update skipped), one backward called as torch's
+`loss.backward()`, one step with a parameter's data moved out of the flat weight buffer, then
+both saved and each reloaded into a new engine of its kind for one
+more step. Prints `ZERO_LOCAL {json}`: per step whether the two engines' losses, gradient
+norms and weights are equal, then whether the optimizer states and the saved checkpoints are,
+and the operators and copies a step issued (and its update, `engine.step()`, views included).
+"""
+
+import argparse
+import copy
+import json
+import math
+import os
+import sys
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dsfm.eval import nmse
+from dsfm.models.avit import AViT, AViTConfig
+from dsfm.runtime.dist import exit_process
+from dsfm.runtime.engine import build_engine, finish, init_process_group
+from dsfm.runtime.zero_local import is_local, keep_local_gradients
+from perf.op_count import Counting
+
+SHIPPED = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero2.json")
+
+
+def equal(a, b) -> bool:
+    """Tensors (in nested dicts, lists and objects) equal bit for bit, floats equal or both
+    NaN, objects of a class without equality (DeepSpeed's loss scaler) by their attributes."""
+    if isinstance(a, torch.Tensor):
+        return (isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape
+                and torch.equal(a.cpu(), b.cpu()))
+    if isinstance(a, dict):
+        return (isinstance(b, dict) and a.keys() == b.keys()
+                and all(equal(a[k], b[k]) for k in a))
+    if isinstance(a, (list, tuple)):
+        return (isinstance(b, (list, tuple)) and len(a) == len(b)
+                and all(equal(x, y) for x, y in zip(a, b)))
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return True
+    if type(a).__eq__ is object.__eq__ and hasattr(a, "__dict__"):
+        return type(a) is type(b) and equal(vars(a), vars(b))
+    return a == b
+
+
+class AllOps(TorchDispatchMode):
+    """Every operator dispatched, views included (a parameter pointed at its place in the flat
+    weight buffer costs a slice and a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.n = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.n += 1
+        return func(*args, **(kwargs or {}))
+
+
+def in_flat_buffer(engine) -> bool:
+    """Whether every parameter views its place in the ZeRO optimizer's flat weight buffer."""
+    opt = engine.optimizer
+    for flat, params, offsets in zip(opt.bit16_groups_flat, opt.round_robin_bit16_groups,
+                                     opt.round_robin_bit16_offsets):
+        for p, offset in zip(params, offsets):
+            if p.data_ptr() != flat.data_ptr() + offset * flat.element_size():
+                return False
+    return True
+
+
+def saved(directory: str) -> dict:
+    out = {}
+    for root, _, files in os.walk(directory):
+        for name in sorted(files):
+            if name.endswith(".pt"):
+                out[name] = torch.load(os.path.join(root, name), map_location="cpu",
+                                       weights_only=False)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--accumulation", type=int, default=1)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    env = init_process_group()
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=2, drop_path=0.0))
+    with open(SHIPPED) as fh:
+        zero = json.load(fh)["zero_optimization"]
+    zero["reduce_bucket_size"] = 20000      # DeepSpeed's path: several buckets per backward
+    config = {"train_micro_batch_size_per_gpu": 2,
+              "gradient_accumulation_steps": args.accumulation, "gradient_clipping": 1.0,
+              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              "zero_optimization": zero, "steps_per_print": 10 ** 9}
+    engines = {"local": build_engine(copy.deepcopy(model), config)[0],
+               "own": build_engine(copy.deepcopy(model), config, local_gradients=False)[0]}
+    record = {"rank": env.rank, "world_size": env.world_size,
+              "local": {n: is_local(e) for n, e in engines.items()},
+              # None where installed (again: a no-op), else why not
+              "why_not": keep_local_gradients(engines["local"]),
+              "hooks": {n: len(e.optimizer._grad_acc_hooks) for n, e in engines.items()},
+              "n_params": len(list(model.parameters())), "steps": []}
+    g = torch.Generator().manual_seed(100 + env.rank)
+    dev = engines["local"].device
+    ids = torch.arange(4, device=dev)
+    bcs = torch.full((2, 2, 2), 2.0)
+
+    def batches(n, poison=False):
+        out = []
+        for _ in range(n):
+            x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
+            if poison:
+                x[0, 0, 0, 0, 0] = float("nan")
+            out.append((x.to(dev), torch.randn(2, 4, 32, 32, generator=g).to(dev)))
+        return out
+
+    def train_step(engine, micro, torch_style=False, count=False):
+        losses, counter = [], Counting()
+        for x, y in micro:
+            loss = nmse(engine(x, ids, bcs), y)
+            losses.append(float(loss.detach()))
+            if count:
+                counter.__enter__()
+            if torch_style:                 # DeepSpeed's epilogue from autograd's callback
+                loss.backward()
+            else:
+                engine.backward(loss)
+            with AllOps() as step_ops:
+                engine.step()
+            if count:
+                counter.__exit__(None, None, None)
+        return losses, counter, step_ops.n
+
+    for step in range(6):
+        micro = batches(args.accumulation, poison=step == 3)
+        torch_style = step == 4
+        row = {"torch_style": torch_style, "poisoned": step == 3}
+        got = {}
+        for name, engine in engines.items():
+            if step == 5:                   # one parameter's data moved out of the flat buffer
+                first = next(engine.module.parameters())
+                first.data = first.data.clone()
+            skipped = engine.skipped_steps
+            losses, counter, step_ops = train_step(engine, micro, torch_style, count=step == 2)
+            norm = engine.get_global_grad_norm()
+            got[name] = {"losses": losses, "norm": None if norm is None else float(norm),
+                         "skipped": engine.skipped_steps - skipped,
+                         "weights": [p.detach().clone() for p in engine.module.parameters()],
+                         "in_buffer": in_flat_buffer(engine)}
+            if step == 2:
+                row[f"ops_{name}"] = sum(counter.ops.values())
+                row[f"copies_{name}"] = counter.ops["copy_"]
+                row[f"host_reads_{name}"] = sum(counter.reads.values())
+                row[f"update_ops_{name}"] = step_ops     # engine.step at the boundary
+        a, b = got["local"], got["own"]
+        row.update(losses_equal=equal(a["losses"], b["losses"]), norm_local=a["norm"],
+                   norm_own=b["norm"], skipped_local=a["skipped"], skipped_own=b["skipped"],
+                   weights_equal=equal(a["weights"], b["weights"]),
+                   in_buffer_local=a["in_buffer"], in_buffer_own=b["in_buffer"])
+        record["steps"].append(row)
+
+    record["optimizer_states_equal"] = equal(engines["local"].optimizer.state_dict(),
+                                             engines["own"].optimizer.state_dict())
+    dirs = {n: os.path.join(args.out, n) for n in engines}
+    for name, engine in engines.items():
+        engine.save_checkpoint(dirs[name], tag="t")
+    record["checkpoints_equal"] = equal(saved(dirs["local"]), saved(dirs["own"]))
+    # each checkpoint into a new engine of its kind: one more step, the same on both
+    more = batches(args.accumulation)
+    after = {}
+    for name in engines:
+        engine = build_engine(copy.deepcopy(model), config,
+                              local_gradients=name == "local")[0]
+        engine.load_checkpoint(dirs[name], tag="t")
+        train_step(engine, more)
+        after[name] = [p.detach().clone() for p in engine.module.parameters()]
+    record["resumed_equal"] = equal(after["local"], after["own"])
+    sys.stdout.write(f"ZERO_LOCAL {json.dumps(record)}\n")
+    sys.stdout.flush()
+    finish(env)
+
+
+if __name__ == "__main__":
+    exit_process(main())
