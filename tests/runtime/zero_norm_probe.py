@@ -40,7 +40,10 @@ def shipped(env) -> None:
     from perf.train_bench import engine_config
 
     torch.manual_seed(0)
-    engine, _, _ = build_engine(avit("B", 4, drop_path=0.0), engine_config(1, 2))
+    # DeepSpeed's own reduction, as on several ranks (on this one rank dsfm would take the
+    # gradients in place, without buckets: dsfm.runtime.zero_local)
+    engine, _, _ = build_engine(avit("B", 4, drop_path=0.0), engine_config(1, 2),
+                                local_gradients=False)
     opt = engine.optimizer
     calls = []
     reduce = opt.reduce_ipg_grads
