@@ -121,6 +121,11 @@ class TrainConfig(_Strict):
     fused_grad_norm: bool = Field(True, description="ZeRO: the clipping norm as one "
                                   "multi-tensor norm (as torch's clip_grad_norm_) instead of "
                                   "DeepSpeed's two operators per parameter tensor")
+    local_gradients: bool = Field(True, description="ZeRO-2 on one rank: gradients taken "
+                                  "where autograd leaves them, without DeepSpeed's "
+                                  "per-parameter hooks, bucket copies and device "
+                                  "synchronizations, which reduce nothing on one rank (the "
+                                  "same values); more ranks always take DeepSpeed's own")
 
     _expand_home = field_validator("init_from")(_home)
 

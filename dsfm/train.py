@@ -49,6 +49,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     set_tf32,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
+from dsfm.runtime.zero_local import keep_local_gradients  # noqa: E402
 from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
 
@@ -626,11 +627,16 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         affine = (loader.affine if cfg.train.loss_units == "physical" and data.normalization
                   else lambda name: (None, None))
         engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False,
-                                    lr_schedule=checked.lr_schedule)
+                                    lr_schedule=checked.lr_schedule, local_gradients=False)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"
                                       if why is None else f"DeepSpeed's own ({why})"),
+                 console=False)
+        why = (keep_local_gradients(engine) if cfg.train.local_gradients   # None: installed
+               else "train.local_gradients is false")
+        log.text("gradients: " + ("taken in place on one rank (train.local_gradients)"
+                                  if why is None else f"DeepSpeed's reduction ({why})"),
                  console=False)
         accum = engine.gradient_accumulation_steps()
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),

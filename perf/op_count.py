@@ -141,9 +141,12 @@ def main(argv: list[str] | None = None) -> int:
         step()
         plain = count(step, stacks=True)
         counted = {"plain_step": plain}
-        for key, fused in (("zero2_step", True), ("zero2_dsnorm_step", False)):
+        # dsfm's ZeRO-2 on one rank (gradients in place, multi-tensor norm); with DeepSpeed's
+        # own norm; with DeepSpeed's per-parameter hooks and buckets
+        for key, fused, local in (("zero2_step", True, True), ("zero2_dsnorm_step", False, True),
+                                  ("zero2_hooks_step", True, False)):
             engine, _, _ = build_engine(copy.deepcopy(model), engine_config(args.batch, 2),
-                                        fused_grad_norm=fused)
+                                        fused_grad_norm=fused, local_gradients=local)
             zero2_step = engine_step(engine, (x, ids, bcs, y))
             zero2_step()
             counted[key] = count(zero2_step, stacks=True)
@@ -161,10 +164,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"whole step, eager: {s['forward']} forward + {s['backward']} backward")
     if "zero2_step" in report:
         p, z, d = report["plain_step"], report["zero2_step"], report["zero2_dsnorm_step"]
+        h = report["zero2_hooks_step"]
         print(f"training step outside the optimizer's own work: plain {p['ops']} operators "
               f"({p['copies']} copies, {p['norms']} norms), DeepSpeed ZeRO-2 on 1 rank "
               f"{z['ops']} ({z['copies']} copies, {z['norms']} norms); with DeepSpeed's own "
-              f"gradient norm (train.fused_grad_norm false) {d['ops']} ({d['norms']} norms)")
+              f"gradient norm (train.fused_grad_norm false) {d['ops']} ({d['norms']} norms); "
+              f"with DeepSpeed's per-parameter gradient hooks (train.local_gradients false) "
+              f"{h['ops']} ({h['copies']} copies)")
         reads = ", ".join(f"{w} ×{n}" for w, n in z["host_reads"].items()) or "none"
         print(f"host reads of tensor values per step (synchronizations on a GPU): plain "
               f"{sum(p['host_reads'].values())}, ZeRO-2 {sum(z['host_reads'].values())} "

@@ -66,7 +66,7 @@ _FLOPS: dict[tuple, float] = {}
 
 NUMERICS = ("fp32", "tf32", "torch")
 FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
-WRAPPERS = ("plain", "graph", "zero2", "zero2nc", "zero2ds", "zero3")
+WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3")
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -228,7 +228,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         peak_of = ("resident memory of the process (VmHWM), this variant" if reset_host_peak()
                    else "resident memory of the process since it started (ru_maxrss)")
 
-    zero = fused_norm = engine = None
+    zero = fused_norm = local = engine = None
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
@@ -239,20 +239,25 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
             step = plain_step(model, opt, (x, ids, bcs, y), check_loss=True)
     else:
         from dsfm.runtime.engine import build_engine
+        from dsfm.runtime.zero_local import is_local
         from dsfm.runtime.zero_norm import is_fused
-        stage = {"zero2": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3}[wrapper]
+        stage = {"zero2": 2, "zero2hk": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3}[wrapper]
         config = engine_config(batch, stage)
         if wrapper == "zero2nc":        # gradients left in place until the step: one copy per
             config["zero_optimization"]["contiguous_gradients"] = False   # parameter less
-        # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor
-        engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds")
+        # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor;
+        # zero2hk, zero2nc: DeepSpeed's per-parameter gradient hooks and buckets, which a
+        # one-rank ZeRO-2 engine otherwise goes without (dsfm.runtime.zero_local)
+        engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds",
+                                    local_gradients=wrapper not in ("zero2hk", "zero2nc"))
         zero, fused_norm = config["zero_optimization"], is_fused(engine)
+        local = is_local(engine)
         step = engine_step(engine, (x, ids, bcs, y), check_loss=True)
         issue = engine_step(engine, (x, ids, bcs, y))
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
            "attention": attention, "batch": batch, "zero_optimization": zero,
-           "fused_grad_norm": fused_norm,
+           "fused_grad_norm": fused_norm, "local_gradients": local,
            "leftover_gib": leftover, "first_step_s": compile_s,
            "compiled_vs_eager_loss": compiled_vs_eager,
            "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12,
@@ -430,8 +435,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="Ti,S,B,L")
     ap.add_argument("--wrappers", default=None,
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA), "
-                    "zero2nc (ZeRO-2 with contiguous_gradients off: about 400 copies a step "
-                    "fewer on one rank), zero2ds (ZeRO-2 with DeepSpeed's own clipping norm, "
+                    "zero2hk (ZeRO-2 through DeepSpeed's per-parameter gradient hooks and "
+                    "buckets, which one rank's zero2 goes without: dsfm.runtime.zero_local), "
+                    "zero2nc (zero2hk with contiguous_gradients off: about 400 copies a step "
+                    "fewer), zero2ds (ZeRO-2 with DeepSpeed's own clipping norm, "
                     "two operators per parameter tensor, instead of dsfm's multi-tensor one); "
                     "default plain,zero2,zero3 (with --compile: plain,zero2)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "

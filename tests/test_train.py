@@ -251,6 +251,28 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
 
 
 @pytest.mark.slow
+def test_one_rank_zero2_takes_its_gradients_in_place_with_deepspeeds_numbers(demo_base,
+                                                                            tmp_path):
+    """On one rank ZeRO-2's reduction is the identity: the run takes the gradients where
+    autograd leaves them (dsfm.runtime.zero_local), without DeepSpeed's per-parameter hooks,
+    bucket copies and device synchronizations, and trains to the same losses, bit for bit, as
+    with them (train.local_gradients=false), across a checkpoint and a resume."""
+    ds = ds_config(tmp_path, 2)
+    train(ds, tmp_path / "local", ["train.max_steps=4", "train.checkpoint_every=4"],
+          data=demo_base)
+    train(ds, tmp_path / "local", ["train.max_steps=8", "train.checkpoint_every=4"],
+          resume=True, data=demo_base)
+    train(ds, tmp_path / "hooks", ["train.max_steps=8", "train.local_gradients=false"],
+          data=demo_base)
+    local, hooks = losses(tmp_path / "local"), losses(tmp_path / "hooks")
+    assert sorted(local) == list(range(1, 9))
+    assert local == hooks
+    assert "gradients: taken in place on one rank" in (tmp_path / "local" / "train.log").read_text()
+    assert ("gradients: DeepSpeed's reduction (train.local_gradients is false)"
+            in (tmp_path / "hooks" / "train.log").read_text())
+
+
+@pytest.mark.slow
 def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_path):
     """Square and non-square grids, each with files of periodic and of wall boundaries, drawn
     independently per rank: the ranks' micro-batches take different attention paths. ZeRO-3
@@ -312,6 +334,9 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
     assert (run_dir / "train.log").read_text().count("step ") >= 3
     # the shipped ZeRO-2 engine clips with dsfm's multi-tensor gradient norm
     assert "gradient norm: one multi-tensor norm per step" in (run_dir / "train.log").read_text()
+    # two ranks reduce their gradients through DeepSpeed's hooks and buckets
+    assert ("gradients: DeepSpeed's reduction (the data-parallel group has more than one rank)"
+            in (run_dir / "train.log").read_text())
 
     # dashboards: the CPU path of the monitor, cross-rank statistics, the layout, the report
     assert "GPU metrics unavailable" in proc.stdout
