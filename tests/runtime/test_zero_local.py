@@ -27,9 +27,9 @@ def test_other_optimizers_keep_their_own_gradients():
     assert why is not None and "SGD" in why and not is_local(engine)
 
 
-def _records(cmd, tmp_path, ranks) -> list[dict]:
-    proc = run(cmd + ["--out", str(tmp_path)], env=_clean_env(CUDA_VISIBLE_DEVICES=""),
-               timeout=600)
+def _records(cmd, tmp_path, ranks, cuda=False) -> list[dict]:
+    env = _clean_env() if cuda else _clean_env(CUDA_VISIBLE_DEVICES="")
+    proc = run(cmd + ["--out", str(tmp_path)], env=env, timeout=600)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     records = sorted((json.loads(m) for m in re.findall(r"ZERO_LOCAL (\{.*\})", out)),
@@ -79,3 +79,22 @@ def test_two_ranks_keep_deepspeeds_reduction(tmp_path):
         assert "more than one rank" in rec["why_not"]
         assert rec["hooks"]["local"] == rec["hooks"]["own"] == rec["n_params"]
         _same_training(rec)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_path):
+    """The same on a GPU, with DeepSpeed's FusedAdam and its CUDA streams: some backward kernels
+    add in no fixed order there, so the two engines' values are held to fp32 rounding, not to
+    the bit; the skipped step, the hooks and the copies as on the CPU."""
+    [rec] = _records([sys.executable, PROBE], tmp_path, 1, cuda=True)
+    assert rec["device"].startswith("cuda")
+    assert rec["local"] == {"local": True, "own": False} and rec["why_not"] is None
+    assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
+    for row in rec["steps"]:
+        assert row["losses_max_diff"] <= 1e-5 and row["weights_max_diff"] <= 1e-5, row
+        assert (row["norm_local"] == row["norm_own"]                    # inf where poisoned
+                or row["norm_local"] == pytest.approx(row["norm_own"], rel=1e-5)), row
+        assert row["skipped_local"] == row["skipped_own"] == int(row["poisoned"]), row
+        assert row["in_buffer_local"] and row["in_buffer_own"], row
+    counted = rec["steps"][2]
+    assert counted["copies_local"] <= 10 < 1.5 * rec["n_params"] <= counted["copies_own"]

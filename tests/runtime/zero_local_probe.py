@@ -85,6 +85,10 @@ def saved(directory: str) -> dict:
     return out
 
 
+def dev0(engines) -> torch.device:
+    return next(iter(engines.values())).device
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--accumulation", type=int, default=1)
@@ -98,11 +102,13 @@ def main() -> None:
     zero["reduce_bucket_size"] = 20000      # DeepSpeed's path: several buckets per backward
     config = {"train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": args.accumulation, "gradient_clipping": 1.0,
-              "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+              # on CUDA DeepSpeed's FusedAdam, as a training run's (torch's AdamW on the CPU)
+              "optimizer": {"type": "AdamW", "params": {
+                  "lr": 1e-3, "torch_adam": not torch.cuda.is_available()}},
               "zero_optimization": zero, "steps_per_print": 10 ** 9}
     engines = {"local": build_engine(copy.deepcopy(model), config)[0],
                "own": build_engine(copy.deepcopy(model), config, local_gradients=False)[0]}
-    record = {"rank": env.rank, "world_size": env.world_size,
+    record = {"rank": env.rank, "world_size": env.world_size, "device": str(dev0(engines)),
               "local": {n: is_local(e) for n, e in engines.items()},
               # None where installed (again: a no-op), else why not
               "why_not": keep_local_gradients(engines["local"]),
@@ -161,6 +167,11 @@ def main() -> None:
                 row[f"host_reads_{name}"] = sum(counter.reads.values())
                 row[f"update_ops_{name}"] = step_ops     # engine.step at the boundary
         a, b = got["local"], got["own"]
+        # (on CUDA some backward kernels add in no fixed order: how far apart, beside equal)
+        row["weights_max_diff"] = max(float((u - v).abs().max()) if u.numel() else 0.0
+                                      for u, v in zip(a["weights"], b["weights"]))
+        row["losses_max_diff"] = max(0.0 if math.isnan(u) and math.isnan(v) else abs(u - v)
+                                     for u, v in zip(a["losses"], b["losses"]))
         row.update(losses_equal=equal(a["losses"], b["losses"]), norm_local=a["norm"],
                    norm_own=b["norm"], skipped_local=a["skipped"], skipped_own=b["skipped"],
                    weights_equal=equal(a["weights"], b["weights"]),
