@@ -8,21 +8,24 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="train_bench train_compile train_rest"
-#      GPU_CHECK_DEADLINE=420, timeout_s=450 (the step limits add up to the deadline;
-#      train_rest, measured once already, runs only if time is left);
-#   2. GPU_CHECK_ONLY="cuda_tests feed_bench loader_bench train_layout": read `status` right
-#      before it and give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that
-#      timeout_s - 35 (the summary and the transfers). The simulation of the loader data (8
-#      train trajectories per parameter set) runs beside the CUDA tests; the layout comparison,
-#      the least wanted, runs last, if time is left. If the machine went cold meanwhile, a fresh
-#      one starts (30-60 s) and rebuilds FusedAdam (about 60 s, in the background), which
-#      feed_bench's ZeRO-2 engine then waits for.
-# The monitor tests, the sweep and the demo run passed on 2026-11-28 and can wait. The first
-# session's timings (H200, 2026-11-28): machine start and transfers about 30 s, pip install 3 s,
-# the training benchmark 171 s for 18 variants, the simulation 180-224 s at the preset's
-# 32/4/4 trajectories per parameter set (8/1/1: 21 s on the 2-core CPU), the loader benchmark 25 s (30
-# batches x 2 rounds), the monitor tests 43 s, the demo run 26 s.
+#   1. GPU_CHECK_ONLY="train_attention train_zero2 train_blas train_cublas"
+#      GPU_CHECK_DEADLINE=420,
+#      timeout_s=450: what the run of 2026-11-30 left open for issue 4 (docs/performance.md):
+#      packed attention against the fused kernels' padded tiles, one-rank ZeRO-2 without
+#      DeepSpeed's hooks (zero2) against with them (zero2hk), cuBLASLt for the strict-fp32
+#      backward's matrix multiplies;
+#   2. GPU_CHECK_ONLY="cuda_tests train_eager train_rest": read `status` right before it and
+#      give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that timeout_s - 35 (the
+#      summary and the transfers). The CUDA tests of the packed attention and of the one-rank
+#      ZeRO-2 engine come first; then the eager table with both, then the rest if time is left.
+#      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
+#      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
+# The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
+# 2026-11-30 and run only when named. Timings of that run (H200): machine start and transfers
+# about 30 s, pip install 3 s, train_bench B,L plain/graph/zero2 with --profile 2: 132 s; the
+# same compiled (plain, zero2): 110 s (first steps 7.5-20.4 s); the CUDA tests 61 s; the
+# simulation 45 s (12 workers, 8/1/1 trajectories); feed_bench 59 s; loader_bench 33 s (10,000
+# RSS batches included); train_layout 38 s; the demo run 27 s; monitor_overhead 38 s.
 # Profiled variants keep their device events (perf/gpu_trace.py) in a tarball of their own,
 # $OUT/gpu_traces.tar.gz, so that a large one cannot cost the results' tarball its return.
 set -uo pipefail
@@ -76,33 +79,48 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4: ms/step, samples/s, TFLOP/s, MFU, memory, host time and (--profile) the GPU's busy
-# share of the step with its kernel time by category, for what the targets name first: B and L,
-# plain against one CUDA graph (the card's own time) and ZeRO-2 (target: <= 3 % over plain),
-# with dsfm's multi-tensor clipping norm (12 variants: 16, with zero2ds here, were estimated
-# from the first session's timings at about 210 s, over this step's limit, and the graph
-# variants, the most wanted, run last; zero2ds, DeepSpeed's per-tensor norm, is in train_rest)
+# issue 4, first: the blocks' attention packed (g short sequences as one under a block-diagonal
+# bias: fuller 64x64 tiles for the memory-efficient kernel) against fused, B and L compiled,
+# fp32 and TF32, with the kernel time by category (attention: 34.6 ms of B's step, 46.3 of L's)
+step train_attention 160 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
+  --attention fused,packed --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --json "$R/train_attention.json"
+# issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
+# gradients in place, dsfm.runtime.zero_local) against DeepSpeed's hooks and buckets (zero2hk),
+# compiled, with the attention packed (fused: the row above's)
+step train_zero2 170 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2,zero2hk \
+  --compile --attention packed --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --json "$R/train_zero2.json"
+# issue 4: the strict-fp32 step with cuBLASLt preferred (the backward's matrix multiplies took
+# cuBLAS's SIMT align-1 kernels), beside cuBLAS in the same call, B eager
+step train_blas 45 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
+  --blas cublaslt --steps 4 --warmup 2 --profile 2 --json "$R/train_blas.json"
+step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
+  --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
+# issue 4: the CUDA tests of the packed attention (fused kernel, no bias padding, the fused
+# path's numbers) and of the one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
+# loader's, fused attention's, the multi-tensor norm's and evaluation's
+# (-v: a run cut at its limit still names each test that finished, and how)
+step cuda_tests 110 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
+  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
+  tests/runtime/test_zero_local.py tests/test_eval.py \
+  -k "cuda or gpu"
+# issue 4: the eager table with both changes (one-rank zero2, packed attention): plain, graph,
+# zero2 and zero2hk, B and L
+step train_eager 170 python3 -m perf.train_bench --sizes B,L --attention packed \
+  --wrappers plain,graph,zero2,zero2hk --steps 4 --warmup 2 --profile 2 \
+  --json "$R/train_eager.json"
+# issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
+# per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
+# leftover_gib), Ti last
+step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3,zero2ds \
+  --attention packed --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
+# issue 4: the earlier table's steps (fused attention, eager and compiled), when named
 step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 4 --warmup 2 \
   --wrappers plain,graph,zero2 --profile 2 --trace-dir "$TR" --json "$R/train_bench.json"
-# issue 4: the space-time blocks compiled (regional torch.compile), the trainer's model.compile;
-# the graph wrapper is left out (training cannot use it); ZeRO-2 as shipped (each size and
-# numerics compiles its graphs once, tens of seconds: zero2nc, contiguous_gradients off, is left
-# for a later run)
 step train_compile 220 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
   --compile --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_compile.json"
-# issue 4: the rest of the issue's table (Ti; ZeRO-3), measured in full once already (Ti last:
-# its host-bound step would feel the FusedAdam build if it ran on), and ZeRO-2 with DeepSpeed's
-# own per-tensor clipping norm (zero2ds) beside it
-step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3,zero2ds \
-  --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
-# issue 3: CUDA path of the loader (no synchronization in next()); issue 4: fused attention,
-# the multi-tensor gradient norm's CUDA kernel against DeepSpeed's float64 sum
-# (-v: a run cut at its limit still names each test that finished, and how)
-step cuda_tests 100 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
-  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
-  tests/test_eval.py \
-  -k "cuda or gpu"
 # issue 5: NVML/GPM paths on a real GPU
 step monitor_tests 50 python3 -m pytest -q tests/monitor
 # issue 6: a one-GPU NCCL sweep whose real NCCL INFO logs come back for the parser
@@ -144,14 +162,17 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
-  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_bench.txt" \
+  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
+    "$R/train_zero2.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
+    "$R/train_bench.txt" \
     "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_bench train_layout train_compile train_rest; do
+  for f in train_attention train_zero2 train_blas train_cublas train_eager train_bench \
+      train_layout train_compile train_rest; do
     grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
   done
-  grep -h "first step" "$R/train_compile.txt"
-  tail -2 "$R/cuda_tests.txt"
+  grep -h "first step" "$R/train_attention.txt" "$R/train_zero2.txt" "$R/train_compile.txt"
+  grep -E "(FAILED|ERROR) " "$R/cuda_tests.txt" | head -8; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"
