@@ -22,7 +22,7 @@ import signal
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): make dsfm importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -406,7 +406,7 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):
     """The field vocabulary (the pretrained one first, if fine-tuning), the loader that extends
     it with the mixture's fields, and the AViT sized for it."""
-    from dsfm.models.avit import AViT, AViTConfig, n_parameters
+    from dsfm.models.avit import AViT, n_parameters
 
     vocab = new_vocabulary(cfg, pretrained)
     loader = loader_factory(vocab)
@@ -414,9 +414,8 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
         config = model_config(cfg, vocab, pretrained)
         torch.manual_seed(cfg.train.seed)
         if pretrained:
-            model = AViT(AViTConfig(**{**pretrained["model_config"],
-                                       "drop_path": cfg.model.drop_path,
-                                       "attention": cfg.model.attention}))
+            # the run's config as `model_config` made it, at the pretrained width first
+            model = AViT(replace(config, n_fields=pretrained["model_config"]["n_fields"]))
             if pretrained["model"] is not None:     # None: resumed (`resumed_shape`)
                 load_weights(model, pretrained["model"], f"train.init_from {cfg.train.init_from}")
             model.add_fields(config.n_fields - model.n_fields)
