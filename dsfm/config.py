@@ -73,10 +73,12 @@ class ModelConfig(_Strict):
                                     "the fields of the training mixture (spare columns leave "
                                     "room for fine-tuning)")
     drop_path: float = Field(0.2, ge=0.0, lt=1.0)
-    attention: Literal["fused", "packed"] = Field(
+    attention: Literal["fused", "packed", "direct"] = Field(
         "fused", description="how the blocks attend their sequences: fused (one kernel call per "
         "batch of sequences), packed (short sequences packed into ones of up to 64 under a "
-        "block-diagonal bias, fuller tiles for the CUDA kernels; the same numbers)")
+        "block-diagonal bias, fuller tiles for the CUDA kernels), direct (sequences of up to 32 "
+        "written out: with model.compile, products and sums the compiler fuses, in fp32; "
+        "longer ones fused); the same numbers to fp32 rounding")
     compile: bool = Field(False, description="torch.compile each space-time block (regional: "
                           "one graph for all blocks, compiled once per input shape on first "
                           "use); ZeRO stages 0-2")

@@ -8,16 +8,17 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="train_attention train_zero2 train_blas train_cublas"
-#      GPU_CHECK_DEADLINE=420,
+#   1. GPU_CHECK_ONLY="attention_bench train_attention train_zero2" GPU_CHECK_DEADLINE=420,
 #      timeout_s=450: what the run of 2026-11-30 left open for issue 4 (docs/performance.md):
-#      packed attention against the fused kernels' padded tiles, one-rank ZeRO-2 without
-#      DeepSpeed's hooks (zero2) against with them (zero2hk), cuBLASLt for the strict-fp32
-#      backward's matrix multiplies;
-#   2. GPU_CHECK_ONLY="cuda_tests train_eager train_rest": read `status` right before it and
-#      give timeout_s = budget_left_s - 15 and GPU_CHECK_DEADLINE = that timeout_s - 35 (the
-#      summary and the transfers). The CUDA tests of the packed attention and of the one-rank
-#      ZeRO-2 engine come first; then the eager table with both, then the rest if time is left.
+#      packed and direct attention against the fused kernels' padded tiles, the attention calls
+#      alone and in the compiled step; the one-rank ZeRO-2 engine without DeepSpeed's hooks
+#      (zero2) against plain, compiled;
+#   2. GPU_CHECK_ONLY="cuda_tests train_eager train_blas train_cublas train_rest": read
+#      `status` right before it and give timeout_s = budget_left_s - 15 and
+#      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The CUDA
+#      tests of the packed and direct attention and of the one-rank ZeRO-2 engine come first;
+#      then the eager table (zero2 against DeepSpeed's hooks, zero2hk, too), cuBLASLt for the
+#      strict-fp32 backward's matrix multiplies, then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -79,17 +80,22 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4, first: the blocks' attention packed (g short sequences as one under a block-diagonal
-# bias: fuller 64x64 tiles for the memory-efficient kernel) against fused, B and L compiled,
-# fp32 and TF32, with the kernel time by category (attention: 34.6 ms of B's step, 46.3 of L's)
-step train_attention 160 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
-  --attention fused,packed --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+# issue 4, first: one block's two attention calls alone (temporal, axial), each attention
+# eager and compiled, strict fp32, with the error against float64 (B and L shapes)
+step attention_bench 90 python3 -m perf.attention_bench --sizes B,L --numerics fp32 \
+  --iters 10 --warmup 3 --json "$R/attention_bench.json"
+# issue 4: the blocks' attention packed (g short sequences as one under a block-diagonal
+# bias: fuller 64x64 tiles for the memory-efficient kernel) and direct (written out, products
+# and sums inductor fuses) against fused, B and L compiled, fp32 and TF32, with the kernel time
+# by category (attention: 34.6 ms of B's step, 46.3 of L's)
+step train_attention 190 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
+  --attention fused,packed,direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_attention.json"
 # issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
-# gradients in place, dsfm.runtime.zero_local) against DeepSpeed's hooks and buckets (zero2hk),
-# compiled, with the attention packed (fused: the row above's)
-step train_zero2 170 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2,zero2hk \
-  --compile --attention packed --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+# gradients in place, dsfm.runtime.zero_local) against plain, compiled, with the attention
+# direct (the shortest step the rows above may give: the hardest case for a fixed overhead)
+step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
+  --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_zero2.json"
 # issue 4: the strict-fp32 step with cuBLASLt preferred (the backward's matrix multiplies took
 # cuBLAS's SIMT align-1 kernels), beside cuBLAS in the same call, B eager
@@ -98,23 +104,24 @@ step train_blas 45 python3 -m perf.train_bench --sizes B --numerics fp32 --wrapp
 step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
   --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
 # issue 4: the CUDA tests of the packed attention (fused kernel, no bias padding, the fused
-# path's numbers) and of the one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
+# path's accuracy), of the direct attention (no attention kernel, eager and compiled, the same
+# accuracy) and of the one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
 # loader's, fused attention's, the multi-tensor norm's and evaluation's
 # (-v: a run cut at its limit still names each test that finished, and how)
-step cuda_tests 110 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
+step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
   tests/runtime/test_zero_local.py tests/test_eval.py \
   -k "cuda or gpu"
-# issue 4: the eager table with both changes (one-rank zero2, packed attention): plain, graph,
-# zero2 and zero2hk, B and L
-step train_eager 170 python3 -m perf.train_bench --sizes B,L --attention packed \
-  --wrappers plain,graph,zero2,zero2hk --steps 4 --warmup 2 --profile 2 \
+# issue 4: the eager table with both changes (one-rank zero2, direct attention): plain, zero2
+# and DeepSpeed's hooks (zero2hk), B and L
+step train_eager 150 python3 -m perf.train_bench --sizes B,L --attention direct \
+  --wrappers plain,zero2,zero2hk --steps 4 --warmup 2 --profile 2 \
   --json "$R/train_eager.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
 # per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
 # leftover_gib), Ti last
 step train_rest 120 python3 -m perf.train_bench --sizes B,L,Ti --wrappers plain,zero3,zero2ds \
-  --attention packed --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
+  --attention direct --steps 4 --warmup 2 --profile 1 --json "$R/train_rest.json"
 # issue 4: the earlier table's steps (fused attention, eager and compiled), when named
 step train_bench 200 python3 -m perf.train_bench --sizes B,L --steps 4 --warmup 2 \
   --wrappers plain,graph,zero2 --profile 2 --trace-dir "$TR" --json "$R/train_bench.json"
@@ -162,6 +169,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
+  grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
     "$R/train_zero2.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
     "$R/train_bench.txt" \

@@ -4,18 +4,20 @@ One training step (forward, backward, AdamW with clipping 1.0) of dsfm's AViT on
 inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L: 4; 16 input
 frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
 only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
-ZeRO-3 engine, all in one run (with --attention fused,packed also with the blocks' attention
-packed: dsfm.models.layers._packed_attention). Reports ms/step (steps running freely, each
-reading its loss back before the backward as dsfm's trainer does; and, without that read,
-each between two synchronizations, with the host's time to issue it), samples/s, achieved
-TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, as the
-trainer counts them: `step_flops`), MFU against the card's
-dense peak, and peak memory during the variant (CUDA: allocated by tensors; CPU: the process's
-resident memory, Python and libraries included); prints a table and writes JSON.
+ZeRO-3 engine, all in one run (with --attention fused,packed,direct also with the blocks'
+attention packed or written out: dsfm.models.layers._packed_attention, _direct_attention).
+Reports ms/step (steps running freely, each reading its loss back before the backward as
+dsfm's trainer does; and, without that read, each between two synchronizations, with the
+host's time to issue it), samples/s, achieved TFLOP/s (FLOPs of one step counted by
+torch.utils.flop_counter on meta tensors, as the trainer counts them: `step_flops`), MFU
+against the card's dense peak, and peak memory during the variant (CUDA: allocated by
+tensors; CPU: the process's resident memory, Python and libraries included); prints a table
+and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
     python -m perf.train_bench --sizes B --wrappers plain --attention fused,packed --profile 3
+    python -m perf.train_bench --sizes B --wrappers plain --compile --attention fused,direct
 """
 
 from __future__ import annotations
@@ -362,9 +364,9 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
         keep = None
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
-            packed = "_packed" if row["attention"] == "packed" else ""
+            kind = "" if row["attention"] == "fused" else "_" + row["attention"]
             keep = os.path.join(args.trace_dir, f"{row['size']}_{numerics}_{row['wrapper']}_"
-                                f"{row['layout']}{packed}"
+                                f"{row['layout']}{kind}"
                                 f"{'_compiled' if args.compile else ''}.json.gz")
         profile_into(row, step, args.profile, keep)
     return row
@@ -451,8 +453,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", default="fused",
                     help="fused (one attention call per batch of sequences), packed (short "
                     "sequences packed into ones of up to 64 under a block-diagonal bias: fuller "
-                    "tiles for the CUDA kernels; the token blocks only); fused,packed: both, as "
-                    "separate rows")
+                    "tiles for the CUDA kernels), direct (sequences of up to 32 written out; "
+                    "with --compile fused by the compiler, in fp32); the token blocks only; "
+                    "fused,packed,direct: each, as separate rows")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
                     help="the BLAS library PyTorch prefers for matrix multiplies on CUDA for the "
                     "whole run (torch.backends.cuda.preferred_blas_library; default: PyTorch's "
@@ -501,8 +504,9 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--compile compiles the token blocks; the channels_first reference runs "
                  "eager only")
     if "channels_first" in args.layouts.split(",") and args.attention != "fused":
-        ap.error("--attention packed packs the token blocks' attention; the channels_first "
-                 "reference runs fused only (leave it out of --layouts, or run it separately)")
+        ap.error(f"--attention {args.attention} changes the token blocks' attention; the "
+                 "channels_first reference runs fused only (leave it out of --layouts, or run "
+                 "it separately)")
     check_shapes(ap, args.res, args.fields)
 
     from dsfm.runtime.engine import finish, init_process_group

@@ -57,8 +57,8 @@ def test_unknown_or_malformed_keys_are_named(assignment, words):
     ("train.freeze=everything", ["train.freeze"]),
     # strict: YAML reads yes/true as a boolean and 2.0 as a float; neither is a count
     ("model.size=ti", ["model.size: input should be 'Ti', 'S', 'B' or 'L' (got 'ti')"]),
-    ("model.attention=flash", ["model.attention: input should be 'fused' or 'packed' (got "
-                               "'flash')"]),
+    ("model.attention=flash", ["model.attention: input should be 'fused', 'packed' or "
+                               "'direct' (got 'flash')"]),
     ("train.max_steps=yes", ["train.max_steps", "valid integer", "got True"]),
     ("train.max_steps=2.0", ["train.max_steps", "valid integer", "got 2.0"]),
     ("model.n_fields=true", ["model.n_fields", "valid integer"]),

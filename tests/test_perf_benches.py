@@ -156,20 +156,20 @@ def test_train_bench_compares_wrappers(tmp_path):
 
 
 @pytest.mark.slow
-def test_train_bench_compares_fused_and_packed_attention(tmp_path):
-    """--attention fused,packed: each variant twice, the blocks' attention fused and packed
-    (AViTConfig.attention), as separate rows of the table and the JSON, each compared with the
-    plain row of its own attention, with the same model FLOPs (packing's masked scores are not
-    the model's)."""
+def test_train_bench_compares_fused_packed_and_direct_attention(tmp_path):
+    """--attention fused,packed,direct: each variant three times, the blocks' attention fused,
+    packed and written out (AViTConfig.attention), as separate rows of the table and the
+    JSON, each compared with the plain row of its own attention, with the same model FLOPs
+    (packing's masked scores are not the model's)."""
     out = tmp_path / "train.json"
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
-                "--wrappers", "plain,zero2", "--attention", "fused,packed",
+                "--wrappers", "plain,zero2", "--attention", "fused,packed,direct",
                 "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
     assert [(r["attention"], r["wrapper"]) for r in rec["rows"]] == [
-        (a, w) for a in ("fused", "packed") for w in ("plain", "zero2")]
+        (a, w) for a in ("fused", "packed", "direct") for w in ("plain", "zero2")]
     assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
     lines = proc.stdout.splitlines()
     head = next(ln for ln in lines if ln.startswith("size "))
@@ -177,8 +177,33 @@ def test_train_bench_compares_fused_and_packed_attention(tmp_path):
     rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
     assert [r[2:5] for r in rows] == [["plain", "tokens", "fused"], ["zero2", "tokens", "fused"],
                                       ["plain", "tokens", "packed"],
-                                      ["zero2", "tokens", "packed"]]
-    assert rows[0][11] == rows[2][11] == "+0.0%"         # vs plain: its own attention's
+                                      ["zero2", "tokens", "packed"],
+                                      ["plain", "tokens", "direct"],
+                                      ["zero2", "tokens", "direct"]]
+    assert rows[0][11] == rows[2][11] == rows[4][11] == "+0.0%"   # vs plain: its own's
+
+
+def test_attention_bench_times_every_attention_eager_and_compiled(tmp_path):
+    """perf.attention_bench: each attention (fused, packed, direct) eager and compiled, both
+    calls of a block at the model's shapes (temporal: batch·H·W sequences of T; axial: rows
+    and columns of every frame, 2·batch·T·H sequences of H), timed, with an fp32 error against
+    float64 that a correct attention keeps at rounding level, and the step's attention time
+    as the blocks' count times the two calls'."""
+    out = tmp_path / "attention.json"
+    proc = run([sys.executable, "-m", "perf.attention_bench", "--sizes", "Ti", "--batch", "1",
+                "--frames", "4", "--res", "32", "--iters", "2", "--warmup", "1",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [(r["attention"], r["mode"]) for r in rec["rows"]] == [
+        (a, m) for a in ("fused", "packed", "direct") for m in ("eager", "compiled")]
+    for r in rec["rows"]:
+        assert r["temporal_shape"] == [4, 3, 4, 64] and r["axial_shape"] == [16, 3, 2, 64]
+        assert 0 < r["temporal_err"] < 1e-5 and 0 <= r["axial_err"] < 1e-5
+        assert r["temporal_ms"] > 0 and r["axial_ms"] > 0
+        assert r["step_ms"] == pytest.approx(12 * (r["temporal_ms"] + r["axial_ms"]))
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("Ti ")]
+    assert len(rows) == 6 and rows[0][7] == rows[1][7] == "1.00x"
 
 
 TEARDOWN = """
@@ -398,6 +423,11 @@ BAD_ARGUMENTS = [
      "--attention packed"),
     ("train_bench", SMALL_STEP + ["--blas", "cublaslt"], "--blas chooses"),   # no CUDA here
     ("train_bench", SMALL_STEP + ["--blas", "mkl"], "--blas: invalid choice"),
+    ("attention_bench", ["--sizes", "Ti", "--attention", "fused,flash"], "--attention"),
+    ("attention_bench", ["--sizes", "Ti", "--modes", "traced"], "--modes"),
+    ("attention_bench", ["--sizes", "Ti", "--numerics", "tf32"], "--numerics tf32"),  # no CUDA
+    ("attention_bench", ["--sizes", "Ti", "--res", "40"], "--res 40"),
+    ("attention_bench", ["--sizes", "Ti", "--iters", "0"], "--iters"),
     ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
     ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
     ("feed_bench", ["--base", "MISSING"], "--base"),

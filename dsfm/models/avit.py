@@ -64,9 +64,11 @@ class AViTConfig:
     blocks: int = 12
     drop_path: float = 0.2
     revin_eps: float = 1e-7
-    #: how the blocks attend their sequences: "fused" (one kernel call per batch of sequences)
-    #: or "packed" (short sequences packed into sequences of up to 64 under a block-diagonal
-    #: bias, fuller tiles for the CUDA kernels: layers._packed_attention); the same numbers
+    #: how the blocks attend their sequences: "fused" (one kernel call per batch of sequences),
+    #: "packed" (short sequences packed into sequences of up to 64 under a block-diagonal
+    #: bias, fuller tiles for the CUDA kernels: layers._packed_attention) or "direct" (short
+    #: sequences written out, for the compiler to fuse: layers._direct_attention); the same
+    #: numbers to fp32 rounding
     attention: str = "fused"
 
     def __post_init__(self):

@@ -117,7 +117,8 @@ class ModelFlops:
     """FLOPs of one training step (forward + backward) of `config`'s AViT per input shape,
     counted on the real operators of a meta-device model; cached per shape. Counted with
     attention="fused" whatever the config's: packed attention computes the scores between
-    the sequences it packs together too (-inf, discarded), work the model does not need."""
+    the sequences it packs together too (-inf, discarded), work the model does not need,
+    and direct attention, compiled, sums products the counter has no formula for."""
 
     def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
         if getattr(model_config, "attention", "fused") != "fused":

@@ -367,13 +367,64 @@ def test_packed_attention_computes_the_fused_attentions_numbers(monkeypatch, len
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("length,n", [(16, 24), (8, 40), (5, 7), (32, 3), (33, 2)])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_direct_attention_computes_the_fused_attentions_numbers(monkeypatch, length, n,
+                                                               compiled):
+    """attention="direct" writes sequences of up to 32 out (eager: two matrix multiplies and
+    a softmax; compiled: products and sums): the same output and gradients of q, k, v and of
+    the relative-position table as the fused call, on strided q, k, v as the blocks pass
+    them; a longer sequence (33) goes to the fused call. Compiled, inductor's code (forward
+    and backward) calls no matrix multiply and no attention kernel: its pattern matcher
+    would turn a written-out matmul attention back into the fused call."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from dsfm.models import layers
+
+    torch.manual_seed(0)
+    rpb = RelativePositionBias(3)
+    base = torch.randn(n, length, 3, 48)          # [seqs, L, heads, 3·hd] as _qkv splits it
+    grad_out = torch.randn(n, 3, length, 16)
+    sdpa, calls = layers.F.scaled_dot_product_attention, []
+    monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: calls.append(q.shape) or sdpa(q, *a, **kw))
+    torch._dynamo.reset()
+    results, code = [], []
+    for kind in ("fused", "direct"):
+        rpb.zero_grad(set_to_none=True)
+        leaf = base.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.chunk(3, dim=-1))
+        fn = layers.ATTENTION[kind]
+        calls.clear()
+
+        def step():
+            out = fn(q, k, v, rpb(length)[None])
+            (out * grad_out).sum().backward()
+            return out
+
+        if kind == "direct" and compiled:
+            fn = torch.compile(fn, fullgraph=True)
+            out, code = run_and_get_code(step)
+        else:
+            out = step()
+        results.append([out.detach(), leaf.grad, rpb.relative_attention_bias.weight.grad])
+    assert bool(calls) == (length > 32)               # the direct pass's own fused calls
+    if compiled and length <= 32:
+        assert len(code) == 2                          # forward and backward, compiled
+        assert not [c for c in code if "bmm" in c or "mm(" in c or "attention" in c]
+    for want, got in zip(*results):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("attention", ["packed", "direct"])
 @pytest.mark.parametrize("codes", ["uniform", "per_sample"])
 @pytest.mark.parametrize("h,w", [(32, 32), (32, 48)])
-def test_a_model_with_packed_attention_computes_the_same(codes, h, w):
-    """The whole model with attention="packed" and "fused", the same weights: the same outputs
-    and gradients, temporal and axial (a square grid: both axes in one call; not: a call per
-    axis), with whole-batch boundary codes and per-sample ones (whose 5-D path packs
-    nothing). In float64, so that the figures compared are the same up to rounding alone
+def test_a_model_with_packed_or_direct_attention_computes_the_same(attention, codes, h, w):
+    """The whole model with attention="packed" or "direct" and "fused", the same weights: the
+    same outputs and gradients, temporal and axial (a square grid: both axes in one call;
+    not: a call per axis), with whole-batch boundary codes and per-sample ones (whose 5-D path
+    packs nothing). In float64, so that the figures compared are the same up to rounding alone
     (in float32 the model's norms amplify it to ~1e-5 in places, either way)."""
     from dsfm.eval import nmse
 
@@ -382,8 +433,8 @@ def test_a_model_with_packed_attention_computes_the_same(codes, h, w):
     if codes == "per_sample":
         bcs[1] = periodic_bcs(1, False, True)[0]
     results = []
-    for attention in ("fused", "packed"):
-        model = small(n_fields=3, attention=attention).train().double()
+    for kind in ("fused", attention):
+        model = small(n_fields=3, attention=kind).train().double()
         out = model(x, ids, bcs)
         nmse(out, y).backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
@@ -396,7 +447,8 @@ def test_a_model_with_packed_attention_computes_the_same(codes, h, w):
 
 
 def test_unknown_attention_is_refused():
-    with pytest.raises(ConfigError, match="model.attention 'flash' is not one of fused, packed"):
+    with pytest.raises(ConfigError,
+                       match="model.attention 'flash' is not one of fused, packed, direct"):
         AViTConfig(4, attention="flash")
 
 
@@ -576,53 +628,131 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: bool = False,
+                 kernels: list | None = None) -> tuple[float, dict[str, float]]:
+    """The relative error (Frobenius) of an fp32 training step's output and of each gradient
+    of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention`, against the
+    same model's float64 step with fused attention (eager: the math path); `kernels`
+    collects the names of what the fp32 step ran. In fp32 the model's instance norms amplify
+    rounding to 1e-3 of some gradients, either attention: compare errors, not outputs."""
+    import torch._dynamo
+    from torch.profiler import ProfilerActivity, profile
+
+    from dsfm.eval import nmse
+
+    torch._dynamo.reset()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, frames, 4, res, res, generator=g, dtype=torch.float64)
+    y = torch.randn(2, 4, res, res, generator=g, dtype=torch.float64)
+    ids, bcs = torch.arange(4, device=device), periodic_bcs(2, True, True)
+    steps = []
+    for kind, dtype in ((attention, torch.float32), ("fused", torch.float64)):
+        torch.manual_seed(0)
+        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind)).to(device, dtype)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.rsplit(".", 1)[-1].startswith("gamma"):
+                    p.fill_(0.5)
+        xs, ys = x.to(device, dtype), y.to(device, dtype)
+        if compiled and dtype == torch.float32:
+            model.compile_blocks()
+            nmse(model(xs, ids, bcs), ys).backward()    # compiled here, not in the profile
+            model.zero_grad(set_to_none=True)
+        activity = ProfilerActivity.CUDA if device == "cuda" else ProfilerActivity.CPU
+        with profile(activities=[activity]) as prof:
+            out = model(xs, ids, bcs)
+            nmse(out, ys).backward()
+            if device == "cuda":
+                torch.cuda.synchronize()
+        if dtype == torch.float32 and kernels is not None:
+            kernels.extend(e.key for e in prof.key_averages())
+        steps.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
+                                     if p.grad is not None}))
+    (out, grads), (ref, ref_grads) = steps
+    assert grads.keys() == ref_grads.keys() and len(grads) > 40
+    assert torch.isfinite(out).all() and all(torch.isfinite(t).all() for t in grads.values())
+
+    def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+        return float((a.double() - b).norm() / b.norm().clamp(min=1e-30))
+
+    return rel(out, ref), {n: rel(grads[n], g) for n, g in ref_grads.items()}
+
+
+def _as_accurate(errors, reference) -> None:
+    """`errors` (of `_fp32_errors`) as small as `reference`'s, for the output and each
+    gradient: at most ten times, or within 1e-5. Equally exact fp32 computations differ
+    here by up to 5× in some gradients (rounding, amplified by the norms: compiling the
+    fused model alone moves them 2.5× at the median), a wrong attention by orders of
+    magnitude."""
+    (out, grads), (ref_out, ref_grads) = errors, reference
+    assert out <= 10 * ref_out + 1e-5, (out, ref_out)
+    worse = {n: (e, ref_grads[n]) for n, e in grads.items() if e > 10 * ref_grads[n] + 1e-5}
+    assert not worse, worse
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("frames,res", [(16, 128), (4, 80)])
 def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(monkeypatch, frames,
                                                                       res):
     """attention="packed" on CUDA: every attention call, forward and backward, on the
     memory-efficient kernel (restricted to it, SDPA raises if the packed inputs or the
-    block-diagonal bias are refused), with the outputs and gradients of attention="fused" on
-    the same weights (strict fp32: no TF32 noise in the comparison). 16 frames on 8×8 patches
-    (the benchmark's shapes: sequences of 16 and 8, both packed to 64); 4 frames on 5×5
-    (packed to 64 and 40; the 75 temporal sequences are not a multiple of 16, the 11 left
-    take a plain call)."""
+    block-diagonal bias are refused), as accurate as attention="fused" on the same weights
+    against their float64 step (strict fp32: no TF32 noise in the comparison). 16 frames on
+    8×8 patches (the benchmark's shapes: sequences of 16 and 8, both packed to 64); 4 frames
+    on 5×5 (packed to 64 and 40; the 75 temporal sequences are not a multiple of 16, the 11
+    left take a plain call)."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    from dsfm.eval import nmse
-
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    torch.manual_seed(0)
-    x = torch.randn(3, frames, 4, res, res, device="cuda")
-    y = torch.randn(3, 4, res, res, device="cuda")
-    ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(3, True, True)
-    results = []
-    for attention in ("fused", "packed"):
-        torch.manual_seed(0)
-        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=attention)).cuda()
-        with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.rsplit(".", 1)[-1].startswith("gamma"):
-                    p.fill_(0.5)                        # the blocks matter
-        with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
-            out = model(x, ids, bcs)
-            nmse(out, y).backward()
-        results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
-                                       if p.grad is not None}))
-    (ref, ref_grads), (out, grads) = results
-    assert torch.isfinite(out).all()
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert grads.keys() == ref_grads.keys()
-    for name, g in ref_grads.items():
-        assert torch.isfinite(grads[name]).all(), name
-        torch.testing.assert_close(grads[name], g, rtol=1e-3, atol=1e-5, msg=name)
-    # the packed biases reach the kernel aligned: PyTorch pads no copy of them per call
-    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION), profile(
-            activities=[ProfilerActivity.CPU]) as prof:
-        model(x, ids, bcs)
+    fused = _fp32_errors("fused", "cuda", frames, res)
+    with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # MATH: float64
+        packed_kernels = []
+        _as_accurate(_fp32_errors("packed", "cuda", frames, res, kernels=packed_kernels),
+                     fused)
+    assert [k for k in packed_kernels if "fmha" in k.lower()]
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):       # fp32: the kernel or an error
+        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention="packed")).cuda()
+        x = torch.randn(2, frames, 4, res, res, device="cuda")
+        ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(2, True, True)
+        model(x, ids, bcs).square().mean().backward()
+        # the packed biases reach the kernel aligned: PyTorch pads no copy of them per call
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(x, ids, bcs)
     assert not any(e.key == "aten::constant_pad_nd" for e in prof.key_averages())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_direct_attention_runs_no_attention_kernel_and_matches_on_cuda(monkeypatch, compiled):
+    """attention="direct" on CUDA, eager and with compiled blocks: no fused-attention kernel
+    runs, forward or backward (compiled: inductor's fused products and sums; the
+    projections' and MLP's matrix multiplies are cuBLAS's either way, so the check is on
+    attention kernels by name), as accurate as attention="fused" (compiled alike) on the same
+    weights against their float64 step, strict fp32, the benchmark's sequences of 16 and 8."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    fused_kernels, direct_kernels = [], []
+    fused = _fp32_errors("fused", "cuda", 16, 128, compiled, fused_kernels)
+    _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, direct_kernels), fused)
+
+    def attention_kernels(names):
+        return [k for k in names if "fmha" in k.lower() or "attention" in k.lower()]
+
+    assert attention_kernels(fused_kernels)               # the check sees the fused kernels
+    assert not attention_kernels(direct_kernels)
+
+
+@pytest.mark.parametrize("attention,compiled", [("packed", False), ("direct", False),
+                                                ("direct", True)])
+def test_packed_and_direct_attention_are_as_accurate_as_fused(attention, compiled):
+    """The CUDA tests' comparison on the CPU (its fused attention: the flash kernel), smaller:
+    the fp32 step with packed or direct attention, eager or compiled, against the float64
+    step, as accurate as the fused attention's fp32 step (compiled alike). A direct
+    attention whose 1/√hd is 1% off fails it."""
+    fused = _fp32_errors("fused", "cpu", 4, 32, compiled)
+    _as_accurate(_fp32_errors(attention, "cpu", 4, 32, compiled), fused)
 
 
 def test_token_norm_gradients_pass_gradcheck():
@@ -677,7 +807,7 @@ def test_token_norms_match_torchs_on_channels_first_frames():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("attention", ["fused", "packed"])
+@pytest.mark.parametrize("attention", ["fused", "packed", "direct"])
 def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     """AViT.compile_blocks: the same outputs and gradients as eager (inductor's CPU backend
     here), parameter names unchanged (checkpoints), and one compiled graph serving every block
@@ -785,7 +915,7 @@ def test_compiled_model_evaluates_a_batch_of_mixed_periodicity():
             torch.testing.assert_close(model(x, ids, bcs), ref, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["fused", "packed"])
+@pytest.mark.parametrize("attention", ["fused", "packed", "direct"])
 def test_every_input_calls_the_same_modules_in_the_same_order(attention):
     """ZeRO-3 gathers a module's weights at each call of it, a collective, and checks that
     every rank called the same modules: ranks whose micro-batches took different attention

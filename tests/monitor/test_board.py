@@ -106,14 +106,17 @@ def test_model_flops_are_counted_per_shape_and_patches_follow_the_grid():
     assert flops.patches((8, 16, 4, 128, 64)) == 8 * 16 * 8 * 4
 
 
-def test_model_flops_of_packed_attention_are_the_models():
+def test_model_flops_of_packed_and_direct_attention_are_the_models():
     """attention="packed" attends sequences packed together under a block-diagonal bias: its
-    kernels compute scores between them (masked, discarded) that the model does not need.
+    kernels compute scores between them (masked, discarded) that the model does not need;
+    attention="direct", compiled, sums products, which the counter does not count.
     perf/tflops and MFU count the model's FLOPs, the same as the fused attention's; counted on
     the packed model's operators they were 6% higher here."""
     shape = (2, 16, 4, 128, 128)
     fused = ModelFlops(AViTConfig(12, 192, 3, 2, 0.0)).step(shape)
-    assert ModelFlops(AViTConfig(12, 192, 3, 2, 0.0, attention="packed")).step(shape) == fused
+    for attention in ("packed", "direct"):
+        assert ModelFlops(AViTConfig(12, 192, 3, 2, 0.0, attention=attention)).step(
+            shape) == fused
 
 
 def test_peak_table():
