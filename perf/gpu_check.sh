@@ -13,12 +13,13 @@
 #      packed and direct attention against the fused kernels' padded tiles, the attention calls
 #      alone and in the compiled step; the one-rank ZeRO-2 engine without DeepSpeed's hooks
 #      (zero2) against plain, compiled;
-#   2. GPU_CHECK_ONLY="cuda_tests train_eager train_blas train_cublas train_rest": read
-#      `status` right before it and give timeout_s = budget_left_s - 15 and
+#   2. GPU_CHECK_ONLY="cuda_tests train_graphs train_eager train_blas train_cublas train_rest":
+#      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The CUDA
 #      tests of the packed and direct attention and of the one-rank ZeRO-2 engine come first;
-#      then the eager table (zero2 against DeepSpeed's hooks, zero2hk, too), cuBLASLt for the
-#      strict-fp32 backward's matrix multiplies, then the rest if time is left.
+#      then the compiled blocks replayed as CUDA graphs (TF32, host-bound), the eager table
+#      (zero2 against DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32
+#      backward's matrix multiplies, then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -112,6 +113,12 @@ step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
   tests/runtime/test_zero_local.py tests/test_eval.py \
   -k "cuda or gpu"
+# issue 4: the compiled blocks' forward and backward replayed as CUDA graphs (torch.compile's
+# reduce-overhead mode): the compiled TF32 steps are paced by the host's kernel launches
+# (B: 71.7 ms to issue 1,670 kernels of an 87 ms step; L: the whole step), TF32 only
+step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
+  --wrappers plain,zero2 --compile --compile-mode reduce-overhead --attention direct \
+  --steps 4 --warmup 2 --profile 2 --json "$R/train_graphs.json"
 # issue 4: the eager table with both changes (one-rank zero2, direct attention): plain, zero2
 # and DeepSpeed's hooks (zero2hk), B and L
 step train_eager 150 python3 -m perf.train_bench --sizes B,L --attention direct \
@@ -171,15 +178,16 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
-    "$R/train_zero2.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
+    "$R/train_zero2.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
     "$R/train_bench.txt" \
     "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_attention train_zero2 train_blas train_cublas train_eager train_bench \
+  for f in train_attention train_zero2 train_graphs train_blas train_cublas train_eager train_bench \
       train_layout train_compile train_rest; do
     grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
   done
-  grep -h "first step" "$R/train_attention.txt" "$R/train_zero2.txt" "$R/train_compile.txt"
+  grep -h "first step" "$R/train_attention.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" \
+    "$R/train_compile.txt"
   grep -E "(FAILED|ERROR) " "$R/cuda_tests.txt" | head -8; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"

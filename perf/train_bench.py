@@ -169,6 +169,18 @@ def graphed(step, model, opt, loss_fn, inputs):
 
 
 LAYOUTS = ("tokens", "channels_first")
+COMPILE_MODES = ("default", "reduce-overhead")
+
+
+def marked(step):
+    """`step` beginning with torch.compiler.cudagraph_mark_step_begin(): compiled in
+    "reduce-overhead" mode, the blocks replay CUDA graphs whose outputs the next replay
+    overwrites; a training loop says where each iteration starts, so that the graphs of one
+    step may reuse the memory of the one before."""
+    def run():
+        torch.compiler.cudagraph_mark_step_begin()
+        step()
+    return run
 
 
 def run_variant(size: str, wrapper: str, numerics: str, args, device,
@@ -208,7 +220,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         from torch._dynamo.utils import counters
         with torch.no_grad():           # the same loss eager, to check the compiled code
             eager = nmse(model(x, ids, bcs), y)
-        model.compile_blocks()
+        model.compile_blocks(**({} if args.compile_mode == "default"
+                                 else {"mode": args.compile_mode}))
         before = counters["stats"]["unique_graphs"]
         sync()
         t0 = time.perf_counter()
@@ -256,9 +269,12 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         local = is_local(engine)
         step = engine_step(engine, (x, ids, bcs, y), check_loss=True)
         issue = engine_step(engine, (x, ids, bcs, y))
+    if args.compile and args.compile_mode == "reduce-overhead":
+        step, issue = marked(step), marked(issue)
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
            "attention": attention, "batch": batch, "zero_optimization": zero,
+           "compile_mode": args.compile_mode if args.compile else None,
            "fused_grad_norm": fused_norm, "local_gradients": local,
            "leftover_gib": leftover, "first_step_s": compile_s,
            "compiled_vs_eager_loss": compiled_vs_eager,
@@ -367,7 +383,9 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
             kind = "" if row["attention"] == "fused" else "_" + row["attention"]
             keep = os.path.join(args.trace_dir, f"{row['size']}_{numerics}_{row['wrapper']}_"
                                 f"{row['layout']}{kind}"
-                                f"{'_compiled' if args.compile else ''}.json.gz")
+                                f"{'_compiled' if args.compile else ''}"
+                                f"{'_graphs' if args.compile_mode == 'reduce-overhead' else ''}"
+                                ".json.gz")
         profile_into(row, step, args.profile, keep)
     return row
 
@@ -427,7 +445,8 @@ def check_shapes(ap: argparse.ArgumentParser, res: int, fields: int) -> None:
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
-            "compile": args.compile, "blas": args.blas, "rows": rows,
+            "compile": args.compile, "compile_mode": args.compile_mode, "blas": args.blas,
+            "rows": rows,
             "failed": failed}
 
 
@@ -470,6 +489,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=non_negative_int, default=3)
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the space-time blocks (AViT.compile_blocks)")
+    ap.add_argument("--compile-mode", choices=COMPILE_MODES, default="default",
+                    help="with --compile: torch.compile's mode; reduce-overhead replays each "
+                    "compiled block's forward and backward as CUDA graphs (CUDA; the host then "
+                    "issues one launch per graph instead of one per kernel)")
     ap.add_argument("--profile", type=steps_arg, default=0, metavar="N",
                     help="after the timed steps, profile N more (torch.profiler) and report "
                     "the GPU's busy share of the step and its kernel time by category")
@@ -496,6 +519,8 @@ def main(argv: list[str] | None = None) -> int:
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
         if set(given) - set(known):
             ap.error(f"{flag}: one or more of {', '.join(known)}")
+    if args.compile_mode != "default" and not args.compile:
+        ap.error(f"--compile-mode {args.compile_mode} is a mode of --compile, which is not given")
     if args.compile and "zero3" in args.wrappers.split(","):
         ap.error("--compile with zero3: ZeRO-3 gathers parameters in module hooks that "
                  "torch.compile would trace (dsfm/train.py refuses model.compile with ZeRO-3 "
@@ -527,6 +552,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (", space-time blocks compiled" if args.compile else "")
+          + (f" ({args.compile_mode})" if args.compile and args.compile_mode != "default"
+             else "")
           + (f", BLAS {args.blas}" if args.blas else ""))
     print("ms/step: steps running freely, each reading its loss back before the backward as "
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "

@@ -422,6 +422,8 @@ BAD_ARGUMENTS = [
     ("train_bench", SMALL_STEP + ["--attention", "packed", "--layouts", "channels_first"],
      "--attention packed"),
     ("train_bench", SMALL_STEP + ["--blas", "cublaslt"], "--blas chooses"),   # no CUDA here
+    ("train_bench", SMALL_STEP + ["--compile-mode", "reduce-overhead"], "--compile-mode"),
+    ("train_bench", SMALL_STEP + ["--compile", "--compile-mode", "fast"], "--compile-mode"),
     ("train_bench", SMALL_STEP + ["--blas", "mkl"], "--blas: invalid choice"),
     ("attention_bench", ["--sizes", "Ti", "--attention", "fused,flash"], "--attention"),
     ("attention_bench", ["--sizes", "Ti", "--modes", "traced"], "--modes"),
