@@ -103,8 +103,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # one block, forward then backward, on the input the first block sees
     with torch.no_grad():
-        z = model.embed(model.space_bag(x.flatten(0, 1), ids)).unflatten(0, x.shape[:2])
-        z = z.permute(0, 1, 3, 4, 2).contiguous()      # the blocks' tokens [B, T, H, W, C]
+        z = model.embed.tokens(x.flatten(0, 1), model.space_bag(None, ids))
+        z = z.unflatten(0, x.shape[:2])                 # the blocks' tokens [B, T, H, W, C]
     z.requires_grad_(True)
     block = model.blocks[0]
     out = block(z, (True, True))                    # warm: relative-position buckets cached

@@ -129,9 +129,9 @@ class AViT(nn.Module):
             std, mean = torch.std_mean(x, dim=(1, 3, 4), keepdim=True)
             std = std + self.config.revin_eps
         z = (x - mean) / std
-        z = self.space_bag(z.reshape(b * t, c, h, w), field_ids)
-        z = self.embed(z)                                          # [BT, dim, h, w]
-        z = z.reshape(b, t, *z.shape[1:]).permute(0, 1, 3, 4, 2).contiguous()   # tokens
+        # the field embedding folded into the stem, which writes tokens [BT, h, w, dim]
+        z = self.embed.tokens(z.reshape(b * t, c, h, w), self.space_bag(None, field_ids))
+        z = z.reshape(b, t, *z.shape[1:])                          # tokens [B, T, h, w, dim]
         periodic = self.periodicity(bcs, x.device)
         for block in self.blocks:
             block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block

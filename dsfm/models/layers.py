@@ -240,12 +240,15 @@ class RMSInstanceNorm2d(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.bias = nn.Parameter(torch.zeros(dim))
 
-    def forward(self, x: torch.Tensor, prescale: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, prescale: float = 1.0,
+                channels_last: bool | None = None) -> torch.Tensor:
         """The norm of x · `prescale`, computed as that of x with eps / `prescale`: the same
         numbers when `prescale` is a power of two (scaling by one is exact, in x, std and
-        eps alike), without the multiply and its backward."""
+        eps alike), without the multiply and its backward. `channels_last`: x's layout for
+        this call, if not the module's own (the stem's norms take tokens in dsfm's model and
+        frames in MPP's formulation, perf/mpp_layout.py)."""
         eps = self.eps / prescale
-        if self.channels_last:
+        if self.channels_last if channels_last is None else channels_last:
             return _TokenRMSNorm.apply(x, self.weight, eps)
         return _TokenRMSNorm.apply(x.movedim(-3, -1), self.weight, eps).movedim(-1, -3)
 
@@ -579,20 +582,78 @@ class SpaceTimeBlock(nn.Module):
         return self.spatial(x.reshape(b * t, h, w, c), periodic).reshape(b, t, h, w, c)
 
 
+def _patches(x: torch.Tensor, k: int, channels_last: bool) -> torch.Tensor:
+    """The k×k patches of frames that do not overlap, each patch's pixels on the last axis in
+    (row, column, channel) order: [N, H, W, C] (channels_last) or [N, C, H, W] →
+    [N, H/k, W/k, k·k·C] (one copy)."""
+    if channels_last:
+        n, h, w, c = x.shape
+        x = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5)
+    else:
+        n, c, h, w = x.shape
+        x = x.reshape(n, c, h // k, k, w // k, k).permute(0, 2, 4, 3, 5, 1)
+    return x.reshape(n, h // k, w // k, k * k * c)
+
+
+class PatchConv(nn.Conv2d):
+    """nn.Conv2d whose kernel is its stride (patches that do not overlap), as the hMLP stem's.
+    On channels-first frames it is the convolution. With `tokens` it writes channels-last
+    frames [N, H/k, W/k, C_out] and computes the same map as one matrix multiply of each
+    patch's pixels (`_patches`) with the kernel laid out to match: cuBLAS's GEMM, where the
+    convolution took cuDNN's kernels (on an H200 in fp32 their weight gradients ran
+    `wgrad_alg0_engine`: 10.1 ms of AViT-B's step for three calls). Its input is then
+    channels-last [N, H, W, C_in], or with `folded` the embedding's input, channels-first: a
+    per-pixel affine map (w [C_in, C], b [C_in]: the field embedding) applied before this
+    one, folded into the kernel (kernel·w, kernel·b): the same function, in a fraction of
+    the arithmetic when C is small (the stem's first convolution: C_in = dim/4 channels at
+    every pixel, 192 for B, against 4 fields)."""
+
+    def forward(self, x: torch.Tensor, tokens: bool = False,
+                folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        if not tokens:
+            if folded is not None:
+                raise ValueError("PatchConv folds an affine map only with tokens=True")
+            return super().forward(x)
+        k = self.kernel_size[0]
+        kernel = self.weight.permute(0, 2, 3, 1)                  # [C_out, k, k, C_in]
+        bias = self.bias
+        if folded is not None:
+            w, b = folded
+            kernel, inner = kernel @ w, (kernel * b).sum((1, 2, 3))   # [C_out, k, k, C]
+            bias = inner if bias is None else bias + inner
+        return F.linear(_patches(x, k, channels_last=folded is None),
+                        kernel.reshape(kernel.shape[0], -1), bias)
+
+
 class HMLPStem(nn.Module):
     """Patch 16 as three bias-free strided convolutions (4, 2, 2) with RMS instance norm and
-    GELU between them: a hierarchical MLP on each 16×16 patch."""
+    GELU between them: a hierarchical MLP on each 16×16 patch. Called, channels-first frames
+    in and out (MPP's formulation); `tokens`, dsfm's: the patches as matrix multiplies,
+    channels-last, the field embedding folded into the first."""
 
     def __init__(self, dim: int):
         super().__init__()
         q = dim // 4
         self.in_proj = nn.Sequential(
-            nn.Conv2d(q, q, 4, stride=4, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
-            nn.Conv2d(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
-            nn.Conv2d(q, dim, 2, stride=2, bias=False), RMSInstanceNorm2d(dim))
+            PatchConv(q, q, 4, stride=4, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
+            PatchConv(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
+            PatchConv(q, dim, 2, stride=2, bias=False), RMSInstanceNorm2d(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.in_proj(x)
+
+    def tokens(self, x: torch.Tensor, embedding: tuple[torch.Tensor, torch.Tensor]
+               ) -> torch.Tensor:
+        """Fields x [N, C, H, W] (channels-first, as the loader gives them) and the field
+        embedding's map (`FieldEmbedding` called without x) → tokens [N, H/16, W/16, dim]:
+        the embedding and the stem's function, the embedding folded into the first patch
+        convolution (for B: 3.2 GFLOP forward where the embedded frames took 155, and no
+        [N, dim/4, H, W] activation, 1.6 GB at the benchmark's shapes). Calls each module,
+        as ZeRO-3 gathers a module's weights at its call."""
+        conv1, norm1, gelu1, conv2, norm2, gelu2, conv3, norm3 = self.in_proj
+        z = norm1(conv1(x, tokens=True, folded=embedding), channels_last=True)
+        z = norm2(conv2(gelu1(z), tokens=True), channels_last=True)
+        return norm3(conv3(gelu2(z), tokens=True), channels_last=True)
 
 
 class HMLPDecoder(nn.Module):
@@ -626,8 +687,14 @@ class FieldEmbedding(nn.Module):
         self.weight = nn.Parameter(lin.weight.detach().clone())
         self.bias = nn.Parameter(lin.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor, field_ids: torch.Tensor) -> torch.Tensor:
-        """x: [N, C, H, W] with C = len(field_ids) → [N, out_dim, H, W]."""
+    def forward(self, x: torch.Tensor | None, field_ids: torch.Tensor
+                ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """x: [N, C, H, W] with C = len(field_ids) → [N, out_dim, H, W]. x None: the map
+        itself, (weight [out_dim, C], bias [out_dim]) of the present fields, scaled, for a
+        consumer that folds it into its own (HMLPStem.tokens); through this call, as ZeRO-3
+        gathers the weights at it."""
         scale = math.sqrt(self.weight.shape[1] / field_ids.numel())
         w = self.weight[:, field_ids] * scale
+        if x is None:
+            return w, self.bias * scale
         return F.conv2d(x, w[:, :, None, None], self.bias * scale)
