@@ -13,11 +13,13 @@
 #      packed and direct attention against the fused kernels' padded tiles, the attention calls
 #      alone and in the compiled step; the one-rank ZeRO-2 engine without DeepSpeed's hooks
 #      (zero2) against plain, compiled;
-#   2. GPU_CHECK_ONLY="cuda_tests train_graphs train_eager train_blas train_cublas train_rest":
+#   2. GPU_CHECK_ONLY="cuda_tests matmul_bench train_graphs train_eager train_blas train_cublas
+#      train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The CUDA
 #      tests of the packed and direct attention and of the one-rank ZeRO-2 engine come first;
-#      then the compiled blocks replayed as CUDA graphs (TF32, host-bound), the eager table
+#      then the step's matrix multiplies alone in each formulation and BLAS library (strict
+#      fp32: the backward's ran at ~34 TFLOP/s), the compiled blocks replayed as CUDA graphs (TF32, host-bound), the eager table
 #      (zero2 against DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32
 #      backward's matrix multiplies, then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
@@ -113,6 +115,11 @@ step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
   tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
   tests/runtime/test_zero_local.py tests/test_eval.py \
   -k "cuda or gpu"
+# issue 4: each of the step's matrix multiplies (B, L) forward and in every formulation of its
+# gradients, cuBLAS and cuBLASLt, strict fp32: whether a linear layer with its own backward
+# (or another library) would take the backward's align-1 SIMT kernels out of the step
+step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 10 \
+  --warmup 3 --json "$R/matmul_bench.json"
 # issue 4: the compiled blocks' forward and backward replayed as CUDA graphs (torch.compile's
 # reduce-overhead mode): the compiled TF32 steps are paced by the host's kernel launches
 # (B: 71.7 ms to issue 1,670 kernels of an 87 ms step; L: the whole step), TF32 only
@@ -177,6 +184,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(B|L) " "$R/attention_bench.txt"
+  grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
     "$R/train_zero2.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
     "$R/train_bench.txt" \

@@ -206,6 +206,35 @@ def test_attention_bench_times_every_attention_eager_and_compiled(tmp_path):
     assert len(rows) == 6 and rows[0][7] == rows[1][7] == "1.00x"
 
 
+def test_matmul_bench_times_every_formulation_of_the_steps_matrix_multiplies(tmp_path):
+    """perf.matmul_bench: each of the step's matrix multiplies (the blocks' projections and
+    MLP, the stem's patch convolutions) forward and in every formulation of its gradients,
+    with the step's total as autograd forms them and with the fastest of each, the fastest
+    never slower."""
+    out = tmp_path / "mm.json"
+    proc = run([sys.executable, "-m", "perf.matmul_bench", "--sizes", "Ti", "--tokens", "128",
+                "--iters", "1", "--warmup", "0", "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    rows = rec["rows"]
+    gemms = {(r["gemm"], r["m"], r["k"], r["n"], r["calls_per_step"]) for r in rows}
+    assert gemms == {("qkv", 128, 192, 576, 24), ("proj", 128, 192, 192, 24),
+                     ("fc1", 128, 192, 768, 12), ("fc2", 128, 768, 192, 12),
+                     ("stem1", 2048, 64, 48, 1), ("stem2", 512, 192, 48, 1),
+                     ("stem3", 128, 192, 192, 1)}       # its M: the tokens
+    ops = {g: sorted(r["op"] for r in rows if r["gemm"] == g) for g, *_ in gemms}
+    assert ops.pop("stem1") == ["fwd", "wgrad", "wgrad_t"]      # the fields need no gradient
+    assert all(o == sorted(["fwd", "dgrad", "dgrad_t", "wgrad", "wgrad_t"])
+               for o in ops.values())
+    assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    (summary,) = rec["summary"]
+    assert 0 < summary["best_ms_per_step"] <= summary["autograd_ms_per_step"]
+    by = {(r["gemm"], r["op"]): r["ms"] for r in rows}
+    want = sum(calls * (by[(g, "fwd")] + by.get((g, "dgrad"), 0) + by[(g, "wgrad_t")])
+               for g, _, _, _, calls in gemms)
+    assert summary["autograd_ms_per_step"] == pytest.approx(want)
+
+
 TEARDOWN = """
 import gc, json, weakref, torch
 from dsfm.eval import nmse
@@ -430,6 +459,10 @@ BAD_ARGUMENTS = [
     ("attention_bench", ["--sizes", "Ti", "--numerics", "tf32"], "--numerics tf32"),  # no CUDA
     ("attention_bench", ["--sizes", "Ti", "--res", "40"], "--res 40"),
     ("attention_bench", ["--sizes", "Ti", "--iters", "0"], "--iters"),
+    ("matmul_bench", ["--sizes", "Ti", "--blas", "cublaslt"], "--blas"),    # no CUDA here
+    ("matmul_bench", ["--sizes", "Ti", "--numerics", "tf32"], "--numerics tf32"),
+    ("matmul_bench", ["--sizes", "Ti", "--tokens", "100"], "--tokens 100"),
+    ("matmul_bench", ["--sizes", "XL"], "--sizes"),
     ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
     ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
     ("feed_bench", ["--base", "MISSING"], "--base"),

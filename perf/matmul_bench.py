@@ -1,0 +1,196 @@
+"""python -m perf.matmul_bench: the AViT step's matrix multiplies alone, per formulation and BLAS.
+
+In strict fp32 on an H200 the step's matrix multiplies ran at about 38 TFLOP/s of the card's 67:
+the forward's at about 45 (cuBLAS's `xmma_gemm_f32f32` kernels), the backward's 120 calls on
+cuBLAS's SIMT `align1` kernels at about 34 (docs/performance.md). This times each matrix
+multiply of a size's step at the benchmark's token count (micro-batch 8, L: 4; 16 frames;
+128×128, patch 16), forward and both gradients, each gradient in every formulation that
+gives the same numbers:
+  - fwd          y = x·Wᵀ (F.linear), x [M, K], W [N, K];
+  - dgrad        dx = dy·W;
+  - dgrad_t      dx = (Wᵀ·dyᵀ)ᵀ (the transposed product, its result a transposed view);
+  - wgrad        dW = dyᵀ·x (written [N, K], W's own layout);
+  - wgrad_t      dW = (xᵀ·dy)ᵀ (what autograd computes for a linear layer: xᵀ·dy, [K, N],
+                 handed to W as its transpose);
+with each BLAS library asked for (CUDA: cuBLAS, cuBLASLt; `torch.backends.cuda.
+preferred_blas_library`), in fp32 and/or TF32. Reports ms (median of the timed calls, each
+between two synchronizations) and TFLOP/s per row, then per size the step's matrix-multiply
+time summed over its calls (× blocks) for autograd's formulations (fwd, dgrad, wgrad_t) and
+for the fastest of each, which says whether a linear layer with its own backward would pay.
+
+    python -m perf.matmul_bench --sizes B,L --json out.json           # GPU
+    python -m perf.matmul_bench --sizes Ti --tokens 512 --iters 2     # a CPU smoke
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from dsfm.runtime.dist import exit_process
+from perf.cli import non_negative_int, positive_int
+from perf.report import write_json
+
+OPS = ("fwd", "dgrad", "dgrad_t", "wgrad", "wgrad_t")
+AUTOGRAD = {"fwd": "fwd", "dgrad": "dgrad", "wgrad": "wgrad_t"}     # what autograd runs
+NUMERICS = ("fp32", "tf32")
+
+
+def gemms(size: str, tokens: int, frames: int, res: int) -> list[dict]:
+    """The step's matrix multiplies of `size`: name, (M, K, N), calls per step and whether
+    the input's gradient is computed (the blocks' four projections and MLP per block, the
+    stem's three patch convolutions as dsfm computes them, the field embedding folded into
+    the first, whose input, the fields, needs none; 4 fields)."""
+    from dsfm.models.avit import SIZES
+
+    dim, _, blocks = SIZES[size]
+    q = dim // 4
+    n_frames = tokens // (res // 16) ** 2            # frames in the batch (batch · T)
+    pixels = n_frames * res * res
+    return [
+        {"name": "qkv", "mkn": (tokens, dim, 3 * dim), "calls": 2 * blocks},
+        {"name": "proj", "mkn": (tokens, dim, dim), "calls": 2 * blocks},
+        {"name": "fc1", "mkn": (tokens, dim, 4 * dim), "calls": blocks},
+        {"name": "fc2", "mkn": (tokens, 4 * dim, dim), "calls": blocks},
+        {"name": "stem1", "mkn": (pixels // 16, 16 * 4, q), "calls": 1, "dgrad": False},
+        {"name": "stem2", "mkn": (pixels // 64, 4 * q, q), "calls": 1},
+        {"name": "stem3", "mkn": (pixels // 256, 4 * q, dim), "calls": 1},
+    ]
+
+
+def operands(m: int, k: int, n: int, device) -> dict:
+    g = torch.Generator(device=device).manual_seed(0)
+    return {"x": torch.randn(m, k, device=device, generator=g),
+            "w": torch.randn(n, k, device=device, generator=g) / k ** 0.5,
+            "dy": torch.randn(m, n, device=device, generator=g)}
+
+
+def run_op(op: str, t: dict) -> torch.Tensor:
+    x, w, dy = t["x"], t["w"], t["dy"]
+    if op == "fwd":
+        return F.linear(x, w)
+    if op == "dgrad":
+        return dy @ w
+    if op == "dgrad_t":
+        return (w.t() @ dy.t()).t()
+    if op == "wgrad":
+        return dy.t() @ x
+    return (x.t() @ dy).t()                               # wgrad_t
+
+
+def sync(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_op(op: str, t: dict, iters: int, warmup: int, device) -> float:
+    times = []
+    for i in range(warmup + iters):
+        sync(device)
+        t0 = time.perf_counter()
+        run_op(op, t)
+        sync(device)
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def main(argv=None) -> int:
+    from dsfm.models.avit import SIZES
+    from dsfm.runtime.engine import device as pick_device
+    from dsfm.runtime.engine import set_tf32
+
+    ap = argparse.ArgumentParser(prog="python -m perf.matmul_bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sizes", default="B,L")
+    ap.add_argument("--numerics", default="fp32", help="fp32 (strict) and/or tf32 (CUDA)")
+    ap.add_argument("--blas", default=None,
+                    help="cublas and/or cublaslt (CUDA; default: both); on the CPU: default")
+    ap.add_argument("--tokens", type=non_negative_int, default=0,
+                    help="tokens per micro-batch (M of the blocks' multiplies); default (0): "
+                    "the benchmark's, batch (8, L: 4) x 16 frames x 8 x 8 patches")
+    ap.add_argument("--frames", type=positive_int, default=16)
+    ap.add_argument("--res", type=positive_int, default=128)
+    ap.add_argument("--iters", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    dev = pick_device()
+    cuda = dev.type == "cuda"
+    numerics = args.numerics.split(",")
+    blas = (args.blas or ("cublas,cublaslt" if cuda else "default")).split(",")
+    known_blas = ("cublas", "cublaslt") if cuda else ("default",)
+    for flag, values, known in (("--sizes", args.sizes.split(","), tuple(SIZES)),
+                                ("--numerics", numerics, NUMERICS),
+                                ("--blas", blas, known_blas)):
+        if set(values) - set(known):
+            ap.error(f"{flag}: one or more of {', '.join(known)}"
+                     + ("" if cuda else " (no CUDA device here)"))
+    if "tf32" in numerics and not cuda:
+        ap.error("--numerics tf32: TF32 is a CUDA matmul mode; this machine has no CUDA device")
+    if args.res % 16 or args.res < 32:
+        ap.error(f"--res {args.res}: a multiple of 16, at least 32 (two patches of 16)")
+    side = args.res // 16
+    rows = []
+    for size in args.sizes.split(","):
+        tokens = args.tokens or (4 if size == "L" else 8) * args.frames * side * side
+        if tokens % (side * side):
+            ap.error(f"--tokens {tokens}: whole frames of {side}x{side} patches")
+        for num in numerics:
+            set_tf32(num == "tf32")
+            for lib in blas:
+                if cuda:
+                    torch.backends.cuda.preferred_blas_library(lib)
+                for gemm in gemms(size, tokens, args.frames, args.res):
+                    m, k, n = gemm["mkn"]
+                    t = operands(m, k, n, dev)
+                    for op in OPS:
+                        if op.startswith("dgrad") and not gemm.get("dgrad", True):
+                            continue
+                        ms = time_op(op, t, args.iters, args.warmup, dev)
+                        rows.append({"size": size, "numerics": num, "blas": lib,
+                                     "gemm": gemm["name"], "m": m, "k": k, "n": n,
+                                     "calls_per_step": gemm["calls"], "op": op, "ms": ms,
+                                     "tflops": 2 * m * k * n / ms / 1e9})
+                    del t
+                print(f"  {size} {num} {lib}: done", flush=True)
+    set_tf32(False)
+    if cuda:
+        torch.backends.cuda.preferred_blas_library("default")
+    print(f"The AViT step's matrix multiplies on {dev.type}: {args.frames} frames, "
+          f"{args.res}x{args.res} (patch 16), median of {args.iters}")
+    head = (f"{'size':4s} {'num':5s} {'blas':8s} {'gemm':6s} {'M':>7s} {'K':>5s} {'N':>5s} "
+            f"{'op':8s} {'ms':>8s} {'TFLOP/s':>8s}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        print(f"{r['size']:4s} {r['numerics']:5s} {r['blas']:8s} {r['gemm']:6s} {r['m']:7d} "
+              f"{r['k']:5d} {r['n']:5d} {r['op']:8s} {r['ms']:8.3f} {r['tflops']:8.1f}")
+    summary = []
+    for key in sorted({(r["size"], r["numerics"], r["blas"]) for r in rows}, key=str):
+        mine = [r for r in rows if (r["size"], r["numerics"], r["blas"]) == key]
+        by = {(r["gemm"], r["op"]): r for r in mine}
+        autograd = best = 0.0
+        for gemm in {r["gemm"] for r in mine}:
+            calls = by[(gemm, "fwd")]["calls_per_step"]
+            for kind, op in AUTOGRAD.items():
+                if (gemm, op) not in by:          # no input gradient (the stem's first)
+                    continue
+                autograd += calls * by[(gemm, op)]["ms"]
+                best += calls * min(by[(gemm, o)]["ms"] for o in OPS if o.startswith(kind))
+        summary.append({"size": key[0], "numerics": key[1], "blas": key[2],
+                        "autograd_ms_per_step": autograd, "best_ms_per_step": best})
+        print(f"{key[0]} {key[1]} {key[2]}: the step's matrix multiplies {autograd:.1f} ms as "
+              f"autograd forms them, {best:.1f} ms with the fastest of each")
+    if args.json:
+        write_json(args.json, {"device": torch.cuda.get_device_name() if cuda else "cpu",
+                               "rows": rows, "summary": summary})
+    return 0
+
+
+if __name__ == "__main__":
+    exit_process(main())
