@@ -110,9 +110,9 @@ def _written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                  bias: torch.Tensor) -> torch.Tensor:
     """softmax(q·kᵀ/√hd + bias)·v of [..., L, hd] sequences, written out. Eager: two matrix
     multiplies and a softmax (TF32 where enabled, as any matmul). Under torch.compile, for
-    sequences of up to _DIRECT_LENGTH: broadcast products summed over the head axis and over
-    the keys, which the compiler fuses with the softmax, the bias and their gradients into a
-    few kernels reading q, k and v once, in fp32 (no matmul for its attention pattern
+    sequences of up to _DIRECT_LENGTH: broadcast products summed over the head channels and
+    over the keys, which the compiler fuses with the softmax, the bias and their gradients
+    into a few kernels reading q, k and v once, in fp32 (no matmul for its attention pattern
     matcher to turn back into a fused-attention call, nor a batched matmul of 8×64 by 64×8
     matrices). `bias` broadcasts against the [..., L, L] scores."""
     length, hd = q.shape[-2:]
@@ -606,7 +606,17 @@ class PatchConv(nn.Conv2d):
     per-pixel affine map (w [C_in, C], b [C_in]: the field embedding) applied before this
     one, folded into the kernel (kernel·w, kernel·b): the same function, in a fraction of
     the arithmetic when C is small (the stem's first convolution: C_in = dim/4 channels at
-    every pixel, 192 for B, against 4 fields)."""
+    every pixel, 192 for B, against 4 fields). Square kernel = stride, no padding, dilation
+    or groups: anything else is refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.kernel_size
+        if (k[0] != k[1] or self.stride != k or self.padding != (0, 0)
+                or self.dilation != (1, 1) or self.groups != 1):
+            raise ValueError(f"PatchConv takes square patches that do not overlap: kernel {k}, "
+                             f"stride {self.stride}, padding {self.padding}, dilation "
+                             f"{self.dilation}, groups {self.groups}")
 
     def forward(self, x: torch.Tensor, tokens: bool = False,
                 folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:

@@ -548,6 +548,11 @@ def test_patch_conv_on_tokens_is_the_convolution():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-13)
     with pytest.raises(ValueError, match="only with tokens"):
         conv(x, folded=(torch.ones(5, 1), torch.zeros(5)))
+    for bad in ({"kernel_size": 2, "stride": 1}, {"kernel_size": (2, 4), "stride": (2, 4)},
+                {"kernel_size": 2, "stride": 2, "padding": 1},
+                {"kernel_size": 2, "stride": 2, "groups": 5}):
+        with pytest.raises(ValueError, match="square patches that do not overlap"):
+            PatchConv(5, 10, **bad)
 
 
 def test_relative_bias_is_contiguous_for_the_fused_kernels():
