@@ -9,7 +9,8 @@ batch whose gradients are NaN (the update skipped), one backward called as torch
 both saved and each reloaded into a new engine of its kind for one
 more step. Prints `ZERO_LOCAL {json}`: per step whether the two engines' losses, gradient
 norms and weights are equal, then whether the optimizer states and the saved checkpoints are,
-and the operators and copies a step issued (and its update, `engine.step()`, views included).
+and the operators and copies a step issued (and its update, `engine.step()`, views included),
+beside the copies of the same model's own backward without an engine (`copies_plain`).
 """
 
 import argparse
@@ -162,6 +163,16 @@ def main() -> None:
                          "weights": [p.detach().clone() for p in engine.module.parameters()],
                          "in_buffer": in_flat_buffer(engine)}
             if step == 2:
+                # the model's own backward's copies (autograd's, of gradients whose layout
+                # is not their parameter's), each into cleared gradients as the engine's
+                plain = copy.deepcopy(engine.module)
+                row["copies_plain"] = 0
+                for x, y in micro:
+                    loss = nmse(plain(x, ids, bcs), y)
+                    plain.zero_grad(set_to_none=True)
+                    with Counting() as own:
+                        loss.backward()
+                    row["copies_plain"] += own.ops["copy_"]
                 row[f"ops_{name}"] = sum(counter.ops.values())
                 row[f"copies_{name}"] = counter.ops["copy_"]
                 row[f"host_reads_{name}"] = sum(counter.reads.values())
