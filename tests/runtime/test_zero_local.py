@@ -98,4 +98,5 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_p
         assert row["skipped_local"] == row["skipped_own"] == int(row["poisoned"]), row
         assert row["in_buffer_local"] and row["in_buffer_own"], row
     counted = rec["steps"][2]
-    assert counted["copies_local"] <= 10 < 1.5 * rec["n_params"] <= counted["copies_own"]
+    assert counted["copies_local"] <= counted["copies_plain"] + 3 < 1.5 * rec["n_params"]
+    assert 1.5 * rec["n_params"] <= counted["copies_own"]
