@@ -136,7 +136,7 @@ class AViT(nn.Module):
         for block in self.blocks:
             block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block
             z = block(z, periodic)
-        out = self.debed(z[:, -1].permute(0, 3, 1, 2), field_ids)
+        out = self.debed(z[:, -1], field_ids, tokens=True)
         return out * std[:, 0] + mean[:, 0]
 
     @staticmethod

@@ -666,23 +666,71 @@ class HMLPStem(nn.Module):
         return norm3(conv3(gelu2(z), tokens=True), channels_last=True)
 
 
+def _unpatched(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+               channels_last: bool) -> torch.Tensor:
+    """A transposed convolution whose kernel is its stride, on channels-last frames
+    x [N, H, W, C_in] with weight [C_in, C_out, k, k]: every pixel's k×k output patch is one
+    matrix multiply (each pixel's patch its own: they do not overlap), then the patches laid
+    side by side (one copy): [N, H·k, W·k, C_out] (channels_last) or [N, C_out, H·k, W·k]."""
+    c_in, c_out, k = weight.shape[0], weight.shape[1], weight.shape[-1]
+    n, h, w = x.shape[:3]
+    patches = F.linear(x, weight.permute(2, 3, 1, 0).reshape(k * k * c_out, c_in),
+                       None if bias is None else bias.repeat(k * k))  # [N, H, W, (a, b, o)]
+    patches = patches.reshape(n, h, w, k, k, c_out)
+    if channels_last:
+        return patches.permute(0, 1, 3, 2, 4, 5).reshape(n, h * k, w * k, c_out)
+    return patches.permute(0, 5, 1, 3, 2, 4).reshape(n, c_out, h * k, w * k)
+
+
+class PatchConvTranspose(nn.ConvTranspose2d):
+    """nn.ConvTranspose2d whose kernel is its stride (output patches that do not overlap), as
+    the hMLP decoder's. Called on channels-first frames it is the transposed convolution;
+    with `tokens`, channels-last frames in and out and each pixel's output patch one matrix
+    multiply (`_unpatched`): cuBLAS's GEMM instead of cuDNN's kernels. Square kernel =
+    stride, no padding, output padding, dilation or groups: anything else is refused."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        k = self.kernel_size
+        if (k[0] != k[1] or self.stride != k or self.padding != (0, 0)
+                or self.output_padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1):
+            raise ValueError(f"PatchConvTranspose takes square patches that do not overlap: "
+                             f"kernel {k}, stride {self.stride}, padding {self.padding}, "
+                             f"output padding {self.output_padding}, dilation {self.dilation}, "
+                             f"groups {self.groups}")
+
+    def forward(self, x: torch.Tensor, tokens: bool = False) -> torch.Tensor:
+        if not tokens:
+            return super().forward(x)
+        return _unpatched(x, self.weight, self.bias, channels_last=True)
+
+
 class HMLPDecoder(nn.Module):
     """The stem mirrored with transposed convolutions; the last 4×4 layer's kernel and bias have
-    one slice per vocabulary field and only the present fields' slices are used."""
+    one slice per vocabulary field and only the present fields' slices are used. Channels-first
+    frames in (MPP's formulation), or with `tokens` dsfm's: tokens [N, h, w, dim] in, every
+    layer a matrix multiply per pixel on channels-last frames; out [N, C, H, W] either way."""
 
     def __init__(self, dim: int, n_fields: int):
         super().__init__()
         q = dim // 4
         self.out_proj = nn.Sequential(
-            nn.ConvTranspose2d(dim, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU(),
-            nn.ConvTranspose2d(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU())
+            PatchConvTranspose(dim, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q),
+            nn.GELU(),
+            PatchConvTranspose(q, q, 2, stride=2, bias=False), RMSInstanceNorm2d(q), nn.GELU())
         head = nn.ConvTranspose2d(q, n_fields, 4, stride=4)
         self.out_kernel = nn.Parameter(head.weight.detach().clone())
         self.out_bias = nn.Parameter(head.bias.detach().clone())
 
-    def forward(self, x: torch.Tensor, field_ids: torch.Tensor) -> torch.Tensor:
-        return F.conv_transpose2d(self.out_proj(x), self.out_kernel[:, field_ids],
-                                  self.out_bias[field_ids], stride=4)
+    def forward(self, x: torch.Tensor, field_ids: torch.Tensor,
+                tokens: bool = False) -> torch.Tensor:
+        kernel, bias = self.out_kernel[:, field_ids], self.out_bias[field_ids]
+        if not tokens:
+            return F.conv_transpose2d(self.out_proj(x), kernel, bias, stride=4)
+        up1, norm1, gelu1, up2, norm2, gelu2 = self.out_proj
+        z = gelu1(norm1(up1(x, tokens=True), channels_last=True))
+        z = gelu2(norm2(up2(z, tokens=True), channels_last=True))
+        return _unpatched(z, kernel, bias, channels_last=False)
 
 
 class FieldEmbedding(nn.Module):

@@ -535,10 +535,43 @@ def test_stem_on_tokens_computes_the_embedding_and_convolutions(h, w, fields):
     assert sum(r is not None for r in results[0]) == 1 + 2 + 3 + 3
 
 
+@pytest.mark.parametrize("h,w,fields", [(2, 3, [0, 2, 5]), (4, 2, [4])])
+def test_decoder_on_tokens_computes_the_transposed_convolutions(h, w, fields):
+    """HMLPDecoder with tokens (every transposed convolution a matrix multiply per pixel on
+    channels-last frames) computes MPP's transposed convolutions on channels-first frames:
+    outputs [N, C, H, W] and the gradients of the input and of every parameter (the present
+    fields' slices of the head's kernel and bias), in float64 to 1e-12."""
+    from dsfm.models.layers import HMLPDecoder
+
+    torch.manual_seed(0)
+    dec = HMLPDecoder(96, 6).double()
+    with torch.no_grad():
+        for p in dec.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    ids = torch.tensor(fields)
+    x = torch.randn(3, h, w, 96, dtype=torch.float64)
+    g = torch.randn(3, len(fields), 16 * h, 16 * w, dtype=torch.float64)
+    results = []
+    for tokens in (True, False):
+        dec.zero_grad(set_to_none=True)
+        xi = x.clone().requires_grad_()
+        out = dec(xi, ids, tokens=True) if tokens else dec(xi.permute(0, 3, 1, 2), ids)
+        (out * g).sum().backward()
+        results.append([out.detach(), xi.grad] + [p.grad for p in dec.parameters()])
+    assert results[0][0].shape == (3, len(fields), 16 * h, 16 * w)
+    for got, want in zip(*results):
+        if want is None:                        # the norms' unused bias (MPP's)
+            assert got is None
+            continue
+        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    assert sum(r is not None for r in results[0]) == 2 + 2 + 2 + 2
+
+
 def test_patch_conv_on_tokens_is_the_convolution():
-    """PatchConv with tokens: channels-last frames in and out, the convolution's numbers (its
-    bias too); a fold asked for without tokens is refused."""
-    from dsfm.models.layers import PatchConv
+    """PatchConv and PatchConvTranspose with tokens: channels-last frames in and out, the
+    (transposed) convolution's numbers (the bias too); a fold asked for without tokens, and
+    patches that overlap or are not square, are refused."""
+    from dsfm.models.layers import PatchConv, PatchConvTranspose
 
     torch.manual_seed(0)
     conv = PatchConv(5, 7, 2, stride=2).double()
@@ -553,6 +586,13 @@ def test_patch_conv_on_tokens_is_the_convolution():
                 {"kernel_size": 2, "stride": 2, "groups": 5}):
         with pytest.raises(ValueError, match="square patches that do not overlap"):
             PatchConv(5, 10, **bad)
+        with pytest.raises(ValueError, match="square patches that do not overlap"):
+            PatchConvTranspose(5, 10, **bad)
+    with pytest.raises(ValueError, match="square patches that do not overlap"):
+        PatchConvTranspose(5, 10, 2, stride=2, output_padding=1, dilation=2)
+    up = PatchConvTranspose(5, 7, 4, stride=4).double()        # with a bias
+    torch.testing.assert_close(up(x.permute(0, 2, 3, 1), tokens=True),
+                               up(x).permute(0, 2, 3, 1), rtol=0, atol=1e-13)
 
 
 def test_relative_bias_is_contiguous_for_the_fused_kernels():
