@@ -122,10 +122,12 @@ step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --
   --warmup 3 --json "$R/matmul_bench.json"
 # issue 4: the compiled blocks' forward and backward replayed as CUDA graphs (torch.compile's
 # reduce-overhead mode): the compiled TF32 steps are paced by the host's kernel launches
-# (B: 71.7 ms to issue 1,670 kernels of an 87 ms step; L: the whole step), TF32 only
+# (B: 71.7 ms to issue 1,670 kernels of an 87 ms step; L: the whole step), TF32 only; not
+# profiled (every variant captures graphs, and a profiler restarted after a capture has
+# crashed CUDA 12 builds: see train_bench's ordering of its graph rows)
 step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
   --wrappers plain,zero2 --compile --compile-mode reduce-overhead --attention direct \
-  --steps 4 --warmup 2 --profile 2 --json "$R/train_graphs.json"
+  --steps 4 --warmup 2 --json "$R/train_graphs.json"
 # issue 4: the eager table with both changes (one-rank zero2, direct attention): plain, zero2
 # and DeepSpeed's hooks (zero2hk), B and L
 step train_eager 150 python3 -m perf.train_bench --sizes B,L --attention direct \
