@@ -21,8 +21,6 @@ this measures attention by itself.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
 import torch
 from torch import nn
@@ -30,6 +28,7 @@ from torch import nn
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int, positive_int
 from perf.report import write_json
+from perf.train_bench import check_shapes, median_ms
 
 MODES = ("eager", "compiled")
 NUMERICS = ("fp32", "tf32")
@@ -65,11 +64,6 @@ def shapes(size: str, batch: int, frames: int, res: int, patch: int = 16) -> dic
             "axial": (2 * batch * frames * side, side, True)}
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def run_call(attention: str, mode: str, n: int, length: int, periodic: bool, heads: int,
              hd: int, args, device: torch.device) -> tuple[float, float]:
     """(median ms of forward + backward, relative error against float64) of one call."""
@@ -78,11 +72,10 @@ def run_call(attention: str, mode: str, n: int, length: int, periodic: bool, hea
     grad = torch.randn(n, heads, length, hd, generator=g, dtype=torch.float64)
     torch.manual_seed(0)
     call = Call(attention, heads, length, periodic).to(device)
-    ref = Call("direct", heads, length, periodic).to(device, torch.float64)  # eager: exact
-    ref.load_state_dict(call.state_dict())
     with torch.no_grad():
         call.rpb.relative_attention_bias.weight.normal_()
-        ref.rpb.relative_attention_bias.weight.copy_(call.rpb.relative_attention_bias.weight)
+    ref = Call("direct", heads, length, periodic).to(device, torch.float64)  # eager: exact
+    ref.load_state_dict(call.state_dict())
     call.rpb.buckets(length, periodic, device)     # filled before a compiled call reads it
     fn = torch.compile(call, dynamic=False, fullgraph=True) if mode == "compiled" else call
 
@@ -99,17 +92,12 @@ def run_call(attention: str, mode: str, n: int, length: int, periodic: bool, hea
               for a, b in zip(got, want))
     qkv = base.to(device, torch.float32).requires_grad_()
     dy = grad.to(device, torch.float32)
-    times = []
-    for i in range(args.warmup + args.iters):
+
+    def clear():
         qkv.grad = None
         call.zero_grad(set_to_none=True)
-        sync(device)
-        t0 = time.perf_counter()
-        fn(qkv).backward(dy)
-        sync(device)
-        if i >= args.warmup:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times), err
+
+    return median_ms(lambda: fn(qkv).backward(dy), args.iters, args.warmup, clear), err
 
 
 def main(argv=None) -> int:
@@ -144,8 +132,7 @@ def main(argv=None) -> int:
             ap.error(f"{flag}: one or more of {', '.join(known)}")
     if "tf32" in numerics and dev.type != "cuda":
         ap.error("--numerics tf32: TF32 is a CUDA matmul mode; this machine has no CUDA device")
-    if args.res % 16 or args.res < 32:
-        ap.error(f"--res {args.res}: a multiple of 16, at least 32 (two patches of 16)")
+    check_shapes(ap, args.res, 4)
     rows = []
     head = (f"{'size':4s} {'num':5s} {'attn':6s} {'mode':8s} {'temporal ms':>11s} "
             f"{'axial ms':>9s} {'step ms':>8s} {'vs fused':>8s} {'max rel err':>11s}")

@@ -31,11 +31,7 @@ from perf.affinity import pin_threads
 from perf.cli import avit_size, non_negative_int, positive_int, well_datasets
 from perf.gpu_trace import describe_row, profile_into, steps_arg
 from perf.report import write_json
-
-
-def sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+from perf.train_bench import sync
 
 
 def pin(reader_pids: list[int]) -> dict:

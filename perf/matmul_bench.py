@@ -25,8 +25,7 @@ for the fastest of each, which says whether a linear layer with its own backward
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int, positive_int
 from perf.report import write_json
+from perf.train_bench import check_shapes, median_ms
 
 OPS = ("fwd", "dgrad", "dgrad_t", "wgrad", "wgrad_t")
 AUTOGRAD = {"fwd": "fwd", "dgrad": "dgrad", "wgrad": "wgrad_t"}     # what autograd runs
@@ -82,23 +82,6 @@ def run_op(op: str, t: dict) -> torch.Tensor:
     return (x.t() @ dy).t()                               # wgrad_t
 
 
-def sync(device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def time_op(op: str, t: dict, iters: int, warmup: int, device) -> float:
-    times = []
-    for i in range(warmup + iters):
-        sync(device)
-        t0 = time.perf_counter()
-        run_op(op, t)
-        sync(device)
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def main(argv=None) -> int:
     from dsfm.models.avit import SIZES
     from dsfm.runtime.engine import device as pick_device
@@ -132,8 +115,7 @@ def main(argv=None) -> int:
                      + ("" if cuda else " (no CUDA device here)"))
     if "tf32" in numerics and not cuda:
         ap.error("--numerics tf32: TF32 is a CUDA matmul mode; this machine has no CUDA device")
-    if args.res % 16 or args.res < 32:
-        ap.error(f"--res {args.res}: a multiple of 16, at least 32 (two patches of 16)")
+    check_shapes(ap, args.res, 4)
     side = args.res // 16
     rows = []
     for size in args.sizes.split(","):
@@ -151,7 +133,7 @@ def main(argv=None) -> int:
                     for op in OPS:
                         if op.startswith("dgrad") and not gemm.get("dgrad", True):
                             continue
-                        ms = time_op(op, t, args.iters, args.warmup, dev)
+                        ms = median_ms(partial(run_op, op, t), args.iters, args.warmup)
                         rows.append({"size": size, "numerics": num, "blas": lib,
                                      "gemm": gemm["name"], "m": m, "k": k, "n": n,
                                      "calls_per_step": gemm["calls"], "op": op, "ms": ms,

@@ -46,6 +46,22 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def median_ms(run, iters: int, warmup: int, before=None) -> float:
+    """The median ms of `run()` over `iters` calls after `warmup` more, each between two device
+    synchronizations; `before()` (untimed) ahead of each."""
+    times = []
+    for i in range(warmup + iters):
+        if before is not None:
+            before()
+        sync()
+        t0 = time.perf_counter()
+        run()
+        sync()
+        if i >= warmup:
+            times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
 def step_flops(model, x) -> float:
     """FLOPs of one forward + backward of `model` (an AViT, or perf.mpp_layout's ChannelsFirst
     of one, the same model FLOPs) on an input of `x`'s shape, counted as the trainer counts its
@@ -446,8 +462,7 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
             "compile": args.compile, "compile_mode": args.compile_mode, "blas": args.blas,
-            "rows": rows,
-            "failed": failed}
+            "rows": rows, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
