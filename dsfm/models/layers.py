@@ -595,6 +595,20 @@ def _patches(x: torch.Tensor, k: int, channels_last: bool) -> torch.Tensor:
     return x.reshape(n, h // k, w // k, k * k * c)
 
 
+def _check_patches(conv: nn.modules.conv._ConvNd) -> None:
+    """Refuse a (transposed) convolution whose patches overlap or are not square, or that has
+    padding, output padding, dilation or groups: what the matrix-multiply form (`tokens`) of
+    PatchConv and PatchConvTranspose does not compute."""
+    k = conv.kernel_size
+    if (k[0] != k[1] or conv.stride != k or conv.padding != (0, 0)
+            or tuple(conv.output_padding) != (0, 0) or conv.dilation != (1, 1)
+            or conv.groups != 1):
+        raise ValueError(f"{type(conv).__name__} takes square patches that do not overlap: "
+                         f"kernel {k}, stride {conv.stride}, padding {conv.padding}, output "
+                         f"padding {conv.output_padding}, dilation {conv.dilation}, groups "
+                         f"{conv.groups}")
+
+
 class PatchConv(nn.Conv2d):
     """nn.Conv2d whose kernel is its stride (patches that do not overlap), as the hMLP stem's.
     On channels-first frames it is the convolution. With `tokens` it writes channels-last
@@ -611,12 +625,7 @@ class PatchConv(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        k = self.kernel_size
-        if (k[0] != k[1] or self.stride != k or self.padding != (0, 0)
-                or self.dilation != (1, 1) or self.groups != 1):
-            raise ValueError(f"PatchConv takes square patches that do not overlap: kernel {k}, "
-                             f"stride {self.stride}, padding {self.padding}, dilation "
-                             f"{self.dilation}, groups {self.groups}")
+        _check_patches(self)
 
     def forward(self, x: torch.Tensor, tokens: bool = False,
                 folded: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
@@ -691,13 +700,7 @@ class PatchConvTranspose(nn.ConvTranspose2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        k = self.kernel_size
-        if (k[0] != k[1] or self.stride != k or self.padding != (0, 0)
-                or self.output_padding != (0, 0) or self.dilation != (1, 1) or self.groups != 1):
-            raise ValueError(f"PatchConvTranspose takes square patches that do not overlap: "
-                             f"kernel {k}, stride {self.stride}, padding {self.padding}, "
-                             f"output padding {self.output_padding}, dilation {self.dilation}, "
-                             f"groups {self.groups}")
+        _check_patches(self)
 
     def forward(self, x: torch.Tensor, tokens: bool = False) -> torch.Tensor:
         if not tokens:
