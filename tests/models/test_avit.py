@@ -499,6 +499,17 @@ def test_token_layout_computes_mpps_channels_first_function(codes, w, dtype):
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
 
 
+def _same_to_1e12(got: list, want: list) -> None:
+    """Two float64 runs' outputs and gradients, entry by entry, equal within 1e-12; a gradient
+    absent from one (the norms' unused bias, MPP's) absent from the other."""
+    assert len(got) == len(want)
+    for a, b in zip(got, want):
+        if b is None:
+            assert a is None
+            continue
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
 @pytest.mark.parametrize("h,w,fields", [(32, 48, [0, 2, 5]), (64, 32, [4])])
 def test_stem_on_tokens_computes_the_embedding_and_convolutions(h, w, fields):
     """HMLPStem.tokens (the field embedding folded into the first patch convolution, each
@@ -527,11 +538,7 @@ def test_stem_on_tokens_computes_the_embedding_and_convolutions(h, w, fields):
         results.append([out.detach()] + [p.grad for p in (*embedding.parameters(),
                                                           *stem.parameters())])
     assert results[0][0].shape == (3, h // 16, w // 16, 96)
-    for got, want in zip(*results):
-        if want is None:                        # the norms' unused bias (MPP's)
-            assert got is None
-            continue
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    _same_to_1e12(*results)
     assert sum(r is not None for r in results[0]) == 1 + 2 + 3 + 3
 
 
@@ -559,11 +566,7 @@ def test_decoder_on_tokens_computes_the_transposed_convolutions(h, w, fields):
         (out * g).sum().backward()
         results.append([out.detach(), xi.grad] + [p.grad for p in dec.parameters()])
     assert results[0][0].shape == (3, len(fields), 16 * h, 16 * w)
-    for got, want in zip(*results):
-        if want is None:                        # the norms' unused bias (MPP's)
-            assert got is None
-            continue
-        torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
+    _same_to_1e12(*results)
     assert sum(r is not None for r in results[0]) == 2 + 2 + 2 + 2
 
 
