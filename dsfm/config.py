@@ -79,6 +79,13 @@ class ModelConfig(_Strict):
         "block-diagonal bias, fuller tiles for the CUDA kernels), direct (sequences of up to 32 "
         "written out: with model.compile, products and sums the compiler fuses, in fp32; "
         "longer ones fused); the same numbers to fp32 rounding")
+    backward_matmuls: Literal["autograd", "tn_dgrad", "tn"] = Field(
+        "autograd", description="how the backward of the blocks' projections and MLP forms its "
+        "matrix multiplies: autograd (F.linear's own: the input's gradient dy·W and the "
+        "weight's dyᵀ·x, in cuBLAS's NN and NT layouts), tn_dgrad (the input's gradient in the "
+        "forward's TN layout, both operands contiguous along the summed axis, after one copy "
+        "of the weight), tn (the weight's gradient too, after a transposed copy of the "
+        "activations and output gradient); the same numbers to fp32 rounding")
     compile: bool = Field(False, description="torch.compile each space-time block (regional: "
                           "one graph for all blocks, compiled once per input shape on first "
                           "use); ZeRO stages 0-2")

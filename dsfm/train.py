@@ -129,7 +129,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
 
     data = cfg.data
     AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path,
-               attention=cfg.model.attention)
+               attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls)
     if os.path.exists(data.base) and not os.path.isdir(data.base):
         raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None
@@ -398,9 +398,10 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
                        cfg.model.n_fields or 0)
         return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
                              "drop_path": cfg.model.drop_path,
-                             "attention": cfg.model.attention})
+                             "attention": cfg.model.attention,
+                             "backward_matmuls": cfg.model.backward_matmuls})
     return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path,
-                      attention=cfg.model.attention)
+                      attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls)
 
 
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):

@@ -59,6 +59,8 @@ def test_unknown_or_malformed_keys_are_named(assignment, words):
     ("model.size=ti", ["model.size: input should be 'Ti', 'S', 'B' or 'L' (got 'ti')"]),
     ("model.attention=flash", ["model.attention: input should be 'fused', 'packed' or "
                                "'direct' (got 'flash')"]),
+    ("model.backward_matmuls=nt", ["model.backward_matmuls: input should be 'autograd', "
+                                   "'tn_dgrad' or 'tn' (got 'nt')"]),
     ("train.max_steps=yes", ["train.max_steps", "valid integer", "got True"]),
     ("train.max_steps=2.0", ["train.max_steps", "valid integer", "got 2.0"]),
     ("model.n_fields=true", ["model.n_fields", "valid integer"]),

@@ -1877,11 +1877,12 @@ def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_pa
 
 
 def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
-    """model.attention (fused by default, or packed) builds the AViT with that attention; from
-    a checkpoint's or train.init_from's model_config too (it computes the same numbers either
-    way, so the run's config decides, not what the weights were trained with)."""
+    """model.attention (fused by default, or packed) and model.backward_matmuls (autograd by
+    default, or tn) build the AViT with that attention and backward; from a checkpoint's or
+    train.init_from's model_config too (each computes the same numbers either way, so the
+    run's config decides, not what the weights were trained with)."""
     from dsfm.config import load_config
-    from dsfm.models.avit import AViTConfig
+    from dsfm.models.avit import AViT, AViTConfig
     from dsfm.train import model_config
 
     vocab = ["a", "b", "c"]
@@ -1895,3 +1896,13 @@ def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
     assert model_config(cfg, vocab, pretrained).attention == "packed"
     pretrained["model_config"] = {**saved, "attention": "packed"}
     assert model_config(load_config(None), vocab, pretrained).attention == "fused"
+    assert model_config(load_config(None), vocab, None).backward_matmuls == "autograd"
+    cfg = load_config(None, ["model.backward_matmuls=tn"])
+    built = model_config(cfg, vocab, None)
+    assert built.backward_matmuls == "tn" and built.attention == "fused"
+    assert model_config(cfg, vocab, pretrained).backward_matmuls == "tn"
+    pretrained["model_config"] = {**saved, "backward_matmuls": "tn"}
+    assert model_config(load_config(None), vocab, pretrained).backward_matmuls == "autograd"
+    model = AViT(built)
+    assert {b.spatial.mlp.fc1.backward_matmuls for b in model.blocks} == {"tn"}
+    assert {b.temporal.backward_matmuls for b in model.blocks} == {"tn"}

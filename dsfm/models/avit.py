@@ -25,6 +25,7 @@ from torch import nn
 from dsfm.errors import ConfigError
 from dsfm.models.layers import (
     ATTENTION,
+    BACKWARD_MATMULS,
     PERIODIC_CODE,
     FieldEmbedding,
     HMLPDecoder,
@@ -70,6 +71,11 @@ class AViTConfig:
     #: sequences written out, for the compiler to fuse: layers._direct_attention); the same
     #: numbers to fp32 rounding
     attention: str = "fused"
+    #: how the backward of the blocks' projections and MLP forms its matrix multiplies:
+    #: "autograd" (F.linear's own), "tn_dgrad" or "tn" (the input's gradient, or both
+    #: gradients, in the forward's operand layout: layers._TNLinear); the same numbers to
+    #: fp32 rounding
+    backward_matmuls: str = "autograd"
 
     def __post_init__(self):
         if self.n_fields < 1:
@@ -83,6 +89,9 @@ class AViTConfig:
         if self.attention not in ATTENTION:
             raise ConfigError(f"model.attention {self.attention!r} is not one of "
                               f"{', '.join(ATTENTION)}")
+        if self.backward_matmuls not in BACKWARD_MATMULS:
+            raise ConfigError(f"model.backward_matmuls {self.backward_matmuls!r} is not one of "
+                              f"{', '.join(BACKWARD_MATMULS)}")
 
 
 def grid_problem(spatial_shape: tuple[int, ...]) -> str | None:
@@ -109,7 +118,8 @@ class AViT(nn.Module):
         # rising linearly from 0; a model without stochastic depth gets none at all (None)
         rates = [config.drop_path * i / max(n - 1, 1) if config.drop_path else None
                  for i in range(n)]
-        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r, config.attention)
+        self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r, config.attention,
+                                                   config.backward_matmuls)
                                     for r in rates)
         self.debed = HMLPDecoder(dim, config.n_fields)
 
@@ -216,13 +226,15 @@ class AViT(nn.Module):
             p.requires_grad_(not name.startswith("blocks."))
 
 
-def avit(size: str, n_fields: int, drop_path: float = 0.2, attention: str = "fused") -> AViT:
+def avit(size: str, n_fields: int, drop_path: float = 0.2, attention: str = "fused",
+         backward_matmuls: str = "autograd") -> AViT:
     """MPP's published sizes: Ti, S, B, L (case-insensitive)."""
     key = {k.lower(): k for k in SIZES}.get(size.lower())
     if key is None:
         raise ConfigError(f"AViT size {size!r} is not one of {', '.join(SIZES)}")
     dim, heads, blocks = SIZES[key]
-    return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path, attention=attention))
+    return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path, attention=attention,
+                           backward_matmuls=backward_matmuls))
 
 
 def n_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -276,11 +276,92 @@ class InstanceNorm(nn.Module):
         return _TokenInstanceNorm.apply(x, weight, bias, self.eps, order)
 
 
-def pointwise(x: torch.Tensor, conv: nn.Conv2d) -> torch.Tensor:
+@torch.library.custom_op("dsfm::mm_tn", mutates_args=())
+def _mm_tn(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·bᵀ for a [M, K] and b [N, K], each operand first made row-major (K contiguous; a
+    copy where it is not): cuBLAS's TN layout. An operator of its own, opaque to
+    torch.compile: inductor chooses the layout of a copy and of a matrix multiply's operands
+    itself, and gave the copies written for this layout the strides of the views they were
+    copied from (tests/models/test_avit.py reads its code)."""
+    return F.linear(a.contiguous(), b.contiguous())
+
+
+@_mm_tn.register_fake
+def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return a.new_empty(a.shape[0], b.shape[0])
+
+
+class _TNLinear(torch.autograd.Function):
+    """y = x·Wᵀ + b (F.linear) whose backward runs its matrix multiplies in the forward's
+    operand layout: both operands contiguous along the summed axis (cuBLAS's "TN", the
+    layout of y = x·Wᵀ with x [M, K] and W [N, K] both row-major). Autograd's own backward
+    computes dx = dy·W (both operands row-major: "NN") and dW = dyᵀ·x (summed over the M
+    tokens, neither operand contiguous along them: "NT"); in strict fp32 on an H200, cuBLAS
+    ran those two layouts on SIMT kernels at about 34 TFLOP/s where the forward's ran at
+    about 45 (docs/performance.md). Here
+        dx = dy·(Wᵀ)ᵀ            with Wᵀ copied contiguous ([K, N]: one copy of the weight),
+        dW = (dyᵀ)·(xᵀ)ᵀ         with dyᵀ [N, M] and xᵀ [K, M] copied contiguous (`weight_tn`;
+                                 otherwise autograd's dyᵀ·x);
+    the same products, summed in another order: the same numbers to rounding. The copies
+    cost M·(N + K) floats written, against the product's 2·M·N·K operations."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, weight_tn):
+        ctx.save_for_backward(x, weight)
+        ctx.weight_tn, ctx.has_bias = weight_tn, bias is not None
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        g2 = gy.reshape(-1, gy.shape[-1])                                   # [M, N]
+        if need_x:
+            gx = _mm_tn(g2, weight.t()).view(*gy.shape[:-1], weight.shape[1])  # [..., K]
+        if need_w:
+            x2 = x.reshape(-1, x.shape[-1])                                 # [M, K]
+            gw = _mm_tn(g2.t(), x2.t()) if ctx.weight_tn else g2.t().mm(x2)   # [N, K]
+        if need_b and ctx.has_bias:
+            gb = g2.sum(dim=0)
+        return gx, gw, gb, None
+
+
+#: `backward_matmuls` of the blocks' projections and MLP (AViTConfig.backward_matmuls): how
+#: their backward forms its two matrix multiplies; "autograd": as F.linear's own backward
+#: (dx: NN, dW: NT); "tn_dgrad": dx in the forward's layout (_TNLinear), dW as autograd's;
+#: "tn": both in the forward's layout
+BACKWARD_MATMULS = ("autograd", "tn_dgrad", "tn")
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+           backward: str = "autograd") -> torch.Tensor:
+    """F.linear, its backward's matrix multiplies formed as `backward` (BACKWARD_MATMULS)."""
+    if backward == "autograd":
+        return F.linear(x, weight, bias)
+    return _TNLinear.apply(x, weight, bias, backward == "tn")
+
+
+def pointwise(x: torch.Tensor, conv: nn.Conv2d, backward: str = "autograd") -> torch.Tensor:
     """A 1×1 convolution's map applied over the last axis of [..., C_in]: one matrix multiply
     on the tokens, no layout change (the parameters stay the convolution's, as MPP names
-    them)."""
-    return F.linear(x, conv.weight.flatten(1), conv.bias)
+    them); `backward`: as `linear`'s."""
+    return linear(x, conv.weight.flatten(1), conv.bias, backward)
+
+
+class Linear(nn.Linear):
+    """nn.Linear whose backward's matrix multiplies are formed as `backward` (`linear`)."""
+
+    def __init__(self, *args, backward_matmuls: str = "autograd", **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backward_matmuls = backward_matmuls
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias, self.backward_matmuls)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", backward_matmuls={self.backward_matmuls}"
 
 
 class DropPath(nn.Module):
@@ -397,10 +478,10 @@ class RelativePositionBias(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: int = 4):
+    def __init__(self, dim: int, ratio: int = 4, backward_matmuls: str = "autograd"):
         super().__init__()
-        self.fc1 = nn.Linear(dim, ratio * dim)
-        self.fc2 = nn.Linear(ratio * dim, dim)
+        self.fc1 = Linear(dim, ratio * dim, backward_matmuls=backward_matmuls)
+        self.fc2 = Linear(ratio * dim, dim, backward_matmuls=backward_matmuls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -417,12 +498,15 @@ class TemporalAttention(nn.Module):
     QK-norm, T5 relative bias (non-periodic), instance norm, output projection (1×1-convolution
     parameters applied as matrix multiplies, `pointwise`), LayerScale, residual.
     drop_path: this block's stochastic-depth rate, or None for none at all; attention: how
-    its sequences are attended, a key of ATTENTION."""
+    its sequences are attended, a key of ATTENTION; backward_matmuls: how the projections' backward
+    forms its matrix multiplies, one of BACKWARD_MATMULS (`linear`)."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 layer_scale: float = 1e-6, attention: str = "fused"):
+                 layer_scale: float = 1e-6, attention: str = "fused",
+                 backward_matmuls: str = "autograd"):
         super().__init__()
         self.heads, self.attention = heads, attention
+        self.backward_matmuls = backward_matmuls
         self.norm1 = InstanceNorm(dim)
         self.norm2 = InstanceNorm(dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
@@ -442,14 +526,15 @@ class TemporalAttention(nn.Module):
         # laid out as the projection's); norm2 reads attention's output through a view and
         # writes tokens [B, T, H, W, C]
         z = self.norm1(x, order=(0, 2, 3, 1, 4)).permute(0, 2, 3, 1, 4)   # [B, H, W, T, C]
-        z = pointwise(z, self.input_head).unflatten(-1, (self.heads, -1))  # [B,H,W,T,heads,3hd]
+        z = pointwise(z, self.input_head, self.backward_matmuls)             # [B, H, W, T, 3C]
+        z = z.unflatten(-1, (self.heads, -1))                               # [B,H,W,T,heads,3hd]
         q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
         # QK-norm writes q and k as [BHW, heads, T, hd] (contiguous; v is a strided view)
         z = ATTENTION[self.attention](self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2),
                                       v.flatten(0, 2), self.rel_pos_bias(t)[None])
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
         z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
-        z = pointwise(z, self.output_head)
+        z = pointwise(z, self.output_head, self.backward_matmuls)
         return x + self.drop_path(z * self.gamma)
 
 
@@ -457,12 +542,15 @@ class AxialSpatialAttention(nn.Module):
     """Attention along W and along H with one fused QKV projection and one relative-position
     table shared by both axes (periodic-aware per sample from the boundary codes); the two
     results are averaged. Then a 4× MLP, both branches with LayerScale and drop path.
-    attention: as TemporalAttention's (the per-sample 5-D path writes its own out)."""
+    attention: as TemporalAttention's (the per-sample 5-D path writes its own out);
+    backward_matmuls: as TemporalAttention's, for the projections and the MLP."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 layer_scale: float = 1e-6, attention: str = "fused"):
+                 layer_scale: float = 1e-6, attention: str = "fused",
+                 backward_matmuls: str = "autograd"):
         super().__init__()
         self.heads, self.attention = heads, attention
+        self.backward_matmuls = backward_matmuls
         self.norm1 = RMSInstanceNorm2d(dim, channels_last=True)
         self.norm2 = RMSInstanceNorm2d(dim, channels_last=True)
         self.gamma_att = nn.Parameter(layer_scale * torch.ones(dim))
@@ -472,7 +560,7 @@ class AxialSpatialAttention(nn.Module):
         self.qnorm = nn.LayerNorm(dim // heads)
         self.knorm = nn.LayerNorm(dim // heads)
         self.rel_pos_bias = RelativePositionBias(heads)
-        self.mlp = MLP(dim)
+        self.mlp = MLP(dim, backward_matmuls=backward_matmuls)
         self.mlp_norm = RMSInstanceNorm2d(dim, channels_last=True)
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
@@ -525,7 +613,8 @@ class AxialSpatialAttention(nn.Module):
         """x: [N, H, W, C] (tokens); periodic: (H axis, W axis) for the whole batch, or [N, 2]
         bool per sample."""
         n, h, w, c = x.shape
-        qkv = pointwise(self.norm1(x), self.input_head)                     # [N, H, W, 3C]
+        qkv = pointwise(self.norm1(x), self.input_head,
+                        self.backward_matmuls)                              # [N, H, W, 3C]
         # the same module calls whatever the path (a square grid or not, per-sample periodicity
         # or not): ZeRO-3 gathers a module's weights at each call, and checks that every rank
         # called the same modules; the relative-position bias is read from one table
@@ -544,7 +633,8 @@ class AxialSpatialAttention(nn.Module):
                              if isinstance(periodic, tuple) else periodic[:, 0], table)
             z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)      # [N,H,W,heads,hd]
         # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
-        z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head)
+        z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head,
+                      self.backward_matmuls)
         x = x + self.drop_path(z * self.gamma_att)
         return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp)
 
@@ -554,10 +644,12 @@ class SpaceTimeBlock(nn.Module):
     matrix multiply on the channel axis, with no layout change around it."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 attention: str = "fused"):
+                 attention: str = "fused", backward_matmuls: str = "autograd"):
         super().__init__()
-        self.temporal = TemporalAttention(dim, heads, drop_path, attention=attention)
-        self.spatial = AxialSpatialAttention(dim, heads, drop_path, attention=attention)
+        self.temporal = TemporalAttention(dim, heads, drop_path, attention=attention,
+                                          backward_matmuls=backward_matmuls)
+        self.spatial = AxialSpatialAttention(dim, heads, drop_path, attention=attention,
+                                             backward_matmuls=backward_matmuls)
 
     def cache_buckets(self, t: int, h: int, w: int,
                       periodic: tuple[bool, bool] | torch.Tensor) -> None:

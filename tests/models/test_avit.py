@@ -45,11 +45,11 @@ def test_drop_path_rises_linearly_to_its_maximum():
     assert all(b - a == pytest.approx(0.2 / 11) for a, b in zip(rates, rates[1:]))
 
 
-def small(n_fields=6, drop_path=0.0, attention="fused"):
+def small(n_fields=6, drop_path=0.0, attention="fused", backward_matmuls="autograd"):
     """A small AViT whose blocks matter: LayerScale starts at 1e-6, which would hide them."""
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields, dim=48, heads=3, blocks=2, drop_path=drop_path,
-                            attention=attention)).eval()
+                            attention=attention, backward_matmuls=backward_matmuls)).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
             if name.rsplit(".", 1)[-1].startswith("gamma"):
@@ -424,15 +424,20 @@ def test_direct_attention_computes_the_fused_attentions_numbers(monkeypatch, len
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("attention", ["packed", "direct"])
+@pytest.mark.parametrize("variant", [{"attention": "packed"}, {"attention": "direct"},
+                                     {"backward_matmuls": "tn_dgrad"},
+                                     {"backward_matmuls": "tn"}], ids=lambda v: str(v))
 @pytest.mark.parametrize("codes", ["uniform", "per_sample"])
 @pytest.mark.parametrize("h,w", [(32, 32), (32, 48)])
-def test_a_model_with_packed_or_direct_attention_computes_the_same(attention, codes, h, w):
-    """The whole model with attention="packed" or "direct" and "fused", the same weights: the
-    same outputs and gradients, temporal and axial (a square grid: both axes in one call;
-    not: a call per axis), with whole-batch boundary codes and per-sample ones (whose 5-D path
-    packs nothing). In float64, so that the figures compared are the same up to rounding alone
-    (in float32 the model's norms amplify it to ~1e-5 in places, either way)."""
+def test_a_model_with_other_attention_or_backward_matmuls_computes_the_same(variant, codes, h,
+                                                                          w):
+    """The whole model with attention="packed" or "direct" and "fused", or with its
+    projections' backward in the forward's layout (backward_matmuls "tn_dgrad", "tn") and
+    autograd's, the same weights: the same outputs and gradients, temporal and axial (a
+    square grid: both axes in one call; not: a call per axis), with whole-batch boundary
+    codes and per-sample ones (whose 5-D path packs nothing). In float64, so that the figures
+    compared are the same up to rounding alone (in float32 the model's norms amplify it to
+    ~1e-5 in places, either way)."""
     from dsfm.eval import nmse
 
     x, y, ids = sample(h=h, w=w).double(), torch.randn(2, 3, h, w).double(), torch.arange(3)
@@ -440,8 +445,8 @@ def test_a_model_with_packed_or_direct_attention_computes_the_same(attention, co
     if codes == "per_sample":
         bcs[1] = periodic_bcs(1, False, True)[0]
     results = []
-    for kind in ("fused", attention):
-        model = small(n_fields=3, attention=kind).train().double()
+    for config in ({}, variant):
+        model = small(n_fields=3, **config).train().double()
         out = model(x, ids, bcs)
         nmse(out, y).backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
@@ -453,10 +458,67 @@ def test_a_model_with_packed_or_direct_attention_computes_the_same(attention, co
         torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_unknown_attention_is_refused():
+def test_unknown_attention_or_backward_matmuls_is_refused():
     with pytest.raises(ConfigError,
                        match="model.attention 'flash' is not one of fused, packed, direct"):
         AViTConfig(4, attention="flash")
+    with pytest.raises(ConfigError, match="model.backward_matmuls 'nt' is not one of "
+                       "autograd, tn_dgrad, tn"):
+        AViTConfig(4, backward_matmuls="nt")
+
+
+@pytest.mark.parametrize("weight_tn", [False, True])
+def test_tn_linear_gradients_pass_gradcheck(weight_tn):
+    """_TNLinear (the forward's layout in the backward: dx from a copy of Wᵀ, and with
+    weight_tn dW from copies of dyᵀ and xᵀ): gradcheck on tokens [B, L, K], a strided input
+    as the blocks pass some, with a bias and without, and with the weight frozen (its
+    gradient not computed) or the input's not needed."""
+    from dsfm.models.layers import _TNLinear
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 3, 3, dtype=torch.float64).transpose(1, 2)        # [2, 3, 5, 3]
+    w = torch.randn(6, 3, dtype=torch.float64)
+    b = torch.randn(6, dtype=torch.float64)
+    assert not x.is_contiguous()
+    for need in ((True, True, True), (True, True, None), (True, False, False),
+                 (False, True, True)):
+        args = [t.clone().requires_grad_(n) if n is not None else None
+                for t, n in zip((x, w, b), need)]
+        assert not args[0].is_contiguous()
+        assert torch.autograd.gradcheck(
+            lambda x, w, b: _TNLinear.apply(x, w, b, weight_tn), tuple(args)), need
+
+
+@pytest.mark.parametrize("mode,tn_calls", [("tn_dgrad", 6), ("tn", 12)])
+def test_compiled_backward_runs_its_matrix_multiplies_in_the_forward_layout(mode, tn_calls):
+    """backward_matmuls "tn_dgrad" / "tn" under torch.compile: the compiled block's backward
+    (inductor's code) forms its six projections' input gradients, and with "tn" their weight
+    gradients too, with dsfm::mm_tn (operands copied row-major: the forward's TN layout),
+    and computes no other matrix multiply with "tn" (attention "direct": products and
+    sums). Inductor chose the strides of plain copies itself and gave them the layout of
+    the views they came from; this checks the layout reaches the products."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    from dsfm.models.layers import SpaceTimeBlock
+
+    torch.manual_seed(0)
+    torch._dynamo.reset()
+    block = SpaceTimeBlock(24, 3, attention="direct", backward_matmuls=mode)
+    x = torch.randn(2, 3, 4, 4, 24, requires_grad=True)
+    compiled = torch.compile(block)
+
+    def step():
+        out = compiled(x, (True, True))
+        out.square().sum().backward()
+        return out
+
+    _, code = run_and_get_code(step)
+    assert len(code) == 2
+    backward = code[1]
+    assert backward.count("torch.ops.dsfm.mm_tn.default(") == tn_calls
+    others = len(re.findall(r"extern_kernels\.(?:mm|bmm|addmm)\(", backward))
+    assert others == 12 - tn_calls
 
 
 @pytest.mark.parametrize("codes,w,dtype", [("uniform", 48, torch.float32),
@@ -737,10 +799,12 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
 
 
 def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: bool = False,
-                 kernels: list | None = None) -> tuple[float, dict[str, float]]:
+                 kernels: list | None = None, backward_matmuls: str = "autograd"
+                 ) -> tuple[float, dict[str, float]]:
     """The relative error (Frobenius) of an fp32 training step's output and of each gradient
-    of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention`, against the
-    same model's float64 step with fused attention (eager: the math path); `kernels`
+    of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention` and
+    `backward_matmuls`, against the same model's float64 step with fused attention and
+    autograd's backward (eager: the math path); `kernels`
     collects the names of what the fp32 step ran. In fp32 the model's instance norms amplify
     rounding to 1e-3 of some gradients, either attention: compare errors, not outputs."""
     import torch._dynamo
@@ -754,9 +818,11 @@ def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: b
     y = torch.randn(2, 4, res, res, generator=g, dtype=torch.float64)
     ids, bcs = torch.arange(4, device=device), periodic_bcs(2, True, True)
     steps = []
-    for kind, dtype in ((attention, torch.float32), ("fused", torch.float64)):
+    for kind, matmuls, dtype in ((attention, backward_matmuls, torch.float32),
+                                 ("fused", "autograd", torch.float64)):
         torch.manual_seed(0)
-        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind)).to(device, dtype)
+        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind,
+                                backward_matmuls=matmuls)).to(device, dtype)
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.rsplit(".", 1)[-1].startswith("gamma"):
@@ -861,6 +927,31 @@ def test_packed_and_direct_attention_are_as_accurate_as_fused(attention, compile
     attention whose 1/√hd is 1% off fails it."""
     fused = _fp32_errors("fused", "cpu", 4, 32, compiled)
     _as_accurate(_fp32_errors(attention, "cpu", 4, 32, compiled), fused)
+
+
+@pytest.mark.parametrize("mode", ["tn_dgrad", "tn"])
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tn_backward_matmuls_are_as_accurate_as_autograds(mode, compiled):
+    """The fp32 step with the projections' backward in the forward's layout ("tn_dgrad",
+    "tn"), eager or compiled, against the float64 step: as accurate as autograd's fp32
+    step (compiled alike). A weight gradient missing its bias term, or summed over half the
+    tokens, fails it."""
+    reference = _fp32_errors("direct", "cpu", 4, 32, compiled)
+    _as_accurate(_fp32_errors("direct", "cpu", 4, 32, compiled, backward_matmuls=mode),
+                 reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_tn_backward_matmuls_are_as_accurate_as_autograds_on_cuda(monkeypatch, compiled):
+    """backward_matmuls "tn" on CUDA, strict fp32, the benchmark's sequences (16 frames on
+    8×8 patches), eager and compiled: as accurate as autograd's backward against the float64
+    step (cuBLAS picks other kernels for the TN layout: other summation orders)."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    reference = _fp32_errors("direct", "cuda", 16, 128, compiled)
+    _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, backward_matmuls="tn"),
+                 reference)
 
 
 def test_token_norm_gradients_pass_gradcheck():
