@@ -9,14 +9,22 @@ gives the same numbers:
   - fwd          y = x·Wᵀ (F.linear), x [M, K], W [N, K];
   - dgrad        dx = dy·W;
   - dgrad_t      dx = (Wᵀ·dyᵀ)ᵀ (the transposed product, its result a transposed view);
-  - wgrad        dW = dyᵀ·x (written [N, K], W's own layout);
-  - wgrad_t      dW = (xᵀ·dy)ᵀ (what autograd computes for a linear layer: xᵀ·dy, [K, N],
-                 handed to W as its transpose);
+  - dgrad_tn     dx = dy·W in the forward's layout (both operands contiguous along the
+                 summed axis, cuBLAS's TN), after a copy of Wᵀ: what the blocks' projections
+                 compute with model.backward_matmuls tn_dgrad or tn (layers._mm_tn, copy
+                 included in the time);
+  - wgrad        dW = dyᵀ·x (written [N, K], W's own layout; what autograd computes for a
+                 linear layer);
+  - wgrad_t      dW = (xᵀ·dy)ᵀ;
+  - wgrad_tn     dW = dyᵀ·x in the forward's layout, after copies of dyᵀ and xᵀ
+                 (backward_matmuls tn);
 with each BLAS library asked for (CUDA: cuBLAS, cuBLASLt; `torch.backends.cuda.
 preferred_blas_library`), in fp32 and/or TF32. Reports ms (median of the timed calls, each
 between two synchronizations) and TFLOP/s per row, then per size the step's matrix-multiply
-time summed over its calls (× blocks) for autograd's formulations (fwd, dgrad, wgrad_t) and
-for the fastest of each, which says whether a linear layer with its own backward would pay.
+time summed over its calls (× blocks) as each model.backward_matmuls forms them (autograd:
+fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn: dgrad_tn and wgrad_tn, for the blocks'
+projections and MLP; the stem's as autograd's) and with the fastest of each, which says
+whether another formulation would pay.
 
     python -m perf.matmul_bench --sizes B,L --json out.json           # GPU
     python -m perf.matmul_bench --sizes Ti --tokens 512 --iters 2     # a CPU smoke
@@ -35,8 +43,14 @@ from perf.cli import non_negative_int, positive_int
 from perf.report import write_json
 from perf.train_bench import check_shapes, median_ms
 
-OPS = ("fwd", "dgrad", "dgrad_t", "wgrad", "wgrad_t")
-AUTOGRAD = {"fwd": "fwd", "dgrad": "dgrad", "wgrad": "wgrad_t"}     # what autograd runs
+OPS = ("fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t", "wgrad_tn")
+#: the formulation of each product (fwd, dgrad, wgrad) per model.backward_matmuls, for the
+#: blocks' projections and MLP (the stem's are autograd's whatever the setting)
+MODES = {"autograd": {"fwd": "fwd", "dgrad": "dgrad", "wgrad": "wgrad"},
+         "tn_dgrad": {"fwd": "fwd", "dgrad": "dgrad_tn", "wgrad": "wgrad"},
+         "tn": {"fwd": "fwd", "dgrad": "dgrad_tn", "wgrad": "wgrad_tn"}}
+#: the products of the blocks (`gemms`), which model.backward_matmuls forms
+BLOCK_GEMMS = ("qkv", "proj", "fc1", "fc2")
 NUMERICS = ("fp32", "tf32")
 
 
@@ -70,6 +84,8 @@ def operands(m: int, k: int, n: int, device) -> dict:
 
 
 def run_op(op: str, t: dict) -> torch.Tensor:
+    from dsfm.models.layers import _mm_tn
+
     x, w, dy = t["x"], t["w"], t["dy"]
     if op == "fwd":
         return F.linear(x, w)
@@ -77,8 +93,12 @@ def run_op(op: str, t: dict) -> torch.Tensor:
         return dy @ w
     if op == "dgrad_t":
         return (w.t() @ dy.t()).t()
+    if op == "dgrad_tn":
+        return _mm_tn(dy, w.t())
     if op == "wgrad":
         return dy.t() @ x
+    if op == "wgrad_tn":
+        return _mm_tn(dy.t(), x.t())
     return (x.t() @ dy).t()                               # wgrad_t
 
 
@@ -156,18 +176,22 @@ def main(argv=None) -> int:
     for key in sorted({(r["size"], r["numerics"], r["blas"]) for r in rows}, key=str):
         mine = [r for r in rows if (r["size"], r["numerics"], r["blas"]) == key]
         by = {(r["gemm"], r["op"]): r for r in mine}
-        autograd = best = 0.0
+        total = dict.fromkeys([*MODES, "best"], 0.0)
         for gemm in {r["gemm"] for r in mine}:
             calls = by[(gemm, "fwd")]["calls_per_step"]
-            for kind, op in AUTOGRAD.items():
-                if (gemm, op) not in by:          # no input gradient (the stem's first)
+            for kind in ("fwd", "dgrad", "wgrad"):
+                if (gemm, kind) not in by:        # no input gradient (the stem's first)
                     continue
-                autograd += calls * by[(gemm, op)]["ms"]
-                best += calls * min(by[(gemm, o)]["ms"] for o in OPS if o.startswith(kind))
+                for mode, ops in MODES.items():
+                    op = ops[kind] if gemm in BLOCK_GEMMS else kind
+                    total[mode] += calls * by[(gemm, op)]["ms"]
+                total["best"] += calls * min(by[(gemm, o)]["ms"] for o in OPS
+                                             if o.startswith(kind))
         summary.append({"size": key[0], "numerics": key[1], "blas": key[2],
-                        "autograd_ms_per_step": autograd, "best_ms_per_step": best})
-        print(f"{key[0]} {key[1]} {key[2]}: the step's matrix multiplies {autograd:.1f} ms as "
-              f"autograd forms them, {best:.1f} ms with the fastest of each")
+                        **{f"{mode}_ms_per_step": ms for mode, ms in total.items()}})
+        print(f"{key[0]} {key[1]} {key[2]}: the step's matrix multiplies "
+              + ", ".join(f"{total[m]:.1f} ms {m}" for m in MODES)
+              + f" (model.backward_matmuls), {total['best']:.1f} ms with the fastest of each")
     if args.json:
         write_json(args.json, {"device": torch.cuda.get_device_name() if cuda else "cpu",
                                "rows": rows, "summary": summary})

@@ -5,7 +5,9 @@ inputs shaped like the reference measurement of MPP's own code (micro-batch 8, L
 frames; 4 fields; 128×128; 12 field columns; nMSE loss), for each size, in fp32 and TF32 (CUDA
 only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpeed ZeRO-2 and
 ZeRO-3 engine, all in one run (with --attention fused,packed,direct also with the blocks'
-attention packed or written out: dsfm.models.layers._packed_attention, _direct_attention).
+attention packed or written out: dsfm.models.layers._packed_attention, _direct_attention;
+with --backward-matmuls autograd,tn also with the blocks' backward matrix multiplies in the
+forward's layout: AViTConfig.backward_matmuls).
 Reports ms/step (steps running freely, each reading its loss back before the backward as
 dsfm's trainer does; and, without that read, each between two synchronizations, with the
 host's time to issue it), samples/s, achieved TFLOP/s (FLOPs of one step counted by
@@ -18,6 +20,7 @@ and writes JSON.
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
     python -m perf.train_bench --sizes B --wrappers plain --attention fused,packed --profile 3
     python -m perf.train_bench --sizes B --wrappers plain --compile --attention fused,direct
+    python -m perf.train_bench --sizes B --wrappers plain --compile --backward-matmuls autograd,tn
 """
 
 from __future__ import annotations
@@ -200,7 +203,8 @@ def marked(step):
 
 
 def run_variant(size: str, wrapper: str, numerics: str, args, device,
-                layout: str = "tokens", attention: str = "fused") -> dict:
+                layout: str = "tokens", attention: str = "fused",
+                backward_matmuls: str = "autograd") -> dict:
     from dsfm.eval import nmse
     from dsfm.models.avit import avit
 
@@ -223,7 +227,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     bcs = torch.full((batch, 2, 2), 2.0)   # stays on the host, as the trainer passes the
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
-        model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention)
+        model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention,
+                     backward_matmuls=backward_matmuls)
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
@@ -289,7 +294,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         step, issue = marked(step), marked(issue)
 
     row = {"size": size, "wrapper": wrapper, "numerics": numerics, "layout": layout,
-           "attention": attention, "batch": batch, "zero_optimization": zero,
+           "attention": attention, "backward_matmuls": backward_matmuls, "batch": batch,
+           "zero_optimization": zero,
            "compile_mode": args.compile_mode if args.compile else None,
            "fused_grad_norm": fused_norm, "local_gradients": local,
            "leftover_gib": leftover, "first_step_s": compile_s,
@@ -397,6 +403,8 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
         if args.trace_dir:
             os.makedirs(args.trace_dir, exist_ok=True)
             kind = "" if row["attention"] == "fused" else "_" + row["attention"]
+            if row["backward_matmuls"] != "autograd":
+                kind += "_" + row["backward_matmuls"]
             keep = os.path.join(args.trace_dir, f"{row['size']}_{numerics}_{row['wrapper']}_"
                                 f"{row['layout']}{kind}"
                                 f"{'_compiled' if args.compile else ''}"
@@ -406,16 +414,18 @@ def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
     return row
 
 
-def _measure(size, wrapper, num, layout, attention, args, device, rows, failed) -> None:
+def _measure(size, wrapper, num, layout, attention, backward, args, device, rows,
+             failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s}"
+    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
     try:
-        rows.append(run_variant(size, wrapper, num, args, device, layout, attention))
+        rows.append(run_variant(size, wrapper, num, args, device, layout, attention, backward))
     except Exception as exc:
         traceback.print_exc()
         failed.append({"size": size, "numerics": num, "wrapper": wrapper, "layout": layout,
-                       "attention": attention, "error": f"{type(exc).__name__}: {exc}"})
+                       "attention": attention, "backward_matmuls": backward,
+                       "error": f"{type(exc).__name__}: {exc}"})
         print(f"  {label} failed: {failed[-1]['error']}", file=sys.stderr, flush=True)
         if args.json:
             write_json(args.json, meta(args, rows, failed))
@@ -490,6 +500,12 @@ def main(argv: list[str] | None = None) -> int:
                     "tiles for the CUDA kernels), direct (sequences of up to 32 written out; "
                     "with --compile fused by the compiler, in fp32); the token blocks only; "
                     "fused,packed,direct: each, as separate rows")
+    ap.add_argument("--backward-matmuls", default="autograd",
+                    help="how the blocks' projections and MLP form their backward's matrix "
+                    "multiplies (AViTConfig.backward_matmuls): autograd (F.linear's own: NN "
+                    "and NT layouts), tn_dgrad (the input's gradient in the forward's TN "
+                    "layout), tn (both gradients); the token blocks only; a comma list: each, "
+                    "as separate rows")
     ap.add_argument("--blas", choices=("cublas", "cublaslt"), default=None,
                     help="the BLAS library PyTorch prefers for matrix multiplies on CUDA for the "
                     "whole run (torch.backends.cuda.preferred_blas_library; default: PyTorch's "
@@ -526,9 +542,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.backends.cuda.preferred_blas_library(args.blas)
     numerics = (args.numerics or ("fp32,tf32" if cuda else "fp32")).split(",")
     from dsfm.models.avit import SIZES
-    from dsfm.models.layers import ATTENTION
+    from dsfm.models.layers import ATTENTION, BACKWARD_MATMULS
     for flag, given, known in (("--numerics", numerics, NUMERICS),
                                ("--attention", args.attention.split(","), tuple(ATTENTION)),
+                               ("--backward-matmuls", args.backward_matmuls.split(","),
+                                BACKWARD_MATMULS),
                                ("--wrappers", args.wrappers.split(","), WRAPPERS),
                                ("--sizes", args.sizes.split(","), tuple(SIZES)),
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
@@ -547,6 +565,10 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"--attention {args.attention} changes the token blocks' attention; the "
                  "channels_first reference runs fused only (leave it out of --layouts, or run "
                  "it separately)")
+    if "channels_first" in args.layouts.split(",") and args.backward_matmuls != "autograd":
+        ap.error(f"--backward-matmuls {args.backward_matmuls} changes the token blocks' "
+                 "backward; the channels_first reference runs autograd's only (leave it out "
+                 "of --layouts, or run it separately)")
     check_shapes(ap, args.res, args.fields)
 
     from dsfm.runtime.engine import finish, init_process_group
@@ -554,14 +576,16 @@ def main(argv: list[str] | None = None) -> int:
     env = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     rows, failed = [], []
-    plan = [(size, wrapper, num, layout, attention) for size in args.sizes.split(",")
+    plan = [(size, wrapper, num, layout, attention, backward) for size in args.sizes.split(",")
             for num in numerics for layout in args.layouts.split(",")
-            for attention in args.attention.split(",") for wrapper in args.wrappers.split(",")]
+            for attention in args.attention.split(",")
+            for backward in args.backward_matmuls.split(",")
+            for wrapper in args.wrappers.split(",")]
     # captured CUDA graphs last: the profiler, shut down after each variant's profile, is
     # started again after a capture only for them (a restart after graph capture has crashed
     # CUDA 12 builds; a crash then costs only the graph rows, the others are in the JSON)
-    for size, wrapper, num, layout, attention in sorted(plan, key=lambda v: v[1] == "graph"):
-        _measure(size, wrapper, num, layout, attention, args, device, rows, failed)
+    for variant in sorted(plan, key=lambda v: v[1] == "graph"):
+        _measure(*variant, args, device, rows, failed)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
@@ -574,23 +598,26 @@ def main(argv: list[str] | None = None) -> int:
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "
           "to issue it")
-    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'batch':>5s} "
+    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
+            f"{'batch':>5s} "
             f"{'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
             f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
-    plain = {(r["size"], r["numerics"], r["layout"], r["attention"]): r["ms_per_step"]
-             for r in rows if r["wrapper"] == "plain"}
+    def model_of(r):                    # the rows a wrapper is compared within
+        return r["size"], r["numerics"], r["layout"], r["attention"], r["backward_matmuls"]
+
+    plain = {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
     order = {variant: i for i, variant in enumerate(plan)}
     rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"],
-                                   r["attention"])])
+                                   r["attention"], r["backward_matmuls"])])
     for r in rows:
-        base = plain.get((r["size"], r["numerics"], r["layout"], r["attention"]))
+        base = plain.get(model_of(r))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
-              f"{r['attention']:6s} {r['batch']:5d} "
+              f"{r['attention']:6s} {r['backward_matmuls']:8s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
               f"{r['host_ms_per_step']:8.1f}"
@@ -601,11 +628,11 @@ def main(argv: list[str] | None = None) -> int:
               "the unprofiled ms/step")
         for r in rows:
             print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:7s} "
-                  f"{LABEL[r['layout']]:6s} {r['attention']:6s} "
+                  f"{LABEL[r['layout']]:6s} {r['attention']:6s} {r['backward_matmuls']:8s} "
                   f"{describe_row(r, r['ms_per_step'])}")
     for f in failed:
         print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
-              f"{f['attention']:6s} failed: {f['error']}")
+              f"{f['attention']:6s} {f['backward_matmuls']:8s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))
     finish(env)

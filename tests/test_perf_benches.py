@@ -173,14 +173,38 @@ def test_train_bench_compares_fused_packed_and_direct_attention(tmp_path):
     assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
     lines = proc.stdout.splitlines()
     head = next(ln for ln in lines if ln.startswith("size "))
-    assert head.split()[:5] == ["size", "num", "wrapper", "layout", "attn"]
+    assert head.split()[:7] == ["size", "num", "wrapper", "layout", "attn", "bwd", "mm"]
     rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
     assert [r[2:5] for r in rows] == [["plain", "tokens", "fused"], ["zero2", "tokens", "fused"],
                                       ["plain", "tokens", "packed"],
                                       ["zero2", "tokens", "packed"],
                                       ["plain", "tokens", "direct"],
                                       ["zero2", "tokens", "direct"]]
-    assert rows[0][11] == rows[2][11] == rows[4][11] == "+0.0%"   # vs plain: its own's
+    assert rows[0][12] == rows[2][12] == rows[4][12] == "+0.0%"   # vs plain: its own's
+
+
+@pytest.mark.slow
+def test_train_bench_compares_backward_matmul_layouts(tmp_path):
+    """--backward-matmuls autograd,tn: the blocks' backward matrix multiplies as autograd
+    forms them and in the forward's layout (AViTConfig.backward_matmuls), separate rows in
+    the table and the JSON, each wrapper compared with the plain row of its own, the same
+    model FLOPs (the copies are not the model's)."""
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
+                "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--wrappers", "plain,zero2", "--backward-matmuls", "autograd,tn",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    assert [(r["backward_matmuls"], r["wrapper"]) for r in rec["rows"]] == [
+        (b, w) for b in ("autograd", "tn") for w in ("plain", "zero2")]
+    assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
+    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("Ti ")]
+    assert [r[2:6] for r in rows] == [["plain", "tokens", "fused", "autograd"],
+                                      ["zero2", "tokens", "fused", "autograd"],
+                                      ["plain", "tokens", "fused", "tn"],
+                                      ["zero2", "tokens", "fused", "tn"]]
+    assert rows[0][12] == rows[2][12] == "+0.0%"                  # vs plain: its own's
 
 
 def test_attention_bench_times_every_attention_eager_and_compiled(tmp_path):
@@ -209,8 +233,8 @@ def test_attention_bench_times_every_attention_eager_and_compiled(tmp_path):
 def test_matmul_bench_times_every_formulation_of_the_steps_matrix_multiplies(tmp_path):
     """perf.matmul_bench: each of the step's matrix multiplies (the blocks' projections and
     MLP, the stem's patch convolutions) forward and in every formulation of its gradients,
-    with the step's total as autograd forms them and with the fastest of each, the fastest
-    never slower."""
+    with the step's total as each model.backward_matmuls forms them (the TN formulations for
+    the blocks' products only) and with the fastest of each, the fastest never slower."""
     out = tmp_path / "mm.json"
     proc = run([sys.executable, "-m", "perf.matmul_bench", "--sizes", "Ti", "--tokens", "128",
                 "--iters", "1", "--warmup", "0", "--json", str(out)], timeout=600)
@@ -223,16 +247,21 @@ def test_matmul_bench_times_every_formulation_of_the_steps_matrix_multiplies(tmp
                      ("stem1", 2048, 64, 48, 1), ("stem2", 512, 192, 48, 1),
                      ("stem3", 128, 192, 192, 1)}       # its M: the tokens
     ops = {g: sorted(r["op"] for r in rows if r["gemm"] == g) for g, *_ in gemms}
-    assert ops.pop("stem1") == ["fwd", "wgrad", "wgrad_t"]      # the fields need no gradient
-    assert all(o == sorted(["fwd", "dgrad", "dgrad_t", "wgrad", "wgrad_t"])
-               for o in ops.values())
+    assert ops.pop("stem1") == ["fwd", "wgrad", "wgrad_t", "wgrad_tn"]   # fields: no gradient
+    assert all(o == sorted(["fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t",
+                            "wgrad_tn"]) for o in ops.values())
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
     (summary,) = rec["summary"]
-    assert 0 < summary["best_ms_per_step"] <= summary["autograd_ms_per_step"]
+    modes = ("autograd", "tn_dgrad", "tn")
+    assert all(0 < summary["best_ms_per_step"] <= summary[f"{m}_ms_per_step"] for m in modes)
     by = {(r["gemm"], r["op"]): r["ms"] for r in rows}
-    want = sum(calls * (by[(g, "fwd")] + by.get((g, "dgrad"), 0) + by[(g, "wgrad_t")])
-               for g, _, _, _, calls in gemms)
-    assert summary["autograd_ms_per_step"] == pytest.approx(want)
+    blocks = ("qkv", "proj", "fc1", "fc2")
+    for mode, dgrad, wgrad in zip(modes, ("dgrad", "dgrad_tn", "dgrad_tn"),
+                                  ("wgrad", "wgrad", "wgrad_tn")):
+        want = sum(calls * (by[(g, "fwd")] + by.get((g, dgrad if g in blocks else "dgrad"), 0)
+                            + by[(g, wgrad if g in blocks else "wgrad")])
+                   for g, _, _, _, calls in gemms)
+        assert summary[f"{mode}_ms_per_step"] == pytest.approx(want), mode
 
 
 TEARDOWN = """
@@ -320,9 +349,10 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
     assert "GPU busy" in proc.stdout and "no device events" in proc.stdout
     assert rec["failed"] == [{"size": "Ti", "numerics": "fp32", "wrapper": "graph",
                               "layout": "tokens", "attention": "fused",
+                              "backward_matmuls": "autograd",
                               "error": "RuntimeError: the graph wrapper needs CUDA"}]
-    assert "graph   tokens fused  failed: RuntimeError: the graph wrapper needs CUDA" \
-        in proc.stdout
+    assert ("graph   tokens fused  autograd failed: RuntimeError: the graph wrapper needs "
+            "CUDA") in proc.stdout
 
 
 @pytest.mark.slow
@@ -448,6 +478,9 @@ BAD_ARGUMENTS = [
     ("train_bench", SMALL_STEP + ["--batch", "-1"], "--batch"),
     ("train_bench", SMALL_STEP + ["--fields", "13"], "--fields 13"),
     ("train_bench", SMALL_STEP + ["--attention", "fused,flash"], "--attention"),
+    ("train_bench", SMALL_STEP + ["--backward-matmuls", "nt"], "--backward-matmuls"),
+    ("train_bench", SMALL_STEP + ["--backward-matmuls", "tn", "--layouts", "channels_first"],
+     "--backward-matmuls tn changes"),
     ("train_bench", SMALL_STEP + ["--attention", "packed", "--layouts", "channels_first"],
      "--attention packed"),
     ("train_bench", SMALL_STEP + ["--blas", "cublaslt"], "--blas chooses"),   # no CUDA here
