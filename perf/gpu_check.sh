@@ -8,20 +8,22 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="attention_bench train_attention train_zero2" GPU_CHECK_DEADLINE=420,
-#      timeout_s=450: what the run of 2026-11-30 left open for issue 4 (docs/performance.md):
-#      packed and direct attention against the fused kernels' padded tiles, the attention calls
-#      alone and in the compiled step; the one-rank ZeRO-2 engine without DeepSpeed's hooks
-#      (zero2) against plain, compiled;
-#   2. GPU_CHECK_ONLY="cuda_tests matmul_bench train_graphs train_eager train_blas train_cublas
-#      train_rest":
+#   1. GPU_CHECK_ONLY="train_attention train_backward matmul_bench" GPU_CHECK_DEADLINE=420,
+#      timeout_s=450: what decides issue 4's 2x target (docs/performance.md): packed and
+#      direct attention against the fused kernels' padded tiles in the compiled step, the
+#      blocks' backward matrix multiplies in the forward's layout (model.backward_matmuls tn)
+#      against autograd's in the compiled strict-fp32 step, and each matrix multiply alone in
+#      each formulation and BLAS library (strict fp32: the backward's ran at ~34 TFLOP/s);
+#   2. GPU_CHECK_ONLY="train_graphs train_zero2 cuda_tests attention_bench train_eager
+#      train_blas train_cublas train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
-#      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The CUDA
-#      tests of the packed and direct attention and of the one-rank ZeRO-2 engine come first;
-#      then the step's matrix multiplies alone in each formulation and BLAS library (strict
-#      fp32: the backward's ran at ~34 TFLOP/s), the compiled blocks replayed as CUDA graphs (TF32, host-bound), the eager table
-#      (zero2 against DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32
-#      backward's matrix multiplies, then the rest if time is left.
+#      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The compiled
+#      blocks replayed as CUDA graphs (TF32, host-bound) and the one-rank ZeRO-2 engine
+#      without DeepSpeed's hooks (zero2) against plain, compiled, come first; then the CUDA
+#      tests of the packed and direct attention, of the TN backward and of the one-rank
+#      ZeRO-2 engine; the attention calls alone; the eager table (zero2 against DeepSpeed's
+#      hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix multiplies, then
+#      the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -83,41 +85,24 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4, first: one block's two attention calls alone (temporal, axial), each attention
-# eager and compiled, strict fp32, with the error against float64 (B and L shapes)
-step attention_bench 90 python3 -m perf.attention_bench --sizes B,L --numerics fp32 \
-  --iters 10 --warmup 3 --json "$R/attention_bench.json"
-# issue 4: the blocks' attention packed (g short sequences as one under a block-diagonal
+# issue 4, first: the blocks' attention packed (g short sequences as one under a block-diagonal
 # bias: fuller 64x64 tiles for the memory-efficient kernel) and direct (written out, products
 # and sums inductor fuses) against fused, B and L compiled, fp32 and TF32, with the kernel time
 # by category (attention: 34.6 ms of B's step, 46.3 of L's)
 step train_attention 190 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
   --attention fused,packed,direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_attention.json"
-# issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
-# gradients in place, dsfm.runtime.zero_local) against plain, compiled, with the attention
-# direct (the shortest step the rows above may give: the hardest case for a fixed overhead)
-step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
-  --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
-  --json "$R/train_zero2.json"
-# issue 4: the strict-fp32 step with cuBLASLt preferred (the backward's matrix multiplies took
-# cuBLAS's SIMT align-1 kernels), beside cuBLAS in the same call, B eager
-step train_blas 45 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
-  --blas cublaslt --steps 4 --warmup 2 --profile 2 --json "$R/train_blas.json"
-step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
-  --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
-# issue 4: the CUDA tests of the packed attention (fused kernel, no bias padding, the fused
-# path's accuracy), of the direct attention (no attention kernel, eager and compiled, the same
-# accuracy) and of the one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
-# loader's, fused attention's, the multi-tensor norm's and evaluation's
-# (-v: a run cut at its limit still names each test that finished, and how)
-step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
-  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
-  tests/runtime/test_zero_local.py tests/test_eval.py \
-  -k "cuda or gpu"
+# issue 4: the blocks' backward matrix multiplies in the forward's layout (TN: dsfm::mm_tn,
+# after transposed copies) against autograd's (NN and NT, which cuBLAS ran on SIMT align-1
+# kernels in strict fp32), B and L compiled, strict fp32, attention direct, with the kernel
+# time by category (matrix multiplies: 145.5 ms of B's 208 ms step on 2026-11-30)
+step train_backward 120 python3 -m perf.train_bench --sizes B,L --numerics fp32 \
+  --wrappers plain --compile --attention direct --backward-matmuls autograd,tn --steps 4 \
+  --warmup 2 --profile 2 --json "$R/train_backward.json"
 # issue 4: each of the step's matrix multiplies (B, L) forward and in every formulation of its
-# gradients, cuBLAS and cuBLASLt, strict fp32: whether a linear layer with its own backward
-# (or another library) would take the backward's align-1 SIMT kernels out of the step
+# gradients (the TN ones of backward_matmuls included), cuBLAS and cuBLASLt, strict fp32:
+# whether the forward's layout, or another library, takes the backward's align-1 SIMT
+# kernels out of the step
 step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 10 \
   --warmup 3 --json "$R/matmul_bench.json"
 # issue 4: the compiled blocks' forward and backward replayed as CUDA graphs (torch.compile's
@@ -128,11 +113,37 @@ step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --
 step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
   --wrappers plain,zero2 --compile --compile-mode reduce-overhead --attention direct \
   --steps 4 --warmup 2 --json "$R/train_graphs.json"
+# issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
+# gradients in place, dsfm.runtime.zero_local) against plain, compiled, with the attention
+# direct (the shortest step the rows above may give: the hardest case for a fixed overhead)
+step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
+  --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --json "$R/train_zero2.json"
+# issue 4: the CUDA tests of the packed attention (fused kernel, no bias padding, the fused
+# path's accuracy), of the direct attention (no attention kernel, eager and compiled, the same
+# accuracy), of the TN backward (as accurate as autograd's, eager and compiled) and of the
+# one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
+# loader's, fused attention's, the multi-tensor norm's and evaluation's
+# (-v: a run cut at its limit still names each test that finished, and how)
+step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
+  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
+  tests/runtime/test_zero_local.py tests/test_eval.py \
+  -k "cuda or gpu"
+# issue 4: one block's two attention calls alone (temporal, axial), each attention
+# eager and compiled, strict fp32, with the error against float64 (B and L shapes)
+step attention_bench 90 python3 -m perf.attention_bench --sizes B,L --numerics fp32 \
+  --iters 10 --warmup 3 --json "$R/attention_bench.json"
 # issue 4: the eager table with both changes (one-rank zero2, direct attention): plain, zero2
 # and DeepSpeed's hooks (zero2hk), B and L
 step train_eager 150 python3 -m perf.train_bench --sizes B,L --attention direct \
   --wrappers plain,zero2,zero2hk --steps 4 --warmup 2 --profile 2 \
   --json "$R/train_eager.json"
+# issue 4: the strict-fp32 step with cuBLASLt preferred (the backward's matrix multiplies took
+# cuBLAS's SIMT align-1 kernels), beside cuBLAS in the same call, B eager
+step train_blas 45 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
+  --blas cublaslt --steps 4 --warmup 2 --profile 2 --json "$R/train_blas.json"
+step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
+  --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
 # per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
 # leftover_gib), Ti last
@@ -188,15 +199,15 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
-    "$R/train_zero2.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
+    "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
     "$R/train_bench.txt" \
     "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_attention train_zero2 train_graphs train_blas train_cublas train_eager train_bench \
+  for f in train_attention train_backward train_zero2 train_graphs train_blas train_cublas train_eager train_bench \
       train_layout train_compile train_rest; do
     grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
   done
-  grep -h "first step" "$R/train_attention.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" \
+  grep -h "first step" "$R/train_attention.txt" "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" \
     "$R/train_compile.txt"
   grep -E "(FAILED|ERROR) " "$R/cuda_tests.txt" | head -8; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
