@@ -273,6 +273,28 @@ def test_one_rank_zero2_takes_its_gradients_in_place_with_deepspeeds_numbers(dem
 
 
 @pytest.mark.slow
+def test_zero3_with_the_tn_backward_matches_plain_autograd_training(demo_base, reference,
+                                                                    tmp_path):
+    """model.backward_matmuls=tn (the blocks' backward from copies of Wᵀ, dyᵀ and xᵀ, saved by
+    dsfm's own autograd function) under two-rank ZeRO-3 with every parameter partitioned
+    (persistence threshold 0: gathered for each call and released after it, gathered again
+    for the backward): the losses of plain single-process training with autograd's backward,
+    to the tolerance of the first steps of the test above."""
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": MICRO,
+                              "zero_optimization": {"stage": 3,
+                                                    "stage3_param_persistence_threshold": 0}}))
+    early = STEPS // 2
+    run_dir = tmp_path / "tn"
+    train(str(ds), run_dir, [f"train.max_steps={early}", "model.backward_matmuls=tn",
+                             "train.eval_batches=0"], ranks=2, data=demo_base)
+    got = losses(run_dir)
+    assert [got[s] for s in range(1, early + 1)] == pytest.approx(reference[0][:early],
+                                                                  rel=5e-5, abs=1e-7)
+    assert "backward_matmuls: tn" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.slow
 def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_path):
     """Square and non-square grids, each with files of periodic and of wall boundaries, drawn
     independently per rank: the ranks' micro-batches take different attention paths. ZeRO-3
