@@ -312,13 +312,20 @@ def _launcher(name):
     return beside if os.access(beside, os.X_OK) else shutil.which(name)
 
 
-def _launch(cmd, env, ranks):
-    proc = run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=300)
+def probe_records(cmd, env, tag: str, ranks: int, timeout: int = 300) -> list[dict]:
+    """Run a probe (a command whose ranks each print `tag` and a one-line JSON record); it
+    must succeed and every rank report: the records, by rank."""
+    proc = run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
-    records = sorted((json.loads(m) for m in re.findall(r"DIST_PROBE (\{[^{}]*\})", out)),
+    records = sorted((json.loads(m) for m in re.findall(rf"{tag} (\{{.*\}})", out)),
                      key=lambda r: r["rank"])
     assert [r["rank"] for r in records] == list(range(ranks)), out[-4000:]
+    return records
+
+
+def _launch(cmd, env, ranks):
+    records = probe_records(cmd, env, "DIST_PROBE", ranks)
     for r in records:
         assert r["world_size"] == r["group_size"] == ranks
         assert r["group_rank"] == r["rank"]

@@ -5,8 +5,6 @@ optimizer state and checkpoints, with two copies per parameter tensor fewer each
 every one-rank ZeRO-2 step copied each gradient twice and ran a Python hook per parameter to
 reduce nothing."""
 
-import json
-import re
 import sys
 import types
 
@@ -14,28 +12,26 @@ import pytest
 import torch
 
 from dsfm.runtime.zero_local import is_local, keep_local_gradients
-from tests.conftest import run
-from tests.runtime.test_dist import _clean_env, _launcher
+from dsfm.runtime.zero_norm import fuse_grad_norm, is_fused
+from tests.runtime.test_dist import _clean_env, _launcher, probe_records
 
 PROBE = "tests/runtime/zero_local_probe.py"
 
 
-def test_other_optimizers_keep_their_own_gradients():
+@pytest.mark.parametrize("install,installed,of", [(keep_local_gradients, is_local, "gradients"),
+                                                  (fuse_grad_norm, is_fused, "norm")])
+def test_other_optimizers_keep_their_own(install, installed, of):
+    """Neither the one-rank gradients (zero_local) nor the multi-tensor norm (zero_norm) is
+    installed on an optimizer other than ZeRO's: each says why."""
     model = torch.nn.Linear(3, 2)
     engine = types.SimpleNamespace(optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
-    why = keep_local_gradients(engine)
-    assert why is not None and "SGD" in why and not is_local(engine)
+    why = install(engine)
+    assert why is not None and "SGD" in why and not installed(engine), of
 
 
 def _records(cmd, tmp_path, ranks, cuda=False) -> list[dict]:
     env = _clean_env() if cuda else _clean_env(CUDA_VISIBLE_DEVICES="")
-    proc = run(cmd + ["--out", str(tmp_path)], env=env, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    records = sorted((json.loads(m) for m in re.findall(r"ZERO_LOCAL (\{.*\})", out)),
-                     key=lambda r: r["rank"])
-    assert [r["rank"] for r in records] == list(range(ranks)), out[-4000:]
-    return records
+    return probe_records(cmd + ["--out", str(tmp_path)], env, "ZERO_LOCAL", ranks, timeout=600)
 
 
 def _same_training(rec: dict) -> None:
