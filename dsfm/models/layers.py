@@ -307,7 +307,10 @@ class _TNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_tn):
-        ctx.save_for_backward(x, weight)
+        # what the backward reads, as F.linear's autograd keeps it: the input for the weight's
+        # gradient, the weight for the input's (frozen blocks keep no input of theirs alive)
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.weight_tn, ctx.has_bias = weight_tn, bias is not None
         return F.linear(x, weight, bias)
 

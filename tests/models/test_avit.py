@@ -467,6 +467,33 @@ def test_unknown_attention_or_backward_matmuls_is_refused():
         AViTConfig(4, backward_matmuls="nt")
 
 
+@pytest.mark.parametrize("freeze", ["freeze_processor", "freeze_middle"])
+def test_tn_backward_keeps_no_more_activations_than_autograds_with_frozen_blocks(freeze):
+    """With the blocks frozen (train.freeze processor or middle) their weight gradients are
+    never computed: backward_matmuls "tn_dgrad" / "tn" keep no more of the forward for the
+    backward than autograd's (which saves a linear layer's input only for its weight's
+    gradient); they kept every projection's and MLP layer's input."""
+    def saved_bytes(mode):
+        torch.manual_seed(0)
+        model = AViT(AViTConfig(3, dim=48, heads=3, blocks=2, drop_path=0.0,
+                                backward_matmuls=mode)).train()
+        getattr(model, freeze)()
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        kept = {}
+
+        def pack(t):
+            if t.untyped_storage().data_ptr() not in params:
+                kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(sample(h=32, w=32), torch.arange(3), periodic_bcs(2))
+        return sum(kept.values())
+
+    autograd = saved_bytes("autograd")
+    assert saved_bytes("tn_dgrad") <= autograd and saved_bytes("tn") <= autograd
+
+
 @pytest.mark.parametrize("weight_tn", [False, True])
 def test_tn_linear_gradients_pass_gradcheck(weight_tn):
     """_TNLinear (the forward's layout in the backward: dx from a copy of Wᵀ, and with
