@@ -233,8 +233,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
     key = (size, batch, args.frames, args.fields, args.res, layout)
-    if key not in _FLOPS:               # the same for every wrapper, numerics, attention and
-        _FLOPS[key] = step_flops(model, x)     # compilation: counted once, in eager mode
+    if key not in _FLOPS:               # the same for every wrapper, numerics, attention,
+        _FLOPS[key] = step_flops(model, x)     # backward_matmuls and compilation: counted once
     flops = _FLOPS[key]
     compile_s = new_graphs = compiled_vs_eager = None
     if args.compile:                    # regional: the blocks, compiled on the first step

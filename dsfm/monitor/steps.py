@@ -118,11 +118,15 @@ class ModelFlops:
     counted on the real operators of a meta-device model; cached per shape. Counted with
     attention="fused" whatever the config's: packed attention computes the scores between
     the sequences it packs together too (-inf, discarded), work the model does not need,
-    and direct attention, compiled, sums products the counter has no formula for."""
+    and direct attention, compiled, sums products the counter has no formula for. And with
+    backward_matmuls="autograd" whatever the config's: "tn_dgrad" and "tn" form the same
+    products through dsfm::mm_tn, which the counter has no formula for either."""
 
     def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
         if getattr(model_config, "attention", "fused") != "fused":
             model_config = dataclasses.replace(model_config, attention="fused")
+        if getattr(model_config, "backward_matmuls", "autograd") != "autograd":
+            model_config = dataclasses.replace(model_config, backward_matmuls="autograd")
         self.config = model_config
         self.patch = patch
         self.frozen = frozenset(frozen)       # parameters without gradients (fine-tuning)

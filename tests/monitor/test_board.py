@@ -122,6 +122,19 @@ def test_model_flops_of_packed_and_direct_attention_are_the_models():
             shape) == fused
 
 
+
+def test_model_flops_of_the_tn_backward_are_the_models():
+    """backward_matmuls "tn_dgrad" and "tn" compute the blocks' input (and weight) gradients
+    through dsfm::mm_tn, an operator flop_counter has no formula for: perf/tflops and MFU
+    count the model's FLOPs, autograd's; counted on the tn model's operators they were 35%
+    of them for a 12-block Ti (the trainer's log, and train_bench's TFLOP/s and MFU for a
+    run of tn alone)."""
+    shape = (2, 4, 4, 64, 64)
+    want = ModelFlops(AViTConfig(12, 192, 3, 2, 0.0)).step(shape)
+    for mode in ("tn_dgrad", "tn"):
+        assert ModelFlops(AViTConfig(12, 192, 3, 2, 0.0, backward_matmuls=mode)).step(
+            shape) == want, mode
+
 def test_peak_table():
     assert peak_tflops("NVIDIA H200", "fp32") == 67.0
     assert peak_tflops("NVIDIA H100 80GB HBM3", "tf32") == 494.7
