@@ -317,7 +317,9 @@ class _TNLinear(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        # under autocast the forward's product ran in a lower precision, as its gradient
+        # arrives: the saved operands are taken to it, as autograd's casts would be
+        x, weight = (t if t is None else t.to(gy.dtype) for t in ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
         g2 = gy.reshape(-1, gy.shape[-1])                                   # [M, N]

@@ -516,6 +516,29 @@ def test_tn_linear_gradients_pass_gradcheck(weight_tn):
             lambda x, w, b: _TNLinear.apply(x, w, b, weight_tn), tuple(args)), need
 
 
+@pytest.mark.parametrize("mode", ["tn_dgrad", "tn"])
+def test_tn_linear_under_autocast_gives_autograds_gradients(mode):
+    """Under autocast the forward's product runs in bfloat16 and its gradient arrives so:
+    the TN backward takes its saved fp32 operands to it, as autograd's recorded casts do,
+    and hands back fp32 gradients of the same values (before: a dtype error in the
+    product)."""
+    from dsfm.models.layers import linear
+
+    torch.manual_seed(0)
+    inputs = (torch.randn(4, 8, 16), torch.randn(24, 16), torch.randn(24))
+    grads = []
+    for how in ("autograd", mode):
+        x, w, b = (t.clone().requires_grad_() for t in inputs)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = linear(x, w, b, how)
+        assert y.dtype == torch.bfloat16
+        (y.float() ** 2).sum().backward()
+        grads.append([t.grad for t in (x, w, b)])
+    for got, want in zip(grads[1], grads[0]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+
+
 @pytest.mark.parametrize("mode,tn_calls", [("tn_dgrad", 6), ("tn", 12)])
 def test_compiled_backward_runs_its_matrix_multiplies_in_the_forward_layout(mode, tn_calls):
     """backward_matmuls "tn_dgrad" / "tn" under torch.compile: the compiled block's backward
