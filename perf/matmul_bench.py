@@ -137,6 +137,9 @@ def main(argv=None) -> int:
         ap.error("--numerics tf32: TF32 is a CUDA matmul mode; this machine has no CUDA device")
     check_shapes(ap, args.res, 4)
     side = args.res // 16
+    # the first call of a torch.library operator (dsfm::mm_tn) imports torch._dynamo, most
+    # of a second: made here, not inside the first timed row whatever --warmup says
+    run_op("dgrad_tn", operands(8, 8, 8, dev))
     rows = []
     for size in args.sizes.split(","):
         tokens = args.tokens or (4 if size == "L" else 8) * args.frames * side * side
