@@ -119,15 +119,22 @@ step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
 step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
   --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_zero2.json"
-# issue 4: the CUDA tests of the packed attention (fused kernel, no bias padding, the fused
-# path's accuracy), of the direct attention (no attention kernel, eager and compiled, the same
-# accuracy), of the TN backward (as accurate as autograd's, eager and compiled) and of the
-# one-rank ZeRO-2 engine (FusedAdam, the hooks' numbers), with the
-# loader's, fused attention's, the multi-tensor norm's and evaluation's
+# issue 4: the CUDA tests of what changed since the run of 2026-11-30 (whose CUDA tests of the
+# loader, the profiler trace and evaluation passed, their code unchanged since): the fused
+# attention's kernel, the packed attention (fused kernel, no bias padding, the fused path's
+# accuracy), the direct attention (no attention kernel, eager and compiled, the same
+# accuracy), the TN backward (as accurate as autograd's, eager and compiled), the one-rank
+# ZeRO-2 engine (FusedAdam, the hooks' numbers) and the multi-tensor norm (its test reads
+# its probe through a new helper); the whole list: GPU_CHECK_CUDA_TESTS=all
 # (-v: a run cut at its limit still names each test that finished, and how)
-step cuda_tests 150 python3 -m pytest -v tests/data/test_prefetch_cuda.py \
-  tests/perf/test_gpu_trace.py tests/models/test_avit.py tests/runtime/test_zero_norm.py \
-  tests/runtime/test_zero_local.py tests/test_eval.py \
+if [ "${GPU_CHECK_CUDA_TESTS:-changed}" = all ]; then
+  CUDA_TESTS="tests/data/test_prefetch_cuda.py tests/perf/test_gpu_trace.py tests/test_eval.py"
+else
+  CUDA_TESTS=
+fi
+# shellcheck disable=SC2086
+step cuda_tests 150 python3 -m pytest -v tests/models/test_avit.py \
+  tests/runtime/test_zero_local.py tests/runtime/test_zero_norm.py $CUDA_TESTS \
   -k "cuda or gpu"
 # issue 4: one block's two attention calls alone (temporal, axial), each attention
 # eager and compiled, strict fp32, with the error against float64 (B and L shapes)
