@@ -303,7 +303,8 @@ class _TNLinear(torch.autograd.Function):
         dW = (dyᵀ)·(xᵀ)ᵀ         with dyᵀ [N, M] and xᵀ [K, M] copied contiguous (`weight_tn`;
                                  otherwise autograd's dyᵀ·x);
     the same products, summed in another order: the same numbers to rounding. The copies
-    cost M·(N + K) floats written, against the product's 2·M·N·K operations."""
+    cost N·K floats written (with `weight_tn` M·(N + K) more), against the products'
+    2·M·N·K operations each."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, weight_tn):
