@@ -1626,7 +1626,12 @@ def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(d
     proc = run(cmd)
     assert proc.returncode != 0
     errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error"))
-    assert len(errors) == 2, proc.stderr[-3000:]
+    # rank 0 never reads rank 1's partition: its refusal shows that every rank checks the
+    # sizes before the process group. Rank 1's own line may be missing: the launcher stops
+    # the other ranks as soon as one exits with an error (a CI run lost it so, rank 1 being
+    # slower to start on two busy cores)
+    assert errors and errors[0].startswith("error (rank 0 of 2)"), proc.stderr[-3000:]
+    assert len(errors) <= 2
     for rank, line in enumerate(errors):        # "of 2": refused before the process group
         assert line.startswith(f"error (rank {rank} of 2): {newest}: {name} has 1,000 bytes, "
                                f"{written[name]:,} when it was written; move it aside to "
