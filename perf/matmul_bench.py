@@ -38,6 +38,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from dsfm.models.layers import _mm_tn
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int, positive_int
 from perf.report import write_json
@@ -84,8 +85,6 @@ def operands(m: int, k: int, n: int, device) -> dict:
 
 
 def run_op(op: str, t: dict) -> torch.Tensor:
-    from dsfm.models.layers import _mm_tn
-
     x, w, dy = t["x"], t["w"], t["dy"]
     if op == "fwd":
         return F.linear(x, w)
