@@ -26,9 +26,9 @@ import torch
 from torch import nn
 
 from dsfm.runtime.dist import exit_process
-from perf.cli import non_negative_int, positive_int
+from perf.cli import non_negative_int
 from perf.report import write_json
-from perf.train_bench import check_shapes, median_ms
+from perf.train_bench import add_call_options, check_shapes, median_ms
 
 MODES = ("eager", "compiled")
 NUMERICS = ("fp32", "tf32")
@@ -115,11 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--numerics", default=None,
                     help="fp32 (strict) and/or tf32; default: both on CUDA, fp32 on CPU")
     ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
-    ap.add_argument("--frames", type=positive_int, default=16)
-    ap.add_argument("--res", type=positive_int, default=128)
-    ap.add_argument("--iters", type=positive_int, default=10)
-    ap.add_argument("--warmup", type=non_negative_int, default=3)
-    ap.add_argument("--json", default=None)
+    add_call_options(ap)
     args = ap.parse_args(argv)
     dev = pick_device()
     numerics = (args.numerics or ("fp32,tf32" if dev.type == "cuda" else "fp32")).split(",")

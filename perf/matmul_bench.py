@@ -40,9 +40,9 @@ import torch.nn.functional as F
 
 from dsfm.models.layers import _mm_tn
 from dsfm.runtime.dist import exit_process
-from perf.cli import non_negative_int, positive_int
+from perf.cli import non_negative_int
 from perf.report import write_json
-from perf.train_bench import check_shapes, median_ms
+from perf.train_bench import add_call_options, check_shapes, median_ms
 
 OPS = ("fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t", "wgrad_tn")
 #: the formulation of each product (fwd, dgrad, wgrad) per model.backward_matmuls, for the
@@ -115,11 +115,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=non_negative_int, default=0,
                     help="tokens per micro-batch (M of the blocks' multiplies); default (0): "
                     "the benchmark's, batch (8, L: 4) x 16 frames x 8 x 8 patches")
-    ap.add_argument("--frames", type=positive_int, default=16)
-    ap.add_argument("--res", type=positive_int, default=128)
-    ap.add_argument("--iters", type=positive_int, default=10)
-    ap.add_argument("--warmup", type=non_negative_int, default=3)
-    ap.add_argument("--json", default=None)
+    add_call_options(ap)
     args = ap.parse_args(argv)
     dev = pick_device()
     cuda = dev.type == "cuda"

@@ -65,6 +65,17 @@ def median_ms(run, iters: int, warmup: int, before=None) -> float:
     return 1e3 * statistics.median(times)
 
 
+def add_call_options(ap: argparse.ArgumentParser) -> None:
+    """The options of the benchmarks that time single calls with `median_ms` at the step's
+    shapes (attention_bench, matmul_bench): frames and resolution, timed and warm-up calls,
+    the JSON output."""
+    ap.add_argument("--frames", type=positive_int, default=16)
+    ap.add_argument("--res", type=positive_int, default=128)
+    ap.add_argument("--iters", type=positive_int, default=10)
+    ap.add_argument("--warmup", type=non_negative_int, default=3)
+    ap.add_argument("--json", default=None)
+
+
 def step_flops(model, x) -> float:
     """FLOPs of one forward + backward of `model` (an AViT, or perf.mpp_layout's ChannelsFirst
     of one, the same model FLOPs) on an input of `x`'s shape, counted as the trainer counts its
