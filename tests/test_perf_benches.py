@@ -155,23 +155,27 @@ def test_train_bench_compares_wrappers(tmp_path):
     assert "vs plain" in proc.stdout and "synced" in proc.stdout
 
 
+def _plain_and_zero2_of(tmp_path, flag: str, values: str) -> tuple[list[dict], list[str]]:
+    """A small train_bench run of plain and zero2 for each of `values` of a model option
+    (`flag`): its JSON rows and its printed lines."""
+    out = tmp_path / "train.json"
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
+                "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
+                "--wrappers", "plain,zero2", flag, values, "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(out.read_text())["rows"], proc.stdout.splitlines()
+
+
 @pytest.mark.slow
 def test_train_bench_compares_fused_packed_and_direct_attention(tmp_path):
     """--attention fused,packed,direct: each variant three times, the blocks' attention fused,
     packed and written out (AViTConfig.attention), as separate rows of the table and the
     JSON, each compared with the plain row of its own attention, with the same model FLOPs
     (packing's masked scores are not the model's)."""
-    out = tmp_path / "train.json"
-    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
-                "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
-                "--wrappers", "plain,zero2", "--attention", "fused,packed,direct",
-                "--json", str(out)], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads(out.read_text())
-    assert [(r["attention"], r["wrapper"]) for r in rec["rows"]] == [
+    records, lines = _plain_and_zero2_of(tmp_path, "--attention", "fused,packed,direct")
+    assert [(r["attention"], r["wrapper"]) for r in records] == [
         (a, w) for a in ("fused", "packed", "direct") for w in ("plain", "zero2")]
-    assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
-    lines = proc.stdout.splitlines()
+    assert len({r["tflop_per_step"] for r in records}) == 1
     head = next(ln for ln in lines if ln.startswith("size "))
     assert head.split()[:7] == ["size", "num", "wrapper", "layout", "attn", "bwd", "mm"]
     rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
@@ -189,17 +193,11 @@ def test_train_bench_compares_backward_matmul_layouts(tmp_path):
     forms them and in the forward's layout (AViTConfig.backward_matmuls), separate rows in
     the table and the JSON, each wrapper compared with the plain row of its own, the same
     model FLOPs (the copies are not the model's)."""
-    out = tmp_path / "train.json"
-    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
-                "--frames", "4", "--batch", "2", "--steps", "1", "--warmup", "1",
-                "--wrappers", "plain,zero2", "--backward-matmuls", "autograd,tn",
-                "--json", str(out)], timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rec = json.loads(out.read_text())
-    assert [(r["backward_matmuls"], r["wrapper"]) for r in rec["rows"]] == [
+    records, lines = _plain_and_zero2_of(tmp_path, "--backward-matmuls", "autograd,tn")
+    assert [(r["backward_matmuls"], r["wrapper"]) for r in records] == [
         (b, w) for b in ("autograd", "tn") for w in ("plain", "zero2")]
-    assert len({r["tflop_per_step"] for r in rec["rows"]}) == 1
-    rows = [ln.split() for ln in proc.stdout.splitlines() if ln.startswith("Ti ")]
+    assert len({r["tflop_per_step"] for r in records}) == 1
+    rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
     assert [r[2:6] for r in rows] == [["plain", "tokens", "fused", "autograd"],
                                       ["zero2", "tokens", "fused", "autograd"],
                                       ["plain", "tokens", "fused", "tn"],
