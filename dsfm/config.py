@@ -87,8 +87,9 @@ class ModelConfig(_Strict):
         "of the weight), tn (the weight's gradient too, after a transposed copy of the "
         "activations and output gradient); the same numbers to fp32 rounding")
     compile: bool = Field(False, description="torch.compile each space-time block (regional: "
-                          "one graph for all blocks, compiled once per input shape on first "
-                          "use); ZeRO stages 0-2")
+                          "one graph for all blocks but the last, one for the last, on its "
+                          "decoded frame only; compiled once per input shape on first use); "
+                          "ZeRO stages 0-2")
 
 
 class TrainConfig(_Strict):

@@ -858,8 +858,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             run_eval(step)
         if cfg.model.compile:
             from torch._dynamo.utils import counters
-            log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (one per input "
-                     "shape, periodicity and training/evaluation)")
+            log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (two per input "
+                     "shape, periodicity and training/evaluation: the last block's, on its "
+                     "decoded frame only, and the other blocks')")
         log.text(f"done: {step} steps; run directory {run_dir}")
         return 0
     finally:

@@ -14,14 +14,15 @@
 #      blocks' backward matrix multiplies in the forward's layout (model.backward_matmuls tn)
 #      against autograd's in the compiled strict-fp32 step, and each matrix multiply alone in
 #      each formulation and BLAS library (strict fp32: the backward's ran at ~34 TFLOP/s);
-#   2. GPU_CHECK_ONLY="train_graphs train_zero2 cuda_tests attention_bench train_eager
-#      train_blas train_cublas train_rest":
+#   2. GPU_CHECK_ONLY="train_graphs train_zero2 cuda_tests train_frames attention_bench
+#      train_eager train_blas train_cublas train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The compiled
 #      blocks replayed as CUDA graphs (TF32, host-bound) and the one-rank ZeRO-2 engine
 #      without DeepSpeed's hooks (zero2) against plain, compiled, come first; then the CUDA
-#      tests of the packed and direct attention, of the TN backward and of the one-rank
-#      ZeRO-2 engine; the attention calls alone; the eager table (zero2 against DeepSpeed's
+#      tests of the packed and direct attention, of the TN backward, of the last block on its
+#      decoded frame and of the one-rank ZeRO-2 engine; the last block on its decoded frame
+#      against on every frame; the attention calls alone; the eager table (zero2 against DeepSpeed's
 #      hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix multiplies, then
 #      the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
@@ -123,7 +124,8 @@ step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,ze
 # loader, the profiler trace and evaluation passed, their code unchanged since): the fused
 # attention's kernel, the packed attention (fused kernel, no bias padding, the fused path's
 # accuracy), the direct attention (no attention kernel, eager and compiled, the same
-# accuracy), the TN backward (as accurate as autograd's, eager and compiled), the one-rank
+# accuracy), the TN backward (as accurate as autograd's, eager and compiled), the last block
+# on its decoded frame (one query a sequence on the memory-efficient kernel), the one-rank
 # ZeRO-2 engine (FusedAdam, the hooks' numbers) and the multi-tensor norm (its test reads
 # its probe through a new helper); the whole list: GPU_CHECK_CUDA_TESTS=all
 # (-v: a run cut at its limit still names each test that finished, and how)
@@ -133,9 +135,15 @@ else
   CUDA_TESTS=
 fi
 # shellcheck disable=SC2086
-step cuda_tests 150 python3 -m pytest -v tests/models/test_avit.py \
+step cuda_tests 190 python3 -m pytest -v tests/models/test_avit.py \
   tests/runtime/test_zero_local.py tests/runtime/test_zero_norm.py $CUDA_TESTS \
   -k "cuda or gpu"
+# issue 4: the last block on the decoded frame only (the default since 2026-11-30's run)
+# against on every frame as MPP's code runs it (tokens_every), compiled, strict fp32: about
+# 6 % of B's FLOPs and 3 % of L's
+step train_frames 70 python3 -m perf.train_bench --sizes B,L --numerics fp32 \
+  --wrappers plain --compile --attention direct --layouts tokens,tokens_every --steps 4 \
+  --warmup 2 --json "$R/train_frames.json"
 # issue 4: one block's two attention calls alone (temporal, axial), each attention
 # eager and compiled, strict fp32, with the error against float64 (B and L shapes)
 step attention_bench 90 python3 -m perf.attention_bench --sizes B,L --numerics fp32 \
@@ -206,15 +214,16 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
   grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
-    "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
+    "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_frames.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
     "$R/train_bench.txt" \
     "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_attention train_backward train_zero2 train_graphs train_blas train_cublas train_eager train_bench \
+  for f in train_attention train_backward train_zero2 train_frames train_graphs train_blas train_cublas train_eager train_bench \
       train_layout train_compile train_rest; do
     grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
   done
-  grep -h "first step" "$R/train_attention.txt" "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_graphs.txt" \
+  grep -h "first step" "$R/train_attention.txt" "$R/train_backward.txt" "$R/train_zero2.txt" \
+    "$R/train_frames.txt" "$R/train_graphs.txt" \
     "$R/train_compile.txt"
   grep -E "(FAILED|ERROR) " "$R/cuda_tests.txt" | head -8; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"

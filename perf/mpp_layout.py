@@ -7,7 +7,9 @@ permutes around the MLP and the attention. This module computes the same model t
 very parameters of a dsfm `AViT` (the names and shapes are MPP's in both), so that
   - the tests check that the token layout computes MPP's function (outputs and gradients), and
   - `perf.train_bench --layouts tokens,channels_first` measures one against the other in one run.
-It is a reference and a benchmark variant, not a training path.
+It runs every block on every frame, as MPP's code does, where dsfm's model runs its last block
+on the decoded frame only (`AViT.skip_unused_frames`): the same prediction. It is a reference
+and a benchmark variant, not a training path.
 """
 
 from __future__ import annotations

@@ -78,7 +78,8 @@ def add_call_options(ap: argparse.ArgumentParser) -> None:
 
 def step_flops(model, x) -> float:
     """FLOPs of one forward + backward of `model` (an AViT, or perf.mpp_layout's ChannelsFirst
-    of one, the same model FLOPs) on an input of `x`'s shape, counted as the trainer counts its
+    of one: the same model FLOPs, dsfm's, the last block on its decoded frame only, whatever
+    the layout computes) on an input of `x`'s shape, counted as the trainer counts its
     perf/tflops (dsfm.monitor.steps.ModelFlops: torch.utils.flop_counter on a meta-device
     twin, frozen parameters without weight gradients), attention's scores counted once.
     Counted on the model's own device, as before, the figure followed the attention kernel that
@@ -198,7 +199,7 @@ def graphed(step, model, opt, loss_fn, inputs):
     return graph.replay
 
 
-LAYOUTS = ("tokens", "channels_first")
+LAYOUTS = ("tokens", "tokens_every", "channels_first")
 COMPILE_MODES = ("default", "reduce-overhead")
 
 
@@ -240,6 +241,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention,
                      backward_matmuls=backward_matmuls)
+    if layout == "tokens_every":        # the last block on every frame, as MPP's code runs it
+        model.skip_unused_frames = False
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
@@ -458,7 +461,7 @@ def _measure(size, wrapper, num, layout, attention, backward, args, device, rows
         write_json(args.json, meta(args, rows, failed))       # its rows
 
 
-LABEL = {"tokens": "tokens", "channels_first": "cf"}
+LABEL = {"tokens": "tokens", "tokens_every": "tk-all", "channels_first": "cf"}
 
 
 def _busy(row: dict) -> str:
@@ -503,7 +506,9 @@ def main(argv: list[str] | None = None) -> int:
                     "fp32 on CPU")
     ap.add_argument("--layouts", default="tokens",
                     help="tokens (dsfm's blocks: channels last, projections as matrix "
-                    "multiplies), channels_first (MPP's formulation of the same model: 1x1 "
+                    "multiplies; the last block on the frame decoded only), tokens_every (the "
+                    "same, the last block on every frame: AViT.skip_unused_frames off), "
+                    "channels_first (MPP's formulation of the same model: 1x1 "
                     "convolutions; perf.mpp_layout)")
     ap.add_argument("--attention", default="fused",
                     help="fused (one attention call per batch of sequences), packed (short "

@@ -6,7 +6,8 @@ named by `field_ids`), boundary codes [B, 2, 2]. The model
   2. embeds the present fields through the shared field embedding (`space_bag`);
   3. patchifies every frame with the hMLP stem (patch 16);
   4. runs blocks of temporal attention then axial spatial attention, drop path rising linearly
-     to `drop_path` over the blocks;
+     to `drop_path` over the blocks (the last block on the last frame only:
+     `skip_unused_frames`);
   5. decodes the last frame only with the hMLP decoder, whose output channels are the present
      fields' slices,
 and returns the next state [B, C, H, W].
@@ -108,6 +109,13 @@ def grid_problem(spatial_shape: tuple[int, ...]) -> str | None:
 
 
 class AViT(nn.Module):
+    #: the last block computes the frame the decoder reads only (SpaceTimeBlock's
+    #: `last_frame`): the other frames' outputs of the last block are thrown away, and only
+    #: its temporal attention's keys and values need them. The same prediction and gradients
+    #: (to fp32 rounding; drop path draws as over every frame), in about three quarters less
+    #: of the last block's work. False computes every frame, as MPP's code does.
+    skip_unused_frames: bool = True
+
     def __init__(self, config: AViTConfig):
         super().__init__()
         self.config = config
@@ -143,9 +151,10 @@ class AViT(nn.Module):
         z = self.embed.tokens(z.reshape(b * t, c, h, w), self.space_bag(None, field_ids))
         z = z.reshape(b, t, *z.shape[1:])                          # tokens [B, T, h, w, dim]
         periodic = self.periodicity(bcs, x.device)
-        for block in self.blocks:
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
             block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block
-            z = block(z, periodic)
+            z = block(z, periodic, last_frame=self.skip_unused_frames and i == last)
         out = self.debed(z[:, -1], field_ids, tokens=True)
         return out * std[:, 0] + mean[:, 0]
 
@@ -165,9 +174,10 @@ class AViT(nn.Module):
     def compile_blocks(self, **options) -> None:
         """Regional torch.compile: every space-time block is compiled in place (parameter names
         and checkpoints unchanged). The blocks share their code, so the first block's graph
-        serves all of them: compiling costs one block, not the whole model, and each shape of
-        input (dataset resolution, frames, periodicity, train or eval) compiles once on first
-        use. The fused kernels replace most of a block's elementwise and layout operators,
+        serves all of them but the last, whose graph computes its decoded frame only
+        (`skip_unused_frames`): compiling costs two blocks, not the whole model, and each
+        shape of input (dataset resolution, frames, periodicity, train or eval) compiles once
+        on first use. The fused kernels replace most of a block's elementwise and layout operators,
         which cuts what the host must issue per step (see docs/performance.md). Static shapes
         (`dynamic=False`) by default; `options` go to `torch.compile`."""
         import torch._dynamo.config as dynamo

@@ -58,15 +58,15 @@ def _pack_factor(length: int, n: int) -> int:
 
 
 def _block_diagonal(bias: torch.Tensor, g: int) -> torch.Tensor:
-    """[1, heads, L, L] → [1, heads, g·L, g·L]: `bias` on the g diagonal blocks, -inf off them
-    (one `where` of broadcast views, differentiable: the gradient of `bias` is the sum of its
-    blocks'). On CUDA with g·L not a multiple of 8, a view of rows padded to one (as
+    """[1, heads, Lq, Lk] → [1, heads, g·Lq, g·Lk]: `bias` on the g diagonal blocks, -inf off
+    them (one `where` of broadcast views, differentiable: the gradient of `bias` is the sum of
+    its blocks'). On CUDA with g·Lk not a multiple of 8, a view of rows padded to one (as
     RelativePositionBias.padded gives), which the memory-efficient kernel takes as it is."""
-    heads, length = bias.shape[1], bias.shape[-1]
+    heads, rows, length = bias.shape[1:]
     size = g * length
     eye = torch.eye(g, dtype=torch.bool, device=bias.device)[:, None, :, None]
-    out = torch.where(eye, bias[0, :, None, :, None, :], float("-inf"))   # [heads,g,L,g,L]
-    out = out.reshape(1, heads, size, size)
+    out = torch.where(eye, bias[0, :, None, :, None, :], float("-inf"))  # [heads,g,Lq,g,Lk]
+    out = out.reshape(1, heads, g * rows, size)
     if bias.is_cuda and size % 8:
         out = F.pad(out, (0, -size % 8))[..., :size]
     return out
@@ -82,20 +82,22 @@ def _packed_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     their gradients, and of the output and its gradient unless the kernel lays its output
     out sequence-major ([batch, L, heads, hd], as CUDA's memory-efficient one does: the
     unpacking is then a view), and a g-times larger bias and bias gradient; the `n mod g`
-    sequences left over take a plain call of their own. Calls no module (ZeRO-3)."""
-    n, heads, length, hd = q.shape
-    g = _pack_factor(length, n)
+    sequences left over take a plain call of their own. Fewer queries than keys (the last
+    block's temporal attention: the last frame's) pack alike, g by the keys' length. Calls
+    no module (ZeRO-3)."""
+    n, heads, rows, hd = q.shape
+    g = _pack_factor(k.shape[-2], n)
     if g == 1:
         return _attention(q, k, v, bias)
     m = n // g
     main = m * g
 
-    def pack(t: torch.Tensor) -> torch.Tensor:          # [main, heads, L, hd] → [m, heads, gL, hd]
+    def pack(t: torch.Tensor) -> torch.Tensor:       # [main, heads, L, hd] → [m, heads, gL, hd]
         t = t if main == n else t[:main]
-        return t.unflatten(0, (m, g)).transpose(1, 2).reshape(m, heads, g * length, hd)
+        return t.unflatten(0, (m, g)).transpose(1, 2).reshape(m, heads, -1, hd)
 
     out = _attention(pack(q), pack(k), pack(v), _block_diagonal(bias, g))
-    out = out.unflatten(2, (g, length)).transpose(1, 2).reshape(main, heads, length, hd)
+    out = out.unflatten(2, (g, rows)).transpose(1, 2).reshape(main, heads, rows, hd)
     if main == n:
         return out
     return torch.cat([out, _attention(q[main:], k[main:], v[main:], bias)])
@@ -115,9 +117,8 @@ def _written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     into a few kernels reading q, k and v once, in fp32 (no matmul for its attention pattern
     matcher to turn back into a fused-attention call, nor a batched matmul of 8×64 by 64×8
     matrices). `bias` broadcasts against the [..., L, L] scores."""
-    length, hd = q.shape[-2:]
-    scale = hd ** -0.5
-    if torch.compiler.is_compiling() and length <= _DIRECT_LENGTH:
+    scale = q.shape[-1] ** -0.5
+    if torch.compiler.is_compiling() and max(q.shape[-2], k.shape[-2]) <= _DIRECT_LENGTH:
         scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)                # [..., Lq, Lk]
         weights = torch.softmax(torch.add(bias, scores, alpha=scale), dim=-1)
         return (weights.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)            # [..., Lq, hd]
@@ -134,7 +135,7 @@ def _direct_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     to a quarter of each tile: on an H200 they took 34.6 ms of an AViT-B step, where their
     arithmetic (~29 GFLOP) and memory traffic (~11 GB) are a few ms. The same numbers to
     fp32 rounding. Calls no module (ZeRO-3)."""
-    if q.shape[-2] > _DIRECT_LENGTH:
+    if max(q.shape[-2], k.shape[-2]) > _DIRECT_LENGTH:
         return _attention(q, k, v, bias)
     return _written_out(q, k, v, bias)
 
@@ -387,11 +388,18 @@ class DropPath(nn.Module):
         self.enabled = self.p > 0 if enabled is None else enabled
         self.register_buffer("keep", torch.tensor(1.0 - self.p), persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, every: int = 1) -> torch.Tensor:
+        """`every` > 1: x's samples are the last of each `every` consecutive samples of the
+        batch the module would otherwise see (the last block computes the last frame of each
+        sequence only: AViT.skip_unused_frames); the mask is drawn for that whole batch and
+        its last of every `every` entries kept, so that the run draws the same numbers,
+        and drops the same samples, as one computing every frame."""
         if not (self.enabled and self.training):
             return x
         # scaled on its [N, 1, ...] entries: the backward is one multiply, not two
-        mask = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(self.keep)
+        mask = x.new_empty((x.shape[0] * every,) + (1,) * (x.ndim - 1)).bernoulli_(self.keep)
+        if every > 1:
+            mask = mask.unflatten(0, (-1, every))[:, -1]
         return x * mask.div_(self.keep)
 
     def extra_repr(self) -> str:
@@ -523,8 +531,10 @@ class TemporalAttention(nn.Module):
         self.rel_pos_bias = RelativePositionBias(heads)
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [B, T, H, W, C] (tokens)."""
+    def forward(self, x: torch.Tensor, last_frame: bool = False) -> torch.Tensor:
+        """x: [B, T, H, W, C] (tokens) → the same, or with `last_frame` the last frame's
+        [B, 1, H, W, C] only: its queries attend every frame's keys and values, the other
+        frames' outputs are not computed (AViT.skip_unused_frames)."""
         b, t, h, w, c = x.shape
         # one sequence of T per (sample, position), with no copy on either side: norm1 writes
         # its output laid out [B, H, W, T, C], so the projection comes out [B, H, W, T, 3C]
@@ -535,9 +545,12 @@ class TemporalAttention(nn.Module):
         z = pointwise(z, self.input_head, self.backward_matmuls)             # [B, H, W, T, 3C]
         z = z.unflatten(-1, (self.heads, -1))                               # [B,H,W,T,heads,3hd]
         q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
+        bias = self.rel_pos_bias(t)[None]                                  # [1, heads, T, T]
+        if last_frame:                  # its queries (and bias rows) and its residual only
+            q, bias, x = q[..., -1:, :], bias[..., -1:, :], x[:, -1:]
         # QK-norm writes q and k as [BHW, heads, T, hd] (contiguous; v is a strided view)
         z = ATTENTION[self.attention](self.qnorm(q).flatten(0, 2), self.knorm(k).flatten(0, 2),
-                                      v.flatten(0, 2), self.rel_pos_bias(t)[None])
+                                      v.flatten(0, 2), bias)
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
         z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
         z = pointwise(z, self.output_head, self.backward_matmuls)
@@ -614,10 +627,11 @@ class AxialSpatialAttention(nn.Module):
         rows, cols = out.unflatten(0, (2, n, length)).unbind(0)
         return rows.transpose(2, 3) + cols.permute(0, 3, 1, 2, 4)
 
-    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor,
+                frames: int = 1) -> torch.Tensor:
         """x: [N, H, W, C] (tokens); periodic: (H axis, W axis) for the whole batch, or [N, 2]
-        bool per sample."""
+        bool per sample; `frames` > 1: x holds the last of each `frames` consecutive frames
+        (the last block's), for drop path to draw as over all of them (DropPath)."""
         n, h, w, c = x.shape
         qkv = pointwise(self.norm1(x), self.input_head,
                         self.backward_matmuls)                              # [N, H, W, 3C]
@@ -641,8 +655,8 @@ class AxialSpatialAttention(nn.Module):
         # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
         z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head,
                       self.backward_matmuls)
-        x = x + self.drop_path(z * self.gamma_att)
-        return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp)
+        x = x + self.drop_path(z * self.gamma_att, frames)
+        return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp, frames)
 
 
 class SpaceTimeBlock(nn.Module):
@@ -671,13 +685,18 @@ class SpaceTimeBlock(nn.Module):
             rpb.buckets(h, p_h, device)
             rpb.buckets(w, p_w, device)
 
-    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor
-                ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, periodic: tuple[bool, bool] | torch.Tensor,
+                last_frame: bool = False) -> torch.Tensor:
+        """x [B, T, H, W, C] → the same, or with `last_frame` the last frame's [B, 1, H, W, C]
+        only (the same numbers as its frame of the whole output, in a fraction of the work:
+        only the temporal attention's keys and values need the other frames)."""
         b, t, h, w, c = x.shape
-        x = self.temporal(x)
-        if not isinstance(periodic, tuple):
-            periodic = periodic.repeat_interleave(t, dim=0)
-        return self.spatial(x.reshape(b * t, h, w, c), periodic).reshape(b, t, h, w, c)
+        x = self.temporal(x, last_frame)
+        n = x.shape[1]                                              # T, or 1 (last_frame)
+        if not isinstance(periodic, tuple) and n > 1:
+            periodic = periodic.repeat_interleave(n, dim=0)
+        return self.spatial(x.reshape(b * n, h, w, c), periodic,
+                            t if last_frame else 1).reshape(b, n, h, w, c)
 
 
 def _patches(x: torch.Tensor, k: int, channels_last: bool) -> torch.Tensor:

@@ -115,7 +115,8 @@ class StepTimer:
 
 class ModelFlops:
     """FLOPs of one training step (forward + backward) of `config`'s AViT per input shape,
-    counted on the real operators of a meta-device model; cached per shape. Counted with
+    counted on the real operators of a meta-device model (its last block on the decoded frame
+    only: AViT.skip_unused_frames); cached per shape. Counted with
     attention="fused" whatever the config's: packed attention computes the scores between
     the sequences it packs together too (-inf, discarded), work the model does not need,
     and direct attention, compiled, sums products the counter has no formula for. And with

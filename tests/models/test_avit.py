@@ -258,7 +258,8 @@ def test_training_step_flops_match_mpps_model(size, batch, reference_tflop):
     convolution saves: that convolution on dim/4 channels at every pixel, forward and its
     two gradients, 6·N·H·W·(dim/4)² (the embedding's own FLOPs and the folded convolution's
     on the fields are the same count, 4·N·H·W·C·dim/4 with its weight gradient): the same
-    computation, minus the decoder on discarded frames."""
+    computation, minus the decoder on discarded frames; and, with the last block on the
+    decoded frame only (the default), less what the other frames cost in that block."""
     from torch.utils.flop_counter import FlopCounterMode
 
     from dsfm.eval import nmse
@@ -267,13 +268,21 @@ def test_training_step_flops_match_mpps_model(size, batch, reference_tflop):
         model = avit(size, 12, drop_path=0.0)
         x, y = torch.randn(batch, 16, 4, 128, 128), torch.randn(batch, 4, 128, 128)
         ids, bcs = torch.arange(4), torch.full((batch, 2, 2), 2.0)
-    counter = FlopCounterMode(display=False)
-    with counter:
-        nmse(model(x, ids, bcs), y).backward()
-    tflop = counter.get_total_flops() / 1e12
-    quarter = SIZES[size][0] // 4
-    folded = reference_tflop - 6 * batch * 16 * 128 * 128 * quarter ** 2 / 1e12
-    assert 0.97 * folded < tflop <= folded * 1.001     # (+ the fold's own, a few MFLOP)
+    tflop = {}
+    for skip in (False, True):
+        model.skip_unused_frames = skip
+        counter = FlopCounterMode(display=False)
+        with counter:
+            nmse(model(x, ids, bcs), y).backward()
+        tflop[skip] = counter.get_total_flops() / 1e12
+    dim = SIZES[size][0]
+    folded = reference_tflop - 6 * batch * 16 * 128 * 128 * (dim // 4) ** 2 / 1e12
+    assert 0.97 * folded < tflop[False] <= folded * 1.001     # (+ the fold's own, a few MFLOP)
+    # the last block on the decoded frame only: the other 15 frames' temporal output
+    # projection, spatial projections and MLP (1 + 3 + 1 + 8 = 13 dim² multiply-adds a token,
+    # 2 FLOPs each, three times with the two gradients), and their share of attention
+    skipped = 78 * dim ** 2 * batch * 15 * 8 * 8 / 1e12
+    assert skipped < tflop[False] - tflop[True] < 1.04 * skipped
 
 
 def test_uniform_and_per_sample_boundary_paths_agree(monkeypatch):
@@ -320,14 +329,17 @@ def test_attention_over_more_sequences_than_one_call_takes_runs_in_chunks(monkey
         return out, {n: p.grad.clone() for n, p in model.named_parameters()
                      if p.grad is not None}
 
-    ref, ref_grads = run()
     calls = []
     sdpa = layers.F.scaled_dot_product_attention
-    monkeypatch.setattr(layers, "_MAX_ATTENTION_BATCH", 5)
     monkeypatch.setattr(layers.F, "scaled_dot_product_attention",
                         lambda q, *a, **kw: calls.append(q.shape[0]) or sdpa(q, *a, **kw))
+    ref, ref_grads = run()
+    whole, calls[:] = list(calls), []
+    monkeypatch.setattr(layers, "_MAX_ATTENTION_BATCH", 5)
     out, grads = run()
-    assert calls and max(calls) <= 5 and len(calls) > 4 * 2 * 2     # chunked, every block
+    # every call within the limit, so more of them (a square grid's two axes, one call of
+    # 2·N·L sequences without the limit, take a call each above it)
+    assert max(whole) > 5 and max(calls) <= 5 and len(calls) > len(whole), (whole, calls)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
     for name, g in ref_grads.items():
         torch.testing.assert_close(grads[name], g, rtol=1e-4, atol=1e-6, msg=name)
@@ -581,14 +593,17 @@ def test_token_layout_computes_mpps_channels_first_function(codes, w, dtype):
     channels-first with 1×1 convolutions, the embedding applied at every pixel, strided
     convolutions and torch's InstanceNorm2d (perf.mpp_layout, over the same parameters).
     Same outputs and gradients, with every parameter perturbed so that no branch hides
-    behind LayerScale's 1e-6. A square grid with both axes periodic (rows and columns in one
-    attention call) in float64: in float32 some of its small gradient entries differ by more
-    than 1e-4 relative through rounding alone, with either formulation."""
+    behind LayerScale's 1e-6, in training with drop path on from the same seed: dsfm's last
+    block computes the decoded frame only, MPP's every frame, and dsfm draws its masks as
+    over every frame, so the two drop the same samples. A square grid with both axes
+    periodic (rows and columns in one attention call) in float64: in float32 some of its
+    small gradient entries differ by more than 1e-4 relative through rounding alone, with
+    either formulation."""
     from dsfm.eval import nmse
     from perf.mpp_layout import ChannelsFirst
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(6, 96, 3, 3, 0.0))
+    model = AViT(AViTConfig(6, 96, 3, 3, 0.5))
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1 * torch.randn_like(p))
@@ -600,6 +615,7 @@ def test_token_layout_computes_mpps_channels_first_function(codes, w, dtype):
     results = []
     for net in (model, ChannelsFirst(model)):
         model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)            # the same drop-path masks, every frame's in MPP's
         out = net(x, ids, bcs)
         nmse(out, y).backward()
         results.append((out.detach(), {n: p.grad for n, p in model.named_parameters()
@@ -609,6 +625,44 @@ def test_token_layout_computes_mpps_channels_first_function(codes, w, dtype):
     assert grads.keys() == ref_grads.keys() and len(grads) > 100
     for n, g in grads.items():       # knorm.bias: analytically zero, rounding noise ~1e-10
         torch.testing.assert_close(g, ref_grads[n], rtol=1e-4, atol=1e-7, msg=n)
+
+
+@pytest.mark.parametrize("attention", ["fused", "packed", "direct"])
+@pytest.mark.parametrize("codes", ["uniform", "per_sample"])
+def test_the_last_block_computes_the_decoded_frame_only(attention, codes):
+    """AViT.skip_unused_frames: the last block's temporal attention takes the last frame's
+    queries against every frame's keys and values, and its spatial attention and MLP run on
+    that frame alone (B frames where the other blocks take B·T). The same outputs and
+    gradients as the last block on every frame, float64 within 1e-12, in training with drop
+    path on (0.5 in the last block) from the same seed: its masks are drawn as over every
+    frame. Each attention (packed: the last frame's queries packed against 64 keys), a
+    square grid with the whole batch periodic and a non-square one with per-sample
+    periodicity."""
+    from dsfm.eval import nmse
+
+    torch.manual_seed(0)
+    model = AViT(AViTConfig(6, 48, 3, 3, 0.5, attention=attention)).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    w = 32 if codes == "uniform" else 48
+    x, y = sample(b=3, t=5, c=4, h=32, w=w).double(), torch.randn(3, 4, 32, w).double()
+    ids = torch.tensor([0, 1, 3, 5])
+    bcs = periodic_bcs(3) if codes == "uniform" else \
+        torch.cat([periodic_bcs(2, True, False), periodic_bcs(1, False, True)])
+    frames = []
+    for block in (model.blocks[0], model.blocks[-1]):
+        block.spatial.register_forward_hook(lambda m, args, out: frames.append(len(args[0])))
+    runs = []
+    for skip in (True, False):
+        model.skip_unused_frames = skip
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(1)
+        out = model(x, ids, bcs)
+        nmse(out, y).backward()
+        runs.append([out.detach(), *(p.grad for p in model.parameters())])
+    assert frames == [3 * 5, 3, 3 * 5, 3 * 5]       # the last block: the decoded frames only
+    _same_to_1e12(*runs)
 
 
 def _same_to_1e12(got: list, want: list) -> None:
@@ -772,11 +826,13 @@ def test_a_model_with_aligned_biases_computes_the_same(codes):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_aligned_biases_spare_the_kernel_its_padding_on_cuda():
     """On CUDA (the default) the bias reaches the memory-efficient kernel aligned: no
-    `constant_pad_nd` in a forward of 4 frames on axes of 4 patches; unaligned, PyTorch pads."""
+    `constant_pad_nd` in a forward of 4 frames on axes of 4 patches, in a block on every
+    frame and in the last, whose temporal bias is the last frame's row; unaligned, PyTorch
+    pads."""
     from torch.profiler import ProfilerActivity, profile
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(5, 96, 3, 1, 0.0)).cuda()
+    model = AViT(AViTConfig(5, 96, 3, 2, 0.0)).cuda()
     x = torch.randn(2, 4, 4, 64, 64, device="cuda")
     ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(2, True, False)
     pads = {}
@@ -834,11 +890,13 @@ def test_rms_norm_gradient_of_a_constant_channel_is_finite():
 def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
     """With whole-batch boundary codes (the loader's host copy) every attention of a block runs
     on PyTorch's memory-efficient kernel in fp32, forward and backward: restricted to it,
-    SDPA raises with its reason if any input or the bias is refused."""
+    SDPA raises with its reason if any input or the bias is refused. Two blocks: one on every
+    frame, and the last, whose temporal attention takes the last frame's queries and bias
+    row only."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(5, 96, 3, 1, 0.0)).cuda()
+    model = AViT(AViTConfig(5, 96, 3, 2, 0.0)).cuda()
     x = torch.randn(2, 4, 4, 128, 128, device="cuda")
     ids, bcs = torch.arange(4, device="cuda"), periodic_bcs(2, True, False)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION):
@@ -849,12 +907,13 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
 
 
 def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: bool = False,
-                 kernels: list | None = None, backward_matmuls: str = "autograd"
-                 ) -> tuple[float, dict[str, float]]:
+                 kernels: list | None = None, backward_matmuls: str = "autograd",
+                 skip_unused_frames: bool = True) -> tuple[float, dict[str, float]]:
     """The relative error (Frobenius) of an fp32 training step's output and of each gradient
-    of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention` and
-    `backward_matmuls`, against the same model's float64 step with fused attention and
-    autograd's backward (eager: the math path); `kernels`
+    of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention`,
+    `backward_matmuls` and `skip_unused_frames`, against the same model's float64 step with
+    fused attention, autograd's backward and the last block on every frame (eager: the math
+    path); `kernels`
     collects the names of what the fp32 step ran. In fp32 the model's instance norms amplify
     rounding to 1e-3 of some gradients, either attention: compare errors, not outputs."""
     import torch._dynamo
@@ -873,6 +932,7 @@ def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: b
         torch.manual_seed(0)
         model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind,
                                 backward_matmuls=matmuls)).to(device, dtype)
+        model.skip_unused_frames = skip_unused_frames and dtype == torch.float32
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name.rsplit(".", 1)[-1].startswith("gamma"):
@@ -1004,6 +1064,24 @@ def test_tn_backward_matmuls_are_as_accurate_as_autograds_on_cuda(monkeypatch, c
                  reference)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("attention,compiled", [("fused", False), ("packed", False),
+                                                ("direct", False), ("direct", True)])
+def test_the_last_block_on_its_decoded_frame_is_as_accurate_on_cuda(monkeypatch, attention,
+                                                                      compiled):
+    """The last block on the decoded frame only, on CUDA in strict fp32 with the benchmark's
+    sequences: its temporal attention takes one query a sequence and the last row of the
+    bias (a view of padded rows, for the memory-efficient kernel; packed: 4 queries against
+    64 keys), as accurate against the float64 step as the last block on every frame."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    every = _fp32_errors(attention, "cuda", 16, 128, compiled, skip_unused_frames=False)
+    kernels = []
+    _as_accurate(_fp32_errors(attention, "cuda", 16, 128, compiled, kernels), every)
+    if attention != "direct":
+        assert [k for k in kernels if "fmha" in k.lower()]
+
+
 def test_token_norm_gradients_pass_gradcheck():
     from dsfm.models.layers import _TokenInstanceNorm, _TokenRMSNorm
 
@@ -1060,8 +1138,8 @@ def test_token_norms_match_torchs_on_channels_first_frames():
 def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     """AViT.compile_blocks: the same outputs and gradients as eager (inductor's CPU backend
     here), parameter names unchanged (checkpoints), and one compiled graph serving every block
-    (the point of compiling regionally: the cost of one block, not of the model), with either
-    attention."""
+    but the last, which computes its decoded frame only and takes one more (the point of
+    compiling regionally: the cost of two blocks, not of the model), with either attention."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -1088,7 +1166,8 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     for n, g in grads.items():
         torch.testing.assert_close(got[n], g, rtol=1e-4, atol=1e-6, msg=n)
     assert list(model.state_dict()) == names
-    assert counters["stats"]["unique_graphs"] == 1
+    # one graph for the blocks on every frame, one for the last on its decoded frame only
+    assert counters["stats"]["unique_graphs"] == 2
     assert counters["stats"]["calls_captured"] > 0
     # a fresh model (empty relative-position caches), called twice: no second compile (the
     # caches are filled before the compiled blocks run, whose guards read them)
@@ -1096,14 +1175,15 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     fresh.compile_blocks()
     for _ in range(2):
         nmse(fresh(x, ids, bcs), y).backward()
-    assert counters["stats"]["unique_graphs"] == 1
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 @pytest.mark.slow
 def test_compiled_blocks_share_one_graph_with_stochastic_depth():
     """With drop path on, the blocks' rates differ (0 for the first, rising after): they must
     still share one training graph and one evaluation graph (the rate is data, not a constant
-    the compiler bakes in), and evaluation (no drop path) equals the eager model's."""
+    the compiler bakes in; the last block, on its decoded frame only, one more of each), and
+    evaluation (no drop path) equals the eager model's."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -1124,11 +1204,12 @@ def test_compiled_blocks_share_one_graph_with_stochastic_depth():
     nmse(a, y).backward()
     torch.manual_seed(2)
     b = model(x, ids, bcs)
-    assert counters["stats"]["unique_graphs"] == 1             # training: one for 4 blocks
+    # training: one graph for the first 3 blocks, one for the last (its decoded frame only)
+    assert counters["stats"]["unique_graphs"] == 2
     assert not torch.allclose(a, b)                             # masks drawn per call
     with torch.no_grad():
         out = model.eval()(x, ids, bcs)
-    assert counters["stats"]["unique_graphs"] == 2              # evaluation: one more
+    assert counters["stats"]["unique_graphs"] == 4              # evaluation: two more
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 

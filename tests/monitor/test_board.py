@@ -101,9 +101,11 @@ def test_model_flops_are_counted_per_shape_and_patches_follow_the_grid():
     flops = ModelFlops(AViTConfig(12, 192, 3, 12, 0.0))
     tflop = flops.step((8, 16, 4, 128, 128)) / 1e12
     # MPP's AViT-Ti: 0.395 TFLOP/step, less the stem's first convolution on dim/4 channels
-    # that folding the field embedding into it saves (tests/models/test_avit.py)
+    # that folding the field embedding into it saves, and the last block's projections and
+    # MLP on the 15 frames not decoded (tests/models/test_avit.py): what is computed
     folded = 0.395 - 6 * 8 * 16 * 128 * 128 * 48 ** 2 / 1e12
-    assert 0.97 * folded < tflop < folded * 1.001
+    computed = folded - 78 * 192 ** 2 * 8 * 15 * 8 * 8 / 1e12
+    assert 0.97 * computed < tflop < computed * 1.001
     assert flops.step((4, 16, 4, 128, 128)) == pytest.approx(flops.step((8, 16, 4, 128, 128))
                                                              / 2, rel=0.01)
     assert flops.patches((8, 16, 4, 128, 64)) == 8 * 16 * 8 * 4
