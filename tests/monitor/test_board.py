@@ -206,3 +206,23 @@ def test_cpu_notice_says_system_metrics_only_when_they_are_sampled(system):
     assert len(notices) == 1 and notices[0].startswith("GPU metrics unavailable")
     assert sampled == system
     assert ("logging system/ metrics" in notices[0]) == system
+
+
+def test_the_flop_table_of_the_performance_docs_is_what_the_trainer_counts():
+    """docs/performance.md's table of the training step's FLOPs at the reference shapes (16
+    frames, 4 fields, 128², micro-batch 8, L: 4): its dsfm column is what perf/tflops and MFU
+    count (ModelFlops: the folded stem, the last block on its decoded frame), to its digits."""
+    import os
+    import re
+
+    from dsfm.models.avit import SIZES
+
+    doc = os.path.join(os.path.dirname(__file__), "..", "..", "docs", "performance.md")
+    text = open(doc).read()
+    section = text[text.index("## The AViT training step"):]
+    rows = dict(re.findall(r"^\| (Ti|S|B|L) \| ([0-9.]+) \|", section, re.M)[:4])
+    assert sorted(rows) == ["B", "L", "S", "Ti"], rows
+    for size, quoted in rows.items():
+        batch = 4 if size == "L" else 8
+        tflop = ModelFlops(AViTConfig(12, *SIZES[size], 0.0)).step((batch, 16, 4, 128, 128))
+        assert f"{tflop / 1e12:.3f}" == quoted, (size, tflop / 1e12, quoted)
