@@ -183,7 +183,8 @@ class AViT(nn.Module):
         import torch._dynamo.config as dynamo
 
         limit = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))   # one graph per shape
+        # two graphs per input shape (the last block's and the others'): 32 shapes
+        setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         for block in self.blocks:
             block.compile(**{"dynamic": False, **options})
 

@@ -31,8 +31,8 @@ _MAX_ATTENTION_BATCH = 65535
 def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                bias: torch.Tensor) -> torch.Tensor:
     """scaled_dot_product_attention of [batch, heads, L, hd] sequences under one bias
-    [1, heads, L, L], in chunks of at most _MAX_ATTENTION_BATCH sequences (one call below it,
-    the usual case)."""
+    [1, heads, Lq, L] (Lq: the queries' length, L or fewer), in chunks of at most
+    _MAX_ATTENTION_BATCH sequences (one call below it, the usual case)."""
     n = q.shape[0]
     if n <= _MAX_ATTENTION_BATCH:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -116,7 +116,8 @@ def _written_out(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     over the keys, which the compiler fuses with the softmax, the bias and their gradients
     into a few kernels reading q, k and v once, in fp32 (no matmul for its attention pattern
     matcher to turn back into a fused-attention call, nor a batched matmul of 8×64 by 64×8
-    matrices). `bias` broadcasts against the [..., L, L] scores."""
+    matrices). `bias` broadcasts against the [..., Lq, Lk] scores (queries may be fewer than
+    keys: the last block's temporal attention)."""
     scale = q.shape[-1] ** -0.5
     if torch.compiler.is_compiling() and max(q.shape[-2], k.shape[-2]) <= _DIRECT_LENGTH:
         scores = (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)                # [..., Lq, Lk]

@@ -635,7 +635,7 @@ def test_the_last_block_computes_the_decoded_frame_only(attention, codes):
     that frame alone (B frames where the other blocks take B·T). The same outputs and
     gradients as the last block on every frame, float64 within 1e-12, in training with drop
     path on (0.5 in the last block) from the same seed: its masks are drawn as over every
-    frame. Each attention (packed: the last frame's queries packed against 64 keys), a
+    frame. Each attention (packed: g last-frame queries packed against g sequences' keys), a
     square grid with the whole batch periodic and a non-square one with per-sample
     periodicity."""
     from dsfm.eval import nmse
