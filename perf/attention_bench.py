@@ -8,9 +8,11 @@ relative-position bias, for each `model.attention` (fused, packed, direct: dsfm.
 eager and compiled (torch.compile of the call alone, as the compiled blocks compile it with the
 rest of the block), in fp32 and TF32 (CUDA). Reports ms per call (median of the timed
 iterations, each between two device synchronizations), the attention time of a whole step
-(× blocks), and the error against the same call in float64: the largest difference over the
-output, the q, k, v gradients and the bias table's gradient, relative to that tensor's largest
-magnitude. A profile of the whole training step splits kernel time by kernel name, which
+(× blocks, each on every frame: the model's last block, on its decoded frame only
+(AViT.skip_unused_frames), makes smaller calls, so the model's is a little less), and the
+error against the same call in float64: the largest difference over the output, the q, k,
+v gradients and the bias table's gradient, relative to that tensor's largest magnitude. A
+profile of the whole training step splits kernel time by kernel name, which
 compiled direct attention's kernels (inductor's, named after their operators) do not carry:
 this measures attention by itself.
 
