@@ -21,7 +21,8 @@ gives the same numbers:
 with each BLAS library asked for (CUDA: cuBLAS, cuBLASLt; `torch.backends.cuda.
 preferred_blas_library`), in fp32 and/or TF32. Reports ms (median of the timed calls, each
 between two synchronizations) and TFLOP/s per row, then per size the step's matrix-multiply
-time summed over its calls (× blocks) as each model.backward_matmuls forms them (autograd:
+time summed over its calls (× blocks; the last block's, on its decoded frame, as fractions
+of a call: `gemms`) as each model.backward_matmuls forms them (autograd:
 fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn: dgrad_tn and wgrad_tn, for the blocks'
 projections and MLP; the stem's as autograd's) and with the fastest of each, which says
 whether another formulation would pay.
@@ -59,18 +60,23 @@ def gemms(size: str, tokens: int, frames: int, res: int) -> list[dict]:
     """The step's matrix multiplies of `size`: name, (M, K, N), calls per step and whether
     the input's gradient is computed (the blocks' four projections and MLP per block, the
     stem's three patch convolutions as dsfm computes them, the field embedding folded into
-    the first, whose input, the fields, needs none; 4 fields)."""
+    the first, whose input, the fields, needs none; 4 fields). The last block runs on its
+    decoded frame only (AViT.skip_unused_frames) but for its temporal QKV projection: its
+    other products, of tokens / `frames` rows, count as 1 / `frames` of a call each (their
+    time taken as proportional to M: an approximation, smaller products run less
+    efficiently)."""
     from dsfm.models.avit import SIZES
 
     dim, _, blocks = SIZES[size]
     q = dim // 4
     n_frames = tokens // (res // 16) ** 2            # frames in the batch (batch · T)
     pixels = n_frames * res * res
+    last = 1 / frames                                # the last block's share of a call
     return [
-        {"name": "qkv", "mkn": (tokens, dim, 3 * dim), "calls": 2 * blocks},
-        {"name": "proj", "mkn": (tokens, dim, dim), "calls": 2 * blocks},
-        {"name": "fc1", "mkn": (tokens, dim, 4 * dim), "calls": blocks},
-        {"name": "fc2", "mkn": (tokens, 4 * dim, dim), "calls": blocks},
+        {"name": "qkv", "mkn": (tokens, dim, 3 * dim), "calls": 2 * blocks - 1 + last},
+        {"name": "proj", "mkn": (tokens, dim, dim), "calls": 2 * blocks - 2 + 2 * last},
+        {"name": "fc1", "mkn": (tokens, dim, 4 * dim), "calls": blocks - 1 + last},
+        {"name": "fc2", "mkn": (tokens, 4 * dim, dim), "calls": blocks - 1 + last},
         {"name": "stem1", "mkn": (pixels // 16, 16 * 4, q), "calls": 1, "dgrad": False},
         {"name": "stem2", "mkn": (pixels // 64, 4 * q, q), "calls": 1},
         {"name": "stem3", "mkn": (pixels // 256, 4 * q, dim), "calls": 1},
