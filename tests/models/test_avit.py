@@ -62,6 +62,15 @@ def sample(b=2, t=3, c=3, h=32, w=48, seed=1):
     return torch.randn(b, t, c, h, w, generator=g, dtype=torch.float64).float()
 
 
+def perturbed(*modules):
+    """Every parameter of `modules` moved by 0.1·N(0, 1), so that no branch hides behind an
+    initial value (LayerScale's 1e-6, a norm's ones and zeros); the modules returned."""
+    with torch.no_grad():
+        for p in (p for m in modules for p in m.parameters()):
+            p.add_(0.1 * torch.randn_like(p))
+    return modules[0] if len(modules) == 1 else modules
+
+
 def periodic_bcs(b, h_periodic=True, w_periodic=True):
     codes = torch.zeros(b, 2, 2)
     codes[:, 0] = 2.0 if h_periodic else 0.0
@@ -603,11 +612,7 @@ def test_token_layout_computes_mpps_channels_first_function(codes, w, dtype):
     from perf.mpp_layout import ChannelsFirst
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(6, 96, 3, 3, 0.5))
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    model = model.to(dtype)
+    model = perturbed(AViT(AViTConfig(6, 96, 3, 3, 0.5))).to(dtype)
     x, y, ids = sample(b=2, t=4, c=5, h=32, w=w).to(dtype), torch.randn(2, 5, 32, w).to(dtype), \
         torch.tensor([0, 1, 3, 4, 5])
     bcs = periodic_bcs(2) if codes == "uniform" else \
@@ -641,10 +646,7 @@ def test_the_last_block_computes_the_decoded_frame_only(attention, codes):
     from dsfm.eval import nmse
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(6, 48, 3, 3, 0.5, attention=attention)).double()
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    model = perturbed(AViT(AViTConfig(6, 48, 3, 3, 0.5, attention=attention)).double())
     w = 32 if codes == "uniform" else 48
     x, y = sample(b=3, t=5, c=4, h=32, w=w).double(), torch.randn(3, 4, 32, w).double()
     ids = torch.tensor([0, 1, 3, 5])
@@ -685,10 +687,7 @@ def test_stem_on_tokens_computes_the_embedding_and_convolutions(h, w, fields):
     with a non-square grid, some fields of the vocabulary, and an embedding bias (which the
     fold carries into a bias of the first convolution)."""
     torch.manual_seed(0)
-    embedding, stem = FieldEmbedding(6, 24).double(), HMLPStem(96).double()
-    with torch.no_grad():
-        for p in [*embedding.parameters(), *stem.parameters()]:
-            p.add_(0.1 * torch.randn_like(p))
+    embedding, stem = perturbed(FieldEmbedding(6, 24).double(), HMLPStem(96).double())
     ids = torch.tensor(fields)
     x = torch.randn(3, len(fields), h, w, dtype=torch.float64)
     g = torch.randn(3, h // 16, w // 16, 96, dtype=torch.float64)
@@ -717,10 +716,7 @@ def test_decoder_on_tokens_computes_the_transposed_convolutions(h, w, fields):
     from dsfm.models.layers import HMLPDecoder
 
     torch.manual_seed(0)
-    dec = HMLPDecoder(96, 6).double()
-    with torch.no_grad():
-        for p in dec.parameters():
-            p.add_(0.1 * torch.randn_like(p))
+    dec = perturbed(HMLPDecoder(96, 6).double())
     ids = torch.tensor(fields)
     x = torch.randn(3, h, w, 96, dtype=torch.float64)
     g = torch.randn(3, len(fields), 16 * h, 16 * w, dtype=torch.float64)
