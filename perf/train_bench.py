@@ -246,10 +246,10 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
-    key = (size, batch, args.frames, args.fields, args.res, layout)
-    if key not in _FLOPS:               # the same for every wrapper, numerics, attention,
-        _FLOPS[key] = step_flops(model, x)     # backward_matmuls and compilation: counted once
-    flops = _FLOPS[key]
+    key = (size, batch, args.frames, args.fields, args.res)
+    if key not in _FLOPS:               # the same for every wrapper, numerics, layout,
+        _FLOPS[key] = step_flops(model, x)     # attention, backward_matmuls and compilation:
+    flops = _FLOPS[key]                        # the model's (`step_flops`), counted once
     compile_s = new_graphs = compiled_vs_eager = None
     if args.compile:                    # regional: the blocks, compiled on the first step
         from torch._dynamo.utils import counters
