@@ -216,23 +216,23 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --layouts tokens,channels_first --numerics fp32,tf32,torch --steps 4 --warmup 2 --profile 2 \
   --json "$R/train_layout.json"
 
+# the training benchmark's steps, in the summary's order
+TRAIN_STEPS="train_attention train_backward train_zero2 train_frames train_graphs train_blas
+  train_cublas train_eager train_bench train_layout train_compile train_rest"
+TRAIN_LOGS=()
+for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
 {
   echo "== summary (at $((SECONDS - T0))s)"
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
-  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "$R/train_attention.txt" \
-    "$R/train_backward.txt" "$R/train_zero2.txt" "$R/train_frames.txt" "$R/train_graphs.txt" "$R/train_blas.txt" "$R/train_cublas.txt" "$R/train_eager.txt" \
-    "$R/train_bench.txt" \
-    "$R/train_layout.txt" "$R/train_compile.txt" "$R/train_rest.txt"
+  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "${TRAIN_LOGS[@]}"
   # a step cut short has no final table: its progress lines then say what was measured
-  for f in train_attention train_backward train_zero2 train_frames train_graphs train_blas train_cublas train_eager train_bench \
-      train_layout train_compile train_rest; do
-    grep -qE "^(Ti|B|L) " "$R/$f.txt" || grep -E "^  (Ti|B|L) " "$R/$f.txt"
+  for f in "${TRAIN_LOGS[@]}"; do
+    grep -qE "^(Ti|B|L) " "$f" || grep -E "^  (Ti|B|L) " "$f"
   done
-  grep -h "first step" "$R/train_attention.txt" "$R/train_backward.txt" "$R/train_zero2.txt" \
-    "$R/train_frames.txt" "$R/train_graphs.txt" \
-    "$R/train_compile.txt"
+  # (only compiled steps print a first step's compile time)
+  grep -h "first step" "${TRAIN_LOGS[@]}"
   grep -E "(FAILED|ERROR) " "$R/cuda_frames.txt" "$R/cuda_tests.txt" | head -8
   tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
