@@ -86,6 +86,12 @@ class ModelConfig(_Strict):
         "forward's TN layout, both operands contiguous along the summed axis, after one copy "
         "of the weight), tn (the weight's gradient too, after a transposed copy of the "
         "activations and output gradient); the same numbers to fp32 rounding")
+    fp32_matmuls: Literal["native", "3xtf32"] = Field(
+        "native", description="how the fp32 matrix multiplies of the blocks' projections and "
+        "MLP are computed: native (as train.tf32 says: strict fp32 on the CUDA cores, or TF32), "
+        "3xtf32 (each as three products on TF32 tensor cores of the operands split into a TF32 "
+        "head and tail, summed in fp32: fp32's accuracy, for tensor-core speed in an fp32 run; "
+        "with backward_matmuls=autograd)")
     compile: bool = Field(False, description="torch.compile each space-time block (regional: "
                           "one graph for all blocks but the last, one for the last, on its "
                           "decoded frame only; compiled once per input shape on first use); "

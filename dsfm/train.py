@@ -129,7 +129,8 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
 
     data = cfg.data
     AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path,
-               attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls)
+               attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls,
+               fp32_matmuls=cfg.model.fp32_matmuls)
     if os.path.exists(data.base) and not os.path.isdir(data.base):
         raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None
@@ -399,9 +400,11 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
         return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
                              "drop_path": cfg.model.drop_path,
                              "attention": cfg.model.attention,
-                             "backward_matmuls": cfg.model.backward_matmuls})
+                             "backward_matmuls": cfg.model.backward_matmuls,
+                             "fp32_matmuls": cfg.model.fp32_matmuls})
     return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path,
-                      attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls)
+                      attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls,
+                      fp32_matmuls=cfg.model.fp32_matmuls)
 
 
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):
@@ -583,6 +586,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
     from dsfm.eval import evaluate, format_table, nmse
 
     log.text(set_tf32(cfg.train.tf32))
+    if cfg.model.fp32_matmuls == "3xtf32":
+        log.text("numerics: the blocks' projections and MLP as three TF32 tensor-core products "
+                 "each, summed in fp32 (model.fp32_matmuls=3xtf32: fp32's accuracy)")
     micro = schedule.micro_batch(ds_config)
     data = cfg.data
     paths = rank0_first(lambda: dataset_paths(data.base, data.datasets, data.pdebench,

@@ -18,14 +18,19 @@ gives the same numbers:
   - wgrad_t      dW = (xᵀ·dy)ᵀ;
   - wgrad_tn     dW = dyᵀ·x in the forward's layout, after copies of dyᵀ and xᵀ
                  (backward_matmuls tn);
+  - fwd_3x, dgrad_3x, wgrad_3x: the three products each as three TF32 products of the
+                 operands split into TF32 heads and tails (model.fp32_matmuls 3xtf32:
+                 layers.mm_3xtf32, fp32's accuracy, not its rounding), the splits included
+                 in the time as eager runs them (compiled blocks fuse them into the
+                 producers' kernels);
 with each BLAS library asked for (CUDA: cuBLAS, cuBLASLt; `torch.backends.cuda.
 preferred_blas_library`), in fp32 and/or TF32. Reports ms (median of the timed calls, each
 between two synchronizations) and TFLOP/s per row, then per size the step's matrix-multiply
 time summed over its calls (× blocks; the last block's, on its decoded frame, as fractions
 of a call: `gemms`) as each model.backward_matmuls forms them (autograd:
-fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn: dgrad_tn and wgrad_tn, for the blocks'
-projections and MLP; the stem's as autograd's) and with the fastest of each, which says
-whether another formulation would pay.
+fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn: dgrad_tn and wgrad_tn; 3xtf32: the _3x ones,
+for the blocks' projections and MLP; the stem's as autograd's) and with the fastest of each
+strict formulation, which says whether another formulation would pay.
 
     python -m perf.matmul_bench --sizes B,L --json out.json           # GPU
     python -m perf.matmul_bench --sizes Ti --tokens 512 --iters 2     # a CPU smoke
@@ -39,18 +44,20 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
-from dsfm.models.layers import _mm_tn
+from dsfm.models.layers import _mm_tn, mm_3xtf32
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int
 from perf.report import write_json
 from perf.train_bench import add_call_options, check_shapes, median_ms
 
-OPS = ("fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t", "wgrad_tn")
+OPS = ("fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t", "wgrad_tn", "fwd_3x",
+       "dgrad_3x", "wgrad_3x")
 #: the formulation of each product (fwd, dgrad, wgrad) per model.backward_matmuls, for the
 #: blocks' projections and MLP (the stem's are autograd's whatever the setting)
 MODES = {"autograd": {"fwd": "fwd", "dgrad": "dgrad", "wgrad": "wgrad"},
          "tn_dgrad": {"fwd": "fwd", "dgrad": "dgrad_tn", "wgrad": "wgrad"},
-         "tn": {"fwd": "fwd", "dgrad": "dgrad_tn", "wgrad": "wgrad_tn"}}
+         "tn": {"fwd": "fwd", "dgrad": "dgrad_tn", "wgrad": "wgrad_tn"},
+         "3xtf32": {"fwd": "fwd_3x", "dgrad": "dgrad_3x", "wgrad": "wgrad_3x"}}
 #: the products of the blocks (`gemms`), which model.backward_matmuls forms
 BLOCK_GEMMS = ("qkv", "proj", "fc1", "fc2")
 NUMERICS = ("fp32", "tf32")
@@ -104,6 +111,12 @@ def run_op(op: str, t: dict) -> torch.Tensor:
         return dy.t() @ x
     if op == "wgrad_tn":
         return _mm_tn(dy.t(), x.t())
+    if op == "fwd_3x":
+        return mm_3xtf32(x, w.t())
+    if op == "dgrad_3x":
+        return mm_3xtf32(dy, w)
+    if op == "wgrad_3x":
+        return mm_3xtf32(dy.t(), x)
     return (x.t() @ dy).t()                               # wgrad_t
 
 
@@ -190,12 +203,13 @@ def main(argv=None) -> int:
                     op = ops[kind] if gemm in BLOCK_GEMMS else kind
                     total[mode] += calls * by[(gemm, op)]["ms"]
                 total["best"] += calls * min(by[(gemm, o)]["ms"] for o in OPS
-                                             if o.startswith(kind))
+                                             if o.startswith(kind) and not o.endswith("_3x"))
         summary.append({"size": key[0], "numerics": key[1], "blas": key[2],
                         **{f"{mode}_ms_per_step": ms for mode, ms in total.items()}})
         print(f"{key[0]} {key[1]} {key[2]}: the step's matrix multiplies "
               + ", ".join(f"{total[m]:.1f} ms {m}" for m in MODES)
-              + f" (model.backward_matmuls), {total['best']:.1f} ms with the fastest of each")
+              + f" (model.backward_matmuls; 3xtf32: model.fp32_matmuls), "
+              f"{total['best']:.1f} ms with the fastest strict formulation of each")
     if args.json:
         write_json(args.json, {"device": torch.cuda.get_device_name() if cuda else "cpu",
                                "rows": rows, "summary": summary})

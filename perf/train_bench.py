@@ -7,7 +7,8 @@ only), as plain PyTorch (fused AdamW on CUDA), and wrapped in a one-rank DeepSpe
 ZeRO-3 engine, all in one run (with --attention fused,packed,direct also with the blocks'
 attention packed or written out: dsfm.models.layers._packed_attention, _direct_attention;
 with --backward-matmuls autograd,tn also with the blocks' backward matrix multiplies in the
-forward's layout: AViTConfig.backward_matmuls).
+forward's layout: AViTConfig.backward_matmuls; with --numerics fp32,3xtf32 also with the
+blocks' products as three TF32 products each, fp32's accuracy: AViTConfig.fp32_matmuls).
 Reports ms/step (steps running freely, each reading its loss back before the backward as
 dsfm's trainer does; and, without that read, each between two synchronizations, with the
 host's time to issue it), samples/s, achieved TFLOP/s (FLOPs of one step counted by
@@ -21,6 +22,7 @@ and writes JSON.
     python -m perf.train_bench --sizes B --wrappers plain --attention fused,packed --profile 3
     python -m perf.train_bench --sizes B --wrappers plain --compile --attention fused,direct
     python -m perf.train_bench --sizes B --wrappers plain --compile --backward-matmuls autograd,tn
+    python -m perf.train_bench --sizes B --wrappers plain --compile --numerics fp32,3xtf32
 """
 
 from __future__ import annotations
@@ -97,7 +99,7 @@ def step_flops(model, x) -> float:
 _FLOPS: dict[tuple, float] = {}
 
 
-NUMERICS = ("fp32", "tf32", "torch")
+NUMERICS = ("fp32", "tf32", "torch", "3xtf32")
 FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
 WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3")
 
@@ -227,7 +229,9 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         raise ValueError(f"numerics {numerics!r}: one of {', '.join(NUMERICS)}")
     # fp32: strict, as dsfm trains (train.tf32 false); tf32: matmuls and convolutions;
     # torch: PyTorch's defaults (matmuls fp32, cuDNN convolutions TF32), which a script that
-    # sets nothing runs with, MPP's reference code perhaps among them
+    # sets nothing runs with, MPP's reference code perhaps among them; 3xtf32: strict fp32,
+    # the blocks' projections and MLP as three TF32 products each (AViTConfig.fp32_matmuls),
+    # MFU against the fp32 peak, as for fp32
     torch.backends.cuda.matmul.allow_tf32 = numerics == "tf32"
     torch.backends.cudnn.allow_tf32 = numerics in ("tf32", "torch")
     batch = args.batch if args.batch else (4 if size == "L" else 8)
@@ -240,7 +244,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     x, y, ids = (t.to(device) for t in (x, y, ids))   # loader's bcs_host: fused attention
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention,
-                     backward_matmuls=backward_matmuls)
+                     backward_matmuls=backward_matmuls,
+                     fp32_matmuls="3xtf32" if numerics == "3xtf32" else "native")
     if layout == "tokens_every":        # the last block on every frame, as MPP's code runs it
         model.skip_unused_frames = False
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
@@ -502,8 +507,10 @@ def main(argv: list[str] | None = None) -> int:
                     "two operators per parameter tensor, instead of dsfm's multi-tensor one); "
                     "default plain,zero2,zero3 (with --compile: plain,zero2)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
-                    "defaults: matmuls fp32, convolutions TF32); default: fp32,tf32 on CUDA, "
-                    "fp32 on CPU")
+                    "defaults: matmuls fp32, convolutions TF32), 3xtf32 (strict fp32, the "
+                    "blocks' projections and MLP as three TF32 products each: "
+                    "AViTConfig.fp32_matmuls; MFU against the fp32 peak); default: fp32,tf32 "
+                    "on CUDA, fp32 on CPU")
     ap.add_argument("--layouts", default="tokens",
                     help="tokens (dsfm's blocks: channels last, projections as matrix "
                     "multiplies; the last block on the frame decoded only), tokens_every (the "
@@ -586,6 +593,11 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"{flag} {given} changes the token blocks' {what}; the channels_first "
                      f"reference runs {runs} only (leave it out of --layouts, or run it "
                      "separately)")
+    if "3xtf32" in numerics and (set(args.backward_matmuls.split(",")) != {"autograd"}
+                                 or "channels_first" in args.layouts.split(",")):
+        ap.error("--numerics 3xtf32 computes the token blocks' products its own way: with "
+                 "--backward-matmuls autograd and without the channels_first layout only (run "
+                 "those separately)")
     check_shapes(ap, args.res, args.fields)
 
     from dsfm.runtime.engine import finish, init_process_group
@@ -615,7 +627,7 @@ def main(argv: list[str] | None = None) -> int:
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "
           "to issue it")
-    head = (f"{'size':4s} {'num':5s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
+    head = (f"{'size':4s} {'num':6s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
             f"{'batch':>5s} "
             f"{'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
@@ -633,7 +645,7 @@ def main(argv: list[str] | None = None) -> int:
         base = plain.get(model_of(r))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['size']:4s} {r['numerics']:5s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
+        print(f"{r['size']:4s} {r['numerics']:6s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
               f"{r['attention']:6s} {r['backward_matmuls']:8s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
@@ -644,11 +656,11 @@ def main(argv: list[str] | None = None) -> int:
               "time per step (ms) by category; the table's GPU busy is the busy time against "
               "the unprofiled ms/step")
         for r in rows:
-            print(f"  {r['size']:3s} {r['numerics']:5s} {r['wrapper']:7s} "
+            print(f"  {r['size']:3s} {r['numerics']:6s} {r['wrapper']:7s} "
                   f"{LABEL[r['layout']]:6s} {r['attention']:6s} {r['backward_matmuls']:8s} "
                   f"{describe_row(r, r['ms_per_step'])}")
     for f in failed:
-        print(f"{f['size']:4s} {f['numerics']:5s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
+        print(f"{f['size']:4s} {f['numerics']:6s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
               f"{f['attention']:6s} {f['backward_matmuls']:8s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))

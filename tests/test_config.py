@@ -61,6 +61,8 @@ def test_unknown_or_malformed_keys_are_named(assignment, words):
                                "'direct' (got 'flash')"]),
     ("model.backward_matmuls=nt", ["model.backward_matmuls: input should be 'autograd', "
                                    "'tn_dgrad' or 'tn' (got 'nt')"]),
+    ("model.fp32_matmuls=tf32", ["model.fp32_matmuls: input should be 'native' or '3xtf32' "
+                                 "(got 'tf32')"]),
     ("train.max_steps=yes", ["train.max_steps", "valid integer", "got True"]),
     ("train.max_steps=2.0", ["train.max_steps", "valid integer", "got 2.0"]),
     ("model.n_fields=true", ["model.n_fields", "valid integer"]),

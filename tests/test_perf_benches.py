@@ -206,6 +206,22 @@ def test_train_bench_compares_backward_matmul_layouts(tmp_path):
     assert rows[0][12] == rows[2][12] == "+0.0%"                  # vs plain: its own's
 
 
+@pytest.mark.slow
+def test_train_bench_compares_strict_fp32_and_3xtf32(tmp_path):
+    """--numerics fp32,3xtf32: the blocks' products in strict fp32 and as three TF32 products
+    each (AViTConfig.fp32_matmuls), separate rows in the table and the JSON, each wrapper
+    compared with the plain row of its own numerics, the same model FLOPs (the three passes
+    are not the model's)."""
+    records, lines = _plain_and_zero2_of(tmp_path, "--numerics", "fp32,3xtf32")
+    assert [(r["numerics"], r["wrapper"]) for r in records] == [
+        (n, w) for n in ("fp32", "3xtf32") for w in ("plain", "zero2")]
+    assert len({r["tflop_per_step"] for r in records}) == 1
+    rows = [ln.split() for ln in lines if ln.startswith("Ti ")]
+    assert [r[1:3] for r in rows] == [["fp32", "plain"], ["fp32", "zero2"],
+                                      ["3xtf32", "plain"], ["3xtf32", "zero2"]]
+    assert rows[0][12] == rows[2][12] == "+0.0%"                  # vs plain: its own's
+
+
 def test_attention_bench_times_every_attention_eager_and_compiled(tmp_path):
     """perf.attention_bench: each attention (fused, packed, direct) eager and compiled, both
     calls of a block at the model's shapes (temporal: batch·H·W sequences of T; axial: rows
@@ -247,18 +263,24 @@ def test_matmul_bench_times_every_formulation_of_the_steps_matrix_multiplies(tmp
                      ("stem1", 2048, 64, 48, 1), ("stem2", 512, 192, 48, 1),
                      ("stem3", 128, 192, 192, 1)}       # its M: the tokens
     ops = {g: sorted(r["op"] for r in rows if r["gemm"] == g) for g, *_ in gemms}
-    assert ops.pop("stem1") == ["fwd", "wgrad", "wgrad_t", "wgrad_tn"]   # fields: no gradient
+    assert ops.pop("stem1") == ["fwd", "fwd_3x", "wgrad", "wgrad_3x", "wgrad_t",
+                                "wgrad_tn"]                         # fields: no gradient
     assert all(o == sorted(["fwd", "dgrad", "dgrad_t", "dgrad_tn", "wgrad", "wgrad_t",
-                            "wgrad_tn"]) for o in ops.values())
+                            "wgrad_tn", "fwd_3x", "dgrad_3x", "wgrad_3x"])
+               for o in ops.values())
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
     (summary,) = rec["summary"]
-    modes = ("autograd", "tn_dgrad", "tn")
-    assert all(0 < summary["best_ms_per_step"] <= summary[f"{m}_ms_per_step"] for m in modes)
+    modes = ("autograd", "tn_dgrad", "tn", "3xtf32")
+    # the fastest strict formulation of each: 3xTF32 is fp32's accuracy, not its rounding
+    assert all(0 < summary["best_ms_per_step"] <= summary[f"{m}_ms_per_step"]
+               for m in modes[:3])
     by = {(r["gemm"], r["op"]): r["ms"] for r in rows}
     blocks = ("qkv", "proj", "fc1", "fc2")
-    for mode, dgrad, wgrad in zip(modes, ("dgrad", "dgrad_tn", "dgrad_tn"),
-                                  ("wgrad", "wgrad", "wgrad_tn")):
-        want = sum(calls * (by[(g, "fwd")] + by.get((g, dgrad if g in blocks else "dgrad"), 0)
+    for mode, fwd, dgrad, wgrad in zip(modes, ("fwd", "fwd", "fwd", "fwd_3x"),
+                                       ("dgrad", "dgrad_tn", "dgrad_tn", "dgrad_3x"),
+                                       ("wgrad", "wgrad", "wgrad_tn", "wgrad_3x")):
+        want = sum(calls * (by[(g, fwd if g in blocks else "fwd")]
+                            + by.get((g, dgrad if g in blocks else "dgrad"), 0)
                             + by[(g, wgrad if g in blocks else "wgrad")])
                    for g, _, _, _, calls in gemms)
         assert summary[f"{mode}_ms_per_step"] == pytest.approx(want), mode
@@ -483,6 +505,10 @@ BAD_ARGUMENTS = [
      "--backward-matmuls tn changes"),
     ("train_bench", SMALL_STEP + ["--attention", "packed", "--layouts", "channels_first"],
      "--attention packed"),
+    ("train_bench", SMALL_STEP + ["--numerics", "fp32,3xtf32", "--backward-matmuls", "tn"],
+     "--numerics 3xtf32 computes"),
+    ("train_bench", SMALL_STEP + ["--numerics", "3xtf32", "--layouts", "tokens,channels_first"],
+     "--numerics 3xtf32 computes"),
     ("train_bench", SMALL_STEP + ["--blas", "cublaslt"], "--blas chooses"),   # no CUDA here
     ("train_bench", SMALL_STEP + ["--compile-mode", "reduce-overhead"], "--compile-mode"),
     ("train_bench", SMALL_STEP + ["--compile", "--compile-mode", "fast"], "--compile-mode"),

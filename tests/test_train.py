@@ -273,25 +273,30 @@ def test_one_rank_zero2_takes_its_gradients_in_place_with_deepspeeds_numbers(dem
 
 
 @pytest.mark.slow
-def test_zero3_with_the_tn_backward_matches_plain_autograd_training(demo_base, reference,
-                                                                    tmp_path):
+@pytest.mark.parametrize("setting", ["backward_matmuls=tn", "fp32_matmuls=3xtf32"])
+def test_zero3_with_the_tn_backward_or_3xtf32_matches_plain_autograd_training(
+        demo_base, reference, tmp_path, setting):
     """model.backward_matmuls=tn (the blocks' backward from copies of Wᵀ, dyᵀ and xᵀ, saved by
-    dsfm's own autograd function) under two-rank ZeRO-3 with every parameter partitioned
-    (persistence threshold 0: gathered for each call and released after it, gathered again
-    for the backward): the losses of plain single-process training with autograd's backward,
-    to the tolerance of the first steps of the test above."""
+    dsfm's own autograd function), or model.fp32_matmuls=3xtf32 (every product of the blocks
+    as three TF32 products, the same function's way of saving: the weight, split again in
+    the backward), under two-rank ZeRO-3 with every parameter partitioned (persistence
+    threshold 0: gathered for each call and released after it, gathered again for the
+    backward): the losses of plain single-process training with autograd's strict-fp32
+    products, to the tolerance of the first steps of the test above."""
     ds = tmp_path / "z3.json"
     ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": MICRO,
                               "zero_optimization": {"stage": 3,
                                                     "stage3_param_persistence_threshold": 0}}))
     early = STEPS // 2
-    run_dir = tmp_path / "tn"
-    train(str(ds), run_dir, [f"train.max_steps={early}", "model.backward_matmuls=tn",
+    run_dir = tmp_path / "run"
+    train(str(ds), run_dir, [f"train.max_steps={early}", f"model.{setting}",
                              "train.eval_batches=0"], ranks=2, data=demo_base)
     got = losses(run_dir)
     assert [got[s] for s in range(1, early + 1)] == pytest.approx(reference[0][:early],
                                                                   rel=5e-5, abs=1e-7)
-    assert "backward_matmuls: tn" in (run_dir / "config.yaml").read_text()
+    assert setting.replace("=", ": ") in (run_dir / "config.yaml").read_text()
+    if setting.startswith("fp32"):
+        assert "model.fp32_matmuls=3xtf32" in (run_dir / "train.log").read_text()
 
 
 @pytest.mark.slow
@@ -698,6 +703,12 @@ def test_bad_config_is_refused_before_any_process_group(tmp_path):
     assert proc.returncode == 2 and "max_stpes" in proc.stderr and "max_steps" in proc.stderr
     proc = run(base + ["--set", "model.size=XL"])
     assert proc.returncode == 2 and "model.size" in proc.stderr
+    # two settings that each hold but not together (the model's own check, before the group)
+    proc = run(base + ["--run-dir", str(tmp_path / "r"), "--set", "model.fp32_matmuls=3xtf32",
+                       "--set", "model.backward_matmuls=tn"])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "model.backward_matmuls=tn" in proc.stderr and "model.fp32_matmuls=3xtf32" in proc.stderr
+    assert not (tmp_path / "r").exists()
     proc = run([sys.executable, "dsfm/train.py", "--ds_config", str(tmp_path / "nope.json")])
     assert proc.returncode == 2 and "nope.json" in proc.stderr
     bad = tmp_path / "bad.json"
@@ -1905,8 +1916,9 @@ def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_pa
 
 
 def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
-    """model.attention (fused by default, or packed) and model.backward_matmuls (autograd by
-    default, or tn) build the AViT with that attention and backward; from a checkpoint's or
+    """model.attention (fused by default, or packed), model.backward_matmuls (autograd by
+    default, or tn) and model.fp32_matmuls (native by default, or 3xtf32) build the AViT with
+    that attention, backward and products; from a checkpoint's or
     train.init_from's model_config too (each computes the same numbers either way, so the
     run's config decides, not what the weights were trained with)."""
     from dsfm.config import load_config
@@ -1934,3 +1946,15 @@ def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
     model = AViT(built)
     assert {b.spatial.mlp.fc1.backward_matmuls for b in model.blocks} == {"tn"}
     assert {b.temporal.backward_matmuls for b in model.blocks} == {"tn"}
+    # model.fp32_matmuls likewise (native by default, or 3xtf32)
+    assert model_config(load_config(None), vocab, pretrained).fp32_matmuls == "native"
+    cfg = load_config(None, ["model.fp32_matmuls=3xtf32"])
+    built = model_config(cfg, vocab, None)
+    assert built.fp32_matmuls == "3xtf32" and built.backward_matmuls == "autograd"
+    assert model_config(cfg, vocab, {**pretrained, "model_config": saved}).fp32_matmuls == "3xtf32"
+    pretrained["model_config"] = {**saved, "fp32_matmuls": "3xtf32"}
+    assert model_config(load_config(None), vocab, pretrained).fp32_matmuls == "native"
+    model = AViT(built)
+    assert {b.spatial.mlp.fc2.fp32_matmuls for b in model.blocks} == {"3xtf32"}
+    assert {b.spatial.fp32_matmuls for b in model.blocks} == {"3xtf32"}
+    assert {b.temporal.fp32_matmuls for b in model.blocks} == {"3xtf32"}

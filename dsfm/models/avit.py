@@ -27,6 +27,7 @@ from dsfm.errors import ConfigError
 from dsfm.models.layers import (
     ATTENTION,
     BACKWARD_MATMULS,
+    FP32_MATMULS,
     PERIODIC_CODE,
     FieldEmbedding,
     HMLPDecoder,
@@ -77,6 +78,12 @@ class AViTConfig:
     #: gradients, in the forward's operand layout: layers._TNLinear); the same numbers to
     #: fp32 rounding
     backward_matmuls: str = "autograd"
+    #: how the fp32 matrix multiplies of the blocks' projections and MLP are computed:
+    #: "native" (as PyTorch's settings say: strict fp32, or TF32 under train.tf32) or
+    #: "3xtf32" (each as three TF32 tensor-core products of operands split in two,
+    #: layers._Linear3xTF32: fp32's accuracy, tests/models/test_avit.py); with "3xtf32" the
+    #: backward's layout is its own, so backward_matmuls stays "autograd"
+    fp32_matmuls: str = "native"
 
     def __post_init__(self):
         if self.n_fields < 1:
@@ -93,6 +100,13 @@ class AViTConfig:
         if self.backward_matmuls not in BACKWARD_MATMULS:
             raise ConfigError(f"model.backward_matmuls {self.backward_matmuls!r} is not one of "
                               f"{', '.join(BACKWARD_MATMULS)}")
+        if self.fp32_matmuls not in FP32_MATMULS:
+            raise ConfigError(f"model.fp32_matmuls {self.fp32_matmuls!r} is not one of "
+                              f"{', '.join(FP32_MATMULS)}")
+        if self.fp32_matmuls != "native" and self.backward_matmuls != "autograd":
+            raise ConfigError(f"model.backward_matmuls={self.backward_matmuls} arranges strict-"
+                              f"fp32 products; model.fp32_matmuls={self.fp32_matmuls} computes "
+                              "them its own way: set one of the two")
 
 
 def grid_problem(spatial_shape: tuple[int, ...]) -> str | None:
@@ -127,7 +141,7 @@ class AViT(nn.Module):
         rates = [config.drop_path * i / max(n - 1, 1) if config.drop_path else None
                  for i in range(n)]
         self.blocks = nn.ModuleList(SpaceTimeBlock(dim, config.heads, r, config.attention,
-                                                   config.backward_matmuls)
+                                                   config.backward_matmuls, config.fp32_matmuls)
                                     for r in rates)
         self.debed = HMLPDecoder(dim, config.n_fields)
 
@@ -238,14 +252,14 @@ class AViT(nn.Module):
 
 
 def avit(size: str, n_fields: int, drop_path: float = 0.2, attention: str = "fused",
-         backward_matmuls: str = "autograd") -> AViT:
+         backward_matmuls: str = "autograd", fp32_matmuls: str = "native") -> AViT:
     """MPP's published sizes: Ti, S, B, L (case-insensitive)."""
     key = {k.lower(): k for k in SIZES}.get(size.lower())
     if key is None:
         raise ConfigError(f"AViT size {size!r} is not one of {', '.join(SIZES)}")
     dim, heads, blocks = SIZES[key]
     return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path, attention=attention,
-                           backward_matmuls=backward_matmuls))
+                           backward_matmuls=backward_matmuls, fp32_matmuls=fp32_matmuls))
 
 
 def n_parameters(model: nn.Module, trainable_only: bool = False) -> int:

@@ -336,6 +336,95 @@ class _TNLinear(torch.autograd.Function):
         return gx, gw, gb, None
 
 
+def _tf32(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to the nearest TF32 number (fp32 with its 13 lowest mantissa bits zero: 10
+    explicit bits, as a tensor core reads an fp32 operand; ties away from zero)."""
+    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+
+
+def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 x as a TF32 head and a TF32 tail, x = hi + lo + r: hi is x rounded to TF32
+    (|x − hi| ≤ 2⁻¹¹·|x|), lo the rest rounded to TF32, |r| ≤ 2⁻²²·|x|. Both are exact TF32
+    numbers, which a tensor core multiplies exactly (11 significant bits each: products of
+    22 bits, within fp32's 24)."""
+    hi = _tf32(x)
+    return hi, _tf32(x - hi)
+
+
+@torch.library.custom_op("dsfm::mm_3xtf32", mutates_args=())
+def _mm_3xtf32(a_hi: torch.Tensor, a_lo: torch.Tensor, b_hi: torch.Tensor,
+               b_lo: torch.Tensor) -> torch.Tensor:
+    """a·b for a = a_hi + a_lo [M, K] and b = b_hi + b_lo [K, N] (`tf32_split`), as three
+    products on TF32 tensor cores summed in fp32, the small ones first: a_lo·b_hi + a_hi·b_lo
+    + a_hi·b_hi (a_lo·b_lo, below 2⁻²² of the whole, is left out). The operands are exact
+    TF32 numbers, so each product is exact and the sums are fp32's: CUTLASS's "3xTF32",
+    fp32's accuracy from tensor cores. On the CPU, with no TF32, the same products in fp32
+    (exact as well: the same arithmetic). An operator of its own so that TF32 is on for these
+    products only, whatever the run's setting, and the compiler keeps them as they are."""
+    cuda = a_hi.is_cuda
+    allowed = torch.backends.cuda.matmul.allow_tf32 if cuda else None
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        out = torch.mm(a_lo, b_hi)
+        out.addmm_(a_hi, b_lo)
+        return out.addmm_(a_hi, b_hi)
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = allowed
+
+
+@_mm_3xtf32.register_fake
+def _(a_hi, a_lo, b_hi, b_lo):
+    return a_hi.new_empty(a_hi.shape[0], b_hi.shape[1])
+
+
+def mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b [M, K]·[K, N] of fp32 matrices in three TF32 products (`_mm_3xtf32`)."""
+    return _mm_3xtf32(*tf32_split(a), *tf32_split(b))
+
+
+class _Linear3xTF32(torch.autograd.Function):
+    """y = x·Wᵀ + b (F.linear) in fp32, each of its three matrix multiplies (the forward's,
+    the input's gradient dy·W and the weight's dyᵀ·x) as three TF32 products (`mm_3xtf32`):
+    on an H100 or H200 tensor cores do TF32 at 7.4 times the CUDA cores' fp32 rate, so
+    three of them can beat one strict-fp32 product, at fp32's accuracy (tests/models).
+    Saves what F.linear's autograd saves (the input for the weight's gradient, the weight
+    for the input's); the splits are recomputed in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        need_x, need_w = ctx.needs_input_grad[:2]
+        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
+        ctx.has_bias = bias is not None
+        y = mm_3xtf32(x.reshape(-1, x.shape[-1]), weight.t())               # [M, N]
+        if bias is not None:
+            y = y + bias
+        return y.view(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gx = gw = gb = None
+        g2 = gy.reshape(-1, gy.shape[-1])                                   # [M, N]
+        if need_x:
+            gx = mm_3xtf32(g2, weight).view(*gy.shape[:-1], weight.shape[1])   # [..., K]
+        if need_w:
+            gw = mm_3xtf32(g2.t(), x.reshape(-1, x.shape[-1]))               # [N, K]
+        if need_b and ctx.has_bias:
+            gb = g2.sum(dim=0)
+        return gx, gw, gb
+
+
+#: `fp32_matmuls` of the blocks' projections and MLP (AViTConfig.fp32_matmuls): how their
+#: fp32 matrix multiplies are computed; "native": as PyTorch's settings say (strict fp32 on
+#: the CUDA cores, or TF32 under train.tf32); "3xtf32": each as three TF32 products of the
+#: operands split in two (_Linear3xTF32), fp32's accuracy on tensor cores
+FP32_MATMULS = ("native", "3xtf32")
+
+
 #: `backward_matmuls` of the blocks' projections and MLP (AViTConfig.backward_matmuls): how
 #: their backward forms its two matrix multiplies; "autograd": as F.linear's own backward
 #: (dx: NN, dW: NT); "tn_dgrad": dx in the forward's layout (_TNLinear), dW as autograd's;
@@ -344,32 +433,41 @@ BACKWARD_MATMULS = ("autograd", "tn_dgrad", "tn")
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-           backward: str = "autograd") -> torch.Tensor:
-    """F.linear, its backward's matrix multiplies formed as `backward` (BACKWARD_MATMULS)."""
+           backward: str = "autograd", fp32: str = "native") -> torch.Tensor:
+    """F.linear, its backward's matrix multiplies formed as `backward` (BACKWARD_MATMULS),
+    computed as `fp32` says (FP32_MATMULS) when its operands are fp32 (other dtypes, and
+    autocast, take F.linear's own products)."""
+    if (fp32 == "3xtf32" and x.dtype == weight.dtype == torch.float32
+            and not torch.is_autocast_enabled(x.device.type)):
+        return _Linear3xTF32.apply(x, weight, bias)
     if backward == "autograd":
         return F.linear(x, weight, bias)
     return _TNLinear.apply(x, weight, bias, backward == "tn")
 
 
-def pointwise(x: torch.Tensor, conv: nn.Conv2d, backward: str = "autograd") -> torch.Tensor:
+def pointwise(x: torch.Tensor, conv: nn.Conv2d, backward: str = "autograd",
+              fp32: str = "native") -> torch.Tensor:
     """A 1×1 convolution's map applied over the last axis of [..., C_in]: one matrix multiply
     on the tokens, no layout change (the parameters stay the convolution's, as MPP names
-    them); `backward`: as `linear`'s."""
-    return linear(x, conv.weight.flatten(1), conv.bias, backward)
+    them); `backward`, `fp32`: as `linear`'s."""
+    return linear(x, conv.weight.flatten(1), conv.bias, backward, fp32)
 
 
 class Linear(nn.Linear):
-    """nn.Linear whose backward's matrix multiplies are formed as `backward` (`linear`)."""
+    """nn.Linear whose matrix multiplies are formed as `backward_matmuls` and `fp32_matmuls`
+    say (`linear`)."""
 
-    def __init__(self, *args, backward_matmuls: str = "autograd", **kwargs):
+    def __init__(self, *args, backward_matmuls: str = "autograd", fp32_matmuls: str = "native",
+                 **kwargs):
         super().__init__(*args, **kwargs)
-        self.backward_matmuls = backward_matmuls
+        self.backward_matmuls, self.fp32_matmuls = backward_matmuls, fp32_matmuls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return linear(x, self.weight, self.bias, self.backward_matmuls)
+        return linear(x, self.weight, self.bias, self.backward_matmuls, self.fp32_matmuls)
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", backward_matmuls={self.backward_matmuls}"
+        return (super().extra_repr() + f", backward_matmuls={self.backward_matmuls}, "
+                f"fp32_matmuls={self.fp32_matmuls}")
 
 
 class DropPath(nn.Module):
@@ -493,10 +591,13 @@ class RelativePositionBias(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, dim: int, ratio: int = 4, backward_matmuls: str = "autograd"):
+    def __init__(self, dim: int, ratio: int = 4, backward_matmuls: str = "autograd",
+                 fp32_matmuls: str = "native"):
         super().__init__()
-        self.fc1 = Linear(dim, ratio * dim, backward_matmuls=backward_matmuls)
-        self.fc2 = Linear(ratio * dim, dim, backward_matmuls=backward_matmuls)
+        self.fc1 = Linear(dim, ratio * dim, backward_matmuls=backward_matmuls,
+                          fp32_matmuls=fp32_matmuls)
+        self.fc2 = Linear(ratio * dim, dim, backward_matmuls=backward_matmuls,
+                          fp32_matmuls=fp32_matmuls)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(x)))
@@ -514,14 +615,15 @@ class TemporalAttention(nn.Module):
     parameters applied as matrix multiplies, `pointwise`), LayerScale, residual.
     drop_path: this block's stochastic-depth rate, or None for none at all; attention: how
     its sequences are attended, a key of ATTENTION; backward_matmuls: how the projections' backward
-    forms its matrix multiplies, one of BACKWARD_MATMULS (`linear`)."""
+    forms its matrix multiplies, one of BACKWARD_MATMULS (`linear`); fp32_matmuls: how their
+    fp32 products are computed, one of FP32_MATMULS."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
                  layer_scale: float = 1e-6, attention: str = "fused",
-                 backward_matmuls: str = "autograd"):
+                 backward_matmuls: str = "autograd", fp32_matmuls: str = "native"):
         super().__init__()
         self.heads, self.attention = heads, attention
-        self.backward_matmuls = backward_matmuls
+        self.backward_matmuls, self.fp32_matmuls = backward_matmuls, fp32_matmuls
         self.norm1 = InstanceNorm(dim)
         self.norm2 = InstanceNorm(dim)
         self.gamma = nn.Parameter(layer_scale * torch.ones(dim))
@@ -543,7 +645,8 @@ class TemporalAttention(nn.Module):
         # laid out as the projection's); norm2 reads attention's output through a view and
         # writes tokens [B, T, H, W, C]
         z = self.norm1(x, order=(0, 2, 3, 1, 4)).permute(0, 2, 3, 1, 4)   # [B, H, W, T, C]
-        z = pointwise(z, self.input_head, self.backward_matmuls)             # [B, H, W, T, 3C]
+        z = pointwise(z, self.input_head, self.backward_matmuls,
+                      self.fp32_matmuls)                                    # [B, H, W, T, 3C]
         z = z.unflatten(-1, (self.heads, -1))                               # [B,H,W,T,heads,3hd]
         q, k, v = (u.transpose(3, 4) for u in z.chunk(3, dim=-1))        # [B,H,W,heads,T,hd]
         bias = self.rel_pos_bias(t)[None]                                  # [1, heads, T, T]
@@ -554,7 +657,7 @@ class TemporalAttention(nn.Module):
                                       v.flatten(0, 2), bias)
         z = z.unflatten(0, (b, h, w)).permute(0, 4, 1, 2, 3, 5)           # [B,T,H,W,heads,hd]
         z = self.norm2(z, split=z.shape[-2:], order=(0, 1, 2, 3, 4, 5)).flatten(-2)
-        z = pointwise(z, self.output_head, self.backward_matmuls)
+        z = pointwise(z, self.output_head, self.backward_matmuls, self.fp32_matmuls)
         return x + self.drop_path(z * self.gamma)
 
 
@@ -563,14 +666,14 @@ class AxialSpatialAttention(nn.Module):
     table shared by both axes (periodic-aware per sample from the boundary codes); the two
     results are averaged. Then a 4× MLP, both branches with LayerScale and drop path.
     attention: as TemporalAttention's (the per-sample 5-D path writes its own out);
-    backward_matmuls: as TemporalAttention's, for the projections and the MLP."""
+    backward_matmuls, fp32_matmuls: as TemporalAttention's, for the projections and the MLP."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
                  layer_scale: float = 1e-6, attention: str = "fused",
-                 backward_matmuls: str = "autograd"):
+                 backward_matmuls: str = "autograd", fp32_matmuls: str = "native"):
         super().__init__()
         self.heads, self.attention = heads, attention
-        self.backward_matmuls = backward_matmuls
+        self.backward_matmuls, self.fp32_matmuls = backward_matmuls, fp32_matmuls
         self.norm1 = RMSInstanceNorm2d(dim, channels_last=True)
         self.norm2 = RMSInstanceNorm2d(dim, channels_last=True)
         self.gamma_att = nn.Parameter(layer_scale * torch.ones(dim))
@@ -580,7 +683,7 @@ class AxialSpatialAttention(nn.Module):
         self.qnorm = nn.LayerNorm(dim // heads)
         self.knorm = nn.LayerNorm(dim // heads)
         self.rel_pos_bias = RelativePositionBias(heads)
-        self.mlp = MLP(dim, backward_matmuls=backward_matmuls)
+        self.mlp = MLP(dim, backward_matmuls=backward_matmuls, fp32_matmuls=fp32_matmuls)
         self.mlp_norm = RMSInstanceNorm2d(dim, channels_last=True)
         self.drop_path = DropPath(drop_path or 0.0, enabled=drop_path is not None)
 
@@ -634,8 +737,8 @@ class AxialSpatialAttention(nn.Module):
         bool per sample; `frames` > 1: x holds the last of each `frames` consecutive frames
         (the last block's), for drop path to draw as over all of them (DropPath)."""
         n, h, w, c = x.shape
-        qkv = pointwise(self.norm1(x), self.input_head,
-                        self.backward_matmuls)                              # [N, H, W, 3C]
+        qkv = pointwise(self.norm1(x), self.input_head, self.backward_matmuls,
+                        self.fp32_matmuls)                                  # [N, H, W, 3C]
         # the same module calls whatever the path (a square grid or not, per-sample periodicity
         # or not): ZeRO-3 gathers a module's weights at each call, and checks that every rank
         # called the same modules; the relative-position bias is read from one table
@@ -655,7 +758,7 @@ class AxialSpatialAttention(nn.Module):
             z = zw.transpose(2, 3) + zh.permute(0, 3, 1, 2, 4)      # [N,H,W,heads,hd]
         # the norm of the two axes' average, (zw + zh) / 2, taken as that of the sum
         z = pointwise(self.norm2(z.reshape(n, h, w, c), prescale=0.5), self.output_head,
-                      self.backward_matmuls)
+                      self.backward_matmuls, self.fp32_matmuls)
         x = x + self.drop_path(z * self.gamma_att, frames)
         return x + self.drop_path(self.mlp_norm(self.mlp(x)) * self.gamma_mlp, frames)
 
@@ -665,12 +768,15 @@ class SpaceTimeBlock(nn.Module):
     matrix multiply on the channel axis, with no layout change around it."""
 
     def __init__(self, dim: int, heads: int, drop_path: float | None = None,
-                 attention: str = "fused", backward_matmuls: str = "autograd"):
+                 attention: str = "fused", backward_matmuls: str = "autograd",
+                 fp32_matmuls: str = "native"):
         super().__init__()
         self.temporal = TemporalAttention(dim, heads, drop_path, attention=attention,
-                                          backward_matmuls=backward_matmuls)
+                                          backward_matmuls=backward_matmuls,
+                                          fp32_matmuls=fp32_matmuls)
         self.spatial = AxialSpatialAttention(dim, heads, drop_path, attention=attention,
-                                             backward_matmuls=backward_matmuls)
+                                             backward_matmuls=backward_matmuls,
+                                             fp32_matmuls=fp32_matmuls)
 
     def cache_buckets(self, t: int, h: int, w: int,
                       periodic: tuple[bool, bool] | torch.Tensor) -> None:

@@ -120,14 +120,18 @@ class ModelFlops:
     attention="fused" whatever the config's: packed attention computes the scores between
     the sequences it packs together too (-inf, discarded), work the model does not need,
     and direct attention, compiled, sums products the counter has no formula for. And with
-    backward_matmuls="autograd" whatever the config's: "tn_dgrad" and "tn" form the same
-    products through dsfm::mm_tn, which the counter has no formula for either."""
+    backward_matmuls="autograd" and fp32_matmuls="native" whatever the config's: "tn_dgrad"
+    and "tn" form the same products through dsfm::mm_tn, "3xtf32" each product as three
+    TF32 ones through dsfm::mm_3xtf32, which the counter has no formula for either (and
+    the model's FLOPs are the products', not the three TF32 passes of each)."""
 
     def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
         if getattr(model_config, "attention", "fused") != "fused":
             model_config = dataclasses.replace(model_config, attention="fused")
         if getattr(model_config, "backward_matmuls", "autograd") != "autograd":
             model_config = dataclasses.replace(model_config, backward_matmuls="autograd")
+        if getattr(model_config, "fp32_matmuls", "native") != "native":
+            model_config = dataclasses.replace(model_config, fp32_matmuls="native")
         self.config = model_config
         self.patch = patch
         self.frozen = frozenset(frozen)       # parameters without gradients (fine-tuning)

@@ -479,13 +479,19 @@ def test_a_model_with_other_attention_or_backward_matmuls_computes_the_same(vari
         torch.testing.assert_close(grads[name], g, rtol=1e-9, atol=1e-12, msg=name)
 
 
-def test_unknown_attention_or_backward_matmuls_is_refused():
+def test_unknown_attention_or_matmuls_is_refused():
     with pytest.raises(ConfigError,
                        match="model.attention 'flash' is not one of fused, packed, direct"):
         AViTConfig(4, attention="flash")
     with pytest.raises(ConfigError, match="model.backward_matmuls 'nt' is not one of "
                        "autograd, tn_dgrad, tn"):
         AViTConfig(4, backward_matmuls="nt")
+    with pytest.raises(ConfigError, match="model.fp32_matmuls 'tf32' is not one of "
+                       "native, 3xtf32"):
+        AViTConfig(4, fp32_matmuls="tf32")
+    with pytest.raises(ConfigError, match="model.backward_matmuls=tn_dgrad arranges strict-fp32 "
+                       "products; model.fp32_matmuls=3xtf32 computes them its own way"):
+        AViTConfig(4, backward_matmuls="tn_dgrad", fp32_matmuls="3xtf32")
 
 
 @pytest.mark.parametrize("freeze", ["freeze_processor", "freeze_middle"])
@@ -904,12 +910,13 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
 
 def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: bool = False,
                  kernels: list | None = None, backward_matmuls: str = "autograd",
-                 skip_unused_frames: bool = True) -> tuple[float, dict[str, float]]:
+                 skip_unused_frames: bool = True, fp32_matmuls: str = "native"
+                 ) -> tuple[float, dict[str, float]]:
     """The relative error (Frobenius) of an fp32 training step's output and of each gradient
     of a 2-block AViT (LayerScale 0.5: the blocks matter) with `attention`,
-    `backward_matmuls` and `skip_unused_frames`, against the same model's float64 step with
-    fused attention, autograd's backward and the last block on every frame (eager: the math
-    path); `kernels`
+    `backward_matmuls`, `fp32_matmuls` and `skip_unused_frames`, against the same model's
+    float64 step with fused attention, autograd's backward and the last block on every frame
+    (eager: the math path); `kernels`
     collects the names of what the fp32 step ran. In fp32 the model's instance norms amplify
     rounding to 1e-3 of some gradients, either attention: compare errors, not outputs."""
     import torch._dynamo
@@ -923,11 +930,11 @@ def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: b
     y = torch.randn(2, 4, res, res, generator=g, dtype=torch.float64)
     ids, bcs = torch.arange(4, device=device), periodic_bcs(2, True, True)
     steps = []
-    for kind, matmuls, dtype in ((attention, backward_matmuls, torch.float32),
-                                 ("fused", "autograd", torch.float64)):
+    for kind, matmuls, fp32, dtype in ((attention, backward_matmuls, fp32_matmuls, torch.float32),
+                                       ("fused", "autograd", "native", torch.float64)):
         torch.manual_seed(0)
-        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind,
-                                backward_matmuls=matmuls)).to(device, dtype)
+        model = AViT(AViTConfig(5, 96, 3, 2, 0.0, attention=kind, backward_matmuls=matmuls,
+                                fp32_matmuls=fp32)).to(device, dtype)
         model.skip_unused_frames = skip_unused_frames and dtype == torch.float32
         with torch.no_grad():
             for name, p in model.named_parameters():
@@ -1076,6 +1083,144 @@ def test_the_last_block_on_its_decoded_frame_is_as_accurate_on_cuda(monkeypatch,
     _as_accurate(_fp32_errors(attention, "cuda", 16, 128, compiled, kernels), every)
     if attention != "direct":
         assert [k for k in kernels if "fmha" in k.lower()]
+
+
+def _tf32_exact(t: torch.Tensor) -> bool:
+    """Every element an exact TF32 number: its 13 lowest mantissa bits zero."""
+    return bool(((t.view(torch.int32) & 0x1FFF) == 0).all())
+
+
+def test_tf32_split_gives_two_tf32_numbers_within_2_to_the_minus_22():
+    """tf32_split: hi and lo exact TF32 numbers (a tensor core reads them whole), and
+    x − hi − lo within 2⁻²² of |x| (2⁻¹³⁷ among the subnormals, TF32's spacing there), over
+    fp32 numbers of every exponent and sign, subnormals and zeros; a non-finite x gives a
+    non-finite hi + lo. The difference is computed in float64, exactly."""
+    from dsfm.models.layers import tf32_split
+
+    g = torch.Generator().manual_seed(0)
+    n = 200_000
+    mantissa = 1.0 + torch.rand(n, generator=g, dtype=torch.float64)
+    exponent = torch.randint(-149, 127, (n,), generator=g).double()
+    sign = torch.randint(0, 2, (n,), generator=g).double() * 2 - 1
+    x = torch.cat([(sign * mantissa * 2.0 ** exponent).float(),
+                   torch.tensor([0.0, -0.0, 1e-45, -3e-40, 1.0, -(2.0 ** -126), 1.0 + 2 ** -23,
+                                 3.0e38])])
+    hi, lo = tf32_split(x)
+    assert _tf32_exact(hi) and _tf32_exact(lo)
+    assert not _tf32_exact(x)                                   # the check can tell
+    r = (x.double() - hi.double() - lo.double()).abs()
+    bound = torch.maximum(2.0 ** -22 * x.double().abs(), torch.tensor(2.0 ** -137))
+    assert (r <= bound).all(), (x[r > bound][:5], r[r > bound][:5])
+    normal = x.abs() >= 2.0 ** -100       # the tails carry the bits TF32 drops
+    assert (lo[normal] != 0).float().mean() > 0.99
+    hi, lo = tf32_split(torch.tensor([float("inf"), -float("inf"), float("nan")]))
+    assert not torch.isfinite(hi + lo).any()
+
+
+def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+@pytest.mark.parametrize("m,k,n,positive", [(1024, 768, 768, False), (768, 3072, 768, False),
+                                            (1024, 768, 768, True)])
+def test_3xtf32_products_are_as_accurate_as_fp32s(monkeypatch, device, m, k, n, positive):
+    """mm_3xtf32 against the float64 product: as accurate as the strict-fp32 product (within
+    10 %; measured on the CPU: within 0.1 %), where one TF32 product of the same operands
+    is over a hundred times less accurate (what the tails buy). AViT-B's shapes of K; signed
+    operands (the sums cancel) and positive ones (they do not). On CUDA: the tensor cores'
+    TF32 products of the split operands, with TF32 off for the run (it is turned on for
+    these products only and back off after)."""
+    from dsfm.models.layers import _tf32, mm_3xtf32
+
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    g = torch.Generator().manual_seed(0)
+    draw = torch.rand if positive else torch.randn
+    a, b = draw(m, k, generator=g), draw(k, n, generator=g)
+    ref = a.double() @ b.double()
+    a, b = a.to(device), b.to(device)
+    fp32 = _rel((a @ b).cpu(), ref)
+    assert _rel(mm_3xtf32(a, b).cpu(), ref) <= 1.1 * fp32
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert _rel((_tf32(a) @ _tf32(b)).cpu(), ref) >= 20 * fp32
+    # a non-finite operand spoils its own rows of the product only
+    a[3, 5] = float("inf")
+    bad = ~torch.isfinite(mm_3xtf32(a, b)).all(dim=1).cpu()
+    assert bad.nonzero().flatten().tolist() == [3]
+
+
+def test_3xtf32_linear_has_f_linears_gradients_and_falls_back_outside_fp32():
+    """linear(..., fp32="3xtf32") on fp32 operands: F.linear's value and gradients within fp32
+    rounding (against float64), for 3-D inputs, with or without bias, the input's gradient
+    alone (frozen weights: no weight gradient computed, the input not kept) or the weight's
+    alone; float64 operands and autocast take F.linear itself (the same numbers, the same
+    dtype)."""
+    import torch.nn.functional as F
+
+    from dsfm.models.layers import linear
+
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 50, 96, generator=g)
+    w0, b0, gy = (torch.randn(64, 96, generator=g) / 10, torch.randn(64, generator=g),
+                  torch.randn(3, 50, 64, generator=g))
+    for with_bias in (True, False):
+        for need in ((True, True), (True, False), (False, True)):
+            outs = []
+            for dtype, fp32 in ((torch.float32, "3xtf32"), (torch.float64, "native")):
+                x = x0.to(dtype, copy=True).requires_grad_(need[0])
+                w = w0.to(dtype, copy=True).requires_grad_(need[1])
+                b = b0.to(dtype, copy=True).requires_grad_(need[1]) if with_bias else None
+                y = linear(x, w, b, fp32=fp32)
+                y.backward(gy.to(dtype))
+                outs.append((y.detach(), x.grad, w.grad, None if b is None else b.grad))
+            for got, ref in zip(*outs):
+                assert (got is None) == (ref is None)
+                if ref is not None:
+                    assert got.dtype == torch.float32 and _rel(got, ref) < 1e-6
+    x64, w64 = x0.double(), w0.double()
+    assert torch.equal(linear(x64, w64, None, fp32="3xtf32"), F.linear(x64, w64))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, ref = linear(x0, w0, b0, fp32="3xtf32"), F.linear(x0, w0, b0)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
+
+
+@pytest.mark.parametrize("compiled", [False, True])
+def test_3xtf32_matmuls_are_as_accurate_as_strict_fp32(monkeypatch, compiled):
+    """The fp32 step with fp32_matmuls="3xtf32" (every projection and MLP product, forward and
+    both gradients, as three TF32 products), eager or compiled, against the float64 step:
+    as accurate as strict fp32's (compiled alike). On the CPU the TF32 products are fp32
+    products of the TF32 parts (exact either way: the same arithmetic). Eager, with the
+    tails dropped (one TF32 product each, as train.tf32 computes them) it fails the check."""
+    from dsfm.models import layers
+
+    reference = _fp32_errors("direct", "cpu", 4, 32, compiled)
+    _as_accurate(_fp32_errors("direct", "cpu", 4, 32, compiled, fp32_matmuls="3xtf32"),
+                 reference)
+    if not compiled:
+        monkeypatch.setattr(layers, "tf32_split",
+                            lambda x: (layers._tf32(x), torch.zeros_like(x)))
+        with pytest.raises(AssertionError):
+            _as_accurate(_fp32_errors("direct", "cpu", 4, 32, fp32_matmuls="3xtf32"),
+                         reference)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("compiled", [False, True])
+def test_3xtf32_matmuls_run_on_tensor_cores_as_accurate_as_strict_fp32_on_cuda(monkeypatch,
+                                                                               compiled):
+    """fp32_matmuls="3xtf32" on CUDA in a strict-fp32 run, the benchmark's sequences (16
+    frames on 8×8 patches), eager and compiled: as accurate as strict fp32 against the
+    float64 step, its products on TF32 kernels (by name), and TF32 off again after."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
+    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
+    strict_kernels, kernels = [], []
+    reference = _fp32_errors("direct", "cuda", 16, 128, compiled, strict_kernels)
+    _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, kernels,
+                              fp32_matmuls="3xtf32"), reference)
+    assert torch.backends.cuda.matmul.allow_tf32 is False
+    assert not [k for k in strict_kernels if "tf32" in k.lower()]
+    assert [k for k in kernels if "tf32" in k.lower()], sorted(set(kernels))[:40]
 
 
 def test_token_norm_gradients_pass_gradcheck():
