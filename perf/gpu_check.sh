@@ -8,24 +8,28 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="train_attention train_backward matmul_bench cuda_frames"
+#   1. GPU_CHECK_ONLY="cuda_3x train_3x train_attention matmul_bench"
 #      GPU_CHECK_DEADLINE=420, timeout_s=450: what decides issue 4's 2x target
-#      (docs/performance.md), and the CUDA check of the new default (cuda_frames): packed and
-#      direct attention against the fused kernels' padded tiles in the compiled step, the
-#      blocks' backward matrix multiplies in the forward's layout (model.backward_matmuls tn)
-#      against autograd's in the compiled strict-fp32 step, and each matrix multiply alone in
-#      each formulation and BLAS library (strict fp32: the backward's ran at ~34 TFLOP/s);
-#   2. GPU_CHECK_ONLY="train_graphs train_zero2 cuda_tests train_frames attention_bench
-#      train_eager train_blas train_cublas train_rest":
+#      (docs/performance.md): the blocks' products as three TF32 products each
+#      (model.fp32_matmuls 3xtf32), first their CUDA accuracy checks (cuda_3x, eager), then
+#      the compiled B and L steps against strict fp32 (the fp32 target's largest lever: the
+#      matrix multiplies were 145.5 ms of B's 226.7 ms of kernels); packed and direct
+#      attention against the fused kernels' padded tiles in the compiled step; each matrix
+#      multiply alone in each formulation and BLAS library, the 3xTF32 ones included (last:
+#      cut if time runs out);
+#   2. GPU_CHECK_ONLY="train_zero2 train_graphs cuda_tests train_backward train_frames
+#      attention_bench train_eager train_blas train_cublas train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
-#      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The compiled
-#      blocks replayed as CUDA graphs (TF32, host-bound) and the one-rank ZeRO-2 engine
-#      without DeepSpeed's hooks (zero2) against plain, compiled, come first; then the CUDA
-#      tests of the packed and direct attention, of the TN backward, of the last block on its
-#      decoded frame and of the one-rank ZeRO-2 engine; the last block on its decoded frame
-#      against on every frame; the attention calls alone; the eager table (zero2 against DeepSpeed's
-#      hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix multiplies, then
-#      the rest if time is left.
+#      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The one-rank
+#      ZeRO-2 engine without DeepSpeed's hooks (zero2) against plain, compiled, and the
+#      compiled blocks replayed as CUDA graphs (TF32, host-bound) come first; then the CUDA
+#      tests of the packed and direct attention, of the TN backward, of 3xTF32 (compiled too),
+#      of the last block on its decoded frame and of the one-rank ZeRO-2 engine; the
+#      blocks' backward matrix multiplies in the forward's layout (model.backward_matmuls tn)
+#      against autograd's in the compiled strict-fp32 step; the last block on its decoded
+#      frame against on every frame; the attention calls alone; the eager table (zero2 against
+#      DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix
+#      multiplies, then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -87,25 +91,30 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4, first: the blocks' attention packed (g short sequences as one under a block-diagonal
+# issue 4, first: the blocks' projections and MLP as three TF32 products each
+# (model.fp32_matmuls 3xtf32): on CUDA as accurate as strict fp32 against float64, products
+# and model, the products on TF32 kernels, TF32 off again after (eager; compiled in
+# cuda_tests)
+step cuda_3x 40 python3 -m pytest -v tests/models/test_avit.py -k \
+  "(3xtf32 or tf32_products) and cuda and not True"
+# issue 4: the compiled strict-fp32 step with the blocks' products in 3xTF32 against strict
+# fp32, B and L, attention direct, with the kernel time by category: the fp32 target (2x MPP:
+# B 161 ms a step, L 253 ms) with fp32's accuracy from tensor cores
+step train_3x 130 python3 -m perf.train_bench --sizes B,L --numerics fp32,3xtf32 \
+  --wrappers plain --compile --attention direct --steps 4 --warmup 2 --profile 2 \
+  --trace-dir "$TR" --json "$R/train_3x.json"
+# issue 4: the blocks' attention packed (g short sequences as one under a block-diagonal
 # bias: fuller 64x64 tiles for the memory-efficient kernel) and direct (written out, products
 # and sums inductor fuses) against fused, B and L compiled, fp32 and TF32, with the kernel time
 # by category (attention: 34.6 ms of B's step, 46.3 of L's)
 step train_attention 190 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
   --attention fused,packed,direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_attention.json"
-# issue 4: the blocks' backward matrix multiplies in the forward's layout (TN: dsfm::mm_tn,
-# after transposed copies) against autograd's (NN and NT, which cuBLAS ran on SIMT align-1
-# kernels in strict fp32), B and L compiled, strict fp32, attention direct, with the kernel
-# time by category (matrix multiplies: 145.5 ms of B's 208 ms step on 2026-11-30)
-step train_backward 120 python3 -m perf.train_bench --sizes B,L --numerics fp32 \
-  --wrappers plain --compile --attention direct --backward-matmuls autograd,tn --steps 4 \
-  --warmup 2 --profile 2 --json "$R/train_backward.json"
 # issue 4: each of the step's matrix multiplies (B, L) forward and in every formulation of its
-# gradients (the TN ones of backward_matmuls included), cuBLAS and cuBLASLt, strict fp32:
-# whether the forward's layout, or another library, takes the backward's align-1 SIMT
-# kernels out of the step
-step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 10 \
+# gradients (the TN ones of backward_matmuls and the 3xTF32 ones of fp32_matmuls included),
+# cuBLAS and cuBLASLt, strict fp32: whether the forward's layout, another library or the
+# tensor cores take the backward's align-1 SIMT kernels out of the step
+step matmul_bench 75 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 10 \
   --warmup 3 --json "$R/matmul_bench.json"
 # issue 4: the last block on its decoded frame only is the default (every row above runs it):
 # on CUDA, its temporal attention's one query a sequence and last bias row (a view of padded
@@ -114,6 +123,12 @@ step matmul_bench 60 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --
 # cuda_tests)
 step cuda_frames 45 python3 -m pytest -v tests/models/test_avit.py -k \
   "(decoded_frame_is_as_accurate_on_cuda and not True) or fused_attention_kernel_on_cuda or aligned_biases"
+# issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
+# gradients in place, dsfm.runtime.zero_local) against plain, compiled, with the attention
+# direct (the shortest step the rows above may give: the hardest case for a fixed overhead)
+step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
+  --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --json "$R/train_zero2.json"
 # issue 4: the compiled blocks' forward and backward replayed as CUDA graphs (torch.compile's
 # reduce-overhead mode): the compiled TF32 steps are paced by the host's kernel launches
 # (B: 71.7 ms to issue 1,670 kernels of an 87 ms step; L: the whole step), TF32 only; not
@@ -122,17 +137,12 @@ step cuda_frames 45 python3 -m pytest -v tests/models/test_avit.py -k \
 step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
   --wrappers plain,zero2 --compile --compile-mode reduce-overhead --attention direct \
   --steps 4 --warmup 2 --json "$R/train_graphs.json"
-# issue 4: ZeRO-2 on one GPU (target <= 3 % over plain): dsfm's one-rank engine (zero2:
-# gradients in place, dsfm.runtime.zero_local) against plain, compiled, with the attention
-# direct (the shortest step the rows above may give: the hardest case for a fixed overhead)
-step train_zero2 130 python3 -m perf.train_bench --sizes B,L --wrappers plain,zero2 \
-  --compile --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
-  --json "$R/train_zero2.json"
 # issue 4: the CUDA tests of what changed since the run of 2026-11-30 (whose CUDA tests of the
 # loader, the profiler trace and evaluation passed, their code unchanged since): the fused
 # attention's kernel, the packed attention (fused kernel, no bias padding, the fused path's
 # accuracy), the direct attention (no attention kernel, eager and compiled, the same
-# accuracy), the TN backward (as accurate as autograd's, eager and compiled), the last block
+# accuracy), the TN backward (as accurate as autograd's, eager and compiled), 3xTF32 (the
+# same accuracy as strict fp32, on TF32 kernels, eager and compiled), the last block
 # on its decoded frame (one query a sequence on the memory-efficient kernel), the one-rank
 # ZeRO-2 engine (FusedAdam, the hooks' numbers) and the multi-tensor norm (its test reads
 # its probe through a new helper); the whole list: GPU_CHECK_CUDA_TESTS=all
@@ -143,9 +153,16 @@ else
   CUDA_TESTS=
 fi
 # shellcheck disable=SC2086
-step cuda_tests 190 python3 -m pytest -v tests/models/test_avit.py \
+step cuda_tests 220 python3 -m pytest -v tests/models/test_avit.py \
   tests/runtime/test_zero_local.py tests/runtime/test_zero_norm.py $CUDA_TESTS \
   -k "cuda or gpu"
+# issue 4: the blocks' backward matrix multiplies in the forward's layout (TN: dsfm::mm_tn,
+# after transposed copies) against autograd's (NN and NT, which cuBLAS ran on SIMT align-1
+# kernels in strict fp32), B and L compiled, strict fp32, attention direct, with the kernel
+# time by category (matrix multiplies: 145.5 ms of B's 208 ms step on 2026-11-30)
+step train_backward 120 python3 -m perf.train_bench --sizes B,L --numerics fp32 \
+  --wrappers plain --compile --attention direct --backward-matmuls autograd,tn --steps 4 \
+  --warmup 2 --profile 2 --json "$R/train_backward.json"
 # issue 4: the last block on the decoded frame only (the default since 2026-11-30's run)
 # against on every frame as MPP's code runs it (tokens_every), compiled, strict fp32: 6.3 %
 # of B's FLOPs (L: 3.2 %, not run: time)
@@ -217,7 +234,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --json "$R/train_layout.json"
 
 # the training benchmark's steps, in the summary's order
-TRAIN_STEPS="train_attention train_backward train_zero2 train_frames train_graphs train_blas
+TRAIN_STEPS="train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
   train_cublas train_eager train_bench train_layout train_compile train_rest"
 TRAIN_LOGS=()
 for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
@@ -233,8 +250,8 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
   done
   # (only compiled steps print a first step's compile time)
   grep -h "first step" "${TRAIN_LOGS[@]}"
-  grep -E "(FAILED|ERROR) " "$R/cuda_frames.txt" "$R/cuda_tests.txt" | head -8
-  tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
+  grep -E "(FAILED|ERROR) " "$R/cuda_3x.txt" "$R/cuda_frames.txt" "$R/cuda_tests.txt" | head -8
+  tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"

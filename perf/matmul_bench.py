@@ -25,12 +25,14 @@ gives the same numbers:
                  producers' kernels);
 with each BLAS library asked for (CUDA: cuBLAS, cuBLASLt; `torch.backends.cuda.
 preferred_blas_library`), in fp32 and/or TF32. Reports ms (median of the timed calls, each
-between two synchronizations) and TFLOP/s per row, then per size the step's matrix-multiply
-time summed over its calls (× blocks; the last block's, on its decoded frame, as fractions
-of a call: `gemms`) as each model.backward_matmuls forms them (autograd:
-fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn: dgrad_tn and wgrad_tn; 3xtf32: the _3x ones,
-for the blocks' projections and MLP; the stem's as autograd's) and with the fastest of each
-strict formulation, which says whether another formulation would pay.
+between two synchronizations), TFLOP/s and the relative error (Frobenius) against the
+float64 product of the same operands per row (strict fp32, TF32 and 3xTF32 side by side),
+then per size the step's matrix-multiply time summed over its calls (× blocks; the last
+block's, on its decoded frame, as fractions of a call: `gemms`) as each
+model.backward_matmuls forms them (autograd: fwd, dgrad, wgrad; tn_dgrad: dgrad_tn; tn:
+dgrad_tn and wgrad_tn; 3xtf32: the _3x ones, for the blocks' projections and MLP; the
+stem's as autograd's) and with the fastest strict formulation of each, which says whether
+another formulation would pay, and the largest error of the strict and the 3xTF32 rows.
 
     python -m perf.matmul_bench --sizes B,L --json out.json           # GPU
     python -m perf.matmul_bench --sizes Ti --tokens 512 --iters 2     # a CPU smoke
@@ -95,6 +97,14 @@ def operands(m: int, k: int, n: int, device) -> dict:
     return {"x": torch.randn(m, k, device=device, generator=g),
             "w": torch.randn(n, k, device=device, generator=g) / k ** 0.5,
             "dy": torch.randn(m, n, device=device, generator=g)}
+
+
+def reference(op: str, t: dict) -> torch.Tensor:
+    """The float64 product `op` computes (each formulation of a gradient the same one)."""
+    x, w, dy = (t[k].double() for k in ("x", "w", "dy"))
+    if op.startswith("fwd"):
+        return x @ w.t()
+    return dy @ w if op.startswith("dgrad") else dy.t() @ x
 
 
 def run_op(op: str, t: dict) -> torch.Tensor:
@@ -167,15 +177,21 @@ def main(argv=None) -> int:
                 for gemm in gemms(size, tokens, args.frames, args.res):
                     m, k, n = gemm["mkn"]
                     t = operands(m, k, n, dev)
+                    refs = {}
                     for op in OPS:
                         if op.startswith("dgrad") and not gemm.get("dgrad", True):
                             continue
                         ms = median_ms(partial(run_op, op, t), args.iters, args.warmup)
+                        kind = op.split("_")[0]
+                        if kind not in refs:
+                            refs[kind] = reference(op, t)
+                        err = float((run_op(op, t).double() - refs[kind]).norm()
+                                    / refs[kind].norm())
                         rows.append({"size": size, "numerics": num, "blas": lib,
                                      "gemm": gemm["name"], "m": m, "k": k, "n": n,
                                      "calls_per_step": gemm["calls"], "op": op, "ms": ms,
-                                     "tflops": 2 * m * k * n / ms / 1e9})
-                    del t
+                                     "tflops": 2 * m * k * n / ms / 1e9, "rel_err": err})
+                    del t, refs
                 print(f"  {size} {num} {lib}: done", flush=True)
     set_tf32(False)
     if cuda:
@@ -183,12 +199,13 @@ def main(argv=None) -> int:
     print(f"The AViT step's matrix multiplies on {dev.type}: {args.frames} frames, "
           f"{args.res}x{args.res} (patch 16), median of {args.iters}")
     head = (f"{'size':4s} {'num':5s} {'blas':8s} {'gemm':6s} {'M':>7s} {'K':>5s} {'N':>5s} "
-            f"{'op':8s} {'ms':>8s} {'TFLOP/s':>8s}")
+            f"{'op':8s} {'ms':>8s} {'TFLOP/s':>8s} {'rel.err':>8s}")
     print(head)
     print("-" * len(head))
     for r in rows:
         print(f"{r['size']:4s} {r['numerics']:5s} {r['blas']:8s} {r['gemm']:6s} {r['m']:7d} "
-              f"{r['k']:5d} {r['n']:5d} {r['op']:8s} {r['ms']:8.3f} {r['tflops']:8.1f}")
+              f"{r['k']:5d} {r['n']:5d} {r['op']:8s} {r['ms']:8.3f} {r['tflops']:8.1f} "
+              f"{r['rel_err']:8.1e}")
     summary = []
     for key in sorted({(r["size"], r["numerics"], r["blas"]) for r in rows}, key=str):
         mine = [r for r in rows if (r["size"], r["numerics"], r["blas"]) == key]
@@ -204,12 +221,17 @@ def main(argv=None) -> int:
                     total[mode] += calls * by[(gemm, op)]["ms"]
                 total["best"] += calls * min(by[(gemm, o)]["ms"] for o in OPS
                                              if o.startswith(kind) and not o.endswith("_3x"))
+        errs = {"strict": max(r["rel_err"] for r in mine if not r["op"].endswith("_3x")),
+                "3xtf32": max(r["rel_err"] for r in mine if r["op"].endswith("_3x"))}
         summary.append({"size": key[0], "numerics": key[1], "blas": key[2],
-                        **{f"{mode}_ms_per_step": ms for mode, ms in total.items()}})
+                        **{f"{mode}_ms_per_step": ms for mode, ms in total.items()},
+                        **{f"max_rel_err_{kind}": e for kind, e in errs.items()}})
         print(f"{key[0]} {key[1]} {key[2]}: the step's matrix multiplies "
               + ", ".join(f"{total[m]:.1f} ms {m}" for m in MODES)
               + f" (model.backward_matmuls; 3xtf32: model.fp32_matmuls), "
-              f"{total['best']:.1f} ms with the fastest strict formulation of each")
+              f"{total['best']:.1f} ms with the fastest strict formulation of each; largest "
+              f"error against float64 {errs['strict']:.1e} ({key[1]}), "
+              f"{errs['3xtf32']:.1e} (3xtf32)")
     if args.json:
         write_json(args.json, {"device": torch.cuda.get_device_name() if cuda else "cpu",
                                "rows": rows, "summary": summary})

@@ -269,7 +269,14 @@ def test_matmul_bench_times_every_formulation_of_the_steps_matrix_multiplies(tmp
                             "wgrad_tn", "fwd_3x", "dgrad_3x", "wgrad_3x"])
                for o in ops.values())
     assert all(r["ms"] > 0 and r["tflops"] > 0 for r in rows)
+    # each against its float64 product: fp32's rounding, for every formulation, 3xTF32's too
+    # (a formulation of the wrong product would be off by order 1)
+    assert all(0 < r["rel_err"] < 1e-5 for r in rows)
     (summary,) = rec["summary"]
+    assert summary["max_rel_err_strict"] == max(r["rel_err"] for r in rows
+                                                if not r["op"].endswith("_3x"))
+    assert summary["max_rel_err_3xtf32"] == max(r["rel_err"] for r in rows
+                                                if r["op"].endswith("_3x"))
     modes = ("autograd", "tn_dgrad", "tn", "3xtf32")
     # the fastest strict formulation of each: 3xTF32 is fp32's accuracy, not its rounding
     assert all(0 < summary["best_ms_per_step"] <= summary[f"{m}_ms_per_step"]

@@ -1123,25 +1123,28 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
-@pytest.mark.parametrize("m,k,n,positive", [(1024, 768, 768, False), (768, 3072, 768, False),
-                                            (1024, 768, 768, True)])
-def test_3xtf32_products_are_as_accurate_as_fp32s(monkeypatch, device, m, k, n, positive):
-    """mm_3xtf32 against the float64 product: as accurate as the strict-fp32 product (within
-    10 %; measured on the CPU: within 0.1 %), where one TF32 product of the same operands
-    is over a hundred times less accurate (what the tails buy). AViT-B's shapes of K; signed
-    operands (the sums cancel) and positive ones (they do not). On CUDA: the tensor cores'
-    TF32 products of the split operands, with TF32 off for the run (it is turned on for
-    these products only and back off after)."""
+@pytest.mark.parametrize("m,k,n,operands", [(1024, 768, 768, "signed"),
+                                            (768, 3072, 768, "signed"),
+                                            (1024, 768, 768, "positive")])
+def test_3xtf32_products_are_as_accurate_as_fp32s(monkeypatch, device, m, k, n, operands):
+    """mm_3xtf32 against the float64 product: as accurate as the strict-fp32 product, where
+    one TF32 product of the same operands is over twenty times less accurate (measured on
+    the CPU: a thousand; what the tails buy). AViT-B's shapes of K; signed operands (the
+    sums cancel) and positive ones (they do not). On the CPU within 10 % of fp32's error
+    (measured: 0.1 %): the same arithmetic, exact products summed in fp32. On CUDA the
+    tensor cores' TF32 products of the split operands, with TF32 off for the run (it is
+    turned on for these products only and back off after), within 2× of cuBLAS's strict
+    fp32: their accumulation need not round as the CUDA cores' fused multiply-adds do."""
     from dsfm.models.layers import _tf32, mm_3xtf32
 
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator().manual_seed(0)
-    draw = torch.rand if positive else torch.randn
+    draw = torch.rand if operands == "positive" else torch.randn
     a, b = draw(m, k, generator=g), draw(k, n, generator=g)
     ref = a.double() @ b.double()
     a, b = a.to(device), b.to(device)
     fp32 = _rel((a @ b).cpu(), ref)
-    assert _rel(mm_3xtf32(a, b).cpu(), ref) <= 1.1 * fp32
+    assert _rel(mm_3xtf32(a, b).cpu(), ref) <= (2.0 if device == "cuda" else 1.1) * fp32
     assert torch.backends.cuda.matmul.allow_tf32 is False
     assert _rel((_tf32(a) @ _tf32(b)).cpu(), ref) >= 20 * fp32
     # a non-finite operand spoils its own rows of the product only
