@@ -338,8 +338,15 @@ class _TNLinear(torch.autograd.Function):
 
 def _tf32(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the nearest TF32 number (fp32 with its 13 lowest mantissa bits zero: 10
-    explicit bits, as a tensor core reads an fp32 operand; ties away from zero)."""
-    return ((x.view(torch.int32) + 0x1000) & -0x2000).view(torch.float32)
+    explicit bits, as a tensor core reads an fp32 operand; ties away from zero). From the
+    largest finite numbers up (magnitudes from TF32's largest plus half its spacing: infinities
+    and NaNs too) the rounding's carry would leave fp32's finite numbers or its NaNs (made
+    infinite; NaNs of high payload, a GPU's canonical 0x7FFFFFFF among them, wrapped into
+    zeros): those are truncated instead (TF32's largest number, the infinity, a NaN; a NaN
+    whose payload lies in the dropped bits alone becomes an infinity, and its tail a NaN)."""
+    i = x.view(torch.int32)
+    return (torch.where((i & 0x7FFFFFFF) < 0x7F7FF000, i + 0x1000, i)
+            & -0x2000).view(torch.float32)
 
 
 def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1117,6 +1117,30 @@ def test_tf32_split_gives_two_tf32_numbers_within_2_to_the_minus_22():
     assert not torch.isfinite(hi + lo).any()
 
 
+def test_tf32_split_keeps_every_nan_and_the_largest_finite_numbers():
+    """The rounding's carry must not leave fp32: a NaN stays a NaN whatever its payload (a GPU's
+    arithmetic makes every NaN 0x7FFFFFFF, whose carry wrapped into -0.0: a NaN activation or
+    gradient turned into a finite product), and the largest finite numbers, above TF32's
+    largest, stay finite (their carry made hi infinite and hi + lo NaN)."""
+    from dsfm.models.layers import mm_3xtf32, tf32_split
+
+    nans = torch.tensor([0x7FFFFFFF, -1, 0x7FFFF000, -4096, 0x7F800001, 0x7FC00000],
+                        dtype=torch.int32).view(torch.float32)
+    assert nans.isnan().all()
+    hi, lo = tf32_split(nans)
+    assert (hi + lo).isnan().all(), (hi, lo)
+    a = torch.ones(len(nans), 4)
+    a[:, 2] = nans
+    assert mm_3xtf32(a, torch.ones(4, 3)).isnan().all()
+    big = torch.tensor([3.4028235e38, -3.4028235e38, 3.4027e38, -3.40265e38])
+    hi, lo = tf32_split(big)
+    assert _tf32_exact(hi) and _tf32_exact(lo)
+    r = (big.double() - hi.double() - lo.double()).abs()
+    assert (r <= 2.0 ** -22 * big.double().abs()).all(), (big, hi, lo)
+    y = mm_3xtf32(big[:, None], torch.tensor([[0.5]]))
+    assert torch.isfinite(y).all() and _rel(y, big.double()[:, None] / 2) < 2.0 ** -20
+
+
 def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
     return float((a.double() - ref).norm() / ref.norm())
 
