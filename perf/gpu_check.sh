@@ -8,15 +8,15 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
-#   1. GPU_CHECK_ONLY="cuda_3x train_3x train_attention matmul_bench"
+#   1. GPU_CHECK_ONLY="cuda_3x train_3x matmul_bench train_attention"
 #      GPU_CHECK_DEADLINE=420, timeout_s=450: what decides issue 4's 2x target
 #      (docs/performance.md): the blocks' products as three TF32 products each
 #      (model.fp32_matmuls 3xtf32), first their CUDA accuracy checks (cuda_3x, eager), then
 #      the compiled B and L steps against strict fp32 (the fp32 target's largest lever: the
-#      matrix multiplies were 145.5 ms of B's 226.7 ms of kernels); packed and direct
-#      attention against the fused kernels' padded tiles in the compiled step; each matrix
-#      multiply alone in each formulation and BLAS library, the 3xTF32 ones included (last:
-#      cut if time runs out);
+#      matrix multiplies were 145.5 ms of B's 226.7 ms of kernels); each matrix multiply
+#      alone in each formulation and BLAS library, the 3xTF32 ones included, with its error
+#      against float64; packed and direct attention against the fused kernels' padded tiles
+#      in the compiled step (last: a cut leaves its progress lines, each variant's figures);
 #   2. GPU_CHECK_ONLY="train_zero2 train_graphs cuda_tests train_backward train_frames
 #      attention_bench train_eager train_blas train_cublas train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
@@ -103,6 +103,12 @@ step cuda_3x 40 python3 -m pytest -v tests/models/test_avit.py -k \
 step train_3x 130 python3 -m perf.train_bench --sizes B,L --numerics fp32,3xtf32 \
   --wrappers plain --compile --attention direct --steps 4 --warmup 2 --profile 2 \
   --trace-dir "$TR" --json "$R/train_3x.json"
+# issue 4: each of the step's matrix multiplies (B, L) forward and in every formulation of its
+# gradients (the TN ones of backward_matmuls and the 3xTF32 ones of fp32_matmuls included),
+# cuBLAS and cuBLASLt, strict fp32: whether the forward's layout, another library or the
+# tensor cores take the backward's align-1 SIMT kernels out of the step
+step matmul_bench 70 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 6 \
+  --warmup 2 --json "$R/matmul_bench.json"
 # issue 4: the blocks' attention packed (g short sequences as one under a block-diagonal
 # bias: fuller 64x64 tiles for the memory-efficient kernel) and direct (written out, products
 # and sums inductor fuses) against fused, B and L compiled, fp32 and TF32, with the kernel time
@@ -110,12 +116,6 @@ step train_3x 130 python3 -m perf.train_bench --sizes B,L --numerics fp32,3xtf32
 step train_attention 190 python3 -m perf.train_bench --sizes B,L --wrappers plain --compile \
   --attention fused,packed,direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/train_attention.json"
-# issue 4: each of the step's matrix multiplies (B, L) forward and in every formulation of its
-# gradients (the TN ones of backward_matmuls and the 3xTF32 ones of fp32_matmuls included),
-# cuBLAS and cuBLASLt, strict fp32: whether the forward's layout, another library or the
-# tensor cores take the backward's align-1 SIMT kernels out of the step
-step matmul_bench 75 python3 -m perf.matmul_bench --sizes B,L --numerics fp32 --iters 10 \
-  --warmup 3 --json "$R/matmul_bench.json"
 # issue 4: the last block on its decoded frame only is the default (every row above runs it):
 # on CUDA, its temporal attention's one query a sequence and last bias row (a view of padded
 # rows) on the memory-efficient kernel (restricted to it: an error if refused; no bias

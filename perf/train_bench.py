@@ -437,7 +437,7 @@ def _measure(size, wrapper, num, layout, attention, backward, args, device, rows
              failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:5s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
+    label = f"{size:3s} {num:6s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
     try:
         rows.append(run_variant(size, wrapper, num, args, device, layout, attention, backward))
     except Exception as exc:

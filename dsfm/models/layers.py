@@ -353,7 +353,9 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 x as a TF32 head and a TF32 tail, x = hi + lo + r: hi is x rounded to TF32
     (|x − hi| ≤ 2⁻¹¹·|x|), lo the rest rounded to TF32, |r| ≤ 2⁻²²·|x|. Both are exact TF32
     numbers, which a tensor core multiplies exactly (11 significant bits each: products of
-    22 bits, within fp32's 24)."""
+    22 bits, within fp32's 24). A NaN stays a NaN; an infinite x gives hi = x and lo = NaN
+    (x − x), so a product with an infinite operand is NaN where strict fp32's may be infinite
+    (its hi·lo cross terms: inf·0 would be NaN anyway): non-finite either way."""
     hi = _tf32(x)
     return hi, _tf32(x - hi)
 
@@ -404,7 +406,7 @@ class _Linear3xTF32(torch.autograd.Function):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
         ctx.has_bias = bias is not None
-        y = mm_3xtf32(x.reshape(-1, x.shape[-1]), weight.t())               # [M, N]
+        y = mm_3xtf32(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight.t())  # [M, N]
         if bias is not None:
             y = y + bias
         return y.view(*x.shape[:-1], weight.shape[0])
@@ -415,11 +417,12 @@ class _Linear3xTF32(torch.autograd.Function):
         x, weight = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gx = gw = gb = None
-        g2 = gy.reshape(-1, gy.shape[-1])                                   # [M, N]
+        m = math.prod(gy.shape[:-1])
+        g2 = gy.reshape(m, gy.shape[-1])                                    # [M, N]
         if need_x:
             gx = mm_3xtf32(g2, weight).view(*gy.shape[:-1], weight.shape[1])   # [..., K]
         if need_w:
-            gw = mm_3xtf32(g2.t(), x.reshape(-1, x.shape[-1]))               # [N, K]
+            gw = mm_3xtf32(g2.t(), x.reshape(m, x.shape[-1]))                # [N, K]
         if need_b and ctx.has_bias:
             gb = g2.sum(dim=0)
         return gx, gw, gb
@@ -445,7 +448,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     computed as `fp32` says (FP32_MATMULS) when its operands are fp32 (other dtypes, and
     autocast, take F.linear's own products)."""
     if (fp32 == "3xtf32" and x.dtype == weight.dtype == torch.float32
-            and not torch.is_autocast_enabled(x.device.type)):
+            and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))):
         return _Linear3xTF32.apply(x, weight, bias)
     if backward == "autograd":
         return F.linear(x, weight, bias)

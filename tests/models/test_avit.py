@@ -1095,7 +1095,7 @@ def test_tf32_split_gives_two_tf32_numbers_within_2_to_the_minus_22():
     x − hi − lo within 2⁻²² of |x| (2⁻¹³⁷ among the subnormals, TF32's spacing there), over
     fp32 numbers of every exponent and sign, subnormals and zeros; a non-finite x gives a
     non-finite hi + lo. The difference is computed in float64, exactly."""
-    from dsfm.models.layers import tf32_split
+    from dsfm.models.layers import mm_3xtf32, tf32_split
 
     g = torch.Generator().manual_seed(0)
     n = 200_000
@@ -1113,8 +1113,13 @@ def test_tf32_split_gives_two_tf32_numbers_within_2_to_the_minus_22():
     assert (r <= bound).all(), (x[r > bound][:5], r[r > bound][:5])
     normal = x.abs() >= 2.0 ** -100       # the tails carry the bits TF32 drops
     assert (lo[normal] != 0).float().mean() > 0.99
+    # non-finite stays non-finite: an infinite operand's products are NaN (its hi·lo cross
+    # terms), where strict fp32's may be infinite; the other rows are untouched
     hi, lo = tf32_split(torch.tensor([float("inf"), -float("inf"), float("nan")]))
-    assert not torch.isfinite(hi + lo).any()
+    assert hi[:2].isinf().all() and not torch.isfinite(hi + lo).any()
+    a = torch.tensor([[float("inf"), 1.0], [1.0, 1.0]])
+    y = mm_3xtf32(a, torch.tensor([[2.0], [3.0]]))
+    assert not y[0].isfinite().any() and y[1].item() == 5.0
 
 
 def test_tf32_split_keeps_every_nan_and_the_largest_finite_numbers():
@@ -1207,6 +1212,12 @@ def test_3xtf32_linear_has_f_linears_gradients_and_falls_back_outside_fp32():
                     assert got.dtype == torch.float32 and _rel(got, ref) < 1e-6
     x64, w64 = x0.double(), w0.double()
     assert torch.equal(linear(x64, w64, None, fp32="3xtf32"), F.linear(x64, w64))
+    # on the meta device (as a FLOP count builds the model) and with nothing to sum (K = 0)
+    y = linear(x0.to("meta"), w0.to("meta"), b0.to("meta"), fp32="3xtf32")
+    assert y.shape == (3, 50, 64) and y.device.type == "meta"
+    x, w = torch.zeros(3, 50, 0, requires_grad=True), torch.zeros(64, 0, requires_grad=True)
+    linear(x, w, b0, fp32="3xtf32").sum().backward()
+    assert x.grad.shape == x.shape and w.grad.shape == w.shape
     with torch.autocast("cpu", dtype=torch.bfloat16):
         y, ref = linear(x0, w0, b0, fp32="3xtf32"), F.linear(x0, w0, b0)
     assert y.dtype == torch.bfloat16 and torch.equal(y, ref)
