@@ -908,6 +908,19 @@ def test_blocks_run_on_the_fused_attention_kernel_on_cuda():
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+@pytest.fixture
+def strict_fp32():
+    """TF32 off for CUDA matmuls and cuDNN convolutions during the test, restored after by
+    plain reads and assignments (pytest 9.2's monkeypatch takes torch.backends.cuda.matmul's
+    flags, which that object computes on access, for attributes it lacks, and deletes them on
+    undo: an error)."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    saved = matmul.allow_tf32, cudnn.allow_tf32
+    matmul.allow_tf32 = cudnn.allow_tf32 = False
+    yield
+    matmul.allow_tf32, cudnn.allow_tf32 = saved
+
+
 def _fp32_errors(attention: str, device: str, frames: int, res: int, compiled: bool = False,
                  kernels: list | None = None, backward_matmuls: str = "autograd",
                  skip_unused_frames: bool = True, fp32_matmuls: str = "native"
@@ -979,7 +992,7 @@ def _as_accurate(errors, reference) -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("frames,res", [(16, 128), (4, 80)])
-def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(monkeypatch, frames,
+def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(strict_fp32, frames,
                                                                       res):
     """attention="packed" on CUDA: every attention call, forward and backward, on the
     memory-efficient kernel (restricted to it, SDPA raises if the packed inputs or the
@@ -991,8 +1004,6 @@ def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(monkeypat
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.profiler import ProfilerActivity, profile
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fused = _fp32_errors("fused", "cuda", frames, res)
     with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):   # MATH: float64
         packed_kernels = []
@@ -1012,14 +1023,12 @@ def test_packed_attention_runs_on_the_fused_kernel_and_matches_on_cuda(monkeypat
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_direct_attention_runs_no_attention_kernel_and_matches_on_cuda(monkeypatch, compiled):
+def test_direct_attention_runs_no_attention_kernel_and_matches_on_cuda(strict_fp32, compiled):
     """attention="direct" on CUDA, eager and with compiled blocks: no fused-attention kernel
     runs, forward or backward (compiled: inductor's fused products and sums; the
     projections' and MLP's matrix multiplies are cuBLAS's either way, so the check is on
     attention kernels by name), as accurate as attention="fused" (compiled alike) on the same
     weights against their float64 step, strict fp32, the benchmark's sequences of 16 and 8."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     fused_kernels, direct_kernels = [], []
     fused = _fp32_errors("fused", "cuda", 16, 128, compiled, fused_kernels)
     _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, direct_kernels), fused)
@@ -1056,12 +1065,10 @@ def test_tn_backward_matmuls_are_as_accurate_as_autograds(mode, compiled):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_tn_backward_matmuls_are_as_accurate_as_autograds_on_cuda(monkeypatch, compiled):
+def test_tn_backward_matmuls_are_as_accurate_as_autograds_on_cuda(strict_fp32, compiled):
     """backward_matmuls "tn" on CUDA, strict fp32, the benchmark's sequences (16 frames on
     8×8 patches), eager and compiled: as accurate as autograd's backward against the float64
     step (cuBLAS picks other kernels for the TN layout: other summation orders)."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     reference = _fp32_errors("direct", "cuda", 16, 128, compiled)
     _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, backward_matmuls="tn"),
                  reference)
@@ -1070,14 +1077,12 @@ def test_tn_backward_matmuls_are_as_accurate_as_autograds_on_cuda(monkeypatch, c
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("attention,compiled", [("fused", False), ("packed", False),
                                                 ("direct", False), ("direct", True)])
-def test_the_last_block_on_its_decoded_frame_is_as_accurate_on_cuda(monkeypatch, attention,
+def test_the_last_block_on_its_decoded_frame_is_as_accurate_on_cuda(strict_fp32, attention,
                                                                       compiled):
     """The last block on the decoded frame only, on CUDA in strict fp32 with the benchmark's
     sequences: its temporal attention takes one query a sequence and the last row of the
     bias (a view of padded rows, for the memory-efficient kernel; packed: 4 queries against
     64 keys), as accurate against the float64 step as the last block on every frame."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     every = _fp32_errors(attention, "cuda", 16, 128, compiled, skip_unused_frames=False)
     kernels = []
     _as_accurate(_fp32_errors(attention, "cuda", 16, 128, compiled, kernels), every)
@@ -1155,7 +1160,7 @@ def _rel(a: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize("m,k,n,operands", [(1024, 768, 768, "signed"),
                                             (768, 3072, 768, "signed"),
                                             (1024, 768, 768, "positive")])
-def test_3xtf32_products_are_as_accurate_as_fp32s(monkeypatch, device, m, k, n, operands):
+def test_3xtf32_products_are_as_accurate_as_fp32s(strict_fp32, device, m, k, n, operands):
     """mm_3xtf32 against the float64 product: as accurate as the strict-fp32 product, where
     one TF32 product of the same operands is over twenty times less accurate (measured on
     the CPU: a thousand; what the tails buy). AViT-B's shapes of K; signed operands (the
@@ -1166,7 +1171,6 @@ def test_3xtf32_products_are_as_accurate_as_fp32s(monkeypatch, device, m, k, n, 
     fp32: their accumulation need not round as the CUDA cores' fused multiply-adds do."""
     from dsfm.models.layers import _tf32, mm_3xtf32
 
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
     g = torch.Generator().manual_seed(0)
     draw = torch.rand if operands == "positive" else torch.randn
     a, b = draw(m, k, generator=g), draw(k, n, generator=g)
@@ -1245,13 +1249,11 @@ def test_3xtf32_matmuls_are_as_accurate_as_strict_fp32(monkeypatch, compiled):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("compiled", [False, True])
-def test_3xtf32_matmuls_run_on_tensor_cores_as_accurate_as_strict_fp32_on_cuda(monkeypatch,
+def test_3xtf32_matmuls_run_on_tensor_cores_as_accurate_as_strict_fp32_on_cuda(strict_fp32,
                                                                                compiled):
     """fp32_matmuls="3xtf32" on CUDA in a strict-fp32 run, the benchmark's sequences (16
     frames on 8×8 patches), eager and compiled: as accurate as strict fp32 against the
     float64 step, its products on TF32 kernels (by name), and TF32 off again after."""
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
     strict_kernels, kernels = [], []
     reference = _fp32_errors("direct", "cuda", 16, 128, compiled, strict_kernels)
     _as_accurate(_fp32_errors("direct", "cuda", 16, 128, compiled, kernels,
