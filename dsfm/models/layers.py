@@ -361,36 +361,41 @@ def tf32_split(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 @torch.library.custom_op("dsfm::mm_3xtf32", mutates_args=())
-def _mm_3xtf32(a_hi: torch.Tensor, a_lo: torch.Tensor, b_hi: torch.Tensor,
-               b_lo: torch.Tensor) -> torch.Tensor:
-    """a·b for a = a_hi + a_lo [M, K] and b = b_hi + b_lo [K, N] (`tf32_split`), as three
-    products on TF32 tensor cores summed in fp32, the small ones first: a_lo·b_hi + a_hi·b_lo
-    + a_hi·b_hi (a_lo·b_lo, below 2⁻²² of the whole, is left out). The operands are exact
-    TF32 numbers, so each product is exact and the sums are fp32's: CUTLASS's "3xTF32",
-    fp32's accuracy from tensor cores. On the CPU, with no TF32, the same products in fp32
-    (exact as well: the same arithmetic). An operator of its own so that TF32 is on for these
-    products only, whatever the run's setting, and the compiler keeps them as they are."""
-    cuda = a_hi.is_cuda
+def _mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a·b for a = a_hi + a_lo [M, K] and b = b_hi + b_lo [K, N] (`tf32_split`), given side by
+    side as a = [a_lo | a_hi] [M, 2K] and b = [b_hi ; b_lo] [2K, N]: three products on TF32
+    tensor cores summed in fp32, the small ones first, in two calls: a·b = a_lo·b_hi +
+    a_hi·b_lo (one product over 2K), then + a_hi·b_hi (views of the same operands; a_lo·b_lo,
+    below 2⁻²² of the whole, is left out). The output is written once and read and written
+    once more, where three calls would write it once and read and write it twice. The
+    operands are exact TF32 numbers, so each product is exact and the sums are fp32's:
+    CUTLASS's "3xTF32", fp32's accuracy from tensor cores. On the CPU, with no TF32, the same
+    products in fp32 (exact as well: the same arithmetic). An operator of its own so that
+    TF32 is on for these products only, whatever the run's setting, and the compiler keeps
+    them as they are."""
+    k = a.shape[1] // 2
+    cuda = a.is_cuda
     allowed = torch.backends.cuda.matmul.allow_tf32 if cuda else None
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
     try:
-        out = torch.mm(a_lo, b_hi)
-        out.addmm_(a_hi, b_lo)
-        return out.addmm_(a_hi, b_hi)
+        return torch.mm(a, b).addmm_(a[:, k:], b[:k])
     finally:
         if cuda:
             torch.backends.cuda.matmul.allow_tf32 = allowed
 
 
 @_mm_3xtf32.register_fake
-def _(a_hi, a_lo, b_hi, b_lo):
-    return a_hi.new_empty(a_hi.shape[0], b_hi.shape[1])
+def _(a, b):
+    return a.new_empty(a.shape[0], b.shape[1])
 
 
 def mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a·b [M, K]·[K, N] of fp32 matrices in three TF32 products (`_mm_3xtf32`)."""
-    return _mm_3xtf32(*tf32_split(a), *tf32_split(b))
+    """a·b [M, K]·[K, N] of fp32 matrices in three TF32 products (`_mm_3xtf32`; the splits
+    written side by side, which the compiled blocks fuse into one kernel per operand)."""
+    a_hi, a_lo = tf32_split(a)
+    b_hi, b_lo = tf32_split(b)
+    return _mm_3xtf32(torch.cat([a_lo, a_hi], 1), torch.cat([b_hi, b_lo], 0))
 
 
 class _Linear3xTF32(torch.autograd.Function):
