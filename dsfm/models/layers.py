@@ -404,7 +404,9 @@ class _Linear3xTF32(torch.autograd.Function):
     on an H100 or H200 tensor cores do TF32 at 7.4 times the CUDA cores' fp32 rate, so
     three of them can beat one strict-fp32 product, at fp32's accuracy (tests/models).
     Saves what F.linear's autograd saves (the input for the weight's gradient, the weight
-    for the input's); the splits are recomputed in the backward."""
+    for the input's), the splits recomputed in the backward; compiled, the partitioner
+    keeps the input's two TF32 parts instead of the input (twice its memory), as they feed
+    an operator of their own in the backward."""
 
     @staticmethod
     def forward(ctx, x, weight, bias):
