@@ -75,13 +75,13 @@ class AViTConfig:
     attention: str = "fused"
     #: how the backward of the blocks' projections and MLP forms its matrix multiplies:
     #: "autograd" (F.linear's own), "tn_dgrad" or "tn" (the input's gradient, or both
-    #: gradients, in the forward's operand layout: layers._TNLinear); the same numbers to
+    #: gradients, in the forward's operand layout: layers._Linear); the same numbers to
     #: fp32 rounding
     backward_matmuls: str = "autograd"
     #: how the fp32 matrix multiplies of the blocks' projections and MLP are computed:
     #: "native" (as PyTorch's settings say: strict fp32, or TF32 under train.tf32) or
     #: "3xtf32" (each as three TF32 tensor-core products of operands split in two,
-    #: layers._Linear3xTF32: fp32's accuracy, tests/models/test_avit.py); with "3xtf32" the
+    #: layers._Linear: fp32's accuracy, tests/models/test_avit.py); with "3xtf32" the
     #: backward's layout is its own, so backward_matmuls stays "autograd"
     fp32_matmuls: str = "native"
 

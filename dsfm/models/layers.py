@@ -293,49 +293,6 @@ def _(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return a.new_empty(a.shape[0], b.shape[0])
 
 
-class _TNLinear(torch.autograd.Function):
-    """y = x·Wᵀ + b (F.linear) whose backward runs its matrix multiplies in the forward's
-    operand layout: both operands contiguous along the summed axis (cuBLAS's "TN", the
-    layout of y = x·Wᵀ with x [M, K] and W [N, K] both row-major). Autograd's own backward
-    computes dx = dy·W (both operands row-major: "NN") and dW = dyᵀ·x (summed over the M
-    tokens, neither operand contiguous along them: "NT"); in strict fp32 on an H200, cuBLAS
-    ran those two layouts on SIMT kernels at about 34 TFLOP/s where the forward's ran at
-    about 45 (docs/performance.md). Here
-        dx = dy·(Wᵀ)ᵀ            with Wᵀ copied contiguous ([K, N]: one copy of the weight),
-        dW = (dyᵀ)·(xᵀ)ᵀ         with dyᵀ [N, M] and xᵀ [K, M] copied contiguous (`weight_tn`;
-                                 otherwise autograd's dyᵀ·x);
-    the same products, summed in another order: the same numbers to rounding. The copies
-    cost N·K floats written (with `weight_tn` M·(N + K) more), against the products'
-    2·M·N·K operations each."""
-
-    @staticmethod
-    def forward(ctx, x, weight, bias, weight_tn):
-        # what the backward reads, as F.linear's autograd keeps it: the input for the weight's
-        # gradient, the weight for the input's (frozen blocks keep no input of theirs alive)
-        need_x, need_w = ctx.needs_input_grad[:2]
-        ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.weight_tn, ctx.has_bias = weight_tn, bias is not None
-        return F.linear(x, weight, bias)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, gy):
-        # under autocast the forward's product ran in a lower precision, as its gradient
-        # arrives: the saved operands are taken to it, as autograd's casts would be
-        x, weight = (t if t is None else t.to(gy.dtype) for t in ctx.saved_tensors)
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gx = gw = gb = None
-        g2 = gy.reshape(-1, gy.shape[-1])                                   # [M, N]
-        if need_x:
-            gx = _mm_tn(g2, weight.t()).view(*gy.shape[:-1], weight.shape[1])  # [..., K]
-        if need_w:
-            x2 = x.reshape(-1, x.shape[-1])                                 # [M, K]
-            gw = _mm_tn(g2.t(), x2.t()) if ctx.weight_tn else g2.t().mm(x2)   # [N, K]
-        if need_b and ctx.has_bias:
-            gb = g2.sum(dim=0)
-        return gx, gw, gb, None
-
-
 def _tf32(x: torch.Tensor) -> torch.Tensor:
     """x rounded to the nearest TF32 number (fp32 with its 13 lowest mantissa bits zero: 10
     explicit bits, as a tensor core reads an fp32 operand; ties away from zero). From the
@@ -398,21 +355,37 @@ def mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return _mm_3xtf32(torch.cat([a_lo, a_hi], 1), torch.cat([b_hi, b_lo], 0))
 
 
-class _Linear3xTF32(torch.autograd.Function):
-    """y = x·Wᵀ + b (F.linear) in fp32, each of its three matrix multiplies (the forward's,
-    the input's gradient dy·W and the weight's dyᵀ·x) as three TF32 products (`mm_3xtf32`):
-    on an H100 or H200 tensor cores do TF32 at 7.4 times the CUDA cores' fp32 rate, so
-    three of them can beat one strict-fp32 product, at fp32's accuracy (tests/models).
-    Saves what F.linear's autograd saves (the input for the weight's gradient, the weight
-    for the input's), the splits recomputed in the backward; compiled, the partitioner
-    keeps the input's two TF32 parts instead of the input (twice its memory), as they feed
-    an operator of their own in the backward."""
+class _Linear(torch.autograd.Function):
+    """y = x·Wᵀ + b (F.linear) whose matrix multiplies are formed as `mode` says:
+    - "tn_dgrad", "tn": the backward's in the forward's operand layout, both operands
+      contiguous along the summed axis (cuBLAS's "TN", the layout of y = x·Wᵀ with x [M, K]
+      and W [N, K] both row-major). Autograd's own backward computes dx = dy·W (both operands
+      row-major: "NN") and dW = dyᵀ·x (summed over the M tokens, neither operand contiguous
+      along them: "NT"); in strict fp32 on an H200, cuBLAS ran those two layouts on SIMT
+      kernels at about 34 TFLOP/s where the forward's ran at about 45
+      (docs/performance.md). Here
+          dx = dy·(Wᵀ)ᵀ          with Wᵀ copied contiguous ([K, N]: one copy of the weight),
+          dW = (dyᵀ)·(xᵀ)ᵀ       with dyᵀ [N, M] and xᵀ [K, M] copied contiguous ("tn";
+                                 "tn_dgrad": autograd's dyᵀ·x);
+      the same products, summed in another order: the same numbers to rounding. The copies
+      cost N·K floats written ("tn": M·(N + K) more), against the products' 2·M·N·K
+      operations each.
+    - "3xtf32": all three (the forward's, dy·W and dyᵀ·x) as three TF32 products each
+      (`mm_3xtf32`), in fp32: on an H100 or H200 tensor cores do TF32 at 7.4 times the CUDA
+      cores' fp32 rate, so three of them can beat one strict-fp32 product, at fp32's
+      accuracy (tests/models). The splits are recomputed in the backward; compiled, the
+      partitioner keeps the input's two TF32 parts instead of the input (twice its memory),
+      as they feed an operator of their own in the backward.
+    Saves what F.linear's autograd saves: the input for the weight's gradient, the weight
+    for the input's (frozen blocks keep no input of theirs alive)."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias):
+    def forward(ctx, x, weight, bias, mode):
         need_x, need_w = ctx.needs_input_grad[:2]
         ctx.save_for_backward(x if need_w else None, weight if need_x else None)
-        ctx.has_bias = bias is not None
+        ctx.mode, ctx.has_bias = mode, bias is not None
+        if mode != "3xtf32":
+            return F.linear(x, weight, bias)
         y = mm_3xtf32(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight.t())  # [M, N]
         if bias is not None:
             y = y + bias
@@ -421,30 +394,37 @@ class _Linear3xTF32(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, gy):
-        x, weight = ctx.saved_tensors
+        # under autocast the forward's product ran in a lower precision, as its gradient
+        # arrives: the saved operands are taken to it, as autograd's casts would be (3xtf32
+        # runs outside autocast only: `linear`)
+        x, weight = (t if t is None else t.to(gy.dtype) for t in ctx.saved_tensors)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        three = ctx.mode == "3xtf32"
         gx = gw = gb = None
         m = math.prod(gy.shape[:-1])
         g2 = gy.reshape(m, gy.shape[-1])                                    # [M, N]
         if need_x:
-            gx = mm_3xtf32(g2, weight).view(*gy.shape[:-1], weight.shape[1])   # [..., K]
+            gx = (mm_3xtf32(g2, weight) if three else _mm_tn(g2, weight.t())
+                  ).view(*gy.shape[:-1], weight.shape[1])                   # [..., K]
         if need_w:
-            gw = mm_3xtf32(g2.t(), x.reshape(m, x.shape[-1]))                # [N, K]
+            x2 = x.reshape(m, x.shape[-1])                                  # [M, K]
+            gw = (mm_3xtf32(g2.t(), x2) if three else _mm_tn(g2.t(), x2.t())
+                  if ctx.mode == "tn" else g2.t().mm(x2))                   # [N, K]
         if need_b and ctx.has_bias:
             gb = g2.sum(dim=0)
-        return gx, gw, gb
+        return gx, gw, gb, None
 
 
 #: `fp32_matmuls` of the blocks' projections and MLP (AViTConfig.fp32_matmuls): how their
 #: fp32 matrix multiplies are computed; "native": as PyTorch's settings say (strict fp32 on
 #: the CUDA cores, or TF32 under train.tf32); "3xtf32": each as three TF32 products of the
-#: operands split in two (_Linear3xTF32), fp32's accuracy on tensor cores
+#: operands split in two (_Linear), fp32's accuracy on tensor cores
 FP32_MATMULS = ("native", "3xtf32")
 
 
 #: `backward_matmuls` of the blocks' projections and MLP (AViTConfig.backward_matmuls): how
 #: their backward forms its two matrix multiplies; "autograd": as F.linear's own backward
-#: (dx: NN, dW: NT); "tn_dgrad": dx in the forward's layout (_TNLinear), dW as autograd's;
+#: (dx: NN, dW: NT); "tn_dgrad": dx in the forward's layout (_Linear), dW as autograd's;
 #: "tn": both in the forward's layout
 BACKWARD_MATMULS = ("autograd", "tn_dgrad", "tn")
 
@@ -456,10 +436,10 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
     autocast, take F.linear's own products)."""
     if (fp32 == "3xtf32" and x.dtype == weight.dtype == torch.float32
             and not (x.device.type != "meta" and torch.is_autocast_enabled(x.device.type))):
-        return _Linear3xTF32.apply(x, weight, bias)
+        return _Linear.apply(x, weight, bias, "3xtf32")
     if backward == "autograd":
         return F.linear(x, weight, bias)
-    return _TNLinear.apply(x, weight, bias, backward == "tn")
+    return _Linear.apply(x, weight, bias, backward)
 
 
 def pointwise(x: torch.Tensor, conv: nn.Conv2d, backward: str = "autograd",

@@ -523,11 +523,11 @@ def test_tn_backward_keeps_no_more_activations_than_autograds_with_frozen_blocks
 
 @pytest.mark.parametrize("weight_tn", [False, True])
 def test_tn_linear_gradients_pass_gradcheck(weight_tn):
-    """_TNLinear (the forward's layout in the backward: dx from a copy of Wᵀ, and with
-    weight_tn dW from copies of dyᵀ and xᵀ): gradcheck on tokens [B, L, K], a strided input
-    as the blocks pass some, with a bias and without, and with the weight frozen (its
-    gradient not computed) or the input's not needed."""
-    from dsfm.models.layers import _TNLinear
+    """_Linear's "tn_dgrad" and "tn" (the forward's layout in the backward: dx from a copy of
+    Wᵀ, and with weight_tn dW from copies of dyᵀ and xᵀ): gradcheck on tokens [B, L, K], a
+    strided input as the blocks pass some, with a bias and without, and with the weight
+    frozen (its gradient not computed) or the input's not needed."""
+    from dsfm.models.layers import _Linear
 
     torch.manual_seed(0)
     x = torch.randn(2, 5, 3, 3, dtype=torch.float64).transpose(1, 2)        # [2, 3, 5, 3]
@@ -540,7 +540,8 @@ def test_tn_linear_gradients_pass_gradcheck(weight_tn):
                 for t, n in zip((x, w, b), need)]
         assert not args[0].is_contiguous()
         assert torch.autograd.gradcheck(
-            lambda x, w, b: _TNLinear.apply(x, w, b, weight_tn), tuple(args)), need
+            lambda x, w, b: _Linear.apply(x, w, b, "tn" if weight_tn else "tn_dgrad"),
+            tuple(args)), need
 
 
 @pytest.mark.parametrize("mode", ["tn_dgrad", "tn"])
