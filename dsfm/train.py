@@ -129,8 +129,7 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
 
     data = cfg.data
     AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path,
-               attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls,
-               fp32_matmuls=cfg.model.fp32_matmuls)
+               **computed_as(cfg))
     if os.path.exists(data.base) and not os.path.isdir(data.base):
         raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None
@@ -379,6 +378,14 @@ def new_vocabulary(cfg: RunConfig, pretrained: dict | None):
         else FieldVocabulary(shared=cfg.data.shared_field_names)
 
 
+def computed_as(cfg: RunConfig) -> dict:
+    """How the run's config has the model compute (the same numbers to fp32 rounding, so the
+    run's config decides, not what a checkpoint's weights were trained with)."""
+    m = cfg.model
+    return {"attention": m.attention, "backward_matmuls": m.backward_matmuls,
+            "fp32_matmuls": m.fp32_matmuls}
+
+
 def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
     """The AViT this run trains: the config's shape, and field columns for every field of the
     vocabulary (at least model.n_fields; when fine-tuning, at least the pretrained ones). A
@@ -398,13 +405,9 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
         n_fields = max(pretrained["model_config"]["n_fields"], len(vocab),
                        cfg.model.n_fields or 0)
         return AViTConfig(**{**pretrained["model_config"], "n_fields": n_fields,
-                             "drop_path": cfg.model.drop_path,
-                             "attention": cfg.model.attention,
-                             "backward_matmuls": cfg.model.backward_matmuls,
-                             "fp32_matmuls": cfg.model.fp32_matmuls})
+                             "drop_path": cfg.model.drop_path, **computed_as(cfg)})
     return AViTConfig(cfg.model.n_fields or len(vocab), dim, heads, blocks, cfg.model.drop_path,
-                      attention=cfg.model.attention, backward_matmuls=cfg.model.backward_matmuls,
-                      fp32_matmuls=cfg.model.fp32_matmuls)
+                      **computed_as(cfg))
 
 
 def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):

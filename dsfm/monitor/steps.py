@@ -126,12 +126,11 @@ class ModelFlops:
     the model's FLOPs are the products', not the three TF32 passes of each)."""
 
     def __init__(self, model_config, patch: int = 16, frozen: frozenset[str] = frozenset()):
-        if getattr(model_config, "attention", "fused") != "fused":
-            model_config = dataclasses.replace(model_config, attention="fused")
-        if getattr(model_config, "backward_matmuls", "autograd") != "autograd":
-            model_config = dataclasses.replace(model_config, backward_matmuls="autograd")
-        if getattr(model_config, "fp32_matmuls", "native") != "native":
-            model_config = dataclasses.replace(model_config, fp32_matmuls="native")
+        counted = {k: v for k, v in (("attention", "fused"), ("backward_matmuls", "autograd"),
+                                     ("fp32_matmuls", "native"))
+                   if getattr(model_config, k, v) != v}
+        if counted:
+            model_config = dataclasses.replace(model_config, **counted)
         self.config = model_config
         self.patch = patch
         self.frozen = frozenset(frozen)       # parameters without gradients (fine-tuning)
