@@ -142,6 +142,11 @@ class TrainConfig(_Strict):
                                   "per-parameter hooks, bucket copies and device "
                                   "synchronizations, which reduce nothing on one rank (the "
                                   "same values); more ranks always take DeepSpeed's own")
+    zero3_whole_blocks: bool = Field(True, description="ZeRO-3: each space-time block's "
+                                     "parameters gathered and released as one unit "
+                                     "(DeepSpeed's leaf modules), not module by module inside "
+                                     "it (the same values); a ds_config that sets "
+                                     "zero_optimization.leaf_module keeps its own")
 
     _expand_home = field_validator("init_from")(_home)
 

@@ -18,7 +18,7 @@
 #      against float64; packed and direct attention against the fused kernels' padded tiles
 #      in the compiled step (last: a cut leaves its progress lines, each variant's figures);
 #   2. GPU_CHECK_ONLY="train_zero2 train_graphs cuda_tests train_backward train_frames
-#      attention_bench train_eager train_blas train_cublas train_rest":
+#      attention_bench train_eager train_blas train_cublas train_zero3 train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The one-rank
 #      ZeRO-2 engine without DeepSpeed's hooks (zero2) against plain, compiled, and the
@@ -29,7 +29,8 @@
 #      against autograd's in the compiled strict-fp32 step; the last block on its decoded
 #      frame against on every frame; the attention calls alone; the eager table (zero2 against
 #      DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix
-#      multiplies, then the rest if time is left.
+#      multiplies, ZeRO-3 gathering whole blocks against module by module (train_zero3),
+#      then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -144,7 +145,8 @@ step train_graphs 110 python3 -m perf.train_bench --sizes B,L --numerics tf32 \
 # accuracy), the TN backward (as accurate as autograd's, eager and compiled), 3xTF32 (the
 # same accuracy as strict fp32, on TF32 kernels, eager and compiled), the last block
 # on its decoded frame (one query a sequence on the memory-efficient kernel), the one-rank
-# ZeRO-2 engine (FusedAdam, the hooks' numbers) and the multi-tensor norm (its test reads
+# ZeRO-2 engine (FusedAdam, the hooks' numbers), ZeRO-3 gathering whole blocks (FusedAdam,
+# the numbers of gathering module by module) and the multi-tensor norm (its test reads
 # its probe through a new helper); the whole list: GPU_CHECK_CUDA_TESTS=all
 # (-v: a run cut at its limit still names each test that finished, and how)
 if [ "${GPU_CHECK_CUDA_TESTS:-changed}" = all ]; then
@@ -154,8 +156,8 @@ else
 fi
 # shellcheck disable=SC2086
 step cuda_tests 220 python3 -m pytest -v tests/models/test_avit.py \
-  tests/runtime/test_zero_local.py tests/runtime/test_zero_norm.py $CUDA_TESTS \
-  -k "cuda or gpu"
+  tests/runtime/test_zero_local.py tests/runtime/test_zero_norm.py \
+  tests/runtime/test_zero_blocks.py $CUDA_TESTS -k "cuda or gpu"
 # issue 4: the blocks' backward matrix multiplies in the forward's layout (TN: dsfm::mm_tn,
 # after transposed copies) against autograd's (NN and NT, which cuBLAS ran on SIMT align-1
 # kernels in strict fp32), B and L compiled, strict fp32, attention direct, with the kernel
@@ -184,6 +186,11 @@ step train_blas 45 python3 -m perf.train_bench --sizes B --numerics fp32 --wrapp
   --blas cublaslt --steps 4 --warmup 2 --profile 2 --json "$R/train_blas.json"
 step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wrappers plain \
   --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
+# issue 4: ZeRO-3 gathering each block's parameters as one unit (zero3, dsfm.runtime.
+# zero_blocks) against module by module inside them (zero3mod, DeepSpeed's own), B eager,
+# fp32 and TF32: on 2026-11-30 ZeRO-3 cost +110 % (B fp32) over plain, host time
+step train_zero3 70 python3 -m perf.train_bench --sizes B --wrappers plain,zero3,zero3mod \
+  --attention direct --steps 4 --warmup 2 --json "$R/train_zero3.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
 # per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
 # leftover_gib), Ti last
@@ -235,7 +242,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
 
 # the training benchmark's steps, in the summary's order
 TRAIN_STEPS="train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
-  train_cublas train_eager train_bench train_layout train_compile train_rest"
+  train_cublas train_eager train_zero3 train_bench train_layout train_compile train_rest"
 TRAIN_LOGS=()
 for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
 {

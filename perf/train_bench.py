@@ -101,7 +101,7 @@ _FLOPS: dict[tuple, float] = {}
 
 NUMERICS = ("fp32", "tf32", "torch", "3xtf32")
 FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
-WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3")
+WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod")
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -245,7 +245,8 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
     with torch.device(device):          # initialised where it runs: L builds in seconds
         model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention,
                      backward_matmuls=backward_matmuls,
-                     fp32_matmuls="3xtf32" if numerics == "3xtf32" else "native")
+                     fp32_matmuls="3xtf32" if numerics == "3xtf32" else "native",
+                     **({"width": args.width} if args.width else {}))
     if layout == "tokens_every":        # the last block on every frame, as MPP's code runs it
         model.skip_unused_frames = False
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
@@ -283,7 +284,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         peak_of = ("resident memory of the process (VmHWM), this variant" if reset_host_peak()
                    else "resident memory of the process since it started (ru_maxrss)")
 
-    zero = fused_norm = local = engine = None
+    zero = fused_norm = local = whole = engine = None
     if wrapper in ("plain", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
@@ -294,19 +295,24 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
             step = plain_step(model, opt, (x, ids, bcs, y), check_loss=True)
     else:
         from dsfm.runtime.engine import build_engine
+        from dsfm.runtime.zero_blocks import whole_blocks
         from dsfm.runtime.zero_local import is_local
         from dsfm.runtime.zero_norm import is_fused
-        stage = {"zero2": 2, "zero2hk": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3}[wrapper]
+        stage = {"zero2": 2, "zero2hk": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3,
+                 "zero3mod": 3}[wrapper]
         config = engine_config(batch, stage)
         if wrapper == "zero2nc":        # gradients left in place until the step: one copy per
             config["zero_optimization"]["contiguous_gradients"] = False   # parameter less
         # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor;
         # zero2hk, zero2nc: DeepSpeed's per-parameter gradient hooks and buckets, which a
-        # one-rank ZeRO-2 engine otherwise goes without (dsfm.runtime.zero_local)
+        # one-rank ZeRO-2 engine otherwise goes without (dsfm.runtime.zero_local);
+        # zero3mod: ZeRO-3 gathering module by module inside the blocks (DeepSpeed's own),
+        # where zero3 gathers each block as one unit (dsfm.runtime.zero_blocks)
         engine, _, _ = build_engine(model, config, fused_grad_norm=wrapper != "zero2ds",
-                                    local_gradients=wrapper not in ("zero2hk", "zero2nc"))
+                                    local_gradients=wrapper not in ("zero2hk", "zero2nc"),
+                                    whole_blocks=wrapper != "zero3mod")
         zero, fused_norm = config["zero_optimization"], is_fused(engine)
-        local = is_local(engine)
+        local, whole = is_local(engine), whole_blocks(engine.module)
         step = engine_step(engine, (x, ids, bcs, y), check_loss=True)
         issue = engine_step(engine, (x, ids, bcs, y))
     if args.compile and args.compile_mode == "reduce-overhead":
@@ -316,7 +322,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
            "attention": attention, "backward_matmuls": backward_matmuls, "batch": batch,
            "zero_optimization": zero,
            "compile_mode": args.compile_mode if args.compile else None,
-           "fused_grad_norm": fused_norm, "local_gradients": local,
+           "fused_grad_norm": fused_norm, "local_gradients": local, "whole_blocks": whole,
            "leftover_gib": leftover, "first_step_s": compile_s,
            "compiled_vs_eager_loss": compiled_vs_eager,
            "first_step_new_graphs": new_graphs, "tflop_per_step": flops / 1e12,
@@ -437,7 +443,7 @@ def _measure(size, wrapper, num, layout, attention, backward, args, device, rows
              failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:6s} {wrapper:7s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
+    label = f"{size:3s} {num:6s} {wrapper:8s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
     try:
         rows.append(run_variant(size, wrapper, num, args, device, layout, attention, backward))
     except Exception as exc:
@@ -491,7 +497,7 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
             "compile": args.compile, "compile_mode": args.compile_mode, "blas": args.blas,
-            "rows": rows, "failed": failed}
+            "width": args.width, "rows": rows, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -504,7 +510,10 @@ def main(argv: list[str] | None = None) -> int:
                     "buckets, which one rank's zero2 goes without: dsfm.runtime.zero_local), "
                     "zero2nc (zero2hk with contiguous_gradients off: about 400 copies a step "
                     "fewer), zero2ds (ZeRO-2 with DeepSpeed's own clipping norm, "
-                    "two operators per parameter tensor, instead of dsfm's multi-tensor one); "
+                    "two operators per parameter tensor, instead of dsfm's multi-tensor one), "
+                    "zero3mod (ZeRO-3 gathering the parameters module by module inside the "
+                    "blocks, as DeepSpeed does, where zero3 gathers each block as one unit: "
+                    "dsfm.runtime.zero_blocks); "
                     "default plain,zero2,zero3 (with --compile: plain,zero2)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
                     "defaults: matmuls fp32, convolutions TF32), 3xtf32 (strict fp32, the "
@@ -534,6 +543,11 @@ def main(argv: list[str] | None = None) -> int:
                     "whole run (torch.backends.cuda.preferred_blas_library; default: PyTorch's "
                     "choice, cuBLAS): in strict fp32 cuBLAS took SIMT kernels for most of the "
                     "backward's (H200, 2026-11-30); CUDA only")
+    ap.add_argument("--width", type=positive_int, default=None, metavar="DIM",
+                    help="each size's blocks, modules and parameter tensors at width DIM with "
+                    "one head (a multiple of 4): its arithmetic made negligible, so that the "
+                    "host's work per module and per parameter tensor sets the pace (what a "
+                    "wrapper adds to a host-bound step); default: the size's own width")
     ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
     ap.add_argument("--frames", type=positive_int, default=16)
     ap.add_argument("--fields", type=positive_int, default=4,
@@ -575,9 +589,12 @@ def main(argv: list[str] | None = None) -> int:
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
         if set(given) - set(known):
             ap.error(f"{flag}: one or more of {', '.join(known)}")
+    if args.width and args.width % 4:
+        ap.error(f"--width {args.width}: a multiple of 4 (the stem's first layer has width/4 "
+                 "channels)")
     if args.compile_mode != "default" and not args.compile:
         ap.error(f"--compile-mode {args.compile_mode} is a mode of --compile, which is not given")
-    if args.compile and "zero3" in args.wrappers.split(","):
+    if args.compile and {"zero3", "zero3mod"} & set(args.wrappers.split(",")):
         ap.error("--compile with zero3: ZeRO-3 gathers parameters in module hooks that "
                  "torch.compile would trace (dsfm/train.py refuses model.compile with ZeRO-3 "
                  "too)")
@@ -619,6 +636,8 @@ def main(argv: list[str] | None = None) -> int:
     name = torch.cuda.get_device_name() if cuda else "CPU"
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
+          + (f", each size at width {args.width} with one head (host overheads)"
+             if args.width else "")
           + (", space-time blocks compiled" if args.compile else "")
           + (f" ({args.compile_mode})" if args.compile and args.compile_mode != "default"
              else "")
@@ -627,7 +646,7 @@ def main(argv: list[str] | None = None) -> int:
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "
           "to issue it")
-    head = (f"{'size':4s} {'num':6s} {'wrapper':7s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
+    head = (f"{'size':4s} {'num':6s} {'wrapper':8s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
             f"{'batch':>5s} "
             f"{'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
@@ -645,7 +664,7 @@ def main(argv: list[str] | None = None) -> int:
         base = plain.get(model_of(r))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['size']:4s} {r['numerics']:6s} {r['wrapper']:7s} {LABEL[r['layout']]:6s} "
+        print(f"{r['size']:4s} {r['numerics']:6s} {r['wrapper']:8s} {LABEL[r['layout']]:6s} "
               f"{r['attention']:6s} {r['backward_matmuls']:8s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
@@ -656,11 +675,11 @@ def main(argv: list[str] | None = None) -> int:
               "time per step (ms) by category; the table's GPU busy is the busy time against "
               "the unprofiled ms/step")
         for r in rows:
-            print(f"  {r['size']:3s} {r['numerics']:6s} {r['wrapper']:7s} "
+            print(f"  {r['size']:3s} {r['numerics']:6s} {r['wrapper']:8s} "
                   f"{LABEL[r['layout']]:6s} {r['attention']:6s} {r['backward_matmuls']:8s} "
                   f"{describe_row(r, r['ms_per_step'])}")
     for f in failed:
-        print(f"{f['size']:4s} {f['numerics']:6s} {f['wrapper']:7s} {LABEL[f['layout']]:6s} "
+        print(f"{f['size']:4s} {f['numerics']:6s} {f['wrapper']:8s} {LABEL[f['layout']]:6s} "
               f"{f['attention']:6s} {f['backward_matmuls']:8s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))

@@ -118,11 +118,21 @@ def test_train_bench_compares_wrappers(tmp_path):
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
                 "--layouts", "tokens,tokens_every,channels_first",
-                "--wrappers", "plain,zero2,zero2hk,zero2nc,zero2ds,zero3",
-                "--json", str(out)], timeout=600)
+                "--wrappers", "plain,zero2,zero2hk,zero2nc,zero2ds,zero3,zero3mod",
+                "--width", "16", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
-    wrappers = ("plain", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3")
+    # Ti's 12 blocks and 439 parameter tensors at width 16 (host overheads): the FLOPs of that
+    # model, not of Ti's
+    import torch
+
+    from dsfm.models.avit import avit
+    from perf.train_bench import step_flops
+    x = torch.zeros(2, 2, 4, 32, 32)
+    narrow, ti = (step_flops(avit("Ti", 12, drop_path=0.0, width=w), x) for w in (16, None))
+    assert rec["width"] == 16 and "each size at width 16 with one head" in proc.stdout
+    assert {r["tflop_per_step"] for r in rec["rows"]} == {narrow / 1e12} and narrow < ti / 50
+    wrappers = ("plain", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod")
     assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
         (layout, w) for layout in ("tokens", "tokens_every", "channels_first")
         for w in wrappers]
@@ -131,17 +141,22 @@ def test_train_bench_compares_wrappers(tmp_path):
     shipped = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
     assert zero["plain"] is None and zero["zero2"] == shipped["zero_optimization"]
     assert zero["zero2nc"] == {**shipped["zero_optimization"], "contiguous_gradients": False}
-    assert zero["zero3"]["stage"] == 3
+    assert zero["zero3"]["stage"] == zero["zero3mod"]["stage"] == 3
     # zero2ds: the shipped ZeRO-2 with DeepSpeed's own per-tensor clipping norm
     assert zero["zero2ds"] == shipped["zero_optimization"]
     fused = {r["wrapper"]: r["fused_grad_norm"] for r in rec["rows"]}
     assert fused == {"plain": None, "zero2": True, "zero2hk": True, "zero2nc": True,
-                     "zero2ds": False, "zero3": True}
+                     "zero2ds": False, "zero3": True, "zero3mod": True}
     # one rank's zero2 (and zero2ds) takes the gradients in place; zero2hk and zero2nc go
     # through DeepSpeed's hooks; ZeRO-3 always does
     local = {r["wrapper"]: r["local_gradients"] for r in rec["rows"]}
     assert local == {"plain": None, "zero2": True, "zero2hk": False, "zero2nc": False,
-                     "zero2ds": True, "zero3": False}
+                     "zero2ds": True, "zero3": False, "zero3mod": False}
+    # ZeRO-3 gathers Ti's 12 blocks whole; zero3mod module by module (DeepSpeed's own), as
+    # every engine over MPP's channels-first formulation (which names no blocks)
+    for r in rec["rows"]:
+        assert r["whole_blocks"] == (None if r["wrapper"] == "plain" else 12 if (
+            r["wrapper"] == "zero3" and r["layout"] != "channels_first") else 0), r
     assert zero["zero2hk"] == shipped["zero_optimization"]
     # the same model computed three ways: TFLOP/s and MFU count the model's FLOPs, dsfm's
     # (the frames the last block skips, MPP's formulation runs, are not the model's)
@@ -168,6 +183,12 @@ def _plain_and_zero2_of(tmp_path, flag: str, values: str) -> tuple[list[dict], l
 
 
 @pytest.mark.slow
+def test_train_bench_width_must_suit_the_stem():
+    proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "B", "--width", "18"],
+               timeout=120)
+    assert proc.returncode == 2 and "--width 18: a multiple of 4" in proc.stderr
+
+
 def test_train_bench_compares_fused_packed_and_direct_attention(tmp_path):
     """--attention fused,packed,direct: each variant three times, the blocks' attention fused,
     packed and written out (AViTConfig.attention), as separate rows of the table and the

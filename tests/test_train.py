@@ -295,8 +295,12 @@ def test_zero3_with_the_tn_backward_or_3xtf32_matches_plain_autograd_training(
     assert [got[s] for s in range(1, early + 1)] == pytest.approx(reference[0][:early],
                                                                   rel=5e-5, abs=1e-7)
     assert setting.replace("=", ": ") in (run_dir / "config.yaml").read_text()
+    log = (run_dir / "train.log").read_text()
     if setting.startswith("fp32"):
-        assert "model.fp32_matmuls=3xtf32" in (run_dir / "train.log").read_text()
+        assert "model.fp32_matmuls=3xtf32" in log
+    # dsfm.runtime.zero_blocks, by default: each block's parameters gathered as one unit
+    assert ("ZeRO-3 gathers parameters block by block (2 blocks, each as one unit; "
+            "train.zero3_whole_blocks)") in log
 
 
 @pytest.mark.slow
@@ -305,7 +309,10 @@ def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_pat
     independently per rank: the ranks' micro-batches take different attention paths. ZeRO-3
     (every parameter partitioned) gathers a module's weights at each call of it and checks
     that every rank called the same modules; this run used to stop at its first step with a
-    gloo collective mismatch (on NCCL, a hang). It trains and evaluates."""
+    gloo collective mismatch (on NCCL, a hang). It trains and evaluates. With the modules
+    inside the blocks gathered one by one (train.zero3_whole_blocks=false), where that
+    mismatch lies in wait: by default a block's modules are gathered together, and which of
+    them a rank calls no longer matters to ZeRO-3."""
     base = tmp_path / "data"
     mixed_boundaries_dataset(str(base), "mixed_sq", (32, 32))
     mixed_boundaries_dataset(str(base), "mixed_rect", (32, 64))
@@ -313,11 +320,14 @@ def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_pat
     ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {
         "stage": 3, "stage3_param_persistence_threshold": 0}}))
     proc = train(str(ds), tmp_path / "r", ["train.max_steps=6", "train.eval_batches=1",
-                                           "data.same_dataset_across_ranks=false"],
+                                           "data.same_dataset_across_ranks=false",
+                                           "train.zero3_whole_blocks=false"],
                  ranks=2, data=str(base))
     assert "done: 6 steps" in proc.stdout + proc.stderr
     log = (tmp_path / "r" / "train.log").read_text()
     assert "mixed_sq" in log and "mixed_rect" in log
+    assert ("ZeRO-3 gathers parameters module by module (train.zero3_whole_blocks is false)"
+            in log)
 
 
 @pytest.mark.slow

@@ -145,6 +145,10 @@ class AViT(nn.Module):
                                     for r in rates)
         self.debed = HMLPDecoder(dim, config.n_fields)
 
+    def zero3_blocks(self) -> list[nn.Module]:
+        """The units ZeRO-3 gathers whole (dsfm.runtime.zero_blocks): the space-time blocks."""
+        return list(self.blocks)
+
     @property
     def n_fields(self) -> int:
         return self.space_bag.weight.shape[1]
@@ -252,12 +256,16 @@ class AViT(nn.Module):
 
 
 def avit(size: str, n_fields: int, drop_path: float = 0.2, attention: str = "fused",
-         backward_matmuls: str = "autograd", fp32_matmuls: str = "native") -> AViT:
-    """MPP's published sizes: Ti, S, B, L (case-insensitive)."""
+         backward_matmuls: str = "autograd", fp32_matmuls: str = "native",
+         width: int | None = None) -> AViT:
+    """MPP's published sizes: Ti, S, B, L (case-insensitive). `width`: the size's blocks and
+    parameter tensors at another width, with one head (benchmarks of host overheads)."""
     key = {k.lower(): k for k in SIZES}.get(size.lower())
     if key is None:
         raise ConfigError(f"AViT size {size!r} is not one of {', '.join(SIZES)}")
     dim, heads, blocks = SIZES[key]
+    if width is not None:
+        dim, heads = width, 1
     return AViT(AViTConfig(n_fields, dim, heads, blocks, drop_path, attention=attention,
                            backward_matmuls=backward_matmuls, fp32_matmuls=fp32_matmuls))
 

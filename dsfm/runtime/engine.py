@@ -128,7 +128,8 @@ def _filter_deepspeed_noise() -> None:
 
 
 def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool = True,
-                 lr_schedule: int = LR_SCHEDULE, local_gradients: bool = True):
+                 lr_schedule: int = LR_SCHEDULE, local_gradients: bool = True,
+                 whole_blocks: bool = True):
     """deepspeed.initialize over the trainable parameters; returns (engine, optimizer,
     scheduler). `fused_grad_norm`: where the optimizer is ZeRO's and not offloaded, it computes
     the clipping norm with one multi-tensor norm instead of two operators per parameter tensor
@@ -136,17 +137,23 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     `local_gradients`: a ZeRO-2 engine on one rank takes the gradients where autograd leaves
     them, without DeepSpeed's per-parameter hooks, bucket copies and device synchronizations,
     which reduce nothing on one rank (`dsfm.runtime.zero_local`; `zero_local.is_local` tells).
+    `whole_blocks`: ZeRO-3 gathers each of the model's blocks (`model.zero3_blocks()`) as one
+    unit, not module by module (`dsfm.runtime.zero_blocks`; `zero_blocks.whole_blocks`
+    counts them).
     DeepSpeed's warmup schedulers are built as dsfm's (`dsfm.runtime.warmup`: the first update
     at the warmup's first step, where DeepSpeed's made two at its starting rate), unless
     `lr_schedule` is 1 (a run resumed on DeepSpeed's own, `schedule.warmup_on_resume`)."""
     import deepspeed
 
     from dsfm.runtime.warmup import client_scheduler
+    from dsfm.runtime.zero_blocks import gather_blocks_whole
     from dsfm.runtime.zero_local import keep_local_gradients
     from dsfm.runtime.zero_norm import fuse_grad_norm, keep_plain_norm
 
     fix_arch_list()
     _filter_deepspeed_noise()
+    if whole_blocks:
+        gather_blocks_whole(model, ds_config)   # before initialize installs ZeRO-3's hooks
     params = [p for p in model.parameters() if p.requires_grad]
     rank = os.environ.get("RANK", "0")
     with build_lock.watch(f"rank {rank}'s DeepSpeed engine set-up"):
