@@ -20,12 +20,22 @@ parameters are gathered, the same gradients reduced, and no arithmetic changes
 (tests/runtime/test_zero_blocks.py, tests/test_train.py). Modules called in different orders
 or not at all on different ranks inside a block no longer matter to ZeRO-3 either.
 
+DeepSpeed reduces a whole block's gradients in a full backward hook on the block, and PyTorch
+fires such a hook, when no input of the module needs a gradient, as soon as the gradients of its
+outputs are known: before those of the block's parameters, which DeepSpeed would then reduce as
+zeros (its first backward stopped on a size mismatch). That is the first block's case when the
+field embedding and the stem are frozen and the blocks train; there the block's input is given
+a gradient of its own (`_input_needs_grad`), which nothing reads, so that the hook fires after
+the block's backward, as it does in training with nothing frozen.
+
 A ds_config that chooses leaf modules itself (`zero_optimization.leaf_module`, or a
 `stage3_module_granularity_threshold`) is left to DeepSpeed: `"leaf_module": {}` there restores
 DeepSpeed's gathering per module.
 """
 
 from __future__ import annotations
+
+import torch
 
 
 def gather_blocks_whole(model, ds_config: dict) -> str | None:
@@ -50,7 +60,24 @@ def gather_blocks_whole(model, ds_config: dict) -> str | None:
         return f"{type(model).__name__} has no blocks"
     for block in blocks:
         set_z3_leaf_module(block, True)
+        # before initialize: ahead of ZeRO-3's own hooks, which then see the input needing a
+        # gradient (its release of the parameters after the block's backward hangs on it too)
+        block.register_forward_pre_hook(_input_needs_grad)
     return None
+
+
+def _input_needs_grad(block, args):
+    """A block whose parameters train, called with gradients on: its first floating-point
+    input needing no gradient is replaced by one that does (the same values, detached: there
+    is no graph behind it), so that the block's full backward hook fires after its backward."""
+    if not torch.is_grad_enabled():
+        return None
+    i = next((i for i, a in enumerate(args) if torch.is_tensor(a) and a.is_floating_point()),
+             None)
+    if (i is None or any(torch.is_tensor(a) and a.requires_grad for a in args)
+            or not any(p.requires_grad for p in block.parameters())):
+        return None
+    return args[:i] + (args[i].detach().requires_grad_(),) + args[i + 1:]
 
 
 def whole_blocks(model) -> int:

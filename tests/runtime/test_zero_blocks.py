@@ -65,6 +65,16 @@ def test_one_rank_zero3_gathers_whole_blocks_with_deepspeeds_numbers(tmp_path):
     _same_training(rec)
 
 
+def test_blocks_train_behind_a_frozen_stem(tmp_path):
+    """The field embedding and the stem frozen, the blocks trained: the first block's input
+    needs no gradient. DeepSpeed reduces a whole block's gradients in a full backward hook on
+    the block, which PyTorch fires, when no input of the module needs a gradient, as soon as
+    the gradients of its outputs are known, before those of its parameters: the first
+    backward stopped ("The size of tensor a (0) must match the size of tensor b (48)")."""
+    [rec] = _records([sys.executable, PROBE, "--freeze", "stem"], tmp_path, 1)
+    _same_training(rec)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("options", [["--accumulation", "2"], ["--freeze", "processor"]],
                          ids=["accumulation", "frozen-processor"])

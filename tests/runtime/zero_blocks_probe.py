@@ -5,11 +5,12 @@ Two ZeRO-3 engines over the same small AViT, every parameter partitioned (persis
 one unit) and one module by module (`whole_blocks=False`, DeepSpeed's own), trained side by
 side on the same batches: micro-batches accumulated (`--accumulation`), one batch whose
 gradients are NaN (the update skipped), with `--freeze processor` the blocks frozen (fine-tuning
-the embedding and the head through them). Then each engine saves, and each checkpoint is
-loaded into a new engine of the other kind for one more step. Prints `ZERO_BLOCKS {json}`: per
-step whether the two engines' losses, gradient norms and partitioned weights are equal, the
-ZeRO-3 module hooks each engine ran in the step (`fetch_sub_module` calls), and whether the
-cross-loaded engines ended equal.
+the embedding and the head through them), with `--freeze stem` the field embedding and the stem
+frozen (the first block's input needs no gradient, while its parameters train). Then each
+engine saves, and each checkpoint is loaded into a new engine of the other kind for one more
+step. Prints `ZERO_BLOCKS {json}`: per step whether the two engines' losses, gradient norms and
+partitioned weights are equal, the ZeRO-3 module hooks each engine ran in the step
+(`fetch_sub_module` calls), and whether the cross-loaded engines ended equal.
 """
 
 import argparse
@@ -43,14 +44,16 @@ def hooked_modules(engine) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--accumulation", type=int, default=1)
-    parser.add_argument("--freeze", choices=("none", "processor"), default="none")
+    parser.add_argument("--freeze", choices=("none", "processor", "stem"), default="none")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
     env = init_process_group()
     torch.manual_seed(0)
     model = AViT(AViTConfig(n_fields=4, dim=48, heads=3, blocks=3, drop_path=0.0))
-    if args.freeze == "processor":
-        for p in model.blocks.parameters():
+    frozen = {"none": (), "processor": (model.blocks,),
+              "stem": (model.space_bag, model.embed)}[args.freeze]
+    for module in frozen:
+        for p in module.parameters():
             p.requires_grad_(False)
     config = {"train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": args.accumulation, "gradient_clipping": 1.0,
