@@ -49,7 +49,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     set_tf32,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
-from dsfm.runtime.zero_blocks import gather_blocks_whole  # noqa: E402
+from dsfm.runtime.zero_blocks import gather_blocks_whole, whole_blocks  # noqa: E402
 from dsfm.runtime.zero_local import keep_local_gradients  # noqa: E402
 from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
@@ -636,16 +636,21 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                          "evaluated and the split_windows held)")
         affine = (loader.affine if cfg.train.loss_units == "physical" and data.normalization
                   else lambda name: (None, None))
-        if schedule.zero_stage(ds_config) == 3:
+        zero3 = schedule.zero_stage(ds_config) == 3
+        if zero3:
             why = (gather_blocks_whole(model, ds_config) if cfg.train.zero3_whole_blocks
                    else "train.zero3_whole_blocks is false")               # None: marked
-            log.text("ZeRO-3 gathers parameters " + (
-                f"block by block ({len(model.zero3_blocks())} blocks, each as one unit; "
-                "train.zero3_whole_blocks)" if why is None else f"module by module ({why})"),
-                console=False)
         engine, _, _ = build_engine(model, ds_config, fused_grad_norm=False,
                                     lr_schedule=checked.lr_schedule, local_gradients=False,
                                     whole_blocks=False)
+        if zero3:
+            # counted after initialize, which marks the leaf modules a ds_config names itself
+            units = whole_blocks(engine.module)
+            log.text("ZeRO-3 gathers parameters " + (
+                f"block by block ({len(model.zero3_blocks())} blocks, each as one unit; "
+                "train.zero3_whole_blocks)" if why is None else
+                f"of {units} modules as one unit each, the others' module by module ({why})"
+                if units else f"module by module ({why})"), console=False)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"

@@ -303,6 +303,23 @@ def test_zero3_with_the_tn_backward_or_3xtf32_matches_plain_autograd_training(
             "train.zero3_whole_blocks)") in log
 
 
+@pytest.mark.parametrize("leaf,line", [
+    ({"classes": ["SpaceTimeBlock"]}, "ZeRO-3 gathers parameters of 2 modules as one unit each"),
+    ({}, "ZeRO-3 gathers parameters module by module (the ds_config chooses"),
+], ids=["blocks", "none"])
+def test_zero3_log_says_what_a_ds_configs_own_leaf_modules_gather(demo_base, tmp_path, leaf,
+                                                                   line):
+    """A ds_config that names DeepSpeed's leaf modules itself is left to DeepSpeed, which
+    marks them inside deepspeed.initialize: train.log counts them there. It said "module by
+    module" of a config that makes the blocks leaf modules, whose blocks DeepSpeed gathered
+    whole."""
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": MICRO,
+                              "zero_optimization": {"stage": 3, "leaf_module": leaf}}))
+    train(str(ds), tmp_path / "run", ["train.max_steps=1"], data=demo_base)
+    assert line in (tmp_path / "run" / "train.log").read_text()
+
+
 @pytest.mark.slow
 def test_zero3_on_two_ranks_whose_batches_take_different_attention_paths(tmp_path):
     """Square and non-square grids, each with files of periodic and of wall boundaries, drawn
