@@ -515,6 +515,10 @@ def _with(path: str, value):
     # TypeError, and model.compile passed under ZeRO-3 to fail in torch.compile
     ("zero_optimization.stage", "3", r"zero_optimization.stage must be an integer \(0-3\), "
                                      "got '3'"),
+    # DeepSpeed's automatic leaf modules: the first backward stopped with a traceback
+    ("zero_optimization", {"stage": 3, "stage3_module_granularity_threshold": 5000},
+     "stage3_module_granularity_threshold 5000: DeepSpeed would gather the AViT's smallest "
+     "modules as leaf modules.*train.zero3_whole_blocks"),
 ])
 def test_a_ds_config_that_cannot_train_is_one_line_before_the_process_group(path, value,
                                                                            needle):

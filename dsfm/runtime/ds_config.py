@@ -212,6 +212,20 @@ def check(ds_config, source: str) -> list[str]:
         zero = DeepSpeedZeroConfig(**zero) if isinstance(zero, dict) else DeepSpeedZeroConfig(zero)
     except Exception as exc:                  # pydantic's, or a TypeError for a non-object
         raise ConfigError(f"{source}: zero_optimization: {_one_line(exc)}") from None
+    threshold = getattr(zero, "module_granularity_threshold", 0)
+    if stage == 3 and threshold and threshold > 0:
+        # DeepSpeed then makes the modules of fewest parameters per layer leaf modules: the
+        # AViT's relative-position bias tables first, which are called with no tensor that
+        # needs a gradient, so the backward hook that reduces a leaf's gradients fires before
+        # they exist (the first backward stopped: "output with shape [1] doesn't match the
+        # broadcast shape [12]")
+        raise ConfigError(
+            f"{source}: zero_optimization.stage3_module_granularity_threshold {threshold}: "
+            "DeepSpeed would gather the AViT's smallest modules as leaf modules, among them "
+            "its relative-position bias tables, whose gradients it cannot reduce that way (the "
+            "first backward stops); dsfm already gathers each space-time block as one unit "
+            "(train.zero3_whole_blocks): leave the threshold out, or name leaf modules in "
+            "zero_optimization.leaf_module")
     return notes
 
 

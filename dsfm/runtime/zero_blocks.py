@@ -28,14 +28,18 @@ field embedding and the stem are frozen and the blocks train; there the block's 
 a gradient of its own (`_input_needs_grad`), which nothing reads, so that the hook fires after
 the block's backward, as it does in training with nothing frozen.
 
-A ds_config that chooses leaf modules itself (`zero_optimization.leaf_module`, or a
-`stage3_module_granularity_threshold`) is left to DeepSpeed: `"leaf_module": {}` there restores
-DeepSpeed's gathering per module.
+A ds_config that chooses leaf modules itself (`zero_optimization.leaf_module`) is left to
+DeepSpeed: `"leaf_module": {}` there restores DeepSpeed's gathering per module. (A leaf module
+must be called with an input that needs a gradient, for the reason above; DeepSpeed's own choice
+by `stage3_module_granularity_threshold` would take the AViT's relative-position bias tables,
+called with none, and `dsfm.runtime.ds_config` refuses it.)
 """
 
 from __future__ import annotations
 
 import torch
+
+_MARKED = "_dsfm_whole_block"
 
 
 def gather_blocks_whole(model, ds_config: dict) -> str | None:
@@ -59,10 +63,13 @@ def gather_blocks_whole(model, ds_config: dict) -> str | None:
     if not blocks:
         return f"{type(model).__name__} has no blocks"
     for block in blocks:
+        if getattr(block, _MARKED, False):       # marked before (a second engine of the model)
+            continue
         set_z3_leaf_module(block, True)
         # before initialize: ahead of ZeRO-3's own hooks, which then see the input needing a
         # gradient (its release of the parameters after the block's backward hangs on it too)
         block.register_forward_pre_hook(_input_needs_grad)
+        setattr(block, _MARKED, True)
     return None
 
 
