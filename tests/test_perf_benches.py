@@ -401,7 +401,7 @@ def test_train_bench_keeps_going_past_a_failed_variant(tmp_path):
                               "layout": "tokens", "attention": "fused",
                               "backward_matmuls": "autograd",
                               "error": "RuntimeError: the graph wrapper needs CUDA"}]
-    assert ("graph   tokens fused  autograd failed: RuntimeError: the graph wrapper needs "
+    assert ("graph    tokens fused  autograd failed: RuntimeError: the graph wrapper needs "
             "CUDA") in proc.stdout
 
 
