@@ -26,7 +26,7 @@ from dsfm.models.avit import AViT, AViTConfig
 from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from dsfm.runtime.zero_blocks import whole_blocks
-from tests.runtime.zero_local_probe import equal
+from tests.runtime.zero_local_probe import apart, batch_maker, equal
 
 KINDS = ("blocks", "modules")
 
@@ -85,19 +85,10 @@ def main() -> None:
             fetches[_kind] = fetches.get(_kind, 0) + 1
             return _fetch(*a, **k)
         coordinator.fetch_sub_module = counted
-    g = torch.Generator().manual_seed(100 + env.rank)
     dev = engines["blocks"].device
+    batches = batch_maker(env.rank, dev)
     ids = torch.arange(4, device=dev)
     bcs = torch.full((2, 2, 2), 2.0)
-
-    def batches(n, poison=False):
-        out = []
-        for _ in range(n):
-            x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
-            if poison:
-                x[0, 0, 0, 0, 0] = float("nan")
-            out.append((x.to(dev), torch.randn(2, 4, 32, 32, generator=g).to(dev)))
-        return out
 
     def train_step(engine, micro):
         losses = []
@@ -122,12 +113,7 @@ def main() -> None:
         a, b = got["blocks"], got["modules"]
         # (on CUDA some backward kernels add in no fixed order: how far apart, beside equal)
         record["steps"].append({
-            "losses_max_diff": max(0.0 if u != u and v != v else          # both NaN
-                                   float("inf") if u != u or v != v else abs(u - v)
-                                   for u, v in zip(a["losses"], b["losses"])),
-            "weights_max_diff": max(float((u - v).abs().max()) if u.numel() else 0.0
-                                    for u, v in zip(a["weights"], b["weights"])),
-            "poisoned": step == 2, "losses_equal": equal(a["losses"], b["losses"]),
+            **apart(a, b), "poisoned": step == 2, "losses_equal": equal(a["losses"], b["losses"]),
             "norm_blocks": a["norm"], "norm_modules": b["norm"],
             "skipped_blocks": a["skipped"], "skipped_modules": b["skipped"],
             "weights_equal": equal(a["weights"], b["weights"]),

@@ -86,6 +86,32 @@ def saved(directory: str) -> dict:
     return out
 
 
+def batch_maker(rank: int, dev: torch.device):
+    """`batches(n, poison=False)`: n micro-batches (x, y) of 2 samples, 4 frames and 4 fields
+    at 32², drawn from this rank's own stream; `poison` puts a NaN in each x."""
+    g = torch.Generator().manual_seed(100 + rank)
+
+    def batches(n, poison=False):
+        out = []
+        for _ in range(n):
+            x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
+            if poison:
+                x[0, 0, 0, 0, 0] = float("nan")
+            out.append((x.to(dev), torch.randn(2, 4, 32, 32, generator=g).to(dev)))
+        return out
+    return batches
+
+
+def apart(a: dict, b: dict) -> dict:
+    """How far apart two engines' step records are (their "losses" and "weights"): the largest
+    difference of a loss (0 where both are NaN, inf where one is) and of a weight."""
+    return {"losses_max_diff": max(0.0 if math.isnan(u) and math.isnan(v) else
+                                   math.inf if math.isnan(u) or math.isnan(v) else abs(u - v)
+                                   for u, v in zip(a["losses"], b["losses"])),
+            "weights_max_diff": max(float((u - v).abs().max()) if u.numel() else 0.0
+                                    for u, v in zip(a["weights"], b["weights"]))}
+
+
 def dev0(engines) -> torch.device:
     return next(iter(engines.values())).device
 
@@ -115,19 +141,10 @@ def main() -> None:
               "why_not": keep_local_gradients(engines["local"]),
               "hooks": {n: len(e.optimizer._grad_acc_hooks) for n, e in engines.items()},
               "n_params": len(list(model.parameters())), "steps": []}
-    g = torch.Generator().manual_seed(100 + env.rank)
     dev = engines["local"].device
+    batches = batch_maker(env.rank, dev)
     ids = torch.arange(4, device=dev)
     bcs = torch.full((2, 2, 2), 2.0)
-
-    def batches(n, poison=False):
-        out = []
-        for _ in range(n):
-            x = 3.0 * torch.randn(2, 4, 4, 32, 32, generator=g)
-            if poison:
-                x[0, 0, 0, 0, 0] = float("nan")
-            out.append((x.to(dev), torch.randn(2, 4, 32, 32, generator=g).to(dev)))
-        return out
 
     def train_step(engine, micro, torch_style=False, count=False):
         losses, counter = [], Counting()
@@ -179,10 +196,7 @@ def main() -> None:
                 row[f"update_ops_{name}"] = step_ops     # engine.step at the boundary
         a, b = got["local"], got["own"]
         # (on CUDA some backward kernels add in no fixed order: how far apart, beside equal)
-        row["weights_max_diff"] = max(float((u - v).abs().max()) if u.numel() else 0.0
-                                      for u, v in zip(a["weights"], b["weights"]))
-        row["losses_max_diff"] = max(0.0 if math.isnan(u) and math.isnan(v) else abs(u - v)
-                                     for u, v in zip(a["losses"], b["losses"]))
+        row.update(apart(a, b))
         row.update(losses_equal=equal(a["losses"], b["losses"]), norm_local=a["norm"],
                    norm_own=b["norm"], skipped_local=a["skipped"], skipped_own=b["skipped"],
                    weights_equal=equal(a["weights"], b["weights"]),
