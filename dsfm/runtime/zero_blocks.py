@@ -39,16 +39,18 @@ from __future__ import annotations
 
 import torch
 
+from dsfm.runtime.schedule import zero_stage
+
 _MARKED = "_dsfm_whole_block"
 
 
 def gather_blocks_whole(model, ds_config: dict) -> str | None:
     """Mark `model.zero3_blocks()` as ZeRO-3 leaf modules, before `deepspeed.initialize`
     installs its hooks; returns None if marked, else why not."""
-    zero = ds_config.get("zero_optimization") or {}
-    stage = zero.get("stage", 0)
-    if str(stage) != "3":
+    stage = zero_stage(ds_config)
+    if stage != 3:
         return f"ZeRO stage {stage}, not 3"
+    zero = ds_config["zero_optimization"]
     if "leaf_module" in zero or zero.get("stage3_module_granularity_threshold"):
         return ("the ds_config chooses DeepSpeed's leaf modules itself (zero_optimization."
                 "leaf_module or stage3_module_granularity_threshold)")
@@ -89,4 +91,6 @@ def _input_needs_grad(block, args):
 
 def whole_blocks(model) -> int:
     """How many of `model`'s modules ZeRO-3 gathers as one unit (DeepSpeed's leaf modules)."""
-    return sum(1 for m in model.modules() if getattr(m, "_z3_leaf", False))
+    from deepspeed.utils import get_z3_leaf_modules
+
+    return len(get_z3_leaf_modules(model))
