@@ -246,7 +246,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         model = avit(size, FIELD_COLUMNS, drop_path=0.0, attention=attention,
                      backward_matmuls=backward_matmuls,
                      fp32_matmuls="3xtf32" if numerics == "3xtf32" else "native",
-                     **({"width": args.width} if args.width else {}))
+                     width=args.width)
     if layout == "tokens_every":        # the last block on every frame, as MPP's code runs it
         model.skip_unused_frames = False
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
