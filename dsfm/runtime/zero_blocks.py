@@ -10,12 +10,12 @@ half of the time (docs/performance.md, 2026-11-30).
 
 `gather_blocks_whole(model, ds_config)` marks the blocks the model names (`zero3_blocks()`; for
 AViT its space-time blocks) as DeepSpeed's "leaf modules": each block's parameters are gathered
-together when the block is called and released after it, in the forward and again in the
+together when the block is called and released after it (where the ds_config lets DeepSpeed
+release them: docs/training.md, "What ZeRO-3 keeps gathered"), in the forward and again in the
 backward, and its gradients are reduced together when the block's backward is done, instead of
 module by module and gradient by gradient inside it. That is the unit at which sharded data
-parallelism is usually wrapped (one transformer block); the parameters live at once are one
-block's (AViT-L: 12.6 million, 50 MB in fp32) where they were one module's, beside DeepSpeed's
-prefetch bucket (50 million elements in dsfm's configs). The values are the same: the same
+parallelism is usually wrapped (one transformer block; AViT-L's: 12.6 million parameters, 50 MB
+in fp32). The values are the same: the same
 parameters are gathered, the same gradients reduced, and no arithmetic changes
 (tests/runtime/test_zero_blocks.py, tests/test_train.py). Modules called in different orders
 or not at all on different ranks inside a block no longer matter to ZeRO-3 either.
