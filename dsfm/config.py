@@ -92,10 +92,18 @@ class ModelConfig(_Strict):
         "3xtf32 (each as three products on TF32 tensor cores of the operands split into a TF32 "
         "head and tail, summed in fp32: fp32's accuracy, for tensor-core speed in an fp32 run; "
         "with backward_matmuls=autograd)")
-    compile: bool = Field(False, description="torch.compile each space-time block (regional: "
-                          "one graph for all blocks but the last, one for the last, on its "
-                          "decoded frame only; compiled once per input shape on first use); "
-                          "ZeRO stages 0-2")
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile each space-time block (regional: one graph for all "
+        "blocks but the last, one for the last, on its decoded frame only; compiled once per "
+        "input shape on first use); ZeRO stages 0-2. auto: compiled on a GPU with ZeRO stages "
+        "0-2, eager on a CPU or with ZeRO-3")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _true_false_or_auto(cls, value):
+        if value is True or value is False or value == "auto":
+            return value
+        raise ValueError("must be true, false or auto")
 
 
 class TrainConfig(_Strict):

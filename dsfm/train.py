@@ -41,6 +41,8 @@ from dsfm.runtime.engine import (  # noqa: E402
     all_reduce_,
     build_engine,
     check_devices,
+    compile_choice,
+    device,
     discover,
     finish,
     init_process_group,
@@ -93,7 +95,7 @@ def read_configs(args: argparse.Namespace,
     ds_config = schedule.resolve(ds_config, cfg.train.max_steps, args.ds_config, world_size)
     ds_settings.probe(ds_config, args.ds_config)
     notes += schedule.check_length(ds_config, cfg.train.max_steps, args.ds_config)
-    if cfg.model.compile and schedule.zero_stage(ds_config) == 3:
+    if cfg.model.compile is True and schedule.zero_stage(ds_config) == 3:
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "
                           f"{args.ds_config} sets stage 3")
@@ -411,9 +413,11 @@ def model_config(cfg: RunConfig, vocab, pretrained: dict | None):
                       **computed_as(cfg))
 
 
-def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log):
+def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_factory, log,
+                               compiled: tuple[bool, str | None] = (False, None)):
     """The field vocabulary (the pretrained one first, if fine-tuning), the loader that extends
-    it with the mixture's fields, and the AViT sized for it."""
+    it with the mixture's fields, and the AViT sized for it; `compiled`: whether to compile its
+    blocks, and the log's line on it (`compile_choice`)."""
     from dsfm.models.avit import AViT, n_parameters
 
     vocab = new_vocabulary(cfg, pretrained)
@@ -438,10 +442,10 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
             model = AViT(config)
         {"middle": model.freeze_middle, "processor": model.freeze_processor,
          "none": model.unfreeze}[cfg.train.freeze]()
-        if cfg.model.compile:
+        if compiled[0]:
             model.compile_blocks()
-            log.text("model: space-time blocks compiled (torch.compile, regional); each input "
-                     "shape compiles on first use")
+        if compiled[1]:
+            log.text(compiled[1])
     except BaseException:
         loader.close()
         raise
@@ -615,7 +619,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                           dt_stride=data.dt_stride, ring_slots=data.ring_slots,
                           vocabulary=vocab)
 
-    vocab, loader, model = build_vocabulary_and_model(cfg, checked.pretrained, make_loader, log)
+    compiled = compile_choice(cfg.model.compile, schedule.zero_stage(ds_config),
+                              device().type == "cuda")
+    vocab, loader, model = build_vocabulary_and_model(cfg, checked.pretrained, make_loader, log,
+                                                      compiled)
     checked.pretrained = None                       # its weights are in the model now
     torch.manual_seed(rank_seed(cfg.train.seed, env.rank))
     try:
@@ -879,7 +886,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             # a finished run resumed: evaluated already, unless a signal stopped it at its
             # last step or a kill cut off its final evaluation
             run_eval(step)
-        if cfg.model.compile:
+        if compiled[0]:
             from torch._dynamo.utils import counters
             log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (two per input "
                      "shape, periodicity and training/evaluation: the last block's, on its "

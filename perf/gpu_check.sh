@@ -18,7 +18,7 @@
 #      against float64; packed and direct attention against the fused kernels' padded tiles
 #      in the compiled step (last: a cut leaves its progress lines, each variant's figures);
 #   2. GPU_CHECK_ONLY="train_zero2 train_graphs cuda_tests train_backward train_frames
-#      attention_bench train_eager train_blas train_cublas train_zero3 train_rest":
+#      attention_bench train_eager train_blas train_cublas train_zero3 train_auto train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The one-rank
 #      ZeRO-2 engine without DeepSpeed's hooks (zero2) against plain, compiled, and the
@@ -30,7 +30,7 @@
 #      frame against on every frame; the attention calls alone; the eager table (zero2 against
 #      DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix
 #      multiplies, ZeRO-3 gathering whole blocks against module by module (train_zero3),
-#      then the rest if time is left.
+#      dsfm/train.py with model.compile=auto (train_auto), then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -191,6 +191,9 @@ step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wra
 # fp32 and TF32: on 2026-11-30 ZeRO-3 cost +110 % (B fp32) over plain, host time
 step train_zero3 70 python3 -m perf.train_bench --sizes B --wrappers plain,zero3,zero3mod \
   --attention direct --steps 4 --warmup 2 --json "$R/train_zero3.json"
+# issue 4: the MPP presets' model.compile=auto through dsfm/train.py on a GPU (ZeRO-2, the demo
+# data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet)
+step train_auto 120 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
 # per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
 # leftover_gib), Ti last
@@ -257,8 +260,10 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
   done
   # (only compiled steps print a first step's compile time)
   grep -h "first step" "${TRAIN_LOGS[@]}"
-  grep -E "(FAILED|ERROR) " "$R/cuda_3x.txt" "$R/cuda_frames.txt" "$R/cuda_tests.txt" | head -8
+  grep -E "(FAILED|ERROR) " "$R/cuda_3x.txt" "$R/cuda_frames.txt" "$R/cuda_tests.txt" \
+    "$R/train_auto.txt" | head -8
   tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
+  tail -1 "$R/train_auto.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"

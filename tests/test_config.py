@@ -23,6 +23,33 @@ def test_every_preset_validates_and_names_a_model():
     assert load_config().name == "demo"
 
 
+def test_model_compile_is_true_false_or_auto_and_the_mpp_presets_say_auto():
+    """model.compile=auto (the MPP presets): compiled where that was measured faster (a GPU,
+    ZeRO stages 0-2: docs/performance.md), eager on a CPU, where each input shape's first step
+    costs 20-45 s of compiling, and with ZeRO-3, which cannot compile (true is refused there).
+    The demo keeps false: a run of seconds on a GPU."""
+    from dsfm.runtime.engine import compile_choice
+
+    for name in ("mpp_ti", "mpp_s", "mpp_b", "mpp_l"):
+        assert load_config(name).model.compile == "auto", name
+    assert load_config().model.compile is False
+    assert load_config(None, ["model.compile=true"]).model.compile is True
+    for bad in ("maybe", "1", "null"):
+        with pytest.raises(ConfigError, match="model.compile: .*must be true, false or auto"):
+            load_config(None, [f"model.compile={bad}"])
+    for stage in (0, 1, 2):
+        on, line = compile_choice("auto", stage, cuda=True)
+        assert on and "compiled" in line and "model.compile=auto on a GPU" in line
+        assert compile_choice("auto", stage, cuda=False) == (False, (
+            "model: space-time blocks eager (model.compile=auto, no GPU: on a CPU each input "
+            "shape's first step would spend 20-45 s compiling)"))
+        assert compile_choice(True, stage, cuda=False)[0] is True
+        assert compile_choice(False, stage, cuda=True) == (False, None)
+    for cuda in (True, False):
+        on, line = compile_choice("auto", 3, cuda=cuda)
+        assert not on and "eager (model.compile=auto, ZeRO-3" in line
+
+
 def test_set_overrides_with_yaml_typed_values():
     cfg = load_config(None, ["train.max_steps=20", "train.log_every=1", "model.drop_path=0",
                              "data.datasets=[euler_2d, gray_scott_reaction_diffusion]",

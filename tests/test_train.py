@@ -724,6 +724,29 @@ def test_compile_with_zero3_is_refused_before_any_process_group(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
+def test_compile_auto_runs_eager_on_a_cpu_and_with_zero3_and_says_why(demo_base, tmp_path):
+    """The MPP presets say model.compile=auto: compiled on a GPU with ZeRO 0-2, eager on a CPU or
+    with ZeRO-3, where model.compile=true is refused (above)."""
+    for stage in (2, 3):
+        proc = train(ds_config(tmp_path, stage), tmp_path / f"z{stage}",
+                     sets=["train.max_steps=1", "model.compile=auto"], data=demo_base)
+        why = "ZeRO-3: its parameter gathering" if stage == 3 else "no GPU: on a CPU"
+        assert f"space-time blocks eager (model.compile=auto, {why}" in proc.stdout
+        assert "compiled graphs" not in proc.stdout and "blocks compiled" not in proc.stdout
+        assert sorted(losses(tmp_path / f"z{stage}")) == [1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_compile_auto_compiles_the_blocks_on_cuda(demo_base, tmp_path):
+    """On a GPU with ZeRO-2, model.compile=auto compiles the blocks, through train.py."""
+    proc = train(ds_config(tmp_path, 2), tmp_path / "r",
+                 sets=["train.max_steps=3", "model.compile=auto"], data=demo_base, timeout=600)
+    assert "space-time blocks compiled (torch.compile, regional; model.compile=auto on a GPU" \
+        in proc.stdout
+    assert int(re.search(r"compiled graphs: (\d+) ", proc.stdout).group(1)) >= 2
+    assert sorted(losses(tmp_path / "r")) == [1, 2, 3]
+
+
 def test_bad_config_is_refused_before_any_process_group(tmp_path):
     base = [sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json"]
     proc = run(base + ["--set", "train.max_stpes=3"])

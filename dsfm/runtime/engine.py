@@ -219,6 +219,27 @@ def set_tf32(enabled: bool) -> str:
             "numerics: fp32 (TF32 off for matmuls and cuDNN convolutions)")
 
 
+def compile_choice(setting: bool | str, zero_stage: int, cuda: bool) -> tuple[bool, str | None]:
+    """Whether to compile the space-time blocks (`model.compile`), and the log's line on it.
+    `auto` compiles on a GPU with ZeRO stages 0-2, where the compiled blocks were faster in
+    every case measured (docs/performance.md), and runs eager on a CPU (each input shape's
+    first step costs 20-45 s of compiling there) and with ZeRO-3 (its parameter gathering runs
+    in module hooks that torch.compile would trace; `true` is refused there)."""
+    compiled = ("model: space-time blocks compiled (torch.compile, regional; {}each input "
+                "shape compiles on first use)")
+    if setting is True:
+        return True, compiled.format("")
+    if setting != "auto":
+        return False, None
+    if zero_stage == 3:
+        return False, ("model: space-time blocks eager (model.compile=auto, ZeRO-3: its "
+                       "parameter gathering runs in module hooks that torch.compile would trace)")
+    if not cuda:
+        return False, ("model: space-time blocks eager (model.compile=auto, no GPU: on a CPU each "
+                       "input shape's first step would spend 20-45 s compiling)")
+    return True, compiled.format("model.compile=auto on a GPU; ")
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
