@@ -188,8 +188,11 @@ step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wra
   --blas cublas --steps 4 --warmup 2 --profile 2 --json "$R/train_cublas.json"
 # issue 4: ZeRO-3 gathering each block's parameters as one unit (zero3, dsfm.runtime.
 # zero_blocks) against module by module inside them (zero3mod, DeepSpeed's own), B eager,
-# fp32 and TF32: on 2026-11-30 ZeRO-3 cost +110 % (B fp32) over plain, host time
-step train_zero3 70 python3 -m perf.train_bench --sizes B --wrappers plain,zero3,zero3mod \
+# fp32 and TF32: on 2026-11-30 ZeRO-3 cost +110 % (B fp32) over plain, host time; and the
+# shipped zero3.json (one block gathered at a time) against DeepSpeed's prefetch and reuse
+# distance (zero3keep: the whole model gathered from each forward to its backward), time and
+# peak memory
+step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3,zero3mod,zero3keep \
   --attention direct --steps 4 --warmup 2 --json "$R/train_zero3.json"
 # issue 4: the MPP presets' model.compile=auto through dsfm/train.py on a GPU (ZeRO-2, the demo
 # data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet)

@@ -101,7 +101,9 @@ _FLOPS: dict[tuple, float] = {}
 
 NUMERICS = ("fp32", "tf32", "torch", "3xtf32")
 FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
-WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod")
+WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod",
+            "zero3keep")
+WW = max(map(len, WRAPPERS))            # the wrapper column's width in the printed tables
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -299,10 +301,13 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
         from dsfm.runtime.zero_local import is_local
         from dsfm.runtime.zero_norm import is_fused
         stage = {"zero2": 2, "zero2hk": 2, "zero2nc": 2, "zero2ds": 2, "zero3": 3,
-                 "zero3mod": 3}[wrapper]
+                 "zero3mod": 3, "zero3keep": 3}[wrapper]
         config = engine_config(batch, stage)
         if wrapper == "zero2nc":        # gradients left in place until the step: one copy per
             config["zero_optimization"]["contiguous_gradients"] = False   # parameter less
+        if wrapper == "zero3keep":      # every parameter held from its forward to its backward
+            config["zero_optimization"].update(stage3_prefetch_bucket_size=5e7,
+                                               stage3_max_reuse_distance=1e9)
         # zero2ds: DeepSpeed's own clipping norm, two operators per parameter tensor;
         # zero2hk, zero2nc: DeepSpeed's per-parameter gradient hooks and buckets, which a
         # one-rank ZeRO-2 engine otherwise goes without (dsfm.runtime.zero_local);
@@ -443,7 +448,7 @@ def _measure(size, wrapper, num, layout, attention, backward, args, device, rows
              failed) -> None:
     """One variant into `rows`, or its error into `failed`: one variant's failure (a graph
     capture, say) must not cost the rest of a scarce GPU run."""
-    label = f"{size:3s} {num:6s} {wrapper:8s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
+    label = f"{size:3s} {num:6s} {wrapper:{WW}s} {LABEL[layout]:6s} {attention:6s} {backward:8s}"
     try:
         rows.append(run_variant(size, wrapper, num, args, device, layout, attention, backward))
     except Exception as exc:
@@ -513,7 +518,10 @@ def main(argv: list[str] | None = None) -> int:
                     "two operators per parameter tensor, instead of dsfm's multi-tensor one), "
                     "zero3mod (ZeRO-3 gathering the parameters module by module inside the "
                     "blocks, as DeepSpeed does, where zero3 gathers each block as one unit: "
-                    "dsfm.runtime.zero_blocks); "
+                    "dsfm.runtime.zero_blocks), zero3keep (zero3 with DeepSpeed's own "
+                    "prefetch and reuse distance, 5e7 and 1e9, under which every parameter "
+                    "stays gathered from its forward to its backward, where zero3.json gathers "
+                    "one block at a time: docs/training.md); "
                     "default plain,zero2,zero3 (with --compile: plain,zero2)")
     ap.add_argument("--numerics", default=None, help="fp32 (strict), tf32, torch (PyTorch's "
                     "defaults: matmuls fp32, convolutions TF32), 3xtf32 (strict fp32, the "
@@ -594,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
                  "channels)")
     if args.compile_mode != "default" and not args.compile:
         ap.error(f"--compile-mode {args.compile_mode} is a mode of --compile, which is not given")
-    if args.compile and {"zero3", "zero3mod"} & set(args.wrappers.split(",")):
+    if args.compile and {"zero3", "zero3mod", "zero3keep"} & set(args.wrappers.split(",")):
         ap.error("--compile with zero3: ZeRO-3 gathers parameters in module hooks that "
                  "torch.compile would trace (dsfm/train.py refuses model.compile with ZeRO-3 "
                  "too)")
@@ -646,7 +654,7 @@ def main(argv: list[str] | None = None) -> int:
           "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
           "between two device synchronizations (as the first H200 run timed), host: the time "
           "to issue it")
-    head = (f"{'size':4s} {'num':6s} {'wrapper':8s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
+    head = (f"{'size':4s} {'num':6s} {'wrapper':{WW}s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
             f"{'batch':>5s} "
             f"{'ms/step':>9s} "
             f"{'samples/s':>9s} {'TFLOP/s':>8s} {'MFU':>6s} {'peak GiB':>8s} {'vs plain':>8s} "
@@ -664,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
         base = plain.get(model_of(r))
         over = f"{100 * (r['ms_per_step'] / base - 1):+.1f}%" if base else ""
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
-        print(f"{r['size']:4s} {r['numerics']:6s} {r['wrapper']:8s} {LABEL[r['layout']]:6s} "
+        print(f"{r['size']:4s} {r['numerics']:6s} {r['wrapper']:{WW}s} {LABEL[r['layout']]:6s} "
               f"{r['attention']:6s} {r['backward_matmuls']:8s} {r['batch']:5d} "
               f"{r['ms_per_step']:9.1f} {r['samples_per_sec']:9.2f} {r['tflops']:8.2f} "
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
@@ -675,11 +683,11 @@ def main(argv: list[str] | None = None) -> int:
               "time per step (ms) by category; the table's GPU busy is the busy time against "
               "the unprofiled ms/step")
         for r in rows:
-            print(f"  {r['size']:3s} {r['numerics']:6s} {r['wrapper']:8s} "
+            print(f"  {r['size']:3s} {r['numerics']:6s} {r['wrapper']:{WW}s} "
                   f"{LABEL[r['layout']]:6s} {r['attention']:6s} {r['backward_matmuls']:8s} "
                   f"{describe_row(r, r['ms_per_step'])}")
     for f in failed:
-        print(f"{f['size']:4s} {f['numerics']:6s} {f['wrapper']:8s} {LABEL[f['layout']]:6s} "
+        print(f"{f['size']:4s} {f['numerics']:6s} {f['wrapper']:{WW}s} {LABEL[f['layout']]:6s} "
               f"{f['attention']:6s} {f['backward_matmuls']:8s} failed: {f['error']}")
     if args.json:
         write_json(args.json, meta(args, rows, failed))

@@ -118,7 +118,7 @@ def test_train_bench_compares_wrappers(tmp_path):
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
                 "--layouts", "tokens,tokens_every,channels_first",
-                "--wrappers", "plain,zero2,zero2hk,zero2nc,zero2ds,zero3,zero3mod",
+                "--wrappers", "plain,zero2,zero2hk,zero2nc,zero2ds,zero3,zero3mod,zero3keep",
                 "--width", "16", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
@@ -132,7 +132,8 @@ def test_train_bench_compares_wrappers(tmp_path):
     narrow, ti = (step_flops(avit("Ti", 12, drop_path=0.0, width=w), x) for w in (16, None))
     assert rec["width"] == 16 and "each size at width 16 with one head" in proc.stdout
     assert {r["tflop_per_step"] for r in rec["rows"]} == {narrow / 1e12} and narrow < ti / 50
-    wrappers = ("plain", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod")
+    wrappers = ("plain", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod",
+                "zero3keep")
     assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
         (layout, w) for layout in ("tokens", "tokens_every", "channels_first")
         for w in wrappers]
@@ -141,22 +142,29 @@ def test_train_bench_compares_wrappers(tmp_path):
     shipped = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
     assert zero["plain"] is None and zero["zero2"] == shipped["zero_optimization"]
     assert zero["zero2nc"] == {**shipped["zero_optimization"], "contiguous_gradients": False}
-    assert zero["zero3"]["stage"] == zero["zero3mod"]["stage"] == 3
+    shipped3 = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
+    assert zero["zero3"] == zero["zero3mod"] == shipped3["zero_optimization"]
+    # zero3keep: DeepSpeed's own prefetch and reuse distance, which keep every parameter
+    # gathered from its forward to its backward (tests/runtime/test_zero_memory.py)
+    assert zero["zero3keep"] == {**shipped3["zero_optimization"],
+                                 "stage3_prefetch_bucket_size": 5e7,
+                                 "stage3_max_reuse_distance": 1e9}
     # zero2ds: the shipped ZeRO-2 with DeepSpeed's own per-tensor clipping norm
     assert zero["zero2ds"] == shipped["zero_optimization"]
     fused = {r["wrapper"]: r["fused_grad_norm"] for r in rec["rows"]}
     assert fused == {"plain": None, "zero2": True, "zero2hk": True, "zero2nc": True,
-                     "zero2ds": False, "zero3": True, "zero3mod": True}
+                     "zero2ds": False, "zero3": True, "zero3mod": True, "zero3keep": True}
     # one rank's zero2 (and zero2ds) takes the gradients in place; zero2hk and zero2nc go
     # through DeepSpeed's hooks; ZeRO-3 always does
     local = {r["wrapper"]: r["local_gradients"] for r in rec["rows"]}
     assert local == {"plain": None, "zero2": True, "zero2hk": False, "zero2nc": False,
-                     "zero2ds": True, "zero3": False, "zero3mod": False}
+                     "zero2ds": True, "zero3": False, "zero3mod": False, "zero3keep": False}
     # ZeRO-3 gathers Ti's 12 blocks whole; zero3mod module by module (DeepSpeed's own), as
     # every engine over MPP's channels-first formulation (which names no blocks)
     for r in rec["rows"]:
         assert r["whole_blocks"] == (None if r["wrapper"] == "plain" else 12 if (
-            r["wrapper"] == "zero3" and r["layout"] != "channels_first") else 0), r
+            r["wrapper"] in ("zero3", "zero3keep") and r["layout"] != "channels_first")
+            else 0), r
     assert zero["zero2hk"] == shipped["zero_optimization"]
     # the same model computed three ways: TFLOP/s and MFU count the model's FLOPs, dsfm's
     # (the frames the last block skips, MPP's formulation runs, are not the model's)
