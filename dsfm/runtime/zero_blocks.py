@@ -14,7 +14,7 @@ together when the block is called and released after it (where the ds_config let
 release them: docs/training.md, "What ZeRO-3 keeps gathered"), in the forward and again in the
 backward, and its gradients are reduced together when the block's backward is done, instead of
 module by module and gradient by gradient inside it. That is the unit at which sharded data
-parallelism is usually wrapped (one transformer block; AViT-L's: 12.6 million parameters, 50 MB
+parallelism is usually wrapped (one transformer block; AViT-L's: 16.8 million parameters, 67 MB
 in fp32). The values are the same: the same
 parameters are gathered, the same gradients reduced, and no arithmetic changes
 (tests/runtime/test_zero_blocks.py, tests/test_train.py). Modules called in different orders

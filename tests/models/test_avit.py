@@ -1455,3 +1455,26 @@ def test_every_input_calls_the_same_modules_in_the_same_order(attention):
     assert sum(c.startswith("grad ") for c in traces[0]) == \
         sum(p.grad is not None for p in model.parameters()) > 50
     assert all(t == traces[0] for t in traces[1:]), [len(t) for t in traces]
+
+
+def test_the_docs_state_avit_l_s_block_as_the_model_builds_it():
+    """docs/training.md and dsfm/runtime/zero_blocks.py size the unit ZeRO-3 gathers whole, one
+    AViT-L space-time block (a temporal and a spatial attention and the MLP: 16·dim², not a
+    plain transformer block's 12·dim²), in parameters and fp32 bytes: each figure is the
+    model's, to the digits quoted."""
+    with torch.device("meta"):
+        block = sum(p.numel() for p in avit("L", n_fields=12).blocks[0].parameters())
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    quoted = []
+    for path in ("docs/training.md", "dsfm/runtime/zero_blocks.py"):
+        with open(os.path.join(repo, path)) as fh:
+            text = " ".join(fh.read().split())
+        quoted += [(path, m, "M") for m in re.findall(
+            r"AViT-L's: ([0-9.]+) million parameters", text)]
+        quoted += [(path, m, "MB") for m in re.findall(
+            r"(?:AViT-L's: [0-9.]+ million parameters, |AViT-L: |\(L: )([0-9]+) MB", text)]
+    assert {(p, kind) for p, _, kind in quoted} == {
+        (p, k) for p in ("docs/training.md", "dsfm/runtime/zero_blocks.py") for k in ("M", "MB")}
+    for path, figure, kind in quoted:
+        assert figure == (f"{block / 1e6:.1f}" if kind == "M" else f"{4 * block / 1e6:.0f}"), (
+            path, figure, kind, block)
