@@ -7,7 +7,8 @@ A dispatch mode samples, after every operator of the forward and of the backward
 elements of partitioned parameters are gathered at that moment (`live`); the probe also reads
 it after the first forward, after each step and after the evaluation. A config named
 `NAME-deepspeed` is NAME with `stage3_prefetch_bucket_size` and `stage3_max_reuse_distance`
-removed (DeepSpeed's defaults, 5e7 and 1e9). Prints `ZERO_MEMORY {json}`: per config the
+removed (DeepSpeed's defaults, 5e7 and 1e9); `NAME-prefetch` and `NAME-window`: NAME with
+`VARIANTS`' settings. Prints `ZERO_MEMORY {json}`: per config the
 partitioned elements in all, those of the largest block, the samples' maxima, the three
 readings, the losses and whether the weights equal the first config's.
 """
@@ -28,6 +29,12 @@ from tests.runtime.zero_local_probe import batch_maker, equal
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs")
 GATHERING = ("stage3_prefetch_bucket_size", "stage3_max_reuse_distance")
+# NAME-prefetch: a prefetch bucket of 1.2 of the model's blocks (516,096 elements each), the
+# reuse distance left at NAME's; NAME-window: prefetch with stage3_max_live_parameters at 2.1
+# blocks, which caps what the prefetcher gathers ahead
+VARIANTS = {"prefetch": {"stage3_prefetch_bucket_size": 600_000},
+            "window": {"stage3_prefetch_bucket_size": 50_000_000,
+                       "stage3_max_live_parameters": 1_100_000}}
 
 
 def shipped(name: str) -> dict:
@@ -39,6 +46,8 @@ def shipped(name: str) -> dict:
     if variant == "deepspeed":
         for key in GATHERING:
             ds["zero_optimization"].pop(key, None)
+    elif variant in VARIANTS:
+        ds["zero_optimization"].update(VARIANTS[variant])
     elif variant:
         raise SystemExit(f"unknown variant {variant!r}")
     return cpu_optimizer(ds)
