@@ -5,12 +5,14 @@ ZeRO-3 partitions them) trains three steps under each ds_config named on the com
 dsfm.train builds its engine (each space-time block gathered as one unit), then evaluates once.
 A dispatch mode samples, after every operator of the forward and of the backward, how many
 elements of partitioned parameters are gathered at that moment (`live`); the probe also reads
-it after the first forward, after each step and after the evaluation. A config named
-`NAME-deepspeed` is NAME with `stage3_prefetch_bucket_size` and `stage3_max_reuse_distance`
-removed (DeepSpeed's defaults, 5e7 and 1e9); `NAME-prefetch` and `NAME-window`: NAME with
-`VARIANTS`' settings. Prints `ZERO_MEMORY {json}`: per config the
-partitioned elements in all, those of the largest block, the samples' maxima, the three
-readings, the losses and whether the weights equal the first config's.
+it after the first forward, after each step and after the evaluation. The shipped
+`stage3_max_live_parameters`, a number of AViT-L's blocks' elements, is scaled to the same
+number of this model's blocks. `NAME-deepspeed` is NAME with `stage3_prefetch_bucket_size`,
+`stage3_max_live_parameters` and `stage3_max_reuse_distance` removed (DeepSpeed's defaults:
+5e7, 1e9, 1e9); `NAME-uncapped`: NAME without its `stage3_max_live_parameters`. Prints
+`ZERO_MEMORY {json}`: per config the partitioned elements in all, those of the largest block,
+the cap, the samples' maxima, the three readings, the losses and whether the weights equal the
+first config's.
 """
 
 import argparse
@@ -28,26 +30,38 @@ from dsfm.runtime.engine import build_engine, cpu_optimizer, finish, init_proces
 from tests.runtime.zero_local_probe import batch_maker, equal
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs")
-GATHERING = ("stage3_prefetch_bucket_size", "stage3_max_reuse_distance")
-# NAME-prefetch: a prefetch bucket of 1.2 of the model's blocks (516,096 elements each), the
-# reuse distance left at NAME's; NAME-window: prefetch with stage3_max_live_parameters at 2.1
-# blocks, which caps what the prefetcher gathers ahead
-VARIANTS = {"prefetch": {"stage3_prefetch_bucket_size": 600_000},
-            "window": {"stage3_prefetch_bucket_size": 50_000_000,
-                       "stage3_max_live_parameters": 1_100_000}}
+GATHERING = ("stage3_prefetch_bucket_size", "stage3_max_live_parameters",
+             "stage3_max_reuse_distance")
+DIM, BLOCKS = 192, 3
 
 
-def shipped(name: str) -> dict:
+def block_elements(model: AViT) -> int:
+    return sum(p.numel() for p in model.blocks[0].parameters())
+
+
+def l_block() -> int:
+    """The elements of one of AViT-L's space-time blocks (the unit the configs count in)."""
+    from dsfm.models.avit import avit
+
+    with torch.device("meta"):
+        return block_elements(avit("L", 12))
+
+
+def shipped(name: str, block: int) -> dict:
     base, _, variant = name.partition("-")
     with open(os.path.join(CONFIGS, base)) as fh:
         ds = schedule.resolve(json.load(fh), max_steps=10)
     ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"] = 2, 1
     ds["steps_per_print"] = 10 ** 9
+    zero = ds["zero_optimization"]
+    if "stage3_max_live_parameters" in zero:            # the same number of blocks
+        zero["stage3_max_live_parameters"] = round(
+            zero["stage3_max_live_parameters"] * block / l_block())
     if variant == "deepspeed":
         for key in GATHERING:
-            ds["zero_optimization"].pop(key, None)
-    elif variant in VARIANTS:
-        ds["zero_optimization"].update(VARIANTS[variant])
+            zero.pop(key, None)
+    elif variant == "uncapped":
+        zero.pop("stage3_max_live_parameters", None)
     elif variant:
         raise SystemExit(f"unknown variant {variant!r}")
     return cpu_optimizer(ds)
@@ -80,13 +94,15 @@ def main() -> None:
     args = parser.parse_args()
     env = init_process_group()
     torch.manual_seed(0)
-    model = AViT(AViTConfig(n_fields=4, dim=192, heads=3, blocks=3, drop_path=0.0))
+    model = AViT(AViTConfig(n_fields=4, dim=DIM, heads=3, blocks=BLOCKS, drop_path=0.0))
     state = {k: v.clone() for k, v in model.state_dict().items()}
+    block = block_elements(model)
     record = {"rank": env.rank, "configs": {}}
     first_weights = None
     for name in args.configs:
         model.load_state_dict(state)
-        engine = build_engine(model, shipped(name))[0]
+        ds = shipped(name, block)
+        engine = build_engine(model, ds)[0]
         params = list(engine.module.parameters())
         blocks = [sum(p.ds_numel for p in b.parameters() if not p.ds_persist)
                   for b in engine.module.blocks]
@@ -95,7 +111,8 @@ def main() -> None:
         ids, bcs = torch.arange(4, device=dev), torch.full((2, 2, 2), 2.0)
         row = {"partitioned": sum(p.ds_numel for p in params if not p.ds_persist),
                "largest_block": max(blocks), "peak_forward": [], "peak_backward": [],
-               "after_forward": [], "after_step": [], "losses": []}
+               "after_forward": [], "after_step": [], "losses": [],
+               "max_live": ds["zero_optimization"].get("stage3_max_live_parameters")}
         for x, y in batches(3):
             forward = Sampling(params)
             with forward:
@@ -118,7 +135,7 @@ def main() -> None:
         row["weights_equal_first"] = equal(weights, first_weights)
         record["configs"][name] = row
         engine.destroy()
-        model = AViT(AViTConfig(n_fields=4, dim=192, heads=3, blocks=3, drop_path=0.0))
+        model = AViT(AViTConfig(n_fields=4, dim=DIM, heads=3, blocks=BLOCKS, drop_path=0.0))
     print(f"ZERO_MEMORY {json.dumps(record)}", flush=True)
     finish(env)
 
