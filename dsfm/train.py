@@ -51,7 +51,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     set_tf32,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
-from dsfm.runtime.zero_blocks import gather_blocks_whole, whole_blocks  # noqa: E402
+from dsfm.runtime.zero_blocks import gather_blocks_whole, held_gathered, whole_blocks  # noqa: E402
 from dsfm.runtime.zero_local import keep_local_gradients  # noqa: E402
 from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
@@ -658,6 +658,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 "train.zero3_whole_blocks)" if why is None else
                 f"of {units} modules as one unit each, the others' module by module ({why})"
                 if units else f"module by module ({why})"), console=False)
+            log.text(held_gathered(engine), console=False)
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"

@@ -301,6 +301,11 @@ def test_zero3_with_the_tn_backward_or_3xtf32_matches_plain_autograd_training(
     # dsfm.runtime.zero_blocks, by default: each block's parameters gathered as one unit
     assert ("ZeRO-3 gathers parameters block by block (2 blocks, each as one unit; "
             "train.zero3_whole_blocks)") in log
+    # DeepSpeed's prefetch and live-parameter limit: the whole model held at the peak
+    held = re.search(r"ZeRO-3 holds all ([0-9,]+) elements of partitioned parameters gathered "
+                     r"from each forward to its backward", log)
+    total = re.search(r"field columns: ([0-9,]+) parameters", log)     # all partitioned
+    assert held and total and held.group(1) == total.group(1)
 
 
 @pytest.mark.parametrize("leaf,line", [
@@ -734,6 +739,10 @@ def test_compile_auto_runs_eager_on_a_cpu_and_with_zero3_and_says_why(demo_base,
         assert f"space-time blocks eager (model.compile=auto, {why}" in proc.stdout
         assert "compiled graphs" not in proc.stdout and "blocks compiled" not in proc.stdout
         assert sorted(losses(tmp_path / f"z{stage}")) == [1]
+    # the demo's tensors are all under DeepSpeed's default persistence threshold (1e5)
+    assert ("ZeRO-3 partitions none of the parameters: every tensor is under "
+            "stage3_param_persistence_threshold (100000 elements)"
+            in (tmp_path / "z3" / "train.log").read_text())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

@@ -94,3 +94,32 @@ def whole_blocks(model) -> int:
     from deepspeed.utils import get_z3_leaf_modules
 
     return len(get_z3_leaf_modules(model))
+
+
+def held_gathered(engine) -> str:
+    """What a ZeRO-3 engine holds gathered during a step, in one line for the log, by what
+    DeepSpeed 0.19 does (docs/training.md, "What ZeRO-3 keeps gathered"; measured in
+    tests/runtime/test_zero_memory.py): with a prefetch, everything its walk of the trace steps
+    over stays gathered until its backward, so the whole model unless
+    `stage3_max_live_parameters` is below it; without one, what is used again within
+    `stage3_max_reuse_distance` elements."""
+    params = [p for p in engine.module.parameters() if hasattr(p, "ds_numel")]
+    partitioned = sum(p.ds_numel for p in params if not p.ds_persist)
+    if not partitioned:
+        return ("ZeRO-3 partitions none of the parameters: every tensor is under "
+                f"stage3_param_persistence_threshold ({engine.zero_param_persistence_threshold():g}"
+                " elements) and stays whole on every rank")
+    prefetch, live = engine.zero_prefetch_bucket_size(), engine.zero_max_live_parameters()
+    reuse = engine.zero_max_reuse_distance()
+    of = f"of the {partitioned:,} elements of partitioned parameters"
+    if prefetch > 0 and live < partitioned:
+        return (f"ZeRO-3 holds about {live:g} {of} gathered at once, at least the block "
+                "computing (stage3_max_live_parameters), prefetched ahead of their blocks")
+    if prefetch > 0 or reuse >= partitioned:
+        why = (f"stage3_prefetch_bucket_size {prefetch:g} with stage3_max_live_parameters "
+               f"{live:g}" if prefetch > 0 else f"stage3_max_reuse_distance {reuse:g}")
+        return (f"ZeRO-3 holds all {partitioned:,} elements of partitioned parameters gathered "
+                f"from each forward to its backward, the whole model at the step's peak ({why}; "
+                "docs/training.md)")
+    return (f"ZeRO-3 releases each unit's parameters after its call unless used again within "
+            f"{reuse:g} {of} (stage3_max_reuse_distance), with no prefetch")

@@ -40,6 +40,9 @@ def test_the_shipped_zero3_configs_hold_two_blocks_gathered_not_the_model(tmp_pa
                          + row["after_forward"][1:] + [row["after_eval"]]):
                 assert 2 * block < held < min(3 * block, whole), row
             assert row["after_step"] == [0] * 3, row
+            # train.log says so (dsfm.runtime.zero_blocks.held_gathered)
+            assert row["held_line"].startswith(
+                f"ZeRO-3 holds about {row['max_live']:g} of the {whole:,} elements"), row
         # DeepSpeed's settings, and the shipped ones without the cap (prefetch at reuse
         # distance 0): the same values, the whole model held from the second step on
         for row in (defaults, uncapped):
@@ -47,4 +50,7 @@ def test_the_shipped_zero3_configs_hold_two_blocks_gathered_not_the_model(tmp_pa
             assert row["after_forward"] == [0, whole, whole], row
             assert row["peak_backward"] == [block, whole, whole], row
             assert row["after_eval"] == whole and row["after_step"] == [0] * 3, row
+            assert row["held_line"].startswith(
+                f"ZeRO-3 holds all {whole:,} elements of partitioned parameters gathered from "
+                "each forward to its backward"), row
         assert zero3["weights_equal_first"]

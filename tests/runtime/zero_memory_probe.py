@@ -11,8 +11,8 @@ number of this model's blocks. `NAME-deepspeed` is NAME with `stage3_prefetch_bu
 `stage3_max_live_parameters` and `stage3_max_reuse_distance` removed (DeepSpeed's defaults:
 5e7, 1e9, 1e9); `NAME-uncapped`: NAME without its `stage3_max_live_parameters`. Prints
 `ZERO_MEMORY {json}`: per config the partitioned elements in all, those of the largest block,
-the cap, the samples' maxima, the three readings, the losses and whether the weights equal the
-first config's.
+the cap, train.log's line on what is held (`held_gathered`), the samples' maxima, the three
+readings, the losses and whether the weights equal the first config's.
 """
 
 import argparse
@@ -27,6 +27,7 @@ from dsfm.models.avit import AViT, AViTConfig
 from dsfm.runtime import schedule
 from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, cpu_optimizer, finish, init_process_group
+from dsfm.runtime.zero_blocks import held_gathered
 from tests.runtime.zero_local_probe import batch_maker, equal
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs")
@@ -112,7 +113,8 @@ def main() -> None:
         row = {"partitioned": sum(p.ds_numel for p in params if not p.ds_persist),
                "largest_block": max(blocks), "peak_forward": [], "peak_backward": [],
                "after_forward": [], "after_step": [], "losses": [],
-               "max_live": ds["zero_optimization"].get("stage3_max_live_parameters")}
+               "max_live": ds["zero_optimization"].get("stage3_max_live_parameters"),
+               "held_line": held_gathered(engine)}
         for x, y in batches(3):
             forward = Sampling(params)
             with forward:
