@@ -113,8 +113,8 @@ def held_gathered(engine) -> str:
     reuse = engine.zero_max_reuse_distance()
     of = f"of the {partitioned:,} elements of partitioned parameters"
     if prefetch > 0 and live < partitioned:
-        return (f"ZeRO-3 holds about {live:g} {of} gathered at once, at least the block "
-                "computing (stage3_max_live_parameters), prefetched ahead of their blocks")
+        return (f"ZeRO-3 holds about {live:g} {of} gathered at once, and never less than the "
+                "computing unit's (stage3_max_live_parameters), prefetched ahead of their use")
     if prefetch > 0 or reuse >= partitioned:
         why = (f"stage3_prefetch_bucket_size {prefetch:g} with stage3_max_live_parameters "
                f"{live:g}" if prefetch > 0 else f"stage3_max_reuse_distance {reuse:g}")
