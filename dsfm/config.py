@@ -98,6 +98,13 @@ class ModelConfig(_Strict):
         "input shape on first use); ZeRO stages 0-2. auto: compiled on a GPU with ZeRO stages "
         "0-2, eager on a CPU or with ZeRO-3")
 
+    checkpoint_above_tokens: Optional[int] = Field(
+        None, ge=0, description="activation checkpointing of the space-time blocks for "
+        "micro-batches of more tokens than this (B·T·H/16·W/16: a 512² micro-batch of 4 with 16 "
+        "frames has 65,536): each block's input kept, the block computed again in the "
+        "backward; the same values, one more forward of the blocks for those micro-batches; "
+        "null: never")
+
     @field_validator("compile", mode="before")
     @classmethod
     def _true_false_or_auto(cls, value):

@@ -446,6 +446,11 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
             model.compile_blocks()
         if compiled[1]:
             log.text(compiled[1])
+        model.checkpoint_above_tokens = cfg.model.checkpoint_above_tokens
+        if model.checkpoint_above_tokens is not None:
+            log.text(f"model: the blocks' activations recomputed in the backward for micro-batches "
+                     f"of more than {model.checkpoint_above_tokens:,} tokens "
+                     "(model.checkpoint_above_tokens)")
     except BaseException:
         loader.close()
         raise

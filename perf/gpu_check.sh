@@ -18,7 +18,8 @@
 #      against float64; packed and direct attention against the fused kernels' padded tiles
 #      in the compiled step (last: a cut leaves its progress lines, each variant's figures);
 #   2. GPU_CHECK_ONLY="train_zero2 train_graphs cuda_tests train_backward train_frames
-#      attention_bench train_eager train_blas train_cublas train_zero3 train_auto train_rest":
+#      attention_bench train_eager train_blas train_cublas train_zero3 train_auto train_memory
+#      train_memory_kept train_rest":
 #      read `status` right before it and give timeout_s = budget_left_s - 15 and
 #      GPU_CHECK_DEADLINE = that timeout_s - 35 (the summary and the transfers). The one-rank
 #      ZeRO-2 engine without DeepSpeed's hooks (zero2) against plain, compiled, and the
@@ -30,7 +31,8 @@
 #      frame against on every frame; the attention calls alone; the eager table (zero2 against
 #      DeepSpeed's hooks, zero2hk, too), cuBLASLt for the strict-fp32 backward's matrix
 #      multiplies, ZeRO-3 gathering whole blocks against module by module (train_zero3),
-#      dsfm/train.py with model.compile=auto (train_auto), then the rest if time is left.
+#      dsfm/train.py with model.compile=auto (train_auto), a 512² micro-batch's memory with
+#      the blocks recomputed and without (train_memory), then the rest if time is left.
 #      If the machine went cold meanwhile, a fresh one starts (30-60 s) and rebuilds FusedAdam
 #      (about 60 s, in the background), which the first DeepSpeed variant then waits for.
 # The loader, feed, layout, monitor, sweep and demo steps met or measured their targets on
@@ -197,6 +199,15 @@ step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3
 # issue 4: the MPP presets' model.compile=auto through dsfm/train.py on a GPU (ZeRO-2, the demo
 # data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet)
 step train_auto 120 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
+# issue 4: a 512² micro-batch of 4 (the MPP mixtures' largest), B and L, eager strict fp32: the
+# peak memory with the blocks recomputed above the presets' thresholds (B 16,384 tokens; L's
+# 8,192 is under 65,536 too) against keeping their activations (B only: L's would need some 316
+# GiB), and what recomputing costs a step (docs/training.md, "Memory of large micro-batches")
+step train_memory 100 python3 -m perf.train_bench --sizes B,L --res 512 --batch 4 \
+  --wrappers plain --numerics fp32 --steps 2 --warmup 1 --checkpoint-above-tokens 8192 \
+  --json "$R/train_memory.json"
+step train_memory_kept 50 python3 -m perf.train_bench --sizes B --res 512 --batch 4 \
+  --wrappers plain --numerics fp32 --steps 2 --warmup 1 --json "$R/train_memory_kept.json"
 # issue 4: the rest of the issue's table (Ti; ZeRO-3), and ZeRO-2 with DeepSpeed's own
 # per-tensor clipping norm (zero2ds; its engines outlived their teardown on 2026-11-30, see
 # leftover_gib), Ti last
@@ -248,7 +259,8 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
 
 # the training benchmark's steps, in the summary's order
 TRAIN_STEPS="train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
-  train_cublas train_eager train_zero3 train_bench train_layout train_compile train_rest"
+  train_cublas train_eager train_zero3 train_memory train_memory_kept train_bench train_layout
+  train_compile train_rest"
 TRAIN_LOGS=()
 for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
 {

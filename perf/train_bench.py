@@ -251,6 +251,7 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
                      width=args.width)
     if layout == "tokens_every":        # the last block on every frame, as MPP's code runs it
         model.skip_unused_frames = False
+    model.checkpoint_above_tokens = args.checkpoint_above_tokens
     if layout == "channels_first":      # MPP's formulation of the same model and parameters
         from perf.mpp_layout import ChannelsFirst
         model = ChannelsFirst(model)
@@ -502,7 +503,8 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
             "compile": args.compile, "compile_mode": args.compile_mode, "blas": args.blas,
-            "width": args.width, "rows": rows, "failed": failed}
+            "width": args.width, "checkpoint_above_tokens": args.checkpoint_above_tokens,
+            "rows": rows, "failed": failed}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -556,6 +558,9 @@ def main(argv: list[str] | None = None) -> int:
                     "one head (a multiple of 4): its arithmetic made negligible, so that the "
                     "host's work per module and per parameter tensor sets the pace (what a "
                     "wrapper adds to a host-bound step); default: the size's own width")
+    ap.add_argument("--checkpoint-above-tokens", type=non_negative_int, default=None,
+                    metavar="N", help="the blocks of micro-batches of more than N tokens "
+                    "recomputed in the backward (model.checkpoint_above_tokens); default: never")
     ap.add_argument("--batch", type=non_negative_int, default=0, help="default (0): 8, L: 4")
     ap.add_argument("--frames", type=positive_int, default=16)
     ap.add_argument("--fields", type=positive_int, default=4,
@@ -646,6 +651,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (f", each size at width {args.width} with one head (host overheads)"
              if args.width else "")
+          + (f", blocks recomputed above {args.checkpoint_above_tokens:,} tokens"
+             if args.checkpoint_above_tokens is not None else "")
           + (", space-time blocks compiled" if args.compile else "")
           + (f" ({args.compile_mode})" if args.compile and args.compile_mode != "default"
              else "")

@@ -32,6 +32,13 @@ def test_model_compile_is_true_false_or_auto_and_the_mpp_presets_say_auto():
 
     for name in ("mpp_ti", "mpp_s", "mpp_b", "mpp_l"):
         assert load_config(name).model.compile == "auto", name
+    # the presets recompute the blocks of micro-batches whose activations would crowd an
+    # 80 GB GPU (docs/training.md): 512² ones for S, larger than 256² ones for B and L
+    assert [load_config(n).model.checkpoint_above_tokens
+            for n in ("mpp_ti", "mpp_s", "mpp_b", "mpp_l", "demo")] == [
+        None, 32768, 16384, 8192, None]
+    with pytest.raises(ConfigError, match="model.checkpoint_above_tokens"):
+        load_config(None, ["model.checkpoint_above_tokens=-1"])
     assert load_config().model.compile is False
     assert load_config(None, ["model.compile=true"]).model.compile is True
     for bad in ("maybe", "1", "null"):

@@ -308,6 +308,26 @@ def test_zero3_with_the_tn_backward_or_3xtf32_matches_plain_autograd_training(
     assert held and total and held.group(1) == total.group(1)
 
 
+@pytest.mark.slow
+def test_checkpointed_blocks_train_like_kept_activations_under_two_rank_zero3(demo_base, tmp_path):
+    """model.checkpoint_above_tokens=0 (every training micro-batch's blocks computed again in
+    the backward) under two-rank ZeRO-3, every parameter partitioned and each block gathered
+    whole, so the recomputation gathers the block again: the same losses, step by step, as
+    keeping the activations."""
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": MICRO,
+                              "zero_optimization": {"stage": 3,
+                                                    "stage3_param_persistence_threshold": 0}}))
+    got = {}
+    for name, sets in (("kept", []), ("recomputed", ["model.checkpoint_above_tokens=0"])):
+        train(str(ds), tmp_path / name, ["train.max_steps=3", "train.log_every=1",
+                                         "train.eval_batches=0", *sets], ranks=2, data=demo_base)
+        got[name] = losses(tmp_path / name)
+    assert sorted(got["kept"]) == [1, 2, 3] and got["recomputed"] == got["kept"]
+    assert ("the blocks' activations recomputed in the backward for micro-batches of more "
+            "than 0 tokens") in (tmp_path / "recomputed" / "train.log").read_text()
+
+
 @pytest.mark.parametrize("leaf,line", [
     ({"classes": ["SpaceTimeBlock"]}, "ZeRO-3 gathers parameters of 2 modules as one unit each"),
     ({}, "ZeRO-3 gathers parameters module by module (the ds_config chooses"),

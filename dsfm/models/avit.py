@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from dsfm.errors import ConfigError
 from dsfm.models.layers import (
@@ -129,6 +130,14 @@ class AViT(nn.Module):
     #: (to fp32 rounding; drop path draws as over every frame), in about three quarters less
     #: of the last block's work. False computes every frame, as MPP's code does.
     skip_unused_frames: bool = True
+    #: activation checkpointing of the space-time blocks for large micro-batches: a training
+    #: forward (gradients on) whose micro-batch has more tokens than this (B·T·H/16·W/16) keeps
+    #: only each block's input and computes the block again in the backward
+    #: (torch.utils.checkpoint, the same random draws), so that a 512² micro-batch, sixteen
+    #: times a 128² one's tokens, fits where every block's activations would not; None: never.
+    #: The same values bit for bit on the CPU (tests/models/test_avit.py), one more forward of
+    #: the blocks for those micro-batches.
+    checkpoint_above_tokens: int | None = None
 
     def __init__(self, config: AViTConfig):
         super().__init__()
@@ -170,9 +179,15 @@ class AViT(nn.Module):
         z = z.reshape(b, t, *z.shape[1:])                          # tokens [B, T, h, w, dim]
         periodic = self.periodicity(bcs, x.device)
         last = len(self.blocks) - 1
+        recompute = (self.checkpoint_above_tokens is not None and torch.is_grad_enabled()
+                     and z.shape[:4].numel() > self.checkpoint_above_tokens)
         for i, block in enumerate(self.blocks):
             block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block
-            z = block(z, periodic, last_frame=self.skip_unused_frames and i == last)
+            last_frame = self.skip_unused_frames and i == last
+            if recompute:
+                z = checkpoint(block, z, periodic, last_frame=last_frame, use_reentrant=False)
+            else:
+                z = block(z, periodic, last_frame=last_frame)
         out = self.debed(z[:, -1], field_ids, tokens=True)
         return out * std[:, 0] + mean[:, 0]
 
