@@ -197,8 +197,9 @@ step train_cublas 40 python3 -m perf.train_bench --sizes B --numerics fp32 --wra
 step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3,zero3mod,zero3keep \
   --attention direct --steps 4 --warmup 2 --json "$R/train_zero3.json"
 # issue 4: the MPP presets' model.compile=auto through dsfm/train.py on a GPU (ZeRO-2, the demo
-# data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet)
-step train_auto 120 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
+# data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet),
+# and with the compiled blocks recomputed in the backward (model.checkpoint_above_tokens=0)
+step train_auto 150 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
 # issue 4: a 512² micro-batch of 4 (the MPP mixtures' largest), B and L, eager strict fp32: the
 # peak memory with the blocks recomputed above the presets' thresholds (B 16,384 tokens; L's
 # 8,192 is under 65,536 too) against keeping their activations (B only: L's would need some 316

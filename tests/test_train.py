@@ -766,10 +766,14 @@ def test_compile_auto_runs_eager_on_a_cpu_and_with_zero3_and_says_why(demo_base,
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_compile_auto_compiles_the_blocks_on_cuda(demo_base, tmp_path):
-    """On a GPU with ZeRO-2, model.compile=auto compiles the blocks, through train.py."""
+@pytest.mark.parametrize("recompute", [[], ["model.checkpoint_above_tokens=0"]],
+                         ids=["kept", "recomputed"])
+def test_compile_auto_compiles_the_blocks_on_cuda(demo_base, tmp_path, recompute):
+    """On a GPU with ZeRO-2, model.compile=auto compiles the blocks, through train.py; and
+    the compiled blocks recomputed in the backward (model.checkpoint_above_tokens)."""
     proc = train(ds_config(tmp_path, 2), tmp_path / "r",
-                 sets=["train.max_steps=3", "model.compile=auto"], data=demo_base, timeout=600)
+                 sets=["train.max_steps=3", "model.compile=auto", *recompute], data=demo_base,
+                 timeout=600)
     assert "space-time blocks compiled (torch.compile, regional; model.compile=auto on a GPU" \
         in proc.stdout
     assert int(re.search(r"compiled graphs: (\d+) ", proc.stdout).group(1)) >= 2
