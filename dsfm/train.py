@@ -460,6 +460,17 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
     return vocab, loader, model
 
 
+def largest_over_ranks(device: torch.device):
+    """For `AViT.tokens_across_ranks`: a micro-batch's tokens → the largest of every rank's
+    (an all-reduce, on `device`), so that the ranks decide alike whether to recompute."""
+    import torch.distributed as td
+
+    def largest(tokens: int) -> int:
+        n = torch.tensor([tokens], dtype=torch.int64, device=device)
+        return int(all_reduce_(n, td.ReduceOp.MAX).item())
+    return largest
+
+
 def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str,
                    what: str = "non-finite losses") -> str:
     """Why the run stops after `n` non-finite losses (or updates skipped for non-finite
@@ -664,6 +675,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 f"of {units} modules as one unit each, the others' module by module ({why})"
                 if units else f"module by module ({why})"), console=False)
             log.text(held_gathered(engine), console=False)
+            if (env.world_size > 1 and model.checkpoint_above_tokens is not None
+                    and not cfg.data.same_dataset_across_ranks):
+                model.tokens_across_ranks = largest_over_ranks(engine.device)
+                log.text("model: the ranks' micro-batches may differ in size (data.same_dataset_"
+                         "across_ranks=false): the largest micro-batch of the ranks decides for "
+                         "all of them whether the blocks are recomputed, as ZeRO-3 gathers a "
+                         "recomputed block's parameters again (model.checkpoint_above_tokens)")
         why = (fuse_grad_norm(engine) if cfg.train.fused_grad_norm     # None: installed
                else "train.fused_grad_norm is false")
         log.text("gradient norm: " + ("one multi-tensor norm per step (train.fused_grad_norm)"

@@ -328,6 +328,37 @@ def test_checkpointed_blocks_train_like_kept_activations_under_two_rank_zero3(de
             "than 0 tokens") in (tmp_path / "recomputed" / "train.log").read_text()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("whole", ["true", "false"], ids=["whole_blocks", "module_by_module"])
+def test_checkpointed_blocks_under_zero3_on_ranks_whose_micro_batches_differ_in_tokens(
+        tmp_path, whole):
+    """model.checkpoint_above_tokens under two-rank ZeRO-3 with data.same_dataset_across_ranks
+    false and grids of 32² and 32×64: a micro-batch of 2 has 32 or 64 tokens, so at a
+    threshold of 32 one rank recomputed its blocks in the backward and the other did not.
+    The recomputation gathers each block's parameters again, a collective the other rank
+    never joined: the run hung at its first such micro-batch (gloo; a hang on NCCL too). The
+    ranks now decide together, by the largest micro-batch of the step's ranks: the same
+    losses, drop path on, as keeping the activations."""
+    base = tmp_path / "data"
+    mixed_boundaries_dataset(str(base), "mixed_sq", (32, 32))
+    mixed_boundaries_dataset(str(base), "mixed_rect", (32, 64))
+    ds = tmp_path / "z3.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 2, "zero_optimization": {
+        "stage": 3, "stage3_param_persistence_threshold": 0, "stage3_prefetch_bucket_size": 0,
+        "stage3_max_reuse_distance": 0}}))
+    got = {}
+    for name, sets in (("kept", []), ("recomputed", ["model.checkpoint_above_tokens=32"])):
+        train(str(ds), tmp_path / name, ["train.max_steps=6", "model.drop_path=0.1",
+                                         "data.same_dataset_across_ranks=false",
+                                         f"train.zero3_whole_blocks={whole}", *sets],
+              ranks=2, data=str(base), timeout=300)
+        got[name] = losses(tmp_path / name)
+    assert sorted(got["kept"]) == [1, 2, 3, 4, 5, 6] and got["recomputed"] == got["kept"]
+    log = (tmp_path / "recomputed" / "train.log").read_text()
+    assert "mixed_sq" in log and "mixed_rect" in log
+    assert "the largest micro-batch of the ranks decides for all of them" in log
+
+
 @pytest.mark.parametrize("leaf,line", [
     ({"classes": ["SpaceTimeBlock"]}, "ZeRO-3 gathers parameters of 2 modules as one unit each"),
     ({}, "ZeRO-3 gathers parameters module by module (the ds_config chooses"),

@@ -18,6 +18,7 @@ and returns the next state [B, C, H, W].
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
@@ -138,6 +139,14 @@ class AViT(nn.Module):
     #: The same values bit for bit on the CPU (tests/models/test_avit.py), one more forward of
     #: the blocks for those micro-batches.
     checkpoint_above_tokens: int | None = None
+    #: where ranks must recompute alike and their micro-batches may differ in size: a function
+    #: of this rank's micro-batch's tokens giving the count `checkpoint_above_tokens` is
+    #: compared with, the largest over the ranks (a collective, called in every training
+    #: forward with a threshold). Under ZeRO-3 a recomputed block gathers its parameters again,
+    #: a collective the ranks that keep their activations never join: with
+    #: data.same_dataset_across_ranks=false one rank recomputed and another did not, and the run
+    #: hung (dsfm/train.py sets it there). None: this rank's count decides.
+    tokens_across_ranks: Callable[[int], int] | None = None
 
     def __init__(self, config: AViTConfig):
         super().__init__()
@@ -170,6 +179,12 @@ class AViT(nn.Module):
         b, t, c, h, w = x.shape
         if field_ids.numel() != c:
             raise ConfigError(f"{c} channels but {field_ids.numel()} field ids")
+        recompute = self.checkpoint_above_tokens is not None and torch.is_grad_enabled()
+        if recompute:       # decided before any module call: ZeRO-3 gathers in module calls
+            tokens = b * t * (h // PATCH) * (w // PATCH)
+            if self.tokens_across_ranks is not None:
+                tokens = self.tokens_across_ranks(tokens)
+            recompute = tokens > self.checkpoint_above_tokens
         with torch.no_grad():
             std, mean = torch.std_mean(x, dim=(1, 3, 4), keepdim=True)
             std = std + self.config.revin_eps
@@ -179,8 +194,6 @@ class AViT(nn.Module):
         z = z.reshape(b, t, *z.shape[1:])                          # tokens [B, T, h, w, dim]
         periodic = self.periodicity(bcs, x.device)
         last = len(self.blocks) - 1
-        recompute = (self.checkpoint_above_tokens is not None and torch.is_grad_enabled()
-                     and z.shape[:4].numel() > self.checkpoint_above_tokens)
         for i, block in enumerate(self.blocks):
             block.cache_buckets(t, *z.shape[2:4], periodic)   # eager, before a compiled block
             last_frame = self.skip_unused_frames and i == last
