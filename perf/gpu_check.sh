@@ -202,7 +202,7 @@ step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3
 step train_auto 150 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
 # issue 4: a 512² micro-batch of 4 (the MPP mixtures' largest), B and L, eager strict fp32: the
 # peak memory with the blocks recomputed above the presets' thresholds (B 16,384 tokens; L's
-# 8,192 is under 65,536 too) against keeping their activations (B only: L's would need some 316
+# 8,192 is under 65,536 too) against keeping their activations (B only: L's would need some 221
 # GiB), and what recomputing costs a step (docs/training.md, "Memory of large micro-batches")
 step train_memory 100 python3 -m perf.train_bench --sizes B,L --res 512 --batch 4 \
   --wrappers plain --numerics fp32 --steps 2 --warmup 1 --checkpoint-above-tokens 8192 \

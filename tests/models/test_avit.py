@@ -1521,3 +1521,50 @@ def test_checkpointed_blocks_give_the_same_values_and_keep_only_their_inputs(com
     assert sum(g is not None for g in plain[1]) > 40
     assert kept[2] < plain[2] / 2                 # the blocks' activations are not kept
     assert under[2] == plain[2] and torch.equal(under[0], plain[0])
+
+
+def test_the_docs_memory_of_large_micro_batches_grows_the_activations_not_the_weights():
+    """docs/training.md, "Memory of large micro-batches": what a training forward keeps for the
+    backward is the activations, which grow with the tokens, and the weights the products
+    save, which do not. The paragraph quoted the two together per 1,024 tokens (Ti 0.35 GiB:
+    0.32 of activations and 0.03 of weights; L 4.94: 3.44 and 1.50) and multiplied that by 64
+    for a 512² micro-batch of 4, counting the weights 64 times: L's 316 GiB is 221. Ti's and
+    S's figures are counted here as the docs say (16 frames, 4 fields, 12 field columns, one
+    128² sample, unique storages saved), and every size's 512² total is 64 times its
+    activations plus its weights once."""
+    from dsfm.eval import nmse
+
+    repo = os.path.join(os.path.dirname(__file__), "..", "..")
+    with open(os.path.join(repo, "docs/training.md")) as fh:
+        text = " ".join(fh.read().split())
+    sizes = ("Ti", "S", "B", "L")
+    figures = r"Ti ([0-9.]+) GiB, S ([0-9.]+), B ([0-9.]+), L ([0-9.]+)"
+    acts = re.search(r"grow with the tokens: per 1,024 tokens \(one 128² sample\) " + figures,
+                     text)
+    weights = re.search(r"the weights the products save, which do not: " + figures, text)
+    totals = re.search(r"A 512² micro-batch of 4 \(`zero2.json`'s\) would keep (\d+), (\d+), "
+                       r"(\d+) and (\d+) GiB", text)
+    assert acts and weights and totals
+    gib = 2.0 ** 30
+    for i, size in enumerate(sizes):
+        act, weight, total = (float(m.group(i + 1)) for m in (acts, weights, totals))
+        with torch.device("meta"):
+            params = 4 * n_parameters(avit(size, 12)) / gib
+        assert abs(weight - params) <= 0.02 * params + 0.005, (size, weight, params)
+        assert abs(total - (64 * act + weight)) <= 64 * 0.005 + 0.5, (size, total, act, weight)
+    for i, size in enumerate(sizes[:2]):               # B's and L's take minutes and GiBs
+        torch.manual_seed(0)
+        model = avit(size, 12)
+        stored = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        saved = {}
+
+        def pack(t, saved=saved):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+        x, y = torch.randn(1, 16, 4, 128, 128), torch.randn(1, 4, 128, 128)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            nmse(model(x, torch.arange(4), None), y)
+        kept_weights = sum(n for ptr, n in saved.items() if ptr in stored) / gib
+        kept_acts = sum(saved.values()) / gib - kept_weights
+        assert (acts.group(i + 1), weights.group(i + 1)) == (
+            f"{kept_acts:.2f}", f"{kept_weights:.2f}"), (size, kept_acts, kept_weights)
