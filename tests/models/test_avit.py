@@ -1510,17 +1510,22 @@ def test_checkpointed_blocks_give_the_same_values_and_keep_only_their_inputs(com
             loss = nmse(model(x, ids, bcs), y)
         loss.backward()
         grads = [p.grad for p in model.parameters()]
-        with torch.no_grad():
-            model.eval()
-            evaluated = model(x, ids, bcs)
+        evaluated = None
+        if not compiled:                # (compiled, each evaluation graph costs seconds)
+            with torch.no_grad():
+                model.eval()
+                evaluated = model(x, ids, bcs)
         return loss.detach(), grads, sum(saved.values()), evaluated
 
-    plain, kept, under = step(None), step(tokens - 1), step(tokens)
-    assert torch.equal(kept[0], plain[0]) and torch.equal(kept[3], plain[3])
+    plain, kept = step(None), step(tokens - 1)
+    assert torch.equal(kept[0], plain[0])
     assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(kept[1], plain[1]))
     assert sum(g is not None for g in plain[1]) > 40
     assert kept[2] < plain[2] / 2                 # the blocks' activations are not kept
-    assert under[2] == plain[2] and torch.equal(under[0], plain[0])
+    if not compiled:
+        under = step(tokens)
+        assert torch.equal(kept[3], plain[3])
+        assert under[2] == plain[2] and torch.equal(under[0], plain[0])
 
 
 def test_the_docs_memory_of_large_micro_batches_grows_the_activations_not_the_weights():
