@@ -1480,6 +1480,19 @@ def test_the_docs_state_avit_l_s_block_as_the_model_builds_it():
             path, figure, kind, block)
 
 
+def saved_for_backward(forward):
+    """`forward()`'s result, and the storages autograd saved for the backward while it ran:
+    each once, data pointer → bytes."""
+    saved = {}
+
+    def pack(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = forward()
+    return out, saved
+
+
 @pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
 def test_checkpointed_blocks_give_the_same_values_and_keep_only_their_inputs(compiled):
     """model.checkpoint_above_tokens: a training forward of a micro-batch with more tokens than
@@ -1500,14 +1513,8 @@ def test_checkpointed_blocks_give_the_same_values_and_keep_only_their_inputs(com
         model.checkpoint_above_tokens = threshold
         if compiled:
             model.compile_blocks()
-        saved = {}
-
-        def pack(t):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
         torch.manual_seed(5)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            loss = nmse(model(x, ids, bcs), y)
+        loss, saved = saved_for_backward(lambda: nmse(model(x, ids, bcs), y))
         loss.backward()
         grads = [p.grad for p in model.parameters()]
         evaluated = None
@@ -1561,14 +1568,8 @@ def test_the_docs_memory_of_large_micro_batches_grows_the_activations_not_the_we
         torch.manual_seed(0)
         model = avit(size, 12)
         stored = {p.untyped_storage().data_ptr() for p in model.parameters()}
-        saved = {}
-
-        def pack(t, saved=saved):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-            return t
         x, y = torch.randn(1, 16, 4, 128, 128), torch.randn(1, 4, 128, 128)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            nmse(model(x, torch.arange(4), None), y)
+        _, saved = saved_for_backward(lambda: nmse(model(x, torch.arange(4), None), y))
         kept_weights = sum(n for ptr, n in saved.items() if ptr in stored) / gib
         kept_acts = sum(saved.values()) / gib - kept_weights
         assert (acts.group(i + 1), weights.group(i + 1)) == (
