@@ -269,7 +269,8 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
-  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "${TRAIN_LOGS[@]}"
+  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)|^issue 4" \
+    "${TRAIN_LOGS[@]}"
   # a step cut short has no final table: its progress lines then say what was measured
   for f in "${TRAIN_LOGS[@]}"; do
     grep -qE "^(Ti|B|L) " "$f" || grep -E "^  (Ti|B|L) " "$f"

@@ -174,6 +174,7 @@ def test_train_bench_compares_wrappers(tmp_path):
         # on the CPU every operator runs as it is issued: the host time is the step
         assert 0.9 * r["synced_ms_per_step"] <= r["host_ms_per_step"] <= r["synced_ms_per_step"]
         assert r["leftover_gib"] is None                    # device memory: CUDA only
+        assert r["vs_mpp"] is None and r["mpp_samples_per_sec"] is None    # no card
         # each engine is destroyed after its variant (else it counts in later peaks)
         assert r.get("engine_torn_down") is (None if r["wrapper"] == "plain" else True)
     assert "vs plain" in proc.stdout and "synced" in proc.stdout
@@ -348,6 +349,58 @@ print("ALIVE", json.dumps(alive))
 finish(env)
 exit_process(0)
 """
+
+
+def test_train_bench_compares_with_mpps_own_code_on_the_same_card_at_the_same_shapes():
+    """The `vs MPP` column: samples/s against MPP's own code on the card the row ran on
+    (../shared/reference/gpu_anchors.md), at the reference's shapes and numerics only, and
+    the verdict on issue 4's 2x for B and L from the best row of each."""
+    from argparse import Namespace
+
+    from perf.train_bench import mpp_reference, mpp_verdict
+
+    ref = Namespace(width=None, res=128, frames=16, fields=4)
+
+    def row(size="B", numerics="fp32", wrapper="plain", batch=8, samples=None):
+        return {"size": size, "numerics": numerics, "wrapper": wrapper, "batch": batch,
+                "samples_per_sec": samples, "attention": "direct", "layout": "tokens",
+                "backward_matmuls": "autograd"}
+
+    h200, h100 = "NVIDIA H200", "NVIDIA H100 80GB HBM3"
+    assert mpp_reference(h200, row(), ref) == 24.8
+    assert mpp_reference(h200, row(numerics="tf32"), ref) == 45.0
+    assert mpp_reference(h200, row(numerics="3xtf32"), ref) == 24.8     # fp32's accuracy
+    assert mpp_reference(h200, row("L", batch=4), ref) == 7.9
+    assert mpp_reference(h100, row("L", "tf32", batch=4), ref) == 11.8
+    assert mpp_reference(h200, row("Ti", wrapper="zero2"), ref) == 66.7
+    for card, r, args in (
+            ("CPU", row(), ref), ("NVIDIA A100-SXM4-80GB", row(), ref),
+            (h200, row(numerics="torch"), ref),              # cuDNN's convolutions in TF32
+            (h200, row(wrapper="graph"), ref),               # not a step training can run
+            (h200, row(batch=4), ref), (h200, row("L", batch=8), ref),
+            (h200, row(), Namespace(width=None, res=64, frames=16, fields=4)),
+            (h200, row(), Namespace(width=None, res=128, frames=8, fields=4)),
+            (h200, row(), Namespace(width=None, res=128, frames=16, fields=6)),
+            (h200, row(), Namespace(width=16, res=128, frames=16, fields=4))):
+        assert mpp_reference(card, r, args) is None, (card, r, args)
+
+    rows = [row(samples=38.4), row(numerics="3xtf32", samples=52.1),
+            row(numerics="tf32", samples=77.5), row("L", batch=4, samples=13.2),
+            row(numerics="torch", samples=90.0), row(wrapper="graph", samples=99.0)]
+    for r in rows:
+        r["mpp_samples_per_sec"] = mpp_reference(h200, r, ref)
+        r["vs_mpp"] = r["mpp_samples_per_sec"] and r["samples_per_sec"] / r[
+            "mpp_samples_per_sec"]
+    lines = mpp_verdict(h200, rows)
+    assert lines[0].startswith("vs MPP: samples/s over MPP's own AViT's on an H200")
+    assert lines[1:] == [
+        "issue 4, 2x MPP: B fp32: best 2.10x (52.10 against 24.8 samples/s; plain, 3xtf32, "
+        "direct, tokens, autograd): met",
+        "issue 4, 2x MPP: B tf32: best 1.72x (77.50 against 45.0 samples/s; plain, tf32, "
+        "direct, tokens, autograd): not met",
+        "issue 4, 2x MPP: L fp32: best 1.67x (13.20 against 7.9 samples/s; plain, fp32, "
+        "direct, tokens, autograd): not met"]
+    assert mpp_verdict("CPU", [row(samples=1.0) | {"vs_mpp": None}]) == []
 
 
 def test_train_bench_counts_the_trainers_model_flops_whatever_attention_kernel_runs():
