@@ -545,6 +545,30 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
     return lines
 
 
+def model_of(r: dict) -> tuple:
+    """The rows a wrapper is compared within: the same model, numerics and formulation."""
+    return r["size"], r["numerics"], r["layout"], r["attention"], r["backward_matmuls"]
+
+
+def zero2_verdict(card: str, rows: list[dict]) -> list[str]:
+    """On a GPU, each one-rank ZeRO-2 row (zero2: dsfm's engine, as dsfm/train.py builds it)
+    against plain PyTorch's step of the same model in the same run: issue 4's <= 3 %."""
+    if card == "CPU":
+        return []
+    plain = {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
+    lines = []
+    for r in rows:
+        base = plain.get(model_of(r))
+        if r["wrapper"] != "zero2" or not base:
+            continue
+        over = 100 * (r["ms_per_step"] / base - 1)
+        lines.append(f"issue 4, ZeRO-2 <= 3 % over plain: {r['size']} {r['numerics']} "
+                     f"{r['attention']} {LABEL[r['layout']]} {r['backward_matmuls']}: "
+                     f"{r['ms_per_step']:.1f} against {base:.1f} ms, {over:+.1f} %: "
+                     + ("met" if over <= 3 else "not met"))
+    return lines
+
+
 def _busy(row: dict) -> str:
     """The GPU's busy time in the profiled steps against the unprofiled step time (the
     profiler's host work lengthens a profiled step)."""
@@ -737,9 +761,6 @@ def main(argv: list[str] | None = None) -> int:
             f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
-    def model_of(r):                    # the rows a wrapper is compared within
-        return r["size"], r["numerics"], r["layout"], r["attention"], r["backward_matmuls"]
-
     plain = {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
     order = {variant: i for i, variant in enumerate(plan)}
     rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"],
@@ -755,7 +776,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{mfu:>6s} {r['peak_mem_gib']:8.2f} {over:>8s} {r['synced_ms_per_step']:8.1f} "
               f"{r['host_ms_per_step']:8.1f}"
               + (f" {_busy(r):>8s}" if args.profile else ""))
-    for line in mpp_verdict(name, rows):
+    for line in mpp_verdict(name, rows) + zero2_verdict(name, rows):
         print(line)
     if args.profile:
         print(f"profiled ({args.profile} steps each): GPU busy share of the step and kernel "

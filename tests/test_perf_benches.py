@@ -353,8 +353,9 @@ exit_process(0)
 
 def test_train_bench_compares_with_mpps_own_code_on_the_same_card_at_the_same_shapes():
     """The `vs MPP` column: samples/s against MPP's own code on the card the row ran on
-    (../shared/reference/gpu_anchors.md), at the reference's shapes and numerics only, and
-    the verdict on issue 4's 2x for B and L from the best row of each."""
+    (../shared/reference/gpu_anchors.md), at the reference's shapes and numerics only; the
+    verdict on issue 4's 2x for B and L from the best row of each, and on its ZeRO-2 <= 3 %
+    over plain on one GPU."""
     from argparse import Namespace
 
     from perf.train_bench import mpp_reference, mpp_verdict
@@ -401,6 +402,20 @@ def test_train_bench_compares_with_mpps_own_code_on_the_same_card_at_the_same_sh
         "issue 4, 2x MPP: L fp32: best 1.67x (13.20 against 7.9 samples/s; plain, fp32, "
         "direct, tokens, autograd): not met"]
     assert mpp_verdict("CPU", [row(samples=1.0) | {"vs_mpp": None}]) == []
+
+    # ZeRO-2 on one GPU against plain PyTorch's step of the same model in the same run
+    from perf.train_bench import zero2_verdict
+    timed = [row() | {"ms_per_step": 208.0}, row(wrapper="zero2") | {"ms_per_step": 213.0},
+             row("L", batch=4) | {"ms_per_step": 300.0},
+             row("L", wrapper="zero2", batch=4) | {"ms_per_step": 340.0},
+             row(numerics="tf32", wrapper="zero2") | {"ms_per_step": 100.0},   # no plain
+             row(wrapper="zero3") | {"ms_per_step": 400.0}]
+    assert zero2_verdict(h200, timed) == [
+        "issue 4, ZeRO-2 <= 3 % over plain: B fp32 direct tokens autograd: 213.0 against "
+        "208.0 ms, +2.4 %: met",
+        "issue 4, ZeRO-2 <= 3 % over plain: L fp32 direct tokens autograd: 340.0 against "
+        "300.0 ms, +13.3 %: not met"]
+    assert zero2_verdict("CPU", timed) == []
 
 
 def test_train_bench_counts_the_trainers_model_flops_whatever_attention_kernel_runs():
