@@ -395,12 +395,14 @@ def test_train_bench_compares_with_mpps_own_code_on_the_same_card_at_the_same_sh
     lines = mpp_verdict(h200, rows)
     assert lines[0].startswith("vs MPP: samples/s over MPP's own AViT's on an H200")
     assert lines[1:] == [
-        "issue 4, 2x MPP: B fp32: best 2.10x (52.10 against 24.8 samples/s; plain, 3xtf32, "
+        "issue 4, 2x MPP: B fp32: best 1.55x (38.40 against 24.8 samples/s; plain, direct, "
+        "tokens, autograd): not met",
+        "issue 4, 2x MPP: B fp32 (3xtf32): best 2.10x (52.10 against 24.8 samples/s; plain, "
         "direct, tokens, autograd): met",
-        "issue 4, 2x MPP: B tf32: best 1.72x (77.50 against 45.0 samples/s; plain, tf32, "
-        "direct, tokens, autograd): not met",
-        "issue 4, 2x MPP: L fp32: best 1.67x (13.20 against 7.9 samples/s; plain, fp32, "
-        "direct, tokens, autograd): not met"]
+        "issue 4, 2x MPP: B tf32: best 1.72x (77.50 against 45.0 samples/s; plain, direct, "
+        "tokens, autograd): not met",
+        "issue 4, 2x MPP: L fp32: best 1.67x (13.20 against 7.9 samples/s; plain, direct, "
+        "tokens, autograd): not met"]
     assert mpp_verdict("CPU", [row(samples=1.0) | {"vs_mpp": None}]) == []
 
     # ZeRO-2 on one GPU against plain PyTorch's step of the same model in the same run
