@@ -128,18 +128,32 @@ def default_batch(size: str) -> int:
     return 4 if size == "L" else 8
 
 
+def mpp_card(card: str) -> str | None:
+    """The reference table's card that `card` (a device name) is, if any."""
+    return next((c for c in MPP_SAMPLES if c in card), None)
+
+
 def mpp_reference(card: str, row: dict, args) -> float | None:
     """MPP's samples/s on `card` (a device name) for `row`'s size and numerics, where the row
     ran the reference's shapes and is a training step; else None (another card, other shapes,
     a reduced width, the CUDA-graph wrapper, which training cannot use, or PyTorch's default
     numerics)."""
-    known = next((c for c in MPP_SAMPLES if c in card), None)
+    known = mpp_card(card)
     if (known is None or row["size"] not in MPP_SAMPLES[known] or row["wrapper"] == "graph"
             or row["numerics"] not in MPP_NUMERICS or args.width
             or (args.res, args.frames, args.fields) != (128, 16, 4)
             or row["batch"] != default_batch(row["size"])):
         return None
     return MPP_SAMPLES[known][row["size"]][MPP_NUMERICS[row["numerics"]]]
+
+
+def compare_with_mpp(card: str, rows: list[dict], args) -> None:
+    """Each row's `mpp_samples_per_sec` (`mpp_reference`) and `vs_mpp`, its samples/s over
+    that (None where the row does not compare)."""
+    for r in rows:
+        ref = mpp_reference(card, r, args)
+        r["mpp_samples_per_sec"] = ref
+        r["vs_mpp"] = r["samples_per_sec"] / ref if ref else None
 
 
 SHIPPED = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "ds_configs")
@@ -526,8 +540,7 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
     B and L in each of the reference's numerics the best row against issue 4's 2x."""
     if not any(r.get("vs_mpp") for r in rows):
         return []
-    known = next(c for c in MPP_SAMPLES if c in card)
-    lines = [f"vs MPP: samples/s over MPP's own AViT's on an {known} at the same shapes "
+    lines = [f"vs MPP: samples/s over MPP's own AViT's on an {mpp_card(card)} at the same shapes "
              "(../shared/reference/gpu_anchors.md); 3xtf32 rows against its fp32"]
     # strict fp32 and 3xtf32 apart: 3xtf32 has fp32's accuracy, not strict fp32's rounding
     for size in ("B", "L"):
@@ -538,8 +551,8 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
             if not mine:
                 continue
             best = max(mine, key=lambda r: r["vs_mpp"])
-            what = ", ".join(v for v in (best["wrapper"], best["attention"],
-                                         LABEL[best["layout"]], best["backward_matmuls"]))
+            what = ", ".join((best["wrapper"], best["attention"], LABEL[best["layout"]],
+                              best["backward_matmuls"]))
             lines.append(f"issue 4, 2x MPP: {size} {label}: best {best['vs_mpp']:.2f}x "
                          f"({best['samples_per_sec']:.2f} against {best['mpp_samples_per_sec']}"
                          f" samples/s; {what}): "
@@ -552,12 +565,17 @@ def model_of(r: dict) -> tuple:
     return r["size"], r["numerics"], r["layout"], r["attention"], r["backward_matmuls"]
 
 
+def plain_ms(rows: list[dict]) -> dict[tuple, float]:
+    """Plain PyTorch's ms/step per model (`model_of`): what the other wrappers compare with."""
+    return {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
+
+
 def zero2_verdict(card: str, rows: list[dict]) -> list[str]:
     """On a GPU, each one-rank ZeRO-2 row (zero2: dsfm's engine, as dsfm/train.py builds it)
     against plain PyTorch's step of the same model in the same run: issue 4's <= 3 %."""
     if card == "CPU":
         return []
-    plain = {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
+    plain = plain_ms(rows)
     lines = []
     for r in rows:
         base = plain.get(model_of(r))
@@ -737,10 +755,7 @@ def main(argv: list[str] | None = None) -> int:
         _measure(*variant, args, device, rows, failed)
 
     name = torch.cuda.get_device_name() if cuda else "CPU"
-    for r in rows:
-        ref = mpp_reference(name, r, args)
-        r["mpp_samples_per_sec"] = ref
-        r["vs_mpp"] = r["samples_per_sec"] / ref if ref else None
+    compare_with_mpp(name, rows, args)
     print(f"AViT training step on {name}: {args.frames} frames, {args.fields} fields, "
           f"{args.res}x{args.res}, 12 field columns, nMSE, AdamW, clip 1.0"
           + (f", each size at width {args.width} with one head (host overheads)"
@@ -763,7 +778,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{'synced':>8s} {'host ms':>8s}" + (f" {'GPU busy':>8s}" if args.profile else ""))
     print(head)
     print("-" * len(head))
-    plain = {model_of(r): r["ms_per_step"] for r in rows if r["wrapper"] == "plain"}
+    plain = plain_ms(rows)
     order = {variant: i for i, variant in enumerate(plan)}
     rows.sort(key=lambda r: order[(r["size"], r["wrapper"], r["numerics"], r["layout"],
                                    r["attention"], r["backward_matmuls"])])
