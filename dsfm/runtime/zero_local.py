@@ -55,7 +55,8 @@ def keep_local_gradients(engine) -> str | None:
               "gradient_accumulation_dtype", "dp_process_group", "real_dp_process_group",
               "get_param_comm_dtype", "_use_compact_grad_partition_buffer",
               "independent_gradient_partition_epilogue",
-              "reduce_ready_partitions_and_remove_grads")
+              "reduce_ready_partitions_and_remove_grads", "flatten_dense_tensors_aligned",
+              "_get_preflattened_grad_partition")
     missing = [n for n in needed if not hasattr(opt, n)]
     if missing or not hasattr(stage_1_and_2, "get_accelerator"):
         return "this DeepSpeed's ZeRO-1/2 optimizer lacks " + ", ".join(
@@ -129,14 +130,29 @@ def _collect_gradients(opt) -> None:
             for total, grad in zip(opt.all_grad_tensors[i], grads):
                 total.add_(grad)
         if boundary:
-            opt.averaged_gradients[i] = opt.get_flat_partition(
+            grads = opt.get_flat_partition(
                 params, opt.first_offset[i], opt.partition_size[i], dtype=dtype,
                 device=get_accelerator().current_device_name(), param_group_idx=i,
                 return_tensor_list=True)
+            # the step's flat gradient, made here as the step would make it (its one rank is
+            # the last partition): issued while the device still runs the backward, where
+            # the step issued these few hundred views and the copy after it had read the
+            # norm on the host, the device idle meanwhile (1.3 ms for AViT-B on an H200)
+            opt.averaged_gradients[i] = _Flattened(
+                grads, opt.flatten_dense_tensors_aligned(grads, int(opt.partition_size[i])))
             opt.all_grad_tensors[i] = None
     opt._release_ipg_buffers()
     opt._clear_param_grad_only()
     opt._epilogue_ran_this_backward = True
+
+
+class _Flattened(list):
+    """A group's gradients (the norm reads them one by one) with their flat copy, which the
+    step takes instead of flattening them itself (DeepSpeed's `flat_partition`)."""
+
+    def __init__(self, grads, flat):
+        super().__init__(grads)
+        self.flat_partition = flat
 
 
 def _leave_in_place(opt, param, i) -> None:

@@ -41,8 +41,9 @@ def fuse_grad_norm(engine) -> str | None:
     if isinstance(opt, stage_1_and_2.DeepSpeedZeroOptimizer):
         module, base, fused, stage = (stage_1_and_2, stage_1_and_2.DeepSpeedZeroOptimizer,
                                       _grad_norm_12, "ZeRO-1/2")
-        helpers = ("mask_nan_or_inf_with_val_inplace", "PIPE_REPLICATED")
-        methods = ("_model_parallel_all_reduce", "dp_process_group")
+        helpers = ("PIPE_REPLICATED",)
+        methods = ("_model_parallel_all_reduce", "dp_process_group", "clip_grad",
+                   "loss_scale", "unscale_and_clip_grads")
         offloaded = getattr(opt, "cpu_offload", False)
     elif isinstance(opt, stage3.DeepSpeedZeroOptimizer_Stage3):
         module, base, fused, stage = (stage3, stage3.DeepSpeedZeroOptimizer_Stage3,
@@ -67,6 +68,9 @@ def fuse_grad_norm(engine) -> str | None:
     if not hasattr(opt, _ORIGINAL):
         setattr(opt, _ORIGINAL, opt.get_grad_norm_direct)
         opt.get_grad_norm_direct = types.MethodType(fused, opt)
+        if (base is stage_1_and_2.DeepSpeedZeroOptimizer
+                and type(opt).unscale_and_clip_grads is base.unscale_and_clip_grads):
+            opt.unscale_and_clip_grads = types.MethodType(_clip_on_device, opt)
     return None
 
 
@@ -131,8 +135,36 @@ def _grad_norm_12(opt, gradients, params, norm_type=2):
     zero12.dist.all_reduce(total, op=zero12.dist.ReduceOp.SUM, group=opt.dp_process_group)
     opt._model_parallel_all_reduce(tensor=total, op=zero12.dist.ReduceOp.SUM)
     total = total.pow(0.5)
-    zero12.mask_nan_or_inf_with_val_inplace(total, device=opt.device)
-    return total
+    # DeepSpeed's sentinel, -1 for inf or NaN, set on the device: its own helper makes the -1
+    # a new device tensor from the host, a host-to-device copy that PyTorch synchronizes
+    return total.masked_fill_(~torch.isfinite(total), -1.0)
+
+
+def _clip_on_device(opt, grad_groups_flat, total_norm):
+    """`DeepSpeedZeroOptimizer.unscale_and_clip_grads` without its host read: DeepSpeed asks
+    the host whether the norm is invalid (inf, NaN or the -1 sentinel) and then clips as if it
+    were infinite; `step` has already asked the same of the same norm (and skipped the update
+    if so), and this second read made the host wait for the device again before the update.
+    Here the invalid norm is replaced by infinity on the device: the same scale, the same
+    operations on the gradients, for `step` and for any other caller."""
+    from deepspeed.runtime.zero.stage_1_and_2 import is_invalid_grad_norm
+
+    if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
+        return
+    combined_scale = opt.loss_scale
+    if opt.clip_grad > 0.:
+        clip_norm = total_norm
+        if torch.is_tensor(clip_norm):
+            invalid = ~torch.isfinite(clip_norm) | (clip_norm < 0)
+            clip_norm = clip_norm.masked_fill(invalid, float("inf"))
+        elif is_invalid_grad_norm(clip_norm):
+            clip_norm = torch.tensor(float("inf"), dtype=torch.float, device=opt.device)
+        clip = ((clip_norm / opt.loss_scale) + 1e-6) / opt.clip_grad
+        clip = torch.clamp(clip, min=1.0)
+        combined_scale = clip * opt.loss_scale
+    for grad in grad_groups_flat:
+        for g in (grad if isinstance(grad, list) else [grad]):
+            g.data.mul_(1. / combined_scale)
 
 
 def _grad_norm_3(opt, gradients, params, norm_type=2):
@@ -162,5 +194,5 @@ def _grad_norm_3(opt, gradients, params, norm_type=2):
     if z3.pg_utils.is_parallel(experts):
         z3.dist.all_reduce(total, op=z3.dist.ReduceOp.SUM, group=experts)
     total = total ** 0.5
-    invalid = total.isnan().logical_or(total.isinf())
-    return torch.where(invalid, torch.tensor(-1.0, device=opt.device, dtype=torch.float), total)
+    # DeepSpeed's -1 for inf or NaN, on the device (no host-to-device copy of the -1)
+    return total.masked_fill(~torch.isfinite(total), -1.0)

@@ -64,6 +64,11 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     # the update: DeepSpeed points every parameter at its place in the flat weight buffer
     # again (a slice and a view each), dsfm only one that is not there
     assert counted["update_ops_local"] <= counted["update_ops_own"] - 2 * rec["n_params"]
+    # the step reads the norm on the host once (DeepSpeed's skip of a non-finite norm; its
+    # clipping asked again), and takes the gradients already flat (the epilogue flattened
+    # them while a GPU still ran the backward); DeepSpeed's own gradients it flattens itself
+    assert counted["step_reads_local"] == counted["step_reads_own"] == 1, counted
+    assert counted["step_cats_local"] == 0 < counted["step_cats_own"], counted
 
 
 @pytest.mark.slow
@@ -96,3 +101,7 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_p
     counted = rec["steps"][2]
     assert counted["copies_local"] <= counted["copies_plain"] + 3 < 1.5 * rec["n_params"]
     assert 1.5 * rec["n_params"] <= counted["copies_own"]
+    # the synchronizations engine.step makes on the GPU: the norm's one host read, and
+    # whatever DeepSpeed's engine adds around its optimizer (the same for both engines)
+    assert counted["step_reads_local"] == 1 and counted["step_cats_local"] == 0, counted
+    assert 1 <= counted["step_syncs_local"] <= counted["step_syncs_own"], counted

@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import warnings
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -63,6 +64,28 @@ class AllOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.n += 1
         return func(*args, **(kwargs or {}))
+
+
+class Syncs:
+    """On CUDA, the synchronizations of the host with the device inside the block (PyTorch's
+    sync debug mode warns at each: reads of device values, blocking copies from the host);
+    `n` is None on the CPU."""
+
+    def __enter__(self):
+        self.n = None
+        if torch.cuda.is_available():
+            self._caught = warnings.catch_warnings(record=True)
+            self._seen = self._caught.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        return self
+
+    def __exit__(self, *exc):
+        if torch.cuda.is_available():
+            torch.cuda.set_sync_debug_mode("default")
+            self._caught.__exit__(*exc)
+            self.n = sum("synchronizing" in str(w.message) for w in self._seen)
+        return False
 
 
 def in_flat_buffer(engine) -> bool:
@@ -157,11 +180,12 @@ def main() -> None:
                 loss.backward()
             else:
                 engine.backward(loss)
-            with AllOps() as step_ops:
+            # (stacks: the optimizer's own reads apart: torch's AdamW on the CPU reads its step)
+            with AllOps() as step_ops, Counting(stacks=True) as stepped, Syncs() as syncs:
                 engine.step()
             if count:
                 counter.__exit__(None, None, None)
-        return losses, counter, step_ops.n
+        return losses, counter, (step_ops.n, stepped, syncs.n)
 
     for step in range(6):
         micro = batches(args.accumulation, poison=step == 3)
@@ -193,7 +217,13 @@ def main() -> None:
                 row[f"ops_{name}"] = sum(counter.ops.values())
                 row[f"copies_{name}"] = counter.ops["copy_"]
                 row[f"host_reads_{name}"] = sum(counter.reads.values())
-                row[f"update_ops_{name}"] = step_ops     # engine.step at the boundary
+                row[f"update_ops_{name}"] = step_ops[0]     # engine.step at the boundary
+                # what engine.step reads on the host (each a synchronization on a GPU), and
+                # whether it flattens the gradients itself (cat)
+                row[f"step_reads_{name}"] = sum(step_ops[1].reads.values())
+                row[f"step_cats_{name}"] = step_ops[1].ops["cat"]
+                row[f"step_read_at_{name}"] = dict(step_ops[1].reads)     # file:line: count
+                row[f"step_syncs_{name}"] = step_ops[2]        # on CUDA; None on the CPU
         a, b = got["local"], got["own"]
         # (on CUDA some backward kernels add in no fixed order: how far apart, beside equal)
         row.update(apart(a, b))
