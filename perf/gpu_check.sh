@@ -8,6 +8,11 @@
 # table is printed last and kept as $OUT/summary.txt.
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
+#   0. Since the third run (2026-11-30, evening): first
+#      GPU_CHECK_ONLY="next_l next_b cuda_next train_attention" GPU_CHECK_DEADLINE=420,
+#      timeout_s=450: L fp32 with packed attention (the 2x for L), ZeRO-2 against plain
+#      after the one-rank step's change, their CUDA tests; then call 2 below (without
+#      train_zero2, which next_b replaces). The third run's calls were:
 #   1. GPU_CHECK_ONLY="cuda_3x train_3x matmul_bench train_attention"
 #      GPU_CHECK_DEADLINE=420, timeout_s=450: what decides issue 4's 2x target
 #      (docs/performance.md): the blocks' products as three TF32 products each
@@ -94,7 +99,25 @@ wanted loader_bench || wanted feed_bench && SIM=$!
 from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()" \
   > "$R/fused_adam_build.txt" 2>&1) &
 
-# issue 4, first: the blocks' projections and MLP as three TF32 products each
+# issue 4, after the third run (2026-11-30, evening; docs/performance.md): first L fp32
+# compiled, packed attention against direct (the 2x needs 253.2 ms; direct took 262.0, packed
+# was 3.9 % faster than direct for B), with the one-rank ZeRO-2 engine beside each: the
+# ZeRO-2 target (<= 3 %) after the step's host reads went from three to one
+step next_l 150 python3 -m perf.train_bench --sizes L --numerics fp32 --wrappers plain,zero2 \
+  --compile --attention packed,direct --steps 4 --warmup 2 --json "$R/next_l.json"
+# then B, fp32 and TF32, plain and zero2, direct attention (the third run's train_zero2 rows:
+# +3.9 % fp32, +17.9 % TF32), with profiles for the step's idle time
+step next_b 110 python3 -m perf.train_bench --sizes B --wrappers plain,zero2 --compile \
+  --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
+  --json "$R/next_b.json"
+# the CUDA tests of the one-rank ZeRO-2 engine (FusedAdam; the step's synchronizations
+# counted), the multi-tensor norm and 3xTF32 as rewritten (eager; the compiled 3xTF32 test
+# took over 150 s in the third run and is left to cuda_tests)
+step cuda_next 120 python3 -m pytest -v tests/runtime/test_zero_local.py \
+  tests/runtime/test_zero_norm.py tests/models/test_avit.py \
+  -k "(zero or norm or 3xtf32) and (cuda or gpu) and not (3xtf32 and True)"
+# issue 4 (the third run: the products alone 5-25x strict fp32's error, not fp32): the
+# blocks' projections and MLP as three TF32 products each
 # (model.fp32_matmuls 3xtf32): on CUDA as accurate as strict fp32 against float64, products
 # and model, the products on TF32 kernels, TF32 off again after (eager; compiled in
 # cuda_tests)
@@ -259,7 +282,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --json "$R/train_layout.json"
 
 # the training benchmark's steps, in the summary's order
-TRAIN_STEPS="train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
+TRAIN_STEPS="next_l next_b train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
   train_cublas train_eager train_zero3 train_memory train_memory_kept train_bench train_layout
   train_compile train_rest"
 TRAIN_LOGS=()
@@ -277,9 +300,9 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
   done
   # (only compiled steps print a first step's compile time)
   grep -h "first step" "${TRAIN_LOGS[@]}"
-  grep -E "(FAILED|ERROR) " "$R/cuda_3x.txt" "$R/cuda_frames.txt" "$R/cuda_tests.txt" \
-    "$R/train_auto.txt" | head -8
-  tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
+  grep -E "(FAILED|ERROR) " "$R/cuda_next.txt" "$R/cuda_3x.txt" "$R/cuda_frames.txt" \
+    "$R/cuda_tests.txt" "$R/train_auto.txt" | head -8
+  tail -1 "$R/cuda_next.txt"; tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
   tail -1 "$R/train_auto.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"

@@ -325,9 +325,12 @@ def _mm_3xtf32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     a_hi·b_lo (one product over 2K), then + a_hi·b_hi (views of the same operands; a_lo·b_lo,
     below 2⁻²² of the whole, is left out). The output is written once and read and written
     once more, where three calls would write it once and read and write it twice. The
-    operands are exact TF32 numbers, so each product is exact and the sums are fp32's:
-    CUTLASS's "3xTF32", fp32's accuracy from tensor cores. On the CPU, with no TF32, the same
-    products in fp32 (exact as well: the same arithmetic). An operator of its own so that
+    operands are exact TF32 numbers, so each product of two is exact (CUTLASS's "3xTF32").
+    What is left is the summation: on the CPU, with no TF32, the same products in fp32, fp32's
+    accuracy; on an H200's tensor cores, whose fp32 accumulation does not round as the CUDA
+    cores' fused multiply-adds do, errors 5 to 25 times strict fp32's against float64 (about
+    25 times below one TF32 product's; docs/performance.md, the third H200 run): between TF32
+    and fp32, not fp32. An operator of its own so that
     TF32 is on for these products only, whatever the run's setting, and the compiler keeps
     them as they are."""
     k = a.shape[1] // 2
@@ -372,10 +375,11 @@ class _Linear(torch.autograd.Function):
       operations each.
     - "3xtf32": all three (the forward's, dy·W and dyᵀ·x) as three TF32 products each
       (`mm_3xtf32`), in fp32: on an H100 or H200 tensor cores do TF32 at 7.4 times the CUDA
-      cores' fp32 rate, so three of them can beat one strict-fp32 product, at fp32's
-      accuracy (tests/models). The splits are recomputed in the backward; compiled, the
-      partitioner keeps the input's two TF32 parts instead of the input (twice its memory),
-      as they feed an operator of their own in the backward.
+      cores' fp32 rate, so three of them can beat one strict-fp32 product; fp32's accuracy
+      on the CPU, on an H200 between TF32's and fp32's (`_mm_3xtf32`). The splits are
+      recomputed in the backward; compiled, the partitioner keeps the input's two TF32
+      parts instead of the input (twice its memory), as they feed an operator of their own
+      in the backward.
     Saves what F.linear's autograd saves: the input for the weight's gradient, the weight
     for the input's (frozen blocks keep no input of theirs alive)."""
 
@@ -418,7 +422,7 @@ class _Linear(torch.autograd.Function):
 #: `fp32_matmuls` of the blocks' projections and MLP (AViTConfig.fp32_matmuls): how their
 #: fp32 matrix multiplies are computed; "native": as PyTorch's settings say (strict fp32 on
 #: the CUDA cores, or TF32 under train.tf32); "3xtf32": each as three TF32 products of the
-#: operands split in two (_Linear), fp32's accuracy on tensor cores
+#: operands split in two (_Linear), on tensor cores: nearer fp32 than TF32 (`_mm_3xtf32`)
 FP32_MATMULS = ("native", "3xtf32")
 
 
