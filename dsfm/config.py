@@ -73,8 +73,9 @@ class ModelConfig(_Strict):
                                     "the fields of the training mixture (spare columns leave "
                                     "room for fine-tuning)")
     drop_path: float = Field(0.2, ge=0.0, lt=1.0)
-    attention: Literal["fused", "packed", "direct"] = Field(
-        "fused", description="how the blocks attend their sequences: fused (one kernel call per "
+    attention: Literal["auto", "fused", "packed", "direct"] = Field(
+        "auto", description="how the blocks attend their sequences: auto (packed on a GPU in "
+        "fp32, the fastest measured there; fused in TF32 and on a CPU), fused (one kernel call per "
         "batch of sequences), packed (short sequences packed into ones of up to 64 under a "
         "block-diagonal bias, fuller tiles for the CUDA kernels), direct (sequences of up to 32 "
         "written out: with model.compile, products and sums the compiler fuses, in fp32; "

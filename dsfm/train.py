@@ -39,6 +39,7 @@ from dsfm.runtime import ds_config as ds_settings  # noqa: E402
 from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
     all_reduce_,
+    attention_choice,
     build_engine,
     check_devices,
     compile_choice,
@@ -385,7 +386,8 @@ def computed_as(cfg: RunConfig) -> dict:
     """How the run's config has the model compute (the same numbers to fp32 rounding, so the
     run's config decides, not what a checkpoint's weights were trained with)."""
     m = cfg.model
-    return {"attention": m.attention, "backward_matmuls": m.backward_matmuls,
+    attention = attention_choice(m.attention, device().type == "cuda", cfg.train.tf32)[0]
+    return {"attention": attention, "backward_matmuls": m.backward_matmuls,
             "fp32_matmuls": m.fp32_matmuls}
 
 
@@ -446,6 +448,10 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
             model.compile_blocks()
         if compiled[1]:
             log.text(compiled[1])
+        chose = attention_choice(cfg.model.attention, device().type == "cuda",
+                                 cfg.train.tf32)[1]
+        if chose:
+            log.text(chose)
         model.checkpoint_above_tokens = cfg.model.checkpoint_above_tokens
         if model.checkpoint_above_tokens is not None:
             log.text(f"model: the blocks' activations recomputed in the backward for micro-batches "

@@ -2049,7 +2049,8 @@ def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_pa
 
 
 def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
-    """model.attention (fused by default, or packed), model.backward_matmuls (autograd by
+    """model.attention (auto by default: fused on the CPU; or packed), model.backward_matmuls
+    (autograd by
     default, or tn) and model.fp32_matmuls (native by default, or 3xtf32) build the AViT with
     that attention, backward and products; from a checkpoint's or
     train.init_from's model_config too (each computes the same numbers either way, so the

@@ -240,6 +240,23 @@ def compile_choice(setting: bool | str, zero_stage: int, cuda: bool) -> tuple[bo
     return True, compiled.format("model.compile=auto on a GPU; ")
 
 
+def attention_choice(setting: str, cuda: bool, tf32: bool) -> tuple[str, str | None]:
+    """How the blocks attend (`model.attention`), and the log's line where `auto` chose.
+    `auto`: on a GPU in fp32 (train.tf32 false) the packed attention, which was the fastest
+    there (AViT-B compiled on an H200: 152.5 ms a step packed, 158.6 direct, 172.4 fused:
+    docs/performance.md, the third H200 run); in TF32 (fused 92.5, direct 96.9, packed 102.7
+    in the same call) and on a CPU (whose attention kernel has no padded tiles to fill:
+    the Ti step 524 ms fused, 560 packed) the fused one. The same numbers to fp32 rounding
+    whichever runs."""
+    if setting != "auto":
+        return setting, None
+    if cuda and not tf32:
+        return "packed", ("model: attention packed (model.attention=auto on a GPU in fp32: "
+                          "short sequences packed into the fused kernel's tiles)")
+    return "fused", ("model: attention fused (model.attention=auto, "
+                     + ("TF32)" if cuda else "no GPU)"))
+
+
 def device() -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", torch.cuda.current_device())
