@@ -292,14 +292,17 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
   cat "$R/gpu.txt" "$R/steps.txt"
   grep -E "^(B|L) " "$R/attention_bench.txt"
   grep -E "^(B|L) .*step's matrix" "$R/matmul_bench.txt"
-  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)|^issue 4" \
-    "${TRAIN_LOGS[@]}"
+  grep -E "^(Ti|B|L) |^  (Ti|B|L) .*(GPU busy|device events|failed)" "${TRAIN_LOGS[@]}"
   # a step cut short has no final table: its progress lines then say what was measured
   for f in "${TRAIN_LOGS[@]}"; do
     grep -qE "^(Ti|B|L) " "$f" || grep -E "^  (Ti|B|L) " "$f"
   done
   # (only compiled steps print a first step's compile time)
   grep -h "first step" "${TRAIN_LOGS[@]}"
+  # issue 4's verdicts from every training step's JSON, those cut at their limit included
+  TRAIN_JSON=()
+  for f in $TRAIN_STEPS; do [ -s "$R/$f.json" ] && TRAIN_JSON+=("$R/$f.json"); done
+  [ ${#TRAIN_JSON[@]} -gt 0 ] && python3 -m perf.train_bench --verdicts "${TRAIN_JSON[@]}"
   grep -E "(FAILED|ERROR) " "$R/cuda_next.txt" "$R/cuda_3x.txt" "$R/cuda_frames.txt" \
     "$R/cuda_tests.txt" "$R/train_auto.txt" | head -8
   tail -1 "$R/cuda_next.txt"; tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"

@@ -582,11 +582,32 @@ def zero2_verdict(card: str, rows: list[dict]) -> list[str]:
         if r["wrapper"] != "zero2" or not base:
             continue
         over = 100 * (r["ms_per_step"] / base - 1)
+        graphs = (" (blocks as CUDA graphs)" if r.get("compile_mode") == "reduce-overhead"
+                  else "")
         lines.append(f"issue 4, ZeRO-2 <= 3 % over plain: {r['size']} {r['numerics']} "
-                     f"{r['attention']} {LABEL[r['layout']]} {r['backward_matmuls']}: "
+                     f"{r['attention']} {LABEL[r['layout']]} {r['backward_matmuls']}{graphs}: "
                      f"{r['ms_per_step']:.1f} against {base:.1f} ms, {over:+.1f} %: "
                      + ("met" if over <= 3 else "not met"))
     return lines
+
+
+def verdicts_from(paths: list[str]) -> list[str]:
+    """Issue 4's verdict lines from `--json` files of earlier runs (a run cut at its time limit
+    keeps its finished rows there but never prints them): each file's rows compared with MPP's
+    code under that file's shapes and card, the best row of all files per size and numerics,
+    and each file's zero2 rows against its own plain rows (rows of one run only)."""
+    rows, zero2 = [], []
+    card = None
+    for path in paths:
+        with open(path) as fh:
+            run = json.load(fh)
+        shapes = argparse.Namespace(width=run["width"], res=run["res"], frames=run["frames"],
+                                    fields=run["fields"])
+        compare_with_mpp(run["device"], run["rows"], shapes)
+        rows += run["rows"]
+        zero2 += zero2_verdict(run["device"], run["rows"])
+        card = card or run["device"]
+    return (mpp_verdict(card, rows) if card else []) + zero2
 
 
 def _busy(row: dict) -> str:
@@ -688,7 +709,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace-dir", default=None,
                     help="with --profile: keep each variant's device events there (.json.gz)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--verdicts", nargs="+", default=None, metavar="JSON",
+                    help="measure nothing: print issue 4's verdict lines from earlier runs' "
+                    "--json files (all their rows against MPP's code; ZeRO-2 against plain "
+                    "within each file), as a run cut short by a time limit never printed them")
     args = ap.parse_args(argv)
+    if args.verdicts:
+        try:
+            print("\n".join(verdicts_from(args.verdicts)))
+        except (OSError, ValueError, KeyError) as e:
+            ap.error(f"--verdicts: {e}")
+        return 0
     if args.wrappers is None:
         args.wrappers = "plain,zero2" if args.compile else "plain,zero2,zero3"
     if args.trace_dir and not args.profile:

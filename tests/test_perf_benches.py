@@ -421,6 +421,40 @@ def test_train_bench_compares_with_mpps_own_code_on_the_same_card_at_the_same_sh
         "300.0 ms, +13.3 %: not met"]
     assert zero2_verdict("CPU", timed) == []
 
+    # from the --json files of runs cut at their time limit (which never printed the lines):
+    # all files' rows against MPP's, the best of them; ZeRO-2 within each file only
+    import tempfile
+
+    from perf.train_bench import main, verdicts_from
+
+    def run(rows, mode="default"):
+        return {"device": h200, "width": None, "res": 128, "frames": 16, "fields": 4,
+                "rows": [r | {"compile_mode": mode} for r in rows]}
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = [os.path.join(tmp, f"{i}.json") for i in range(3)]
+        for path, content in zip(paths, (
+                run([row(samples=50.6) | {"ms_per_step": 158.0}]),
+                run([row(samples=48.2, wrapper="zero2") | {"ms_per_step": 166.0},
+                     row("L", batch=4, samples=15.3) | {"ms_per_step": 262.0}]),
+                run([row(numerics="tf32", samples=127.8) | {"ms_per_step": 62.6},
+                     row(numerics="tf32", wrapper="zero2", samples=114.6)
+                     | {"ms_per_step": 69.8}], mode="reduce-overhead"))):
+            with open(path, "w") as fh:
+                json.dump(content, fh)
+        got = verdicts_from(paths)
+        assert got[0].startswith("vs MPP: samples/s over MPP's own AViT's on an H200")
+        assert got[1:] == [
+            "issue 4, 2x MPP: B fp32: best 2.04x (50.60 against 24.8 samples/s; plain, direct, "
+            "tokens, autograd): met",
+            "issue 4, 2x MPP: L fp32: best 1.94x (15.30 against 7.9 samples/s; plain, direct, "
+            "tokens, autograd): not met",
+            # the second file's zero2 row has no plain row of its own file: no verdict
+            "issue 4, ZeRO-2 <= 3 % over plain: B tf32 direct tokens autograd (blocks as CUDA "
+            "graphs): 69.8 against 62.6 ms, +11.5 %: not met"]
+        assert main(["--verdicts", *paths]) == 0
+        with pytest.raises(SystemExit):
+            main(["--verdicts", os.path.join(tmp, "missing.json")])
+
 
 def test_train_bench_counts_the_trainers_model_flops_whatever_attention_kernel_runs():
     """train_bench's TFLOP/s and MFU rest on the FLOPs the trainer counts (ModelFlops, on meta
