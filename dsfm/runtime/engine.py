@@ -158,7 +158,8 @@ def build_engine(model: torch.nn.Module, ds_config: dict, fused_grad_norm: bool 
     rank = os.environ.get("RANK", "0")
     with build_lock.watch(f"rank {rank}'s DeepSpeed engine set-up"):
         engine, optimizer, _, scheduler = deepspeed.initialize(
-            model=model, model_parameters=params, config=cpu_optimizer(ds_config),
+            model=model, model_parameters=params,
+            config=unsynchronized_timers(cpu_optimizer(ds_config)),
             lr_scheduler=client_scheduler(ds_config, lr_schedule))
     if fused_grad_norm:
         fuse_grad_norm(engine)
@@ -206,6 +207,22 @@ def cpu_optimizer(ds_config: dict, cuda: bool | None = None) -> dict:
         return ds_config
     params = {"torch_adam": True, **(opt.get("params") or {})}
     return {**ds_config, "optimizer": {**opt, "params": params}}
+
+
+def unsynchronized_timers(ds_config: dict) -> dict:
+    """`ds_config` with DeepSpeed's throughput timer off, unless it names that timer itself.
+    The timer is on by default in DeepSpeed 0.19 ("timers": {"throughput": {"enabled": true,
+    "synchronized": true}}) for a samples/s line every `steps_per_print` steps; to time wall
+    clock it synchronizes the device at the start of every forward and at the end of every
+    step (from the third step on), whatever it prints: two host waits per micro-batch, in
+    which the GPU empties its queue and then idles until the host has issued new work, where
+    plain PyTorch's host runs ahead. dsfm measures throughput itself (the run monitor), so
+    nothing is lost but DeepSpeed's own line."""
+    timers = ds_config.get("timers")
+    if isinstance(timers, dict) and "throughput" in timers:
+        return ds_config
+    return {**ds_config, "timers": {**(timers if isinstance(timers, dict) else {}),
+                                    "throughput": {"enabled": False}}}
 
 
 def set_tf32(enabled: bool) -> str:

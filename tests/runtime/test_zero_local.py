@@ -29,6 +29,27 @@ def test_other_optimizers_keep_their_own(install, installed, of):
     assert why is not None and "SGD" in why and not installed(engine), of
 
 
+def test_deepspeeds_throughput_timer_is_off_unless_the_config_names_it():
+    """DeepSpeed 0.19's throughput timer is on and synchronized by default: two device
+    synchronizations a micro-batch (the probe counts them: none in dsfm's engines). Off in
+    the engine's config unless the ds_config names it; the rest of the config as it was."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from dsfm.runtime.engine import unsynchronized_timers
+
+    shipped = {"train_micro_batch_size_per_gpu": 2, "steps_per_print": 100}
+    off = unsynchronized_timers(shipped)
+    assert off == {**shipped, "timers": {"throughput": {"enabled": False}}}
+    assert "timers" not in shipped                                  # not modified in place
+    assert DeepSpeedConfig(off).timers_config.enabled is False
+    assert DeepSpeedConfig(shipped).timers_config.synchronized is True
+    named = {**shipped, "timers": {"throughput": {"enabled": True, "synchronized": True}}}
+    assert unsynchronized_timers(named) is named
+    other = {**shipped, "timers": {"something": 1}}
+    assert unsynchronized_timers(other)["timers"] == {"something": 1,
+                                                      "throughput": {"enabled": False}}
+
+
 def _records(cmd, tmp_path, ranks, cuda=False) -> list[dict]:
     env = _clean_env() if cuda else _clean_env(CUDA_VISIBLE_DEVICES="")
     return probe_records(cmd + ["--out", str(tmp_path)], env, "ZERO_LOCAL", ranks, timeout=600)
@@ -69,6 +90,10 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     # them while a GPU still ran the backward); DeepSpeed's own gradients it flattens itself
     assert counted["step_reads_local"] == counted["step_reads_own"] == 1, counted
     assert counted["step_cats_local"] == 0 < counted["step_cats_own"], counted
+    # no device synchronization of DeepSpeed's in the step: its throughput timer, on by
+    # default, synchronized at every forward's start and every step's end (build_engine
+    # turns it off: engine.unsynchronized_timers)
+    assert counted["device_syncs_local"] == 0, counted
 
 
 @pytest.mark.slow

@@ -169,8 +169,20 @@ def main() -> None:
     ids = torch.arange(4, device=dev)
     bcs = torch.full((2, 2, 2), 2.0)
 
+    from deepspeed.accelerator import get_accelerator
+
+    accelerator, device_syncs = get_accelerator(), [0]
+    synchronize = accelerator.synchronize
+
+    def counted_synchronize(*args, **kwargs):
+        device_syncs[0] += 1
+        return synchronize(*args, **kwargs)
+    # every get_accelerator().synchronize() of DeepSpeed's (its throughput timer's among them)
+    accelerator.synchronize = counted_synchronize
+
     def train_step(engine, micro, torch_style=False, count=False):
         losses, counter = [], Counting()
+        device_syncs[0] = 0
         for x, y in micro:
             loss = nmse(engine(x, ids, bcs), y)
             losses.append(float(loss.detach()))
@@ -185,7 +197,7 @@ def main() -> None:
                 engine.step()
             if count:
                 counter.__exit__(None, None, None)
-        return losses, counter, (step_ops.n, stepped, syncs.n)
+        return losses, counter, (step_ops.n, stepped, syncs.n, device_syncs[0])
 
     for step in range(6):
         micro = batches(args.accumulation, poison=step == 3)
@@ -224,6 +236,9 @@ def main() -> None:
                 row[f"step_cats_{name}"] = step_ops[1].ops["cat"]
                 row[f"step_read_at_{name}"] = dict(step_ops[1].reads)     # file:line: count
                 row[f"step_syncs_{name}"] = step_ops[2]        # on CUDA; None on the CPU
+                # DeepSpeed's explicit device synchronizations in the whole step, forward to
+                # update (its throughput timer made two a micro-batch from the third step)
+                row[f"device_syncs_{name}"] = step_ops[3]
         a, b = got["local"], got["own"]
         # (on CUDA some backward kernels add in no fixed order: how far apart, beside equal)
         row.update(apart(a, b))
