@@ -100,6 +100,13 @@ class ModelConfig(_Strict):
         "blocks but the last, one for the last, on its decoded frame only; compiled once per "
         "input shape on first use); ZeRO stages 0-2. auto: compiled on a GPU with ZeRO stages "
         "0-2, eager on a CPU or with ZeRO-3")
+    compile_mode: Literal["default", "reduce-overhead"] = Field(
+        "default", description="torch.compile's mode for the compiled blocks: default, or "
+        "reduce-overhead (each compiled block's forward and backward replayed as CUDA graphs: "
+        "one launch per graph where the host otherwise issues each of inductor's kernels; "
+        "AViT-B TF32 on an H200 62.6 ms a step against 79.1-96.9 in perf.train_bench, not yet "
+        "measured through dsfm/train.py; on a GPU, with model.compile on and the blocks not "
+        "recomputed; more memory per input shape)")
 
     checkpoint_above_tokens: Optional[int] = Field(
         None, ge=0, description="activation checkpointing of the space-time blocks for "

@@ -100,7 +100,32 @@ def read_configs(args: argparse.Namespace,
         raise ConfigError("model.compile is supported with ZeRO stages 0-2 (ZeRO-3 gathers "
                           f"parameters in module hooks that torch.compile would trace); "
                           f"{args.ds_config} sets stage 3")
+    check_compile_mode(cfg, schedule.accumulation(ds_config, world_size))
     return cfg, ds_config, notes
+
+
+def check_compile_mode(cfg: RunConfig, accumulation: int = 1) -> None:
+    """model.compile_mode=reduce-overhead (the compiled blocks as CUDA graphs) needs the
+    blocks compiled, the blocks not recomputed (a recomputed block would run its forward
+    graph again inside the backward, where the graphs of its step are still in use) and one
+    micro-batch a step: the parameters' gradients are the backward graphs' outputs, which
+    the next micro-batch's replay overwrites, and accumulation keeps them across it."""
+    if cfg.model.compile_mode == "default":
+        return
+    if accumulation > 1:
+        raise ConfigError(f"model.compile_mode=reduce-overhead with {accumulation} micro-batches "
+                          "a step (gradient_accumulation_steps): the CUDA graphs' next replay "
+                          "would overwrite the gradients being accumulated; use one micro-batch "
+                          "a step or compile_mode=default")
+    if cfg.model.compile is False:
+        raise ConfigError("model.compile_mode=reduce-overhead is a mode of the compiled blocks: "
+                          "set model.compile=true (or auto)")
+    if cfg.model.checkpoint_above_tokens is not None:
+        raise ConfigError("model.compile_mode=reduce-overhead replays the compiled blocks as CUDA "
+                          "graphs, which recomputed blocks would run again inside the backward: "
+                          f"unset model.checkpoint_above_tokens "
+                          f"({cfg.model.checkpoint_above_tokens}; --set "
+                          "model.checkpoint_above_tokens=null) or use compile_mode=default")
 
 
 @dataclass
@@ -445,7 +470,13 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
         {"middle": model.freeze_middle, "processor": model.freeze_processor,
          "none": model.unfreeze}[cfg.train.freeze]()
         if compiled[0]:
-            model.compile_blocks()
+            graphs = cfg.model.compile_mode == "reduce-overhead"
+            model.compile_blocks(**({"mode": "reduce-overhead"} if graphs else {}))
+            if graphs:
+                log.text("model: the compiled blocks replayed as CUDA graphs "
+                         "(model.compile_mode=reduce-overhead" + (
+                             ")" if device().type == "cuda" else
+                             "; no GPU: PyTorch compiles them without graphs)"))
         if compiled[1]:
             log.text(compiled[1])
         chose = attention_choice(cfg.model.attention, device().type == "cuda",

@@ -222,6 +222,7 @@ step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3
 # issue 4: the MPP presets' model.compile=auto through dsfm/train.py on a GPU (ZeRO-2, the demo
 # data): the blocks compiled, three steps trained (no run of train.py compiled on a GPU yet),
 # and with the compiled blocks recomputed in the backward (model.checkpoint_above_tokens=0)
+# or replayed as CUDA graphs (model.compile_mode=reduce-overhead: never run by train.py yet)
 step train_auto 150 python3 -m pytest -v tests/test_train.py -k compile_auto_compiles_the_blocks_on_cuda
 # issue 4: a 512² micro-batch of 4 (the MPP mixtures' largest), B and L, eager strict fp32: the
 # peak memory with the blocks recomputed above the presets' thresholds (B 16,384 tokens; L's

@@ -796,17 +796,44 @@ def test_compile_auto_runs_eager_on_a_cpu_and_with_zero3_and_says_why(demo_base,
             in (tmp_path / "z3" / "train.log").read_text())
 
 
+def test_compile_mode_reduce_overhead_needs_compiled_blocks_kept_before_any_process_group(
+        tmp_path):
+    """model.compile_mode=reduce-overhead (the compiled blocks as CUDA graphs) without
+    model.compile, or with the blocks recomputed (model.checkpoint_above_tokens, which the
+    MPP presets set), is one line before any process group."""
+    base = [sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+            "--run-dir", str(tmp_path / "r"), "--set", "model.compile_mode=reduce-overhead"]
+    proc = run(base)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "set model.compile=true (or auto)" in proc.stderr
+    proc = run(base + ["--config", "mpp_b", "--set", "model.compile=true"])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "unset model.checkpoint_above_tokens (16384" in proc.stderr
+    accumulating = tmp_path / "accumulating.json"
+    accumulating.write_text(json.dumps({**json.loads(open(
+        os.path.join(REPO, "ds_configs", "zero2.json")).read()),
+        "gradient_accumulation_steps": 2}))
+    proc = run(base[:3] + [str(accumulating)] + base[4:] + ["--set", "model.compile=true"])
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert "with 2 micro-batches a step (gradient_accumulation_steps)" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-@pytest.mark.parametrize("recompute", [[], ["model.checkpoint_above_tokens=0"]],
-                         ids=["kept", "recomputed"])
+@pytest.mark.parametrize("recompute", [[], ["model.checkpoint_above_tokens=0"],
+                                       ["model.compile_mode=reduce-overhead"]],
+                         ids=["kept", "recomputed", "graphs"])
 def test_compile_auto_compiles_the_blocks_on_cuda(demo_base, tmp_path, recompute):
     """On a GPU with ZeRO-2, model.compile=auto compiles the blocks, through train.py; and
-    the compiled blocks recomputed in the backward (model.checkpoint_above_tokens)."""
+    the compiled blocks recomputed in the backward (model.checkpoint_above_tokens), or
+    replayed as CUDA graphs (model.compile_mode=reduce-overhead)."""
     proc = train(ds_config(tmp_path, 2), tmp_path / "r",
                  sets=["train.max_steps=3", "model.compile=auto", *recompute], data=demo_base,
                  timeout=600)
     assert "space-time blocks compiled (torch.compile, regional; model.compile=auto on a GPU" \
         in proc.stdout
+    if "model.compile_mode=reduce-overhead" in recompute:
+        assert "the compiled blocks replayed as CUDA graphs (model.compile_mode" in proc.stdout
     assert int(re.search(r"compiled graphs: (\d+) ", proc.stdout).group(1)) >= 2
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3]
 

@@ -148,6 +148,12 @@ class AViT(nn.Module):
     #: data.same_dataset_across_ranks=false one rank recomputed and another did not, and the run
     #: hung (dsfm/train.py sets it there). None: this rank's count decides.
     tokens_across_ranks: Callable[[int], int] | None = None
+    #: whether the compiled blocks replay CUDA graphs (`compile_blocks` with a mode that
+    #: does): each forward of the model then tells PyTorch a new step of those graphs begins
+    #: (torch.compiler.cudagraph_mark_step_begin), so that a replay may reuse the memory of
+    #: the previous micro-batch's, whose backward is done, or of an evaluation batch, which has
+    #: none; the blocks' outputs never leave the model (the decoder reads them)
+    graph_steps: bool = False
 
     def __init__(self, config: AViTConfig):
         super().__init__()
@@ -186,6 +192,12 @@ class AViT(nn.Module):
             if self.tokens_across_ranks is not None:
                 tokens = self.tokens_across_ranks(tokens)
             recompute = tokens > self.checkpoint_above_tokens
+        if self.graph_steps:
+            if recompute:
+                raise ConfigError("the blocks replay CUDA graphs (compile_blocks' mode) and "
+                                  "would be recomputed in the backward "
+                                  "(checkpoint_above_tokens): one or the other")
+            torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():
             std, mean = torch.std_mean(x, dim=(1, 3, 4), keepdim=True)
             std = std + self.config.revin_eps
@@ -234,6 +246,9 @@ class AViT(nn.Module):
         setattr(dynamo, limit, max(getattr(dynamo, limit), 64))
         for block in self.blocks:
             block.compile(**{"dynamic": False, **options})
+        # modes that replay the blocks as CUDA graphs: each forward of the model begins a new
+        # step of those graphs (`forward`)
+        self.graph_steps = options.get("mode") in ("reduce-overhead", "max-autotune")
 
     # ------------------------------------------------------------ fine-tuning helpers
 

@@ -1377,6 +1377,39 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
 
 
 @pytest.mark.slow
+def test_blocks_replayed_as_cuda_graphs_begin_a_graph_step_at_each_forward(monkeypatch):
+    """compile_blocks in a CUDA-graph mode (reduce-overhead) marks the model: each forward then
+    begins a new step of the graphs (the previous micro-batch's backward is done, an
+    evaluation batch has none), so that a replay may reuse the last one's memory; the default
+    mode does not mark it. A forward that would recompute its blocks in the backward refuses,
+    as dsfm/train.py refuses the two settings together."""
+    from dsfm.errors import ConfigError
+    from dsfm.models.avit import AViT, AViTConfig
+
+    begun = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: begun.append(1))
+    model = AViT(AViTConfig(n_fields=4, dim=16, heads=1, blocks=2, drop_path=0.0))
+    x, ids = torch.randn(2, 3, 4, 32, 32), torch.arange(4)
+    model(x, ids)
+    assert begun == [] and model.graph_steps is False
+    # (compiled lazily: nothing is traced until a forward)
+    for mode, graphs in (({}, False), ({"mode": "reduce-overhead"}, True)):
+        other = AViT(AViTConfig(n_fields=4, dim=16, heads=1, blocks=2))
+        other.compile_blocks(**mode)
+        assert other.graph_steps is graphs, mode
+    model.graph_steps = True                           # eager blocks: the marking alone
+    model(x, ids).sum().backward()
+    with torch.no_grad():
+        model(x, ids)
+    assert begun == [1, 1]
+    model.checkpoint_above_tokens = 0
+    with pytest.raises(ConfigError, match="CUDA graphs.*recomputed"):
+        model(x, ids)
+    with torch.no_grad():                              # no backward: nothing recomputed
+        model(x, ids)
+    assert begun == [1, 1, 1]
+
+
 def test_compiled_blocks_share_one_graph_with_stochastic_depth():
     """With drop path on, the blocks' rates differ (0 for the first, rising after): they must
     still share one training graph and one evaluation graph (the rate is data, not a constant
