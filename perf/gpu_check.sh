@@ -11,8 +11,9 @@
 #   0. Since the third run (2026-11-30, evening): first
 #      GPU_CHECK_ONLY="next_l next_b cuda_next train_attention" GPU_CHECK_DEADLINE=420,
 #      timeout_s=450: L fp32 with packed attention (the 2x for L), ZeRO-2 against plain
-#      after the one-rank step's change, their CUDA tests; then call 2 below (without
-#      train_zero2, which next_b replaces). The third run's calls were:
+#      after the one-rank step's change, their CUDA tests; then call 2 below with
+#      "next_graphs train_auto" first and without train_zero2 (next_b replaces it): the
+#      fp32 steps as CUDA graphs, and dsfm/train.py in that mode. The third run's calls were:
 #   1. GPU_CHECK_ONLY="cuda_3x train_3x matmul_bench train_attention"
 #      GPU_CHECK_DEADLINE=420, timeout_s=450: what decides issue 4's 2x target
 #      (docs/performance.md): the blocks' products as three TF32 products each
@@ -116,6 +117,13 @@ step next_b 100 python3 -m perf.train_bench --sizes B --wrappers plain,zero2 --c
 step cuda_next 120 python3 -m pytest -v tests/runtime/test_zero_local.py \
   tests/runtime/test_zero_norm.py tests/models/test_avit.py \
   -k "(zero or norm or 3xtf32) and (cuda or gpu) and not (3xtf32 and True)"
+# then (first in the second call) the strict-fp32 steps with the compiled blocks replayed as
+# CUDA graphs, packed attention: the third run's L fp32 plain step had 13.5 ms of idle GPU in
+# its profiled step, gaps between the compiled backward's kernels where the host issues them
+# one by one after the loss read; dsfm/train.py can now run this mode (model.compile_mode)
+step next_graphs 150 python3 -m perf.train_bench --sizes L,B --numerics fp32 \
+  --wrappers plain,zero2 --compile --compile-mode reduce-overhead --attention packed \
+  --steps 4 --warmup 2 --json "$R/next_graphs.json"
 # issue 4 (the third run: the products alone 5-25x strict fp32's error, not fp32): the
 # blocks' projections and MLP as three TF32 products each
 # (model.fp32_matmuls 3xtf32): on CUDA as accurate as strict fp32 against float64, products
@@ -283,7 +291,7 @@ step train_layout 80 python3 -m perf.train_bench --sizes B --wrappers plain \
   --json "$R/train_layout.json"
 
 # the training benchmark's steps, in the summary's order
-TRAIN_STEPS="next_l next_b train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
+TRAIN_STEPS="next_l next_b next_graphs train_3x train_attention train_backward train_zero2 train_frames train_graphs train_blas
   train_cublas train_eager train_zero3 train_memory train_memory_kept train_bench train_layout
   train_compile train_rest"
 TRAIN_LOGS=()
