@@ -411,7 +411,9 @@ def computed_as(cfg: RunConfig) -> dict:
     """How the run's config has the model compute (the same numbers to fp32 rounding, so the
     run's config decides, not what a checkpoint's weights were trained with)."""
     m = cfg.model
-    attention = attention_choice(m.attention, device().type == "cuda", cfg.train.tf32)[0]
+    # (torch.cuda.is_available: the checks before the process group run this, before each
+    # rank has chosen its GPU, and must not open a CUDA context on the first one)
+    attention = attention_choice(m.attention, torch.cuda.is_available(), cfg.train.tf32)[0]
     return {"attention": attention, "backward_matmuls": m.backward_matmuls,
             "fp32_matmuls": m.fp32_matmuls}
 
@@ -475,11 +477,14 @@ def build_vocabulary_and_model(cfg: RunConfig, pretrained: dict | None, loader_f
             if graphs:
                 log.text("model: the compiled blocks replayed as CUDA graphs "
                          "(model.compile_mode=reduce-overhead" + (
-                             ")" if device().type == "cuda" else
+                             ")" if torch.cuda.is_available() else
                              "; no GPU: PyTorch compiles them without graphs)"))
+        elif cfg.model.compile_mode != "default":
+            log.text(f"model: model.compile_mode={cfg.model.compile_mode} unused: the blocks run "
+                     "eager")
         if compiled[1]:
             log.text(compiled[1])
-        chose = attention_choice(cfg.model.attention, device().type == "cuda",
+        chose = attention_choice(cfg.model.attention, torch.cuda.is_available(),
                                  cfg.train.tf32)[1]
         if chose:
             log.text(chose)
@@ -953,6 +958,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             log.text(f"compiled graphs: {counters['stats']['unique_graphs']} (two per input "
                      "shape, periodicity and training/evaluation: the last block's, on its "
                      "decoded frame only, and the other blocks')")
+            if cfg.model.compile_mode == "reduce-overhead" and torch.cuda.is_available():
+                log.text(f"CUDA graphs: {counters['inductor']['cudagraph_skips']} compiled "
+                         "graphs run without them (PyTorch's cudagraph_skips)")
         log.text(f"done: {step} steps; run directory {run_dir}")
         return 0
     finally:

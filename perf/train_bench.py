@@ -137,8 +137,9 @@ def mpp_card(card: str) -> str | None:
 def mpp_reference(card: str, row: dict, args) -> float | None:
     """MPP's samples/s on `card` (a device name) for `row`'s size and numerics, where the row
     ran the reference's shapes and is a training step; else None (another card, other shapes,
-    a reduced width, the CUDA-graph wrapper or the compiled blocks replayed as CUDA graphs,
-    neither of which dsfm/train.py has, PyTorch's default numerics or 3xtf32)."""
+    a reduced width, the CUDA-graph wrapper, which training cannot use, the compiled blocks
+    replayed as CUDA graphs, which dsfm/train.py runs (model.compile_mode) but has not yet on
+    a GPU, PyTorch's default numerics or 3xtf32)."""
     known = mpp_card(card)
     if (known is None or row["size"] not in MPP_SAMPLES[known] or row["wrapper"] == "graph"
             or row.get("compile_mode") not in (None, "default")
@@ -606,7 +607,7 @@ def verdicts_from(paths: list[str]) -> list[str]:
         compare_with_mpp(run["device"], run["rows"], shapes)
         rows += run["rows"]
         zero2 += zero2_verdict(run["device"], run["rows"])
-        card = card or run["device"]
+        card = card or (run["device"] if mpp_card(run["device"]) else None)
     return (mpp_verdict(card, rows) if card else []) + zero2
 
 

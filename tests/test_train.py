@@ -834,6 +834,7 @@ def test_compile_auto_compiles_the_blocks_on_cuda(demo_base, tmp_path, recompute
         in proc.stdout
     if "model.compile_mode=reduce-overhead" in recompute:
         assert "the compiled blocks replayed as CUDA graphs (model.compile_mode" in proc.stdout
+        assert "CUDA graphs: 0 compiled graphs run without them" in proc.stdout
     assert int(re.search(r"compiled graphs: (\d+) ", proc.stdout).group(1)) >= 2
     assert sorted(losses(tmp_path / "r")) == [1, 2, 3]
 
@@ -2084,10 +2085,13 @@ def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
     run's config decides, not what the weights were trained with)."""
     from dsfm.config import load_config
     from dsfm.models.avit import AViT, AViTConfig
+    from dsfm.runtime.engine import attention_choice
     from dsfm.train import model_config
 
     vocab = ["a", "b", "c"]
-    assert model_config(load_config(None), vocab, None).attention == "fused"
+    # auto: fused on a CPU, packed on a GPU in fp32 (test_config.py)
+    auto = attention_choice("auto", torch.cuda.is_available(), False)[0]
+    assert model_config(load_config(None), vocab, None).attention == auto
     cfg = load_config(None, ["model.attention=packed"])
     assert model_config(cfg, vocab, None) == AViTConfig(3, *cfg.model_shape(),
                                                        cfg.model.drop_path, attention="packed")
@@ -2096,11 +2100,11 @@ def test_model_attention_reaches_the_model_also_when_fine_tuning_or_resuming():
     pretrained = {"model_config": saved, "model": None, "vocabulary": {}}
     assert model_config(cfg, vocab, pretrained).attention == "packed"
     pretrained["model_config"] = {**saved, "attention": "packed"}
-    assert model_config(load_config(None), vocab, pretrained).attention == "fused"
+    assert model_config(load_config(None), vocab, pretrained).attention == auto
     assert model_config(load_config(None), vocab, None).backward_matmuls == "autograd"
     cfg = load_config(None, ["model.backward_matmuls=tn"])
     built = model_config(cfg, vocab, None)
-    assert built.backward_matmuls == "tn" and built.attention == "fused"
+    assert built.backward_matmuls == "tn" and built.attention == auto
     assert model_config(cfg, vocab, pretrained).backward_matmuls == "tn"
     pretrained["model_config"] = {**saved, "backward_matmuls": "tn"}
     assert model_config(load_config(None), vocab, pretrained).backward_matmuls == "autograd"

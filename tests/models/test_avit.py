@@ -1376,7 +1376,6 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     assert counters["stats"]["unique_graphs"] == 2
 
 
-@pytest.mark.slow
 def test_blocks_replayed_as_cuda_graphs_begin_a_graph_step_at_each_forward(monkeypatch):
     """compile_blocks in a CUDA-graph mode (reduce-overhead) marks the model: each forward then
     begins a new step of the graphs (the previous micro-batch's backward is done, an
@@ -1410,6 +1409,7 @@ def test_blocks_replayed_as_cuda_graphs_begin_a_graph_step_at_each_forward(monke
     assert begun == [1, 1, 1]
 
 
+@pytest.mark.slow
 def test_compiled_blocks_share_one_graph_with_stochastic_depth():
     """With drop path on, the blocks' rates differ (0 for the first, rising after): they must
     still share one training graph and one evaluation graph (the rate is data, not a constant

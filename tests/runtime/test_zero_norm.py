@@ -111,3 +111,47 @@ def test_without_zero_the_clipping_norm_is_reported():
     for row in record["steps"]:
         assert row["reported"] == pytest.approx(row["expected"], rel=1e-6)
     assert record["steps"][0]["expected"] > 1.0          # clipping at 1.0 is active
+
+
+def test_clipping_on_the_device_scales_as_deepspeeds_without_reading_the_norm(monkeypatch):
+    """`zero_norm._clip_on_device` against DeepSpeed's own `unscale_and_clip_grads` on the same
+    gradients: the same values bit for bit for a norm above and below the clip, DeepSpeed's
+    -1 sentinel, inf and NaN (both clip as if infinite: the gradients zeroed), a loss scale
+    other than 1 and no clipping; and no host read of a tensor (DeepSpeed's made one per
+    call: a device synchronization on a GPU). (A Python float norm fails in DeepSpeed's
+    torch.clamp as in this one: ZeRO's norms are tensors.)"""
+    import types
+
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    from dsfm.runtime.zero_norm import _clip_on_device
+
+    g = torch.Generator().manual_seed(0)
+    grads = [torch.randn(37, generator=g), [torch.randn(5, 3, generator=g), torch.randn(4)]]
+
+    def copy(gs):
+        return [x.clone() if torch.is_tensor(x) else [y.clone() for y in x] for x in gs]
+
+    def flat(gs):
+        return torch.cat([t.flatten() for x in gs for t in ([x] if torch.is_tensor(x) else x)])
+
+    reads = []
+    bool_of = torch.Tensor.__bool__
+    for clip, scale in ((1.0, 1.0), (0.5, 4.0), (0.0, 2.0), (0.0, 1.0)):
+        opt = types.SimpleNamespace(clip_grad=clip, loss_scale=scale, device="cpu")
+        for norm in (torch.tensor(3.0), torch.tensor(0.25), torch.tensor(-1.0),
+                     torch.tensor(float("inf")), torch.tensor(float("nan"))):
+            ours, theirs = copy(grads), copy(grads)
+            DeepSpeedZeroOptimizer.unscale_and_clip_grads(opt, theirs, norm)
+            monkeypatch.setattr(torch.Tensor, "__bool__",
+                                lambda t: reads.append(1) or bool_of(t))
+            try:
+                _clip_on_device(opt, ours, norm)
+            finally:
+                monkeypatch.setattr(torch.Tensor, "__bool__", bool_of)
+            assert torch.equal(flat(ours), flat(theirs)), (clip, scale, norm)
+            if clip and not (torch.isfinite(norm) and norm >= 0):
+                assert not flat(ours).any()                  # clipped as if infinite
+            elif clip and norm == 3.0:
+                assert not torch.equal(flat(ours), flat(grads))     # clipped
+    assert reads == []
