@@ -546,7 +546,7 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
     lines = [f"vs MPP: samples/s over MPP's own AViT's on an {mpp_card(card)} at the same shapes "
              "(../shared/reference/gpu_anchors.md), each numerics against its own"]
     for size in ("B", "L"):
-        for numerics, label in (("fp32", "fp32"), ("tf32", "tf32")):
+        for numerics in ("fp32", "tf32"):
             mine = [r for r in rows if r["size"] == size and r.get("vs_mpp")
                     and r["numerics"] == numerics]
             if not mine:
@@ -554,7 +554,7 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
             best = max(mine, key=lambda r: r["vs_mpp"])
             what = ", ".join((best["wrapper"], best["attention"], LABEL[best["layout"]],
                               best["backward_matmuls"]))
-            lines.append(f"issue 4, 2x MPP: {size} {label}: best {best['vs_mpp']:.2f}x "
+            lines.append(f"issue 4, 2x MPP: {size} {numerics}: best {best['vs_mpp']:.2f}x "
                          f"({best['samples_per_sec']:.2f} against {best['mpp_samples_per_sec']}"
                          f" samples/s; {what}): "
                          + ("met" if best["vs_mpp"] >= 2 else "not met"))
