@@ -134,10 +134,14 @@ def _grad_norm_12(opt, gradients, params, norm_type=2):
         total = torch.tensor(0.0, dtype=torch.float32).to(opt.device)
     zero12.dist.all_reduce(total, op=zero12.dist.ReduceOp.SUM, group=opt.dp_process_group)
     opt._model_parallel_all_reduce(tensor=total, op=zero12.dist.ReduceOp.SUM)
-    total = total.pow(0.5)
-    # DeepSpeed's sentinel, -1 for inf or NaN, set on the device: its own helper makes the -1
-    # a new device tensor from the host, a host-to-device copy that PyTorch synchronizes
-    return total.masked_fill_(~torch.isfinite(total), -1.0)
+    return _invalid_as_minus_one(total.pow(0.5))
+
+
+def _invalid_as_minus_one(norm: torch.Tensor) -> torch.Tensor:
+    """DeepSpeed's sentinel for an inf or NaN norm, -1, set on the device: its own helpers
+    make the -1 a new device tensor from the host, a host-to-device copy that PyTorch
+    synchronizes."""
+    return norm.masked_fill(~torch.isfinite(norm), -1.0)
 
 
 def _clip_on_device(opt, grad_groups_flat, total_norm):
@@ -193,6 +197,4 @@ def _grad_norm_3(opt, gradients, params, norm_type=2):
     experts = opt._autoep_expert_parallel_group(params)
     if z3.pg_utils.is_parallel(experts):
         z3.dist.all_reduce(total, op=z3.dist.ReduceOp.SUM, group=experts)
-    total = total ** 0.5
-    # DeepSpeed's -1 for inf or NaN, on the device (no host-to-device copy of the -1)
-    return total.masked_fill(~torch.isfinite(total), -1.0)
+    return _invalid_as_minus_one(total ** 0.5)
