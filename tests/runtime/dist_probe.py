@@ -1,21 +1,20 @@
 """One rank of a launcher test: discover, export, join a gloo group, all-reduce the ranks.
 
-Run under a real launcher (torchrun, deepspeed, mpirun) or alone. Each rank prints one line
-`DIST_PROBE {json}`; the test reads them back. `--init deepspeed` joins through
-deepspeed.init_distributed(auto_mpi_discovery=False), the call the trainer makes.
+Run under a real launcher (torchrun, deepspeed, mpirun) or alone. Each rank hands back one
+record `DIST_PROBE` (tests/runtime/records.py); the test reads them back. `--init deepspeed`
+joins through deepspeed.init_distributed(auto_mpi_discovery=False), the call the trainer makes.
 """
 
 import argparse
 import dataclasses
 import datetime
-import json
-import sys
 
 import torch
 import torch.distributed as dist
 
 from dsfm.runtime.dist import check_master_addr, discover, exit_process, export
 from dsfm.runtime.engine import release_shm
+from tests.runtime.records import emit
 
 
 def main() -> None:
@@ -36,8 +35,7 @@ def main() -> None:
     record = dataclasses.asdict(env)
     record.update(rank_sum=int(total.item()), group_rank=dist.get_rank(),
                   group_size=dist.get_world_size())
-    sys.stdout.write(f"DIST_PROBE {json.dumps(record)}\n")   # one write: ranks share the pipe
-    sys.stdout.flush()
+    emit("DIST_PROBE", record)
     dist.destroy_process_group()
     if args.init == "deepspeed":
         release_shm(env)          # DeepSpeed's CPU all-reduce buffer, as the trainer does

@@ -7,11 +7,11 @@ deepspeed, mpirun); every rank joins a gloo group and all-reduces its rank.
 
 import json
 import os
-import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 
 import pytest
 
@@ -25,6 +25,7 @@ from dsfm.runtime.dist import (
     export,
 )
 from tests.conftest import REPO, free_port, run
+from tests.runtime import records as probe_files
 
 PROBE = os.path.join("tests", "runtime", "dist_probe.py")
 TORCHRUN = {"RANK": "3", "WORLD_SIZE": "8", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
@@ -313,15 +314,17 @@ def _launcher(name):
 
 
 def probe_records(cmd, env, tag: str, ranks: int, timeout: int = 300) -> list[dict]:
-    """Run a probe (a command whose ranks each print `tag` and a one-line JSON record); it
-    must succeed and every rank report: the records, by rank."""
-    proc = run(cmd, env=env, stdin=subprocess.DEVNULL, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-4000:]
-    records = sorted((json.loads(m) for m in re.findall(rf"{tag} (\{{.*\}})", out)),
-                     key=lambda r: r["rank"])
-    assert [r["rank"] for r in records] == list(range(ranks)), out[-4000:]
-    return records
+    """Run a probe (a command whose ranks each hand back a JSON record `tag` through
+    `tests.runtime.records.emit`); it must succeed and every rank report exactly once: the
+    records, by rank. They come through files, not the ranks' shared stdout (see records)."""
+    with tempfile.TemporaryDirectory(prefix="probe_records_") as folder:
+        proc = run(cmd, env={**env, probe_files.ENV: folder}, stdin=subprocess.DEVNULL,
+                   timeout=timeout)
+        out = proc.stdout + proc.stderr
+        assert proc.returncode == 0, out[-4000:]
+        got = sorted(probe_files.read(folder, tag), key=lambda r: r["rank"])
+    assert [r["rank"] for r in got] == list(range(ranks)), out[-4000:]
+    return got
 
 
 def _launch(cmd, env, ranks):
@@ -413,3 +416,23 @@ def test_ranks_per_node_are_checked_against_the_visible_gpus():
         check_devices(node(8), 4)
     [warning] = check_devices(node(1), 4)
     assert warning.startswith("warning:") and "3 will idle" in warning
+
+
+def test_probe_records_come_whole_through_files_while_the_pipe_interleaves(tmp_path):
+    """Two ranks of a few kilobytes each: written into one pipe they can come back on one line
+    (CI saw it); through `records.emit` each comes back whole, by rank, and a probe run by hand
+    still prints its one line."""
+    big = {"pad": "x" * 20000}
+    folder = tmp_path / "records"
+    folder.mkdir()
+    code = ("import os, sys; from tests.runtime.records import emit; "
+            "emit('T', {'rank': int(sys.argv[1]), 'pad': 'x' * 20000})")
+    env = _clean_env(**{probe_files.ENV: str(folder)})
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(r)], env=env, cwd=REPO)
+             for r in (1, 0)]
+    assert [p.wait(timeout=60) for p in procs] == [0, 0]
+    got = sorted(probe_files.read(str(folder), "T"), key=lambda r: r["rank"])
+    assert got == [{"rank": 0, **big}, {"rank": 1, **big}]
+    assert probe_files.read(str(folder), "OTHER") == []
+    by_hand = run([sys.executable, "-c", code, "3"], env=_clean_env(), timeout=60)
+    assert by_hand.stdout == "T " + json.dumps({"rank": 3, **big}) + "\n"

@@ -8,16 +8,14 @@ gradients are NaN (the update skipped), with `--freeze processor` the blocks fro
 the embedding and the head through them), with `--freeze stem` the field embedding and the stem
 frozen (the first block's input needs no gradient, while its parameters train). Then each
 engine saves, and each checkpoint is loaded into a new engine of the other kind for one more
-step. Prints `ZERO_BLOCKS {json}`: per step whether the two engines' losses, gradient norms and
-partitioned weights are equal, the ZeRO-3 module hooks each engine ran in the step
-(`fetch_sub_module` calls), and whether the cross-loaded engines ended equal.
+step. Hands back `ZERO_BLOCKS` (records.py): per step whether the two engines' losses,
+gradient norms and partitioned weights are equal, the ZeRO-3 module hooks each engine ran in
+the step (`fetch_sub_module` calls), and whether the cross-loaded engines ended equal.
 """
 
 import argparse
 import copy
-import json
 import os
-import sys
 
 import torch
 
@@ -26,6 +24,7 @@ from dsfm.models.avit import AViT, AViTConfig
 from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from dsfm.runtime.zero_blocks import whole_blocks
+from tests.runtime.records import emit
 from tests.runtime.zero_local_probe import apart, batch_maker, equal
 
 KINDS = ("blocks", "modules")
@@ -130,8 +129,7 @@ def main() -> None:
         engine.load_checkpoint(dirs[kind], tag="t")
         after[kind] = (train_step(engine, more), partitions(engine))
     record["cross_loaded_equal"] = equal(after["blocks"], after["modules"])
-    sys.stdout.write(f"ZERO_BLOCKS {json.dumps(record)}\n")
-    sys.stdout.flush()
+    emit("ZERO_BLOCKS", record)
     finish(env)
 
 

@@ -7,7 +7,7 @@ trained side by side on the same batches: micro-batches accumulated (`--accumula
 batch whose gradients are NaN (the update skipped), one backward called as torch's
 `loss.backward()`, one step with a parameter's data moved out of the flat weight buffer, then
 both saved and each reloaded into a new engine of its kind for one
-more step. Prints `ZERO_LOCAL {json}`: per step whether the two engines' losses, gradient
+more step. Hands back `ZERO_LOCAL` (records.py): per step whether the two engines' losses, gradient
 norms and weights are equal, then whether the optimizer states and the saved checkpoints are,
 and the operators and copies a step issued (and its update, `engine.step()`, views included),
 beside the copies of the same model's own backward without an engine (`copies_plain`).
@@ -18,7 +18,6 @@ import copy
 import json
 import math
 import os
-import sys
 import warnings
 
 import torch
@@ -30,6 +29,7 @@ from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from dsfm.runtime.zero_local import is_local, keep_local_gradients
 from perf.op_count import Counting
+from tests.runtime.records import emit
 
 SHIPPED = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs", "zero2.json")
 
@@ -264,8 +264,7 @@ def main() -> None:
         train_step(engine, more)
         after[name] = [p.detach().clone() for p in engine.module.parameters()]
     record["resumed_equal"] = equal(after["local"], after["own"])
-    sys.stdout.write(f"ZERO_LOCAL {json.dumps(record)}\n")
-    sys.stdout.flush()
+    emit("ZERO_LOCAL", record)
     finish(env)
 
 

@@ -9,8 +9,8 @@ it after the first forward, after each step and after the evaluation. The shippe
 `stage3_max_live_parameters`, a number of AViT-L's blocks' elements, is scaled to the same
 number of this model's blocks. `NAME-deepspeed` is NAME with `stage3_prefetch_bucket_size`,
 `stage3_max_live_parameters` and `stage3_max_reuse_distance` removed (DeepSpeed's defaults:
-5e7, 1e9, 1e9); `NAME-uncapped`: NAME without its `stage3_max_live_parameters`. Prints
-`ZERO_MEMORY {json}`: per config the partitioned elements in all, those of the largest block,
+5e7, 1e9, 1e9); `NAME-uncapped`: NAME without its `stage3_max_live_parameters`. Hands back
+`ZERO_MEMORY` (records.py): per config the partitioned elements in all, those of the largest block,
 the cap, train.log's line on what is held (`held_gathered`), the samples' maxima, the three
 readings, the losses and whether the weights equal the first config's.
 """
@@ -28,6 +28,7 @@ from dsfm.runtime import schedule
 from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, cpu_optimizer, finish, init_process_group
 from dsfm.runtime.zero_blocks import held_gathered
+from tests.runtime.records import emit
 from tests.runtime.zero_local_probe import batch_maker, equal
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "..", "ds_configs")
@@ -138,7 +139,7 @@ def main() -> None:
         record["configs"][name] = row
         engine.destroy()
         model = AViT(AViTConfig(n_fields=4, dim=DIM, heads=3, blocks=BLOCKS, drop_path=0.0))
-    print(f"ZERO_MEMORY {json.dumps(record)}", flush=True)
+    emit("ZERO_MEMORY", record)
     finish(env)
 
 

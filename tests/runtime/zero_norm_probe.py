@@ -2,8 +2,8 @@
 
 Default: two ZeRO engines (stage 2, or `--stage 3`) over the same small AViT, one with dsfm's
 multi-tensor gradient norm and one with DeepSpeed's own, trained side by side on the same
-batches. Each rank prints
-`ZERO_NORM {json}`: per step both norms of the same gradients, the operators each issued, both
+batches. Each rank hands back
+`ZERO_NORM` (records.py): per step both norms of the same gradients, the operators each issued, both
 engines' losses, and what a NaN gradient on rank 0 did.
 
 `--stage 0`: one engine without ZeRO, clipping at 1.0; prints `PLAIN_NORM {json}`: per step
@@ -27,6 +27,7 @@ from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
 from dsfm.runtime.zero_norm import _ORIGINAL, is_fused
 from perf.op_count import Counting
+from tests.runtime.records import emit
 
 
 def count_norm_ops(fn):
@@ -157,8 +158,7 @@ def main() -> None:
                                          for p0, p1 in zip(before[name], after))
             row[f"global_norm_{name}"] = float(engine.get_global_grad_norm())
         record["steps"].append(row)
-    sys.stdout.write(f"ZERO_NORM {json.dumps(record)}\n")
-    sys.stdout.flush()
+    emit("ZERO_NORM", record)
     finish(env)
 
 
