@@ -34,7 +34,7 @@ from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
-from dsfm.runtime import checkpoint, orphan, schedule  # noqa: E402
+from dsfm.runtime import checkpoint, nonfinite, orphan, schedule  # noqa: E402
 from dsfm.runtime import ds_config as ds_settings  # noqa: E402
 from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
@@ -513,12 +513,26 @@ def largest_over_ranks(device: torch.device):
     return largest
 
 
+def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
+    """After a skipped update, on every rank (a collective; ZeRO's skip is the same on all):
+    the micro-batches whose loss was not finite on at least one rank, as (index, this rank's
+    dataset). `flags`: this rank's (dataset, finite tensor) per micro-batch of the step."""
+    import torch.distributed as td
+
+    if not flags:
+        return []
+    finite = torch.stack([f.reshape(()) for _, f in flags]).to(device=device, dtype=torch.int32)
+    all_reduce_(finite, td.ReduceOp.MIN)
+    return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
+
+
 def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str,
-                   what: str = "non-finite losses") -> str:
+                   what: str = "non-finite losses", before_any_update: bool | None = None) -> str:
     """Why the run stops after `n` non-finite losses (or updates skipped for non-finite
-    gradients) in a row, and what to try."""
+    gradients) in a row, the last at step `step + 1`, and what to try. `before_any_update`:
+    whether no update was ever applied (by default: the step is the first)."""
     head = f"{n} {what} in a row at step {step + 1}"
-    if step == 0:
+    if step == 0 if before_any_update is None else before_any_update:
         return (f"{head}, before any update, so not the learning rate: the loader found the "
                 "inputs finite, so look for values too large for fp32 in the model "
                 "(data.normalization off, or a stats.yaml that does not fit the data), "
@@ -736,6 +750,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                                   if why is None else f"DeepSpeed's reduction ({why})"),
                  console=False)
         accum = engine.gradient_accumulation_steps()
+        why = nonfinite.skips_nonfinite_updates(engine)                 # None: the step skips
+        on_device = why is None
+        log.text("non-finite losses: " + (
+            "caught on the device; the step skips an update whose gradients are not finite "
+            "(no host read before each backward)" if on_device else
+            f"read before each backward, the micro-batch skipped ({why})"), console=False)
         client_state = {"model_config": asdict(model.config), "vocabulary": vocab.state_dict(),
                         "config": cfg.model_dump(), "scheduler": ds_config.get("scheduler"),
                         # not "optimizer": without ZeRO, DeepSpeed keeps the optimizer's state
@@ -849,11 +869,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             run_eval(step)
         engine.train()
         it = iter(loader)
-        bad_in_a_row = skipped_in_a_row = 0
+        bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
         lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
             skipped_before = engine.skipped_steps
             done = 0
+            flags = []          # on_device: (dataset, finite) of each micro-batch, read on a skip
             monitor.timer.begin_step()
             while done < accum:
                 batch = next(it)
@@ -861,9 +882,14 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)
                 scale, shift = affine(batch.dataset)
                 loss = nmse(pred, batch.y[:, 0], scale=scale, shift=shift)
-                finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
-                all_reduce_(finite, td.ReduceOp.MIN)
-                if not finite.item():            # every rank skips this micro-batch together
+                if on_device:   # a non-finite loss makes the gradients NaN: the step skips
+                    backward_loss, finite = nonfinite.guard(loss)
+                    flags.append((batch.dataset, finite))
+                else:
+                    backward_loss = loss
+                    finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
+                    all_reduce_(finite, td.ReduceOp.MIN)
+                if not on_device and not finite.item():   # every rank skips it together
                     bad_in_a_row += 1
                     where = (f"dataset {batch.dataset}" if env.world_size == 1 else
                              f"rank 0's dataset {batch.dataset}; NaN/Inf on at least one rank")
@@ -876,29 +902,47 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     continue
                 bad_in_a_row = 0
                 monitor.timer.lap("forward")
-                engine.backward(loss)
+                engine.backward(backward_loss)
                 monitor.timer.lap("backward")
                 lr = float(engine.get_lr()[0])   # the rate this step's update uses
                 engine.step()
                 monitor.timer.lap("optimizer")
                 monitor.micro_batch(tuple(batch.x.shape), loader.last_wait_s)
                 d = names.index(batch.dataset)
-                loss_sum[d] += loss.detach().double()
-                loss_n[d] += 1
+                if on_device:   # the window's mean is of the finite losses
+                    loss_sum[d] += torch.where(finite, loss.detach().double(), 0.0)
+                    loss_n[d] += finite
+                else:
+                    loss_sum[d] += loss.detach().double()
+                    loss_n[d] += 1
                 done += 1
-                del batch, pred, loss
+                del batch, pred, loss, backward_loss, finite
             monitor.timer.end_step()
             step += 1
             if engine.skipped_steps > skipped_before:   # ZeRO found inf/NaN gradients
                 skipped_in_a_row += 1
-                log.text(f"warning: non-finite gradients at step {step}: DeepSpeed skipped the "
-                         f"update ({skipped_in_a_row} in a row)")
+                bad = nonfinite_micro_batches(flags, engine.device) if on_device else []
+                losses_in_a_row = losses_in_a_row + 1 if bad else 0
+                if bad:
+                    i, dataset = bad[0]
+                    where = (f"dataset {dataset}" if env.world_size == 1 else
+                             f"rank 0's dataset {dataset}; NaN/Inf on at least one rank")
+                    if accum > 1:
+                        where = f"micro-batch {i + 1} of {accum}, {where}"
+                    log.text(f"warning: non-finite loss at step {step} ({where}): DeepSpeed "
+                             f"skipped the update ({skipped_in_a_row} in a row)")
+                else:
+                    log.text(f"warning: non-finite gradients at step {step}: DeepSpeed skipped "
+                             f"the update ({skipped_in_a_row} in a row)")
                 if skipped_in_a_row >= cfg.train.max_nonfinite:
-                    raise DsfmError(nonfinite_stop(skipped_in_a_row, step - 1, first_step,
-                                                   saved_at, run_dir,
-                                                   "updates skipped for non-finite gradients"))
+                    losses = losses_in_a_row == skipped_in_a_row
+                    raise DsfmError(nonfinite_stop(
+                        skipped_in_a_row, step - 1, first_step, saved_at, run_dir,
+                        "non-finite losses" if losses else
+                        "updates skipped for non-finite gradients",
+                        before_any_update=first_step == 0 and skipped_in_a_row == step))
             else:
-                skipped_in_a_row = 0
+                skipped_in_a_row = losses_in_a_row = 0
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()

@@ -176,44 +176,48 @@ def engine_config(batch: int, stage: int) -> dict:
             "zero_optimization": zero, "steps_per_print": 10 ** 9}
 
 
-def check_finite(loss) -> None:
-    """What dsfm's trainer does between each forward and its backward: read whether the loss is
-    finite (a micro-batch whose loss is not is skipped), which makes the host wait for the
-    forward. The benchmark's steps do it too (`check_loss`), so that a step running freely
-    gets the overlap training gets and no more."""
-    if not bool(torch.isfinite(loss.detach())):
-        raise RuntimeError("non-finite loss")
-
-
 def plain_step(model, opt, inputs, check_loss: bool = False):
     """One plain-PyTorch training step on fixed inputs (x, field ids, bcs, y): nMSE, backward,
-    clipping at 1.0, `opt`."""
+    clipping at 1.0, `opt`. `check_loss`: what the trainer does about a non-finite loss, done
+    the plain way, on the device: the loss guarded (`dsfm.runtime.nonfinite.guard`: NaN
+    gradients if it is not finite) and, with a fused optimizer, the update skipped on a
+    non-finite norm through its `found_inf` (as torch's GradScaler skips one); no host read."""
     from dsfm.eval import nmse
+    from dsfm.runtime.nonfinite import guard
 
     x, ids, bcs, y = inputs
+    fused = bool(opt.defaults.get("fused"))
 
     def step():
         loss = nmse(model(x, ids, bcs), y)
         if check_loss:
-            check_finite(loss)
+            loss, _ = guard(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        if check_loss and fused:
+            opt.found_inf = torch.logical_not(torch.isfinite(norm)).float()
         opt.step()
 
     return step
 
 
 def engine_step(engine, inputs, check_loss: bool = False):
-    """The same step through a DeepSpeed engine (its optimizer and clipping)."""
+    """The same step through a DeepSpeed engine (its optimizer and clipping). `check_loss`:
+    the trainer's guard of a non-finite loss where the engine's step skips a non-finite norm
+    (ZeRO), no host read (`dsfm.runtime.nonfinite`)."""
     from dsfm.eval import nmse
+    from dsfm.runtime.nonfinite import guard, skips_nonfinite_updates
 
     x, ids, bcs, y = inputs
+    if check_loss and skips_nonfinite_updates(engine) is not None:
+        raise RuntimeError("the benchmark's engines skip non-finite updates in their step: "
+                           + skips_nonfinite_updates(engine))
 
     def step():
         loss = nmse(engine(x, ids, bcs), y)
         if check_loss:
-            check_finite(loss)
+            loss, _ = guard(loss)
         engine.backward(loss)
         engine.step()
 

@@ -801,3 +801,39 @@ def test_summary_keeps_the_rounds_in_the_order_they_ran():
     assert s["rounds"] == [40.0, 80.0, 20.0]
     assert s["samples_per_s"] == 40.0 and s["mb_per_s"] == 40.0
     assert s["batch_ms_median"] == pytest.approx(100.0) and s["batch_ms_p95"] == 200.0
+
+
+def test_the_benchmarks_plain_step_guards_the_loss_on_the_device_as_the_trainer_does():
+    """The plain baseline's step does what the trainer does about a non-finite loss, without a
+    host read: a finite one updates exactly as an unguarded step; a NaN one leaves the weights
+    and the fused AdamW's step count as they were (its `found_inf`, as GradScaler's skip)."""
+    import torch
+
+    from perf.train_bench import plain_step
+
+    class Tiny(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(-1, 1, 9).reshape(3, 3))
+
+        def forward(self, x, ids, bcs):
+            return torch.einsum("oc,bchw->bohw", self.w, x)
+
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 3, 4, 4, generator=g), torch.randn(2, 3, 4, 4, generator=g)
+    models = [Tiny(), Tiny()]
+    opts = [torch.optim.AdamW(m.parameters(), lr=1e-2, fused=True) for m in models]
+    guarded = plain_step(models[0], opts[0], (x, None, None, y), check_loss=True)
+    plain = plain_step(models[1], opts[1], (x, None, None, y))
+    for _ in range(3):
+        guarded(), plain()
+    assert torch.equal(models[0].w, models[1].w)
+    assert not torch.equal(models[0].w, Tiny().w)                      # they trained
+    before = models[0].w.detach().clone()
+    y[0, 0, 0, 0] = float("nan")
+    guarded()
+    assert torch.equal(models[0].w, before)
+    assert float(opts[0].state[models[0].w]["step"]) == 3
+    y[0, 0, 0, 0] = 0.0
+    guarded()
+    assert not torch.equal(models[0].w, before) and float(opts[0].state[models[0].w]["step"]) == 4

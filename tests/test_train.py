@@ -1013,16 +1013,25 @@ def test_resuming_a_checkpoint_of_another_model_is_refused(demo_base, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path):
+@pytest.mark.parametrize("stage,ranks,accum", [
+    (2, 1, 1), (0, 1, 1), pytest.param(3, 2, 2, marks=pytest.mark.slow)])
+def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path, stage, ranks,
+                                                            accum):
+    """ZeRO skips the update on the device (the loss guarded, no host read before the
+    backward: dsfm.runtime.nonfinite); on two ranks with accumulation the flags are reduced
+    over the ranks after the skip. Without ZeRO, DeepSpeed would step on NaN gradients, so the
+    loss is read before each backward and its micro-batch skipped."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                              "gradient_accumulation_steps": accum,
                               "optimizer": {"type": "AdamW", "params": {"lr": 1e30}},
                               "scheduler": {"type": "WarmupLR", "params": {
                                   "warmup_num_steps": 1, "warmup_min_lr": 1e30,
                                   "warmup_max_lr": 1e30}},
-                              "zero_optimization": {"stage": 2}}))
-    cmd = [sys.executable, "dsfm/train.py", "--ds_config", str(ds), "--run-dir",
-           str(tmp_path / "r")]
+                              "zero_optimization": {"stage": stage}}))
+    cmd = ([sys.executable] if ranks == 1 else
+           ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())])
+    cmd += ["dsfm/train.py", "--ds_config", str(ds), "--run-dir", str(tmp_path / "r")]
     for s in TINY + [f"data.base={demo_base}", "train.max_steps=50", "train.max_nonfinite=3"]:
         cmd += ["--set", s]
     proc = run(cmd)
@@ -1033,7 +1042,20 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path)
     assert "unless the data holds input frames uniform over space in every field" in proc.stderr
     log = (tmp_path / "r" / "train.log").read_text()
     assert log.count("non-finite loss at step") == 3
-    assert "micro-batch skipped (1 in a row)" in log
+    if stage:
+        assert "non-finite losses: caught on the device" in log
+        assert ("non-finite loss at step 2 (dataset " if ranks == 1 else
+                "non-finite loss at step 2 (micro-batch 1 of 2, rank 0's dataset ") in log
+        for n in (1, 2, 3):
+            assert f"DeepSpeed skipped the update ({n} in a row)" in log
+        assert "micro-batch skipped" not in log
+        assert "3 non-finite losses in a row at step 4" in proc.stderr
+    else:
+        assert "non-finite losses: read before each backward, the micro-batch skipped (the " \
+            "optimizer is" in log
+        assert "micro-batch skipped (1 in a row)" in log
+        assert "DeepSpeed skipped" not in log
+        assert "3 non-finite losses in a row at step 2" in proc.stderr
 
 
 def test_resume_with_another_world_size_or_zero_layout_is_refused(demo_base, tmp_path):
