@@ -11,7 +11,9 @@
 #   0. Since the third run (2026-11-30, evening): first
 #      GPU_CHECK_ONLY="next_l next_b cuda_next train_attention" GPU_CHECK_DEADLINE=420,
 #      timeout_s=450: L fp32 with packed attention (the 2x for L), ZeRO-2 against plain
-#      after the one-rank step's change, their CUDA tests; then call 2 below with
+#      after the one-rank step's change, their CUDA tests (every step with the loss
+#      guarded on the device since: no read before the backward, plain's step without a
+#      synchronization, ZeRO-2's with one: dsfm/runtime/nonfinite.py); then call 2 below with
 #      "next_graphs train_auto" first and without train_zero2 (next_b replaces it): the
 #      fp32 steps as CUDA graphs, and dsfm/train.py in that mode. The third run's calls were:
 #   1. GPU_CHECK_ONLY="cuda_3x train_3x matmul_bench train_attention"
