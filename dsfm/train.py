@@ -947,7 +947,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()
                 per = sums[:len(names)] / sums[len(names):].clamp(min=1)
-                mean = float(sums[:len(names)].sum() / sums[len(names):].sum())
+                counted = float(sums[len(names):].sum())
+                # None: every loss of the window was non-finite (its updates skipped)
+                mean = float(sums[:len(names)].sum()) / counted if counted else None
                 grad_norm = engine.get_global_grad_norm()
                 scalars = {"train/loss": mean, "train/lr": lr,
                            "train/grad_norm": None if grad_norm is None else float(grad_norm)}
@@ -958,11 +960,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if everyone is not None:
                     scalars.update(board.combine(everyone))
                 log.scalars(step, scalars)
-                bar.set_postfix(loss=f"{mean:.4f}", lr=f"{scalars['train/lr']:.2e}")
+                shown = "n/a" if mean is None else format(mean, ".5f")
+                bar.set_postfix(loss="n/a" if mean is None else f"{mean:.4f}",
+                                lr=f"{scalars['train/lr']:.2e}")
                 # no norm (stage 0 without clipping, ZeRO's compute_grad_norm off): "n/a", where
                 # the line said 0.000
                 grad = scalars["train/grad_norm"]
-                log.text(f"step {step:>7d}  loss {mean:.5f}  lr {scalars['train/lr']:.3e}  "
+                log.text(f"step {step:>7d}  loss {shown}  lr {scalars['train/lr']:.3e}  "
                          f"grad {'n/a' if grad is None else format(grad, '.3f')}  "
                          f"{scalars.get('perf/samples_per_sec', 0):.1f} samples/s  "
                          f"step {scalars.get('time/step_ms', 0):.1f} ms (data wait "

@@ -1036,6 +1036,12 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path,
         cmd += ["--set", s]
     proc = run(cmd)
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    # the mean of a window whose every loss was non-finite is none, not NaN (nor a mean of
+    # the skipped micro-batches' losses)
+    logged_losses = losses(tmp_path / "r")
+    assert math.isfinite(logged_losses[1])
+    assert logged_losses == ({1: logged_losses[1], 2: None, 3: None} if stage else
+                             {1: logged_losses[1]})
     assert "3 non-finite losses in a row" in proc.stderr and "lower the learning rate" in \
         proc.stderr
     # the other cause a run meets mid-way (docs/training.md: the stem's norm)
