@@ -106,11 +106,14 @@ from deepspeed.ops.op_builder import FusedAdamBuilder; FusedAdamBuilder().load()
 # compiled, packed attention against direct (the 2x needs 253.2 ms; direct took 262.0, packed
 # was 3.9 % faster than direct for B), with the one-rank ZeRO-2 engine beside each: the
 # ZeRO-2 target (<= 3 %) after the step's host reads went from three to one
-step next_l 170 python3 -m perf.train_bench --sizes L --numerics fp32 --wrappers plain,zero2 \
-  --compile --attention packed,direct --steps 4 --warmup 2 --json "$R/next_l.json"
+# (plainread: plain with the loss read before the backward, as the third run measured it: the
+# read's cost in the same call)
+step next_l 170 python3 -m perf.train_bench --sizes L --numerics fp32 \
+  --wrappers plain,plainread,zero2 --compile --attention packed,direct --steps 4 --warmup 2 \
+  --json "$R/next_l.json"
 # then B, fp32 and TF32, plain and zero2, direct attention (the third run's train_zero2 rows:
 # +3.9 % fp32, +17.9 % TF32), with profiles for the step's idle time
-step next_b 100 python3 -m perf.train_bench --sizes B --wrappers plain,zero2 --compile \
+step next_b 120 python3 -m perf.train_bench --sizes B --wrappers plain,plainread,zero2 --compile \
   --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/next_b.json"
 # the CUDA tests of the one-rank ZeRO-2 engine (FusedAdam; the step's synchronizations

@@ -104,8 +104,8 @@ _FLOPS: dict[tuple, float] = {}
 
 NUMERICS = ("fp32", "tf32", "torch", "3xtf32")
 FIELD_COLUMNS = 12              # the vocabulary the model is built with (MPP's reference)
-WRAPPERS = ("plain", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod",
-            "zero3keep")
+WRAPPERS = ("plain", "plainread", "graph", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3",
+            "zero3mod", "zero3keep")
 WW = max(map(len, WRAPPERS))            # the wrapper column's width in the printed tables
 
 
@@ -176,12 +176,14 @@ def engine_config(batch: int, stage: int) -> dict:
             "zero_optimization": zero, "steps_per_print": 10 ** 9}
 
 
-def plain_step(model, opt, inputs, check_loss: bool = False):
+def plain_step(model, opt, inputs, check_loss: bool | str = False):
     """One plain-PyTorch training step on fixed inputs (x, field ids, bcs, y): nMSE, backward,
     clipping at 1.0, `opt`. `check_loss`: what the trainer does about a non-finite loss, done
     the plain way, on the device: the loss guarded (`dsfm.runtime.nonfinite.guard`: NaN
     gradients if it is not finite) and, with a fused optimizer, the update skipped on a
-    non-finite norm through its `found_inf` (as torch's GradScaler skips one); no host read."""
+    non-finite norm through its `found_inf` (as torch's GradScaler skips one); no host read.
+    "read": the loss read on the host before the backward instead (the trainer without ZeRO,
+    and under ZeRO before 2026-11-30): the host waits for the end of each forward."""
     from dsfm.eval import nmse
     from dsfm.runtime.nonfinite import guard
 
@@ -190,12 +192,15 @@ def plain_step(model, opt, inputs, check_loss: bool = False):
 
     def step():
         loss = nmse(model(x, ids, bcs), y)
-        if check_loss:
+        if check_loss == "read":
+            if not bool(torch.isfinite(loss.detach())):
+                raise RuntimeError("non-finite loss")
+        elif check_loss:
             loss, _ = guard(loss)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if check_loss and fused:
+        if check_loss is True and fused:
             opt.found_inf = torch.logical_not(torch.isfinite(norm)).float()
         opt.step()
 
@@ -345,14 +350,15 @@ def run_variant(size: str, wrapper: str, numerics: str, args, device,
                    else "resident memory of the process since it started (ru_maxrss)")
 
     zero = fused_norm = local = whole = engine = None
-    if wrapper in ("plain", "graph"):
+    if wrapper in ("plain", "plainread", "graph"):
         opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=cuda,
                                 capturable=wrapper == "graph")
         step = issue = plain_step(model, opt, (x, ids, bcs, y))
         if wrapper == "graph":          # the whole step captured: it cannot read the loss
             step = issue = graphed(step, model, opt, nmse, (x, ids, bcs, y))
         else:
-            step = plain_step(model, opt, (x, ids, bcs, y), check_loss=True)
+            step = plain_step(model, opt, (x, ids, bcs, y),
+                              check_loss="read" if wrapper == "plainread" else True)
     else:
         from dsfm.runtime.engine import build_engine
         from dsfm.runtime.zero_blocks import whole_blocks
@@ -647,6 +653,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sizes", default="Ti,S,B,L")
     ap.add_argument("--wrappers", default=None,
                     help="plain, zero2, zero3, graph (plain captured as one CUDA graph; CUDA), "
+                    "plainread (plain with the loss read on the host before each backward, as "
+                    "the trainer did: the host waits for each forward), "
                     "zero2hk (ZeRO-2 through DeepSpeed's per-parameter gradient hooks and "
                     "buckets, which one rank's zero2 goes without: dsfm.runtime.zero_local), "
                     "zero2nc (zero2hk with contiguous_gradients off: about 400 copies a step "

@@ -118,7 +118,8 @@ def test_train_bench_compares_wrappers(tmp_path):
     proc = run([sys.executable, "-m", "perf.train_bench", "--sizes", "Ti", "--res", "32",
                 "--frames", "2", "--batch", "2", "--steps", "2", "--warmup", "1",
                 "--layouts", "tokens,tokens_every,channels_first",
-                "--wrappers", "plain,zero2,zero2hk,zero2nc,zero2ds,zero3,zero3mod,zero3keep",
+                "--wrappers",
+                "plain,plainread,zero2,zero2hk,zero2nc,zero2ds,zero3,zero3mod,zero3keep",
                 "--width", "16", "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
@@ -132,15 +133,16 @@ def test_train_bench_compares_wrappers(tmp_path):
     narrow, ti = (step_flops(avit("Ti", 12, drop_path=0.0, width=w), x) for w in (16, None))
     assert rec["width"] == 16 and "each size at width 16 with one head" in proc.stdout
     assert {r["tflop_per_step"] for r in rec["rows"]} == {narrow / 1e12} and narrow < ti / 50
-    wrappers = ("plain", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3", "zero3mod",
-                "zero3keep")
+    wrappers = ("plain", "plainread", "zero2", "zero2hk", "zero2nc", "zero2ds", "zero3",
+                "zero3mod", "zero3keep")
     assert [(r["layout"], r["wrapper"]) for r in rec["rows"]] == [
         (layout, w) for layout in ("tokens", "tokens_every", "channels_first")
         for w in wrappers]
     # the engines run the shipped ZeRO settings; zero2nc turns contiguous gradients off
     zero = {r["wrapper"]: r["zero_optimization"] for r in rec["rows"]}
     shipped = json.load(open(os.path.join(REPO, "ds_configs", "zero2.json")))
-    assert zero["plain"] is None and zero["zero2"] == shipped["zero_optimization"]
+    assert zero["plain"] is zero["plainread"] is None
+    assert zero["zero2"] == shipped["zero_optimization"]
     assert zero["zero2nc"] == {**shipped["zero_optimization"], "contiguous_gradients": False}
     shipped3 = json.load(open(os.path.join(REPO, "ds_configs", "zero3.json")))
     assert zero["zero3"] == zero["zero3mod"] == shipped3["zero_optimization"]
@@ -152,17 +154,20 @@ def test_train_bench_compares_wrappers(tmp_path):
     # zero2ds: the shipped ZeRO-2 with DeepSpeed's own per-tensor clipping norm
     assert zero["zero2ds"] == shipped["zero_optimization"]
     fused = {r["wrapper"]: r["fused_grad_norm"] for r in rec["rows"]}
-    assert fused == {"plain": None, "zero2": True, "zero2hk": True, "zero2nc": True,
-                     "zero2ds": False, "zero3": True, "zero3mod": True, "zero3keep": True}
+    assert fused == {"plain": None, "plainread": None, "zero2": True, "zero2hk": True,
+                     "zero2nc": True, "zero2ds": False, "zero3": True, "zero3mod": True,
+                     "zero3keep": True}
     # one rank's zero2 (and zero2ds) takes the gradients in place; zero2hk and zero2nc go
     # through DeepSpeed's hooks; ZeRO-3 always does
     local = {r["wrapper"]: r["local_gradients"] for r in rec["rows"]}
-    assert local == {"plain": None, "zero2": True, "zero2hk": False, "zero2nc": False,
-                     "zero2ds": True, "zero3": False, "zero3mod": False, "zero3keep": False}
+    assert local == {"plain": None, "plainread": None, "zero2": True, "zero2hk": False,
+                     "zero2nc": False, "zero2ds": True, "zero3": False, "zero3mod": False,
+                     "zero3keep": False}
     # ZeRO-3 gathers Ti's 12 blocks whole; zero3mod module by module (DeepSpeed's own), as
     # every engine over MPP's channels-first formulation (which names no blocks)
     for r in rec["rows"]:
-        assert r["whole_blocks"] == (None if r["wrapper"] == "plain" else 12 if (
+        plain = r["wrapper"] in ("plain", "plainread")
+        assert r["whole_blocks"] == (None if plain else 12 if (
             r["wrapper"] in ("zero3", "zero3keep") and r["layout"] != "channels_first")
             else 0), r
     assert zero["zero2hk"] == shipped["zero_optimization"]
@@ -176,7 +181,8 @@ def test_train_bench_compares_wrappers(tmp_path):
         assert r["leftover_gib"] is None                    # device memory: CUDA only
         assert r["vs_mpp"] is None and r["mpp_samples_per_sec"] is None    # no card
         # each engine is destroyed after its variant (else it counts in later peaks)
-        assert r.get("engine_torn_down") is (None if r["wrapper"] == "plain" else True)
+        assert r.get("engine_torn_down") is (
+            None if r["wrapper"] in ("plain", "plainread") else True)
     assert "vs plain" in proc.stdout and "synced" in proc.stdout
 
 
@@ -837,3 +843,9 @@ def test_the_benchmarks_plain_step_guards_the_loss_on_the_device_as_the_trainer_
     y[0, 0, 0, 0] = 0.0
     guarded()
     assert not torch.equal(models[0].w, before) and float(opts[0].state[models[0].w]["step"]) == 4
+    # plainread: the loss read on the host before the backward, as the trainer without ZeRO
+    read = plain_step(models[1], opts[1], (x, None, None, y), check_loss="read")
+    read()
+    y[0, 0, 0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite loss"):
+        read()
