@@ -769,6 +769,21 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         # the loss of the steps since the last log line (a resumed run continues the window)
         loss_sum = torch.zeros(len(names), device=dev, dtype=torch.float64)
         loss_n = torch.zeros(len(names), device=dev, dtype=torch.float64)
+        # on_device: non-finite losses of steps DeepSpeed did not skip (none, unless a ZeRO
+        # optimizer stops skipping non-finite norms); read where the host waits anyway
+        unskipped = torch.zeros(1, device=dev, dtype=torch.float64)
+
+        def check_unskipped(at: int) -> None:
+            """Collective: stop if a non-finite loss reached an update since the last check."""
+            if not on_device:
+                return
+            n = int(all_reduce_(unskipped.clone()).item())
+            if n:
+                raise DsfmError(
+                    f"{n} micro-batches with a non-finite loss reached an update by step {at}: "
+                    "DeepSpeed's step did not skip them (dsfm/runtime/nonfinite.py expects "
+                    f"{type(engine.optimizer).__name__} to skip a non-finite gradient norm); "
+                    "the weights may no longer be finite, so nothing was saved")
 
         step = saved_at = 0
         if args.resume:
@@ -808,6 +823,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
 
         def save(at: int) -> None:
             nonlocal saved_at
+            check_unskipped(at)
             with monitor.outside_training():
                 path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
                                        {"loader": loader.state_dict(), "step": at,
@@ -885,6 +901,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if on_device:   # a non-finite loss makes the gradients NaN: the step skips
                     backward_loss, finite = nonfinite.guard(loss)
                     flags.append((batch.dataset, finite))
+                    unskipped.add_(torch.logical_not(finite))
                 else:
                     backward_loss = loss
                     finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
@@ -895,7 +912,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                              f"rank 0's dataset {batch.dataset}; NaN/Inf on at least one rank")
                     log.text(f"warning: non-finite loss at step {step + 1} ({where}): "
                              f"micro-batch skipped ({bad_in_a_row} in a row)")
-                    del batch, pred, loss
+                    del batch, pred, loss, backward_loss     # and the graph with them
                     if bad_in_a_row >= cfg.train.max_nonfinite:
                         raise DsfmError(nonfinite_stop(bad_in_a_row, step, first_step,
                                                        saved_at, run_dir))
@@ -922,6 +939,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if engine.skipped_steps > skipped_before:   # ZeRO found inf/NaN gradients
                 skipped_in_a_row += 1
                 bad = nonfinite_micro_batches(flags, engine.device) if on_device else []
+                for _, finite in flags:       # skipped: these did not reach the weights
+                    unskipped.sub_(torch.logical_not(finite).to(unskipped.dtype))
                 losses_in_a_row = losses_in_a_row + 1 if bad else 0
                 if bad:
                     i, dataset = bad[0]
@@ -945,6 +964,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 skipped_in_a_row = losses_in_a_row = 0
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
+                check_unskipped(step)
                 sums = all_reduce_(torch.cat([loss_sum, loss_n])).cpu()
                 per = sums[:len(names)] / sums[len(names):].clamp(min=1)
                 counted = float(sums[len(names):].sum())

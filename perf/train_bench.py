@@ -182,6 +182,7 @@ def plain_step(model, opt, inputs, check_loss: bool | str = False):
     the plain way, on the device: the loss guarded (`dsfm.runtime.nonfinite.guard`: NaN
     gradients if it is not finite) and, with a fused optimizer, the update skipped on a
     non-finite norm through its `found_inf` (as torch's GradScaler skips one); no host read.
+    Without a fused optimizer (the CPU runs) nothing skips: the benchmark's inputs are finite.
     "read": the loss read on the host before the backward instead (the trainer without ZeRO,
     and under ZeRO before 2026-11-30): the host waits for the end of each forward."""
     from dsfm.eval import nmse
@@ -200,8 +201,9 @@ def plain_step(model, opt, inputs, check_loss: bool | str = False):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        if check_loss is True and fused:
-            opt.found_inf = torch.logical_not(torch.isfinite(norm)).float()
+        if fused:           # None: a step sharing `opt` without the guard skips nothing
+            opt.found_inf = (torch.logical_not(torch.isfinite(norm)).float()
+                             if check_loss is True else None)
         opt.step()
 
     return step
@@ -219,10 +221,13 @@ def engine_step(engine, inputs, check_loss: bool = False):
         raise RuntimeError("the benchmark's engines skip non-finite updates in their step: "
                            + skips_nonfinite_updates(engine))
 
+    missed = torch.zeros(1, device=engine.device, dtype=torch.float64)
+
     def step():
         loss = nmse(engine(x, ids, bcs), y)
-        if check_loss:
-            loss, _ = guard(loss)
+        if check_loss:      # and the trainer's device count of losses not skipped
+            loss, finite = guard(loss)
+            missed.add_(torch.logical_not(finite))
         engine.backward(loss)
         engine.step()
 

@@ -1064,6 +1064,38 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path,
         assert "3 non-finite losses in a row at step 2" in proc.stderr
 
 
+def test_a_non_finite_loss_that_deepspeed_did_not_skip_stops_the_run_before_it_saves(
+        demo_base, tmp_path):
+    """The device-side guard relies on ZeRO's step skipping a non-finite norm. A DeepSpeed whose
+    ZeRO-2 step did not (its check patched to say every norm is valid) applies the NaN update:
+    the trainer's device count of non-finite losses in steps that were not skipped stops the
+    run at the next log step, before any checkpoint of NaN weights."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
+                              "optimizer": {"type": "AdamW", "params": {"lr": 1e30}},
+                              "scheduler": {"type": "WarmupLR", "params": {
+                                  "warmup_num_steps": 1, "warmup_min_lr": 1e30,
+                                  "warmup_max_lr": 1e30}},
+                              "zero_optimization": {"stage": 2}}))
+    argv = ["--ds_config", str(ds), "--run-dir", str(tmp_path / "r")]
+    for s in TINY + [f"data.base={demo_base}", "train.max_steps=6", "train.max_nonfinite=3",
+                     "train.checkpoint_every=2"]:
+        argv += ["--set", s]
+    code = ("import sys\n"
+            "import deepspeed.runtime.zero.stage_1_and_2 as zero12\n"
+            "zero12.is_invalid_grad_norm = lambda norm: False\n"
+            "from dsfm.runtime.dist import exit_process\n"
+            "from dsfm.train import main\n"
+            f"exit_process(main({argv!r}))\n")
+    proc = run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("1 micro-batches with a non-finite loss reached an update by step 2: DeepSpeed's "
+            "step did not skip them") in proc.stderr, proc.stderr[-2000:]
+    log = (tmp_path / "r" / "train.log").read_text()
+    assert "non-finite losses: caught on the device" in log and "skipped" not in log
+    assert "checkpoint:" not in log                     # step 2's would have been NaN
+
+
 def test_resume_with_another_world_size_or_zero_layout_is_refused(demo_base, tmp_path):
     """A checkpoint of 2 ranks cannot be resumed by 1 (sampler shards differ), nor one of ZeRO-2
     under ZeRO-3 or without ZeRO: a one-line error before any process group, from the

@@ -7,14 +7,16 @@ GPU idles while the host issues the backward's first kernels, once per micro-bat
 several ranks each micro-batch paid one more small collective.
 
 Where the engine's own step already skips an update whose gradient norm is not finite
-(DeepSpeed's ZeRO-1/2 with its norm computed, ZeRO-3: `is_invalid_grad_norm`, all ranks alike
-since the norm is reduced over them), no such read is needed. `guard(loss)` multiplies the loss
-by 1 where it is finite and by NaN where it is not, on the device: a finite loss and its
-gradients are unchanged bit for bit (times 1), and a non-finite loss always gives NaN gradients,
-where an infinite loss can otherwise have finite ones (a residual of 1e20 squares to inf, its
-gradient does not). The norm is then NaN, the step skips the update, and the trainer reads the
-flags after the step (whose own read of the norm has already waited for the device), only when
-the update was skipped, to say why.
+(DeepSpeed's ZeRO-1 and 2 with their gradient norm computed, ZeRO-3: `is_invalid_grad_norm`, all
+ranks alike since the norm is reduced over them), no such read is needed. `guard(loss)`
+multiplies the loss by 1 where it is finite and by NaN where it is not, on the device: a finite
+loss and its gradients are unchanged bit for bit (times 1), and a non-finite loss always gives
+NaN gradients, where an infinite loss can otherwise have finite ones (a residual of 1e20 squares
+to inf, its gradient does not). The norm is then NaN, the step skips the update, and the trainer
+reads the flags after the step (whose own read of the norm has already waited for the device),
+only when the update was skipped, to say why. Should a step not skip one after all, the
+trainer's count of non-finite losses in steps that were not skipped (on the device, read at log
+steps and before each checkpoint) stops the run before it saves.
 
 The unit of a skip is the update, as in Megatron-LM and DeepSpeed's own loss scaler: with
 gradient accumulation, one non-finite micro-batch drops the update of all of them. Without
@@ -37,6 +39,9 @@ def skips_nonfinite_updates(engine) -> str | None:
         return None                               # the norm is always taken, and checked
     if not isinstance(opt, stage_1_and_2.DeepSpeedZeroOptimizer):
         return f"the optimizer is {type(opt).__name__}, not ZeRO's: it steps whatever the norm"
+    if type(opt) is not stage_1_and_2.DeepSpeedZeroOptimizer:
+        # ZenFlow's (a subclass) applies some updates inside the backward, unchecked
+        return f"the optimizer is {type(opt).__name__}, not ZeRO-1/2's own"
     if getattr(opt, "check_grad_overflow", False):
         return None                               # the loss scaler's overflow check
     if not getattr(opt, "compute_grad_norm", True):
