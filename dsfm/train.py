@@ -513,6 +513,13 @@ def largest_over_ranks(device: torch.device):
     return largest
 
 
+def nonfinite_where(dataset: str, world_size: int) -> str:
+    """Where a non-finite loss was, for its warning: the dataset, and on several ranks that it
+    is rank 0's (a collective found the loss non-finite on at least one)."""
+    return (f"dataset {dataset}" if world_size == 1 else
+            f"rank 0's dataset {dataset}; NaN/Inf on at least one rank")
+
+
 def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     """After a skipped update, on every rank (a collective; ZeRO's skip is the same on all):
     the micro-batches whose loss was not finite on at least one rank, as (index, this rank's
@@ -908,8 +915,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     all_reduce_(finite, td.ReduceOp.MIN)
                 if not on_device and not finite.item():   # every rank skips it together
                     bad_in_a_row += 1
-                    where = (f"dataset {batch.dataset}" if env.world_size == 1 else
-                             f"rank 0's dataset {batch.dataset}; NaN/Inf on at least one rank")
+                    where = nonfinite_where(batch.dataset, env.world_size)
                     log.text(f"warning: non-finite loss at step {step + 1} ({where}): "
                              f"micro-batch skipped ({bad_in_a_row} in a row)")
                     del batch, pred, loss, backward_loss     # and the graph with them
@@ -944,8 +950,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 losses_in_a_row = losses_in_a_row + 1 if bad else 0
                 if bad:
                     i, dataset = bad[0]
-                    where = (f"dataset {dataset}" if env.world_size == 1 else
-                             f"rank 0's dataset {dataset}; NaN/Inf on at least one rank")
+                    where = nonfinite_where(dataset, env.world_size)
                     if accum > 1:
                         where = f"micro-batch {i + 1} of {accum}, {where}"
                     log.text(f"warning: non-finite loss at step {step} ({where}): DeepSpeed "

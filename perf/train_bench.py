@@ -10,15 +10,15 @@ with --backward-matmuls autograd,tn also with the blocks' backward matrix multip
 forward's layout: AViTConfig.backward_matmuls; with --numerics fp32,3xtf32 also with the
 blocks' products as three TF32 products each: AViTConfig.fp32_matmuls, not fp32's accuracy
 on an H200, so with no comparison against MPP).
-Reports ms/step (steps running freely, each reading its loss back before the backward as
-dsfm's trainer does; and, without that read, each between two synchronizations, with the
-host's time to issue it), samples/s, achieved TFLOP/s (FLOPs of one step counted by
-torch.utils.flop_counter on meta tensors, as the trainer counts them: `step_flops`), MFU
-against the card's dense peak, and peak memory during the variant (CUDA: allocated by
-tensors; CPU: the process's resident memory, Python and libraries included); on an H200 or
-H100 at the reference shapes, samples/s against MPP's own code's on that card (`vs MPP`,
-../shared/reference/gpu_anchors.md) and, for B and L, the best row against issue 4's 2x;
-prints a table and writes JSON.
+Reports ms/step (steps running freely, each guarding its loss on the device as dsfm's trainer
+does under ZeRO, `plainread` reading it back before the backward instead; and, without either,
+each between two synchronizations, with the host's time to issue it), samples/s, achieved
+TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, as the trainer
+counts them: `step_flops`), MFU against the card's dense peak, and peak memory during the
+variant (CUDA: allocated by tensors; CPU: the process's resident memory, Python and libraries
+included); on an H200 or H100 at the reference shapes, samples/s against MPP's own code's on
+that card (`vs MPP`, ../shared/reference/gpu_anchors.md) and, for B and L, the best row against
+issue 4's 2x; prints a table and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
     python -m perf.train_bench --sizes Ti --res 64 --frames 4 --batch 2 --steps 3   # a CPU smoke
@@ -217,9 +217,9 @@ def engine_step(engine, inputs, check_loss: bool = False):
     from dsfm.runtime.nonfinite import guard, skips_nonfinite_updates
 
     x, ids, bcs, y = inputs
-    if check_loss and skips_nonfinite_updates(engine) is not None:
-        raise RuntimeError("the benchmark's engines skip non-finite updates in their step: "
-                           + skips_nonfinite_updates(engine))
+    why = skips_nonfinite_updates(engine) if check_loss else None
+    if why is not None:
+        raise RuntimeError(f"the benchmark's engines skip non-finite updates in their step: {why}")
 
     missed = torch.zeros(1, device=engine.device, dtype=torch.float64)
 

@@ -1013,14 +1013,9 @@ def test_resuming_a_checkpoint_of_another_model_is_refused(demo_base, tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("stage,ranks,accum", [
-    (2, 1, 1), (0, 1, 1), pytest.param(3, 2, 2, marks=pytest.mark.slow)])
-def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path, stage, ranks,
-                                                            accum):
-    """ZeRO skips the update on the device (the loss guarded, no host read before the
-    backward: dsfm.runtime.nonfinite); on two ranks with accumulation the flags are reduced
-    over the ranks after the skip. Without ZeRO, DeepSpeed would step on NaN gradients, so the
-    loss is read before each backward and its micro-batch skipped."""
+def diverging_ds_config(tmp_path, stage: int, accum: int = 1):
+    """A ds_config at a learning rate of 1e30 from the first update: the first step's loss is
+    finite, every later one is not."""
     ds = tmp_path / "ds.json"
     ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
                               "gradient_accumulation_steps": accum,
@@ -1029,6 +1024,18 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path,
                                   "warmup_num_steps": 1, "warmup_min_lr": 1e30,
                                   "warmup_max_lr": 1e30}},
                               "zero_optimization": {"stage": stage}}))
+    return ds
+
+
+@pytest.mark.parametrize("stage,ranks,accum", [
+    (2, 1, 1), (0, 1, 1), pytest.param(3, 2, 2, marks=pytest.mark.slow)])
+def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path, stage, ranks,
+                                                            accum):
+    """ZeRO skips the update on the device (the loss guarded, no host read before the
+    backward: dsfm.runtime.nonfinite); on two ranks with accumulation the flags are reduced
+    over the ranks after the skip. Without ZeRO, DeepSpeed would step on NaN gradients, so the
+    loss is read before each backward and its micro-batch skipped."""
+    ds = diverging_ds_config(tmp_path, stage, accum)
     cmd = ([sys.executable] if ranks == 1 else
            ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(free_port())])
     cmd += ["dsfm/train.py", "--ds_config", str(ds), "--run-dir", str(tmp_path / "r")]
@@ -1070,13 +1077,7 @@ def test_a_non_finite_loss_that_deepspeed_did_not_skip_stops_the_run_before_it_s
     ZeRO-2 step did not (its check patched to say every norm is valid) applies the NaN update:
     the trainer's device count of non-finite losses in steps that were not skipped stops the
     run at the next log step, before any checkpoint of NaN weights."""
-    ds = tmp_path / "ds.json"
-    ds.write_text(json.dumps({**DS, "train_micro_batch_size_per_gpu": 4,
-                              "optimizer": {"type": "AdamW", "params": {"lr": 1e30}},
-                              "scheduler": {"type": "WarmupLR", "params": {
-                                  "warmup_num_steps": 1, "warmup_min_lr": 1e30,
-                                  "warmup_max_lr": 1e30}},
-                              "zero_optimization": {"stage": 2}}))
+    ds = diverging_ds_config(tmp_path, 2)
     argv = ["--ds_config", str(ds), "--run-dir", str(tmp_path / "r")]
     for s in TINY + [f"data.base={demo_base}", "train.max_steps=6", "train.max_nonfinite=3",
                      "train.checkpoint_every=2"]:
