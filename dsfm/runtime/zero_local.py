@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import types
 
+import torch
+
 _INSTALLED = "_dsfm_local_gradients"
 
 
@@ -148,16 +150,39 @@ def _collect_gradients(opt) -> None:
 
 class _Flattened(list):
     """A group's gradients (the norm reads them one by one) with their flat copy, which the
-    step takes instead of flattening them itself (DeepSpeed's `flat_partition`). The copy is
-    made at the end of the backward: a change to the gradients between the backward and the
-    step (DeepSpeed's `safe_set_full_grad`, which dsfm never calls) would reach the norm but
-    not the update. Not views of the copy: a few hundred views a step are host time
-    (about 2.6 ms for AViT-B) where the step is host-bound, for no memory (the gradients and
-    their copy live together until the step either way, as in DeepSpeed's own step)."""
+    step takes instead of flattening them itself (DeepSpeed's `flat_partition`). Not views of
+    the copy: a few hundred views a step are host time (about 2.6 ms for AViT-B) where the
+    step is host-bound, for no memory (the gradients and their copy live together until the
+    step either way, as in DeepSpeed's own step).
+
+    The copy is made at the end of the backward, so a gradient changed between the backward
+    and the step would reach the norm but not the update. DeepSpeed's API for that,
+    `safe_set_full_grad` (and `safe_get_full_grad`), takes a gradient out of this list by its
+    index, and writes through `.data`, which no version counter sees; so once an element has
+    been taken by index (or the list changed) the copy is made again from the gradients when
+    the step asks for it. The step's own reads (the norm) iterate and take nothing by index."""
 
     def __init__(self, grads, flat):
         super().__init__(grads)
-        self.flat_partition = flat
+        self._flat = flat
+        self._stale = False
+
+    def __getitem__(self, index):
+        self._stale = True
+        return super().__getitem__(index)
+
+    def __setitem__(self, index, value):
+        self._stale = True
+        super().__setitem__(index, value)
+
+    @property
+    def flat_partition(self):
+        if self._stale:
+            grads = list.__iter__(self)
+            flat = torch.cat([g.reshape(-1).to(self._flat.dtype) for g in grads])
+            self._flat.narrow(0, 0, flat.numel()).copy_(flat)
+            self._stale = False
+        return self._flat
 
 
 def _leave_in_place(opt, param, i) -> None:

@@ -4,10 +4,11 @@ Two ZeRO-2 engines over the same small AViT with the ZeRO settings of ds_configs
 (small buckets, so that DeepSpeed's own path reduces several buckets per backward), one built
 as dsfm builds it and one with DeepSpeed's own gradient handling (`local_gradients=False`),
 trained side by side on the same batches: micro-batches accumulated (`--accumulation`), one
-batch whose gradients are NaN (the update skipped), one backward called as torch's
-`loss.backward()`, one step with a parameter's data moved out of the flat weight buffer, then
-both saved and each reloaded into a new engine of its kind for one
-more step. Hands back `ZERO_LOCAL` (records.py): per step whether the two engines' losses, gradient
+batch whose gradients are NaN (the update skipped), one step whose gradient of one parameter
+is set between the backward and the update (DeepSpeed's `safe_set_full_grad`), one backward
+called as torch's `loss.backward()`, one step with a parameter's data moved out of the flat
+weight buffer, then both saved and each reloaded into a new engine of its kind for one more
+step. Hands back `ZERO_LOCAL` (records.py): per step whether the two engines' losses, gradient
 norms and weights are equal, then whether the optimizer states and the saved checkpoints are,
 and the operators and copies a step issued (and its update, `engine.step()`, views included),
 beside the copies of the same model's own backward without an engine (`copies_plain`).
@@ -180,10 +181,18 @@ def main() -> None:
     # every get_accelerator().synchronize() of DeepSpeed's (its throughput timer's among them)
     accelerator.synchronize = counted_synchronize
 
-    def train_step(engine, micro, torch_style=False, count=False):
+    def set_a_gradient(engine):
+        """One parameter's full gradient set between the backward and the step, from its own
+        (read back through DeepSpeed's API): the update must use the value set."""
+        from deepspeed.utils import safe_get_full_grad, safe_set_full_grad
+
+        param = dict(engine.module.named_parameters())["blocks.0.temporal.input_head.weight"]
+        safe_set_full_grad(param, -3.0 * safe_get_full_grad(param) + 0.01)
+
+    def train_step(engine, micro, torch_style=False, count=False, between=None):
         losses, counter = [], Counting()
         device_syncs[0] = 0
-        for x, y in micro:
+        for i, (x, y) in enumerate(micro):
             loss = nmse(engine(x, ids, bcs), y)
             losses.append(float(loss.detach()))
             if count:
@@ -192,6 +201,8 @@ def main() -> None:
                 loss.backward()
             else:
                 engine.backward(loss)
+            if between is not None and i == len(micro) - 1:
+                between(engine)
             # (stacks: the optimizer's own reads apart: torch's AdamW on the CPU reads its step)
             with AllOps() as step_ops, Counting(stacks=True) as stepped, Syncs() as syncs:
                 engine.step()
@@ -202,14 +213,15 @@ def main() -> None:
     for step in range(6):
         micro = batches(args.accumulation, poison=step == 3)
         torch_style = step == 4
-        row = {"torch_style": torch_style, "poisoned": step == 3}
+        row = {"torch_style": torch_style, "poisoned": step == 3, "set_grad": step == 1}
         got = {}
         for name, engine in engines.items():
             if step == 5:                   # one parameter's data moved out of the flat buffer
                 first = next(engine.module.parameters())
                 first.data = first.data.clone()
             skipped = engine.skipped_steps
-            losses, counter, step_ops = train_step(engine, micro, torch_style, count=step == 2)
+            losses, counter, step_ops = train_step(engine, micro, torch_style, count=step == 2,
+                                                   between=set_a_gradient if step == 1 else None)
             norm = engine.get_global_grad_norm()
             got[name] = {"losses": losses, "norm": None if norm is None else float(norm),
                          "skipped": engine.skipped_steps - skipped,
