@@ -9,7 +9,7 @@
 # All the steps together need more than a session's 15 minutes of device time. Make two calls
 # back to back while the machine is warm (it goes back after 30 s idle, and the gap counts):
 #   0. Since the third run (2026-11-30, evening): first
-#      GPU_CHECK_ONLY="next_l next_b cuda_next train_attention" GPU_CHECK_DEADLINE=420,
+#      GPU_CHECK_ONLY="next_l next_b cuda_next zero_host train_attention" GPU_CHECK_DEADLINE=420,
 #      timeout_s=450: L fp32 with packed attention (the 2x for L), ZeRO-2 against plain
 #      after the one-rank step's change, their CUDA tests (every step with the loss
 #      guarded on the device since: no read before the backward, plain's step without a
@@ -122,6 +122,11 @@ step next_b 120 python3 -m perf.train_bench --sizes B --wrappers plain,plainread
 step cuda_next 120 python3 -m pytest -v tests/runtime/test_zero_local.py \
   tests/runtime/test_zero_norm.py tests/models/test_avit.py \
   -k "(zero or norm or 3xtf32) and (cuda or gpu) and not (3xtf32 and True)"
+# the host's time in each part of the one-rank ZeRO-2 step beside plain's (eager, B at the
+# reference shapes): where ZeRO-2's host time goes in the host-bound TF32 step (the norm's
+# selection and the weights' pointing trimmed since the third run; perf/zero_host.py)
+step zero_host 60 python3 -m perf.zero_host --size B --frames 16 --res 128 --batch 8 \
+  --variants plain,zero2,zero2ds --steps 8 --warmup 3 --json "$R/zero_host.json"
 # then (first in the second call) the strict-fp32 steps with the compiled blocks replayed as
 # CUDA graphs, packed attention: the third run's L fp32 plain step had 13.5 ms of idle GPU in
 # its profiled step, gaps between the compiled backward's kernels where the host issues them
@@ -321,6 +326,7 @@ for f in $TRAIN_STEPS; do TRAIN_LOGS+=("$R/$f.txt"); done
     "$R/cuda_tests.txt" "$R/train_auto.txt" | head -8
   tail -1 "$R/cuda_next.txt"; tail -1 "$R/cuda_3x.txt"; tail -1 "$R/cuda_frames.txt"; tail -2 "$R/cuda_tests.txt"
   tail -1 "$R/train_auto.txt"
+  grep -A4 "host ms per part" "$R/zero_host.txt"
   grep -E "C kernel|dsfm/upstream|1 reader|alone|in situ|trainer per|host-to-device|memory" "$R/loader_bench.txt"
   grep -E "^(feed|resident|WellLoader|pinned)|^  (resident|WellLoader)" "$R/feed_bench.txt"
   grep -E "via|done:" "$R/train_demo.txt"

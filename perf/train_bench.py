@@ -460,14 +460,14 @@ def teardown(engine) -> None:
 
 def _timed(step, issue, row: dict, args, cuda: bool) -> dict:
     """Warm-up steps, then the timed steps twice. First `issue` (the step without the loss
-    read) one by one, each between two device synchronizations: the host's time to issue a
-    step, and the step as the first H200 run timed it. Then `step` running freely as in
+    guard or read) one by one, each between two device synchronizations: the host's time to
+    issue a step, and the step as the first H200 run timed it. Then `step` running freely as in
     training, the host issuing the next step while the device finishes the last as far as the
-    step lets it (ms/step: their mean, between two synchronizations): each reads its loss back
-    before the backward, as dsfm's trainer does; beyond that plain PyTorch never waits for the
-    device and DeepSpeed's ZeRO does (it reads the gradient norm back), so timing each step
-    between synchronizations took from plain overlap that training gives it, and made ZeRO's
-    overhead look smaller."""
+    step lets it (ms/step: their mean, between two synchronizations): each guards its loss on
+    the device as dsfm's trainer does under ZeRO (`plainread`: reads it back before the
+    backward instead); beyond that plain PyTorch never waits for the device and DeepSpeed's
+    ZeRO does (it reads the gradient norm back), so timing each step between synchronizations
+    took from plain overlap that training gives it, and made ZeRO's overhead look smaller."""
     for _ in range(args.warmup):
         step()
     times, issued = [], []
@@ -815,10 +815,10 @@ def main(argv: list[str] | None = None) -> int:
           + (f" ({args.compile_mode})" if args.compile and args.compile_mode != "default"
              else "")
           + (f", BLAS {args.blas}" if args.blas else ""))
-    print("ms/step: steps running freely, each reading its loss back before the backward as "
-          "dsfm's trainer does (the CUDA graph cannot); synced: each step without that read "
-          "between two device synchronizations (as the first H200 run timed), host: the time "
-          "to issue it")
+    print("ms/step: steps running freely, each guarding its loss on the device as dsfm's "
+          "trainer does under ZeRO (plainread: reading it back before the backward instead; "
+          "the CUDA graph: neither); synced: each step without either between two device "
+          "synchronizations (as the first H200 run timed), host: the time to issue it")
     head = (f"{'size':4s} {'num':6s} {'wrapper':{WW}s} {'layout':6s} {'attn':6s} {'bwd mm':8s} "
             f"{'batch':>5s} "
             f"{'ms/step':>9s} "

@@ -24,6 +24,7 @@ COMMANDS = [
     ("perf.topology", "python -m perf.topology"),
     ("perf.train_bench", "python -m perf.train_bench"),
     ("perf.well_reader_bench", "python -m perf.well_reader_bench"),
+    ("perf.zero_host", "python -m perf.zero_host"),
 ]
 
 

@@ -590,6 +590,35 @@ def test_op_count_counts_what_the_host_issues(tmp_path):
     assert "host reads of tensor values" in proc.stdout
 
 
+@pytest.mark.slow
+def test_zero_host_times_the_host_parts_of_zero2_and_plain(tmp_path):
+    """The host's time per part of a one-rank ZeRO-2 step beside plain PyTorch's, at a width
+    that leaves the host's share: each part within its whole (the epilogue in the backward, the
+    norm, the optimizer and the pointing of the weights in the step), and the parts the
+    variants differ in where each has them (DeepSpeed's hooks, not dsfm's one-rank epilogue,
+    run the backward's reduction: it costs more host time than the epilogue)."""
+    out = tmp_path / "host.json"
+    proc = run([sys.executable, "-m", "perf.zero_host", "--size", "Ti", "--width", "8",
+                "--steps", "3", "--warmup", "1", "--variants", "plain,zero2,zero2hk",
+                "--json", str(out)], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rec = json.loads(out.read_text())
+    rows = {r["variant"]: r for r in rec["rows"]}
+    assert list(rows) == ["plain", "zero2", "zero2hk"] and rec["device"] == "cpu"
+    plain, zero2, hooks = (rows[v]["host_ms"] for v in ("plain", "zero2", "zero2hk"))
+    assert set(plain) == {"whole step", "forward", "backward", "step"}
+    assert set(zero2) == set(hooks) == set(plain) | {"epilogue", "norm", "optimizer",
+                                                     "point weights"}
+    for t in (plain, zero2, hooks):
+        assert 0 < t["forward"] + t["backward"] + t["step"] <= 1.01 * t["whole step"], t
+    for t in (zero2, hooks):
+        assert 0 < t["epilogue"] < t["backward"], t
+        assert 0 < t["norm"] + t["optimizer"] + t["point weights"] < t["step"], t
+    assert hooks["backward"] - hooks["epilogue"] > zero2["backward"] - zero2["epilogue"]
+    assert rows["zero2"]["parameter_tensors"] == 439
+    assert "host ms per part" in proc.stdout
+
+
 def _demo_source(demo_base, name="euler_2d"):
     from dsfm.data.index import list_hdf5, read_layouts
     from dsfm.data.windows import well_source
@@ -671,6 +700,9 @@ BAD_ARGUMENTS = [
     ("matmul_bench", ["--sizes", "Ti", "--numerics", "tf32"], "--numerics tf32"),
     ("matmul_bench", ["--sizes", "Ti", "--tokens", "100"], "--tokens 100"),
     ("matmul_bench", ["--sizes", "XL"], "--sizes"),
+    ("zero_host", ["--variants", "plain,zero4"], "zero4"),
+    ("zero_host", ["--width", "6"], "--width 6"),
+    ("zero_host", ["--res", "40"], "--res 40"),
     ("op_count", ["--no-deepspeed", "--batch", "0"], "--batch"),
     ("op_count", ["--no-deepspeed", "--res", "40"], "--res 40"),
     ("feed_bench", ["--base", "MISSING"], "--base"),

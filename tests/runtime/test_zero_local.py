@@ -73,6 +73,7 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     assert rec["local"] == {"local": True, "own": False} and rec["why_not"] is None
     assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
     _same_training(rec)
+    assert rec["repointed"] == {"before": False, "after": True}
     counted = rec["steps"][2]
     # DeepSpeed's own: each gradient into a bucket (one larger than the bucket excepted) and
     # out of it into the partition, per micro-batch; dsfm's: the model's own backward's

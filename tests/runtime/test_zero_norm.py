@@ -155,3 +155,36 @@ def test_clipping_on_the_device_scales_as_deepspeeds_without_reading_the_norm(mo
             elif clip and norm == 3.0:
                 assert not torch.equal(flat(ours), flat(grads))     # clipped
     assert reads == []
+
+
+def test_the_norms_gradients_are_deepspeeds_selection_decided_once_per_parameter_list():
+    """`zero_norm._selected`: the gradients DeepSpeed's per-tensor loop counts (alignment
+    padding left out, pipeline-replicated parameters left out, on a model-parallel rank other
+    than 0 only the model-parallel parameters), the choice per parameter made once for a
+    parameter list and made again for another list or the same list with other parameters."""
+    import types
+
+    from deepspeed.runtime.zero import stage_1_and_2 as zero12
+
+    from dsfm.runtime.zero_norm import _selected
+
+    params = [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)]
+    params[1].ds_pipe_replicated = True
+    params[2].model_parallel = True
+    grads = [torch.full((2,), float(i)) for i in range(4)]
+    pad = torch.zeros(3)
+    pad._zero_padding = True
+
+    def values(got):
+        return [float(g[0]) for g in got]
+
+    opt = types.SimpleNamespace(model_parallel_rank=0)
+    assert values(_selected(opt, zero12, grads[:2] + [pad] + grads[2:], params)) == [0, 2, 3]
+    params[0].ds_pipe_replicated = True       # decided for this list already: kept
+    assert values(_selected(opt, zero12, grads, params)) == [0, 2, 3]
+    params[0] = torch.nn.Parameter(torch.zeros(2))    # another parameter in the list
+    assert values(_selected(opt, zero12, grads, params)) == [0, 2, 3]
+    params[0].ds_pipe_replicated = True
+    assert values(_selected(opt, zero12, grads, list(params))) == [2, 3]   # another list
+    rank1 = types.SimpleNamespace(model_parallel_rank=1)
+    assert values(_selected(rank1, zero12, grads, params)) == [2]

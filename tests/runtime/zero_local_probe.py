@@ -276,6 +276,13 @@ def main() -> None:
         train_step(engine, more)
         after[name] = [p.detach().clone() for p in engine.module.parameters()]
     record["resumed_equal"] = equal(after["local"], after["own"])
+    # the flat weight buffer moved (as DeepSpeed's offload_states and reload_states move it):
+    # the parameters are pointed at the new one, whose places dsfm had not worked out yet
+    opt = engines["local"].optimizer
+    opt.bit16_groups_flat[0] = opt.bit16_groups_flat[0].clone()
+    moved = in_flat_buffer(engines["local"])
+    opt._update_model_bit16_weights(0)
+    record["repointed"] = {"before": moved, "after": in_flat_buffer(engines["local"])}
     emit("ZERO_LOCAL", record)
     finish(env)
 
