@@ -53,7 +53,7 @@ from dsfm.runtime.engine import (  # noqa: E402
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 from dsfm.runtime.zero_blocks import gather_blocks_whole, held_gathered, whole_blocks  # noqa: E402
-from dsfm.runtime.zero_local import keep_local_gradients  # noqa: E402
+from dsfm.runtime.zero_local import keep_local_gradients, update_from_gradients  # noqa: E402
 from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
 
@@ -756,6 +756,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         log.text("gradients: " + ("taken in place on one rank (train.local_gradients)"
                                   if why is None else f"DeepSpeed's reduction ({why})"),
                  console=False)
+        if why is None:
+            why = update_from_gradients(engine)                       # None: installed
+            log.text("update: " + ("from the gradients where they lie, no flat copy"
+                                   if why is None else f"from DeepSpeed's flat copy ({why})"),
+                     console=False)
         accum = engine.gradient_accumulation_steps()
         why = nonfinite.skips_nonfinite_updates(engine)                 # None: the step skips
         on_device = why is None

@@ -41,9 +41,17 @@ class Clock:
     def __init__(self):
         self.times: dict[str, list[float]] = defaultdict(list)
         self._step: dict[str, float] = defaultdict(float)
+        self._undo: list = []
+
+    def unwrap(self) -> None:
+        """Put back what `wrap` replaced on objects that outlive the variant (modules)."""
+        while self._undo:
+            owner, name, inner = self._undo.pop()
+            setattr(owner, name, inner)
 
     def wrap(self, owner, name: str, label: str) -> None:
         inner = getattr(owner, name)
+        self._undo.append((owner, name, inner))
 
         def timed(*args, **kwargs):
             t0 = time.perf_counter()
@@ -96,10 +104,16 @@ def variant_step(variant: str, model, inputs, batch: int, clock: Clock):
     engine, _, _ = build_engine(model, engine_config(batch, 2),
                                 fused_grad_norm=variant != "zero2ds",
                                 local_gradients=variant != "zero2hk")
+    from dsfm.runtime import zero_local
+
     opt = engine.optimizer
     for name, label in PARTS.items():
         clock.wrap(opt, name, label)
-    clock.wrap(opt.optimizer, "step", "optimizer")
+    if zero_local.updates_from_gradients(engine):     # the update run on the gradients
+        for name in ("_fused_adam", "_torch_adam"):
+            clock.wrap(zero_local, name, "optimizer")
+    else:
+        clock.wrap(opt.optimizer, "step", "optimizer")
 
     def zero2():
         loss = clock.part("forward", lambda: guard(nmse(engine(x, ids, bcs), y))[0])
@@ -165,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         sync()
         rows.append({"variant": variant, "parameter_tensors": n_params,
                      "host_ms": clock.medians_ms()})
+        clock.unwrap()
         if engine is not None:
             teardown(engine)
         del model, step, engine

@@ -256,7 +256,8 @@ def test_one_rank_zero2_takes_its_gradients_in_place_with_deepspeeds_numbers(dem
     """On one rank ZeRO-2's reduction is the identity: the run takes the gradients where
     autograd leaves them (dsfm.runtime.zero_local), without DeepSpeed's per-parameter hooks,
     bucket copies and device synchronizations, and trains to the same losses, bit for bit, as
-    with them (train.local_gradients=false), across a checkpoint and a resume."""
+    with them (train.local_gradients=false), across a checkpoint and a resume. train.log says
+    how it updates: on a CPU from DeepSpeed's flat copy of the gradients."""
     ds = ds_config(tmp_path, 2)
     train(ds, tmp_path / "local", ["train.max_steps=4", "train.checkpoint_every=4"],
           data=demo_base)
@@ -267,7 +268,11 @@ def test_one_rank_zero2_takes_its_gradients_in_place_with_deepspeeds_numbers(dem
     local, hooks = losses(tmp_path / "local"), losses(tmp_path / "hooks")
     assert sorted(local) == list(range(1, 9))
     assert local == hooks
-    assert "gradients: taken in place on one rank" in (tmp_path / "local" / "train.log").read_text()
+    log = (tmp_path / "local" / "train.log").read_text()
+    assert "gradients: taken in place on one rank" in log
+    # (on a GPU, where DeepSpeed runs FusedAdam: from the gradients where they lie)
+    assert ("update: from DeepSpeed's flat copy (the update is AdamW, not DeepSpeed's "
+            "FusedAdam (a GPU's))") in log
     assert ("gradients: DeepSpeed's reduction (train.local_gradients is false)"
             in (tmp_path / "hooks" / "train.log").read_text())
 

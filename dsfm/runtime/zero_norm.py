@@ -156,13 +156,26 @@ def _clip_on_device(opt, grad_groups_flat, total_norm):
     the host whether the norm is invalid (inf, NaN or the -1 sentinel) and then clips as if it
     were infinite; `step` has already asked the same of the same norm (and skipped the update
     if so), and this second read made the host wait for the device again before the update.
-    Here the invalid norm is replaced by infinity on the device: the same scale, the same
-    operations on the gradients, for `step` and for any other caller."""
+    Here the invalid norm is replaced by infinity on the device (`combined_scale`): the same
+    scale, the same operations on the gradients, for `step` and for any other caller."""
+    scale = combined_scale(opt, total_norm)
+    if scale is None:
+        return
+    for grad in grad_groups_flat:
+        for g in (grad if isinstance(grad, list) else [grad]):
+            g.data.mul_(1. / scale)
+
+
+def combined_scale(opt, total_norm):
+    """What DeepSpeed's ZeRO-1/2 `unscale_and_clip_grads` divides the gradients by (the loss
+    scale, times the clipping factor where clipping is on), an invalid norm (inf, NaN, the -1
+    sentinel) taken as infinite on the device instead of on the host; None where it divides
+    by nothing (no clipping, loss scale 1)."""
     from deepspeed.runtime.zero.stage_1_and_2 import is_invalid_grad_norm
 
     if opt.clip_grad == 0.0 and opt.loss_scale == 1.0:
-        return
-    combined_scale = opt.loss_scale
+        return None
+    scale = opt.loss_scale
     if opt.clip_grad > 0.:
         clip_norm = total_norm
         if torch.is_tensor(clip_norm):
@@ -172,10 +185,8 @@ def _clip_on_device(opt, grad_groups_flat, total_norm):
             clip_norm = torch.tensor(float("inf"), dtype=torch.float, device=opt.device)
         clip = ((clip_norm / opt.loss_scale) + 1e-6) / opt.clip_grad
         clip = torch.clamp(clip, min=1.0)
-        combined_scale = clip * opt.loss_scale
-    for grad in grad_groups_flat:
-        for g in (grad if isinstance(grad, list) else [grad]):
-            g.data.mul_(1. / combined_scale)
+        scale = clip * opt.loss_scale
+    return scale
 
 
 def _grad_norm_3(opt, gradients, params, norm_type=2):

@@ -72,6 +72,9 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     [rec] = _records([sys.executable, PROBE, "--accumulation", str(accumulation)], tmp_path, 1)
     assert rec["local"] == {"local": True, "own": False} and rec["why_not"] is None
     assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
+    assert rec["from_gradients"] == {"local": True, "own": False}       # torch's AdamW here
+    assert rec["why_not_update"] is None
+    assert rec["pieces_held"] == {"before_load": 1, "after_load": 0}
     _same_training(rec)
     assert rec["repointed"] == {"before": False, "after": True}
     counted = rec["steps"][2]
@@ -83,14 +86,16 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     assert 1.5 * n <= counted["copies_own"]
     assert counted["ops_local"] <= counted["ops_own"] - 1.5 * n
     assert counted["host_reads_local"] <= counted["host_reads_own"]
-    # the update: DeepSpeed points every parameter at its place in the flat weight buffer
-    # again (a slice and a view each), dsfm only one that is not there
-    assert counted["update_ops_local"] <= counted["update_ops_own"] - 2 * rec["n_params"]
+    # after the update DeepSpeed points every parameter at its place in the flat weight
+    # buffer again (a slice and a view each), dsfm only one that is not there
+    assert counted["point_ops_local"] == 0 < 2 * rec["n_params"] <= counted["point_ops_own"]
     # the step reads the norm on the host once (DeepSpeed's skip of a non-finite norm; its
-    # clipping asked again), and takes the gradients already flat (the epilogue flattened
-    # them while a GPU still ran the backward); DeepSpeed's own gradients it flattens itself
+    # clipping asked again), and flattens nothing (DeepSpeed's own flattens the gradients)
     assert counted["step_reads_local"] == counted["step_reads_own"] == 1, counted
     assert counted["step_cats_local"] == 0 < counted["step_cats_own"], counted
+    # and updates from the gradients where they lie: no flat copy of them at all (the
+    # model's own backward's cats apart), where DeepSpeed's makes one per step
+    assert counted["cats_local"] == counted["cats_plain"] < counted["cats_own"], counted
     # no device synchronization of DeepSpeed's in the step: its throughput timer, on by
     # default, synchronized at every forward's start and every step's end (build_engine
     # turns it off: engine.unsynchronized_timers)
@@ -111,13 +116,16 @@ def test_two_ranks_keep_deepspeeds_reduction(tmp_path):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_path):
-    """The same on a GPU, with DeepSpeed's FusedAdam and its CUDA streams: some backward kernels
-    add in no fixed order there, so the two engines' values are held to fp32 rounding, not to
-    the bit; the skipped step, the hooks and the copies as on the CPU."""
+    """The same on a GPU, with DeepSpeed's FusedAdam (its kernel run on the gradients where
+    they lie in the one-rank engine) and its CUDA streams: some backward kernels add in no
+    fixed order there, so the two engines' values are held to fp32 rounding, not to the bit;
+    the skipped step, the hooks, the copies and the flat copy as on the CPU."""
     [rec] = _records([sys.executable, PROBE], tmp_path, 1, cuda=True)
     assert rec["device"].startswith("cuda")
     assert rec["local"] == {"local": True, "own": False} and rec["why_not"] is None
     assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
+    # FusedAdam's kernel run on the gradients and the matching pieces of the weights
+    assert rec["from_gradients"] == {"local": True, "own": False}
     for row in rec["steps"]:
         assert row["losses_max_diff"] <= 1e-5 and row["weights_max_diff"] <= 1e-5, row
         assert (row["norm_local"] == row["norm_own"]                    # inf where poisoned
@@ -130,4 +138,5 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_p
     # the synchronizations engine.step makes on the GPU: the norm's one host read, and
     # whatever DeepSpeed's engine adds around its optimizer (the same for both engines)
     assert counted["step_reads_local"] == 1 and counted["step_cats_local"] == 0, counted
+    assert counted["cats_local"] == counted["cats_plain"] < counted["cats_own"], counted
     assert 1 <= counted["step_syncs_local"] <= counted["step_syncs_own"], counted

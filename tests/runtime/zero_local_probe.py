@@ -28,7 +28,12 @@ from dsfm.eval import nmse
 from dsfm.models.avit import AViT, AViTConfig
 from dsfm.runtime.dist import exit_process
 from dsfm.runtime.engine import build_engine, finish, init_process_group
-from dsfm.runtime.zero_local import is_local, keep_local_gradients
+from dsfm.runtime.zero_local import (
+    is_local,
+    keep_local_gradients,
+    update_from_gradients,
+    updates_from_gradients,
+)
 from perf.op_count import Counting
 from tests.runtime.records import emit
 
@@ -163,6 +168,10 @@ def main() -> None:
               "local": {n: is_local(e) for n, e in engines.items()},
               # None where installed (again: a no-op), else why not
               "why_not": keep_local_gradients(engines["local"]),
+              # on a CPU (torch's AdamW) asked for: FusedAdam's, on a GPU, installed by default
+              "why_not_update": update_from_gradients(engines["local"], torch_adam=True),
+              # the update made from the gradients where they lie, without a flat copy
+              "from_gradients": {n: updates_from_gradients(e) for n, e in engines.items()},
               "hooks": {n: len(e.optimizer._grad_acc_hooks) for n, e in engines.items()},
               "n_params": len(list(model.parameters())), "steps": []}
     dev = engines["local"].device
@@ -190,7 +199,8 @@ def main() -> None:
         safe_set_full_grad(param, -3.0 * safe_get_full_grad(param) + 0.01)
 
     def train_step(engine, micro, torch_style=False, count=False, between=None):
-        losses, counter = [], Counting()
+        # (stacks: the optimizer's own work, torch's AdamW on the CPU, counted apart)
+        losses, counter = [], Counting(stacks=True)
         device_syncs[0] = 0
         for i, (x, y) in enumerate(micro):
             loss = nmse(engine(x, ids, bcs), y)
@@ -231,17 +241,24 @@ def main() -> None:
                 # the model's own backward's copies (autograd's, of gradients whose layout
                 # is not their parameter's), each into cleared gradients as the engine's
                 plain = copy.deepcopy(engine.module)
-                row["copies_plain"] = 0
+                row["copies_plain"] = row["cats_plain"] = 0
                 for x, y in micro:
                     loss = nmse(plain(x, ids, bcs), y)
                     plain.zero_grad(set_to_none=True)
                     with Counting() as own:
                         loss.backward()
                     row["copies_plain"] += own.ops["copy_"]
+                    row["cats_plain"] += own.ops["cat"]
                 row[f"ops_{name}"] = sum(counter.ops.values())
                 row[f"copies_{name}"] = counter.ops["copy_"]
+                # the gradients flattened into one copy (at the backward's end or in the step)
+                row[f"cats_{name}"] = counter.ops["cat"]
                 row[f"host_reads_{name}"] = sum(counter.reads.values())
                 row[f"update_ops_{name}"] = step_ops[0]     # engine.step at the boundary
+                # the step's last part alone (after it: the parameters already in place)
+                with AllOps() as pointing:
+                    engine.optimizer._update_model_bit16_weights(0)
+                row[f"point_ops_{name}"] = pointing.n
                 # what engine.step reads on the host (each a synchronization on a GPU), and
                 # whether it flattens the gradients itself (cat)
                 row[f"step_reads_{name}"] = sum(step_ops[1].reads.values())
@@ -272,10 +289,19 @@ def main() -> None:
     for name in engines:
         engine = build_engine(copy.deepcopy(model), config,
                               local_gradients=name == "local")[0]
+        if name == "local":
+            update_from_gradients(engine, torch_adam=True)
         engine.load_checkpoint(dirs[name], tag="t")
         train_step(engine, more)
         after[name] = [p.detach().clone() for p in engine.module.parameters()]
     record["resumed_equal"] = equal(after["local"], after["own"])
+    # a checkpoint loaded into the engine that has stepped: the pieces of the weights and
+    # optimizer state its update kept (of the tensors the load replaces) are let go
+    held = dict(engines["local"].optimizer.__dict__.get("_dsfm_update_pieces", {}))
+    engines["local"].load_checkpoint(dirs["local"], tag="t")
+    record["pieces_held"] = {"before_load": len(held), "after_load": len(
+        engines["local"].optimizer.__dict__.get("_dsfm_update_pieces", {}))}
+    del held
     # the flat weight buffer moved (as DeepSpeed's offload_states and reload_states move it):
     # the parameters are pointed at the new one, whose places dsfm had not worked out yet
     opt = engines["local"].optimizer
