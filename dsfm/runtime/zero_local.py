@@ -356,7 +356,8 @@ def _step(opt, closure=None) -> None:
     opt._global_grad_norm = norm / prev_scale
     kind = getattr(opt, _LIST_STEP)
     for i in range(len(opt.bit16_groups)):
-        grads = [g.contiguous() for g in list.__iter__(opt.averaged_gradients[i])]
+        # (an empty tensor would cut FusedAdam's launcher short: none is in the list today)
+        grads = [g.contiguous() for g in list.__iter__(opt.averaged_gradients[i]) if g.numel()]
         opt.free_grad_in_param_list(opt.params_in_partition[i])
         opt.averaged_gradients[i] = None
         opt.all_grad_tensors[i] = None

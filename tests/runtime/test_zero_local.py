@@ -139,4 +139,10 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_p
     # whatever DeepSpeed's engine adds around its optimizer (the same for both engines)
     assert counted["step_reads_local"] == 1 and counted["step_cats_local"] == 0, counted
     assert counted["cats_local"] == counted["cats_plain"] < counted["cats_own"], counted
+    # the optimizer's moments and step count, and one more step of each after its
+    # checkpoint was reloaded into a new engine (the update from the gradients again)
+    assert rec["optimizer_states_max_diff"] <= 1e-6, rec["optimizer_states_max_diff"]
+    steps = rec["optimizer_steps"]
+    assert steps[0] == steps[1] == 5, steps           # six steps, one skipped
+    assert rec["resumed_max_diff"] <= 1e-5, rec["resumed_max_diff"]
     assert 1 <= counted["step_syncs_local"] <= counted["step_syncs_own"], counted

@@ -159,8 +159,10 @@ def main() -> None:
     config = {"train_micro_batch_size_per_gpu": 2,
               "gradient_accumulation_steps": args.accumulation, "gradient_clipping": 1.0,
               # on CUDA DeepSpeed's FusedAdam, as a training run's (torch's AdamW on the CPU)
+              # (weight decay: the shipped configs' AdamW decays the weights)
               "optimizer": {"type": "AdamW", "params": {
-                  "lr": 1e-3, "torch_adam": not torch.cuda.is_available()}},
+                  "lr": 1e-3, "weight_decay": 0.01,
+                  "torch_adam": not torch.cuda.is_available()}},
               "zero_optimization": zero, "steps_per_print": 10 ** 9}
     engines = {"local": build_engine(copy.deepcopy(model), config)[0],
                "own": build_engine(copy.deepcopy(model), config, local_gradients=False)[0]}
@@ -277,6 +279,13 @@ def main() -> None:
                    in_buffer_local=a["in_buffer"], in_buffer_own=b["in_buffer"])
         record["steps"].append(row)
 
+    # (on CUDA, where the two engines' values differ by rounding: how far apart the optimizer
+    # states are, and whether their step counts agree)
+    states = [e.optimizer.optimizer.state[e.optimizer.single_partition_of_fp32_groups[0]]
+              for e in engines.values()]
+    record["optimizer_states_max_diff"] = max(
+        float((states[0][k] - states[1][k]).abs().max()) for k in ("exp_avg", "exp_avg_sq"))
+    record["optimizer_steps"] = [float(st["step"]) for st in states]
     record["optimizer_states_equal"] = equal(engines["local"].optimizer.state_dict(),
                                              engines["own"].optimizer.state_dict())
     dirs = {n: os.path.join(args.out, n) for n in engines}
@@ -295,6 +304,8 @@ def main() -> None:
         train_step(engine, more)
         after[name] = [p.detach().clone() for p in engine.module.parameters()]
     record["resumed_equal"] = equal(after["local"], after["own"])
+    record["resumed_max_diff"] = max(float((u - v).abs().max()) if u.numel() else 0.0
+                                     for u, v in zip(after["local"], after["own"]))
     # a checkpoint loaded into the engine that has stepped: the pieces of the weights and
     # optimizer state its update kept (of the tensors the load replaces) are let go
     held = dict(engines["local"].optimizer.__dict__.get("_dsfm_update_pieces", {}))
