@@ -116,8 +116,9 @@ step next_l 170 python3 -m perf.train_bench --sizes L --numerics fp32 \
 step next_b 120 python3 -m perf.train_bench --sizes B --wrappers plain,plainread,zero2 --compile \
   --attention direct --steps 4 --warmup 2 --profile 2 --trace-dir "$TR" \
   --json "$R/next_b.json"
-# the CUDA tests of the one-rank ZeRO-2 engine (FusedAdam; the step's synchronizations
-# counted), the multi-tensor norm and 3xTF32 as rewritten (eager; the compiled 3xTF32 test
+# the CUDA tests of the one-rank ZeRO-2 engine (FusedAdam run on the gradients where they lie,
+# against DeepSpeed's own engine; the step's synchronizations counted), the multi-tensor norm
+# and 3xTF32 as rewritten (eager; the compiled 3xTF32 test
 # took over 150 s in the third run and is left to cuda_tests)
 step cuda_next 120 python3 -m pytest -v tests/runtime/test_zero_local.py \
   tests/runtime/test_zero_norm.py tests/models/test_avit.py \
