@@ -34,11 +34,10 @@ FusedAdam, a GPU's; torch's Adam and AdamW where asked for) and the run is fp32,
 `update_from_gradients(engine)` (installed by `keep_local_gradients`) makes the step run the
 optimizer on the gradients where they lie against the matching pieces of the flat weights and
 optimizer state: the same arithmetic, element for element, without the copy or its memory.
-The norm, the skip of an
-update whose norm is not finite, the clipping's scale, the optimizer's state and step count,
-the fp32 weights copied to the model's and the checkpoints stay DeepSpeed's, with the same
-values bit for bit (tests/runtime/test_zero_local.py; the first update, which creates the
-optimizer's state, is DeepSpeed's own step).
+The norm, the skip of an update whose norm is not finite, the clipping's scale, the
+optimizer's state and step count, the fp32 weights copied to the model's and the checkpoints
+stay DeepSpeed's, with the same values bit for bit (tests/runtime/test_zero_local.py; the
+first update, which creates the optimizer's state, is DeepSpeed's own step).
 """
 
 from __future__ import annotations
