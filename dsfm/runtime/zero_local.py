@@ -176,9 +176,8 @@ class _Flattened(list):
     A gradient changed between the backward and the step must reach the update. DeepSpeed's
     API for that, `safe_set_full_grad` (and `safe_get_full_grad`), takes a gradient out of this
     list by its index, and writes through `.data`, which no version counter sees; so once an
-    element has been taken by index (or the list changed) the copy is made again from the
-    gradients when the step asks for it. The step's own reads iterate and take nothing by
-    index."""
+    element has been taken or replaced by index the copy is made again from the gradients when
+    the step asks for it. The step's own reads iterate and take nothing by index."""
 
     def __init__(self, grads, size: int, flatten, eager: bool):
         super().__init__(grads)
@@ -200,8 +199,9 @@ class _Flattened(list):
         if self._flat is None:
             self._flat = self._flatten(grads, self._size)
         elif self._stale:
-            flat = torch.cat([g.reshape(-1).to(self._flat.dtype) for g in grads])
-            self._flat.narrow(0, 0, flat.numel()).copy_(flat)
+            n = sum(g.numel() for g in grads)
+            torch.cat([g.reshape(-1).to(self._flat.dtype) for g in grads],
+                      out=self._flat.narrow(0, 0, n))
         self._stale = False
         return self._flat
 
@@ -216,10 +216,11 @@ def _point_weights(opt, group_index: int) -> None:
     own data a second time (its round-robin list holds the same parameters); here only a
     parameter that does not view its place (the buffer moved by `offload_states` and
     `reload_states`, or data assigned from outside) is assigned. A parameter views its place
-    if its data starts at the place's address with the place's shape and dtype (addresses are
-    unique across the host and the devices under CUDA's unified addressing); the addresses are
-    worked out once per buffer address, not for every parameter after every step (host time:
-    0.2 ms a step for AViT-B's 439 parameters, where the TF32 step is host-bound)."""
+    if its data starts at the place's address, contiguous, with the place's shape and dtype
+    (addresses are unique across the host and the devices under CUDA's unified addressing);
+    the addresses are worked out once per buffer address, not for every parameter after every
+    step (host time: 0.2 ms a step for AViT-B's 439 parameters, where the TF32 step is
+    host-bound)."""
     flat = opt.bit16_groups_flat[group_index]
     places = opt.__dict__.setdefault("_dsfm_weight_places", {})
     key = (flat.data_ptr(), flat.dtype, flat.device, flat.numel())
@@ -233,7 +234,8 @@ def _point_weights(opt, group_index: int) -> None:
     dtype = flat.dtype
     for i, (p, (address, shape)) in enumerate(zip(opt.round_robin_bit16_groups[group_index],
                                                   known[1])):
-        if p.data_ptr() != address or p.shape != shape or p.dtype != dtype:
+        if (p.data_ptr() != address or p.shape != shape or p.dtype != dtype
+                or not p.is_contiguous()):
             meta = opt.round_robin_bit16_meta[group_index][i]
             offset = opt.round_robin_bit16_offsets[group_index][i]
             p.data = flat.narrow(0, offset, meta.numel()).view(meta.shape).data
@@ -308,14 +310,18 @@ def updates_from_gradients(engine) -> bool:
 
 def _elementwise(inner) -> str | None:
     """"fused_adam" (DeepSpeed's FusedAdam, its CUDA kernel called on the tensor lists here),
-    "torch_adam" (torch's Adam or AdamW, its own step over views) or None."""
+    "torch_adam" (torch's Adam or AdamW, not fused: its own multi-tensor step over views) or
+    None."""
     try:
         from deepspeed.ops.adam import FusedAdam
     except ImportError:            # pragma: no cover (DeepSpeed always has it)
         FusedAdam = None
     if FusedAdam is not None and type(inner) is FusedAdam:
         return "fused_adam"
-    if type(inner) in (torch.optim.Adam, torch.optim.AdamW):
+    if (type(inner) in (torch.optim.Adam, torch.optim.AdamW)
+            and not any(g.get("fused") for g in inner.param_groups)):
+        # (torch's fused kernel rounds a tensor's tail apart from its body: over pieces its
+        # values are not those over the whole tensor)
         return "torch_adam"
     return None
 
@@ -361,9 +367,10 @@ def _step(opt, closure=None) -> None:
         opt.averaged_gradients[i] = None
         opt.all_grad_tensors[i] = None
         scale = combined_scale(opt, norm)
-        if scale is not None:
-            torch._foreach_mul_(grads, 1. / scale)
-        (_fused_adam if kind == "fused_adam" else _torch_adam)(opt, i, grads)
+        if grads:            # (no gradient, no update: FusedAdam's own step skips the group)
+            if scale is not None:
+                torch._foreach_mul_(grads, 1. / scale)
+            (_fused_adam if kind == "fused_adam" else _torch_adam)(opt, i, grads)
         del grads
         opt._lazy_init_hp_params_optimizer_state()
         opt.parallel_partitioned_bit16_groups[i][0].data.copy_(
@@ -436,10 +443,8 @@ def _torch_adam(opt, i: int, grads: list[torch.Tensor]) -> None:
         inner.state[w] = s
     try:
         # torch's multi-tensor implementation over the pieces (the same arithmetic as its
-        # per-tensor loop on the whole tensor, a few operators instead of ten per piece);
-        # a fused group stays fused
-        inner.param_groups = [dict(group, params=weights,
-                                   foreach=None if group.get("fused") else True)]
+        # per-tensor loop on the whole tensor, a few operators instead of ten per piece)
+        inner.param_groups = [dict(group, params=weights, foreach=True)]
         inner.step()
     finally:
         inner.param_groups = saved

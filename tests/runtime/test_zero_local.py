@@ -74,6 +74,9 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks(tmp_path, acc
     assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
     assert rec["from_gradients"] == {"local": True, "own": False}       # torch's AdamW here
     assert rec["why_not_update"] is None
+    # the update on the pieces against torch's own step on the flat tensor, same inputs
+    check = rec["update_check"]
+    assert check["kind"] == "_torch_adam" and check["equal"] and check["moved"] > 0, check
     assert rec["pieces_held"] == {"before_load": 1, "after_load": 0}
     _same_training(rec)
     assert rec["repointed"] == {"before": False, "after": True}
@@ -124,8 +127,12 @@ def test_one_rank_zero2_trains_as_deepspeeds_own_without_its_hooks_on_cuda(tmp_p
     assert rec["device"].startswith("cuda")
     assert rec["local"] == {"local": True, "own": False} and rec["why_not"] is None
     assert rec["hooks"] == {"local": 0, "own": rec["n_params"]}
-    # FusedAdam's kernel run on the gradients and the matching pieces of the weights
+    # FusedAdam's kernel run on the gradients and the matching pieces of the weights: bit for
+    # bit what FusedAdam's own step makes of the same inputs as one flat tensor
     assert rec["from_gradients"] == {"local": True, "own": False}
+    check = rec["update_check"]
+    assert check["kind"] == "_fused_adam" and check["moved"] > 0, check
+    assert check["equal"], check
     for row in rec["steps"]:
         assert row["losses_max_diff"] <= 1e-5 and row["weights_max_diff"] <= 1e-5, row
         assert (row["norm_local"] == row["norm_own"]                    # inf where poisoned

@@ -141,6 +141,60 @@ def apart(a: dict, b: dict) -> dict:
                                     for u, v in zip(a["weights"], b["weights"]))}
 
 
+def flat_update(inner, group, weights, state, grads):
+    """The update `inner`'s own step makes on one flat tensor: a new optimizer of its kind with
+    the group's settings over a copy of the flat fp32 weights, given copies of the state and
+    the (scaled) gradients laid end to end, as DeepSpeed's own step gives it its flat copy.
+    Returns the weights and moments after it."""
+    from deepspeed.ops.adam import FusedAdam
+
+    w = weights.clone()
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    w.grad = torch.cat([flat, flat.new_zeros(w.numel() - flat.numel())])
+    settings = {k: group[k] for k in ("lr", "betas", "eps", "weight_decay")}
+    if type(inner) is FusedAdam:
+        ref = FusedAdam([w], bias_correction=group["bias_correction"],
+                        adam_w_mode=bool(inner.adam_w_mode), **settings)
+    else:
+        ref = type(inner)([w], amsgrad=group["amsgrad"], foreach=group["foreach"], **settings)
+    ref.state[w] = {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()}
+    ref.step()
+    return w, ref.state[w]["exp_avg"], ref.state[w]["exp_avg_sq"]
+
+
+def checking_update(record: dict):
+    """Wraps dsfm's update from the gradients (`zero_local._fused_adam` on a GPU,
+    `_torch_adam` on the CPU) to compare, once, what it wrote into the flat weights and moments
+    with `flat_update` of the same inputs: bit for bit on either device, as nothing but the
+    update's own arithmetic is in between."""
+    from dsfm.runtime import zero_local
+
+    originals = {n: getattr(zero_local, n) for n in ("_fused_adam", "_torch_adam")}
+
+    def wrap(original):
+        def update(opt, i, grads):
+            inner = opt.optimizer
+            weights = opt.single_partition_of_fp32_groups[i]
+            state = inner.state[weights]
+            before = (weights.detach().clone(),
+                      {k: v.clone() if torch.is_tensor(v) else v for k, v in state.items()},
+                      [g.clone() for g in grads])
+            original(opt, i, grads)
+            for n, f in originals.items():          # once
+                setattr(zero_local, n, f)
+            ref = flat_update(inner, inner.param_groups[i], *before)
+            got = (weights, state["exp_avg"], state["exp_avg_sq"])
+            record["update_check"] = {
+                "kind": original.__name__,
+                "equal": all(torch.equal(a, b) for a, b in zip(got, ref)),
+                "max_diff": max(float((a - b).abs().max()) for a, b in zip(got, ref)),
+                "moved": float((before[0] - weights).abs().max())}
+        return update
+
+    for n, f in originals.items():
+        setattr(zero_local, n, wrap(f))
+
+
 def dev0(engines) -> torch.device:
     return next(iter(engines.values())).device
 
@@ -232,6 +286,8 @@ def main() -> None:
                 first = next(engine.module.parameters())
                 first.data = first.data.clone()
             skipped = engine.skipped_steps
+            if step == 4 and name == "local":
+                checking_update(record)
             losses, counter, step_ops = train_step(engine, micro, torch_style, count=step == 2,
                                                    between=set_a_gradient if step == 1 else None)
             norm = engine.get_global_grad_norm()
