@@ -644,6 +644,13 @@ def check_shapes(ap: argparse.ArgumentParser, res: int, fields: int) -> None:
         ap.error(f"--fields {fields}: at most the model's {FIELD_COLUMNS} field columns")
 
 
+def check_width(ap: argparse.ArgumentParser, width: int | None) -> None:
+    """--width (None: the size's own) the AViT's stem takes, else one argparse error."""
+    if width and width % 4:
+        ap.error(f"--width {width}: a multiple of 4 (the stem's first layer has width/4 "
+                 "channels)")
+
+
 def meta(args, rows: list[dict], failed: list[dict]) -> dict:
     name = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
     return {"device": name, "frames": args.frames, "fields": args.fields, "res": args.res,
@@ -759,9 +766,7 @@ def main(argv: list[str] | None = None) -> int:
                                ("--layouts", args.layouts.split(","), LAYOUTS)):
         if set(given) - set(known):
             ap.error(f"{flag}: one or more of {', '.join(known)}")
-    if args.width and args.width % 4:
-        ap.error(f"--width {args.width}: a multiple of 4 (the stem's first layer has width/4 "
-                 "channels)")
+    check_width(ap, args.width)
     if args.compile_mode != "default" and not args.compile:
         ap.error(f"--compile-mode {args.compile_mode} is a mode of --compile, which is not given")
     if args.compile and {"zero3", "zero3mod", "zero3keep"} & set(args.wrappers.split(",")):

@@ -144,11 +144,9 @@ def main(argv: list[str] | None = None) -> int:
     if bad or not variants:
         ap.error(f"--variants: {', '.join(bad) or 'none given'}: each one of "
                  f"{', '.join(VARIANTS)}")
-    from perf.train_bench import check_shapes, teardown
+    from perf.train_bench import check_shapes, check_width, sync, teardown
     check_shapes(ap, args.res, 4)
-    if args.width is not None and args.width % 4:
-        ap.error(f"--width {args.width}: a multiple of 4 (the stem's first layer has width/4 "
-                 f"channels)")
+    check_width(ap, args.width)
 
     from dsfm.models.avit import avit
     from dsfm.runtime.engine import finish, init_process_group
@@ -156,7 +154,6 @@ def main(argv: list[str] | None = None) -> int:
     env = init_process_group()
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() \
         else torch.device("cpu")
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(args.batch, args.frames, 4, args.res, args.res, generator=g)
     y = torch.randn(args.batch, 4, args.res, args.res, generator=g)

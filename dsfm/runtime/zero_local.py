@@ -195,10 +195,10 @@ class _Flattened(list):
 
     @property
     def flat_partition(self):
-        grads = list(list.__iter__(self))
         if self._flat is None:
-            self._flat = self._flatten(grads, self._size)
+            self._flat = self._flatten(list(list.__iter__(self)), self._size)
         elif self._stale:
+            grads = list(list.__iter__(self))
             n = sum(g.numel() for g in grads)
             torch.cat([g.reshape(-1).to(self._flat.dtype) for g in grads],
                       out=self._flat.narrow(0, 0, n))
