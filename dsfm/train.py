@@ -533,11 +533,14 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
 
 
-def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: str,
+def nonfinite_stop(n: int, step: int, first_step: int, applied: int, run_dir: str,
                    what: str = "non-finite losses", before_any_update: bool | None = None) -> str:
     """Why the run stops after `n` non-finite losses (or updates skipped for non-finite
-    gradients) in a row, the last at step `step + 1`, and what to try. `before_any_update`:
-    whether no update was ever applied (by default: the step is the first)."""
+    gradients) in a row, the last at step `step + 1`, and what to try. `applied`: the step of
+    the last update applied before them (the resumed step if none was), whose weights gave
+    them: a checkpoint of that step or later holds those weights, so the advice names the
+    newest one before it. `before_any_update`: whether no update was ever applied (by default:
+    the step is the first)."""
     head = f"{n} {what} in a row at step {step + 1}"
     if step == 0 if before_any_update is None else before_any_update:
         return (f"{head}, before any update, so not the learning rate: the loader found the "
@@ -547,10 +550,20 @@ def nonfinite_stop(n: int, step: int, first_step: int, saved_at: int, run_dir: s
                 "in every field (the model's stem divides them by its epsilon: "
                 "docs/training.md)")
     fix = "the run diverged; lower the learning rate (ds_config optimizer.params.lr)"
-    if saved_at:
-        fix += (f" and resume from the checkpoint of step {saved_at} "
-                f"({checkpoint.checkpoint_dir(run_dir)}) with train.resume_schedule=new, which "
-                "takes the new rate")
+    ckpt_dir = checkpoint.checkpoint_dir(run_dir)
+    kept = [int(t[len("step"):]) for t in checkpoint.tags(ckpt_dir)]
+    before = [k for k in kept if k < applied]
+    after = [checkpoint.TAG.format(k) for k in kept if k >= applied]
+    if before:
+        fix += (f" and resume from the checkpoint of step {before[-1]} ({ckpt_dir}) with "
+                "train.resume_schedule=new, which takes the new rate")
+        if after:
+            fix += (f"; move {', '.join(after)} aside first (--resume takes the newest): "
+                    f"{'they hold' if len(after) > 1 else 'it holds'} the weights of step "
+                    f"{applied}, whose losses were not finite")
+    elif after:
+        fix += (f" and start again: the checkpoints kept ({', '.join(after)}) hold the weights "
+                f"of step {applied}, whose losses were not finite")
     elif first_step == 0:
         fix += " and start again (no checkpoint was written)"
     if what == "non-finite losses":
@@ -831,18 +844,27 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if dropped:
                 log.text(f"run directory {run_dir}: {dropped} metrics records of an earlier run "
                          "that left no checkpoint dropped (this run starts at step 0)")
-        first_step = step
+        first_step = applied = step     # applied: the step of the last update applied
+        skipped_in_a_row = 0            # updates ZeRO skipped (non-finite gradients) just now
+        deferred = False                # a checkpoint_every step's checkpoint, not yet written
 
         def save(at: int) -> None:
-            nonlocal saved_at
+            """Collective. During updates skipped in a row, the weights are those whose losses
+            or gradients were not finite: a checkpoint written then (on a signal, at the end)
+            prunes no older one."""
+            nonlocal saved_at, deferred
             check_unskipped(at)
             with monitor.outside_training():
                 path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
                                        {"loader": loader.state_dict(), "step": at,
                                         "loss_window": (loss_sum.cpu(), loss_n.cpu())},
-                                       cfg.train.keep_checkpoints)
+                                       cfg.train.keep_checkpoints,
+                                       prune=not skipped_in_a_row)
             saved_at = at
-            log.text(f"checkpoint: {path}", console=False)
+            deferred = False
+            log.text(f"checkpoint: {path}" + (
+                f" (after {skipped_in_a_row} skipped updates: no older checkpoint pruned)"
+                if skipped_in_a_row else ""), console=bool(skipped_in_a_row))
 
         def evaluated(at: int) -> bool:
             """Whether the run directory holds the evaluation of step `at` (rank 0's answer,
@@ -884,17 +906,37 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                                               if not p.requires_grad))
         log.custom_scalars(board.layout(names))
         preemption = checkpoint.Preemption()
+
+        def on_signal(flag: int) -> bool:
+            """Checkpoint at this step (once) for a signal the ranks agreed on; whether to stop
+            (SIGTERM, level 2)."""
+            then = " and stopping" if flag == 2 else ""
+            if step == 0:               # during an evaluation before the first step
+                log.text(f"signal received before the first step: nothing to checkpoint{then}")
+            elif saved_at == step:      # written before the evaluation, or resumed from
+                log.text(f"signal received: the checkpoint of step {step} is written{then}")
+            else:
+                log.text(f"signal received: checkpointing at step {step}{then}")
+                save(step)
+            return flag == 2
+
         bar = tqdm(total=cfg.train.max_steps, initial=step, unit="step", dynamic_ncols=True,
                    disable=env.rank != 0 or not cfg.train.progress, file=sys.stdout)
         stop = False
-        if cfg.train.eval_at_start and step == 0:
+        evaluating = cfg.train.eval_at_start and step == 0
+        if evaluating:
             run_eval(0)
         elif (0 < step < cfg.train.max_steps and cfg.train.eval_every
               and step % cfg.train.eval_every == 0 and cfg.train.eval_batches
               and not evaluated(step)):
             # resumed from a step the run evaluates, without its evaluation: a SIGTERM there
             # checkpoints and stops before evaluating, as does a kill during the evaluation
+            evaluating = True
             run_eval(step)
+        if evaluating:                  # a signal during it: as after the loop's evaluations
+            signal_flag = preemption.requested()
+            if signal_flag:
+                stop = on_signal(signal_flag)
         engine.train()
         it = iter(loader)
         bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
@@ -926,7 +968,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     del batch, pred, loss, backward_loss     # and the graph with them
                     if bad_in_a_row >= cfg.train.max_nonfinite:
                         raise DsfmError(nonfinite_stop(bad_in_a_row, step, first_step,
-                                                       saved_at, run_dir))
+                                                       applied, run_dir))
                     continue
                 bad_in_a_row = 0
                 monitor.timer.lap("forward")
@@ -966,12 +1008,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if skipped_in_a_row >= cfg.train.max_nonfinite:
                     losses = losses_in_a_row == skipped_in_a_row
                     raise DsfmError(nonfinite_stop(
-                        skipped_in_a_row, step - 1, first_step, saved_at, run_dir,
+                        skipped_in_a_row, step - 1, first_step, applied, run_dir,
                         "non-finite losses" if losses else
                         "updates skipped for non-finite gradients",
                         before_any_update=first_step == 0 and skipped_in_a_row == step))
             else:
                 skipped_in_a_row = losses_in_a_row = 0
+                applied = step
             bar.update(1)
             if step % cfg.train.log_every == 0 or step == cfg.train.max_steps:
                 check_unskipped(step)
@@ -1010,14 +1053,25 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             signal_flag = preemption.requested() \
                 if step % cfg.train.signal_check_every == 0 else 0
             if signal_flag:
-                log.text(f"signal received: checkpointing at step {step}"
-                         + (" and stopping" if signal_flag == 2 else ""))
-                save(step)
-                stop = signal_flag == 2
-            elif cfg.train.checkpoint_every and step % cfg.train.checkpoint_every == 0:
-                save(step)
+                stop = on_signal(signal_flag)
+            elif deferred or (cfg.train.checkpoint_every
+                              and step % cfg.train.checkpoint_every == 0):
+                if not skipped_in_a_row:
+                    save(step)
+                elif not deferred:
+                    # its weights gave this step non-finite losses or gradients: written after
+                    # the next update applied, so that it cannot prune a sound one
+                    deferred = True
+                    log.text(f"checkpoint of step {step} deferred: its update was skipped")
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and not stop:
                 run_eval(step)
+                # a signal that came during the evaluation (minutes, with many batches) is
+                # acted on now, not signal_check_every steps later: Slurm's SIGKILL follows
+                # its SIGTERM after KillWait. Collective: every rank evaluates at this step.
+                # At the last step the run checkpoints and ends next anyway.
+                signal_flag = preemption.requested() if step < cfg.train.max_steps else 0
+                if signal_flag:
+                    stop = on_signal(signal_flag)
         bar.close()
         if stop:
             log.text(f"stopped at step {step} on a signal; resume with --resume --run-dir "

@@ -513,6 +513,39 @@ def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
     assert "stopped at step" in out and "--resume" in out
 
 
+def test_a_sigterm_during_an_evaluation_checkpoints_right_after_it(demo_base, tmp_path):
+    """Slurm's SIGKILL follows its SIGTERM after KillWait (often 30 s). A SIGTERM that came
+    during an evaluation waited for the next signal check, signal_check_every steps later;
+    the ranks now agree on it right after the evaluation, and checkpoint and stop there. Here
+    step 4 is evaluated and the next check is at step 8: the checkpoint must be step 4's."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    run_dir = tmp_path / "run"
+    sets = ["train.max_steps=40", "train.eval_every=4", "train.eval_batches=4",
+            "train.rollout_steps=4", "train.signal_check_every=8", "train.checkpoint_every=0"]
+    proc = subprocess.Popen(train_cmd(ds, run_dir, sets, data=demo_base), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    metrics = run_dir / "metrics.jsonl"
+    try:
+        deadline = time.time() + 180
+        # step 4's training scalars are written before its evaluation starts
+        while time.time() < deadline and proc.poll() is None and not (
+                metrics.exists() and any(json.loads(line).get("step") == 4
+                                         for line in metrics.read_text().splitlines())):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    assert "evaluation at step 4" in out
+    assert "signal received: checkpointing at step 4 and stopping" in out, out[-2000:]
+    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    assert tags == ["step00000004"]
+    assert (run_dir / "eval_step00000004.json").is_file()
+    assert "stopped at step 4" in out
+
+
 def test_sigusr1_during_the_start_up_does_not_end_the_run(demo_base, tmp_path):
     """Slurm's warning signal (SIGUSR1: checkpoint and carry on) arriving while the run starts
     (process group, data, model, engine) is not the end of the run: its default action would
@@ -1074,6 +1107,70 @@ def test_a_diverging_run_skips_non_finite_losses_then_stops(demo_base, tmp_path,
         assert "micro-batch skipped (1 in a row)" in log
         assert "DeepSpeed skipped" not in log
         assert "3 non-finite losses in a row at step 2" in proc.stderr
+
+
+@pytest.mark.parametrize("stage", [2, 0])
+def test_a_diverging_run_keeps_its_sound_checkpoints_and_names_one(demo_base, tmp_path, stage):
+    """A run resumed at step 4 at a learning rate of 1e30: the update of step 5 is applied (its
+    loss was finite) and every later loss is not. Step 5's checkpoint holds the weights that
+    gave them; under ZeRO, checkpoints written during the skipped updates after it (steps 6
+    and 7, with checkpoint_every 1) held them too and pruned the sound ones, and the stop
+    message named the newest. Now a checkpoint_every checkpoint waits for an applied update,
+    the message names step 4's and says to move step 5's aside, and that advice works."""
+    ds = ds_config(tmp_path, stage, micro=4)
+    run_dir = tmp_path / "r"
+    keep = ["train.checkpoint_every=1", "train.keep_checkpoints=2"]
+    train(ds, run_dir, ["train.max_steps=4"] + keep, data=demo_base)
+    proc = run(train_cmd(str(diverging_ds_config(tmp_path, stage)), run_dir,
+                         ["train.max_steps=20", "train.max_nonfinite=3",
+                          "train.resume_schedule=new"] + keep, data=demo_base) + ["--resume"])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    ckpts = run_dir / "checkpoints"
+    assert sorted(t for t in os.listdir(ckpts) if t.startswith("step")) == \
+        ["step00000004", "step00000005"]
+    assert math.isfinite(losses(run_dir)[5])
+    assert "3 non-finite losses in a row at step " + ("8" if stage else "6") in proc.stderr
+    assert (f"resume from the checkpoint of step 4 ({ckpts}) with train.resume_schedule=new"
+            in proc.stderr)
+    assert ("move step00000005 aside first (--resume takes the newest): it holds the weights "
+            "of step 5, whose losses were not finite") in proc.stderr
+    if stage:
+        assert "checkpoint of step 6 deferred: its update was skipped" in \
+            (run_dir / "train.log").read_text()
+    # the advice: step 5's checkpoint moved aside, the run resumes from step 4 and learns
+    shutil.move(str(ckpts / "step00000005"), str(tmp_path / "step00000005"))
+    train(ds, run_dir, ["train.max_steps=6", "train.resume_schedule=new"] + keep,
+          data=demo_base, resume=True)
+    assert all(math.isfinite(losses(run_dir)[k]) for k in (5, 6))
+
+
+def test_a_checkpoint_on_a_signal_during_skipped_updates_prunes_none(demo_base, tmp_path):
+    """A preemption during updates skipped in a row still checkpoints (the run may recover),
+    but that checkpoint holds the weights whose losses were not finite: it prunes no sound
+    one. Fresh at 1e30: step 1's update is applied, every later one skipped."""
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(train_cmd(str(diverging_ds_config(tmp_path, 2)), run_dir,
+                                      ["train.max_steps=400", "train.max_nonfinite=400",
+                                       "train.checkpoint_every=1", "train.keep_checkpoints=1",
+                                       "train.signal_check_every=1"], data=demo_base),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log = run_dir / "train.log"
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None and not (
+                log.exists() and "skipped the update (3 in a row)" in log.read_text()):
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    assert len(tags) == 2 and tags[0] == "step00000001", tags
+    assert int(tags[1][4:]) >= 4
+    assert "skipped updates: no older checkpoint pruned)" in out
+    assert "checkpoint of step 2 deferred: its update was skipped" in log.read_text()
 
 
 def test_a_non_finite_loss_that_deepspeed_did_not_skip_stops_the_run_before_it_saves(

@@ -7,7 +7,7 @@ partitions of the optimizer, scheduler) plus what DeepSpeed does not know about:
 so a resumed run draws exactly the batches and drop-path masks it would have drawn.
 Only the newest `keep` checkpoints are kept. SIGTERM or SIGUSR1 (SLURM preemption) asks for a
 checkpoint at the next signal check, where all ranks agree on it through one all-reduce (every
-`train.signal_check_every` steps, after any evaluation running then).
+`train.signal_check_every` steps, and right after each evaluation).
 """
 
 from __future__ import annotations
@@ -75,8 +75,9 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
-         keep: int) -> str:
-    """Collective: every rank calls it at the same step."""
+         keep: int, prune: bool = True) -> str:
+    """Collective: every rank calls it at the same step. `prune`: remove complete checkpoints
+    beyond the newest `keep` (the trainer's are not pruned while updates are being skipped)."""
     import torch.distributed as td
 
     ckpt_dir = checkpoint_dir(run_dir)
@@ -122,7 +123,7 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
         # (none, unless another job writes here); unfinished older ones were cut off by a kill
         # and nothing will ever load them
         complete = tags(ckpt_dir)
-        for old in complete[:-keep] + [t for t in _tag_dirs(ckpt_dir)
+        for old in complete[:-keep] * prune + [t for t in _tag_dirs(ckpt_dir)
                                        if t < tag and t not in complete]:
             shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
     if td.is_initialized():
