@@ -636,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
                   + ("; that port is in use: set MASTER_PORT to a free one (or the "
                      "launcher's --master_port)" if busy else ""))
         return 2
-    log, rc = None, None
+    log, rc, run_dir = None, None, None
     try:
         run_dir = choose_run_dir(args, cfg)
         try:
@@ -668,6 +668,17 @@ def main(argv: list[str] | None = None) -> int:
         if log is not None:
             log.text(msg, console=False)
         return 1
+    except KeyboardInterrupt:   # Ctrl-C: every rank of the terminal's foreground group at once
+        msg = f"interrupted (rank {env.rank}, SIGINT): stopped without a checkpoint"
+        if run_dir is not None:
+            done = checkpoint.tags(checkpoint.checkpoint_dir(run_dir))
+            msg += (f"; --resume --run-dir {run_dir} continues from step {int(done[-1][4:])}"
+                    if done else "; none was written")
+            msg += " (SIGTERM checkpoints before it stops)"
+        say_error(msg)
+        if log is not None:
+            log.text(msg, console=False)
+        return 130
     finally:
         try:
             if log is not None:

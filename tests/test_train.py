@@ -546,6 +546,33 @@ def test_a_sigterm_during_an_evaluation_checkpoints_right_after_it(demo_base, tm
     assert "stopped at step 4" in out
 
 
+def test_ctrl_c_stops_the_run_in_one_line_naming_the_checkpoint_to_resume(demo_base, tmp_path):
+    """Ctrl-C (SIGINT to the terminal's foreground process group: the trainer and its reader
+    processes) printed a KeyboardInterrupt traceback of some sixty lines from the middle of the
+    model's forward. It is one line now, with the checkpoint a --resume continues from."""
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(train_cmd(ds_config(tmp_path, 2, micro=4), run_dir,
+                                      ["train.max_steps=400", "train.checkpoint_every=2"],
+                                      data=demo_base),
+                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        assert wait_for_logged_steps(run_dir, 3, 120)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    lines = [line for line in err.splitlines() if "Setting accelerator to CPU" not in line]
+    assert len(lines) == 1, err
+    tags = sorted(t for t in os.listdir(run_dir / "checkpoints")       # a save cut short:
+                  if (run_dir / "checkpoints" / t / "COMPLETE").is_file())   # not resumable
+    assert lines[0] == (f"interrupted (rank 0, SIGINT): stopped without a checkpoint; --resume "
+                        f"--run-dir {run_dir} continues from step {int(tags[-1][4:])} (SIGTERM "
+                        "checkpoints before it stops)")
+
+
 def test_sigusr1_during_the_start_up_does_not_end_the_run(demo_base, tmp_path):
     """Slurm's warning signal (SIGUSR1: checkpoint and carry on) arriving while the run starts
     (process group, data, model, engine) is not the end of the run: its default action would
