@@ -171,9 +171,15 @@ def test_two_ranks_match_plain_training_learn_and_resume_identically(stage, demo
                                                                      reference, tmp_path):
     ds = ds_config(tmp_path, stage)
     full = tmp_path / "full"
-    train(ds, full, [f"train.max_steps={STEPS}", "train.checkpoint_every=6",
-                     "train.eval_at_start=true", "train.eval_batches=2",
-                     "train.rollout_steps=1"], ranks=2, data=demo_base)
+    proc = train(ds, full, [f"train.max_steps={STEPS}", "train.checkpoint_every=6",
+                            "train.eval_at_start=true", "train.eval_batches=2",
+                            "train.rollout_steps=1", "train.progress=true"], ranks=2,
+                 data=demo_base)
+    # one progress bar (rank 0's), and to a pipe (a Slurm log) redrawn every 30 s, not at
+    # every step and log step: its start, its end, and under the lines printed (the
+    # evaluation's; one more should the run pass 30 s)
+    draws = [d for d in re.split(r"[\r\n]", proc.stdout) if re.search(r"\d+/%d \[" % STEPS, d)]
+    assert len(draws) <= 6 and sum(f"{STEPS}/{STEPS} [" in d for d in draws) == 1, draws
     got = losses(full)
     assert sorted(got) == list(range(1, STEPS + 1))
     ours = [got[s] for s in range(1, STEPS + 1)]
