@@ -572,6 +572,21 @@ def nonfinite_stop(n: int, step: int, first_step: int, applied: int, run_dir: st
     return f"{head}: {fix}"
 
 
+def config_changes(saved: dict | None, ours: dict, prefix: str = "") -> list[str]:
+    """`key: before -> now` for each run setting a resumed run changed (nested as dotted
+    keys; none for a checkpoint that recorded no config)."""
+    if not isinstance(saved, dict):
+        return []
+    out = []
+    for key in sorted(set(saved) | set(ours)):
+        before, now = saved.get(key), ours.get(key)
+        if isinstance(before, dict) and isinstance(now, dict):
+            out += config_changes(before, now, f"{prefix}{key}.")
+        elif before != now:
+            out.append(f"{prefix}{key}: {before!r} -> {now!r}")
+    return out
+
+
 def rank_seed(seed: int, rank: int) -> int:
     """Each rank's torch stream after the model is built (drop-path masks differ between
     data-parallel ranks, as their data does); the initialisation itself is the same on all."""
@@ -844,6 +859,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 note = numerics_note(client.get("model_numerics"), "the checkpoint")
                 if note:
                     log.text(note)
+                changed = config_changes(client.get("config"), cfg.model_dump())
+                if changed:   # what was refused is not here: its checks ran before the group
+                    log.text("--resume: settings changed since the checkpoint: "
+                             + "; ".join(changed))
                 if step >= cfg.train.max_steps:
                     log.text(f"the checkpoint already reaches train.max_steps="
                              f"{cfg.train.max_steps}: nothing to train")

@@ -1419,8 +1419,11 @@ def test_resume_names_an_unfinished_newer_checkpoint_it_passes_over(demo_base, t
     train(ds, r, ["train.max_steps=2", "train.checkpoint_every=1"], data=demo_base)
     shutil.copytree(r / "checkpoints" / "step00000002", r / "checkpoints" / "step00000003")
     os.remove(r / "checkpoints" / "step00000003" / "COMPLETE")
-    proc = train(ds, r, ["train.max_steps=3", "train.checkpoint_every=1"], resume=True,
-                 data=demo_base)
+    proc = train(ds, r, ["train.max_steps=3", "train.checkpoint_every=1",
+                         "model.drop_path=0.1"], resume=True, data=demo_base)
+    # what a resumed run changed and may (the rest is refused) is in its log
+    assert ("--resume: settings changed since the checkpoint: model.drop_path: 0.0 -> 0.1; "
+            "train.max_steps: 2 -> 3\n") in proc.stdout
     assert (f"--resume: step00000003 in {r / 'checkpoints'} unfinished (no COMPLETE: the save "
             "was cut off), passed over; resuming from step00000002") in proc.stdout
     assert "resumed from step 2" in proc.stdout
