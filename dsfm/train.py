@@ -224,6 +224,9 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
                               f"newest {found[-1]}); add --resume to continue that run, or "
                               "give a new --run-dir")
     if args.run_dir is not None:          # last: a refused run leaves no directory behind
+        if os.path.exists(args.run_dir) and not os.path.isdir(args.run_dir):
+            raise ConfigError(f"run directory {args.run_dir}: a file, not a folder (--run-dir "
+                              "names the folder a run writes its checkpoints and logs in)")
         try:
             os.makedirs(args.run_dir, exist_ok=True)
         except OSError as exc:

@@ -507,6 +507,19 @@ def test_train_batch_size_must_match_the_world():
     assert schedule.resolve(derived, 10, world_size=24)
     with pytest.raises(ConfigError, match="not a multiple"):
         schedule.resolve(derived, 10, world_size=5)
+    # the global batch alone, as DeepSpeed reads it: micro = total / (accumulation × ranks)
+    alone = {"train_batch_size": 96, "gradient_accumulation_steps": 2}
+    got = schedule.resolve(alone, 10, world_size=24)
+    assert got["train_micro_batch_size_per_gpu"] == 2 and "train_micro_batch_size_per_gpu" \
+        not in alone
+    assert schedule.resolve({"train_batch_size": 96}, 10, world_size=8)[
+        "train_micro_batch_size_per_gpu"] == 12
+    with pytest.raises(ConfigError, match=r"train_batch_size 96 is not a multiple of "
+                                          r"accumulation 2 × 9 ranks; set train_micro"):
+        schedule.resolve(alone, 10, world_size=9)
+    with pytest.raises(ConfigError, match="set train_micro_batch_size_per_gpu .* or "
+                                          "train_batch_size"):
+        schedule.resolve({"gradient_accumulation_steps": 2}, 10)
 
 
 BASE_DS = {"train_micro_batch_size_per_gpu": 2, "gradient_clipping": 1.0,

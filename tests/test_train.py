@@ -979,6 +979,9 @@ def test_data_the_simulation_will_not_make_is_refused_before_it_runs(tmp_path):
         assert proc.stderr.startswith(f"error: data: not found: {missing} ")
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
         assert not base.exists() and not (tmp_path / "r").exists()    # nothing simulated
+        # data.base is where a dataset named is looked for, not a PDEBench path's place
+        assert ("data.base is" in proc.stderr) == (missing.parent == base), proc.stderr
+        assert ("point data.base" in proc.stderr) == (missing.parent == base), proc.stderr
 
 
 
@@ -1784,6 +1787,12 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]             # before the process group
     assert f"run directory {blocker / 'run'}: Not a directory" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+    # the file itself as --run-dir said "File exists"
+    proc = run(train_cmd("ds_configs/zero2.json", blocker, ["train.max_steps=1"]))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip() == (f"error: run directory {blocker}: a file, not a folder "
+                                   "(--run-dir names the folder a run writes its checkpoints "
+                                   "and logs in)")
 
 
 def test_a_run_directory_that_exists_but_cannot_be_written_is_one_line(tmp_path):

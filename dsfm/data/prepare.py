@@ -59,23 +59,34 @@ def expand_patterns(entries: list[str]) -> tuple[list[str], list[str]]:
 
 
 def _where_to_get(missing: list[str], base: str) -> str:
-    """The hint for missing data: dsfm's simulators make only their own datasets; The Well's
-    and PDEBench's are downloaded, or data.base points elsewhere."""
+    """Where missing data is looked for and how to get it: dsfm's simulators make only their
+    own datasets; The Well's and PDEBench's are downloaded. data.base is named only for what
+    was looked for under it (data.datasets by name): PDEBench sources and datasets given as
+    paths are taken as given."""
     from dsfm.sim.presets import PRESETS
 
     simulated = {spec.dataset_name for preset in PRESETS.values() for spec in preset.values()}
-    if all(os.path.basename(p.rstrip(os.sep)) in simulated for p in missing):
-        return (f"generate them with python -m dsfm.sim --preset demo --out {base}, or set "
-                "data.generate: demo")
-    return ("point data.base (or $DSFM_DATA) at the directory that holds them, or download "
-            "them: The Well's with the_well's the-well-download --dataset NAME, PDEBench's "
-            "from its DaRUS repository")
+    under = [p for p in missing if os.path.normpath(os.path.dirname(p)) == os.path.normpath(base)]
+    where = (f"data.base is {base!r}" if under else
+             f"paths as given, from {os.getcwd()}" if any(not os.path.isabs(p) for p in missing)
+             else "")
+    if under and all(os.path.basename(p.rstrip(os.sep)) in simulated for p in missing):
+        fix = (f"generate them with python -m dsfm.sim --preset demo --out {base}, or set "
+               "data.generate: demo")
+    elif under:
+        fix = ("point data.base (or $DSFM_DATA) at the directory that holds them, or download "
+               "them: The Well's with the_well's the-well-download --dataset NAME, PDEBench's "
+               "from its DaRUS repository")
+    else:
+        fix = ("download them: The Well's with the_well's the-well-download --dataset NAME, "
+               "PDEBench's from its DaRUS repository")
+    return f"{where}; {fix}" if where else fix
 
 
 def _refuse_missing(missing: list[str], base: str) -> None:
     if missing:
-        raise ConfigError(f"data: not found: {', '.join(missing)} (data.base is {base!r}; "
-                          f"{_where_to_get(missing, base)})")
+        raise ConfigError(f"data: not found: {', '.join(missing)} "
+                          f"({_where_to_get(missing, base)})")
 
 
 def _named(base: str, names: list[str]) -> list[str]:

@@ -32,14 +32,23 @@ def resolve(ds_config: dict, max_steps: int, source: str = "--ds_config",
     """A copy of `ds_config` with "auto" step counts filled in and the batch keys checked
     against the world size (DeepSpeed needs train_batch_size = micro × accumulation × world)."""
     cfg = copy.deepcopy(ds_config)
-    if "train_micro_batch_size_per_gpu" not in cfg:
+    if "train_micro_batch_size_per_gpu" not in cfg and "train_batch_size" not in cfg:
         raise ConfigError(f"{source}: set train_micro_batch_size_per_gpu (the loader's batch "
-                          "size is read from it)")
+                          "size is read from it) or train_batch_size")
     for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
                 "train_batch_size"):
         value = cfg.get(key, 1)
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{source}: {key} must be a positive integer, got {value!r}")
+    if "train_micro_batch_size_per_gpu" not in cfg:
+        # DeepSpeed's own reading of a global batch alone: micro = total / (accumulation ×
+        # ranks), accumulation 1 unless given
+        total, accum = cfg["train_batch_size"], cfg.get("gradient_accumulation_steps", 1)
+        if total % (accum * world_size):
+            raise ConfigError(f"{source}: train_batch_size {total} is not a multiple of "
+                              f"accumulation {accum} × {world_size} ranks; set "
+                              "train_micro_batch_size_per_gpu, or a train_batch_size that is")
+        cfg["train_micro_batch_size_per_gpu"] = total // (accum * world_size)
     micro, accum = cfg["train_micro_batch_size_per_gpu"], cfg.get("gradient_accumulation_steps")
     if "train_batch_size" in cfg:
         total = cfg["train_batch_size"]
