@@ -434,8 +434,17 @@ def load_config(path: str | None = None, sets: list[str] = (),
     try:
         cfg = RunConfig.model_validate(raw)
     except ValidationError as exc:
-        touched = [f"{origin} ({s.split('=', 1)[0]})" for origin, s in env_sets]
-        touched += [f"--set {s.split('=', 1)[0]}" for s in sets]
+        # the overrides that reach a refused key (all of them were named, the sound ones too)
+        bad = [".".join(str(p) for p in e["loc"]) for e in exc.errors()]
+
+        def reaches(key: str) -> bool:
+            key = key.strip()
+            return any(b == key or b.startswith(key + ".") or key.startswith(b + ".")
+                       for b in bad)
+
+        touched = [f"{origin} ({s.split('=', 1)[0]})" for origin, s in env_sets
+                   if reaches(s.split("=", 1)[0])]
+        touched += [f"--set {s.split('=', 1)[0]}" for s in sets if reaches(s.split("=", 1)[0])]
         raise ConfigError(_describe(exc, path + (f" with {', '.join(touched)}"
                                                  if touched else ""))) from None
     cfg.model_shape()

@@ -168,8 +168,16 @@ def test_a_list_where_a_section_belongs_is_blamed_on_the_file_not_the_set(tmp_pa
                                           ".*; \\$DSFM_DATA data.base cannot go under it"):
         load_config(str(path), [], [("$DSFM_DATA", "data.base=/somewhere")])
     path.write_text("train:\n  max_step: 3\n")
-    with pytest.raises(ConfigError, match=r"run.yaml with \$DSFM_DATA \(data.base\): unknown"):
+    # the file's own key: no override is named (all of them were, here $DSFM_DATA's)
+    with pytest.raises(ConfigError, match=r"run.yaml: unknown key train.max_step "):
         load_config(str(path), [], [("$DSFM_DATA", "data.base=/somewhere")])
+    path.write_text("train:\n  max_steps: 3\n")
+    with pytest.raises(ConfigError, match=r"run.yaml with --set train.log_every: "
+                                          r"train.log_every: input should be a valid integer"):
+        load_config(str(path), ["train.max_steps=4", "train.log_every=x", "name=a"],
+                    [("$DSFM_DATA", "data.base=/somewhere")])
+    with pytest.raises(ConfigError, match=r"run.yaml with \$DSFM_DATA \(data.base\): data.base"):
+        load_config(str(path), ["train.max_steps=4"], [("$DSFM_DATA", "data.base=")])
     path.write_text("data:\n  - euler_2d\n")
     path.write_text("data:\ntrain:\n  max_steps: 3\n")     # an empty section is fine
     assert load_config(str(path), ["data.base=/x"]).data.base == "/x"
