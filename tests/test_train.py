@@ -557,11 +557,14 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_the_checkpoint_to_resume(demo_b
     processes) printed a KeyboardInterrupt traceback of some sixty lines from the middle of the
     model's forward. It is one line now, with the checkpoint a --resume continues from."""
     run_dir = tmp_path / "run"
+    # SIGINT's default restored for the trainer: a shell starts background jobs (a CI script
+    # run with &) with it ignored, which the trainer then inherits, as it should
     proc = subprocess.Popen(train_cmd(ds_config(tmp_path, 2, micro=4), run_dir,
                                       ["train.max_steps=400", "train.checkpoint_every=2"],
                                       data=demo_base),
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert wait_for_logged_steps(run_dir, 3, 120)
         os.killpg(proc.pid, signal.SIGINT)
