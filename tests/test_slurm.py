@@ -121,6 +121,12 @@ def test_hostfile_from_an_allocation_drives_the_deepspeed_launcher(tmp_path):
              if ln.strip() and not ln.startswith("#")]
     node = subprocess.run(["hostname", "-s"], capture_output=True, text=True).stdout.strip()
     assert hosts == [[node, "slots=2"]]
+    # -n alone sets no SLURM_NTASKS_PER_NODE: SLURM_TASKS_PER_NODE's 2 (the default 4 before)
+    proc = run(["salloc", "-n", "2", sys.executable, "-m", "dsfm.runtime.slurm", "--out",
+                str(tmp_path / "by_tasks")], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    text = (tmp_path / "by_tasks").read_text()
+    assert f"\n{node} slots=2\n" in text and "slots from SLURM_TASKS_PER_NODE" in text
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep
                + os.environ.get("PATH", ""))
     proc = run([sys.executable, "-m", "perf.allreduce_sweep", "--backend", "gloo", "--launcher",

@@ -115,37 +115,69 @@ def expand_tasks_per_node(s: str) -> list[int]:
     return counts
 
 
-def hostfile_lines(hosts: Iterable[str], slots: int) -> list[str]:
-    """DeepSpeed hostfile lines, `host slots=N`; DeepSpeed refuses a host listed twice."""
-    if isinstance(slots, bool) or not isinstance(slots, int) or slots < 1:
-        raise ConfigError(f"slots={slots!r}: must be a positive integer (GPUs per node)")
+def hostfile_lines(hosts: Iterable[str], slots: int | list[int]) -> list[str]:
+    """DeepSpeed hostfile lines, `host slots=N`; DeepSpeed refuses a host listed twice.
+    `slots`: one count for every host, or one per host."""
     hosts = list(hosts)
     if not hosts:
         raise ConfigError("no hosts to write: the hostfile would be empty")
+    per_host = slots if isinstance(slots, list) else [slots] * len(hosts)
+    if len(per_host) != len(hosts):
+        raise ConfigError(f"{len(per_host)} slot counts for {len(hosts)} hosts")
+    for n in per_host:
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"slots={n!r}: must be a positive integer (GPUs per node)")
     seen = set()
     for host in hosts:
         if host in seen:
             raise ConfigError(f"host {host!r} is listed twice; DeepSpeed's launcher rejects "
                               "duplicate hostfile entries")
         seen.add(host)
-    return [f"{host} slots={slots}" for host in hosts]
+    return [f"{host} slots={n}" for host, n in zip(hosts, per_host)]
 
 
-def slots_from_env(environ: Mapping[str, str]) -> tuple[int, str]:
+def slots_from_env(environ: Mapping[str, str]) -> tuple[int | list[int], str]:
     """GPUs (ranks) per node from the allocation, and the variable it came from. GPU counts
     come first: DeepSpeed's launcher starts one rank per slot itself, so an allocation made
-    for it (`salloc --ntasks-per-node=1 --gpus-per-node=4`) has one task per node but four
-    slots. The task count serves allocations that name no GPUs (CPU nodes)."""
-    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_NTASKS_PER_NODE"):
+    for it (`--ntasks-per-node=1 --gpus-per-node=4`, or `--gres=gpu:4`) has one task per
+    node but four slots. SLURM_GPUS_ON_NODE is set in batch scripts, SLURM_GPUS_PER_NODE
+    only for --gpus-per-node, and SLURM_JOB_GPUS (the allocated GPUs' ids, counted) in batch
+    scripts and salloc shells, also for --gres. Without any, the task counts: --ntasks-per-node,
+    else SLURM_TASKS_PER_NODE (always set; one count per node, `4(x3),2`), for allocations
+    that name no GPUs (CPU nodes). One task on every node is what an allocation for DeepSpeed's
+    launcher has (one launcher per node) whether or not it names its GPUs (`--exclusive`
+    whole nodes): that takes the cluster's default."""
+    for name in ("SLURM_GPUS_ON_NODE", "SLURM_GPUS_PER_NODE", "SLURM_JOB_GPUS",
+                 "SLURM_NTASKS_PER_NODE"):
         raw = environ.get(name, "").strip()
         if not raw:
             continue
+        if name == "SLURM_JOB_GPUS":            # ids: 0,1,2,3
+            ids = raw.split(",")
+            if not all(i.strip().isdigit() for i in ids):
+                raise ConfigError(f"{name}={raw!r}: expected GPU ids such as 0,1,2,3; pass "
+                                  "--slots N to choose the slots yourself")
+            return len(ids), name
         count = raw.rsplit(":", 1)[-1]          # --gpus-per-node may be `h100:4`
         if "," in raw or not count.isdigit() or int(count) < 1:
             raise ConfigError(f"{name}={raw!r}: expected a positive count such as 4 or h100:4; "
                               "pass --slots N to choose the slots yourself")
         return int(count), name
+    raw = environ.get("SLURM_TASKS_PER_NODE", "").strip()
+    if raw:
+        counts = expand_tasks_per_node(raw)
+        if any(n < 1 for n in counts):
+            raise ConfigError(f"SLURM_TASKS_PER_NODE={raw!r}: a node with no task; pass "
+                              "--slots N to choose the slots yourself")
+        if set(counts) != {1}:
+            return counts, "SLURM_TASKS_PER_NODE"           # one per host: checked there
     return DEFAULT_SLOTS, "default"
+
+
+def raw_counts(counts: list[int]) -> str:
+    """SLURM's own notation of per-node counts: [4, 4, 4, 2] -> 4(x3),2."""
+    runs = [(n, len(list(group))) for n, group in itertools.groupby(counts)]
+    return ",".join(f"{n}(x{k})" if k > 1 else str(n) for n, k in runs)
 
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
@@ -157,9 +189,9 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--out", help="file to write (default: hostfile-<SLURM_JOB_ID> in the "
                                       "current directory)")
     parser.add_argument("--slots", type=int, help="slots (GPUs) per node (default: "
-                        "the first set of SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE and "
-                        "SLURM_NTASKS_PER_NODE, else "
-                        f"{DEFAULT_SLOTS})")
+                        "the first set of SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, the count "
+                        "of SLURM_JOB_GPUS, SLURM_NTASKS_PER_NODE and SLURM_TASKS_PER_NODE "
+                        f"(per node), else {DEFAULT_SLOTS})")
     args = parser.parse_args(argv)
 
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")
@@ -189,7 +221,11 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
         print(f"error: cannot write the hostfile {out}: {e.strerror or e}; pass --out FILE, a "
               "file in an existing folder you can write to", file=sys.stderr)
         return 2
-    print(f"wrote {len(hosts)} hosts x {slots} slots to {os.path.abspath(out)}")
+    if isinstance(slots, list) and len(set(slots)) == 1:
+        slots = slots[0]
+    shape = (f"{len(hosts)} hosts x {slots} slots" if isinstance(slots, int) else
+             f"{len(hosts)} hosts, {sum(slots)} slots ({raw_counts(slots)})")
+    print(f"wrote {shape} to {os.path.abspath(out)}")
     return 0
 
 

@@ -72,6 +72,7 @@ def test_hostfile_lines_and_their_errors():
     for bad in (0, -1, 2.0, True):
         with pytest.raises(ConfigError, match="positive integer"):
             hostfile_lines(["a"], bad)
+    assert hostfile_lines(["a", "b"], [4, 2]) == ["a slots=4", "b slots=2"]
 
 
 @pytest.mark.parametrize("environ, slots", [
@@ -82,6 +83,13 @@ def test_hostfile_lines_and_their_errors():
     ({"SLURM_GPUS_PER_NODE": "h100:4"}, (4, "SLURM_GPUS_PER_NODE")),
     ({"SLURM_GPUS_PER_NODE": "gpu:h100:8"}, (8, "SLURM_GPUS_PER_NODE")),
     ({}, (4, "default")),
+    # --gres=gpu:4 in an salloc shell: no GPU count, the allocated GPUs' ids
+    ({"SLURM_NTASKS_PER_NODE": "1", "SLURM_JOB_GPUS": "0,1,2,3"}, (4, "SLURM_JOB_GPUS")),
+    # -n/-N alone, CPU nodes: the tasks SLURM places on each node (they took 4 before)
+    ({"SLURM_TASKS_PER_NODE": "2"}, ([2], "SLURM_TASKS_PER_NODE")),
+    ({"SLURM_TASKS_PER_NODE": "4(x3),2"}, ([4, 4, 4, 2], "SLURM_TASKS_PER_NODE")),
+    # one task per node (DeepSpeed's launcher, whole nodes without --gres): the default
+    ({"SLURM_TASKS_PER_NODE": "1(x24)"}, (4, "default")),
 ])
 def test_slots_from_the_allocation(environ, slots):
     assert slots_from_env(environ) == slots
@@ -91,6 +99,22 @@ def test_slots_from_the_allocation(environ, slots):
 def test_unreadable_slot_counts_are_errors(value):
     with pytest.raises(ConfigError, match="SLURM_GPUS_PER_NODE"):
         slots_from_env({"SLURM_GPUS_PER_NODE": value})
+    with pytest.raises(ConfigError, match="SLURM_JOB_GPUS='0,gpu1': expected GPU ids"):
+        slots_from_env({"SLURM_JOB_GPUS": "0,gpu1"})
+    with pytest.raises(ConfigError, match="SLURM_TASKS_PER_NODE='2,0': a node with no task"):
+        slots_from_env({"SLURM_TASKS_PER_NODE": "2,0"})
+
+
+def test_per_node_slots_reach_the_hostfile(tmp_path, capsys):
+    environ = {"SLURM_JOB_ID": "9", "SLURM_JOB_NODELIST": "n[1-4]",
+               "SLURM_TASKS_PER_NODE": "4(x3),2"}
+    assert main(["--out", str(tmp_path / "h")], environ=environ) == 0
+    pool = _parse_hostfile((tmp_path / "h").read_text().splitlines())
+    assert dict(pool) == {"n1": 4, "n2": 4, "n3": 4, "n4": 2}
+    assert "wrote 4 hosts, 14 slots (4(x3),2)" in capsys.readouterr().out
+    environ["SLURM_TASKS_PER_NODE"] = "4(x3)"                 # not one count per host
+    assert main(["--out", str(tmp_path / "h")], environ=environ) == 2
+    assert "3 slot counts for 4 hosts" in capsys.readouterr().err
 
 
 def test_cli_writes_a_hostfile_deepspeed_reads(tmp_path):
