@@ -607,10 +607,18 @@ def comparison(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
+def curve_inplace(collective: str) -> bool:
+    """Which column the TensorBoard and PNG curves take: the backend's own operation, so
+    all_reduce's in-place one (its out-of-place column adds a copy: torch.distributed has no
+    out-of-place all_reduce), the out-of-place one of the others (as nccl-tests' first)."""
+    return collective == "all_reduce"
+
+
 def write_outputs(rows: list[dict], out_dir: str, args) -> None:
-    records = [{k: r[k] for k in ("profile", "split", "collective", "size", "bytes",
-                                  "world_size", "inplace", "algbw", "busbw", "time_us",
-                                  "wrong")}
+    records = [{"backend": args.backend,
+                **{k: r[k] for k in ("profile", "split", "collective", "size", "bytes",
+                                     "world_size", "inplace", "algbw", "busbw", "time_us",
+                                     "wrong")}}
                for r in rows]
     if args.json:
         with open(args.json, "w") as fh:
@@ -622,7 +630,7 @@ def write_outputs(rows: list[dict], out_dir: str, args) -> None:
     from torch.utils.tensorboard import SummaryWriter
     with SummaryWriter(args.tb or os.path.join(out_dir, "tb")) as tb:
         for r in rows:
-            if not r["inplace"]:
+            if r["inplace"] == curve_inplace(r["collective"]):
                 tag = f"sweep/{r['profile']}/{r['split']}/{r['collective']}/busbw"
                 tb.add_scalar(tag, r["busbw"], r["size"])
     import matplotlib
@@ -633,11 +641,14 @@ def write_outputs(rows: list[dict], out_dir: str, args) -> None:
                              squeeze=False, constrained_layout=True)
     for ax, coll in zip(axes[0], colls):
         for key in sorted({(r["profile"], r["split"]) for r in rows if r["collective"] == coll}):
-            sel = sorted((r for r in rows if r["collective"] == coll and not r["inplace"]
+            sel = sorted((r for r in rows if r["collective"] == coll
+                          and r["inplace"] == curve_inplace(coll)
                           and (r["profile"], r["split"]) == key), key=lambda r: r["size"])
             ax.plot([r["size"] for r in sel], [r["busbw"] for r in sel], marker="o", ms=3,
                     label=f"{key[0]} / {key[1]}")
-        ax.set(xscale="log", title=coll, xlabel="size (B)", ylabel="busbw (GB/s)")
+        ax.set(xscale="log", xlabel="size (B)", ylabel="busbw (GB/s)",
+               title=f"{coll} ({'in-place' if curve_inplace(coll) else 'out-of-place'}, "
+                     f"{args.backend})")
         ax.legend(fontsize=7)
     fig.savefig(args.png or os.path.join(out_dir, "busbw.png"), dpi=100)
     plt.close(fig)
@@ -768,8 +779,19 @@ def drive(args) -> int:
                          or 0)
             per_node = [expected // nnodes] * nnodes if nnodes and expected % nnodes == 0 \
                 else None
+    missing = absent_splits(args.splits.split(","), expected, args.ranks_per_node
+                            if args.launcher == "local" else None, per_node)
+    if len(missing) == len(args.splits.split(",")):
+        raise SweepError(f"--splits {args.splits}: no communicator of them in this job ("
+                         + "; ".join(f"{k}: {v}" for k, v in missing.items()) + ")")
+    for split, why in missing.items():
+        print(f"note: --splits {split}: {why}; not measured", file=sys.stderr)
     out_dir = args.out or os.path.join("runs", f"sweep-{time.strftime('%Y%m%d-%H%M%S')}")
     os.makedirs(out_dir, exist_ok=True)
+    print(f"== backend {args.backend}, launcher {args.launcher}, {expected} ranks"
+          + ("" if args.backend == "nccl" else
+             ": gloo over TCP, on CPU tensors; gloo chooses its own algorithms and logs none "
+             "(the NCCL path report applies to --backend nccl only)"), flush=True)
     rows, failures, flags = [], [], []
     for profile in profiles:
         job_dir = os.path.join(out_dir, profile["name"])
@@ -808,6 +830,9 @@ def drive(args) -> int:
         print(comparison(rows))
         if args.cluster:
             print(predictions(args.cluster, sizes, expected, per_node))
+            if args.backend != "nccl":
+                print(f"# the model is of NCCL on {args.cluster}'s GPUs and links; this job "
+                      f"measured {args.backend} on this machine's CPUs: not comparable")
         write_outputs(rows, out_dir, args)
         print(f"results: {out_dir}")
     for f in flags:
@@ -822,6 +847,25 @@ def drive(args) -> int:
                       f"below --min-busbw {args.min_busbw}", file=sys.stderr)
                 return 1
     return 0
+
+
+def absent_splits(splits: list[str], ranks: int, local: int | None,
+                  per_node: list[int] | None) -> dict[str, str]:
+    """The requested splits this job has no communicator for, and why: intra needs more than
+    one rank on a node, rail more than one node. `local`: the local launcher's
+    --ranks-per-node (its pretend nodes); `per_node`: the hosts' slots, where known (None under
+    srun without SLURM's counts: then nothing is said)."""
+    if local:
+        per_node = [local] * (ranks // local)
+    if not per_node:
+        return {}
+    out = {}
+    if "intra" in splits and max(per_node) < 2:
+        out["intra"] = f"one rank per node ({len(per_node)} nodes): an intra-node group needs 2"
+    if "rail" in splits and len(per_node) < 2:
+        out["rail"] = (f"one node ({per_node[0]} ranks): a rail links the same local rank on "
+                       "2 nodes or more (--ranks-per-node N pretends nodes on one machine)")
+    return out
 
 
 def nccl_report(job_dir: str, profile: dict) -> tuple[list[str], list[str]]:
@@ -856,6 +900,8 @@ def predictions(cluster: str, sizes: list[int], nranks: int,
                        nodes=len(per_node) if per_node else None)
     except TopologyError as exc:
         return f"\n== model ({cluster}): no prediction for this job: {exc}"
+    if recs[0]["nodes"] == 1:      # NCCL's CollNet (SHARP) is for jobs across nodes
+        recs = [r for r in recs if r["algorithm"] != "sharp"]
     c, g = CLUSTERS[cluster], recs[0]["gpus"] // recs[0]["nodes"]
     lines = [f"\n== model ({cluster}, all_reduce, {recs[0]['nodes']} node(s) × "
              f"{g} GPUs = {recs[0]['gpus']} ranks, perf.topology)"]

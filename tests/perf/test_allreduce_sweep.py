@@ -32,12 +32,19 @@ def test_ci_command_runs_checks_and_writes_every_output(tmp_path):
         assert r["wrong"] == 0 and r["world_size"] == 2
         assert r["busbw"] == pytest.approx(r["algbw"] * 2 * (2 - 1) / 2)      # 2(n-1)/n
         assert r["algbw"] == pytest.approx(r["size"] / (r["time_us"] * 1e-6) / 1e9, rel=1e-6)
-    assert (out / "results.csv").read_text().startswith("profile,split,collective,size")
+    assert (out / "results.csv").read_text().startswith("backend,profile,split,collective,size")
+    assert {r["backend"] for r in records} == {"gloo"}
+    # which backend, and that gloo's path is not reported (it logs none)
+    assert "== backend gloo, launcher local, 2 ranks: gloo over TCP, on CPU tensors" in \
+        proc.stdout and "# NCCL path" not in proc.stdout
     assert (out / "busbw.png").stat().st_size > 5000
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     acc = EventAccumulator(str(out / "tb"))
     acc.Reload()
-    assert "sweep/default/world/all_reduce/busbw" in acc.Tags()["scalars"]
+    # the curve is all_reduce's own (in-place) column, not the copy plus all_reduce
+    curve = {e.step: e.value for e in acc.Scalars("sweep/default/world/all_reduce/busbw")}
+    inplace = {r["size"]: r["busbw"] for r in records if r["inplace"]}
+    assert curve == pytest.approx(inplace, rel=1e-6)
 
     proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-e", "4K", "--out",
                         str(tmp_path / "s2"), "--min-busbw", "1e6"], timeout=300)
@@ -104,6 +111,24 @@ def test_a_launcher_that_is_not_installed_is_one_line(launcher, tmp_path):
     assert "== profile" not in proc.stdout
 
 
+def test_a_split_the_job_has_no_communicator_for_is_named_not_blamed_on_the_sizes(tmp_path):
+    """--splits rail on one node said "no size ... holds a float32 element"; --splits
+    world,intra with one rank per node dropped intra's tables without a word."""
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "--splits", "rail", "--out",
+                        str(tmp_path / "s")], timeout=300)
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("error: --splits rail: no communicator of them in this job "
+                                  "(rail: one node (2 ranks)")
+    assert "== profile" not in proc.stdout
+    proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "--ranks-per-node", "1", "-b",
+                        "1K", "-e", "1K", "--splits", "world,intra", "--out",
+                        str(tmp_path / "s2")], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert ("note: --splits intra: one rank per node (2 nodes): an intra-node group needs 2; "
+            "not measured") in proc.stderr
+    assert "| split world |" in proc.stdout and "| split intra |" not in proc.stdout
+
+
 def test_sizes_below_one_element_are_an_error_not_an_empty_success(tmp_path):
     proc = run(SWEEP + ["--backend", "gloo", "--nprocs", "2", "-b", "1", "-e", "3", "--out",
                         str(tmp_path / "s")], timeout=300)
@@ -118,11 +143,15 @@ def test_cluster_predictions_are_for_the_ranks_measured(tmp_path):
     # two local ranks: one node's NVLink, not raphael's 24 nodes × 4 GPUs
     assert "1 node(s) × 2 GPUs = 2 ranks" in proc.stdout
     from perf.topology import CLUSTERS, predict
-    want = predict(CLUSTERS["raphael"], "all_reduce", [8192], nranks=2)
+    want = [r for r in predict(CLUSTERS["raphael"], "all_reduce", [8192], nranks=2)
+            if r["algorithm"] != "sharp"]          # CollNet: not within one node
     model = proc.stdout.split("== model", 1)[1].splitlines()
+    assert "sharp" not in model[0] + model[1]
     line = next(ln for ln in model if ln.split()[:1] == ["8192"])
     assert sorted(float(v) for v in line.split()[1:]) == \
         pytest.approx(sorted(round(r["busbw"], 2) for r in want), abs=0.006)
+    # and said not to compare with this job's gloo figures
+    assert "this job measured gloo on this machine's CPUs: not comparable" in proc.stdout
 
 
 def test_cluster_predictions_follow_the_hostfile_layout():
