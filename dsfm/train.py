@@ -937,7 +937,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                              cfg.monitor.system, notice=log.text,
                              frozen=frozenset(n for n, p in model.named_parameters()
                                               if not p.requires_grad))
-        log.custom_scalars(board.layout(names))
+        log.custom_scalars(board.layout(names, gpu=dev.type == "cuda"))
         preemption = checkpoint.Preemption()
 
         def on_signal(flag: int) -> bool:

@@ -42,14 +42,14 @@ def gpu_tag(key: str, index: int) -> str:
     return f"gpu{index}/{key.removeprefix('gpu/')}"
 
 
-def layout() -> dict:
-    """custom_scalars layout: one chart per GPU metric across GPUs, and the host charts (tags
-    are regular expressions)."""
+def layout(gpus: bool = True) -> dict:
+    """custom_scalars layout: one chart per GPU metric across GPUs (where there are GPUs), and
+    the host charts (tags are regular expressions)."""
     gpu = {key.removeprefix("gpu/"): ["Multiline", [rf"^gpu\d+/{key.removeprefix('gpu/')}$"]]
            for key in GPU_KEYS}
     system = {title: ["Multiline", [f"^{re.escape(tag)}$" for tag in tags]]
               for title, tags in SYSTEM_CHARTS.items()}
-    return {"GPU": gpu, "System": system}
+    return {"GPU": gpu, "System": system} if gpus else {"System": system}
 
 
 class StopSignal:
@@ -119,14 +119,17 @@ def main(argv: list[str] | None = None) -> int:
     before = last_step(args.logdir, OWN_TAGS)
     step = 0 if before is None else before + 1
     writer = SummaryWriter(args.logdir)
-    writer.add_custom_scalars(layout())
+    writer.add_custom_scalars(layout(bool(gpus)))
     print(f"dsfm.monitor: {len(gpus)} GPU(s) and the host every {args.interval:g} s "
           f"→ {args.logdir}" + (f" (from step {step}, after the samples there)" if step else ""),
           flush=True)
 
     first = step
-    deadline = None if args.duration is None else time.monotonic() + args.duration
-    next_t = time.monotonic() + args.interval       # each sample covers the interval before it
+    start = time.monotonic()
+    # one clock reading for both, and a tolerance for the sum's rounding: --duration 1
+    # --interval 1 wrote no sample (its deadline was read a moment before its first time)
+    deadline = None if args.duration is None else start + args.duration + 1e-6 * args.interval
+    next_t = start + args.interval                  # each sample covers the interval before it
     try:
         while ((deadline is None or next_t <= deadline)
                and not stop.wait(max(next_t - time.monotonic(), 0.0))):

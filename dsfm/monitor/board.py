@@ -32,15 +32,19 @@ def _margin(tag: str) -> list:
     return ["Margin", [tag, f"{tag}/min", f"{tag}/max"]]
 
 
-def layout(datasets: list[str]) -> dict:
-    """The custom_scalars layout (torch SummaryWriter.add_custom_scalars format)."""
-    gpu = {
+def layout(datasets: list[str], gpu: bool = True) -> dict:
+    """The custom_scalars layout (torch SummaryWriter.add_custom_scalars format). `gpu`: whether
+    the run has GPU metrics; without them (a CPU run) the GPU dashboard, all empty charts, is
+    left out rather than opened first."""
+    gpu_charts = {
         "Utilization (mean, min-max over ranks)": _margin("gpu/util_pct"),
         "SM active % (GPM)": _margin("gpu/sm_active_pct"),
         "Tensor-core active % (GPM)": _margin("gpu/tensor_active_pct"),
         "SM occupancy % and DRAM bandwidth % (GPM)": [
             "Multiline", ["gpu/sm_occupancy_pct$", "gpu/dram_bw_util_pct$"]],
         "Utilization per rank": ["Multiline", [r"ranks/gpu_util_pct/r\d+"]],
+        "SM active % per rank (GPM)": ["Multiline", [r"ranks/sm_active_pct/r\d+"]],
+        "Memory controller busy % (NVML)": _margin("gpu/mem_util_pct"),
         "Memory used GiB": _margin("gpu/mem_used_gib"),
         "Power W": _margin("gpu/power_w"),
         "Energy J": ["Multiline", ["gpu/energy_j$"]],
@@ -62,6 +66,8 @@ def layout(datasets: list[str]) -> dict:
         "Phases ms": ["Multiline", [r"time/(data_wait|forward|backward|optimizer)_ms$"]],
         "Data wait ms": _margin("time/data_wait_ms"),
         "Step ms per rank": ["Multiline", [r"ranks/step_ms/r\d+"]],
+        "Data wait ms per rank": ["Multiline", [r"ranks/data_wait_ms/r\d+"]],
+        "Slowest rank (by step ms)": ["Multiline", ["ranks/slowest$"]],
     }
     loss = {
         "Loss": ["Multiline", ["train/loss$"]],
@@ -74,10 +80,13 @@ def layout(datasets: list[str]) -> dict:
     system = {
         "CPU %": ["Multiline", ["system/cpu_pct$", "system/process_cpu_pct$"]],
         "CPU % per rank process": ["Multiline", [r"ranks/process_cpu_pct/r\d+"]],
-        "Memory": ["Multiline", ["system/mem_used_gib$", "system/rss_gib$"]],
+        "Memory GiB": ["Multiline", ["system/mem_used_gib$", "system/rss_gib$"]],
+        "Memory %": ["Multiline", ["system/mem_pct$"]],
+        "Load (1 min)": ["Multiline", ["system/load1$"]],
         "Network and disk MB/s": ["Multiline", [r"system/(net|disk)_.*_mbps$"]],
     }
-    return {"GPU": gpu, "Throughput": throughput, "Step time": step_time, "Loss": loss,
+    dashboards = {"GPU": gpu_charts} if gpu else {}
+    return {**dashboards, "Throughput": throughput, "Step time": step_time, "Loss": loss,
             "System": system}
 
 

@@ -45,6 +45,34 @@ def test_every_margin_chart_has_its_three_tags_with_one_rank():
         assert all(t in one for t in tags), tags
 
 
+def test_every_tag_a_run_writes_is_in_a_chart():
+    """ranks/data_wait_ms/*, ranks/slowest, system/load1 and system/mem_pct were written
+    and drawn in no chart; a CPU run's dashboards opened on thirteen empty GPU charts."""
+    import re
+
+    from dsfm.monitor.nvml import GPU_KEYS
+    from dsfm.monitor.system import SYSTEM_KEYS
+
+    local = {k: 1.0 for k in list(GPU_KEYS) + list(SYSTEM_KEYS)
+             + ["time/step_ms", "time/data_wait_ms", "time/forward_ms", "time/backward_ms",
+                "time/optimizer_ms", "perf/samples_per_sec", "perf/patches_per_sec",
+                "perf/tflops", "perf/mfu", "perf/data_wait_pct", "perf/mem_allocated_gib",
+                "perf/mem_reserved_gib", "perf/mem_peak_gib"]}
+    written = set(board.combine([local, local])) | {
+        "train/loss", "train/loss/euler_2d", "train/lr", "train/grad_norm",
+        "eval/euler_2d/density/vrmse_1step"}
+    # drawn otherwise or constant: the bitmask (gpu/throttle is its chart), the card's
+    # capacity; and the /min and /max of the metrics charted as lines (kept as scalars)
+    written -= {"gpu/throttle_reasons", "gpu/mem_total_gib"}
+    lay = board.layout(["euler_2d"])
+    shown = [t for charts in lay.values() for _, tags in charts.values() for t in tags]
+    unshown = sorted(t for t in written if not t.endswith(("/min", "/max"))
+                     and not any(re.match(p, t) for p in shown))
+    assert not unshown, unshown
+    cpu = board.layout(["euler_2d"], gpu=False)
+    assert "GPU" not in cpu and {"Throughput", "Step time", "Loss", "System"} == set(cpu)
+
+
 def test_layout_has_the_four_dashboards_with_valid_charts():
     lay = board.layout(["euler_2d", "navier_stokes_2d"])
     assert {"GPU", "Throughput", "Step time", "Loss"} <= set(lay)

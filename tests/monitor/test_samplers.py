@@ -355,20 +355,22 @@ def _layout(acc: EventAccumulator) -> layout_pb2.Layout:
 @pytest.mark.slow
 def test_monitor_cli_writes_system_and_layout(tmp_path):
     proc = run([sys.executable, "-m", "dsfm.monitor", "--logdir", str(tmp_path),
-                "--interval", "0.2", "--duration", "1.5"], timeout=120)
+                "--interval", "0.25", "--duration", "1.5"], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     acc = _events(tmp_path)
     scalars = acc.Tags()["scalars"]
     expected = set(SYSTEM_KEYS) - set(SystemSampler().unavailable)
     assert expected <= set(scalars)
     steps = [e.step for e in acc.Scalars("system/cpu_pct")]
-    assert steps == list(range(len(steps))) and len(steps) >= 5
+    # one sample per interval of the duration, the last one too (it wrote 1.5 / 0.25 - 1)
+    assert steps == list(range(6)) and "6 samples written" in proc.stdout
     layout = _layout(acc)
     charts = {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart}
               for c in layout.category}
-    assert set(charts) == {"GPU", "System"}
-    assert charts["GPU"]["util_pct"] == [r"^gpu\d+/util_pct$"]
-    assert len(charts["GPU"]) == len(GPU_KEYS)
+    assert set(charts) == ({"System"} if NO_NVML else {"GPU", "System"})
+    if not NO_NVML:
+        assert charts["GPU"]["util_pct"] == [r"^gpu\d+/util_pct$"]
+        assert len(charts["GPU"]) == len(GPU_KEYS)
     shown = [t for tags in charts["System"].values() for t in tags]
     assert all(any(re.fullmatch(t, key) for t in shown) for key in SYSTEM_KEYS)
     if NO_NVML:
