@@ -89,10 +89,16 @@ class Slab:
     system call.
     """
 
-    __slots__ = ("dset", "fspace", "mspaces", "fd", "offset", "dims", "axis_bytes")
+    __slots__ = ("dset", "fspace", "mspaces", "fd", "offset", "dims", "axis_bytes", "watch")
 
-    def __init__(self, dset: h5py.Dataset, fd: int | None = None):
+    def __init__(self, dset: h5py.Dataset, fd: int | None = None,
+                 watch: tuple[int, int] | None = None):
+        """`fd`: a descriptor of the file for direct reads (None: through HDF5 only).
+        `watch`: (a descriptor of the file, its size when opened): reads through HDF5 check
+        that the file has not shrunk since, since HDF5 reads the bytes past a file's end as
+        zeros, without an error."""
         self.dset = dset
+        self.watch = watch
         self.fspace = dset.id.get_space()
         self.mspaces: dict[tuple, h5s.SpaceID] = {}
         self.dims = dset.shape
@@ -172,6 +178,13 @@ class Slab:
         if mtype is None:
             mtype = _MEMORY_TYPES[out.dtype] = h5t.py_create(out.dtype)
         self.dset.id.read(mspace, self.fspace, out, mtype=mtype)
+        if self.watch is not None:
+            fd, size = self.watch
+            now = os.fstat(fd).st_size
+            if now < size:                 # what HDF5 read past the end is zeros
+                raise OSError(f"the file shrank from {size} to {now} bytes while open, under "
+                              f"a read of /{self.dset.name.lstrip('/')} (truncated while "
+                              "open?)")
 
     def read_scatter(self, lead: tuple[tuple[int, int, int], ...], buffers: list) -> None:
         """Direct reads only: the selection's elements along the last lead axis, one
@@ -207,7 +220,9 @@ class H5Pool:
         self.chunk_cache_bytes = chunk_cache_bytes
         self.direct = DIRECT_DEFAULT if direct is None else direct
         self._files: OrderedDict[str, h5py.File] = OrderedDict()
-        self._fds: dict[str, int] = {}          # plain descriptors for direct reads
+        # plain descriptors: for direct reads, and for the size checks of HDF5's reads
+        self._fds: dict[str, int] = {}
+        self._sizes: dict[str, int] = {}        # each file's size when it was opened
         self._datasets: dict[str, dict[str, Slab]] = {}
         self._serials: dict[str, tuple[int, int]] = {}
         self._pid = os.getpid()
@@ -228,8 +243,8 @@ class H5Pool:
             self._forget(next(iter(self._files)))
         f = open_h5(path, rdcc_nbytes=self.chunk_cache_bytes)
         self._files[path] = f
-        if self.direct:
-            self._fds[path] = os.open(path, os.O_RDONLY)
+        fd = self._fds[path] = os.open(path, os.O_RDONLY)
+        self._sizes[path] = os.fstat(fd).st_size
         self._datasets[path] = {}
         self._serials[path] = (_process_token, next(_opens))
         return f
@@ -242,6 +257,7 @@ class H5Pool:
         if old.id.valid:
             old.close()
         fd = self._fds.pop(path, None)
+        self._sizes.pop(path, None)
         if fd is not None:
             os.close(fd)
 
@@ -265,11 +281,12 @@ class H5Pool:
         f = self.get(path)
         table = self._datasets[path]
         fd = self._fds.get(path)
+        watch = None if fd is None else (fd, self._sizes[path])
 
         def lookup(name: str) -> Slab:
             d = table.get(name)
             if d is None:
-                d = table[name] = Slab(f[name], fd)
+                d = table[name] = Slab(f[name], fd if self.direct else None, watch)
             return d
         return lookup
 
@@ -284,7 +301,7 @@ class H5Pool:
                 os.close(fd)
             except OSError:
                 pass
-        self._fds = {}
+        self._fds, self._sizes = {}, {}
 
     def close(self) -> None:
         if self._pid == os.getpid():

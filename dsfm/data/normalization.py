@@ -40,10 +40,17 @@ class _Normalization:
         if not isinstance(table, dict) or (name not in table and default is None):
             raise StatsError(f"{self.path}: '{key}' has no entry for field '{name}'")
         try:
-            return torch.as_tensor(table.get(name, default), dtype=torch.float32)
+            value = torch.as_tensor(table.get(name, default), dtype=torch.float32)
         except (TypeError, ValueError):
             raise StatsError(f"{self.path}: '{key}.{name}' is not a number or nested list of "
                              f"numbers: {table.get(name)!r}") from None
+        # as dsfm.data.check refuses them: a negative scale was taken as min_denom (the field
+        # scaled up 10^4 times), an infinite one made the field zeros, a NaN made it NaN
+        if not torch.isfinite(value).all():
+            raise StatsError(f"{self.path}: '{key}.{name}' is not finite: {table.get(name)!r}")
+        if key.startswith(("std", "rms")) and (value < 0).any():
+            raise StatsError(f"{self.path}: '{key}.{name}' is negative: {table.get(name)!r}")
+        return value
 
     # per-field tensors, filled by subclasses: shift and scale such that y = (x - shift) / scale
     shift: dict[str, torch.Tensor]

@@ -179,6 +179,30 @@ def test_stats_missing_key(dataset, key):
     assert proc.returncode == 1 and f"key '{key}' is missing" in proc.stdout
 
 
+@pytest.mark.parametrize("value,problem", [(-0.5, "is negative"), (float("inf"), "not finite"),
+                                           (float("nan"), "not finite")])
+def test_stats_a_scale_that_is_negative_or_not_finite_is_refused(dataset, value, problem):
+    """Only the checker refused them: a negative std was taken as the 1e-4 floor (the field
+    scaled up 10^4 times), an infinite one made the field zeros, a NaN one NaN (and the
+    loader then blamed another field's values). The dataset, the loader and the trainer now
+    refuse them in one line, as the checker does."""
+    from dsfm.data import WellLoader
+
+    stats_path = dataset / "stats.yaml"
+    stats = yaml.safe_load(stats_path.read_text())
+    stats["std"]["height"] = value
+    stats_path.write_text(yaml.safe_dump(stats))
+    with pytest.raises(StatsError) as exc:
+        open_ds(dataset, use_normalization=True, normalization_type="zscore")
+    assert_one_line(exc, str(stats_path), "'std.height'", problem)
+    with pytest.raises(StatsError) as exc:
+        WellLoader([str(dataset)], batch_size=2, num_workers=1, normalization="zscore")
+    assert_one_line(exc, str(stats_path), "'std.height'", problem)
+    open_ds(dataset, use_normalization=True, normalization_type="rms")   # rms does not use it
+    proc = check(dataset)
+    assert proc.returncode == 1 and "'std.height' is" in proc.stdout
+
+
 def test_stats_missing_field(dataset):
     stats_path = dataset / "stats.yaml"
     stats = yaml.safe_load(stats_path.read_text())

@@ -114,6 +114,29 @@ def test_a_file_truncated_while_open_is_named(demo_base, tmp_path):
     pool.close()
 
 
+def test_a_file_truncated_while_open_is_named_on_hdf5s_path_too(demo_base, tmp_path):
+    """Through the HDF5 library (float64 fields, direct_reads=False, DSFM_HDF5_DIRECT=0) the
+    bytes past the cut came back as zeros, with no error: reads there now check that the file
+    has not shrunk since it was opened."""
+    src_dir = os.path.join(demo_base, "euler_2d", "data", "train")
+    path = tmp_path / "euler.hdf5"
+    path.write_bytes(open(list_hdf5(src_dir)[0], "rb").read())
+    source = well_source(read_layouts([str(path)]), 3, 1)
+    pool = H5Pool(direct=False)
+    dest = [np.empty(b.shape, np.float32) for b in source.blocks]
+    source.read(pool, 0, dest)
+    assert not any(pool.slab(str(path), b.path).direct for b in source.blocks)
+    with h5py.File(path) as f:
+        cut = max(f[b.path].id.get_offset() for b in source.blocks) + 100
+    os.truncate(path, cut)
+    with pytest.raises(CorruptFileError) as exc:
+        source.read(pool, len(source) - 1, dest)
+    msg = str(exc.value)
+    assert str(path) in msg and "trajectory" in msg and "time index" in msg
+    assert "shrank" in msg and f"to {cut} bytes while open" in msg and "\n" not in msg
+    pool.close()
+
+
 def test_descriptors_follow_the_handles(h5file, tmp_path):
     """An evicted or closed file closes its plain descriptor too (no descriptor leak)."""
     paths = []
