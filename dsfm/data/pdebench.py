@@ -115,6 +115,12 @@ class PDEBenchDataset(Dataset):
                                       field_group=DATASET_NAMES[self.kind])
         self.trajectories = self.source.trajectories
         self.len = len(self.source)
+        if not sum(len(t) for t in self.trajectories):
+            n = sum(pf.n_trajectories for pf in self.files)
+            raise EmptySplitError(
+                f"{path}: the {split} split holds no trajectory: {n} trajectories split "
+                f"{'/'.join(f'{f:g}' for f in train_val_test)} (train and valid take the "
+                "fraction rounded up, test the rest); give train_val_test another split")
         self.norm = None
         self.shift = self.scale = None       # per channel: y = (x - shift) / scale
         self._read_shift = None              # what is left of `shift` after the reads' offsets

@@ -18,7 +18,7 @@ from dsfm.data.pdebench import (
     write_pdebench,
     write_pdebench_stats,
 )
-from dsfm.errors import SchemaError
+from dsfm.errors import EmptySplitError, SchemaError
 
 
 def raw_window(pf_path, kind, traj, t0, n):
@@ -56,7 +56,11 @@ def test_splits_are_disjoint_and_complete(pdebench_base):
     path = str(pdebench_base / "comp_ns")
     seen = {}
     for split in ("train", "valid", "test"):
-        ds = PDEBenchDataset(path, split, n_steps_input=2)
+        try:
+            ds = PDEBenchDataset(path, split, n_steps_input=2)
+        except EmptySplitError:         # 12 trajectories a file: ceil(9.6) + ceil(1.2), no test
+            assert split == "test" and split_trajectories(12, "test") == range(12, 12)
+            continue
         for fi, trajs in enumerate(ds.trajectories):
             for t in trajs:
                 assert (fi, t) not in seen, f"trajectory {t} of file {fi} in {split} and {seen}"
@@ -168,6 +172,21 @@ def _cfd_file(path, n, t, h, w, seed, scale=1.0):
     return fields
 
 
+def test_a_split_without_trajectories_is_refused_not_empty(tmp_path):
+    """6 trajectories split 0.8/0.1/0.1 (train and valid rounded up) leave test none: the
+    dataset had length 0 and raised nothing, where The Well's reader refuses an empty split."""
+    _cfd_file(tmp_path / "cfd.h5", 6, 5, 4, 4, seed=0)
+    assert len(PDEBenchDataset(str(tmp_path / "cfd.h5"), "valid")) > 0
+    with pytest.raises(EmptySplitError) as exc:
+        PDEBenchDataset(str(tmp_path / "cfd.h5"), "test")
+    assert str(exc.value) == (f"{tmp_path / 'cfd.h5'}: the test split holds no trajectory: 6 "
+                              "trajectories split 0.8/0.1/0.1 (train and valid take the "
+                              "fraction rounded up, test the rest); give train_val_test "
+                              "another split")
+    assert len(PDEBenchDataset(str(tmp_path / "cfd.h5"), "test",
+                               train_val_test=(0.5, 0.2, 0.3))) > 0       # 3, 2, 1
+
+
 def test_sources_of_one_kind_mix_with_their_own_stats_and_shared_fields(tmp_path):
     """MPP mixes 2D CFD at 128² and 512² from one PDEBench folder: each file its own source,
     named after it, normalized with its own statistics, its fields on the kind's shared
@@ -202,10 +221,13 @@ def test_incompressible_ns_is_split_across_its_files(tmp_path):
         write_pdebench(str(tmp_path / f"ns_incom_inhom_2d_8-{i}.h5"), "incomp_ns", fields,
                        np.arange(8), np.arange(8), np.arange(5))
     sets = {s: PDEBenchDataset(str(tmp_path), s, n_steps_input=2).trajectories
-            for s in ("train", "valid", "test")}
+            for s in ("train", "valid")}
+    with pytest.raises(EmptySplitError, match="the test split holds no trajectory: 12"):
+        PDEBenchDataset(str(tmp_path), "test", n_steps_input=2)
     flat = {s: [(fi, t) for fi, ts in enumerate(v) for t in ts] for s, v in sets.items()}
+    flat["test"] = []
     assert len(flat["train"]) == 10 and len(flat["valid"]) == 2       # ceil(9.6), ceil(1.2)
-    assert flat["valid"] == [(2, 2), (2, 3)] and flat["test"] == []
+    assert flat["valid"] == [(2, 2), (2, 3)]
     every = flat["train"] + flat["valid"] + flat["test"]
     assert sorted(every) == [(f, t) for f in range(3) for t in range(4)]
 
