@@ -463,6 +463,25 @@ def test_1d_and_3d_cfd_files_are_refused_as_such(tmp_path, dims):
         assert "dsfm does not read: it reads PDEBench's 2D time series" in str(err.value)
 
 
+def test_a_cfd_file_without_one_of_its_arrays_is_named_as_such(tmp_path, capsys):
+    """A 2D CFD file without `pressure` was 'not a PDEBench 2D layout' to the dataset and
+    eleven Well-format problems to the checker; both now say which array it lacks."""
+    from dsfm.data.check import main
+    folder = tmp_path / "cfd"
+    folder.mkdir()
+    _pressure_cfd_file(folder / "a_periodic.hdf5", np.float32, np.random.default_rng(3))
+    with h5py.File(folder / "a_periodic.hdf5", "r+") as f:
+        del f["pressure"]
+    line = (f"{folder / 'a_periodic.hdf5'}: a 2D compressible NS file (Vx, Vy, density, "
+            "pressure) without pressure")
+    with pytest.raises(SchemaError) as exc:
+        PDEBenchDataset(str(folder))
+    assert str(exc.value) == line
+    assert main([str(folder)]) == 1
+    out, _ = capsys.readouterr()
+    assert out.splitlines() == [line]
+
+
 def test_the_checker_checks_pdebench_files_as_pdebench(tmp_path, capsys):
     """`python -m dsfm.data.check` on PDEBench files used to list eleven Well-format problems
     per file (root attributes, groups), valid or not. It now checks them as PDEBenchDataset
