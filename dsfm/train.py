@@ -577,12 +577,13 @@ def nonfinite_stop(n: int, step: int, first_step: int, applied: int, run_dir: st
 
 def config_changes(saved: dict | None, ours: dict, prefix: str = "") -> list[str]:
     """`key: before -> now` for each run setting a resumed run changed (nested as dotted
-    keys; none for a checkpoint that recorded no config)."""
+    keys; none for a checkpoint that recorded no config). A key the checkpoint's dsfm did not
+    have yet is no change of the user's: left out."""
     if not isinstance(saved, dict):
         return []
     out = []
-    for key in sorted(set(saved) | set(ours)):
-        before, now = saved.get(key), ours.get(key)
+    for key in sorted(set(saved) & set(ours)):
+        before, now = saved[key], ours[key]
         if isinstance(before, dict) and isinstance(now, dict):
             out += config_changes(before, now, f"{prefix}{key}.")
         elif before != now:

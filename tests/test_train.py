@@ -1437,6 +1437,17 @@ def test_resume_names_an_unfinished_newer_checkpoint_it_passes_over(demo_base, t
     assert (r / "checkpoints" / "step00000003" / "COMPLETE").read_text() == "3\n"
 
 
+def test_config_changes_name_what_the_user_changed_only():
+    from dsfm.train import config_changes
+
+    saved = {"name": "a", "model": {"drop_path": 0.1, "size": "B"}, "train": {"seed": 1}}
+    ours = {"name": "a", "model": {"drop_path": 0.2, "size": "B", "new_knob": 3},
+            "train": {"seed": 1}, "monitor": {"gpu": True}}
+    # settings the checkpoint's dsfm did not have yet are no change of the user's
+    assert config_changes(saved, ours) == ["model.drop_path: 0.1 -> 0.2"]
+    assert config_changes(None, ours) == [] and config_changes(saved, saved) == []
+
+
 def _saved_param_groups(tag_dir) -> list[dict]:
     """The optimizer's param groups as a ZeRO-2 checkpoint of one rank holds them."""
     path = os.path.join(tag_dir, "zero_pp_rank_0_mp_rank_00_optim_states.pt")
