@@ -112,7 +112,7 @@ def is_pdebench(f, path: str) -> bool:
         groups = trajectory_groups(f, path)
         if unsupported(f, path, groups):
             return True
-        if len(set(f.keys()) & {"Vx", "Vy", "density", "pressure"}) >= 2:
+        if len(set(f.keys()) & set(FIELDS["comp_ns"])) >= 2:
             return True         # a 2D CFD file, whole or not: its problems are PDEBench's
         detect_kind(f, path, groups)
     except CorruptFileError:

@@ -103,7 +103,7 @@ def detect_kind(f: h5py.File, path: str, groups: dict[str, h5py.Group]) -> str:
     _, data = _first_data(groups, path)
     if data is not None and data.ndim == 4 and data.shape[-1] in (1, 2):
         return "swe" if data.shape[-1] == 1 else "diff_react"
-    cfd = ("Vx", "Vy", "density", "pressure")
+    cfd = FIELDS["comp_ns"]
     if len(keys & set(cfd)) >= 2:       # most of a 2D CFD file: say what it lacks
         missing = [k for k in cfd if k not in keys]
         raise SchemaError(f"{path}: a 2D compressible NS file ({', '.join(cfd)}) without "

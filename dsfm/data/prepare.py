@@ -70,16 +70,13 @@ def _where_to_get(missing: list[str], base: str) -> str:
     where = (f"data.base is {base!r}" if under else
              f"paths as given, from {os.getcwd()}" if any(not os.path.isabs(p) for p in missing)
              else "")
+    fix = ("download them: The Well's with the_well's the-well-download --dataset NAME, "
+           "PDEBench's from its DaRUS repository")
     if under and all(os.path.basename(p.rstrip(os.sep)) in simulated for p in missing):
         fix = (f"generate them with python -m dsfm.sim --preset demo --out {base}, or set "
                "data.generate: demo")
     elif under:
-        fix = ("point data.base (or $DSFM_DATA) at the directory that holds them, or download "
-               "them: The Well's with the_well's the-well-download --dataset NAME, PDEBench's "
-               "from its DaRUS repository")
-    else:
-        fix = ("download them: The Well's with the_well's the-well-download --dataset NAME, "
-               "PDEBench's from its DaRUS repository")
+        fix = "point data.base (or $DSFM_DATA) at the directory that holds them, or " + fix
     return f"{where}; {fix}" if where else fix
 
 
