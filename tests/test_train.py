@@ -489,6 +489,34 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
     assert "data wait" in report.stdout and "mean CPU" in report.stdout
 
 
+def signal_when(cmd: list[str], ready, sig=signal.SIGTERM, group: bool = False,
+                timeout_s: float = 180, **popen) -> tuple[bool, int, str, str]:
+    """Start `cmd` (the trainer) from the repository, send it `sig` once `ready()` holds (or it
+    ended, or `timeout_s` passed; to its whole process group with `group`, as a terminal's
+    Ctrl-C), and wait for it: (whether `ready()` was seen, exit code, stdout, stderr)."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=group, **popen)
+    try:
+        deadline = time.time() + timeout_s
+        seen = False
+        while time.time() < deadline and proc.poll() is None and not (seen := ready()):
+            time.sleep(0.02)
+        if group:
+            os.killpg(proc.pid, sig)
+        else:
+            proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return seen, proc.returncode, out, err
+
+
+def step_tags(run_dir) -> list[str]:
+    """A run's checkpoint tags (stepNNNNNNNN), complete or not, oldest first."""
+    return sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig,stops", [(signal.SIGTERM, True), (signal.SIGUSR1, False)])
 def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
@@ -511,7 +539,7 @@ def test_signals_checkpoint_at_the_next_step(sig, stops, demo_base, tmp_path):
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
     assert "signal received: checkpointing at step" in out
-    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    tags = step_tags(run_dir)
     assert len(tags) == (1 if stops else 2), tags
     first = int(tags[0][4:])
     assert 3 <= first < 400
@@ -529,26 +557,16 @@ def test_a_sigterm_during_an_evaluation_checkpoints_right_after_it(demo_base, tm
     run_dir = tmp_path / "run"
     sets = ["train.max_steps=40", "train.eval_every=4", "train.eval_batches=4",
             "train.rollout_steps=4", "train.signal_check_every=8", "train.checkpoint_every=0"]
-    proc = subprocess.Popen(train_cmd(ds, run_dir, sets, data=demo_base), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     metrics = run_dir / "metrics.jsonl"
-    try:
-        deadline = time.time() + 180
-        # step 4's training scalars are written before its evaluation starts
-        while time.time() < deadline and proc.poll() is None and not (
-                metrics.exists() and any(json.loads(line).get("step") == 4
-                                         for line in metrics.read_text().splitlines())):
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-2000:] + err[-2000:]
+    # step 4's training scalars are written before its evaluation starts
+    _, rc, out, err = signal_when(
+        train_cmd(ds, run_dir, sets, data=demo_base),
+        lambda: metrics.exists() and any(json.loads(line).get("step") == 4
+                                         for line in metrics.read_text().splitlines()))
+    assert rc == 0, out[-2000:] + err[-2000:]
     assert "evaluation at step 4" in out
     assert "signal received: checkpointing at step 4 and stopping" in out, out[-2000:]
-    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
-    assert tags == ["step00000004"]
+    assert step_tags(run_dir) == ["step00000004"]
     assert (run_dir / "eval_step00000004.json").is_file()
     assert "stopped at step 4" in out
 
@@ -558,22 +576,17 @@ def test_ctrl_c_stops_the_run_in_one_line_naming_the_checkpoint_to_resume(demo_b
     processes) printed a KeyboardInterrupt traceback of some sixty lines from the middle of the
     model's forward. It is one line now, with the checkpoint a --resume continues from."""
     run_dir = tmp_path / "run"
+    metrics = run_dir / "metrics.jsonl"
     # SIGINT's default restored for the trainer: a shell starts background jobs (a CI script
     # run with &) with it ignored, which the trainer then inherits, as it should
-    proc = subprocess.Popen(train_cmd(ds_config(tmp_path, 2, micro=4), run_dir,
-                                      ["train.max_steps=400", "train.checkpoint_every=2"],
-                                      data=demo_base),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        assert wait_for_logged_steps(run_dir, 3, 120)
-        os.killpg(proc.pid, signal.SIGINT)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    seen, rc, out, err = signal_when(
+        train_cmd(ds_config(tmp_path, 2, micro=4), run_dir,
+                  ["train.max_steps=400", "train.checkpoint_every=2"], data=demo_base),
+        lambda: metrics.exists() and len(metrics.read_text().splitlines()) >= 3,
+        signal.SIGINT, group=True, timeout_s=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert seen, "the run logged no 3 steps"
+    assert rc == 130, out[-2000:] + err[-2000:]
     lines = [line for line in err.splitlines() if "Setting accelerator to CPU" not in line]
     assert len(lines) == 1, err
     tags = sorted(t for t in os.listdir(run_dir / "checkpoints")       # a save cut short:
@@ -685,7 +698,7 @@ def test_a_signal_to_one_rank_checkpoints_all_ranks(demo_base, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    tags = step_tags(run_dir)
     assert len(tags) == 2, (tags, out[-2000:])
     for tag in tags:                                  # written by both ranks, complete
         files = os.listdir(run_dir / "checkpoints" / tag)
@@ -1166,8 +1179,7 @@ def test_a_diverging_run_keeps_its_sound_checkpoints_and_names_one(demo_base, tm
                           "train.resume_schedule=new"] + keep, data=demo_base) + ["--resume"])
     assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
     ckpts = run_dir / "checkpoints"
-    assert sorted(t for t in os.listdir(ckpts) if t.startswith("step")) == \
-        ["step00000004", "step00000005"]
+    assert step_tags(run_dir) == ["step00000004", "step00000005"]
     assert math.isfinite(losses(run_dir)[5])
     assert "3 non-finite losses in a row at step " + ("8" if stage else "6") in proc.stderr
     assert (f"resume from the checkpoint of step 4 ({ckpts}) with train.resume_schedule=new"
@@ -1189,24 +1201,15 @@ def test_a_checkpoint_on_a_signal_during_skipped_updates_prunes_none(demo_base, 
     but that checkpoint holds the weights whose losses were not finite: it prunes no sound
     one. Fresh at 1e30: step 1's update is applied, every later one skipped."""
     run_dir = tmp_path / "r"
-    proc = subprocess.Popen(train_cmd(str(diverging_ds_config(tmp_path, 2)), run_dir,
-                                      ["train.max_steps=400", "train.max_nonfinite=400",
-                                       "train.checkpoint_every=1", "train.keep_checkpoints=1",
-                                       "train.signal_check_every=1"], data=demo_base),
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     log = run_dir / "train.log"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline and proc.poll() is None and not (
-                log.exists() and "skipped the update (3 in a row)" in log.read_text()):
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, out[-2000:] + err[-2000:]
-    tags = sorted(t for t in os.listdir(run_dir / "checkpoints") if t.startswith("step"))
+    _, rc, out, err = signal_when(
+        train_cmd(str(diverging_ds_config(tmp_path, 2)), run_dir,
+                  ["train.max_steps=400", "train.max_nonfinite=400", "train.checkpoint_every=1",
+                   "train.keep_checkpoints=1", "train.signal_check_every=1"], data=demo_base),
+        lambda: log.exists() and "skipped the update (3 in a row)" in log.read_text(),
+        timeout_s=120)
+    assert rc == 0, out[-2000:] + err[-2000:]
+    tags = step_tags(run_dir)
     assert len(tags) == 2 and tags[0] == "step00000001", tags
     assert int(tags[1][4:]) >= 4
     assert "skipped updates: no older checkpoint pruned)" in out
@@ -1393,8 +1396,7 @@ def test_resume_refuses_other_fields_and_schedules_and_keeps_checkpoints_whole(d
     assert "resuming on the checkpoint's learning-rate schedule" in proc.stdout
     lr = logged(r, "train/lr")
     assert lr[5] <= lr[4] and lr[6] <= lr[4]          # past the saved schedule's end: no jump
-    assert sorted(t for t in os.listdir(r / "checkpoints") if t.startswith("step")) == [
-        "step00000004", "step00000006"]                # the demo preset keeps 2
+    assert step_tags(r) == ["step00000004", "step00000006"]     # the demo preset keeps 2
 
     # a finished run resumed trains nothing and leaves its checkpoint alone (6 is not a
     # multiple of checkpoint_every here, so the end of the run would otherwise save again)
@@ -1841,8 +1843,7 @@ def test_a_new_run_in_a_directory_with_checkpoints_is_refused(demo_base, tmp_pat
     assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
     assert "already holds checkpoints" in proc.stderr and "--resume" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-    assert sorted(t for t in os.listdir(r / "checkpoints") if t.startswith("step")) == [
-        "step00000004"]
+    assert step_tags(r) == ["step00000004"]
     assert {p: p.stat().st_mtime_ns
             for p in (r / "checkpoints" / "step00000004").iterdir()} == stamps
 
