@@ -2036,15 +2036,20 @@ def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(d
     assert "Traceback" not in proc.stderr + proc.stdout
 
 
-def test_a_run_without_zero_exports_and_fine_tunes(demo_base, tmp_path):
+@pytest.mark.parametrize("stage,freeze", [(0, None), (1, "processor")])
+def test_a_run_without_zero_or_with_frozen_zero1_exports_and_fine_tunes(demo_base, tmp_path,
+                                                                        stage, freeze):
     """A checkpoint of a run without ZeRO (stage 0) holds the whole model: the export used to
-    die in DeepSpeed's zero_to_fp32 (TypeError traceback), and train.init_from with it. The
-    exported weights are the run's: a fine-tuning run from them evaluates before its first
-    step exactly as the run did after its last."""
-    ds = ds_config(tmp_path, 0, micro=4)
+    die in DeepSpeed's zero_to_fp32 (TypeError traceback), and train.init_from with it. A ZeRO-1
+    run with frozen parameters exported without them (DeepSpeed records frozen ones for
+    zero_to_fp32 from ZeRO-2 on): no blocks.* at all. The exported weights are the run's: a
+    fine-tuning run from them evaluates before its first step exactly as the run did after its
+    last."""
+    ds = ds_config(tmp_path, stage, micro=4)
     pre = tmp_path / "pre"
     evals = ["train.eval_batches=1", "train.rollout_steps=1"]
-    train(ds, pre, ["train.max_steps=2"] + evals, data=demo_base)
+    train(ds, pre, ["train.max_steps=2"] + evals + [f"train.freeze={freeze}"] * bool(freeze),
+          data=demo_base)
     proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre)])
     assert proc.returncode == 0, proc.stderr[-2000:]
     payload = torch.load(pre / "export" / "model_fp32.pt", weights_only=False)

@@ -567,10 +567,30 @@ def consolidate(run_dir_or_ckpt: str, tag: str | None = None) -> dict:
         state = client["module"]
     else:
         state = get_fp32_state_dict_from_zero_checkpoint(ckpt_dir, tag=tag)
+        if zero_layout(tag_dir) == 1:
+            # DeepSpeed records frozen parameters for zero_to_fp32 from ZeRO-2 on: a ZeRO-1
+            # run with train.freeze lost them (an export without blocks.*); at ZeRO-1 and 2 the
+            # model-states file holds the whole module, trained weights included, in fp32
+            state = {**client["module"], **state}
+    missing = _missing_parameters(state, client["model_config"])
+    if missing:
+        raise ConfigError(f"{tag_dir}: the checkpoint's consolidated weights lack {len(missing)} "
+                          f"of the model's parameters ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''}); it cannot be exported")
     return {"model": {k: v.float().clone() for k, v in state.items()},
             "model_config": client["model_config"], "vocabulary": client["vocabulary"],
             "step": client["step"], "source": os.path.join(ckpt_dir, tag),
             "model_numerics": client.get("model_numerics")}
+
+
+def _missing_parameters(state: dict, model_config: dict) -> list[str]:
+    """The parameters and buffers of the checkpoint's model (built on the meta device: no
+    memory) that `state` does not hold."""
+    from dsfm.models.avit import AViT, AViTConfig
+
+    with torch.device("meta"):
+        model = AViT(AViTConfig(**model_config))
+    return [k for k in model.state_dict() if k not in state]
 
 
 def export_fp32(run_dir_or_ckpt: str, out: str, tag: str | None = None) -> str:
