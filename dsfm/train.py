@@ -31,6 +31,7 @@ import torch  # noqa: E402
 
 from dsfm.config import RunConfig, dump, environment_sets, load_config  # noqa: E402
 from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
+from dsfm.helpfmt import HelpFormatter
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
@@ -58,7 +59,7 @@ from dsfm.runtime.zero_norm import fuse_grad_norm  # noqa: E402
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, description=__doc__.split("\n")[0])
     # the shell expands ~ in `--run-dir ~/r` but not in `--run-dir=~/r`, which made a directory
     # named ~ under the working directory
     path = os.path.expanduser

@@ -37,6 +37,7 @@ import sys
 import time
 
 from dsfm import subprocess_env
+from dsfm.helpfmt import HelpFormatter
 from dsfm.runtime.dist import exit_process
 
 PROFILES_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "profiles")
@@ -657,7 +658,7 @@ def write_outputs(rows: list[dict], out_dir: str, args) -> None:
 def main(argv: list[str] | None = None) -> int:
     from perf.topology import CLUSTERS
 
-    ap = argparse.ArgumentParser(
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="python -m perf.allreduce_sweep", description=__doc__.split("\n\n")[0],
         epilog="algbw = bytes moved / time, busbw = algbw x 2(n-1)/n for all_reduce, (n-1)/n "
         "for reduce_scatter, all_gather and all_to_all, 1 for broadcast (nccl-tests' "

@@ -27,6 +27,7 @@ import argparse
 import torch
 from torch import nn
 
+from dsfm.helpfmt import RawHelpFormatter
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int
 from perf.report import write_json
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
     from dsfm.runtime.engine import set_tf32
 
     ap = argparse.ArgumentParser(prog="python -m perf.attention_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=RawHelpFormatter)
     ap.add_argument("--sizes", default="B,L")
     ap.add_argument("--attention", default=",".join(ATTENTION),
                     help="one or more of " + ", ".join(ATTENTION))

@@ -26,6 +26,7 @@ import traceback
 
 import torch
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.runtime.dist import exit_process
 from perf.affinity import pin_threads
 from perf.cli import avit_size, non_negative_int, positive_int, well_datasets
@@ -62,7 +63,7 @@ def pin(reader_pids: list[int]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.feed_bench",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.feed_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim preset)")
     ap.add_argument("--datasets", nargs="*", default=None)

@@ -57,6 +57,7 @@ from torch.utils.data import DataLoader, Dataset
 from dsfm.data import WellLoader, native
 from dsfm.data.index import list_hdf5, read_layouts
 from dsfm.data.windows import well_source
+from dsfm.helpfmt import HelpFormatter
 from perf.affinity import pin_threads
 from perf.cli import non_negative_int, positive_float, positive_int, well_datasets
 from perf.report import write_json
@@ -506,7 +507,7 @@ def h2d_bandwidth(device, nbytes: int = 256 * 2**20, kinds=("pageable", "pinned"
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.loader_bench",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.loader_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--base", required=True, help="Well base directory (dsfm.sim --preset small)")
     ap.add_argument("--datasets", help="comma-separated subset of the datasets under BASE")

@@ -47,6 +47,7 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 
+from dsfm.helpfmt import RawHelpFormatter
 from dsfm.models.layers import _mm_tn, mm_3xtf32
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int
@@ -137,7 +138,7 @@ def main(argv=None) -> int:
     from dsfm.runtime.engine import set_tf32
 
     ap = argparse.ArgumentParser(prog="python -m perf.matmul_bench", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+                                 formatter_class=RawHelpFormatter)
     ap.add_argument("--sizes", default="B,L")
     ap.add_argument("--numerics", default="fp32", help="fp32 (strict) and/or tf32 (CUDA)")
     ap.add_argument("--blas", default=None,

@@ -19,6 +19,7 @@ import time
 
 import torch
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.monitor.nvml import GPU_KEYS, GpuSampler
 from dsfm.monitor.system import SYSTEM_KEYS, SystemSampler
 from perf.cli import positive_float, positive_int
@@ -75,6 +76,7 @@ def _sample_cost(sampler, calls: int, keys) -> tuple[float, float] | tuple[None,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.monitor_overhead",
+                                 formatter_class=HelpFormatter,
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--size", type=positive_int, default=384)
     ap.add_argument("--matmuls", type=positive_int, default=8)

@@ -70,6 +70,8 @@ import sys
 from collections import Counter, defaultdict, deque
 from dataclasses import dataclass, field
 
+from dsfm.helpfmt import HelpFormatter
+
 # ncclDataType_t (nccl.h.in): value -> (name, bytes); the fp8 types 10-11 came with NCCL 2.24.
 DATATYPES = {
     0: ("ncclInt8", 1), 1: ("ncclUint8", 1), 2: ("ncclInt32", 4), 3: ("ncclUint32", 4),
@@ -1187,7 +1189,7 @@ def _profile_env(name: str) -> dict:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="python -m perf.nccl_log",
         description="Summarise NCCL_DEBUG=INFO logs: what NCCL chose per collective, which "
                     "requests did not take effect, where the ranks disagree. Exit status 1 "

@@ -27,6 +27,7 @@ from collections import Counter
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.runtime.dist import exit_process
 from perf.cli import avit_size, positive_int
 from perf.report import write_json
@@ -76,7 +77,7 @@ def count(fn, stacks: bool = False) -> Counting:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.op_count",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.op_count",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="Ti", type=avit_size, help="AViT size (Ti, S, B, L)")
     ap.add_argument("--res", type=positive_int, default=32)

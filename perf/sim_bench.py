@@ -13,6 +13,7 @@ import shutil
 import tempfile
 import time
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.sim.build import build
 from dsfm.sim.presets import PRESETS
 from perf.cli import positive_int
@@ -49,7 +50,7 @@ def run(preset: str, workers: int | None) -> list[dict]:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.sim_bench",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.sim_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
     ap.add_argument("--workers", type=positive_int, default=None,

@@ -52,6 +52,8 @@ from dataclasses import dataclass
 
 import yaml
 
+from dsfm.helpfmt import HelpFormatter
+
 GB = 1e9  # nccl-tests' GB/s are 1e9 bytes per second
 COLLECTIVES = ("all_reduce", "reduce_scatter", "all_gather")
 ALGORITHMS = ("ring", "tree", "hierarchical", "sharp")
@@ -482,7 +484,8 @@ def format_table(cluster: Cluster, collective: str, records: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.topology", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m perf.topology", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--cluster", default=None,
                      help=f"built-in cluster: {', '.join(CLUSTERS)} (default raphael)")

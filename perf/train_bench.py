@@ -42,6 +42,7 @@ import traceback
 
 import torch
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.monitor.steps import peak_tflops
 from dsfm.runtime.dist import exit_process
 from perf.cli import non_negative_int, positive_int
@@ -660,7 +661,7 @@ def meta(args, rows: list[dict], failed: list[dict]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.train_bench",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.train_bench",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="Ti,S,B,L")
     ap.add_argument("--wrappers", default=None,

@@ -17,6 +17,7 @@ import numpy as np
 
 from dsfm.data import WellDataset
 from dsfm.data.index import SPLITS
+from dsfm.helpfmt import HelpFormatter
 from perf.cli import non_negative_int, positive_int, well_datasets
 from perf.report import write_json
 
@@ -57,6 +58,7 @@ def bench(paths: list[str], split: str, n_items: int, seed: int) -> list[dict]:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m perf.well_reader_bench",
+                                 formatter_class=HelpFormatter,
                                  description=" ".join(__doc__.split("\n\n")[0].split()))
     ap.add_argument("--base", required=True, help="Well base directory (e.g. from dsfm.sim)")
     ap.add_argument("--split", choices=SPLITS, default="train")

@@ -25,6 +25,7 @@ from collections import defaultdict
 
 import torch
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.runtime.dist import exit_process
 from perf.cli import avit_size, positive_int
 from perf.report import write_json
@@ -123,7 +124,7 @@ def variant_step(variant: str, model, inputs, batch: int, clock: Clock):
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m perf.zero_host",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m perf.zero_host",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("--size", default="B", type=avit_size, help="AViT size (Ti, S, B, L)")
     ap.add_argument("--width", type=positive_int, default=None, metavar="DIM",

@@ -51,3 +51,35 @@ def test_check_help_says_it_takes_pdebench_files(capsys):
     with pytest.raises(SystemExit):
         check.main(["--help"])
     assert "PDEBench" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("module,command", COMMANDS + [("dsfm.train", "python dsfm/train.py")],
+                         ids=[c for _, c in COMMANDS] + ["train"])
+def test_every_option_with_a_default_says_it_in_the_help(module, command, monkeypatch):
+    """perf.train_bench's --sizes (Ti,S,B,L: a bare run does L at 128² even on a CPU),
+    --frames, --res, --steps; loader_bench's --workers and --batch; dsfm.sim's --preset and
+    --seed: a user could not learn their defaults from --help."""
+    import argparse
+
+    parsers = []
+
+    def caught(self, args=None, namespace=None):
+        parsers.append(self)
+        raise SystemExit(0)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", caught)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_known_args",
+                        lambda self, *a, **k: caught(self))
+    with pytest.raises(SystemExit):
+        importlib.import_module(module).main([])
+    [parser] = parsers
+    silent = []
+    for action in parser._actions:
+        if (not action.option_strings or action.default is None or action.default is False
+                or action.default in ("", [], (), argparse.SUPPRESS)
+                or isinstance(action, argparse._StoreConstAction)):
+            continue
+        text = parser._get_formatter()._format_action(action)
+        if "default" not in text.lower():
+            silent.append(action.option_strings[-1])
+    assert not silent, f"{command}: no default in the help of {', '.join(silent)}"

@@ -44,6 +44,7 @@ from dsfm.data.well_format import (
     open_h5,
 )
 from dsfm.errors import ConfigError, CorruptFileError, DataError, DsfmError, StatsError
+from dsfm.helpfmt import HelpFormatter
 
 
 def _count_nonfinite(dset, lead: tuple, time_varying: bool):
@@ -319,7 +320,7 @@ def check_dataset(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsfm.data.check",
+    ap = argparse.ArgumentParser(formatter_class=HelpFormatter, prog="python -m dsfm.data.check",
                                  description=__doc__.split("\n")[0])
     ap.add_argument("paths", nargs="+", metavar="PATH",
                     help="Well files, folders of them, dataset directories, directories of "

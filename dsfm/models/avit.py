@@ -176,7 +176,18 @@ class AViT(nn.Module):
 
     @property
     def n_fields(self) -> int:
-        return self.space_bag.weight.shape[1]
+        weight = self.space_bag.weight
+        # ZeRO-3 leaves each parameter a (0,) placeholder and keeps its shape in ds_shape
+        return tuple(getattr(weight, "ds_shape", weight.shape))[1]
+
+    def _before_the_engine(self, helper: str) -> None:
+        """The fine-tuning helpers change which parameters exist or train: an engine already
+        built over the model has partitioned them (ZeRO-3: each a (0,) placeholder, so new
+        columns would be empty) and handed its optimizer the trainable ones."""
+        if any(hasattr(p, "ds_id") for p in self.parameters()):
+            raise ConfigError(f"AViT.{helper}: the model's parameters are partitioned by a "
+                              "ZeRO-3 engine; call it before deepspeed.initialize (the "
+                              "optimizer takes the trainable parameters when it is built)")
 
     def forward(self, x: torch.Tensor, field_ids: torch.Tensor,
                 bcs: torch.Tensor | None = None) -> torch.Tensor:
@@ -258,6 +269,7 @@ class AViT(nn.Module):
         embedding's bias, which MPP's expand_projections starts afresh (it builds a new
         embedding and copies only its weight columns, on every fine-tuning from a checkpoint,
         with new fields or none)."""
+        self._before_the_engine("add_fields")
         if n_new < 1:
             return
         old = self.config.n_fields
@@ -284,17 +296,20 @@ class AViT(nn.Module):
         self.config = AViTConfig(**{**asdict(self.config), "n_fields": total})
 
     def unfreeze(self) -> None:
+        self._before_the_engine("unfreeze")
         for p in self.parameters():
             p.requires_grad_(True)
 
     def freeze_middle(self) -> None:
         """Train only the field embedding and the output head (the cheapest transfer)."""
+        self._before_the_engine("freeze_middle")
         for name, p in self.named_parameters():
             p.requires_grad_(name.startswith("space_bag.")
                             or name in ("debed.out_kernel", "debed.out_bias"))
 
     def freeze_processor(self) -> None:
         """Freeze the space-time blocks; embeddings, stem and decoder train."""
+        self._before_the_engine("freeze_processor")
         for name, p in self.named_parameters():
             p.requires_grad_(not name.startswith("blocks."))
 

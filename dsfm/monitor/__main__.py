@@ -21,6 +21,7 @@ import signal
 import sys
 import time
 
+from dsfm.helpfmt import HelpFormatter
 from dsfm.monitor.events import last_step
 from dsfm.monitor.nvml import GPU_KEYS, GpuSampler, all_local_gpus, nvml_problem
 from dsfm.monitor.system import SystemSampler
@@ -85,7 +86,8 @@ class StopSignal:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsfm.monitor", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dsfm.monitor", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--logdir", required=True, help="TensorBoard log directory")
     ap.add_argument("--interval", type=float, default=1.0, help="seconds between samples")
     ap.add_argument("--duration", type=float, default=None,

@@ -12,6 +12,8 @@ import os
 import re
 import sys
 
+from dsfm.helpfmt import HelpFormatter
+
 
 def load_scalars(run_dir: str) -> dict[str, tuple[list[int], list[float]]]:
     from tensorboard.backend.event_processing.event_accumulator import (
@@ -203,6 +205,7 @@ def _unwritable(out: str) -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dsfm.monitor.report",
+                                 formatter_class=HelpFormatter,
                                  description=__doc__.split("\n\n")[1])
     ap.add_argument("run_dir", help="run directory (events read from its tb/), or a folder "
                     "of events")

@@ -13,11 +13,13 @@ import os
 import sys
 
 from dsfm.errors import DsfmError
+from dsfm.helpfmt import HelpFormatter
 from dsfm.runtime.checkpoint import export_fp32, run_dir_of
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dsfm.runtime.export",
+                                 formatter_class=HelpFormatter,
                                  description=__doc__.split("\n\n")[1])
     ap.add_argument("run_dir", help="run directory (or its checkpoints/ folder)")
     ap.add_argument("--tag", default=None, help="checkpoint tag (default: the newest)")

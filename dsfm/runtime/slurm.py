@@ -18,6 +18,7 @@ import sys
 from collections.abc import Iterable, Mapping
 
 from dsfm.errors import ConfigError
+from dsfm.helpfmt import HelpFormatter
 
 DEFAULT_SLOTS = 4          # GPUs per node on the 24 x 4 H100 cluster
 _HOST_TEXT = re.compile(r"[A-Za-z0-9._-]*")
@@ -182,7 +183,7 @@ def raw_counts(counts: list[int]) -> str:
 
 def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
     env = os.environ if environ is None else environ
-    parser = argparse.ArgumentParser(
+    parser = argparse.ArgumentParser(formatter_class=HelpFormatter,
         prog="python -m dsfm.runtime.slurm",
         description="Write a DeepSpeed hostfile (`host slots=N` per node) for the current SLURM "
                     "allocation, for `deepspeed --hostfile FILE dsfm/train.py ...`.")
@@ -191,7 +192,8 @@ def main(argv: list[str] | None = None, environ: Mapping[str, str] | None = None
     parser.add_argument("--slots", type=int, help="slots (GPUs) per node (default: "
                         "the first set of SLURM_GPUS_ON_NODE, SLURM_GPUS_PER_NODE, the count "
                         "of SLURM_JOB_GPUS, SLURM_NTASKS_PER_NODE and SLURM_TASKS_PER_NODE "
-                        f"(per node), else {DEFAULT_SLOTS})")
+                        "(per node; task counts of 1 on every node, one launcher per node, "
+                        f"fall through), else {DEFAULT_SLOTS})")
     args = parser.parse_args(argv)
 
     nodelist = env.get("SLURM_JOB_NODELIST") or env.get("SLURM_NODELIST")

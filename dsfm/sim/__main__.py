@@ -17,6 +17,7 @@ import sys
 import time
 
 from dsfm.errors import DsfmError
+from dsfm.helpfmt import HelpFormatter
 from dsfm.sim.presets import PRESETS
 
 
@@ -80,9 +81,12 @@ def parse_splits(text: str) -> tuple[int, int, int]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsfm.sim", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dsfm.sim", description=__doc__.split("\n")[0],
+                                 formatter_class=HelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="demo")
-    ap.add_argument("--out", required=True, help="base directory (datasets go in BASE/<name>)")
+    ap.add_argument("--out", required=True,
+                    help="base directory (datasets go in BASE/<name>; with --format pdebench, "
+                    "the files go in BASE/pdebench/<kind>/)")
     ap.add_argument("--seed", type=non_negative_int, default=0)
     ap.add_argument("--datasets", type=lambda s: [x for x in s.split(",") if x],
                     help=f"comma-separated subset of {', '.join(PRESETS['demo'])}")

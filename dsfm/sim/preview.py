@@ -15,6 +15,7 @@ import torch  # noqa: E402
 
 from dsfm.data.well import WellDataset  # noqa: E402
 from dsfm.errors import DsfmError, first_line  # noqa: E402
+from dsfm.helpfmt import HelpFormatter
 
 
 def frames(base: str, split: str = "train", time_index: int = -1) -> list[tuple]:
@@ -74,7 +75,8 @@ def preview(base: str, out: str, split: str = "train", time_index: int = -1) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dsfm.sim.preview", description=__doc__)
+    ap = argparse.ArgumentParser(prog="python -m dsfm.sim.preview", description=__doc__,
+                                 formatter_class=HelpFormatter)
     ap.add_argument("base")
     ap.add_argument("--out", required=True)
     ap.add_argument("--split", default="train")

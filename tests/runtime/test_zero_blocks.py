@@ -51,6 +51,11 @@ def _records(cmd, tmp_path, ranks, cuda=False) -> list[dict]:
 
 def _same_training(rec: dict) -> None:
     assert rec["whole"] == {"blocks": 3, "modules": 0}
+    # the fine-tuning helpers once ZeRO-3 has partitioned the model: n_fields raised an
+    # IndexError, add_fields built empty columns and reported 6 fields
+    assert rec["n_fields_partitioned"] == 4
+    assert len(rec["refused"]) == 2 and all(
+        r and "call it before deepspeed.initialize" in r for r in rec["refused"]), rec["refused"]
     # the modules inside the blocks lose their hooks; the blocks and the rest keep theirs
     assert rec["hooked"]["modules"] - rec["hooked"]["blocks"] == rec["inner"] > 0
     for row in rec["steps"]:

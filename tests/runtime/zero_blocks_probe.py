@@ -19,6 +19,7 @@ import os
 
 import torch
 
+from dsfm.errors import ConfigError
 from dsfm.eval import nmse
 from dsfm.models.avit import AViT, AViTConfig
 from dsfm.runtime.dist import exit_process
@@ -75,6 +76,17 @@ def main() -> None:
               # the modules inside the blocks, whose own hooks whole blocks go without
               "inner": sum(sum(1 for _ in b.modules()) - 1 for b in model.blocks),
               "steps": []}
+    # the fine-tuning helpers over partitioned parameters (each a (0,) placeholder): the
+    # field count read from their real shape, and widening or freezing refused
+    module = engines["blocks"].module
+    record["n_fields_partitioned"] = module.n_fields
+    record["refused"] = []
+    for helper in (lambda: module.add_fields(1), module.freeze_processor):
+        try:
+            helper()
+            record["refused"].append(None)
+        except ConfigError as exc:
+            record["refused"].append(str(exc))
     fetches = {}
     for kind, engine in engines.items():           # count the gathers each step runs
         coordinator = engine.optimizer.parameter_offload.get_param_coordinator()
