@@ -755,6 +755,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         names = [d.source.name for d in loader.datasets]
         log.text("data: " + ", ".join(f"{n} ({len(d.source)} windows)"
                                       for n, d in zip(names, loader.datasets)))
+        for n, d in zip(names, loader.datasets):
+            if d.source.unused_fields:
+                log.text(f"data: {n}: time-invariant fields {', '.join(d.source.unused_fields)} "
+                         "are not model inputs (the AViT takes and predicts the time-varying "
+                         "fields; docs/training.md)")
         plan = checked.eval_plan
         if cfg.train.eval_batches and plan is None:    # data simulated since the checks
             plan = plan_evaluation(cfg, paths, micro, env.world_size)
@@ -904,7 +909,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         def evaluated(at: int) -> bool:
             """Whether the run directory holds the evaluation of step `at` (rank 0's answer,
             for every rank: the evaluation is collective)."""
-            answer = [os.path.isfile(os.path.join(run_dir, f"eval_step{at:08d}.json"))]
+            answer = [False]
+            if env.rank == 0:    # written whole since; one an older dsfm cut short is redone
+                try:
+                    with open(os.path.join(run_dir, f"eval_step{at:08d}.json")) as fh:
+                        answer = [isinstance(json.load(fh), dict)]
+                except (OSError, ValueError):
+                    pass
             if env.world_size > 1:
                 td.broadcast_object_list(answer, src=0)
             return bool(answer[0])
@@ -912,15 +923,21 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         def run_eval(at: int) -> None:
             if not cfg.train.eval_batches:
                 return
-            with monitor.outside_training():
-                results = evaluate(engine, paths, n_steps_input=data.n_steps_input,
-                                   rollout_steps=cfg.train.rollout_steps, batch_size=micro,
-                                   batches=cfg.train.eval_batches, vocabulary=vocab,
-                                   seed=cfg.train.seed, rank=env.rank,
-                                   world_size=env.world_size,
-                                   normalization=data.normalization,
-                                   dt_stride=data.dt_stride, num_workers=data.num_workers,
-                                   plan=plan)
+            try:
+                with monitor.outside_training():
+                    results = evaluate(engine, paths, n_steps_input=data.n_steps_input,
+                                       rollout_steps=cfg.train.rollout_steps, batch_size=micro,
+                                       batches=cfg.train.eval_batches, vocabulary=vocab,
+                                       seed=cfg.train.seed, rank=env.rank,
+                                       world_size=env.world_size,
+                                       normalization=data.normalization,
+                                       dt_stride=data.dt_stride, num_workers=data.num_workers,
+                                       plan=plan)
+            except DsfmError as exc:
+                # a valid file's bad values read as the training's, at a "step" that is the
+                # evaluation loader's batch
+                raise type(exc)(f"evaluation at step {at} (valid split; the evaluation's own "
+                                f"loader, whose steps count its batches): {exc}") from None
             k = cfg.train.rollout_steps
             scalars = {}
             for name, fields in results.items():
@@ -931,9 +948,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             log.scalars(at, scalars)
             log.text(f"evaluation at step {at} (valid split, physical units):\n"
                      + format_table(results, k))
-            if env.rank == 0:
-                with open(os.path.join(run_dir, f"eval_step{at:08d}.json"), "w") as fh:
+            if env.rank == 0:       # whole or not at all: `evaluated` takes it as done
+                path = os.path.join(run_dir, f"eval_step{at:08d}.json")
+                with open(path + ".tmp", "w") as fh:
                     json.dump(results, fh, indent=2)
+                os.replace(path + ".tmp", path)
 
         monitor = RunMonitor(model.config, dev, cfg.monitor.interval_s, cfg.monitor.gpu,
                              cfg.monitor.system, notice=log.text,

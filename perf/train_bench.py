@@ -17,7 +17,7 @@ TFLOP/s (FLOPs of one step counted by torch.utils.flop_counter on meta tensors, 
 counts them: `step_flops`), MFU against the card's dense peak, and peak memory during the
 variant (CUDA: allocated by tensors; CPU: the process's resident memory, Python and libraries
 included); on an H200 or H100 at the reference shapes, samples/s against MPP's own code's on
-that card (`vs MPP`, ../shared/reference/gpu_anchors.md) and, for B and L, the best row against
+that card (`vs MPP`, docs/mpp_anchors.md) and, for B and L, the best row against
 issue 4's 2x; prints a table and writes JSON.
 
     python -m perf.train_bench --json out.json                      # the reference shapes, GPU
@@ -110,7 +110,7 @@ WRAPPERS = ("plain", "plainread", "graph", "zero2", "zero2hk", "zero2nc", "zero2
 WW = max(map(len, WRAPPERS))            # the wrapper column's width in the printed tables
 
 
-# MPP's own AViT on the GPU machines (../shared/reference/gpu_anchors.md, measured 2026-11-28
+# MPP's own AViT on the GPU machines (docs/mpp_anchors.md, measured 2026-11-28
 # with PyTorch 2.11): samples/s of one training step (forward, backward, fused AdamW) at this
 # benchmark's reference shapes (16 input frames, 4 fields, 128x128, 12 field columns; micro-batch
 # 8, L 4), in strict fp32 and in TF32, per card. Issue 4's target: twice these for B and L at
@@ -560,7 +560,7 @@ def mpp_verdict(card: str, rows: list[dict]) -> list[str]:
     if not any(r.get("vs_mpp") for r in rows):
         return []
     lines = [f"vs MPP: samples/s over MPP's own AViT's on an {mpp_card(card)} at the same shapes "
-             "(../shared/reference/gpu_anchors.md), each numerics against its own"]
+             "(docs/mpp_anchors.md), each numerics against its own"]
     for size in ("B", "L"):
         for numerics in ("fp32", "tf32"):
             mine = [r for r in rows if r["size"] == size and r.get("vs_mpp")

@@ -26,6 +26,7 @@ from tests.data.well_fixtures import (
     make_dataset,
     mixed_boundaries_dataset,
     partial_dims_file,
+    rich_2d_file,
 )
 
 TINY = ["model.size=null", "model.dim=48", "model.heads=3", "model.blocks=2",
@@ -1853,7 +1854,9 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     """A run stopped by SIGTERM at its last step checkpoints and exits without its final
     evaluation, as does one killed during that evaluation; --resume then trains nothing, and
     evaluates the last step (once: a second --resume finds the evaluation there). The same at
-    an eval_every step before the last: the resumed run evaluates it before training on."""
+    an eval_every step before the last: the resumed run evaluates it before training on. An
+    evaluation file cut short (killed while it was written in place, as it was) counted as
+    done: it is written whole or not at all now, and one that does not parse is redone."""
     ds = ds_config(tmp_path, 2, micro=4)
     r = tmp_path / "r"
     sets = ["train.max_steps=2", "train.eval_batches=1", "train.rollout_steps=1",
@@ -1861,7 +1864,7 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     train(ds, r, sets, data=demo_base)
     final = r / "eval_step00000002.json"
     results = json.loads(final.read_text())
-    final.unlink()                      # the final evaluation cut off
+    final.write_text(final.read_text()[:40])        # the final evaluation cut off
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "nothing to train" in proc.stdout and "evaluation at step 2" in proc.stdout
     assert json.loads(final.read_text()) == results
@@ -1877,6 +1880,41 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     assert "resumed from step 1" in proc.stdout
     assert json.loads(first.read_text()) == at_1
     assert json.loads(final.read_text()) == results
+
+
+def test_time_invariant_fields_are_named_as_not_model_inputs(tmp_path):
+    """The Well's constant fields (here a per-trajectory obstacle and a bathymetry shared by
+    every trajectory) are no input of the AViT, which takes the time-varying fields: the run
+    said nothing of them, and its VRMSE is not comparable with The Well's baselines, which
+    feed them to the model."""
+    base = tmp_path / "data"
+    make_dataset(str(base), "rich", rich_2d_file, n_steps=9, shape=(32, 32))
+    proc = train(ds_config(tmp_path, 2, micro=2), tmp_path / "r", ["train.max_steps=1"],
+                 data=base)
+    assert ("data: rich_2d: time-invariant fields obstacle, bathymetry are not model inputs"
+            in proc.stdout), proc.stdout[-3000:]
+    assert "data: rich_2d: time-invariant" in (tmp_path / "r" / "train.log").read_text()
+
+
+def test_bad_values_in_the_valid_split_are_named_as_the_evaluations(demo_base, tmp_path):
+    """NaN in a valid file stopped the run with the evaluation loader's batch as its "step"
+    (step 7 of a run at step 1) and nothing saying that the evaluation read it."""
+    import h5py
+
+    base = tmp_path / "data"
+    shutil.copytree(demo_base, base)
+    [valid] = sorted((base / "euler_2d" / "data" / "valid").iterdir())[:1]
+    with h5py.File(valid, "r+") as f:
+        f["t0_fields/pressure"][...] = float("nan")
+    proc = run(train_cmd(ds_config(tmp_path, 2, micro=4), tmp_path / "r",
+                         ["train.max_steps=1", "train.eval_batches=1", "train.rollout_steps=1",
+                          "data.datasets=[euler_2d]"], data=base))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert ("evaluation at step 1 (valid split; the evaluation's own loader, whose steps count "
+            f"its batches): {valid}: /t0_fields/pressure has NaN/Inf at") in errors[0], errors
+    assert "Traceback" not in proc.stderr
 
 
 def _demo_copy(demo_base, tmp_path, damage: str) -> str:
@@ -2044,22 +2082,31 @@ def test_a_run_without_zero_or_with_frozen_zero1_exports_and_fine_tunes(demo_bas
     run with frozen parameters exported without them (DeepSpeed records frozen ones for
     zero_to_fp32 from ZeRO-2 on): no blocks.* at all. The exported weights are the run's: a
     fine-tuning run from them evaluates before its first step exactly as the run did after its
-    last."""
+    last. The ZeRO-1 run is exported, and fine-tuned from, through its checkpoint's own folder
+    (RUN/checkpoints/step00000002: "no complete checkpoint to export" before)."""
     ds = ds_config(tmp_path, stage, micro=4)
     pre = tmp_path / "pre"
     evals = ["train.eval_batches=1", "train.rollout_steps=1"]
     train(ds, pre, ["train.max_steps=2"] + evals + [f"train.freeze={freeze}"] * bool(freeze),
           data=demo_base)
-    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(pre)])
+    source = pre / "checkpoints" / "step00000002" if stage else pre
+    if stage:
+        proc = run([sys.executable, "-m", "dsfm.runtime.export", str(source), "--tag",
+                    "step00000001"])
+        assert proc.returncode == 1 and proc.stderr.strip() == (
+            f"error: {source} is the checkpoint step00000002, but --tag step00000001 was "
+            "asked for"), proc.stderr[-2000:]
+    proc = run([sys.executable, "-m", "dsfm.runtime.export", str(source)])
     assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith(f"{pre / 'export' / 'model_fp32.pt'} (step00000002)")
     payload = torch.load(pre / "export" / "model_fp32.pt", weights_only=False)
     from dsfm.models.avit import AViT, AViTConfig
     AViT(AViTConfig(**payload["model_config"])).load_state_dict(payload["model"])
     assert payload["step"] == 2
     tune = tmp_path / "tune"
+    init = source if stage else pre / "export" / "model_fp32.pt"
     train(ds, tune, ["train.max_steps=1", "train.eval_at_start=true",
-                     f"train.init_from={pre / 'export' / 'model_fp32.pt'}"] + evals,
-          data=demo_base)
+                     f"train.init_from={init}"] + evals, data=demo_base)
     assert (json.loads((tune / "eval_step00000000.json").read_text())
             == json.loads((pre / "eval_step00000002.json").read_text()))
 

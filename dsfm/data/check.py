@@ -263,8 +263,10 @@ def _check_stats_fields(path: str, fields: list[FieldLayout], n_spatial_dims: in
     return problems
 
 
-def check_directory(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
-    """Check a plain directory of HDF5 files, a dataset directory or a directory of datasets."""
+def check_directory(path: str, scan_data: bool = True, depth: int = 2) -> tuple[int, list[str]]:
+    """Check a plain directory of HDF5 files, a dataset directory or a directory of datasets,
+    and folders of HDF5 files under it up to `depth` levels down (PDEBench's, as `dsfm.sim
+    --format pdebench` writes them)."""
     if os.path.isdir(os.path.join(path, "data")):
         return check_dataset(path, scan_data)
     files = list_hdf5(path)
@@ -280,16 +282,38 @@ def check_directory(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
             if all(isinstance(lay, PDEBenchFile) for lay in layouts) and not problems:
                 problems += _check_pdebench_folder(path, layouts)
         return len(files), problems
-    subs = sorted(d for d in os.listdir(path) if not d.startswith(".")    # .<name>.partial-PID
-                  and os.path.isdir(os.path.join(path, d, "data")))
-    if not subs:
+    names = sorted(d for d in os.listdir(path) if not d.startswith(".")   # .<name>.partial-PID
+                   and os.path.isdir(os.path.join(path, d)))
+    subs = [d for d in names if os.path.isdir(os.path.join(path, d, "data"))]
+    # folders of HDF5 files beside them, one or two levels down: `dsfm.sim --format pdebench`
+    # writes BASE/pdebench/<kind>/, which was "no HDF5 files and no dataset directories"
+    folders = [d for d in names if d not in subs and _holds_hdf5(os.path.join(path, d), depth)]
+    if not subs and not folders:
         return 0, [f"{path}: no HDF5 files and no dataset directories (<name>/data/<split>/)"]
     n, problems = 0, []
     for d in subs:
         k, probs = check_dataset(os.path.join(path, d), scan_data)
         n += k
         problems += probs
+    for d in folders:
+        k, probs = check_directory(os.path.join(path, d), scan_data, depth - 1)
+        n += k
+        problems += probs
     return n, problems
+
+
+def _holds_hdf5(path: str, depth: int) -> bool:
+    """Whether `path` holds HDF5 files, or (`depth` > 1) a folder of its own does."""
+    if depth < 1:
+        return False
+    if list_hdf5(path):
+        return True
+    try:
+        names = [d for d in os.listdir(path) if not d.startswith(".")]
+    except OSError:
+        return False
+    return any(os.path.isdir(os.path.join(path, d)) and _holds_hdf5(os.path.join(path, d),
+                                                                    depth - 1) for d in names)
 
 
 def check_dataset(path: str, scan_data: bool = True) -> tuple[int, list[str]]:

@@ -94,7 +94,7 @@ def check_to_generate(base: str, names: list[str], pdebench: list[str], preset: 
     """With `base` still to be simulated from `preset`: what the simulation will not make
     must exist now (the PDEBench sources, datasets listed that the preset has none of). Before,
     they were found missing only after the process group started and the simulation ran (about
-    11 minutes for `small` on 2 cores). Paths are compared resolved: a dataset listed by its
+    17 minutes for `small` on 2 cores). Paths are compared resolved: a dataset listed by its
     absolute path under a relative `base` (or through a symbolic link) is one the preset
     makes."""
     from dsfm.sim.presets import PRESETS

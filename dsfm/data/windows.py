@@ -103,6 +103,9 @@ class WindowSource:
     #: whose columns of the field vocabulary these channels take ("" : the dataset's own);
     #: PDEBench sources of one kind share theirs, as MPP's sources of one type do
     field_group: str = ""
+    #: the dataset's time-invariant fields (The Well's constant fields, PDEBench's incompressible
+    #: NS `force`): not read, and no input of the model, which takes time-varying fields only
+    unused_fields: tuple[str, ...] = ()
 
     @property
     def vocabulary_name(self) -> str:
@@ -601,7 +604,8 @@ def well_source(layouts: list[FileLayout], n_in: int, n_out: int,
         trajectories=[list(range(lay.n_trajectories)) for lay in layouts],
         groups=[[] for _ in layouts], blocks=blocks, n_steps=n, stride=stride,
         spatial_shape=first.spatial_shape,
-        channel_names=[c for fl in first.variable_fields for c in fl.channel_names])
+        channel_names=[c for fl in first.variable_fields for c in fl.channel_names],
+        unused_fields=tuple(fl.name for fl in first.constant_fields))
 
 
 def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int, n_out: int,
@@ -628,7 +632,8 @@ def pdebench_source(name: str, files: list[PDEBenchFile], split: str, n_in: int,
         name=name, files=[pf.path for pf in files],
         index=WindowIndex([len(t) for t in trajectories], windows), trajectories=trajectories,
         groups=[pf.groups for pf in files], blocks=blocks, n_steps=n, stride=stride,
-        spatial_shape=(h, w), channel_names=list(FIELDS[kind]), field_group=field_group)
+        spatial_shape=(h, w), channel_names=list(FIELDS[kind]), field_group=field_group,
+        unused_fields=("force",) if kind == "incomp_ns" and first.force else ())
 
 
 def assembly_plan(source: WindowSource, batch: int) -> list[tuple[int, int, tuple, int, int]]:

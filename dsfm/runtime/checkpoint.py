@@ -45,6 +45,18 @@ def run_dir_of(path: str) -> str:
     return path
 
 
+def split_tag_dir(path: str, tag: str | None = None) -> tuple[str, str | None]:
+    """(`path`, `tag`), or for a checkpoint's own folder (`RUN/checkpoints/step00000006`)
+    its checkpoints folder and that tag: what the export CLI and train.init_from take (it said
+    "no complete checkpoint to export"). A `tag` other than the folder's is a ConfigError."""
+    name = os.path.basename(os.path.normpath(path))
+    if not (_TAG_RE.match(name) and os.path.isdir(path)):
+        return path, tag
+    if tag not in (None, name):
+        raise ConfigError(f"{path} is the checkpoint {name}, but --tag {tag} was asked for")
+    return os.path.dirname(os.path.normpath(path)) or os.curdir, name
+
+
 def _tag_dirs(ckpt_dir: str) -> list[str]:
     """Every tag directory, complete or not, oldest first (tags sort by step: fixed width)."""
     if not os.path.isdir(ckpt_dir):
@@ -632,6 +644,15 @@ def load_pretrained(path: str) -> dict:
     when it was exported from that same checkpoint; nothing is written, so ranks loading at
     once cannot race). One-line ConfigErrors for what cannot be loaded."""
     where = f"train.init_from {path}"
+    path, tag = split_tag_dir(path)
+    if tag is not None:                 # one checkpoint's folder: that one
+        try:
+            return consolidate(path, tag)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
+        except Exception as exc:          # DeepSpeed's reader on a damaged checkpoint
+            raise ConfigError(f"{where}: cannot consolidate {tag} "
+                              f"({type(exc).__name__}: {first_line(exc)})") from None
     if os.path.isdir(path):
         # its checkpoints/ folder too, as the export CLI takes: "no complete checkpoint in
         # .../checkpoints/checkpoints" before

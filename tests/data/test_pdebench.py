@@ -660,3 +660,35 @@ def test_the_boundary_comes_from_whole_words_of_the_file_name():
     assert boundary_from_name("incomp_ns", "/periodic/ns_aperiodic_512.h5") == "WALL"
     assert boundary_from_name("comp_ns", "/d/2D_CFD_transonic_periodic.hdf5") == "PERIODIC"
     assert boundary_from_name("comp_ns", "/d/2D_CFD_transonic.hdf5") == "PERIODIC"
+
+
+def test_the_checker_takes_the_folder_of_pdebench_folders_the_simulators_write(tmp_path, capsys):
+    """`python -m dsfm.sim --format pdebench --out BASE` writes BASE/pdebench/<kind>/; the
+    checker given BASE/pdebench (or BASE) said "no HDF5 files and no dataset directories" and
+    failed, and only BASE/pdebench/* checked. A problem in one of the folders is still found."""
+    from dsfm.data.check import main
+
+    rng = np.random.default_rng(0)
+    n, t, h, w = 4, 5, 8, 8
+    top = tmp_path / "pdebench"
+    dr, ns = top / "diff_react", top / "incomp_ns"
+    for folder in (dr, ns):
+        folder.mkdir(parents=True)
+    write_pdebench(str(dr / "2D_diff-react_NA_NA.h5"), "diff_react",
+                   {k: rng.normal(size=(n, t, h, w)) for k in ("activator", "inhibitor")},
+                   np.arange(h), np.arange(w), np.arange(t))
+    write_pdebench(str(ns / "ns_incom_inhom_2d_8-0.h5"), "incomp_ns",
+                   {k: rng.normal(size=(n, t, h, w)) for k in ("Vx", "Vy", "particles")},
+                   np.arange(h), np.arange(w), np.arange(t), force=rng.normal(size=(n, h, w, 2)))
+    for folder in (dr, ns):
+        write_pdebench_stats(str(folder))
+    # the forcing is not a model input; the trainer's log names it (WindowSource.unused_fields)
+    assert PDEBenchDataset(str(ns), "train", n_steps_input=2).source.unused_fields == ("force",)
+    assert PDEBenchDataset(str(dr), "train", n_steps_input=2).source.unused_fields == ()
+    for path in (top, tmp_path):
+        assert main([str(path)]) == 0, capsys.readouterr()
+        assert "checked 2 file(s)" in capsys.readouterr().err
+    (dr / "2D_diff-react_NA_NA.h5").write_bytes(b"not HDF5")
+    assert main([str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert str(dr / "2D_diff-react_NA_NA.h5") in out and str(ns) not in out, out
