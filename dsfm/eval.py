@@ -15,6 +15,8 @@ import torch
 from dsfm.errors import ConfigError, DsfmError, TooShortError
 
 EPS = 1e-7
+#: the evaluation's row of means over a dataset's fields (The Well's `full_` metrics)
+ALL_FIELDS = "all_fields"
 
 
 def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
@@ -86,6 +88,9 @@ class MetricSums:
     count: int = 0
 
     def __post_init__(self):
+        if ALL_FIELDS in self.fields:
+            raise ConfigError(f"a field named {ALL_FIELDS!r} would clash with the evaluation's "
+                              "mean over fields; rename it in the dataset")
         self.nrmse = torch.zeros(self.steps, len(self.fields), dtype=torch.float64)
         self.vrmse = torch.zeros_like(self.nrmse)
 
@@ -121,7 +126,9 @@ class MetricSums:
     def summary(self, split_windows: int | None = None) -> dict:
         """Per field: NRMSE and VRMSE one step ahead and averaged over the rollout, means over
         the `windows` evaluated (each window counts once, whatever the batches and ranks), and
-        `split_windows`, if given: how many the split held, of which those were taken."""
+        `split_windows`, if given: how many the split held, of which those were taken. Last,
+        under `ALL_FIELDS`, each metric's mean over the fields: the one number per dataset
+        that The Well's benchmark tables give."""
         c = max(self.count, 1)
         out = {}
         for i, name in enumerate(self.fields):
@@ -132,6 +139,16 @@ class MetricSums:
                          "vrmse_per_step": [float(a) for a in v], "windows": self.count}
             if split_windows is not None:
                 out[name]["split_windows"] = split_windows
+        # The Well's per-dataset figure (its `full_` metrics): the mean over the fields of
+        # each field's metric, every field weighing alike
+        rows = list(out.values())
+        mean = {key: sum(r[key] for r in rows) / len(rows)
+                for key in ("nrmse_1step", "vrmse_1step", f"nrmse_rollout{self.steps}",
+                            f"vrmse_rollout{self.steps}")}
+        mean["vrmse_per_step"] = [sum(r["vrmse_per_step"][j] for r in rows) / len(rows)
+                                  for j in range(self.steps)]
+        out[ALL_FIELDS] = {**mean, **{k: rows[0][k] for k in ("windows", "split_windows")
+                                      if k in rows[0]}}
         return out
 
 

@@ -65,6 +65,33 @@ def test_metric_sums_average_over_samples_and_steps():
                                                  rel_tol=1e-6)
 
 
+def test_the_summary_ends_with_the_mean_over_fields_and_refuses_a_field_of_that_name():
+    """The Well's per-dataset number is the mean of the per-field metrics: u has error 0.5 at
+    both steps, v none at step 1 and 1.5 at step 2."""
+    from dsfm.errors import ConfigError
+
+    sums = MetricSums(["u", "v"], steps=2)
+    target = torch.ones(3, 2, 2, 4, 4)
+    pred = target.clone()
+    pred[:, :, 0] += 0.5
+    pred[:, 1, 1] += 1.5
+    out = sums.summary(split_windows=7)
+    assert list(out) == ["u", "v", "all_fields"]
+    m = out["all_fields"]
+    assert m["windows"] == 0 and m["split_windows"] == 7
+    sums.add(pred, target)
+    out = sums.summary(split_windows=7)
+    m = out["all_fields"]
+    assert m["windows"] == 3 and m["split_windows"] == 7
+    assert m["nrmse_1step"] == pytest.approx((0.5 + 0.0) / 2)
+    assert m["nrmse_rollout2"] == pytest.approx(((0.5 + 0.5) / 2 + (0.0 + 1.5) / 2) / 2)
+    assert m["vrmse_per_step"] == pytest.approx(
+        [(a + b) / 2 for a, b in zip(out["u"]["vrmse_per_step"], out["v"]["vrmse_per_step"])])
+    assert m["vrmse_rollout2"] == pytest.approx(sum(m["vrmse_per_step"]) / 2)
+    with pytest.raises(ConfigError, match="all_fields"):
+        MetricSums(["u", "all_fields"], steps=1)
+
+
 def test_the_loss_in_physical_units_is_mpps_loss_on_the_raw_fields(demo_base):
     """The trainer's loss on z-scored batches (scale and shift from the loader) equals MPP's
     normalized MSE computed on the same windows read without normalization; on z-scored values
@@ -232,7 +259,7 @@ def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
     n_pts = raw.shape[-1] * raw.shape[-2]
     well_n = NRMSE()(pw, rw, meta).mean(0)                       # [k, C]
     well_v = VRMSE()(pw, rw, meta).mean(0) * math.sqrt(n_pts / (n_pts - 1))   # var over N
-    assert list(by2[name]) == channels
+    assert list(by2[name]) == channels + ["all_fields"]
     split = len(index_dataset(path, "valid", 4, k).source)
     assert split > 6
     for c, field in enumerate(channels):
@@ -244,6 +271,15 @@ def test_evaluate_gives_the_wells_metrics_over_the_windows_it_says(demo_base):
             assert m[f"nrmse_rollout{k}"] == pytest.approx(well_n[:, c].mean().item(), rel=1e-5)
             assert m[f"vrmse_rollout{k}"] == pytest.approx(well_v[:, c].mean().item(), rel=1e-5)
             assert m["vrmse_per_step"] == pytest.approx(well_v[:, c].tolist(), rel=1e-5)
+    # the dataset's row: The Well's `full_` metrics, the mean over the fields
+    for res in (by2, by3):
+        m = res[name]["all_fields"]
+        assert m["windows"] == 6 and m["split_windows"] == split
+        assert m["nrmse_1step"] == pytest.approx(well_n[0].mean().item(), rel=1e-5)
+        assert m["vrmse_1step"] == pytest.approx(well_v[0].mean().item(), rel=1e-5)
+        assert m[f"nrmse_rollout{k}"] == pytest.approx(well_n.mean().item(), rel=1e-5)
+        assert m[f"vrmse_rollout{k}"] == pytest.approx(well_v.mean().item(), rel=1e-5)
+        assert m["vrmse_per_step"] == pytest.approx(well_v.mean(1).tolist(), rel=1e-5)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

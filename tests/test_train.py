@@ -449,6 +449,10 @@ def test_default_command_under_the_deepspeed_launcher_trains_and_evaluates(tmp_p
     assert {"train/loss", "train/lr", "train/grad_norm", "perf/samples_per_sec"} <= tags
     assert any(t.startswith("train/loss/") for t in tags)
     assert "eval/euler_2d/density/vrmse_rollout4" in tags
+    # each dataset's mean over its fields, The Well's per-dataset figure, in TensorBoard too
+    full = acc.Scalars("eval/euler_2d/all_fields/vrmse_1step")[-1]
+    assert full.step == 30 and full.value == pytest.approx(
+        sum(m["vrmse_1step"] for f, m in evals["euler_2d"].items() if f != "all_fields") / 5)
     steps = [e.step for e in acc.Scalars("train/loss")]
     assert steps == [10, 20, 30]
     lrs = [e.value for e in acc.Scalars("train/lr")]

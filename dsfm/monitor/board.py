@@ -76,6 +76,8 @@ def layout(datasets: list[str], gpu: bool = True) -> dict:
         "Learning rate": ["Multiline", ["train/lr$"]],
         "Gradient norm (before clipping)": ["Multiline", ["train/grad_norm$"]],
         "Valid VRMSE (1 step)": ["Multiline", [r"eval/.*/vrmse_1step"]],
+        "Valid VRMSE (1 step), mean over fields": ["Multiline",
+                                                   [r"eval/[^/]+/all_fields/vrmse_1step$"]],
     }
     system = {
         "CPU %": ["Multiline", ["system/cpu_pct$", "system/process_cpu_pct$"]],

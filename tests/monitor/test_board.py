@@ -60,7 +60,7 @@ def test_every_tag_a_run_writes_is_in_a_chart():
                 "perf/mem_reserved_gib", "perf/mem_peak_gib"]}
     written = set(board.combine([local, local])) | {
         "train/loss", "train/loss/euler_2d", "train/lr", "train/grad_norm",
-        "eval/euler_2d/density/vrmse_1step"}
+        "eval/euler_2d/density/vrmse_1step", "eval/euler_2d/all_fields/vrmse_1step"}
     # drawn otherwise or constant: the bitmask (gpu/throttle is its chart), the card's
     # capacity; and the /min and /max of the metrics charted as lines (kept as scalars)
     written -= {"gpu/throttle_reasons", "gpu/mem_total_gib"}
@@ -86,6 +86,12 @@ def test_layout_has_the_four_dashboards_with_valid_charts():
     # the norm DeepSpeed clips with, taken before clipping: a chart that said only "Gradient
     # norm" read as the norm of the update once clipping bites (at most gradient_clipping)
     assert lay["Loss"]["Gradient norm (before clipping)"] == ["Multiline", ["train/grad_norm$"]]
+    # one line per dataset, its mean over fields (The Well's figure), beside every field's
+    import re
+    (pattern,) = lay["Loss"]["Valid VRMSE (1 step), mean over fields"][1]
+    assert re.match(pattern, "eval/euler_2d/all_fields/vrmse_1step")
+    assert not re.match(pattern, "eval/euler_2d/density/vrmse_1step")
+    assert not re.match(pattern, "eval/euler_2d/all_fields/vrmse_rollout4")
 
 
 def test_step_timer_splits_phases_on_host_clocks():
