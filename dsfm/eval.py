@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsfm.errors import ConfigError, DsfmError, TooShortError
+from dsfm.errors import ConfigError, DsfmError, EmptySplitError, TooShortError
 
 EPS = 1e-7
 #: the evaluation's row of means over a dataset's fields (The Well's `full_` metrics)
@@ -169,6 +169,9 @@ def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch
         except TooShortError as exc:
             raise ConfigError(f"evaluation with train.rollout_steps={rollout_steps}: {exc}; "
                               "lower train.rollout_steps or set train.eval_batches=0") from None
+        except EmptySplitError as exc:      # no valid/ or no file in it: nothing to evaluate
+            raise EmptySplitError(f"evaluation on the valid split: {exc}; set "
+                                  "train.eval_batches=0 to train without evaluation") from None
         except DsfmError as exc:
             raise type(exc)(f"evaluation on the valid split: {exc}") from None
         per_rank = windows // world_size // batch_size

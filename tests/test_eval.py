@@ -159,6 +159,30 @@ def test_plan_eval_caps_at_one_pass_and_refuses_what_the_valid_split_cannot_serv
         plan_eval([path], batches=1, world_size=windows, **kw)
 
 
+def test_plan_eval_on_an_empty_or_missing_valid_split_names_the_setting(demo_base, tmp_path):
+    """A dataset whose valid/ holds no file (`dsfm.sim --splits 8,0,1` writes one; the checker
+    notes it) or is not there: the run's error said so but not how to train anyway."""
+    import os
+    import shutil
+
+    from dsfm.errors import EmptySplitError
+    from dsfm.eval import plan_eval
+
+    path = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), path)
+    for f in (path / "data" / "valid").iterdir():
+        f.unlink()
+    kw = dict(n_steps_input=4, rollout_steps=2, batch_size=2, batches=1, world_size=1)
+    for what in ("no .h5 or .hdf5 files", "directory not found"):
+        if what == "directory not found":
+            (path / "data" / "valid").rmdir()
+        with pytest.raises(EmptySplitError) as exc:
+            plan_eval([str(path)], **kw)
+        assert str(exc.value).startswith(f"evaluation on the valid split: {path}/data/valid: "
+                                         f"{what}")
+        assert str(exc.value).endswith("set train.eval_batches=0 to train without evaluation")
+
+
 def test_the_physical_loss_holds_on_fields_of_any_magnitude():
     """Physical values span decades: squares of 1e20 overflow float32 and would make the loss
     NaN; the ratio is taken in float64 (for large values ε is negligible, so it equals the

@@ -329,8 +329,10 @@ def check_dataset(path: str, scan_data: bool = True) -> tuple[int, list[str]]:
         if not files and split == "train":
             problems.append(f"{split_dir}: split directory has no .h5 or .hdf5 files")
         elif not files:     # allowed (`dsfm.sim --splits 8,1,0` writes one), and said: training
-            print(f"note: {split_dir}: empty split", file=sys.stderr)   # refuses an evaluation
-            #                                                             it cannot serve
+            #                 refuses an evaluation it cannot serve
+            print(f"note: {split_dir}: empty split"
+                  + ("; training evaluates on the valid split: train with "
+                     "--set train.eval_batches=0" if split == "valid" else ""), file=sys.stderr)
         for p in files:
             n += 1
             lay, probs = check_file(p, scan_data)

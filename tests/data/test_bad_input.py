@@ -250,6 +250,7 @@ def test_empty_split_directory(dataset):
     proc = check(dataset)       # an empty valid or test split is allowed, and noted
     assert proc.returncode == 0 and f"note: {dataset / 'data' / 'valid'}: empty split" in \
         proc.stderr, proc.stdout + proc.stderr
+    assert "--set train.eval_batches=0" in proc.stderr      # what a training run needs then
     for p in (dataset / "data" / "train").glob("*"):     # an empty train split is not
         p.unlink()
     proc = check(dataset)
