@@ -646,13 +646,7 @@ def load_pretrained(path: str) -> dict:
     where = f"train.init_from {path}"
     path, tag = split_tag_dir(path)
     if tag is not None:                 # one checkpoint's folder: that one
-        try:
-            return consolidate(path, tag)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}: {exc}") from None
-        except Exception as exc:          # DeepSpeed's reader on a damaged checkpoint
-            raise ConfigError(f"{where}: cannot consolidate {tag} "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        return _consolidated(path, tag, where)
     if os.path.isdir(path):
         # its checkpoints/ folder too, as the export CLI takes: "no complete checkpoint in
         # .../checkpoints/checkpoints" before
@@ -668,16 +662,22 @@ def load_pretrained(path: str) -> dict:
             payload = _read_export(export, where)
             if os.path.basename(str(payload.get("source", ""))) == newest[-1]:
                 return payload
-        try:
-            return consolidate(path)
-        except ConfigError:
-            raise
-        except Exception as exc:          # DeepSpeed's reader on a damaged checkpoint
-            raise ConfigError(f"{where}: cannot consolidate {newest[-1]} "
-                              f"({type(exc).__name__}: {first_line(exc)})") from None
+        return _consolidated(path, newest[-1], where)
     if not os.path.isfile(path):
         raise ConfigError(f"{where}: no such file or run directory")
     return _read_export(path, where)
+
+
+def _consolidated(path: str, tag: str, where: str) -> dict:
+    """`consolidate(path, tag)` for `train.init_from` (`where`): its errors as one-line
+    ConfigErrors that name the setting."""
+    try:
+        return consolidate(path, tag)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except Exception as exc:              # DeepSpeed's reader on a damaged checkpoint
+        raise ConfigError(f"{where}: cannot consolidate {tag} "
+                          f"({type(exc).__name__}: {first_line(exc)})") from None
 
 
 def _read_export(path: str, where: str) -> dict:
