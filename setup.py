@@ -28,6 +28,7 @@ setup(
         # the cluster's own MPI library provides mpirun; see docs/cluster.md
         "mpi": ["mpi4py>=4.0"],
         # CI brings its own MPI (MPICH from PyPI) so the mpirun launch is tested everywhere
-        "test": ["pytest>=7", "the-well==1.2.0", "mpi4py>=4.1", "mpich>=5.0"],
+        "test": ["pytest>=7", "pytest-xdist>=3.5", "the-well==1.2.0", "mpi4py>=4.1",
+                 "mpich>=5.0"],
     },
 )

@@ -77,6 +77,12 @@ class Clock:
     def medians_ms(self) -> dict[str, float]:
         return {k: 1e3 * statistics.median(v) for k, v in self.times.items()}
 
+    def steps_ms(self) -> dict[str, list[float]]:
+        """Each part's time in each kept step: a part lies within its whole step by step, not
+        always in the medians (on a loaded machine the medians of the parts can come from
+        other steps than the whole's)."""
+        return {k: [1e3 * t for t in v] for k, v in self.times.items()}
+
 
 def variant_step(variant: str, model, inputs, batch: int, clock: Clock):
     """One training step of `variant` whose parts `clock` times."""
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             clock.end_step(keep=i >= args.warmup)
         sync()
         rows.append({"variant": variant, "parameter_tensors": n_params,
-                     "host_ms": clock.medians_ms()})
+                     "host_ms": clock.medians_ms(), "host_ms_steps": clock.steps_ms()})
         clock.unwrap()
         if engine is not None:
             teardown(engine)

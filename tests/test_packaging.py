@@ -19,7 +19,7 @@ def test_readme_opens_with_exactly_two_setup_commands():
     main, tests = blocks[:2]
     assert "\n" not in main and "\n" not in tests, "each set-up command is one line"
     assert "deepspeed dsfm/train.py --ds_config ds_configs/zero2.json" in main
-    assert "pytest" in tests and ".[test]" in tests
+    assert "pytest" in tests and ".[test]" in tests and " -n 2 " in tests
     first_section = text.split("\n## ", 2)[1]
     assert first_section.count("```bash") == 2, "the opening section holds just the two commands"
 
@@ -41,6 +41,8 @@ def test_declared_dependencies():
     assert any(r.startswith("mpi4py") and 'extra == "mpi"' in r for r in reqs), extras
     assert any(r.startswith("the-well") and 'extra == "test"' in r for r in reqs)
     assert any(r.startswith("pytest") and 'extra == "test"' in r for r in reqs)
+    # the README's test command runs two workers
+    assert any(r.startswith("pytest-xdist") and 'extra == "test"' in r for r in reqs)
 
 
 def test_top_level_layout():

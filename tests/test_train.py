@@ -1723,12 +1723,17 @@ def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base,
 
 
 def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
-    """DeepSpeed's CPU all-reduce buffer in /dev/shm is released when the run ends."""
+    """DeepSpeed's CPU all-reduce buffer in /dev/shm is released when the run ends. Its name
+    holds the rendezvous port, which this run is given: other runs (another pytest worker's)
+    may hold buffers of their own meanwhile."""
     import glob
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
+    port = free_port()
+    mine = f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
+    assert not glob.glob(mine)
     ds = ds_config(tmp_path, 2, micro=4)
-    train(ds, tmp_path / "r", ["train.max_steps=1"], data=demo_base)
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+    train(ds, tmp_path / "r", ["train.max_steps=1"], data=demo_base,
+          env=dict(os.environ, MASTER_PORT=str(port)))     # a single process takes it
+    assert not glob.glob(mine)
 
 
 def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
@@ -1737,7 +1742,6 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     every rank has mapped them, so no cleanup at exit is needed."""
     import glob
     port = free_port()
-    before = set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*"))
     ds = ds_config(tmp_path, 2)
     run_dir = tmp_path / "r"
     cmd = ["torchrun", "--nproc_per_node", "2", "--master_port", str(port), "dsfm/train.py",
@@ -1759,7 +1763,7 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
             proc.kill()
             proc.wait()
     assert not mine, mine               # unlinked while the ranks ran
-    assert set(glob.glob("/dev/shm/deepspeed_allreduce_buffer_*")) <= before
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
 
 
 def test_a_rendezvous_port_in_use_is_one_line_naming_it(demo_base, tmp_path):

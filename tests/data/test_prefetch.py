@@ -347,6 +347,12 @@ def test_a_dataset_indexed_once_is_not_indexed_again(demo_base, tmp_path):
         WellLoader([indexed], normalization="rms", **kw)
 
 
+def _my_rings() -> set[str]:
+    """This process's loader rings in /dev/shm, by name (other processes, such as another
+    pytest worker's runs, may create and remove their own meanwhile)."""
+    return {f for f in os.listdir("/dev/shm") if f.startswith(f"dsfm-ring-{os.getpid()}-")}
+
+
 def test_ring_is_bounded(demo_base):
     paths = [os.path.join(demo_base, n) for n in DEMO_DATASETS]
     with WellLoader(paths, batch_size=4, num_workers=2, ring_slots=3) as loader:
@@ -631,13 +637,13 @@ def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monk
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
     fake.chmod(0o755)
-    before = set(os.listdir("/dev/shm"))
+    before = _my_rings()
     monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(Exception) as exc:
         WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, num_workers=2)
     assert type(exc.value).__name__ == "WorkerError", exc.value
     assert "died (exit code 3) while starting" in str(exc.value)
-    assert set(os.listdir("/dev/shm")) <= before
+    assert _my_rings() <= before
 
 
 def test_ctrl_c_while_a_reader_is_being_started_leaves_no_reader_or_descriptor(demo_base,
@@ -855,12 +861,12 @@ def test_a_ring_larger_than_shared_memory_is_refused_up_front(demo_base):
     path = os.path.join(demo_base, "euler_2d")
     with WellLoader([path], batch_size=2, num_workers=1) as probe:
         slot = probe.ring_bytes // probe.ring_slots
-    before = set(os.listdir("/dev/shm"))
+    before = _my_rings()
     with pytest.raises(Exception) as exc:
         WellLoader([path], batch_size=2, num_workers=1, ring_slots=total // slot + 2)
     assert type(exc.value).__name__ == "ConfigError"
     assert "shared memory" in str(exc.value) and "--shm-size" in str(exc.value)
-    assert set(os.listdir("/dev/shm")) <= before          # nothing left behind
+    assert _my_rings() <= before                         # nothing left behind
 
 
 def test_the_ring_is_allocated_when_the_loader_is_built(demo_base):

@@ -1,6 +1,7 @@
 """A build lock left by a killed process hung every later run silently at start-up."""
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -53,13 +54,15 @@ def test_a_run_stuck_on_a_left_lock_says_which_file(demo_base, tmp_path):
     starts: with that op's lock left behind, the run waited forever and said nothing."""
     ext = tmp_path / "ext"
     path = _lock(ext / "deepspeed_shm_comm" / "lock", age_s=3600)
-    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext),
+    env = dict(os.environ, TORCH_EXTENSIONS_DIR=str(ext), PYTHONFAULTHANDLER="1",
                **{build_lock.PATIENCE_ENV: "1"})
     cmd = [sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
            "--run-dir", str(tmp_path / "run"), "--set", f"data.base={demo_base}",
            "--set", "data.num_workers=1"]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "stdout.txt"
+    with open(out, "w") as stdout:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=stdout,
+                                stderr=subprocess.PIPE, text=True)
     lines = []
     reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)
     reader.start()
@@ -69,9 +72,16 @@ def test_a_run_stuck_on_a_left_lock_says_which_file(demo_base, tmp_path):
                 not any("extension build lock" in line for line in lines):
             time.sleep(0.1)
         warned = [line for line in lines if "extension build lock" in line]
+        if not warned and proc.poll() is None:
+            # where it is instead (once seen in a full CI-like run, never alone): SIGABRT makes
+            # the faulthandler print every thread's stack to stderr
+            proc.send_signal(signal.SIGABRT)
+            proc.wait(timeout=60)
+            reader.join(timeout=10)
     finally:
         proc.kill()
         proc.wait(timeout=60)
-    assert warned, "".join(lines)[-3000:]
+    assert warned, ("stdout: " + out.read_text()[-2000:] + "\nstderr: "
+                    + "".join(lines)[-6000:])
     assert warned[0].startswith("warning: rank 0's process-group start has waited ")
     assert path in warned[0]
