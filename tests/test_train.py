@@ -1722,25 +1722,29 @@ def test_fine_tuning_from_a_run_directory_takes_its_newest_checkpoint(demo_base,
     assert not (tmp_path / "x").exists()
 
 
-def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
-    """DeepSpeed's CPU all-reduce buffer in /dev/shm is released when the run ends. Its name
-    holds the rendezvous port, which this run is given: other runs (another pytest worker's)
-    may hold buffers of their own meanwhile."""
+def _deepspeed_buffers(port: int) -> list[str]:
+    """DeepSpeed's CPU all-reduce buffers in /dev/shm of the runs at rendezvous `port` (named
+    <prefix>_<uid>_<addr>_<port>_<rank>): other runs, another pytest worker's, may hold
+    buffers of their own meanwhile."""
     import glob
+    return glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+
+
+def test_cpu_runs_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
+    """DeepSpeed's CPU all-reduce buffer in /dev/shm is released when the run ends; its name
+    holds the rendezvous port, which this run is given."""
     port = free_port()
-    mine = f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*"
-    assert not glob.glob(mine)
+    assert not _deepspeed_buffers(port)
     ds = ds_config(tmp_path, 2, micro=4)
     train(ds, tmp_path / "r", ["train.max_steps=1"], data=demo_base,
           env=dict(os.environ, MASTER_PORT=str(port)))     # a single process takes it
-    assert not glob.glob(mine)
+    assert not _deepspeed_buffers(port)
 
 
 def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     """Two ranks killed with SIGKILL mid-training (the OOM killer, torchrun or Slurm after
     their grace time) leave no DeepSpeed all-reduce buffer behind: the names are unlinked once
     every rank has mapped them, so no cleanup at exit is needed."""
-    import glob
     port = free_port()
     ds = ds_config(tmp_path, 2)
     run_dir = tmp_path / "r"
@@ -1751,7 +1755,7 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         assert wait_for_logged_steps(run_dir, 2, 120), "the run did not start training"
-        mine = {p for p in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")}
+        mine = _deepspeed_buffers(port)
         ranks = [int(p) for p in subprocess.run(["pgrep", "-P", str(proc.pid)],
                                                 capture_output=True, text=True).stdout.split()]
         assert len(ranks) == 2, ranks
@@ -1763,7 +1767,7 @@ def test_killed_cpu_ranks_leave_no_deepspeed_shared_memory(demo_base, tmp_path):
             proc.kill()
             proc.wait()
     assert not mine, mine               # unlinked while the ranks ran
-    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
+    assert not _deepspeed_buffers(port)
 
 
 def test_a_rendezvous_port_in_use_is_one_line_naming_it(demo_base, tmp_path):

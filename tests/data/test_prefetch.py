@@ -347,10 +347,12 @@ def test_a_dataset_indexed_once_is_not_indexed_again(demo_base, tmp_path):
         WellLoader([indexed], normalization="rms", **kw)
 
 
-def _my_rings() -> set[str]:
-    """This process's loader rings in /dev/shm, by name (other processes, such as another
-    pytest worker's runs, may create and remove their own meanwhile)."""
-    return {f for f in os.listdir("/dev/shm") if f.startswith(f"dsfm-ring-{os.getpid()}-")}
+def _rings(pid: int | None = None) -> set[str]:
+    """The loader rings in /dev/shm of process `pid` (default: this one), by name: other
+    processes, such as another pytest worker's runs, may create and remove their own
+    meanwhile."""
+    prefix = f"dsfm-ring-{os.getpid() if pid is None else pid}-"
+    return {f for f in os.listdir("/dev/shm") if f.startswith(prefix)}
 
 
 def test_ring_is_bounded(demo_base):
@@ -360,8 +362,7 @@ def test_ring_is_bounded(demo_base):
         assert loader.ring_bytes == 3 * -(-4 * window // 4096) * 4096
         for _ in range(30):
             next(loader)
-        assert not [f for f in os.listdir("/dev/shm") if f.startswith("dsfm-ring")
-                    and f.split("-")[2] == str(os.getpid())]     # unlinked once mapped
+        assert not _rings()                                 # unlinked once mapped
 
 
 def test_inconsistent_files_are_rejected_at_indexing(demo_base, tmp_path):
@@ -637,13 +638,13 @@ def test_a_reader_that_dies_while_starting_is_reported(demo_base, tmp_path, monk
     fake = tmp_path / "python"
     fake.write_text("#!/bin/sh\necho 'cannot start' >&2\nexit 3\n")
     fake.chmod(0o755)
-    before = _my_rings()
+    before = _rings()
     monkeypatch.setattr(sys, "executable", str(fake))
     with pytest.raises(Exception) as exc:
         WellLoader([os.path.join(demo_base, "euler_2d")], batch_size=2, num_workers=2)
     assert type(exc.value).__name__ == "WorkerError", exc.value
     assert "died (exit code 3) while starting" in str(exc.value)
-    assert _my_rings() <= before
+    assert _rings() <= before
 
 
 def test_ctrl_c_while_a_reader_is_being_started_leaves_no_reader_or_descriptor(demo_base,
@@ -708,8 +709,7 @@ def test_ctrl_c_and_sigterm_leave_no_orphans_and_no_shared_memory(demo_base, sig
     while time.monotonic() < deadline and any(_alive(p) for p in pids):
         time.sleep(0.1)
     assert not any(_alive(p) for p in pids), "reader processes outlived the trainer"
-    leaked = [f for f in os.listdir("/dev/shm") if f.startswith(f"dsfm-ring-{proc.pid}-")]
-    assert not leaked
+    assert not _rings(proc.pid)
     if sig == signal.SIGINT:
         assert "KeyboardInterrupt" in proc.stderr.read()
 
@@ -861,12 +861,12 @@ def test_a_ring_larger_than_shared_memory_is_refused_up_front(demo_base):
     path = os.path.join(demo_base, "euler_2d")
     with WellLoader([path], batch_size=2, num_workers=1) as probe:
         slot = probe.ring_bytes // probe.ring_slots
-    before = _my_rings()
+    before = _rings()
     with pytest.raises(Exception) as exc:
         WellLoader([path], batch_size=2, num_workers=1, ring_slots=total // slot + 2)
     assert type(exc.value).__name__ == "ConfigError"
     assert "shared memory" in str(exc.value) and "--shm-size" in str(exc.value)
-    assert _my_rings() <= before                         # nothing left behind
+    assert _rings() <= before                         # nothing left behind
 
 
 def test_the_ring_is_allocated_when_the_loader_is_built(demo_base):

@@ -72,12 +72,13 @@ def test_a_run_stuck_on_a_left_lock_says_which_file(demo_base, tmp_path):
                 not any("extension build lock" in line for line in lines):
             time.sleep(0.1)
         warned = [line for line in lines if "extension build lock" in line]
-        if not warned and proc.poll() is None:
-            # where it is instead (once seen in a full CI-like run, never alone): SIGABRT makes
-            # the faulthandler print every thread's stack to stderr
-            proc.send_signal(signal.SIGABRT)
-            proc.wait(timeout=60)
-            reader.join(timeout=10)
+        if not warned:
+            if proc.poll() is None:
+                # where it is instead (once seen in a full CI-like run, never alone): SIGABRT
+                # makes the faulthandler print every thread's stack to stderr
+                proc.send_signal(signal.SIGABRT)
+                proc.wait(timeout=60)
+            reader.join(timeout=10)         # all it said, also if it ended by itself
     finally:
         proc.kill()
         proc.wait(timeout=60)
