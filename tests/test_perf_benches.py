@@ -598,9 +598,9 @@ def test_zero_host_times_the_host_parts_of_zero2_and_plain(tmp_path):
     norm, the optimizer and the pointing of the weights in the step), and the parts the
     variants differ in where each has them (DeepSpeed's hooks, not dsfm's one-rank epilogue,
     run the backward's reduction: it costs more host time than the epilogue)."""
-    out = tmp_path / "host.json"
+    out, steps = tmp_path / "host.json", 5
     proc = run([sys.executable, "-m", "perf.zero_host", "--size", "Ti", "--width", "8",
-                "--steps", "5", "--warmup", "1", "--variants", "plain,zero2,zero2hk",
+                "--steps", str(steps), "--warmup", "1", "--variants", "plain,zero2,zero2hk",
                 "--json", str(out)], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rec = json.loads(out.read_text())
@@ -613,8 +613,8 @@ def test_zero_host_times_the_host_parts_of_zero2_and_plain(tmp_path):
     for variant, row in rows.items():                 # within its whole, step by step
         by_step = row["host_ms_steps"]
         assert set(by_step) == set(row["host_ms"])
-        assert all(len(v) == 5 for v in by_step.values()), by_step
-        for i in range(5):
+        assert all(len(v) == steps for v in by_step.values()), by_step
+        for i in range(steps):
             t = {k: v[i] for k, v in by_step.items()}
             assert 0 < t["forward"] + t["backward"] + t["step"] <= t["whole step"], (variant, t)
             if variant != "plain":
@@ -623,7 +623,13 @@ def test_zero_host_times_the_host_parts_of_zero2_and_plain(tmp_path):
                     (variant, t)
     assert all(rows[v]["host_ms"][k] == pytest.approx(statistics.median(
         rows[v]["host_ms_steps"][k])) for v in rows for k in rows[v]["host_ms"])
-    assert hooks["backward"] - hooks["epilogue"] > zero2["backward"] - zero2["epilogue"]
+    # the backward's own host time beside the epilogue, at its least over the steps: another
+    # process's load only adds time to a step (the medians flipped once under a second pytest
+    # worker, zero2's backward at 337 ms of a usual 21)
+    def reduction_ms(variant):
+        by_step = rows[variant]["host_ms_steps"]
+        return min(b - e for b, e in zip(by_step["backward"], by_step["epilogue"]))
+    assert reduction_ms("zero2hk") > reduction_ms("zero2")
     assert rows["zero2"]["parameter_tensors"] == 439
     assert "host ms per part" in proc.stdout
 
