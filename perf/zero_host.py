@@ -12,6 +12,9 @@ synchronization. Variants: `plain` (torch's fused AdamW, on a CPU as on a GPU, c
 `clip_grad_norm_`, the loss guarded as the trainer guards it), `zero2` (dsfm's engine),
 `zero2ds` (DeepSpeed's own per-tensor norm), `zero2hk` (DeepSpeed's per-parameter gradient
 hooks). At a small `--width` the model's own work is small and the host's share shows on a CPU.
+The table's last column counts the calls of DeepSpeed's per-parameter gradient hooks in a step:
+one per tensor given a gradient where DeepSpeed reduces in its hooks, none where dsfm's one-rank
+epilogue collects the gradients (the JSON keeps the count per step).
 
     python -m perf.zero_host --size B --width 8 [--variants plain,zero2] [--json out.json]
 """
@@ -42,6 +45,8 @@ class Clock:
     def __init__(self):
         self.times: dict[str, list[float]] = defaultdict(list)
         self._step: dict[str, float] = defaultdict(float)
+        self.calls: dict[str, list[int]] = defaultdict(list)
+        self._calls: dict[str, int] = defaultdict(int)
         self._undo: list = []
 
     def unwrap(self) -> None:
@@ -62,6 +67,17 @@ class Clock:
                 self._step[label] += time.perf_counter() - t0
         setattr(owner, name, timed)
 
+    def count(self, owner, name: str, label: str) -> None:
+        """Count the calls of owner.name per step (untimed: a count, not a part)."""
+        inner = getattr(owner, name)
+        self._undo.append((owner, name, inner))
+        self._calls[label] += 0                       # a counted label is kept at 0 calls too
+
+        def counted(*args, **kwargs):
+            self._calls[label] += 1
+            return inner(*args, **kwargs)
+        setattr(owner, name, counted)
+
     def part(self, label: str, fn):
         t0 = time.perf_counter()
         out = fn()
@@ -72,7 +88,11 @@ class Clock:
         if keep:
             for label, seconds in self._step.items():
                 self.times[label].append(seconds)
+            for label, n in self._calls.items():
+                self.calls[label].append(n)
         self._step.clear()
+        for label in self._calls:
+            self._calls[label] = 0
 
     def medians_ms(self) -> dict[str, float]:
         return {k: 1e3 * statistics.median(v) for k, v in self.times.items()}
@@ -116,6 +136,8 @@ def variant_step(variant: str, model, inputs, batch: int, clock: Clock):
     opt = engine.optimizer
     for name, label in PARTS.items():
         clock.wrap(opt, name, label)
+    # each of DeepSpeed's per-parameter gradient hooks calls this as its gradient is accumulated
+    clock.count(opt, "process_gradients", "gradient hooks")
     if zero_local.updates_from_gradients(engine):     # the update run on the gradients
         for name in ("_fused_adam", "_torch_adam"):
             clock.wrap(zero_local, name, "optimizer")
@@ -181,8 +203,13 @@ def main(argv: list[str] | None = None) -> int:
             clock._step["whole step"] = time.perf_counter() - t0
             clock.end_step(keep=i >= args.warmup)
         sync()
+        # the tensors the backward gives a gradient (MPP's unused norm biases get none); plain
+        # PyTorch leaves them in .grad, DeepSpeed takes them away
+        grads = sum(p.grad is not None for p in model.parameters()) if engine is None else None
         rows.append({"variant": variant, "parameter_tensors": n_params,
-                     "host_ms": clock.medians_ms(), "host_ms_steps": clock.steps_ms()})
+                     "gradient_tensors": grads,
+                     "host_ms": clock.medians_ms(), "host_ms_steps": clock.steps_ms(),
+                     "calls_steps": dict(clock.calls)})
         clock.unwrap()
         if engine is not None:
             teardown(engine)
@@ -193,11 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AViT-{args.size}{f' at width {args.width}' if args.width else ''} on "
           f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}: host ms per "
           f"part (median of {args.steps} steps; epilogue in backward; norm, optimizer and "
-          f"point weights in step)")
-    print(f"{'variant':8s} " + " ".join(f"{k:>13s}" for k in order))
+          f"point weights in step; hooks: DeepSpeed's gradient hooks run a step)")
+    print(f"{'variant':8s} " + " ".join(f"{k:>13s}" for k in order) + f" {'hooks':>7s}")
     for r in rows:
+        hooks = r["calls_steps"].get("gradient hooks")
         print(f"{r['variant']:8s} " + " ".join(
-            f"{r['host_ms'][k]:13.3f}" if k in r["host_ms"] else f"{'':13s}" for k in order))
+            f"{r['host_ms'][k]:13.3f}" if k in r["host_ms"] else f"{'':13s}" for k in order)
+            + (f" {statistics.median(hooks):7.0f}" if hooks else f" {'':7s}"))
     if args.json:
         write_json(args.json, {"size": args.size, "width": args.width, "device": str(device),
                                "batch": args.batch, "frames": args.frames, "res": args.res,
