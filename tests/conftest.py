@@ -17,6 +17,18 @@ DEMO_DATASETS = ("navier_stokes_2d", "shallow_water_2d", "gray_scott_reaction_di
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: multi-process or long-running test (runs in CI)")
+    # One intra-op thread per process unless OMP_NUM_THREADS says otherwise: the suite runs two
+    # pytest workers on two cores, and the ranks it launches (the DeepSpeed launcher sets no
+    # thread count without --bind_cores_to_rank) each started a pool as wide as the machine,
+    # whose threads spin waiting for work against the other processes. Measured on the CI VM:
+    # tests/runtime under `-n 2` took 294 CPU-seconds with the default pool, 249 with one thread
+    # (wall 163 s, 140 s); the models' eager tests serially 35 and 28 (the same wall time).
+    # The workers inherit the variable from the controller, the ranks from the tests.
+    if "OMP_NUM_THREADS" not in os.environ:
+        os.environ["OMP_NUM_THREADS"] = "1"
+        import torch
+
+        torch.set_num_threads(1)
 
 
 def pytest_sessionstart(session):
