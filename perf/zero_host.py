@@ -137,7 +137,9 @@ def variant_step(variant: str, model, inputs, batch: int, clock: Clock):
     for name, label in PARTS.items():
         clock.wrap(opt, name, label)
     # each of DeepSpeed's per-parameter gradient hooks calls this as its gradient is accumulated
-    clock.count(opt, "process_gradients", "gradient hooks")
+    # (DeepSpeed 0.19; without it the table leaves the column empty)
+    if hasattr(opt, "process_gradients"):
+        clock.count(opt, "process_gradients", "gradient hooks")
     if zero_local.updates_from_gradients(engine):     # the update run on the gradients
         for name in ("_fused_adam", "_torch_adam"):
             clock.wrap(zero_local, name, "optimizer")
