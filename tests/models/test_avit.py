@@ -1364,8 +1364,9 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     from dsfm.eval import nmse
 
     torch.manual_seed(0)
-    model = AViT(AViTConfig(5, 48, 3, 3, 0.0, attention=attention))
-    x, y = torch.randn(2, 3, 4, 32, 32), torch.randn(2, 4, 32, 32)
+    # (the shapes of _fp32_errors' compiled steps, whose graphs inductor's cache then serves)
+    model = AViT(AViTConfig(5, 96, 3, 3, 0.0, attention=attention))
+    x, y = torch.randn(2, 4, 4, 32, 32), torch.randn(2, 4, 32, 32)
     ids, bcs = torch.tensor([0, 2, 3, 4]), torch.full((2, 2, 2), 2.0)
     ref = model(x, ids, bcs)
     nmse(ref, y).backward()
@@ -1389,7 +1390,7 @@ def test_compiled_blocks_match_eager_and_share_one_graph(attention):
     assert counters["stats"]["calls_captured"] > 0
     # a fresh model (empty relative-position caches), called twice: no second compile (the
     # caches are filled before the compiled blocks run, whose guards read them)
-    fresh = AViT(AViTConfig(5, 48, 3, 3, 0.0, attention=attention))
+    fresh = AViT(AViTConfig(5, 96, 3, 3, 0.0, attention=attention))
     fresh.compile_blocks()
     for _ in range(2):
         nmse(fresh(x, ids, bcs), y).backward()
