@@ -20,9 +20,9 @@ def pytest_configure(config):
     # One intra-op thread per process unless OMP_NUM_THREADS says otherwise: the suite runs two
     # pytest workers on two cores, and the ranks it launches (the DeepSpeed launcher sets no
     # thread count without --bind_cores_to_rank) each started a pool as wide as the machine,
-    # whose threads spin waiting for work against the other processes. Measured on the CI VM:
-    # tests/runtime under `-n 2` took 294 CPU-seconds with the default pool, 249 with one thread
-    # (wall 163 s, 140 s); the models' eager tests serially 35 and 28 (the same wall time).
+    # whose threads spin waiting for work against the other processes. Measured on the CI VM
+    # under `-n 2` (docs/performance.md): tests/test_train.py 1,668 CPU-seconds with two threads,
+    # 1,488 with one (wall 902 s, 815 s); tests/runtime 365 and 260 (wall 199 s, 150 s).
     # The workers inherit the variable from the controller, the ranks from the tests.
     if "OMP_NUM_THREADS" not in os.environ:
         os.environ["OMP_NUM_THREADS"] = "1"
