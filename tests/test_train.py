@@ -2066,24 +2066,33 @@ def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(d
     assert written[name] == os.path.getsize(os.path.join(newest, name))
     with open(os.path.join(newest, name), "r+b") as fh:
         fh.truncate(1000)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
-           "--ds_config", ds, "--run-dir", str(run_dir), "--resume"]
+    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir),
+           "--resume"]
     for s in TINY + [f"data.base={demo_base}", "train.max_steps=4"]:
         cmd += ["--set", s]
-    proc = run(cmd)
-    assert proc.returncode != 0
-    errors = sorted(ln for ln in proc.stderr.splitlines() if ln.startswith("error"))
-    # rank 0 never reads rank 1's partition: its refusal shows that every rank checks the
-    # sizes before the process group. Rank 1's own line may be missing: the launcher stops
-    # the other ranks as soon as one exits with an error (a CI run lost it so, rank 1 being
-    # slower to start on two busy cores)
-    assert errors and errors[0].startswith("error (rank 0 of 2)"), proc.stderr[-3000:]
-    assert len(errors) <= 2
-    for rank, line in enumerate(errors):        # "of 2": refused before the process group
-        assert line.startswith(f"error (rank {rank} of 2): {newest}: {name} has 1,000 bytes, "
-                               f"{written[name]:,} when it was written; move it aside to "
-                               f"resume from {older}"), line
-    assert "Traceback" not in proc.stderr + proc.stdout
+    # the two ranks as a launcher starts them (its environment), but not stopped by it when
+    # the other exits: DeepSpeed's launcher ends the other rank as soon as one exits with an
+    # error, so that either rank's line could be missing (CI runs lost rank 1's and rank 0's)
+    port = str(free_port())
+    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
+                                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in range(2)]
+    try:
+        outputs = [p.communicate(timeout=300) for p in ranks]
+    finally:                     # (a rank that checked nothing would wait for the other)
+        for p in ranks:
+            p.kill()
+    for rank, (p, (out, err)) in enumerate(zip(ranks, outputs)):
+        # rank 0 never reads rank 1's partition: its refusal shows that every rank checks the
+        # sizes; "of 2" and exit code 2: refused before the process group
+        assert p.returncode == 2, (rank, err[-3000:])
+        errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+        assert errors == [f"error (rank {rank} of 2): {newest}: {name} has 1,000 bytes, "
+                          f"{written[name]:,} when it was written; move it aside to resume "
+                          f"from {older}"], err[-3000:]
+        assert "Traceback" not in out + err
 
 
 @pytest.mark.parametrize("stage,freeze", [(0, None), (1, "processor")])
