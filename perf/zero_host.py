@@ -71,7 +71,7 @@ class Clock:
         """Count the calls of owner.name per step (untimed: a count, not a part)."""
         inner = getattr(owner, name)
         self._undo.append((owner, name, inner))
-        self._calls[label] += 0                       # a counted label is kept at 0 calls too
+        self._calls[label] = 0                        # a counted label is kept at 0 calls too
 
         def counted(*args, **kwargs):
             self._calls[label] += 1

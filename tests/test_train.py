@@ -99,6 +99,27 @@ def train_cmd(ds: str, run_dir, sets=(), data=None) -> list[str]:
     return cmd
 
 
+def ranks_by_hand(cmd: list[str], world: int = 2) -> list[tuple[int, str, str]]:
+    """`cmd` run as `world` ranks on this node, each with the environment DeepSpeed's launcher
+    gives it, all waited for: (exit code, stdout, stderr) per rank. The launcher itself kills
+    the other ranks as soon as one exits with an error, so that under it a rank's line is
+    there only if it wrote it first (a race CI lost, for either rank). A rank still running
+    after 300 s (one waiting for a peer that stopped) is killed."""
+    port = str(free_port())
+    procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE,
+                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+                                   "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+             for r in range(world)]
+    try:
+        outs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
 def expected_rate(step: int) -> float:
     """The learning rate of step 1, 2, ... under DS's schedule: its (log) warmup rises from 0
     at step 0 to the peak at step W, its cosine falls from there to cos_min_ratio at step
@@ -1986,24 +2007,12 @@ def test_a_micro_batch_larger_than_the_data_is_refused_on_every_rank(demo_base, 
     """Two ranks, refused before the process group: each says it in one line, and no rank is
     left at a barrier to die of its peer's closed connection.
 
-    The two ranks are started here with the environment deepspeed's launcher gives them, and
-    both are waited for: the launcher itself kills the other ranks as soon as one exits with an
-    error, so under it the second rank's line is there only when it wrote it first (a race that
-    CI once lost). The launcher's own path is checked below for what it does promise."""
+    The two ranks are started here (`ranks_by_hand`); the launcher's own path is checked below
+    for what it does promise."""
     ds = ds_config(tmp_path, 2, micro=1000)
-    args = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(tmp_path / "r")]
-    for s in TINY + [f"data.base={demo_base}"]:
-        args += ["--set", s]
-    port = str(free_port())
-    procs = [subprocess.Popen(args, cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": "2", "LOCAL_WORLD_SIZE": "2",
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(2)]
-    outs = [p.communicate(timeout=300) for p in procs]
-    for r, (p, (out, err)) in enumerate(zip(procs, outs)):
-        assert p.returncode == 2, f"rank {r}: {out[-2000:]}{err[-2000:]}"
+    args = train_cmd(ds, tmp_path / "r", data=demo_base)
+    for r, (code, out, err) in enumerate(ranks_by_hand(args)):
+        assert code == 2, f"rank {r}: {out[-2000:]}{err[-2000:]}"
         lines = err.strip().splitlines()
         assert len(lines) == 1, err
         assert lines[0].startswith(f"error (rank {r} of 2): "), err
@@ -2066,28 +2075,13 @@ def test_a_checkpoint_file_cut_short_stops_every_rank_before_the_process_group(d
     assert written[name] == os.path.getsize(os.path.join(newest, name))
     with open(os.path.join(newest, name), "r+b") as fh:
         fh.truncate(1000)
-    cmd = [sys.executable, "dsfm/train.py", "--ds_config", ds, "--run-dir", str(run_dir),
-           "--resume"]
-    for s in TINY + [f"data.base={demo_base}", "train.max_steps=4"]:
-        cmd += ["--set", s]
-    # the two ranks as a launcher starts them (its environment), but not stopped by it when
-    # the other exits: DeepSpeed's launcher ends the other rank as soon as one exits with an
-    # error, so that either rank's line could be missing (CI runs lost rank 1's and rank 0's)
-    port = str(free_port())
-    ranks = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r),
-                                       WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
-             for r in range(2)]
-    try:
-        outputs = [p.communicate(timeout=300) for p in ranks]
-    finally:                     # (a rank that checked nothing would wait for the other)
-        for p in ranks:
-            p.kill()
-    for rank, (p, (out, err)) in enumerate(zip(ranks, outputs)):
+    # each rank's own line (`ranks_by_hand`: under DeepSpeed's launcher CI runs lost rank 1's,
+    # then rank 0's)
+    cmd = train_cmd(ds, run_dir, ["train.max_steps=4"], data=demo_base) + ["--resume"]
+    for rank, (code, out, err) in enumerate(ranks_by_hand(cmd)):
         # rank 0 never reads rank 1's partition: its refusal shows that every rank checks the
         # sizes; "of 2" and exit code 2: refused before the process group
-        assert p.returncode == 2, (rank, err[-3000:])
+        assert code == 2, (rank, err[-3000:])
         errors = [ln for ln in err.splitlines() if ln.startswith("error")]
         assert errors == [f"error (rank {rank} of 2): {newest}: {name} has 1,000 bytes, "
                           f"{written[name]:,} when it was written; move it aside to resume "
