@@ -690,10 +690,15 @@ def test_sweep_prints_the_nccl_path_of_every_profile(tmp_path, monkeypatch, caps
 
     monkeypatch.setattr(sweep, "launch", fake_launch)
     monkeypatch.setattr(sweep, "wait", lambda procs, job_dir, expected, timeout_s: None)
-    monkeypatch.delenv("SLURM_NTASKS", raising=False)
     out_dir = tmp_path / "sweep"
-    assert sweep.main(["--backend", "nccl", "--launcher", "srun", "-e", "8", "--out",
-                       str(out_dir), "--profiles", "sharp_on,ring"]) == 0
+    # one rank on this host through the deepspeed launcher, which is installed wherever dsfm
+    # is (srun was only where Slurm is, so elsewhere the sweep refused the job before the point
+    # of this test; a local launch refuses NCCL without GPUs); the launch itself is faked
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("localhost slots=1\n")
+    assert sweep.main(["--backend", "nccl", "--launcher", "deepspeed", "--hostfile",
+                       str(hostfile), "-e", "8", "--out", str(out_dir),
+                       "--profiles", "sharp_on,ring"]) == 0
     out = capsys.readouterr().out
     table = out.index("# profile sharp_on | split world | all_reduce | nranks 1")
     path = out.index("# NCCL path, profile sharp_on (perf.nccl_log):")
