@@ -30,7 +30,7 @@ if __package__ in (None, ""):      # run as a script (deepspeed dsfm/train.py): 
 import torch  # noqa: E402
 
 from dsfm.config import RunConfig, dump, environment_sets, load_config  # noqa: E402
-from dsfm.errors import ConfigError, DsfmError, first_line  # noqa: E402
+from dsfm.errors import ConfigError, DataError, DsfmError, first_line  # noqa: E402
 from dsfm.helpfmt import HelpFormatter
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
@@ -537,6 +537,36 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
 
 
+def stand_in(like: tuple):
+    """A micro-batch of zeros shaped like the last one a rank drew (`like`: its x and y shapes,
+    device, field ids, boundary codes and dataset), for each micro-batch its loader can no
+    longer serve after a data error: the rank still joins the step's collectives (ZeRO's
+    reductions, ZeRO-3's gathers: every input calls the same modules), and its loss is made
+    NaN so that every rank skips the update."""
+    import numpy as np
+
+    from dsfm.data.prefetch import Batch
+
+    x_shape, y_shape, dev, ids, bcs, dataset, bcs_host = like
+    return Batch(torch.zeros(x_shape, device=dev), torch.zeros(y_shape, device=dev), ids, bcs,
+                 dataset, -1, np.empty(0, np.int64), bcs_host)
+
+
+def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str) -> str:
+    """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
+    rank's error, if its loader failed too), the checkpoint of step `saved` written: `at` itself
+    (ZeRO skipped its update) or the one before (its micro-batch was skipped before the
+    backward)."""
+    then = (f"every rank skipped the update of step {at} and stopped after writing its "
+            "checkpoint" if at == saved else f"every rank stopped before the update of step "
+            f"{at} after writing the checkpoint of step {saved}")
+    then += (f": mend or replace the file, then --resume --run-dir {run_dir} continues from "
+             f"step {saved}")
+    if exc is not None:
+        return f"{exc}; {then}"
+    return f"rank {failed}'s loader failed at step {at} (its line names the file); {then}"
+
+
 def nonfinite_stop(n: int, step: int, first_step: int, applied: int, run_dir: str,
                    what: str = "non-finite losses", before_any_update: bool | None = None) -> str:
     """Why the run stops after `n` non-finite losses (or updates skipped for non-finite
@@ -998,6 +1028,23 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         engine.train()
         it = iter(loader)
         bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
+        # this rank's loader error (a NaN in a file, a file gone bad, a reader that died), after
+        # which its micro-batches are stand-ins, and what a stand-in copies: the last one drawn
+        data_failed, last = None, None
+
+        def data_failure_agreed() -> int | None:
+            """Collective, where every rank skips the same update (ZeRO) or micro-batch, as a
+            stand-in's NaN loss makes them: the lowest rank whose loader failed, or None."""
+            t = torch.tensor([env.world_size - env.rank if data_failed else 0], device=dev)
+            v = int(all_reduce_(t, td.ReduceOp.MAX).item())
+            return env.world_size - v if v else None
+
+        def stop_for_data(failed: int, at: int) -> None:
+            """Every rank: checkpoint (the weights of the last update applied, which the data
+            error did not reach), then stop; `at`: the step the error came in."""
+            if saved_at != step:
+                save(step)
+            raise DsfmError(data_stop(data_failed, failed, at, step, run_dir))
         lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
             skipped_before = engine.skipped_steps
@@ -1005,11 +1052,27 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             flags = []          # on_device: (dataset, finite) of each micro-batch, read on a skip
             monitor.timer.begin_step()
             while done < accum:
-                batch = next(it)
+                batch = None
+                if data_failed is None:
+                    try:
+                        batch = next(it)
+                    except DataError as exc:
+                        if last is None:    # nothing drawn yet to stand in for: stop at once
+                            raise
+                        # the other ranks are in this step's collectives already: join them,
+                        # skip the update with them, and stop with a checkpoint
+                        data_failed = exc
+                if batch is None:
+                    batch = stand_in(last)
+                else:
+                    last = (batch.x.shape, batch.y.shape, batch.x.device, batch.field_ids,
+                            batch.bcs, batch.dataset, batch.bcs_host)
                 monitor.timer.start()
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)
                 scale, shift = affine(batch.dataset)
                 loss = nmse(pred, batch.y[:, 0], scale=scale, shift=shift)
+                if data_failed is not None:
+                    loss = loss * float("nan")
                 if on_device:   # a non-finite loss makes the gradients NaN: the step skips
                     backward_loss, finite = nonfinite.guard(loss)
                     flags.append((batch.dataset, finite))
@@ -1019,6 +1082,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
                     all_reduce_(finite, td.ReduceOp.MIN)
                 if not on_device and not finite.item():   # every rank skips it together
+                    failed = data_failure_agreed()
+                    if failed is not None:
+                        stop_for_data(failed, step + 1)
                     bad_in_a_row += 1
                     where = nonfinite_where(batch.dataset, env.world_size)
                     log.text(f"warning: non-finite loss at step {step + 1} ({where}): "
@@ -1052,6 +1118,9 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 bad = nonfinite_micro_batches(flags, engine.device) if on_device else []
                 for _, finite in flags:       # skipped: these did not reach the weights
                     unskipped.sub_(torch.logical_not(finite).to(unskipped.dtype))
+                failed = data_failure_agreed()
+                if failed is not None:
+                    stop_for_data(failed, step)
                 losses_in_a_row = losses_in_a_row + 1 if bad else 0
                 if bad:
                     i, dataset = bad[0]

@@ -99,19 +99,24 @@ def train_cmd(ds: str, run_dir, sets=(), data=None) -> list[str]:
     return cmd
 
 
-def ranks_by_hand(cmd: list[str], world: int = 2) -> list[tuple[int, str, str]]:
-    """`cmd` run as `world` ranks on this node, each with the environment DeepSpeed's launcher
-    gives it, all waited for: (exit code, stdout, stderr) per rank. The launcher itself kills
-    the other ranks as soon as one exits with an error, so that under it a rank's line is
-    there only if it wrote it first (a race CI lost, for either rank). A rank still running
-    after 300 s (one waiting for a peer that stopped) is killed."""
+def start_ranks(cmd: list[str], world: int = 2) -> list[subprocess.Popen]:
+    """`cmd` started as `world` ranks on this node, each with the environment DeepSpeed's
+    launcher gives it (stdout and stderr piped, as text)."""
     port = str(free_port())
-    procs = [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE,
-                              env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
-                                   "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
-                                   "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
-             for r in range(world)]
+    return [subprocess.Popen(cmd, cwd=REPO, text=True, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE,
+                             env={**os.environ, "RANK": str(r), "LOCAL_RANK": str(r),
+                                  "WORLD_SIZE": str(world), "LOCAL_WORLD_SIZE": str(world),
+                                  "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port})
+            for r in range(world)]
+
+
+def ranks_by_hand(cmd: list[str], world: int = 2) -> list[tuple[int, str, str]]:
+    """`cmd` run as `world` ranks (`start_ranks`), all waited for: (exit code, stdout, stderr)
+    per rank. The launcher itself kills the other ranks as soon as one exits with an error, so
+    that under it a rank's line is there only if it wrote it first (a race CI lost, for either
+    rank). A rank still running after 300 s (one waiting for a peer that stopped) is killed."""
+    procs = start_ranks(cmd, world)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
     finally:
@@ -2322,30 +2327,98 @@ def test_a_step_without_a_gradient_norm_logs_none_not_zero(demo_base, tmp_path):
     assert "  grad n/a  " in line, line
 
 
-def test_a_rank_whose_peer_failed_says_so_in_one_line(demo_base, tmp_path):
-    """NaN in the data stops the rank that reads it with a NonFiniteError; the other rank,
-    waiting in a collective, used to die with gloo's traceback."""
+def test_a_rank_whose_peer_was_killed_says_so_in_one_line(demo_base, tmp_path):
+    """A rank killed mid-run (the OOM killer, say): the other, waiting for it in a collective,
+    used to die with gloo's traceback; it says so in one line."""
+    run_dir = tmp_path / "r"
+    procs = start_ranks(train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                                  ["train.max_steps=100000"], data=demo_base))
+    try:
+        assert wait_for_logged_steps(run_dir, 2, 180)
+        procs[1].kill()
+        out, err = procs[0].communicate(timeout=120)
+    finally:
+        for p in procs:
+            p.kill()
+            p.communicate()
+    assert procs[0].returncode == 1
+    errors = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(errors) == 1 and errors[0].startswith(
+        "error (rank 0): another rank stopped while this one waited for it in a collective ("), err
+    assert "Traceback" not in err, err[-3000:]
+
+
+def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(demo_base,
+                                                                             tmp_path):
+    """NaN in one window of the data, read by one rank: that rank's loader fails, but the
+    other is already in the step's collectives, and the run used to stop without a checkpoint
+    (the progress since the last one lost). The failing rank runs the step on a stand-in
+    micro-batch whose loss is NaN, so both skip its update, then both write its checkpoint and
+    stop, each with one line, exit code 1 (the data is bad). Mended, the run resumes there."""
     import shutil
 
     import h5py
     import numpy as np
+
+    from dsfm.runtime import checkpoint
     bad = tmp_path / "euler_2d"
     shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
     first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
     with h5py.File(first, "r+") as f:          # one value: a few windows, on one rank
         f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
-    ds = ds_config(tmp_path, 2, micro=2)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()), "dsfm/train.py",
-           "--ds_config", ds, "--run-dir", str(tmp_path / "r")]
-    for s in TINY + [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=40"]:
-        cmd += ["--set", s]
-    proc = run(cmd)
-    assert proc.returncode != 0
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
-    assert any("NaN/Inf" in e and "/t0_fields/pressure" in e for e in errors), proc.stderr
-    assert len(errors) == 2 and any("another rank stopped while this one waited" in e
-                                    for e in errors), errors
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    run_dir = tmp_path / "r"
+    cmd = train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                    [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=16"])
+    ranks = ranks_by_hand(cmd)
+    errors = {}
+    for rank, (rc, _, err) in enumerate(ranks):
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        [errors[rank]] = [ln for ln in err.splitlines() if ln.startswith("error")]
+    [(failed, line)] = [(r, e) for r, e in errors.items() if "NaN/Inf" in e]
+    step = int(re.search(r"every rank skipped the update of step (\d+) and stopped after "
+                         r"writing its checkpoint", line).group(1))
+    assert 2 <= step < 16 and f"{first}: /t0_fields/pressure has NaN/Inf at trajectory 0, " \
+        "time index 3" in line, line
+    assert line.endswith(f"then --resume --run-dir {run_dir} continues from step {step}")
+    other = errors[1 - failed]
+    assert other.startswith(f"error (rank {1 - failed}): rank {failed}'s loader failed at step "
+                            f"{step} (its line names the file); every rank skipped"), other
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step:08d}"
+    assert max(losses(run_dir)) == step - 1           # the skipped step logged nothing
+    with h5py.File(first, "r+") as f:
+        f["t0_fields/pressure"][0, 3, 5, 5] = 1.0
+    for rc, _, err in ranks_by_hand(cmd + ["--resume"]):
+        assert rc == 0, err[-3000:]
+    assert f"resumed from step {step} " in (run_dir / "train.log").read_text()
+    assert sorted(losses(run_dir)) == [s for s in range(1, 17) if s != step]
+
+
+def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_base, tmp_path):
+    """Without ZeRO (no skipped updates: each loss is read before its backward), a loader's
+    failure mid-run skips the micro-batch and stops after checkpointing the steps done."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from dsfm.runtime import checkpoint
+    bad = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
+    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(first, "r+") as f:
+        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    run_dir = tmp_path / "r"
+    proc = run(train_cmd(ds_config(tmp_path, 0, micro=2), run_dir,
+                         [f"data.base={tmp_path}", f"data.datasets=[{bad}]",
+                          "train.max_steps=40"]))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    m = re.search(r"time index 3 .*; every rank stopped before the update of step (\d+) after "
+                  r"writing the checkpoint of step (\d+): mend", line)
+    assert m and int(m.group(2)) == int(m.group(1)) - 1 >= 1, line
+    done = int(m.group(2))
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{done:08d}"
+    assert sorted(losses(run_dir)) == list(range(1, done + 1))
 
 
 def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_path):

@@ -513,6 +513,8 @@ class WellLoader:
         self._leases: dict[int, tuple[weakref.ref, ...]] = {}
         self._outstanding = [0] * num_workers
         self._done: set[int] = set()
+        # steps whose reader reported an error before they were due: raised when they are
+        self._failed: dict[int, Exception] = {}
         self._ready: dict[int, tuple] = {}        # step -> (Batch, copy event) on CUDA
         self._copying: list[tuple[Any, int]] = []  # (copy event, slot)
         self._snapshots: dict[int, dict] = {}
@@ -688,11 +690,21 @@ class WellLoader:
             kind, wid, step = msg[0], msg[1], msg[2]
             if kind == "error":
                 exc_name, text = msg[4], msg[5]
-                self.close()
                 cls = getattr(errors, exc_name, None)
                 if not (isinstance(cls, type) and issubclass(cls, errors.DsfmError)):
                     cls = DataError
-                raise cls(f"{text} (reader process {wid}, step {step})")
+                exc = cls(f"{text} (reader process {wid}, step {step})")
+                if step == self._next_yield:
+                    self.close()
+                    raise exc
+                # a batch read ahead of the one due: its error comes when it is due, so that
+                # the batches before it are handed out (it used to come with whichever next()
+                # took the message: the batch a trainer stopped at depended on the readers'
+                # timing), and the reader carries on with its other tasks meanwhile
+                self._outstanding[wid] -= 1
+                self._failed[step] = exc
+                self._done.add(step)
+                continue
             self._outstanding[wid] -= 1
             self.read_s[wid] += msg[4]
             self.windows_read[wid] += len(self._inflight[step][2])
@@ -818,6 +830,9 @@ class WellLoader:
             self._poll(POLL_S)
         while self._poll(0):            # drain finished work so its copies start early
             pass
+        failed = self._failed.pop(step, None)
+        if failed is not None:
+            raise failed                # (__next__ closes the loader)
         self.last_wait_s = time.perf_counter() - start
         self.wait_s += self.last_wait_s
         slot = self._inflight[step][0]

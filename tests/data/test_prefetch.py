@@ -466,6 +466,33 @@ def test_nan_in_a_window_is_named(demo_base, tmp_path, path_id, request):
     assert "time index 7" in str(exc.value)
 
 
+def test_a_bad_batch_read_ahead_is_raised_when_it_is_due(demo_base, tmp_path):
+    """A NaN in one window: the readers read it ahead of the batches before it, and the loader
+    hands those out first and raises at the batch that holds it, however far ahead it was
+    read (it raised at whichever next() took the reader's message: a trainer stopped some
+    batches early, at a step that depended on the readers' timing)."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    first = sorted((ds / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(first, "r+") as f:
+        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    kw = dict(n_steps_input=4, batch_size=2, num_workers=2, seed=3, assemble_on="readers")
+    with WellLoader([str(ds)], check_finite=False, **kw) as loader:
+        bad = next(i for i in range(200) if not prefetch.all_finite(*(lambda b: (b.x, b.y))(
+            next(loader))))
+    assert bad >= 4, bad
+    with WellLoader([str(ds)], ring_slots=bad + 4, **kw) as loader:
+        next(loader)
+        deadline = time.monotonic() + 60          # the bad batch is read meanwhile
+        while bad not in loader._failed and time.monotonic() < deadline:
+            loader._poll(0.1)
+        assert bad in loader._failed, (bad, sorted(loader._done))
+        for _ in range(bad - 1):
+            next(loader)
+        with pytest.raises(NonFiniteError, match=f"time index 3 .*step {bad}\\)"):
+            next(loader)
+
+
 @pytest.mark.parametrize("assemble_on", ["readers", "device"])
 def test_nan_in_a_field_every_trajectory_shares_is_named_as_such(tmp_path, assemble_on):
     """A NaN in a field stored once for all trajectories was named at the trajectory of the
