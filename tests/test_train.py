@@ -2421,6 +2421,39 @@ def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_ba
     assert sorted(losses(run_dir)) == list(range(1, done + 1))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, tmp_path):
+    """On a GPU the loader checks a batch on the device and reads the flag one next() later:
+    the batch with NaN has gone through its step (its loss NaN, the update skipped with a
+    warning) when the error comes; the next step runs on a stand-in, skips its update too,
+    and the run stops with that step's checkpoint. ZeRO-2, one rank."""
+    import shutil
+
+    import h5py
+    import numpy as np
+
+    from dsfm.runtime import checkpoint
+    bad = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
+    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(first, "r+") as f:
+        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    run_dir = tmp_path / "r"
+    proc = run(train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                         [f"data.base={tmp_path}", f"data.datasets=[{bad}]",
+                          "train.max_steps=40"]), timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    step = int(re.search(r"time index 3 .*; every rank skipped the update of step (\d+) and "
+                         r"stopped after writing its checkpoint", line).group(1))
+    log = (run_dir / "train.log").read_text()
+    assert f"warning: non-finite loss at step {step - 1} (dataset euler_2d): DeepSpeed " \
+        "skipped the update (1 in a row)" in log, log[-3000:]
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step:08d}"
+    logged_losses = losses(run_dir)       # the NaN batch's step logged none (null)
+    assert sorted(logged_losses) == list(range(1, step)) and logged_losses[step - 1] is None
+
+
 def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_path):
     """A checkpoint written before model_numerics was recorded (T5 buckets at 128, embedding
     bias not rescaled) still resumes, and the log says its weights now compute differently.
