@@ -25,6 +25,7 @@ from tests.data.well_fixtures import (
     cube_3d_file,
     make_dataset,
     mixed_boundaries_dataset,
+    nan_point_copy,
     partial_dims_file,
     rich_2d_file,
 )
@@ -2355,17 +2356,10 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     (the progress since the last one lost). The failing rank runs the step on a stand-in
     micro-batch whose loss is NaN, so both skip its update, then both write its checkpoint and
     stop, each with one line, exit code 1 (the data is bad). Mended, the run resumes there."""
-    import shutil
-
     import h5py
-    import numpy as np
 
     from dsfm.runtime import checkpoint
-    bad = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
-    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
-    with h5py.File(first, "r+") as f:          # one value: a few windows, on one rank
-        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    bad, first = nan_point_copy(demo_base, tmp_path)
     run_dir = tmp_path / "r"
     cmd = train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
                     [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=16"])
@@ -2396,17 +2390,8 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
 def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_base, tmp_path):
     """Without ZeRO (no skipped updates: each loss is read before its backward), a loader's
     failure mid-run skips the micro-batch and stops after checkpointing the steps done."""
-    import shutil
-
-    import h5py
-    import numpy as np
-
     from dsfm.runtime import checkpoint
-    bad = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
-    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
-    with h5py.File(first, "r+") as f:
-        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    bad, _ = nan_point_copy(demo_base, tmp_path)
     run_dir = tmp_path / "r"
     proc = run(train_cmd(ds_config(tmp_path, 0, micro=2), run_dir,
                          [f"data.base={tmp_path}", f"data.datasets=[{bad}]",
@@ -2427,17 +2412,8 @@ def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, t
     the batch with NaN has gone through its step (its loss NaN, the update skipped with a
     warning) when the error comes; the next step runs on a stand-in, skips its update too,
     and the run stops with that step's checkpoint. ZeRO-2, one rank."""
-    import shutil
-
-    import h5py
-    import numpy as np
-
     from dsfm.runtime import checkpoint
-    bad = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), bad)
-    first = sorted((bad / "data" / "train").glob("*.hdf5"))[0]
-    with h5py.File(first, "r+") as f:
-        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    bad, _ = nan_point_copy(demo_base, tmp_path)
     run_dir = tmp_path / "r"
     proc = run(train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
                          [f"data.base={tmp_path}", f"data.datasets=[{bad}]",

@@ -30,6 +30,7 @@ from tests.conftest import DEMO_DATASETS, REPO, run
 from tests.data.well_fixtures import (
     cube_3d_file,
     make_dataset,
+    nan_point_copy,
     nan_pressure_copy,
     partial_dims_file,
     rich_2d_file,
@@ -471,11 +472,7 @@ def test_a_bad_batch_read_ahead_is_raised_when_it_is_due(demo_base, tmp_path):
     hands those out first and raises at the batch that holds it, however far ahead it was
     read (it raised at whichever next() took the reader's message: a trainer stopped some
     batches early, at a step that depended on the readers' timing)."""
-    ds = tmp_path / "euler_2d"
-    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
-    first = sorted((ds / "data" / "train").glob("*.hdf5"))[0]
-    with h5py.File(first, "r+") as f:
-        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    ds, _ = nan_point_copy(demo_base, tmp_path)
     kw = dict(n_steps_input=4, batch_size=2, num_workers=2, seed=3, assemble_on="readers")
     with WellLoader([str(ds)], check_finite=False, **kw) as loader:
         bad = next(i for i in range(200) if not prefetch.all_finite(*(lambda b: (b.x, b.y))(

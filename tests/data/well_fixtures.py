@@ -134,6 +134,18 @@ def nan_pressure_copy(demo_base, tmp_path, time_index=7):
     return ds
 
 
+def nan_point_copy(demo_base, tmp_path):
+    """A copy of the demo euler_2d whose first training file holds one NaN (pressure,
+    trajectory 0, time index 3, cell (5, 5)): a few windows, read by one rank of two.
+    Returns the dataset folder and that file."""
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    first = sorted((ds / "data" / "train").glob("*.hdf5"))[0]
+    with h5py.File(first, "r+") as f:
+        f["t0_fields/pressure"][0, 3, 5, 5] = np.nan
+    return ds, first
+
+
 def mixed_boundaries_dataset(base, name, shape, n_traj=4, n_steps=10):
     """A dataset whose first file is periodic and second has walls, in every split: its
     micro-batches mix the two (one attention path for uniform batches, another for mixed)."""
