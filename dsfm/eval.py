@@ -12,11 +12,24 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dsfm.errors import ConfigError, DsfmError, EmptySplitError, TooShortError
+from dsfm.errors import ConfigError, DataError, DsfmError, EmptySplitError, TooShortError
 
 EPS = 1e-7
 #: the evaluation's row of means over a dataset's fields (The Well's `full_` metrics)
 ALL_FIELDS = "all_fields"
+
+
+class EvaluationDataError(DataError):
+    """A rank's evaluation loader failed (NaN/Inf in a valid window, a damaged file, a dead
+    reader): raised on every rank at once, after the dataset's all-reduce, so that none waits
+    in a collective for a rank that stopped. `failed`: the lowest rank whose loader failed;
+    `own`: this rank's loader error, or None; `dataset`: the dataset being evaluated."""
+
+    def __init__(self, failed: int, own: DataError | None, dataset: str):
+        self.failed, self.own, self.dataset = failed, own, dataset
+        super().__init__(str(own) if own is not None else
+                         f"rank {failed}'s loader failed on the valid split of {dataset} (its "
+                         "line names the file)")
 
 
 def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
@@ -232,15 +245,37 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 name = loader.datasets[0].source.name
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
                 it = iter(loader)
+                failed = None       # this rank's loader error: its later batches stand-ins
                 for _ in range(n_batches):
-                    batch = next(it)
+                    batch = None
+                    if failed is None:
+                        try:
+                            batch = next(it)
+                        except DataError as exc:
+                            failed = exc
+                    if batch is None:
+                        # the other ranks go on: ZeRO-3's forward gathers the weights with
+                        # them, so this rank runs the same rollouts, on zeros, thrown away
+                        batch = loader.stand_in(name)
                     pred = rollout(engine, batch.x, batch.field_ids, batch.bcs_host,
                                    rollout_steps)
-                    sums.add(pred, batch.y, *loader.affine(name))
-                    del batch
-                loader.check_last()        # on a GPU the last batch's NaN check is deferred
+                    if failed is None:
+                        sums.add(pred, batch.y, *loader.affine(name))
+                    del batch, pred
+                if failed is None:
+                    try:    # on a GPU the last batch's NaN check is deferred
+                        loader.check_last()
+                    except DataError as exc:
+                        failed = exc
                 dev = next(engine.parameters()).device     # an engine's: its model's
-                sums.unpack(all_reduce_(sums.packed().to(dev)).cpu())
+                # one all-reduce: the sums, and which ranks' loaders failed
+                who = torch.zeros(world_size, dtype=torch.float64)
+                who[rank] = failed is not None
+                flat = all_reduce_(torch.cat([sums.packed().to(dev), who.to(dev)])).cpu()
+                bad = [r for r in range(world_size) if flat[-world_size + r] > 0]
+                if bad:
+                    raise EvaluationDataError(bad[0], failed, name)
+                sums.unpack(flat[:-world_size])
                 results[name] = sums.summary(len(loader.datasets[0].source))
     finally:
         engine.train(was_training)

@@ -537,34 +537,41 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
 
 
-def stand_in(like: tuple):
-    """A micro-batch of zeros shaped like the last one a rank drew (`like`: its x and y shapes,
-    device, field ids, boundary codes and dataset), for each micro-batch its loader can no
-    longer serve after a data error: the rank still joins the step's collectives (ZeRO's
-    reductions, ZeRO-3's gathers: every input calls the same modules), and its loss is made
-    NaN so that every rank skips the update."""
-    import numpy as np
-
-    from dsfm.data.prefetch import Batch
-
-    x_shape, y_shape, dev, ids, bcs, dataset, bcs_host = like
-    return Batch(torch.zeros(x_shape, device=dev), torch.zeros(y_shape, device=dev), ids, bcs,
-                 dataset, -1, np.empty(0, np.int64), bcs_host)
-
-
 def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str) -> str:
     """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
     rank's error, if its loader failed too), the checkpoint of step `saved` written: `at` itself
     (ZeRO skipped its update) or the one before (its micro-batch was skipped before the
     backward)."""
-    then = (f"every rank skipped the update of step {at} and stopped after writing its "
-            "checkpoint" if at == saved else f"every rank stopped before the update of step "
-            f"{at} after writing the checkpoint of step {saved}")
-    then += (f": mend or replace the file, then --resume --run-dir {run_dir} continues from "
-             f"step {saved}")
+    if saved == 0:      # stage 0, the first micro-batch: no update yet, and no checkpoint
+        then = ("every rank stopped before the first update, with nothing to checkpoint: mend "
+                "or replace the file and start the run again")
+    else:
+        then = (f"every rank skipped the update of step {at} and stopped after writing its "
+                "checkpoint" if at == saved else f"every rank stopped before the update of "
+                f"step {at} after writing the checkpoint of step {saved}")
+        then += (f": mend or replace the file, then --resume --run-dir {run_dir} continues "
+                 f"from step {saved}")
     if exc is not None:
         return f"{exc}; {then}"
     return f"rank {failed}'s loader failed at step {at} (its line names the file); {then}"
+
+
+def eval_data_stop(exc, at: int, run_dir: str) -> str:
+    """Why every rank stops after a rank's loader failed in the evaluation at step `at`
+    (`exc`: the EvaluationDataError every rank raised), its checkpoint written (at step 0,
+    before any update, there is none to write)."""
+    what = (f"evaluation at step {at} (valid split; the evaluation's own loader, whose steps "
+            "count its batches): ")
+    what += str(exc.own) if exc.own is not None else (
+        f"rank {exc.failed}'s loader failed on the valid split of {exc.dataset} (its line "
+        "names the file)")
+    if at == 0:
+        return (f"{what}; every rank stopped before the first update, with nothing to "
+                "checkpoint: mend or replace the file and start the run again (or set "
+                "train.eval_at_start=false)")
+    return (f"{what}; every rank stopped after writing the checkpoint of step {at}: mend or "
+            f"replace the file, then --resume --run-dir {run_dir} evaluates step {at} and goes "
+            "on")
 
 
 def nonfinite_stop(n: int, step: int, first_step: int, applied: int, run_dir: str,
@@ -744,7 +751,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
 
     from dsfm.data.prefetch import WellLoader
     from dsfm.data.prepare import dataset_paths
-    from dsfm.eval import evaluate, format_table, nmse
+    from dsfm.eval import EvaluationDataError, evaluate, format_table, nmse
 
     log.text(set_tf32(cfg.train.tf32))
     if cfg.model.fp32_matmuls == "3xtf32":
@@ -963,6 +970,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                                        normalization=data.normalization,
                                        dt_stride=data.dt_stride, num_workers=data.num_workers,
                                        plan=plan)
+            except EvaluationDataError as exc:
+                # every rank, at once: the progress since the last checkpoint is kept
+                if at and saved_at != at:
+                    save(at)
+                raise DataError(eval_data_stop(exc, at, run_dir)) from None
             except DsfmError as exc:
                 # a valid file's bad values read as the training's, at a "step" that is the
                 # evaluation loader's batch
@@ -1029,7 +1041,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         it = iter(loader)
         bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
         # this rank's loader error (a NaN in a file, a file gone bad, a reader that died), after
-        # which its micro-batches are stand-ins, and what a stand-in copies: the last one drawn
+        # which its micro-batches are stand-ins (zeros shaped like the last one's dataset's)
         data_failed, last = None, None
 
         def data_failure_agreed() -> int | None:
@@ -1057,16 +1069,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     try:
                         batch = next(it)
                     except DataError as exc:
-                        if last is None:    # nothing drawn yet to stand in for: stop at once
-                            raise
                         # the other ranks are in this step's collectives already: join them,
                         # skip the update with them, and stop with a checkpoint
                         data_failed = exc
                 if batch is None:
-                    batch = stand_in(last)
+                    batch = loader.stand_in(last)
                 else:
-                    last = (batch.x.shape, batch.y.shape, batch.x.device, batch.field_ids,
-                            batch.bcs, batch.dataset, batch.bcs_host)
+                    last = batch.dataset
                 monitor.timer.start()
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)
                 scale, shift = affine(batch.dataset)

@@ -2406,6 +2406,93 @@ def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_ba
     assert sorted(losses(run_dir)) == list(range(1, done + 1))
 
 
+def test_a_data_error_in_the_first_micro_batch_checkpoints_or_says_nothing_was_trained(
+        demo_base, tmp_path):
+    """Every training window NaN: each rank's loader fails at its first micro-batch, before it
+    drew one to copy a stand-in from, and the run used to stop at once, a peer left waiting in
+    the step's collectives. The stand-in now comes from the loader's metadata: under ZeRO-2
+    both ranks skip the update of step 1 and write its checkpoint; without ZeRO (the loss read
+    before any update) the run says that nothing was trained, and writes none."""
+    import h5py
+
+    from dsfm.runtime import checkpoint
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    for f in (ds / "data" / "train").glob("*.hdf5"):
+        with h5py.File(f, "r+") as h:
+            h["t0_fields/pressure"][...] = float("nan")
+    sets = [f"data.base={tmp_path}", f"data.datasets=[{ds}]", "train.max_steps=8"]
+    run_dir = tmp_path / "r2"
+    for rank, (rc, _, err) in enumerate(ranks_by_hand(
+            train_cmd(ds_config(tmp_path, 2, micro=2), run_dir, sets))):
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        [line] = [ln for ln in err.splitlines() if ln.startswith("error")]
+        assert line.startswith(f"error (rank {rank}): ") and "has NaN/Inf at" in line, line
+        assert line.endswith("every rank skipped the update of step 1 and stopped after writing "
+                             f"its checkpoint: mend or replace the file, then --resume --run-dir "
+                             f"{run_dir} continues from step 1"), line
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000001"]
+    run_dir = tmp_path / "r0"
+    proc = run(train_cmd(ds_config(tmp_path, 0, micro=2), run_dir, sets))
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert "has NaN/Inf at" in line and line.endswith(
+        "every rank stopped before the first update, with nothing to checkpoint: mend or "
+        "replace the file and start the run again"), line
+    assert not checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))
+
+
+def test_a_data_error_in_one_ranks_evaluation_checkpoints_every_rank(demo_base, tmp_path):
+    """NaN in one valid window, which one rank of two evaluates (the split's 40 windows are
+    10 batches of 2 per rank, each window once): that rank's evaluation loader fails while the
+    other goes on, under ZeRO-3 gathering the weights with it in every forward. It used to
+    stop at once, its peer left waiting, and the steps since the last checkpoint were lost.
+    The failing rank now runs the rest of its rollouts on stand-ins, one all-reduce tells every
+    rank, both write the step's checkpoint and stop with one line each; mended, the resumed
+    run evaluates that step and goes on."""
+    import h5py
+
+    from dsfm.runtime import checkpoint
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    valid = sorted((ds / "data" / "valid").glob("*.hdf5"))[-1]
+    with h5py.File(valid, "r+") as f:       # the last time index: in the last window only
+        assert f["t0_fields/pressure"].shape[:2] == (1, 24)
+        f["t0_fields/pressure"][0, 23, 5, 5] = float("nan")
+    run_dir = tmp_path / "r"
+    cmd = train_cmd(ds_config(tmp_path, 3, micro=2), run_dir,
+                    [f"data.base={tmp_path}", f"data.datasets=[{ds}]", "train.max_steps=4",
+                     "train.eval_every=2", "train.eval_batches=10", "train.rollout_steps=1",
+                     "train.checkpoint_every=0"])
+    errors = {}
+    for rank, (rc, _, err) in enumerate(ranks_by_hand(cmd)):
+        assert rc == 1 and "Traceback" not in err, err[-3000:]
+        [errors[rank]] = [ln for ln in err.splitlines() if ln.startswith("error")]
+    [failed] = [r for r, e in errors.items() if "NaN/Inf" in e]
+    then = ("; every rank stopped after writing the checkpoint of step 2: mend or replace the "
+            f"file, then --resume --run-dir {run_dir} evaluates step 2 and goes on")
+    head = ("evaluation at step 2 (valid split; the evaluation's own loader, whose steps count "
+            "its batches): ")
+    assert errors[failed].startswith(f"error (rank {failed}): {head}{valid}: /t0_fields/"
+                                     "pressure has NaN/Inf at trajectory 0, time index 23"), \
+        errors[failed]
+    assert errors[failed].endswith(then), errors[failed]
+    assert errors[1 - failed] == (f"error (rank {1 - failed}): {head}rank {failed}'s loader "
+                                  "failed on the valid split of euler_2d (its line names the "
+                                  f"file){then}"), errors[1 - failed]
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000002"]
+    assert not list(run_dir.glob("eval_step*.json"))
+    with h5py.File(valid, "r+") as f:
+        f["t0_fields/pressure"][0, 23, 5, 5] = 1.0
+    for rc, _, err in ranks_by_hand(cmd + ["--resume"]):
+        assert rc == 0, err[-3000:]
+    assert sorted(p.name for p in run_dir.glob("eval_step*.json")) == [
+        "eval_step00000002.json", "eval_step00000004.json"]
+    evaluated = json.loads((run_dir / "eval_step00000002.json").read_text())
+    assert evaluated["euler_2d"]["pressure"]["windows"] == 40
+    assert sorted(losses(run_dir)) == [1, 2, 3, 4]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, tmp_path):
     """On a GPU the loader checks a batch on the device and reads the flag one next() later:

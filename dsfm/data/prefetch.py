@@ -941,6 +941,26 @@ class WellLoader:
                                     for k in ("scale", "physical_shift"))
         return cache["affine"]
 
+    def stand_in(self, dataset: str | None = None) -> Batch:
+        """A micro-batch of zeros shaped like `dataset`'s (the first dataset's if None), on
+        this loader's device, from the loader's metadata alone: what a rank whose loader
+        failed (a NaN in a window, a damaged file, a dead reader) feeds its model so that it
+        still joins the collectives its peers are in (ZeRO's reductions, ZeRO-3's gathers:
+        every input calls the same modules), its output then thrown away. Its `step` is -1 and
+        it holds no window. Works after the failure: it reads no file."""
+        ds = self.datasets[0] if dataset is None else next(
+            (d for d in self.datasets if d.source.name == dataset), None)
+        if ds is None:
+            raise ConfigError(f"dataset {dataset!r} is not in this loader")
+        src, dev = ds.source, self._device_tensors(ds)
+        b, spatial = self.batch_size, src.spatial_shape
+        x = torch.zeros((b, self.n_steps_input, src.n_channels) + spatial, device=self.device)
+        y = torch.zeros((b, src.n_steps - self.n_steps_input, src.n_channels) + spatial,
+                        device=self.device)
+        host = dev["codes"][:1].expand((b,) + tuple(dev["codes"].shape[1:])).clone()
+        bcs = host.to(self.device) if self.cuda else host
+        return Batch(x, y, dev["ids"], bcs, src.name, -1, np.empty(0, np.int64), host)
+
     # ---------------------------------------------------------------- state and lifetime
 
     def state_dict(self) -> dict:

@@ -490,6 +490,34 @@ def test_a_bad_batch_read_ahead_is_raised_when_it_is_due(demo_base, tmp_path):
             next(loader)
 
 
+def test_a_stand_in_is_shaped_like_its_datasets_batches_after_the_loader_failed(demo_base,
+                                                                                tmp_path):
+    """What a rank whose loader failed feeds its model to stay in its peers' collectives:
+    zeros with the shapes, field ids and boundary codes of the dataset's real batches, made
+    from the loader's metadata after the failure (no file read), for each dataset."""
+    ds, _ = nan_point_copy(demo_base, tmp_path)
+    paths = [str(ds), os.path.join(demo_base, "shallow_water_2d")]
+    with WellLoader(paths, n_steps_input=4, n_steps_output=2, batch_size=3, num_workers=1,
+                    seed=3) as loader:
+        real = {}
+        with pytest.raises(NonFiniteError):
+            for _ in range(200):
+                b = next(loader)
+                real.setdefault(b.dataset, b)
+        assert set(real) == {"euler_2d", "shallow_water_2d"}, set(real)
+        for name, b in real.items():
+            s = loader.stand_in(name)
+            assert s.dataset == name and s.step == -1 and len(s.windows) == 0
+            assert s.x.shape == b.x.shape and s.y.shape == b.y.shape
+            assert not s.x.any() and not s.y.any() and s.x.dtype == b.x.dtype
+            assert torch.equal(s.field_ids, b.field_ids)
+            assert s.bcs.shape == b.bcs.shape and s.bcs.dtype == b.bcs.dtype
+            assert torch.equal(s.bcs_host, s.bcs) and torch.equal(s.bcs[0], b.bcs[0])
+        assert loader.stand_in().dataset == "euler_2d"
+        with pytest.raises(ConfigError, match="'nope' is not in this loader"):
+            loader.stand_in("nope")
+
+
 @pytest.mark.parametrize("assemble_on", ["readers", "device"])
 def test_nan_in_a_field_every_trajectory_shares_is_named_as_such(tmp_path, assemble_on):
     """A NaN in a field stored once for all trajectories was named at the trajectory of the
