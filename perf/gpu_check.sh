@@ -243,8 +243,9 @@ step train_zero3 90 python3 -m perf.train_bench --sizes B --wrappers plain,zero3
 # and with the compiled blocks recomputed in the backward (model.checkpoint_above_tokens=0)
 # or replayed as CUDA graphs (model.compile_mode=reduce-overhead: never run by train.py yet)
 # and (2026-12-02, not yet run on a GPU) a data error mid-run: the step after the NaN batch's
-# runs on a stand-in and the run stops with its checkpoint
-step train_auto 180 python3 -m pytest -v tests/test_train.py -k \
+# runs on a stand-in and the run stops with its checkpoint; and one in the evaluation (the
+# deferred NaN check of its last batch: check_last), which stops with the step's checkpoint
+step train_auto 200 python3 -m pytest -v tests/test_train.py -k \
   "compile_auto_compiles_the_blocks_on_cuda or data_error_on_cuda"
 # issue 4: a 512² micro-batch of 4 (the MPP mixtures' largest), B and L, eager strict fp32: the
 # peak memory with the blocks recomputed above the presets' thresholds (B 16,384 tokens; L's

@@ -2517,6 +2517,36 @@ def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, t
     assert sorted(logged_losses) == list(range(1, step)) and logged_losses[step - 1] is None
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_an_evaluation_data_error_on_cuda_checkpoints_and_stops(demo_base, tmp_path):
+    """On a GPU the evaluation loader's NaN check of a batch is read one next() later, and
+    that of the last batch after the loop (`check_last`): a NaN in the split's last window,
+    whichever batch holds it, stops the run at the evaluation of step 2 with that step's
+    checkpoint. ZeRO-2, one rank, all 40 valid windows evaluated."""
+    import h5py
+
+    from dsfm.runtime import checkpoint
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    valid = sorted((ds / "data" / "valid").glob("*.hdf5"))[-1]
+    with h5py.File(valid, "r+") as f:
+        f["t0_fields/pressure"][0, 23, 5, 5] = float("nan")
+    run_dir = tmp_path / "r"
+    proc = run(train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                         [f"data.base={tmp_path}", f"data.datasets=[{ds}]", "train.max_steps=4",
+                          "train.eval_every=2", "train.eval_batches=20",
+                          "train.rollout_steps=1", "train.checkpoint_every=0"]), timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert line.startswith("error (rank 0): evaluation at step 2 (valid split; the evaluation's "
+                           f"own loader, whose steps count its batches): {valid}: /t0_fields/"
+                           "pressure has NaN/Inf at trajectory 0, time index 23"), line
+    assert line.endswith(f"every rank stopped after writing the checkpoint of step 2: mend or "
+                         f"replace the file, then --resume --run-dir {run_dir} evaluates step 2 "
+                         "and goes on"), line
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000002"]
+
+
 def test_a_checkpoint_of_older_numerics_resumes_with_a_warning(demo_base, tmp_path):
     """A checkpoint written before model_numerics was recorded (T5 buckets at 128, embedding
     bias not rescaled) still resumes, and the log says its weights now compute differently.
