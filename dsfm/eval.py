@@ -231,21 +231,44 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
     was_training = model.training
     engine.eval()
     results = {}
+    dev = next(engine.parameters()).device     # an engine's: its model's
+
+    def who_failed(failed: DataError | None, sums: torch.Tensor | None = None):
+        """Collective: the all-reduced `sums` (if any), and the ranks whose loaders failed,
+        told to every rank in the same all-reduce."""
+        who = torch.zeros(world_size, dtype=torch.float64)
+        who[rank] = failed is not None
+        parts = ([] if sums is None else [sums.to(dev)]) + [who.to(dev)]
+        flat = all_reduce_(torch.cat(parts)).cpu()
+        return flat[:-world_size], [r for r in range(world_size)
+                                    if flat[-world_size + r] > 0]
+
     try:
-        for path, n_batches in zip(paths, plan.values()):
+        for path, (name, n_batches) in zip(paths, plan.items()):
             # no more readers, ring slots and reads ahead than the batches to evaluate
             workers = max(1, min(num_workers, n_batches))
-            with WellLoader([path], split="valid", n_steps_input=n_steps_input,
-                            n_steps_output=rollout_steps, batch_size=batch_size,
-                            num_workers=workers,
-                            ring_slots=max(2, min(2 * workers + 2, n_batches)),
-                            seed=seed, rank=rank,
-                            world_size=world_size, normalization=normalization,
-                            dt_stride=dt_stride, vocabulary=vocabulary) as loader:
-                name = loader.datasets[0].source.name
+            try:    # it reads every valid file's metadata again: one may have gone bad since
+                loader = WellLoader([path], split="valid", n_steps_input=n_steps_input,
+                                    n_steps_output=rollout_steps, batch_size=batch_size,
+                                    num_workers=workers,
+                                    ring_slots=max(2, min(2 * workers + 2, n_batches)),
+                                    seed=seed, rank=rank,
+                                    world_size=world_size, normalization=normalization,
+                                    dt_stride=dt_stride, vocabulary=vocabulary)
+            except DataError as exc:
+                loader, failed = None, exc
+            else:
+                failed = None
+            # before any rollout: a rank whose loader could not start has nothing to shape a
+            # stand-in from, so every rank stops here with it
+            _, bad = who_failed(failed)
+            if bad:
+                if loader is not None:
+                    loader.close()
+                raise EvaluationDataError(bad[0], failed, name)
+            with loader:
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
                 it = iter(loader)
-                failed = None       # this rank's loader error: its later batches stand-ins
                 for _ in range(n_batches):
                     batch = None
                     if failed is None:
@@ -267,15 +290,11 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                         loader.check_last()
                     except DataError as exc:
                         failed = exc
-                dev = next(engine.parameters()).device     # an engine's: its model's
                 # one all-reduce: the sums, and which ranks' loaders failed
-                who = torch.zeros(world_size, dtype=torch.float64)
-                who[rank] = failed is not None
-                flat = all_reduce_(torch.cat([sums.packed().to(dev), who.to(dev)])).cpu()
-                bad = [r for r in range(world_size) if flat[-world_size + r] > 0]
+                flat, bad = who_failed(failed, sums.packed())
                 if bad:
                     raise EvaluationDataError(bad[0], failed, name)
-                sums.unpack(flat[:-world_size])
+                sums.unpack(flat)
                 results[name] = sums.summary(len(loader.datasets[0].source))
     finally:
         engine.train(was_training)

@@ -2517,6 +2517,40 @@ def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, t
     assert sorted(logged_losses) == list(range(1, step)) and logged_losses[step - 1] is None
 
 
+def test_a_valid_file_damaged_mid_run_stops_the_evaluation_with_a_checkpoint(demo_base,
+                                                                           tmp_path):
+    """A valid file overwritten while the run trains (checked at the start): the evaluation's
+    loader cannot even open it, on every rank, so there is no rollout to stand in for; the
+    ranks agree on it before any, and stop after writing the checkpoint of the step evaluated
+    (the steps since the last checkpoint were lost)."""
+    from dsfm.runtime import checkpoint
+    ds = tmp_path / "euler_2d"
+    shutil.copytree(os.path.join(demo_base, "euler_2d"), ds)
+    valid = sorted((ds / "data" / "valid").glob("*.hdf5"))[-1]
+    run_dir = tmp_path / "r"
+    proc = subprocess.Popen(
+        train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                  [f"data.base={tmp_path}", f"data.datasets=[{ds}]", "train.max_steps=60",
+                   "train.eval_every=60", "train.eval_batches=1", "train.rollout_steps=1",
+                   "train.checkpoint_every=0"]),
+        cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert wait_for_logged_steps(run_dir, 1, 240)
+        valid.write_bytes(b"not HDF5 " * 64)
+        _, err = proc.communicate(timeout=300)
+    finally:
+        proc.kill()
+    assert proc.returncode == 1 and "Traceback" not in err, err[-3000:]
+    [line] = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert line == (
+        "error (rank 0): evaluation at step 60 (valid split; the evaluation's own loader, whose "
+        f"steps count its batches): {valid}: cannot be opened as HDF5 (file signature not "
+        "found); the file is truncated or corrupt, regenerate or re-download it; every rank "
+        "stopped after writing the checkpoint of step 60: mend or replace the file, then "
+        f"--resume --run-dir {run_dir} evaluates step 60 and goes on"), line
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000060"]
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_an_evaluation_data_error_on_cuda_checkpoints_and_stops(demo_base, tmp_path):
     """On a GPU the evaluation loader's NaN check of a batch is read one next() later, and
