@@ -268,18 +268,11 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 raise EvaluationDataError(bad[0], failed, name)
             with loader:
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
-                it = iter(loader)
                 for _ in range(n_batches):
-                    batch = None
-                    if failed is None:
-                        try:
-                            batch = next(it)
-                        except DataError as exc:
-                            failed = exc
-                    if batch is None:
-                        # the other ranks go on: ZeRO-3's forward gathers the weights with
-                        # them, so this rank runs the same rollouts, on zeros, thrown away
-                        batch = loader.stand_in(name)
+                    # once this rank's loader failed the other ranks go on: ZeRO-3's forward
+                    # gathers the weights with them, so it runs the same rollouts on zeros,
+                    # thrown away
+                    batch, failed = loader.next_or_stand_in(failed, name)
                     pred = rollout(engine, batch.x, batch.field_ids, batch.bcs_host,
                                    rollout_steps)
                     if failed is None:

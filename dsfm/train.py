@@ -561,10 +561,7 @@ def eval_data_stop(exc, at: int, run_dir: str) -> str:
     (`exc`: the EvaluationDataError every rank raised), its checkpoint written (at step 0,
     before any update, there is none to write)."""
     what = (f"evaluation at step {at} (valid split; the evaluation's own loader, whose steps "
-            "count its batches): ")
-    what += str(exc.own) if exc.own is not None else (
-        f"rank {exc.failed}'s loader failed on the valid split of {exc.dataset} (its line "
-        "names the file)")
+            f"count its batches): {exc}")
     if at == 0:
         return (f"{what}; every rank stopped before the first update, with nothing to "
                 "checkpoint: mend or replace the file and start the run again (or set "
@@ -1038,7 +1035,6 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if signal_flag:
                 stop = on_signal(signal_flag)
         engine.train()
-        it = iter(loader)
         bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
         # this rank's loader error (a NaN in a file, a file gone bad, a reader that died), after
         # which its micro-batches are stand-ins (zeros shaped like the last one's dataset's)
@@ -1064,17 +1060,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             flags = []          # on_device: (dataset, finite) of each micro-batch, read on a skip
             monitor.timer.begin_step()
             while done < accum:
-                batch = None
+                # after a data error the other ranks are in this step's collectives already:
+                # join them on stand-ins, skip the update with them, and stop with a checkpoint
+                batch, data_failed = loader.next_or_stand_in(data_failed, last)
                 if data_failed is None:
-                    try:
-                        batch = next(it)
-                    except DataError as exc:
-                        # the other ranks are in this step's collectives already: join them,
-                        # skip the update with them, and stop with a checkpoint
-                        data_failed = exc
-                if batch is None:
-                    batch = loader.stand_in(last)
-                else:
                     last = batch.dataset
                 monitor.timer.start()
                 pred = engine(batch.x, batch.field_ids, batch.bcs_host)

@@ -961,6 +961,18 @@ class WellLoader:
         bcs = host.to(self.device) if self.cuda else host
         return Batch(x, y, dev["ids"], bcs, src.name, -1, np.empty(0, np.int64), host)
 
+    def next_or_stand_in(self, failed: DataError | None, dataset: str | None = None
+                         ) -> tuple[Batch, DataError | None]:
+        """(the next batch, None) while this loader serves; once it has failed, now or at an
+        earlier call (`failed`: the error that call returned), (a `stand_in` of `dataset`,
+        the error): a caller that must stay in its peers' collectives draws with this."""
+        if failed is None:
+            try:
+                return next(self), None
+            except DataError as exc:
+                failed = exc
+        return self.stand_in(dataset), failed
+
     # ---------------------------------------------------------------- state and lifetime
 
     def state_dict(self) -> dict:
