@@ -23,13 +23,15 @@ class EvaluationDataError(DataError):
     """A rank's evaluation loader failed (NaN/Inf in a valid window, a damaged file, a dead
     reader): raised on every rank at once, after the dataset's all-reduce, so that none waits
     in a collective for a rank that stopped. `failed`: the lowest rank whose loader failed;
-    `own`: this rank's loader error, or None; `dataset`: the dataset being evaluated."""
+    `own`: this rank's loader error, or None; `dataset`: the dataset being evaluated; `told`:
+    rank `failed`'s error, which every rank repeats (the launcher may end that rank before it
+    says so)."""
 
-    def __init__(self, failed: int, own: DataError | None, dataset: str):
+    def __init__(self, failed: int, own: DataError | None, dataset: str, told: str = ""):
         self.failed, self.own, self.dataset = failed, own, dataset
         super().__init__(str(own) if own is not None else
-                         f"rank {failed}'s loader failed on the valid split of {dataset} (its "
-                         "line names the file)")
+                         f"rank {failed}'s loader failed on the valid split of {dataset}: "
+                         f"{told}")
 
 
 def nmse(pred: torch.Tensor, target: torch.Tensor, eps: float = EPS,
@@ -219,7 +221,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
     DeepSpeed engine, or a bare model. `plan`: what `plan_eval` returned for these arguments
     (it reads every valid file's metadata), if the caller has it."""
     from dsfm.data.prefetch import WellLoader
-    from dsfm.runtime.engine import all_reduce_
+    from dsfm.runtime.engine import all_reduce_, told_by
 
     if plan is None:
         plan = plan_eval(paths, n_steps_input=n_steps_input, rollout_steps=rollout_steps,
@@ -243,6 +245,11 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
         return flat[:-world_size], [r for r in range(world_size)
                                     if flat[-world_size + r] > 0]
 
+    def failure(first: int, failed: DataError | None, name: str) -> EvaluationDataError:
+        """Collective: the error every rank raises, rank `first`'s message told to all."""
+        told = told_by(first, None if failed is None else str(failed), dev)
+        return EvaluationDataError(first, failed, name, told)
+
     try:
         for path, (name, n_batches) in zip(paths, plan.items()):
             # no more readers, ring slots and reads ahead than the batches to evaluate
@@ -265,7 +272,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
             if bad:
                 if loader is not None:
                     loader.close()
-                raise EvaluationDataError(bad[0], failed, name)
+                raise failure(bad[0], failed, name)
             with loader:
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
                 for _ in range(n_batches):
@@ -286,7 +293,7 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
                 # one all-reduce: the sums, and which ranks' loaders failed
                 flat, bad = who_failed(failed, sums.packed())
                 if bad:
-                    raise EvaluationDataError(bad[0], failed, name)
+                    raise failure(bad[0], failed, name)
                 sums.unpack(flat)
                 results[name] = sums.summary(len(loader.datasets[0].source))
     finally:

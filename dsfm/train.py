@@ -51,6 +51,7 @@ from dsfm.runtime.engine import (  # noqa: E402
     rank0_first,
     release_shm,
     set_tf32,
+    told_by,
 )
 from dsfm.runtime.metrics import MetricsLogger  # noqa: E402
 from dsfm.runtime.zero_blocks import gather_blocks_whole, held_gathered, whole_blocks  # noqa: E402
@@ -537,11 +538,12 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
 
 
-def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str) -> str:
+def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str,
+              told: str = "") -> str:
     """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
-    rank's error, if its loader failed too), the checkpoint of step `saved` written: `at` itself
-    (ZeRO skipped its update) or the one before (its micro-batch was skipped before the
-    backward)."""
+    rank's error, if its loader failed too; `told`: rank `failed`'s, which every rank repeats),
+    the checkpoint of step `saved` written: `at` itself (ZeRO skipped its update) or the one
+    before (its micro-batch was skipped before the backward)."""
     if saved == 0:      # stage 0, the first micro-batch: no update yet, and no checkpoint
         then = ("every rank stopped before the first update, with nothing to checkpoint: mend "
                 "or replace the file and start the run again")
@@ -553,7 +555,7 @@ def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_d
                  f"from step {saved}")
     if exc is not None:
         return f"{exc}; {then}"
-    return f"rank {failed}'s loader failed at step {at} (its line names the file); {then}"
+    return f"rank {failed}'s loader failed at step {at}: {told}; {then}"
 
 
 def eval_data_stop(exc, at: int, run_dir: str) -> str:
@@ -1049,10 +1051,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
 
         def stop_for_data(failed: int, at: int) -> None:
             """Every rank: checkpoint (the weights of the last update applied, which the data
-            error did not reach), then stop; `at`: the step the error came in."""
+            error did not reach), then stop; `at`: the step the error came in. Every rank's
+            line names the file: the failing rank may be ended before it says so."""
+            told = told_by(failed, None if data_failed is None else str(data_failed), dev)
             if saved_at != step:
                 save(step)
-            raise DsfmError(data_stop(data_failed, failed, at, step, run_dir))
+            raise DsfmError(data_stop(data_failed, failed, at, step, run_dir, told))
         lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
             skipped_before = engine.skipped_steps

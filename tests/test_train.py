@@ -2368,15 +2368,20 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     for rank, (rc, _, err) in enumerate(ranks):
         assert rc == 1 and "Traceback" not in err, err[-3000:]
         [errors[rank]] = [ln for ln in err.splitlines() if ln.startswith("error")]
-    [(failed, line)] = [(r, e) for r, e in errors.items() if "NaN/Inf" in e]
+    # the failing rank's line starts with its error; the other's names that rank first
+    [(failed, line)] = [(r, e) for r, e in errors.items() if "'s loader failed" not in e]
     step = int(re.search(r"every rank skipped the update of step (\d+) and stopped after "
                          r"writing its checkpoint", line).group(1))
     assert 2 <= step < 16 and f"{first}: /t0_fields/pressure has NaN/Inf at trajectory 0, " \
         "time index 3" in line, line
     assert line.endswith(f"then --resume --run-dir {run_dir} continues from step {step}")
+    # the other rank repeats the failing rank's error (a launcher may end the failing rank
+    # before it prints), and so train.log, which rank 0 writes, names the file either way
+    told = line.split(": ", 1)[1].split("; every rank", 1)[0]
     other = errors[1 - failed]
     assert other.startswith(f"error (rank {1 - failed}): rank {failed}'s loader failed at step "
-                            f"{step} (its line names the file); every rank skipped"), other
+                            f"{step}: {told}; every rank skipped"), other
+    assert told in (run_dir / "train.log").read_text() and str(tmp_path) in told
     assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step:08d}"
     assert max(losses(run_dir)) == step - 1           # the skipped step logged nothing
     with h5py.File(first, "r+") as f:
@@ -2468,7 +2473,7 @@ def test_a_data_error_in_one_ranks_evaluation_checkpoints_every_rank(demo_base, 
     for rank, (rc, _, err) in enumerate(ranks_by_hand(cmd)):
         assert rc == 1 and "Traceback" not in err, err[-3000:]
         [errors[rank]] = [ln for ln in err.splitlines() if ln.startswith("error")]
-    [failed] = [r for r, e in errors.items() if "NaN/Inf" in e]
+    [failed] = [r for r, e in errors.items() if "'s loader failed" not in e]
     then = ("; every rank stopped after writing the checkpoint of step 2: mend or replace the "
             f"file, then --resume --run-dir {run_dir} evaluates step 2 and goes on")
     head = ("evaluation at step 2 (valid split; the evaluation's own loader, whose steps count "
@@ -2477,9 +2482,11 @@ def test_a_data_error_in_one_ranks_evaluation_checkpoints_every_rank(demo_base, 
                                      "pressure has NaN/Inf at trajectory 0, time index 23"), \
         errors[failed]
     assert errors[failed].endswith(then), errors[failed]
+    told = errors[failed][len(f"error (rank {failed}): {head}"):-len(then)]
     assert errors[1 - failed] == (f"error (rank {1 - failed}): {head}rank {failed}'s loader "
-                                  "failed on the valid split of euler_2d (its line names the "
-                                  f"file){then}"), errors[1 - failed]
+                                  f"failed on the valid split of euler_2d: {told}{then}"), \
+        errors[1 - failed]
+    assert told in (run_dir / "train.log").read_text() and str(tmp_path) in told
     assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000002"]
     assert not list(run_dir.glob("eval_step*.json"))
     with h5py.File(valid, "r+") as f:

@@ -288,6 +288,23 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
+def told_by(src: int, text: str | None, device, limit: int = 4096) -> str:
+    """Collective: rank `src`'s `text` on every rank (its first `limit` bytes of UTF-8; the
+    others' `text` is not read). For a failure that one rank saw and every rank reports: the
+    launcher (DeepSpeed's, srun) ends the other ranks as soon as one exits with an error, so
+    the rank that saw it may be ended before it says so; rank 0 writes train.log."""
+    import torch.distributed as td
+
+    if not (td.is_initialized() and td.get_world_size() > 1):
+        return text or ""
+    data = (text or "").encode()[:limit] if td.get_rank() == src else b""
+    t = torch.zeros(limit + 1, dtype=torch.uint8)
+    if data:
+        t[:len(data)] = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+    t = all_reduce_(t.to(device)).cpu()         # one rank's bytes, zeros elsewhere: a sum
+    return bytes(t.tolist()).split(b"\0", 1)[0].decode(errors="replace")
+
+
 _RANK0_FIRST_CALLS: dict[str, int] = {}
 
 

@@ -1,5 +1,6 @@
 """rank0_first: the other ranks wait for rank 0's work (simulating the demo data) however long it
-takes, not only as long as the process group's timeout, and learn when it failed.
+takes, not only as long as the process group's timeout, and learn when it failed. told_by: what
+one rank saw (a data error) told to every rank.
 
 Two real processes join a gloo group whose collective timeout is 2 s; rank 0's work takes 5 s.
 A barrier in its place (the control) times out; rank0_first does not.
@@ -21,7 +22,7 @@ SCRIPT = textwrap.dedent("""
     import datetime, json, sys, time
     import torch, torch.distributed as td
     from dsfm.errors import DsfmError
-    from dsfm.runtime.engine import rank0_first
+    from dsfm.runtime.engine import rank0_first, told_by
 
     mode = sys.argv[1]
     td.init_process_group("gloo", timeout=datetime.timedelta(seconds=2))
@@ -35,7 +36,11 @@ SCRIPT = textwrap.dedent("""
 
     out = {"rank": rank}
     try:
-        if mode == "barrier":
+        if mode == "told":
+            seen = "/data/ω.hdf5: NaN at time index 3" if rank == 1 else "not read"
+            out["result"] = [told_by(1, seen, "cpu"), told_by(1, seen, "cpu", limit=7),
+                             told_by(0, None, "cpu")]
+        elif mode == "barrier":
             if rank == 0:
                 work()
             td.barrier()
@@ -82,3 +87,12 @@ def test_a_failure_on_rank_0_stops_the_others_with_its_message():
     got = launch("fail")
     assert got[0]["error"] == "DsfmError: no space left on /data\nsecond line"
     assert got[1]["error"] == "DsfmError: rank 0 failed: no space left on /data"
+
+
+def test_one_ranks_text_is_told_to_every_rank():
+    """The failing rank's message, on every rank, whatever the others pass; cut at `limit`
+    bytes (here inside the two-byte ω: the half character is replaced, not an error)."""
+    got = launch("told")
+    for rank in (0, 1):
+        assert got[rank]["result"] == ["/data/ω.hdf5: NaN at time index 3", "/data/\ufffd", ""]
+        assert got[rank]["sum"] == 3
