@@ -670,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
     # nothing new to checkpoint until the first step, from which checkpoint.Preemption
     # handles it. SIGTERM keeps its default and ends a start-up at once.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    sigterm = signal.getsignal(signal.SIGTERM)      # held by a failing train(): put back last
     env = None
     try:
         env = discover()
@@ -740,7 +741,10 @@ def main(argv: list[str] | None = None) -> int:
             if log is not None:
                 log.close()
         finally:               # a log that cannot be written must not keep /dev/shm buffers
-            (finish if rc == 0 else release_shm)(env)
+            try:
+                (finish if rc == 0 else release_shm)(env)
+            finally:
+                signal.signal(signal.SIGTERM, sigterm)
 
 
 def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir: str,
@@ -1226,8 +1230,8 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         return 0
     finally:
         loader.close()
-        if "preemption" in locals():
-            preemption.restore()
+        if "preemption" in locals():    # failing: SIGTERM held until main has said why
+            preemption.restore(hold_sigterm=sys.exc_info()[0] is not None)
         if "monitor" in locals():
             monitor.close()
 

@@ -114,9 +114,10 @@ def start_ranks(cmd: list[str], world: int = 2) -> list[subprocess.Popen]:
 
 def ranks_by_hand(cmd: list[str], world: int = 2) -> list[tuple[int, str, str]]:
     """`cmd` run as `world` ranks (`start_ranks`), all waited for: (exit code, stdout, stderr)
-    per rank. The launcher itself kills the other ranks as soon as one exits with an error, so
-    that under it a rank's line is there only if it wrote it first (a race CI lost, for either
-    rank). A rank still running after 300 s (one waiting for a peer that stopped) is killed."""
+    per rank, each rank's apart. (The launcher sends SIGTERM to the other ranks as soon as one
+    exits with an error; that ended a rank before its line, a race CI lost for either rank,
+    until ranks stopping on an error held SIGTERM.) A rank still running after 300 s (one
+    waiting for a peer that stopped) is killed."""
     procs = start_ranks(cmd, world)
     try:
         outs = [p.communicate(timeout=300) for p in procs]
@@ -2355,7 +2356,10 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     other is already in the step's collectives, and the run used to stop without a checkpoint
     (the progress since the last one lost). The failing rank runs the step on a stand-in
     micro-batch whose loss is NaN, so both skip its update, then both write its checkpoint and
-    stop, each with one line, exit code 1 (the data is bad). Mended, the run resumes there."""
+    stop, each with one line, exit code 1 (the data is bad). Mended, the run resumes there. Under
+    the DeepSpeed launcher, which sends SIGTERM to the other rank as soon as one exits with an
+    error: that used to end it before its line (a race CI lost for either rank), and a rank
+    stopping on an error now holds SIGTERM until it has said why."""
     import h5py
 
     from dsfm.runtime import checkpoint
@@ -2363,11 +2367,16 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     run_dir = tmp_path / "r"
     cmd = train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
                     [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=16"])
-    ranks = ranks_by_hand(cmd)
+    launched = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] + cmd[1:]
+    proc = run(launched, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = {}
-    for rank, (rc, _, err) in enumerate(ranks):
-        assert rc == 1 and "Traceback" not in err, err[-3000:]
-        [errors[rank]] = [ln for ln in err.splitlines() if ln.startswith("error")]
+    for ln in proc.stderr.splitlines():
+        if ln.startswith("error (rank "):
+            rank = int(ln[len("error (rank "):].split(")")[0])
+            assert rank not in errors, proc.stderr[-3000:]
+            errors[rank] = ln
+    assert set(errors) == {0, 1}, proc.stderr[-3000:]
     # the failing rank's line starts with its error; the other's names that rank first
     [(failed, line)] = [(r, e) for r, e in errors.items() if "'s loader failed" not in e]
     step = int(re.search(r"every rank skipped the update of step (\d+) and stopped after "
@@ -2386,8 +2395,8 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     assert max(losses(run_dir)) == step - 1           # the skipped step logged nothing
     with h5py.File(first, "r+") as f:
         f["t0_fields/pressure"][0, 3, 5, 5] = 1.0
-    for rc, _, err in ranks_by_hand(cmd + ["--resume"]):
-        assert rc == 0, err[-3000:]
+    proc = run(launched + ["--resume"], timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"resumed from step {step} " in (run_dir / "train.log").read_text()
     assert sorted(losses(run_dir)) == [s for s in range(1, 17) if s != step]
 
@@ -2409,6 +2418,34 @@ def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_ba
     done = int(m.group(2))
     assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{done:08d}"
     assert sorted(losses(run_dir)) == list(range(1, done + 1))
+
+
+def test_a_rank_stopping_on_a_data_error_says_why_though_sigterm_comes_first(demo_base,
+                                                                           tmp_path):
+    """The launcher's SIGTERM (sent to every rank once one exits with an error) arriving after
+    the data stop and before the rank's line: the run's own process sends it to itself right
+    before its line is written. The rank used to die of it (SIGTERM's default is back once
+    training ends), its line and train.log's lost; it now holds SIGTERM until it has said why,
+    and exits 1."""
+    bad, _ = nan_point_copy(demo_base, tmp_path)
+    run_dir = tmp_path / "r"
+    argv = train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
+                     [f"data.base={tmp_path}", f"data.datasets=[{bad}]",
+                      "train.max_steps=40"])[2:]
+    code = ("import os, signal\n"
+            "import dsfm.train as t\n"
+            "from dsfm.runtime.dist import exit_process\n"
+            "said = t.say_error\n"
+            "def late(line):\n"
+            "    os.kill(os.getpid(), signal.SIGTERM)\n"
+            "    said(line)\n"
+            "t.say_error = late\n"
+            f"exit_process(t.main({argv!r}))\n")
+    proc = run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": REPO})
+    assert proc.returncode == 1, (proc.returncode, proc.stderr[-3000:])
+    [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert "/t0_fields/pressure has NaN/Inf at trajectory 0, time index 3" in line, line
+    assert line in (run_dir / "train.log").read_text()
 
 
 def test_a_data_error_in_the_first_micro_batch_checkpoints_or_says_nothing_was_trained(

@@ -731,6 +731,12 @@ class Preemption:
             td.all_reduce(t, op=td.ReduceOp.MAX, group=self._group)
         return int(t.item())
 
-    def restore(self) -> None:
+    def restore(self, hold_sigterm: bool = False) -> None:
+        """The handlers found at the start back. `hold_sigterm`: SIGTERM stays noted and
+        ignored, for a rank stopping on an error that is yet to say so: the launcher (DeepSpeed's,
+        srun) sends it to the other ranks as soon as one exits with an error, which ended them
+        before their line and train.log's were written. The caller puts SIGTERM's handler back
+        after that (a launcher that waits no longer sends SIGKILL: DeepSpeed's after 30 s)."""
         for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+            if not (hold_sigterm and sig == signal.SIGTERM):
+                signal.signal(sig, handler)

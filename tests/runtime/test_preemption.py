@@ -55,3 +55,19 @@ def test_terminate_outranks_checkpoint_and_the_handlers_are_restored():
     finally:
         pre.restore()
     assert signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_held_sigterm_is_noted_and_ignored_and_sigusr1_is_restored():
+    """restore(hold_sigterm=True), for a rank stopping on an error: SIGTERM (a launcher ending
+    the ranks) no longer ends the process before it says why; SIGUSR1's handler is back."""
+    term, usr1 = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGUSR1)
+    pre = Preemption()
+    try:
+        pre.restore(hold_sigterm=True)
+        assert signal.getsignal(signal.SIGUSR1) is usr1
+        os.kill(os.getpid(), signal.SIGTERM)         # would end pytest with the default
+        time.sleep(0.01)
+        assert pre.requested() == 2
+    finally:
+        pre.restore()
+    assert signal.getsignal(signal.SIGTERM) is term
