@@ -35,7 +35,7 @@ from dsfm.helpfmt import HelpFormatter
 from dsfm.models.avit import NUMERICS, numerics_note  # noqa: E402
 from dsfm.monitor import board  # noqa: E402
 from dsfm.monitor.session import RunMonitor  # noqa: E402
-from dsfm.runtime import checkpoint, nonfinite, orphan, schedule  # noqa: E402
+from dsfm.runtime import checkpoint, console, nonfinite, orphan, schedule  # noqa: E402
 from dsfm.runtime import ds_config as ds_settings  # noqa: E402
 from dsfm.runtime.dist import exit_process  # noqa: E402
 from dsfm.runtime.engine import (  # noqa: E402
@@ -665,6 +665,7 @@ def say_error(line: str) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    console.keep_going()    # a launcher's pipe that closes first must not end a checkpoint
     # SIGUSR1 (Slurm's --signal warning: checkpoint and carry on) must not end the start-up
     # (data, model, engine, the checkpoint's load), where its default action would: there is
     # nothing new to checkpoint until the first step, from which checkpoint.Preemption
