@@ -91,8 +91,9 @@ def test_two_nodes_over_pdsh_train_checkpoint_on_the_batch_scripts_signals_and_r
     run_dir = tmp_path / "r"
     cmd = runner_cmd(tmp_path, ds, run_dir, [f"data.base={demo_base}", "train.max_steps=100000",
                                              "train.checkpoint_every=0"])
-    runner = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                              text=True)
+    out_file = tmp_path / "runner.out"      # a file: a pipe read only at the end could fill
+    with open(out_file, "w") as fh:
+        runner = subprocess.Popen(cmd, cwd=REPO, stdout=fh, stderr=subprocess.STDOUT)
     try:
         assert wait_for_logged_steps(run_dir, 3, 240), runner.poll()
         log = run_dir / "train.log"
@@ -111,13 +112,13 @@ def test_two_nodes_over_pdsh_train_checkpoint_on_the_batch_scripts_signals_and_r
         while ranks_of(run_dir) and time.time() < deadline:
             time.sleep(0.2)
         assert not ranks_of(run_dir)
-        out = runner.communicate(timeout=60)[0]
+        runner.wait(timeout=60)
     finally:
         if runner.poll() is None:
             runner.kill()
         for pid in ranks_of(run_dir):
             os.kill(pid, signal.SIGKILL)
-    text = log.read_text()
+    text, out = log.read_text(), out_file.read_text()
     assert "signal received: checkpointing at step" in text, out[-3000:]
     stopped = complete_checkpoints(run_dir)
     assert len(stopped) == 2 and stopped[1] > first + 2, (stopped, out[-3000:], text[-2000:])
