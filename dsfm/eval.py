@@ -270,9 +270,10 @@ def evaluate(engine, paths: list[str], *, n_steps_input: int, rollout_steps: int
             # stand-in from, so every rank stops here with it
             _, bad = who_failed(failed)
             if bad:
+                error = failure(bad[0], failed, name)  # collective: before the loader's close
                 if loader is not None:
                     loader.close()
-                raise failure(bad[0], failed, name)
+                raise error
             with loader:
                 sums = MetricSums(list(loader.datasets[0].source.channel_names), rollout_steps)
                 for _ in range(n_batches):

@@ -1229,10 +1229,13 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                          "graphs run without them (PyTorch's cudagraph_skips)")
         log.text(f"done: {step} steps; run directory {run_dir}")
         return 0
+    except BaseException:
+        failing = True
+        raise
     finally:
         loader.close()
         if "preemption" in locals():    # failing: SIGTERM held until main has said why
-            preemption.restore(hold_sigterm=sys.exc_info()[0] is not None)
+            preemption.restore(hold_sigterm="failing" in locals())
         if "monitor" in locals():
             monitor.close()
 

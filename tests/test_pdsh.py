@@ -4,15 +4,18 @@ nodes, which starts each node's `deepspeed.launcher.launch` through pdsh and ssh
 pdsh and sshd (`bash .ci/local_pdsh.sh` sets them up; CI does). Skipped without them, unless
 DSFM_REQUIRE_PDSH=1 (CI sets it once they answer), where that is a failure.
 
-The runner is started through a link to this Python in the test's own folder: on SIGTERM it
-kills every node's launcher whose command line starts with its own interpreter's path, and a
-shared one would end the launches of tests running beside this one."""
+The runner is started through an interpreter path of the test's own (a virtual environment
+over this one's packages): on SIGTERM it kills every node's launcher whose command line starts
+with its own interpreter's path, and a shared one would end the launches of tests running
+beside this one."""
 
 import os
 import shutil
 import signal
+import site
 import subprocess
 import sys
+import sysconfig
 import time
 
 import pytest
@@ -50,15 +53,28 @@ def pdsh():
         pytest.skip(f"{why}; bash .ci/local_pdsh.sh sets up pdsh and ssh to this machine")
 
 
+def own_python(tmp_path) -> str:
+    """A path of this test's own to this Python with this environment's packages: a virtual
+    environment whose site directory adds this one's (a bare link to the interpreter would
+    leave a virtual environment for the base installation's packages)."""
+    env_dir = tmp_path / "py"
+    python = env_dir / "bin" / "python"
+    if not python.exists():
+        subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages",
+                        str(env_dir)], check=True)
+        purelib = sysconfig.get_path("purelib", vars={"base": str(env_dir),
+                                                      "platbase": str(env_dir)})
+        with open(os.path.join(purelib, "dsfm_test_parent.pth"), "w") as fh:
+            fh.write("import site; " + "; ".join(f"site.addsitedir({d!r})"
+                                                 for d in site.getsitepackages()) + "\n")
+    return str(python)
+
+
 def runner_cmd(tmp_path, ds: str, run_dir, sets) -> list[str]:
     """The DeepSpeed runner over a two-node hostfile, under this test's own interpreter path."""
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
-    python = tmp_path / "bin" / "python"
-    python.parent.mkdir(exist_ok=True)
-    if not python.exists():
-        python.symlink_to(sys.executable)
-    cmd = [str(python), "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
+    cmd = [own_python(tmp_path), "-m", "deepspeed.launcher.runner", "--hostfile", str(hostfile),
            "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "dsfm/train.py",
            "--ds_config", ds, "--run-dir", str(run_dir)]
     for s in TINY + list(sets):

@@ -8,8 +8,9 @@ of the first line it printed after the signal, the one saying it was checkpointi
 checkpoint was never written. `keep_going()` wraps `sys.stdout` and `sys.stderr` so that a
 broken pipe points the file descriptor at /dev/null and the write goes on there: the rank
 finishes what it was doing (the checkpoint), and train.log, written first, keeps every line.
-Output to the descriptor itself (C code, DeepSpeed's logger, child processes) goes to /dev/null
-too from then on.
+Output to the descriptor itself (C code, DeepSpeed's logger, which holds the stream it found at
+import, child processes started later) goes to /dev/null too from then on; child processes
+already running keep the broken pipe. Writes to `sys.stdout.buffer` go around the wrapper.
 """
 
 from __future__ import annotations
@@ -39,6 +40,10 @@ class _Survivor:
             self._reader_gone()     # what was buffered is flushed to /dev/null with the retry
             return self._stream.write(text)
 
+    def writelines(self, lines):
+        for line in lines:
+            self.write(line)
+
     def flush(self):
         try:
             self._stream.flush()
@@ -47,12 +52,14 @@ class _Survivor:
             self._stream.flush()
 
     def __getattr__(self, name):    # isatty, fileno, encoding, buffer, ... of the stream
+        if name == "_stream":       # not set yet (a copy being made): no recursion
+            raise AttributeError(name)
         return getattr(self._stream, name)
 
 
 def keep_going() -> None:
-    """Wrap `sys.stdout` and `sys.stderr` (once; a stream with no file descriptor, such as
-    pytest's capture, is left as it is)."""
+    """Wrap `sys.stdout` and `sys.stderr` (once; a stream with no file descriptor is left as
+    it is)."""
     for name in ("stdout", "stderr"):
         stream = getattr(sys, name)
         if stream is None or isinstance(stream, _Survivor):
