@@ -887,6 +887,20 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     f"{type(engine.optimizer).__name__} to skip a non-finite gradient norm); "
                     "the weights may no longer be finite, so nothing was saved")
 
+        def evaluated(at: int) -> bool:
+            """Whether the run directory holds the evaluation of step `at` (rank 0's answer,
+            for every rank: the evaluation is collective)."""
+            answer = [False]
+            if env.rank == 0:    # written whole since; one an older dsfm cut short is redone
+                try:
+                    with open(os.path.join(run_dir, f"eval_step{at:08d}.json")) as fh:
+                        answer = [isinstance(json.load(fh), dict)]
+                except (OSError, ValueError):
+                    pass
+            if env.world_size > 1:
+                td.broadcast_object_list(answer, src=0)
+            return bool(answer[0])
+
         step = saved_at = 0
         if args.resume:
             resumed = checkpoint.load_latest(engine, run_dir, vocab.state_dict(),
@@ -905,7 +919,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     loss_sum.copy_(rank_state["loss_window"][0])
                     loss_n.copy_(rank_state["loss_window"][1])
                 step = saved_at = int(client["step"])
-                log.resume_at(step)
+                # the evaluation of this step redone below (a signal or kill came before its
+                # eval JSON): its scalars from before, if the dead run logged them, go too
+                log.resume_at(step, redo_eval=bool(cfg.train.eval_batches) and (
+                    step >= cfg.train.max_steps or bool(cfg.train.eval_every) and
+                    step % cfg.train.eval_every == 0) and not evaluated(step))
                 log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
                 note = numerics_note(client.get("model_numerics"), "the checkpoint")
                 if note:
@@ -946,20 +964,6 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             log.text(f"checkpoint: {path}" + (
                 f" (after {skipped_in_a_row} skipped updates: no older checkpoint pruned)"
                 if skipped_in_a_row else ""), console=bool(skipped_in_a_row))
-
-        def evaluated(at: int) -> bool:
-            """Whether the run directory holds the evaluation of step `at` (rank 0's answer,
-            for every rank: the evaluation is collective)."""
-            answer = [False]
-            if env.rank == 0:    # written whole since; one an older dsfm cut short is redone
-                try:
-                    with open(os.path.join(run_dir, f"eval_step{at:08d}.json")) as fh:
-                        answer = [isinstance(json.load(fh), dict)]
-                except (OSError, ValueError):
-                    pass
-            if env.world_size > 1:
-                td.broadcast_object_list(answer, src=0)
-            return bool(answer[0])
 
         def run_eval(at: int) -> None:
             if not cfg.train.eval_batches:

@@ -1904,12 +1904,20 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     train(ds, r, sets, data=demo_base)
     final = r / "eval_step00000002.json"
     results = json.loads(final.read_text())
+    board = _board_points(r)
+    tag = next(t for t in board if t.startswith("eval/") and t.endswith("/nrmse_1step"))
+    assert [s for s, _ in board[tag]] == [1, 2] and [s for s, _ in board["train/loss"]] == [1, 2]
     final.write_text(final.read_text()[:40])        # the final evaluation cut off
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "nothing to train" in proc.stdout and "evaluation at step 2" in proc.stdout
     assert json.loads(final.read_text()) == results
+    # its scalars, logged before the cut, once: in TensorBoard (step 2 purged, its training
+    # scalars written again) and in metrics.jsonl
+    assert _board_points(r) == board
+    assert [sum(t in k for k in _records_of(r, 2)) for t in (tag, "train/loss")] == [1, 1]
     proc = train(ds, r, sets, resume=True, data=demo_base)
     assert "nothing to train" in proc.stdout and "evaluation at step" not in proc.stdout
+    assert _board_points(r) == board
 
     # as a SIGTERM at step 1 leaves it: the checkpoint of step 1, no evaluation of it
     first = r / "eval_step00000001.json"
@@ -1920,6 +1928,26 @@ def test_a_finished_run_resumed_evaluates_if_its_final_evaluation_is_missing(dem
     assert "resumed from step 1" in proc.stdout
     assert json.loads(first.read_text()) == at_1
     assert json.loads(final.read_text()) == results
+    again = _board_points(r)
+    ours = [t for t in board if t.startswith(("train/", "eval/"))]
+    assert len(ours) > 6 and all([s for s, _ in again[t]] == [1, 2] for t in ours)
+    assert again[tag] == board[tag]     # the same weights at both steps: the same evaluations
+    assert [sum(tag in k for k in _records_of(r, at)) for at in (1, 2)] == [1, 1]
+
+
+def _board_points(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """tag → (step, value) of each scalar point, as TensorBoard reads the run's event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    board = EventAccumulator(str(run_dir / "tb"), size_guidance={"scalars": 0})
+    board.Reload()
+    return {t: [(e.step, e.value) for e in board.Scalars(t)] for t in board.Tags()["scalars"]}
+
+
+def _records_of(run_dir, step: int) -> list[list[str]]:
+    """The keys of each metrics.jsonl record of `step`, less step and time."""
+    with open(run_dir / "metrics.jsonl") as fh:
+        return [sorted(set(r) - {"step", "time"}) for r in map(json.loads, fh)
+                if r["step"] == step]
 
 
 def test_time_invariant_fields_are_named_as_not_model_inputs(tmp_path):

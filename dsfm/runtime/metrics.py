@@ -29,11 +29,16 @@ class MetricsLogger:
         self._jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
         self._log = open(os.path.join(run_dir, "train.log"), "a")
 
-    def resume_at(self, step: int) -> int:
+    def resume_at(self, step: int, redo_eval: bool = False) -> int:
         """A run resumed from the checkpoint of `step` trains the steps after it again: their
         records from before (logged after that checkpoint, then lost with the process) are
         dropped from metrics.jsonl, and TensorBoard is told to purge them from its older event
         files (`purge_step`), so that each step has one value and no curve doubles back.
+
+        `redo_eval`: the run evaluates `step` again (the dead run stopped before writing its
+        eval JSON, perhaps after logging its scalars): that step's evaluation records go too.
+        TensorBoard purges whole steps, so it purges `step` itself and is given the step's
+        other scalars again, as metrics.jsonl holds them (with their wall times).
 
         `step` -1: the run starts from scratch, so every earlier record goes (those of a run
         that died here before its first checkpoint; step 0's evaluation too, which the new run
@@ -50,23 +55,36 @@ class MetricsLogger:
         if step < 0 and not records and not self._earlier_events:
             self._jsonl = open(path, "a")
             return 0
-        self._tb.close()
-        self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"), purge_step=step + 1)
         # a line cut short is dropped, and every kept one ends its line, so that the records
         # appended next stay lines of their own
-        kept = [line.rstrip("\n") + "\n" for line, at in records if at is not None and at <= step]
+        kept = [line.rstrip("\n") + "\n" for line, at in records if at is not None and
+                at <= step and not (redo_eval and at == step and _is_eval(line))]
+        self._tb.close()
+        self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"),
+                                 purge_step=step if redo_eval else step + 1)
+        if redo_eval:
+            for line in kept:
+                record = json.loads(line)
+                if record.get("step") == step:
+                    self._add(step, {k: v for k, v in record.items() if k not in ("step", "time")},
+                              record.get("time"))
         with open(path + ".tmp", "w") as fh:
             fh.writelines(kept)
         os.replace(path + ".tmp", path)
         self._jsonl = open(path, "a")
         return len(records) - len(kept)
 
+    def _add(self, step: int, values: dict, walltime: float | None = None) -> None:
+        """TensorBoard's points of `values`: the finite numbers (a missing value is None, a
+        non-finite one no point)."""
+        for tag, value in values.items():
+            if value is not None and math.isfinite(value):
+                self._tb.add_scalar(tag, value, step, walltime=walltime)
+
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for tag, value in values.items():
-            if value is not None and math.isfinite(value):
-                self._tb.add_scalar(tag, value, step)
+        self._add(step, values)
         self._jsonl.write(json.dumps({"step": step, "time": time.time(), **values}) + "\n")
         self._jsonl.flush()
 
@@ -105,3 +123,11 @@ def _step_of(line: str) -> int | None:
         return int(json.loads(line).get("step", 0))
     except (ValueError, TypeError, AttributeError):
         return None
+
+
+def _is_eval(line: str) -> bool:
+    """Whether a metrics.jsonl record is an evaluation's (its scalars are eval/...)."""
+    try:
+        return any(key.startswith("eval/") for key in json.loads(line))
+    except (ValueError, TypeError):
+        return False
