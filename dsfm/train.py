@@ -539,18 +539,20 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
 
 
 def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str,
-              told: str = "") -> str:
+              told: str = "", skipped: bool = True, written: bool = True) -> str:
     """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
-    rank's error, if its loader failed too; `told`: rank `failed`'s, which every rank repeats),
-    the checkpoint of step `saved` written: `at` itself (ZeRO skipped its update) or the one
-    before (its micro-batch was skipped before the backward)."""
-    if saved == 0:      # stage 0, the first micro-batch: no update yet, and no checkpoint
+    rank's error, if its loader failed too; `told`: rank `failed`'s, which every rank repeats).
+    `skipped`: every rank skipped the update of step `at` (ZeRO), else it stopped before it
+    (its micro-batch was skipped before the backward). `saved`: the step of the last update
+    applied, whose checkpoint holds the run (`written` now, or on disk already); 0: none."""
+    if saved == 0:      # no update yet (a fresh run's first step), and no checkpoint
         then = ("every rank stopped before the first update, with nothing to checkpoint: mend "
                 "or replace the file and start the run again")
     else:
-        then = (f"every rank skipped the update of step {at} and stopped after writing its "
-                "checkpoint" if at == saved else f"every rank stopped before the update of "
-                f"step {at} after writing the checkpoint of step {saved}")
+        then = (f"every rank skipped the update of step {at}" if skipped else
+                f"every rank stopped before the update of step {at}")
+        then += (f" after writing the checkpoint of step {saved}" if written else
+                 f"; the checkpoint of step {saved} holds the run")
         then += (f": mend or replace the file, then --resume --run-dir {run_dir} continues "
                  f"from step {saved}")
     if exc is not None:
@@ -947,16 +949,19 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         skipped_in_a_row = 0            # updates ZeRO skipped (non-finite gradients) just now
         deferred = False                # a checkpoint_every step's checkpoint, not yet written
 
-        def save(at: int) -> None:
+        def save(at: int, rewound: dict | None = None) -> None:
             """Collective. During updates skipped in a row, the weights are those whose losses
             or gradients were not finite: a checkpoint written then (on a signal, at the end)
-            prunes no older one."""
+            prunes no older one. `rewound`: the loader, random and loss-window state to save
+            in place of the current ones (a data stop's, from before the step after `at`)."""
             nonlocal saved_at, deferred
             check_unskipped(at)
+            state = rewound or {"loader": loader.state_dict(),
+                                "loss_window": (loss_sum, loss_n)}
+            window = tuple(t.cpu() for t in state["loss_window"])
             with monitor.outside_training():
                 path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
-                                       {"loader": loader.state_dict(), "step": at,
-                                        "loss_window": (loss_sum.cpu(), loss_n.cpu())},
+                                       {**state, "step": at, "loss_window": window},
                                        cfg.train.keep_checkpoints,
                                        prune=not skipped_in_a_row)
             saved_at = at
@@ -1058,16 +1063,26 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             v = int(all_reduce_(t, td.ReduceOp.MAX).item())
             return env.world_size - v if v else None
 
-        def stop_for_data(failed: int, at: int) -> None:
-            """Every rank: checkpoint (the weights of the last update applied, which the data
-            error did not reach), then stop; `at`: the step the error came in. Every rank's
-            line names the file: the failing rank may be ended before it says so."""
+        def stop_for_data(failed: int, at: int, skipped: bool) -> None:
+            """Every rank: the checkpoint of the last update applied (which the data error did
+            not reach), with every rank's loader, loss window and random state as they were
+            before the step after it (`rewind`), then stop; `at`: the step the error came in.
+            The failing rank's loader stopped short of its peers': saved where each stood, the
+            ranks would resume at different places in the sampler, and with the same dataset
+            on every rank they would draw different datasets from then on. Every rank's line
+            names the file: the failing rank may be ended before it says so."""
             told = told_by(failed, None if data_failed is None else str(data_failed), dev)
-            if saved_at != step:
-                save(step)
-            raise DsfmError(data_stop(data_failed, failed, at, step, run_dir, told))
+            # (one written since, on a signal during skipped updates, is of a step's end too)
+            written = saved_at < applied
+            if written:
+                save(applied, rewind)
+            raise DsfmError(data_stop(data_failed, failed, at, saved_at, run_dir, told,
+                                      skipped=skipped, written=written))
         lr = float(engine.get_lr()[0])
         while step < cfg.train.max_steps and not stop:
+            if step == applied:     # what a data stop saves, until an update is applied again
+                rewind = {"loader": loader.state_dict(), "rng": checkpoint.rng_state(),
+                          "loss_window": (loss_sum.clone(), loss_n.clone())}
             skipped_before = engine.skipped_steps
             done = 0
             flags = []          # on_device: (dataset, finite) of each micro-batch, read on a skip
@@ -1095,7 +1110,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 if not on_device and not finite.item():   # every rank skips it together
                     failed = data_failure_agreed()
                     if failed is not None:
-                        stop_for_data(failed, step + 1)
+                        stop_for_data(failed, step + 1, skipped=False)
                     bad_in_a_row += 1
                     where = nonfinite_where(batch.dataset, env.world_size)
                     log.text(f"warning: non-finite loss at step {step + 1} ({where}): "
@@ -1131,7 +1146,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     unskipped.sub_(torch.logical_not(finite).to(unskipped.dtype))
                 failed = data_failure_agreed()
                 if failed is not None:
-                    stop_for_data(failed, step)
+                    stop_for_data(failed, step, skipped=True)
                 losses_in_a_row = losses_in_a_row + 1 if bad else 0
                 if bad:
                     i, dataset = bad[0]

@@ -2383,20 +2383,30 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     """NaN in one window of the data, read by one rank: that rank's loader fails, but the
     other is already in the step's collectives, and the run used to stop without a checkpoint
     (the progress since the last one lost). The failing rank runs the step on a stand-in
-    micro-batch whose loss is NaN, so both skip its update, then both write its checkpoint and
-    stop, each with one line, exit code 1 (the data is bad). Mended, the run resumes there. Under
-    the DeepSpeed launcher, which sends SIGTERM to the other rank as soon as one exits with an
-    error: that used to end it before its line (a race CI lost for either rank), and a rank
-    stopping on an error now holds SIGTERM until it has said why."""
+    micro-batch whose loss is NaN, so both skip its update, then both write the checkpoint of
+    the step before (the last update applied) and stop, each with one line, exit code 1 (the
+    data is bad). Mended, the run resumes there and trains the failed step again: its losses
+    are those of a run that never failed. Each rank's loader used to be saved where it
+    stood, the failing rank's short of its peer's, so that with two datasets (the same on both
+    ranks at each micro-batch) the resumed ranks drew different datasets. Under the DeepSpeed
+    launcher, which sends SIGTERM to the other rank as soon as one exits with an error: that
+    used to end it before its line (a race CI lost for either rank), and a rank stopping on
+    an error now holds SIGTERM until it has said why."""
     import h5py
 
     from dsfm.runtime import checkpoint
     bad, first = nan_point_copy(demo_base, tmp_path)
+    shutil.copytree(os.path.join(demo_base, "navier_stokes_2d"), tmp_path / "navier_stokes_2d")
+    sets = [f"data.base={tmp_path}", "data.datasets=[euler_2d,navier_stokes_2d]",
+            "train.max_steps=30"]
+    ds = ds_config(tmp_path, 2, micro=2)
+
+    def launched(run_dir):
+        return ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] + \
+            train_cmd(ds, run_dir, sets)[1:]
+
     run_dir = tmp_path / "r"
-    cmd = train_cmd(ds_config(tmp_path, 2, micro=2), run_dir,
-                    [f"data.base={tmp_path}", f"data.datasets=[{bad}]", "train.max_steps=16"])
-    launched = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port())] + cmd[1:]
-    proc = run(launched, timeout=600)
+    proc = run(launched(run_dir), timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = {}
     for ln in proc.stderr.splitlines():
@@ -2407,11 +2417,12 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     assert set(errors) == {0, 1}, proc.stderr[-3000:]
     # the failing rank's line starts with its error; the other's names that rank first
     [(failed, line)] = [(r, e) for r, e in errors.items() if "'s loader failed" not in e]
-    step = int(re.search(r"every rank skipped the update of step (\d+) and stopped after "
-                         r"writing its checkpoint", line).group(1))
-    assert 2 <= step < 16 and f"{first}: /t0_fields/pressure has NaN/Inf at trajectory 0, " \
-        "time index 3" in line, line
-    assert line.endswith(f"then --resume --run-dir {run_dir} continues from step {step}")
+    m = re.search(r"every rank skipped the update of step (\d+) after writing the checkpoint "
+                  r"of step (\d+): mend", line)
+    step = int(m.group(1))
+    assert int(m.group(2)) == step - 1 and 2 <= step < 30 and \
+        f"{first}: /t0_fields/pressure has NaN/Inf at trajectory 0, time index 3" in line, line
+    assert line.endswith(f"then --resume --run-dir {run_dir} continues from step {step - 1}")
     # the other rank repeats the failing rank's error (a launcher may end the failing rank
     # before it prints), and so train.log, which rank 0 writes, names the file either way
     told = line.split(": ", 1)[1].split("; every rank", 1)[0]
@@ -2419,14 +2430,19 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
     assert other.startswith(f"error (rank {1 - failed}): rank {failed}'s loader failed at step "
                             f"{step}: {told}; every rank skipped"), other
     assert told in (run_dir / "train.log").read_text() and str(tmp_path) in told
-    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step:08d}"
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step - 1:08d}"
     assert max(losses(run_dir)) == step - 1           # the skipped step logged nothing
     with h5py.File(first, "r+") as f:
         f["t0_fields/pressure"][0, 3, 5, 5] = 1.0
-    proc = run(launched + ["--resume"], timeout=600)
+    proc = run(launched(run_dir) + ["--resume"], timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from step {step} " in (run_dir / "train.log").read_text()
-    assert sorted(losses(run_dir)) == [s for s in range(1, 17) if s != step]
+    assert f"resumed from step {step - 1} " in (run_dir / "train.log").read_text()
+    # the same as a run on the mended data from the start, step after step
+    clean = tmp_path / "clean"
+    assert run(launched(clean), timeout=600).returncode == 0
+    assert losses(run_dir) == losses(clean) and len(losses(clean)) == 30
+    for name in ("euler_2d", "navier_stokes_2d"):
+        assert logged(run_dir, f"train/loss/{name}") == logged(clean, f"train/loss/{name}")
 
 
 def test_a_data_error_without_zero_checkpoints_the_last_update_and_stops(demo_base, tmp_path):
@@ -2476,13 +2492,15 @@ def test_a_rank_stopping_on_a_data_error_says_why_though_sigterm_comes_first(dem
     assert line in (run_dir / "train.log").read_text()
 
 
-def test_a_data_error_in_the_first_micro_batch_checkpoints_or_says_nothing_was_trained(
+def test_a_data_error_in_the_first_micro_batch_says_nothing_was_trained(
         demo_base, tmp_path):
     """Every training window NaN: each rank's loader fails at its first micro-batch, before it
     drew one to copy a stand-in from, and the run used to stop at once, a peer left waiting in
     the step's collectives. The stand-in now comes from the loader's metadata: under ZeRO-2
-    both ranks skip the update of step 1 and write its checkpoint; without ZeRO (the loss read
-    before any update) the run says that nothing was trained, and writes none."""
+    both ranks skip the update of step 1, without ZeRO (the loss read before any update) they
+    stop before it; either way the run says that nothing was trained, and writes no
+    checkpoint (one of step 1 after its skipped update held the initial weights, and a loader
+    state past the windows to train on again)."""
     import h5py
 
     from dsfm.runtime import checkpoint
@@ -2498,10 +2516,9 @@ def test_a_data_error_in_the_first_micro_batch_checkpoints_or_says_nothing_was_t
         assert rc == 1 and "Traceback" not in err, err[-3000:]
         [line] = [ln for ln in err.splitlines() if ln.startswith("error")]
         assert line.startswith(f"error (rank {rank}): ") and "has NaN/Inf at" in line, line
-        assert line.endswith("every rank skipped the update of step 1 and stopped after writing "
-                             f"its checkpoint: mend or replace the file, then --resume --run-dir "
-                             f"{run_dir} continues from step 1"), line
-    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir))) == ["step00000001"]
+        assert line.endswith("every rank stopped before the first update, with nothing to "
+                             "checkpoint: mend or replace the file and start the run again"), line
+    assert not checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))
     run_dir = tmp_path / "r0"
     proc = run(train_cmd(ds_config(tmp_path, 0, micro=2), run_dir, sets))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
@@ -2570,7 +2587,8 @@ def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, t
     """On a GPU the loader checks a batch on the device and reads the flag one next() later:
     the batch with NaN has gone through its step (its loss NaN, the update skipped with a
     warning) when the error comes; the next step runs on a stand-in, skips its update too,
-    and the run stops with that step's checkpoint. ZeRO-2, one rank."""
+    and the run stops with the checkpoint of the step before the two (the last update
+    applied), whose loader state reads the NaN batch's step again. ZeRO-2, one rank."""
     from dsfm.runtime import checkpoint
     bad, _ = nan_point_copy(demo_base, tmp_path)
     run_dir = tmp_path / "r"
@@ -2579,12 +2597,17 @@ def test_a_data_error_on_cuda_checkpoints_after_the_step_it_reached(demo_base, t
                           "train.max_steps=40"]), timeout=600)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     [line] = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
-    step = int(re.search(r"time index 3 .*; every rank skipped the update of step (\d+) and "
-                         r"stopped after writing its checkpoint", line).group(1))
+    m = re.search(r"time index 3 .*; every rank skipped the update of step (\d+) after "
+                  r"writing the checkpoint of step (\d+): mend", line)
+    step = int(m.group(1))
+    assert int(m.group(2)) == step - 2 >= 1, line
     log = (run_dir / "train.log").read_text()
     assert f"warning: non-finite loss at step {step - 1} (dataset euler_2d): DeepSpeed " \
         "skipped the update (1 in a row)" in log, log[-3000:]
-    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step:08d}"
+    assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step - 2:08d}"
+    saved = torch.load(run_dir / "checkpoints" / f"step{step - 2:08d}" / "dsfm_rank0.pt",
+                       weights_only=False)
+    assert saved["loader"]["sampler"]["step"] == step - 2    # a micro-batch a step: read again
     logged_losses = losses(run_dir)       # the NaN batch's step logged none (null)
     assert sorted(logged_losses) == list(range(1, step)) and logged_losses[step - 1] is None
 

@@ -106,7 +106,8 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     try:
         engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
         path = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
-        torch.save({**rank_state, "rng": rng_state()}, path + ".tmp")
+        # (a data stop's rank_state brings the random state from before the step it rewinds)
+        torch.save({"rng": rng_state(), **rank_state}, path + ".tmp")
         os.replace(path + ".tmp", path)
         if td.is_initialized():
             td.barrier()
