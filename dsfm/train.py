@@ -538,6 +538,21 @@ def nonfinite_micro_batches(flags: list, device) -> list[tuple[int, str]]:
     return [(i, flags[i][0]) for i, ok in enumerate(finite.tolist()) if not ok]
 
 
+def last_batch_failure(loader) -> DataError | None:
+    """The loader's error for NaN/Inf in the last batch it handed out, or None. On CUDA that
+    check is read one next() late, so that a batch with NaN has gone through its step when the
+    loader says so: read where the step's non-finite loss is (the host waits there anyway),
+    the data error stops the run at the batch's own step and names its file, rather than a
+    step later, or not at all once train.max_nonfinite skipped updates have stopped the run
+    (as the weights' or the learning rate's fault). On the CPU every batch was checked as it
+    was handed out: None. The loader closes itself on an error."""
+    try:
+        loader.check_last()
+    except DataError as exc:
+        return exc
+    return None
+
+
 def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_dir: str,
               told: str = "", skipped: bool = True, written: bool = True) -> str:
     """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
@@ -1108,6 +1123,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     finite = torch.isfinite(loss.detach()).to(torch.int32).reshape(1)
                     all_reduce_(finite, td.ReduceOp.MIN)
                 if not on_device and not finite.item():   # every rank skips it together
+                    data_failed = data_failed or last_batch_failure(loader)
                     failed = data_failure_agreed()
                     if failed is not None:
                         stop_for_data(failed, step + 1, skipped=False)
@@ -1144,6 +1160,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                 bad = nonfinite_micro_batches(flags, engine.device) if on_device else []
                 for _, finite in flags:       # skipped: these did not reach the weights
                     unskipped.sub_(torch.logical_not(finite).to(unskipped.dtype))
+                data_failed = data_failed or last_batch_failure(loader)
                 failed = data_failure_agreed()
                 if failed is not None:
                     stop_for_data(failed, step, skipped=True)
