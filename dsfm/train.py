@@ -919,6 +919,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             return bool(answer[0])
 
         step = saved_at = 0
+        client = {}                     # the resumed checkpoint's client state
         if args.resume:
             resumed = checkpoint.load_latest(engine, run_dir, vocab.state_dict(),
                                              model.config.n_fields)  # ZeRO-3: partitioned
@@ -962,7 +963,16 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                          "that left no checkpoint dropped (this run starts at step 0)")
         first_step = applied = step     # applied: the step of the last update applied
         skipped_in_a_row = 0            # updates ZeRO skipped (non-finite gradients) just now
+        losses_in_a_row = 0             # of them, those whose losses were not finite
+        bad_in_a_row = 0                # without ZeRO: non-finite micro-batches skipped just now
         deferred = False                # a checkpoint_every step's checkpoint, not yet written
+        if "streak" in client:
+            # a checkpoint written during skipped updates (on a signal): the count towards
+            # train.max_nonfinite and the advice's last update applied go on from there
+            streak = client["streak"]
+            applied, skipped_in_a_row = int(streak["applied"]), int(streak["skipped"])
+            losses_in_a_row, bad_in_a_row = int(streak["losses"]), int(streak["bad"])
+        rewind = None                   # what a data stop saves (set at the first step)
 
         def save(at: int, rewound: dict | None = None) -> None:
             """Collective. During updates skipped in a row, the weights are those whose losses
@@ -974,8 +984,14 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             state = rewound or {"loader": loader.state_dict(),
                                 "loss_window": (loss_sum, loss_n)}
             window = tuple(t.cpu() for t in state["loss_window"])
+            # (a rewound state is of the start of the step after an update applied: no streak;
+            # a deferred checkpoint is this one)
+            streak = {"applied": applied, "skipped": 0, "losses": 0, "bad": 0} if rewound \
+                else {"applied": applied, "skipped": skipped_in_a_row,
+                      "losses": losses_in_a_row, "bad": bad_in_a_row}
             with monitor.outside_training():
-                path = checkpoint.save(engine, run_dir, at, {**client_state, "step": at},
+                path = checkpoint.save(engine, run_dir, at,
+                                       {**client_state, "step": at, "streak": streak},
                                        {**state, "step": at, "loss_window": window},
                                        cfg.train.keep_checkpoints,
                                        prune=not skipped_in_a_row)
@@ -1066,7 +1082,6 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             if signal_flag:
                 stop = on_signal(signal_flag)
         engine.train()
-        bad_in_a_row = skipped_in_a_row = losses_in_a_row = 0
         # this rank's loader error (a NaN in a file, a file gone bad, a reader that died), after
         # which its micro-batches are stand-ins (zeros shaped like the last one's dataset's)
         data_failed, last = None, None
@@ -1181,7 +1196,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                         skipped_in_a_row, step - 1, first_step, applied, run_dir,
                         "non-finite losses" if losses else
                         "updates skipped for non-finite gradients",
-                        before_any_update=first_step == 0 and skipped_in_a_row == step))
+                        before_any_update=applied == 0 and skipped_in_a_row == step))
             else:
                 skipped_in_a_row = losses_in_a_row = 0
                 applied = step

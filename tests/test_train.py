@@ -1247,6 +1247,19 @@ def test_a_checkpoint_on_a_signal_during_skipped_updates_prunes_none(demo_base, 
     assert int(tags[1][4:]) >= 4
     assert "skipped updates: no older checkpoint pruned)" in out
     assert "checkpoint of step 2 deferred: its update was skipped" in log.read_text()
+    # resumed, the streak goes on (it started again at 0): its count towards max_nonfinite,
+    # and the advice knows step 1's update as the last applied, whose checkpoint holds the
+    # weights that gave the non-finite losses (it said to resume from it)
+    k = int(tags[1][4:])
+    proc = run(train_cmd(str(diverging_ds_config(tmp_path, 2)), run_dir,
+                         ["train.max_steps=400", f"train.max_nonfinite={k + 1}",
+                          "train.checkpoint_every=1", "train.keep_checkpoints=1"],
+                         data=demo_base) + ["--resume"])
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert f"{k + 1} non-finite losses in a row at step {k + 2}: " in proc.stderr, \
+        proc.stderr[-2000:]
+    assert (f"start again: the checkpoints kept (step00000001, {tags[1]}) hold the weights of "
+            "step 1, whose losses were not finite") in proc.stderr, proc.stderr[-2000:]
 
 
 def test_a_non_finite_loss_that_deepspeed_did_not_skip_stops_the_run_before_it_saves(
