@@ -161,6 +161,10 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     data = cfg.data
     AViTConfig(cfg.model.n_fields or 1, *cfg.model_shape(), cfg.model.drop_path,
                **computed_as(cfg))
+    run = None if args.run_dir is None else checkpoint.inside_a_run(args.run_dir)
+    if run is not None:
+        raise ConfigError(f"--run-dir {args.run_dir} is inside the run directory {run} (its "
+                          "checkpoints or one of them): give the run directory itself")
     if os.path.exists(data.base) and not os.path.isdir(data.base):
         raise ConfigError(f"data.base {data.base} is a file, not a directory of datasets")
     paths = None

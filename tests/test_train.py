@@ -1866,6 +1866,24 @@ def test_a_run_directory_that_cannot_be_written_is_one_line(tmp_path):
                                    "and logs in)")
 
 
+def test_a_run_directorys_checkpoints_as_run_directory_are_refused(demo_base, tmp_path):
+    """--resume --run-dir RUN/checkpoints (the folder the export CLI takes) found no checkpoint
+    in RUN/checkpoints/checkpoints and trained a new run in there, beside the old run's
+    checkpoints; one checkpoint's folder the same. Refused in one line, nothing written."""
+    ds = ds_config(tmp_path, 2, micro=4)
+    r = tmp_path / "r"
+    train(ds, r, ["train.max_steps=1"], data=demo_base)
+    before = sorted(p.relative_to(r) for p in r.rglob("*"))
+    for inside in (r / "checkpoints", r / "checkpoints" / "step00000001"):
+        for resume in ([], ["--resume"]):
+            proc = run(train_cmd(ds, inside, ["train.max_steps=2"], data=demo_base) + resume)
+            assert proc.returncode == 2, proc.stderr[-2000:]
+            assert proc.stderr.strip() == (
+                f"error: --run-dir {inside} is inside the run directory {r} (its checkpoints "
+                "or one of them): give the run directory itself"), proc.stderr[-2000:]
+    assert sorted(p.relative_to(r) for p in r.rglob("*")) == before
+
+
 def test_a_run_directory_that_exists_but_cannot_be_written_is_one_line(tmp_path):
     """It passed the checks (os.makedirs takes an existing directory) and stopped rank 0 in its
     logger after the process group, exit code 1, while the other ranks went on."""

@@ -45,6 +45,22 @@ def run_dir_of(path: str) -> str:
     return path
 
 
+def inside_a_run(path: str) -> str | None:
+    """The run directory that `path` lies in when it is that run's checkpoints/ folder or one
+    checkpoint's folder (it holds step<N> folders, or is one), else None: a --run-dir given
+    so started a new run in there (--resume finding no checkpoint in its checkpoints/)."""
+    norm = os.path.normpath(path)
+    if not os.path.isdir(norm):
+        return None
+    if _tag_dirs(norm):
+        return os.path.dirname(norm) or os.curdir
+    if _TAG_RE.match(os.path.basename(norm)) and (
+            os.path.isfile(os.path.join(norm, META)) or
+            os.path.isfile(os.path.join(norm, "COMPLETE"))):
+        return os.path.dirname(os.path.dirname(norm)) or os.curdir
+    return None
+
+
 def split_tag_dir(path: str, tag: str | None = None) -> tuple[str, str | None]:
     """(`path`, `tag`), or for a checkpoint's own folder (`RUN/checkpoints/step00000006`)
     its checkpoints folder and that tag: what the export CLI and train.init_from take (it said
