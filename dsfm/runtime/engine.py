@@ -326,20 +326,26 @@ def rank0_first(work, key: str, poll_s: float = 1.0):
     # the others an earlier verdict
     calls = _RANK0_FIRST_CALLS[key] = _RANK0_FIRST_CALLS.get(key, 0) + 1
     key = f"dsfm/{key}/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/{calls}"
+    def told() -> None:
+        # rank 0 hosts the store (env://: the DeepSpeed launcher, srun, mpirun) and exits once
+        # it has raised, now or in what follows (a check of the data just simulated): the
+        # others, asleep up to poll_s between polls, would find the store gone instead of the
+        # verdict (and torch's store client prints a C++ stack trace of it); wait (bounded)
+        # until they have read it
+        deadline = time.monotonic() + 2 * poll_s + 5.0
+        while (store.add(f"{key}/read", 0) < td.get_world_size() - 1
+               and time.monotonic() < deadline):
+            time.sleep(0.01)
+
     if td.get_rank() == 0:
         try:
             out = work()
         except BaseException as exc:
             store.set(key, f"failed: {first_line(exc) or type(exc).__name__}")
-            # rank 0 hosts the store (env://: the DeepSpeed launcher, srun, mpirun) and exits
-            # once it has raised: the others, asleep up to poll_s between polls, would find
-            # the store gone instead of the verdict; wait (bounded) until they have read it
-            deadline = time.monotonic() + 2 * poll_s + 5.0
-            while (store.add(f"{key}/read", 0) < td.get_world_size() - 1
-                   and time.monotonic() < deadline):
-                time.sleep(0.01)
+            told()
             raise
         store.set(key, "ok")
+        told()
         return out
     wait = 0.01
     try:

@@ -19,7 +19,7 @@ from tests.conftest import REPO, free_port
 pytestmark = pytest.mark.slow
 
 SCRIPT = textwrap.dedent("""
-    import datetime, json, sys, time
+    import datetime, json, os, sys, time
     import torch, torch.distributed as td
     from dsfm.errors import DsfmError
     from dsfm.runtime.engine import rank0_first, told_by
@@ -44,6 +44,10 @@ SCRIPT = textwrap.dedent("""
             if rank == 0:
                 work()
             td.barrier()
+        elif mode == "exit":     # rank 0 refuses what it made at once, and exits
+            out["result"] = rank0_first(work, "test")
+            print("RESULT " + json.dumps(out), flush=True)
+            os._exit(0)
         else:
             out["result"] = rank0_first(work, "test")
         t = torch.tensor([rank + 1])
@@ -87,6 +91,16 @@ def test_a_failure_on_rank_0_stops_the_others_with_its_message():
     got = launch("fail")
     assert got[0]["error"] == "DsfmError: no space left on /data\nsecond line"
     assert got[1]["error"] == "DsfmError: rank 0 failed: no space left on /data"
+
+
+def test_rank_0_exiting_right_after_its_work_leaves_the_others_its_verdict():
+    """Rank 0 hosts the store: exiting right after its work (a check of the data it simulated
+    failing at once), it left the others, asleep between polls, to find the store gone: "rank
+    0 stopped while this rank waited for it", after a C++ stack trace of torch's store client.
+    It waits (bounded) until they have read its verdict, as it did when its work failed."""
+    got = launch("exit")
+    assert got[0] == {"rank": 0, "result": "made"}
+    assert got[1] == {"rank": 1, "result": None}
 
 
 def test_one_ranks_text_is_told_to_every_rank():
