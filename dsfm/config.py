@@ -415,8 +415,8 @@ def load_config(path: str | None = None, sets: list[str] = (),
     except yaml.YAMLError as exc:
         raise ConfigError(f"--config {path}: not valid YAML at {_yaml_error(exc)}") from None
     if raw is None:
-        raise ConfigError(f"--config {path}: the file is empty (a run needs at least a data "
-                          "section; see dsfm/configs/demo.yaml)")
+        raise ConfigError(f"--config {path}: the file is empty (give the sections to set, "
+                          "say train: with max_steps; see dsfm/configs/demo.yaml)")
     if not isinstance(raw, dict):
         raise ConfigError(f"--config {path}: expected a mapping of sections at the top level, "
                           f"got a {type(raw).__name__}")

@@ -200,7 +200,9 @@ def plan_eval(paths: list[str], *, n_steps_input: int, rollout_steps: int, batch
             raise ConfigError(f"evaluation: the valid split of {name} has {windows} windows of "
                               f"{n_steps_input} + {rollout_steps} steps, fewer than one "
                               f"micro-batch of {batch_size} per rank with {world_size} ranks; "
-                              "lower train.rollout_steps or set train.eval_batches=0")
+                              "lower train.rollout_steps or the micro-batch "
+                              "(train_micro_batch_size_per_gpu in the ds_config), or set "
+                              "train.eval_batches=0")
         plan[name] = min(batches, per_rank)
     return plan
 

@@ -157,6 +157,13 @@ def test_plan_eval_caps_at_one_pass_and_refuses_what_the_valid_split_cannot_serv
                   batch_size=2)
     with pytest.raises(ConfigError, match=f"{windows} windows.*{windows} ranks"):
         plan_eval([path], batches=1, world_size=windows, **kw)
+    # a micro-batch larger than the split, which no rollout_steps can mend: the line says so
+    with pytest.raises(ConfigError, match=rf"{windows} windows .*fewer than one micro-batch of "
+                                          rf"{windows + 1} per rank with 1 ranks; lower train"
+                                          r"\.rollout_steps or the micro-batch \("
+                                          r"train_micro_batch_size_per_gpu"):
+        plan_eval([path], batches=1, world_size=1, n_steps_input=4, rollout_steps=2,
+                  batch_size=windows + 1)
 
 
 def test_plan_eval_on_an_empty_or_missing_valid_split_names_the_setting(demo_base, tmp_path):
