@@ -1873,6 +1873,9 @@ def test_a_run_directorys_checkpoints_as_run_directory_are_refused(demo_base, tm
     ds = ds_config(tmp_path, 2, micro=4)
     r = tmp_path / "r"
     train(ds, r, ["train.max_steps=1"], data=demo_base)
+    # DeepSpeed's `latest` names the tag, written once the tag is complete (dsfm's), whole
+    assert (r / "checkpoints" / "latest").read_text() == "step00000001"
+    assert not (r / "checkpoints" / "latest.tmp").exists()
     before = sorted(p.relative_to(r) for p in r.rglob("*"))
     for inside in (r / "checkpoints", r / "checkpoints" / "step00000001"):
         for resume in ([], ["--resume"]):
@@ -2462,6 +2465,7 @@ def test_a_data_error_on_one_rank_checkpoints_every_rank_to_resume_once_mended(d
                             f"{step}: {told}; every rank skipped"), other
     assert told in (run_dir / "train.log").read_text() and str(tmp_path) in told
     assert checkpoint.tags(checkpoint.checkpoint_dir(str(run_dir)))[-1] == f"step{step - 1:08d}"
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step{step - 1:08d}"
     assert max(losses(run_dir)) == step - 1           # the skipped step logged nothing
     with h5py.File(first, "r+") as f:
         f["t0_fields/pressure"][0, 3, 5, 5] = 1.0

@@ -120,7 +120,11 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
     if td.is_initialized():
         td.barrier()
     try:
-        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state)
+        # DeepSpeed's `latest` (what its zero_to_fp32.py takes by default) is written below,
+        # once the tag is complete and whole: DeepSpeed wrote it in place before the tag's
+        # other files, so that a kill in between left it naming a checkpoint cut short
+        engine.save_checkpoint(ckpt_dir, tag=tag, client_state=client_state,
+                               save_latest=False)
         path = os.path.join(ckpt_dir, tag, f"dsfm_rank{rank}.pt")
         # (a data stop's rank_state brings the random state from before the step it rewinds)
         torch.save({"rng": rng_state(), **rank_state}, path + ".tmp")
@@ -140,6 +144,9 @@ def save(engine, run_dir: str, step: int, client_state: dict, rank_state: dict,
                 json.dump(meta, fh, indent=1)
             with open(os.path.join(ckpt_dir, tag, "COMPLETE"), "w") as fh:
                 fh.write(f"{step}\n")
+            with open(os.path.join(ckpt_dir, "latest.tmp"), "w") as fh:
+                fh.write(tag)
+            os.replace(os.path.join(ckpt_dir, "latest.tmp"), os.path.join(ckpt_dir, "latest"))
     except (OSError, RuntimeError) as exc:
         # a disk or quota full, a file too large: the run stopped with torch's or DeepSpeed's
         # traceback, which for torch's writer says "unexpected pos 2112 vs 2004" and nothing
