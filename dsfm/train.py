@@ -562,8 +562,9 @@ def data_stop(exc: BaseException | None, failed: int, at: int, saved: int, run_d
     """Why every rank stops after rank `failed`'s loader failed during step `at` (`exc`: this
     rank's error, if its loader failed too; `told`: rank `failed`'s, which every rank repeats).
     `skipped`: every rank skipped the update of step `at` (ZeRO), else it stopped before it
-    (its micro-batch was skipped before the backward). `saved`: the step of the last update
-    applied, whose checkpoint holds the run (`written` now, or on disk already); 0: none."""
+    (its micro-batch was skipped before the backward). `saved`: the step of the checkpoint that
+    holds the run: the last update applied's (`written` now, or on disk already), or a later
+    one on disk, written on a signal during skipped updates; 0: none."""
     if saved == 0:      # no update yet (a fresh run's first step), and no checkpoint
         then = ("every rank stopped before the first update, with nothing to checkpoint: mend "
                 "or replace the file and start the run again")
@@ -975,7 +976,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             # train.max_nonfinite and the advice's last update applied go on from there
             streak = client["streak"]
             applied, skipped_in_a_row = int(streak["applied"]), int(streak["skipped"])
-            losses_in_a_row, bad_in_a_row = int(streak["losses"]), int(streak["bad"])
+            losses_in_a_row = int(streak["losses"])
         rewind = None                   # what a data stop saves (set at the first step)
 
         def save(at: int, rewound: dict | None = None) -> None:
@@ -989,10 +990,11 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                                 "loss_window": (loss_sum, loss_n)}
             window = tuple(t.cpu() for t in state["loss_window"])
             # (a rewound state is of the start of the step after an update applied: no streak;
-            # a deferred checkpoint is this one)
-            streak = {"applied": applied, "skipped": 0, "losses": 0, "bad": 0} if rewound \
+            # a deferred checkpoint is this one; a step ends on a finite micro-batch, which
+            # ends a streak of skipped ones without ZeRO)
+            streak = {"applied": applied, "skipped": 0, "losses": 0} if rewound \
                 else {"applied": applied, "skipped": skipped_in_a_row,
-                      "losses": losses_in_a_row, "bad": bad_in_a_row}
+                      "losses": losses_in_a_row}
             with monitor.outside_training():
                 path = checkpoint.save(engine, run_dir, at,
                                        {**client_state, "step": at, "streak": streak},

@@ -1884,6 +1884,14 @@ def test_a_run_directorys_checkpoints_as_run_directory_are_refused(demo_base, tm
             assert proc.stderr.strip() == (
                 f"error: --run-dir {inside} is inside the run directory {r} (its checkpoints "
                 "or one of them): give the run directory itself"), proc.stderr[-2000:]
+    # the same given from inside one checkpoint's folder: "." (it) and ".." (checkpoints/)
+    for given in (".", ".."):
+        cmd = train_cmd(ds, given, ["train.max_steps=2"], data=demo_base)
+        cmd[1] = os.path.join(REPO, "dsfm", "train.py")
+        proc = subprocess.run(cmd + ["--resume"], cwd=r / "checkpoints" / "step00000001",
+                              capture_output=True, text=True)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert f"is inside the run directory {r} (its checkpoints" in proc.stderr, proc.stderr
     assert sorted(p.relative_to(r) for p in r.rglob("*")) == before
 
 

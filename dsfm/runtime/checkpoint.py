@@ -49,15 +49,15 @@ def inside_a_run(path: str) -> str | None:
     """The run directory that `path` lies in when it is that run's checkpoints/ folder or one
     checkpoint's folder (it holds step<N> folders, or is one), else None: a --run-dir given
     so started a new run in there (--resume finding no checkpoint in its checkpoints/)."""
-    norm = os.path.normpath(path)
-    if not os.path.isdir(norm):
+    full = os.path.abspath(path)            # "." or ".." from inside one too
+    if not os.path.isdir(full):
         return None
-    if _tag_dirs(norm):
-        return os.path.dirname(norm) or os.curdir
-    if _TAG_RE.match(os.path.basename(norm)) and (
-            os.path.isfile(os.path.join(norm, META)) or
-            os.path.isfile(os.path.join(norm, "COMPLETE"))):
-        return os.path.dirname(os.path.dirname(norm)) or os.curdir
+    if _tag_dirs(full):
+        return os.path.dirname(full)
+    if _TAG_RE.match(os.path.basename(full)) and (
+            os.path.isfile(os.path.join(full, META)) or
+            os.path.isfile(os.path.join(full, "COMPLETE"))):
+        return os.path.dirname(os.path.dirname(full))
     return None
 
 
