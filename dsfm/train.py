@@ -155,7 +155,12 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
     seed). Returns the DeepSpeed config to run with, the pretrained payload (None without
     init_from), notes for the log, the evaluation plan and how the warmup schedulers run (a
     checkpoint's, on resume)."""
-    from dsfm.data.prepare import check_to_generate, dataset_paths, datasets_in
+    from dsfm.data.prepare import (
+        check_preset_windows,
+        check_to_generate,
+        dataset_paths,
+        datasets_in,
+    )
     from dsfm.models.avit import AViTConfig
 
     data = cfg.data
@@ -172,6 +177,9 @@ def check_inputs(cfg: RunConfig, args: argparse.Namespace, world_size: int,
         paths = dataset_paths(data.base, data.datasets, data.pdebench)
     else:
         check_to_generate(data.base, data.datasets, data.pdebench, data.generate)
+        check_preset_windows(data.base, data.datasets, data.generate, data.n_steps_input,
+                             data.dt_stride,
+                             cfg.train.rollout_steps if cfg.train.eval_batches else None)
     pretrained = None
     notes = []
     if cfg.train.init_from:

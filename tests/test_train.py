@@ -1032,6 +1032,31 @@ def test_data_the_simulation_will_not_make_is_refused_before_it_runs(tmp_path):
         # data.base is where a dataset named is looked for, not a PDEBench path's place
         assert ("data.base is" in proc.stderr) == (missing.parent == base), proc.stderr
         assert ("point data.base" in proc.stderr) == (missing.parent == base), proc.stderr
+    # windows the preset's trajectories (24 steps for demo) cannot hold: found after the
+    # simulation, exit code 1 (on two ranks, after a C++ stack trace of the other rank's)
+    for sets, line in [
+            (["train.rollout_steps=30"], "evaluation with train.rollout_steps=30: the demo "
+             f"preset's navier_stokes_2d (to be simulated into {base}): 24 time steps are not "
+             "enough for 4 input and 30 output steps with a stride of 1; lower "
+             "train.rollout_steps or set train.eval_batches=0"),
+            (["data.datasets=[shallow_water_2d]", "data.n_steps_input=12", "data.dt_stride=2"],
+             "data.n_steps_input=12: the demo preset's shallow_water_2d (to be simulated into "
+             f"{base}): 24 time steps are not enough for 12 input and 1 output steps with a "
+             "stride of 2; lower data.n_steps_input or data.dt_stride")]:
+        proc = run([sys.executable, "dsfm/train.py", "--ds_config", "ds_configs/zero2.json",
+                    "--run-dir", str(tmp_path / "r"), "--set", f"data.base={base}",
+                    "--set", "data.generate=demo"] + [a for s in sets for a in ("--set", s)])
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert proc.stderr.strip() == f"error: {line}", proc.stderr
+        assert not base.exists() and not (tmp_path / "r").exists()    # nothing simulated
+    # one step shorter, they fit (4 + 20 steps; 11 + 1 steps every 2nd span 23 of the 24)
+    from dsfm.data.prepare import check_preset_windows
+    from dsfm.errors import ConfigError
+    check_preset_windows(str(base), [], "demo", 4, 1, 20)
+    check_preset_windows(str(base), ["shallow_water_2d"], "demo", 11, 2, None)
+    with pytest.raises(ConfigError, match="rollout_steps=21: the demo preset's navier_stokes_2d"):
+        check_preset_windows(str(base), [], "demo", 4, 1, 21)
+    assert not base.exists()
 
 
 

@@ -107,6 +107,38 @@ def check_to_generate(base: str, names: list[str], pdebench: list[str], preset: 
                     + [p for p in pdebench if not os.path.exists(p)] + unmatched, base)
 
 
+def check_preset_windows(base: str, names: list[str], preset: str, n_in: int, stride: int,
+                         rollout: int | None) -> None:
+    """With `base` still to be simulated from `preset`: the trajectories the preset will make
+    (of the datasets the run takes) must hold a training window of `n_in` + 1 steps and, with
+    `rollout` (None: no evaluation), an evaluation window of `n_in` + `rollout` steps, every
+    `stride`-th. Found out after the simulation before (about 17 minutes for `small` on two
+    cores), then as a data error, the run's exit code 1."""
+    from dsfm.data.index import count_windows
+    from dsfm.errors import TooShortError
+    from dsfm.sim.presets import PRESETS
+
+    specs = PRESETS[preset].values()
+    if names:
+        wanted = {os.path.realpath(p) for p in _named(base, names)}
+        specs = [s for s in specs
+                 if os.path.realpath(os.path.join(base, s.dataset_name)) in wanted]
+    for spec in specs:
+        what = [(f"the {preset} preset's {spec.dataset_name} (to be simulated into {base})",
+                 spec.n_steps)]
+        try:
+            count_windows(what, n_in, 1, stride)
+        except TooShortError as exc:
+            raise ConfigError(f"data.n_steps_input={n_in}: {exc}; lower data.n_steps_input or "
+                              "data.dt_stride") from None
+        if rollout is not None:
+            try:
+                count_windows(what, n_in, rollout, stride)
+            except TooShortError as exc:
+                raise ConfigError(f"evaluation with train.rollout_steps={rollout}: {exc}; lower "
+                                  "train.rollout_steps or set train.eval_batches=0") from None
+
+
 def dataset_paths(base: str, names: list[str], pdebench: list[str],
                   generate: str | None = None, progress: bool = False) -> list[str]:
     """Paths of the Well datasets (by name under `base`, or given as paths) then the PDEBench
