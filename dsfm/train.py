@@ -933,6 +933,10 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
 
         step = saved_at = 0
         client = {}                     # the resumed checkpoint's client state
+        # the resumed step's evaluation is missing (a signal checkpoints and stops before it,
+        # as a kill during it leaves it), so the run makes it before training on (or, at
+        # train.max_steps, as its final one)
+        redo_eval = False
         if args.resume:
             resumed = checkpoint.load_latest(engine, run_dir, vocab.state_dict(),
                                              model.config.n_fields)  # ZeRO-3: partitioned
@@ -950,11 +954,12 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
                     loss_sum.copy_(rank_state["loss_window"][0])
                     loss_n.copy_(rank_state["loss_window"][1])
                 step = saved_at = int(client["step"])
-                # the evaluation of this step redone below (a signal or kill came before its
-                # eval JSON): its scalars from before, if the dead run logged them, go too
-                log.resume_at(step, redo_eval=bool(cfg.train.eval_batches) and (
+                redo_eval = bool(cfg.train.eval_batches) and (
                     step >= cfg.train.max_steps or bool(cfg.train.eval_every) and
-                    step % cfg.train.eval_every == 0) and not evaluated(step))
+                    step % cfg.train.eval_every == 0) and not evaluated(step)
+                # its scalars from before, if the dead run logged them, go with the records
+                # of the steps after the checkpoint
+                log.resume_at(step, redo_eval=redo_eval)
                 log.text(f"resumed from step {step} ({checkpoint.checkpoint_dir(run_dir)})")
                 note = numerics_note(client.get("model_numerics"), "the checkpoint")
                 if note:
@@ -1084,11 +1089,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
         evaluating = cfg.train.eval_at_start and step == 0
         if evaluating:
             run_eval(0)
-        elif (0 < step < cfg.train.max_steps and cfg.train.eval_every
-              and step % cfg.train.eval_every == 0 and cfg.train.eval_batches
-              and not evaluated(step)):
-            # resumed from a step the run evaluates, without its evaluation: a SIGTERM there
-            # checkpoints and stops before evaluating, as does a kill during the evaluation
+        elif redo_eval and step < cfg.train.max_steps:
             evaluating = True
             run_eval(step)
         if evaluating:                  # a signal during it: as after the loop's evaluations
@@ -1280,7 +1281,7 @@ def train(cfg: RunConfig, ds_config: dict, checked: Checked, args, env, run_dir:
             save(step)
         if step > first_step and not (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             run_eval(step)
-        elif step == first_step and cfg.train.eval_batches and not evaluated(step):
+        elif step == first_step and redo_eval:
             # a finished run resumed: evaluated already, unless a signal stopped it at its
             # last step or a kill cut off its final evaluation
             run_eval(step)

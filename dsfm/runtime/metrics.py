@@ -57,19 +57,19 @@ class MetricsLogger:
             return 0
         # a line cut short is dropped, and every kept one ends its line, so that the records
         # appended next stay lines of their own
-        kept = [line.rstrip("\n") + "\n" for line, at in records if at is not None and
+        kept = [(line.rstrip("\n") + "\n", at) for line, at in records if at is not None and
                 at <= step and not (redo_eval and at == step and _is_eval(line))]
         self._tb.close()
         self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"),
                                  purge_step=step if redo_eval else step + 1)
         if redo_eval:
-            for line in kept:
-                record = json.loads(line)
-                if record.get("step") == step:
+            for line, at in kept:
+                if at == step:
+                    record = json.loads(line)
                     self._add(step, {k: v for k, v in record.items() if k not in ("step", "time")},
                               record.get("time"))
         with open(path + ".tmp", "w") as fh:
-            fh.writelines(kept)
+            fh.writelines(line for line, _ in kept)
         os.replace(path + ".tmp", path)
         self._jsonl = open(path, "a")
         return len(records) - len(kept)
